@@ -1,0 +1,25 @@
+# Sourced by demo.sh and test.sh: a virtualenv with usagepipe, and the local servers up.
+# Usage: source deploy/local/env.sh EXTRAS   (EXTRAS: "local" for the demo, "dev" for tests)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+
+need_python() {
+  for py in python3.13 python3.12 python3.11 python3; do
+    if command -v "$py" >/dev/null 2>&1 &&
+       "$py" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      echo "$py"; return 0
+    fi
+  done
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq python3 python3-venv python3-pip >/dev/null
+    echo python3; return 0
+  fi
+  echo "usagepipe needs Python >= 3.11 with venv; install it (Debian: apt-get install python3-venv)" >&2
+  return 1
+}
+
+if [ ! -x .venv/bin/python ]; then
+  "$(need_python)" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$1]"
+.venv/bin/usagepipe --log-level WARNING services up

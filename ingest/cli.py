@@ -1,0 +1,208 @@
+"""`usagepipe`: the one console script; every service of the pipeline is a subcommand.
+
+    usagepipe services up|status|down     the local servers (Mosquitto, Kafka, PostgreSQL)
+    usagepipe settings                    every setting, its variable, default and meaning
+    usagepipe db migrate                  create/upgrade the usage tables
+    usagepipe simulate ...                a seeded fleet publishing telemetry
+    usagepipe bridge                      MQTT -> Kafka
+    usagepipe consume                     Kafka -> PostgreSQL
+    usagepipe demo                        all of the above, end to end, with a summary
+
+Only this module reads the environment (`Settings()`) and configures logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from ingest.settings import Settings
+
+log = logging.getLogger("usagepipe")
+
+
+def _duration(text: str) -> float:
+    """`90`, `90s`, `5m`, `1h` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use 30, 30s, 5m)") from exc
+
+
+def _add_stop_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--max-messages", type=int, default=None, help=f"stop after this many {what}")
+    p.add_argument(
+        "--duration", type=_duration, default=None, help="stop after this long (30s, 5m)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="usagepipe",
+        description="Appliance usage telemetry: MQTT -> Kafka -> PostgreSQL.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    services = sub.add_parser("services", help="start, check or stop the local servers")
+    services.add_argument("action", choices=["up", "status", "down"])
+
+    sub.add_parser("settings", help="list every setting: variable, default, meaning")
+
+    db = sub.add_parser("db", help="database schema")
+    db.add_argument("action", choices=["migrate"])
+
+    bridge = sub.add_parser("bridge", help="forward MQTT telemetry to Kafka")
+    _add_stop_options(bridge, "acknowledged messages")
+
+    consume = sub.add_parser("consume", help="validate telemetry from Kafka and store it")
+    _add_stop_options(consume, "Kafka records")
+
+    sim = sub.add_parser("simulate", help="run a seeded fleet of virtual appliances")
+    _add_fleet_options(sim)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on a simulated fleet")
+    _add_fleet_options(demo, devices=100, messages=100, duplicates=0.02)
+    demo.add_argument(
+        "--timeout", type=_duration, default=300.0, help="give up after this long (300s)"
+    )
+    return parser
+
+
+def _add_fleet_options(
+    p: argparse.ArgumentParser, devices: int = 10, messages: int = 10, duplicates: float = 0.0
+) -> None:
+    p.add_argument("--devices", type=int, default=devices, help=f"fleet size ({devices})")
+    p.add_argument(
+        "--messages", type=int, default=messages, help=f"messages per device ({messages})"
+    )
+    p.add_argument(
+        "--duplicates",
+        type=float,
+        default=duplicates,
+        help=f"share of messages sent twice, byte for byte ({duplicates})",
+    )
+    p.add_argument("--seed", type=int, default=7, help="seed for everything the fleet sends")
+    p.add_argument(
+        "--run-id",
+        default=None,
+        help="goes into the boot ids: same seed and run id, same messages (default: new)",
+    )
+    p.add_argument(
+        "--rate", type=float, default=0.0, help="messages/s for the whole fleet (0: no limit)"
+    )
+
+
+def _run_component(make: Callable[[], Any], run: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
+    """Run a stoppable component until it ends, stopping it on SIGTERM/SIGINT."""
+
+    async def main() -> Any:
+        component = make()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, component.stop, f"signal {sig.name}")
+        return await run(component)
+
+    return asyncio.run(main())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # aiokafka logs every retried connection at ERROR; ours say what matters.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    settings = Settings()
+
+    if args.command == "services":
+        from ingest import services
+
+        action = {"up": services.up, "status": services.status, "down": services.down}
+        try:
+            states = action[args.action](settings)
+        except services.ServiceError as exc:
+            print(f"usagepipe services {args.action}: {exc}", file=sys.stderr)
+            return 1
+        print(services.format_table(states))
+        return 0
+
+    if args.command == "settings":
+        from ingest.settings import describe
+
+        for var, default, doc in describe():
+            print(f"{var}={default}\n    {doc}")
+        return 0
+
+    if args.command == "db":
+        from ingest.store import UsageStore
+
+        async def migrate() -> None:
+            async with UsageStore(settings.postgres) as store:
+                await store.migrate()
+
+        asyncio.run(migrate())
+        print(f"usage table {settings.postgres.table!r} is up to date")
+        return 0
+
+    if args.command == "bridge":
+        from ingest.bridge import Bridge
+        from ingest.metrics import BridgeMetrics, serve_metrics
+
+        registry = CollectorRegistry()
+        with serve_metrics(registry, settings.bridge.metrics_port):
+            report = _run_component(
+                lambda: Bridge(
+                    settings,
+                    BridgeMetrics(registry),
+                    stop_after=args.max_messages,
+                    stop_after_s=args.duration,
+                ),
+                lambda b: b.run(),
+            )
+        print(f"bridge: {report.received} received, {report.acked} acknowledged")
+        return 0
+
+    if args.command == "consume":
+        from ingest.consumer import Consumer
+        from ingest.metrics import ConsumerMetrics, serve_metrics
+
+        registry = CollectorRegistry()
+        with serve_metrics(registry, settings.consumer.metrics_port):
+            report = _run_component(
+                lambda: Consumer(
+                    settings,
+                    ConsumerMetrics(registry),
+                    stop_after=args.max_messages,
+                    stop_after_s=args.duration,
+                ),
+                lambda c: c.run(),
+            )
+        print(
+            f"consumer: {report.consumed} consumed, {report.stored} stored, "
+            f"{report.duplicates} duplicates, {report.dead_lettered} dead letters"
+        )
+        return 0
+
+    if args.command == "simulate":
+        from simulators.cli import simulate
+
+        return simulate(settings, args)
+
+    if args.command == "demo":
+        from ingest.demo import run_demo
+
+        return run_demo(settings, args)
+
+    raise AssertionError(args.command)

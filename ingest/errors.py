@@ -1,0 +1,38 @@
+"""Errors of the running pipeline.
+
+    UsagepipeError            .retriable says whether trying again can help
+     +-- ConfigurationError   False: unsafe or contradictory settings; refuse to start
+     +-- BrokerUnavailable    True:  MQTT or Kafka cannot be reached or timed out
+     +-- StoreUnavailable     True:  PostgreSQL cannot be reached or the transaction failed
+
+Library errors are wrapped where they cross into usagepipe
+(`raise StoreUnavailable(...) from exc`). A message that can never become a row is not an
+error of the pipeline: it is `schemas.InvalidTelemetry`, and it goes to the dead-letter
+topic with its reason.
+"""
+
+from __future__ import annotations
+
+
+class UsagepipeError(Exception):
+    """Base of usagepipe's runtime errors."""
+
+    retriable: bool = False
+
+
+class ConfigurationError(UsagepipeError):
+    """The settings are unsafe or contradict each other."""
+
+    retriable = False
+
+
+class BrokerUnavailable(UsagepipeError):
+    """The MQTT broker or the Kafka cluster cannot be reached right now."""
+
+    retriable = True
+
+
+class StoreUnavailable(UsagepipeError):
+    """PostgreSQL cannot be reached, or a write transaction failed and was rolled back."""
+
+    retriable = True

@@ -1,0 +1,142 @@
+"""Every Prometheus metric usagepipe exports, declared in one place.
+
+Each component takes its metrics object, built on a registry the caller passes in (the
+CLI uses one registry per process; tests use a fresh one each). Labels are bounded: a
+reason code, an error kind or a schema name, never a device id or an owner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+_BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
+
+
+class BridgeMetrics:
+    """`usagepipe bridge`: MQTT in, Kafka out."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.received = Counter(
+            "usagepipe_bridge_received_total",
+            "MQTT messages received from the broker (redeliveries included).",
+            registry=registry,
+        )
+        self.produced = Counter(
+            "usagepipe_bridge_produced_total",
+            "Messages Kafka confirmed (acks=all).",
+            registry=registry,
+        )
+        self.acked = Counter(
+            "usagepipe_bridge_acked_total",
+            "MQTT messages acknowledged (PUBACK) after Kafka confirmed them.",
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "usagepipe_bridge_rejected_total",
+            "Messages the bridge dead-lettered instead of forwarding, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "usagepipe_bridge_errors_total",
+            "Errors by kind (kafka_send, mqtt_disconnect); each is retried.",
+            ["kind"],
+            registry=registry,
+        )
+        self.subscribed = Gauge(
+            "usagepipe_bridge_subscribed",
+            "1 while the broker has confirmed the bridge's subscription, else 0.",
+            registry=registry,
+        )
+        self.inflight = Gauge(
+            "usagepipe_bridge_inflight_messages",
+            "MQTT messages received and not yet acknowledged.",
+            registry=registry,
+        )
+
+
+class ConsumerMetrics:
+    """`usagepipe consume`: Kafka in, PostgreSQL out."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.consumed = Counter(
+            "usagepipe_consumer_consumed_total",
+            "Kafka records read.",
+            registry=registry,
+        )
+        self.stored = Counter(
+            "usagepipe_consumer_stored_total",
+            "Rows inserted into the usage table.",
+            registry=registry,
+        )
+        self.duplicates = Counter(
+            "usagepipe_consumer_duplicates_total",
+            "Valid records that were already stored (same device, boot and sequence).",
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "usagepipe_consumer_dead_letters_total",
+            "Records sent to the dead-letter topic, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "usagepipe_consumer_errors_total",
+            "Errors by kind (store, kafka_commit, dead_letter); batches are retried.",
+            ["kind"],
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "usagepipe_consumer_batch_records",
+            "Records per batch written in one transaction.",
+            buckets=_BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.batch_seconds = Histogram(
+            "usagepipe_consumer_batch_seconds",
+            "Time to validate, store and commit one batch.",
+            registry=registry,
+        )
+
+
+class SimulatorMetrics:
+    """`usagepipe simulate`: the virtual fleet."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.published = Counter(
+            "usagepipe_simulator_published_total",
+            "Messages the broker acknowledged (PUBACK), by kind (original, duplicate).",
+            ["kind"],
+            registry=registry,
+        )
+        self.connected = Gauge(
+            "usagepipe_simulator_connected_devices",
+            "Devices with an open MQTT connection.",
+            registry=registry,
+        )
+
+
+@contextlib.contextmanager
+def serve_metrics(registry: CollectorRegistry, port: int) -> Iterator[int | None]:
+    """Serve `registry` on 127.0.0.1:`port` for as long as the block runs (0: not at all)."""
+    if port == 0:
+        yield None
+        return
+    server: WSGIServer
+    thread: threading.Thread
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    log.info("metrics on http://127.0.0.1:%d/metrics", port)
+    try:
+        yield port
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

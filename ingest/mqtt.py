@@ -1,0 +1,400 @@
+"""MQTT intake: a paho-mqtt client driven by the running asyncio loop.
+
+paho does the protocol; the asyncio loop tells it when its socket can be read or
+written, through paho's documented external-loop hooks (`on_socket_open`,
+`on_socket_register_write`, ...). There is no network thread, so callbacks run on the
+loop and can touch asyncio objects directly. The bridge (a persistent-session
+subscriber that acknowledges by hand) and the fleet simulator (publishers) share it.
+
+Two things paho leaves to its user are done here:
+- Bounded in-flight publishing: paho numbers messages with 16-bit ids and, with more
+  than 65,535 queued in one client, reuses ids and silently loses messages. `publish`
+  waits for a free slot (`max_inflight`) before handing paho a message.
+- Reconnection: a lost connection is retried with jittered backoff; subscriptions are
+  renewed on every CONNACK. Manual acks carry the connection's generation, because a
+  message id from a previous connection means nothing on the next one (the broker
+  redelivers those messages itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from ingest.errors import BrokerUnavailable
+from ingest.settings import MqttSettings
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[paho.MQTTMessage, int], None]
+"""Called on the loop for each message, with the connection generation it arrived on."""
+
+_READ_CHUNK = 256 * 1024
+
+
+class PublishRefused(Exception):
+    """The broker answered a QoS 1 publish with a failure reason code (MQTT v5 PUBACK)."""
+
+    def __init__(self, topic: str, reason: str) -> None:
+        super().__init__(f"broker refused publish to {topic!r}: {reason}")
+        self.topic = topic
+        self.reason = reason
+
+
+class _BufferedClient(paho.Client):
+    """paho's Client reading its socket through one large buffer.
+
+    paho reads a packet as one byte of command, then the remaining length a byte at a
+    time, then the body: three or more system calls per packet, which caps a subscriber
+    near the broker's rate. Serving those small reads from a buffer filled by one
+    `recv` keeps paho's parser as it is and removes the system calls.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rbuf = b""
+        self._rpos = 0
+
+    @property
+    def buffered(self) -> bool:
+        return self._rpos < len(self._rbuf)
+
+    def reset_buffer(self) -> None:
+        self._rbuf = b""
+        self._rpos = 0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rpos >= len(self._rbuf):
+            data = super()._sock_recv(_READ_CHUNK)  # BlockingIOError when drained
+            if not data:
+                return data  # EOF: paho treats an empty read as a lost connection
+            self._rbuf, self._rpos = data, 0
+        end = min(self._rpos + bufsize, len(self._rbuf))
+        chunk = self._rbuf[self._rpos : end]
+        self._rpos = end
+        return chunk
+
+
+class MqttClient:
+    """One MQTT v5 connection, usable as an async context manager.
+
+    `persistent=True` keeps the session (and the broker's queue for it) for
+    `settings.session_expiry_s` while the client is away. `receive_maximum` caps how
+    many unacknowledged messages the broker sends this client at once.
+    """
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        client_id: str,
+        persistent: bool = False,
+        manual_ack: bool = False,
+        receive_maximum: int | None = None,
+        subscriptions: Sequence[str] = (),
+        on_message: MessageHandler | None = None,
+        max_inflight: int = 100,
+        username: str | None = None,
+        password: str | None = None,
+        connect_timeout_s: float = 10.0,
+    ) -> None:
+        self._settings = settings
+        self.client_id = client_id
+        self._persistent = persistent
+        self._receive_maximum = receive_maximum
+        self._subscriptions = tuple(subscriptions)
+        self._on_message = on_message
+        self._connect_timeout_s = connect_timeout_s
+        self._client = _BufferedClient(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            manual_ack=manual_ack,
+        )
+        user = username if username is not None else settings.username
+        if user is not None:
+            secret = password
+            if secret is None and settings.password is not None:
+                secret = settings.password.get_secret_value()
+            self._client.username_pw_set(user, secret)
+        # paho's own window matches ours, so it never queues beyond what we allow.
+        self._client.max_inflight_messages_set(max_inflight)
+        self._inflight = asyncio.Semaphore(max_inflight)
+        self._pending: dict[int, tuple[str, asyncio.Future[None]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connack: asyncio.Future[None] | None = None
+        self._lost = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closing = False
+        self._closed = False
+        self.connected = asyncio.Event()
+        self.subscribed = asyncio.Event()
+        """Set once the broker confirmed every subscription on the current connection."""
+        self.generation = 0
+        self._client.on_connect = self._handle_connect
+        self._client.on_disconnect = self._handle_disconnect
+        self._client.on_message = self._handle_message
+        self._client.on_publish = self._handle_publish
+        self._client.on_subscribe = self._handle_subscribe
+        self._client.on_socket_open = self._socket_open
+        self._client.on_socket_close = self._socket_close
+        self._client.on_socket_register_write = self._register_write
+        self._client.on_socket_unregister_write = self._unregister_write
+
+    # -- lifetime -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Open the connection and wait for the broker's CONNACK."""
+        self._loop = asyncio.get_running_loop()
+        await self._connect_once()
+        self._supervisor = self._loop.create_task(
+            self._supervise(), name=f"mqtt-supervisor:{self.client_id}"
+        )
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Disconnect cleanly (a persistent session stays on the broker). Idempotent."""
+        if self._closed:
+            return
+        self._closed = self._closing = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        if self.connected.is_set():
+            self._lost.clear()
+            self._client.disconnect()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await self._lost.wait()
+        sock = self._client.socket()
+        if sock is not None:
+            self._socket_close(self._client, None, sock)
+            self._client._sock_close()  # what paho's loop_stop would do
+        for topic, fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(BrokerUnavailable(f"closed before PUBACK for {topic!r}"))
+        self._pending.clear()
+
+    async def _connect_once(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        self._connack = loop.create_future()
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho: no hints
+        if self._persistent:
+            props.SessionExpiryInterval = self._settings.session_expiry_s
+        if self._receive_maximum is not None:
+            props.ReceiveMaximum = self._receive_maximum
+        where = f"{self._settings.host}:{self._settings.port}"
+        try:
+            if self.generation == 0:
+                self._client.connect(
+                    self._settings.host,
+                    self._settings.port,
+                    keepalive=self._settings.keepalive_s,
+                    clean_start=not self._persistent,
+                    properties=props,
+                )
+            else:
+                self._client.reconnect()
+        except OSError as exc:
+            raise BrokerUnavailable(f"MQTT broker {where} unreachable: {exc}") from exc
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                await self._connack
+        except TimeoutError as exc:
+            raise BrokerUnavailable(f"MQTT broker {where} sent no CONNACK") from exc
+
+    async def _supervise(self) -> None:
+        """Keepalive pings, and reconnection with jittered backoff after a lost link."""
+        backoff = 0.1
+        while True:
+            if self.connected.is_set():
+                self._client.loop_misc()
+                self._lost.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await self._lost.wait()
+                continue
+            try:
+                await self._connect_once()
+                backoff = 0.1
+            except BrokerUnavailable as exc:
+                log.warning("%s: %s; retrying in %.1fs", self.client_id, exc, backoff)
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+                backoff = min(backoff * 2, 5.0)
+
+    # -- publishing -------------------------------------------------------------------
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 1) -> asyncio.Future[None]:
+        """Hand one message to the broker once an in-flight slot is free.
+
+        Returns a future that resolves on PUBACK (or fails with `PublishRefused`). A
+        message sent while the link is down is resent by paho after reconnecting.
+        """
+        await self._inflight.acquire()
+        info = self._client.publish(topic, payload, qos=qos)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            self._inflight.release()
+            raise BrokerUnavailable(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        if qos == 0:
+            self._inflight.release()
+            fut.set_result(None)
+        else:
+            self._pending[info.mid] = (topic, fut)
+        return fut
+
+    def ack(self, mid: int, generation: int) -> bool:
+        """Acknowledge a message received on connection `generation` (manual-ack mode).
+
+        Returns False, sending nothing, when that connection is gone: the broker keeps
+        the message in the session and delivers it again.
+        """
+        if generation != self.generation or not self.connected.is_set():
+            return False
+        self._client.ack(mid, 1)
+        return True
+
+    # -- paho callbacks (all run on the loop) -----------------------------------------
+
+    def _handle_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        fut = self._connack
+        if reason_code.is_failure:
+            if fut is not None and not fut.done():
+                fut.set_exception(
+                    BrokerUnavailable(f"MQTT broker refused {self.client_id}: {reason_code}")
+                )
+            return
+        self.generation += 1
+        log.info(
+            "%s connected (session present: %s, generation %d)",
+            self.client_id,
+            flags.session_present,
+            self.generation,
+        )
+        if self._subscriptions:
+            self._client.subscribe(
+                [(topic, SubscribeOptions(qos=1)) for topic in self._subscriptions]
+            )
+        self.connected.set()
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _handle_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self.connected.clear()
+        self.subscribed.clear()
+        self._lost.set()
+        if not self._closing:
+            log.warning("%s lost its connection: %s", self.client_id, reason_code)
+
+    def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if self._on_message is not None:
+            self._on_message(msg, self.generation)
+
+    def _handle_publish(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        entry = self._pending.pop(mid, None)
+        if entry is None:
+            return
+        self._inflight.release()
+        topic, fut = entry
+        if fut.done():
+            return
+        if reason_code.is_failure:
+            fut.set_exception(PublishRefused(topic, str(reason_code)))
+        else:
+            fut.set_result(None)
+
+    def _handle_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        refused = [
+            (topic, code)
+            for topic, code in zip(self._subscriptions, reason_codes, strict=False)
+            if code.is_failure
+        ]
+        for topic, code in refused:
+            log.error("%s: subscription to %r refused: %s", self.client_id, topic, code)
+        if not refused:
+            self.subscribed.set()
+
+    # -- socket hooks: the asyncio loop drives paho's socket ---------------------------
+
+    def _socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._client.reset_buffer()
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._loop.add_reader(sock, self._readable)
+
+    def _socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(sock)
+        self._loop.remove_writer(sock)
+
+    def _register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.add_writer(sock, self._client.loop_write)
+
+    def _unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        assert self._loop is not None
+        self._loop.remove_writer(sock)
+
+    def _readable(self) -> None:
+        # Drain the userspace buffer completely: once it holds bytes the kernel no
+        # longer has, the loop would not wake us again for them.
+        while True:
+            rc = self._client.loop_read()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or not self._client.buffered:
+                return

@@ -1,0 +1,190 @@
+"""All of usagepipe's settings, in one pydantic-settings model.
+
+Only the CLI builds `Settings()` from the environment (prefix `USAGEPIPE_`, nested
+sections joined by `__`, e.g. `USAGEPIPE_KAFKA__BOOTSTRAP_SERVERS`). Components receive
+the frozen section they need, never the environment.
+
+Client defaults are not safe defaults: Kafka acks, idempotence, auto-commit and offset
+reset are stated here or in `ingest.kafka`, and unsafe values are refused at start-up.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from devices.settings import RegistrySettings
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class MqttSettings(Section):
+    """The MQTT broker devices publish to, and how the bridge and simulator use it."""
+
+    host: str = "127.0.0.1"
+    """MQTT broker host."""
+    port: Port = 1884
+    """usagepipe runs its own Mosquitto (deploy/mosquitto) on 1884, beside any
+    distribution broker on 1883, because the bridge relies on its queue limits."""
+    username: str | None = None
+    """MQTT user name of the bridge (none while the broker allows anonymous clients)."""
+    password: SecretStr | None = None
+    """MQTT password of the bridge; never logged."""
+    topic_prefix: str = ""
+    """Prepended to `devices/{device_id}/telemetry`; tests isolate themselves with it."""
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    """MQTT keepalive: a silent link is declared dead after 1.5x this."""
+    session_expiry_s: Annotated[int, Field(ge=60)] = 7 * 24 * 3600
+    """How long the broker keeps the bridge's session (and queues for it) while it is away."""
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix_is_literal(cls, value: str) -> str:
+        if any(ch in value for ch in "+#\0"):
+            raise ValueError("topic_prefix must not contain MQTT wildcards or NUL")
+        return value
+
+
+class KafkaSettings(Section):
+    """The Kafka cluster between the bridge and the consumers."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    """Comma-separated host:port of Kafka brokers."""
+    raw_topic: str = "telemetry.raw"
+    """Telemetry as devices sent it, keyed by device id."""
+    dlq_topic: str = "telemetry.dlq"
+    """Dead letters: refused messages with reason, origin and original bytes."""
+    partitions: Annotated[int, Field(ge=1, le=1000)] = 6
+    """Partitions for topics usagepipe creates (existing topics are left as they are)."""
+    replication_factor: Annotated[int, Field(ge=1)] = 1
+    """Replicas for topics usagepipe creates (3 on a production cluster)."""
+    acks: Literal["all"] = "all"
+    """Only `all` is accepted: a message is confirmed once every in-sync replica has it."""
+    enable_idempotence: bool = False
+    """On for Apache Kafka in production; off for the local Tansu broker, which lacks
+    InitProducerId. Duplicates from producer retries are removed by the store anyway."""
+    linger_ms: Annotated[int, Field(ge=0, le=1000)] = 5
+    """How long the producer waits to fill a batch; trades latency for throughput."""
+    max_batch_bytes: Annotated[int, Field(ge=1024)] = 512 * 1024
+    """Largest producer batch per partition."""
+    request_timeout_ms: Annotated[int, Field(ge=1000)] = 30_000
+    """How long a Kafka request (a produce, a commit) may take before it is retried."""
+    session_timeout_ms: Annotated[int, Field(ge=3000)] = 10_000
+    """Consumer group session; a group join takes about half of it on Tansu."""
+    heartbeat_interval_ms: Annotated[int, Field(ge=100)] = 1_000
+    """Consumer heartbeat; well under a third of the session timeout."""
+
+
+class BridgeSettings(Section):
+    """`usagepipe bridge`: MQTT -> Kafka."""
+
+    client_id: str = "usagepipe-bridge"
+    """Fixed, so the broker keeps this bridge's persistent session across restarts."""
+    max_inflight: Annotated[int, Field(ge=1, le=65535)] = 20_000
+    """MQTT messages received but not yet acknowledged (sent as MQTT v5 Receive Maximum)."""
+    max_payload_bytes: Annotated[int, Field(ge=64)] = 64 * 1024
+    metrics_port: Port = 9101
+    """Prometheus metrics port; 0 turns the endpoint off."""
+
+
+class ConsumerSettings(Section):
+    """`usagepipe consume`: Kafka -> PostgreSQL."""
+
+    group_id: str = "usagepipe-store"
+    """Kafka consumer group; every consumer process in it shares the partitions."""
+    batch_max: Annotated[int, Field(ge=1, le=100_000)] = 5_000
+    """Most records written in one database transaction."""
+    batch_wait_ms: Annotated[int, Field(ge=1, le=60_000)] = 200
+    """Longest wait for a batch to fill before writing what there is."""
+    max_future_skew_s: Annotated[int, Field(ge=0)] = 300
+    """Event times further ahead of the consumer's clock than this are dead-lettered."""
+    metrics_port: Port = 9102
+
+    @property
+    def max_future_skew(self) -> timedelta:
+        return timedelta(seconds=self.max_future_skew_s)
+
+
+class PostgresSettings(Section):
+    """The usage store (PostgreSQL, with TimescaleDB where the extension exists)."""
+
+    dsn: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/test")
+    """PostgreSQL connection string; never logged."""
+    table: str = "usage_events"
+    """The usage table's name; tests give each run its own."""
+    pool_size: Annotated[int, Field(ge=1, le=100)] = 4
+    """Most connections one process holds."""
+
+    @field_validator("table")
+    @classmethod
+    def _table_is_identifier(cls, value: str) -> str:
+        if not _IDENTIFIER.match(value):
+            raise ValueError(f"table {value!r} is not a plain lower-case SQL identifier")
+        return value
+
+
+class SimulatorSettings(Section):
+    """`usagepipe simulate`: the virtual fleet."""
+
+    max_inflight_per_client: Annotated[int, Field(ge=1, le=65535)] = 200
+    """QoS 1 publishes awaiting PUBACK per MQTT connection (paho reuses 16-bit ids)."""
+    metrics_port: Port = 9103
+
+
+class ServicesSettings(Section):
+    """`usagepipe services`: the local servers for the demo and tests."""
+
+    run_dir: Path = Path(".run")
+    """PID files, logs and the generated Mosquitto config live here."""
+
+
+def describe(
+    model: type[BaseModel] | None = None, env: str = "USAGEPIPE_"
+) -> list[tuple[str, str, str]]:
+    """(environment variable, default, description) for every setting, in order."""
+    out: list[tuple[str, str, str]] = []
+    for name, info in (model or Settings).model_fields.items():
+        var = f"{env}{name.upper()}"
+        kind = info.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            out.extend(describe(kind, var + "__"))
+            continue
+        default = info.default
+        shown = (
+            "(secret)"
+            if isinstance(default, SecretStr)
+            else ("" if default is None else str(default))
+        )
+        out.append((var, shown, " ".join((info.description or "").split())))
+    return out
+
+
+class Settings(BaseSettings):
+    """Every setting of every usagepipe command."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="USAGEPIPE_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+    )
+
+    mqtt: MqttSettings = MqttSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    bridge: BridgeSettings = BridgeSettings()
+    consumer: ConsumerSettings = ConsumerSettings()
+    postgres: PostgresSettings = PostgresSettings()
+    simulator: SimulatorSettings = SimulatorSettings()
+    services: ServicesSettings = ServicesSettings()
+    registry: RegistrySettings = RegistrySettings()

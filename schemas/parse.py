@@ -1,0 +1,164 @@
+"""The consumer's full check of one Kafka message value: bytes in, a valid Envelope out.
+
+The rules run in a fixed order and the first one that fails names the reason, so every
+refused message carries exactly one reason code:
+
+    1. size > max_bytes                          -> OVERSIZE
+    2. not valid UTF-8                           -> INVALID_UTF8
+    3. not JSON, or not a JSON object            -> INVALID_JSON
+    4. NaN, Infinity, -Infinity or a number that
+       overflows a double (1e400) anywhere       -> NON_FINITE_NUMBER
+    5. envelope fields wrong                     -> SCHEMA_VIOLATION
+    6. event_time > now + max_future_skew        -> EVENT_TIME_IN_FUTURE
+    7. body wrong for its schema and version     -> UNKNOWN_SCHEMA,
+                                                    UNKNOWN_SCHEMA_VERSION,
+                                                    SCHEMA_VIOLATION
+
+Speed: a valid message is parsed once, by pydantic's own JSON parser, straight into the
+envelope model (`Envelope.model_validate_json`); decoding with orjson first and then
+validating the dict measured slower, because the envelope's `event_time` then has to be
+converted from a string in a second step. That parser accepts NaN and Infinity and
+turns 1e400 into inf; the body models refuse them, and only a message that fails is
+examined again, rule by rule, to name the first rule it breaks. That is slower, but
+refused messages are rare. `python bench/validate.py` prints the cost of each stage.
+
+Integers are kept exact: a body value of 10**30 reaches the model unchanged and is
+refused by its range check. Numbers with more than 4300 digits, and JSON nested deeper
+than 200 levels, are refused by the parser as INVALID_JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic_core import from_json
+
+from schemas.catalog import validate_body, violation_message
+from schemas.envelope import Envelope
+from schemas.errors import InvalidTelemetry, Reason
+
+
+def parse_telemetry(
+    raw: bytes, *, now: datetime, max_future_skew: timedelta, max_bytes: int
+) -> Envelope:
+    """Validate one message value and return its envelope with a current-version body.
+
+    `now` is the receive time (timezone-aware) that `event_time` is compared with;
+    `max_future_skew` is how far ahead a device's clock may run. The returned envelope's
+    `schema_version` is the schema's current version and `body` is the validated,
+    upgraded body as JSON-ready data. Raises `InvalidTelemetry` with exactly one reason.
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    if len(raw) > max_bytes:
+        raise InvalidTelemetry(
+            Reason.OVERSIZE, f"payload is {len(raw)} bytes, more than the {max_bytes} allowed"
+        )
+    try:
+        envelope = Envelope.model_validate_json(raw)
+    except ValidationError as exc:
+        raise _first_failed_rule(raw, exc) from None
+
+    # A body its model accepts holds only finite numbers (every body model refuses NaN
+    # and infinity and has no free-form fields), so rule 4's scan of the body only runs
+    # for messages that break a later rule, to report the earlier one first.
+    if envelope.event_time > now + max_future_skew:
+        _refuse_non_finite(envelope.body)
+        raise InvalidTelemetry(
+            Reason.EVENT_TIME_IN_FUTURE,
+            f"event_time: {envelope.event_time.isoformat()} is "
+            f"{envelope.event_time - now} ahead of the receive time {now.isoformat()}, "
+            f"more than the allowed skew of {max_future_skew}",
+        )
+    try:
+        version, body = validate_body(envelope.schema_name, envelope.schema_version, envelope.body)
+    except InvalidTelemetry:
+        _refuse_non_finite(envelope.body)
+        raise
+
+    if version == envelope.schema_version:
+        # The envelope was built from `raw` a moment ago and nobody else holds it, so its
+        # body dict takes the validated body in place: model_copy() costs about as much
+        # as validating the body itself, on every message.
+        envelope.body.clear()
+        envelope.body.update(body)
+        return envelope
+    return envelope.model_copy(update={"schema_version": version, "body": body})
+
+
+def _refuse_non_finite(body: dict[str, Any]) -> None:
+    """Raise NON_FINITE_NUMBER if the envelope's body holds NaN or an infinity."""
+    found = _non_finite_path(body, "body")
+    if found is not None:
+        raise InvalidTelemetry(Reason.NON_FINITE_NUMBER, found)
+
+
+def _first_failed_rule(raw: bytes, exc: ValidationError) -> InvalidTelemetry:
+    """Why a message the envelope model refused is invalid: the first rule it breaks."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as decode_error:
+        return InvalidTelemetry(
+            Reason.INVALID_UTF8,
+            f"byte {decode_error.start}: {decode_error.reason} "
+            f"({raw[decode_error.start : decode_error.start + 1]!r})",
+        )
+    try:
+        document = from_json(raw)
+    except ValueError as json_error:
+        return InvalidTelemetry(Reason.INVALID_JSON, str(json_error))
+    if not isinstance(document, dict):
+        return InvalidTelemetry(
+            Reason.INVALID_JSON,
+            f"expected a JSON object, got a JSON {_json_type(document)}",
+        )
+    non_finite = _non_finite_path(document, "")
+    if non_finite is not None:
+        return InvalidTelemetry(Reason.NON_FINITE_NUMBER, non_finite)
+    return InvalidTelemetry(Reason.SCHEMA_VIOLATION, violation_message(exc))
+
+
+def _non_finite_path(value: Any, path: str) -> str | None:
+    """Where the first NaN or infinite number in a parsed JSON value is, as a message.
+
+    Paths are only built for nested containers and for a hit, so a flat clean body
+    costs one type check per value.
+    """
+    if isinstance(value, float):
+        return None if math.isfinite(value) else _non_finite_message(path, value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, float):
+                if not math.isfinite(item):
+                    return _non_finite_message(f"{path}.{key}" if path else key, item)
+            elif isinstance(item, dict | list):
+                found = _non_finite_path(item, f"{path}.{key}" if path else key)
+                if found is not None:
+                    return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            if isinstance(item, float | dict | list):
+                found = _non_finite_path(item, f"{path}[{index}]")
+                if found is not None:
+                    return found
+    return None
+
+
+def _non_finite_message(path: str, value: float) -> str:
+    what = "NaN" if math.isnan(value) else "Infinity (or a number too large for a double)"
+    return f"{path or 'envelope'}: {what} is not a finite number"
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"
