@@ -2,13 +2,15 @@
 
 The data path, in modules:
 
-- `devices.sql` and `devices.migrations`: the PostgreSQL tables and the versioned
-  migration runner (shared with the usage store).
+- `devices.sql` and `devices.migrations`: the PostgreSQL tables and the generic,
+  versioned migration runner (the usage store reuses it for its own tables).
 - `devices.factory_import`: manufactured units arrive from the factory's CSV export.
-- `devices.registry`: owners register units with model, serial and the code printed
-  inside; ownership periods, consent, dormancy and erasure.
-- `devices.credentials`: the MQTT secrets devices use, stored only as salted hashes.
-- `devices.events` and `devices.broker`: what the registry tells the rest of the system
-  (Kafka events) and the MQTT broker (device accounts).
+- `devices.registry`: the one entry point (`Registry`, an async context manager).
+  Its rules live in `devices.ownership` (registration, periods, credentials,
+  attribution) and `devices.owners` (consent, dormancy, reactivation, erasure).
+- `devices.credentials`: salted scrypt hashes of registration codes and MQTT secrets.
+- `devices.outbox` and `devices.events`: events written with each change, published to
+  Kafka after the commit; `devices.broker`: the MQTT broker's device accounts.
+- `devices.records` and `devices.errors`: the vocabulary and the error tree.
 - `devices.api` and `devices.cli`: the HTTP API and the `usagepipe registry` commands.
 """

@@ -16,7 +16,7 @@ _TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 class RegistrySettings(BaseModel):
     """The device registry: registration, owners, consent and dormancy."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     dormancy_days: Annotated[int, Field(ge=1)] = 365
     """Owners idle this long become dormant (company policy; default one year)."""
@@ -55,6 +55,7 @@ class RegistrySettings(BaseModel):
     which authenticates owners, so it is not meant to face the internet directly."""
 
     http_port: Annotated[int, Field(ge=0, le=65535)] = 8040
+    """The port of `usagepipe registry serve` (beside the services' metrics ports)."""
 
     @field_validator("events_topic")
     @classmethod

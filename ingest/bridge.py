@@ -224,6 +224,13 @@ class Bridge:
                 log.warning("Kafka did not confirm a record (%r); sending it again", exc)
                 item.confirmation = await self._send(producer, topic, item)
                 continue
+            if self._stop_after is not None and self.report.acked >= self._stop_after:
+                # A hard cap: the rest stay unacknowledged in the broker's session and
+                # come again to the next run (Kafka may then see them twice; the store
+                # keeps one row).
+                self.stop(f"after {self._stop_after} messages")
+                self._drained.set()
+                return
             self._unacked.popleft()
             self._metrics.produced.inc()
             self._metrics.inflight.dec()
@@ -238,11 +245,13 @@ class Bridge:
         if not self._unacked:
             return
         log.info("draining %d messages Kafka was handed", len(self._unacked))
+        capped = self._stop_after is not None and self.report.acked >= self._stop_after
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._drain_timeout_s):
-                while self._unacked:
+                while self._unacked and not capped:
                     self._drained.clear()
                     await self._drained.wait()
+                    capped = self._stop_after is not None and self.report.acked >= self._stop_after
         if self._unacked:
             log.warning(
                 "%d messages unconfirmed at the drain deadline; the broker keeps them",

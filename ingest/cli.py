@@ -7,6 +7,7 @@
     usagepipe bridge                      MQTT -> Kafka
     usagepipe consume                     Kafka -> PostgreSQL
     usagepipe demo                        all of the above, end to end, with a summary
+    usagepipe registry ...                the device registry: units, owners, registration
 
 Only this module reads the environment (`Settings()`) and configures logging.
 """
@@ -57,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     services = sub.add_parser("services", help="start, check or stop the local servers")
     services.add_argument("action", choices=["up", "status", "down"])
 
-    sub.add_parser("settings", help="list every setting: variable, default, meaning")
+    settings_cmd = sub.add_parser("settings", help="list every setting: variable, default, meaning")
+    settings_cmd.add_argument(
+        "--markdown", action="store_true", help="as the Markdown table the README carries"
+    )
 
     db = sub.add_parser("db", help="database schema")
     db.add_argument("action", choices=["migrate"])
@@ -70,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="run a seeded fleet of virtual appliances")
     _add_fleet_options(sim)
+
+    from devices.cli import register_commands
+
+    register_commands(sub)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a simulated fleet")
     _add_fleet_options(demo, devices=100, messages=100, duplicates=0.02)
@@ -139,8 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     if args.command == "settings":
-        from ingest.settings import describe
+        from ingest.settings import describe, markdown_table
 
+        if args.markdown:
+            print(markdown_table(), end="")
+            return 0
         for var, default, doc in describe():
             print(f"{var}={default}\n    {doc}")
         return 0
@@ -199,6 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from simulators.cli import simulate
 
         return simulate(settings, args)
+
+    if args.command == "registry":
+        handler: Callable[[argparse.Namespace, Settings], int] = args.handler
+        return handler(args, settings)
 
     if args.command == "demo":
         from ingest.demo import run_demo

@@ -170,6 +170,15 @@ def describe(
     return out
 
 
+def markdown_table() -> str:
+    """Every setting as the Markdown table in README.md (a test keeps the two equal)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for var, default, doc in describe():
+        shown = f"`{default}`" if default else ""
+        lines.append(f"| `{var}` | {shown} | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
 class Settings(BaseSettings):
     """Every setting of every usagepipe command."""
 

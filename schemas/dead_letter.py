@@ -1,28 +1,57 @@
-"""The dead letter: what the consumer writes to `telemetry.dlq` for a refused message.
+"""The dead letter: what the pipeline writes to `telemetry.dlq` for a refused message.
 
 It keeps the original bytes (base64, since they may not even be UTF-8) and where they
 came from, so a fixed consumer can replay them, and says why they were refused in a
 machine-readable `reason` and a `message` for the person reading it. Declared here so
 the AsyncAPI document and the code that writes dead letters share one definition.
+
+Two places refuse messages, so a source is one of two kinds:
+
+    refused by the consumer (read from Kafka):
+        {"topic": "telemetry.raw", "partition": 3, "offset": 1234}
+    refused by the bridge (never reached Kafka):
+        {"topic": "devices/wm-000017/telemetry", "partition": null, "offset": null}
+
+`partition` and `offset` are both set or both null; `DeadLetterSource.kind` names the
+kind ("kafka" or "mqtt") from that, so the Kafka-sourced shape stays the one already
+published.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal, Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from schemas.errors import Reason
 
+SourceKind = Literal["kafka", "mqtt"]
+
 
 class DeadLetterSource(BaseModel):
-    """Where the refused message was read: its Kafka topic, partition and offset."""
+    """Where the refused message was read.
+
+    A Kafka record (refused by the consumer): its topic, partition and offset. An MQTT
+    message (refused by the bridge before it reached Kafka): its MQTT topic, with
+    `partition` and `offset` null.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     topic: str
-    partition: Annotated[int, Field(ge=0)]
-    offset: Annotated[int, Field(ge=0)]
+    partition: Annotated[int, Field(ge=0)] | None
+    offset: Annotated[int, Field(ge=0)] | None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> Self:
+        if (self.partition is None) != (self.offset is None):
+            raise ValueError("partition and offset are both set (Kafka) or both null (MQTT)")
+        return self
+
+    @property
+    def kind(self) -> SourceKind:
+        """"kafka" for a record the consumer read, "mqtt" for a message the bridge read."""
+        return "mqtt" if self.partition is None else "kafka"
 
 
 class DeadLetterMessage(BaseModel):

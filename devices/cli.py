@@ -1,0 +1,278 @@
+"""`usagepipe registry ...`: the registry's commands, wired into the main CLI.
+
+    usagepipe registry migrate                   create/upgrade the registry schema
+    usagepipe registry add-model WM-100 --category washer --name N --launched-on 2025-03-01
+    usagepipe registry import-units units.csv    import a factory export, print the report
+    usagepipe registry register --owner-id ... --model ... --serial ... --code ... --channel ...
+    usagepipe registry dormancy [--now ISO]      mark owners idle past the dormancy period
+    usagepipe registry flush-events              publish events left pending in the outbox
+    usagepipe registry serve [--host H] [--port P]   the HTTP API
+
+Each handler takes the parsed arguments and the root `ingest.settings.Settings` (built
+from the environment by the main CLI) and returns the exit status: 0 done, 1 done with
+rejected input (import rows, a refused registration), 2 cannot run.
+
+`register` and `serve` change MQTT broker accounts, which needs the Mosquitto account
+sync (`devices.broker`); it is not implemented yet, so they stop with exit status 2
+instead of handing out secrets the broker would not enforce. `_open_broker` is the one
+place to plug it in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from datetime import date, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import asyncpg
+
+from devices.broker import BrokerAccounts
+from devices.errors import RegistryError, Rejected
+from devices.events import KafkaEventPublisher
+from devices.factory_import import import_units
+from devices.records import Category, ProductModel, Purchase, PurchaseChannel
+from devices.registry import Registry, aware, migrate_registry
+
+if TYPE_CHECKING:
+    from ingest.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[argparse.Namespace, "Settings"], int]
+
+
+class BrokerSyncMissing(RegistryError):
+    """The command would change MQTT broker accounts, and no account sync exists yet."""
+
+
+class _NoBrokerChanges:
+    """For commands that never change device accounts (dormancy, events, models).
+
+    Any call means a bug, and fails loudly rather than skipping silently.
+    """
+
+    async def add_device(self, device_id: str, secret: str) -> None:
+        raise BrokerSyncMissing(f"this command must not add broker account {device_id}")
+
+    async def revoke_device(self, device_id: str) -> None:
+        raise BrokerSyncMissing(f"this command must not revoke broker account {device_id}")
+
+
+def _open_broker(settings: Settings) -> AbstractAsyncContextManager[BrokerAccounts]:
+    """The MQTT broker's account sync. The seam for the Mosquitto implementation."""
+    raise BrokerSyncMissing(
+        "MQTT broker account sync (Mosquitto dynamic security) is not implemented yet;"
+        " registering devices would hand out secrets the broker does not enforce"
+    )
+
+
+@asynccontextmanager
+async def _open_registry(
+    settings: Settings, broker: BrokerAccounts | None = None
+) -> AsyncIterator[Registry]:
+    """Kafka publisher and registry from the root settings, closed in reverse order."""
+    async with AsyncExitStack() as stack:
+        publisher = await stack.enter_async_context(
+            KafkaEventPublisher(
+                bootstrap_servers=settings.kafka.bootstrap_servers,
+                topic=settings.registry.events_topic,
+                acks=settings.kafka.acks,
+                enable_idempotence=settings.kafka.enable_idempotence,
+                request_timeout_ms=settings.kafka.request_timeout_ms,
+            )
+        )
+        registry = await stack.enter_async_context(
+            Registry(
+                settings.registry,
+                publisher=publisher,
+                broker=broker if broker is not None else _NoBrokerChanges(),
+                dsn=settings.postgres.dsn.get_secret_value(),
+            )
+        )
+        yield registry
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        return asyncio.run(coro)
+    except (RegistryError, OSError, asyncpg.PostgresError) as exc:
+        print(f"usagepipe registry: {exc}", file=sys.stderr)
+        return 2
+
+
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    async def run() -> int:
+        conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
+        try:
+            applied = await migrate_registry(conn, settings.registry.db_schema)
+        finally:
+            await conn.close()
+        print(f"schema {settings.registry.db_schema}: applied {', '.join(applied) or 'nothing'}")
+        return 0
+
+    return _run(run())
+
+
+def _add_model(args: argparse.Namespace, settings: Settings) -> int:
+    async def run() -> int:
+        async with _open_registry(settings) as registry:
+            await registry.add_product_model(
+                ProductModel(args.model_number, args.category, args.name, args.launched_on)
+            )
+        return 0
+
+    return _run(run())
+
+
+def _import_units(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        text = Path(args.csv).read_text(encoding="utf-8")
+    except OSError as exc:
+        print(f"usagepipe registry: cannot read {args.csv}: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
+        try:
+            await migrate_registry(conn, settings.registry.db_schema)
+            report = await import_units(
+                conn,
+                text.splitlines(keepends=True),
+                schema=settings.registry.db_schema,
+                hash_log2_n=settings.registry.secret_hash_log2_n,
+            )
+        finally:
+            await conn.close()
+        print(
+            f"inserted {report.inserted}, already present {report.already_present},"
+            f" rejected {len(report.rejected)}"
+        )
+        for row in report.rejected:
+            print(f"  line {row.line}: {row.reason.value} ({row.serial_number!r}): {row.detail}")
+        return 1 if report.rejected else 0
+
+    return _run(run())
+
+
+def _register(args: argparse.Namespace, settings: Settings) -> int:
+    async def run() -> int:
+        async with AsyncExitStack() as stack:
+            broker = await stack.enter_async_context(_open_broker(settings))
+            registry = await stack.enter_async_context(_open_registry(settings, broker))
+            try:
+                done = await registry.register(
+                    args.owner_id,
+                    args.model,
+                    args.serial,
+                    args.code,
+                    Purchase(args.channel, args.store_id, args.purchased_on),
+                    resale=args.resale,
+                )
+            except Rejected as exc:
+                print(json.dumps({"reason": exc.reason.value, "detail": exc.message}))
+                return 1
+        print(
+            json.dumps(
+                {
+                    "device_id": done.device_id,
+                    "mqtt_username": done.device_id,
+                    "mqtt_password": done.mqtt_secret,
+                }
+            )
+        )
+        return 0
+
+    return _run(run())
+
+
+def _dormancy(args: argparse.Namespace, settings: Settings) -> int:
+    async def run() -> int:
+        async with _open_registry(settings) as registry:
+            dormant = await registry.mark_dormant(aware(args.now))
+        print(f"{len(dormant)} owner(s) became dormant")
+        return 0
+
+    return _run(run())
+
+
+def _flush_events(args: argparse.Namespace, settings: Settings) -> int:
+    async def run() -> int:
+        async with _open_registry(settings) as registry:
+            sent = await registry.flush_events()
+            pending = await registry.pending_events()
+        print(f"published {sent} event(s), {pending} still pending")
+        return 0 if pending == 0 else 1
+
+    return _run(run())
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from devices.api import create_app
+
+    async def run() -> int:
+        async with _open_broker(settings) as broker:
+
+            def registry_factory() -> AbstractAsyncContextManager[Registry]:
+                return _open_registry(settings, broker)
+
+            config = uvicorn.Config(
+                create_app(registry_factory),
+                host=args.host or settings.registry.http_host,
+                port=args.port if args.port is not None else settings.registry.http_port,
+                log_config=None,
+            )
+            await uvicorn.Server(config).serve()
+        return 0
+
+    return _run(run())
+
+
+def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `registry` and its subcommands; each sets `handler(args, settings) -> int`."""
+    registry = subparsers.add_parser("registry", help="the device registry")
+    commands = registry.add_subparsers(dest="registry_command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+        parser = commands.add_parser(name, help=help, description=help)
+        parser.set_defaults(handler=handler)
+        return parser
+
+    command("migrate", _migrate, "create or upgrade the registry's tables")
+
+    p = command("add-model", _add_model, "add or update a product model")
+    p.add_argument("model_number")
+    p.add_argument("--category", type=Category, choices=list(Category), required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--launched-on", type=date.fromisoformat, required=True, metavar="YYYY-MM-DD")
+
+    p = command("import-units", _import_units, "import a factory CSV export of units")
+    p.add_argument("csv", help="model_number,serial_number,manufactured_on,registration_code")
+
+    p = command("register", _register, "register a unit to an owner (prints the MQTT login)")
+    p.add_argument("--owner-id", type=UUID, required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--serial", required=True)
+    p.add_argument("--code", required=True, help="the registration code printed inside")
+    p.add_argument("--channel", type=PurchaseChannel, choices=list(PurchaseChannel), required=True)
+    p.add_argument("--store-id")
+    p.add_argument("--purchased-on", type=date.fromisoformat, metavar="YYYY-MM-DD")
+    p.add_argument("--resale", action="store_true", help="bought second-hand, not released")
+
+    p = command("dormancy", _dormancy, "mark owners idle past the dormancy period dormant")
+    p.add_argument("--now", type=datetime.fromisoformat, help="ISO time with zone (default now)")
+
+    command("flush-events", _flush_events, "publish registry events left pending")
+
+    p = command("serve", _serve, "run the registry's HTTP API")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)

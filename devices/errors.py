@@ -1,0 +1,81 @@
+"""The registry's errors: one base class, a `retriable` flag, and reason codes.
+
+    RegistryError (retriable: bool)
+    +-- RegistryUnavailable    retriable: PostgreSQL or the broker could not be reached
+    +-- Rejected               not retriable as is: the request breaks a rule; `reason`
+    |                          says which (a `RejectReason`, part of the HTTP contract)
+    +-- MigrationError         not retriable: a migration file is malformed or was
+    |                          edited after it was applied
+    +-- InvalidImportFile      not retriable: a factory CSV export lacks its header
+
+Library errors (asyncpg, OSError) are wrapped at the boundary into `RegistryUnavailable`,
+so callers handle one family. Reason codes are published (API bodies, CLI output): add
+new ones, never rename or reuse one.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RejectReason(StrEnum):
+    """Why the registry refused a request."""
+
+    UNKNOWN_SERIAL = "unknown_serial"
+    """No manufactured unit has this serial number."""
+    MODEL_MISMATCH = "model_mismatch"
+    """The serial exists, but belongs to another model number."""
+    WRONG_CODE = "wrong_code"
+    """The registration code does not match the one printed inside the unit."""
+    OWNED_BY_OTHER = "owned_by_other"
+    """Someone else owns the unit now: they must release it, or the buyer must state a
+    resale (with the code from inside the unit)."""
+    LOCKED_OUT = "locked_out"
+    """Too many failed attempts for this owner or this serial within the window."""
+    ALREADY_OWNER = "already_owner"
+    """The owner already owns this unit; nothing to register."""
+    UNKNOWN_OWNER = "unknown_owner"
+    """No owner has this id."""
+    OWNER_NOT_ACTIVE = "owner_not_active"
+    """The owner is dormant (must reactivate first) or erased."""
+    UNKNOWN_DEVICE = "unknown_device"
+    """No registered device has this id."""
+    NOT_CURRENT_OWNER = "not_current_owner"
+    """Only the device's current owner may do this."""
+    REAUTHENTICATION_REQUIRED = "reauthentication_required"
+    """Reactivating a dormant owner needs proof that they signed in again."""
+    NOT_DORMANT = "not_dormant"
+    """Only a dormant owner can be reactivated."""
+
+
+class RegistryError(Exception):
+    """Base of every registry error; `retriable` says whether trying again may help."""
+
+    retriable: bool = False
+
+
+class RegistryUnavailable(RegistryError):
+    """PostgreSQL or the MQTT broker's account service could not be reached."""
+
+    retriable = True
+
+
+class Rejected(RegistryError):
+    """A request the registry refuses; `reason` is the machine-readable code."""
+
+    def __init__(self, reason: RejectReason, message: str) -> None:
+        super().__init__(f"{reason.value}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+class MigrationError(RegistryError):
+    """A migration cannot be applied: bad file name, duplicate number, edited file."""
+
+
+class InvalidImportFile(RegistryError):
+    """A factory export that cannot be read at all (missing columns, not CSV).
+
+    Bad rows in a readable file are not errors: they are reported one by one, and the
+    good rows are imported.
+    """

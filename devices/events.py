@@ -1,0 +1,137 @@
+"""What the registry tells the rest of usagepipe: events on Kafka, keyed by device id.
+
+Event types (the `event_type` field and the `event_type` record header):
+
+- `device.registered`: an owner registered a unit; payload has device_id, model_number,
+  owner_id, valid_from.
+- `device.transferred`: ownership moved (direct transfer or stated resale); payload has
+  device_id, from_owner_id, to_owner_id, valid_from.
+- `device.credentials_revoked`: the device's MQTT secret stopped being valid (revoked
+  by its owner, released, or its owner erased); payload has device_id and why.
+- `owner.erased`: an owner's personal data and links were erased; keyed by the owner
+  id (it concerns an owner, not one device); payload has only owner_id, so consumers
+  holding copies of the owner link (the usage store) can drop them. It deliberately
+  does not list the owner's devices: that would re-create the link being erased.
+
+Every payload carries `event_id` (a UUID), `event_type` and `occurred_at`.
+
+Delivery is at-least-once, through a transactional outbox: the registry writes the
+event in the same PostgreSQL transaction as the change, then, after the commit,
+publishes pending events in order and marks them published. A crash between the two
+leaves the event pending and the next flush sends it, so consumers see every event at
+least once and must be idempotent on `event_id`. Publishing before the commit was
+rejected: it would announce changes that may then roll back.
+
+Names and contacts never appear in events; owner ids are random UUIDs.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Literal, Protocol, Self
+
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from devices.errors import RegistryUnavailable
+
+log = logging.getLogger(__name__)
+
+DEVICE_REGISTERED = "device.registered"
+DEVICE_TRANSFERRED = "device.transferred"
+CREDENTIALS_REVOKED = "device.credentials_revoked"
+OWNER_ERASED = "owner.erased"
+
+
+class EventPublisher(Protocol):
+    """Where registry events go. Kafka in production; tests may record them."""
+
+    async def publish(self, event_type: str, key: str, payload: dict[str, Any]) -> None:
+        """Deliver one event durably (return only once it is stored), or raise."""
+        ...
+
+
+def new_event(event_type: str, occurred_at: datetime, data: Mapping[str, Any]) -> dict[str, Any]:
+    """An event payload: `data` plus a fresh `event_id`, the type and the time."""
+    return {
+        "event_id": str(uuid.uuid4()),
+        "event_type": event_type,
+        "occurred_at": occurred_at.isoformat(),
+        **data,
+    }
+
+
+class KafkaEventPublisher:
+    """Publishes registry events as JSON to one Kafka topic, keyed for per-device order.
+
+    Producer safety is stated here, not left to client defaults: `acks="all"` (a
+    record counts as sent once every in-sync replica has it) and idempotence only when
+    asked for (the local Tansu broker lacks InitProducerId; duplicates from retries
+    are harmless because consumers deduplicate on `event_id`).
+    """
+
+    def __init__(
+        self,
+        *,
+        bootstrap_servers: str,
+        topic: str,
+        acks: Literal["all"] = "all",
+        enable_idempotence: bool,
+        request_timeout_ms: int = 30_000,
+        client_id: str = "usagepipe-registry",
+    ) -> None:
+        if acks != "all":
+            raise ValueError("registry events are only published with acks='all'")
+        self._topic = topic
+        self._producer_args: dict[str, Any] = {
+            "bootstrap_servers": bootstrap_servers,
+            "acks": acks,
+            "enable_idempotence": enable_idempotence,
+            "request_timeout_ms": request_timeout_ms,
+            "client_id": client_id,
+        }
+        self._producer: AIOKafkaProducer | None = None
+
+    async def __aenter__(self) -> Self:
+        producer = AIOKafkaProducer(**self._producer_args)
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            await producer.stop()
+            raise RegistryUnavailable(f"cannot reach Kafka for registry events: {exc}") from exc
+        self._producer = producer
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Flush and close the producer; harmless when already closed."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    async def publish(self, event_type: str, key: str, payload: dict[str, Any]) -> None:
+        """Send one event and wait for the broker's acknowledgement."""
+        if self._producer is None:
+            raise RuntimeError("KafkaEventPublisher is not started (use `async with`)")
+        try:
+            await self._producer.send_and_wait(
+                self._topic,
+                value=orjson.dumps(payload),
+                key=key.encode(),
+                headers=[("event_type", event_type.encode())],
+            )
+        except KafkaError as exc:
+            raise RegistryUnavailable(f"could not publish {event_type} for {key}: {exc}") from exc
+        log.debug("published %s for %s", event_type, key)

@@ -1,0 +1,314 @@
+"""Owner rules: consent with an audit trail, dormancy, reactivation and erasure.
+
+Functions here run inside a transaction the caller (`devices.registry.Registry`) has
+opened, with `search_path` set to the registry schema.
+
+Consent: each stated purpose (analytics, marketing) is recorded in `consent_events`,
+even when it restates the current value, because a restated consent has a new date.
+Withdrawing is always allowed; granting needs an active owner.
+
+Dormancy: an owner idle for the dormancy period becomes dormant. Marketing skips them;
+coming back needs a fresh sign-in (`reauthenticated`) and fresh consent for both
+purposes, so consent given years ago is never silently revived.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from uuid import UUID, uuid4
+
+import asyncpg
+
+from devices.errors import Rejected, RejectReason
+from devices.events import OWNER_ERASED
+from devices.migrations import Connection
+from devices.outbox import enqueue
+from devices.ownership import revoke_live
+from devices.records import (
+    ConsentChange,
+    ConsentPurpose,
+    MarketingContact,
+    MembershipTier,
+    NewOwner,
+    Owner,
+    OwnerStatus,
+)
+
+_OWNER_COLUMNS = (
+    "owner_id, status, region, membership_tier, analytics_consent, marketing_consent,"
+    " last_active_at"
+)
+
+
+def _owner(row: asyncpg.Record) -> Owner:
+    tier = row["membership_tier"]
+    return Owner(
+        owner_id=row["owner_id"],
+        status=OwnerStatus(row["status"]),
+        region=row["region"],
+        membership_tier=None if tier is None else MembershipTier(tier),
+        analytics_consent=row["analytics_consent"],
+        marketing_consent=row["marketing_consent"],
+        last_active_at=row["last_active_at"],
+    )
+
+
+async def _locked(conn: Connection, owner_id: UUID) -> Owner:
+    row = await conn.fetchrow(
+        f"SELECT {_OWNER_COLUMNS} FROM owners WHERE owner_id = $1 FOR UPDATE", owner_id
+    )
+    if row is None:
+        raise Rejected(RejectReason.UNKNOWN_OWNER, f"no owner {owner_id}")
+    return _owner(row)
+
+
+async def _audit(
+    conn: Connection,
+    owner_id: UUID,
+    *,
+    purpose: ConsentPurpose,
+    granted: bool,
+    source: str,
+    at: datetime,
+) -> None:
+    await conn.execute(
+        f"UPDATE owners SET {purpose.value}_consent = $2, {purpose.value}_consent_at = $3"
+        " WHERE owner_id = $1",
+        owner_id,
+        granted,
+        at,
+    )
+    await conn.execute(
+        "INSERT INTO consent_events (owner_id, purpose, granted, changed_at, source)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        owner_id,
+        purpose.value,
+        granted,
+        at,
+        source,
+    )
+
+
+async def create(conn: Connection, new: NewOwner, *, source: str, at: datetime) -> UUID:
+    """Insert an owner and their contacts; record the initial consents."""
+    owner_id = uuid4()
+    await conn.execute(
+        "INSERT INTO owners (owner_id, region, membership_tier, created_at, last_active_at)"
+        " VALUES ($1, $2, $3, $4, $4)",
+        owner_id,
+        new.region,
+        new.membership_tier.value,
+        at,
+    )
+    await conn.execute(
+        "INSERT INTO owner_contacts (owner_id, name, email, phone) VALUES ($1, $2, $3, $4)",
+        owner_id,
+        new.name,
+        new.email,
+        new.phone,
+    )
+    await _audit(
+        conn,
+        owner_id,
+        purpose=ConsentPurpose.ANALYTICS,
+        granted=new.analytics_consent,
+        source=source,
+        at=at,
+    )
+    await _audit(
+        conn,
+        owner_id,
+        purpose=ConsentPurpose.MARKETING,
+        granted=new.marketing_consent,
+        source=source,
+        at=at,
+    )
+    return owner_id
+
+
+async def get(conn: Connection, owner_id: UUID) -> Owner:
+    """The owner's non-personal data, or `Rejected(unknown_owner)`."""
+    row = await conn.fetchrow(f"SELECT {_OWNER_COLUMNS} FROM owners WHERE owner_id = $1", owner_id)
+    if row is None:
+        raise Rejected(RejectReason.UNKNOWN_OWNER, f"no owner {owner_id}")
+    return _owner(row)
+
+
+async def touch(conn: Connection, owner_id: UUID, at: datetime) -> None:
+    """Move an active owner's `last_active_at` forward; a dormant one must reactivate."""
+    owner = await _locked(conn, owner_id)
+    if owner.status is not OwnerStatus.ACTIVE:
+        raise Rejected(RejectReason.OWNER_NOT_ACTIVE, "dormant or erased owners must reactivate")
+    await conn.execute(
+        "UPDATE owners SET last_active_at = greatest(last_active_at, $2) WHERE owner_id = $1",
+        owner_id,
+        at,
+    )
+
+
+async def set_consent(
+    conn: Connection,
+    owner_id: UUID,
+    *,
+    analytics: bool | None,
+    marketing: bool | None,
+    source: str,
+    at: datetime,
+) -> Owner:
+    """Record each stated consent; grants need an active owner, withdrawals do not."""
+    owner = await _locked(conn, owner_id)
+    stated = [
+        (purpose, granted)
+        for purpose, granted in (
+            (ConsentPurpose.ANALYTICS, analytics),
+            (ConsentPurpose.MARKETING, marketing),
+        )
+        if granted is not None
+    ]
+    if owner.status is OwnerStatus.ERASED:
+        raise Rejected(RejectReason.OWNER_NOT_ACTIVE, "the owner has been erased")
+    if owner.status is OwnerStatus.DORMANT and any(granted for _, granted in stated):
+        raise Rejected(
+            RejectReason.OWNER_NOT_ACTIVE, "a dormant owner must reactivate to grant consent"
+        )
+    for purpose, granted in stated:
+        await _audit(conn, owner_id, purpose=purpose, granted=bool(granted), source=source, at=at)
+    if owner.status is OwnerStatus.ACTIVE:
+        await conn.execute(
+            "UPDATE owners SET last_active_at = greatest(last_active_at, $2) WHERE owner_id = $1",
+            owner_id,
+            at,
+        )
+    return await get(conn, owner_id)
+
+
+async def consent_history(conn: Connection, owner_id: UUID) -> list[ConsentChange]:
+    """The owner's consent audit trail, oldest first (empty once erased)."""
+    rows = await conn.fetch(
+        "SELECT purpose, granted, changed_at, source FROM consent_events"
+        " WHERE owner_id = $1 ORDER BY changed_at, consent_event_id",
+        owner_id,
+    )
+    return [
+        ConsentChange(ConsentPurpose(r["purpose"]), r["granted"], r["changed_at"], r["source"])
+        for r in rows
+    ]
+
+
+async def mark_dormant(conn: Connection, now: datetime, idle: timedelta) -> list[UUID]:
+    """Active owners whose last activity is `idle` or longer ago become dormant."""
+    rows = await conn.fetch(
+        "UPDATE owners SET status = 'dormant', dormant_since = $1"
+        " WHERE status = 'active' AND last_active_at <= $2 RETURNING owner_id",
+        now,
+        now - idle,
+    )
+    return sorted(row["owner_id"] for row in rows)
+
+
+async def marketing_audience(conn: Connection) -> list[MarketingContact]:
+    """Active owners consenting to marketing, with the contacts marketing needs."""
+    rows = await conn.fetch(
+        "SELECT o.owner_id, c.name, c.email FROM owners o JOIN owner_contacts c USING (owner_id)"
+        " WHERE o.status = 'active' AND o.marketing_consent ORDER BY o.owner_id"
+    )
+    return [MarketingContact(r["owner_id"], r["name"], r["email"]) for r in rows]
+
+
+async def reactivate(
+    conn: Connection,
+    owner_id: UUID,
+    *,
+    reauthenticated: bool,
+    analytics_consent: bool,
+    marketing_consent: bool,
+    source: str,
+    at: datetime,
+) -> Owner:
+    """Dormant -> active, with both consents given afresh and audited."""
+    owner = await _locked(conn, owner_id)
+    if owner.status is OwnerStatus.ERASED:
+        raise Rejected(RejectReason.OWNER_NOT_ACTIVE, "an erased owner cannot come back")
+    if owner.status is not OwnerStatus.DORMANT:
+        raise Rejected(RejectReason.NOT_DORMANT, "the owner is not dormant")
+    if not reauthenticated:
+        raise Rejected(
+            RejectReason.REAUTHENTICATION_REQUIRED, "the owner must sign in again to reactivate"
+        )
+    await conn.execute(
+        "UPDATE owners SET status = 'active', dormant_since = NULL,"
+        " last_active_at = greatest(last_active_at, $2) WHERE owner_id = $1",
+        owner_id,
+        at,
+    )
+    await _audit(
+        conn,
+        owner_id,
+        purpose=ConsentPurpose.ANALYTICS,
+        granted=analytics_consent,
+        source=source,
+        at=at,
+    )
+    await _audit(
+        conn,
+        owner_id,
+        purpose=ConsentPurpose.MARKETING,
+        granted=marketing_consent,
+        source=source,
+        at=at,
+    )
+    return await get(conn, owner_id)
+
+
+async def erase(conn: Connection, owner_id: UUID, at: datetime) -> list[str]:
+    """Erase an owner; return the devices they still owned (secrets now revoked).
+
+    What goes: the contacts row; region, tier and consents on the owner row; the
+    consent audit trail and registration attempts (nothing is processed for this
+    person any more, so there is no consent left to prove); the owner's link in every
+    ownership period; outbox events that name the owner. Devices they still owned are
+    released (period ended, secret revoked), so the unit can be registered again.
+
+    What remains, anonymous: the owner row with only its random id, status `erased`
+    and the erasure time (so a late request for this id is answered "erased", not
+    "unknown"); ownership periods with no owner (the device had *an* owner then, and
+    through which channel it was bought); devices and their usage telemetry, which
+    are keyed by device id and say how appliances are used, not by whom. Consumers
+    holding copies of the link (the usage store's owner column) get `owner.erased`
+    and must drop it.
+    """
+    owner = await _locked(conn, owner_id)
+    if owner.status is OwnerStatus.ERASED:
+        return []
+    current = await conn.fetch(
+        "UPDATE ownership_periods p"
+        " SET valid_to = greatest($2, p.valid_from + interval '1 microsecond'),"
+        " ended_reason = 'owner_erased' FROM devices d"
+        " WHERE p.device_key = d.device_key AND p.owner_id = $1 AND p.valid_to IS NULL"
+        " RETURNING d.device_key, d.device_id",
+        owner_id,
+        at,
+    )
+    released = sorted(row["device_id"] for row in current)
+    for row in current:
+        await revoke_live(conn, row["device_key"], row["device_id"], "owner_erased", at)
+    await conn.execute("UPDATE ownership_periods SET owner_id = NULL WHERE owner_id = $1", owner_id)
+    await conn.execute("DELETE FROM owner_contacts WHERE owner_id = $1", owner_id)
+    await conn.execute("DELETE FROM consent_events WHERE owner_id = $1", owner_id)
+    await conn.execute("DELETE FROM registration_attempts WHERE owner_id = $1", owner_id)
+    await conn.execute(
+        "DELETE FROM event_outbox WHERE payload->>'owner_id' = $1"
+        " OR payload->>'from_owner_id' = $1 OR payload->>'to_owner_id' = $1",
+        str(owner_id),
+    )
+    await conn.execute(
+        "UPDATE owners SET status = 'erased', region = NULL, membership_tier = NULL,"
+        " analytics_consent = false, analytics_consent_at = NULL,"
+        " marketing_consent = false, marketing_consent_at = NULL,"
+        " dormant_since = NULL, created_at = $2, last_active_at = $2, erased_at = $2"
+        " WHERE owner_id = $1",
+        owner_id,
+        at,
+    )
+    await enqueue(conn, OWNER_ERASED, str(owner_id), at, {"owner_id": str(owner_id)})
+    return released

@@ -1,0 +1,350 @@
+"""Ownership rules in SQL: registration checks, periods, credentials, attribution.
+
+Functions here run inside a transaction the caller (`devices.registry.Registry`) has
+opened, with `search_path` set to the registry schema; the registry adds what must
+happen around the transaction (hashing, the broker, publishing events).
+
+Ownership of a device is a sequence of periods [valid_from, valid_to); the database's
+exclusion constraint keeps them from overlapping, so "who owned it at t" has at most
+one answer. A period ends when the owner releases the device, transfers it, a buyer
+states a resale with the unit's code, or the owner is erased.
+
+Locking: the owner row first (FOR UPDATE), then an advisory lock on the serial, then
+the device's rows. Every path takes them in this order, so they cannot deadlock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from uuid import UUID
+
+import asyncpg
+
+from devices.credentials import verify_secret_async
+from devices.errors import Rejected, RejectReason
+from devices.events import CREDENTIALS_REVOKED, DEVICE_REGISTERED, DEVICE_TRANSFERRED
+from devices.migrations import Connection, advisory_lock_key
+from devices.outbox import enqueue
+from devices.records import (
+    Attribution,
+    MembershipTier,
+    OwnershipPeriod,
+    Purchase,
+    PurchaseChannel,
+    device_id_for,
+)
+
+# Registration outcomes that count towards the lockout: each is a wrong guess about a
+# unit. Refusals after the code was proven (owned by someone else) are not guesses.
+_GUESSES = frozenset(
+    {RejectReason.UNKNOWN_SERIAL, RejectReason.MODEL_MISMATCH, RejectReason.WRONG_CODE}
+)
+
+# The half-open range [valid_from, valid_to) of a period, as SQL.
+_PERIOD = "tstzrange(p.valid_from, p.valid_to, '[)')"
+
+
+@dataclass(frozen=True, slots=True)
+class Lockout:
+    """How many failed guesses (per owner, per serial) lock out, within which window."""
+
+    max_failures: int
+    window: timedelta
+
+
+async def check_registration(
+    conn: Connection,
+    owner_id: UUID,
+    *,
+    model: str,
+    serial: str,
+    code: str,
+    resale: bool,
+    at: datetime,
+    schema: str,
+    lockout: Lockout,
+) -> RejectReason | None:
+    """Lock the owner and the serial, then decide: a reason to refuse, or None."""
+    status = await conn.fetchval(
+        "SELECT status FROM owners WHERE owner_id = $1 FOR UPDATE", owner_id
+    )
+    if status is None:
+        return RejectReason.UNKNOWN_OWNER
+    # The serial is locked even when no unit has it, so concurrent guesses at one
+    # serial are counted one after the other and the lockout cannot be raced.
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock($1)", advisory_lock_key("serial", schema, serial)
+    )
+    if status != "active":
+        return RejectReason.OWNER_NOT_ACTIVE
+    failures = await conn.fetchrow(
+        "SELECT"
+        " (SELECT count(*) FROM registration_attempts WHERE counts_as_failure"
+        "  AND owner_id = $1 AND attempted_at > $3 AND attempted_at <= $4) AS by_owner,"
+        " (SELECT count(*) FROM registration_attempts WHERE counts_as_failure"
+        "  AND serial_number = $2 AND attempted_at > $3 AND attempted_at <= $4) AS by_serial",
+        owner_id,
+        serial,
+        at - lockout.window,
+        at,
+    )
+    assert failures is not None  # a SELECT without FROM always returns one row
+    if max(failures["by_owner"], failures["by_serial"]) >= lockout.max_failures:
+        return RejectReason.LOCKED_OUT
+    unit = await conn.fetchrow(
+        "SELECT model_number, code_hash FROM units WHERE serial_number = $1", serial
+    )
+    if unit is None:
+        return RejectReason.UNKNOWN_SERIAL
+    if unit["model_number"] != model:
+        return RejectReason.MODEL_MISMATCH
+    if not await verify_secret_async(code.strip(), unit["code_hash"]):
+        return RejectReason.WRONG_CODE
+    current = await conn.fetchrow(
+        "SELECT p.owner_id, p.valid_from FROM ownership_periods p"
+        " JOIN devices d USING (device_key)"
+        " WHERE d.serial_number = $1 AND p.valid_to IS NULL FOR UPDATE OF p",
+        serial,
+    )
+    if current is not None:
+        if current["owner_id"] == owner_id:
+            return RejectReason.ALREADY_OWNER
+        if not resale or current["valid_from"] >= at:
+            return RejectReason.OWNED_BY_OTHER
+    return None
+
+
+async def record_attempt(
+    conn: Connection,
+    owner_id: UUID,
+    *,
+    model: str,
+    serial: str,
+    at: datetime,
+    reason: RejectReason | None,
+) -> None:
+    """Note one registration attempt (None: it succeeded) for the lockout."""
+    await conn.execute(
+        "INSERT INTO registration_attempts (owner_id, serial_number, model_number,"
+        " attempted_at, outcome, counts_as_failure) VALUES ($1, $2, $3, $4, $5, $6)",
+        owner_id,
+        serial,
+        model,
+        at,
+        "registered" if reason is None else reason.value,
+        reason in _GUESSES,
+    )
+
+
+async def complete_registration(
+    conn: Connection,
+    owner_id: UUID,
+    *,
+    model: str,
+    serial: str,
+    purchase: Purchase,
+    secret_hash: str,
+    at: datetime,
+) -> str:
+    """Create the device if new, end a resold unit's current period, open the owner's
+    period with new credentials, and enqueue the event; return the device id."""
+    device_id = device_id_for(model, serial)
+    device_key: int = await conn.fetchval(
+        "INSERT INTO devices (device_id, serial_number, model_number, registered_at)"
+        " VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT (serial_number) DO UPDATE SET registered_at = devices.registered_at"
+        " RETURNING device_key",
+        device_id,
+        serial,
+        model,
+        at,
+    )
+    previous: UUID | None = await conn.fetchval(
+        "UPDATE ownership_periods SET valid_to = $2, ended_reason = 'resold'"
+        " WHERE device_key = $1 AND valid_to IS NULL RETURNING owner_id",
+        device_key,
+        at,
+    )
+    await open_period(conn, device_key, owner_id, purchase=purchase, secret_hash=secret_hash, at=at)
+    common = {
+        "device_id": device_id,
+        "model_number": model,
+        "valid_from": at.isoformat(),
+        "purchase_channel": purchase.channel.value,
+    }
+    if previous is None:
+        await enqueue(conn, DEVICE_REGISTERED, device_id, at, {**common, "owner_id": str(owner_id)})
+    else:
+        await enqueue(
+            conn,
+            DEVICE_TRANSFERRED,
+            device_id,
+            at,
+            {
+                **common,
+                "from_owner_id": str(previous),
+                "to_owner_id": str(owner_id),
+                "how": "resale",
+            },
+        )
+    return device_id
+
+
+async def open_period(
+    conn: Connection,
+    device_key: int,
+    owner_id: UUID,
+    *,
+    purchase: Purchase,
+    secret_hash: str,
+    at: datetime,
+) -> None:
+    """Start `owner_id`'s period at `at` and replace the device's live credentials."""
+    await conn.execute(
+        "INSERT INTO ownership_periods (device_key, owner_id, valid_from, purchase_channel,"
+        " store_id, purchased_on) VALUES ($1, $2, $3, $4, $5, $6)",
+        device_key,
+        owner_id,
+        at,
+        purchase.channel.value,
+        purchase.store_id,
+        purchase.purchased_on,
+    )
+    await issue_credentials(conn, device_key, secret_hash, at)
+    await conn.execute(
+        "UPDATE owners SET last_active_at = greatest(last_active_at, $2) WHERE owner_id = $1",
+        owner_id,
+        at,
+    )
+
+
+async def issue_credentials(
+    conn: Connection, device_key: int, secret_hash: str, at: datetime
+) -> None:
+    """Make `secret_hash` the device's only live credential from `at`."""
+    await conn.execute(
+        "UPDATE device_credentials SET revoked_at = greatest($2, issued_at)"
+        " WHERE device_key = $1 AND revoked_at IS NULL",
+        device_key,
+        at,
+    )
+    await conn.execute(
+        "INSERT INTO device_credentials (device_key, secret_hash, issued_at) VALUES ($1, $2, $3)",
+        device_key,
+        secret_hash,
+        at,
+    )
+
+
+async def current_period(
+    conn: Connection, device_id: str, owner_id: UUID, at: datetime
+) -> asyncpg.Record:
+    """Lock the device and return its current period, which must be `owner_id`'s.
+
+    Raises `Rejected`: unknown_device, or not_current_owner (also when `at` is not
+    after the period's start, since a period cannot end before it begins)."""
+    device = await conn.fetchrow(
+        "SELECT d.device_key, d.model_number, d.serial_number, p.period_id, p.owner_id,"
+        " p.valid_from FROM devices d LEFT JOIN ownership_periods p"
+        " ON p.device_key = d.device_key AND p.valid_to IS NULL"
+        " WHERE d.device_id = $1 FOR UPDATE OF d",
+        device_id,
+    )
+    if device is None:
+        raise Rejected(RejectReason.UNKNOWN_DEVICE, f"no registered device {device_id!r}")
+    if device["owner_id"] != owner_id or device["valid_from"] >= at:
+        raise Rejected(
+            RejectReason.NOT_CURRENT_OWNER, "only the device's current owner may do this"
+        )
+    return device
+
+
+async def end_period(conn: Connection, period_id: int, at: datetime, reason: str) -> None:
+    """Close one period at `at` (reason: released, transferred, resold, owner_erased)."""
+    await conn.execute(
+        "UPDATE ownership_periods SET valid_to = $2, ended_reason = $3 WHERE period_id = $1",
+        period_id,
+        at,
+        reason,
+    )
+
+
+async def revoke_live(
+    conn: Connection, device_key: int, device_id: str, why: str, at: datetime
+) -> bool:
+    """Revoke the device's live secret, if any, and enqueue the event."""
+    revoked = await conn.fetchval(
+        "UPDATE device_credentials SET revoked_at = greatest($2, issued_at)"
+        " WHERE device_key = $1 AND revoked_at IS NULL RETURNING credential_id",
+        device_key,
+        at,
+    )
+    if revoked is not None:
+        await enqueue(
+            conn, CREDENTIALS_REVOKED, device_id, at, {"device_id": device_id, "reason": why}
+        )
+    return revoked is not None
+
+
+async def live_secret_hash(conn: Connection, device_id: str) -> str | None:
+    """The stored hash of the device's live MQTT secret, if it has one."""
+    stored: str | None = await conn.fetchval(
+        "SELECT c.secret_hash FROM device_credentials c JOIN devices d USING (device_key)"
+        " WHERE d.device_id = $1 AND c.revoked_at IS NULL",
+        device_id,
+    )
+    return stored
+
+
+async def owner_at(conn: Connection, device_id: str, event_time: datetime) -> UUID | None:
+    """The owner whose period contains `event_time` (None: nobody, or erased)."""
+    owner: UUID | None = await conn.fetchval(
+        "SELECT p.owner_id FROM ownership_periods p JOIN devices d USING (device_key)"
+        f" WHERE d.device_id = $1 AND {_PERIOD} @> $2::timestamptz",
+        device_id,
+        event_time,
+    )
+    return owner
+
+
+async def attribution_at(
+    conn: Connection, device_id: str, event_time: datetime
+) -> Attribution | None:
+    """`owner_at`, limited to owners who consent to analytics (view analytics_owners)."""
+    row = await conn.fetchrow(
+        "SELECT o.owner_id, o.region, o.membership_tier"
+        " FROM ownership_periods p JOIN devices d USING (device_key)"
+        " JOIN analytics_owners o ON o.owner_id = p.owner_id"
+        f" WHERE d.device_id = $1 AND {_PERIOD} @> $2::timestamptz",
+        device_id,
+        event_time,
+    )
+    if row is None:
+        return None
+    tier = row["membership_tier"]
+    return Attribution(
+        row["owner_id"], row["region"], None if tier is None else MembershipTier(tier)
+    )
+
+
+async def history(conn: Connection, device_id: str) -> list[OwnershipPeriod]:
+    """Every ownership period of the device, oldest first."""
+    rows = await conn.fetch(
+        "SELECT p.owner_id, p.valid_from, p.valid_to, p.purchase_channel, p.store_id,"
+        " p.purchased_on, p.ended_reason FROM ownership_periods p"
+        " JOIN devices d USING (device_key) WHERE d.device_id = $1 ORDER BY p.valid_from",
+        device_id,
+    )
+    return [
+        OwnershipPeriod(
+            row["owner_id"],
+            row["valid_from"],
+            row["valid_to"],
+            PurchaseChannel(row["purchase_channel"]),
+            row["store_id"],
+            row["purchased_on"],
+            row["ended_reason"],
+        )
+        for row in rows
+    ]

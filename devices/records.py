@@ -1,0 +1,182 @@
+"""The registry's vocabulary: enums and the immutable records its methods return.
+
+These are plain dataclasses; the HTTP API has its own pydantic models, so the wire
+format can evolve without touching the data layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import date, datetime
+from enum import StrEnum
+from uuid import UUID
+
+
+class Category(StrEnum):
+    """What kind of appliance a product model is."""
+
+    WASHER = "washer"
+    DRYER = "dryer"
+    REFRIGERATOR = "refrigerator"
+    AIR_CONDITIONER = "air_conditioner"
+    AIR_PURIFIER = "air_purifier"
+    ROBOT_VACUUM = "robot_vacuum"
+
+
+class MembershipTier(StrEnum):
+    """An owner's tier in the maker's membership programme."""
+
+    STANDARD = "standard"
+    SILVER = "silver"
+    GOLD = "gold"
+    PLATINUM = "platinum"
+
+
+class OwnerStatus(StrEnum):
+    """active; dormant (idle past the dormancy period: no marketing until they come
+    back, sign in again and consent afresh); erased (nothing personal remains)."""
+
+    ACTIVE = "active"
+    DORMANT = "dormant"
+    ERASED = "erased"
+
+
+class PurchaseChannel(StrEnum):
+    """Where the owner got the unit: the maker's own channels, a retailer, or a gift."""
+
+    OWN_ONLINE_SHOP = "own_online_shop"
+    OWN_STORE = "own_store"
+    THIRD_PARTY_RETAILER = "third_party_retailer"
+    GIFT = "gift"
+
+
+class ConsentPurpose(StrEnum):
+    """What an owner may consent to."""
+
+    ANALYTICS = "analytics"
+    MARKETING = "marketing"
+
+
+def normalize_code(text: str) -> str:
+    """Model and serial numbers as stored: trimmed and upper-cased (typed from labels)."""
+    return text.strip().upper()
+
+
+def device_id_for(model_number: str, serial_number: str) -> str:
+    """The device id of a unit, the same every time it is (re-)registered.
+
+    Model number plus 80 bits of SHA-256 over model and serial: readable enough for
+    operators, safe in MQTT topics and Kafka keys, and without the serial itself, which
+    retailers' sales records hold next to the buyer's name. It is pseudonymous, not
+    secret: whoever knows model and serial can compute it; the MQTT secret is what
+    proves the device.
+    """
+    model = normalize_code(model_number)
+    digest = hashlib.sha256(f"{model}\x1f{normalize_code(serial_number)}".encode()).hexdigest()
+    return f"{model}-{digest[:20]}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProductModel:
+    """A product model the maker sells."""
+
+    model_number: str
+    category: Category
+    name: str
+    launched_on: date
+
+
+@dataclass(frozen=True, slots=True)
+class Purchase:
+    """How the owner got the unit. `store_id` only for own stores and retailers."""
+
+    channel: PurchaseChannel
+    store_id: str | None = None
+    purchased_on: date | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewOwner:
+    """An owner account as the maker's site creates it (contacts stay in the registry's
+    `owner_contacts` table, away from analytics)."""
+
+    name: str
+    email: str
+    phone: str | None
+    region: str
+    membership_tier: MembershipTier
+    analytics_consent: bool
+    marketing_consent: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """An owner without personal data: what any part of the registry may show."""
+
+    owner_id: UUID
+    status: OwnerStatus
+    region: str | None
+    membership_tier: MembershipTier | None
+    analytics_consent: bool
+    marketing_consent: bool
+    last_active_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A successful registration or transfer.
+
+    `mqtt_secret` is shown to the owner once and stored nowhere; the device logs in
+    to the broker with username `device_id` and this secret.
+    """
+
+    device_id: str
+    owner_id: UUID
+    model_number: str
+    serial_number: str
+    valid_from: datetime
+    mqtt_secret: str
+
+
+@dataclass(frozen=True, slots=True)
+class OwnershipPeriod:
+    """One owner's time with a device: [valid_from, valid_to), valid_to None if current.
+
+    `owner_id` is None once that owner has been erased."""
+
+    owner_id: UUID | None
+    valid_from: datetime
+    valid_to: datetime | None
+    purchase_channel: PurchaseChannel
+    store_id: str | None
+    purchased_on: date | None
+    ended_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentChange:
+    """One row of the consent audit trail."""
+
+    purpose: ConsentPurpose
+    granted: bool
+    changed_at: datetime
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    """Who to attribute usage to, for analytics: pseudonymous, no contacts."""
+
+    owner_id: UUID
+    region: str | None
+    membership_tier: MembershipTier | None
+
+
+@dataclass(frozen=True, slots=True)
+class MarketingContact:
+    """An owner marketing may write to (active, consenting)."""
+
+    owner_id: UUID
+    name: str
+    email: str

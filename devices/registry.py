@@ -1,0 +1,562 @@
+"""The device registry's data layer: registration, ownership over time, and credentials.
+
+An owner proves a purchase with the unit's model number, serial number and the
+registration code printed inside it. Every failed guess is recorded; too many within
+the window (per owner and per serial) lock further attempts out. A success creates the
+device (its id derived from model and serial), opens an ownership period and issues
+MQTT credentials, whose secret is returned once and kept only as a salted hash.
+
+Ownership is a set of non-overlapping periods per device (an exclusion constraint in
+PostgreSQL guarantees it), so `owner_at(device_id, event_time)` answers who owned the
+device when a message was produced, which is what telemetry attribution needs, even
+for late data after a resale.
+
+`Registry` is the one entry point; the SQL of each rule lives beside it, in
+`devices.ownership` (registration checks, periods, credentials, attribution) and
+`devices.owners` (consent, dormancy, reactivation, erasure), as functions that run in
+the transaction `Registry` opens.
+
+Every change is one PostgreSQL transaction that also writes its event to the outbox
+(`devices.outbox`); events are published after the commit. The MQTT broker is told
+about new secrets inside the transaction and about revocations after it (see
+`devices.broker` for why).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from importlib.resources import files
+from types import TracebackType
+from typing import Self
+from uuid import UUID
+
+import asyncpg
+
+from devices import owners, ownership
+from devices.broker import BrokerAccounts
+from devices.credentials import (
+    hash_secret_async,
+    new_device_secret,
+    verify_secret_async,
+)
+from devices.errors import RegistryUnavailable, Rejected, RejectReason
+from devices.events import DEVICE_TRANSFERRED, EventPublisher
+from devices.migrations import Connection, migrate, quote_schema
+from devices.outbox import enqueue, flush_batch, prune
+from devices.ownership import Lockout
+from devices.records import (
+    Attribution,
+    ConsentChange,
+    MarketingContact,
+    NewOwner,
+    Owner,
+    OwnershipPeriod,
+    ProductModel,
+    Purchase,
+    Registration,
+    normalize_code,
+)
+from devices.settings import RegistrySettings
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_COMPONENT = "registry"
+
+# Errors that mean "PostgreSQL could not do it now", worth retrying as a whole.
+_UNAVAILABLE = (
+    OSError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+)
+
+
+async def migrate_registry(conn: Connection, schema: str) -> list[str]:
+    """Apply the registry's pending migrations (`devices/sql`) in `schema`."""
+    return await migrate(
+        conn, schema=schema, component=MIGRATIONS_COMPONENT, directory=files("devices") / "sql"
+    )
+
+
+def aware(at: datetime | None) -> datetime:
+    """`at`, or now; naive datetimes are refused (their meaning depends on the host)."""
+    if at is None:
+        return datetime.now(UTC)
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError(f"datetime {at!r} has no time zone")
+    return at
+
+
+class Registry:
+    """The registry over a PostgreSQL pool: an async context manager.
+
+    Give it a `dsn` (it opens and closes its own pool) or a `pool` (borrowed, left
+    open). On entry it applies pending migrations to `settings.db_schema` and sends
+    any events left pending by an earlier process.
+    """
+
+    def __init__(
+        self,
+        settings: RegistrySettings,
+        *,
+        publisher: EventPublisher,
+        broker: BrokerAccounts,
+        dsn: str | None = None,
+        pool: asyncpg.Pool | None = None,
+    ) -> None:
+        if (dsn is None) == (pool is None):
+            raise ValueError("give the Registry exactly one of dsn= or pool=")
+        self.settings = settings
+        self._publisher = publisher
+        self._broker = broker
+        self._dsn = dsn
+        self._pool = pool
+        self._owns_pool = pool is None
+        self._search_path = f"SET LOCAL search_path TO {quote_schema(settings.db_schema)}"
+        self._lockout = Lockout(
+            settings.max_failed_attempts, timedelta(seconds=settings.lockout_window_s)
+        )
+
+    async def __aenter__(self) -> Self:
+        if self._pool is None:
+            try:
+                self._pool = await asyncpg.create_pool(
+                    self._dsn, min_size=1, max_size=self.settings.pool_size
+                )
+            except _UNAVAILABLE as exc:
+                raise RegistryUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        try:
+            async with self._pool.acquire() as conn:
+                await migrate_registry(conn, self.settings.db_schema)
+            await self.flush_events()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the pool if the registry opened it; harmless when already closed."""
+        pool, self._pool = self._pool, None
+        if pool is not None and self._owns_pool:
+            await pool.close()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        """A connection in a transaction, with `search_path` set to the registry schema."""
+        if self._pool is None:
+            raise RuntimeError("Registry is not open (use `async with`)")
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(self._search_path)
+                yield conn
+        except _UNAVAILABLE as exc:
+            raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
+
+    async def flush_events(self) -> int:
+        """Publish every pending outbox event; return how many were sent.
+
+        Called after each change and on start-up. A publishing failure is logged and
+        the events stay pending (the change itself is committed and stands); the next
+        flush, or `usagepipe registry flush-events`, sends them.
+        """
+        total = 0
+        while True:
+            async with self.transaction() as conn:
+                sent, more, error = await flush_batch(
+                    conn,
+                    self._publisher,
+                    schema=self.settings.db_schema,
+                    limit=self.settings.events_batch,
+                )
+            total += sent
+            if error is not None:
+                return total
+            if not more:
+                break
+        retention = timedelta(days=self.settings.events_retention_days)
+        async with self.transaction() as conn:
+            await prune(conn, datetime.now(UTC) - retention)
+        return total
+
+    async def pending_events(self) -> int:
+        """How many events wait in the outbox (a health figure)."""
+        async with self.transaction() as conn:
+            count: int = await conn.fetchval(
+                "SELECT count(*) FROM event_outbox WHERE published_at IS NULL"
+            )
+        return count
+
+    # -- product models ------------------------------------------------------------
+
+    async def add_product_model(self, model: ProductModel) -> None:
+        """Add a product model, or update its name, category and launch date."""
+        async with self.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO product_models (model_number, category, name, launched_on)"
+                " VALUES ($1, $2, $3, $4) ON CONFLICT (model_number) DO UPDATE SET"
+                " category = EXCLUDED.category, name = EXCLUDED.name,"
+                " launched_on = EXCLUDED.launched_on",
+                normalize_code(model.model_number),
+                model.category.value,
+                model.name,
+                model.launched_on,
+            )
+
+    # -- registration --------------------------------------------------------------
+
+    async def register(
+        self,
+        owner_id: UUID,
+        model_number: str,
+        serial_number: str,
+        registration_code: str,
+        purchase: Purchase,
+        *,
+        resale: bool = False,
+        at: datetime | None = None,
+    ) -> Registration:
+        """Register a unit to an owner, or raise `Rejected` with the reason.
+
+        Checks, in order: the owner exists and is active; neither the owner nor the
+        serial is locked out; the serial exists, belongs to the model, and the code
+        matches; nobody else owns the unit now. With `resale=True` a buyer who holds
+        the code takes over a unit still registered to its previous owner (whose period
+        ends now): the code inside the unit is the proof of possession. Every attempt
+        by a known owner is recorded, success or not, for the lockout; a refusal is
+        raised only after that record is committed.
+        """
+        at = aware(at)
+        model = normalize_code(model_number)
+        serial = normalize_code(serial_number)
+        secret = new_device_secret()
+        secret_hash = await hash_secret_async(secret, log2_n=self.settings.secret_hash_log2_n)
+        device_id: str | None = None
+        async with self._transaction_adding_accounts() as (conn, added):
+            reason = await ownership.check_registration(
+                conn,
+                owner_id,
+                model=model,
+                serial=serial,
+                code=registration_code,
+                resale=resale,
+                at=at,
+                schema=self.settings.db_schema,
+                lockout=self._lockout,
+            )
+            if reason is not RejectReason.UNKNOWN_OWNER:  # nobody to record it for
+                await ownership.record_attempt(
+                    conn, owner_id, model=model, serial=serial, at=at, reason=reason
+                )
+            if reason is None:
+                device_id = await ownership.complete_registration(
+                    conn,
+                    owner_id,
+                    model=model,
+                    serial=serial,
+                    purchase=purchase,
+                    secret_hash=secret_hash,
+                    at=at,
+                )
+                # Last, so a broker failure rolls the registration back.
+                await self._add_account(added, device_id, secret)
+        if reason is not None:
+            raise Rejected(reason, _REJECT_MESSAGES[reason])
+        assert device_id is not None
+        await self._flush_after_change()
+        log.info("device %s registered (model %s)", device_id, model)
+        return Registration(device_id, owner_id, model, serial, at, secret)
+
+    @asynccontextmanager
+    async def _transaction_adding_accounts(
+        self,
+    ) -> AsyncIterator[tuple[Connection, list[str]]]:
+        """A transaction that may give devices new broker secrets (`_add_account`).
+
+        The broker is told last inside the transaction, so a broker failure rolls the
+        change back. If the commit itself then fails, the accounts are withdrawn
+        again, best effort: nobody holds a secret the database does not know. (A
+        transfer whose commit fails thus leaves the device without a broker account
+        until its owner reissues credentials; logged loudly.)
+        """
+        added: list[str] = []
+        try:
+            async with self.transaction() as conn:
+                yield conn, added
+        except BaseException:
+            for device_id in added:
+                try:
+                    await self._broker.revoke_device(device_id)
+                except Exception:
+                    log.exception("could not withdraw broker account %s", device_id)
+            raise
+
+    async def _add_account(self, added: list[str], device_id: str, secret: str) -> None:
+        await self._broker.add_device(device_id, secret)
+        added.append(device_id)
+
+    async def _flush_after_change(self) -> None:
+        try:
+            await self.flush_events()
+        except RegistryUnavailable as exc:
+            log.warning("events stay pending, will be sent by the next flush: %s", exc)
+
+    # -- transfer, release, revocation ---------------------------------------------
+
+    async def transfer(
+        self,
+        device_id: str,
+        from_owner_id: UUID,
+        to_owner_id: UUID,
+        purchase: Purchase,
+        *,
+        at: datetime | None = None,
+    ) -> Registration:
+        """The current owner hands the device to another owner (sale or gift).
+
+        The giver's period ends at `at`, the receiver's starts there, and the device
+        gets a new secret for the receiver: the giver's stops working.
+        """
+        at = aware(at)
+        secret = new_device_secret()
+        secret_hash = await hash_secret_async(secret, log2_n=self.settings.secret_hash_log2_n)
+        async with self._transaction_adding_accounts() as (conn, added):
+            for locked in sorted((from_owner_id, to_owner_id)):
+                await conn.execute("SELECT 1 FROM owners WHERE owner_id = $1 FOR UPDATE", locked)
+            receiver = await conn.fetchval(
+                "SELECT status FROM owners WHERE owner_id = $1", to_owner_id
+            )
+            if receiver is None:
+                raise Rejected(RejectReason.UNKNOWN_OWNER, "the receiving owner does not exist")
+            if receiver != "active":
+                raise Rejected(RejectReason.OWNER_NOT_ACTIVE, "the receiving owner is not active")
+            device = await ownership.current_period(conn, device_id, from_owner_id, at)
+            if to_owner_id == from_owner_id:
+                raise Rejected(RejectReason.ALREADY_OWNER, "the owner already owns the device")
+            await ownership.end_period(conn, device["period_id"], at, "transferred")
+            await ownership.open_period(
+                conn,
+                device["device_key"],
+                to_owner_id,
+                purchase=purchase,
+                secret_hash=secret_hash,
+                at=at,
+            )
+            await enqueue(
+                conn,
+                DEVICE_TRANSFERRED,
+                device_id,
+                at,
+                {
+                    "device_id": device_id,
+                    "model_number": device["model_number"],
+                    "valid_from": at.isoformat(),
+                    "purchase_channel": purchase.channel.value,
+                    "from_owner_id": str(from_owner_id),
+                    "to_owner_id": str(to_owner_id),
+                    "how": "transfer",
+                },
+            )
+            await self._add_account(added, device_id, secret)
+        await self._flush_after_change()
+        return Registration(
+            device_id, to_owner_id, device["model_number"], device["serial_number"], at, secret
+        )
+
+    async def release(self, device_id: str, owner_id: UUID, *, at: datetime | None = None) -> None:
+        """The current owner gives the device up (sold on, thrown away): their period
+        ends, the device's secret is revoked, and anyone with the code may register it."""
+        at = aware(at)
+        async with self.transaction() as conn:
+            await conn.execute("SELECT 1 FROM owners WHERE owner_id = $1 FOR UPDATE", owner_id)
+            device = await ownership.current_period(conn, device_id, owner_id, at)
+            await ownership.end_period(conn, device["period_id"], at, "released")
+            await ownership.revoke_live(conn, device["device_key"], device_id, "released", at)
+        await self._after_revocation([device_id])
+
+    async def revoke_credentials(
+        self, device_id: str, owner_id: UUID, *, at: datetime | None = None
+    ) -> bool:
+        """The current owner revokes the device's secret (leaked, device replaced).
+
+        Returns whether a live secret was revoked; revoking twice is harmless, and the
+        broker is told again either way, so a retry after a broker failure completes.
+        """
+        at = aware(at)
+        async with self.transaction() as conn:
+            await conn.execute("SELECT 1 FROM owners WHERE owner_id = $1 FOR UPDATE", owner_id)
+            device = await ownership.current_period(conn, device_id, owner_id, at)
+            revoked = await ownership.revoke_live(
+                conn, device["device_key"], device_id, "owner_request", at
+            )
+        await self._after_revocation([device_id])
+        return revoked
+
+    async def reissue_credentials(
+        self, device_id: str, owner_id: UUID, *, at: datetime | None = None
+    ) -> Registration:
+        """The current owner gets a new MQTT secret (lost it, reset the device, or
+        revoked the old one); any previous secret stops working."""
+        at = aware(at)
+        secret = new_device_secret()
+        secret_hash = await hash_secret_async(secret, log2_n=self.settings.secret_hash_log2_n)
+        async with self._transaction_adding_accounts() as (conn, added):
+            await conn.execute("SELECT 1 FROM owners WHERE owner_id = $1 FOR UPDATE", owner_id)
+            device = await ownership.current_period(conn, device_id, owner_id, at)
+            await ownership.revoke_live(conn, device["device_key"], device_id, "reissued", at)
+            await ownership.issue_credentials(conn, device["device_key"], secret_hash, at)
+            await self._add_account(added, device_id, secret)
+        await self._flush_after_change()
+        return Registration(
+            device_id, owner_id, device["model_number"], device["serial_number"], at, secret
+        )
+
+    async def _after_revocation(self, device_ids: list[str]) -> None:
+        """After the commit: tell the broker, then publish the events."""
+        for device_id in device_ids:
+            await self._broker.revoke_device(device_id)
+        await self._flush_after_change()
+
+    async def verify_device_secret(self, device_id: str, secret: str) -> bool:
+        """Whether `secret` is the device's live MQTT secret (for a broker auth hook)."""
+        async with self.transaction() as conn:
+            stored = await ownership.live_secret_hash(conn, device_id)
+        return stored is not None and await verify_secret_async(secret, stored)
+
+    # -- attribution ---------------------------------------------------------------
+
+    async def owner_at(self, device_id: str, event_time: datetime) -> UUID | None:
+        """The owner of `device_id` at `event_time`, or None (no owner then, or erased).
+
+        This is ownership, not permission: analytics must use `attribution_at`,
+        which also honours the owner's analytics consent.
+        """
+        async with self.transaction() as conn:
+            return await ownership.owner_at(conn, device_id, aware(event_time))
+
+    async def attribution_at(self, device_id: str, event_time: datetime) -> Attribution | None:
+        """Who usage at `event_time` may be attributed to, for analytics.
+
+        None when nobody owned the device then, the owner was erased, or the owner does
+        not (now) consent to analytics use: such usage stays anonymous device data.
+        """
+        async with self.transaction() as conn:
+            return await ownership.attribution_at(conn, device_id, aware(event_time))
+
+    async def ownership_history(self, device_id: str) -> list[OwnershipPeriod]:
+        """Every ownership period of the device, oldest first."""
+        async with self.transaction() as conn:
+            return await ownership.history(conn, device_id)
+
+    # -- owners (rules in devices.owners) -------------------------------------------
+
+    async def create_owner(self, new: NewOwner, *, source: str, at: datetime | None = None) -> UUID:
+        """Create an owner account; initial consents go to the audit trail."""
+        async with self.transaction() as conn:
+            return await owners.create(conn, new, source=source, at=aware(at))
+
+    async def get_owner(self, owner_id: UUID) -> Owner:
+        """The owner's non-personal data, or `Rejected(unknown_owner)`."""
+        async with self.transaction() as conn:
+            return await owners.get(conn, owner_id)
+
+    async def record_activity(self, owner_id: UUID, *, at: datetime | None = None) -> None:
+        """Note that an active owner did something (signed in, used the app)."""
+        async with self.transaction() as conn:
+            await owners.touch(conn, owner_id, aware(at))
+
+    async def set_consent(
+        self,
+        owner_id: UUID,
+        *,
+        analytics: bool | None = None,
+        marketing: bool | None = None,
+        source: str,
+        at: datetime | None = None,
+    ) -> Owner:
+        """Grant or withdraw consent per purpose (None leaves it); one audit row each."""
+        async with self.transaction() as conn:
+            return await owners.set_consent(
+                conn,
+                owner_id,
+                analytics=analytics,
+                marketing=marketing,
+                source=source,
+                at=aware(at),
+            )
+
+    async def consent_history(self, owner_id: UUID) -> list[ConsentChange]:
+        """The owner's consent audit trail, oldest first."""
+        async with self.transaction() as conn:
+            return await owners.consent_history(conn, owner_id)
+
+    async def mark_dormant(self, now: datetime | None = None) -> list[UUID]:
+        """Make owners idle for `dormancy_days` dormant; return their ids (sorted)."""
+        async with self.transaction() as conn:
+            return await owners.mark_dormant(
+                conn, aware(now), timedelta(days=self.settings.dormancy_days)
+            )
+
+    async def marketing_audience(self) -> list[MarketingContact]:
+        """Owners marketing may contact: active and consenting to marketing."""
+        async with self.transaction() as conn:
+            return await owners.marketing_audience(conn)
+
+    async def reactivate(
+        self,
+        owner_id: UUID,
+        *,
+        reauthenticated: bool,
+        analytics_consent: bool,
+        marketing_consent: bool,
+        source: str,
+        at: datetime | None = None,
+    ) -> Owner:
+        """Bring a dormant owner back: needs a fresh sign-in and fresh consent."""
+        async with self.transaction() as conn:
+            return await owners.reactivate(
+                conn,
+                owner_id,
+                reauthenticated=reauthenticated,
+                analytics_consent=analytics_consent,
+                marketing_consent=marketing_consent,
+                source=source,
+                at=aware(at),
+            )
+
+    async def erase_owner(self, owner_id: UUID, *, at: datetime | None = None) -> list[str]:
+        """Erase an owner (see `devices.owners.erase` for what remains and why).
+
+        Returns the devices they still owned, whose secrets were revoked. Erasing twice
+        is harmless (the second call finds nothing left and returns []).
+        """
+        async with self.transaction() as conn:
+            released = await owners.erase(conn, owner_id, aware(at))
+        await self._after_revocation(released)
+        return released
+
+
+_REJECT_MESSAGES = {
+    RejectReason.UNKNOWN_SERIAL: "no unit has this serial number",
+    RejectReason.MODEL_MISMATCH: "this serial number belongs to another model",
+    RejectReason.WRONG_CODE: "the registration code does not match this unit",
+    RejectReason.OWNED_BY_OTHER: (
+        "another owner has registered this unit; they must release it, or state a resale"
+    ),
+    RejectReason.LOCKED_OUT: "too many failed attempts; try again later",
+    RejectReason.ALREADY_OWNER: "this unit is already registered to this owner",
+    RejectReason.UNKNOWN_OWNER: "no owner has this id",
+    RejectReason.OWNER_NOT_ACTIVE: "the owner is dormant or erased; reactivate first",
+}

@@ -1,0 +1,81 @@
+"""Fixtures for the registry tests: a fresh PostgreSQL schema per test, real servers.
+
+The event publisher and broker accounts are in-memory recorders implementing the same
+Protocols as the real adapters (`tests.devices.fakes`); `test_events.py` publishes to
+the real Kafka-protocol broker.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from devices.factory_import import import_units
+from devices.registry import Registry
+from devices.settings import RegistrySettings
+from tests.devices.catalog import DRYER, DSN, UNITS_CSV, WASHER
+from tests.devices.fakes import RecordingBroker, RecordingPublisher
+
+
+@pytest.fixture
+async def reg_schema() -> AsyncIterator[str]:
+    """A schema name of this test's own, dropped afterwards."""
+    name = f"regtest_{uuid.uuid4().hex[:12]}"
+    yield name
+    conn = await asyncpg.connect(DSN)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def reg_settings(reg_schema: str) -> RegistrySettings:
+    # Cheap hashes (2**10) keep tests fast; three failures lock out within an hour.
+    return RegistrySettings(
+        db_schema=reg_schema,
+        secret_hash_log2_n=10,
+        max_failed_attempts=3,
+        lockout_window_s=3600,
+        dormancy_days=365,
+    )
+
+
+@pytest.fixture
+def publisher() -> RecordingPublisher:
+    return RecordingPublisher()
+
+
+@pytest.fixture
+def broker() -> RecordingBroker:
+    return RecordingBroker()
+
+
+@pytest.fixture
+async def pg() -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection for looking at tables directly."""
+    conn = await asyncpg.connect(DSN)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def registry(
+    reg_settings: RegistrySettings,
+    publisher: RecordingPublisher,
+    broker: RecordingBroker,
+    pg: asyncpg.Connection,
+) -> AsyncIterator[Registry]:
+    """An open registry with two product models and three units (SN0001-SN0003)."""
+    async with Registry(reg_settings, publisher=publisher, broker=broker, dsn=DSN) as reg:
+        await reg.add_product_model(WASHER)
+        await reg.add_product_model(DRYER)
+        await import_units(
+            pg, UNITS_CSV.splitlines(keepends=True), schema=reg_settings.db_schema, hash_log2_n=10
+        )
+        yield reg
