@@ -10,7 +10,8 @@ The data path, in modules:
   attribution) and `devices.owners` (consent, dormancy, reactivation, erasure).
 - `devices.credentials`: salted scrypt hashes of registration codes and MQTT secrets.
 - `devices.outbox` and `devices.events`: events written with each change, published to
-  Kafka after the commit; `devices.broker`: the MQTT broker's device accounts.
+  Kafka after the commit; `devices.broker`: the MQTT broker's device accounts, kept on
+  Mosquitto by `devices.mosquitto` (its dynamic-security plugin).
 - `devices.records` and `devices.errors`: the vocabulary and the error tree.
 - `devices.api` and `devices.cli`: the HTTP API and the `usagepipe registry` commands.
 """

@@ -13,9 +13,9 @@ secret the broker does not know). If the commit then fails, the registry revokes
 account again. `revoke_device` runs after the commit and is idempotent; if it fails the
 registry raises a retriable error and the caller retries the (idempotent) revocation.
 
-Not in this round: the Mosquitto implementation (dynamic-security plugin over its
-`$CONTROL/dynamic-security/v1` topic). Until it exists there is deliberately no
-do-nothing implementation here: a registry that believes the broker enforces its
+The implementation is `devices.mosquitto.DynsecAccounts` (Mosquitto's dynamic-security
+plugin, over its `$CONTROL/dynamic-security/v1` topic). There is deliberately no
+do-nothing implementation: a registry that believes the broker enforces its
 credentials when it does not would be worse than one that refuses to start.
 """
 

@@ -12,10 +12,10 @@ Each handler takes the parsed arguments and the root `ingest.settings.Settings` 
 from the environment by the main CLI) and returns the exit status: 0 done, 1 done with
 rejected input (import rows, a refused registration), 2 cannot run.
 
-`register` and `serve` change MQTT broker accounts, which needs the Mosquitto account
-sync (`devices.broker`); it is not implemented yet, so they stop with exit status 2
-instead of handing out secrets the broker would not enforce. `_open_broker` is the one
-place to plug it in.
+`register` and `serve` change MQTT broker accounts through `devices.mosquitto`
+(Mosquitto's dynamic-security plugin), logged in with `mqtt.admin_username` and
+`mqtt.admin_password`; without them they stop with exit status 2 rather than hand out
+secrets the broker would not enforce. `_open_broker` is the one place that opens it.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ Handler = Callable[[argparse.Namespace, "Settings"], int]
 
 
 class BrokerSyncMissing(RegistryError):
-    """The command would change MQTT broker accounts, and no account sync exists yet."""
+    """A command that must never change MQTT broker accounts tried to (a bug)."""
 
 
 class _NoBrokerChanges:
@@ -67,11 +67,11 @@ class _NoBrokerChanges:
 
 
 def _open_broker(settings: Settings) -> AbstractAsyncContextManager[BrokerAccounts]:
-    """The MQTT broker's account sync. The seam for the Mosquitto implementation."""
-    raise BrokerSyncMissing(
-        "MQTT broker account sync (Mosquitto dynamic security) is not implemented yet;"
-        " registering devices would hand out secrets the broker does not enforce"
-    )
+    """The MQTT broker's account sync: Mosquitto's dynamic-security plugin, logged in
+    as `mqtt.admin_username` (a missing login stops the command with exit status 2)."""
+    from devices.mosquitto import DynsecAccounts
+
+    return DynsecAccounts(settings.mqtt)
 
 
 @asynccontextmanager

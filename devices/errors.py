@@ -7,6 +7,8 @@
     +-- MigrationError         not retriable: a migration file is malformed or was
     |                          edited after it was applied
     +-- InvalidImportFile      not retriable: a factory CSV export lacks its header
+    +-- BrokerAccountError     not retriable: the MQTT broker refused the registry's
+                               admin login or an account command (configuration)
 
 Library errors (asyncpg, OSError) are wrapped at the boundary into `RegistryUnavailable`,
 so callers handle one family. Reason codes are published (API bodies, CLI output): add
@@ -79,3 +81,8 @@ class InvalidImportFile(RegistryError):
     Bad rows in a readable file are not errors: they are reported one by one, and the
     good rows are imported.
     """
+
+
+class BrokerAccountError(RegistryError):
+    """The MQTT broker refused to change device accounts: the admin login is missing
+    or wrong, or the broker rejected a command. Retrying will not help; fix the setup."""

@@ -455,6 +455,18 @@ class Registry:
         async with self.transaction() as conn:
             return await ownership.attribution_at(conn, device_id, aware(event_time))
 
+    async def current_owners(self, device_ids: list[str]) -> dict[str, UUID]:
+        """The current owner of each of `device_ids` that has one (unowned ones are left out)."""
+        async with self.transaction() as conn:
+            rows = await conn.fetch(
+                "SELECT d.device_id, p.owner_id FROM devices d"
+                " JOIN ownership_periods p USING (device_key)"
+                " WHERE d.device_id = ANY($1::text[]) AND p.valid_to IS NULL"
+                " AND p.owner_id IS NOT NULL",
+                device_ids,
+            )
+        return {row["device_id"]: row["owner_id"] for row in rows}
+
     async def ownership_history(self, device_id: str) -> list[OwnershipPeriod]:
         """Every ownership period of the device, oldest first."""
         async with self.transaction() as conn:

@@ -11,6 +11,15 @@ Kafka outage leaves messages unacknowledged in the broker's session, never lost.
 
 How many messages are in flight is bounded by the MQTT v5 Receive Maximum the bridge
 announces: the broker sends no more until the bridge acknowledges some.
+
+Intake checks only what is cheap and certain before Kafka (`check_payload`): a payload
+larger than `bridge.max_payload_bytes` (OVERSIZE), or one whose `device_id` differs from
+its topic's (DEVICE_ID_MISMATCH: a device may only speak for itself). A refused message
+takes the same path as a good one, as a dead letter for `kafka.dlq_topic` with its MQTT
+topic as the source, in the same in-order acknowledgement queue: its PUBACK goes out
+once Kafka confirmed the dead letter, and nothing behind it waits longer than that.
+Everything else, even a payload that is not JSON, is forwarded as it is: the consumer
+refuses it with the precise reason, so no message is refused twice.
 """
 
 from __future__ import annotations
@@ -23,14 +32,17 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import orjson
 import paho.mqtt.client as paho
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from ingest.dead_letter import DeadLetter
 from ingest.kafka import ensure_topics, make_producer
 from ingest.metrics import BridgeMetrics
 from ingest.mqtt import MqttClient
 from ingest.settings import Settings
+from schemas.errors import InvalidTelemetry, Reason
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +53,11 @@ class _InFlight:
 
     mid: int
     generation: int
+    topic: str
+    """`kafka.raw_topic`, or `kafka.dlq_topic` for a refused message's dead letter."""
     key: bytes
     value: bytes
+    refused: Reason | None = None
     confirmation: asyncio.Future[object] | None = None
 
 
@@ -52,6 +67,8 @@ class BridgeReport:
 
     received: int = 0
     acked: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Messages dead-lettered instead of forwarded (Kafka confirmed), by reason."""
     send_retries: int = 0
     elapsed_s: float = 0.0
     stopped_by: str = ""
@@ -66,6 +83,45 @@ def device_id_from_topic(topic: str, prefix: str) -> str | None:
     if len(parts) != 3 or parts[0] != "devices" or parts[2] != "telemetry" or not parts[1]:
         return None
     return parts[1]
+
+
+def device_id_from_payload(payload: bytes) -> str | None:
+    """The top-level `device_id` string of a JSON object payload, or None if unreadable.
+
+    A full decode with orjson (about 1.5 us for a typical 300-byte message), not a
+    search of the bytes: escapes, a `device_id` nested in the body or a key given twice
+    would fool a search, and this check is what stops one device speaking for another.
+    """
+    try:
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    device_id = document.get("device_id")
+    return device_id if isinstance(device_id, str) else None
+
+
+def check_payload(payload: bytes, topic: str, topic_device_id: str | None, max_bytes: int) -> None:
+    """The bridge's intake checks; raises InvalidTelemetry for a message to dead-letter.
+
+    Only what can be decided cheaply and for certain: the size, and whether the payload
+    names the device its topic names. A payload that cannot be read here passes, and
+    the consumer refuses it with the precise reason.
+    """
+    if len(payload) > max_bytes:
+        raise InvalidTelemetry(
+            Reason.OVERSIZE, f"payload is {len(payload)} bytes, more than the {max_bytes} allowed"
+        )
+    if topic_device_id is None:
+        return
+    payload_device_id = device_id_from_payload(payload)
+    if payload_device_id is not None and payload_device_id != topic_device_id:
+        raise InvalidTelemetry(
+            Reason.DEVICE_ID_MISMATCH,
+            f"device_id: {payload_device_id!r} in the payload, "
+            f"{topic_device_id!r} in the MQTT topic {topic!r}",
+        )
 
 
 class Bridge:
@@ -100,6 +156,11 @@ class Bridge:
         self.ready = asyncio.Event()
         """Set once the broker confirmed the subscription: devices may publish."""
         self.report = BridgeReport()
+
+    @property
+    def connected(self) -> bool:
+        """True while the MQTT connection is up."""
+        return self._mqtt is not None and self._mqtt.connected.is_set()
 
     def stop(self, why: str = "requested") -> None:
         """Stop taking messages, finish what Kafka already has, then close."""
@@ -167,34 +228,44 @@ class Bridge:
             return  # not acknowledged: stays in the session, delivered again later
         self.report.received += 1
         self._metrics.received.inc()
-        device_id = device_id_from_topic(msg.topic, self._settings.mqtt.topic_prefix)
+        s = self._settings
+        device_id = device_id_from_topic(msg.topic, s.mqtt.topic_prefix)
         key = (device_id or msg.topic).encode()
         payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
-        self._incoming.append(_InFlight(msg.mid, generation, key, payload))
+        try:
+            check_payload(payload, msg.topic, device_id, s.bridge.max_payload_bytes)
+        except InvalidTelemetry as error:
+            log.debug("dead-lettering a message on %s: %s", msg.topic, error)
+            letter = DeadLetter.from_error(
+                error, topic=msg.topic, partition=None, offset=None, key=key, original=payload
+            )
+            item = _InFlight(
+                msg.mid, generation, s.kafka.dlq_topic, key, letter.to_json(), error.reason
+            )
+        else:
+            item = _InFlight(msg.mid, generation, s.kafka.raw_topic, key, payload)
+        self._incoming.append(item)
         self._metrics.inflight.inc()
         self._incoming_ready.set()
 
     async def _produce(self, producer: AIOKafkaProducer) -> None:
-        topic = self._settings.kafka.raw_topic
         while True:
             if not self._incoming:
                 self._incoming_ready.clear()
                 await self._incoming_ready.wait()
                 continue
             item = self._incoming.popleft()
-            item.confirmation = await self._send(producer, topic, item)
+            item.confirmation = await self._send(producer, item)
             self._unacked.append(item)
             self._unacked_ready.set()
 
-    async def _send(
-        self, producer: AIOKafkaProducer, topic: str, item: _InFlight
-    ) -> asyncio.Future[object]:
+    async def _send(self, producer: AIOKafkaProducer, item: _InFlight) -> asyncio.Future[object]:
         """Hand one record to the producer, retrying while Kafka cannot take it."""
         backoff = 0.1
         while True:
             try:
                 fut: asyncio.Future[object] = await producer.send(
-                    topic, value=item.value, key=item.key
+                    item.topic, value=item.value, key=item.key
                 )
                 return fut
             except KafkaError as exc:
@@ -205,7 +276,6 @@ class Bridge:
                 backoff = min(backoff * 2, 5.0)
 
     async def _acknowledge(self, producer: AIOKafkaProducer) -> None:
-        topic = self._settings.kafka.raw_topic
         mqtt = self._mqtt
         assert mqtt is not None
         while True:
@@ -222,7 +292,7 @@ class Bridge:
                 self._metrics.errors.labels("kafka_send").inc()
                 self.report.send_retries += 1
                 log.warning("Kafka did not confirm a record (%r); sending it again", exc)
-                item.confirmation = await self._send(producer, topic, item)
+                item.confirmation = await self._send(producer, item)
                 continue
             if self._stop_after is not None and self.report.acked >= self._stop_after:
                 # A hard cap: the rest stay unacknowledged in the broker's session and
@@ -234,6 +304,10 @@ class Bridge:
             self._unacked.popleft()
             self._metrics.produced.inc()
             self._metrics.inflight.dec()
+            if item.refused is not None:
+                self._metrics.rejected.labels(item.refused.value).inc()
+                rejected = self.report.rejected
+                rejected[item.refused.value] = rejected.get(item.refused.value, 0) + 1
             if mqtt.ack(item.mid, item.generation):
                 self._metrics.acked.inc()
                 self.report.acked += 1

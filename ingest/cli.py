@@ -2,7 +2,7 @@
 
     usagepipe services up|status|down     the local servers (Mosquitto, Kafka, PostgreSQL)
     usagepipe settings                    every setting, its variable, default and meaning
-    usagepipe db migrate                  create/upgrade the usage tables
+    usagepipe db migrate|retention        create/upgrade the usage tables; drop expired data
     usagepipe simulate ...                a seeded fleet publishing telemetry
     usagepipe bridge                      MQTT -> Kafka
     usagepipe consume                     Kafka -> PostgreSQL
@@ -63,8 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--markdown", action="store_true", help="as the Markdown table the README carries"
     )
 
-    db = sub.add_parser("db", help="database schema")
-    db.add_argument("action", choices=["migrate"])
+    db = sub.add_parser("db", help="database schema and retention")
+    db.add_argument(
+        "action",
+        choices=["migrate", "retention"],
+        help="migrate: create/upgrade the usage tables; retention: drop expired raw data",
+    )
 
     bridge = sub.add_parser("bridge", help="forward MQTT telemetry to Kafka")
     _add_stop_options(bridge, "acknowledged messages")
@@ -78,6 +82,57 @@ def build_parser() -> argparse.ArgumentParser:
     from devices.cli import register_commands
 
     register_commands(sub)
+
+    # --- dlq: the dead-letter topic (ingest/replay.py) -----------------------------
+    from schemas.errors import Reason
+
+    dlq = sub.add_parser("dlq", help="list, show and replay dead letters (telemetry.dlq)")
+    dlq_sub = dlq.add_subparsers(dest="action", required=True)
+    reasons = [reason.value for reason in Reason]
+    dlq_list = dlq_sub.add_parser("list", help="the newest dead letters, as a table")
+    reason_help = f"only letters of this reason: {', '.join(reasons)}"
+    dlq_list.add_argument("--reason", choices=reasons, metavar="REASON", help=reason_help)
+    dlq_list.add_argument(
+        "--limit", type=int, default=50, help="show the newest N letters (50; 0: all)"
+    )
+    dlq_show = dlq_sub.add_parser("show", help="one dead letter in full, original bytes too")
+    dlq_show.add_argument(
+        "position",
+        help="PARTITION:OFFSET in the dead-letter topic, as `dlq list` prints it",
+    )
+    dlq_replay = dlq_sub.add_parser(
+        "replay",
+        help="produce dead letters' original bytes to telemetry.raw again, after a fix",
+        description=(
+            "Produce the selected dead letters' original bytes, with their original keys, "
+            "to the raw topic (acks=all), where the consumer validates them again. Messages "
+            "already stored are dropped as duplicates (same device, boot and seq); a message "
+            "that is still invalid is dead-lettered again, as a new letter: that is expected. "
+            "Letters refused for device_id_mismatch are never replayed."
+        ),
+    )
+    dlq_replay.add_argument("--reason", choices=reasons, metavar="REASON", help=reason_help)
+    dlq_replay.add_argument(
+        "--partition", type=int, default=None, metavar="P", help="only this dead-letter partition"
+    )
+    dlq_replay.add_argument(
+        "--from-offset",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first dead-letter offset, included, in every partition read (0)",
+    )
+    dlq_replay.add_argument(
+        "--to-offset",
+        type=int,
+        default=None,
+        metavar="N",
+        help="last dead-letter offset, included, in every partition read",
+    )
+    dlq_replay.add_argument(
+        "--dry-run", action="store_true", help="count what would be replayed; produce nothing"
+    )
+    # --- end of dlq ------------------------------------------------------------------
 
     demo = sub.add_parser("demo", help="run the whole pipeline on a simulated fleet")
     _add_fleet_options(demo, devices=100, messages=100, duplicates=0.02)
@@ -133,6 +188,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # aiokafka logs every retried connection at ERROR; ours say what matters.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     settings = Settings()
+    # --- broker logins (issue 4): unset MQTT logins come from the local broker's
+    # <run_dir>/mosquitto/credentials.json, which `services up` writes; production
+    # sets USAGEPIPE_MQTT__USERNAME/PASSWORD/ADMIN_USERNAME/ADMIN_PASSWORD instead.
+    from ingest.services import ServiceError, with_broker_logins
+
+    try:
+        settings = with_broker_logins(settings)
+    except ServiceError as exc:
+        print(f"usagepipe: {exc}", file=sys.stderr)
+        return 2
+    # --- end of broker logins
 
     if args.command == "services":
         from ingest import services
@@ -157,14 +223,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     if args.command == "db":
+        from ingest.errors import UsagepipeError
         from ingest.store import UsageStore
 
-        async def migrate() -> None:
+        async def db_action() -> str:
             async with UsageStore(settings.postgres) as store:
-                await store.migrate()
+                report = await store.migrate()
+                layout = report.layout
+                if args.action == "migrate":
+                    applied = ", ".join(report.applied) or "none pending"
+                    return (
+                        f"usage table {store.table!r} is up to date ({applied}); layout: "
+                        f"{layout.kind}, partitions of "
+                        f"{layout.partition_interval.total_seconds() / 3600:g} h"
+                    )
+                dropped = await store.drop_expired()
+                return f"retention on {store.table!r} dropped: {', '.join(dropped) or 'nothing'}"
 
-        asyncio.run(migrate())
-        print(f"usage table {settings.postgres.table!r} is up to date")
+        try:
+            print(asyncio.run(db_action()))
+        except UsagepipeError as exc:
+            print(f"usagepipe db {args.action}: {exc}", file=sys.stderr)
+            return 1
         return 0
 
     if args.command == "bridge":
@@ -214,6 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "registry":
         handler: Callable[[argparse.Namespace, Settings], int] = args.handler
         return handler(args, settings)
+
+    # --- dlq -------------------------------------------------------------------------
+    if args.command == "dlq":
+        from ingest.replay import run_dlq
+
+        return run_dlq(settings, args)
+    # --- end of dlq ------------------------------------------------------------------
 
     if args.command == "demo":
         from ingest.demo import run_demo

@@ -1,16 +1,29 @@
-"""The consumer: Kafka -> validate -> PostgreSQL, committing offsets after the database.
+"""The consumer: Kafka -> validate -> PostgreSQL, with the offsets stored with the rows.
 
 One loop per process, in a Kafka consumer group:
 
     getmany() -> parse_telemetry() each record
               -> invalid ones to the dead-letter topic (and wait for Kafka's confirmation)
-              -> valid ones into the store in one transaction (COPY + ON CONFLICT DO NOTHING)
-              -> commit the batch's offsets
+              -> valid ones and the batch's next offsets into the store in one
+                 transaction (COPY + ON CONFLICT DO NOTHING + offsets upsert)
+              -> commit the offsets to Kafka as well (for lag monitoring only)
 
-Offsets are committed only after the transaction committed, so a crash can replay a
-batch but never skip one; the store's key (device, boot, seq) turns the replay into a
-no-op. A store outage is retried with backoff, holding the batch and its offsets; a
-rebalance that takes the partitions away meanwhile only means the next owner replays.
+Exactly-once effect: the database holds, in the same transaction as the rows, where the
+group has got to (`<table>_offsets`). When the group gives this process partitions,
+`StoredOffsets.on_partitions_assigned` seeks each to its stored offset, so a consumer
+killed between the database commit and the Kafka commit restarts with no gap, no
+duplicate row and no replay. Partitions with no stored offset keep Kafka's committed
+position (or `earliest`).
+
+The seek goes one record back, to the last stored record, and checks its Kafka
+timestamp against the stored one before dropping it: a topic deleted and created again
+restarts its offsets at 0, and a stored offset must not skip that new log's records.
+On a mismatch the partition is read from its beginning instead (the store's key turns
+anything already stored into a duplicate).
+
+A store outage is retried with backoff, holding the batch and its offsets; a rebalance
+that takes the partitions away meanwhile only means the next owner replays from the
+stored offsets, and the store drops what it already has.
 """
 
 from __future__ import annotations
@@ -24,7 +37,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import ParamSpec, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
@@ -33,7 +52,7 @@ from ingest.errors import StoreUnavailable
 from ingest.kafka import ensure_topics, make_consumer, make_producer
 from ingest.metrics import ConsumerMetrics
 from ingest.settings import Settings
-from ingest.store import UsageRow, UsageStore
+from ingest.store import SourceOffset, UsageRow, UsageStore
 from schemas.errors import InvalidTelemetry
 from schemas.parse import parse_telemetry
 
@@ -64,6 +83,7 @@ class Batch:
     dead: list[DeadLetter]
     offsets: dict[TopicPartition, OffsetAndMetadata]
     records: int
+    positions: list[SourceOffset]
 
 
 def validate_batch(
@@ -76,6 +96,7 @@ def validate_batch(
     rows: list[UsageRow] = []
     dead: list[DeadLetter] = []
     offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+    positions: list[SourceOffset] = []
     skew = settings.consumer.max_future_skew
     max_bytes = settings.bridge.max_payload_bytes
     count = 0
@@ -99,8 +120,116 @@ def validate_batch(
                 continue
             rows.append(UsageRow.from_envelope(env, tp.partition, record.offset))
         if batch:
-            offsets[tp] = OffsetAndMetadata(batch[-1].offset + 1, "")
-    return Batch(rows, dead, offsets, count)
+            last = batch[-1]
+            offsets[tp] = OffsetAndMetadata(last.offset + 1, "")
+            positions.append(SourceOffset(tp.topic, tp.partition, last.offset + 1, last.timestamp))
+    return Batch(rows, dead, offsets, count, positions)
+
+
+class StoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Seeks newly assigned partitions to the offsets stored with the rows.
+
+    aiokafka calls `on_partitions_assigned` after each group join; a seek there decides
+    where this process reads from. Each seek goes to the stored record before
+    `next_offset`, kept in `probes` until `check()` has seen it.
+
+    aiokafka's fetcher starts on a new assignment while the listener still awaits the
+    database, so a `getmany()` can return records from before the seek. `admit()` lets
+    through only batches fetched wholly after the last assignment settled; others are
+    dropped, and their partitions sought back so that nothing is skipped.
+    """
+
+    def __init__(self, consumer: AIOKafkaConsumer, store: UsageStore, group_id: str) -> None:
+        self._consumer = consumer
+        self._store = store
+        self._group_id = group_id
+        self.probes: dict[TopicPartition, SourceOffset] = {}
+        self.generation = 0
+        self._settled = asyncio.Event()
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self._settled.clear()
+        for tp in revoked:
+            self.probes.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        try:
+            by_topic: dict[str, list[int]] = {}
+            for tp in assigned:
+                by_topic.setdefault(tp.topic, []).append(tp.partition)
+            for topic, partitions in by_topic.items():
+                stored = await self._load(topic, partitions)
+                for partition, position in stored.items():
+                    tp = TopicPartition(topic, partition)
+                    self._consumer.seek(tp, position.next_offset - 1)
+                    self.probes[tp] = position
+                    log.info("%s: resuming at stored offset %d", tp, position.next_offset)
+        finally:
+            self.generation += 1
+            self._settled.set()
+
+    async def admit(
+        self,
+        records: dict[TopicPartition, list[ConsumerRecord]],
+        generation: int,
+        wait_s: float,
+    ) -> dict[TopicPartition, list[ConsumerRecord]]:
+        """`records` from a `getmany()` begun at `generation`, minus what must not be
+        processed (see the class docstring and `check()`)."""
+        try:
+            async with asyncio.timeout(wait_s):
+                await self._settled.wait()
+        except TimeoutError:
+            pass  # a rebalance is under way: treat the batch as straddling it
+        if self._settled.is_set() and self.generation == generation:
+            return await self.check(records)
+        assignment = self._consumer.assignment()
+        for tp, batch in records.items():
+            if not batch or tp not in assignment:
+                continue
+            probe = self.probes.get(tp)
+            self._consumer.seek(tp, batch[0].offset if probe is None else probe.next_offset - 1)
+        return {}
+
+    async def _load(self, topic: str, partitions: list[int]) -> dict[int, SourceOffset]:
+        """The stored offsets, retried briefly. aiokafka logs and ignores a listener's
+        error, so if the store stays down the partitions keep Kafka's committed
+        position: a replay, which the store turns into duplicates, never a gap."""
+        for attempt in range(3):
+            try:
+                return await self._store.load_offsets(self._group_id, topic, partitions)
+            except StoreUnavailable as exc:
+                log.warning("reading stored offsets failed (%s), attempt %d", exc, attempt + 1)
+                await asyncio.sleep(0.5 * 2**attempt)
+        log.warning("%s: no stored offsets; resuming at Kafka's committed offsets", topic)
+        return {}
+
+    async def check(
+        self, records: dict[TopicPartition, list[ConsumerRecord]]
+    ) -> dict[TopicPartition, list[ConsumerRecord]]:
+        """`records` without the already stored probe records (or, for a partition
+        whose log is not the one the offsets were stored for, without any)."""
+        out = {}
+        for tp, batch in records.items():
+            probe = self.probes.pop(tp, None)
+            if probe is None or not batch:
+                out[tp] = batch
+                continue
+            first = batch[0]
+            if first.offset == probe.next_offset - 1 and first.timestamp == probe.last_timestamp:
+                out[tp] = batch[1:]
+                continue
+            log.warning(
+                "%s: the record before stored offset %d is not the one stored (offset %d, "
+                "timestamp %s, expected %s): the topic was re-created; reading it again",
+                tp,
+                probe.next_offset,
+                first.offset,
+                first.timestamp,
+                probe.last_timestamp,
+            )
+            await self._consumer.seek_to_beginning(tp)
+        return out
 
 
 class Consumer:
@@ -142,24 +271,29 @@ class Consumer:
             producer = make_producer(s.kafka, client_id=f"{self._client_id}-dlq")
             consumer = make_consumer(
                 s.kafka,
-                s.kafka.raw_topic,
                 group_id=s.consumer.group_id,
                 client_id=self._client_id,
                 max_records=s.consumer.batch_max,
             )
+            listener = StoredOffsets(consumer, store, s.consumer.group_id)
             await producer.start()
             try:
                 await consumer.start()
+                consumer.subscribe([s.kafka.raw_topic], listener=listener)
                 try:
                     while not self._stopping.is_set():
                         if deadline is not None and time.monotonic() >= deadline:
                             self.stop(f"after {self._stop_after_s:g}s")
                             break
+                        generation = listener.generation
                         records = await consumer.getmany(
                             timeout_ms=s.consumer.batch_wait_ms,
                             max_records=s.consumer.batch_max,
                         )
-                        if records:
+                        records = await listener.admit(
+                            records, generation, s.consumer.batch_wait_ms / 1000
+                        )
+                        if any(records.values()):
                             await self._handle(records, consumer, producer, store)
                 finally:
                     await consumer.stop()
@@ -191,17 +325,14 @@ class Consumer:
         )
         for letter in batch.dead:
             m.dead_letters.labels(letter.reason.value).inc()
-        inserted = await self._retry("store", store.write, batch.rows)
-        try:
-            # aiokafka retries a retriable commit error forever (a partition that
-            # vanished, say); a bounded wait keeps the loop alive.
-            async with asyncio.timeout(self._settings.kafka.request_timeout_ms / 1000):
-                await consumer.commit(batch.offsets)
-        except (CommitFailedError, IllegalStateError, KafkaError, TimeoutError) as exc:
-            # The rows are stored; whoever reads these partitions next replays them,
-            # and the store drops them as duplicates.
-            m.errors.labels("kafka_commit").inc()
-            log.warning("offset commit failed (%r); rows are stored, replay is harmless", exc)
+        inserted = await self._retry(
+            "store",
+            store.write,
+            batch.rows,
+            batch.positions,
+            group_id=self._settings.consumer.group_id,
+        )
+        await self._commit_kafka(consumer, batch.offsets)
         r = self.report
         r.batches += 1
         r.consumed += batch.records
@@ -215,6 +346,20 @@ class Consumer:
         m.batch_seconds.observe(time.monotonic() - started)
         if self._stop_after is not None and r.consumed >= self._stop_after:
             self.stop(f"after {self._stop_after} records")
+
+    async def _commit_kafka(
+        self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata]
+    ) -> None:
+        """Commit to Kafka too: lag monitoring reads it; correctness does not need it."""
+        try:
+            # aiokafka retries a retriable commit error forever (a partition that
+            # vanished, say); a bounded wait keeps the loop alive.
+            async with asyncio.timeout(self._settings.kafka.request_timeout_ms / 1000):
+                await consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError, KafkaError, TimeoutError) as exc:
+            # The rows and their offsets are stored; the next owner seeks past them.
+            self._metrics.errors.labels("kafka_commit").inc()
+            log.warning("Kafka offset commit failed (%r); the stored offsets stand", exc)
 
     async def _retry(
         self,

@@ -1,43 +1,55 @@
 """Dead letters: messages that can never become rows, kept with why and where from.
 
-Each dead letter is one JSON record on `kafka.dlq_topic`, keyed like the original:
+Each dead letter is one JSON record on `kafka.dlq_topic`, keyed like the original (the
+device id of its MQTT topic), in the shape `schemas.dead_letter.DeadLetterMessage`
+declares:
 
     {"reason": "schema_violation", "message": "body.spin_rpm: ...",
      "source": {"topic": "telemetry.raw", "partition": 3, "offset": 1234},
-     "original_b64": "...", "failed_at": "2026-11-23T10:00:00+00:00"}
+     "original_b64": "...", "failed_at": "2026-11-23T10:00:00.123456Z"}
 
-The original bytes are kept whole, so a dead letter can be replayed after a fix. The
-consumer commits a batch's offsets only after Kafka confirmed its dead letters: a poison
-message is moved aside, never dropped, and never stops its partition.
+Two components write them. The consumer dead-letters a Kafka record `parse_telemetry`
+refuses, and commits the batch's offsets only after Kafka confirmed its dead letters.
+The bridge dead-letters an MQTT message it refuses before Kafka (too large, or naming
+another device than its topic): the source is then the MQTT topic, with partition and
+offset null, and the message is acknowledged to MQTT only after Kafka confirmed the dead
+letter. Either way a poison message is moved aside, never dropped, and never stops
+what comes after it.
+
+The original bytes are kept whole, so a dead letter can be replayed after a fix
+(`ingest.replay`); `DeadLetterReader` reads the topic back for that, with no group.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Sequence
+import logging
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from types import TracebackType
+from typing import Self
 
-import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+from pydantic import ValidationError
 
+from ingest.errors import BrokerUnavailable
+from ingest.kafka import CONSUMER_SAFETY
+from ingest.settings import KafkaSettings
+from schemas.dead_letter import DeadLetterMessage, DeadLetterSource, SourceKind
 from schemas.errors import InvalidTelemetry, Reason
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """One refused message, its reason and its origin."""
+    """One refused message: the record published on the dead-letter topic, and its key."""
 
-    reason: Reason
-    message: str
-    topic: str
-    partition: int
-    offset: int
+    doc: DeadLetterMessage
     key: bytes | None
-    original: bytes
-    failed_at: datetime
 
     @classmethod
     def from_error(
@@ -45,51 +57,66 @@ class DeadLetter:
         error: InvalidTelemetry,
         *,
         topic: str,
-        partition: int,
-        offset: int,
+        partition: int | None,
+        offset: int | None,
         key: bytes | None,
         original: bytes,
     ) -> DeadLetter:
-        return cls(
-            error.reason,
-            error.message,
-            topic,
-            partition,
-            offset,
-            key,
-            original,
-            datetime.now(UTC),
+        """The dead letter for `original`, refused with `error`.
+
+        A Kafka record gives its topic, partition and offset; an MQTT message (refused
+        by the bridge) gives its MQTT topic, and None for partition and offset.
+        """
+        doc = DeadLetterMessage(
+            reason=error.reason,
+            message=error.message,
+            source=DeadLetterSource(topic=topic, partition=partition, offset=offset),
+            original_b64=base64.b64encode(original).decode("ascii"),
+            failed_at=datetime.now(UTC),
         )
+        return cls(doc, key)
 
     def to_json(self) -> bytes:
-        return orjson.dumps(
-            {
-                "reason": self.reason.value,
-                "message": self.message,
-                "source": {
-                    "topic": self.topic,
-                    "partition": self.partition,
-                    "offset": self.offset,
-                },
-                "original_b64": base64.b64encode(self.original).decode(),
-                "failed_at": self.failed_at.isoformat(),
-            }
-        )
+        return self.doc.model_dump_json().encode()
 
     @classmethod
     def from_json(cls, raw: bytes, key: bytes | None = None) -> DeadLetter:
-        doc: dict[str, Any] = orjson.loads(raw)
-        source = doc["source"]
-        return cls(
-            Reason(doc["reason"]),
-            doc["message"],
-            source["topic"],
-            int(source["partition"]),
-            int(source["offset"]),
-            key,
-            base64.b64decode(doc["original_b64"]),
-            datetime.fromisoformat(doc["failed_at"]),
-        )
+        """Read one record of the dead-letter topic; raises pydantic's ValidationError."""
+        return cls(DeadLetterMessage.model_validate_json(raw), key)
+
+    @property
+    def reason(self) -> Reason:
+        return self.doc.reason
+
+    @property
+    def message(self) -> str:
+        return self.doc.message
+
+    @property
+    def original(self) -> bytes:
+        return base64.b64decode(self.doc.original_b64)
+
+    @property
+    def topic(self) -> str:
+        """The Kafka topic, or for a message the bridge refused, the MQTT topic."""
+        return self.doc.source.topic
+
+    @property
+    def partition(self) -> int | None:
+        return self.doc.source.partition
+
+    @property
+    def offset(self) -> int | None:
+        return self.doc.source.offset
+
+    @property
+    def kind(self) -> SourceKind:
+        """`kafka` if the consumer refused it, `mqtt` if the bridge did."""
+        return self.doc.source.kind
+
+    @property
+    def failed_at(self) -> datetime:
+        return self.doc.failed_at
 
 
 async def send_dead_letters(
@@ -102,3 +129,121 @@ async def send_dead_letters(
         await producer.send(topic, value=letter.to_json(), key=letter.key) for letter in letters
     ]
     await asyncio.gather(*pending)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredLetter:
+    """One record of the dead-letter topic: where it is, and the letter it holds.
+
+    `letter` is None for a record that is not a dead letter (`problem` says why): the
+    topic is written only by usagepipe, but a reader must not stop at a stray record.
+    """
+
+    partition: int
+    offset: int
+    letter: DeadLetter | None
+    problem: str = ""
+
+    @property
+    def position(self) -> str:
+        """`partition:offset` in the dead-letter topic, as `usagepipe dlq show` takes it."""
+        return f"{self.partition}:{self.offset}"
+
+
+class DeadLetterReader:
+    """Reads the dead-letter topic from `start` to its end: `async for stored in reader`.
+
+    A plain consumer with no group: it assigns every partition (or `partitions`), seeks
+    each to `start` (the beginning by default), commits nothing and disturbs no one.
+    The end is where a fetch brings nothing for `idle_s`: the local broker's
+    ListOffsets(LATEST) is unreliable (Tansu answers 1 whatever the log holds), so end
+    offsets are not asked for. Letters come in fetch order: each partition's in offset
+    order, partitions interleaved.
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        partitions: Collection[int] | None = None,
+        start: int = 0,
+        idle_s: float = 1.0,
+        client_id: str = "usagepipe-dlq-reader",
+    ) -> None:
+        self._settings = settings
+        self._partitions = partitions
+        self._start = start
+        self._idle_ms = int(idle_s * 1000)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers,
+            client_id=client_id,
+            group_id=None,
+            request_timeout_ms=settings.request_timeout_ms,
+            **CONSUMER_SAFETY,
+        )
+        self._started = False
+        self._closed = False
+
+    async def __aenter__(self) -> Self:
+        topic = self._settings.dlq_topic
+        try:
+            await self._consumer.start()
+            self._started = True
+            known = self._consumer.partitions_for_topic(topic) or set()
+            wanted = sorted(known if self._partitions is None else known & set(self._partitions))
+            assigned = [TopicPartition(topic, p) for p in wanted]
+            self._consumer.assign(assigned)
+            if assigned and self._start > 0:
+                for tp in assigned:
+                    self._consumer.seek(tp, self._start)
+            elif assigned:
+                await self._consumer.seek_to_beginning(*assigned)
+        except KafkaError as exc:
+            await self.close()
+            raise BrokerUnavailable(
+                f"Kafka at {self._settings.bootstrap_servers} could not be read: {exc!r}"
+            ) from exc
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._started and not self._closed:
+            self._closed = True
+            # aiokafka's group-less coordinator starts a task in start(); stopping the
+            # consumer before that task first ran raises CancelledError from stop().
+            await asyncio.sleep(0)
+            await self._consumer.stop()
+
+    def __aiter__(self) -> AsyncIterator[StoredLetter]:
+        return self._read()
+
+    async def _read(self) -> AsyncIterator[StoredLetter]:
+        if not self._consumer.assignment():
+            return  # no such topic yet: nothing was ever dead-lettered
+        while True:
+            try:
+                batch = await self._consumer.getmany(timeout_ms=self._idle_ms)
+            except KafkaError as exc:
+                raise BrokerUnavailable(f"reading {self._settings.dlq_topic}: {exc!r}") from exc
+            if not batch:
+                return
+            for tp in sorted(batch, key=lambda tp: tp.partition):
+                for record in batch[tp]:
+                    yield _stored(tp.partition, record)
+
+
+def _stored(partition: int, record: ConsumerRecord) -> StoredLetter:
+    value: bytes = record.value if record.value is not None else b""
+    try:
+        letter = DeadLetter.from_json(value, record.key)
+    except ValidationError as exc:
+        log.warning("record %d:%d is not a dead letter", partition, record.offset)
+        return StoredLetter(partition, record.offset, None, f"not a dead letter: {exc}")
+    return StoredLetter(partition, record.offset, letter)

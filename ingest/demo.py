@@ -1,6 +1,7 @@
 """`usagepipe demo`: the whole path on the real servers, with a summary read back.
 
-services up -> db migrate -> bridge and consumer as their own processes
+services up -> db migrate -> the fleet's devices registered (each gets its broker
+account) -> bridge and consumer as their own processes
 -> a seeded fleet publishes (duplicates included) -> wait until the store holds
 every unique message -> stop both (SIGTERM) -> print what happened, from the database.
 """
@@ -25,7 +26,7 @@ from ingest import services
 from ingest.kafka import ensure_topics
 from ingest.settings import Settings
 from ingest.store import UsageStore
-from simulators.cli import plan_from_args, run_fleet
+from simulators.cli import plan_from_args, provision_fleet, run_fleet
 from simulators.fleet import FleetPlan
 
 
@@ -66,6 +67,7 @@ async def _demo(settings: Settings, plan: FleetPlan, timeout_s: float, console: 
     async with UsageStore(settings.postgres) as store:
         await store.migrate()
     await ensure_topics(settings.kafka, settings.kafka.raw_topic, settings.kafka.dlq_topic)
+    fleet = await provision_fleet(settings, plan, console)
 
     started = time.monotonic()
     bridge = _spawn("bridge", run_dir / "demo-bridge.log")
@@ -84,7 +86,7 @@ async def _demo(settings: Settings, plan: FleetPlan, timeout_s: float, console: 
             highlight=False,
         )
         publishing = time.monotonic()
-        report = await run_fleet(settings, plan, console)
+        report = await run_fleet(settings, plan, console, fleet)
         console.print(
             f"fleet sent {report.sent:,} messages in {report.elapsed_s:.1f}s "
             f"({report.rate:,.0f} msg/s)",

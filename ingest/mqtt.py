@@ -137,7 +137,8 @@ class MqttClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connack: asyncio.Future[None] | None = None
         self._lost = asyncio.Event()
-        self._supervisor: asyncio.Task[None] | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = False
         self.connected = asyncio.Event()
@@ -172,19 +173,19 @@ class MqttClient:
         """Open the connection and wait for the broker's CONNACK."""
         self._loop = asyncio.get_running_loop()
         await self._connect_once()
-        self._supervisor = self._loop.create_task(
-            self._supervise(), name=f"mqtt-supervisor:{self.client_id}"
-        )
+        self._schedule_tick()
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Disconnect cleanly (a persistent session stays on the broker). Idempotent."""
         if self._closed:
             return
         self._closed = self._closing = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
+                await self._reconnecting
         if self.connected.is_set():
             self._lost.clear()
             self._client.disconnect()
@@ -229,20 +230,26 @@ class MqttClient:
         except TimeoutError as exc:
             raise BrokerUnavailable(f"MQTT broker {where} sent no CONNACK") from exc
 
-    async def _supervise(self) -> None:
-        """Keepalive pings, and reconnection with jittered backoff after a lost link."""
+    def _schedule_tick(self) -> None:
+        # A timer callback, not a task per connection: a fleet holds thousands of
+        # connections, and keepalive needs attention only a few times per interval.
+        assert self._loop is not None
+        self._tick_handle = self._loop.call_later(self._settings.keepalive_s / 4, self._tick)
+
+    def _tick(self) -> None:
+        """Keepalive: paho sends PINGREQ when due and notices a peer gone silent."""
+        if self._closing:
+            return
+        if self.connected.is_set():
+            self._client.loop_misc()
+        self._schedule_tick()
+
+    async def _reconnect(self) -> None:
+        """Reconnect with jittered backoff until connected or closed."""
         backoff = 0.1
-        while True:
-            if self.connected.is_set():
-                self._client.loop_misc()
-                self._lost.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0):
-                        await self._lost.wait()
-                continue
+        while not self._closing and not self.connected.is_set():
             try:
                 await self._connect_once()
-                backoff = 0.1
             except BrokerUnavailable as exc:
                 log.warning("%s: %s; retrying in %.1fs", self.client_id, exc, backoff)
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
@@ -324,8 +331,16 @@ class MqttClient:
         self.connected.clear()
         self.subscribed.clear()
         self._lost.set()
-        if not self._closing:
-            log.warning("%s lost its connection: %s", self.client_id, reason_code)
+        if self._closing:
+            return
+        log.warning("%s lost its connection: %s", self.client_id, reason_code)
+        reconnecting = self._reconnecting is not None and not self._reconnecting.done()
+        # Only a link that once worked is re-established; a refused first CONNECT is
+        # the caller's error to see.
+        if self._loop is not None and self.generation > 0 and not reconnecting:
+            self._reconnecting = self._loop.create_task(
+                self._reconnect(), name=f"mqtt-reconnect:{self.client_id}"
+            )
 
     def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         if self._on_message is not None:

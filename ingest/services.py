@@ -7,7 +7,9 @@ name alone:
   `settings.kafka.bootstrap_servers`. Nothing survives its restart.
 - MQTT: usagepipe's own Mosquitto, configured from `deploy/mosquitto/mosquitto.conf`
   on `settings.mqtt.port` (default 1884, beside a distribution broker on 1883),
-  because the bridge depends on its queue limits.
+  because the bridge depends on its queue limits. Anonymous access is off; the
+  dynamic-security plugin holds the accounts (`devices.mosquitto`), and the first
+  start generates the admin and bridge logins into `<run_dir>/mosquitto/credentials.json`.
 - PostgreSQL: the machine's cluster named by `settings.postgres.dsn`. usagepipe may
   start or install it, and creates the DSN's database, but never stops it.
 
@@ -46,7 +48,10 @@ from typing import Any, Literal, Self, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
+from pydantic import SecretStr
 
+from devices.errors import BrokerAccountError
+from devices.mosquitto import BrokerLogins, prepare_broker_dir, read_logins
 from ingest.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -533,6 +538,34 @@ def mosquitto_binary(install: bool = False) -> Path:
     return Path(found)
 
 
+DYNSEC_PLUGIN_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+)
+"""Where distributions put Mosquitto's dynamic-security plugin (Debian multiarch first)."""
+
+
+def dynsec_plugin_path() -> Path:
+    """Mosquitto's dynamic-security plugin: a known path, else what `dpkg -L` lists."""
+    for candidate in DYNSEC_PLUGIN_PATHS:
+        if os.path.isfile(candidate):
+            return Path(candidate)
+    if shutil.which("dpkg") is not None:
+        done = subprocess.run(
+            ["dpkg", "-L", "mosquitto"], capture_output=True, text=True, check=False
+        )
+        for line in done.stdout.splitlines():
+            if line.endswith("/mosquitto_dynamic_security.so") and os.path.isfile(line):
+                return Path(line)
+    raise ServiceError(
+        "Mosquitto's dynamic-security plugin (mosquitto_dynamic_security.so, shipped with "
+        "mosquitto >= 2.0) was not found in " + ", ".join(DYNSEC_PLUGIN_PATHS) + " nor in "
+        "`dpkg -L mosquitto`; install mosquitto 2.0 or later"
+    )
+
+
 def render_mosquitto_config(port: int, run_dir: Path) -> str:
     """The project's Mosquitto config for this port and run dir (not yet written)."""
     try:
@@ -541,6 +574,7 @@ def render_mosquitto_config(port: int, run_dir: Path) -> str:
             port=port,
             run_dir=str(run_dir.resolve()),
             user=pwd.getpwuid(os.geteuid()).pw_name,
+            dynsec_plugin=str(dynsec_plugin_path()),
         )
     except OSError as exc:
         raise ServiceError(
@@ -593,6 +627,10 @@ class MosquittoBroker:
             )
         binary = mosquitto_binary(install=True)
         (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        try:
+            prepare_broker_dir(self.dir)
+        except BrokerAccountError as exc:
+            raise ServiceError(str(exc)) from exc
         self.config_path.write_text(render_mosquitto_config(self.port, self.dir.parent))
         self.pid_path.unlink(missing_ok=True)
         done = subprocess.run(
@@ -623,6 +661,10 @@ class MosquittoBroker:
         logger.info("started Mosquitto pid %d on %s", pid, self.address)
         return pid
 
+    def logins(self) -> BrokerLogins | None:
+        """The admin and bridge logins `start` generated, or None before the first start."""
+        return read_logins(self.dir)
+
     def stop(self, timeout: float = 10.0) -> int | None:
         """Stop the broker this run dir started (it saves its sessions); its pid or None."""
         pid = self.running_pid()
@@ -630,6 +672,31 @@ class MosquittoBroker:
             _stop_pid(pid, timeout)
         self.pid_path.unlink(missing_ok=True)
         return pid
+
+
+def with_broker_logins(settings: Settings) -> Settings:
+    """`settings` with the MQTT logins left unset filled in from the local broker's
+    `<run_dir>/mosquitto/credentials.json`, if `services up` wrote one.
+
+    Set ones (from the environment, as in production) are kept. Used by the CLI and
+    the tests' fixtures only; components take the settings they are given.
+    """
+    mqtt = settings.mqtt
+    if None not in (mqtt.username, mqtt.password, mqtt.admin_username, mqtt.admin_password):
+        return settings
+    try:
+        logins = read_logins(settings.services.run_dir.resolve() / "mosquitto")
+    except BrokerAccountError as exc:
+        raise ServiceError(str(exc)) from exc
+    if logins is None:
+        return settings
+    filled = {
+        "username": mqtt.username or logins.bridge_username,
+        "password": mqtt.password or SecretStr(logins.bridge_password),
+        "admin_username": mqtt.admin_username or logins.admin_username,
+        "admin_password": mqtt.admin_password or SecretStr(logins.admin_password),
+    }
+    return settings.model_copy(update={"mqtt": mqtt.model_copy(update=filled)})
 
 
 def _mqtt_status(settings: Settings) -> ServiceState:

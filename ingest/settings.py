@@ -38,9 +38,15 @@ class MqttSettings(Section):
     """usagepipe runs its own Mosquitto (deploy/mosquitto) on 1884, beside any
     distribution broker on 1883, because the bridge relies on its queue limits."""
     username: str | None = None
-    """MQTT user name of the bridge (none while the broker allows anonymous clients)."""
+    """MQTT user name of the bridge. Unset, the CLI takes the local broker's from
+    `<run_dir>/mosquitto/credentials.json` (written by `usagepipe services up`)."""
     password: SecretStr | None = None
     """MQTT password of the bridge; never logged."""
+    admin_username: str | None = None
+    """MQTT user name the registry changes device accounts with (Mosquitto's
+    dynamic-security admin). Unset, the CLI takes the local broker's, as for `username`."""
+    admin_password: SecretStr | None = None
+    """Password of the dynamic-security admin; never logged."""
     topic_prefix: str = ""
     """Prepended to `devices/{device_id}/telemetry`; tests isolate themselves with it."""
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
@@ -125,6 +131,30 @@ class PostgresSettings(Section):
     """The usage table's name; tests give each run its own."""
     pool_size: Annotated[int, Field(ge=1, le=100)] = 4
     """Most connections one process holds."""
+    use_timescaledb: bool = True
+    """Store a new usage table in TimescaleDB where `CREATE EXTENSION timescaledb`
+    succeeds; false gives native partitions. An existing table keeps its layout."""
+    partition_interval_s: Annotated[int, Field(ge=3600, le=366 * 86400)] = 86400
+    """Event-time range of one partition (one TimescaleDB chunk); fixed for a table once
+    it is created, the setting only applies to new tables."""
+    allowed_lateness_s: Annotated[int, Field(ge=0)] = 3 * 86400
+    """How late an event may arrive and still reach the TimescaleDB rollups (the refresh
+    window); compression waits this plus one partition interval."""
+    retention_days: Annotated[int, Field(ge=1)] = 400
+    """Raw usage rows older than this are dropped, a whole partition (chunk) at a time;
+    the rollups keep their history."""
+
+    @property
+    def partition_interval(self) -> timedelta:
+        return timedelta(seconds=self.partition_interval_s)
+
+    @property
+    def allowed_lateness(self) -> timedelta:
+        return timedelta(seconds=self.allowed_lateness_s)
+
+    @property
+    def retention(self) -> timedelta:
+        return timedelta(days=self.retention_days)
 
     @field_validator("table")
     @classmethod
@@ -140,6 +170,10 @@ class SimulatorSettings(Section):
     max_inflight_per_client: Annotated[int, Field(ge=1, le=65535)] = 200
     """QoS 1 publishes awaiting PUBACK per MQTT connection (paho reuses 16-bit ids)."""
     metrics_port: Port = 9103
+    provision_hash_log2_n: Annotated[int, Field(ge=10, le=20)] = 10
+    """Simulation only: the scrypt cost the simulator's own registry instance hashes its
+    simulated units' codes and secrets with when it provisions a fleet (2**10 is about
+    1 ms; real registrations use `registry.secret_hash_log2_n`)."""
 
 
 class ServicesSettings(Section):

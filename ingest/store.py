@@ -1,31 +1,52 @@
-"""The usage store: one row per (device, boot, seq), written in idempotent batches.
+"""The usage store: one row per (device, boot, seq, event time), written in idempotent
+batches, together with the Kafka offsets the batch ends at.
 
-A batch goes in with COPY into a per-connection staging table, then one
-`INSERT ... SELECT ... ON CONFLICT DO NOTHING` into the usage table, in one transaction:
-COPY is the fastest way into PostgreSQL, and the conflict clause makes a redelivered
-message (the pipeline is at-least-once) cost nothing and change nothing.
+A batch is one transaction: COPY straight into the usage table (under a savepoint; if
+the table already has one of the rows, the COPY is undone and the batch goes in with
+`INSERT ... ON CONFLICT DO NOTHING ... RETURNING` instead), then one statement adding
+the rows actually inserted to the rollups (plain PostgreSQL; see `ingest.rollups`) and
+upserting the consumer group's next offsets into `<table>_offsets`. A redelivered
+message costs little and changes nothing, and the offsets can never disagree with the
+rows: the consumer seeks to them when it is given a partition.
 
-The usage table is created by `migrate()`; later issues turn it into a TimescaleDB
-hypertable (or a natively partitioned table) with rollups.
+Two storage layouts, detected once when the table is first migrated and recorded in
+`<table>_layout` (`usagepipe db migrate` prints which):
+
+- `timescaledb` where `CREATE EXTENSION IF NOT EXISTS timescaledb` succeeds: a
+  hypertable, continuous aggregates, compression and retention policies;
+- `partitioned` otherwise: native range partitions on event_time that the store
+  creates before a COPY needs them (plus a DEFAULT partition, so nothing is refused),
+  rollup tables maintained in the write transaction, and `drop_expired()` for retention.
+
+Migrations are versioned SQL files (ingest/sql/<layout>/NNN_*.sql) applied by
+`devices.migrations` as component `store.<table>`, with `{table}` filled in.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
 import asyncpg
 import orjson
+from asyncpg.pool import PoolConnectionProxy
 
-from ingest.errors import StoreUnavailable
+from devices import migrations
+from devices.errors import MigrationError, RegistryUnavailable
+from ingest.errors import ConfigurationError, StoreUnavailable
+from ingest.rollups import Contribution, KnownMembers, Member, rollup_statement
 from ingest.settings import PostgresSettings
+from ingest.sql import Kind, migration_directory
 from schemas.envelope import Envelope
 
 log = logging.getLogger(__name__)
+
+Connection = asyncpg.Connection | PoolConnectionProxy
 
 COLUMNS = (
     "device_id",
@@ -35,19 +56,27 @@ COLUMNS = (
     "schema",
     "schema_version",
     "body",
+    "model",
+    "firmware",
+    "region",
     "kafka_partition",
     "kafka_offset",
 )
 
-_STAGING = "usagepipe_staging"
-
-# One lock key for every process that changes usagepipe's tables.
-_MIGRATION_LOCK = 0x75736167  # "usag"
+# The slow path's rows travel as one array per column, unnested into the INSERT: no
+# staging table to write and read back.
+_ARRAY_TYPES = "text text bigint timestamptz text integer text text text text integer bigint"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass(frozen=True, slots=True)
 class UsageRow:
-    """One stored usage event, as the consumer hands it to the store."""
+    """One stored usage event, as the consumer hands it to the store.
+
+    model, firmware and region are the enrichment seam: None until `ingest.enrich`
+    (a later issue) fills them; the table and the rollups already carry them.
+    """
 
     device_id: str
     boot_id: str
@@ -58,6 +87,9 @@ class UsageRow:
     body_json: str
     kafka_partition: int
     kafka_offset: int
+    model: str | None = None
+    firmware: str | None = None
+    region: str | None = None
 
     @classmethod
     def from_envelope(cls, env: Envelope, partition: int, offset: int) -> UsageRow:
@@ -65,13 +97,68 @@ class UsageRow:
             env.device_id,
             env.boot_id,
             env.seq,
-            env.event_time,
+            # In UTC, with the standard library's tzinfo: the device's own offset says
+            # nothing the instant does not, and every later use (COPY, buckets) reads
+            # the offset of a datetime.timezone several times faster than pydantic's.
+            env.event_time.astimezone(UTC),
             env.schema_name,
             env.schema_version,
             orjson.dumps(env.body).decode(),
             partition,
             offset,
         )
+
+    @property
+    def key(self) -> tuple[str, str, int, datetime]:
+        """The row's identity in the table: (device, boot, seq, event time)."""
+        return (self.device_id, self.boot_id, self.seq, self.event_time)
+
+    def record(self) -> tuple[Any, ...]:
+        """The row in `COLUMNS` order, for COPY."""
+        return (
+            self.device_id,
+            self.boot_id,
+            self.seq,
+            self.event_time,
+            self.schema,
+            self.schema_version,
+            self.body_json,
+            self.model,
+            self.firmware,
+            self.region,
+            self.kafka_partition,
+            self.kafka_offset,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SourceOffset:
+    """Where a consumer group is in one Kafka partition: the next offset to read, and
+    the Kafka timestamp of the record just before it (to recognise the same log)."""
+
+    topic: str
+    partition: int
+    next_offset: int
+    last_timestamp: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """How the usage table is stored; fixed when the table is created."""
+
+    kind: Kind
+    partition_interval: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationReport:
+    layout: Layout
+    applied: list[str] = field(default_factory=list)
+
+
+def partition_start(t: datetime, interval: timedelta) -> datetime:
+    """The lower bound of the partition `t` falls in (partitions align to the epoch)."""
+    return _EPOCH + ((t - _EPOCH) // interval) * interval
 
 
 class UsageStore:
@@ -81,6 +168,11 @@ class UsageStore:
         self._settings = settings
         self.table = settings.table
         self._pool: asyncpg.Pool | None = None
+        self._layout: Layout | None = None
+        self._partitions: set[datetime] = set()
+        self._insert_sql = ""
+        self._known_members = KnownMembers()
+        self._after_insert_sql = ""
 
     async def __aenter__(self) -> Self:
         try:
@@ -88,9 +180,8 @@ class UsageStore:
                 self._settings.dsn.get_secret_value(),
                 min_size=1,
                 max_size=self._settings.pool_size,
-                init=self._prepare_connection,
             )
-        except (OSError, asyncpg.PostgresError) as exc:
+        except _DB_ERRORS as exc:
             raise StoreUnavailable(f"PostgreSQL unreachable: {exc}") from exc
         return self
 
@@ -114,75 +205,361 @@ class UsageStore:
             raise StoreUnavailable("the store is not open")
         return self._pool
 
-    @staticmethod
-    async def _prepare_connection(conn: asyncpg.Connection) -> None:
-        # A temporary table lives as long as its connection, and the pool keeps
-        # connections: created once per connection, emptied by every commit.
-        await conn.execute(
-            f"""
-            CREATE TEMP TABLE IF NOT EXISTS {_STAGING} (
-                device_id text, boot_id text, seq bigint, event_time timestamptz,
-                schema text, schema_version integer, body jsonb,
-                kafka_partition integer, kafka_offset bigint
-            ) ON COMMIT DELETE ROWS
-            """
-        )
+    @property
+    def layout(self) -> Layout:
+        if self._layout is None:
+            raise StoreUnavailable("the store is not migrated yet (call migrate())")
+        return self._layout
 
-    async def migrate(self) -> None:
-        """Create the usage table and its indexes where they do not exist. Idempotent."""
+    # -- schema ------------------------------------------------------------------------
+
+    async def migrate(self) -> MigrationReport:
+        """Bring the usage tables up to date (idempotent) and load the layout."""
+        s = self._settings
+        if s.partition_interval_s % 3600:
+            # Partition names carry their start to the hour (`<table>_pYYYYMMDDHH`).
+            raise ConfigurationError("postgres.partition_interval_s must be whole hours")
+        if s.retention <= s.allowed_lateness + s.partition_interval:
+            raise ConfigurationError(
+                "postgres.retention_days must exceed allowed_lateness_s plus one "
+                "partition_interval_s: a refresh or a late event must never reach "
+                "data that retention has already dropped"
+            )
+        try:
+            async with self.pool.acquire() as conn:
+                kind = await self._detect_kind(conn)
+                # Read by the migration files (see ingest/sql/*/001_usage.sql).
+                await conn.execute(
+                    "SELECT set_config('usagepipe.partition_interval', $1, false)",
+                    f"{int(s.partition_interval.total_seconds())} seconds",
+                )
+                schema = await conn.fetchval("SELECT current_schema()")
+                applied = await migrations.migrate(
+                    conn,
+                    schema=schema,
+                    component=f"store.{self.table}",
+                    directory=migration_directory(kind, self.table),
+                )
+                row = await conn.fetchrow(
+                    f"SELECT kind, partition_interval FROM {self.table}_layout"
+                )
+                if row is None:
+                    raise StoreUnavailable(f"{self.table}_layout is empty")
+                self._layout = Layout(row["kind"], row["partition_interval"])
+                if self._layout.partition_interval != s.partition_interval:
+                    log.warning(
+                        "%s keeps its partition interval %s; the setting (%s) applies to "
+                        "new tables only",
+                        self.table,
+                        self._layout.partition_interval,
+                        s.partition_interval,
+                    )
+                if kind == "timescaledb":
+                    await self._apply_policies(conn)
+                else:
+                    self._partitions = await self._existing_partitions(conn)
+        except (MigrationError, RegistryUnavailable) as exc:
+            raise StoreUnavailable(f"migrating {self.table} failed: {exc}") from exc
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(f"migrating {self.table} failed: {exc!r}") from exc
+        self._build_statements()
+        if kind == "partitioned":
+            now = datetime.now(UTC)
+            await self.ensure_partitions([now, now + self.layout.partition_interval])
+        return MigrationReport(self.layout, applied)
+
+    async def _detect_kind(self, conn: Connection) -> Kind:
+        """The table's recorded layout, or, for a new table, whether TimescaleDB loads."""
+        if await conn.fetchval("SELECT to_regclass($1)", f"{self.table}_layout") is not None:
+            kind: Kind = await conn.fetchval(f"SELECT kind FROM {self.table}_layout")
+            return kind
+        if not self._settings.use_timescaledb:
+            return "partitioned"
+        try:
+            async with conn.transaction():
+                await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        except asyncpg.PostgresError as exc:
+            # Not installed, or not in shared_preload_libraries: plain PostgreSQL.
+            log.info("TimescaleDB is not available (%s); using native partitions", exc)
+            return "partitioned"
+        return "timescaledb"
+
+    async def _apply_policies(self, conn: Connection) -> None:
+        """TimescaleDB's jobs, from the current settings (replaced on every migrate).
+
+        Documented forms: add_retention_policy(relation, drop_after),
+        add_compression_policy(hypertable, compress_after),
+        add_continuous_aggregate_policy(cagg, start_offset, end_offset, schedule_interval);
+        the remove_* functions with if_exists (named so since 2.8). The offsets are
+        declared "any" (interval or integer), hence the casts: a bare parameter there
+        has no type PostgreSQL could infer.
+        """
+        s = self._settings
         t = self.table
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        # Late events up to allowed_lateness are re-aggregated by the refresh window;
+        # start_offset bounds how far back a refresh reaches, so a very late event can
+        # never make a refresh rescan the whole history.
+        refresh = {
+            f"{t}_hourly": (s.allowed_lateness + timedelta(hours=2), timedelta(hours=1)),
+            f"{t}_daily": (s.allowed_lateness + timedelta(days=2), timedelta(days=1)),
+        }
+        async with conn.transaction():
+            for view, (start, end) in refresh.items():
+                await conn.execute(
+                    "SELECT remove_continuous_aggregate_policy($1::regclass, if_exists => true)",
+                    view,
+                )
+                await conn.execute(
+                    "SELECT add_continuous_aggregate_policy($1::regclass,"
+                    " start_offset => $2::interval, end_offset => $3::interval,"
+                    " schedule_interval => $4::interval)",
+                    view,
+                    start,
+                    end,
+                    timedelta(minutes=30),
+                )
+            # Compress only chunks no late event is expected in any more.
             await conn.execute(
-                f"""
-                CREATE TABLE IF NOT EXISTS {t} (
-                    device_id       text        NOT NULL,
-                    boot_id         text        NOT NULL,
-                    seq             bigint      NOT NULL,
-                    event_time      timestamptz NOT NULL,
-                    schema          text        NOT NULL,
-                    schema_version  integer     NOT NULL,
-                    body            jsonb       NOT NULL,
-                    kafka_partition integer     NOT NULL,
-                    kafka_offset    bigint      NOT NULL,
-                    ingested_at     timestamptz NOT NULL DEFAULT now(),
-                    PRIMARY KEY (device_id, boot_id, seq)
-                );
-                CREATE INDEX IF NOT EXISTS {t}_event_time_idx ON {t} (event_time);
-                """
+                "SELECT remove_compression_policy($1::regclass, if_exists => true)", t
+            )
+            await conn.execute(
+                "SELECT add_compression_policy($1::regclass, compress_after => $2::interval)",
+                t,
+                s.allowed_lateness + s.partition_interval,
+            )
+            await conn.execute("SELECT remove_retention_policy($1::regclass, if_exists => true)", t)
+            await conn.execute(
+                "SELECT add_retention_policy($1::regclass, drop_after => $2::interval)",
+                t,
+                s.retention,
             )
 
-    async def write(self, rows: Sequence[UsageRow]) -> int:
-        """Store `rows` in one transaction; returns how many were new (not duplicates)."""
-        if not rows:
-            return 0
-        records = [
-            (
-                r.device_id,
-                r.boot_id,
-                r.seq,
-                r.event_time,
-                r.schema,
-                r.schema_version,
-                r.body_json,
-                r.kafka_partition,
-                r.kafka_offset,
-            )
-            for r in rows
-        ]
+    def _build_statements(self) -> None:
+        t = self.table
         cols = ", ".join(COLUMNS)
+        types = enumerate(_ARRAY_TYPES.split(), start=1)
+        arrays = ", ".join(f"${i}::{kind}[]" for i, kind in types)
+        # The slow path, for a batch that holds rows the table already has.
+        self._insert_sql = f"""
+            INSERT INTO {t} ({cols})
+            SELECT device_id, boot_id, seq, event_time, schema, schema_version,
+                   body::jsonb, model, firmware, region, kafka_partition, kafka_offset
+            FROM unnest({arrays}) AS u ({cols})
+            ON CONFLICT DO NOTHING
+            RETURNING device_id, boot_id, seq, event_time
+        """
+        ctes = [
+            f"""offsets AS (
+                INSERT INTO {t}_offsets (group_id, topic, partition, next_offset, last_timestamp)
+                SELECT $1, * FROM unnest($2::text[], $3::integer[], $4::bigint[], $5::bigint[])
+                ON CONFLICT (group_id, topic, partition) DO UPDATE SET
+                    next_offset = excluded.next_offset,
+                    last_timestamp = excluded.last_timestamp,
+                    updated_at = now()
+                RETURNING 1
+            )"""
+        ]
+        if self.layout.kind == "partitioned":
+            ctes.append(rollup_statement(t, 6))
+        self._after_insert_sql = "WITH " + ",\n".join(ctes) + "\nSELECT count(*) FROM offsets"
+
+    # -- partitions (plain PostgreSQL) ----------------------------------------------------
+
+    def _partition_name(self, start: datetime) -> str:
+        return f"{self.table}_p{start.astimezone(UTC):%Y%m%d%H}"
+
+    async def _existing_partitions(self, conn: Connection) -> set[datetime]:
+        names = await conn.fetch(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = $1::regclass",
+            self.table,
+        )
+        pattern = re.compile(rf"^{re.escape(self.table)}_p(\d{{10}})$")
+        found = set()
+        for row in names:
+            match = pattern.match(row["relname"])
+            if match:
+                found.add(datetime.strptime(match.group(1), "%Y%m%d%H").replace(tzinfo=UTC))
+        return found
+
+    async def ensure_partitions(self, times: Iterable[datetime]) -> list[str]:
+        """Create the partitions `times` fall in where missing; returns the names created.
+
+        Rows already in the DEFAULT partition for a new partition's range are moved into
+        it in the same transaction (PostgreSQL would otherwise refuse the partition).
+        """
+        interval = self.layout.partition_interval
+        missing = {partition_start(t, interval) for t in times} - self._partitions
+        if not missing:
+            return []
+        t = self.table
+        created: list[str] = []
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                await conn.copy_records_to_table(_STAGING, records=records, columns=COLUMNS)
-                status = await conn.execute(
-                    f"INSERT INTO {self.table} ({cols}) SELECT {cols} FROM {_STAGING} "
-                    "ON CONFLICT DO NOTHING"
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1)",
+                    migrations.advisory_lock_key("partitions", t),
                 )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                existing = await self._existing_partitions(conn)
+                for start in sorted(missing - existing):
+                    name = self._partition_name(start)
+                    end = start + interval
+                    await conn.execute(f"CREATE TABLE {name} (LIKE {t} INCLUDING DEFAULTS)")
+                    await conn.execute(
+                        f"WITH moved AS (DELETE FROM {t}_default"
+                        " WHERE event_time >= $1 AND event_time < $2 RETURNING *)"
+                        f" INSERT INTO {name} SELECT * FROM moved",
+                        start,
+                        end,
+                    )
+                    await conn.execute(
+                        f"ALTER TABLE {t} ATTACH PARTITION {name}"
+                        f" FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
+                    )
+                    created.append(name)
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(f"creating partitions of {t} failed: {exc!r}") from exc
+        self._partitions |= missing
+        if created:
+            log.info("created partitions %s", ", ".join(created))
+        return created
+
+    async def drop_expired(self, now: datetime | None = None) -> list[str]:
+        """Drop raw data older than the retention; returns what was dropped.
+
+        Plain PostgreSQL: partitions wholly older than `now - retention` (a partition
+        with any younger row stays), old rows in the DEFAULT partition, and the rollups'
+        device memberships for buckets no retained row can fall in. The rollups
+        themselves keep their history. TimescaleDB: `drop_chunks` (its retention policy
+        does the same on a schedule).
+        """
+        cutoff = (now or datetime.now(UTC)) - self._settings.retention
+        t = self.table
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                if self.layout.kind == "timescaledb":
+                    rows = await conn.fetch(
+                        "SELECT drop_chunks($1::regclass, older_than => $2::timestamptz)",
+                        t,
+                        cutoff,
+                    )
+                    return [str(r[0]) for r in rows]
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1)",
+                    migrations.advisory_lock_key("partitions", t),
+                )
+                interval = self.layout.partition_interval
+                expired = sorted(
+                    s for s in await self._existing_partitions(conn) if s + interval <= cutoff
+                )
+                for start in expired:
+                    await conn.execute(f"DROP TABLE {self._partition_name(start)}")
+                await conn.execute(f"DELETE FROM {t}_default WHERE event_time < $1", cutoff)
+                if expired:
+                    kept_from = expired[-1] + interval
+                    for granularity, step in (("hourly", "1 hour"), ("daily", "1 day")):
+                        await conn.execute(
+                            f"DELETE FROM {t}_{granularity}_devices"
+                            f" WHERE bucket + interval '{step}' <= $1",
+                            kept_from,
+                        )
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(f"retention on {t} failed: {exc!r}") from exc
+        self._partitions -= set(expired)
+        return [self._partition_name(s) for s in expired]
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def write(
+        self,
+        rows: Sequence[UsageRow],
+        offsets: Sequence[SourceOffset] = (),
+        *,
+        group_id: str = "",
+    ) -> int:
+        """Store `rows` and `group_id`'s `offsets` in one transaction.
+
+        Returns how many rows were new (not duplicates). The rows go in with COPY, the
+        fastest way into PostgreSQL; only if the table already has one of them (a
+        redelivery across batches, a replay) is the COPY undone, to its savepoint, and
+        the batch inserted with `ON CONFLICT DO NOTHING` instead. Either way the store
+        knows which rows were new, and only those reach the rollups.
+        """
+        if not rows and not offsets:
+            return 0
+        if not self._after_insert_sql:
+            raise StoreUnavailable("the store is not migrated yet (call migrate())")
+        unique = list(rows)
+        if len({r.key for r in rows}) < len(rows):  # a redelivery inside the batch
+            unique = list({r.key: r for r in reversed(rows)}.values())  # first of each
+        if unique and self.layout.kind == "partitioned":
+            await self.ensure_partitions(_partition_probes(unique, self.layout.partition_interval))
+        members: list[Member] = []
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                inserted = await self._insert(conn, unique) if unique else []
+                parameters: list[Any] = [
+                    group_id,
+                    [o.topic for o in offsets],
+                    [o.partition for o in offsets],
+                    [o.next_offset for o in offsets],
+                    [o.last_timestamp for o in offsets],
+                ]
+                if self.layout.kind == "partitioned":
+                    added = Contribution(inserted)
+                    members = self._known_members.unknown(added.members)
+                    parameters += added.parameters(members)
+                await conn.fetchval(self._after_insert_sql, *parameters)
+        except _DB_ERRORS as exc:
             raise StoreUnavailable(f"writing {len(rows)} rows failed: {exc!r}") from exc
-        return int(status.rsplit(" ", 1)[1])
+        self._known_members.remember(members)  # committed: they exist now
+        return len(inserted)
+
+    async def _insert(self, conn: Connection, rows: list[UsageRow]) -> list[UsageRow]:
+        """Insert `rows` (unique keys); returns those the table did not have yet."""
+        records = [r.record() for r in rows]
+        try:
+            async with conn.transaction():  # a savepoint
+                await conn.copy_records_to_table(self.table, records=records, columns=COLUMNS)
+            return rows
+        except asyncpg.UniqueViolationError:
+            pass
+        returned = await conn.fetch(self._insert_sql, *zip(*records, strict=True))
+        new = {(r["device_id"], r["boot_id"], r["seq"], r["event_time"]) for r in returned}
+        return [r for r in rows if r.key in new]
+
+    async def load_offsets(
+        self, group_id: str, topic: str, partitions: Iterable[int]
+    ) -> dict[int, SourceOffset]:
+        """The stored positions of `group_id` in `topic`'s `partitions` (those it has)."""
+        try:
+            rows = await self.pool.fetch(
+                f"SELECT partition, next_offset, last_timestamp FROM {self.table}_offsets"
+                " WHERE group_id = $1 AND topic = $2 AND partition = ANY($3::integer[])",
+                group_id,
+                topic,
+                list(partitions),
+            )
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(f"reading offsets failed: {exc!r}") from exc
+        return {
+            r["partition"]: SourceOffset(
+                topic, r["partition"], r["next_offset"], r["last_timestamp"]
+            )
+            for r in rows
+        }
 
     async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         """Run a read-only query (`{table}` in it names the usage table)."""
         async with self.pool.acquire() as conn:
             return list(await conn.fetch(query.format(table=self.table), *args))
+
+
+def _partition_probes(rows: Sequence[UsageRow], interval: timedelta) -> Iterable[datetime]:
+    """Event times covering every partition `rows` need: the batch's min and max when
+    they share a partition (the usual case), else every row's."""
+    times = [r.event_time for r in rows]
+    low, high = min(times), max(times)
+    if partition_start(low, interval) == partition_start(high, interval):
+        return (low,)
+    return times

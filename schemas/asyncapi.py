@@ -27,7 +27,9 @@ from schemas.envelope import DEVICE_ID_PATTERN, Envelope
 
 # The contract's own version: bump the minor for a new schema or version, the major
 # when something already published changes meaning.
-DOCUMENT_VERSION = "1.0.0"
+# 2.0.0: a dead letter's source partition and offset are null when the bridge refused
+# the message straight off MQTT.
+DOCUMENT_VERSION = "2.0.0"
 CHECKED_IN_PATH = Path(__file__).with_name("asyncapi.json")
 REGENERATE_COMMAND = "python -m schemas.asyncapi --write schemas/asyncapi.json"
 
@@ -117,8 +119,11 @@ def asyncapi_document() -> dict[str, Any]:
                 "address": "telemetry.dlq",
                 "title": "Dead letters (Kafka)",
                 "description": (
-                    "Messages the consumer refused, each with one reason code, keyed like "
-                    "the original message; the original bytes are kept (base64) for replay."
+                    "Messages the bridge or the consumer refused, each with one reason code, "
+                    "keyed like the original message; the original bytes are kept (base64) "
+                    "for replay. The source is the Kafka record the consumer read, or the "
+                    "MQTT topic (partition and offset null) for what the bridge refused: "
+                    "oversize payloads and payloads naming another device."
                 ),
                 "servers": [{"$ref": "#/servers/kafka"}],
                 "messages": {"deadLetter": {"$ref": "#/components/messages/deadLetter"}},
@@ -151,6 +156,15 @@ def asyncapi_document() -> dict[str, Any]:
                     "Offsets are committed only after the database transaction commits."
                 ),
                 "channel": {"$ref": "#/channels/telemetryRaw"},
+            },
+            "bridgeDeadLetters": {
+                "action": "send",
+                "title": "The bridge dead-letters what it can refuse without parsing deeply",
+                "description": (
+                    "Oversize payloads and a payload device_id that differs from the "
+                    "topic's; the MQTT message is acknowledged once the dead letter is in Kafka."
+                ),
+                "channel": {"$ref": "#/channels/telemetryDeadLetters"},
             },
             "consumerDeadLetters": {
                 "action": "send",

@@ -27,6 +27,9 @@ from schemas.errors import Reason
 
 SourceKind = Literal["kafka", "mqtt"]
 
+# Standard base64 with padding, as `base64.b64encode` writes it (no line breaks).
+_BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
 
 class DeadLetterSource(BaseModel):
     """Where the refused message was read.
@@ -36,11 +39,33 @@ class DeadLetterSource(BaseModel):
     `partition` and `offset` null.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        # What `_both_or_neither` checks, for readers of the JSON Schema.
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "title": "kafka",
+                    "properties": {"partition": {"type": "integer"}, "offset": {"type": "integer"}},
+                },
+                {
+                    "title": "mqtt",
+                    "properties": {"partition": {"type": "null"}, "offset": {"type": "null"}},
+                },
+            ]
+        },
+    )
 
-    topic: str
-    partition: Annotated[int, Field(ge=0)] | None
-    offset: Annotated[int, Field(ge=0)] | None
+    topic: Annotated[
+        str, Field(description="The Kafka topic, or the MQTT topic the device published to.")
+    ]
+    partition: Annotated[
+        int | None, Field(ge=0, description="The Kafka partition; null for an MQTT source.")
+    ]
+    offset: Annotated[
+        int | None, Field(ge=0, description="The Kafka offset; null for an MQTT source.")
+    ]
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> Self:
@@ -50,7 +75,7 @@ class DeadLetterSource(BaseModel):
 
     @property
     def kind(self) -> SourceKind:
-        """"kafka" for a record the consumer read, "mqtt" for a message the bridge read."""
+        """The source's kind: `kafka` (read by the consumer) or `mqtt` (by the bridge)."""
         return "mqtt" if self.partition is None else "kafka"
 
 
@@ -62,5 +87,7 @@ class DeadLetterMessage(BaseModel):
     reason: Reason
     message: str
     source: DeadLetterSource
-    original_b64: str
+    original_b64: Annotated[
+        str, Field(pattern=_BASE64_PATTERN, json_schema_extra={"contentEncoding": "base64"})
+    ]
     failed_at: AwareDatetime

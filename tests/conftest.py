@@ -3,11 +3,15 @@
 The servers (Mosquitto on 1884, Tansu on 9092, PostgreSQL on 5432) are brought up once
 per session by `usagepipe services up`'s own code, which starts only what is missing.
 Each test gets its own MQTT topic prefix, Kafka topics, consumer group, bridge client
-id and usage table, so tests never see each other's data.
+id, usage table and registry schema, so tests never see each other's data. Mosquitto
+lets in only registered devices: `tests.pipeline.publish` registers the fleet in the
+test's registry schema first, and `cleanup` deletes those devices' broker accounts.
+The bridge and the registry log in with the local broker's logins (`base_settings`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -16,6 +20,7 @@ import asyncpg
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from pydantic import SecretStr
 
 from ingest import services
 from ingest.settings import (
@@ -31,7 +36,11 @@ from ingest.settings import (
 
 @pytest.fixture(scope="session")
 def base_settings() -> Settings:
-    return Settings()
+    """The environment's settings, with the local broker's bridge and admin logins
+    (from `<run_dir>/mosquitto/credentials.json`, which `services up` writes)."""
+    settings = Settings()
+    services.up(settings)
+    return services.with_broker_logins(settings)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -67,7 +76,9 @@ def isolated(base: Settings, name: str, **kafka: object) -> Settings:
         postgres=PostgresSettings(dsn=base.postgres.dsn, table=f"usage_{name}"),
         simulator=SimulatorSettings(metrics_port=0),
         services=base.services,
-        registry=base.registry,
+        registry=base.registry.model_copy(
+            update={"db_schema": f"reg_{name}", "events_topic": f"{name}.registry"}
+        ),
     )
 
 
@@ -84,13 +95,65 @@ async def settings(base_settings: Settings, test_name: str) -> AsyncIterator[Set
 
 
 async def cleanup(s: Settings) -> None:
-    """Drop the test's table and end the bridge's persistent session on the broker."""
+    """Drop the test's usage tables and end the bridge's persistent session on the broker."""
+    t = s.postgres.table
     conn = await asyncpg.connect(s.postgres.dsn.get_secret_value())
     try:
-        await conn.execute(f"DROP TABLE IF EXISTS {s.postgres.table}")
+        # On TimescaleDB the rollups are continuous aggregates (views over the table).
+        views = await conn.fetch(
+            "SELECT relname FROM pg_class WHERE relname = ANY($1::text[]) AND relkind = 'v'",
+            [f"{t}_hourly", f"{t}_daily"],
+        )
+        for view in views:
+            await conn.execute(f"DROP MATERIALIZED VIEW IF EXISTS {view['relname']} CASCADE")
+        derived = ("layout", "offsets", "hourly", "daily", "hourly_devices", "daily_devices")
+        tables = ", ".join([t, *(f"{t}_{suffix}" for suffix in derived)])
+        await conn.execute(f"DROP TABLE IF EXISTS {tables} CASCADE")  # partitions go too
+        if await conn.fetchval("SELECT to_regclass('schema_migrations')") is not None:
+            await conn.execute("DELETE FROM schema_migrations WHERE component = $1", f"store.{t}")
     finally:
         await conn.close()
+    await drop_registry(s)
     drop_mqtt_session(s.mqtt, s.bridge.client_id)
+
+
+async def drop_registry(s: Settings) -> None:
+    """Delete the broker accounts of the test's registered devices, then its registry schema."""
+    from devices.errors import RegistryUnavailable
+    from devices.mosquitto import DynsecAccounts
+
+    schema = s.registry.db_schema
+    conn = await asyncpg.connect(s.postgres.dsn.get_secret_value())
+    try:
+        devices: list[str] = []
+        if await conn.fetchval("SELECT to_regclass($1)", f"{schema}.devices") is not None:
+            devices = [
+                r["device_id"] for r in await conn.fetch(f"SELECT device_id FROM {schema}.devices")
+            ]
+        if devices:
+            # A private broker the test already stopped takes its accounts with it.
+            with contextlib.suppress(RegistryUnavailable):
+                async with DynsecAccounts(s.mqtt) as accounts:
+                    await accounts.revoke_devices(devices)
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await conn.close()
+
+
+def on_broker(s: Settings, broker: services.MosquittoBroker) -> Settings:
+    """`s` pointed at a private broker: its port, and the logins its first start made."""
+    logins = broker.logins()
+    assert logins is not None, "start the broker first: its first start makes the logins"
+    mqtt = s.mqtt.model_copy(
+        update={
+            "port": broker.port,
+            "username": logins.bridge_username,
+            "password": SecretStr(logins.bridge_password),
+            "admin_username": logins.admin_username,
+            "admin_password": SecretStr(logins.admin_password),
+        }
+    )
+    return s.model_copy(update={"mqtt": mqtt})
 
 
 def drop_mqtt_session(mqtt: MqttSettings, client_id: str) -> None:
@@ -98,7 +161,12 @@ def drop_mqtt_session(mqtt: MqttSettings, client_id: str) -> None:
     client = paho.Client(
         CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5
     )
-    client.connect(mqtt.host, mqtt.port, clean_start=True)
+    if mqtt.username is not None and mqtt.password is not None:
+        client.username_pw_set(mqtt.username, mqtt.password.get_secret_value())
+    try:
+        client.connect(mqtt.host, mqtt.port, clean_start=True)
+    except ConnectionRefusedError:
+        return  # a private broker the test stopped: its sessions go with its run dir
     client.loop_start()
     client.disconnect()
     client.loop_stop()

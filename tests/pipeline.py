@@ -1,21 +1,26 @@
-"""Running the pipeline inside a test: bridge and consumer as tasks, plus waiting helpers."""
+"""Running the pipeline inside a test: bridge and consumer as tasks, plus waiting and
+reading helpers."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from ingest.bridge import Bridge
 from ingest.consumer import Consumer
+from ingest.kafka import ensure_topics
 from ingest.metrics import BridgeMetrics, ConsumerMetrics, SimulatorMetrics
+from ingest.mqtt import MqttClient
 from ingest.settings import Settings
 from simulators.fleet import Fleet, FleetPlan, FleetReport, device_ids, plan_device
+from simulators.provision import open_registry, provision
 
 
 @dataclass
@@ -25,9 +30,14 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def pipeline(settings: Settings) -> AsyncIterator[Running]:
-    """Bridge and consumer running until the block ends, then stopped cleanly."""
-    bridge = Bridge(settings, BridgeMetrics(CollectorRegistry()))
+async def pipeline(
+    settings: Settings, registry: CollectorRegistry | None = None
+) -> AsyncIterator[Running]:
+    """Bridge and consumer running until the block ends, then stopped cleanly.
+
+    The bridge's metrics go to `registry` if given (a fresh one otherwise).
+    """
+    bridge = Bridge(settings, BridgeMetrics(registry or CollectorRegistry()))
     consumer = Consumer(settings, ConsumerMetrics(CollectorRegistry()))
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(bridge.run(), name="test-bridge")
@@ -42,7 +52,43 @@ async def pipeline(settings: Settings) -> AsyncIterator[Running]:
 
 
 async def publish(settings: Settings, plan: FleetPlan) -> FleetReport:
-    return await Fleet(settings.mqtt, plan, SimulatorMetrics(CollectorRegistry())).run()
+    """Run `plan`'s fleet, each device logged in with the secret its registration gave it."""
+    credentials = await provisioned(settings, plan)
+    metrics = SimulatorMetrics(CollectorRegistry())
+    return await Fleet(settings.mqtt, plan, metrics, credentials=credentials).run()
+
+
+_provisioned: dict[tuple[str, int, str, int, int], dict[str, str]] = {}
+
+
+async def provisioned(settings: Settings, plan: FleetPlan) -> dict[str, str]:
+    """Register `plan`'s devices in the test's own registry schema (so on the broker),
+    once per test: a later fleet of the same devices reuses their secrets, as a real
+    device keeps its own. (That also lets a test publish while Kafka, where the
+    registry's events go, is down.) `tests.conftest.cleanup` deletes the accounts."""
+    key = (settings.registry.db_schema, settings.mqtt.port, plan.fleet, plan.seed, plan.devices)
+    if key not in _provisioned:
+        await ensure_topics(settings.kafka, settings.registry.events_topic)
+        async with open_registry(settings) as registry:
+            _provisioned[key] = (await provision(registry, plan)).credentials
+    return _provisioned[key]
+
+
+async def publish_payloads(
+    settings: Settings,
+    client_id: str,
+    topic: str,
+    payloads: Sequence[bytes],
+    password: str | None = None,
+) -> None:
+    """Publish `payloads` to `topic` in order over one connection, QoS 1; return on the
+    broker's last PUBACK. With `password`, log in as `client_id` (a device's account)."""
+    username = client_id if password is not None else None
+    async with MqttClient(
+        settings.mqtt, client_id=client_id, username=username, password=password
+    ) as device:
+        pending = [await device.publish(topic, payload) for payload in payloads]
+        await asyncio.gather(*pending)
 
 
 def expected_keys(settings: Settings, plan: FleetPlan) -> set[tuple[str, str, int]]:
@@ -65,3 +111,49 @@ async def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 60.0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def read_topic(settings: Settings, topic: str, count: int) -> list[bytes]:
+    """Read `count` records of `topic` from the beginning, with no consumer group."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        consumer.assign([TopicPartition(topic, p) for p in partitions])
+        await consumer.seek_to_beginning()
+        values: list[bytes] = []
+        async with asyncio.timeout(30):
+            while len(values) < count:
+                batch = await consumer.getmany(timeout_ms=200)
+                values.extend(r.value for records in batch.values() for r in records)
+        return values
+    finally:
+        await consumer.stop()
+
+
+async def read_to_end(settings: Settings, topic: str, idle_s: float = 1.0) -> list[ConsumerRecord]:
+    """Every record of `topic`: read from the beginning until nothing comes for `idle_s`."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        if not partitions:
+            return []  # no such topic
+        consumer.assign([TopicPartition(topic, p) for p in partitions])
+        await consumer.seek_to_beginning()
+        records: list[ConsumerRecord] = []
+        async with asyncio.timeout(30):
+            while batch := await consumer.getmany(timeout_ms=int(idle_s * 1000)):
+                records.extend(r for part in batch.values() for r in part)
+        return records
+    finally:
+        await asyncio.sleep(0)  # see DeadLetterReader.close
+        await consumer.stop()

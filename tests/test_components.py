@@ -158,3 +158,36 @@ def test_readme_lists_every_setting() -> None:
         "README.md's settings table is out of date: replace the lines between the "
         "settings markers with the output of `usagepipe settings --markdown`"
     )
+
+
+async def test_bridge_rides_out_a_broker_restart(
+    base_settings: Settings, test_name: str, tmp_path: Path
+) -> None:
+    """Mosquitto restarts mid-stream: the bridge reconnects to its persistent session
+    (kept on disk by the broker) and every message is stored once."""
+    from ingest.services import MosquittoBroker
+    from tests.conftest import cleanup, isolated, on_broker
+    from tests.pipeline import pipeline
+
+    broker = MosquittoBroker(free_port(), tmp_path)
+    broker.start()
+    s = isolated(base_settings, test_name)
+    s = on_broker(s, broker)  # its port and its own logins
+    before = FleetPlan(devices=4, messages_per_device=15, seed=8, run_id="before")
+    after = FleetPlan(devices=4, messages_per_device=15, seed=8, run_id="after")
+    try:
+        async with pipeline(s) as run:
+            await publish(s, before)
+            await wait_for(lambda: run.consumer.report.stored == 60, "the first 60 rows")
+            broker.stop()
+            await wait_for(lambda: not run.bridge.connected, "the bridge to notice", 30)
+            broker.start()
+            await wait_for(lambda: run.bridge.connected, "the bridge to reconnect", 30)
+            await publish(s, after)
+            await wait_for(lambda: run.consumer.report.stored == 120, "all 120 rows")
+        assert sorted(await stored_keys(s)) == sorted(
+            expected_keys(s, before) | expected_keys(s, after)
+        )
+    finally:
+        broker.stop()
+        await cleanup(s)

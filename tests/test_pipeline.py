@@ -6,7 +6,6 @@ import asyncio
 from pathlib import Path
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ingest.dead_letter import DeadLetter
 from ingest.mqtt import MqttClient
@@ -16,7 +15,7 @@ from schemas.envelope import telemetry_topic
 from schemas.errors import Reason
 from simulators.fleet import FleetPlan
 from tests.conftest import cleanup, free_port, isolated
-from tests.pipeline import expected_keys, pipeline, publish, stored_keys, wait_for
+from tests.pipeline import expected_keys, pipeline, publish, read_topic, stored_keys, wait_for
 
 
 async def test_many_devices_with_duplicates_store_exactly_the_unique_set(
@@ -93,28 +92,6 @@ async def test_poison_message_is_dead_lettered_and_later_messages_are_stored(
     assert letter.topic == settings.kafka.raw_topic
     assert letter.message == "EOF while parsing a value at line 1 column 38"
     assert (letter.topic, letter.offset) == (settings.kafka.raw_topic, letter.offset)
-
-
-async def read_topic(settings: Settings, topic: str, count: int) -> list[bytes]:
-    """Read `count` records of `topic` from the beginning, with no consumer group."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        consumer.assign([TopicPartition(topic, p) for p in partitions])
-        await consumer.seek_to_beginning()
-        values: list[bytes] = []
-        async with asyncio.timeout(30):
-            while len(values) < count:
-                batch = await consumer.getmany(timeout_ms=200)
-                values.extend(r.value for records in batch.values() for r in records)
-        return values
-    finally:
-        await consumer.stop()
 
 
 def test_dead_letter_json_round_trips() -> None:

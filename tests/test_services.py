@@ -200,7 +200,9 @@ def test_rendered_mosquitto_config(tmp_path: Path) -> None:
         "persistence true",
         "max_queued_messages 1000000",
         "max_queued_bytes 0",
-        "allow_anonymous true",
+        "allow_anonymous false",
+        f"plugin {services.dynsec_plugin_path()}",
+        f"plugin_opt_config_file {tmp_path.resolve()}/mosquitto/dynamic-security.json",
         "set_tcp_nodelay true",
     ):
         assert option in lines
@@ -210,8 +212,9 @@ def test_rendered_mosquitto_config(tmp_path: Path) -> None:
 class Subscriber:
     """A persistent-session MQTT v5 subscriber that records payloads."""
 
-    def __init__(self, port: int, client_id: str, topic: str) -> None:
+    def __init__(self, port: int, client_id: str, topic: str, login: tuple[str, str]) -> None:
         self.port = port
+        self.login = login
         self.client_id = client_id
         self.topic = topic
         self.payloads: list[bytes] = []
@@ -253,6 +256,7 @@ class Subscriber:
         props.SessionExpiryInterval = 600
         self.connected.clear()
         self.client = self._new_client()
+        self.client.username_pw_set(*self.login)
         self.client.connect("127.0.0.1", self.port, clean_start=False, properties=props)
         self.client.loop_start()
         assert self.connected.wait(10)
@@ -262,12 +266,13 @@ class Subscriber:
         self.client.loop_stop()
 
 
-def publish_all(port: int, topic: str, count: int) -> None:
+def publish_all(port: int, topic: str, count: int, login: tuple[str, str]) -> None:
     publisher = mqtt.Client(
         CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex}", protocol=mqtt.MQTTv5
     )
     publisher.max_inflight_messages_set(200)
     publisher.max_queued_messages_set(0)
+    publisher.username_pw_set(*login)
     publisher.connect("127.0.0.1", port)
     publisher.loop_start()
     try:
@@ -285,15 +290,20 @@ def test_mosquitto_queues_for_offline_persistent_session(private: Settings) -> N
     persistent session, across a broker restart, and all arrive exactly once."""
     services.up(private, ["mqtt"])
     port = private.mqtt.port
-    topic = f"test/{uuid.uuid4().hex}/telemetry"
-    subscriber = Subscriber(port, f"sub-{uuid.uuid4().hex}", topic)
+    logins = services.MosquittoBroker(port, private.services.run_dir).logins()
+    assert logins is not None
+    # The bridge's login may subscribe to prefixed telemetry and (on a local broker,
+    # for tests) publish there too.
+    login = (logins.bridge_username, logins.bridge_password)
+    topic = f"t{uuid.uuid4().hex[:8]}/devices/dev-1/telemetry"
+    subscriber = Subscriber(port, f"sub-{uuid.uuid4().hex}", topic, login)
     subscriber.connect()
     assert subscriber.session_present is False
     subscriber.client.subscribe(topic, qos=1)
     assert subscriber.subscribed.wait(10)
     subscriber.disconnect()
 
-    publish_all(port, topic, 2000)
+    publish_all(port, topic, 2000, login)
 
     # The session and its queue survive a stop/start (persistence, saved on SIGTERM).
     assert [s.state for s in services.down(private, ["mqtt"])] == [STOPPED]

@@ -4,26 +4,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
+import paho.mqtt.client as paho
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from devices.cli import register_commands
+from devices.records import device_id_for
+from devices.registry import Registry
 from devices.settings import RegistrySettings
 from ingest.settings import KafkaSettings, PostgresSettings, Settings
-from tests.devices.catalog import DSN, KAFKA, UNITS_CSV
-
-
-async def _drop_schema(name: str) -> None:
-    conn = await asyncpg.connect(DSN)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-    finally:
-        await conn.close()
+from schemas.envelope import telemetry_topic
+from tests.conftest import drop_registry
+from tests.devices.catalog import DSN, KAFKA, UNITS_CSV, new_owner
+from tests.devices.fakes import RecordingBroker, RecordingPublisher
 
 
 async def _topic(name: str, *, create: bool) -> None:
@@ -39,21 +38,24 @@ async def _topic(name: str, *, create: bool) -> None:
 
 
 @pytest.fixture
-def cli_settings() -> Iterator[Settings]:
-    """Root settings pointing the registry at a schema and an events topic of its own.
+def cli_settings(base_settings: Settings) -> Iterator[Settings]:
+    """Root settings pointing the registry at a schema and an events topic of its own,
+    and at the local broker with its admin login (the CLI's own fill-in does the same).
 
     Synchronous on purpose: the handlers run their own event loop (`asyncio.run`)."""
     name = f"regtest_{uuid.uuid4().hex[:12]}"
     topic = f"registry.events.test-{uuid.uuid4().hex[:10]}"
     asyncio.run(_topic(topic, create=True))
+    settings = Settings(
+        mqtt=base_settings.mqtt.model_copy(update={"topic_prefix": f"{name}/"}),
+        kafka=KafkaSettings(bootstrap_servers=KAFKA, enable_idempotence=False),
+        postgres=PostgresSettings(dsn=DSN),
+        registry=RegistrySettings(db_schema=name, events_topic=topic, secret_hash_log2_n=10),
+    )
     try:
-        yield Settings(
-            kafka=KafkaSettings(bootstrap_servers=KAFKA, enable_idempotence=False),
-            postgres=PostgresSettings(dsn=DSN),
-            registry=RegistrySettings(db_schema=name, events_topic=topic, secret_hash_log2_n=10),
-        )
+        yield settings
     finally:
-        asyncio.run(_drop_schema(name))
+        asyncio.run(drop_registry(settings))
         asyncio.run(_topic(topic, create=False))
 
 
@@ -91,7 +93,52 @@ def test_commands(
     assert run(cli_settings, "flush-events") == 0
     assert capsys.readouterr().out == "published 0 event(s), 0 still pending\n"
 
-    # Registering needs the MQTT broker's account sync, which does not exist yet.
-    argv = ["--owner-id", str(uuid.uuid4()), "--model", "WM-100", "--serial", "SN0001"]
-    assert run(cli_settings, "register", *argv, "--code", "CODE-0001", "--channel", "gift") == 2
-    assert "not implemented yet" in capsys.readouterr().err
+    # Registering changes broker accounts: without the admin login it does not start.
+    unit = ["--model", "WM-100", "--serial", "SN0001", "--code", "CODE-0001", "--channel", "gift"]
+    no_admin = cli_settings.mqtt.model_copy(update={"admin_username": None})
+    stranger = ["--owner-id", str(uuid.uuid4()), *unit]
+    assert run(cli_settings.model_copy(update={"mqtt": no_admin}), "register", *stranger) == 2
+    assert "the broker's admin login is not configured" in capsys.readouterr().err
+    assert run(cli_settings, "register", *stranger) == 1
+    assert json.loads(capsys.readouterr().out)["reason"] == "unknown_owner"
+
+    owner = asyncio.run(_create_owner(cli_settings))
+    assert run(cli_settings, "register", "--owner-id", str(owner), *unit) == 0
+    login = json.loads(capsys.readouterr().out)
+    device_id = device_id_for("WM-100", "SN0001")
+    assert login["device_id"] == login["mqtt_username"] == device_id
+    # The printed login works on the broker at once, for the device's own topic (a
+    # PUBACK with a success code: accepted, though no bridge listens to this prefix).
+    topic = telemetry_topic(device_id, cli_settings.mqtt.topic_prefix)
+    password = login["mqtt_password"]
+    assert _publish_once(cli_settings, device_id, password, topic) == "No matching subscribers"
+    other = telemetry_topic(device_id_for("WM-100", "SN0002"), cli_settings.mqtt.topic_prefix)
+    assert _publish_once(cli_settings, device_id, password, other) == "Not authorized"
+
+
+async def _create_owner(settings: Settings) -> uuid.UUID:
+    async with Registry(
+        settings.registry,
+        publisher=RecordingPublisher(),
+        broker=RecordingBroker(),
+        dsn=settings.postgres.dsn.get_secret_value(),
+    ) as registry:
+        return await registry.create_owner(new_owner(), source="test")
+
+
+def _publish_once(settings: Settings, username: str, password: str, topic: str) -> str:
+    """Log in as `username` and publish once at QoS 1; the PUBACK's reason, as text."""
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=username, protocol=MQTTProtocolVersion.MQTTv5
+    )
+    client.username_pw_set(username, password)
+    outcome: list[str] = []
+    client.on_publish = lambda _c, _u, _mid, reason, _p: outcome.append(str(reason))
+    client.connect(settings.mqtt.host, settings.mqtt.port)
+    client.loop_start()
+    try:
+        client.publish(topic, b"{}", qos=1).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return outcome[0]

@@ -1,0 +1,80 @@
+"""How fast a simulated fleet is provisioned: factory import, owners, registrations
+(each one scrypt-hashed and pushed to Mosquitto's dynamic-security plugin).
+
+Runs against the local servers (`usagepipe services up`), in a registry schema and
+topic prefix of its own that it drops afterwards (and deletes the broker accounts it
+made). For each scrypt cost it provisions a fresh fleet, then provisions it again (the
+idempotent path: every device's secret reissued). This is a benchmark, not a test: it
+prints figures and asserts nothing.
+
+    python bench/provision.py [--devices 200] [--log2-n 10 14] [--concurrency 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import time
+
+import asyncpg
+
+from ingest.kafka import ensure_topics
+from ingest.services import with_broker_logins
+from ingest.settings import Settings
+from simulators.fleet import FleetPlan, device_ids
+from simulators.provision import open_registry, provision
+
+
+async def one(base: Settings, devices: int, log2_n: int, concurrency: int) -> None:
+    name = f"bench_{secrets.token_hex(4)}"
+    settings = base.model_copy(
+        update={
+            "registry": base.registry.model_copy(
+                update={"db_schema": name, "events_topic": f"{name}.registry"}
+            ),
+            "simulator": base.simulator.model_copy(update={"provision_hash_log2_n": log2_n}),
+            "mqtt": base.mqtt.model_copy(update={"topic_prefix": f"{name}/"}),
+        }
+    )
+    plan = FleetPlan(devices=devices, messages_per_device=1, fleet=name.replace("_", ""))
+    await ensure_topics(settings.kafka, settings.registry.events_topic)
+    try:
+        async with open_registry(settings) as registry:
+            for label in ("first run", "second run"):
+                started = time.perf_counter()
+                fleet = await provision(registry, plan, concurrency=concurrency)
+                elapsed = time.perf_counter() - started
+                print(
+                    f"scrypt 2^{log2_n:<2}  {label:<10}  {devices} devices in {elapsed:6.2f}s"
+                    f" = {devices / elapsed:7.1f} devices/s  (registered {fleet.registered},"
+                    f" reissued {fleet.reissued})",
+                    flush=True,
+                )
+    finally:
+        from devices.mosquitto import DynsecAccounts
+
+        async with DynsecAccounts(settings.mqtt) as accounts:
+            await accounts.revoke_devices(device_ids(plan))
+        conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+        finally:
+            await conn.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=200)
+    parser.add_argument("--log2-n", type=int, nargs="+", default=[10, 14])
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+    settings = with_broker_logins(Settings())
+    print(f"{os.cpu_count()} CPUs; concurrency {args.concurrency}")
+    for log2_n in args.log2_n:
+        await one(settings, args.devices, log2_n, args.concurrency)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,138 @@
+"""How fast the store stage writes, against raw COPY into the same table shape.
+
+Builds realistic rows (a simulated fleet's messages, parsed as the consumer parses
+them, in event-time order as a live stream arrives), then writes them in batches of
+`--batch` rows, each in its own transaction, two ways on the real PostgreSQL:
+
+    store     UsageStore.write: COPY into staging, INSERT ... ON CONFLICT DO NOTHING
+              into the partitioned usage table, the hourly/daily rollups and device
+              memberships from the INSERT's RETURNING, and the Kafka offsets upsert
+    raw COPY  asyncpg copy_records_to_table straight into an identical partitioned
+              table (same columns, same primary key, same partitions; no rollups,
+              no staging, no dedup)
+
+Each run gets fresh tables (`usage_bench_store`, `usage_bench_raw`, dropped after). The
+best of `--repeat` runs is printed for each, with the ratio store / raw. This is a
+benchmark, not a test: it prints figures and asserts nothing.
+
+    python bench/store.py [--devices 2000] [--messages 50] [--batch 5000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from ingest.settings import PostgresSettings
+from ingest.store import COLUMNS, SourceOffset, UsageRow, UsageStore
+from schemas.parse import parse_telemetry
+from simulators.fleet import FleetPlan, device_ids, plan_device
+
+COMMAND = "python bench/store.py " + " ".join(sys.argv[1:])
+
+
+def fleet_rows(devices: int, messages: int) -> list[UsageRow]:
+    plan = FleetPlan(
+        devices=devices,
+        messages_per_device=messages,
+        seed=1,
+        start=datetime.now(UTC) - timedelta(minutes=30),
+    )
+    now = datetime.now(UTC)
+    rows = []
+    for device in device_ids(plan):
+        for i, msg in enumerate(plan_device(plan, device)):
+            env = parse_telemetry(
+                msg.payload, now=now, max_future_skew=timedelta(minutes=5), max_bytes=65536
+            )
+            rows.append(UsageRow.from_envelope(env, hash(device) % 6, i))
+    rows.sort(key=lambda r: r.event_time)
+    return rows
+
+
+async def drop(dsn: str, table: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        derived = ("layout", "offsets", "hourly", "daily", "hourly_devices", "daily_devices")
+        names = ", ".join([table, *(f"{table}_{d}" for d in derived)])
+        await conn.execute(f"DROP TABLE IF EXISTS {names} CASCADE")
+        await conn.execute("DELETE FROM schema_migrations WHERE component = $1", f"store.{table}")
+    finally:
+        await conn.close()
+
+
+def settings(base: PostgresSettings, table: str) -> PostgresSettings:
+    return PostgresSettings(
+        **{**base.model_dump(), "table": table, "use_timescaledb": False, "pool_size": 1}
+    )
+
+
+async def run_store(base: PostgresSettings, batches: list[list[UsageRow]]) -> float:
+    table = "usage_bench_store"
+    await drop(base.dsn.get_secret_value(), table)
+    try:
+        async with UsageStore(settings(base, table)) as store:
+            await store.migrate()
+            started = time.perf_counter()
+            for n, batch in enumerate(batches):
+                offsets = [SourceOffset("bench", p, (n + 1) * len(batch), n) for p in range(6)]
+                await store.write(batch, offsets, group_id="bench")
+            return time.perf_counter() - started
+    finally:
+        await drop(base.dsn.get_secret_value(), table)
+
+
+async def run_raw(base: PostgresSettings, batches: list[list[UsageRow]]) -> float:
+    table = "usage_bench_raw"
+    await drop(base.dsn.get_secret_value(), table)
+    try:
+        async with UsageStore(settings(base, table)) as store:
+            await store.migrate()  # the same table, partitions and key
+            await store.ensure_partitions(r.event_time for b in batches for r in b)
+            async with store.pool.acquire() as conn:
+                started = time.perf_counter()
+                for batch in batches:
+                    await conn.copy_records_to_table(
+                        table, records=[r.record() for r in batch], columns=COLUMNS
+                    )
+                return time.perf_counter() - started
+    finally:
+        await drop(base.dsn.get_secret_value(), table)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=2000)
+    parser.add_argument("--messages", type=int, default=50, help="per device")
+    parser.add_argument("--batch", type=int, default=5000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    print(f"$ {COMMAND}".rstrip())
+    base = PostgresSettings()
+    rows = fleet_rows(args.devices, args.messages)
+    batches = [rows[i : i + args.batch] for i in range(0, len(rows), args.batch)]
+    conn = await asyncpg.connect(base.dsn.get_secret_value())
+    version = await conn.fetchval("SHOW server_version")
+    await conn.close()
+    print(
+        f"{len(rows):,} rows from {args.devices:,} devices, {len(batches)} batches of "
+        f"{args.batch:,}; PostgreSQL {version}, Python {platform.python_version()}"
+    )
+    store_s = raw_s = float("inf")
+    for _ in range(args.repeat):  # alternate, so drift hits both alike
+        raw_s = min(raw_s, await run_raw(base, batches))
+        store_s = min(store_s, await run_store(base, batches))
+    store_rate, raw_rate = len(rows) / store_s, len(rows) / raw_s
+    print(f"store stage (UsageStore.write, rollups included): {store_rate:>10,.0f} rows/s")
+    print(f"raw COPY (same partitioned table and key):        {raw_rate:>10,.0f} rows/s")
+    print(f"ratio store / raw COPY: {store_rate / raw_rate:.2f} (target >= 0.80)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

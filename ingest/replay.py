@@ -1,0 +1,336 @@
+"""`usagepipe dlq`: read the dead-letter topic, and replay what a fix made good.
+
+    usagepipe dlq list [--reason R] [--limit N]          the newest letters, as a table
+    usagepipe dlq show POSITION                          one letter in full
+    usagepipe dlq replay [--reason R] [--partition P]
+                         [--from-offset N] [--to-offset N] [--dry-run]
+
+A letter's position is `partition:offset` in the dead-letter topic (the topic has
+several partitions, so an offset alone may name more than one letter). All three read
+the topic through `DeadLetterReader`, from the beginning (or `--from-offset`) to the
+end, with no consumer group.
+
+Replay produces each selected letter's original bytes, with its original key, to
+`kafka.raw_topic` (acks=all), where the consumer takes them like any other record: one
+already stored changes nothing (the store keys on device, boot and seq), and one that
+is still invalid is dead-lettered again, as a new letter. The selection is read to the
+end before anything is produced, so one run never replays the letters it causes.
+
+Letters refused for DEVICE_ID_MISMATCH are never replayed: the bridge refused them
+because a device spoke for another, and nothing after the bridge repeats that check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import heapq
+import sys
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TextIO
+
+from aiokafka.errors import KafkaError
+
+from ingest.bridge import device_id_from_payload
+from ingest.dead_letter import DeadLetter, DeadLetterReader, StoredLetter
+from ingest.errors import BrokerUnavailable
+from ingest.kafka import ensure_topics, make_producer
+from ingest.settings import KafkaSettings, Settings
+from schemas.errors import Reason
+
+NEVER_REPLAYED = frozenset({Reason.DEVICE_ID_MISMATCH})
+"""Reasons whose letters replay skips: the check that refused them is the bridge's alone."""
+
+_MESSAGE_WIDTH = 72
+_SEND_WINDOW = 1000  # records handed to the producer before waiting for Kafka's acks
+
+
+@dataclass
+class ReplayReport:
+    """What one replay did (or, with dry_run, would do)."""
+
+    replayed: Counter[str] = field(default_factory=Counter)
+    """Letters whose original was produced to the raw topic, by reason."""
+    skipped: Counter[str] = field(default_factory=Counter)
+    """Letters selected but never replayed (NEVER_REPLAYED), by reason."""
+    unreadable: int = 0
+    """Records of the dead-letter topic that are not dead letters."""
+    dry_run: bool = False
+
+
+def parse_position(text: str) -> tuple[int | None, int]:
+    """`3:17` -> (3, 17); `17` -> (None, 17): an offset in whichever partition has it."""
+    partition, _, offset = text.rpartition(":")
+    try:
+        parsed = (int(partition) if partition else None, int(offset))
+    except ValueError:
+        parsed = (None, -1)
+    if parsed[1] < 0 or (parsed[0] is not None and parsed[0] < 0):
+        raise ValueError(f"not a position: {text!r} (use PARTITION:OFFSET, e.g. 2:17)")
+    return parsed
+
+
+async def list_letters(
+    settings: KafkaSettings,
+    *,
+    reason: Reason | None = None,
+    limit: int = 50,
+    out: TextIO = sys.stdout,
+    idle_s: float = 1.0,
+) -> int:
+    """Print the newest `limit` letters (0: all), of `reason` if given; returns how many."""
+    by_reason: Counter[str] = Counter()
+    newest: list[tuple[datetime, int, int, StoredLetter]] = []  # a min-heap on failed_at
+    total = 0
+    unreadable: list[str] = []
+    async with DeadLetterReader(settings, idle_s=idle_s) as reader:
+        async for stored in reader:
+            total += 1
+            if stored.letter is None:
+                unreadable.append(stored.position)
+                continue
+            by_reason[stored.letter.reason.value] += 1
+            if reason is not None and stored.letter.reason is not reason:
+                continue
+            entry = (stored.letter.failed_at, stored.partition, stored.offset, stored)
+            if limit and len(newest) >= limit:
+                heapq.heappushpop(newest, entry)
+            else:
+                heapq.heappush(newest, entry)
+    shown = [entry[3] for entry in sorted(newest)]
+    summary = ", ".join(f"{r} {n}" for r, n in sorted(by_reason.items()))
+    print(f"{settings.dlq_topic}: {total} records ({summary or 'no dead letters'})", file=out)
+    if unreadable:
+        listed = ", ".join(unreadable[:10]) + (", ..." if len(unreadable) > 10 else "")
+        print(f"not dead letters (see `dlq show`): {listed}", file=out)
+    if not shown:
+        return 0
+    matching = by_reason[reason.value] if reason is not None else total - len(unreadable)
+    which = f" of reason {reason.value}" if reason is not None else ""
+    print(f"the newest {len(shown)} of {matching}{which}, oldest first:", file=out)
+    rows = [("POSITION", "REASON", "SOURCE", "DEVICE", "FAILED_AT", "MESSAGE")]
+    rows += [_row(stored) for stored in shown]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True)]
+        print("  ".join([*cells, row[5]]), file=out)
+    return len(shown)
+
+
+async def show_letter(
+    settings: KafkaSettings,
+    position: tuple[int | None, int],
+    *,
+    out: TextIO = sys.stdout,
+    idle_s: float = 1.0,
+) -> int:
+    """Print the letter at `position` in full; returns the exit status (1: none, 2: which?)."""
+    partition, offset = position
+    found: list[StoredLetter] = []
+    async with DeadLetterReader(
+        settings,
+        partitions=None if partition is None else [partition],
+        start=offset,
+        idle_s=idle_s,
+    ) as reader:
+        async for stored in reader:
+            if stored.offset == offset:
+                found.append(stored)
+                if partition is not None:
+                    break
+    if not found:
+        where = f"{partition}:{offset}" if partition is not None else f"offset {offset}"
+        print(f"no record at {where} in {settings.dlq_topic}", file=sys.stderr)
+        return 1
+    if len(found) > 1:
+        positions = ", ".join(stored.position for stored in found)
+        print(f"offset {offset} is in several partitions: {positions}; pick one", file=sys.stderr)
+        return 2
+    _print_letter(settings, found[0], out)
+    return 0
+
+
+async def replay(
+    settings: Settings,
+    *,
+    reason: Reason | None = None,
+    partition: int | None = None,
+    from_offset: int = 0,
+    to_offset: int | None = None,
+    dry_run: bool = False,
+    idle_s: float = 1.0,
+) -> ReplayReport:
+    """Produce the selected letters' originals to the raw topic, keyed as they were.
+
+    Selected: of `reason` (any but NEVER_REPLAYED if None), in `partition` (all if None),
+    at dead-letter offsets from `from_offset` to `to_offset`, both included. Returns once
+    Kafka confirmed every record (acks=all).
+    """
+    report = ReplayReport(dry_run=dry_run)
+    selected: list[DeadLetter] = []
+    async with DeadLetterReader(
+        settings.kafka,
+        partitions=None if partition is None else [partition],
+        start=from_offset,
+        idle_s=idle_s,
+    ) as reader:
+        async for stored in reader:
+            letter = stored.letter
+            if to_offset is not None and stored.offset > to_offset:
+                continue
+            if letter is None:
+                report.unreadable += 1
+            elif reason is not None and letter.reason is not reason:
+                continue
+            elif letter.reason in NEVER_REPLAYED:
+                report.skipped[letter.reason.value] += 1
+            else:
+                selected.append(letter)
+    if not dry_run and selected:
+        await _produce_originals(settings, selected)
+    report.replayed.update(letter.reason.value for letter in selected)
+    return report
+
+
+async def _produce_originals(settings: Settings, letters: list[DeadLetter]) -> None:
+    raw_topic = settings.kafka.raw_topic
+    await ensure_topics(settings.kafka, raw_topic)
+    producer = make_producer(settings.kafka, client_id="usagepipe-dlq-replay")
+    try:
+        await producer.start()
+        for start in range(0, len(letters), _SEND_WINDOW):
+            window = letters[start : start + _SEND_WINDOW]
+            pending = [
+                await producer.send(raw_topic, value=letter.original, key=letter.key)
+                for letter in window
+            ]
+            await asyncio.gather(*pending)
+    except KafkaError as exc:
+        raise BrokerUnavailable(f"replay to {raw_topic} failed: {exc!r}") from exc
+    finally:
+        await producer.stop()
+
+
+def print_replay(settings: Settings, report: ReplayReport, out: TextIO = sys.stdout) -> None:
+    total = sum(report.replayed.values())
+    verb = "would replay" if report.dry_run else "replayed"
+    letters = "dead letter" if total == 1 else "dead letters"
+    print(f"{verb} {total} {letters} to {settings.kafka.raw_topic}", file=out)
+    for reason, count in sorted(report.replayed.items()):
+        print(f"  {reason:<24} {count}", file=out)
+    for reason, count in sorted(report.skipped.items()):
+        print(f"  {reason:<24} {count} skipped: never replayed", file=out)
+    if report.unreadable:
+        print(f"  {report.unreadable} records skipped: not dead letters", file=out)
+
+
+def run_dlq(settings: Settings, args: argparse.Namespace) -> int:
+    """`usagepipe dlq ...`, with the arguments ingest/cli.py parsed."""
+    reason = Reason(args.reason) if getattr(args, "reason", None) else None
+    try:
+        if args.action == "list":
+            asyncio.run(list_letters(settings.kafka, reason=reason, limit=args.limit))
+            return 0
+        if args.action == "show":
+            try:
+                position = parse_position(args.position)
+            except ValueError as exc:
+                print(f"usagepipe dlq show: {exc}", file=sys.stderr)
+                return 2
+            return asyncio.run(show_letter(settings.kafka, position))
+        report = asyncio.run(
+            replay(
+                settings,
+                reason=reason,
+                partition=args.partition,
+                from_offset=args.from_offset,
+                to_offset=args.to_offset,
+                dry_run=args.dry_run,
+            )
+        )
+    except BrokerUnavailable as exc:
+        print(f"usagepipe dlq {args.action}: {exc}", file=sys.stderr)
+        return 1
+    print_replay(settings, report)
+    return 0
+
+
+def _row(stored: StoredLetter) -> tuple[str, str, str, str, str, str]:
+    letter = stored.letter
+    assert letter is not None
+    message = safe_text(letter.message)
+    if len(message) > _MESSAGE_WIDTH:
+        message = message[: _MESSAGE_WIDTH - 3] + "..."
+    return (
+        stored.position,
+        letter.reason.value,
+        safe_text(_source(letter)),
+        safe_text(device_id_from_payload(letter.original) or "-"),
+        letter.failed_at.strftime("%Y-%m-%d %H:%M:%S"),
+        message,
+    )
+
+
+def _source(letter: DeadLetter) -> str:
+    if letter.kind == "mqtt":
+        return f"mqtt {letter.topic}"
+    return f"kafka {letter.topic} {letter.partition}:{letter.offset}"
+
+
+def _print_letter(settings: KafkaSettings, stored: StoredLetter, out: TextIO) -> None:
+    print(f"dead letter {stored.position} in {settings.dlq_topic}", file=out)
+    letter = stored.letter
+    if letter is None:
+        print(f"  {safe_text(stored.problem)}", file=out)
+        return
+    original = letter.original
+    key = "-" if letter.key is None else safe_text(letter.key.decode("utf-8", "replace"))
+    fields = [
+        ("reason", letter.reason.value),
+        ("message", letter.message),
+        ("source", _source(letter)),
+        ("key", key),
+        ("device_id", device_id_from_payload(original) or "- (not readable from the payload)"),
+        ("failed_at", letter.failed_at.isoformat()),
+    ]
+    for name, value in fields:
+        print(f"  {name:<10} {safe_text(value)}", file=out)
+    try:
+        text = original.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        print(
+            f"  original   {len(original)} bytes, not UTF-8 ({exc.reason} at byte "
+            f"{exc.start}), as hex:",
+            file=out,
+        )
+        out.write(hex_dump(original))
+        return
+    print(f"  original   {len(original)} bytes, UTF-8 text:", file=out)
+    print(safe_text(text, keep="\n\t"), file=out)
+
+
+def safe_text(text: str, keep: str = "") -> str:
+    """`text` with control and format characters (terminal escapes, bidi overrides)
+    written as `\\xNN` / `\\uNNNN`, except those in `keep`."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ch
+        if ch in keep or unicodedata.category(ch) not in ("Cc", "Cf", "Zl", "Zp")
+        else (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        for ch in text
+    )
+
+
+def hex_dump(data: bytes, width: int = 16) -> str:
+    """`offset  hex bytes  |ascii|` lines, as `hexdump -C` prints them."""
+    lines = []
+    for start in range(0, len(data), width):
+        chunk = data[start : start + width]
+        hexes = " ".join(f"{b:02x}" for b in chunk)
+        ascii_ = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in chunk)
+        lines.append(f"{start:08x}  {hexes:<{width * 3 - 1}}  |{ascii_}|\n")
+    return "".join(lines)

@@ -1,0 +1,1 @@
+"""Migrations for plain PostgreSQL: a natively range-partitioned usage table."""

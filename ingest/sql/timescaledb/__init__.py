@@ -1,0 +1,1 @@
+"""Migrations for PostgreSQL with TimescaleDB: a hypertable and continuous aggregates."""

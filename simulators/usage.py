@@ -1,0 +1,237 @@
+"""How households really use their appliances: when, how often, and what.
+
+A planner should recognise the fleet's data: laundry on weekday evenings and weekend
+mornings, fridge doors at meal times, air conditioning in the Korean summer (heating
+in winter), air purifiers working hardest in the spring yellow-dust season, robot
+vacuums on a morning schedule. Each device belongs to a `Household` with a region, a
+size and habits; `device_events` turns a household, a category and a time window into
+the device's events in time order, deterministic for the random generator it is given.
+
+Bodies come from `schemas.examples` (valid by construction, tested against the models);
+the usage model chooses which events happen when, and sets the fields that follow the
+season or the household (air-conditioner mode and setpoint, outdoor temperature,
+fine-dust readings, how a vacuum run was started).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from schemas.examples import example_body
+
+# Districts across Korea's largest cities, weighted roughly by households.
+REGIONS: tuple[tuple[str, int], ...] = (
+    ("Seoul/Gangnam-gu", 8),
+    ("Seoul/Songpa-gu", 8),
+    ("Seoul/Mapo-gu", 6),
+    ("Seoul/Nowon-gu", 6),
+    ("Seoul/Gwanak-gu", 6),
+    ("Busan/Haeundae-gu", 5),
+    ("Busan/Busanjin-gu", 4),
+    ("Incheon/Yeonsu-gu", 4),
+    ("Incheon/Bupyeong-gu", 4),
+    ("Daegu/Suseong-gu", 4),
+    ("Daejeon/Yuseong-gu", 4),
+    ("Gwangju/Buk-gu", 3),
+    ("Ulsan/Nam-gu", 2),
+    ("Gyeonggi/Seongnam-si", 6),
+    ("Gyeonggi/Suwon-si", 6),
+    ("Gyeonggi/Goyang-si", 5),
+    ("Gyeonggi/Yongin-si", 5),
+    ("Jeju/Jeju-si", 2),
+)
+
+# Seoul's monthly mean temperature (C) and a typical PM2.5 level (ug/m3), Jan..Dec.
+_MONTHLY_TEMP_C = (-2.4, 0.4, 5.7, 12.5, 17.8, 22.2, 24.9, 25.7, 21.2, 14.8, 7.2, 0.4)
+_MONTHLY_PM25 = (30, 34, 38, 32, 25, 20, 15, 13, 14, 19, 25, 29)
+
+
+@dataclass(frozen=True)
+class Household:
+    """Who lives with the appliance, and their habits."""
+
+    region: str
+    size: int
+    """People in the household, 1..5."""
+    works_days: bool
+    """Out on weekdays: chores move to evenings and weekends."""
+    schedules_vacuum: bool
+    """Runs the robot vacuum on a fixed morning schedule rather than by hand."""
+    uses_app: float
+    """Share of features started from the app rather than the panel."""
+
+
+def new_household(rng: random.Random) -> Household:
+    regions, weights = zip(*REGIONS, strict=True)
+    return Household(
+        region=rng.choices(regions, weights)[0],
+        size=rng.choices((1, 2, 3, 4, 5), (30, 28, 21, 17, 4))[0],
+        works_days=rng.random() < 0.7,
+        schedules_vacuum=rng.random() < 0.6,
+        uses_app=rng.choice((0.05, 0.15, 0.3, 0.5)),
+    )
+
+
+def outdoor_temp_c(at: datetime, rng: random.Random) -> float:
+    """A plausible outdoor temperature: the month's mean, a daily swing, some weather."""
+    mean = _MONTHLY_TEMP_C[at.month - 1]
+    swing = 4.0 * math.sin((at.hour - 9) / 24 * 2 * math.pi)
+    return round(mean + swing + rng.gauss(0, 2.5), 1)
+
+
+def pm25(at: datetime, rng: random.Random) -> float:
+    return round(min(_MONTHLY_PM25[at.month - 1] * rng.lognormvariate(0, 0.5), 900.0), 1)
+
+
+def _at(day: datetime, hour: float) -> datetime:
+    return day + timedelta(hours=min(max(hour, 0.0), 23.99))
+
+
+def _trigger(household: Household, rng: random.Random) -> str:
+    if rng.random() < household.uses_app:
+        return "app_remote"
+    return "voice" if rng.random() < 0.03 else "panel"
+
+
+def _laundry_times(household: Household, day: datetime, rng: random.Random) -> list[datetime]:
+    weekend = day.weekday() >= 5
+    per_week = 1.5 + 1.0 * household.size
+    share = 0.26 if weekend else 0.096  # two weekend days carry about half the week
+    chance = per_week * share / 4  # up to four loads a day, each with this chance
+    count = sum(1 for _ in range(4) if rng.random() < chance)
+    times = []
+    for _ in range(count):
+        if weekend:
+            hour = rng.gauss(10.5, 1.5) if rng.random() < 0.6 else rng.gauss(19.5, 1.5)
+        elif household.works_days:
+            hour = rng.gauss(20.5, 1.2)
+        else:
+            hour = rng.gauss(11.0, 2.0)
+        times.append(_at(day, hour))
+    return times
+
+
+def _fridge_door_times(household: Household, day: datetime, rng: random.Random) -> list[datetime]:
+    meals = (7.5, 12.5, 19.0) if not household.works_days or day.weekday() >= 5 else (7.3, 19.2)
+    times = []
+    for meal in meals:
+        for _ in range(rng.randint(1, 2 + household.size)):
+            times.append(_at(day, rng.gauss(meal, 0.6)))
+    for _ in range(rng.randint(0, household.size * 2)):
+        times.append(_at(day, rng.uniform(6, 24)))
+    return times
+
+
+def device_events(
+    category: str,
+    household: Household,
+    rng: random.Random,
+    start: datetime,
+    end: datetime,
+) -> Iterator[tuple[datetime, str, dict[str, Any]]]:
+    """The device's events between `start` and `end`, as (event time, schema, body)."""
+    events: list[tuple[datetime, str, dict[str, Any]]] = []
+    day = start.replace(hour=0, minute=0, second=0, microsecond=0)
+    while day < end:
+        events.extend(_day(category, household, rng, day))
+        day += timedelta(days=1)
+    events.sort(key=lambda e: e[0])
+    for event in events:
+        if start <= event[0] < end:
+            yield event
+
+
+def _day(
+    category: str, household: Household, rng: random.Random, day: datetime
+) -> list[tuple[datetime, str, dict[str, Any]]]:
+    out: list[tuple[datetime, str, dict[str, Any]]] = []
+
+    def add(at: datetime, schema: str, **overrides: Any) -> None:
+        body = example_body(schema, rng)
+        body.update(overrides)
+        out.append((at, schema, body))
+
+    if category in ("washer", "dryer"):
+        for at in _laundry_times(household, day, rng):
+            if category == "washer":
+                add(at, "washer.cycle", trigger=_trigger(household, rng))
+            elif rng.random() < 0.7:  # not every wash is machine-dried
+                add(
+                    at + timedelta(minutes=rng.uniform(60, 120)),
+                    "dryer.cycle",
+                    trigger=_trigger(household, rng),
+                )
+    elif category == "refrigerator":
+        for at in _fridge_door_times(household, day, rng):
+            add(at, "refrigerator.door")
+        if rng.random() < 0.05:
+            add(
+                _at(day, rng.uniform(8, 22)),
+                "refrigerator.setpoint_change",
+                trigger=_trigger(household, rng),
+            )
+    elif category == "air_conditioner":
+        temp = _MONTHLY_TEMP_C[day.month - 1]
+        if temp >= 20 or temp <= 3:
+            cooling = temp >= 20
+            runs = 2 if cooling and temp >= 24 else 1
+            for _ in range(runs if rng.random() < 0.85 else 0):
+                on = _at(day, rng.gauss(19.0 if household.works_days else 14.0, 2.0))
+                add(
+                    on,
+                    "air_conditioner.mode_change",
+                    power="on",
+                    mode="cool" if cooling else "heat",
+                    setpoint_c=rng.randint(46, 52) / 2 if cooling else rng.randint(40, 48) / 2,
+                    trigger=_trigger(household, rng),
+                )
+                for hour in range(rng.randint(1, 5)):
+                    at = on + timedelta(hours=hour, minutes=30)
+                    add(at, "air_conditioner.climate", outdoor_c=outdoor_temp_c(at, rng))
+                add(
+                    on + timedelta(hours=rng.uniform(1, 6)),
+                    "air_conditioner.mode_change",
+                    power="off",
+                    mode="cool" if cooling else "heat",
+                    trigger=_trigger(household, rng),
+                )
+    elif category == "air_purifier":
+        for hour in range(0, 24, 3):
+            at = _at(day, hour + rng.uniform(0, 1))
+            add(
+                at,
+                "air_purifier.air_quality",
+                pm2_5_ug_m3=(reading := pm25(at, rng)),
+                pm10_ug_m3=round(min(reading * rng.uniform(1.1, 1.9), 1000.0), 1),
+            )
+        if rng.random() < 0.3:
+            add(
+                _at(day, rng.uniform(7, 23)),
+                "air_purifier.mode_change",
+                trigger=_trigger(household, rng),
+            )
+    elif category == "robot_vacuum":
+        if household.schedules_vacuum:
+            if day.weekday() < 5 or rng.random() < 0.5:
+                add(
+                    _at(day, 10 + rng.uniform(0, 0.1)), "robot_vacuum.clean_run", trigger="schedule"
+                )
+        elif rng.random() < 0.4:
+            add(
+                _at(day, rng.gauss(19.5, 2)),
+                "robot_vacuum.clean_run",
+                trigger=_trigger(household, rng),
+            )
+
+    # Shared events: a daily energy reading, rare filter news and errors.
+    add(_at(day, 23.9), f"{category}.energy")
+    if category != "washer" and rng.random() < 0.03:
+        add(_at(day, rng.uniform(8, 22)), f"{category}.filter")
+    if rng.random() < 0.004:
+        add(_at(day, rng.uniform(0, 24)), f"{category}.error")
+    return out

@@ -1,0 +1,270 @@
+"""Dead letters end to end: every input the consumer refuses is moved aside with its
+reason while good messages around it are stored, and `usagepipe dlq` lists, shows and
+replays them."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+from prometheus_client import CollectorRegistry
+
+from ingest.consumer import Consumer
+from ingest.dead_letter import DeadLetter, DeadLetterReader, send_dead_letters
+from ingest.kafka import ensure_topics, make_producer
+from ingest.metrics import ConsumerMetrics
+from ingest.replay import list_letters, parse_position, replay, show_letter
+from ingest.settings import Settings
+from schemas.errors import InvalidTelemetry, Reason
+from schemas.parse import parse_telemetry
+from simulators.fleet import FleetPlan, device_ids, plan_device
+from tests.pipeline import pipeline, publish_payloads, read_to_end, stored_keys, wait_for
+
+
+def bad_inputs(good: dict[str, Any]) -> dict[bytes, Reason]:
+    """One payload per class of input the consumer refuses, made from a good document."""
+
+    def variant(seq: int, **changes: Any) -> dict[str, Any]:
+        return {**good, "seq": seq, **changes}
+
+    missing = variant(106)
+    del missing["event_time"]
+    future = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    return {
+        orjson.dumps(variant(100)).replace(b'"boot_id":"', b'"boot_id":"\xff'): (
+            Reason.INVALID_UTF8
+        ),
+        orjson.dumps(variant(101))[:-9]: Reason.INVALID_JSON,
+        orjson.dumps([variant(102)]): Reason.INVALID_JSON,
+        orjson.dumps(variant(103)).replace(b'"seq":103', b'"seq":NaN'): Reason.NON_FINITE_NUMBER,
+        orjson.dumps({**variant(104), "seq": "104"}): Reason.SCHEMA_VIOLATION,
+        orjson.dumps(missing): Reason.SCHEMA_VIOLATION,
+        orjson.dumps(variant(107, schema="washer.spin")): Reason.UNKNOWN_SCHEMA,
+        orjson.dumps(variant(108, schema_version=99)): Reason.UNKNOWN_SCHEMA_VERSION,
+        orjson.dumps(variant(109, event_time=future)): Reason.EVENT_TIME_IN_FUTURE,
+    }
+
+
+async def read_letters(settings: Settings) -> list[DeadLetter]:
+    async with DeadLetterReader(settings.kafka) as reader:
+        letters = [stored.letter async for stored in reader]
+    assert None not in letters
+    return [letter for letter in letters if letter is not None]
+
+
+async def test_each_refused_input_is_dead_lettered_once_and_replay_refuses_it_again(
+    settings: Settings,
+) -> None:
+    plan = FleetPlan(devices=1, messages_per_device=8, seed=43)
+    [device] = device_ids(plan)
+    good = plan_device(plan, device, settings.mqtt.topic_prefix)
+    bad = bad_inputs(orjson.loads(good[0].payload))
+    assert len(bad) == 9
+    topic = good[0].topic
+    payloads = [m.payload for m in good[:4]] + list(bad) + [m.payload for m in good[4:]]
+
+    async with pipeline(settings) as run:
+        await publish_payloads(settings, device, topic, payloads)
+        await wait_for(lambda: run.consumer.report.consumed == 17, "17 records")
+        assert run.consumer.report.dead_lettered == 9
+        assert sorted(await stored_keys(settings)) == sorted(m.key for m in good)
+
+        letters = await read_letters(settings)
+        assert {letter.original: letter.reason for letter in letters} == bad
+        assert len(letters) == 9
+        for letter in letters:
+            assert (letter.kind, letter.topic) == ("kafka", settings.kafka.raw_topic)
+            assert letter.key == device.encode()
+
+        # Nothing was fixed: the replayed message is refused again, as a new letter.
+        report = await replay(settings, reason=Reason.UNKNOWN_SCHEMA_VERSION)
+        assert report.replayed == {"unknown_schema_version": 1}
+        await wait_for(lambda: run.consumer.report.dead_lettered == 10, "the letter again")
+
+    again = await read_letters(settings)
+    assert Counter(letter.reason for letter in again) == {
+        **Counter(bad.values()),
+        Reason.UNKNOWN_SCHEMA_VERSION: 2,
+    }
+    first, second = (a for a in again if a.reason is Reason.UNKNOWN_SCHEMA_VERSION)
+    assert first.original == second.original
+    assert first.offset != second.offset  # the replayed record, later in the raw topic
+    assert sorted(await stored_keys(settings)) == sorted(m.key for m in good)
+    assert run.consumer.report.consumed == 18
+
+
+async def test_replayed_letter_that_is_now_valid_is_stored_once_even_when_replayed_twice(
+    settings: Settings,
+) -> None:
+    """A message refused for a clock ahead of the consumer's skew, replayed once the skew
+    was raised (the fix): stored, and a second replay changes nothing."""
+    plan = FleetPlan(devices=1, messages_per_device=1, seed=44, start=datetime.now(UTC))
+    [device] = device_ids(plan)
+    message = plan_device(plan, device, settings.mqtt.topic_prefix)[0]
+    document = orjson.loads(message.payload)
+    ahead = datetime.fromisoformat(document["event_time"]) + timedelta(hours=1)
+    raw = orjson.dumps({**document, "event_time": ahead.isoformat()})
+    with pytest.raises(InvalidTelemetry) as refused:  # what the consumer said at first
+        parse_telemetry(
+            raw,
+            now=datetime.now(UTC),
+            max_future_skew=settings.consumer.max_future_skew,
+            max_bytes=settings.bridge.max_payload_bytes,
+        )
+    assert refused.value.reason is Reason.EVENT_TIME_IN_FUTURE
+    letter = DeadLetter.from_error(
+        refused.value,
+        topic=settings.kafka.raw_topic,
+        partition=0,
+        offset=0,
+        key=device.encode(),
+        original=raw,
+    )
+    await ensure_topics(settings.kafka, settings.kafka.raw_topic, settings.kafka.dlq_topic)
+    producer = make_producer(settings.kafka, client_id="test-dlq")
+    await producer.start()
+    try:
+        await send_dead_letters(producer, settings.kafka.dlq_topic, [letter])
+    finally:
+        await producer.stop()
+
+    fixed = settings.model_copy(
+        update={"consumer": settings.consumer.model_copy(update={"max_future_skew_s": 7200})}
+    )
+    consumer = Consumer(fixed, ConsumerMetrics(CollectorRegistry()))
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(consumer.run(), name="test-consumer")
+        try:
+            for _ in range(2):
+                report = await replay(settings, reason=Reason.EVENT_TIME_IN_FUTURE)
+                assert report.replayed == {"event_time_in_future": 1}
+            await wait_for(lambda: consumer.report.consumed == 2, "both replayed records")
+        finally:
+            consumer.stop("test over")
+
+    assert await stored_keys(settings) == [message.key]
+    assert (consumer.report.stored, consumer.report.duplicates) == (1, 1)
+    assert consumer.report.dead_lettered == 0
+    assert len(await read_letters(settings)) == 1
+
+
+async def test_list_show_and_dry_run(settings: Settings) -> None:
+    """Letters written straight to the dead-letter topic, partition 0, offsets 0..3."""
+    kafka = settings.kafka
+    utf8 = b'\xff\xfe{"device_id": "wm-7-000001"}'
+    newer = '{"device_id": "wm-7-000001", "schema_version": 99, "x": "\u202e"}\n'.encode()
+    spoof = b'{"device_id": "wm-7-000002"}'
+    letters = [
+        DeadLetter.from_error(
+            InvalidTelemetry(Reason.INVALID_UTF8, "byte 0: invalid start byte (b'\\xff')"),
+            topic=kafka.raw_topic,
+            partition=1,
+            offset=5,
+            key=b"wm-7-000001",
+            original=utf8,
+        ),
+        DeadLetter.from_error(
+            InvalidTelemetry(Reason.UNKNOWN_SCHEMA_VERSION, "schema_version: not 99"),
+            topic=kafka.raw_topic,
+            partition=1,
+            offset=6,
+            key=b"wm-7-000001",
+            original=newer,
+        ),
+        DeadLetter.from_error(
+            InvalidTelemetry(Reason.DEVICE_ID_MISMATCH, "device_id: 'wm-7-000002' ..."),
+            topic="devices/wm-7-000001/telemetry",
+            partition=None,
+            offset=None,
+            key=b"wm-7-000001",
+            original=spoof,
+        ),
+    ]
+    await ensure_topics(kafka, kafka.dlq_topic)
+    producer = make_producer(kafka, client_id="test-dlq")
+    await producer.start()
+    try:
+        for value in [*(letter.to_json() for letter in letters), b"not a dead letter"]:
+            await _send_to_partition_0(producer, kafka.dlq_topic, value)
+    finally:
+        await producer.stop()
+
+    out = io.StringIO()
+    assert await list_letters(kafka, out=out) == 3
+    lines = out.getvalue().splitlines()
+    assert lines[0] == (
+        f"{kafka.dlq_topic}: 4 records "
+        "(device_id_mismatch 1, invalid_utf8 1, unknown_schema_version 1)"
+    )
+    assert lines[1] == "not dead letters (see `dlq show`): 0:3"
+    assert lines[2] == "the newest 3 of 3, oldest first:"
+    assert lines[3].split() == ["POSITION", "REASON", "SOURCE", "DEVICE", "FAILED_AT", "MESSAGE"]
+    rows = [line.split()[:5] for line in lines[4:]]
+    assert [row[:4] for row in rows] == [
+        ["0:0", "invalid_utf8", "kafka", f"{kafka.raw_topic}"],
+        ["0:1", "unknown_schema_version", "kafka", f"{kafka.raw_topic}"],
+        ["0:2", "device_id_mismatch", "mqtt", "devices/wm-7-000001/telemetry"],
+    ]
+    assert lines[4].split()[4:6] == ["1:5", "-"]
+    assert lines[5].split()[4:6] == ["1:6", "wm-7-000001"]
+    assert lines[6].split()[4] == "wm-7-000002"
+
+    out = io.StringIO()
+    assert await list_letters(kafka, reason=Reason.INVALID_UTF8, limit=5, out=out) == 1
+    assert (
+        out.getvalue().splitlines()[2] == "the newest 1 of 1 of reason invalid_utf8, oldest first:"
+    )
+
+    out = io.StringIO()
+    assert await show_letter(kafka, parse_position("0:0"), out=out) == 0
+    shown = out.getvalue().splitlines()
+    assert shown[0] == f"dead letter 0:0 in {kafka.dlq_topic}"
+    assert shown[1:3] == [
+        "  reason     invalid_utf8",
+        "  message    byte 0: invalid start byte (b'\\xff')",
+    ]
+    assert shown[-3:] == [
+        f"  original   {len(utf8)} bytes, not UTF-8 (invalid start byte at byte 0), as hex:",
+        '00000000  ff fe 7b 22 64 65 76 69 63 65 5f 69 64 22 3a 20  |..{"device_id": |',
+        '00000010  22 77 6d 2d 37 2d 30 30 30 30 30 31 22 7d        |"wm-7-000001"}|',
+    ]
+
+    out = io.StringIO()
+    assert await show_letter(kafka, parse_position("0:1"), out=out) == 0
+    assert out.getvalue().endswith(
+        f"  original   {len(newer)} bytes, UTF-8 text:\n"
+        '{"device_id": "wm-7-000001", "schema_version": 99, "x": "\\u202e"}\n\n'
+    )
+
+    out = io.StringIO()
+    assert await show_letter(kafka, parse_position("0:3"), out=out) == 0
+    assert out.getvalue().splitlines()[1].startswith("  not a dead letter: 1 validation error")
+
+    assert await show_letter(kafka, parse_position("0:9"), out=io.StringIO()) == 1
+
+    report = await replay(settings, dry_run=True)
+    assert report.replayed == {"invalid_utf8": 1, "unknown_schema_version": 1}
+    assert report.skipped == {"device_id_mismatch": 1}
+    assert report.unreadable == 1
+    assert await read_to_end(settings, kafka.raw_topic, idle_s=0.3) == []
+
+
+async def _send_to_partition_0(producer: AIOKafkaProducer, topic: str, value: bytes) -> None:
+    await (await producer.send(topic, value=value, key=b"wm-7-000001", partition=0))
+
+
+@pytest.mark.parametrize(("text", "position"), [("2:17", (2, 17)), ("17", (None, 17))])
+def test_position(text: str, position: tuple[int | None, int]) -> None:
+    assert parse_position(text) == position
+
+
+@pytest.mark.parametrize("text", ["x:1", "1:", "-1", "2:-3", ""])
+def test_not_a_position(text: str) -> None:
+    with pytest.raises(ValueError, match="use PARTITION:OFFSET"):
+        parse_position(text)

@@ -1,0 +1,343 @@
+"""The usage store on the real PostgreSQL: partitions, the dedup key, offsets stored
+with the rows, rollups against a direct aggregate, retention, and TimescaleDB where
+the extension exists."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+
+from ingest.cli import main
+from ingest.errors import ConfigurationError, StoreUnavailable
+from ingest.rollups import direct_rollup_query, usage_rollup
+from ingest.settings import PostgresSettings, Settings
+from ingest.store import SourceOffset, UsageRow, UsageStore, partition_start
+from schemas.envelope import Envelope
+from simulators.fleet import FleetPlan, device_ids, plan_device
+
+HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
+
+
+def pg(settings: Settings, **changes: object) -> PostgresSettings:
+    return PostgresSettings(
+        **{**settings.postgres.model_dump(), "use_timescaledb": False, **changes}
+    )
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[UsageStore]:
+    async with UsageStore(pg(settings)) as s:
+        await s.migrate()
+        yield s
+
+
+def plan_rows(plan: FleetPlan, *, offset: int = 0) -> list[UsageRow]:
+    """The plan's messages as the consumer would store them (duplicates included)."""
+    rows = []
+    for device in device_ids(plan):
+        for i, msg in enumerate(plan_device(plan, device)):
+            env = Envelope.model_validate_json(msg.payload)
+            rows.append(UsageRow.from_envelope(env, 0, offset + i))
+    return rows
+
+
+def row(device: str, seq: int, at: datetime, *, boot: str = "b1") -> UsageRow:
+    return UsageRow(device, boot, seq, at, "washer.energy", 1, '{"energy_wh": 2.5}', 0, seq)
+
+
+async def where_rows_are(store: UsageStore) -> list[tuple[str, int, str]]:
+    records = await store.fetch(
+        "SELECT device_id, seq, tableoid::regclass::text AS part FROM {table} ORDER BY 1, 2"
+    )
+    return [(r["device_id"], r["seq"], r["part"]) for r in records]
+
+
+async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
+    settings: Settings,
+) -> None:
+    async with UsageStore(pg(settings)) as store:
+        first = await store.migrate()
+        second = await store.migrate()
+    assert (first.layout.kind, first.layout.partition_interval) == ("partitioned", DAY)
+    assert first.applied == ["001_usage"]
+    assert second.applied == []
+    t = settings.postgres.table
+    conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
+    try:
+        kind = await conn.fetchval("SELECT relkind::text FROM pg_class WHERE relname = $1", t)
+        default = await conn.fetchval(
+            "SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname = $1",
+            f"{t}_default",
+        )
+        key = await conn.fetchval(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = $1",
+            f"{t}_pkey",
+        )
+        migrations = await conn.fetch(
+            "SELECT version, name FROM schema_migrations WHERE component = $1", f"store.{t}"
+        )
+    finally:
+        await conn.close()
+    assert (kind, default) == ("p", "DEFAULT")
+    assert key == "PRIMARY KEY (device_id, boot_id, seq, event_time)"
+    assert [tuple(m) for m in migrations] == [(1, "001_usage")]
+
+
+def test_db_migrate_command_prints_the_layout(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("USAGEPIPE_POSTGRES__TABLE", settings.postgres.table)
+    monkeypatch.setenv("USAGEPIPE_POSTGRES__USE_TIMESCALEDB", "false")
+    assert main(["db", "migrate"]) == 0
+    assert main(["db", "migrate"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    t = settings.postgres.table
+    assert out == [
+        f"usage table '{t}' is up to date (001_usage); layout: partitioned, partitions of 24 h",
+        f"usage table '{t}' is up to date (none pending); layout: partitioned, partitions of 24 h",
+    ]
+
+
+async def test_partitions_are_created_across_an_interval_boundary(store: UsageStore) -> None:
+    t = store.table
+    midnight = datetime(2026, 3, 1, tzinfo=UTC)
+    before = [row("d1", 1, midnight - timedelta(microseconds=1))]
+    across = [row("d1", 2, midnight), row("d2", 1, midnight + DAY - timedelta(seconds=1))]
+    assert await store.write(before) == 1
+    assert await store.write(across) == 2
+    assert await where_rows_are(store) == [
+        ("d1", 1, f"{t}_p2026022800"),
+        ("d1", 2, f"{t}_p2026030100"),
+        ("d2", 1, f"{t}_p2026030100"),
+    ]
+    bounds = await store.fetch(
+        "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) AS bound FROM pg_class c"
+        " WHERE c.relname IN ('{table}_p2026022800', '{table}_p2026030100') ORDER BY 1"
+    )
+    assert [r["bound"] for r in bounds] == [
+        "FOR VALUES FROM ('2026-02-28 00:00:00+00') TO ('2026-03-01 00:00:00+00')",
+        "FOR VALUES FROM ('2026-03-01 00:00:00+00') TO ('2026-03-02 00:00:00+00')",
+    ]
+
+
+async def test_the_default_partition_takes_what_has_no_partition_until_one_is_made(
+    store: UsageStore,
+) -> None:
+    t = store.table
+    at = datetime(2025, 6, 1, 12, tzinfo=UTC)
+    # A writer that does not create partitions (say, a manual backfill) lands in DEFAULT.
+    async with store.pool.acquire() as conn:
+        await conn.execute(
+            f"INSERT INTO {t} (device_id, boot_id, seq, event_time, schema, schema_version,"
+            " body, kafka_partition, kafka_offset)"
+            " VALUES ('d9', 'b1', 7, $1, 'washer.energy', 1, '{}', 0, 0)",
+            at,
+        )
+    assert await where_rows_are(store) == [("d9", 7, f"{t}_default")]
+    # The store needs that day's partition: the row moves into it, nothing is refused.
+    assert await store.write([row("d9", 8, at + HOUR), row("d9", 7, at)]) == 1
+    assert await where_rows_are(store) == [
+        ("d9", 7, f"{t}_p2025060100"),
+        ("d9", 8, f"{t}_p2025060100"),
+    ]
+
+
+async def test_dedup_key_is_device_boot_seq_and_event_time(store: UsageStore) -> None:
+    at = datetime(2026, 2, 1, 8, tzinfo=UTC)
+    first = [row("d1", 1, at), row("d1", 2, at), row("d1", 1, at, boot="b2")]
+    assert await store.write(first) == 3
+    assert await store.write(first) == 0  # redelivered batch: all duplicates
+    # Within one batch too, and mixed with new rows.
+    assert await store.write([row("d1", 3, at), row("d1", 3, at), row("d1", 2, at)]) == 1
+    # The same (device, boot, seq) with another event time is another event.
+    assert await store.write([row("d1", 1, at + timedelta(seconds=1))]) == 1
+    keys = await store.fetch("SELECT device_id, boot_id, seq, event_time FROM {table}")
+    assert sorted(tuple(k) for k in keys) == [
+        ("d1", "b1", 1, at),
+        ("d1", "b1", 1, at + timedelta(seconds=1)),
+        ("d1", "b1", 2, at),
+        ("d1", "b1", 3, at),
+        ("d1", "b2", 1, at),
+    ]
+
+
+async def test_offsets_are_stored_in_the_rows_transaction(store: UsageStore) -> None:
+    at = datetime(2026, 2, 1, 8, tzinfo=UTC)
+    written = await store.write(
+        [row("d1", 1, at)],
+        [SourceOffset("raw", 0, 11, 1000), SourceOffset("raw", 2, 5, 1001)],
+        group_id="g1",
+    )
+    assert written == 1
+    # A batch of dead letters only still moves the offsets.
+    assert await store.write([], [SourceOffset("raw", 0, 12, 1002)], group_id="g1") == 0
+    assert await store.load_offsets("g1", "raw", [0, 1, 2]) == {
+        0: SourceOffset("raw", 0, 12, 1002),
+        2: SourceOffset("raw", 2, 5, 1001),
+    }
+    assert await store.load_offsets("g2", "raw", [0, 1, 2]) == {}
+    # A transaction that fails stores neither the rows nor the offsets.
+    bad = UsageRow("d1", "b1", 9, at, "washer.energy", 1, "not json", 0, 12)
+    with pytest.raises(StoreUnavailable):
+        await store.write(
+            [row("d1", 2, at), bad], [SourceOffset("raw", 0, 14, 1003)], group_id="g1"
+        )
+    assert (await store.load_offsets("g1", "raw", [0]))[0].next_offset == 12
+    assert [(d, s) for d, s, _ in await where_rows_are(store)] == [("d1", 1)]
+
+
+async def test_rollups_equal_a_direct_aggregate_after_duplicates_and_late_events(
+    store: UsageStore,
+) -> None:
+    now = datetime(2026, 4, 10, 12, 30, tzinfo=UTC)
+    recent = FleetPlan(
+        devices=18, messages_per_device=40, seed=3, duplicate_rate=0.2, start=now - 2 * HOUR
+    )
+    late = FleetPlan(
+        devices=12,
+        messages_per_device=25,
+        seed=3,
+        run_id="late",
+        duplicate_rate=0.1,
+        start=now - DAY - 10 * HOUR,
+    )
+    rows = plan_rows(recent)
+    late_rows = plan_rows(late)
+    rng = random.Random(5)
+    rng.shuffle(rows)
+    # Recent events first, then the late ones, then everything again (a replay).
+    batches = [rows[i : i + 200] for i in range(0, len(rows), 200)]
+    batches += [late_rows[i : i + 150] for i in range(0, len(late_rows), 150)]
+    batches += [rows[:300] + late_rows[:100]]
+    stored = 0
+    for batch in batches:
+        stored += await store.write(batch)
+    unique = {(r.device_id, r.boot_id, r.seq, r.event_time) for r in rows + late_rows}
+    assert stored == len(unique) == 18 * 40 + 12 * 25
+    span = (now - 3 * DAY, now + DAY)
+    async with store.pool.acquire() as conn:
+        for granularity in ("hourly", "daily"):
+            rollup = await usage_rollup(conn, store.table, granularity, *span)
+            direct = await conn.fetch(direct_rollup_query(store.table, granularity), *span)
+            assert [tuple(vars_of(r)) for r in rollup] == [tuple(d) for d in direct]
+            assert sum(r.events for r in rollup) == len(unique)
+        # Spot checks of the shape: several schemas, energy summed where present.
+        daily = await usage_rollup(conn, store.table, "daily", *span, category="washer")
+    assert {r.schema for r in daily} >= {"washer.cycle", "washer.energy"}
+    assert all(r.model is None and r.region is None for r in daily)
+    assert any(r.energy_wh is not None and r.energy_wh > 0 for r in daily)
+
+
+def vars_of(r: object) -> list[object]:
+    return [getattr(r, f) for f in r.__slots__]  # type: ignore[attr-defined]
+
+
+async def test_retention_drops_only_partitions_wholly_older_than_the_cutoff(
+    settings: Settings,
+) -> None:
+    hourly = pg(settings, partition_interval_s=3600, allowed_lateness_s=0, retention_days=1)
+    now = datetime(2026, 1, 10, 12, 30, tzinfo=UTC)
+    cutoff = now - DAY  # 2026-01-09 12:30
+    async with UsageStore(hourly) as store:
+        await store.migrate()
+        t = store.table
+        await store.write(
+            [
+                row("d1", 1, cutoff - 3 * HOUR),  # 09:30: partition 09:00-10:00, dropped
+                row("d1", 2, cutoff - HOUR),  # 11:30: partition 11:00-12:00, dropped
+                row("d1", 3, cutoff - timedelta(minutes=20)),  # 12:10: 12:00-13:00 straddles
+                row("d1", 4, cutoff + HOUR),  # 13:30: kept
+            ]
+        )
+        async with store.pool.acquire() as conn:
+            await conn.execute(
+                f"INSERT INTO {t}_default (device_id, boot_id, seq, event_time, schema,"
+                " schema_version, body, kafka_partition, kafka_offset) VALUES"
+                " ('d2', 'b1', 1, $1, 'washer.energy', 1, '{}', 0, 0),"
+                " ('d2', 'b1', 2, $2, 'washer.energy', 1, '{}', 0, 0)",
+                datetime(2025, 1, 1, tzinfo=UTC),
+                datetime(2027, 1, 1, tzinfo=UTC),
+            )
+            hourly_before = await conn.fetch(f"SELECT * FROM {t}_hourly ORDER BY bucket")
+        dropped = await store.drop_expired(now)
+        assert dropped == [f"{t}_p2026010909", f"{t}_p2026010911"]
+        assert await store.drop_expired(now) == []
+        assert await where_rows_are(store) == [
+            ("d1", 3, f"{t}_p2026010912"),
+            ("d1", 4, f"{t}_p2026010913"),
+            ("d2", 2, f"{t}_default"),
+        ]
+        async with store.pool.acquire() as conn:
+            hourly_after = await conn.fetch(f"SELECT * FROM {t}_hourly ORDER BY bucket")
+            members = await conn.fetch(f"SELECT bucket FROM {t}_hourly_devices ORDER BY 1")
+        assert hourly_after == hourly_before  # the rollups keep their history
+        assert [m["bucket"] for m in members] == [
+            datetime(2026, 1, 9, 12, tzinfo=UTC),
+            datetime(2026, 1, 9, 13, tzinfo=UTC),
+        ]
+
+
+async def test_settings_that_would_let_retention_outrun_late_events_are_refused(
+    settings: Settings,
+) -> None:
+    unsafe = pg(settings, allowed_lateness_s=10 * 86400, retention_days=5)
+    async with UsageStore(unsafe) as store:
+        with pytest.raises(ConfigurationError, match="retention_days must exceed"):
+            await store.migrate()
+    async with UsageStore(pg(settings, partition_interval_s=5400)) as store:
+        with pytest.raises(ConfigurationError, match="must be whole hours"):
+            await store.migrate()
+
+
+def test_partition_start_aligns_to_the_epoch() -> None:
+    at = datetime(2026, 3, 1, 5, 59, tzinfo=UTC)
+    assert partition_start(at, DAY) == datetime(2026, 3, 1, tzinfo=UTC)
+    assert partition_start(at, 6 * HOUR) == datetime(2026, 3, 1, tzinfo=UTC)
+    assert partition_start(at + 2 * timedelta(minutes=1), 6 * HOUR) == datetime(
+        2026, 3, 1, 6, tzinfo=UTC
+    )
+
+
+@pytest.mark.timescale
+async def test_timescaledb_hypertable_rollups_and_late_event_into_a_compressed_chunk(
+    settings: Settings,
+) -> None:
+    conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+    except asyncpg.PostgresError as exc:
+        pytest.skip(f"TimescaleDB is not available on this server: {exc}")
+    finally:
+        await conn.close()
+    async with UsageStore(pg(settings, use_timescaledb=True)) as store:
+        report = await store.migrate()
+        assert report.layout.kind == "timescaledb"
+        t = store.table
+        now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+        plan = FleetPlan(
+            devices=6, messages_per_device=20, seed=9, duplicate_rate=0.2, start=now - 10 * DAY
+        )
+        rows = plan_rows(plan)
+        unique = {(r.device_id, r.boot_id, r.seq, r.event_time) for r in rows}
+        assert await store.write(rows) == len(unique)
+        async with store.pool.acquire() as c:
+            dims = await c.fetchval(
+                "SELECT count(*) FROM timescaledb_information.dimensions"
+                " WHERE hypertable_name = $1 AND column_name = 'event_time'",
+                t,
+            )
+            assert dims == 1
+            # Compress the old chunk, then deliver its events again: still duplicates
+            # (ON CONFLICT DO NOTHING on compressed chunks: TimescaleDB 2.11+).
+            await c.execute(f"SELECT compress_chunk(c) FROM show_chunks('{t}') c")
+            assert await store.write(rows[:50]) == 0
+            span = (now - 20 * DAY, now + DAY)
+            for granularity in ("hourly", "daily"):
+                rollup = await usage_rollup(c, t, granularity, *span)
+                direct = await c.fetch(direct_rollup_query(t, granularity), *span)
+                assert [tuple(vars_of(r)) for r in rollup] == [tuple(d) for d in direct]
