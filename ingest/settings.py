@@ -179,8 +179,9 @@ class SimulatorSettings(Section):
 class ServicesSettings(Section):
     """`usagepipe services`: the local servers for the demo and tests."""
 
-    run_dir: Path = Path(".run")
-    """PID files, logs and the generated Mosquitto config live here."""
+    run_dir: Path = Field(default_factory=lambda: Path.home() / ".local/state/usagepipe")
+    """PID files, logs, the broker's config, data and logins. Per machine, not per
+    checkout: every clone on a machine shares one set of local servers."""
 
 
 def describe(
@@ -194,7 +195,9 @@ def describe(
         if isinstance(kind, type) and issubclass(kind, BaseModel):
             out.extend(describe(kind, var + "__"))
             continue
-        default = info.default
+        default = info.default if info.default_factory is None else info.default_factory()  # type: ignore[call-arg]
+        if isinstance(default, Path) and default.is_relative_to(Path.home()):
+            default = f"~/{default.relative_to(Path.home())}"
         shown = (
             "(secret)"
             if isinstance(default, SecretStr)
