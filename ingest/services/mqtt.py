@@ -1,0 +1,272 @@
+"""usagepipe's own Mosquitto: the project's config, the dynamic-security plugin, logins."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import shutil
+import string
+import subprocess
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from devices.errors import BrokerAccountError
+from devices.mosquitto import BrokerLogins, prepare_broker_dir, read_logins
+from ingest.services.host import (
+    PORT_TAKEN,
+    RUNNING_NOT_OURS,
+    RUNNING_OURS,
+    STARTED,
+    STOPPED,
+    PortInUse,
+    ServiceError,
+    ServiceState,
+    _alive,
+    _apt_install,
+    _cmdline,
+    _holder_text,
+    _log_tail,
+    _read_pid,
+    _require_loopback,
+    _stop_pid,
+    _wait_until,
+    mqtt_answers,
+    port_holder,
+    port_open,
+)
+from ingest.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+MOSQUITTO_TEMPLATE = (
+    Path(__file__).resolve().parent.parent.parent / "deploy/mosquitto/mosquitto.conf"
+)
+
+# ----------------------------------------------------------------------- Mosquitto
+
+
+def mosquitto_binary(install: bool = False) -> Path:
+    """The mosquitto executable; with install=True, apt-get installs it if missing."""
+    found = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)),
+        None,
+    )
+    if found is None and install:
+        _apt_install("mosquitto")
+        return mosquitto_binary(install=False)
+    if found is None:
+        raise ServiceError("mosquitto is not installed; run: apt-get install -y mosquitto")
+    return Path(found)
+
+
+DYNSEC_PLUGIN_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+)
+"""Where distributions put Mosquitto's dynamic-security plugin (Debian multiarch first)."""
+
+
+def dynsec_plugin_path() -> Path:
+    """Mosquitto's dynamic-security plugin: a known path, else what `dpkg -L` lists."""
+    for candidate in DYNSEC_PLUGIN_PATHS:
+        if os.path.isfile(candidate):
+            return Path(candidate)
+    if shutil.which("dpkg") is not None:
+        done = subprocess.run(
+            ["dpkg", "-L", "mosquitto"], capture_output=True, text=True, check=False
+        )
+        for line in done.stdout.splitlines():
+            if line.endswith("/mosquitto_dynamic_security.so") and os.path.isfile(line):
+                return Path(line)
+    raise ServiceError(
+        "Mosquitto's dynamic-security plugin (mosquitto_dynamic_security.so, shipped with "
+        "mosquitto >= 2.0) was not found in " + ", ".join(DYNSEC_PLUGIN_PATHS) + " nor in "
+        "`dpkg -L mosquitto`; install mosquitto 2.0 or later"
+    )
+
+
+def render_mosquitto_config(port: int, run_dir: Path) -> str:
+    """The project's Mosquitto config for this port and run dir (not yet written)."""
+    try:
+        template = string.Template(MOSQUITTO_TEMPLATE.read_text())
+        return template.substitute(
+            port=port,
+            run_dir=str(run_dir.resolve()),
+            user=pwd.getpwuid(os.geteuid()).pw_name,
+            dynsec_plugin=str(dynsec_plugin_path()),
+        )
+    except OSError as exc:
+        raise ServiceError(
+            f"cannot read the Mosquitto config template {MOSQUITTO_TEMPLATE}: {exc}; "
+            "`services up` runs from a source checkout"
+        ) from exc
+    except (KeyError, ValueError) as exc:
+        raise ServiceError(f"bad placeholder in {MOSQUITTO_TEMPLATE}: {exc}") from exc
+
+
+class MosquittoBroker:
+    """usagepipe's Mosquitto on 127.0.0.1:port, with its files under run_dir/mosquitto."""
+
+    def __init__(self, port: int, run_dir: Path, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = port
+        self.dir = run_dir.resolve() / "mosquitto"
+        self.config_path = self.dir / "mosquitto.conf"
+        self.pid_path = self.dir / "mosquitto.pid"
+        self.log_path = self.dir / "mosquitto.log"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def running_pid(self) -> int | None:
+        """The pid of the broker this run dir started, if it is still that broker."""
+        pid = _read_pid(self.pid_path)
+        if pid is None or not _alive(pid):
+            return None
+        argv = _cmdline(pid)
+        if argv and Path(argv[0]).name == "mosquitto" and str(self.config_path) in argv:
+            return pid
+        return None
+
+    def start(self, ready_timeout: float = 15.0) -> int:
+        """Render the config, start the broker daemonised, wait for a CONNACK."""
+        if port_open(self.host, self.port):
+            raise PortInUse(
+                f"cannot start Mosquitto: {self.address} is {_holder_text(self.port)}; "
+                "stop it or set USAGEPIPE_MQTT__PORT to a free port"
+            )
+        old_pid = self.running_pid()
+        if old_pid is not None:
+            # Starting another would overwrite its config and pid file and orphan it.
+            raise ServiceError(
+                f"{self.dir} already has a Mosquitto running (pid {old_pid}) on another "
+                "port; run `usagepipe services down` with the settings that started it, "
+                f"or kill {old_pid}"
+            )
+        binary = mosquitto_binary(install=True)
+        (self.dir / "data").mkdir(parents=True, exist_ok=True)
+        try:
+            prepare_broker_dir(self.dir)
+        except BrokerAccountError as exc:
+            raise ServiceError(str(exc)) from exc
+        self.config_path.write_text(render_mosquitto_config(self.port, self.dir.parent))
+        self.pid_path.unlink(missing_ok=True)
+        done = subprocess.run(
+            [str(binary), "-c", str(self.config_path), "-d"],
+            capture_output=True,
+            text=True,
+            check=False,
+            start_new_session=True,
+        )
+        if done.returncode != 0:
+            raise ServiceError(
+                f"mosquitto -c {self.config_path} failed (exit {done.returncode}):\n"
+                f"{(done.stderr or done.stdout).strip()}\n{_log_tail(self.log_path)}"
+            )
+
+        def ready() -> bool:
+            return self.running_pid() is not None and mqtt_answers(self.host, self.port)
+
+        if not _wait_until(ready, ready_timeout):
+            raise ServiceError(
+                f"Mosquitto did not accept MQTT connections on {self.address} within "
+                f"{ready_timeout:.0f}s; last lines of {self.log_path}:\n"
+                f"{_log_tail(self.log_path)}"
+            )
+        pid = self.running_pid()
+        if pid is None:
+            raise ServiceError(f"Mosquitto exited right after start-up; see {self.log_path}")
+        logger.info("started Mosquitto pid %d on %s", pid, self.address)
+        return pid
+
+    def logins(self) -> BrokerLogins | None:
+        """The admin and bridge logins `start` generated, or None before the first start."""
+        return read_logins(self.dir)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """Stop the broker this run dir started (it saves its sessions); its pid or None."""
+        pid = self.running_pid()
+        if pid is not None:
+            _stop_pid(pid, timeout)
+        self.pid_path.unlink(missing_ok=True)
+        return pid
+
+
+def with_broker_logins(settings: Settings) -> Settings:
+    """`settings` with the MQTT logins left unset filled in from the local broker's
+    `<run_dir>/mosquitto/credentials.json`, if `services up` wrote one.
+
+    Set ones (from the environment, as in production) are kept. Used by the CLI and
+    the tests' fixtures only; components take the settings they are given.
+    """
+    mqtt = settings.mqtt
+    if None not in (mqtt.username, mqtt.password, mqtt.admin_username, mqtt.admin_password):
+        return settings
+    try:
+        logins = read_logins(settings.services.run_dir.resolve() / "mosquitto")
+    except BrokerAccountError as exc:
+        raise ServiceError(str(exc)) from exc
+    if logins is None:
+        return settings
+    filled = {
+        "username": mqtt.username or logins.bridge_username,
+        "password": mqtt.password or SecretStr(logins.bridge_password),
+        "admin_username": mqtt.admin_username or logins.admin_username,
+        "admin_password": mqtt.admin_password or SecretStr(logins.admin_password),
+    }
+    return settings.model_copy(update={"mqtt": mqtt.model_copy(update=filled)})
+
+
+def _mqtt_status(settings: Settings) -> ServiceState:
+    broker = MosquittoBroker(settings.mqtt.port, settings.services.run_dir, settings.mqtt.host)
+    name = "mqtt (mosquitto)"
+    if not port_open(broker.host, broker.port):
+        return ServiceState(name, broker.address, STOPPED)
+    if not mqtt_answers(broker.host, broker.port):
+        return ServiceState(
+            name,
+            broker.address,
+            PORT_TAKEN,
+            f"{broker.address} is {_holder_text(broker.port)}, which does not answer "
+            "MQTT; stop it or set USAGEPIPE_MQTT__PORT to another port",
+        )
+    pid = broker.running_pid()
+    if pid is not None:
+        return ServiceState(name, broker.address, RUNNING_OURS.format(pid=pid))
+    detail = "its queue limits are unknown; the bridge expects deploy/mosquitto's"
+    holder = port_holder(broker.port)
+    return ServiceState(
+        name, broker.address, RUNNING_NOT_OURS, f"{holder}; {detail}" if holder else detail
+    )
+
+
+def _mqtt_up(settings: Settings) -> ServiceState:
+    state = _mqtt_status(settings)
+    if state.state == PORT_TAKEN:
+        raise PortInUse(state.detail)
+    if state.state != STOPPED:
+        return state
+    _require_loopback(settings.mqtt.host, "Mosquitto", "USAGEPIPE_MQTT__HOST")
+    broker = MosquittoBroker(settings.mqtt.port, settings.services.run_dir, settings.mqtt.host)
+    pid = broker.start()
+    return ServiceState(
+        state.name, state.address, STARTED, f"pid {pid}, config {broker.config_path}"
+    )
+
+
+def _mqtt_down(settings: Settings) -> ServiceState:
+    broker = MosquittoBroker(settings.mqtt.port, settings.services.run_dir, settings.mqtt.host)
+    pid = broker.stop()
+    if pid is not None:
+        return ServiceState("mqtt (mosquitto)", broker.address, STOPPED, f"stopped pid {pid}")
+    state = _mqtt_status(settings)
+    if state.state == RUNNING_NOT_OURS:
+        return ServiceState(
+            state.name, state.address, state.state, "left running: usagepipe did not start it"
+        )
+    return ServiceState(state.name, state.address, STOPPED, "was not running")
