@@ -27,7 +27,7 @@ from simulators.fleet import FleetPlan, device_ids
 from simulators.provision import open_registry, provision
 
 
-async def one(base: Settings, devices: int, log2_n: int, concurrency: int) -> None:
+async def one(base: Settings, devices: int, log2_n: int, concurrency: int | None) -> None:
     name = f"bench_{secrets.token_hex(4)}"
     settings = base.model_copy(
         update={
@@ -68,7 +68,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=200)
     parser.add_argument("--log2-n", type=int, nargs="+", default=[10, 14])
-    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--concurrency", type=int, default=None, help="(8; bulk: 48)")
     args = parser.parse_args()
     settings = with_broker_logins(Settings())
     print(f"{os.cpu_count()} CPUs; concurrency {args.concurrency}")

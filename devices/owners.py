@@ -273,9 +273,10 @@ async def erase(conn: Connection, owner_id: UUID, at: datetime) -> list[str]:
     and the erasure time (so a late request for this id is answered "erased", not
     "unknown"); ownership periods with no owner (the device had *an* owner then, and
     through which channel it was bought); devices and their usage telemetry, which
-    are keyed by device id and say how appliances are used, not by whom. Consumers
-    holding copies of the link (the usage store's owner column) get `owner.erased`
-    and must drop it.
+    are keyed by device id and say how appliances are used, not by whom. The usage
+    store's copies of the link (its pseudonymous `owner_key`) are removed by the
+    consumer on the database notification this change sends (`ingest.enrich`), with a
+    periodic sweep as backstop; `owner.erased` on Kafka tells any other system.
     """
     owner = await _locked(conn, owner_id)
     if owner.status is OwnerStatus.ERASED:

@@ -4,6 +4,7 @@
     usagepipe settings                    every setting, its variable, default and meaning
     usagepipe db migrate|retention        create/upgrade the usage tables; drop expired data
     usagepipe simulate ...                a seeded fleet publishing telemetry
+    usagepipe verify LEDGER               did the pipeline keep what the fleet sent?
     usagepipe bridge                      MQTT -> Kafka
     usagepipe consume                     Kafka -> PostgreSQL
     usagepipe demo                        all of the above, end to end, with a summary
@@ -63,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--markdown", action="store_true", help="as the Markdown table the README carries"
     )
 
+    contract = sub.add_parser(
+        "asyncapi", help="print, write or check the AsyncAPI contract (schemas/asyncapi.json)"
+    )
+    target = contract.add_mutually_exclusive_group()
+    target.add_argument("--check", metavar="PATH", help="exit 1 if PATH differs from the models")
+    target.add_argument("--write", metavar="PATH", help="write the document to PATH")
+
     db = sub.add_parser("db", help="database schema and retention")
     db.add_argument(
         "action",
@@ -77,7 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stop_options(consume, "Kafka records")
 
     sim = sub.add_parser("simulate", help="run a seeded fleet of virtual appliances")
-    _add_fleet_options(sim)
+    # --- simulate and verify (issue 6: simulators/cli.py, simulators/verify.py) ---------
+    from simulators.cli import add_usage_options, span
+
+    _add_fleet_options(sim, messages=0)  # usage mode: --messages caps each device
+    add_usage_options(sim)
+    verify = sub.add_parser(
+        "verify", help="reconcile a fleet's ledger with the usage table and dead letters"
+    )
+    verify.add_argument("ledger", help="the JSONL ledger `simulate --ledger` wrote")
+    verify.add_argument(
+        "--timeout", type=span, default=span("60s"), help="wait this long to catch up (60s)"
+    )
+    # --- end of simulate and verify -----------------------------------------------------
 
     from devices.cli import register_commands
 
@@ -222,6 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{var}={default}\n    {doc}")
         return 0
 
+    if args.command == "asyncapi":
+        from schemas import asyncapi
+
+        flags = (
+            ["--check", args.check] if args.check else ["--write", args.write] if args.write else []
+        )
+        return asyncapi.main(flags)
+
     if args.command == "db":
         from ingest.errors import UsagepipeError
         from ingest.store import UsageStore
@@ -267,8 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "consume":
         from ingest.consumer import Consumer
+        from ingest.enrich import with_local_owner_key
         from ingest.metrics import ConsumerMetrics, serve_metrics
 
+        settings = with_local_owner_key(settings)  # unset: the local run dir's, with a warning
         registry = CollectorRegistry()
         with serve_metrics(registry, settings.consumer.metrics_port):
             report = _run_component(
@@ -290,6 +320,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from simulators.cli import simulate
 
         return simulate(settings, args)
+
+    # --- verify (issue 6) -------------------------------------------------------------
+    if args.command == "verify":
+        from simulators.verify import run_verify
+
+        return run_verify(settings, args.ledger, args.timeout.total_seconds())
+    # --- end of verify ------------------------------------------------------------------
 
     if args.command == "registry":
         handler: Callable[[argparse.Namespace, Settings], int] = args.handler

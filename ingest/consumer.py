@@ -1,12 +1,17 @@
-"""The consumer: Kafka -> validate -> PostgreSQL, with the offsets stored with the rows.
+"""The consumer: Kafka -> validate -> enrich -> PostgreSQL, with the offsets stored with
+the rows.
 
 One loop per process, in a Kafka consumer group:
 
     getmany() -> parse_telemetry() each record
-              -> invalid ones to the dead-letter topic (and wait for Kafka's confirmation)
-              -> valid ones and the batch's next offsets into the store in one
+              -> enrich the valid ones from the device registry (`ingest.enrich`: one
+                 query per batch for the devices not cached; retried while it fails)
+              -> invalid ones, and those of unregistered devices, to the dead-letter
+                 topic (and wait for Kafka's confirmation)
+              -> the rest and the batch's next offsets into the store in one
                  transaction (COPY + ON CONFLICT DO NOTHING + offsets upsert)
               -> commit the offsets to Kafka as well (for lag monitoring only)
+              -> remove erased owners' keys from stored rows, if any were erased
 
 Exactly-once effect: the database holds, in the same transaction as the rows, where the
 group has got to (`<table>_offsets`). When the group gives this process partitions,
@@ -21,9 +26,10 @@ restarts its offsets at 0, and a stored offset must not skip that new log's reco
 On a mismatch the partition is read from its beginning instead (the store's key turns
 anything already stored into a duplicate).
 
-A store outage is retried with backoff, holding the batch and its offsets; a rebalance
-that takes the partitions away meanwhile only means the next owner replays from the
-stored offsets, and the store drops what it already has.
+A store or registry outage is retried with backoff, holding the batch and its offsets
+(a batch is never stored without its enrichment); a rebalance that takes the
+partitions away meanwhile only means the next owner replays from the stored offsets,
+and the store drops what it already has.
 """
 
 from __future__ import annotations
@@ -48,12 +54,13 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from ingest.dead_letter import DeadLetter, send_dead_letters
-from ingest.errors import StoreUnavailable
+from ingest.enrich import Enricher
+from ingest.errors import RegistryLookupFailed, StoreUnavailable
 from ingest.kafka import ensure_topics, make_consumer, make_producer
 from ingest.metrics import ConsumerMetrics
 from ingest.settings import Settings
 from ingest.store import SourceOffset, UsageRow, UsageStore
-from schemas.errors import InvalidTelemetry
+from schemas.errors import InvalidTelemetry, Reason
 from schemas.parse import parse_telemetry
 
 log = logging.getLogger(__name__)
@@ -84,6 +91,7 @@ class Batch:
     offsets: dict[TopicPartition, OffsetAndMetadata]
     records: int
     positions: list[SourceOffset]
+    source: dict[TopicPartition, list[ConsumerRecord]]
 
 
 def validate_batch(
@@ -123,7 +131,38 @@ def validate_batch(
             last = batch[-1]
             offsets[tp] = OffsetAndMetadata(last.offset + 1, "")
             positions.append(SourceOffset(tp.topic, tp.partition, last.offset + 1, last.timestamp))
-    return Batch(rows, dead, offsets, count, positions)
+    return Batch(rows, dead, offsets, count, positions, records)
+
+
+def unregistered_letters(batch: Batch, rows: list[UsageRow]) -> list[DeadLetter]:
+    """Dead letters (`unregistered_device`) for `rows` of `batch`, with their originals."""
+    wanted = {(r.kafka_partition, r.kafka_offset): r.device_id for r in rows}
+    letters = []
+    for tp, records in batch.source.items():
+        for record in records:
+            device_id = wanted.get((tp.partition, record.offset))
+            if device_id is None:
+                continue
+            error = InvalidTelemetry(
+                Reason.UNREGISTERED_DEVICE,
+                f"device_id: {device_id!r} is not registered in the device registry",
+            )
+            letters.append(
+                DeadLetter.from_error(
+                    error,
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    offset=record.offset,
+                    key=record.key,
+                    original=record.value if record.value is not None else b"",
+                )
+            )
+    return letters
+
+
+# How long the record at a stored offset may take to arrive before the partition's log
+# is taken to be a different one; a fetch at an existing offset answers in milliseconds.
+PROBE_TIMEOUT_S = 5.0
 
 
 class StoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -144,6 +183,7 @@ class StoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         self._store = store
         self._group_id = group_id
         self.probes: dict[TopicPartition, SourceOffset] = {}
+        self._probe_deadlines: dict[TopicPartition, float] = {}
         self.generation = 0
         self._settled = asyncio.Event()
 
@@ -163,6 +203,7 @@ class StoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
                     tp = TopicPartition(topic, partition)
                     self._consumer.seek(tp, position.next_offset - 1)
                     self.probes[tp] = position
+                    self._probe_deadlines[tp] = time.monotonic() + PROBE_TIMEOUT_S
                     log.info("%s: resuming at stored offset %d", tp, position.next_offset)
         finally:
             self.generation += 1
@@ -203,6 +244,30 @@ class StoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
                 await asyncio.sleep(0.5 * 2**attempt)
         log.warning("%s: no stored offsets; resuming at Kafka's committed offsets", topic)
         return {}
+
+    async def expire_probes(self) -> None:
+        """Read from the beginning any partition whose probe record never came.
+
+        A fetch at an offset that exists returns at once. None for `PROBE_TIMEOUT_S`
+        means the log ends before it: the topic was re-created (a broker with memory
+        storage restarted, say) while the database kept its offsets. Reading it again is
+        safe: the store keeps one row per key.
+        """
+        now = time.monotonic()
+        for tp, deadline in list(self._probe_deadlines.items()):
+            if tp not in self.probes:
+                del self._probe_deadlines[tp]
+            elif now >= deadline:
+                probe = self.probes.pop(tp)
+                del self._probe_deadlines[tp]
+                log.warning(
+                    "%s: no record at stored offset %d within %gs: the log is shorter than "
+                    "the one the offsets were stored for (topic re-created); reading it again",
+                    tp,
+                    probe.next_offset - 1,
+                    PROBE_TIMEOUT_S,
+                )
+                await self._consumer.seek_to_beginning(tp)
 
     async def check(
         self, records: dict[TopicPartition, list[ConsumerRecord]]
@@ -266,8 +331,18 @@ class Consumer:
         started = time.monotonic()
         deadline = None if self._stop_after_s is None else started + self._stop_after_s
         await ensure_topics(s.kafka, s.kafka.raw_topic, s.kafka.dlq_topic)
-        async with UsageStore(s.postgres) as store:
+        async with (
+            UsageStore(s.postgres) as store,
+            Enricher(
+                s.enrich,
+                registry_schema=s.registry.db_schema,
+                dsn=s.postgres.dsn.get_secret_value(),
+                metrics=self._metrics,
+            ) as enricher,
+        ):
             await store.migrate()
+            # Erasures made while no consumer ran, before waiting for the group's join.
+            await self._retry("erasure", enricher.apply_erasures, store)
             producer = make_producer(s.kafka, client_id=f"{self._client_id}-dlq")
             consumer = make_consumer(
                 s.kafka,
@@ -293,8 +368,10 @@ class Consumer:
                         records = await listener.admit(
                             records, generation, s.consumer.batch_wait_ms / 1000
                         )
+                        await listener.expire_probes()
                         if any(records.values()):
-                            await self._handle(records, consumer, producer, store)
+                            await self._handle(records, consumer, producer, store, enricher)
+                        await self._retry("erasure", enricher.apply_erasures, store)
                 finally:
                     await consumer.stop()
             finally:
@@ -316,19 +393,27 @@ class Consumer:
         consumer: AIOKafkaConsumer,
         producer: AIOKafkaProducer,
         store: UsageStore,
+        enricher: Enricher,
     ) -> None:
         m = self._metrics
         started = time.monotonic()
         batch = validate_batch(records, now=datetime.now(UTC), settings=self._settings)
+        enriched = await self._retry("registry", enricher.enrich, batch.rows)
+        rows, dead = enriched.rows, batch.dead
+        if enriched.unregistered:
+            if self._settings.enrich.unregistered == "store":
+                rows = rows + enriched.unregistered
+            else:
+                dead = dead + unregistered_letters(batch, enriched.unregistered)
         await self._retry(
-            "dead_letter", send_dead_letters, producer, self._settings.kafka.dlq_topic, batch.dead
+            "dead_letter", send_dead_letters, producer, self._settings.kafka.dlq_topic, dead
         )
-        for letter in batch.dead:
+        for letter in dead:
             m.dead_letters.labels(letter.reason.value).inc()
         inserted = await self._retry(
             "store",
             store.write,
-            batch.rows,
+            rows,
             batch.positions,
             group_id=self._settings.consumer.group_id,
         )
@@ -337,11 +422,11 @@ class Consumer:
         r.batches += 1
         r.consumed += batch.records
         r.stored += inserted
-        r.duplicates += len(batch.rows) - inserted
-        r.dead_lettered += len(batch.dead)
+        r.duplicates += len(rows) - inserted
+        r.dead_lettered += len(dead)
         m.consumed.inc(batch.records)
         m.stored.inc(inserted)
-        m.duplicates.inc(len(batch.rows) - inserted)
+        m.duplicates.inc(len(rows) - inserted)
         m.batch_size.observe(batch.records)
         m.batch_seconds.observe(time.monotonic() - started)
         if self._stop_after is not None and r.consumed >= self._stop_after:
@@ -377,7 +462,7 @@ class Consumer:
         while True:
             try:
                 return await fn(*args, **kwargs)
-            except (StoreUnavailable, KafkaError) as exc:
+            except (StoreUnavailable, RegistryLookupFailed, KafkaError) as exc:
                 self._metrics.errors.labels(kind).inc()
                 if self._stopping.is_set():
                     raise

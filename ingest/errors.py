@@ -4,6 +4,7 @@
      +-- ConfigurationError   False: unsafe or contradictory settings; refuse to start
      +-- BrokerUnavailable    True:  MQTT or Kafka cannot be reached or timed out
      +-- StoreUnavailable     True:  PostgreSQL cannot be reached or the transaction failed
+     +-- RegistryLookupFailed True:  the device registry did not answer a lookup in time
 
 Library errors are wrapped where they cross into usagepipe
 (`raise StoreUnavailable(...) from exc`). A message that can never become a row is not an
@@ -34,5 +35,12 @@ class BrokerUnavailable(UsagepipeError):
 
 class StoreUnavailable(UsagepipeError):
     """PostgreSQL cannot be reached, or a write transaction failed and was rolled back."""
+
+    retriable = True
+
+
+class RegistryLookupFailed(UsagepipeError):
+    """The device registry could not be read (down, or slower than the lookup timeout);
+    the batch waits and is retried, never stored without enrichment."""
 
     retriable = True

@@ -90,7 +90,8 @@ class ConsumerMetrics:
         )
         self.errors = Counter(
             "usagepipe_consumer_errors_total",
-            "Errors by kind (store, kafka_commit, dead_letter); batches are retried.",
+            "Errors by kind (store, registry, erasure, kafka_commit, dead_letter); batches are "
+            "retried.",
             ["kind"],
             registry=registry,
         )
@@ -103,6 +104,32 @@ class ConsumerMetrics:
         self.batch_seconds = Histogram(
             "usagepipe_consumer_batch_seconds",
             "Time to validate, store and commit one batch.",
+            registry=registry,
+        )
+        # Enrichment (ingest/enrich.py).
+        self.registry_lookups = Counter(
+            "usagepipe_consumer_registry_lookups_total",
+            "Distinct devices of a batch looked up in the registry cache, by result (hit, "
+            "miss: read from the registry).",
+            ["result"],
+            registry=registry,
+        )
+        self.registry_invalidations = Counter(
+            "usagepipe_consumer_registry_invalidations_total",
+            "Registry change notifications applied to the cache, by kind (device, "
+            "device_key, owner, erased, model, reset: the cache was emptied).",
+            ["kind"],
+            registry=registry,
+        )
+        self.unregistered = Counter(
+            "usagepipe_consumer_unregistered_total",
+            "Valid records of devices the registry does not know (dead-lettered as "
+            "unregistered_device, or stored unenriched, per enrich.unregistered).",
+            registry=registry,
+        )
+        self.owner_links_removed = Counter(
+            "usagepipe_consumer_owner_links_removed_total",
+            "Stored rows whose owner key was removed because the owner was erased.",
             registry=registry,
         )
 

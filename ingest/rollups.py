@@ -7,9 +7,11 @@ One rollup row per (bucket, category, schema, model, firmware, region):
     energy_wh   sum of body.energy_wh where the event has one (cycles, energy readings)
     duration_s  sum of body.duration_s where the event has one (cycles, cleaning runs)
 
-model, firmware and region are NULL until enrichment (a later issue) fills the usage
-row's fields of the same names (`UsageRow.model`, ...); the rollups group by them
-already, so enrichment changes no rollup schema, only the values that arrive.
+model, firmware and region are the usage row's fields of the same names, filled by
+enrichment (`ingest.enrich`) from the device registry: the product model, the device's
+firmware, and the owner's region where the owner consents to analytics (NULL where
+not, so those devices' usage is counted under a NULL region). The owner key and
+membership tier are never grouped on: a rollup row describes many owners' appliances.
 
 Buckets are UTC hours and days (`date_bin` from the epoch here, `time_bucket` in
 TimescaleDB: the same boundaries).

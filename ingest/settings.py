@@ -13,10 +13,15 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from devices.settings import RegistrySettings
 
@@ -122,6 +127,34 @@ class ConsumerSettings(Section):
         return timedelta(seconds=self.max_future_skew_s)
 
 
+class EnrichSettings(Section):
+    """Enrichment in the consumer: registry facts and the owner's pseudonymous key."""
+
+    owner_key_secret: SecretStr | None = None
+    """HMAC-SHA256 key of the owner keys stored with usage (`owner_key`); never stored
+    with the data nor logged. Required: unset, `usagepipe consume` uses a key generated
+    into `<run_dir>/enrich/owner_key_secret` for local runs, with a warning. Keep it
+    stable: another key gives every owner another key, and erasure finds rows by it."""
+    cache_ttl_s: Annotated[int, Field(ge=1, le=3600)] = 60
+    """Longest a cached registry answer is used; the backstop behind the registry's
+    change notifications (LISTEN/NOTIFY), which normally evict it at once."""
+    cache_max_devices: Annotated[int, Field(ge=100)] = 500_000
+    """Devices whose registry facts one consumer keeps cached (oldest go first)."""
+    lookup_timeout_s: Annotated[float, Field(gt=0, le=60)] = 5.0
+    """Longest one registry query may take; past it the batch is retried with backoff
+    (never stored without enrichment)."""
+    unregistered: Literal["dead_letter", "store"] = "dead_letter"
+    """Telemetry of a device the registry does not know: `dead_letter` (reason
+    `unregistered_device`), or `store` it without enrichment (tests, migrations)."""
+
+    @field_validator("owner_key_secret")
+    @classmethod
+    def _secret_is_long(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("owner_key_secret must be at least 32 characters")
+        return value
+
+
 class PostgresSettings(Section):
     """The usage store (PostgreSQL, with TimescaleDB where the extension exists)."""
 
@@ -216,6 +249,23 @@ def markdown_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+# Short names the company's policies use, for settings that live in a section.
+SHORT_NAMES = {"USAGEPIPE_DORMANCY_DAYS": ("registry", "dormancy_days")}
+
+
+class _ShortNameSource(EnvSettingsSource):
+    """`USAGEPIPE_DORMANCY_DAYS` for `USAGEPIPE_REGISTRY__DORMANCY_DAYS` (the nested
+    name wins when both are set)."""
+
+    def __call__(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for var, (section, name) in SHORT_NAMES.items():
+            value = self.env_vars.get(var.lower())
+            if value is not None:
+                found.setdefault(section, {})[name] = value
+        return found
+
+
 class Settings(BaseSettings):
     """Every setting of every usagepipe command."""
 
@@ -230,7 +280,20 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     bridge: BridgeSettings = BridgeSettings()
     consumer: ConsumerSettings = ConsumerSettings()
+    enrich: EnrichSettings = EnrichSettings()
     postgres: PostgresSettings = PostgresSettings()
     simulator: SimulatorSettings = SimulatorSettings()
     services: ServicesSettings = ServicesSettings()
     registry: RegistrySettings = RegistrySettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        short = _ShortNameSource(settings_cls, case_sensitive=False)
+        return (init_settings, env_settings, short, dotenv_settings, file_secret_settings)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
+from uuid import UUID
 
 import asyncpg
 import orjson
@@ -61,11 +62,19 @@ COLUMNS = (
     "region",
     "kafka_partition",
     "kafka_offset",
+    "category",
+    "membership_tier",
+    "purchase_channel",
+    "analytics_consent",
+    "owner_key",
 )
 
 # The slow path's rows travel as one array per column, unnested into the INSERT: no
 # staging table to write and read back.
-_ARRAY_TYPES = "text text bigint timestamptz text integer text text text text integer bigint"
+_ARRAY_TYPES = (
+    "text text bigint timestamptz text integer text text text text integer bigint"
+    " text text text boolean text"
+)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
@@ -74,8 +83,9 @@ _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 class UsageRow:
     """One stored usage event, as the consumer hands it to the store.
 
-    model, firmware and region are the enrichment seam: None until `ingest.enrich`
-    (a later issue) fills them; the table and the rollups already carry them.
+    The fields after `kafka_offset` are filled by `ingest.enrich` from the device
+    registry (None where the registry has nothing, or the owner does not consent):
+    model, firmware and region are also the rollups' grouping keys.
     """
 
     device_id: str
@@ -90,6 +100,11 @@ class UsageRow:
     model: str | None = None
     firmware: str | None = None
     region: str | None = None
+    category: str | None = None
+    membership_tier: str | None = None
+    purchase_channel: str | None = None
+    analytics_consent: bool | None = None
+    owner_key: str | None = None
 
     @classmethod
     def from_envelope(cls, env: Envelope, partition: int, offset: int) -> UsageRow:
@@ -128,6 +143,11 @@ class UsageRow:
             self.region,
             self.kafka_partition,
             self.kafka_offset,
+            self.category,
+            self.membership_tier,
+            self.purchase_channel,
+            self.analytics_consent,
+            self.owner_key,
         )
 
 
@@ -343,7 +363,8 @@ class UsageStore:
         self._insert_sql = f"""
             INSERT INTO {t} ({cols})
             SELECT device_id, boot_id, seq, event_time, schema, schema_version,
-                   body::jsonb, model, firmware, region, kafka_partition, kafka_offset
+                   body::jsonb, model, firmware, region, kafka_partition, kafka_offset,
+                   category, membership_tier, purchase_channel, analytics_consent, owner_key
             FROM unnest({arrays}) AS u ({cols})
             ON CONFLICT DO NOTHING
             RETURNING device_id, boot_id, seq, event_time
@@ -527,6 +548,54 @@ class UsageStore:
         returned = await conn.fetch(self._insert_sql, *zip(*records, strict=True))
         new = {(r["device_id"], r["boot_id"], r["seq"], r["event_time"]) for r in returned}
         return [r for r in rows if r.key in new]
+
+    async def unlink_owners(self, erased: Sequence[tuple[UUID, str]]) -> int:
+        """Remove erased owners' keys, and the membership tier stored with them, from
+        every row; record each owner in `<table>_erasures`. Returns the rows changed.
+
+        `erased` pairs each owner id with its key (`ingest.enrich.owner_key`). The
+        region stays: it is a rollup key, and without the key a row no longer leads to
+        a person (see README, Privacy). Idempotent.
+        """
+        if not erased:
+            return 0
+        t = self.table
+        try:
+            changed = 0
+            async with self.pool.acquire() as conn, conn.transaction():
+                for owner, key in erased:
+                    status = await conn.execute(
+                        f"UPDATE {t} SET owner_key = NULL, membership_tier = NULL"
+                        " WHERE owner_key = $1",
+                        key,
+                    )
+                    unlinked = int(status.split()[-1])
+                    changed += unlinked
+                    await conn.execute(
+                        f"INSERT INTO {t}_erasures (owner_id, unlinked) VALUES ($1, $2)"
+                        " ON CONFLICT (owner_id) DO UPDATE SET applied_at = now(),"
+                        f" unlinked = {t}_erasures.unlinked + excluded.unlinked",
+                        owner,
+                        unlinked,
+                    )
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(f"removing erased owners' keys failed: {exc!r}") from exc
+        return changed
+
+    async def erasures_pending(self, registry_schema: str, limit: int = 10_000) -> list[UUID]:
+        """Owners the registry in `registry_schema` has erased whose keys this table has
+        not had removed yet (see `unlink_owners`)."""
+        schema = migrations.quote_schema(registry_schema)
+        try:
+            rows = await self.pool.fetch(
+                f"SELECT o.owner_id FROM {schema}.owners o WHERE o.status = 'erased'"
+                f" AND NOT EXISTS (SELECT 1 FROM {self.table}_erasures e"
+                " WHERE e.owner_id = o.owner_id) LIMIT $1",
+                limit,
+            )
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(f"reading erased owners failed: {exc!r}") from exc
+        return [r["owner_id"] for r in rows]
 
     async def load_offsets(
         self, group_id: str, topic: str, partitions: Iterable[int]

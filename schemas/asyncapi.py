@@ -31,7 +31,7 @@ from schemas.envelope import DEVICE_ID_PATTERN, Envelope
 # the message straight off MQTT.
 DOCUMENT_VERSION = "2.0.0"
 CHECKED_IN_PATH = Path(__file__).with_name("asyncapi.json")
-REGENERATE_COMMAND = "python -m schemas.asyncapi --write schemas/asyncapi.json"
+REGENERATE_COMMAND = "usagepipe asyncapi --write schemas/asyncapi.json"
 
 _SCHEMA_REF = "#/components/schemas/{model}"
 

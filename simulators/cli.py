@@ -1,37 +1,166 @@
-"""`usagepipe simulate`: provision a seeded fleet, run it, and print what it sent."""
+"""`usagepipe simulate`: provision a seeded fleet, run it, and print what it sent.
+
+    usagepipe simulate --devices 1000 --duration 60s --seed 7 \\
+        --faults dup=0.01,reorder=0.01,malformed=0.001 --ledger run.jsonl
+
+plays a week of household usage (`--window 7d`, ending now unless `--sim-start`) in
+about a minute, writing every message and its expected fate to `run.jsonl`, which
+`usagepipe verify run.jsonl` then checks against the database and the dead letters.
+`usagepipe demo` uses the plain mode (`--messages` per device, a few seconds apart).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
+import resource
 import secrets
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timedelta
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 
 from devices.errors import RegistryError
 from ingest.kafka import ensure_topics
 from ingest.metrics import SimulatorMetrics, serve_metrics
 from ingest.settings import Settings
+from simulators.faults import FAULT_NAMES, parse_faults
 from simulators.fleet import Fleet, FleetPlan, FleetReport
+from simulators.ledger import LedgerWriter
 from simulators.provision import ProvisionedFleet, open_registry, provision
 
+_SPAN_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
-def plan_from_args(args: argparse.Namespace) -> FleetPlan:
-    """The fleet plan the command-line options describe."""
-    for name in ("devices", "messages"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name} must be at least 1")
+
+def span(text: str) -> timedelta:
+    """`90`, `90s`, `5m`, `12h`, `7d`, `2w` -> a timedelta."""
+    try:
+        if text and text[-1] in _SPAN_UNITS:
+            seconds = float(text[:-1]) * _SPAN_UNITS[text[-1]]
+        else:
+            seconds = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use 60s, 5m, 7d)") from exc
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be longer than zero")
+    return timedelta(seconds=seconds)
+
+
+def _instant(text: str) -> datetime:
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an ISO date or time: {text!r}") from exc
+    if at.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a time zone (2026-11-16T00:00+09:00)")
+    return at
+
+
+def add_usage_options(p: argparse.ArgumentParser) -> None:
+    """`simulate`'s usage-mode options (the fleet options are `ingest.cli`'s)."""
+    p.add_argument(
+        "--window", type=span, default=timedelta(days=7), help="simulated time to play (7d)"
+    )
+    p.add_argument(
+        "--sim-start",
+        type=_instant,
+        default=None,
+        help="start of the window, ISO with zone (default: now minus the window)",
+    )
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument(
+        "--speed",
+        type=float,
+        default=0.0,
+        help="simulated seconds per real second, e.g. 2000 (0: as fast as possible)",
+    )
+    pace.add_argument(
+        "--duration", type=span, default=None, help="fit the window into this wall time, e.g. 60s"
+    )
+    p.add_argument(
+        "--faults",
+        default="",
+        help=f"fault rates, e.g. dup=0.01,reorder=0.01 or all=0.001 ({', '.join(FAULT_NAMES)})",
+    )
+    p.add_argument(
+        "--ledger", type=Path, default=None, help="write every message and its fate here (JSONL)"
+    )
+
+
+def plan_from_args(args: argparse.Namespace, settings: Settings | None = None) -> FleetPlan:
+    """The fleet plan the command-line options describe.
+
+    With `--window` (`simulate`) a usage plan, where `--messages` caps each device
+    (0: no cap) and `--duplicates` is the `dup` fault's rate unless `--faults` sets it;
+    without (`demo`), the plain plan.
+    """
+    if args.devices < 1:
+        raise SystemExit("--devices must be at least 1")
     if not 0.0 <= args.duplicates <= 1.0:
         raise SystemExit("--duplicates is a share between 0 and 1")
+    run_id = args.run_id or secrets.token_hex(4)
+    window: timedelta | None = getattr(args, "window", None)
+    if window is None:
+        if args.messages < 1:
+            raise SystemExit("--messages must be at least 1")
+        return FleetPlan(
+            devices=args.devices,
+            messages_per_device=args.messages,
+            seed=args.seed,
+            run_id=run_id,
+            duplicate_rate=args.duplicates,
+            rate=args.rate,
+        )
+    if args.messages < 0:
+        raise SystemExit("--messages must be 0 (no cap) or more")
+    try:
+        faults = parse_faults(args.faults)
+    except ValueError as exc:
+        raise SystemExit(f"--faults: {exc}") from None
+    if args.duplicates and "dup=" not in args.faults:
+        faults = parse_faults(f"{args.faults},dup={args.duplicates}")
+    speed = args.speed
+    if args.duration is not None:
+        speed = window / args.duration
+    extra = {}
+    if settings is not None:
+        extra = {
+            "max_future_skew_s": float(settings.consumer.max_future_skew_s),
+            "max_payload_bytes": settings.bridge.max_payload_bytes,
+        }
     return FleetPlan(
         devices=args.devices,
         messages_per_device=args.messages,
         seed=args.seed,
-        run_id=args.run_id or secrets.token_hex(4),
-        duplicate_rate=args.duplicates,
+        run_id=run_id,
         rate=args.rate,
+        window=window,
+        sim_start=args.sim_start,
+        speed=speed,
+        faults=faults,
+        **extra,  # type: ignore[arg-type]
     )
+
+
+def raise_fd_limit(devices: int) -> None:
+    """Raise the open-file limit to the hard limit; refuse a fleet that cannot fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    needed = devices + 256  # one socket per device, plus Kafka, PostgreSQL, files
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise SystemExit(
+            f"usagepipe simulate: {devices} devices need about {needed} open files, but the"
+            f" hard limit is {hard}; raise it (ulimit -Hn, or LimitNOFILE= for a service)"
+        )
 
 
 async def provision_fleet(
@@ -44,14 +173,57 @@ async def provision_fleet(
     console.print(
         f"provisioned {len(fleet.credentials)} devices in registry schema"
         f" {settings.registry.db_schema!r} ({fleet.registered} registered, {fleet.reissued}"
-        f" already registered and given new secrets) in {fleet.elapsed_s:.1f}s",
+        f" already registered and given new secrets) in {fleet.elapsed_s:.1f}s"
+        f" = {len(fleet.credentials) / max(fleet.elapsed_s, 1e-9):,.0f} devices/s",
         highlight=False,
     )
     return fleet
 
 
+def _progress_table(report: FleetReport, elapsed: float) -> Table:
+    table = Table(show_header=False, box=None)
+    table.add_row("devices connected", f"{report.connected:,} of {report.devices:,}")
+    table.add_row("messages planned", f"{report.planned:,}")
+    table.add_row("acknowledged", f"{report.sent:,}  ({report.sent / max(elapsed, 1e-9):,.0f}/s)")
+    table.add_row("refused (expected)", f"{report.refused:,}")
+    faults = ", ".join(f"{k} {v:,}" for k, v in sorted(report.faults.items())) or "none"
+    table.add_row("faults injected", faults)
+    if report.surprises:
+        table.add_row("[red]surprises", f"[red]{len(report.surprises):,}")
+    return table
+
+
+@contextlib.asynccontextmanager
+async def _live_progress(
+    console: Console, report: Callable[[], FleetReport]
+) -> AsyncIterator[None]:
+    """A live progress table on a terminal; nothing when output is not a TTY."""
+    if not console.is_terminal:
+        yield
+        return
+    started = time.monotonic()
+    with Live(console=console, refresh_per_second=4, transient=True) as live:
+
+        async def refresh() -> None:
+            while True:
+                live.update(_progress_table(report(), time.monotonic() - started))
+                await asyncio.sleep(0.25)
+
+        task = asyncio.create_task(refresh(), name="simulate-progress")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 async def run_fleet(
-    settings: Settings, plan: FleetPlan, console: Console, fleet: ProvisionedFleet | None = None
+    settings: Settings,
+    plan: FleetPlan,
+    console: Console,
+    fleet: ProvisionedFleet | None = None,
+    ledger: Path | None = None,
 ) -> FleetReport:
     """Run `plan` against the configured broker, showing progress on `console`.
 
@@ -66,23 +238,50 @@ async def run_fleet(
     def progress(report: FleetReport) -> None:
         console.print(f"  sent {report.sent:,} of ~{total:,}", highlight=False)
 
-    with serve_metrics(registry, settings.simulator.metrics_port):
+    with (
+        serve_metrics(registry, settings.simulator.metrics_port),
+        contextlib.ExitStack() as files,
+    ):
+        writer = files.enter_context(LedgerWriter(ledger)) if ledger is not None else None
         devices = Fleet(
             settings.mqtt,
             plan,
             SimulatorMetrics(registry),
             credentials=credentials,
             max_inflight=settings.simulator.max_inflight_per_client,
-            progress=progress if total >= 5000 else None,
+            progress=progress if total >= 5000 and not plan.usage else None,
+            ledger=writer,
         )
-        return await devices.run()
+        async with _live_progress(console, lambda: devices.report):
+            return await devices.run()
+
+
+def _span_text(value: timedelta) -> str:
+    seconds = int(value.total_seconds())
+    for unit, size in (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def simulate(settings: Settings, args: argparse.Namespace) -> int:
     console = Console()
-    plan = plan_from_args(args)
+    plan = plan_from_args(args, settings)
+    raise_fd_limit(plan.devices)
+    # One line per device connection and registration says nothing at fleet scale.
+    for name in ("ingest.mqtt", "devices.registry"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
+    if plan.usage:
+        assert plan.sim_start is not None and plan.window is not None
+        pace = f"at {plan.speed:,.0f}x" if plan.speed else "as fast as possible"
+        console.print(
+            f"fleet of {plan.devices:,} devices, seed {plan.seed}, run id {plan.run_id}: "
+            f"{_span_text(plan.window)} of usage from {plan.sim_start:%Y-%m-%d %H:%M %Z} {pace}; "
+            f"faults: {plan.faults}",
+            highlight=False,
+        )
     try:
-        report = asyncio.run(run_fleet(settings, plan, console))
+        report = asyncio.run(run_fleet(settings, plan, console, ledger=args.ledger))
     except RegistryError as exc:
         console.print(f"[red]usagepipe simulate: cannot provision the fleet: {exc}")
         return 2
@@ -92,4 +291,18 @@ def simulate(settings: Settings, args: argparse.Namespace) -> int:
         f"in {report.elapsed_s:.1f}s = {report.rate:,.0f} msg/s; run id {plan.run_id}",
         highlight=False,
     )
+    if plan.usage:
+        faults = ", ".join(f"{k} {v:,}" for k, v in sorted(report.faults.items())) or "none"
+        console.print(
+            f"connected in {report.connect_s:.1f}s; refused by the broker as planned:"
+            f" {report.refused:,}; faults injected: {faults}",
+            highlight=False,
+        )
+    if args.ledger is not None:
+        console.print(f"ledger: {args.ledger} ({report.planned:,} lines)", highlight=False)
+    if report.surprises:
+        for line in report.surprises[:20]:
+            console.print(f"[red]unexpected: {line}", highlight=False)
+        print(f"usagepipe simulate: {len(report.surprises)} unexpected outcomes", file=sys.stderr)
+        return 1
     return 0

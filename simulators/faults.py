@@ -13,7 +13,7 @@ fault has a fate the pipeline must give it, which the fleet writes in its ledger
     oversize       a payload over the size limit            -> dead letter oversize
     foreign_topic  publishes to another device's topic      -> refused by the broker
     unregistered   a device the registry does not know      -> refused by the broker
-    old_schema     an event in an older schema version      -> stored (upgraded)
+    old_schema     a device on old firmware: washer.cycle v1 -> stored (upgraded)
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ FAULT_NAMES = (
 
 @dataclass(frozen=True)
 class FaultRates:
-    """Per-message rate of each fault (per-device for `unregistered`)."""
+    """Per-message rate of each fault (per device for `unregistered` and `old_schema`)."""
 
     dup: float = 0.0
     reorder: float = 0.0

@@ -3,7 +3,7 @@
 One JSON line per publish, written as the fleet runs:
 
     {"device_id": "WM-A100-3f9c...", "boot_id": "5f0c2e9a1b7d", "seq": 42,
-     "digest": "9a1c...", "outcome": "stored", "reason": null, "duplicate": false}
+     "digest": "9a1c...", "outcome": "stored", "reason": null, "duplicate": false, "fault": null}
 
 `digest` is the BLAKE2b of the exact payload bytes, so a dead letter (which carries the
 original bytes) can be matched to its line even when the payload is not JSON. `verify`
@@ -53,6 +53,8 @@ class Entry:
     outcome: Outcome
     reason: str | None = None
     duplicate: bool = False
+    fault: str | None = None
+    """The fault that made the message what it is (`malformed:nan`, `reorder`, ...)."""
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -68,6 +70,7 @@ class Entry:
                 "outcome": self.outcome.value,
                 "reason": self.reason,
                 "duplicate": self.duplicate,
+                "fault": self.fault,
             }
         )
 
@@ -82,6 +85,7 @@ class Entry:
             outcome=Outcome(doc["outcome"]),
             reason=doc.get("reason"),
             duplicate=bool(doc.get("duplicate", False)),
+            fault=doc.get("fault"),
         )
 
 

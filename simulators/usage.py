@@ -15,6 +15,7 @@ fine-dust readings, how a vacuum run was started).
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections.abc import Iterator
@@ -144,6 +145,30 @@ def device_events(
     for event in events:
         if start <= event[0] < end:
             yield event
+
+
+def device_days(
+    category: str, household: Household, rng: random.Random, start: datetime, end: datetime
+) -> Iterator[tuple[datetime, str, dict[str, Any]]]:
+    """`device_events` lazily, a day at a time: the same events from the same `rng`.
+
+    A day's events fall on or after its midnight (some spill into the next day: a dryer
+    run after a late wash), so once day `d` is made every pending event before `d + 1`
+    is final. A fleet of thousands of devices over weeks keeps only a day of each in
+    memory this way.
+    """
+    pending: list[tuple[datetime, int, str, dict[str, Any]]] = []
+    order = 0
+    day = start.replace(hour=0, minute=0, second=0, microsecond=0)
+    while day < end:
+        for at, schema_name, body in _day(category, household, rng, day):
+            heapq.heappush(pending, (at, order, schema_name, body))
+            order += 1
+        day += timedelta(days=1)
+        while pending and (pending[0][0] < day or day >= end):
+            at, _, schema_name, body = heapq.heappop(pending)
+            if start <= at < end:
+                yield at, schema_name, body
 
 
 def _day(

@@ -8,11 +8,21 @@ found per outcome and every discrepancy; any discrepancy is a failure.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from simulators.ledger import Entry, Outcome
+import asyncpg
+from rich.console import Console
+from rich.table import Table
+
+from ingest.dead_letter import DeadLetterReader
+from ingest.errors import UsagepipeError
+from ingest.settings import Settings
+from simulators.ledger import Entry, Outcome, digest, read_ledger
 
 Key = tuple[str, str, int]
 
@@ -33,6 +43,13 @@ class Reconciliation:
         names = [o.value for o in Outcome]
         names += sorted(k for k in self.expected.keys() | self.found.keys() if k not in names)
         return [(n, self.expected[n], self.found[n]) for n in names]
+
+    @property
+    def waiting(self) -> bool:
+        """Something expected is not there yet: the pipeline may still be catching up."""
+        return any(
+            d.startswith("missing row") or d.endswith(") missing") for d in self.discrepancies
+        )
 
 
 def reconcile(
@@ -109,3 +126,88 @@ def reconcile(
 
 def _name(key: Key) -> str:
     return f"{key[0]}/{key[1]}/{key[2]}"
+
+
+async def stored_rows(settings: Settings, entries: list[Entry]) -> dict[Key, int]:
+    """Rows of the usage table for the ledger's boots: key -> number of rows."""
+    boots = {(e.device_id, e.boot_id) for e in entries}
+    devices = sorted({d for d, _ in boots})
+    conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
+    try:
+        if await conn.fetchval("SELECT to_regclass($1)", settings.postgres.table) is None:
+            return {}
+        records = await conn.fetch(
+            f"SELECT device_id, boot_id, seq, count(*) AS n FROM {settings.postgres.table}"
+            " WHERE device_id = ANY($1::text[]) AND boot_id = ANY($2::text[])"
+            " GROUP BY device_id, boot_id, seq",
+            devices,
+            sorted({b for _, b in boots}),
+        )
+    finally:
+        await conn.close()
+    return {
+        (r["device_id"], r["boot_id"], r["seq"]): r["n"]
+        for r in records
+        if (r["device_id"], r["boot_id"]) in boots
+    }
+
+
+async def dead_letters(settings: Settings) -> list[tuple[str, str]]:
+    """(digest of the original bytes, reason) of every letter on the dead-letter topic."""
+    out = []
+    async with DeadLetterReader(settings.kafka, idle_s=1.0, client_id="usagepipe-verify") as reader:
+        async for stored in reader:
+            if stored.letter is not None:
+                out.append((digest(stored.letter.original), stored.letter.reason.value))
+    return out
+
+
+async def verify(
+    settings: Settings, ledger: Path, timeout_s: float, *, poll_s: float = 1.0
+) -> Reconciliation:
+    """Reconcile `ledger` with the pipeline, polling until nothing expected is missing
+    (the consumer may still be writing) or `timeout_s` passed; the last result stands."""
+    entries = list(read_ledger(ledger))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows, letters = await asyncio.gather(stored_rows(settings, entries), dead_letters(settings))
+        result = reconcile(entries, rows, letters)
+        if not result.waiting or time.monotonic() >= deadline:
+            return result
+        await asyncio.sleep(poll_s)
+
+
+def run_verify(settings: Settings, ledger: str, timeout_s: float) -> int:
+    """`usagepipe verify LEDGER`: print expected vs found, every discrepancy; 1 if any."""
+    console = Console()
+    path = Path(ledger)
+    if not path.is_file():
+        console.print(f"[red]usagepipe verify: no ledger at {path}")
+        return 2
+    started = time.monotonic()
+    try:
+        result = asyncio.run(verify(settings, path, timeout_s))
+    except (UsagepipeError, asyncpg.PostgresError, OSError, ValueError) as exc:
+        console.print(f"[red]usagepipe verify: {exc}")
+        return 2
+    table = Table(title=f"{path}: expected vs found")
+    table.add_column("outcome")
+    table.add_column("expected", justify="right")
+    table.add_column("found", justify="right")
+    table.add_column("")
+    for name, expected, found in result.table():
+        mark = "[green]ok" if expected == found else "[red]differs"
+        table.add_row(name, f"{expected:,}", f"{found:,}", mark)
+    console.print(table)
+    for line in result.discrepancies:
+        console.print(f"[red]{line}", highlight=False)
+    elapsed = time.monotonic() - started
+    if result.ok:
+        console.print(
+            f"OK: every message of the ledger met its expected fate (checked in {elapsed:.1f}s)"
+        )
+        return 0
+    console.print(
+        f"[red]FAILED: {len(result.discrepancies):,} discrepancies (after {elapsed:.1f}s)"
+    )
+    return 1

@@ -26,6 +26,7 @@ from ingest import services
 from ingest.settings import (
     BridgeSettings,
     ConsumerSettings,
+    EnrichSettings,
     KafkaSettings,
     MqttSettings,
     PostgresSettings,
@@ -56,6 +57,9 @@ def free_port() -> int:
         return port
 
 
+TEST_OWNER_KEY = "tests-only-owner-key-secret-0123456789abcdef"
+
+
 def isolated(base: Settings, name: str, **kafka: object) -> Settings:
     """`base` with every name a test could share replaced by one of its own."""
     return Settings(
@@ -73,6 +77,9 @@ def isolated(base: Settings, name: str, **kafka: object) -> Settings:
         ),
         bridge=BridgeSettings(client_id=f"{name}-bridge", metrics_port=0, max_inflight=2000),
         consumer=ConsumerSettings(group_id=f"{name}-group", metrics_port=0, batch_wait_ms=50),
+        # Tests of other stages publish hand-made device ids the registry does not know;
+        # tests/test_enrich.py sets unregistered="dead_letter", the production default.
+        enrich=EnrichSettings(owner_key_secret=SecretStr(TEST_OWNER_KEY), unregistered="store"),
         postgres=PostgresSettings(dsn=base.postgres.dsn, table=f"usage_{name}"),
         simulator=SimulatorSettings(metrics_port=0),
         services=base.services,
@@ -106,7 +113,15 @@ async def cleanup(s: Settings) -> None:
         )
         for view in views:
             await conn.execute(f"DROP MATERIALIZED VIEW IF EXISTS {view['relname']} CASCADE")
-        derived = ("layout", "offsets", "hourly", "daily", "hourly_devices", "daily_devices")
+        derived = (
+            "layout",
+            "offsets",
+            "hourly",
+            "daily",
+            "hourly_devices",
+            "daily_devices",
+            "erasures",
+        )
         tables = ", ".join([t, *(f"{t}_{suffix}" for suffix in derived)])
         await conn.execute(f"DROP TABLE IF EXISTS {tables} CASCADE")  # partitions go too
         if await conn.fetchval("SELECT to_regclass('schema_migrations')") is not None:

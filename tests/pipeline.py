@@ -20,6 +20,7 @@ from ingest.metrics import BridgeMetrics, ConsumerMetrics, SimulatorMetrics
 from ingest.mqtt import MqttClient
 from ingest.settings import Settings
 from simulators.fleet import Fleet, FleetPlan, FleetReport, device_ids, plan_device
+from simulators.ledger import LedgerWriter
 from simulators.provision import open_registry, provision
 
 
@@ -51,11 +52,14 @@ async def pipeline(
             consumer.stop("test over")
 
 
-async def publish(settings: Settings, plan: FleetPlan) -> FleetReport:
-    """Run `plan`'s fleet, each device logged in with the secret its registration gave it."""
+async def publish(
+    settings: Settings, plan: FleetPlan, ledger: LedgerWriter | None = None
+) -> FleetReport:
+    """Run `plan`'s fleet, each device logged in with the secret its registration gave it
+    (and every message written to `ledger`, if given)."""
     credentials = await provisioned(settings, plan)
     metrics = SimulatorMetrics(CollectorRegistry())
-    return await Fleet(settings.mqtt, plan, metrics, credentials=credentials).run()
+    return await Fleet(settings.mqtt, plan, metrics, credentials=credentials, ledger=ledger).run()
 
 
 _provisioned: dict[tuple[str, int, str, int, int], dict[str, str]] = {}

@@ -191,3 +191,13 @@ async def test_bridge_rides_out_a_broker_restart(
     finally:
         broker.stop()
         await cleanup(s)
+
+
+def test_dormancy_policy_has_its_short_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("USAGEPIPE_DORMANCY_DAYS", "30")
+    assert Settings().registry.dormancy_days == 30
+    monkeypatch.setenv("USAGEPIPE_REGISTRY__DORMANCY_DAYS", "90")
+    assert Settings().registry.dormancy_days == 90  # the full name wins
+    monkeypatch.setenv("USAGEPIPE_REGISTRY__DORMANCY_DAYS", "0")
+    with pytest.raises(ValidationError, match="dormancy_days"):
+        Settings()

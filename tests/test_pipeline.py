@@ -112,3 +112,31 @@ def test_dead_letter_json_round_trips() -> None:
         "partition": 2,
         "offset": 41,
     }
+
+
+async def test_offsets_stored_for_a_longer_log_do_not_stall_a_recreated_topic(
+    base_settings: Settings, test_name: str, tmp_path: Path
+) -> None:
+    """The database keeps offsets that a restarted memory broker no longer has: the
+    consumer must not wait for records that will never exist."""
+    broker = TansuBroker("127.0.0.1", free_port(), tmp_path / "tansu.log")
+    broker.start()
+    settings = isolated(base_settings, test_name, bootstrap_servers=broker.address)
+    first = FleetPlan(devices=6, messages_per_device=20, seed=12, run_id="first")
+    second = FleetPlan(devices=2, messages_per_device=3, seed=12, run_id="second")
+    try:
+        async with pipeline(settings) as run:
+            await publish(settings, first)
+            await wait_for(lambda: run.consumer.report.stored == 120, "the first 120 rows")
+        broker.kill()
+        broker.start()  # an empty log; the stored offsets point past its end
+        async with pipeline(settings) as run:
+            await publish(settings, second)
+            await wait_for(lambda: run.consumer.report.stored == 6, "the 6 new rows", 60)
+        keys = await stored_keys(settings)
+        assert sorted(keys) == sorted(
+            expected_keys(settings, first) | expected_keys(settings, second)
+        )
+    finally:
+        broker.stop()
+        await cleanup(settings)

@@ -64,7 +64,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         first = await store.migrate()
         second = await store.migrate()
     assert (first.layout.kind, first.layout.partition_interval) == ("partitioned", DAY)
-    assert first.applied == ["001_usage"]
+    assert first.applied == ["001_usage", "002_enrichment"]
     assert second.applied == []
     t = settings.postgres.table
     conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
@@ -85,7 +85,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         await conn.close()
     assert (kind, default) == ("p", "DEFAULT")
     assert key == "PRIMARY KEY (device_id, boot_id, seq, event_time)"
-    assert [tuple(m) for m in migrations] == [(1, "001_usage")]
+    assert [tuple(m) for m in migrations] == [(1, "001_usage"), (2, "002_enrichment")]
 
 
 def test_db_migrate_command_prints_the_layout(
@@ -97,9 +97,10 @@ def test_db_migrate_command_prints_the_layout(
     assert main(["db", "migrate"]) == 0
     out = capsys.readouterr().out.splitlines()
     t = settings.postgres.table
+    layout = "layout: partitioned, partitions of 24 h"
     assert out == [
-        f"usage table '{t}' is up to date (001_usage); layout: partitioned, partitions of 24 h",
-        f"usage table '{t}' is up to date (none pending); layout: partitioned, partitions of 24 h",
+        f"usage table '{t}' is up to date (001_usage, 002_enrichment); {layout}",
+        f"usage table '{t}' is up to date (none pending); {layout}",
     ]
 
 

@@ -153,6 +153,9 @@ class TansuBroker:
         if self.pid is not None:
             _stop_pid(self.pid, timeout, kill=kill)
             self.pid = None
+            # The listening socket can outlive the signal by a moment; return only when
+            # the port is free, so a restart on the same port does not find it taken.
+            _wait_until(lambda: not port_open(self.host, self.port), 10.0)
         if self.pid_path is not None:
             self.pid_path.unlink(missing_ok=True)
 

@@ -1,0 +1,477 @@
+"""Enrichment: the device registry's facts on each validated row, before the store.
+
+For a batch of rows, `Enricher.enrich` resolves per (device_id, event_time):
+
+    model, category     the device's product model (registry `devices`, `product_models`)
+    firmware            the device's current firmware in the registry
+                        (`devices.firmware_version`, NULL until something sets it)
+    purchase_channel    of the ownership period covering event_time
+    analytics_consent   that period's owner's analytics consent *now* (None: no owner then)
+    region, membership_tier, owner_key
+                        only when that owner consents now and is not erased; else None.
+                        owner_key = HMAC-SHA256(enrich.owner_key_secret, owner id), hex,
+                        first 32 digits. The key is never stored, nor logged.
+
+Consent is read as of processing, not as of event time: consent is to what is done
+with the data now, so a withdrawal stops linking at once, late events from before it
+included; the consent audit trail (which erasure deletes) is not needed per event.
+
+A device the registry does not know is returned in `Enriched.unregistered`; the
+consumer dead-letters it (`unregistered_device`) or, with `enrich.unregistered=store`,
+stores it unenriched.
+
+Queries and cache. One query per batch, for the distinct devices not in the cache: the
+device, its model and its whole (short) ownership history with each period's owner.
+Resolving by event time is then done in Python. The cache is keyed by device id (an
+unknown device is cached too) and bounded (`cache_max_devices`, oldest out first).
+
+Invalidation, and its bound. Triggers on the registry's tables (ingest/sql/registry,
+installed by the consumer) `NOTIFY usagepipe_registry` when a change commits; a
+dedicated connection LISTENs and evicts the devices concerned. A change is therefore
+applied to every batch enriched after the notification arrives (milliseconds after the
+commit); the batch already in hand is written as it was enriched. Backstops: an entry
+is used at most `cache_ttl_s` (60 s); while the listening connection is down the cache
+is not used at all (every batch asks the registry), and it is emptied when it is back.
+
+Erasure. An `erased` notification, and a check at start-up and every `cache_ttl_s` for
+erased owners `<table>_erasures` does not list yet, make `apply_erasures` remove those
+owners' keys from stored rows (`UsageStore.unlink_owners`). The consumer calls it after
+each batch commit, so rows of a batch enriched before the erasure lose their key too.
+
+A lookup is bounded by `lookup_timeout_s`; a failure raises `RegistryLookupFailed`,
+and the consumer retries the batch with backoff: nothing is stored unenriched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from importlib.resources import files
+from types import TracebackType
+from typing import Any, Self
+from uuid import UUID
+
+import asyncpg
+from pydantic import SecretStr
+
+from devices.errors import MigrationError, RegistryUnavailable
+from devices.migrations import migrate, quote_schema
+from devices.registry import migrate_registry
+from ingest.errors import ConfigurationError, RegistryLookupFailed
+from ingest.metrics import ConsumerMetrics
+from ingest.settings import EnrichSettings, Settings
+from ingest.store import UsageRow, UsageStore
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "usagepipe_registry"
+"""The NOTIFY channel of ingest/sql/registry/001_notify.sql."""
+NOTIFY_COMPONENT = "enrich.notify"
+OWNER_KEY_HEX_DIGITS = 32
+"""128 bits of the HMAC: collisions are out of reach for any fleet."""
+_LISTEN_RETRY_S = (1.0, 30.0)  # first and longest wait between reconnect attempts
+_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def owner_key(secret: bytes, owner_id: UUID) -> str:
+    """The owner's pseudonymous key: HMAC-SHA256 of the canonical UUID text."""
+    digest = hmac.new(secret, str(owner_id).encode(), hashlib.sha256).hexdigest()
+    return digest[:OWNER_KEY_HEX_DIGITS]
+
+
+@dataclass(frozen=True, slots=True)
+class Period:
+    """One ownership period, with what enrichment may take from its owner (now)."""
+
+    valid_from: datetime
+    valid_to: datetime | None
+    purchase_channel: str
+    linked: bool
+    """The owner exists, is not erased and consents to analytics now."""
+    region: str | None
+    membership_tier: str | None
+    owner_key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFacts:
+    """What the registry says about one device, as of when it was read."""
+
+    device_key: int
+    model: str
+    category: str
+    firmware: str | None
+    periods: tuple[Period, ...]
+    owners: frozenset[UUID]
+
+    def period_at(self, t: datetime) -> Period | None:
+        """The period covering `t` ([valid_from, valid_to)), if any."""
+        for p in self.periods:
+            if p.valid_from <= t and (p.valid_to is None or t < p.valid_to):
+                return p
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Enriched:
+    """A batch after enrichment: rows to store, and rows of unknown devices."""
+
+    rows: list[UsageRow]
+    unregistered: list[UsageRow]
+
+
+class Enricher:
+    """Registry lookups for the consumer, cached and invalidated by NOTIFY.
+
+    An async context manager: entering opens a small pool and the listening
+    connection, and installs the registry's migrations and notification triggers.
+    """
+
+    def __init__(
+        self,
+        settings: EnrichSettings,
+        *,
+        registry_schema: str,
+        dsn: str,
+        metrics: ConsumerMetrics,
+    ) -> None:
+        if settings.owner_key_secret is None:
+            raise ConfigurationError(
+                "enrich.owner_key_secret is not set (USAGEPIPE_ENRICH__OWNER_KEY_SECRET); "
+                "the consumer will not store owner keys without it"
+            )
+        self._settings = settings
+        self._secret = settings.owner_key_secret.get_secret_value().encode()
+        self._schema = registry_schema
+        self._quoted = quote_schema(registry_schema)
+        self._dsn = dsn
+        self._metrics = metrics
+        self._pool: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._listen_at = 0.0
+        self._listen_wait = _LISTEN_RETRY_S[0]
+        # device id -> (monotonic time read, facts or None for "not registered")
+        self._cache: dict[str, tuple[float, DeviceFacts | None]] = {}
+        self._by_key: dict[int, str] = {}
+        self._by_owner: dict[UUID, set[str]] = {}
+        self._epoch = 0  # bumped by every notification: see `_lookup`
+        self._erased: set[UUID] = set()
+        self._reconcile_at = 0.0
+        self._query = f"""
+            SELECT d.device_key, d.device_id, d.model_number, m.category, d.firmware_version,
+                   p.valid_from, p.valid_to, p.purchase_channel, p.owner_id,
+                   o.status, o.region, o.membership_tier, o.analytics_consent
+            FROM {self._quoted}.devices d
+            JOIN {self._quoted}.product_models m ON m.model_number = d.model_number
+            LEFT JOIN {self._quoted}.ownership_periods p ON p.device_key = d.device_key
+            LEFT JOIN {self._quoted}.owners o ON o.owner_id = p.owner_id
+            WHERE d.device_id = ANY($1::text[])
+            ORDER BY d.device_id, p.valid_from
+        """
+
+    async def __aenter__(self) -> Self:
+        try:
+            self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=2)
+            async with self._pool.acquire() as conn:
+                await migrate_registry(conn, self._schema)
+                await migrate(
+                    conn,
+                    schema=self._schema,
+                    component=NOTIFY_COMPONENT,
+                    directory=files("ingest.sql") / "registry",
+                )
+        except (MigrationError, RegistryUnavailable, *_DB_ERRORS) as exc:
+            await self.close()
+            raise RegistryLookupFailed(f"cannot open the registry for enrichment: {exc}") from exc
+        await self._listen()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the listener and the pool. Idempotent."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.remove_termination_listener(self._on_lost)
+            with contextlib.suppress(*_DB_ERRORS):
+                await listener.close()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    @property
+    def listening(self) -> bool:
+        """Whether change notifications arrive (else the cache is bypassed)."""
+        return self._listener is not None and not self._listener.is_closed()
+
+    # -- enrichment -----------------------------------------------------------------
+
+    async def enrich(self, rows: list[UsageRow]) -> Enriched:
+        """`rows` with the registry's facts (see the module docstring)."""
+        if not rows:
+            return Enriched([], [])
+        facts = await self._lookup({r.device_id for r in rows})
+        out: list[UsageRow] = []
+        unknown: list[UsageRow] = []
+        for r in rows:
+            f = facts[r.device_id]
+            if f is None:
+                unknown.append(r)
+                continue
+            p = f.period_at(r.event_time)
+            # The constructor, not dataclasses.replace(): half the cost per row.
+            out.append(
+                UsageRow(
+                    r.device_id,
+                    r.boot_id,
+                    r.seq,
+                    r.event_time,
+                    r.schema,
+                    r.schema_version,
+                    r.body_json,
+                    r.kafka_partition,
+                    r.kafka_offset,
+                    model=f.model,
+                    firmware=f.firmware,
+                    category=f.category,
+                    # No period: nobody owned the device then (before registration, a gap).
+                    region=None if p is None else p.region,
+                    membership_tier=None if p is None else p.membership_tier,
+                    purchase_channel=None if p is None else p.purchase_channel,
+                    analytics_consent=None if p is None else p.linked,
+                    owner_key=None if p is None else p.owner_key,
+                )
+            )
+        if unknown:
+            self._metrics.unregistered.inc(len(unknown))
+        return Enriched(out, unknown)
+
+    async def _lookup(self, device_ids: set[str]) -> dict[str, DeviceFacts | None]:
+        """Each device's facts, from the cache where fresh, else in one query."""
+        if not self.listening and time.monotonic() >= self._listen_at:
+            await self._listen()
+        use_cache = self.listening
+        now = time.monotonic()
+        ttl = self._settings.cache_ttl_s
+        found: dict[str, DeviceFacts | None] = {}
+        missing: list[str] = []
+        for device_id in device_ids:
+            cached = self._cache.get(device_id) if use_cache else None
+            if cached is not None and now - cached[0] < ttl:
+                found[device_id] = cached[1]
+            else:
+                missing.append(device_id)
+        self._metrics.registry_lookups.labels("hit").inc(len(found))
+        if not missing:
+            return found
+        self._metrics.registry_lookups.labels("miss").inc(len(missing))
+        epoch = self._epoch
+        loaded = await self._load(missing)
+        # A notification that arrived while the query ran may describe a change the
+        # query did not see: use the answer for this batch, but do not keep it.
+        keep = use_cache and self.listening and self._epoch == epoch
+        for device_id in missing:
+            facts = loaded.get(device_id)
+            found[device_id] = facts
+            if keep:
+                self._remember(device_id, facts, now)
+        return found
+
+    async def _load(self, device_ids: list[str]) -> dict[str, DeviceFacts]:
+        if self._pool is None:
+            raise RegistryLookupFailed("the enricher is not open")
+        try:
+            async with asyncio.timeout(self._settings.lookup_timeout_s):
+                async with self._pool.acquire() as conn:
+                    records = await conn.fetch(self._query, device_ids)
+        except _DB_ERRORS as exc:
+            raise RegistryLookupFailed(
+                f"registry lookup of {len(device_ids)} devices failed: {exc!r}"
+            ) from exc
+        grouped: dict[str, list[asyncpg.Record]] = {}
+        for rec in records:
+            grouped.setdefault(rec["device_id"], []).append(rec)
+        return {device_id: self._facts(recs) for device_id, recs in grouped.items()}
+
+    def _facts(self, records: list[asyncpg.Record]) -> DeviceFacts:
+        first = records[0]
+        periods: list[Period] = []
+        owners: set[UUID] = set()
+        for rec in records:
+            if rec["valid_from"] is None:
+                continue  # LEFT JOIN: a device with no period yet
+            owner: UUID | None = rec["owner_id"]
+            linked = owner is not None and rec["status"] != "erased" and rec["analytics_consent"]
+            if owner is not None:
+                owners.add(owner)
+            periods.append(
+                Period(
+                    rec["valid_from"],
+                    rec["valid_to"],
+                    rec["purchase_channel"],
+                    bool(linked),
+                    rec["region"] if linked else None,
+                    rec["membership_tier"] if linked else None,
+                    owner_key(self._secret, owner) if linked and owner is not None else None,
+                )
+            )
+        return DeviceFacts(
+            first["device_key"],
+            first["model_number"],
+            first["category"],
+            first["firmware_version"],
+            tuple(periods),
+            frozenset(owners),
+        )
+
+    # -- the cache --------------------------------------------------------------------
+
+    def _remember(self, device_id: str, facts: DeviceFacts | None, now: float) -> None:
+        self._forget(device_id)
+        self._cache[device_id] = (now, facts)
+        if facts is not None:
+            self._by_key[facts.device_key] = device_id
+            for owner in facts.owners:
+                self._by_owner.setdefault(owner, set()).add(device_id)
+        while len(self._cache) > self._settings.cache_max_devices:
+            self._forget(next(iter(self._cache)))
+
+    def _forget(self, device_id: str) -> None:
+        entry = self._cache.pop(device_id, None)
+        if entry is None or entry[1] is None:
+            return
+        facts = entry[1]
+        self._by_key.pop(facts.device_key, None)
+        for owner in facts.owners:
+            devices = self._by_owner.get(owner)
+            if devices is not None:
+                devices.discard(device_id)
+                if not devices:
+                    del self._by_owner[owner]
+
+    def _clear(self) -> None:
+        self._cache.clear()
+        self._by_key.clear()
+        self._by_owner.clear()
+        self._epoch += 1
+
+    # -- notifications --------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """(Re)open the listening connection; on failure, retry later with backoff."""
+        try:
+            async with asyncio.timeout(self._settings.lookup_timeout_s):
+                conn = await asyncpg.connect(self._dsn)
+                await conn.add_listener(CHANNEL, self._on_notification)
+        except _DB_ERRORS as exc:
+            self._listen_at = time.monotonic() + self._listen_wait
+            log.warning(
+                "cannot listen for registry changes (%r); registry cache off, retry in %.0fs",
+                exc,
+                self._listen_wait,
+            )
+            self._listen_wait = min(self._listen_wait * 2, _LISTEN_RETRY_S[1])
+            return
+        conn.add_termination_listener(self._on_lost)
+        self._listener = conn
+        self._listen_wait = _LISTEN_RETRY_S[0]
+        self._clear()  # changes made while nobody listened were missed
+        self._reconcile_at = 0.0  # and so may erasures have been
+        self._metrics.registry_invalidations.labels("reset").inc()
+
+    def _on_lost(self, conn: Any) -> None:
+        log.warning("the registry notification connection was lost; registry cache off")
+        self._listener = None
+        self._listen_at = 0.0
+        self._clear()
+
+    def _on_notification(self, conn: Any, pid: int, channel: str, payload: object) -> None:
+        schema, _, rest = str(payload).partition(" ")
+        if schema != self._schema:
+            return  # another registry schema on the same database
+        kind, _, subject = rest.partition(" ")
+        self._epoch += 1
+        self._metrics.registry_invalidations.labels(kind if kind in _KINDS else "other").inc()
+        if kind == "device":
+            self._forget(subject)
+        elif kind == "device_key":
+            device_id = self._by_key.get(int(subject))
+            if device_id is not None:
+                self._forget(device_id)
+        elif kind in ("owner", "erased"):
+            owner = UUID(subject)
+            for device_id in list(self._by_owner.get(owner, ())):
+                self._forget(device_id)
+            if kind == "erased":
+                self._erased.add(owner)
+        else:  # a product model, or anything newer than this code: start afresh
+            self._clear()
+
+    # -- erasure --------------------------------------------------------------------
+
+    async def apply_erasures(self, store: UsageStore) -> int:
+        """Remove erased owners' keys from stored rows; returns the rows changed.
+
+        Owners come from `erased` notifications and, at start-up, after a reconnect
+        and every `cache_ttl_s`, from the registry's erased owners that
+        `<table>_erasures` does not list. Call it after a batch has committed.
+        """
+        owners = set(self._erased)
+        if time.monotonic() >= self._reconcile_at:
+            owners.update(await store.erasures_pending(self._schema))
+            self._reconcile_at = time.monotonic() + self._settings.cache_ttl_s
+        if not owners:
+            return 0
+        ordered = sorted(owners)
+        changed = await store.unlink_owners([(o, owner_key(self._secret, o)) for o in ordered])
+        self._erased.difference_update(owners)
+        self._metrics.owner_links_removed.inc(changed)
+        log.info("removed the owner key of %d erased owner(s) from %d rows", len(ordered), changed)
+        return changed
+
+
+_KINDS = frozenset({"device", "device_key", "owner", "erased", "model"})
+
+
+def with_local_owner_key(settings: Settings) -> Settings:
+    """`settings` with `enrich.owner_key_secret` from `<run_dir>/enrich/owner_key_secret`
+    when unset (generated there on first use, mode 0600), and a loud warning.
+
+    For local runs only, like the local broker's logins: production sets
+    USAGEPIPE_ENRICH__OWNER_KEY_SECRET from its secret store. Used by the CLI.
+    """
+    if settings.enrich.owner_key_secret is not None:
+        return settings
+    directory = settings.services.run_dir.resolve() / "enrich"
+    path = directory / "owner_key_secret"
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(48))
+    secret = path.read_text().strip()
+    log.warning(
+        "USAGEPIPE_ENRICH__OWNER_KEY_SECRET is not set: owner keys use the local development "
+        "key in %s. Never run production like this: set the variable, and keep it",
+        path,
+    )
+    enrich = settings.enrich.model_copy(update={"owner_key_secret": SecretStr(secret)})
+    return settings.model_copy(update={"enrich": enrich})

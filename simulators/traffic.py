@@ -1,0 +1,377 @@
+"""What one simulated device sends over a window of simulated time, faults included.
+
+`device_traffic` turns a device of a `FleetPlan` (with a `window`) into its messages in
+the order the device sends them, each with `send_at`, the simulated time it leaves the
+device, and the fate the pipeline must give it (`simulators.ledger.Outcome`). The
+fleet merges every device's traffic by `send_at` and plays it.
+
+Everything follows from the plan, the seed and the device id, through three random
+generators per device, so turning faults on or off never changes the usage itself:
+
+- usage: the household's events (`simulators.usage.device_days`) and their bodies;
+- firmware: the version the device starts with (by model cohort) and whether, and
+  when, it upgrades during the window (a `*.firmware` event, then a reboot);
+- faults: which messages are hit by which fault (`simulators.faults`), and how.
+
+Fault semantics (rates are per message unless noted):
+
+    dup            the message again, byte for byte, right after it   duplicate
+    reorder        the message held back and sent after the next one  stored
+    offline        30 min..8 h of sim time offline; what happens then
+                   is buffered and sent in one burst on reconnect     stored
+    skew           the device clock behind by 2 min..6 h (half)       stored
+                   or ahead by 1..30 days (half)                      dead letter
+                                                                      event_time_in_future
+    reboot         a new boot id before the message, seq back to 0    stored
+    malformed      one of six broken payloads, each with its reason   dead letter (see MALFORMED)
+    oversize       the message padded past bridge.max_payload_bytes   dead letter oversize
+    foreign_topic  published to the next device's topic              refused_by_broker (PUBACK 0x87)
+    unregistered   per device: an extra unit never registered        refused_by_broker (CONNACK)
+    old_schema     per device: old firmware sending washer.cycle v1  stored (upgraded)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from schemas.envelope import envelope_dict, telemetry_topic
+from schemas.errors import Reason
+from schemas.examples import example_v1_body
+from simulators.ledger import Outcome
+from simulators.usage import Household, device_days, new_household
+
+if TYPE_CHECKING:
+    from simulators.fleet import FleetPlan
+
+KST = timezone(timedelta(hours=9), "KST")
+"""The households live in Korea: event times carry +09:00, and hours are local."""
+
+# ISO 3166-2 code of each city or province the usage model's regions lie in; the
+# registry keeps owners' regions in that form.
+REGION_CODES = {
+    "Seoul": "KR-11",
+    "Busan": "KR-26",
+    "Daegu": "KR-27",
+    "Incheon": "KR-28",
+    "Gwangju": "KR-29",
+    "Daejeon": "KR-30",
+    "Ulsan": "KR-31",
+    "Gyeonggi": "KR-41",
+    "Jeju": "KR-49",
+}
+
+# Firmware versions per model cohort, oldest first, with the share of units shipped
+# on each; units not on the newest may upgrade during the run.
+FIRMWARE: dict[str, tuple[tuple[str, int], ...]] = {
+    "washer": (("3.10.1042", 30), ("3.11.1107", 50), ("3.12.1150", 20)),
+    "dryer": (("2.4.880", 40), ("2.5.931", 60)),
+    "refrigerator": (("5.1.2210", 25), ("5.2.2301", 45), ("5.3.2388", 30)),
+    "air_conditioner": (("1.8.640", 35), ("1.9.702", 65)),
+    "air_purifier": (("4.0.1500", 50), ("4.1.1566", 50)),
+    "robot_vacuum": (("6.2.3010", 20), ("6.3.3105", 50), ("6.4.3190", 30)),
+}
+UPGRADES_PER_WEEK = 0.15
+"""Chance that a unit not on its cohort's newest firmware upgrades in a week."""
+
+MALFORMED: dict[str, Reason] = {
+    "truncated_json": Reason.INVALID_JSON,
+    "invalid_utf8": Reason.INVALID_UTF8,
+    "wrong_type": Reason.SCHEMA_VIOLATION,
+    "nan": Reason.NON_FINITE_NUMBER,
+    "unknown_schema": Reason.UNKNOWN_SCHEMA,
+    "unknown_version": Reason.UNKNOWN_SCHEMA_VERSION,
+}
+"""The malformed payloads the `malformed` fault sends, and the reason each must get."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One planned publish and its expected fate."""
+
+    key: tuple[str, str, int]
+    topic: str
+    payload: bytes
+    duplicate: bool
+    send_at: datetime | None = None
+    """Simulated time the device sends it (None: as soon as possible)."""
+    outcome: Outcome = Outcome.STORED
+    reason: str | None = None
+    fault: str | None = None
+    """The fault that made this message what it is, if any."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Who owns a device and what it runs: the household, the owner's account, firmware."""
+
+    household: Household
+    region_code: str
+    membership_tier: str
+    analytics_consent: bool
+    marketing_consent: bool
+    firmware: str
+
+
+_TIERS = ("standard", "silver", "gold", "platinum")
+_TIER_SHARES = (55, 25, 14, 6)
+
+
+def profile(plan: FleetPlan, device_id: str, category: str) -> Profile:
+    """The device's household and owner, the same for the same seed and device."""
+    rng = random.Random(f"{plan.seed}:{device_id}:household")
+    household = new_household(rng)
+    versions, shares = zip(*FIRMWARE[category], strict=True)
+    return Profile(
+        household=household,
+        region_code=REGION_CODES[household.region.split("/", 1)[0]],
+        membership_tier=rng.choices(_TIERS, _TIER_SHARES)[0],
+        analytics_consent=rng.random() < 0.82,
+        marketing_consent=rng.random() < 0.31,
+        firmware=rng.choices(versions, shares)[0],
+    )
+
+
+def boot_id(plan: FleetPlan, device_id: str, boot: int) -> str:
+    return hashlib.blake2s(f"{plan.run_id}:{device_id}:{boot}".encode(), digest_size=6).hexdigest()
+
+
+def unregistered_count(plan: FleetPlan) -> int:
+    """How many never-registered units join the fleet (the `unregistered` fault)."""
+    rate = plan.faults.unregistered
+    rng = random.Random(f"{plan.seed}:unregistered")
+    return sum(1 for _ in range(plan.devices) if rng.random() < rate)
+
+
+def device_traffic(
+    plan: FleetPlan,
+    device_id: str,
+    category: str,
+    *,
+    topic_prefix: str = "",
+    neighbour: str | None = None,
+    registered: bool = True,
+) -> Iterator[Message]:
+    """Every message the device sends in `plan`'s window, in send order.
+
+    `neighbour` is the device whose topic a `foreign_topic` message goes to.
+    An unregistered device's messages are all `refused_by_broker`.
+    """
+    assert plan.window is not None and plan.sim_start is not None
+    start = plan.sim_start
+    end = start + plan.window
+    faults = plan.faults
+    prof = profile(plan, device_id, category)
+    usage_rng = random.Random(f"{plan.seed}:{device_id}")
+    fault_rng = random.Random(f"{plan.seed}:{device_id}:faults")
+    firmware_rng = random.Random(f"{plan.seed}:{device_id}:firmware")
+    old_schema = fault_rng.random() < faults.old_schema
+    topic = telemetry_topic(device_id, topic_prefix)
+    foreign = telemetry_topic(neighbour, topic_prefix) if neighbour else None
+
+    events: Iterator[tuple[datetime, str, dict[str, Any]]] = device_days(
+        category, prof.household, usage_rng, start, end
+    )
+    upgrade = _upgrade(prof, category, firmware_rng, start, plan.window)
+    if upgrade is not None:
+        events = heapq.merge(events, [upgrade], key=lambda e: e[0])
+
+    boot, seq = 0, 0
+    boot_of = boot_id(plan, device_id, 0)
+    cap = plan.messages_per_device or None
+    made = 0
+    reboot_next = False
+    offline_until: datetime | None = None
+    held: list[Message] = []  # sent when the offline period ends
+    behind: list[Message] = []  # a reordered message, sent after the next one
+    last_at = start
+
+    for at, schema_name, body in events:
+        if cap is not None and made >= cap:
+            break
+        made += 1
+        fault: str | None = None
+        if reboot_next or (faults.reboot and fault_rng.random() < faults.reboot):
+            fault = None if reboot_next else "reboot"
+            boot, seq = boot + 1, 0
+            boot_of = boot_id(plan, device_id, boot)
+            reboot_next = False
+        if schema_name.endswith(".firmware") and body.get("outcome") == "installed":
+            reboot_next = True  # a new firmware boots the device afresh
+        version = None
+        if old_schema and schema_name == "washer.cycle":
+            # Old firmware: the event in the v1 wire format (its own generator, so the
+            # usage that follows is the same as without the fault).
+            version, body = 1, example_v1_body(schema_name, fault_rng)  # noqa: PLW2901
+            fault = fault or "old_schema"
+        msg = _message(
+            plan, fault_rng, device_id=device_id, category=category, boot=boot_of, seq=seq,
+            at=at, schema_name=schema_name, body=body, version=version, topic=topic,
+            foreign=foreign, fault=fault, registered=registered,
+        )  # fmt: skip
+        seq += 1
+
+        # Offline: this event happens while the device cannot reach the broker.
+        if offline_until is not None and at >= offline_until:
+            yield from _burst(held, offline_until)
+            held, last_at, offline_until = [], offline_until, None
+        if offline_until is None and faults.offline and fault_rng.random() < faults.offline:
+            offline_until = min(at + timedelta(minutes=fault_rng.uniform(30, 480)), end)
+        if offline_until is not None:
+            held.append(_tag(msg, "offline"))
+            held.extend(_dup(msg, faults.dup, fault_rng))
+            continue
+
+        out = [msg, *_dup(msg, faults.dup, fault_rng)]
+        if behind:
+            out += [_with(m, at) for m in behind]
+            behind = []
+        elif faults.reorder and fault_rng.random() < faults.reorder:
+            behind = [_tag(m, "reorder") for m in out]  # with its duplicate, if any
+            continue
+        last_at = at
+        yield from out
+    if behind:
+        yield from (_with(m, last_at) for m in behind)
+    if held and offline_until is not None:
+        yield from _burst(held, offline_until)
+
+
+def _upgrade(
+    prof: Profile, category: str, rng: random.Random, start: datetime, window: timedelta
+) -> tuple[datetime, str, dict[str, Any]] | None:
+    versions = [v for v, _ in FIRMWARE[category]]
+    chance = min(1.0, UPGRADES_PER_WEEK * window / timedelta(days=7))
+    if prof.firmware == versions[-1] or rng.random() >= chance:
+        return None
+    at = start + timedelta(seconds=rng.uniform(0, window.total_seconds()))
+    at = at.replace(hour=rng.randint(2, 4), minute=rng.randint(0, 59))  # overnight
+    if at < start:
+        at += timedelta(days=1)
+    if at >= start + window:
+        return None
+    body = {
+        "from_version": prof.firmware,
+        "to_version": versions[versions.index(prof.firmware) + 1],
+        "outcome": "installed",
+        "trigger": rng.choice(("schedule", "schedule", "app_remote")),
+    }
+    return at, f"{category}.firmware", body
+
+
+def _message(
+    plan: FleetPlan,
+    rng: random.Random,
+    *,
+    device_id: str,
+    category: str,
+    boot: str,
+    seq: int,
+    at: datetime,
+    schema_name: str,
+    body: dict[str, Any],
+    version: int | None,
+    topic: str,
+    foreign: str | None,
+    fault: str | None,
+    registered: bool,
+) -> Message:
+    """The message for one event, hit by at most one payload fault."""
+    from schemas.catalog import current_version
+
+    faults = plan.faults
+    key = (device_id, boot, seq)
+    event_time = at
+    outcome, reason = Outcome.STORED, None
+    hit = ""
+    # One draw per fault, always, so one fault's rate does not shift another's choices.
+    draws = {name: rng.random() for name in ("skew", "malformed", "oversize", "foreign_topic")}
+    for name in ("malformed", "oversize", "foreign_topic", "skew"):
+        if draws[name] < getattr(faults, name):
+            hit = name
+            break
+    if hit == "skew":
+        if rng.random() < 0.5:
+            event_time = at - timedelta(minutes=rng.uniform(2, 360))
+        else:
+            # Dated from the end of the day the plan is made, so the plan is the same
+            # all day long, and the clock is ahead of any real time the run reaches.
+            anchor = plan.clock.replace(hour=0, minute=0, second=0, microsecond=0)
+            event_time = max(at, anchor + timedelta(days=1)) + timedelta(days=rng.uniform(1, 30))
+            outcome, reason = Outcome.DEAD_LETTER, Reason.EVENT_TIME_IN_FUTURE.value
+    doc = envelope_dict(
+        device_id=device_id,
+        boot_id=boot,
+        seq=seq,
+        event_time=event_time,
+        schema_name=schema_name,
+        schema_version=version or current_version(schema_name),
+        body=body,
+    )
+    payload = orjson.dumps(doc)
+    if hit == "malformed":
+        kind = rng.choice(sorted(MALFORMED))
+        payload = _malformed(kind, doc, payload, category)
+        outcome, reason = Outcome.DEAD_LETTER, MALFORMED[kind].value
+        hit = f"malformed:{kind}"
+    elif hit == "oversize":
+        payload += b" " * (plan.max_payload_bytes + 1 - len(payload))  # still valid JSON
+        outcome, reason = Outcome.DEAD_LETTER, Reason.OVERSIZE.value
+    elif hit == "foreign_topic" and foreign is not None:
+        topic = foreign
+        outcome = Outcome.REFUSED_BY_BROKER
+    elif hit == "foreign_topic":
+        hit = ""
+    if not registered:
+        outcome, reason, hit = Outcome.REFUSED_BY_BROKER, None, "unregistered"
+    return Message(key, topic, payload, False, at, outcome, reason, hit or fault)
+
+
+def _malformed(kind: str, doc: dict[str, Any], payload: bytes, category: str) -> bytes:
+    if kind == "truncated_json":
+        return payload[: len(payload) // 2]
+    if kind == "invalid_utf8":
+        return payload.replace(b'"boot_id":"', b'"boot_id":"\xff', 1)
+    if kind == "wrong_type":
+        return orjson.dumps({**doc, "seq": str(doc["seq"])})
+    if kind == "nan":
+        return payload.replace(b'"seq":%d' % doc["seq"], b'"seq":NaN', 1)
+    if kind == "unknown_schema":
+        return orjson.dumps({**doc, "schema": f"{category}.teleport"})
+    if kind == "unknown_version":
+        return orjson.dumps({**doc, "schema_version": 99})
+    raise AssertionError(kind)
+
+
+def _dup(msg: Message, rate: float, rng: random.Random) -> list[Message]:
+    """A byte-for-byte resend of a message the pipeline stores, at `rate`."""
+    if msg.outcome is not Outcome.STORED or not rate or rng.random() >= rate:
+        return []
+    return [
+        Message(msg.key, msg.topic, msg.payload, True, msg.send_at, Outcome.DUPLICATE, None, "dup")
+    ]
+
+
+def _tag(msg: Message, fault: str) -> Message:
+    return Message(
+        msg.key, msg.topic, msg.payload, msg.duplicate, msg.send_at, msg.outcome, msg.reason,
+        msg.fault or fault,
+    )  # fmt: skip
+
+
+def _with(msg: Message, send_at: datetime) -> Message:
+    return Message(
+        msg.key, msg.topic, msg.payload, msg.duplicate, send_at, msg.outcome, msg.reason, msg.fault
+    )
+
+
+def _burst(held: list[Message], at: datetime) -> Iterator[Message]:
+    for msg in held:
+        yield _with(msg, at)
