@@ -81,13 +81,7 @@ async def _open_registry(
     """Kafka publisher and registry from the root settings, closed in reverse order."""
     async with AsyncExitStack() as stack:
         publisher = await stack.enter_async_context(
-            KafkaEventPublisher(
-                bootstrap_servers=settings.kafka.bootstrap_servers,
-                topic=settings.registry.events_topic,
-                acks=settings.kafka.acks,
-                enable_idempotence=settings.kafka.enable_idempotence,
-                request_timeout_ms=settings.kafka.request_timeout_ms,
-            )
+            KafkaEventPublisher(settings.kafka, topic=settings.registry.events_topic)
         )
         registry = await stack.enter_async_context(
             Registry(

@@ -32,13 +32,15 @@ import uuid
 from collections.abc import Mapping
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Literal, Protocol, Self
+from typing import Any, Protocol, Self
 
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from devices.errors import RegistryUnavailable
+from ingest.kafka import make_producer
+from ingest.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -69,36 +71,26 @@ def new_event(event_type: str, occurred_at: datetime, data: Mapping[str, Any]) -
 class KafkaEventPublisher:
     """Publishes registry events as JSON to one Kafka topic, keyed for per-device order.
 
-    Producer safety is stated here, not left to client defaults: `acks="all"` (a
-    record counts as sent once every in-sync replica has it) and idempotence only when
-    asked for (the local Tansu broker lacks InitProducerId; duplicates from retries
-    are harmless because consumers deduplicate on `event_id`).
+    The producer comes from `ingest.kafka.make_producer`, the one place producer safety
+    is stated (acks=all; idempotence from settings, off for the local Tansu broker,
+    whose duplicates from retries are harmless since consumers deduplicate on
+    `event_id`). Each event is sent and awaited alone, so it does not linger.
     """
 
     def __init__(
         self,
+        settings: KafkaSettings,
         *,
-        bootstrap_servers: str,
         topic: str,
-        acks: Literal["all"] = "all",
-        enable_idempotence: bool,
-        request_timeout_ms: int = 30_000,
         client_id: str = "usagepipe-registry",
     ) -> None:
-        if acks != "all":
-            raise ValueError("registry events are only published with acks='all'")
+        self._settings = settings
         self._topic = topic
-        self._producer_args: dict[str, Any] = {
-            "bootstrap_servers": bootstrap_servers,
-            "acks": acks,
-            "enable_idempotence": enable_idempotence,
-            "request_timeout_ms": request_timeout_ms,
-            "client_id": client_id,
-        }
+        self._client_id = client_id
         self._producer: AIOKafkaProducer | None = None
 
     async def __aenter__(self) -> Self:
-        producer = AIOKafkaProducer(**self._producer_args)
+        producer = make_producer(self._settings, client_id=self._client_id, linger_ms=0)
         try:
             await producer.start()
         except KafkaError as exc:

@@ -37,15 +37,21 @@ def _check(settings: KafkaSettings) -> None:
         raise ConfigurationError(f"kafka.acks must be 'all', not {settings.acks!r}")
 
 
-def make_producer(settings: KafkaSettings, *, client_id: str) -> AIOKafkaProducer:
-    """A producer that confirms a send only once every in-sync replica has it."""
+def make_producer(
+    settings: KafkaSettings, *, client_id: str, linger_ms: int | None = None
+) -> AIOKafkaProducer:
+    """A producer that confirms a send only once every in-sync replica has it.
+
+    `linger_ms` overrides the setting for a producer that sends one record at a time
+    and waits for it (a batch that never fills would only add the linger to each send).
+    """
     _check(settings)
     return AIOKafkaProducer(
         bootstrap_servers=settings.bootstrap_servers,
         client_id=client_id,
         acks="all",
         enable_idempotence=settings.enable_idempotence,
-        linger_ms=settings.linger_ms,
+        linger_ms=settings.linger_ms if linger_ms is None else linger_ms,
         max_batch_size=settings.max_batch_bytes,
         request_timeout_ms=settings.request_timeout_ms,
     )

@@ -170,11 +170,8 @@ async def open_registry(
             broker = await stack.enter_async_context(DynsecAccounts(settings.mqtt))
         publisher = await stack.enter_async_context(
             KafkaEventPublisher(
-                bootstrap_servers=settings.kafka.bootstrap_servers,
+                settings.kafka,
                 topic=settings.registry.events_topic,
-                acks=settings.kafka.acks,
-                enable_idempotence=settings.kafka.enable_idempotence,
-                request_timeout_ms=settings.kafka.request_timeout_ms,
                 client_id="usagepipe-simulator",
             )
         )

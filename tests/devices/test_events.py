@@ -16,6 +16,7 @@ from devices.factory_import import import_units
 from devices.records import Purchase, PurchaseChannel
 from devices.registry import Registry
 from devices.settings import RegistrySettings
+from ingest.settings import KafkaSettings
 from tests.devices.catalog import DSN, KAFKA, T0, UNITS_CSV, WASHER, new_owner
 from tests.devices.fakes import RecordingBroker, RecordingPublisher
 
@@ -61,7 +62,7 @@ async def read_all(
 
 
 def kafka_publisher(topic: str) -> KafkaEventPublisher:
-    return KafkaEventPublisher(bootstrap_servers=KAFKA, topic=topic, enable_idempotence=False)
+    return KafkaEventPublisher(KafkaSettings(bootstrap_servers=KAFKA), topic=topic)
 
 
 async def test_registration_emits_exactly_one_event(
