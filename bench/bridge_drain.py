@@ -24,7 +24,6 @@ from pathlib import Path
 
 import orjson
 from prometheus_client import CollectorRegistry
-from pydantic import SecretStr
 
 from ingest.bridge import Bridge
 from ingest.metrics import BridgeMetrics
@@ -73,15 +72,8 @@ async def main(count: int) -> int:
     mosquitto.start()
     tansu.start()
     try:
-        logins = mosquitto.logins()
-        assert logins is not None
         settings = Settings(
-            mqtt=MqttSettings(
-                port=mosquitto.port,
-                topic_prefix="bench/",
-                username=logins.bridge_username,
-                password=SecretStr(logins.bridge_password),
-            ),
+            mqtt=mosquitto.mqtt_settings(MqttSettings(topic_prefix="bench/")),
             kafka=KafkaSettings(bootstrap_servers=tansu.address),
             bridge=BridgeSettings(metrics_port=0),
         )

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import asyncpg
 from prometheus_client import CollectorRegistry
-from pydantic import SecretStr
 
 from ingest.kafka import ensure_topics
 from ingest.metrics import SimulatorMetrics
@@ -98,15 +97,7 @@ async def main() -> None:
             "registry": base.registry.model_copy(
                 update={"db_schema": f"reg_{name}", "events_topic": f"{name}.registry"}
             ),
-            "mqtt": base.mqtt.model_copy(
-                update={
-                    "port": broker.port,
-                    "username": logins.bridge_username,
-                    "password": SecretStr(logins.bridge_password),
-                    "admin_username": logins.admin_username,
-                    "admin_password": SecretStr(logins.admin_password),
-                }
-            ),
+            "mqtt": broker.mqtt_settings(base.mqtt),
             "kafka": base.kafka.model_copy(
                 update={"raw_topic": f"{name}.raw", "dlq_topic": f"{name}.dlq"}
             ),

@@ -115,16 +115,7 @@ def validate_batch(
             try:
                 env = parse_telemetry(value, now=now, max_future_skew=skew, max_bytes=max_bytes)
             except InvalidTelemetry as error:
-                dead.append(
-                    DeadLetter.from_error(
-                        error,
-                        topic=tp.topic,
-                        partition=tp.partition,
-                        offset=record.offset,
-                        key=record.key,
-                        original=value,
-                    )
-                )
+                dead.append(DeadLetter.for_record(error, record))
                 continue
             rows.append(UsageRow.from_envelope(env, tp.partition, record.offset))
         if batch:
@@ -147,16 +138,7 @@ def unregistered_letters(batch: Batch, rows: list[UsageRow]) -> list[DeadLetter]
                 Reason.UNREGISTERED_DEVICE,
                 f"device_id: {device_id!r} is not registered in the device registry",
             )
-            letters.append(
-                DeadLetter.from_error(
-                    error,
-                    topic=tp.topic,
-                    partition=tp.partition,
-                    offset=record.offset,
-                    key=record.key,
-                    original=record.value if record.value is not None else b"",
-                )
-            )
+            letters.append(DeadLetter.for_record(error, record))
     return letters
 
 

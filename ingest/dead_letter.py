@@ -76,6 +76,18 @@ class DeadLetter:
         )
         return cls(doc, key)
 
+    @classmethod
+    def for_record(cls, error: InvalidTelemetry, record: ConsumerRecord) -> DeadLetter:
+        """The dead letter for a Kafka record the consumer refused with `error`."""
+        return cls.from_error(
+            error,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
+            original=record.value if record.value is not None else b"",
+        )
+
     def to_json(self) -> bytes:
         return self.doc.model_dump_json().encode()
 

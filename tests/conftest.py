@@ -157,18 +157,7 @@ async def drop_registry(s: Settings) -> None:
 
 def on_broker(s: Settings, broker: services.MosquittoBroker) -> Settings:
     """`s` pointed at a private broker: its port, and the logins its first start made."""
-    logins = broker.logins()
-    assert logins is not None, "start the broker first: its first start makes the logins"
-    mqtt = s.mqtt.model_copy(
-        update={
-            "port": broker.port,
-            "username": logins.bridge_username,
-            "password": SecretStr(logins.bridge_password),
-            "admin_username": logins.admin_username,
-            "admin_password": SecretStr(logins.admin_password),
-        }
-    )
-    return s.model_copy(update={"mqtt": mqtt})
+    return s.model_copy(update={"mqtt": broker.mqtt_settings(s.mqtt)})
 
 
 def drop_mqtt_session(mqtt: MqttSettings, client_id: str) -> None:

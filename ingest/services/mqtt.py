@@ -36,7 +36,7 @@ from ingest.services.host import (
     port_holder,
     port_open,
 )
-from ingest.settings import Settings
+from ingest.settings import MqttSettings, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +187,23 @@ class MosquittoBroker:
     def logins(self) -> BrokerLogins | None:
         """The admin and bridge logins `start` generated, or None before the first start."""
         return read_logins(self.dir)
+
+    def mqtt_settings(self, mqtt: MqttSettings) -> MqttSettings:
+        """`mqtt` pointed at this broker: its port, and the logins its first start made."""
+        logins = self.logins()
+        if logins is None:
+            raise ServiceError(
+                f"{self.address}: start the broker first; its first start makes the logins"
+            )
+        return mqtt.model_copy(
+            update={
+                "port": self.port,
+                "username": logins.bridge_username,
+                "password": SecretStr(logins.bridge_password),
+                "admin_username": logins.admin_username,
+                "admin_password": SecretStr(logins.admin_password),
+            }
+        )
 
     def stop(self, timeout: float = 10.0) -> int | None:
         """Stop the broker this run dir started (it saves its sessions); its pid or None."""
