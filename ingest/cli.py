@@ -20,14 +20,18 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry
 
+from ingest.metrics import serve_metrics
 from ingest.settings import Settings
 
 log = logging.getLogger("usagepipe")
+
+_Report_co = TypeVar("_Report_co", covariant=True)
+_Report = TypeVar("_Report")
 
 
 def _duration(text: str) -> float:
@@ -186,17 +190,28 @@ def _add_fleet_options(
     )
 
 
-def _run_component(make: Callable[[], Any], run: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
-    """Run a stoppable component until it ends, stopping it on SIGTERM/SIGINT."""
+class Service(Protocol[_Report_co]):
+    """A long-running stage: runs until it stops itself or is told to stop."""
 
-    async def main() -> Any:
-        component = make()
+    def stop(self, why: str = ...) -> None: ...
+
+    async def run(self) -> _Report_co: ...
+
+
+def _serve(port: int, make: Callable[[CollectorRegistry], Service[_Report]]) -> _Report:
+    """Run the service `make` builds, with its metrics on `port`, until it ends;
+    SIGTERM/SIGINT stop it cleanly."""
+    registry = CollectorRegistry()
+
+    async def main() -> _Report:
+        service = make(registry)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, component.stop, f"signal {sig.name}")
-        return await run(component)
+            loop.add_signal_handler(sig, service.stop, f"signal {sig.name}")
+        return await service.run()
 
-    return asyncio.run(main())
+    with serve_metrics(registry, port):
+        return asyncio.run(main())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -277,42 +292,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "bridge":
         from ingest.bridge import Bridge
-        from ingest.metrics import BridgeMetrics, serve_metrics
+        from ingest.metrics import BridgeMetrics
 
-        registry = CollectorRegistry()
-        with serve_metrics(registry, settings.bridge.metrics_port):
-            report = _run_component(
-                lambda: Bridge(
-                    settings,
-                    BridgeMetrics(registry),
-                    stop_after=args.max_messages,
-                    stop_after_s=args.duration,
-                ),
-                lambda b: b.run(),
-            )
-        print(f"bridge: {report.received} received, {report.acked} acknowledged")
+        bridge_report = _serve(
+            settings.bridge.metrics_port,
+            lambda registry: Bridge(
+                settings,
+                BridgeMetrics(registry),
+                stop_after=args.max_messages,
+                stop_after_s=args.duration,
+            ),
+        )
+        print(f"bridge: {bridge_report.received} received, {bridge_report.acked} acknowledged")
         return 0
 
     if args.command == "consume":
         from ingest.consumer import Consumer
         from ingest.enrich import with_local_owner_key
-        from ingest.metrics import ConsumerMetrics, serve_metrics
+        from ingest.metrics import ConsumerMetrics
 
         settings = with_local_owner_key(settings)  # unset: the local run dir's, with a warning
-        registry = CollectorRegistry()
-        with serve_metrics(registry, settings.consumer.metrics_port):
-            report = _run_component(
-                lambda: Consumer(
-                    settings,
-                    ConsumerMetrics(registry),
-                    stop_after=args.max_messages,
-                    stop_after_s=args.duration,
-                ),
-                lambda c: c.run(),
-            )
+        consumer_report = _serve(
+            settings.consumer.metrics_port,
+            lambda registry: Consumer(
+                settings,
+                ConsumerMetrics(registry),
+                stop_after=args.max_messages,
+                stop_after_s=args.duration,
+            ),
+        )
         print(
-            f"consumer: {report.consumed} consumed, {report.stored} stored, "
-            f"{report.duplicates} duplicates, {report.dead_lettered} dead letters"
+            f"consumer: {consumer_report.consumed} consumed, {consumer_report.stored} stored, "
+            f"{consumer_report.duplicates} duplicates, {consumer_report.dead_lettered} dead letters"
         )
         return 0
 
