@@ -2,7 +2,8 @@
 
     usagepipe services up|status|down     the local servers (Mosquitto, Kafka, PostgreSQL)
     usagepipe settings                    every setting, its variable, default and meaning
-    usagepipe db migrate|retention        create/upgrade the usage tables; drop expired data
+    usagepipe db migrate|refresh|retention  create/upgrade the usage tables; materialise
+                                          the rollups (plain PostgreSQL); drop expired data
     usagepipe simulate ...                a seeded fleet publishing telemetry
     usagepipe verify LEDGER               did the pipeline keep what the fleet sent?
     usagepipe bridge                      MQTT -> Kafka
@@ -78,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database schema and retention")
     db.add_argument(
         "action",
-        choices=["migrate", "retention"],
-        help="migrate: create/upgrade the usage tables; retention: drop expired raw data",
+        choices=["migrate", "refresh", "retention"],
+        help="migrate: create/upgrade the usage tables; refresh: materialise the rollups'"
+        " noted buckets now (plain PostgreSQL; consumers do it every"
+        " postgres.rollup_refresh_s); retention: drop expired raw data",
     )
 
     bridge = sub.add_parser("bridge", help="forward MQTT telemetry to Kafka")
@@ -279,6 +282,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"usage table {store.table!r} is up to date ({applied}); layout: "
                         f"{layout.kind}, partitions of "
                         f"{layout.partition_interval.total_seconds() / 3600:g} h"
+                    )
+                if args.action == "refresh":
+                    done = await store.refresh_rollups(wait=True)
+                    if done is None:
+                        return f"{store.table!r} is on TimescaleDB: its refresh policies do this"
+                    return (
+                        f"rollups of {store.table!r} refreshed: {done.hours} hours and"
+                        f" {done.days} days recomputed, {done.skipped} hours before the"
+                        f" retained data skipped, in {done.seconds:.3f} s"
                     )
                 dropped = await store.drop_expired()
                 return f"retention on {store.table!r} dropped: {', '.join(dropped) or 'nothing'}"

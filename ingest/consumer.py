@@ -333,6 +333,7 @@ class Consumer:
                 max_records=s.consumer.batch_max,
             )
             listener = StoredOffsets(consumer, store, s.consumer.group_id)
+            refresh_at = time.monotonic() + s.postgres.rollup_refresh_s
             await producer.start()
             try:
                 await consumer.start()
@@ -354,6 +355,9 @@ class Consumer:
                         if any(records.values()):
                             await self._handle(records, consumer, producer, store, enricher)
                         await self._retry("erasure", enricher.apply_erasures, store)
+                        if time.monotonic() >= refresh_at:
+                            await self._retry("rollup refresh", store.refresh_rollups)
+                            refresh_at = time.monotonic() + s.postgres.rollup_refresh_s
                 finally:
                     await consumer.stop()
             finally:

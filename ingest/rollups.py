@@ -14,34 +14,39 @@ not, so those devices' usage is counted under a NULL region). The owner key and
 membership tier are never grouped on: a rollup row describes many owners' appliances.
 
 Buckets are UTC hours and days (`date_bin` from the epoch here, `time_bucket` in
-TimescaleDB: the same boundaries).
+TimescaleDB: the same boundaries). Both layouts compute a bucket with one aggregate
+over the raw rows (`aggregate_query`), so they cannot disagree on what a bucket holds.
 
 - TimescaleDB: `<table>_hourly` and `<table>_daily` are continuous aggregates (see
-  ingest/sql/timescaledb), with real-time aggregation on.
-- Plain PostgreSQL: they are tables the store updates in the write transaction. The
-  store knows which rows the transaction actually inserted (all of them after a clean
-  COPY, else the INSERT's RETURNING), so a duplicate never counts twice. `Contribution`
-  sums those rows per group in Python; `rollup_statement()` adds the sums. Distinct
-  devices are exact: `<table>_hourly_devices` / `_daily_devices` hold which devices a
-  rollup row has counted, and a device adds 1 only when its membership row is new.
-  `KnownMembers` spares the database the memberships this process knows exist.
+  ingest/sql/timescaledb) with real-time aggregation on; refresh policies materialise
+  them.
+- Plain PostgreSQL: the same design, kept by the store. The write transaction only
+  notes which hours got new rows (`<table>_rollup_invalidations`, a row per hour per
+  batch), which costs next to nothing; `refresh_rollups` (run by the consumer every
+  `postgres.rollup_refresh_s`, and by `usagepipe db refresh`) recomputes exactly those
+  hours and their days from the raw rows and clears their notes, in one transaction.
+  Distinct devices stay exact because a bucket is always recomputed whole, never
+  incremented. Reads are exact at any moment: `usage_rollup` takes the buckets still
+  noted from the raw rows and the others from the rollup tables, as TimescaleDB's
+  real-time aggregation does above its watermark.
+  Raw rows older than the retention are dropped while the rollups keep their history,
+  so a bucket from before `<table>_layout.retained_from` is never recomputed (a very
+  late event there is stored raw but not aggregated; retention soon drops it).
 
 `usage_rollup()` reads either.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
 import asyncpg
-import orjson
 from asyncpg.pool import PoolConnectionProxy
-
-from schemas.catalog import models
 
 Granularity = Literal["hourly", "daily"]
 
@@ -51,10 +56,11 @@ SUMMED = ("energy_wh", "duration_s")
 
 _ORIGIN = "timestamptz '1970-01-01 00:00:00+00'"
 _STEP: dict[Granularity, str] = {"hourly": "1 hour", "daily": "1 day"}
-_SECONDS: dict[Granularity, int] = {"hourly": 3600, "daily": 86400}
+HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
+_COLUMNS = ", ".join((*GROUP, "events", "devices", "energy_wh", "duration_s"))
 
-# (bucket as epoch seconds, schema, model, firmware, region)
-_Group = tuple[int, str, str | None, str | None, str | None]
+Connection = asyncpg.Connection | PoolConnectionProxy
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,192 +79,121 @@ class RollupRow:
     duration_s: Decimal | None
 
 
-Member = tuple[int, str, str | None, str | None, str | None, str]
-"""(hour as epoch seconds, schema, model, firmware, region, device_id)"""
+def hours_of(times: Iterable[datetime]) -> list[datetime]:
+    """The distinct UTC hours `times` fall in: the buckets a batch invalidates."""
+    epochs = {int(t.timestamp()) // 3600 for t in times}
+    return [datetime.fromtimestamp(h * 3600, UTC) for h in sorted(epochs)]
 
 
-class Contribution:
-    """What newly inserted rows add to the rollups, summed per group in one pass.
-
-    `members` are the (hour, group, device) memberships the rows imply; the statement
-    inserts them and counts a device only where its membership is new.
-    """
-
-    def __init__(self, rows: Iterable[Any]) -> None:
-        hourly: dict[_Group, list[Any]] = {}
-        members: set[Member] = set()
-        summed = _SCHEMAS_WITH_SUMS
-        for r in rows:
-            epoch = int(r.event_time.timestamp())
-            key = (epoch - epoch % 3600, r.schema, r.model, r.firmware, r.region)
-            members.add((*key, r.device_id))
-            sums = hourly.get(key)
-            if sums is None:
-                sums = hourly[key] = [0, None, None]
-            sums[0] += 1
-            if r.schema in summed or r.schema not in _KNOWN:
-                _add_sums(sums, r.body_json)
-        daily: dict[_Group, list[Any]] = {}
-        for (hour, schema, model, firmware, region), sums in hourly.items():
-            day_key = (hour - hour % 86400, schema, model, firmware, region)
-            total = daily.get(day_key)
-            if total is None:
-                daily[day_key] = list(sums)
-            else:
-                total[0] += sums[0]
-                total[1] = _plus(total[1], sums[1])
-                total[2] = _plus(total[2], sums[2])
-        self.members = members
-        self._groups = {"hourly": hourly, "daily": daily}
-
-    def parameters(self, members: Iterable[Member]) -> list[list[Any]]:
-        """The arrays `rollup_statement` takes, in its order, for `members` (those of
-        `self.members` the store does not already know to exist)."""
-        out: list[list[Any]] = [list(c) for c in zip(*members, strict=True)] or [
-            [] for _ in range(6)
-        ]
-        for granularity in ("hourly", "daily"):
-            # Sorted, so concurrent writers lock hot rollup rows in the same order.
-            items = sorted(self._groups[granularity].items(), key=lambda kv: _sort_key(kv[0]))
-            out.extend(
-                [list(c) for c in zip(*(k for k, _ in items), strict=True)]
-                or [[] for _ in range(5)]
-            )
-            for i in range(3):
-                out.append([sums[i] for _, sums in items])
-        return out
-
-
-def _plus(a: Decimal | None, b: Decimal | None) -> Decimal | None:
-    return b if a is None else a if b is None else a + b
-
-
-def _sort_key(key: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple((v is not None, v) for v in key)
-
-
-def _add_sums(sums: list[Any], body_json: str) -> None:
-    """Add the body's summed fields, exactly as PostgreSQL reads them from the jsonb.
-
-    Bodies are written by orjson, whose floats are the shortest text that reads back
-    as the same double; Python's repr() of that double is the same text.
-    """
-    body = orjson.loads(body_json)
-    if not isinstance(body, dict):
-        return
-    for i, name in enumerate(SUMMED, start=1):
-        value = body.get(name)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        number = Decimal(value) if isinstance(value, int) else Decimal(repr(value))
-        sums[i] = number if sums[i] is None else sums[i] + number
-
-
-def _schemas_with(fields: tuple[str, ...]) -> tuple[frozenset[str], frozenset[str]]:
-    """(schemas whose body has any of `fields` in some version, every known schema)."""
-    known = set()
-    having = set()
-    for name, _version, body_model in models():
-        known.add(name)
-        if any(f in body_model.model_fields for f in fields):
-            having.add(name)
-    return frozenset(having), frozenset(known)
-
-
-_SCHEMAS_WITH_SUMS, _KNOWN = _schemas_with(SUMMED)
-
-
-class KnownMembers:
-    """Memberships this process has seen committed, for the recent hours.
-
-    Only a positive cache: a membership row, once committed, stays (retention prunes
-    only hours long past), so a cached one need not be inserted again; anything not
-    cached is checked by the database. Kafka partitions are keyed by device, so a
-    consumer meets the same devices batch after batch and most lookups hit.
-    """
-
-    def __init__(self, hours: int = 3) -> None:
-        self._hours = hours
-        self._by_hour: dict[int, set[Member]] = {}
-
-    def unknown(self, members: set[Member]) -> list[Member]:
-        out = []
-        for m in members:
-            seen = self._by_hour.get(m[0])
-            if seen is None or m not in seen:
-                out.append(m)
-        return out
-
-    def remember(self, members: Iterable[Member]) -> None:
-        for m in members:
-            seen = self._by_hour.get(m[0])
-            if seen is None:
-                seen = self._by_hour[m[0]] = set()
-            seen.add(m)
-        if len(self._by_hour) > self._hours:
-            for hour in sorted(self._by_hour)[: -self._hours]:
-                del self._by_hour[hour]
-
-
-def rollup_statement(table: str, first: int) -> str:
-    """CTEs adding a `Contribution` to both rollups; its parameters start at `$first`.
-
-    The result is a list of `name AS (...)` items to put after `WITH`.
-    """
-    member = "schema, model, firmware, region"
-    p = [f"${i}" for i in range(first, first + 22)]
-    return f"""hourly_members AS (
-            INSERT INTO {table}_hourly_devices (bucket, {member}, device_id)
-            SELECT to_timestamp(b), s, m, f, r, d
-            FROM unnest({p[0]}::bigint[], {p[1]}::text[], {p[2]}::text[], {p[3]}::text[],
-                        {p[4]}::text[], {p[5]}::text[]) AS u (b, s, m, f, r, d)
-            ON CONFLICT DO NOTHING
-            RETURNING bucket, {member}, device_id
-        ),
-        daily_members AS (
-            -- A device new to a day's group is new to that hour's group as well, so
-            -- only the new hourly members need checking against the daily ones.
-            INSERT INTO {table}_daily_devices (bucket, {member}, device_id)
-            SELECT DISTINCT date_bin('1 day', bucket, {_ORIGIN}), {member}, device_id
-            FROM hourly_members
-            ON CONFLICT DO NOTHING
-            RETURNING bucket, {member}
-        ),
-        {_add_to(table, "hourly", "hourly_members", p[6:14])},
-        {_add_to(table, "daily", "daily_members", p[14:22])}"""
-
-
-def _add_to(table: str, granularity: str, members: str, p: list[str]) -> str:
-    r = f"{table}_{granularity}"
-    return f"""{granularity}_added AS (
-            INSERT INTO {r} AS r ({", ".join(GROUP)}, events, devices, energy_wh, duration_s)
-            SELECT to_timestamp(f.b), split_part(f.s, '.', 1), f.s, f.m, f.f, f.r,
-                   f.events, coalesce(fresh.devices, 0), f.energy_wh, f.duration_s
-            FROM unnest({p[0]}::bigint[], {p[1]}::text[], {p[2]}::text[], {p[3]}::text[],
-                        {p[4]}::text[], {p[5]}::bigint[], {p[6]}::numeric[], {p[7]}::numeric[])
-                 WITH ORDINALITY AS f (b, s, m, f, r, events, energy_wh, duration_s, n)
-            LEFT JOIN (
-                SELECT bucket, schema, model, firmware, region, count(*) AS devices
-                FROM {members} GROUP BY 1, 2, 3, 4, 5
-            ) fresh ON fresh.bucket = to_timestamp(f.b) AND fresh.schema = f.s
-               AND fresh.model IS NOT DISTINCT FROM f.m AND fresh.firmware IS NOT DISTINCT FROM f.f
-               AND fresh.region IS NOT DISTINCT FROM f.r
-            ORDER BY f.n
-            ON CONFLICT ON CONSTRAINT {r}_key DO UPDATE SET
-                events = r.events + excluded.events,
-                devices = r.devices + excluded.devices,
-                energy_wh = {_add_nullable("r.energy_wh", "excluded.energy_wh")},
-                duration_s = {_add_nullable("r.duration_s", "excluded.duration_s")}
+def invalidation_cte(table: str, parameter: int) -> str:
+    """A CTE (for after `WITH`) noting the hours in `$parameter` (timestamptz[]) as
+    needing a refresh. A plain insert, no key: concurrent writers never wait on it."""
+    return f"""invalidated AS (
+            INSERT INTO {table}_rollup_invalidations (bucket)
+            SELECT unnest(${parameter}::timestamptz[])
+            RETURNING 1
         )"""
 
 
-def _add_nullable(a: str, b: str) -> str:
-    """a + b where NULL means "no such values yet", as sum() treats them."""
-    return f"CASE WHEN {a} IS NULL THEN {b} WHEN {b} IS NULL THEN {a} ELSE {a} + {b} END"
+def aggregate_query(table: str, granularity: Granularity) -> str:
+    """A bucket computed straight from the raw rows, for `$1 <= event_time < $2`.
+
+    What the rollups must equal, what the plain layout materialises, and the same
+    expression as the TimescaleDB continuous aggregates' definition.
+    """
+    step = _STEP[granularity]
+    return f"""
+        SELECT date_bin('{step}', event_time, {_ORIGIN}) AS bucket,
+               split_part(schema, '.', 1) AS category, schema, model, firmware, region,
+               count(*) AS events, count(DISTINCT device_id) AS devices,
+               sum((body ->> 'energy_wh')::numeric) AS energy_wh,
+               sum((body ->> 'duration_s')::numeric) AS duration_s
+        FROM {table}
+        WHERE event_time >= $1 AND event_time < $2
+        GROUP BY 1, 2, 3, 4, 5, 6
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshReport:
+    """What one `refresh_rollups` recomputed."""
+
+    hours: int
+    days: int
+    skipped: int
+    """Noted hours from before the retained data, dropped without recomputing."""
+    seconds: float
+
+
+def spans(buckets: Iterable[datetime], step: timedelta) -> list[tuple[datetime, datetime]]:
+    """Sorted `buckets` merged into [start, end) runs of consecutive buckets."""
+    out: list[tuple[datetime, datetime]] = []
+    for b in sorted(set(buckets)):
+        if out and out[-1][1] == b:
+            out[-1] = (out[-1][0], b + step)
+        else:
+            out.append((b, b + step))
+    return out
+
+
+def _day(t: datetime) -> datetime:
+    return datetime.fromtimestamp(int(t.timestamp()) // 86400 * 86400, UTC)
+
+
+async def refresh_rollups(
+    conn: Connection, table: str, *, wait: bool = False
+) -> RefreshReport | None:
+    """Recompute the noted hours, and their days, from the raw rows (plain layout).
+
+    One transaction (a savepoint inside the caller's) under an advisory lock; None if
+    another process holds it, unless `wait`. The notes are taken first; a batch
+    committed after that adds a note of its own, so whatever this refresh's aggregate
+    may not see is refreshed next time.
+    """
+    started = time.perf_counter()
+    async with conn.transaction():
+        lock = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
+        got = await conn.fetchval(f"SELECT {lock}(hashtext($1))::text", f"{table}_rollups")
+        if got == "false":
+            return None
+        noted = await conn.fetch(f"DELETE FROM {table}_rollup_invalidations RETURNING bucket")
+        retained_from = await conn.fetchval(f"SELECT retained_from FROM {table}_layout")
+        hours = {r["bucket"] for r in noted}
+        fresh = {h for h in hours if retained_from is None or _day(h) >= retained_from}
+        days = {_day(h) for h in fresh}
+        work: tuple[tuple[Granularity, set[datetime], timedelta], ...] = (
+            ("hourly", fresh, HOUR),
+            ("daily", days, DAY),
+        )
+        for granularity, buckets, step in work:
+            target = f"{table}_{granularity}"
+            for start, end in spans(buckets, step):
+                await conn.execute(
+                    f"DELETE FROM {target} WHERE bucket >= $1 AND bucket < $2", start, end
+                )
+                await conn.execute(
+                    f"INSERT INTO {target} ({_COLUMNS}) {aggregate_query(table, granularity)}",
+                    start,
+                    end,
+                )
+    return RefreshReport(
+        len(fresh), len(days), len(hours) - len(fresh), time.perf_counter() - started
+    )
+
+
+async def _noted(conn: Connection, table: str, granularity: Granularity) -> list[datetime]:
+    """Buckets of `granularity` that have rows not yet in the plain layout's rollups."""
+    rows = await conn.fetch(
+        f"""SELECT DISTINCT date_bin('{_STEP[granularity]}', i.bucket, {_ORIGIN}) AS bucket
+            FROM {table}_rollup_invalidations i, {table}_layout l
+            WHERE l.retained_from IS NULL
+               OR date_bin('1 day', i.bucket, {_ORIGIN}) >= l.retained_from"""
+    )
+    return [r["bucket"] for r in rows]
 
 
 async def usage_rollup(
-    conn: asyncpg.Connection | PoolConnectionProxy,
+    conn: Connection,
     table: str,
     granularity: Granularity,
     start: datetime,
@@ -269,24 +204,45 @@ async def usage_rollup(
 ) -> list[RollupRow]:
     """Rollup rows with `start <= bucket < end`, optionally for one category or schema.
 
-    Ordered by bucket and group. The same answer on TimescaleDB and plain PostgreSQL.
+    Ordered by bucket and group. The same answer on TimescaleDB and plain PostgreSQL,
+    and on the plain layout the same before and after a refresh.
     """
     if granularity not in _STEP:
         raise ValueError(f"granularity must be 'hourly' or 'daily', not {granularity!r}")
+    filters = "($3::text IS NULL OR category = $3) AND ($4::text IS NULL OR schema = $4)"
+    kind = await conn.fetchval(f"SELECT kind FROM {table}_layout")
+    noted = [] if kind == "timescaledb" else await _noted(conn, table, granularity)
     rows = await conn.fetch(
         f"""
-        SELECT {", ".join(GROUP)}, events, devices, energy_wh, duration_s
-        FROM {table}_{granularity}
-        WHERE bucket >= $1 AND bucket < $2
-          AND ($3::text IS NULL OR category = $3) AND ($4::text IS NULL OR schema = $4)
-        ORDER BY {_ORDER}
+        SELECT {_COLUMNS} FROM {table}_{granularity}
+        WHERE bucket >= $1 AND bucket < $2 AND {filters} AND bucket <> ALL($5::timestamptz[])
         """,
         start,
         end,
         category,
         schema,
+        noted,
     )
-    return [RollupRow(**dict(row)) for row in rows]
+    step = HOUR if granularity == "hourly" else DAY
+    for lo, hi in spans((b for b in noted if start <= b < end), step):
+        rows += await conn.fetch(
+            f"SELECT * FROM ({aggregate_query(table, granularity)}) live WHERE {filters}",
+            lo,
+            hi,
+            category,
+            schema,
+        )
+    out = [RollupRow(**dict(row)) for row in rows]
+    out.sort(key=_sort_key)
+    return out
+
+
+def _sort_key(r: RollupRow) -> tuple[Any, ...]:
+    """`_ORDER` in Python: NULLs first, then by code point (the "C" collation on UTF-8)."""
+    return (
+        r.bucket,
+        *((v is not None, v or "") for v in (r.category, r.schema, r.model, r.firmware, r.region)),
+    )
 
 
 # The same order on both paths and for the direct query, whatever the column collation.
@@ -294,21 +250,8 @@ _ORDER = ", ".join(f'{c} COLLATE "C" NULLS FIRST' if c != "bucket" else c for c 
 
 
 def direct_rollup_query(table: str, granularity: Granularity) -> str:
-    """The rollup computed straight from the raw rows: what the rollups must equal.
-
-    Takes $1 (start) and $2 (end); for tests and for checking a live system.
+    """The rollup computed straight from the raw rows, in `usage_rollup`'s order: what
+    the rollups must equal. Takes $1 (start) and $2 (end); for tests and for checking a
+    live system.
     """
-    step = _STEP[granularity]
-    return f"""
-        SELECT * FROM (
-            SELECT date_bin('{step}', event_time, {_ORIGIN}) AS bucket,
-                   split_part(schema, '.', 1) AS category, schema, model, firmware, region,
-                   count(*) AS events, count(DISTINCT device_id) AS devices,
-                   sum((body ->> 'energy_wh')::numeric) AS energy_wh,
-                   sum((body ->> 'duration_s')::numeric) AS duration_s
-            FROM {table}
-            WHERE event_time >= $1 AND event_time < $2
-            GROUP BY 1, 2, 3, 4, 5, 6
-        ) direct
-        ORDER BY {_ORDER}
-    """
+    return f"SELECT * FROM ({aggregate_query(table, granularity)}) direct ORDER BY {_ORDER}"

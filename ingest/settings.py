@@ -176,6 +176,9 @@ class PostgresSettings(Section):
     retention_days: Annotated[int, Field(ge=1)] = 400
     """Raw usage rows older than this are dropped, a whole partition (chunk) at a time;
     the rollups keep their history."""
+    rollup_refresh_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    """Plain PostgreSQL: how often a consumer recomputes the rollup buckets that got
+    rows (reads are exact meanwhile: they aggregate those buckets from the raw rows)."""
 
     @property
     def partition_interval(self) -> timedelta:

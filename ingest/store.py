@@ -40,7 +40,7 @@ from asyncpg.pool import PoolConnectionProxy
 from devices import migrations
 from devices.errors import MigrationError, RegistryUnavailable
 from ingest.errors import ConfigurationError, StoreUnavailable
-from ingest.rollups import Contribution, KnownMembers, Member, rollup_statement
+from ingest.rollups import RefreshReport, hours_of, invalidation_cte, refresh_rollups
 from ingest.settings import PostgresSettings
 from ingest.sql import Kind, migration_directory
 from schemas.envelope import Envelope
@@ -191,7 +191,6 @@ class UsageStore:
         self._layout: Layout | None = None
         self._partitions: set[datetime] = set()
         self._insert_sql = ""
-        self._known_members = KnownMembers()
         self._after_insert_sql = ""
 
     async def __aenter__(self) -> Self:
@@ -381,7 +380,7 @@ class UsageStore:
             )"""
         ]
         if self.layout.kind == "partitioned":
-            ctes.append(rollup_statement(t, 6))
+            ctes.append(invalidation_cte(t, 6))
         self._after_insert_sql = "WITH " + ",\n".join(ctes) + "\nSELECT count(*) FROM offsets"
 
     # -- partitions (plain PostgreSQL) ----------------------------------------------------
@@ -449,9 +448,10 @@ class UsageStore:
         """Drop raw data older than the retention; returns what was dropped.
 
         Plain PostgreSQL: partitions wholly older than `now - retention` (a partition
-        with any younger row stays), old rows in the DEFAULT partition, and the rollups'
-        device memberships for buckets no retained row can fall in. The rollups
-        themselves keep their history. TimescaleDB: `drop_chunks` (its retention policy
+        with any younger row stays) and old rows in the DEFAULT partition, after
+        materialising every noted rollup bucket; `retained_from` then tells later
+        refreshes not to recompute buckets whose rows may be gone, so the rollups keep
+        their history. TimescaleDB: `drop_chunks` (its retention policy
         does the same on a schedule).
         """
         cutoff = (now or datetime.now(UTC)) - self._settings.retention
@@ -469,6 +469,8 @@ class UsageStore:
                     "SELECT pg_advisory_xact_lock($1)",
                     migrations.advisory_lock_key("partitions", t),
                 )
+                # Every noted bucket into the rollups while its rows are all still here.
+                await refresh_rollups(conn, t, wait=True)
                 interval = self.layout.partition_interval
                 expired = sorted(
                     s for s in await self._existing_partitions(conn) if s + interval <= cutoff
@@ -476,14 +478,11 @@ class UsageStore:
                 for start in expired:
                     await conn.execute(f"DROP TABLE {self._partition_name(start)}")
                 await conn.execute(f"DELETE FROM {t}_default WHERE event_time < $1", cutoff)
-                if expired:
-                    kept_from = expired[-1] + interval
-                    for granularity, step in (("hourly", "1 hour"), ("daily", "1 day")):
-                        await conn.execute(
-                            f"DELETE FROM {t}_{granularity}_devices"
-                            f" WHERE bucket + interval '{step}' <= $1",
-                            kept_from,
-                        )
+                await conn.execute(
+                    f"UPDATE {t}_layout SET retained_from = $1"
+                    " WHERE retained_from IS NULL OR retained_from < $1",
+                    cutoff,
+                )
         except _DB_ERRORS as exc:
             raise StoreUnavailable(f"retention on {t} failed: {exc!r}") from exc
         self._partitions -= set(expired)
@@ -515,7 +514,6 @@ class UsageStore:
             unique = list({r.key: r for r in reversed(rows)}.values())  # first of each
         if unique and self.layout.kind == "partitioned":
             await self.ensure_partitions(_partition_probes(unique, self.layout.partition_interval))
-        members: list[Member] = []
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 inserted = await self._insert(conn, unique) if unique else []
@@ -527,14 +525,27 @@ class UsageStore:
                     [o.last_timestamp for o in offsets],
                 ]
                 if self.layout.kind == "partitioned":
-                    added = Contribution(inserted)
-                    members = self._known_members.unknown(added.members)
-                    parameters += added.parameters(members)
+                    parameters.append(hours_of(r.event_time for r in inserted))
                 await conn.fetchval(self._after_insert_sql, *parameters)
         except _DB_ERRORS as exc:
             raise StoreUnavailable(f"writing {len(rows)} rows failed: {exc!r}") from exc
-        self._known_members.remember(members)  # committed: they exist now
         return len(inserted)
+
+    async def refresh_rollups(self, *, wait: bool = False) -> RefreshReport | None:
+        """Materialise the plain layout's noted rollup buckets (see `ingest.rollups`).
+
+        None on TimescaleDB (its refresh policies do this) and, unless `wait`, when
+        another process is refreshing the same table right now.
+        """
+        if self.layout.kind != "partitioned":
+            return None
+        try:
+            async with self.pool.acquire() as conn:
+                return await refresh_rollups(conn, self.table, wait=wait)
+        except _DB_ERRORS as exc:
+            raise StoreUnavailable(
+                f"refreshing the rollups of {self.table} failed: {exc!r}"
+            ) from exc
 
     async def _insert(self, conn: Connection, rows: list[UsageRow]) -> list[UsageRow]:
         """Insert `rows` (unique keys); returns those the table did not have yet."""

@@ -118,8 +118,7 @@ async def cleanup(s: Settings) -> None:
             "offsets",
             "hourly",
             "daily",
-            "hourly_devices",
-            "daily_devices",
+            "rollup_invalidations",
             "erasures",
         )
         tables = ", ".join([t, *(f"{t}_{suffix}" for suffix in derived)])

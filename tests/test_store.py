@@ -7,13 +7,14 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from unittest.mock import ANY
 
 import asyncpg
 import pytest
 
 from ingest.cli import main
 from ingest.errors import ConfigurationError, StoreUnavailable
-from ingest.rollups import direct_rollup_query, usage_rollup
+from ingest.rollups import RefreshReport, direct_rollup_query, usage_rollup
 from ingest.settings import PostgresSettings, Settings
 from ingest.store import SourceOffset, UsageRow, UsageStore, partition_start
 from schemas.envelope import Envelope
@@ -64,7 +65,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         first = await store.migrate()
         second = await store.migrate()
     assert (first.layout.kind, first.layout.partition_interval) == ("partitioned", DAY)
-    assert first.applied == ["001_usage", "002_enrichment"]
+    assert first.applied == ["001_usage", "002_enrichment", "003_rollup_refresh"]
     assert second.applied == []
     t = settings.postgres.table
     conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
@@ -85,7 +86,11 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         await conn.close()
     assert (kind, default) == ("p", "DEFAULT")
     assert key == "PRIMARY KEY (device_id, boot_id, seq, event_time)"
-    assert [tuple(m) for m in migrations] == [(1, "001_usage"), (2, "002_enrichment")]
+    assert [tuple(m) for m in migrations] == [
+        (1, "001_usage"),
+        (2, "002_enrichment"),
+        (3, "003_rollup_refresh"),
+    ]
 
 
 def test_db_migrate_command_prints_the_layout(
@@ -95,13 +100,19 @@ def test_db_migrate_command_prints_the_layout(
     monkeypatch.setenv("USAGEPIPE_POSTGRES__USE_TIMESCALEDB", "false")
     assert main(["db", "migrate"]) == 0
     assert main(["db", "migrate"]) == 0
+    assert main(["db", "refresh"]) == 0
     out = capsys.readouterr().out.splitlines()
     t = settings.postgres.table
     layout = "layout: partitioned, partitions of 24 h"
-    assert out == [
-        f"usage table '{t}' is up to date (001_usage, 002_enrichment); {layout}",
+    applied = "001_usage, 002_enrichment, 003_rollup_refresh"
+    assert out[:2] == [
+        f"usage table '{t}' is up to date ({applied}); {layout}",
         f"usage table '{t}' is up to date (none pending); {layout}",
     ]
+    assert out[2].startswith(
+        f"rollups of '{t}' refreshed: 0 hours and 0 days recomputed, 0 hours before the"
+        " retained data skipped, in "
+    )
 
 
 async def test_partitions_are_created_across_an_interval_boundary(store: UsageStore) -> None:
@@ -222,11 +233,33 @@ async def test_rollups_equal_a_direct_aggregate_after_duplicates_and_late_events
     assert stored == len(unique) == 18 * 40 + 12 * 25
     span = (now - 3 * DAY, now + DAY)
     async with store.pool.acquire() as conn:
-        for granularity in ("hourly", "daily"):
-            rollup = await usage_rollup(conn, store.table, granularity, *span)
-            direct = await conn.fetch(direct_rollup_query(store.table, granularity), *span)
-            assert [tuple(vars_of(r)) for r in rollup] == [tuple(d) for d in direct]
-            assert sum(r.events for r in rollup) == len(unique)
+        # Exact before any refresh (noted buckets read live), after one, and after a
+        # late batch lands in buckets already materialised.
+        for step in ("noted", "refreshed", "late", "refreshed again"):
+            if step == "late":
+                more = plan_rows(
+                    FleetPlan(
+                        devices=3,
+                        messages_per_device=10,
+                        seed=9,
+                        run_id="later",
+                        start=now - DAY - 9 * HOUR,
+                    )
+                )
+                assert await store.write(more) == len(more)
+                unique |= {(r.device_id, r.boot_id, r.seq, r.event_time) for r in more}
+            elif step.startswith("refreshed"):
+                done = await store.refresh_rollups()
+                assert done is not None and done.hours > 0 and done.skipped == 0
+                assert (
+                    await conn.fetchval(f"SELECT count(*) FROM {store.table}_rollup_invalidations")
+                    == 0
+                )
+            for granularity in ("hourly", "daily"):
+                rollup = await usage_rollup(conn, store.table, granularity, *span)
+                direct = await conn.fetch(direct_rollup_query(store.table, granularity), *span)
+                assert [tuple(vars_of(r)) for r in rollup] == [tuple(d) for d in direct], step
+                assert sum(r.events for r in rollup) == len(unique)
         # Spot checks of the shape: several schemas, energy summed where present.
         daily = await usage_rollup(conn, store.table, "daily", *span, category="washer")
     assert {r.schema for r in daily} >= {"washer.cycle", "washer.energy"}
@@ -264,7 +297,11 @@ async def test_retention_drops_only_partitions_wholly_older_than_the_cutoff(
                 datetime(2025, 1, 1, tzinfo=UTC),
                 datetime(2027, 1, 1, tzinfo=UTC),
             )
-            hourly_before = await conn.fetch(f"SELECT * FROM {t}_hourly ORDER BY bucket")
+            noted = await conn.fetchval(f"SELECT count(*) FROM {t}_rollup_invalidations")
+            assert noted == 4  # one per hour of the batch: 09, 11, 12 and 13 h
+            hourly_before = await conn.fetch(
+                direct_rollup_query(t, "hourly"), cutoff - DAY, cutoff + DAY
+            )
         dropped = await store.drop_expired(now)
         assert dropped == [f"{t}_p2026010909", f"{t}_p2026010911"]
         assert await store.drop_expired(now) == []
@@ -275,12 +312,15 @@ async def test_retention_drops_only_partitions_wholly_older_than_the_cutoff(
         ]
         async with store.pool.acquire() as conn:
             hourly_after = await conn.fetch(f"SELECT * FROM {t}_hourly ORDER BY bucket")
-            members = await conn.fetch(f"SELECT bucket FROM {t}_hourly_devices ORDER BY 1")
-        assert hourly_after == hourly_before  # the rollups keep their history
-        assert [m["bucket"] for m in members] == [
-            datetime(2026, 1, 9, 12, tzinfo=UTC),
-            datetime(2026, 1, 9, 13, tzinfo=UTC),
-        ]
+            assert await conn.fetchval(f"SELECT retained_from FROM {t}_layout") == cutoff
+            # A very late event before the retained data: stored raw, never aggregated
+            # (a refresh of its bucket would count it alone, erasing that history).
+            await store.write([row("d3", 1, cutoff - 2 * HOUR)])
+            assert await store.refresh_rollups() == RefreshReport(0, 0, 1, ANY)
+            again = await conn.fetch(f"SELECT * FROM {t}_hourly ORDER BY bucket")
+        # The rollups were materialised before the drop, and keep their history.
+        assert [tuple(r) for r in hourly_after] == [tuple(r) for r in hourly_before]
+        assert again == hourly_after
 
 
 async def test_settings_that_would_let_retention_outrun_late_events_are_refused(
