@@ -384,6 +384,7 @@ class Consumer:
         m = self._metrics
         started = time.monotonic()
         batch = validate_batch(records, now=datetime.now(UTC), settings=self._settings)
+        await self._retry("registry", enricher.record_firmware, batch.rows)
         enriched = await self._retry("registry", enricher.enrich, batch.rows)
         rows, dead = enriched.rows, batch.dead
         if enriched.unregistered:

@@ -3,8 +3,14 @@
 For a batch of rows, `Enricher.enrich` resolves per (device_id, event_time):
 
     model, category     the device's product model (registry `devices`, `product_models`)
-    firmware            the device's current firmware in the registry
-                        (`devices.firmware_version`, NULL until something sets it)
+    firmware            the firmware the device ran at event_time: the latest
+                        installation it reported at or before then (its own
+                        `<category>.firmware` events, outcome "installed", recorded by
+                        `record_firmware` in the registry's `firmware_history`), else
+                        the first installation's from_version, else the registry's
+                        `devices.firmware_version` (NULL until something sets it).
+                        A row keeps what was known when it was stored: an
+                        installation reported late does not rewrite earlier rows.
     purchase_channel    of the ownership period covering event_time
     analytics_consent   that period's owner's analytics consent *now* (None: no owner then)
     region, membership_tier, owner_key
@@ -20,8 +26,9 @@ A device the registry does not know is returned in `Enriched.unregistered`; the
 consumer dead-letters it (`unregistered_device`) or, with `enrich.unregistered=store`,
 stores it unenriched.
 
-Queries and cache. One query per batch, for the distinct devices not in the cache: the
-device, its model and its whole (short) ownership history with each period's owner.
+Queries and cache. Per batch, for the distinct devices not in the cache, one query for
+the device, its model and its whole (short) ownership history with each period's owner,
+and one for its firmware history.
 Resolving by event time is then done in Python. The cache is keyed by device id (an
 unknown device is cached too) and bounded (`cache_max_devices`, oldest out first).
 
@@ -60,6 +67,7 @@ from typing import Any, Self
 from uuid import UUID
 
 import asyncpg
+import orjson
 from pydantic import SecretStr
 
 from devices.errors import MigrationError, RegistryUnavailable
@@ -111,6 +119,19 @@ class DeviceFacts:
     firmware: str | None
     periods: tuple[Period, ...]
     owners: frozenset[UUID]
+    installs: tuple[tuple[datetime, str, str], ...] = ()
+    """(installed_at, from_version, to_version), oldest first."""
+
+    def firmware_at(self, t: datetime) -> str | None:
+        """The firmware the device ran at `t` (see the module docstring)."""
+        if not self.installs:
+            return self.firmware
+        version = self.installs[0][1]
+        for installed_at, _from, to in self.installs:
+            if installed_at > t:
+                break
+            version = to
+        return version
 
     def period_at(self, t: datetime) -> Period | None:
         """The period covering `t` ([valid_from, valid_to)), if any."""
@@ -175,6 +196,23 @@ class Enricher:
             LEFT JOIN {self._quoted}.owners o ON o.owner_id = p.owner_id
             WHERE d.device_id = ANY($1::text[])
             ORDER BY d.device_id, p.valid_from
+        """
+        self._installs_query = f"""
+            SELECT d.device_id, f.installed_at, f.from_version, f.to_version
+            FROM {self._quoted}.firmware_history f
+            JOIN {self._quoted}.devices d ON d.device_key = f.device_key
+            WHERE d.device_id = ANY($1::text[])
+            ORDER BY d.device_id, f.installed_at
+        """
+        self._record_installs = f"""
+            INSERT INTO {self._quoted}.firmware_history
+                (device_key, installed_at, from_version, to_version)
+            SELECT d.device_key, u.at, u.from_version, u.to_version
+            FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[])
+                 AS u (device_id, at, from_version, to_version)
+            JOIN {self._quoted}.devices d ON d.device_id = u.device_id
+            ON CONFLICT DO NOTHING
+            RETURNING device_key
         """
 
     async def __aenter__(self) -> Self:
@@ -246,7 +284,7 @@ class Enricher:
                     r.kafka_partition,
                     r.kafka_offset,
                     model=f.model,
-                    firmware=f.firmware,
+                    firmware=f.firmware_at(r.event_time),
                     category=f.category,
                     # No period: nobody owned the device then (before registration, a gap).
                     region=None if p is None else p.region,
@@ -298,6 +336,7 @@ class Enricher:
             async with asyncio.timeout(self._settings.lookup_timeout_s):
                 async with self._pool.acquire() as conn:
                     records = await conn.fetch(self._query, device_ids)
+                    installs = await conn.fetch(self._installs_query, device_ids)
         except _DB_ERRORS as exc:
             raise RegistryLookupFailed(
                 f"registry lookup of {len(device_ids)} devices failed: {exc!r}"
@@ -305,9 +344,49 @@ class Enricher:
         grouped: dict[str, list[asyncpg.Record]] = {}
         for rec in records:
             grouped.setdefault(rec["device_id"], []).append(rec)
-        return {device_id: self._facts(recs) for device_id, recs in grouped.items()}
+        history: dict[str, list[tuple[datetime, str, str]]] = {}
+        for rec in installs:
+            history.setdefault(rec["device_id"], []).append(
+                (rec["installed_at"], rec["from_version"], rec["to_version"])
+            )
+        return {
+            device_id: self._facts(recs, tuple(history.get(device_id, ())))
+            for device_id, recs in grouped.items()
+        }
 
-    def _facts(self, records: list[asyncpg.Record]) -> DeviceFacts:
+    async def record_firmware(self, rows: list[UsageRow]) -> int:
+        """Record the firmware installations `rows` report; returns how many were new.
+
+        Call before `enrich` on the same batch: the devices concerned are dropped from
+        the cache, so the batch's later events already carry the new version. A
+        redelivered event, or one of an unregistered device, records nothing.
+        """
+        found: list[tuple[str, datetime, str, str]] = []
+        for r in rows:
+            if not r.schema.endswith(".firmware"):
+                continue
+            body = orjson.loads(r.body_json)
+            if body.get("outcome") == "installed":
+                found.append((r.device_id, r.event_time, body["from_version"], body["to_version"]))
+        if not found:
+            return 0
+        if self._pool is None:
+            raise RegistryLookupFailed("the enricher is not open")
+        try:
+            async with asyncio.timeout(self._settings.lookup_timeout_s):
+                async with self._pool.acquire() as conn:
+                    added = await conn.fetch(self._record_installs, *zip(*found, strict=True))
+        except _DB_ERRORS as exc:
+            raise RegistryLookupFailed(
+                f"recording {len(found)} firmware installations failed: {exc!r}"
+            ) from exc
+        for device_id, _t, _f, _to in found:
+            self._forget(device_id)
+        return len(added)
+
+    def _facts(
+        self, records: list[asyncpg.Record], installs: tuple[tuple[datetime, str, str], ...]
+    ) -> DeviceFacts:
         first = records[0]
         periods: list[Period] = []
         owners: set[UUID] = set()
@@ -336,6 +415,7 @@ class Enricher:
             first["firmware_version"],
             tuple(periods),
             frozenset(owners),
+            installs,
         )
 
     # -- the cache --------------------------------------------------------------------

@@ -407,6 +407,81 @@ async def test_transfer_mid_stream_attributes_each_event_by_its_time(
     }
 
 
+def firmware_event(
+    device_id: str, seq: int, at: datetime, old: str, new: str, outcome: str
+) -> bytes:
+    body = {"from_version": old, "to_version": new, "outcome": outcome, "trigger": "app_remote"}
+    return orjson.dumps(
+        {
+            "device_id": device_id,
+            "boot_id": "b00t0000",
+            "seq": seq,
+            "event_time": at.isoformat(),
+            "schema": "washer.firmware",
+            "schema_version": current_version("washer.firmware"),
+            "body": body,
+        }
+    )
+
+
+async def test_firmware_is_the_one_the_device_reported_running_at_each_event_time(
+    settings: Settings,
+) -> None:
+    settings = enriching(settings)
+    t0 = NOW - timedelta(days=3)
+    async with fleet(settings) as f:
+        owner = await f.owner("fw", at=t0)
+        device, _ = await f.register(owner, "SN-W3", Purchase(PurchaseChannel.GIFT), at=t0)
+    at = [NOW - timedelta(hours=h) for h in (50, 40, 30, 20, 10, 5)]
+    # Batch 1: usage, an installation 2.0.0 -> 2.1.0 at[1], usage after it in the same
+    # batch, a failed update (changes nothing), usage.
+    await produce(
+        settings,
+        [
+            (device, message(device, 0, at[0])),
+            (device, firmware_event(device, 1, at[1], "2.0.0", "2.1.0", "installed")),
+            (device, message(device, 2, at[2])),
+            (device, firmware_event(device, 3, at[3], "2.1.0", "2.2.0", "failed")),
+            (device, message(device, 4, at[5])),
+        ],
+    )
+    await consume(settings, 5)
+    # Batch 2: a redelivery of the installation, and a late one from before it.
+    await produce(
+        settings,
+        [
+            (device, firmware_event(device, 1, at[1], "2.0.0", "2.1.0", "installed")),
+            (device, firmware_event(device, 9, at[4], "2.1.0", "2.1.5", "installed")),
+            (device, message(device, 10, at[4] + timedelta(minutes=1))),
+        ],
+    )
+    await consume(settings, 3)
+    got = {seq: r["firmware"] for (_, seq), r in (await rows(settings)).items()}
+    assert got == {
+        0: "2.0.0",  # before the first installation: its from_version
+        1: "2.1.0",  # the installation event itself reports the new version
+        2: "2.1.0",
+        3: "2.1.0",  # the failed update
+        4: "2.1.0",  # enriched before the late 2.1.5 installation was known
+        9: "2.1.5",
+        10: "2.1.5",
+    }
+    conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
+    try:
+        schema = settings.registry.db_schema
+        history = await conn.fetch(
+            f"SELECT installed_at, from_version, to_version FROM {schema}.firmware_history"
+            " ORDER BY installed_at"
+        )
+        current = await conn.fetchval(
+            f"SELECT firmware_version FROM {schema}.devices WHERE device_id = $1", device
+        )
+    finally:
+        await conn.close()
+    assert [tuple(h) for h in history] == [(at[1], "2.0.0", "2.1.0"), (at[4], "2.1.0", "2.1.5")]
+    assert current == "2.1.5"
+
+
 async def test_without_analytics_consent_rows_have_no_owner_link(settings: Settings) -> None:
     """Never consented, and withdrawn: no key, region or tier; the device's facts and
     the purchase channel (a fact of the sale) stay."""
