@@ -134,8 +134,14 @@ async def fleet(settings: Settings, *, real_broker: bool = False) -> AsyncIterat
         yield Fleet(registry, codes, units)
 
 
-def message(device_id: str, seq: int, at: datetime, schema: str = "washer.energy") -> bytes:
-    body = example_body(schema, random.Random(seq))
+def message(
+    device_id: str,
+    seq: int,
+    at: datetime,
+    schema: str = "washer.energy",
+    body: dict[str, Any] | None = None,
+) -> bytes:
+    body = example_body(schema, random.Random(seq)) if body is None else body
     return orjson.dumps(
         {
             "device_id": device_id,
@@ -407,21 +413,11 @@ async def test_transfer_mid_stream_attributes_each_event_by_its_time(
     }
 
 
-def firmware_event(
-    device_id: str, seq: int, at: datetime, old: str, new: str, outcome: str
-) -> bytes:
+def firmware_event(device_id: str, seq: int, at: datetime, change: str, outcome: str) -> bytes:
+    """A `washer.firmware` event; `change` is "old -> new"."""
+    old, new = change.split(" -> ")
     body = {"from_version": old, "to_version": new, "outcome": outcome, "trigger": "app_remote"}
-    return orjson.dumps(
-        {
-            "device_id": device_id,
-            "boot_id": "b00t0000",
-            "seq": seq,
-            "event_time": at.isoformat(),
-            "schema": "washer.firmware",
-            "schema_version": current_version("washer.firmware"),
-            "body": body,
-        }
-    )
+    return message(device_id, seq, at, "washer.firmware", body)
 
 
 async def test_firmware_is_the_one_the_device_reported_running_at_each_event_time(
@@ -439,9 +435,9 @@ async def test_firmware_is_the_one_the_device_reported_running_at_each_event_tim
         settings,
         [
             (device, message(device, 0, at[0])),
-            (device, firmware_event(device, 1, at[1], "2.0.0", "2.1.0", "installed")),
+            (device, firmware_event(device, 1, at[1], "2.0.0 -> 2.1.0", "installed")),
             (device, message(device, 2, at[2])),
-            (device, firmware_event(device, 3, at[3], "2.1.0", "2.2.0", "failed")),
+            (device, firmware_event(device, 3, at[3], "2.1.0 -> 2.2.0", "failed")),
             (device, message(device, 4, at[5])),
         ],
     )
@@ -450,8 +446,8 @@ async def test_firmware_is_the_one_the_device_reported_running_at_each_event_tim
     await produce(
         settings,
         [
-            (device, firmware_event(device, 1, at[1], "2.0.0", "2.1.0", "installed")),
-            (device, firmware_event(device, 9, at[4], "2.1.0", "2.1.5", "installed")),
+            (device, firmware_event(device, 1, at[1], "2.0.0 -> 2.1.0", "installed")),
+            (device, firmware_event(device, 9, at[4], "2.1.0 -> 2.1.5", "installed")),
             (device, message(device, 10, at[4] + timedelta(minutes=1))),
         ],
     )
