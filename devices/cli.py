@@ -5,6 +5,7 @@
     usagepipe registry import-units units.csv    import a factory export, print the report
     usagepipe registry register --owner-id ... --model ... --serial ... --code ... --channel ...
     usagepipe registry dormancy [--now ISO]      mark owners idle past the dormancy period
+                                                 dormant; delete old registration attempts
     usagepipe registry flush-events              publish events left pending in the outbox
     usagepipe registry serve [--host H] [--port P]   the HTTP API
 
@@ -191,7 +192,10 @@ def _dormancy(args: argparse.Namespace, settings: Settings) -> int:
     async def run() -> int:
         async with _open_registry(settings) as registry:
             dormant = await registry.mark_dormant(aware(args.now))
+            pruned = await registry.prune_attempts(aware(args.now))
         print(f"{len(dormant)} owner(s) became dormant")
+        days = settings.registry.attempts_retention_days
+        print(f"{pruned} registration attempt(s) older than {days} days deleted")
         return 0
 
     return _run(run())
@@ -262,7 +266,11 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("--purchased-on", type=date.fromisoformat, metavar="YYYY-MM-DD")
     p.add_argument("--resale", action="store_true", help="bought second-hand, not released")
 
-    p = command("dormancy", _dormancy, "mark owners idle past the dormancy period dormant")
+    p = command(
+        "dormancy",
+        _dormancy,
+        "mark owners idle past the dormancy period dormant; delete old registration attempts",
+    )
     p.add_argument("--now", type=datetime.fromisoformat, help="ISO time with zone (default now)")
 
     command("flush-events", _flush_events, "publish registry events left pending")

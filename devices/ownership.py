@@ -137,6 +137,12 @@ async def record_attempt(
     )
 
 
+async def prune_attempts(conn: Connection, before: datetime) -> int:
+    """Delete the registration attempts made before `before`; returns how many."""
+    status = await conn.execute("DELETE FROM registration_attempts WHERE attempted_at < $1", before)
+    return int(status.split()[-1])
+
+
 async def complete_registration(
     conn: Connection,
     owner_id: UUID,

@@ -521,6 +521,12 @@ class Registry:
                 conn, aware(now), timedelta(days=self.settings.dormancy_days)
             )
 
+    async def prune_attempts(self, now: datetime | None = None) -> int:
+        """Delete registration attempts older than `attempts_retention_days`; how many."""
+        cutoff = aware(now) - timedelta(days=self.settings.attempts_retention_days)
+        async with self.transaction() as conn:
+            return await ownership.prune_attempts(conn, cutoff)
+
     async def marketing_audience(self) -> list[MarketingContact]:
         """Owners marketing may contact: active and consenting to marketing."""
         async with self.transaction() as conn:

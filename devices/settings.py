@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # A PostgreSQL schema name we are willing to put between double quotes in SQL text:
 # lower-case, no quotes, at most 63 bytes (PostgreSQL's identifier limit).
@@ -35,6 +35,11 @@ class RegistrySettings(BaseModel):
     lockout_window_s: Annotated[int, Field(ge=1)] = 15 * 60
     """The sliding window failures are counted in; a lockout lifts as failures age out."""
 
+    attempts_retention_days: Annotated[int, Field(ge=1, le=3660)] = 90
+    """Registration attempts (the lockout's memory, and the trail for reviewing abuse)
+    are deleted this long after they were made, by `usagepipe registry dormancy`. Must
+    be longer than `lockout_window_s`."""
+
     secret_hash_log2_n: Annotated[int, Field(ge=10, le=20)] = 14
     """scrypt cost (log2 of N, r=8, p=1) for registration codes and device secrets.
     2**14 is about 16 MiB and tens of milliseconds per hash; tests lower it for speed.
@@ -56,6 +61,15 @@ class RegistrySettings(BaseModel):
 
     http_port: Annotated[int, Field(ge=0, le=65535)] = 8040
     """The port of `usagepipe registry serve` (beside the services' metrics ports)."""
+
+    @model_validator(mode="after")
+    def _attempts_outlive_the_lockout(self) -> RegistrySettings:
+        if self.attempts_retention_days * 86400 <= self.lockout_window_s:
+            raise ValueError(
+                f"attempts_retention_days ({self.attempts_retention_days}) must be longer"
+                f" than lockout_window_s ({self.lockout_window_s} s): the lockout counts them"
+            )
+        return self
 
     @field_validator("events_topic")
     @classmethod

@@ -89,7 +89,9 @@ def test_commands(
     assert run(cli_settings, "import-units", str(tmp_path / "missing.csv")) == 2
 
     assert run(cli_settings, "dormancy", "--now", "2030-01-01T00:00:00+00:00") == 0
-    assert capsys.readouterr().out == "0 owner(s) became dormant\n"
+    assert capsys.readouterr().out == (
+        "0 owner(s) became dormant\n0 registration attempt(s) older than 90 days deleted\n"
+    )
     assert run(cli_settings, "flush-events") == 0
     assert capsys.readouterr().out == "published 0 event(s), 0 still pending\n"
 

@@ -14,6 +14,7 @@ from devices.errors import RegistryUnavailable, Rejected, RejectReason
 from devices.outbox import prune
 from devices.records import Purchase, PurchaseChannel, device_id_for
 from devices.registry import Registry
+from devices.settings import RegistrySettings
 from schemas.envelope import DEVICE_ID_PATTERN
 from tests.devices.catalog import T0, new_owner
 from tests.devices.fakes import RecordingBroker, RecordingPublisher
@@ -134,6 +135,17 @@ async def test_lockout_per_owner_and_per_serial(registry: Registry, pg: asyncpg.
         ("registered", False),
         ("registered", False),
     ]
+    # Housekeeping deletes attempts older than attempts_retention_days, and only those.
+    days = registry.settings.attempts_retention_days
+    assert await registry.prune_attempts(T0 + timedelta(days=days, minutes=3)) == 3
+    assert await registry.prune_attempts(T0 + timedelta(days=days, minutes=3)) == 0
+    left = await pg.fetchval(f"SELECT count(*) FROM {schema}.registration_attempts")
+    assert left == 4
+
+
+def test_attempts_must_outlive_the_lockout_window() -> None:
+    with pytest.raises(ValueError, match="attempts_retention_days"):
+        RegistrySettings(attempts_retention_days=1, lockout_window_s=86400)
 
 
 async def test_dormant_owner_cannot_register(registry: Registry) -> None:
