@@ -10,6 +10,8 @@
     usagepipe consume                     Kafka -> PostgreSQL
     usagepipe demo                        all of the above, end to end, with a summary
     usagepipe registry ...                the device registry: units, owners, registration
+    usagepipe report NAME ...             planners' reports: table, CSV, Parquet, JSON, charts
+    usagepipe insights serve              planners' read-only HTTP API and web page
 
 Only this module reads the environment (`Settings()`) and configures logging.
 """
@@ -109,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     from devices.cli import register_commands
 
     register_commands(sub)
+
+    # --- planners' reports and API (issue 8: ingest/insights/cli.py) ---------------
+    from ingest.insights.cli import register_commands as register_insights
+
+    register_insights(sub)
 
     # --- dlq: the dead-letter topic (ingest/replay.py) -----------------------------
     from schemas.errors import Reason
@@ -351,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_verify(settings, args.ledger, args.timeout.total_seconds())
     # --- end of verify ------------------------------------------------------------------
 
-    if args.command == "registry":
+    if args.command in ("registry", "report", "insights"):
         handler: Callable[[argparse.Namespace, Settings], int] = args.handler
         return handler(args, settings)
 

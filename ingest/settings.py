@@ -212,6 +212,24 @@ class SimulatorSettings(Section):
     1 ms; real registrations use `registry.secret_hash_log2_n`)."""
 
 
+class InsightsSettings(Section):
+    """Planners' reports (`usagepipe report`, `usagepipe insights serve`): read-only."""
+
+    k_anonymity: Annotated[int, Field(ge=2, le=1000)] = 10
+    """A report segment with fewer distinct owners than this is suppressed (shown as
+    suppressed, with the reason, its numbers withheld)."""
+    timezone: str = "Asia/Seoul"
+    """Local time of the hour-of-day x day-of-week heat map (an IANA zone whose offset
+    is whole hours: the rollups are hourly)."""
+    max_range_days: Annotated[int, Field(ge=1, le=3660)] = 400
+    """Longest time range one report may cover."""
+    http_host: str = "127.0.0.1"
+    """Where `usagepipe insights serve` listens (the API has no authentication of its
+    own: keep it behind the company's single sign-on proxy)."""
+    http_port: Port = 8050
+    """The port of `usagepipe insights serve`."""
+
+
 class ServicesSettings(Section):
     """`usagepipe services`: the local servers for the demo and tests."""
 
@@ -288,6 +306,7 @@ class Settings(BaseSettings):
     simulator: SimulatorSettings = SimulatorSettings()
     services: ServicesSettings = ServicesSettings()
     registry: RegistrySettings = RegistrySettings()
+    insights: InsightsSettings = InsightsSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -18,6 +18,12 @@ need_python() {
   return 1
 }
 
+# Headless Chromium for the tests' web page check (tests/insights/test_api.py): Debian's.
+if [ "$1" = dev ] && ! command -v chromium >/dev/null 2>&1 &&
+   [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
+
 if [ ! -x .venv/bin/python ]; then
   "$(need_python)" -m venv .venv
 fi

@@ -1,0 +1,179 @@
+"""`usagepipe report NAME ...` and `usagepipe insights serve`.
+
+    usagepipe report heatmap --start 2026-11-01 --end 2026-11-29 --category washer \
+        --format csv --out heatmap.csv --chart heatmap.svg
+
+A bad filter or option prints what is wrong, naming it, and exits 2; a database that
+does not answer exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from ingest.insights.filters import CATEGORIES, FilterError, Filters
+from ingest.insights.reports import REPORTS, Report
+from ingest.settings import Settings
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+OUTPUT_FORMATS = ("table", "csv", "parquet", "json")
+
+
+def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `report` and `insights`; each sets `handler(args, settings) -> int`."""
+    names = ", ".join(REPORTS)
+    report = subparsers.add_parser(
+        "report",
+        help="a planners' report over the usage data (table, CSV, Parquet, JSON, chart)",
+        description=f"Reports: {names}. Segments with fewer than insights.k_anonymity "
+        "distinct owners are shown as suppressed.",
+    )
+    report.set_defaults(handler=_report)
+    report.add_argument("name", choices=list(REPORTS), metavar="NAME", help=names)
+    report.add_argument("--start", help="ISO date or time with zone, whole UTC hour (end - 28d)")
+    report.add_argument("--end", help="ISO date or time with zone, excluded (the next hour)")
+    for name, extra in (
+        ("model", ""),
+        ("category", f" ({', '.join(CATEGORIES)})"),
+        ("region", " (ISO 3166-2, KR-11)"),
+        ("firmware", ""),
+    ):
+        report.add_argument(
+            f"--{name}", action="append", default=[], help=f"only this {name}{extra}; repeatable"
+        )
+    report.add_argument("--by", help="cohorts: channel (default) or tier")
+    report.add_argument("--tz", help="heatmap: IANA time zone (insights.timezone)")
+    report.add_argument("--format", choices=OUTPUT_FORMATS, default="table")
+    report.add_argument("--out", type=Path, help="write the export here (required for parquet)")
+    report.add_argument("--chart", type=Path, help="also draw the report into F.png or F.svg")
+
+    insights = subparsers.add_parser("insights", help="the planners' HTTP API and web page")
+    actions = insights.add_subparsers(dest="insights_command", required=True, metavar="COMMAND")
+    serve = actions.add_parser("serve", help="serve the read-only API and the web page")
+    serve.set_defaults(handler=_serve)
+    serve.add_argument("--host", help="listen address (insights.http_host)")
+    serve.add_argument("--port", type=int, help="port (insights.http_port)")
+
+
+def _report(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncpg
+
+    from ingest.errors import StoreUnavailable
+    from ingest.insights.charts import ChartError, write_chart
+    from ingest.insights.export import export
+    from ingest.insights.privacy import Privacy
+    from ingest.insights.reports import run_report
+
+    prog = f"usagepipe report {args.name}"
+    if args.format == "parquet" and args.out is None:
+        print(f"{prog}: --format parquet needs --out FILE", file=sys.stderr)
+        return 2
+    if args.chart is not None and args.chart.suffix.lower() not in (".png", ".svg"):
+        print(f"{prog}: --chart {args.chart} must end in .png or .svg", file=sys.stderr)
+        return 2
+
+    async def run() -> Report:
+        filters = Filters.parse(
+            start=args.start,
+            end=args.end,
+            model=args.model,
+            category=args.category,
+            region=args.region,
+            firmware=args.firmware,
+            max_days=settings.insights.max_range_days,
+        )
+        conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
+        try:
+            return await run_report(
+                conn,
+                args.name,
+                filters,
+                table=settings.postgres.table,
+                privacy=Privacy(settings.insights.k_anonymity, settings.registry.db_schema),
+                options={"by": args.by, "tz": args.tz},
+                timezone=settings.insights.timezone,
+            )
+        finally:
+            await conn.close()
+
+    try:
+        report = asyncio.run(run())
+    except FilterError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, asyncpg.PostgresError, StoreUnavailable) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    if args.format == "table":
+        text = _table(report)
+        if args.out is None:
+            print(text, end="")
+        else:
+            args.out.write_text(text)
+    else:
+        data = export(report, args.format)
+        if args.out is None:
+            sys.stdout.write(data.decode())
+        else:
+            args.out.write_bytes(data)
+    if args.chart is not None:
+        try:
+            shown = write_chart(report, args.chart)
+        except ChartError as exc:
+            print(f"{prog}: {exc}", file=sys.stderr)
+            return 2
+        print(f"chart: {args.chart} ({shown} segments)", file=sys.stderr)
+    return 0
+
+
+def _table(report: Report) -> str:
+    """The report as a plain-text table, suppressed segments marked."""
+    from rich.console import Console
+    from rich.table import Table
+
+    f = report.filters
+    table = Table()
+    for column in (*report.spec.dimensions, *report.spec.measures):
+        table.add_column(column, justify="right" if column in report.spec.measures else "left")
+    for row in report.rows:
+        cells = [("" if v is None else str(v)) for v in row.segment.values()]
+        if row.suppressed:
+            cells += ["suppressed"] + [""] * (len(report.spec.measures) - 1)
+        else:
+            cells += [_cell(row.values.get(m)) for m in report.spec.measures]
+        table.add_row(*cells)
+    suppressed = sum(1 for r in report.rows if r.suppressed)
+    population = "; marketing population" if report.spec.marketing else ""
+    out = io.StringIO()
+    console = Console(file=out, width=160, markup=False, highlight=False)
+    console.print(report.spec.title)
+    console.print(f"{f.start:%Y-%m-%d %H:%M} to {f.end:%Y-%m-%d %H:%M} UTC")
+    console.print(table)
+    console.print(f"k = {report.k}; {suppressed} segment(s) suppressed{population}")
+    return out.getvalue()
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, int):
+        return f"{value:,}"
+    return "" if value is None else str(value)
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from ingest.insights.api import create_app
+
+    config = uvicorn.Config(
+        create_app(settings.postgres, settings.insights, settings.registry.db_schema),
+        host=args.host or settings.insights.http_host,
+        port=args.port if args.port is not None else settings.insights.http_port,
+        log_config=None,
+    )
+    asyncio.run(uvicorn.Server(config).serve())
+    return 0

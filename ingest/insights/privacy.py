@@ -1,0 +1,55 @@
+"""What a report may show, and about whom.
+
+**k-anonymity.** Every report row is a segment (a model and firmware, an hour of the
+week, a cohort, ...). Each report's SQL also counts the segment's distinct owners,
+`count(DISTINCT owner_key)` over the raw rows behind it; a segment with fewer than
+`insights.k_anonymity` (k, default 10) is *suppressed*: it stays in the result, its
+segment named, its numbers withheld, with the reason. Owners who withheld analytics
+consent (or were erased) carry no key and so cannot be told apart: they count for no
+one, which errs on the side of suppressing. The owner count itself is never shown.
+
+**Marketing-usable reports** (`ReportSpec.marketing`: cohorts by purchase channel or
+membership tier, app-feature adoption, regional hot spots) describe customers by the
+kind of customer or place they are, which is what a campaign would target. They read
+only rows whose owner, at the event's time, is in the registry *now* as active (not
+dormant, not erased) with both analytics and marketing consent: joined through the
+registry's `devices`, `ownership_periods` and `owners` by device and event time (the
+owner id is used inside the query only). The product reports (programs, heat map,
+cycles, errors, completeness) describe appliances, not customers, and read every row,
+as the rollups do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from devices.migrations import quote_schema
+
+
+@dataclass(frozen=True, slots=True)
+class Privacy:
+    """The rules one report run applies."""
+
+    k: int
+    registry_schema: str
+
+    def reason(self, owners: int) -> str | None:
+        """Why a segment with `owners` distinct owners is withheld (None: it is shown)."""
+        if owners >= self.k:
+            return None
+        return f"fewer than {self.k} distinct owners (k-anonymity)"
+
+    def marketing_clause(self, alias: str = "u") -> str:
+        """A WHERE condition keeping rows of owners marketing may be done for."""
+        reg = quote_schema(self.registry_schema)
+        return f"""{alias}.owner_key IS NOT NULL AND {alias}.analytics_consent
+            AND EXISTS (
+                SELECT 1
+                FROM {reg}.devices d
+                JOIN {reg}.ownership_periods p ON p.device_key = d.device_key
+                JOIN {reg}.owners o ON o.owner_id = p.owner_id
+                WHERE d.device_id = {alias}.device_id
+                  AND p.valid_from <= {alias}.event_time
+                  AND (p.valid_to IS NULL OR {alias}.event_time < p.valid_to)
+                  AND o.status = 'active' AND o.analytics_consent AND o.marketing_consent
+            )"""

@@ -1,0 +1,659 @@
+"""The planners' reports: one `ReportSpec` each, its SQL, and what comes back.
+
+Every report reads the usage rows its `Filters` select (the `base` rows: time range,
+models, categories, regions, firmware) and answers one row per *segment*, each with
+the distinct owners behind it counted so `ingest.insights.privacy` can withhold the
+small ones. Where each number comes from:
+
+| report | segments | source |
+|---|---|---|
+| programs | model, firmware, schema, program/mode | raw rows: the program is in the body |
+| heatmap | local day of week x hour | events: the hourly rollup; owners: raw rows |
+| regions | region | raw rows (distinct devices over the range) |
+| cycles | category, cycles in a week | raw rows: one count per device and week |
+| errors | model, firmware, error code | raw rows: device-days need distinct devices per day |
+| adoption | week | raw rows: distinct devices per trigger |
+| cohorts | purchase channel or membership tier, category | raw rows (tier, channel) |
+| completeness | day, model | raw rows: gaps in each boot's sequence numbers |
+
+A rollup can say how many events there were per hour and group, not how many distinct
+owners (it has no owner key), devices over several buckets, or anything in the body it
+does not sum; so only the heat map's counts come from it. Every query is plain
+PostgreSQL (`date_bin` from fixed origins, UTC), the same on both storage layouts.
+
+Weeks start on Monday 00:00 UTC; days are UTC days; the heat map is in local time
+(`insights.timezone`, or the `tz` option).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from ingest.errors import StoreUnavailable
+from ingest.insights.filters import FilterError, Filters
+from ingest.insights.privacy import Privacy
+from ingest.rollups import usage_rollup
+from schemas.catalog import models
+
+Connection = asyncpg.Connection | PoolConnectionProxy
+Scalar = str | int | float | None
+
+_EPOCH = "timestamptz '1970-01-01 00:00:00+00'"
+_MONDAY = "timestamptz '1970-01-05 00:00:00+00'"  # weeks start on Monday, UTC
+_SCHEMAS = sorted({name for name, _v, _m in models()})
+CYCLE_SCHEMAS = [s for s in _SCHEMAS if s.endswith((".cycle", ".clean_run"))]
+"""Events that are one use of the appliance: a wash, a drying, a cleaning run."""
+FEATURE_SCHEMAS = [s for s in _SCHEMAS if s.endswith((".cycle", ".clean_run", ".mode_change"))]
+"""Events naming the program or mode a user chose."""
+TRIGGERED_SCHEMAS = sorted(
+    name
+    for name, _v, body in models()
+    if "trigger" in body.model_fields and not name.endswith(".firmware")
+)
+"""Uses started by someone (panel, app, voice, schedule); firmware updates are not."""
+ERROR_SCHEMAS = [s for s in _SCHEMAS if s.endswith(".error")]
+CYCLE_CATEGORIES = sorted({s.split(".", 1)[0] for s in CYCLE_SCHEMAS})
+APP_TRIGGERS = ["app_remote", "schedule"]
+
+
+@dataclass(frozen=True, slots=True)
+class Chart:
+    """How a report is drawn, by the CLI (matplotlib) and the web page alike.
+
+    bar: one bar per row, labelled by `label` dimensions, height `value`, grouped by
+    `series` when set; line: `value` over the `x` dimension, a line per `series`;
+    heatmap: `value` on a grid of `y` (rows) by `x` (columns).
+    """
+
+    kind: Literal["bar", "line", "heatmap"]
+    value: str
+    label: tuple[str, ...] = ()
+    x: str | None = None
+    y: str | None = None
+    series: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "value": self.value,
+            "label": list(self.label),
+            "x": self.x,
+            "y": self.y,
+            "series": self.series,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """A report-specific option (`by`, `tz`): its allowed values, or any when empty."""
+
+    help: str
+    choices: tuple[str, ...] = ()
+    default: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One segment as the SQL found it, before suppression."""
+
+    key: dict[str, Scalar]
+    values: dict[str, Scalar]
+    owners: int
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """What a report's `compute` gets: the connection, the usage table, the filters,
+    the privacy rules and the report's options (validated, defaults filled in)."""
+
+    conn: Connection
+    table: str
+    filters: Filters
+    privacy: Privacy
+    options: Mapping[str, str]
+    marketing: bool
+
+    def base(self) -> str:
+        """The `base AS (...)` CTE: the filtered usage rows ($1..$6, `Filters.parameters`)."""
+        population = f"AND {self.privacy.marketing_clause('u')}" if self.marketing else ""
+        return f"""base AS (
+            SELECT u.device_id, u.boot_id, u.seq, u.event_time, u.schema, u.body, u.model,
+                   u.firmware, u.region, u.purchase_channel, u.membership_tier, u.owner_key,
+                   split_part(u.schema, '.', 1) AS category
+            FROM {self.table} u
+            WHERE u.event_time >= $1 AND u.event_time < $2
+              AND ($3::text[] IS NULL OR u.model = ANY($3::text[]))
+              AND ($4::text[] IS NULL OR split_part(u.schema, '.', 1) = ANY($4::text[]))
+              AND ($5::text[] IS NULL OR u.region = ANY($5::text[]))
+              AND ($6::text[] IS NULL OR u.firmware = ANY($6::text[]))
+              {population}
+        )"""
+
+    async def segments(self, sql: str, dimensions: tuple[str, ...], *extra: Any) -> list[Segment]:
+        """Run `sql` (after `WITH base`) and split each record into segment key,
+        values and the `owners` column."""
+        records = await self.conn.fetch(
+            f"WITH {self.base()}, {sql}", *self.filters.parameters(), *extra
+        )
+        out = []
+        for r in records:
+            row = {k: _plain(v) for k, v in r.items()}
+            owners = int(row.pop("owners") or 0)
+            key = {d: row.pop(d) for d in dimensions}
+            out.append(Segment(key, row, owners))
+        return out
+
+
+Compute = Callable[[Query], Awaitable[list[Segment]]]
+
+
+@dataclass(frozen=True, slots=True)
+class ReportSpec:
+    name: str
+    title: str
+    description: str
+    dimensions: tuple[str, ...]
+    measures: dict[str, Literal["int", "float"]]
+    source: str
+    marketing: bool
+    chart: Chart
+    compute: Compute
+    options: dict[str, Option] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "title": self.title,
+            "description": self.description,
+            "dimensions": list(self.dimensions),
+            "measures": dict(self.measures),
+            "source": self.source,
+            "marketing_usable": self.marketing,
+            "chart": self.chart.describe(),
+            "options": {
+                k: {"help": o.help, "choices": list(o.choices), "default": o.default}
+                for k, o in self.options.items()
+            },
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One segment of a report. `suppressed` gives the reason its values are withheld
+    (then `values` is empty)."""
+
+    segment: dict[str, Scalar]
+    values: dict[str, Scalar]
+    suppressed: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    spec: ReportSpec
+    filters: Filters
+    options: dict[str, str]
+    k: int
+    rows: list[Row]
+
+    @property
+    def columns(self) -> list[str]:
+        return [*self.spec.dimensions, *self.spec.measures, "suppressed", "suppressed_reason"]
+
+    def records(self) -> list[dict[str, Scalar]]:
+        """Flat rows (dimensions, measures, `suppressed`, `suppressed_reason`), the
+        measures None where suppressed: what every export writes."""
+        out: list[dict[str, Scalar]] = []
+        for row in self.rows:
+            flat: dict[str, Scalar] = dict(row.segment)
+            for m in self.spec.measures:
+                flat[m] = row.values.get(m)
+            flat["suppressed"] = row.suppressed is not None
+            flat["suppressed_reason"] = row.suppressed
+            out.append(flat)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """The report as JSON: what it is, the filters, the privacy rule and the rows."""
+        return {
+            "report": self.spec.name,
+            "title": self.spec.title,
+            "source": self.spec.source,
+            "marketing_usable": self.spec.marketing,
+            "population": (
+                "owners active now, with analytics and marketing consent"
+                if self.spec.marketing
+                else "every stored usage row"
+            ),
+            "filters": self.filters.describe(),
+            "options": self.options,
+            "k_anonymity": self.k,
+            "suppressed_segments": sum(1 for r in self.rows if r.suppressed),
+            "dimensions": list(self.spec.dimensions),
+            "measures": list(self.spec.measures),
+            "chart": self.spec.chart.describe(),
+            "rows": self.records(),
+        }
+
+
+async def run_report(
+    conn: Connection,
+    name: str,
+    filters: Filters,
+    *,
+    table: str,
+    privacy: Privacy,
+    options: Mapping[str, str | None] | None = None,
+    timezone: str = "Asia/Seoul",
+) -> Report:
+    """Compute report `name` over `table`, suppressing segments below `privacy.k`.
+
+    Raises `FilterError` for an unknown report or a bad option, `StoreUnavailable` when
+    the database fails or lacks a table. Read-only: it runs in a read-only transaction.
+    """
+    spec = REPORTS.get(name)
+    if spec is None:
+        raise FilterError("report", f"unknown {name!r}; one of {', '.join(REPORTS)}")
+    chosen = _options(spec, options or {}, {"tz": timezone})
+    try:
+        async with conn.transaction(readonly=True):
+            query = Query(conn, table, filters, privacy, chosen, spec.marketing)
+            found = await spec.compute(query)
+    except asyncpg.UndefinedTableError as exc:
+        raise StoreUnavailable(
+            f"{exc}: run `usagepipe db migrate` (and, for marketing-usable reports, "
+            "`usagepipe registry migrate`) first"
+        ) from exc
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise StoreUnavailable(f"report {name} failed: {exc!r}") from exc
+    rows = []
+    for seg in sorted(found, key=lambda s: _order(s.key)):
+        reason = privacy.reason(seg.owners)
+        rows.append(Row(seg.key, {} if reason else seg.values, reason))
+    return Report(spec, filters, chosen, privacy.k, rows)
+
+
+def _options(
+    spec: ReportSpec, given: Mapping[str, str | None], defaults: Mapping[str, str]
+) -> dict[str, str]:
+    chosen: dict[str, str] = {}
+    for key, value in given.items():
+        if value is None:
+            continue
+        option = spec.options.get(key)
+        if option is None:
+            raise FilterError(key, f"report {spec.name!r} takes no option {key!r}")
+        if option.choices and value not in option.choices:
+            raise FilterError(key, f"{value!r} is not one of {', '.join(option.choices)}")
+        chosen[key] = value
+    for key, option in spec.options.items():
+        default = option.default if option.default is not None else defaults.get(key)
+        if key not in chosen and default is not None:
+            chosen[key] = default
+    return chosen
+
+
+def _plain(value: Any) -> Scalar:
+    """A database value as a JSON/CSV-friendly scalar."""
+    if isinstance(value, Decimal):
+        # sum() of counts comes back as numeric with no decimals: an integer.
+        return int(value) if value.as_tuple().exponent == 0 else float(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    if value is None or isinstance(value, str | int | float):
+        return value
+    return str(value)
+
+
+def _order(key: dict[str, Scalar]) -> tuple[tuple[bool, Any], ...]:
+    return tuple((v is not None, v) for v in key.values())
+
+
+# -- the reports -------------------------------------------------------------------------
+
+
+async def _programs(q: Query) -> list[Segment]:
+    return await q.segments(
+        """used AS (
+            SELECT model, firmware, schema, device_id, owner_key,
+                   coalesce(body ->> 'program', body ->> 'mode') AS feature
+            FROM base WHERE schema = ANY($7::text[])
+        )
+        SELECT model, firmware, schema, feature, count(*) AS events,
+               count(DISTINCT device_id) AS devices, count(DISTINCT owner_key) AS owners
+        FROM used WHERE feature IS NOT NULL
+        GROUP BY 1, 2, 3, 4""",
+        ("model", "firmware", "schema", "feature"),
+        FEATURE_SCHEMAS,
+    )
+
+
+def _zone(q: Query) -> str:
+    name = q.options["tz"]
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise FilterError("tz", f"{name!r} is not an IANA time zone (Asia/Seoul)") from None
+    return name
+
+
+async def _heatmap(q: Query) -> list[Segment]:
+    tz = _zone(q)
+    zone = ZoneInfo(tz)
+    f = q.filters
+    events: dict[tuple[int, int], int] = {}
+    for r in await usage_rollup(q.conn, q.table, "hourly", f.start, f.end):
+        if (
+            (f.model and r.model not in f.model)
+            or (f.category and r.category not in f.category)
+            or (f.region and r.region not in f.region)
+            or (f.firmware and r.firmware not in f.firmware)
+        ):
+            continue
+        local = r.bucket.astimezone(zone)
+        if local.minute or local.second:
+            raise FilterError("tz", f"{tz!r} is not a whole number of hours from UTC")
+        cell = (local.isoweekday(), local.hour)
+        events[cell] = events.get(cell, 0) + r.events
+    owners = {
+        (s.key["day_of_week"], s.key["hour"]): s.owners
+        for s in await q.segments(
+            """cells AS (
+                SELECT extract(isodow FROM event_time AT TIME ZONE $7)::int AS day_of_week,
+                       extract(hour FROM event_time AT TIME ZONE $7)::int AS hour, owner_key
+                FROM base
+            )
+            SELECT day_of_week, hour, count(DISTINCT owner_key) AS owners
+            FROM cells GROUP BY 1, 2""",
+            ("day_of_week", "hour"),
+            tz,
+        )
+    }
+    return [
+        Segment({"day_of_week": dow, "hour": hour}, {"events": n}, owners.get((dow, hour), 0))
+        for (dow, hour), n in events.items()
+    ]
+
+
+async def _regions(q: Query) -> list[Segment]:
+    return await q.segments(
+        """by_region AS (
+            SELECT region, count(*) AS events,
+                   count(*) FILTER (WHERE schema = ANY($7::text[])) AS cycles,
+                   count(DISTINCT device_id) AS devices, count(DISTINCT owner_key) AS owners
+            FROM base GROUP BY 1
+        )
+        SELECT region, events, cycles, devices,
+               round(events::numeric / devices, 2) AS events_per_device, owners
+        FROM by_region""",
+        ("region",),
+        CYCLE_SCHEMAS,
+    )
+
+
+async def _cycles(q: Query) -> list[Segment]:
+    return await q.segments(
+        f"""device_weeks AS (
+            SELECT category, device_id, date_bin('7 days', event_time, {_MONDAY}) AS week,
+                   count(*) FILTER (WHERE schema = ANY($7::text[])) AS cycles,
+                   array_agg(DISTINCT owner_key) FILTER (WHERE owner_key IS NOT NULL) AS keys
+            FROM base WHERE category = ANY($8::text[])
+            GROUP BY 1, 2, 3
+        ),
+        whole AS (
+            -- Only weeks wholly inside the range: a cut week would count too few cycles.
+            SELECT * FROM device_weeks WHERE week >= $1 AND week + interval '7 days' <= $2
+        ),
+        counted AS (SELECT category, cycles, count(*) AS device_weeks FROM whole GROUP BY 1, 2),
+        keyed AS (
+            SELECT category, cycles, count(DISTINCT k) AS owners
+            FROM whole, unnest(keys) AS k GROUP BY 1, 2
+        )
+        SELECT c.category, c.cycles, c.device_weeks, coalesce(k.owners, 0) AS owners
+        FROM counted c LEFT JOIN keyed k USING (category, cycles)""",
+        ("category", "cycles"),
+        CYCLE_SCHEMAS,
+        CYCLE_CATEGORIES,
+    )
+
+
+async def _errors(q: Query) -> list[Segment]:
+    return await q.segments(
+        f"""device_days AS (
+            SELECT model, firmware, count(*) AS device_days
+            FROM (SELECT DISTINCT model, firmware, device_id,
+                         date_bin('1 day', event_time, {_EPOCH}) FROM base) d
+            GROUP BY 1, 2
+        ),
+        raised AS (
+            SELECT model, firmware, body ->> 'code' AS code, count(*) AS errors,
+                   count(DISTINCT device_id) AS devices, count(DISTINCT owner_key) AS owners
+            FROM base WHERE schema = ANY($7::text[]) AND body ->> 'state' = 'raised'
+            GROUP BY 1, 2, 3
+        )
+        SELECT e.model, e.firmware, e.code, e.errors, e.devices, d.device_days,
+               round(1000.0 * e.errors / d.device_days, 3) AS per_1000_device_days, e.owners
+        FROM raised e JOIN device_days d
+          ON d.model IS NOT DISTINCT FROM e.model AND d.firmware IS NOT DISTINCT FROM e.firmware""",
+        ("model", "firmware", "code"),
+        ERROR_SCHEMAS,
+    )
+
+
+async def _adoption(q: Query) -> list[Segment]:
+    return await q.segments(
+        f"""weekly AS (
+            SELECT (date_bin('7 days', event_time, {_MONDAY}) AT TIME ZONE 'UTC')::date AS week,
+                   count(DISTINCT device_id) AS active_devices,
+                   count(DISTINCT device_id) FILTER (WHERE body ->> 'trigger' = 'app_remote')
+                       AS remote_start_devices,
+                   count(DISTINCT device_id) FILTER (WHERE body ->> 'trigger' = 'schedule')
+                       AS schedule_devices,
+                   count(DISTINCT owner_key) AS owners
+            FROM base WHERE schema = ANY($7::text[])
+            GROUP BY 1
+        )
+        SELECT week, active_devices, remote_start_devices, schedule_devices,
+               round(remote_start_devices::numeric / active_devices, 4) AS remote_start_share,
+               round(schedule_devices::numeric / active_devices, 4) AS schedule_share, owners
+        FROM weekly""",
+        ("week",),
+        TRIGGERED_SCHEMAS,
+    )
+
+
+async def _cohorts(q: Query) -> list[Segment]:
+    column = {"channel": "purchase_channel", "tier": "membership_tier"}[q.options["by"]]
+    return await q.segments(
+        f"""per_cohort AS (
+            SELECT {column} AS cohort, category, count(DISTINCT device_id) AS devices,
+                   count(DISTINCT (device_id, date_bin('1 day', event_time, {_EPOCH})))
+                       AS device_days,
+                   count(*) FILTER (WHERE schema = ANY($7::text[])) AS cycles,
+                   count(*) FILTER (WHERE schema = ANY($8::text[])) AS uses,
+                   count(*) FILTER (WHERE schema = ANY($8::text[])
+                                    AND body ->> 'trigger' = ANY($9::text[])) AS app_uses,
+                   count(DISTINCT owner_key) AS owners
+            FROM base GROUP BY 1, 2
+        )
+        SELECT cohort, category, devices, device_days, cycles,
+               round(7.0 * cycles / device_days, 3) AS cycles_per_device_week,
+               round(app_uses::numeric / nullif(uses, 0), 4) AS app_share, owners
+        FROM per_cohort""",
+        ("cohort", "category"),
+        CYCLE_SCHEMAS,
+        TRIGGERED_SCHEMAS,
+        APP_TRIGGERS,
+    )
+
+
+async def _completeness(q: Query) -> list[Segment]:
+    return await q.segments(
+        f"""sequenced AS (
+            SELECT device_id, model, owner_key,
+                   (date_bin('1 day', event_time, {_EPOCH}) AT TIME ZONE 'UTC')::date AS day,
+                   -- messages missing just before this one in its boot (NULL lag: first seen)
+                   greatest(seq - lag(seq) OVER (PARTITION BY device_id, boot_id
+                                                 ORDER BY seq, event_time) - 1, 0) AS missing
+            FROM base
+        ),
+        device_days AS (
+            SELECT day, model, device_id, count(*) AS received, sum(missing) AS missing,
+                   array_agg(DISTINCT owner_key) FILTER (WHERE owner_key IS NOT NULL) AS keys
+            FROM sequenced GROUP BY 1, 2, 3
+        ),
+        counted AS (
+            SELECT day, model, count(*) AS device_days, sum(received) AS received,
+                   sum(missing) AS missing,
+                   count(*) FILTER (WHERE missing = 0) AS complete_device_days
+            FROM device_days GROUP BY 1, 2
+        ),
+        keyed AS (
+            SELECT day, model, count(DISTINCT k) AS owners
+            FROM device_days, unnest(keys) AS k GROUP BY 1, 2
+        )
+        SELECT c.day, c.model, c.device_days, c.received, c.missing, c.complete_device_days,
+               round(c.received / (c.received + c.missing), 4) AS completeness,
+               coalesce(k.owners, 0) AS owners
+        FROM counted c LEFT JOIN keyed k
+          ON k.day = c.day AND k.model IS NOT DISTINCT FROM c.model""",
+        ("day", "model"),
+    )
+
+
+REPORTS: dict[str, ReportSpec] = {
+    spec.name: spec
+    for spec in (
+        ReportSpec(
+            "programs",
+            "Programs and modes by model and firmware",
+            "How often each program (washer, dryer) or mode (robot vacuum, air conditioner, "
+            "purifier, refrigerator) is chosen, per model and firmware.",
+            ("model", "firmware", "schema", "feature"),
+            {"events": "int", "devices": "int"},
+            "raw rows",
+            False,
+            Chart("bar", "events", label=("feature", "firmware"), series="model"),
+            _programs,
+        ),
+        ReportSpec(
+            "heatmap",
+            "Usage by hour of day and day of week",
+            "Events per local hour of the week (1 = Monday), summed over the range.",
+            ("day_of_week", "hour"),
+            {"events": "int"},
+            "hourly rollup (events); raw rows (owners, for suppression)",
+            False,
+            Chart("heatmap", "events", x="hour", y="day_of_week"),
+            _heatmap,
+            {"tz": Option("IANA time zone of the hours (insights.timezone)")},
+        ),
+        ReportSpec(
+            "regions",
+            "Regional hot spots",
+            "Events, cycles and devices per owner region; events per device shows where "
+            "appliances work hardest.",
+            ("region",),
+            {"events": "int", "cycles": "int", "devices": "int", "events_per_device": "float"},
+            "raw rows",
+            True,
+            Chart("bar", "events_per_device", label=("region",)),
+            _regions,
+        ),
+        ReportSpec(
+            "cycles",
+            "Cycles per device per week",
+            "The distribution of cycles (washes, dryings, cleaning runs) per device in each "
+            "whole Monday-to-Sunday UTC week of the range, for devices that sent anything "
+            "that week.",
+            ("category", "cycles"),
+            {"device_weeks": "int"},
+            "raw rows",
+            False,
+            Chart("bar", "device_weeks", label=("cycles",), series="category"),
+            _cycles,
+        ),
+        ReportSpec(
+            "errors",
+            "Error rates per 1,000 device-days",
+            "Errors raised per code, per 1,000 device-days (a device sending anything on a "
+            "UTC day) of the same model and firmware.",
+            ("model", "firmware", "code"),
+            {
+                "errors": "int",
+                "devices": "int",
+                "device_days": "int",
+                "per_1000_device_days": "float",
+            },
+            "raw rows",
+            False,
+            Chart("bar", "per_1000_device_days", label=("model", "firmware", "code")),
+            _errors,
+        ),
+        ReportSpec(
+            "adoption",
+            "App feature adoption",
+            "Per week, of the devices used at all, the share started from the app "
+            "(remote start) and by a schedule at least once.",
+            ("week",),
+            {
+                "active_devices": "int",
+                "remote_start_devices": "int",
+                "schedule_devices": "int",
+                "remote_start_share": "float",
+                "schedule_share": "float",
+            },
+            "raw rows",
+            True,
+            Chart("line", "remote_start_share", x="week"),
+            _adoption,
+        ),
+        ReportSpec(
+            "cohorts",
+            "Cohorts by purchase channel or membership tier",
+            "Per cohort and category: devices, device-days, cycles per device-week and the "
+            "share of uses started from the app or a schedule.",
+            ("cohort", "category"),
+            {
+                "devices": "int",
+                "device_days": "int",
+                "cycles": "int",
+                "cycles_per_device_week": "float",
+                "app_share": "float",
+            },
+            "raw rows",
+            True,
+            Chart("bar", "app_share", label=("cohort",), series="category"),
+            _cohorts,
+            {"by": Option("channel or tier", ("channel", "tier"), "channel")},
+        ),
+        ReportSpec(
+            "completeness",
+            "Data completeness per device-day",
+            "From gaps in each boot's sequence numbers: messages received, missing, and the "
+            "received share, per UTC day and model (a gap counts on the day of the message "
+            "after it; a boot's first message in the range opens no gap).",
+            ("day", "model"),
+            {
+                "device_days": "int",
+                "received": "int",
+                "missing": "int",
+                "complete_device_days": "int",
+                "completeness": "float",
+            },
+            "raw rows",
+            False,
+            Chart("line", "completeness", x="day", series="model"),
+            _completeness,
+        ),
+    )
+}

@@ -1,0 +1,217 @@
+"""The planners' HTTP API on a real uvicorn server, and its web page in headless
+Chromium (Debian's `chromium`): the charts render with data points, and a screenshot is
+kept in tests/artifacts/ (git-ignored)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+import uvicorn
+
+from ingest.insights.api import create_app
+from ingest.insights.filters import Filters
+from ingest.settings import InsightsSettings
+from tests.conftest import free_port
+from tests.insights.conftest import Seeded
+from tests.insights.seed import END, START
+from tests.insights.test_reports import direct, run
+
+ARTIFACTS = Path(
+    os.environ.get("USAGEPIPE_TEST_ARTIFACTS", Path(__file__).parents[1] / "artifacts")
+)
+RANGE = {"start": "2026-11-02", "end": "2026-11-23"}
+K = 3
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Flags for a sandbox-less, offline, reproducible run (root in CI, no GPU, no network).
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--window-size=1280,1900",
+    "--virtual-time-budget=10000",
+]
+
+
+@pytest.fixture
+async def api(seeded: Seeded) -> AsyncIterator[str]:
+    """The API over the seeded table, served by uvicorn on a free loopback port."""
+    s = seeded.settings
+    app = create_app(s.postgres, InsightsSettings(k_anonymity=K), s.registry.db_schema)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
+    task = asyncio.create_task(server.serve(), name="insights-api")
+    async with asyncio.timeout(10):
+        while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
+            await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_reports_over_http_equal_the_direct_computation(seeded: Seeded, api: str) -> None:
+    f = Filters.parse(start=START, end=END, category=["washer"])
+    async with httpx.AsyncClient(base_url=api) as client:
+        doc = (
+            await client.get("/api/reports/errors", params={**RANGE, "category": "washer"})
+        ).json()
+        expected = await direct(seeded, "errors", f, K)
+        got = {
+            (r["model"], r["firmware"], r["code"]): (
+                "suppressed" if r["suppressed"] else {m: r[m] for m in doc["measures"]}
+            )
+            for r in doc["rows"]
+        }
+        assert got == expected
+        assert doc["k_anonymity"] == K and doc["source"] == "raw rows"
+
+        catalogue = (await client.get("/api/reports")).json()
+        assert [c["name"] for c in catalogue] == [
+            "programs", "heatmap", "regions", "cycles", "errors", "adoption", "cohorts",
+            "completeness",
+        ]  # fmt: skip
+        openapi = (await client.get("/openapi.json")).json()
+        assert "/api/reports/{name}" in openapi["paths"]
+        params = {p["name"] for p in openapi["paths"]["/api/reports/{name}"]["get"]["parameters"]}
+        assert {"start", "end", "model", "category", "region", "firmware", "format"} <= params
+        # Read-only: nothing but GET.
+        for path, item in openapi["paths"].items():
+            assert set(item) == {"get"}, path
+
+
+async def test_exports_over_http_carry_the_same_numbers(seeded: Seeded, api: str) -> None:
+    report = await run(seeded, "cohorts", Filters.parse(start=START, end=END), K, by="tier")
+    async with httpx.AsyncClient(base_url=api) as client:
+        params = {**RANGE, "by": "tier"}
+        as_csv = await client.get("/api/reports/cohorts", params={**params, "format": "csv"})
+        as_parquet = await client.get(
+            "/api/reports/cohorts", params={**params, "format": "parquet"}
+        )
+    assert as_csv.headers["content-type"] == "text/csv; charset=utf-8"
+    assert as_csv.headers["content-disposition"] == 'attachment; filename="cohorts.csv"'
+    rows = list(csv.DictReader(io.StringIO(as_csv.text)))
+    records = report.records()
+    assert len(rows) == len(records) > 0
+    for got, want in zip(rows, records, strict=True):
+        assert got == {k: "" if v is None else str(v) for k, v in want.items()}
+    table = pq.read_table(io.BytesIO(as_parquet.content))
+    assert table.to_pylist() == records
+    assert str(table.schema.field("devices").type) == "int64"
+    assert table.schema.metadata[b"usagepipe.k_anonymity"] == b"3"
+
+
+async def test_bad_requests_say_what_is_wrong(api: str) -> None:
+    async with httpx.AsyncClient(base_url=api) as client:
+        bad = await client.get("/api/reports/heatmap", params={"region": "Seoul"})
+        assert bad.status_code == 422
+        assert bad.json() == {
+            "field": "region",
+            "detail": "'Seoul' is not an ISO 3166-2 code like KR-11",
+        }
+        bad = await client.get("/api/reports/cohorts", params={**RANGE, "by": "age"})
+        assert (bad.status_code, bad.json()["field"]) == (422, "by")
+        bad = await client.get("/api/reports/heatmap", params={**RANGE, "format": "xlsx"})
+        assert bad.status_code == 422  # FastAPI's own validation names the parameter
+        assert bad.json()["detail"][0]["loc"] == ["query", "format"]
+        missing = await client.get("/api/reports/nope")
+        assert missing.status_code == 404
+        assert "one of programs, heatmap" in missing.json()["detail"]
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("CI"),  # CI must have it: deploy/local/env.sh
+    reason="chromium is not installed (deploy/local/env.sh installs it)",
+)
+async def test_the_web_page_draws_every_chart_with_data_in_headless_chromium(
+    seeded: Seeded, api: str
+) -> None:
+    url = f"{api}/?start={RANGE['start']}&end={RANGE['end']}"
+    dom = await chromium("--dump-dom", url)
+    figures = re.findall(r"<figure[^>]*>", dom)
+    assert len(figures) == 8
+    rendered = {}
+    for tag in figures:
+        name = re.search(r'data-report="(\w+)"', tag)
+        points = re.search(r'data-rendered="(\d+)"', tag)
+        assert name and points, tag  # a failure would carry data-error instead
+        rendered[name.group(1)] = int(points.group(1))
+    # Each chart drew exactly the report's unsuppressed segments (bar charts cap at 40
+    # labels; none of these has more).
+    for name, points in rendered.items():
+        report = await run(seeded, name, Filters.parse(start=START, end=END), K)
+        shown = sum(1 for r in report.rows if not r.suppressed)
+        assert points == shown > 0, name
+    assert dom.count('class="point"') == sum(rendered.values())
+
+    shot = ARTIFACTS / "insights_page.png"
+    fresh_artifact(shot)
+    await chromium(f"--screenshot={shot}", url)
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(png) > 20_000  # charts, not a blank page
+    print(f"screenshot: {shot}")
+
+
+def fresh_artifact(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+
+
+async def chromium(action: str, url: str) -> str:
+    """Run headless Chromium once on `url` with a fresh profile; its stdout."""
+    assert CHROMIUM is not None
+    with tempfile.TemporaryDirectory(prefix="usagepipe-chromium-") as profile:
+        proc = await asyncio.create_subprocess_exec(
+            CHROMIUM,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            action,
+            url,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with asyncio.timeout(60):
+                out, err = await proc.communicate()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    return out.decode()
+
+
+async def test_a_missing_table_or_registry_answers_503_saying_what_to_do(
+    seeded: Seeded,
+) -> None:
+    s = seeded.settings
+    no_table = s.postgres.model_copy(update={"table": s.postgres.table + "_none"})
+    cases = [
+        (create_app(no_table, InsightsSettings(), s.registry.db_schema), "heatmap"),
+        (create_app(s.postgres, InsightsSettings(), s.registry.db_schema + "_none"), "regions"),
+    ]
+    for app, name in cases:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                answer = await client.get(f"/api/reports/{name}", params=RANGE)
+        assert answer.status_code == 503
+        assert "does not exist: run `usagepipe db migrate`" in answer.json()["detail"]

@@ -1,0 +1,400 @@
+"""Every report against a direct SQL computation over the seeded raw rows, with and
+without filters; k-anonymity suppression; the marketing population; bad filters."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import pytest
+
+from ingest.insights.export import export
+from ingest.insights.filters import FilterError, Filters
+from ingest.insights.privacy import Privacy
+from ingest.insights.reports import REPORTS, Report, run_report
+from ingest.settings import Settings
+from tests.insights.conftest import Seeded, seeded_store
+from tests.insights.seed import END, START, Population
+
+SUPPRESSED = "suppressed"
+CYCLES = "('washer.cycle', 'dryer.cycle', 'robot_vacuum.clean_run')"
+TRIGGERED = (
+    "(schema LIKE '%.cycle' OR schema LIKE '%.clean_run' OR schema LIKE '%.mode_change'"
+    " OR schema LIKE '%.setpoint_change')"
+)
+
+# The direct computations: plain SQL over the raw table `{t}`, rows chosen by `{w}`;
+# written from the report definitions, not from ingest/insights/reports.py (other
+# functions where there are two ways: date_trunc for weeks, ::date for days).
+DIRECT: dict[str, str] = {
+    "programs": """
+        SELECT model, firmware, schema, coalesce(body ->> 'program', body ->> 'mode') AS feature,
+               count(*) AS events, count(DISTINCT device_id) AS devices,
+               count(DISTINCT owner_key) AS owners
+        FROM {t} WHERE {w}
+          AND (schema LIKE '%.cycle' OR schema LIKE '%.clean_run' OR schema LIKE '%.mode_change')
+        GROUP BY 1, 2, 3, 4""",
+    "heatmap": """
+        SELECT extract(isodow FROM event_time AT TIME ZONE 'Asia/Seoul')::int AS day_of_week,
+               extract(hour FROM event_time AT TIME ZONE 'Asia/Seoul')::int AS hour,
+               count(*) AS events, count(DISTINCT owner_key) AS owners
+        FROM {t} WHERE {w} GROUP BY 1, 2""",
+    "regions": f"""
+        SELECT region, count(*) AS events,
+               count(*) FILTER (WHERE schema IN {CYCLES}) AS cycles,
+               count(DISTINCT device_id) AS devices,
+               round(count(*)::numeric / count(DISTINCT device_id), 2) AS events_per_device,
+               count(DISTINCT owner_key) AS owners
+        FROM {{t}} WHERE {{w}} GROUP BY 1""",
+    "cycles": f"""
+        WITH weeks AS (
+            SELECT split_part(schema, '.', 1) AS category, device_id,
+                   date_trunc('week', event_time AT TIME ZONE 'UTC') AS week,
+                   count(*) FILTER (WHERE schema IN {CYCLES}) AS cycles
+            FROM {{t}} WHERE {{w}}
+              AND split_part(schema, '.', 1) IN ('washer', 'dryer', 'robot_vacuum')
+            GROUP BY 1, 2, 3
+        ), whole AS (
+            SELECT * FROM weeks
+            WHERE week >= $1 AT TIME ZONE 'UTC'
+              AND week + interval '7 days' <= $2 AT TIME ZONE 'UTC'
+        )
+        SELECT w.category, w.cycles, count(DISTINCT w.device_id || w.week::text) AS device_weeks,
+               count(DISTINCT u.owner_key) AS owners
+        FROM whole w JOIN {{t}} u ON u.device_id = w.device_id
+             AND date_trunc('week', u.event_time AT TIME ZONE 'UTC') = w.week
+             AND split_part(u.schema, '.', 1) = w.category
+        WHERE {{uw}}
+        GROUP BY 1, 2""",
+    "errors": """
+        WITH dd AS (
+            SELECT model, firmware,
+                   count(DISTINCT (device_id, (event_time AT TIME ZONE 'UTC')::date)) AS days
+            FROM {t} WHERE {w} GROUP BY 1, 2
+        )
+        SELECT e.model, e.firmware, e.body ->> 'code' AS code, count(*) AS errors,
+               count(DISTINCT e.device_id) AS devices, max(dd.days) AS device_days,
+               round(count(*) * 1000.0 / max(dd.days), 3) AS per_1000_device_days,
+               count(DISTINCT e.owner_key) AS owners
+        FROM {t} e JOIN dd USING (model, firmware)
+        WHERE {ew} AND e.schema LIKE '%.error' AND e.body ->> 'state' = 'raised'
+        GROUP BY 1, 2, 3""",
+    "adoption": f"""
+        SELECT date_trunc('week', event_time AT TIME ZONE 'UTC')::date AS week,
+               count(DISTINCT device_id) AS active_devices,
+               count(DISTINCT device_id) FILTER (WHERE body ->> 'trigger' = 'app_remote')
+                   AS remote_start_devices,
+               count(DISTINCT device_id) FILTER (WHERE body ->> 'trigger' = 'schedule')
+                   AS schedule_devices,
+               round(count(DISTINCT device_id) FILTER (WHERE body ->> 'trigger' = 'app_remote')
+                     ::numeric / count(DISTINCT device_id), 4) AS remote_start_share,
+               round(count(DISTINCT device_id) FILTER (WHERE body ->> 'trigger' = 'schedule')
+                     ::numeric / count(DISTINCT device_id), 4) AS schedule_share,
+               count(DISTINCT owner_key) AS owners
+        FROM {{t}} WHERE {{w}} AND {TRIGGERED} GROUP BY 1""",
+    "cohorts": f"""
+        SELECT {{cohort}} AS cohort, split_part(schema, '.', 1) AS category,
+               count(DISTINCT device_id) AS devices,
+               count(DISTINCT device_id || (event_time AT TIME ZONE 'UTC')::date::text)
+                   AS device_days,
+               count(*) FILTER (WHERE schema IN {CYCLES}) AS cycles,
+               round(7.0 * count(*) FILTER (WHERE schema IN {CYCLES})
+                     / count(DISTINCT device_id || (event_time AT TIME ZONE 'UTC')::date::text),
+                     3) AS cycles_per_device_week,
+               round((count(*) FILTER (WHERE {TRIGGERED}
+                                        AND body ->> 'trigger' IN ('app_remote', 'schedule')))
+                     ::numeric / nullif(count(*) FILTER (WHERE {TRIGGERED}), 0), 4) AS app_share,
+               count(DISTINCT owner_key) AS owners
+        FROM {{t}} WHERE {{w}} GROUP BY 1, 2""",
+    "completeness": """
+        WITH s AS (
+            SELECT device_id, model, owner_key, (event_time AT TIME ZONE 'UTC')::date AS day,
+                   coalesce(seq - lag(seq) OVER (PARTITION BY device_id, boot_id ORDER BY seq)
+                            - 1, 0) AS gap
+            FROM {t} WHERE {w}
+        ), dd AS (
+            SELECT day, model, device_id, count(*) AS received, sum(gap) AS missing
+            FROM s GROUP BY 1, 2, 3
+        ), own AS (SELECT day, model, count(DISTINCT owner_key) AS owners FROM s GROUP BY 1, 2)
+        SELECT dd.day, dd.model, count(*) AS device_days, sum(received) AS received,
+               sum(missing) AS missing, count(*) FILTER (WHERE missing = 0) AS complete_device_days,
+               round(sum(received) / (sum(received) + sum(missing)), 4) AS completeness,
+               max(own.owners) AS owners
+        FROM dd JOIN own USING (day, model) GROUP BY 1, 2""",
+}
+
+
+def where(f: Filters, alias: str = "", marketing: bool = False) -> str:
+    """The filters as SQL over `alias`'s columns ($1 start, $2 end, $3 marketable keys)."""
+    a = f"{alias}." if alias else ""
+    parts = [f"{a}event_time >= $1", f"{a}event_time < $2"]
+    for column, values in (("model", f.model), ("region", f.region), ("firmware", f.firmware)):
+        if values:
+            parts.append(f"{a}{column} IN ({', '.join(repr(v) for v in values)})")
+    if f.category:
+        parts.append(f"split_part({a}schema, '.', 1) IN ({', '.join(map(repr, f.category))})")
+    if marketing:
+        parts.append(f"({a}device_id || '/' || {a}boot_id || '/' || {a}seq) = ANY($3::text[])")
+    return " AND ".join(parts)
+
+
+def marketable_keys(pop: Population) -> list[str]:
+    return [f"{r.device_id}/{r.boot_id}/{r.seq}" for r in pop.rows if pop.marketable(r)]
+
+
+def plain(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, date | datetime):
+        return value.isoformat()
+    return value
+
+
+async def direct(s: Seeded, name: str, f: Filters, k: int, by: str = "channel") -> dict[Any, Any]:
+    spec = REPORTS[name]
+    sql = DIRECT[name].format(
+        t=s.settings.postgres.table,
+        w=where(f, marketing=spec.marketing),
+        uw=where(f, "u", spec.marketing),
+        ew=where(f, "e", spec.marketing),
+        cohort={"channel": "purchase_channel", "tier": "membership_tier"}[by],
+    )
+    args: list[Any] = [f.start, f.end]
+    if spec.marketing:
+        args.append(marketable_keys(s.population))
+    conn = await asyncpg.connect(s.settings.postgres.dsn.get_secret_value())
+    try:
+        records = await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+    out = {}
+    for r in records:
+        d = {k2: plain(v) for k2, v in r.items()}
+        owners = d.pop("owners")
+        key = tuple(d.pop(dim) for dim in spec.dimensions)
+        out[key] = d if owners >= k else SUPPRESSED
+    return out
+
+
+def found(report: Report) -> dict[Any, Any]:
+    return {
+        tuple(row.segment.values()): SUPPRESSED if row.suppressed else row.values
+        for row in report.rows
+    }
+
+
+async def run(s: Seeded, name: str, f: Filters, k: int, **options: str) -> Report:
+    conn = await asyncpg.connect(s.settings.postgres.dsn.get_secret_value())
+    try:
+        return await run_report(
+            conn,
+            name,
+            f,
+            table=s.settings.postgres.table,
+            privacy=Privacy(k, s.settings.registry.db_schema),
+            options=options,
+        )
+    finally:
+        await conn.close()
+
+
+FILTERS = {
+    "all": {},
+    "model": {"model": ["WM-A", "WM-RARE"]},
+    "category+region": {"category": ["washer", "dryer"], "region": ["KR-11"]},
+    "firmware+time": {"firmware": ["2.1"], "start": "2026-11-09", "end": "2026-11-23"},
+}
+
+
+@pytest.mark.parametrize("filter_set", list(FILTERS))
+async def test_every_report_equals_a_direct_computation_over_the_raw_rows(
+    seeded: Seeded, filter_set: str
+) -> None:
+    given: dict[str, Any] = {"start": START, "end": END, **FILTERS[filter_set]}
+    f = Filters.parse(**given)
+    k = 3
+    shown_total = 0
+    for name in REPORTS:
+        options_sets: list[dict[str, str]] = [{}]
+        if name == "cohorts":
+            options_sets = [{"by": "channel"}, {"by": "tier"}]
+        for options in options_sets:
+            report = await run(seeded, name, f, k, **options)
+            expected = await direct(seeded, name, f, k, **options)
+            assert found(report) == expected, (name, options)
+            assert [tuple(r.segment.values()) for r in report.rows] == sorted(
+                expected, key=lambda key: tuple((v is not None, v) for v in key)
+            )
+            shown_total += sum(1 for r in report.rows if not r.suppressed)
+    assert shown_total > 20  # the comparison is not between empty results
+
+
+async def test_the_seed_is_rich_enough_that_each_report_shows_and_suppresses(
+    seeded: Seeded,
+) -> None:
+    """At k=3 each report has segments shown; WM-RARE (3 owners, one without consent, so
+    2 keys) is suppressed wherever it is its own segment."""
+    f = Filters.parse(start=START, end=END)
+    for name in REPORTS:
+        report = await run(seeded, name, f, 3)
+        assert any(not r.suppressed for r in report.rows), name
+    programs = await run(seeded, "programs", f, 3)
+    rare = [r for r in programs.rows if r.segment["model"] == "WM-RARE"]
+    assert rare and all(r.suppressed for r in rare)
+    assert all(r.values == {} for r in rare)
+    assert rare[0].suppressed == "fewer than 3 distinct owners (k-anonymity)"
+
+
+async def test_segments_below_the_default_k_of_10_are_suppressed_and_say_so(
+    seeded: Seeded,
+) -> None:
+    f = Filters.parse(start=START, end=END)
+    report = await run(seeded, "errors", f, seeded.settings.insights.k_anonymity)
+    assert seeded.settings.insights.k_anonymity == 10
+    expected = await direct(seeded, "errors", f, 10)
+    assert found(report) == expected
+    suppressed = [r for r in report.rows if r.suppressed]
+    assert suppressed and len(suppressed) < len(report.rows)  # some of each, exactly
+    records = report.records()
+    for rec in records:
+        if rec["suppressed"]:
+            assert rec["errors"] is None and rec["per_1000_device_days"] is None
+            assert rec["suppressed_reason"] == "fewer than 10 distinct owners (k-anonymity)"
+    # cohorts by tier: 36 owners over 4 tiers and 3 categories are all below 10
+    cohorts = await run(seeded, "cohorts", f, 10, by="tier")
+    assert cohorts.rows and all(r.suppressed for r in cohorts.rows)
+
+
+async def test_marketing_reports_count_only_active_owners_consenting_to_marketing(
+    seeded: Seeded,
+) -> None:
+    pop = seeded.population
+    f = Filters.parse(start=START, end=END)
+    report = await run(seeded, "regions", f, 1)
+    events = {r.segment["region"]: r.values["events"] for r in report.rows}
+    expected: dict[str | None, int] = {}
+    for r in pop.rows:
+        if pop.marketable(r):
+            expected[r.region] = expected.get(r.region, 0) + 1
+    assert events == expected
+    assert 0 < sum(expected.values()) < len(pop.rows)
+    # Owner 4 consents to both but is dormant: none of its devices' rows count.
+    dormant = pop.owners[4]
+    assert dormant.status == "dormant" and dormant.analytics and dormant.marketing
+    theirs = [d for d in pop.devices if d.periods[-1].owner is dormant]
+    assert theirs and not any(
+        pop.marketable(r) for r in pop.rows if r.device_id == theirs[0].device_id
+    )
+    # The handed-on device counts for its first (marketing) owner only, up to the handover.
+    first = pop.devices[0]
+    handover = first.periods[0].valid_to
+    assert handover is not None
+    mine = [r for r in pop.rows if r.device_id == first.device_id]
+    assert any(pop.marketable(r) for r in mine if r.event_time < handover)
+    assert not any(pop.marketable(r) for r in mine if r.event_time >= handover)
+    # Product reports read every row.
+    heat = await run(seeded, "heatmap", f, 1)
+    assert sum(int(r.values["events"] or 0) for r in heat.rows) == len(pop.rows)
+
+
+async def test_completeness_matches_the_gaps_the_seed_made(seeded: Seeded) -> None:
+    pop = seeded.population
+    f = Filters.parse(start=START, end=END)
+    report = await run(seeded, "completeness", f, 1)
+    missing = 0
+    by_boot: dict[tuple[str, str], list[int]] = {}
+    for r in pop.rows:
+        by_boot.setdefault((r.device_id, r.boot_id), []).append(r.seq)
+    for seqs in by_boot.values():
+        seqs.sort()
+        missing += sum(b - a - 1 for a, b in itertools.pairwise(seqs))
+    assert missing > 0
+    assert sum(int(r.values["missing"] or 0) for r in report.rows) == missing
+    assert sum(int(r.values["received"] or 0) for r in report.rows) == len(pop.rows)
+
+
+async def test_no_output_carries_a_device_id_an_owner_key_or_an_owner_id(seeded: Seeded) -> None:
+    pop = seeded.population
+    f = Filters.parse(start=START, end=END)
+    secrets = {d.device_id for d in pop.devices} | {r.boot_id for r in pop.rows}
+    secrets |= {o.key for o in pop.owners if o.key} | {str(o.owner_id) for o in pop.owners}
+    for name in REPORTS:
+        report = await run(seeded, name, f, 1)
+        for fmt in ("json", "csv"):
+            text = export(report, fmt).decode()
+            assert not [s for s in secrets if s in text], (name, fmt)
+
+
+def test_bad_filters_name_what_is_wrong() -> None:
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("start", {"start": "2026-13-01"}),
+        ("end", {"end": "tomorrow"}),
+        ("start", {"start": "2026-11-02", "end": "2026-11-01"}),
+        ("category", {"category": ["toaster"]}),
+        ("region", {"region": ["seoul"]}),
+        ("model", {"model": ["WM A; DROP TABLE"]}),
+        ("firmware", {"firmware": [""]}),
+    ]
+    for field, given in cases:
+        with pytest.raises(FilterError) as caught:
+            Filters.parse(**given)
+        assert caught.value.field == field, given
+    with pytest.raises(FilterError, match="whole UTC hour"):
+        Filters.parse(start="2026-11-02T10:30:00+00:00", end="2026-11-03")
+    with pytest.raises(FilterError, match="no time zone"):
+        Filters.parse(start="2026-11-02T10:00:00", end="2026-11-03")
+    with pytest.raises(FilterError, match="at most 400 days"):
+        Filters.parse(start="2020-01-01", end="2026-01-01")
+    f = Filters.parse(start="2026-11-02T09:00:00+09:00", end="2026-11-03")
+    assert f.start == datetime(2026, 11, 2, tzinfo=UTC)
+    default = Filters.parse(now=datetime(2026, 11, 26, 6, 30, tzinfo=UTC))
+    assert default.end == datetime(2026, 11, 26, 7, tzinfo=UTC)
+    assert default.end - default.start == timedelta(days=28)
+
+
+async def test_bad_options_name_what_is_wrong(seeded: Seeded) -> None:
+    f = Filters.parse(start=START, end=END)
+    with pytest.raises(FilterError) as caught:
+        await run(seeded, "cohorts", f, 3, by="age")
+    assert (caught.value.field, caught.value.message) == ("by", "'age' is not one of channel, tier")
+    with pytest.raises(FilterError, match="takes no option 'by'"):
+        await run(seeded, "heatmap", f, 3, by="tier")
+    with pytest.raises(FilterError, match="not an IANA time zone"):
+        await run(seeded, "heatmap", f, 3, tz="Mars/Olympus")
+    with pytest.raises(FilterError, match="whole number of hours"):
+        await run(seeded, "heatmap", f, 3, tz="Asia/Kolkata")
+    with pytest.raises(FilterError, match="unknown 'nope'"):
+        await run(seeded, "nope", f, 3)
+
+
+async def test_json_export_describes_filters_privacy_and_population(seeded: Seeded) -> None:
+    f = Filters.parse(start=START, end=END, category=["washer"])
+    report = await run(seeded, "adoption", f, 3)
+    doc = json.loads(export(report, "json"))
+    assert doc["filters"]["category"] == ["washer"]
+    assert doc["k_anonymity"] == 3
+    assert doc["marketing_usable"] is True
+    assert doc["population"] == "owners active now, with analytics and marketing consent"
+    assert [r["week"] for r in doc["rows"]] == ["2026-11-02", "2026-11-09", "2026-11-16"]
+
+
+@pytest.mark.timescale
+async def test_reports_are_the_same_on_timescaledb(
+    settings: Settings, population: Population
+) -> None:
+    conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+    except asyncpg.PostgresError as exc:
+        pytest.skip(f"TimescaleDB is not available on this server: {exc}")
+    finally:
+        await conn.close()
+    async with seeded_store(settings, population, timescaledb=True) as s:
+        assert s.store.layout.kind == "timescaledb"
+        f = Filters.parse(start=START, end=END)
+        for name in REPORTS:
+            assert found(await run(s, name, f, 3)) == await direct(s, name, f, 3), name
