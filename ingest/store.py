@@ -1,11 +1,14 @@
 """The usage store: one row per (device, boot, seq, event time), written in idempotent
 batches, together with the Kafka offsets the batch ends at.
 
-A batch is one transaction: COPY straight into the usage table (under a savepoint; if
-the table already has one of the rows, the COPY is undone and the batch goes in with
-`INSERT ... ON CONFLICT DO NOTHING ... RETURNING` instead), then one statement adding
-the rows actually inserted to the rollups (plain PostgreSQL; see `ingest.rollups`) and
-upserting the consumer group's next offsets into `<table>_offsets`. A redelivered
+A batch is one transaction. Its rows go in with COPY straight into the usage table,
+under a savepoint; if the table already has one of them (a redelivery, a replay), that
+COPY is undone and the batch takes the slow path: COPY into a staging table (temporary,
+per connection, emptied at commit), then `INSERT ... SELECT ... ON CONFLICT DO NOTHING
+RETURNING`, which tells which rows were new. The fast path is the common case and costs
+one copy of the data instead of two. Then one statement notes the hours the new rows
+fall in for the rollups (plain PostgreSQL; see `ingest.rollups`) and upserts the
+consumer group's next offsets into `<table>_offsets`. A redelivered
 message costs little and changes nothing, and the offsets can never disagree with the
 rows: the consumer seeks to them when it is given a partition.
 
@@ -69,12 +72,6 @@ COLUMNS = (
     "owner_key",
 )
 
-# The slow path's rows travel as one array per column, unnested into the INSERT: no
-# staging table to write and read back.
-_ARRAY_TYPES = (
-    "text text bigint timestamptz text integer text text text text integer bigint"
-    " text text text boolean text"
-)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
@@ -356,15 +353,15 @@ class UsageStore:
     def _build_statements(self) -> None:
         t = self.table
         cols = ", ".join(COLUMNS)
-        types = enumerate(_ARRAY_TYPES.split(), start=1)
-        arrays = ", ".join(f"${i}::{kind}[]" for i, kind in types)
-        # The slow path, for a batch that holds rows the table already has.
+        # The slow path, for a batch that holds rows the table already has: COPY into
+        # this connection's staging table (emptied at commit), then insert what is new.
+        self._staging = f"{t}_staging"
+        self._staging_sql = (
+            f"CREATE TEMPORARY TABLE IF NOT EXISTS {self._staging}"
+            f" (LIKE {t} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
         self._insert_sql = f"""
-            INSERT INTO {t} ({cols})
-            SELECT device_id, boot_id, seq, event_time, schema, schema_version,
-                   body::jsonb, model, firmware, region, kafka_partition, kafka_offset,
-                   category, membership_tier, purchase_channel, analytics_consent, owner_key
-            FROM unnest({arrays}) AS u ({cols})
+            INSERT INTO {t} ({cols}) SELECT {cols} FROM {self._staging}
             ON CONFLICT DO NOTHING
             RETURNING device_id, boot_id, seq, event_time
         """
@@ -556,7 +553,9 @@ class UsageStore:
             return rows
         except asyncpg.UniqueViolationError:
             pass
-        returned = await conn.fetch(self._insert_sql, *zip(*records, strict=True))
+        await conn.execute(self._staging_sql)
+        await conn.copy_records_to_table(self._staging, records=records, columns=COLUMNS)
+        returned = await conn.fetch(self._insert_sql)
         new = {(r["device_id"], r["boot_id"], r["seq"], r["event_time"]) for r in returned}
         return [r for r in rows if r.key in new]
 
