@@ -241,8 +241,8 @@ async def drop(settings: Settings) -> None:
     conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
     try:
         t = settings.postgres.table
-        derived = ("layout", "offsets", "hourly", "daily", "rollup_invalidations",
-                   "erasures")  # fmt: skip
+        derived = ("layout", "offsets", "hourly", "daily", "device_daily",
+                   "rollup_invalidations", "erasures")  # fmt: skip
         await conn.execute(
             f"DROP TABLE IF EXISTS {', '.join([t, *(f'{t}_{d}' for d in derived)])} CASCADE"
         )

@@ -61,7 +61,7 @@ def fleet_rows(devices: int, messages: int) -> list[UsageRow]:
 async def drop(dsn: str, table: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
-        derived = ("layout", "offsets", "hourly", "daily", "rollup_invalidations")
+        derived = ("layout", "offsets", "hourly", "daily", "device_daily", "rollup_invalidations")
         names = ", ".join([table, *(f"{table}_{d}" for d in derived)])
         await conn.execute(f"DROP TABLE IF EXISTS {names} CASCADE")
         await conn.execute("DELETE FROM schema_migrations WHERE component = $1", f"store.{table}")

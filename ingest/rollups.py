@@ -34,6 +34,29 @@ over the raw rows (`aggregate_query`), so they cannot disagree on what a bucket 
   late event there is stored raw but not aggregated; retention soon drops it).
 
 `usage_rollup()` reads either.
+
+**Per device and day** (`<table>_device_daily`, for the planners' reports in
+`ingest.insights.reports`): one row per (UTC day, device, boot, schema, category,
+model, firmware, region, membership tier, purchase channel, owner key, detail,
+trigger) with
+
+    events      how many events were stored
+    min_seq     the boot's lowest and highest sequence number that day in the group:
+    max_seq     with `events`, the gaps in each boot's sequence (completeness)
+
+`detail` is what the reports group uses and errors by (`DETAIL`): the program
+(washer, dryer) or mode (vacuum, air conditioner, purifier, refrigerator) chosen, or
+for an error the code when it was *raised* (a cleared error has none: the reports
+count errors raised); `trigger` is who started a use (panel, app_remote, schedule,
+voice). Unlike the rollups above it keeps the owner key and the device, which is what
+makes it exact for the reports: distinct owners of a segment (k-anonymity) and
+distinct devices, device-days and device-weeks over any range are `count(DISTINCT)`
+over its rows. It is for the insights code only, which never shows either (see
+`ingest.insights.privacy`); erasure removes keys from it as from the raw rows
+(`UsageStore.unlink_owners`). Same design as the others: one aggregate
+(`device_daily_query`) for the refresh, the live reads and the TimescaleDB continuous
+aggregate; the plain layout recomputes the days of the noted hours; reads
+(`device_daily_source`) take noted days from the raw rows.
 """
 
 from __future__ import annotations
@@ -49,6 +72,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 Granularity = Literal["hourly", "daily"]
+Rollup = Literal["hourly", "daily", "device_daily"]
 
 GROUP = ("bucket", "category", "schema", "model", "firmware", "region")
 SUMMED = ("energy_wh", "duration_s")
@@ -114,6 +138,49 @@ def aggregate_query(table: str, granularity: Granularity) -> str:
     """
 
 
+DETAIL = (
+    "coalesce(body ->> 'program', body ->> 'mode',"
+    " CASE WHEN body ->> 'state' = 'raised' THEN body ->> 'code' END)"
+)
+"""The device-daily rollup's `detail`: program or mode chosen, or an error's code where
+it was raised. Immutable (a continuous aggregate may group on it); written the same in
+ingest/sql/timescaledb/003_device_daily.sql."""
+
+DEVICE_DAILY_GROUP = (
+    "bucket",
+    "device_id",
+    "boot_id",
+    "schema",
+    "category",
+    "model",
+    "firmware",
+    "region",
+    "membership_tier",
+    "purchase_channel",
+    "owner_key",
+    "detail",
+    "trigger",
+)
+DEVICE_DAILY_COLUMNS = (*DEVICE_DAILY_GROUP, "events", "min_seq", "max_seq")
+_RANGE = "event_time >= $1 AND event_time < $2"
+
+
+def device_daily_query(table: str, where: str = _RANGE) -> str:
+    """Device-days computed straight from the raw rows chosen by `where` (by default
+    `$1 <= event_time < $2`): what `<table>_device_daily` holds, what the plain layout
+    materialises and the TimescaleDB continuous aggregate's definition."""
+    return f"""
+        SELECT date_bin('1 day', event_time, {_ORIGIN}) AS bucket,
+               device_id, boot_id, schema, split_part(schema, '.', 1) AS category,
+               model, firmware, region, membership_tier, purchase_channel, owner_key,
+               {DETAIL} AS detail, body ->> 'trigger' AS trigger,
+               count(*) AS events, min(seq) AS min_seq, max(seq) AS max_seq
+        FROM {table}
+        WHERE {where}
+        GROUP BY {", ".join(str(i) for i in range(1, len(DEVICE_DAILY_GROUP) + 1))}
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class RefreshReport:
     """What one `refresh_rollups` recomputed."""
@@ -161,21 +228,18 @@ async def refresh_rollups(
         hours = {r["bucket"] for r in noted}
         fresh = {h for h in hours if retained_from is None or _day(h) >= retained_from}
         days = {_day(h) for h in fresh}
-        work: tuple[tuple[Granularity, set[datetime], timedelta], ...] = (
-            ("hourly", fresh, HOUR),
-            ("daily", days, DAY),
+        work: tuple[tuple[Rollup, set[datetime], timedelta, str, str], ...] = (
+            ("hourly", fresh, HOUR, _COLUMNS, aggregate_query(table, "hourly")),
+            ("daily", days, DAY, _COLUMNS, aggregate_query(table, "daily")),
+            ("device_daily", days, DAY, ", ".join(DEVICE_DAILY_COLUMNS), device_daily_query(table)),
         )
-        for granularity, buckets, step in work:
-            target = f"{table}_{granularity}"
+        for rollup, buckets, step, columns, aggregate in work:
+            target = f"{table}_{rollup}"
             for start, end in spans(buckets, step):
                 await conn.execute(
                     f"DELETE FROM {target} WHERE bucket >= $1 AND bucket < $2", start, end
                 )
-                await conn.execute(
-                    f"INSERT INTO {target} ({_COLUMNS}) {aggregate_query(table, granularity)}",
-                    start,
-                    end,
-                )
+                await conn.execute(f"INSERT INTO {target} ({columns}) {aggregate}", start, end)
     return RefreshReport(
         len(fresh), len(days), len(hours) - len(fresh), time.perf_counter() - started
     )
@@ -235,6 +299,46 @@ async def usage_rollup(
     out = [RollupRow(**dict(row)) for row in rows]
     out.sort(key=_sort_key)
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceDailySource:
+    """Where a report reads device-days from: `sql` is a parenthesised SELECT of
+    `DEVICE_DAILY_COLUMNS` (for `FROM ... AS d`) over `[$1, $2)`, taking the days in
+    `live_days` (bind them as `$days_parameter`) from the raw rows and every other day
+    from `<table>_device_daily`."""
+
+    sql: str
+    live_days: list[datetime]
+
+
+async def device_daily_source(
+    conn: Connection, table: str, start: datetime, end: datetime, *, days_parameter: int
+) -> DeviceDailySource:
+    """The device-daily rollup for `start <= event_time < end` ($1 and $2 of the
+    caller's statement), exact at any moment on either layout.
+
+    Read live from the raw rows: the days still noted for a refresh (plain layout, as
+    `usage_rollup` does) and a day the range only partly covers (its start or end is
+    not midnight UTC: the rollup's day holds the whole day). Every other day of the
+    range comes from the rollup, materialised (or, on TimescaleDB, real-time).
+    """
+    kind = await conn.fetchval(f"SELECT kind FROM {table}_layout")
+    noted = [] if kind == "timescaledb" else await _noted(conn, table, "daily")
+    first, last = _day(start), _day(end - timedelta(microseconds=1))
+    live = {d for d in noted if first <= d <= last}
+    live |= {d for d in (start, end) if _day(d) != d and first <= _day(d) <= last}
+    live_days = sorted({_day(d) for d in live})
+    p = f"${days_parameter}::timestamptz[]"
+    columns = ", ".join(DEVICE_DAILY_COLUMNS)
+    live_where = f"{_RANGE} AND date_bin('1 day', event_time, {_ORIGIN}) = ANY({p})"
+    sql = f"""(
+        SELECT {columns} FROM {table}_device_daily
+        WHERE bucket >= $1 AND bucket < $2 AND bucket <> ALL({p})
+        UNION ALL
+        SELECT {columns} FROM ({device_daily_query(table, live_where)}) live
+    )"""
+    return DeviceDailySource(sql, live_days)
 
 
 def _sort_key(r: RollupRow) -> tuple[Any, ...]:

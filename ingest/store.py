@@ -272,6 +272,15 @@ class UsageStore:
                     )
                 if kind == "timescaledb":
                     await self._apply_policies(conn)
+                    if "003_device_daily" in applied:
+                        # Created WITH NO DATA on a table that may hold history older
+                        # than the refresh policy's window, which the policy would never
+                        # materialise. NULL, NULL: the whole range; a procedure that
+                        # cannot run inside a transaction block, hence here.
+                        await conn.execute(
+                            f"CALL refresh_continuous_aggregate('{self.table}_device_daily',"
+                            " NULL, NULL)"
+                        )
                 else:
                     self._partitions = await self._existing_partitions(conn)
         except (MigrationError, RegistryUnavailable) as exc:
@@ -318,6 +327,7 @@ class UsageStore:
         refresh = {
             f"{t}_hourly": (s.allowed_lateness + timedelta(hours=2), timedelta(hours=1)),
             f"{t}_daily": (s.allowed_lateness + timedelta(days=2), timedelta(days=1)),
+            f"{t}_device_daily": (s.allowed_lateness + timedelta(days=2), timedelta(days=1)),
         }
         async with conn.transaction():
             for view, (start, end) in refresh.items():
@@ -561,35 +571,80 @@ class UsageStore:
 
     async def unlink_owners(self, erased: Sequence[tuple[UUID, str]]) -> int:
         """Remove erased owners' keys, and the membership tier stored with them, from
-        every row; record each owner in `<table>_erasures`. Returns the rows changed.
+        every row and from the device-daily rollup; record each owner in
+        `<table>_erasures`. Returns the raw rows changed.
 
         `erased` pairs each owner id with its key (`ingest.enrich.owner_key`). The
         region stays: it is a rollup key, and without the key a row no longer leads to
-        a person (see README, Privacy). Idempotent.
+        a person (see README, Privacy). Idempotent. The plain layout's rollup rows are
+        updated in place (its days may be older than the raw rows retention keeps); on
+        TimescaleDB the continuous aggregate is refreshed over the changed rows' days.
         """
         if not erased:
             return 0
         t = self.table
+        timescale = self.layout.kind == "timescaledb"
         try:
             changed = 0
-            async with self.pool.acquire() as conn, conn.transaction():
-                for owner, key in erased:
-                    status = await conn.execute(
-                        f"UPDATE {t} SET owner_key = NULL, membership_tier = NULL"
-                        " WHERE owner_key = $1",
-                        key,
-                    )
-                    unlinked = int(status.split()[-1])
-                    changed += unlinked
+            days: list[datetime] = []
+            async with self.pool.acquire() as conn:
+                async with conn.transaction():
+                    if not timescale:
+                        # A refresh running now could put the key back from its snapshot.
+                        await conn.execute(
+                            "SELECT pg_advisory_xact_lock(hashtext($1))", f"{t}_rollups"
+                        )
+                    changed += await self._unlink(conn, erased, days)
+                if days:
+                    # The raw rows' update invalidated these days; a refresh policy only
+                    # reaches back its window, so refresh them now (outside a transaction
+                    # block, as the procedure requires; literals, not parameters: its
+                    # window arguments are declared "any").
+                    lo, hi = min(days), max(days) + timedelta(days=1)
                     await conn.execute(
-                        f"INSERT INTO {t}_erasures (owner_id, unlinked) VALUES ($1, $2)"
-                        " ON CONFLICT (owner_id) DO UPDATE SET applied_at = now(),"
-                        f" unlinked = {t}_erasures.unlinked + excluded.unlinked",
-                        owner,
-                        unlinked,
+                        f"CALL refresh_continuous_aggregate('{t}_device_daily',"
+                        f" timestamptz '{lo.isoformat()}', timestamptz '{hi.isoformat()}')"
                     )
         except _DB_ERRORS as exc:
             raise StoreUnavailable(f"removing erased owners' keys failed: {exc!r}") from exc
+        return changed
+
+    async def _unlink(
+        self, conn: Connection, erased: Sequence[tuple[UUID, str]], days: list[datetime]
+    ) -> int:
+        """`unlink_owners`' statements, in the caller's transaction; on TimescaleDB adds
+        the first and last device-day of each owner's to `days`."""
+        t = self.table
+        timescale = self.layout.kind == "timescaledb"
+        changed = 0
+        for owner, key in erased:
+            status = await conn.execute(
+                f"UPDATE {t} SET owner_key = NULL, membership_tier = NULL WHERE owner_key = $1",
+                key,
+            )
+            unlinked = int(status.split()[-1])
+            changed += unlinked
+            if timescale:
+                span = await conn.fetchrow(
+                    f"SELECT min(bucket) AS lo, max(bucket) AS hi"
+                    f" FROM {t}_device_daily WHERE owner_key = $1",
+                    key,
+                )
+                if span is not None:  # an aggregate without GROUP BY: always a row
+                    days += [d for d in (span["lo"], span["hi"]) if d is not None]
+            else:
+                await conn.execute(
+                    f"UPDATE {t}_device_daily SET owner_key = NULL,"
+                    " membership_tier = NULL WHERE owner_key = $1",
+                    key,
+                )
+            await conn.execute(
+                f"INSERT INTO {t}_erasures (owner_id, unlinked) VALUES ($1, $2)"
+                " ON CONFLICT (owner_id) DO UPDATE SET applied_at = now(),"
+                f" unlinked = {t}_erasures.unlinked + excluded.unlinked",
+                owner,
+                unlinked,
+            )
         return changed
 
     async def erasures_pending(self, registry_schema: str, limit: int = 10_000) -> list[UUID]:

@@ -109,7 +109,7 @@ async def cleanup(s: Settings) -> None:
         # On TimescaleDB the rollups are continuous aggregates (views over the table).
         views = await conn.fetch(
             "SELECT relname FROM pg_class WHERE relname = ANY($1::text[]) AND relkind = 'v'",
-            [f"{t}_hourly", f"{t}_daily"],
+            [f"{t}_hourly", f"{t}_daily", f"{t}_device_daily"],
         )
         for view in views:
             await conn.execute(f"DROP MATERIALIZED VIEW IF EXISTS {view['relname']} CASCADE")
@@ -118,6 +118,7 @@ async def cleanup(s: Settings) -> None:
             "offsets",
             "hourly",
             "daily",
+            "device_daily",
             "rollup_invalidations",
             "erasures",
         )

@@ -4,17 +4,28 @@ the extension exists."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from unittest.mock import ANY
 
 import asyncpg
 import pytest
+from asyncpg.pool import PoolConnectionProxy
 
+import ingest
 from ingest.cli import main
 from ingest.errors import ConfigurationError, StoreUnavailable
-from ingest.rollups import RefreshReport, direct_rollup_query, usage_rollup
+from ingest.rollups import (
+    DETAIL,
+    RefreshReport,
+    device_daily_source,
+    direct_rollup_query,
+    usage_rollup,
+)
 from ingest.settings import PostgresSettings, Settings
 from ingest.store import SourceOffset, UsageRow, UsageStore, partition_start
 from schemas.envelope import Envelope
@@ -22,6 +33,8 @@ from simulators.fleet import FleetPlan, device_ids, plan_device
 
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
+SEC = timedelta(seconds=1)
+Connection = asyncpg.Connection | PoolConnectionProxy
 
 
 def pg(settings: Settings, **changes: object) -> PostgresSettings:
@@ -65,7 +78,12 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         first = await store.migrate()
         second = await store.migrate()
     assert (first.layout.kind, first.layout.partition_interval) == ("partitioned", DAY)
-    assert first.applied == ["001_usage", "002_enrichment", "003_rollup_refresh"]
+    assert first.applied == [
+        "001_usage",
+        "002_enrichment",
+        "003_rollup_refresh",
+        "004_device_daily",
+    ]
     assert second.applied == []
     t = settings.postgres.table
     conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
@@ -90,6 +108,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         (1, "001_usage"),
         (2, "002_enrichment"),
         (3, "003_rollup_refresh"),
+        (4, "004_device_daily"),
     ]
 
 
@@ -104,7 +123,7 @@ def test_db_migrate_command_prints_the_layout(
     out = capsys.readouterr().out.splitlines()
     t = settings.postgres.table
     layout = "layout: partitioned, partitions of 24 h"
-    applied = "001_usage, 002_enrichment, 003_rollup_refresh"
+    applied = "001_usage, 002_enrichment, 003_rollup_refresh, 004_device_daily"
     assert out[:2] == [
         f"usage table '{t}' is up to date ({applied}); {layout}",
         f"usage table '{t}' is up to date (none pending); {layout}",
@@ -267,6 +286,135 @@ async def test_rollups_equal_a_direct_aggregate_after_duplicates_and_late_events
     assert any(r.energy_wh is not None and r.energy_wh > 0 for r in daily)
 
 
+# Device-days straight from the raw rows, written from the rollup's definition (detail:
+# the program or mode, or an error's code while raised), not from ingest/rollups.py.
+DIRECT_DEVICE_DAYS = """
+    SELECT (event_time AT TIME ZONE 'UTC')::date AS day, device_id, boot_id, schema,
+           model, firmware, region, membership_tier, purchase_channel, owner_key,
+           CASE WHEN schema LIKE '%.error'
+                THEN CASE WHEN body ->> 'state' = 'raised' THEN body ->> 'code' END
+                ELSE coalesce(body ->> 'program', body ->> 'mode') END AS detail,
+           body ->> 'trigger' AS trigger, count(*) AS events, min(seq), max(seq)
+    FROM {t} WHERE event_time >= $1 AND event_time < $2
+    GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
+"""
+
+
+async def device_days(conn: Connection, t: str, start: datetime, end: datetime) -> list[tuple]:
+    """What the reports read: `device_daily_source`, in DIRECT_DEVICE_DAYS' columns."""
+    source = await device_daily_source(conn, t, start, end, days_parameter=3)
+    rows = await conn.fetch(
+        f"""SELECT (bucket AT TIME ZONE 'UTC')::date AS day, device_id, boot_id, schema,
+                   model, firmware, region, membership_tier, purchase_channel, owner_key,
+                   detail, trigger, events, min_seq, max_seq FROM {source.sql} d""",
+        start,
+        end,
+        source.live_days,
+    )
+    return multiset(rows)
+
+
+async def direct_device_days(
+    conn: Connection, t: str, start: datetime, end: datetime
+) -> list[tuple]:
+    return multiset(await conn.fetch(DIRECT_DEVICE_DAYS.format(t=t), start, end))
+
+
+def multiset(rows: list[asyncpg.Record]) -> list[tuple]:
+    return sorted((tuple(r) for r in rows), key=repr)
+
+
+async def test_device_daily_rollup_equals_a_direct_aggregate_after_duplicates_and_late_events(
+    store: UsageStore,
+) -> None:
+    t = store.table
+    midnight = datetime(2026, 4, 10, tzinfo=UTC)
+    # Each device's messages cross midnight; every tenth is sent twice.
+    recent = FleetPlan(
+        devices=15, messages_per_device=60, seed=4, duplicate_rate=0.1, start=midnight - 90 * SEC
+    )
+    late = FleetPlan(
+        devices=8,
+        messages_per_device=30,
+        seed=4,
+        run_id="late",
+        start=midnight - DAY - 5 * HOUR - 40 * SEC,
+    )
+    rows, late_rows = plan_rows(recent), plan_rows(late)
+    random.Random(6).shuffle(rows)
+    # Owner keys and registry facts on some rows, as enrichment stores them.
+    rows = [
+        dataclasses.replace(r, owner_key=f"k{hash(r.device_id) % 4}", region="KR-11",
+                            membership_tier="gold", purchase_channel="gift")
+        if i % 3 else r
+        for i, r in enumerate(rows)
+    ]  # fmt: skip
+    for i in range(0, len(rows), 250):
+        await store.write(rows[i : i + 250])
+    await store.write(late_rows)
+    await store.write(rows[:200] + late_rows[:50])  # a replay: duplicates only
+    span = (midnight - 3 * DAY, midnight + DAY)
+    # Not whole days: the late fleet's messages straddle the start.
+    cut = (midnight - DAY - 5 * HOUR, midnight + 7 * HOUR)
+    async with store.pool.acquire() as conn:
+        for step in ("noted", "refreshed", "late", "refreshed again"):
+            if step == "late":
+                more = plan_rows(
+                    FleetPlan(devices=3, messages_per_device=10, seed=8, run_id="later",
+                              start=midnight - 2 * DAY + 21 * HOUR)
+                )  # fmt: skip
+                assert await store.write(more) == len(more)
+            elif step.startswith("refreshed"):
+                done = await store.refresh_rollups()
+                assert done is not None and done.days > 0
+                # The table itself now holds exactly the direct aggregate.
+                whole = await conn.fetch(
+                    f"SELECT (bucket AT TIME ZONE 'UTC')::date AS day, device_id, boot_id,"
+                    " schema, model, firmware, region, membership_tier, purchase_channel,"
+                    " owner_key, detail, trigger, events, min_seq, max_seq"
+                    f" FROM {t}_device_daily"
+                )
+                assert multiset(whole) == await direct_device_days(conn, t, *span), step
+            for start, end in (span, cut):
+                expected = await direct_device_days(conn, t, start, end)
+                assert await device_days(conn, t, start, end) == expected, (step, start)
+            days = {r[0] for r in expected}
+            assert len(days) == 3 and sum(r[12] for r in expected) > 0
+        schemas = await conn.fetch(
+            f"SELECT DISTINCT schema, detail IS NOT NULL AS detailed FROM {t}_device_daily"
+        )
+    assert {tuple(r) for r in schemas} >= {("washer.cycle", True), ("washer.energy", False)}
+
+
+async def test_erasure_removes_owner_keys_from_the_device_daily_rollup(store: UsageStore) -> None:
+    t = store.table
+    at = datetime(2026, 2, 1, 8, tzinfo=UTC)
+    keyed = [dataclasses.replace(row("d1", s, at + s * HOUR), owner_key="gone") for s in range(30)]
+    other = [dataclasses.replace(row("d2", 1, at), owner_key="stays")]
+    await store.write(keyed + other)
+    await store.refresh_rollups()
+    assert await store.unlink_owners([(uuid.uuid4(), "gone")]) == 30
+    span = (at - DAY, at + 3 * DAY)
+    async with store.pool.acquire() as conn:
+        keys = await conn.fetch(f"SELECT DISTINCT owner_key FROM {t}_device_daily")
+        assert {r[0] for r in keys} == {None, "stays"}
+        # Still what the raw rows say, materialised and live alike.
+        assert await device_days(conn, t, *span) == await direct_device_days(conn, t, *span)
+        await store.write([dataclasses.replace(row("d1", 99, at), owner_key=None)])
+        assert await device_days(conn, t, *span) == await direct_device_days(conn, t, *span)
+
+
+def test_the_timescaledb_device_daily_aggregate_groups_on_the_same_expressions() -> None:
+    """TimescaleDB is not installed here: at least its definition must say what the
+    plain layout computes (`device_daily_query`), in its SELECT list and GROUP BY."""
+    sql = (Path(ingest.__file__).parent / "sql/timescaledb/003_device_daily.sql").read_text()
+    one_line = " ".join(sql.split())
+    assert one_line.count(f"{DETAIL} AS detail") == 1
+    assert one_line.count(f"{DETAIL},") == 1  # in the GROUP BY
+    assert one_line.count("body ->> 'trigger'") == 2
+    assert "count(*) AS events, min(seq) AS min_seq, max(seq) AS max_seq" in one_line
+
+
 def vars_of(r: object) -> list[object]:
     return [getattr(r, f) for f in r.__slots__]  # type: ignore[attr-defined]
 
@@ -302,6 +450,7 @@ async def test_retention_drops_only_partitions_wholly_older_than_the_cutoff(
             hourly_before = await conn.fetch(
                 direct_rollup_query(t, "hourly"), cutoff - DAY, cutoff + DAY
             )
+            days_before = await direct_device_days(conn, t, cutoff - DAY, cutoff + DAY)
         dropped = await store.drop_expired(now)
         assert dropped == [f"{t}_p2026010909", f"{t}_p2026010911"]
         assert await store.drop_expired(now) == []
@@ -318,9 +467,11 @@ async def test_retention_drops_only_partitions_wholly_older_than_the_cutoff(
             await store.write([row("d3", 1, cutoff - 2 * HOUR)])
             assert await store.refresh_rollups() == RefreshReport(0, 0, 1, ANY)
             again = await conn.fetch(f"SELECT * FROM {t}_hourly ORDER BY bucket")
+            days_after = await device_days(conn, t, cutoff - DAY, cutoff + DAY)
         # The rollups were materialised before the drop, and keep their history.
         assert [tuple(r) for r in hourly_after] == [tuple(r) for r in hourly_before]
         assert again == hourly_after
+        assert days_after == days_before and sum(r[12] for r in days_after) == 4
 
 
 async def test_settings_that_would_let_retention_outrun_late_events_are_refused(
@@ -382,3 +533,4 @@ async def test_timescaledb_hypertable_rollups_and_late_event_into_a_compressed_c
                 rollup = await usage_rollup(c, t, granularity, *span)
                 direct = await c.fetch(direct_rollup_query(t, granularity), *span)
                 assert [tuple(vars_of(r)) for r in rollup] == [tuple(d) for d in direct]
+            assert await device_days(c, t, *span) == await direct_device_days(c, t, *span)

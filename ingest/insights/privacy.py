@@ -2,7 +2,8 @@
 
 **k-anonymity.** Every report row is a segment (a model and firmware, an hour of the
 week, a cohort, ...). Each report's SQL also counts the segment's distinct owners,
-`count(DISTINCT owner_key)` over the raw rows behind it; a segment with fewer than
+`count(DISTINCT owner_key)` over the rows behind it (the device-daily rollup's, which
+keep the key, or the raw rows'); a segment with fewer than
 `insights.k_anonymity` (k, default 10) is *suppressed*: it stays in the result, its
 segment named, its numbers withheld, with the reason. Owners who withheld analytics
 consent (or were erased) carry no key and so cannot be told apart: they count for no
@@ -17,6 +18,14 @@ registry's `devices`, `ownership_periods` and `owners` by device and event time 
 owner id is used inside the query only). The product reports (programs, heat map,
 cycles, errors, completeness) describe appliances, not customers, and read every row,
 as the rollups do.
+
+Those reports read device-days (`<table>_device_daily`), which know the day but not the
+time of each event, so the rule there is per device and UTC day, and errs on the side
+of leaving out: a device-day counts only if its rows carry an owner key (analytics
+consent when stored) and *every* ownership period of the device overlapping that day
+belongs to an owner marketable now (and there is at least one). On the day a device
+changes hands, it counts only if both owners are marketable; on every other day the
+rule is the per-event one (`marketing_day_clause`).
 """
 
 from __future__ import annotations
@@ -52,4 +61,26 @@ class Privacy:
                   AND p.valid_from <= {alias}.event_time
                   AND (p.valid_to IS NULL OR {alias}.event_time < p.valid_to)
                   AND o.status = 'active' AND o.analytics_consent AND o.marketing_consent
+            )"""
+
+    def marketing_day_clause(self, alias: str = "d") -> str:
+        """A WHERE condition keeping device-day rows (`bucket`, `device_id`, `owner_key`
+        of `<table>_device_daily`) whose whole day belongs to owners marketing may be
+        done for: at least one ownership period overlaps the UTC day, and every one that
+        does is an active owner's with analytics and marketing consent."""
+        reg = quote_schema(self.registry_schema)
+        periods = f"""FROM {reg}.devices rd
+                JOIN {reg}.ownership_periods rp ON rp.device_key = rd.device_key
+                WHERE rd.device_id = {alias}.device_id
+                  AND rp.valid_from < {alias}.bucket + interval '24 hours'
+                  AND (rp.valid_to IS NULL OR rp.valid_to > {alias}.bucket)"""
+        return f"""{alias}.owner_key IS NOT NULL
+            AND EXISTS (SELECT 1 {periods})
+            AND NOT EXISTS (
+                SELECT 1 {periods}
+                  AND NOT EXISTS (
+                      SELECT 1 FROM {reg}.owners ro
+                      WHERE ro.owner_id = rp.owner_id AND ro.status = 'active'
+                        AND ro.analytics_consent AND ro.marketing_consent
+                  )
             )"""

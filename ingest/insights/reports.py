@@ -1,25 +1,32 @@
 """The planners' reports: one `ReportSpec` each, its SQL, and what comes back.
 
-Every report reads the usage rows its `Filters` select (the `base` rows: time range,
-models, categories, regions, firmware) and answers one row per *segment*, each with
-the distinct owners behind it counted so `ingest.insights.privacy` can withhold the
-small ones. Where each number comes from:
+Every report reads what its `Filters` select (time range, models, categories,
+regions, firmware) and answers one row per *segment*, each with the distinct owners
+behind it counted so `ingest.insights.privacy` can withhold the small ones. Where each
+number comes from:
 
 | report | segments | source |
 |---|---|---|
-| programs | model, firmware, schema, program/mode | raw rows: the program is in the body |
+| programs | model, firmware, schema, program/mode | device-daily rollup (`detail`) |
 | heatmap | local day of week x hour | events: the hourly rollup; owners: raw rows |
-| regions | region | raw rows (distinct devices over the range) |
-| cycles | category, cycles in a week | raw rows: one count per device and week |
-| errors | model, firmware, error code | raw rows: device-days need distinct devices per day |
-| adoption | week | raw rows: distinct devices per trigger |
-| cohorts | purchase channel or membership tier, category | raw rows (tier, channel) |
-| completeness | day, model | raw rows: gaps in each boot's sequence numbers |
+| regions | region | device-daily rollup |
+| cycles | category, cycles in a week | device-daily rollup: one count per device and week |
+| errors | model, firmware, error code | device-daily rollup (`detail`: codes raised) |
+| adoption | week | device-daily rollup (`trigger`) |
+| cohorts | purchase channel or membership tier, category | device-daily rollup |
+| completeness | day, model | device-daily rollup: `min_seq`/`max_seq` per boot and day |
 
-A rollup can say how many events there were per hour and group, not how many distinct
-owners (it has no owner key), devices over several buckets, or anything in the body it
-does not sum; so only the heat map's counts come from it. Every query is plain
-PostgreSQL (`date_bin` from fixed origins, UTC), the same on both storage layouts.
+The device-daily rollup (`ingest.rollups`, `<table>_device_daily`: the `days` rows
+here) keeps the device and the owner key per UTC day and group, so distinct owners,
+devices, device-days and device-weeks over any range are exact; it is read through
+`device_daily_source`, which takes the days still awaiting a refresh, and a day the
+range only partly covers, from the raw rows: the same numbers before and after a
+refresh, and as the raw rows would give. Only the heat map's owners per local hour
+still need the raw rows (a local hour is not within one UTC day's row). Completeness
+counts a boot's gap on the day of the message after it, found from each boot-day's
+lowest and highest sequence number: exact where a boot's sequence numbers rise with
+its event time, as a device sends them. Every query is plain PostgreSQL (`date_bin`
+from fixed origins, UTC), the same on both storage layouts.
 
 Weeks start on Monday 00:00 UTC; days are UTC days; the heat map is in local time
 (`insights.timezone`, or the `tz` option).
@@ -40,13 +47,12 @@ from asyncpg.pool import PoolConnectionProxy
 from ingest.errors import StoreUnavailable
 from ingest.insights.filters import FilterError, Filters
 from ingest.insights.privacy import Privacy
-from ingest.rollups import usage_rollup
+from ingest.rollups import device_daily_source, usage_rollup
 from schemas.catalog import models
 
 Connection = asyncpg.Connection | PoolConnectionProxy
 Scalar = str | int | float | None
 
-_EPOCH = "timestamptz '1970-01-01 00:00:00+00'"
 _MONDAY = "timestamptz '1970-01-05 00:00:00+00'"  # weeks start on Monday, UTC
 _SCHEMAS = sorted({name for name, _v, _m in models()})
 CYCLE_SCHEMAS = [s for s in _SCHEMAS if s.endswith((".cycle", ".clean_run"))]
@@ -137,12 +143,40 @@ class Query:
               {population}
         )"""
 
-    async def segments(self, sql: str, dimensions: tuple[str, ...], *extra: Any) -> list[Segment]:
-        """Run `sql` (after `WITH base`) and split each record into segment key,
-        values and the `owners` column."""
-        records = await self.conn.fetch(
-            f"WITH {self.base()}, {sql}", *self.filters.parameters(), *extra
-        )
+    def days(self, source: str) -> str:
+        """The `days AS (...)` CTE: the device-daily rollup rows of the filters ($1..$6,
+        the time range inside `source`), the marketing population's only where the
+        report is marketing-usable (`Privacy.marketing_day_clause`)."""
+        population = f"AND {self.privacy.marketing_day_clause('d')}" if self.marketing else ""
+        return f"""days AS (
+            SELECT d.* FROM {source} d
+            WHERE ($3::text[] IS NULL OR d.model = ANY($3::text[]))
+              AND ($4::text[] IS NULL OR d.category = ANY($4::text[]))
+              AND ($5::text[] IS NULL OR d.region = ANY($5::text[]))
+              AND ($6::text[] IS NULL OR d.firmware = ANY($6::text[]))
+              {population}
+        )"""
+
+    async def segments(
+        self,
+        sql: str,
+        dimensions: tuple[str, ...],
+        *extra: Any,
+        source: Literal["days", "raw"] = "days",
+    ) -> list[Segment]:
+        """Run `sql` after `WITH days` ($7 the days read live, `extra` from $8) or, for
+        `source="raw"`, after `WITH base` (`extra` from $7), and split each record into
+        segment key, values and the `owners` column."""
+        if source == "raw":
+            cte, parameters = self.base(), [*self.filters.parameters(), *extra]
+        else:
+            f = self.filters
+            daily = await device_daily_source(
+                self.conn, self.table, f.start, f.end, days_parameter=7
+            )
+            cte = self.days(daily.sql)
+            parameters = [*f.parameters(), daily.live_days, *extra]
+        records = await self.conn.fetch(f"WITH {cte}, {sql}", *parameters)
         out = []
         for r in records:
             row = {k: _plain(v) for k, v in r.items()}
@@ -324,14 +358,13 @@ def _order(key: dict[str, Scalar]) -> tuple[tuple[bool, Any], ...]:
 async def _programs(q: Query) -> list[Segment]:
     return await q.segments(
         """used AS (
-            SELECT model, firmware, schema, device_id, owner_key,
-                   coalesce(body ->> 'program', body ->> 'mode') AS feature
-            FROM base WHERE schema = ANY($7::text[])
+            -- detail: coalesce(program, mode) on these schemas (ingest.rollups.DETAIL)
+            SELECT model, firmware, schema, detail AS feature, events, device_id, owner_key
+            FROM days WHERE schema = ANY($8::text[]) AND detail IS NOT NULL
         )
-        SELECT model, firmware, schema, feature, count(*) AS events,
+        SELECT model, firmware, schema, feature, sum(events) AS events,
                count(DISTINCT device_id) AS devices, count(DISTINCT owner_key) AS owners
-        FROM used WHERE feature IS NOT NULL
-        GROUP BY 1, 2, 3, 4""",
+        FROM used GROUP BY 1, 2, 3, 4""",
         ("model", "firmware", "schema", "feature"),
         FEATURE_SCHEMAS,
     )
@@ -376,6 +409,7 @@ async def _heatmap(q: Query) -> list[Segment]:
             FROM cells GROUP BY 1, 2""",
             ("day_of_week", "hour"),
             tz,
+            source="raw",
         )
     }
     return [
@@ -387,10 +421,10 @@ async def _heatmap(q: Query) -> list[Segment]:
 async def _regions(q: Query) -> list[Segment]:
     return await q.segments(
         """by_region AS (
-            SELECT region, count(*) AS events,
-                   count(*) FILTER (WHERE schema = ANY($7::text[])) AS cycles,
+            SELECT region, sum(events) AS events,
+                   coalesce(sum(events) FILTER (WHERE schema = ANY($8::text[])), 0) AS cycles,
                    count(DISTINCT device_id) AS devices, count(DISTINCT owner_key) AS owners
-            FROM base GROUP BY 1
+            FROM days GROUP BY 1
         )
         SELECT region, events, cycles, devices,
                round(events::numeric / devices, 2) AS events_per_device, owners
@@ -403,10 +437,11 @@ async def _regions(q: Query) -> list[Segment]:
 async def _cycles(q: Query) -> list[Segment]:
     return await q.segments(
         f"""device_weeks AS (
-            SELECT category, device_id, date_bin('7 days', event_time, {_MONDAY}) AS week,
-                   count(*) FILTER (WHERE schema = ANY($7::text[])) AS cycles,
+            SELECT category, device_id, date_bin('7 days', bucket, {_MONDAY}) AS week,
+                   coalesce(sum(events) FILTER (WHERE schema = ANY($8::text[])), 0)::bigint
+                       AS cycles,
                    array_agg(DISTINCT owner_key) FILTER (WHERE owner_key IS NOT NULL) AS keys
-            FROM base WHERE category = ANY($8::text[])
+            FROM days WHERE category = ANY($9::text[])
             GROUP BY 1, 2, 3
         ),
         whole AS (
@@ -428,16 +463,15 @@ async def _cycles(q: Query) -> list[Segment]:
 
 async def _errors(q: Query) -> list[Segment]:
     return await q.segments(
-        f"""device_days AS (
-            SELECT model, firmware, count(*) AS device_days
-            FROM (SELECT DISTINCT model, firmware, device_id,
-                         date_bin('1 day', event_time, {_EPOCH}) FROM base) d
-            GROUP BY 1, 2
+        """device_days AS (
+            SELECT model, firmware, count(DISTINCT (device_id, bucket)) AS device_days
+            FROM days GROUP BY 1, 2
         ),
         raised AS (
-            SELECT model, firmware, body ->> 'code' AS code, count(*) AS errors,
+            -- detail: the code of an error raised, NULL for one cleared (ingest.rollups)
+            SELECT model, firmware, detail AS code, sum(events) AS errors,
                    count(DISTINCT device_id) AS devices, count(DISTINCT owner_key) AS owners
-            FROM base WHERE schema = ANY($7::text[]) AND body ->> 'state' = 'raised'
+            FROM days WHERE schema = ANY($8::text[]) AND detail IS NOT NULL
             GROUP BY 1, 2, 3
         )
         SELECT e.model, e.firmware, e.code, e.errors, e.devices, d.device_days,
@@ -452,14 +486,14 @@ async def _errors(q: Query) -> list[Segment]:
 async def _adoption(q: Query) -> list[Segment]:
     return await q.segments(
         f"""weekly AS (
-            SELECT (date_bin('7 days', event_time, {_MONDAY}) AT TIME ZONE 'UTC')::date AS week,
+            SELECT (date_bin('7 days', bucket, {_MONDAY}) AT TIME ZONE 'UTC')::date AS week,
                    count(DISTINCT device_id) AS active_devices,
-                   count(DISTINCT device_id) FILTER (WHERE body ->> 'trigger' = 'app_remote')
+                   count(DISTINCT device_id) FILTER (WHERE trigger = 'app_remote')
                        AS remote_start_devices,
-                   count(DISTINCT device_id) FILTER (WHERE body ->> 'trigger' = 'schedule')
+                   count(DISTINCT device_id) FILTER (WHERE trigger = 'schedule')
                        AS schedule_devices,
                    count(DISTINCT owner_key) AS owners
-            FROM base WHERE schema = ANY($7::text[])
+            FROM days WHERE schema = ANY($8::text[])
             GROUP BY 1
         )
         SELECT week, active_devices, remote_start_devices, schedule_devices,
@@ -476,14 +510,13 @@ async def _cohorts(q: Query) -> list[Segment]:
     return await q.segments(
         f"""per_cohort AS (
             SELECT {column} AS cohort, category, count(DISTINCT device_id) AS devices,
-                   count(DISTINCT (device_id, date_bin('1 day', event_time, {_EPOCH})))
-                       AS device_days,
-                   count(*) FILTER (WHERE schema = ANY($7::text[])) AS cycles,
-                   count(*) FILTER (WHERE schema = ANY($8::text[])) AS uses,
-                   count(*) FILTER (WHERE schema = ANY($8::text[])
-                                    AND body ->> 'trigger' = ANY($9::text[])) AS app_uses,
+                   count(DISTINCT (device_id, bucket)) AS device_days,
+                   coalesce(sum(events) FILTER (WHERE schema = ANY($8::text[])), 0) AS cycles,
+                   coalesce(sum(events) FILTER (WHERE schema = ANY($9::text[])), 0) AS uses,
+                   coalesce(sum(events) FILTER (WHERE schema = ANY($9::text[])
+                                                AND trigger = ANY($10::text[])), 0) AS app_uses,
                    count(DISTINCT owner_key) AS owners
-            FROM base GROUP BY 1, 2
+            FROM days GROUP BY 1, 2
         )
         SELECT cohort, category, devices, device_days, cycles,
                round(7.0 * cycles / device_days, 3) AS cycles_per_device_week,
@@ -498,17 +531,23 @@ async def _cohorts(q: Query) -> list[Segment]:
 
 async def _completeness(q: Query) -> list[Segment]:
     return await q.segments(
-        f"""sequenced AS (
-            SELECT device_id, model, owner_key,
-                   (date_bin('1 day', event_time, {_EPOCH}) AT TIME ZONE 'UTC')::date AS day,
-                   -- messages missing just before this one in its boot (NULL lag: first seen)
-                   greatest(seq - lag(seq) OVER (PARTITION BY device_id, boot_id
-                                                 ORDER BY seq, event_time) - 1, 0) AS missing
-            FROM base
+        """boot_days AS (
+            SELECT bucket, model, device_id, boot_id, sum(events) AS received,
+                   min(min_seq) AS lo, max(max_seq) AS hi
+            FROM days GROUP BY 1, 2, 3, 4
+        ),
+        sequenced AS (
+            -- Missing on a boot-day: its span of sequence numbers, from just after the
+            -- boot's highest on its previous day in the range (or from its lowest: the
+            -- boot's first message in the range opens no gap), less those received.
+            SELECT (bucket AT TIME ZONE 'UTC')::date AS day, model, device_id, received,
+                   greatest(hi - coalesce(lag(hi) OVER (PARTITION BY device_id, boot_id
+                                                        ORDER BY bucket, model), lo - 1)
+                            - received, 0) AS missing
+            FROM boot_days
         ),
         device_days AS (
-            SELECT day, model, device_id, count(*) AS received, sum(missing) AS missing,
-                   array_agg(DISTINCT owner_key) FILTER (WHERE owner_key IS NOT NULL) AS keys
+            SELECT day, model, device_id, sum(received) AS received, sum(missing) AS missing
             FROM sequenced GROUP BY 1, 2, 3
         ),
         counted AS (
@@ -518,8 +557,9 @@ async def _completeness(q: Query) -> list[Segment]:
             FROM device_days GROUP BY 1, 2
         ),
         keyed AS (
-            SELECT day, model, count(DISTINCT k) AS owners
-            FROM device_days, unnest(keys) AS k GROUP BY 1, 2
+            SELECT (bucket AT TIME ZONE 'UTC')::date AS day, model,
+                   count(DISTINCT owner_key) AS owners
+            FROM days GROUP BY 1, 2
         )
         SELECT c.day, c.model, c.device_days, c.received, c.missing, c.complete_device_days,
                round(c.received / (c.received + c.missing), 4) AS completeness,
@@ -540,7 +580,7 @@ REPORTS: dict[str, ReportSpec] = {
             "purifier, refrigerator) is chosen, per model and firmware.",
             ("model", "firmware", "schema", "feature"),
             {"events": "int", "devices": "int"},
-            "raw rows",
+            "device-daily rollup",
             False,
             Chart("bar", "events", label=("feature", "firmware"), series="model"),
             _programs,
@@ -564,7 +604,7 @@ REPORTS: dict[str, ReportSpec] = {
             "appliances work hardest.",
             ("region",),
             {"events": "int", "cycles": "int", "devices": "int", "events_per_device": "float"},
-            "raw rows",
+            "device-daily rollup",
             True,
             Chart("bar", "events_per_device", label=("region",)),
             _regions,
@@ -577,7 +617,7 @@ REPORTS: dict[str, ReportSpec] = {
             "that week.",
             ("category", "cycles"),
             {"device_weeks": "int"},
-            "raw rows",
+            "device-daily rollup",
             False,
             Chart("bar", "device_weeks", label=("cycles",), series="category"),
             _cycles,
@@ -594,7 +634,7 @@ REPORTS: dict[str, ReportSpec] = {
                 "device_days": "int",
                 "per_1000_device_days": "float",
             },
-            "raw rows",
+            "device-daily rollup",
             False,
             Chart("bar", "per_1000_device_days", label=("model", "firmware", "code")),
             _errors,
@@ -612,7 +652,7 @@ REPORTS: dict[str, ReportSpec] = {
                 "remote_start_share": "float",
                 "schedule_share": "float",
             },
-            "raw rows",
+            "device-daily rollup",
             True,
             Chart("line", "remote_start_share", x="week"),
             _adoption,
@@ -630,7 +670,7 @@ REPORTS: dict[str, ReportSpec] = {
                 "cycles_per_device_week": "float",
                 "app_share": "float",
             },
-            "raw rows",
+            "device-daily rollup",
             True,
             Chart("bar", "app_share", label=("cohort",), series="category"),
             _cohorts,
@@ -650,7 +690,7 @@ REPORTS: dict[str, ReportSpec] = {
                 "complete_device_days": "int",
                 "completeness": "float",
             },
-            "raw rows",
+            "device-daily rollup",
             False,
             Chart("line", "completeness", x="day", series="model"),
             _completeness,

@@ -84,6 +84,22 @@ class Population:
         o = device.period_at(r.event_time).owner
         return o.analytics and o.marketing and o.status == "active"
 
+    def marketable_day(self, r: UsageRow) -> bool:
+        """The rule the marketing-usable reports apply to device-days: the row has an
+        owner key and every ownership period overlapping its UTC day is marketable."""
+        device = next(d for d in self.devices if d.device_id == r.device_id)
+        day = r.event_time.replace(hour=0, minute=0, second=0, microsecond=0)
+        overlapping = [
+            p.owner
+            for p in device.periods
+            if p.valid_from < day + timedelta(days=1) and (p.valid_to is None or p.valid_to > day)
+        ]
+        return (
+            r.owner_key is not None
+            and bool(overlapping)
+            and all(o.analytics and o.marketing and o.status == "active" for o in overlapping)
+        )
+
 
 def build(seed: int = 11) -> Population:
     rnd = random.Random(seed)

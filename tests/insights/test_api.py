@@ -82,7 +82,7 @@ async def test_reports_over_http_equal_the_direct_computation(seeded: Seeded, ap
             for r in doc["rows"]
         }
         assert got == expected
-        assert doc["k_anonymity"] == K and doc["source"] == "raw rows"
+        assert doc["k_anonymity"] == K and doc["source"] == "device-daily rollup"
 
         catalogue = (await client.get("/api/reports")).json()
         assert [c["name"] for c in catalogue] == [

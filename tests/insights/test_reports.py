@@ -17,6 +17,7 @@ from ingest.insights.filters import FilterError, Filters
 from ingest.insights.privacy import Privacy
 from ingest.insights.reports import REPORTS, Report, run_report
 from ingest.settings import Settings
+from ingest.store import UsageRow
 from tests.insights.conftest import Seeded, seeded_store
 from tests.insights.seed import END, START, Population
 
@@ -29,7 +30,10 @@ TRIGGERED = (
 
 # The direct computations: plain SQL over the raw table `{t}`, rows chosen by `{w}`;
 # written from the report definitions, not from ingest/insights/reports.py (other
-# functions where there are two ways: date_trunc for weeks, ::date for days).
+# functions where there are two ways: date_trunc for weeks, ::date for days). The
+# reports read the device-daily rollup; these read the raw rows only. For the
+# marketing-usable reports `{w}` keeps the seed's own marketable rows, by the
+# device-day rule the reports apply (`Population.marketable_day`).
 DIRECT: dict[str, str] = {
     "programs": """
         SELECT model, firmware, schema, coalesce(body ->> 'program', body ->> 'mode') AS feature,
@@ -143,7 +147,7 @@ def where(f: Filters, alias: str = "", marketing: bool = False) -> str:
 
 
 def marketable_keys(pop: Population) -> list[str]:
-    return [f"{r.device_id}/{r.boot_id}/{r.seq}" for r in pop.rows if pop.marketable(r)]
+    return [f"{r.device_id}/{r.boot_id}/{r.seq}" for r in pop.rows if pop.marketable_day(r)]
 
 
 def plain(value: Any) -> Any:
@@ -207,6 +211,8 @@ FILTERS = {
     "model": {"model": ["WM-A", "WM-RARE"]},
     "category+region": {"category": ["washer", "dryer"], "region": ["KR-11"]},
     "firmware+time": {"firmware": ["2.1"], "start": "2026-11-09", "end": "2026-11-23"},
+    # Starts and ends inside a UTC day: those two days are read from the raw rows.
+    "hours": {"start": "2026-11-03T05:00:00+00:00", "end": "2026-11-19T17:00:00+00:00"},
 }
 
 
@@ -231,6 +237,68 @@ async def test_every_report_equals_a_direct_computation_over_the_raw_rows(
             )
             shown_total += sum(1 for r in report.rows if not r.suppressed)
     assert shown_total > 20  # the comparison is not between empty results
+
+
+async def test_reports_are_the_same_before_and_after_the_rollups_are_refreshed(
+    seeded: Seeded,
+) -> None:
+    """Before a refresh every day is read from the raw rows (noted), after it from the
+    device-daily rollup, and after a late batch the days it touched are read live again
+    beside materialised ones: the same reports each time, equal to the direct SQL."""
+    t = seeded.settings.postgres.table
+    filter_sets = [Filters.parse(start=START, end=END)] + [
+        Filters.parse(**{"start": START, "end": END, **FILTERS[n]})
+        for n in ("category+region", "hours")
+    ]
+
+    async def everything() -> dict[tuple[str, str, int], dict[Any, Any]]:
+        out = {}
+        for i, f in enumerate(filter_sets):
+            for name in REPORTS:
+                for by in ("channel", "tier") if name == "cohorts" else ("",):
+                    options = {"by": by} if by else {}
+                    out[name, by, i] = found(await run(seeded, name, f, 3, **options))
+        return out
+
+    async def materialised_days() -> int:
+        rows = await seeded.store.fetch(f"SELECT count(DISTINCT bucket) AS n FROM {t}_device_daily")
+        return int(rows[0]["n"])
+
+    assert await materialised_days() == 0
+    before = await everything()
+    refreshed = await seeded.store.refresh_rollups()
+    assert refreshed is not None and refreshed.days == 21
+    assert await materialised_days() == 21
+    after = await everything()
+    assert after == before
+    for i, f in enumerate(filter_sets):
+        for name in ("programs", "errors", "completeness", "regions"):
+            assert after[name, "", i] == await direct(seeded, name, f, 3), (name, i)
+    # A late batch in two settled days: they are noted, so read live, the rest not.
+    pop = seeded.population
+    wm = next(d for d in pop.devices if d.model == "WM-A" and d.firmware == "2.1")
+    late = [
+        _late_row(wm.device_id, START + timedelta(days=3, hours=2), seq) for seq in (900, 903)
+    ] + [_late_row(wm.device_id, START + timedelta(days=15, hours=20), 950)]
+    assert await seeded.store.write(late) == 3
+    mixed = await everything()
+    assert mixed != after  # the late rows count
+    for i, f in enumerate(filter_sets):
+        for name in REPORTS:
+            if name != "cohorts":
+                assert mixed[name, "", i] == await direct(seeded, name, f, 3), (name, i)
+    assert await seeded.store.refresh_rollups() is not None
+    assert await everything() == mixed
+
+
+def _late_row(device: str, at: datetime, seq: int) -> UsageRow:
+    """A washer error raised by an existing device, with a boot of its own."""
+    body = '{"code": "E01", "severity": "fault", "state": "raised"}'
+    return UsageRow(
+        device, f"{device}-late", seq, at, "washer.error", 1, body, 0, seq,
+        model="WM-A", firmware="2.1", region=None, category="washer",
+        purchase_channel="gift", analytics_consent=False,
+    )  # fmt: skip
 
 
 async def test_the_seed_is_rich_enough_that_each_report_shows_and_suppresses(
@@ -278,10 +346,13 @@ async def test_marketing_reports_count_only_active_owners_consenting_to_marketin
     events = {r.segment["region"]: r.values["events"] for r in report.rows}
     expected: dict[str | None, int] = {}
     for r in pop.rows:
-        if pop.marketable(r):
+        if pop.marketable_day(r):
             expected[r.region] = expected.get(r.region, 0) + 1
     assert events == expected
     assert 0 < sum(expected.values()) < len(pop.rows)
+    # Reports read device-days: a row counts only if every owner of its device that UTC
+    # day is marketable, which on every day but a handover is the per-event rule.
+    assert all(pop.marketable(r) for r in pop.rows if pop.marketable_day(r))
     # Owner 4 consents to both but is dormant: none of its devices' rows count.
     dormant = pop.owners[4]
     assert dormant.status == "dormant" and dormant.analytics and dormant.marketing
@@ -296,6 +367,10 @@ async def test_marketing_reports_count_only_active_owners_consenting_to_marketin
     mine = [r for r in pop.rows if r.device_id == first.device_id]
     assert any(pop.marketable(r) for r in mine if r.event_time < handover)
     assert not any(pop.marketable(r) for r in mine if r.event_time >= handover)
+    # ... and, in the reports, up to the UTC day of the handover, which counts for no one.
+    midnight = handover.replace(hour=0)
+    assert any(pop.marketable(r) for r in mine if midnight <= r.event_time < handover)
+    assert [pop.marketable_day(r) for r in mine] == [r.event_time < midnight for r in mine]
     # Product reports read every row.
     heat = await run(seeded, "heatmap", f, 1)
     assert sum(int(r.values["events"] or 0) for r in heat.rows) == len(pop.rows)
