@@ -22,9 +22,12 @@ over the raw rows (`aggregate_query`), so they cannot disagree on what a bucket 
   them.
 - Plain PostgreSQL: the same design, kept by the store. The write transaction only
   notes which hours got new rows (`<table>_rollup_invalidations`, a row per hour per
-  batch), which costs next to nothing; `refresh_rollups` (run by the consumer every
-  `postgres.rollup_refresh_s`, and by `usagepipe db refresh`) recomputes exactly those
+  batch), which costs next to nothing; `refresh_rollups` recomputes exactly those
   hours and their days from the raw rows and clears their notes, in one transaction.
+  Consumers run it every `postgres.rollup_refresh_s`, in a task beside the batches,
+  for the buckets that have ended only (like a refresh policy's end_offset: the open
+  hour and day would otherwise be recomputed whole every time); `usagepipe db
+  refresh` and retention take every note.
   Distinct devices stay exact because a bucket is always recomputed whole, never
   incremented. Reads are exact at any moment: `usage_rollup` takes the buckets still
   noted from the raw rows and the others from the rollup tables, as TimescaleDB's
@@ -207,8 +210,17 @@ def _day(t: datetime) -> datetime:
     return datetime.fromtimestamp(int(t.timestamp()) // 86400 * 86400, UTC)
 
 
+def _hour(t: datetime) -> datetime:
+    return datetime.fromtimestamp(int(t.timestamp()) // 3600 * 3600, UTC)
+
+
 async def refresh_rollups(
-    conn: Connection, table: str, *, wait: bool = False
+    conn: Connection,
+    table: str,
+    *,
+    wait: bool = False,
+    settled_only: bool = False,
+    now: datetime | None = None,
 ) -> RefreshReport | None:
     """Recompute the noted hours, and their days, from the raw rows (plain layout).
 
@@ -216,18 +228,43 @@ async def refresh_rollups(
     another process holds it, unless `wait`. The notes are taken first; a batch
     committed after that adds a note of its own, so whatever this refresh's aggregate
     may not see is refreshed next time.
+
+    `settled_only` (the consumers' periodic refresh): only hours and days that ended
+    before `now`; a note whose hour is done but whose day is open is kept, marked
+    `hourly_done`, until its day is. Otherwise every noted bucket.
     """
     started = time.perf_counter()
+    end = datetime.max.replace(tzinfo=UTC)
+    if settled_only:
+        end = now or datetime.now(UTC)
+    hour_end = _hour(end) if settled_only else end
+    day_end = _day(end) if settled_only else end
+    inv = f"{table}_rollup_invalidations"
     async with conn.transaction():
         lock = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
         got = await conn.fetchval(f"SELECT {lock}(hashtext($1))::text", f"{table}_rollups")
         if got == "false":
             return None
-        noted = await conn.fetch(f"DELETE FROM {table}_rollup_invalidations RETURNING bucket")
+        # Days that ended: their notes go; hours that ended in an open day: marked.
+        ended = await conn.fetch(
+            f"DELETE FROM {inv} WHERE bucket < $1 RETURNING bucket, hourly_done", day_end
+        )
+        marked = await conn.fetch(
+            f"UPDATE {inv} SET hourly_done = true"
+            " WHERE bucket >= $1 AND bucket < $2 AND NOT hourly_done RETURNING bucket",
+            day_end,
+            hour_end,
+        )
         retained_from = await conn.fetchval(f"SELECT retained_from FROM {table}_layout")
-        hours = {r["bucket"] for r in noted}
+        hours = {r["bucket"] for r in ended if not r["hourly_done"]}
+        hours |= {r["bucket"] for r in marked}
         fresh = {h for h in hours if retained_from is None or _day(h) >= retained_from}
-        days = {_day(h) for h in fresh}
+        days = {
+            _day(r["bucket"])
+            for r in ended
+            if retained_from is None or _day(r["bucket"]) >= retained_from
+        }
+        skipped = len(hours - fresh)
         work: tuple[tuple[Rollup, set[datetime], timedelta, str, str], ...] = (
             ("hourly", fresh, HOUR, _COLUMNS, aggregate_query(table, "hourly")),
             ("daily", days, DAY, _COLUMNS, aggregate_query(table, "daily")),
@@ -235,14 +272,12 @@ async def refresh_rollups(
         )
         for rollup, buckets, step, columns, aggregate in work:
             target = f"{table}_{rollup}"
-            for start, end in spans(buckets, step):
+            for start, stop in spans(buckets, step):
                 await conn.execute(
-                    f"DELETE FROM {target} WHERE bucket >= $1 AND bucket < $2", start, end
+                    f"DELETE FROM {target} WHERE bucket >= $1 AND bucket < $2", start, stop
                 )
-                await conn.execute(f"INSERT INTO {target} ({columns}) {aggregate}", start, end)
-    return RefreshReport(
-        len(fresh), len(days), len(hours) - len(fresh), time.perf_counter() - started
-    )
+                await conn.execute(f"INSERT INTO {target} ({columns}) {aggregate}", start, stop)
+    return RefreshReport(len(fresh), len(days), skipped, time.perf_counter() - started)
 
 
 async def _noted(conn: Connection, table: str, granularity: Granularity) -> list[datetime]:
@@ -250,8 +285,9 @@ async def _noted(conn: Connection, table: str, granularity: Granularity) -> list
     rows = await conn.fetch(
         f"""SELECT DISTINCT date_bin('{_STEP[granularity]}', i.bucket, {_ORIGIN}) AS bucket
             FROM {table}_rollup_invalidations i, {table}_layout l
-            WHERE l.retained_from IS NULL
-               OR date_bin('1 day', i.bucket, {_ORIGIN}) >= l.retained_from"""
+            WHERE (l.retained_from IS NULL
+                   OR date_bin('1 day', i.bucket, {_ORIGIN}) >= l.retained_from)
+              AND {"NOT i.hourly_done" if granularity == "hourly" else "true"}"""
     )
     return [r["bucket"] for r in rows]
 

@@ -177,8 +177,8 @@ class PostgresSettings(Section):
     """Raw usage rows older than this are dropped, a whole partition (chunk) at a time;
     the rollups keep their history."""
     rollup_refresh_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
-    """Plain PostgreSQL: how often a consumer recomputes the rollup buckets that got
-    rows (reads are exact meanwhile: they aggregate those buckets from the raw rows)."""
+    """Plain PostgreSQL: how often a consumer recomputes the ended rollup buckets that
+    got rows (reads are exact meanwhile: they aggregate those buckets from the raw rows)."""
 
     @property
     def partition_interval(self) -> timedelta:

@@ -538,8 +538,11 @@ class UsageStore:
             raise StoreUnavailable(f"writing {len(rows)} rows failed: {exc!r}") from exc
         return len(inserted)
 
-    async def refresh_rollups(self, *, wait: bool = False) -> RefreshReport | None:
-        """Materialise the plain layout's noted rollup buckets (see `ingest.rollups`).
+    async def refresh_rollups(
+        self, *, wait: bool = False, settled_only: bool = False
+    ) -> RefreshReport | None:
+        """Materialise the plain layout's noted rollup buckets (see `ingest.rollups`):
+        every one, or with `settled_only` those whose hour or day has ended.
 
         None on TimescaleDB (its refresh policies do this) and, unless `wait`, when
         another process is refreshing the same table right now.
@@ -548,7 +551,7 @@ class UsageStore:
             return None
         try:
             async with self.pool.acquire() as conn:
-                return await refresh_rollups(conn, self.table, wait=wait)
+                return await refresh_rollups(conn, self.table, wait=wait, settled_only=settled_only)
         except _DB_ERRORS as exc:
             raise StoreUnavailable(
                 f"refreshing the rollups of {self.table} failed: {exc!r}"

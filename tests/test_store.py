@@ -24,6 +24,7 @@ from ingest.rollups import (
     RefreshReport,
     device_daily_source,
     direct_rollup_query,
+    refresh_rollups,
     usage_rollup,
 )
 from ingest.settings import PostgresSettings, Settings
@@ -83,6 +84,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         "002_enrichment",
         "003_rollup_refresh",
         "004_device_daily",
+        "005_settled_refresh",
     ]
     assert second.applied == []
     t = settings.postgres.table
@@ -109,6 +111,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         (2, "002_enrichment"),
         (3, "003_rollup_refresh"),
         (4, "004_device_daily"),
+        (5, "005_settled_refresh"),
     ]
 
 
@@ -123,7 +126,7 @@ def test_db_migrate_command_prints_the_layout(
     out = capsys.readouterr().out.splitlines()
     t = settings.postgres.table
     layout = "layout: partitioned, partitions of 24 h"
-    applied = "001_usage, 002_enrichment, 003_rollup_refresh, 004_device_daily"
+    applied = "001_usage, 002_enrichment, 003_rollup_refresh, 004_device_daily, 005_settled_refresh"
     assert out[:2] == [
         f"usage table '{t}' is up to date ({applied}); {layout}",
         f"usage table '{t}' is up to date (none pending); {layout}",
@@ -417,6 +420,49 @@ def test_the_timescaledb_device_daily_aggregate_groups_on_the_same_expressions()
 
 def vars_of(r: object) -> list[object]:
     return [getattr(r, f) for f in r.__slots__]  # type: ignore[attr-defined]
+
+
+async def test_the_periodic_refresh_materialises_only_ended_buckets(store: UsageStore) -> None:
+    now = datetime(2026, 4, 10, 12, 30, tzinfo=UTC)
+    await store.write(
+        [
+            row("d1", 1, datetime(2026, 4, 8, 10, 10, tzinfo=UTC)),  # a day that ended
+            row("d1", 2, datetime(2026, 4, 10, 9, 15, tzinfo=UTC)),  # an hour that ended
+            row("d2", 1, datetime(2026, 4, 10, 12, 5, tzinfo=UTC)),  # the open hour
+        ]
+    )
+    t = store.table
+    span = (now - 3 * DAY, now + DAY)
+
+    async def materialised(conn: asyncpg.Connection, rollup: str) -> list[datetime]:
+        return [r[0] for r in await conn.fetch(f"SELECT bucket FROM {t}_{rollup} ORDER BY 1")]
+
+    async with store.pool.acquire() as conn:
+        done = await refresh_rollups(conn, t, settled_only=True, now=now)
+        assert done == RefreshReport(2, 1, 0, ANY)
+        assert await materialised(conn, "hourly") == [
+            datetime(2026, 4, 8, 10, tzinfo=UTC),
+            datetime(2026, 4, 10, 9, tzinfo=UTC),
+        ]
+        assert await materialised(conn, "daily") == [datetime(2026, 4, 8, tzinfo=UTC)]
+        notes = await conn.fetch(f"SELECT bucket, hourly_done FROM {t}_rollup_invalidations")
+        assert sorted(tuple(n) for n in notes) == [
+            (datetime(2026, 4, 10, 9, tzinfo=UTC), True),
+            (datetime(2026, 4, 10, 12, tzinfo=UTC), False),
+        ]
+        for granularity in ("hourly", "daily"):  # exact meanwhile
+            rollup = await usage_rollup(conn, t, granularity, *span)
+            direct = await conn.fetch(direct_rollup_query(t, granularity), *span)
+            assert [tuple(vars_of(r)) for r in rollup] == [tuple(d) for d in direct]
+        again = await refresh_rollups(conn, t, settled_only=True, now=now)
+        assert again == RefreshReport(0, 0, 0, ANY)
+        next_day = await refresh_rollups(
+            conn, t, settled_only=True, now=datetime(2026, 4, 11, 0, 30, tzinfo=UTC)
+        )
+        assert next_day == RefreshReport(1, 1, 0, ANY)
+        assert await conn.fetchval(f"SELECT count(*) FROM {t}_rollup_invalidations") == 0
+        assert len(await materialised(conn, "hourly")) == 3
+        assert len(await materialised(conn, "daily")) == 2
 
 
 async def test_retention_drops_only_partitions_wholly_older_than_the_cutoff(
