@@ -11,6 +11,10 @@
 
 The servers are the local ones (`usagepipe services up`); the broker logins come from
 the run dir like the CLI's. Prints one line per stage and the command to reproduce.
+
+One publisher thread behind a semaphore is the limit of this relay figure, not
+Mosquitto: `bench/e2e.py` measures the same stages with several publisher processes
+on paho's own loop, side by side with the pipeline, and is the figure to quote.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import secrets
 import sys
 import threading
 import time
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Event as EventType
+from typing import Any
 
 import paho.mqtt.client as paho
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -41,7 +48,9 @@ def _client(settings: Settings, client_id: str) -> paho.Client:
     return client
 
 
-def _subscriber(settings: Settings, topic: str, count: int, ready: mp.Event, out: mp.Queue) -> None:  # type: ignore[type-arg]
+def _subscriber(
+    settings: Settings, topic: str, count: int, ready: EventType, out: Queue[Any]
+) -> None:
     done = threading.Event()
     got = 0
     first = 0.0
@@ -66,7 +75,7 @@ def _subscriber(settings: Settings, topic: str, count: int, ready: mp.Event, out
     client.disconnect()
 
 
-def _publisher(settings: Settings, topic: str, count: int, size: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
+def _publisher(settings: Settings, topic: str, count: int, size: int, out: Queue[Any]) -> None:
     window = threading.Semaphore(1000)
     client = _client(settings, f"bench-pub-{secrets.token_hex(3)}")
     client.on_publish = lambda *args: window.release()
@@ -88,7 +97,9 @@ def _publisher(settings: Settings, topic: str, count: int, size: int, out: mp.Qu
 def mqtt_relay(settings: Settings, count: int, size: int) -> float:
     """Messages/s through Mosquitto from one paho process to another, QoS 1."""
     topic = f"bench{secrets.token_hex(3)}/devices/relay/telemetry"
-    ready, results, starts = mp.Event(), mp.Queue(), mp.Queue()
+    ready = mp.Event()
+    results: Queue[Any] = mp.Queue()
+    starts: Queue[Any] = mp.Queue()
     sub = mp.Process(target=_subscriber, args=(settings, topic, count, ready, results))
     sub.start()
     if not ready.wait(30):

@@ -3,11 +3,18 @@
     Mosquitto --(QoS 1, persistent session, manual ack)--> bridge --(acks=all)--> Kafka
                 <------------- PUBACK once Kafka confirmed ----------------
 
-Messages flow through two tasks: `produce` hands each MQTT message to the Kafka producer
-(pipelined: `send()` returns once the record is batched), and `acknowledge` waits for
+Messages flow through two tasks: `produce` takes whatever MQTT delivered since its last
+turn and hands it to the Kafka producer as one closed record batch per partition
+(pipelined: `send_batch()` returns once the batch is queued; partitions chosen by
+device id as the producer's default partitioner does), and `acknowledge` waits for
 Kafka's confirmations in arrival order and sends the matching PUBACKs in that order, as
-MQTT asks. A record Kafka refuses is sent again, with backoff, before its PUBACK; so a
-Kafka outage leaves messages unacknowledged in the broker's session, never lost.
+MQTT asks, every confirmed run of them in one socket write. A record Kafka refuses is
+sent again, on its own and with backoff, before its PUBACK; so a Kafka outage leaves
+messages unacknowledged in the broker's session, never lost.
+
+Per message, the costs that remain are the intake checks and framing: MQTT packets are
+framed without paho's per-message objects (`ingest.mqtt`), records are appended to
+batches without a coroutine or future each, and PUBACKs go out many to a write.
 
 How many messages are in flight is bounded by the MQTT v5 Receive Maximum the bridge
 announces: the broker sends no more until the bridge acknowledges some.
@@ -26,16 +33,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import orjson
-import paho.mqtt.client as paho
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
+from aiokafka.producer.message_accumulator import BatchBuilder
 
 from ingest.dead_letter import DeadLetter
 from ingest.kafka import ensure_topics, make_producer
@@ -45,6 +55,19 @@ from ingest.settings import Settings
 from schemas.errors import InvalidTelemetry, Reason
 
 log = logging.getLogger(__name__)
+
+_HANDOFF_MAX = 4096
+"""Most messages handed to the producer in one turn of `produce` (they become one batch
+per partition, split further where a batch reaches `kafka.max_batch_bytes`)."""
+
+
+@functools.lru_cache(maxsize=65536)
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives `key` (murmur2, as the Java
+    client and aiokafka do), cached: aiokafka's murmur2 is pure Python, and a device's
+    key comes again with every message it sends."""
+    index: int = (murmur2(key) & 0x7FFFFFFF) % partitions
+    return index
 
 
 @dataclass(slots=True)
@@ -73,6 +96,13 @@ class BridgeReport:
     elapsed_s: float = 0.0
     stopped_by: str = ""
     per_topic: dict[str, int] = field(default_factory=dict)
+
+
+def subscription(settings: Settings) -> str:
+    """The bridge's topic filter: every device's telemetry, shared when `shared_group`."""
+    topic = f"{settings.mqtt.topic_prefix}devices/+/telemetry"
+    group = settings.bridge.shared_group
+    return f"$share/{group}/{topic}" if group else topic
 
 
 def device_id_from_topic(topic: str, prefix: str) -> str | None:
@@ -179,8 +209,8 @@ class Bridge:
             persistent=True,
             manual_ack=True,
             receive_maximum=s.bridge.max_inflight,
-            subscriptions=[f"{s.mqtt.topic_prefix}devices/+/telemetry"],
-            on_message=self._on_message,
+            subscriptions=[subscription(s)],
+            on_raw_message=self._on_message,
         )
         self._mqtt = mqtt
         await producer.start()
@@ -223,41 +253,94 @@ class Bridge:
         await asyncio.sleep(seconds)
         self.stop(f"after {seconds:g}s")
 
-    def _on_message(self, msg: paho.MQTTMessage, generation: int) -> None:
+    def _on_message(self, topic: str, mid: int, payload: bytes, generation: int) -> None:
         if not self._accepting:
             return  # not acknowledged: stays in the session, delivered again later
         self.report.received += 1
-        self._metrics.received.inc()
         s = self._settings
-        device_id = device_id_from_topic(msg.topic, s.mqtt.topic_prefix)
-        key = (device_id or msg.topic).encode()
-        payload = msg.payload if isinstance(msg.payload, bytes) else bytes(msg.payload)
+        device_id = device_id_from_topic(topic, s.mqtt.topic_prefix)
+        key = (device_id or topic).encode()
         try:
-            check_payload(payload, msg.topic, device_id, s.bridge.max_payload_bytes)
+            check_payload(payload, topic, device_id, s.bridge.max_payload_bytes)
         except InvalidTelemetry as error:
-            log.debug("dead-lettering a message on %s: %s", msg.topic, error)
+            log.debug("dead-lettering a message on %s: %s", topic, error)
             letter = DeadLetter.from_error(
-                error, topic=msg.topic, partition=None, offset=None, key=key, original=payload
+                error, topic=topic, partition=None, offset=None, key=key, original=payload
             )
             item = _InFlight(
-                msg.mid, generation, s.kafka.dlq_topic, key, letter.to_json(), error.reason
+                mid, generation, s.kafka.dlq_topic, key, letter.to_json(), error.reason
             )
         else:
-            item = _InFlight(msg.mid, generation, s.kafka.raw_topic, key, payload)
+            item = _InFlight(mid, generation, s.kafka.raw_topic, key, payload)
         self._incoming.append(item)
-        self._metrics.inflight.inc()
-        self._incoming_ready.set()
+        if not self._incoming_ready.is_set():
+            self._incoming_ready.set()
 
     async def _produce(self, producer: AIOKafkaProducer) -> None:
+        incoming = self._incoming
         while True:
-            if not self._incoming:
+            if not incoming:
                 self._incoming_ready.clear()
                 await self._incoming_ready.wait()
                 continue
-            item = self._incoming.popleft()
-            item.confirmation = await self._send(producer, item)
-            self._unacked.append(item)
+            items = [incoming.popleft() for _ in range(min(len(incoming), _HANDOFF_MAX))]
+            self._metrics.received.inc(len(items))
+            self._metrics.inflight.inc(len(items))
+            await self._send_batches(producer, items)
+            self._unacked.extend(items)
             self._unacked_ready.set()
+
+    async def _send_batches(self, producer: AIOKafkaProducer, items: list[_InFlight]) -> None:
+        """Hand `items` to the producer as closed batches, one or more per partition.
+
+        Each item's `confirmation` becomes its batch's future. A closed batch is sent
+        at once (no linger): the batching already happened while the last one was
+        being handed over.
+        """
+        groups: dict[tuple[str, int], list[_InFlight]] = {}
+        counts: dict[str, int] = {}
+        for item in items:
+            count = counts.get(item.topic)
+            if count is None:
+                count = counts[item.topic] = len(await producer.partitions_for(item.topic))
+            groups.setdefault((item.topic, partition_for(item.key, count)), []).append(item)
+        for (topic, partition), group in groups.items():
+            batch = producer.create_batch()
+            members: list[_InFlight] = []
+            for item in group:
+                if batch.append(key=item.key, value=item.value, timestamp=None) is None:
+                    if members:
+                        await self._submit(producer, batch, topic, partition, members)
+                    batch, members = producer.create_batch(), []
+                    if batch.append(key=item.key, value=item.value, timestamp=None) is None:
+                        item.confirmation = await self._send(producer, item)  # too large alone
+                        continue
+                members.append(item)
+            if members:
+                await self._submit(producer, batch, topic, partition, members)
+
+    async def _submit(
+        self,
+        producer: AIOKafkaProducer,
+        batch: BatchBuilder,
+        topic: str,
+        partition: int,
+        members: Sequence[_InFlight],
+    ) -> None:
+        batch.close()
+        try:
+            fut: asyncio.Future[object] = await producer.send_batch(
+                batch, topic, partition=partition
+            )
+        except KafkaError as exc:
+            self._metrics.errors.labels("kafka_send").inc()
+            self.report.send_retries += 1
+            log.warning("Kafka took no batch (%r); sending its records one by one", exc)
+            for item in members:
+                item.confirmation = await self._send(producer, item)
+            return
+        for item in members:
+            item.confirmation = fut
 
     async def _send(self, producer: AIOKafkaProducer, item: _InFlight) -> asyncio.Future[object]:
         """Hand one record to the producer, retrying while Kafka cannot take it."""
@@ -275,44 +358,73 @@ class Bridge:
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
                 backoff = min(backoff * 2, 5.0)
 
+    def _capped(self) -> bool:
+        return self._stop_after is not None and self.report.acked >= self._stop_after
+
     async def _acknowledge(self, producer: AIOKafkaProducer) -> None:
         mqtt = self._mqtt
         assert mqtt is not None
+        unacked = self._unacked
         while True:
-            if not self._unacked:
+            if not unacked:
                 self._drained.set()
                 self._unacked_ready.clear()
                 await self._unacked_ready.wait()
                 continue
-            item = self._unacked[0]
-            assert item.confirmation is not None
-            try:
-                await asyncio.shield(item.confirmation)
-            except KafkaError as exc:
+            item = unacked[0]
+            confirmation = item.confirmation
+            assert confirmation is not None
+            if not confirmation.done():
+                await asyncio.wait((confirmation,))
+            exc = confirmation.exception()
+            if exc is not None:
+                if not isinstance(exc, KafkaError):
+                    raise exc
                 self._metrics.errors.labels("kafka_send").inc()
                 self.report.send_retries += 1
                 log.warning("Kafka did not confirm a record (%r); sending it again", exc)
                 item.confirmation = await self._send(producer, item)
                 continue
-            if self._stop_after is not None and self.report.acked >= self._stop_after:
+            if self._capped():
                 # A hard cap: the rest stay unacknowledged in the broker's session and
                 # come again to the next run (Kafka may then see them twice; the store
                 # keeps one row).
                 self.stop(f"after {self._stop_after} messages")
                 self._drained.set()
                 return
-            self._unacked.popleft()
-            self._metrics.produced.inc()
-            self._metrics.inflight.dec()
+            self._ack_confirmed(mqtt)
+
+    def _ack_confirmed(self, mqtt: MqttClient) -> None:
+        """PUBACK the confirmed run at the head of the queue (one connection's), in order."""
+        unacked = self._unacked
+        generation = unacked[0].generation
+        room = len(unacked)
+        if self._stop_after is not None:
+            room = min(room, self._stop_after - self.report.acked)
+        mids: list[int] = []
+        while unacked and len(mids) < room:
+            item = unacked[0]
+            confirmation = item.confirmation
+            assert confirmation is not None
+            if (
+                item.generation != generation
+                or not confirmation.done()
+                or confirmation.exception() is not None
+            ):
+                break
+            unacked.popleft()
+            mids.append(item.mid)
             if item.refused is not None:
                 self._metrics.rejected.labels(item.refused.value).inc()
                 rejected = self.report.rejected
                 rejected[item.refused.value] = rejected.get(item.refused.value, 0) + 1
-            if mqtt.ack(item.mid, item.generation):
-                self._metrics.acked.inc()
-                self.report.acked += 1
-                if self._stop_after is not None and self.report.acked >= self._stop_after:
-                    self.stop(f"after {self._stop_after} messages")
+        self._metrics.produced.inc(len(mids))
+        self._metrics.inflight.dec(len(mids))
+        if mqtt.ack_many(mids, generation):
+            self._metrics.acked.inc(len(mids))
+            self.report.acked += len(mids)
+            if self._capped():
+                self.stop(f"after {self._stop_after} messages")
 
     async def _drain(self) -> None:
         """Wait, until the deadline, for Kafka to confirm what it was handed; ack those."""

@@ -68,6 +68,7 @@ def make_consumer(
         group_id=group_id,
         client_id=client_id,
         max_poll_records=max_records,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
         request_timeout_ms=max(settings.request_timeout_ms, settings.session_timeout_ms + 5000),

@@ -1,0 +1,105 @@
+"""The bridge's MQTT fast path: packets framed out of one buffer, however they are split.
+
+`ingest.mqtt._BufferedClient.read_packets` frames whole packets itself and hands QoS 0/1
+PUBLISHes to a callback without paho's message objects; every other packet still goes
+to paho. A `recv` can end anywhere: inside a packet, inside its length, inside its
+properties. These tests feed the same stream split at every byte and expect the same
+messages, in order, every time. No broker needed.
+"""
+
+from __future__ import annotations
+
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+
+from ingest.mqtt import _BufferedClient
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def publish(topic: str, payload: bytes, mid: int, *, qos: int = 1, props: bytes = b"") -> bytes:
+    body = len(topic).to_bytes(2, "big") + topic.encode()
+    if qos:
+        body += mid.to_bytes(2, "big")
+    body += _varint(len(props)) + props + payload
+    return bytes([0x30 | qos << 1]) + _varint(len(body)) + body
+
+
+class _Socket:
+    """Hands out the chunks it was given, one per `recv`, then would block."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    def recv(self, size: int) -> bytes:
+        if not self.chunks:
+            raise BlockingIOError
+        return self.chunks.pop(0)
+
+    def close(self) -> None:
+        self.chunks = []
+
+
+def _client() -> tuple[_BufferedClient, list[tuple[str, int, bytes]]]:
+    client = _BufferedClient(
+        CallbackAPIVersion.VERSION2,
+        client_id="framing",
+        protocol=MQTTProtocolVersion.MQTTv5,
+        manual_ack=True,
+    )
+    got: list[tuple[str, int, bytes]] = []
+    client.on_publish_received = lambda topic, mid, payload: got.append((topic, mid, payload))
+    return client, got
+
+
+MESSAGES = [
+    ("devices/a/telemetry", 1, b'{"device_id":"a"}', 1, b""),
+    ("devices/b/telemetry", 2, b"x" * 300, 1, b"\x01\x01"),  # 2-byte length, a property
+    ("devices/c/telemetry", 0, b"qos0", 0, b""),
+    ("devices/d/telemetry", 65535, b"", 1, b"\x23\x00\x05"),  # topic alias property
+]
+STREAM = b"".join(publish(t, p, m, qos=q, props=pr) for t, m, p, q, pr in MESSAGES)
+EXPECTED = [(t, m, p) for t, m, p, _, _ in MESSAGES]
+
+
+@pytest.mark.parametrize("cut", range(1, len(STREAM)))
+def test_a_stream_split_anywhere_gives_the_same_messages(cut: int) -> None:
+    client, got = _client()
+    client._sock = _Socket([STREAM[:cut], STREAM[cut:]])  # type: ignore[assignment]
+    assert client.read_packets() == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert client.read_packets() == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert got == EXPECTED
+
+
+def test_a_stream_read_a_byte_at_a_time_gives_the_same_messages() -> None:
+    client, got = _client()
+    client._sock = _Socket([STREAM[i : i + 1] for i in range(len(STREAM))])  # type: ignore[assignment]
+    for _ in range(len(STREAM)):
+        assert client.read_packets() == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert got == EXPECTED
+
+
+def test_other_packets_go_to_paho_between_messages() -> None:
+    client, got = _client()
+    client._ping_t = 123.0  # a PINGREQ is out; paho clears this on PINGRESP
+    pingresp = b"\xd0\x00"
+    first, second = publish("devices/a/telemetry", b"1", 7), publish("devices/a/telemetry", b"2", 8)
+    client._sock = _Socket([first + pingresp + second])  # type: ignore[assignment]
+    assert client.read_packets() == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert client._ping_t == 0
+    assert got == [("devices/a/telemetry", 7, b"1"), ("devices/a/telemetry", 8, b"2")]
+
+
+def test_pubacks_go_out_as_one_write_in_order() -> None:
+    client, _ = _client()
+    client.on_socket_register_write = lambda *args: None  # an external loop writes
+    client.queue_pubacks([1, 300, 65535])
+    packet = client._out_packet.popleft()
+    assert packet["packet"] == b"\x40\x02\x00\x01" + b"\x40\x02\x01\x2c" + b"\x40\x02\xff\xff"
