@@ -89,6 +89,10 @@ from simulators.verify import verify
 RESULTS = Path(__file__).with_name("results")
 
 
+STAGES = ("validate", "firmware", "enrich", "dead_letter", "store", "kafka_commit")
+"""The consumer's stages (`usagepipe_consumer_stage_seconds`), in batch order."""
+
+
 @dataclass(frozen=True)
 class Sizes:
     relay: int
@@ -479,6 +483,10 @@ class Bench:
         """The consumers' batch counters so far (their Prometheus histograms' sums)."""
         names = tuple(f"usagepipe_consumer_batch_{m}_{k}" for m in ("records", "seconds")
                       for k in ("sum", "count"))  # fmt: skip
+        names += tuple(f'usagepipe_consumer_stage_seconds_sum{{stage="{stage}"}}'
+                       for stage in STAGES)  # fmt: skip
+        names += tuple(f'usagepipe_consumer_registry_lookups_total{{result="{r}"}}'
+                       for r in ("hit", "miss"))  # fmt: skip
         loop = asyncio.get_running_loop()
         total = dict.fromkeys(names, 0.0)
         for port in self.consumer_ports:
@@ -488,7 +496,7 @@ class Bench:
         return total
 
     @staticmethod
-    def batch_figures(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    def batch_figures(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
         def d(name: str) -> float:
             return after[name] - before[name]
 
@@ -499,6 +507,14 @@ class Bench:
             if n
             else 0,
             "consumer_mean_batch_s": d("usagepipe_consumer_batch_seconds_sum") / n if n else 0,
+            "consumer_registry_lookups": {
+                r: d(f'usagepipe_consumer_registry_lookups_total{{result="{r}"}}')
+                for r in ("hit", "miss")
+            },
+            "consumer_mean_stage_s": {
+                stage: d(f'usagepipe_consumer_stage_seconds_sum{{stage="{stage}"}}') / n if n else 0
+                for stage in STAGES
+            },
         }
 
     async def kafka_latencies(

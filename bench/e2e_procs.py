@@ -258,7 +258,8 @@ def scrape(port: int, names: tuple[str, ...]) -> dict[str, float]:
         return out
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        name = name.split("{", 1)[0]
+        if name not in out:  # a labelled sample counts under its bare name too
+            name = name.split("{", 1)[0]
         if name in out:
             with contextlib.suppress(ValueError):
                 out[name] += float(value.split()[0])

@@ -45,6 +45,9 @@ def rows(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
         add(("pipeline: consumer batches", _n(p.get("consumer_mean_batch_records"), " rec"),
              f"mean per batch, {_ms(p.get('consumer_mean_batch_s'))} each,"
              f" {p.get('consumer_batches', 0):,.0f} batches"))  # fmt: skip
+        if stages := p.get("consumer_mean_stage_s"):
+            add(("pipeline: consumer batch stages", "", ", ".join(
+                f"{k} {_ms(v)}" for k, v in stages.items())))  # fmt: skip
         add(("pipeline: servers' CPU (cores)", "", ", ".join(
             f"{k} {v:.2f}" for k, v in p.get("servers_cpu_share", {}).items())))  # fmt: skip
         for side in ("bridge", "consumer"):
@@ -67,6 +70,9 @@ def rows(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
                  f" {_ms(lat.get('to_kafka_p50_s'))} / {_ms(lat.get('to_kafka_p99_s'))};"
                  f" consumer batches {_n(lat.get('consumer_mean_batch_records'))} rec in"
                  f" {_ms(lat.get('consumer_mean_batch_s'))}"))  # fmt: skip
+            if stages := lat.get("consumer_mean_stage_s"):
+                add((f"latency at {share} %: consumer batch", "", ", ".join(
+                    f"{k} {_ms(v)}" for k, v in stages.items())))  # fmt: skip
     for phase in ("live", "drain"):
         for kind in ("usagepipe", "mq-bridge"):
             f = doc.get(f"{phase}_{kind}")

@@ -384,9 +384,20 @@ class Consumer:
     ) -> None:
         m = self._metrics
         started = time.monotonic()
+        lap = started
+
+        def stage(name: str) -> None:
+            nonlocal lap
+            now = time.monotonic()
+            m.stage_seconds.labels(name).observe(now - lap)
+            lap = now
+
         batch = validate_batch(records, now=datetime.now(UTC), settings=self._settings)
+        stage("validate")
         await self._retry("registry", enricher.record_firmware, batch.rows)
+        stage("firmware")
         enriched = await self._retry("registry", enricher.enrich, batch.rows)
+        stage("enrich")
         rows, dead = enriched.rows, batch.dead
         if enriched.unregistered:
             if self._settings.enrich.unregistered == "store":
@@ -398,6 +409,7 @@ class Consumer:
         )
         for letter in dead:
             m.dead_letters.labels(letter.reason.value).inc()
+        stage("dead_letter")
         inserted = await self._retry(
             "store",
             store.write,
@@ -405,7 +417,9 @@ class Consumer:
             batch.positions,
             group_id=self._settings.consumer.group_id,
         )
+        stage("store")
         await self._commit_kafka(consumer, batch.offsets)
+        stage("kafka_commit")
         r = self.report
         r.batches += 1
         r.consumed += batch.records

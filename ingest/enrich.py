@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -183,7 +184,13 @@ class Enricher:
         self._cache: dict[str, tuple[float, DeviceFacts | None]] = {}
         self._by_key: dict[int, str] = {}
         self._by_owner: dict[UUID, set[str]] = {}
-        self._epoch = 0  # bumped by every notification: see `_lookup`
+        # Bumped by a notification that may concern any device (see `_lookup`); a
+        # `device` notification instead records that device's own change number.
+        self._epoch = 0
+        self._changes = 0
+        self._changed: dict[str, int] = {}
+        self._loading = 0
+        self._own_pids: set[int] = set()  # this process's registry connections
         self._erased: set[UUID] = set()
         self._reconcile_at = 0.0
         self._query = f"""
@@ -317,16 +324,24 @@ class Enricher:
         if not missing:
             return found
         self._metrics.registry_lookups.labels("miss").inc(len(missing))
-        epoch = self._epoch
-        loaded = await self._load(missing)
+        epoch, changes = self._epoch, self._changes
+        self._loading += 1
+        try:
+            loaded = await self._load(missing)
+        finally:
+            self._loading -= 1
         # A notification that arrived while the query ran may describe a change the
-        # query did not see: use the answer for this batch, but do not keep it.
+        # query did not see: use the answer for this batch, but do not keep it. Only
+        # for the device it names, when it names one; else for every device.
         keep = use_cache and self.listening and self._epoch == epoch
+        changed = self._changed
         for device_id in missing:
             facts = loaded.get(device_id)
             found[device_id] = facts
-            if keep:
+            if keep and changed.get(device_id, 0) <= changes:
                 self._remember(device_id, facts, now)
+        if not self._loading:
+            changed.clear()
         return found
 
     async def _load(self, device_ids: list[str]) -> dict[str, DeviceFacts]:
@@ -357,9 +372,12 @@ class Enricher:
     async def record_firmware(self, rows: list[UsageRow]) -> int:
         """Record the firmware installations `rows` report; returns how many were new.
 
-        Call before `enrich` on the same batch: the devices concerned are dropped from
-        the cache, so the batch's later events already carry the new version. A
-        redelivered event, or one of an unregistered device, records nothing.
+        Call before `enrich` on the same batch: the installations are added to the
+        cached facts of their devices as well, so the batch's later events already
+        carry the new version, and the notifications this process's own writes cause
+        are not taken as news (they would only empty the cache of devices it has just
+        brought up to date). A redelivered event, or one of an unregistered device,
+        records nothing.
         """
         found: list[tuple[str, datetime, str, str]] = []
         for r in rows:
@@ -375,13 +393,26 @@ class Enricher:
         try:
             async with asyncio.timeout(self._settings.lookup_timeout_s):
                 async with self._pool.acquire() as conn:
+                    self._own_pids.add(conn.get_server_pid())
                     added = await conn.fetch(self._record_installs, *zip(*found, strict=True))
         except _DB_ERRORS as exc:
             raise RegistryLookupFailed(
                 f"recording {len(found)} firmware installations failed: {exc!r}"
             ) from exc
-        for device_id, _t, _f, _to in found:
-            self._forget(device_id)
+        now = time.monotonic()
+        for device_id, at, old, new in found:
+            cached = self._cache.get(device_id)
+            if cached is None or cached[1] is None:
+                continue
+            facts = cached[1]
+            if any(installed_at == at for installed_at, _f, _t in facts.installs):
+                continue
+            installs = tuple(sorted((*facts.installs, (at, old, new))))
+            current = installs[-1][2]
+            self._cache[device_id] = (
+                cached[0] if now - cached[0] < self._settings.cache_ttl_s else now,
+                dataclasses.replace(facts, installs=installs, firmware=current),
+            )
         return len(added)
 
     def _facts(
@@ -484,11 +515,17 @@ class Enricher:
         if schema != self._schema:
             return  # another registry schema on the same database
         kind, _, subject = rest.partition(" ")
-        self._epoch += 1
+        if kind == "device" and pid in self._own_pids:
+            return  # a firmware installation `record_firmware` put in the cache itself
         self._metrics.registry_invalidations.labels(kind if kind in _KINDS else "other").inc()
         if kind == "device":
+            self._changes += 1
+            if self._loading:
+                self._changed[subject] = self._changes
             self._forget(subject)
-        elif kind == "device_key":
+            return
+        self._epoch += 1
+        if kind == "device_key":
             device_id = self._by_key.get(int(subject))
             if device_id is not None:
                 self._forget(device_id)

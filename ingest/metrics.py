@@ -106,6 +106,14 @@ class ConsumerMetrics:
             "Time to validate, store and commit one batch.",
             registry=registry,
         )
+        self.stage_seconds = Histogram(
+            "usagepipe_consumer_stage_seconds",
+            "Time one batch spent in each stage: validate, firmware (recording reported "
+            "installations), enrich (registry lookups), dead_letter (to Kafka), store "
+            "(the PostgreSQL transaction), kafka_commit.",
+            ["stage"],
+            registry=registry,
+        )
         # Enrichment (ingest/enrich.py).
         self.registry_lookups = Counter(
             "usagepipe_consumer_registry_lookups_total",

@@ -18,7 +18,11 @@ CREATE TABLE firmware_history (
 -- leaves it alone); its own trigger then tells the consumers' caches.
 -- The registry lives in a schema of its own and a trigger runs with the writer's
 -- search_path, hence the schema-qualified dynamic statement.
+-- It names the device by id (`device <device_id>`), so a consumer's cache drops that
+-- device alone, even while it is loading it.
 CREATE FUNCTION firmware_history_current() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    device text;
 BEGIN
     EXECUTE format(
         'UPDATE %1$I.devices SET firmware_version = $1
@@ -27,7 +31,9 @@ BEGIN
                            WHERE h.device_key = $2 AND h.installed_at > $3)',
         TG_TABLE_SCHEMA)
     USING NEW.to_version, NEW.device_key, NEW.installed_at;
-    PERFORM pg_notify('usagepipe_registry', TG_TABLE_SCHEMA || ' device_key ' || NEW.device_key);
+    EXECUTE format('SELECT device_id FROM %I.devices WHERE device_key = $1', TG_TABLE_SCHEMA)
+    INTO device USING NEW.device_key;
+    PERFORM pg_notify('usagepipe_registry', TG_TABLE_SCHEMA || ' device ' || device);
     RETURN NULL;
 END
 $$;
