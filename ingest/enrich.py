@@ -52,6 +52,7 @@ and the consumer retries the batch with backoff: nothing is stored unenriched.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import hashlib
@@ -127,12 +128,9 @@ class DeviceFacts:
         """The firmware the device ran at `t` (see the module docstring)."""
         if not self.installs:
             return self.firmware
-        version = self.installs[0][1]
-        for installed_at, _from, to in self.installs:
-            if installed_at > t:
-                break
-            version = to
-        return version
+        # The last installation at or before t (installs are sorted by time).
+        i = bisect.bisect_right(self.installs, t, key=_installed_at)
+        return self.installs[i - 1][2] if i else self.installs[0][1]
 
     def period_at(self, t: datetime) -> Period | None:
         """The period covering `t` ([valid_from, valid_to)), if any."""
@@ -140,6 +138,10 @@ class DeviceFacts:
             if p.valid_from <= t and (p.valid_to is None or t < p.valid_to):
                 return p
         return None
+
+
+def _installed_at(install: tuple[datetime, str, str]) -> datetime:
+    return install[0]
 
 
 @dataclass(frozen=True, slots=True)

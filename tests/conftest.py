@@ -101,6 +101,17 @@ async def settings(base_settings: Settings, test_name: str) -> AsyncIterator[Set
     await cleanup(s)
 
 
+async def require_timescaledb(s: Settings) -> None:
+    """Skip the calling test unless `CREATE EXTENSION timescaledb` works on the server."""
+    conn = await asyncpg.connect(s.postgres.dsn.get_secret_value())
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+    except asyncpg.PostgresError as exc:
+        pytest.skip(f"TimescaleDB is not available on this server: {exc}")
+    finally:
+        await conn.close()
+
+
 async def cleanup(s: Settings) -> None:
     """Drop the test's usage tables and end the bridge's persistent session on the broker."""
     t = s.postgres.table

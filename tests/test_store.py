@@ -31,6 +31,7 @@ from ingest.settings import PostgresSettings, Settings
 from ingest.store import SourceOffset, UsageRow, UsageStore, partition_start
 from schemas.envelope import Envelope
 from simulators.fleet import FleetPlan, device_ids, plan_device
+from tests.conftest import require_timescaledb
 
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
@@ -545,13 +546,7 @@ def test_partition_start_aligns_to_the_epoch() -> None:
 async def test_timescaledb_hypertable_rollups_and_late_event_into_a_compressed_chunk(
     settings: Settings,
 ) -> None:
-    conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
-    try:
-        await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-    except asyncpg.PostgresError as exc:
-        pytest.skip(f"TimescaleDB is not available on this server: {exc}")
-    finally:
-        await conn.close()
+    await require_timescaledb(settings)
     async with UsageStore(pg(settings, use_timescaledb=True)) as store:
         report = await store.migrate()
         assert report.layout.kind == "timescaledb"

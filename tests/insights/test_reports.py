@@ -18,6 +18,7 @@ from ingest.insights.privacy import Privacy
 from ingest.insights.reports import REPORTS, Report, run_report
 from ingest.settings import Settings
 from ingest.store import UsageRow
+from tests.conftest import require_timescaledb
 from tests.insights.conftest import Seeded, seeded_store
 from tests.insights.seed import END, START, Population
 
@@ -461,13 +462,7 @@ async def test_json_export_describes_filters_privacy_and_population(seeded: Seed
 async def test_reports_are_the_same_on_timescaledb(
     settings: Settings, population: Population
 ) -> None:
-    conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
-    try:
-        await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-    except asyncpg.PostgresError as exc:
-        pytest.skip(f"TimescaleDB is not available on this server: {exc}")
-    finally:
-        await conn.close()
+    await require_timescaledb(settings)
     async with seeded_store(settings, population, timescaledb=True) as s:
         assert s.store.layout.kind == "timescaledb"
         f = Filters.parse(start=START, end=END)

@@ -15,28 +15,36 @@ CREATE TABLE firmware_history (
 );
 
 -- devices.firmware_version follows the newest installation (an older one arriving late
--- leaves it alone); its own trigger then tells the consumers' caches.
+-- leaves it alone), and each device with a new installation is named on the channel
+-- (`device <device_id>`), so a consumer's cache drops that device alone, even while it
+-- is loading it. Once per INSERT statement (a transition table), not per row: a batch
+-- records its installations in one statement.
 -- The registry lives in a schema of its own and a trigger runs with the writer's
 -- search_path, hence the schema-qualified dynamic statement.
--- It names the device by id (`device <device_id>`), so a consumer's cache drops that
--- device alone, even while it is loading it.
 CREATE FUNCTION firmware_history_current() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    device text;
 BEGIN
-    EXECUTE format(
-        'UPDATE %1$I.devices SET firmware_version = $1
-         WHERE device_key = $2 AND firmware_version IS DISTINCT FROM $1
-           AND NOT EXISTS (SELECT 1 FROM %1$I.firmware_history h
-                           WHERE h.device_key = $2 AND h.installed_at > $3)',
-        TG_TABLE_SCHEMA)
-    USING NEW.to_version, NEW.device_key, NEW.installed_at;
-    EXECUTE format('SELECT device_id FROM %I.devices WHERE device_key = $1', TG_TABLE_SCHEMA)
-    INTO device USING NEW.device_key;
-    PERFORM pg_notify('usagepipe_registry', TG_TABLE_SCHEMA || ' device ' || device);
+    EXECUTE format($sql$
+        WITH newest AS (
+            SELECT DISTINCT ON (a.device_key) a.device_key, a.to_version, a.installed_at
+            FROM added a
+            ORDER BY a.device_key, a.installed_at DESC
+        ), updated AS (
+            UPDATE %1$I.devices d SET firmware_version = n.to_version
+            FROM newest n
+            WHERE d.device_key = n.device_key
+              AND d.firmware_version IS DISTINCT FROM n.to_version
+              AND NOT EXISTS (SELECT 1 FROM %1$I.firmware_history h
+                              WHERE h.device_key = n.device_key
+                                AND h.installed_at > n.installed_at)
+        )
+        SELECT pg_notify('usagepipe_registry', %1$L || ' device ' || d.device_id)
+        FROM %1$I.devices d
+        WHERE d.device_key IN (SELECT device_key FROM newest)
+    $sql$, TG_TABLE_SCHEMA);
     RETURN NULL;
 END
 $$;
 
 CREATE TRIGGER firmware_history_current AFTER INSERT ON firmware_history
-    FOR EACH ROW EXECUTE FUNCTION firmware_history_current();
+    REFERENCING NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION firmware_history_current();
