@@ -65,7 +65,7 @@ aggregate; the plain layout recomputes the days of the noted hours; reads
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -106,10 +106,20 @@ class RollupRow:
     duration_s: Decimal | None
 
 
-def hours_of(times: Iterable[datetime]) -> list[datetime]:
-    """The distinct UTC hours `times` fall in: the buckets a batch invalidates."""
-    epochs = {int(t.timestamp()) // 3600 for t in times}
-    return [datetime.fromtimestamp(h * 3600, UTC) for h in sorted(epochs)]
+def hours_of(times: Sequence[datetime]) -> list[datetime]:
+    """The UTC hours to note for a batch with these event times: every hour from the
+    earliest to the latest when they span a day or less (an hour noted without rows is
+    recomputed as empty, at no harm), else exactly the hours they fall in. Two C-level
+    passes instead of one Python step per row: this runs in the write path.
+    """
+    if not times:
+        return []
+    first, last = int(min(times).timestamp()) // 3600, int(max(times).timestamp()) // 3600
+    if last - first <= 24:
+        hours: Iterable[int] = range(first, last + 1)
+    else:
+        hours = sorted({int(t.timestamp()) // 3600 for t in times})
+    return [datetime.fromtimestamp(h * 3600, UTC) for h in hours]
 
 
 def invalidation_cte(table: str, parameter: int) -> str:

@@ -517,7 +517,8 @@ class UsageStore:
         if not self._after_insert_sql:
             raise StoreUnavailable("the store is not migrated yet (call migrate())")
         unique = list(rows)
-        if len({r.key for r in rows}) < len(rows):  # a redelivery inside the batch
+        keys = {(r.device_id, r.boot_id, r.seq, r.event_time) for r in rows}
+        if len(keys) < len(rows):  # a redelivery inside the batch
             unique = list({r.key: r for r in reversed(rows)}.values())  # first of each
         if unique and self.layout.kind == "partitioned":
             await self.ensure_partitions(_partition_probes(unique, self.layout.partition_interval))
@@ -532,7 +533,7 @@ class UsageStore:
                     [o.last_timestamp for o in offsets],
                 ]
                 if self.layout.kind == "partitioned":
-                    parameters.append(hours_of(r.event_time for r in inserted))
+                    parameters.append(hours_of([r.event_time for r in inserted]))
                 await conn.fetchval(self._after_insert_sql, *parameters)
         except _DB_ERRORS as exc:
             raise StoreUnavailable(f"writing {len(rows)} rows failed: {exc!r}") from exc

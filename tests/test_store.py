@@ -493,7 +493,7 @@ async def test_retention_drops_only_partitions_wholly_older_than_the_cutoff(
                 datetime(2027, 1, 1, tzinfo=UTC),
             )
             noted = await conn.fetchval(f"SELECT count(*) FROM {t}_rollup_invalidations")
-            assert noted == 4  # one per hour of the batch: 09, 11, 12 and 13 h
+            assert noted == 5  # every hour from the first to the last: 09 to 13 h
             hourly_before = await conn.fetch(
                 direct_rollup_query(t, "hourly"), cutoff - DAY, cutoff + DAY
             )
