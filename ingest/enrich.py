@@ -401,20 +401,14 @@ class Enricher:
             raise RegistryLookupFailed(
                 f"recording {len(found)} firmware installations failed: {exc!r}"
             ) from exc
-        now = time.monotonic()
         for device_id, at, old, new in found:
-            cached = self._cache.get(device_id)
-            if cached is None or cached[1] is None:
+            read_at, facts = self._cache.get(device_id, (0.0, None))
+            if facts is None:
                 continue
-            facts = cached[1]
             if any(installed_at == at for installed_at, _f, _t in facts.installs):
                 continue
             installs = tuple(sorted((*facts.installs, (at, old, new))))
-            current = installs[-1][2]
-            self._cache[device_id] = (
-                cached[0] if now - cached[0] < self._settings.cache_ttl_s else now,
-                dataclasses.replace(facts, installs=installs, firmware=current),
-            )
+            self._cache[device_id] = (read_at, dataclasses.replace(facts, installs=installs))
         return len(added)
 
     def _facts(

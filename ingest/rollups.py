@@ -71,8 +71,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-import asyncpg
-from asyncpg.pool import PoolConnectionProxy
+from devices.migrations import Connection
 
 Granularity = Literal["hourly", "daily"]
 Rollup = Literal["hourly", "daily", "device_daily"]
@@ -86,8 +85,6 @@ _STEP: dict[Granularity, str] = {"hourly": "1 hour", "daily": "1 day"}
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
 _COLUMNS = ", ".join((*GROUP, "events", "devices", "energy_wh", "duration_s"))
-
-Connection = asyncpg.Connection | PoolConnectionProxy
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,12 +213,28 @@ def spans(buckets: Iterable[datetime], step: timedelta) -> list[tuple[datetime, 
     return out
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def bucket_start(t: datetime, step: timedelta) -> datetime:
+    """The start of the epoch-aligned `step` that `t` falls in: an hour or day bucket
+    here (`date_bin` from the epoch in SQL), a partition in `ingest.store`."""
+    return _EPOCH + ((t - _EPOCH) // step) * step
+
+
 def _day(t: datetime) -> datetime:
-    return datetime.fromtimestamp(int(t.timestamp()) // 86400 * 86400, UTC)
+    return bucket_start(t, DAY)
 
 
-def _hour(t: datetime) -> datetime:
-    return datetime.fromtimestamp(int(t.timestamp()) // 3600 * 3600, UTC)
+async def lock_rollups(conn: Connection, table: str, *, wait: bool) -> bool:
+    """Take `table`'s rollup lock for the current transaction: refreshes, and erasure
+    clearing keys in the device-daily rollup, run one at a time. Without `wait`,
+    False at once when another transaction holds it."""
+    key = f"{table}_rollups"
+    if wait:
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", key)
+        return True
+    return bool(await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))", key))
 
 
 async def refresh_rollups(
@@ -247,13 +260,11 @@ async def refresh_rollups(
     end = datetime.max.replace(tzinfo=UTC)
     if settled_only:
         end = now or datetime.now(UTC)
-    hour_end = _hour(end) if settled_only else end
+    hour_end = bucket_start(end, HOUR) if settled_only else end
     day_end = _day(end) if settled_only else end
     inv = f"{table}_rollup_invalidations"
     async with conn.transaction():
-        lock = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
-        got = await conn.fetchval(f"SELECT {lock}(hashtext($1))::text", f"{table}_rollups")
-        if got == "false":
+        if not await lock_rollups(conn, table, wait=wait):
             return None
         # Days that ended: their notes go; hours that ended in an open day: marked.
         ended = await conn.fetch(

@@ -43,7 +43,14 @@ from asyncpg.pool import PoolConnectionProxy
 from devices import migrations
 from devices.errors import MigrationError, RegistryUnavailable
 from ingest.errors import ConfigurationError, StoreUnavailable
-from ingest.rollups import RefreshReport, hours_of, invalidation_cte, refresh_rollups
+from ingest.rollups import (
+    RefreshReport,
+    hours_of,
+    invalidation_cte,
+    lock_rollups,
+    refresh_rollups,
+)
+from ingest.rollups import bucket_start as partition_start
 from ingest.settings import PostgresSettings
 from ingest.sql import Kind, migration_directory
 from schemas.envelope import Envelope
@@ -72,7 +79,6 @@ COLUMNS = (
     "owner_key",
 )
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
@@ -171,11 +177,6 @@ class Layout:
 class MigrationReport:
     layout: Layout
     applied: list[str] = field(default_factory=list)
-
-
-def partition_start(t: datetime, interval: timedelta) -> datetime:
-    """The lower bound of the partition `t` falls in (partitions align to the epoch)."""
-    return _EPOCH + ((t - _EPOCH) // interval) * interval
 
 
 class UsageStore:
@@ -595,9 +596,7 @@ class UsageStore:
                 async with conn.transaction():
                     if not timescale:
                         # A refresh running now could put the key back from its snapshot.
-                        await conn.execute(
-                            "SELECT pg_advisory_xact_lock(hashtext($1))", f"{t}_rollups"
-                        )
+                        await lock_rollups(conn, t, wait=True)
                     changed += await self._unlink(conn, erased, days)
                 if days:
                     # The raw rows' update invalidated these days; a refresh policy only

@@ -42,15 +42,14 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
+from devices.migrations import Connection
 from ingest.errors import StoreUnavailable
 from ingest.insights.filters import FilterError, Filters
 from ingest.insights.privacy import Privacy
 from ingest.rollups import device_daily_source, usage_rollup
 from schemas.catalog import models
 
-Connection = asyncpg.Connection | PoolConnectionProxy
 Scalar = str | int | float | None
 
 _MONDAY = "timestamptz '1970-01-05 00:00:00+00'"  # weeks start on Monday, UTC
