@@ -11,21 +11,20 @@ one, which errs on the side of suppressing. The owner count itself is never show
 
 **Marketing-usable reports** (`ReportSpec.marketing`: cohorts by purchase channel or
 membership tier, app-feature adoption, regional hot spots) describe customers by the
-kind of customer or place they are, which is what a campaign would target. They read
-only rows whose owner, at the event's time, is in the registry *now* as active (not
-dormant, not erased) with both analytics and marketing consent: joined through the
-registry's `devices`, `ownership_periods` and `owners` by device and event time (the
-owner id is used inside the query only). The product reports (programs, heat map,
-cycles, errors, completeness) describe appliances, not customers, and read every row,
-as the rollups do.
+kind of customer or place they are, which is what a campaign would target. They count
+only usage of owners who are in the registry *now* as active (not dormant, not erased)
+with both analytics and marketing consent: joined through the registry's `devices`,
+`ownership_periods` and `owners` (the owner id is used inside the query only). The
+product reports (programs, heat map, cycles, errors, completeness) describe
+appliances, not customers, and read every row, as the rollups do.
 
-Those reports read device-days (`<table>_device_daily`), which know the day but not the
-time of each event, so the rule there is per device and UTC day, and errs on the side
-of leaving out: a device-day counts only if its rows carry an owner key (analytics
-consent when stored) and *every* ownership period of the device overlapping that day
-belongs to an owner marketable now (and there is at least one). On the day a device
-changes hands, it counts only if both owners are marketable; on every other day the
-rule is the per-event one (`marketing_day_clause`).
+Marketing-usable reports read device-days (`<table>_device_daily`), which know the day
+but not the time of each event, so the rule is per device and UTC day, and errs on the
+side of leaving out (`marketing_day_clause`): a device-day counts only if its rows
+carry an owner key (analytics consent when stored) and *every* ownership period of the
+device overlapping that day belongs to an owner marketable now (and there is at least
+one). On the day a device changes hands, it counts only if both owners are
+marketable.
 """
 
 from __future__ import annotations
@@ -47,21 +46,6 @@ class Privacy:
         if owners >= self.k:
             return None
         return f"fewer than {self.k} distinct owners (k-anonymity)"
-
-    def marketing_clause(self, alias: str = "u") -> str:
-        """A WHERE condition keeping rows of owners marketing may be done for."""
-        reg = quote_schema(self.registry_schema)
-        return f"""{alias}.owner_key IS NOT NULL AND {alias}.analytics_consent
-            AND EXISTS (
-                SELECT 1
-                FROM {reg}.devices d
-                JOIN {reg}.ownership_periods p ON p.device_key = d.device_key
-                JOIN {reg}.owners o ON o.owner_id = p.owner_id
-                WHERE d.device_id = {alias}.device_id
-                  AND p.valid_from <= {alias}.event_time
-                  AND (p.valid_to IS NULL OR {alias}.event_time < p.valid_to)
-                  AND o.status = 'active' AND o.analytics_consent AND o.marketing_consent
-            )"""
 
     def marketing_day_clause(self, alias: str = "d") -> str:
         """A WHERE condition keeping device-day rows (`bucket`, `device_id`, `owner_key`

@@ -127,8 +127,13 @@ class Query:
     marketing: bool
 
     def base(self) -> str:
-        """The `base AS (...)` CTE: the filtered usage rows ($1..$6, `Filters.parameters`)."""
-        population = f"AND {self.privacy.marketing_clause('u')}" if self.marketing else ""
+        """The `base AS (...)` CTE: the filtered usage rows ($1..$6, `Filters.parameters`).
+
+        Only for product reports: the marketing population is defined on device-days
+        (`days`, `Privacy.marketing_day_clause`), so a marketing-usable report reading
+        raw rows is refused rather than given rows of every owner."""
+        if self.marketing:
+            raise ValueError(f"{self.table}: a marketing-usable report must read device-days")
         return f"""base AS (
             SELECT u.device_id, u.boot_id, u.seq, u.event_time, u.schema, u.body, u.model,
                    u.firmware, u.region, u.purchase_channel, u.membership_tier, u.owner_key,
@@ -139,7 +144,6 @@ class Query:
               AND ($4::text[] IS NULL OR split_part(u.schema, '.', 1) = ANY($4::text[]))
               AND ($5::text[] IS NULL OR u.region = ANY($5::text[]))
               AND ($6::text[] IS NULL OR u.firmware = ANY($6::text[]))
-              {population}
         )"""
 
     def days(self, source: str) -> str:
