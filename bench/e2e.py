@@ -1,14 +1,16 @@
 """End to end, side by side: the pipeline, each stage's raw limit and a Rust-core peer.
 
     .venv/bin/python bench/e2e.py [--quick] [--publishers 3] [--bridges 2] [--consumers 2]
-                                  [--profile] [--skip-peer]
+                                  [--profile] [--skip-peer] [--mix usage|uniform]
 
 `--quick` takes about 3 minutes, the full run about 5 (on 2 cores).
 
 One run, on this machine, against the local servers (`usagepipe services up`), with
 topics, table, registry schema, MQTT topic prefix and sessions of its own (dropped
 after). Every figure below comes from the same run and the same message size (the
-simulator's fleet payloads, about 250 bytes):
+simulator's fleet payloads, about 250 bytes, their schemas in the shares the usage
+model gives a year of real use; `--mix uniform` draws every schema alike, so that a
+sixth of the messages are firmware installations, a stress on the registry):
 
 raw limits, without usagepipe's code
   mqtt relay    plain paho publishers (each a bounded window on paho's own loop, QoS 1)
@@ -195,7 +197,8 @@ class Bench:
         _, err = await migrate.communicate()
         if migrate.returncode != 0:
             raise SystemExit(f"usagepipe db migrate failed: {err.decode()[-2000:]}")
-        plan = FleetPlan(devices=6, messages_per_device=50, seed=1, fleet="e2esize")
+        plan = FleetPlan(devices=6, messages_per_device=50, seed=1, fleet="e2esize",
+                         mix=self.args.mix)  # fmt: skip
         self.payloads = [m.payload for d in device_ids(plan) for m in plan_device(plan, d)]
 
     async def cleanup(self) -> None:
@@ -259,7 +262,8 @@ class Bench:
             job = LoadJob(
                 index=p, mqtt=self.settings.mqtt, fleet=self.fleet(p), seed=1, run_id=run_id,
                 devices=self.args.devices, credentials=self.credentials[p],
-                messages_per_device=per_device, start=start, ledger=str(ledger),
+                messages_per_device=per_device, mix=self.args.mix, start=start,
+                ledger=str(ledger),
                 duplicate_rate=duplicates, rate=rate / self.args.publishers,
                 duration_s=duration_s, sample_every=sample_every,
             )  # fmt: skip
@@ -623,6 +627,7 @@ class Bench:
             },
             "run": self.name,
             "sizes": asdict(self.sizes),
+            "mix": self.args.mix,
             "settings_from_environment": {
                 k: v
                 for k, v in os.environ.items()
@@ -675,6 +680,13 @@ def main() -> int:
     parser.add_argument("--bridges", type=int, default=2, help="bridge processes (2)")
     parser.add_argument("--consumers", type=int, default=2, help="consumer processes (2)")
     parser.add_argument("--skip-peer", action="store_true", help="no mq-bridge phases")
+    parser.add_argument(
+        "--mix",
+        choices=("usage", "uniform"),
+        default="usage",
+        help="schema shares: the usage model's (usage), or every schema"
+        " alike, a sixth of messages firmware installations (uniform)",
+    )
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the bridge and consumer in the sustained phase")  # fmt: skip
     parser.add_argument("--profile-s", type=int, default=20, help="profile seconds (20)")

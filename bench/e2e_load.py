@@ -31,7 +31,7 @@ from datetime import datetime
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -58,6 +58,8 @@ class LoadJob:
     devices: int
     credentials: dict[str, str]
     messages_per_device: int
+    mix: Literal["uniform", "usage"]
+    """How schemas are drawn (`simulators.fleet.FleetPlan.mix`)."""
     start: datetime
     """Event time of the devices' first messages (they follow a few seconds apart)."""
     ledger: str
@@ -123,6 +125,7 @@ async def _load(
     plan = FleetPlan(
         devices=job.devices,
         messages_per_device=job.messages_per_device,
+        mix=job.mix,
         seed=job.seed,
         run_id=job.run_id,
         duplicate_rate=job.duplicate_rate,

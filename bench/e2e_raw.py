@@ -87,7 +87,8 @@ async def raw_copy(bench: Bench) -> dict[str, Any]:
         update={"table": f"{bench.settings.postgres.table}_copy", "pool_size": 1}
     )
     plan = FleetPlan(devices=200, messages_per_device=bench.sizes.copy // 200, seed=2,
-                     fleet="e2ecopy", start=datetime.now(UTC) - timedelta(hours=3))  # fmt: skip
+                     fleet="e2ecopy", start=datetime.now(UTC) - timedelta(hours=3),
+                     mix=bench.args.mix)  # fmt: skip
     now = datetime.now(UTC)
     rows = []
     for device in device_ids(plan):

@@ -24,7 +24,8 @@ def rows(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(figure, value, note) lines, in the order of the table."""
     out: list[tuple[str, str, str]] = []
     add = out.append
-    add(("message size (mean)", _n(doc.get("message_bytes_mean"), " B"), "simulator payloads"))
+    mix = f"simulator payloads, {doc.get('mix', 'uniform')} schema mix"
+    add(("message size (mean)", _n(doc.get("message_bytes_mean"), " B"), mix))
     if relay := doc.get("raw_mqtt_relay"):
         add(("raw: paho -> mosquitto -> paho, QoS 1", _n(relay["msg_s"], " msg/s"),
              f"{relay['publishers']} paho publishers sent {_n(relay['publish_msg_s'])} msg/s,"

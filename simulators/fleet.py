@@ -32,6 +32,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from typing import Literal
 
 import orjson
 
@@ -87,6 +88,11 @@ class FleetPlan:
     """Event time of each device's first message; later ones follow a few seconds apart."""
     rate: float = 0.0
     """Messages per second for the whole fleet; 0 sends as fast as the broker takes them."""
+    mix: Literal["uniform", "usage"] = "uniform"
+    """Plain mode: how each message's schema is drawn from its category's. "uniform":
+    every schema alike (a sixth of a washer's messages are firmware installations, a
+    stress on the registry). "usage": in the shares the usage model produces over a year
+    (`usage_mix`): door openings by the dozen a day, firmware a few times a year."""
     fleet: str = "sim"
     """Names this fleet's units (it starts their serial numbers): two fleets that must
     not share devices on one broker and registry use different names."""
@@ -216,14 +222,18 @@ def plan_device(plan: FleetPlan, device_id: str, topic_prefix: str = "") -> list
         return list(_traffic(plan, device_id, topic_prefix))
     rng = random.Random(f"{plan.seed}:{device_id}")
     category = category_of(device_id)
-    schemas = [name for name in SCHEMA_NAMES if name.split(".", 1)[0] == category]
+    if plan.mix == "usage":
+        schemas, weights = usage_mix(category)
+    else:
+        schemas = [name for name in SCHEMA_NAMES if name.split(".", 1)[0] == category]
+        weights = None
     boot_id = hashlib.blake2s(f"{plan.run_id}:{device_id}".encode(), digest_size=6).hexdigest()
     topic = telemetry_topic(device_id, topic_prefix)
     event_time = plan.start + timedelta(seconds=rng.uniform(0, 60))
     out: list[Message] = []
     for seq in range(plan.messages_per_device):
         event_time += timedelta(seconds=rng.uniform(1, 10))
-        schema = rng.choice(schemas)
+        schema = rng.choice(schemas) if weights is None else rng.choices(schemas, weights)[0]
         body = example_body(schema, rng)
         doc = envelope_dict(
             device_id=device_id,
@@ -239,6 +249,22 @@ def plan_device(plan: FleetPlan, device_id: str, topic_prefix: str = "") -> list
         if plan.duplicate_rate and rng.random() < plan.duplicate_rate:
             out.append(Message(msg.key, topic, msg.payload, True, outcome=Outcome.DUPLICATE))
     return out
+
+
+@functools.cache
+def usage_mix(category: str) -> tuple[list[str], list[int]]:
+    """The schemas a device of `category` sends, each with how many messages of it the
+    usage model (`simulators.traffic`) gives two such devices over a year, faults off:
+    the shares `FleetPlan(mix="usage")` draws from. Schemas the model never sends in a
+    year are left out."""
+    plan = FleetPlan(devices=2 * len(CATEGORY_PREFIX), messages_per_device=0, seed=1,
+                     fleet="mix", window=timedelta(days=365))  # fmt: skip
+    counts: Counter[str] = Counter()
+    for device_id in device_ids(plan):
+        if category_of(device_id) == category:
+            counts.update(orjson.loads(m.payload)["schema"] for m in _traffic(plan, device_id, ""))
+    names = sorted(counts)
+    return names, [counts[n] for n in names]
 
 
 def _traffic(

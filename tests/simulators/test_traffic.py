@@ -7,12 +7,20 @@ import re
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
+import orjson
 import pytest
 
 from schemas.errors import InvalidTelemetry
 from schemas.parse import parse_telemetry
 from simulators.faults import FAULT_NAMES, parse_faults
-from simulators.fleet import FleetPlan, category_of, device_ids, plan_device, unregistered_units
+from simulators.fleet import (
+    FleetPlan,
+    category_of,
+    device_ids,
+    plan_device,
+    unregistered_units,
+    usage_mix,
+)
 from simulators.ledger import Outcome
 from simulators.traffic import MALFORMED, profile
 
@@ -146,3 +154,21 @@ def test_simulate_options_map_onto_a_usage_plan() -> None:
     demo = build_parser().parse_args(["demo", "--messages", "5"])
     assert not plan_from_args(demo).usage  # the demo keeps the plain mode
     assert build_parser().parse_args(["verify", "run.jsonl"]).timeout == timedelta(seconds=60)
+
+
+def test_a_plain_plan_with_the_usage_mix_draws_schemas_in_the_usage_models_shares() -> None:
+    plain = FleetPlan(devices=12, messages_per_device=3000, seed=3, mix="usage")
+    uniform = FleetPlan(devices=12, messages_per_device=3000, seed=3)
+    for plan, firmware_share in ((plain, 0.01), (uniform, 0.1)):
+        for device in device_ids(plan):
+            names, weights = usage_mix(category_of(device))
+            schemas = Counter(orjson.loads(m.payload)["schema"] for m in plan_device(plan, device))
+            assert sum(schemas.values()) == 3000
+            firmware = schemas[f"{category_of(device)}.firmware"] / 3000
+            if plan is plain:
+                assert set(schemas) <= set(names)
+                assert firmware < firmware_share
+                top = names[weights.index(max(weights))]
+                assert schemas.most_common(1)[0][0] == top
+            else:
+                assert firmware > firmware_share
