@@ -27,7 +27,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -39,6 +39,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ingest.errors import BrokerUnavailable
 from ingest.settings import MqttSettings
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import _InPacket
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,52 @@ RawMessageHandler = Callable[[str, int, bytes, int], None]
 
 _READ_CHUNK = 256 * 1024
 _PUBACK = struct.Struct("!BBH")
+
+
+def _publish_fields(buf: bytes, start: int, end: int, *, qos1: bool) -> tuple[str, int, int] | None:
+    """A QoS 0/1 MQTT v5 PUBLISH whose body is `buf[start:end]`: its topic, packet id
+    (0 for QoS 0) and where its payload starts; None if the topic, packet id or
+    properties do not fit in the body (a malformed packet)."""
+    if end - start < 2:
+        return None
+    topic_end = start + 2 + (buf[start] << 8 | buf[start + 1])
+    if topic_end > end:
+        return None
+    topic = buf[start + 2 : topic_end].decode("utf-8", "replace")
+    mid = 0
+    if qos1:
+        if topic_end + 2 > end:
+            return None
+        mid = buf[topic_end] << 8 | buf[topic_end + 1]
+        topic_end += 2
+    # Properties: a variable byte integer length (at most 4 bytes), then the properties.
+    plen, mult, j = 0, 1, topic_end
+    while True:
+        if j >= end or j - topic_end >= 4:
+            return None
+        byte = buf[j]
+        plen += (byte & 127) * mult
+        mult <<= 7
+        j += 1
+        if byte < 128:
+            break
+    if j + plen > end:
+        return None
+    return topic, mid, j + plen
+
+
+def _idle_packet() -> _InPacket:
+    """paho's `_in_packet` between packets (a new dict each time: paho mutates it)."""
+    return {
+        "command": 0,
+        "have_remaining": 0,
+        "remaining_count": [],
+        "remaining_mult": 1,
+        "remaining_length": 0,
+        "packet": bytearray(b""),
+        "to_process": 0,
+        "pos": 0,
+    }
 
 
 class PublishRefused(Exception):
@@ -121,22 +170,12 @@ class _BufferedClient(paho.Client):
             if end > end_of_data:
                 break  # the packet is incomplete: keep it for the next read
             if fast is not None and header & 0xF0 == 0x30 and header & 0x06 < 0x04:
-                topic_end = i + 2 + (buf[i] << 8 | buf[i + 1])
-                topic = buf[i + 2 : topic_end].decode("utf-8", "replace")
-                mid = 0
-                if header & 0x06:  # QoS 1 carries a packet id
-                    mid = buf[topic_end] << 8 | buf[topic_end + 1]
-                    topic_end += 2
-                # MQTT v5 properties: skip their variable-byte length and the properties.
-                plen, pmult, j = 0, 1, topic_end
-                while True:
-                    byte = buf[j]
-                    plen += (byte & 127) * pmult
-                    pmult <<= 7
-                    j += 1
-                    if byte < 128:
-                        break
-                fast(topic, mid, buf[j + plen : end])
+                fields = _publish_fields(buf, i, end, qos1=bool(header & 0x06))
+                if fields is None:
+                    log.warning("malformed PUBLISH from the broker; closing the connection")
+                    return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
+                topic, mid, payload_start = fields
+                fast(topic, mid, buf[payload_start:end])
             else:
                 self._in_packet = {
                     "command": header,
@@ -152,16 +191,7 @@ class _BufferedClient(paho.Client):
                     rc = self._packet_handle()
                 except MalformedPacket:
                     rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-                self._in_packet = {
-                    "command": 0,
-                    "have_remaining": 0,
-                    "remaining_count": [],
-                    "remaining_mult": 1,
-                    "remaining_length": 0,
-                    "packet": bytearray(b""),
-                    "to_process": 0,
-                    "pos": 0,
-                }
+                self._in_packet = _idle_packet()
                 if rc:
                     return self._loop_rc_handle(rc)
                 if self._sock is None:  # the packet closed the connection (DISCONNECT)

@@ -103,3 +103,26 @@ def test_pubacks_go_out_as_one_write_in_order() -> None:
     client.queue_pubacks([1, 300, 65535])
     packet = client._out_packet.popleft()
     assert packet["packet"] == b"\x40\x02\x00\x01" + b"\x40\x02\x01\x2c" + b"\x40\x02\xff\xff"
+
+
+def _raw_publish(body: bytes, *, qos: int = 1) -> bytes:
+    return bytes([0x30 | qos << 1]) + _varint(len(body)) + body
+
+
+MALFORMED = {
+    "topic longer than the packet": _raw_publish(b"\x00\x30devices/a/telemetry"),
+    "no room for the packet id": _raw_publish(b"\x00\x01a\x00"),
+    "properties length past the packet": _raw_publish(b"\x00\x01a\x00\x07\x05\x01"),
+    "properties length never ends": _raw_publish(b"\x00\x01a\x00\x07\x80\x80"),
+    "properties length over 4 bytes": _raw_publish(b"\x00\x01a\x00\x07\x80\x80\x80\x80\x01"),
+    "QoS 0 with a body of one byte": _raw_publish(b"\x00", qos=0),
+}
+
+
+@pytest.mark.parametrize("packet", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_publish_closes_the_connection_after_the_good_ones(packet: bytes) -> None:
+    client, got = _client()
+    good = publish("devices/a/telemetry", b"ok", 5)
+    client._sock = _Socket([good + packet + good])  # type: ignore[assignment]
+    assert client.read_packets() == MQTTErrorCode.MQTT_ERR_PROTOCOL
+    assert got == [("devices/a/telemetry", 5, b"ok")]
