@@ -491,6 +491,7 @@ class Bench:
                        for stage in STAGES)  # fmt: skip
         names += tuple(f'usagepipe_consumer_registry_lookups_total{{result="{r}"}}'
                        for r in ("hit", "miss"))  # fmt: skip
+        names += tuple(f"usagepipe_consumer_rollup_refresh_seconds_{k}" for k in ("sum", "count"))
         loop = asyncio.get_running_loop()
         total = dict.fromkeys(names, 0.0)
         for port in self.consumer_ports:
@@ -519,6 +520,9 @@ class Bench:
                 stage: d(f'usagepipe_consumer_stage_seconds_sum{{stage="{stage}"}}') / n if n else 0
                 for stage in STAGES
             },
+            # The periodic rollup refreshes (PostgreSQL work beside the batches) that ran.
+            "rollup_refreshes": d("usagepipe_consumer_rollup_refresh_seconds_count"),
+            "rollup_refresh_s": d("usagepipe_consumer_rollup_refresh_seconds_sum"),
         }
 
     async def kafka_latencies(

@@ -74,6 +74,10 @@ def rows(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
             if stages := lat.get("consumer_mean_stage_s"):
                 add((f"latency at {share} %: consumer batch", "", ", ".join(
                     f"{k} {_ms(v)}" for k, v in stages.items())))  # fmt: skip
+            if "rollup_refreshes" in lat:
+                add((f"latency at {share} %: rollup refreshes", f"{lat['rollup_refreshes']:.0f}",
+                     f"{_ms(lat['rollup_refresh_s'])} in all, of those that ended in the"
+                     " phase"))  # fmt: skip
     for phase in ("live", "drain"):
         for kind in ("usagepipe", "mq-bridge"):
             f = doc.get(f"{phase}_{kind}")

@@ -449,6 +449,9 @@ class Consumer:
                 log.warning("rollup refresh failed (%s); next in %gs", exc, interval)
                 continue
             if done is not None and (done.hours or done.days):
+                self._metrics.rollup_refresh_seconds.observe(done.seconds)
+                self._metrics.rollup_refresh_buckets.labels("hour").inc(done.hours)
+                self._metrics.rollup_refresh_buckets.labels("day").inc(done.days)
                 log.info(
                     "rollups refreshed: %d hours, %d days in %.3fs",
                     done.hours,

@@ -114,6 +114,19 @@ class ConsumerMetrics:
             ["stage"],
             registry=registry,
         )
+        self.rollup_refresh_seconds = Histogram(
+            "usagepipe_consumer_rollup_refresh_seconds",
+            "Plain PostgreSQL: time of each periodic rollup refresh that recomputed "
+            "buckets (see postgres.rollup_refresh_s).",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=registry,
+        )
+        self.rollup_refresh_buckets = Counter(
+            "usagepipe_consumer_rollup_refresh_buckets_total",
+            "Rollup buckets the periodic refreshes recomputed, by granularity (hour, day).",
+            ["granularity"],
+            registry=registry,
+        )
         # Enrichment (ingest/enrich.py).
         self.registry_lookups = Counter(
             "usagepipe_consumer_registry_lookups_total",
