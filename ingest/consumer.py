@@ -435,19 +435,26 @@ class Consumer:
             self.stop(f"after {self._stop_after} records")
 
     async def _refresh_rollups(self, store: UsageStore) -> None:
-        """Every `postgres.rollup_refresh_s`, materialise the rollup buckets that have
-        ended (plain PostgreSQL), beside the batches rather than between them. A failed
-        refresh is logged and counted; the next one catches up (reads are exact anyway).
+        """Every `postgres.rollup_refresh_s`, materialise the rollup hours that have
+        ended (plain PostgreSQL), and the ended days at most every
+        `postgres.rollup_day_refresh_s` (the first refresh that finds one noted takes
+        it); beside the batches rather than between them. A failed refresh is logged and
+        counted; the next one catches up (reads are exact anyway).
         """
         interval = self._settings.postgres.rollup_refresh_s
+        day_interval = self._settings.postgres.rollup_day_refresh_s
+        days_due = time.monotonic()
         while True:
             await asyncio.sleep(interval)
+            days = time.monotonic() >= days_due
             try:
-                done = await store.refresh_rollups(settled_only=True)
+                done = await store.refresh_rollups(settled_only=True, days=days)
             except StoreUnavailable as exc:
                 self._metrics.errors.labels("rollup_refresh").inc()
                 log.warning("rollup refresh failed (%s); next in %gs", exc, interval)
                 continue
+            if done is not None and done.days:
+                days_due = time.monotonic() + day_interval
             if done is not None and (done.hours or done.days):
                 self._metrics.rollup_refresh_seconds.observe(done.seconds)
                 self._metrics.rollup_refresh_buckets.labels("hour").inc(done.hours)

@@ -26,8 +26,10 @@ over the raw rows (`aggregate_query`), so they cannot disagree on what a bucket 
   hours and their days from the raw rows and clears their notes, in one transaction.
   Consumers run it every `postgres.rollup_refresh_s`, in a task beside the batches,
   for the buckets that have ended only (like a refresh policy's end_offset: the open
-  hour and day would otherwise be recomputed whole every time); `usagepipe db
-  refresh` and retention take every note.
+  hour and day would otherwise be recomputed whole every time), and take ended days
+  at most every `postgres.rollup_day_refresh_s` (a day is recomputed from all its raw
+  rows, and late events keep noting the days just ended); `usagepipe db refresh` and
+  retention take every note.
   Distinct devices stay exact because a bucket is always recomputed whole, never
   incremented. Reads are exact at any moment: `usage_rollup` takes the buckets still
   noted from the raw rows and the others from the rollup tables, as TimescaleDB's
@@ -172,6 +174,7 @@ DEVICE_DAILY_GROUP = (
     "trigger",
 )
 DEVICE_DAILY_COLUMNS = (*DEVICE_DAILY_GROUP, "events", "min_seq", "max_seq")
+_DEVICE_DAILY_COLUMNS = ", ".join(DEVICE_DAILY_COLUMNS)
 _RANGE = "event_time >= $1 AND event_time < $2"
 
 
@@ -243,6 +246,7 @@ async def refresh_rollups(
     *,
     wait: bool = False,
     settled_only: bool = False,
+    days: bool = True,
     now: datetime | None = None,
 ) -> RefreshReport | None:
     """Recompute the noted hours, and their days, from the raw rows (plain layout).
@@ -254,7 +258,9 @@ async def refresh_rollups(
 
     `settled_only` (the consumers' periodic refresh): only hours and days that ended
     before `now`; a note whose hour is done but whose day is open is kept, marked
-    `hourly_done`, until its day is. Otherwise every noted bucket.
+    `hourly_done`, until its day is. Otherwise every noted bucket. With `days` False
+    (settled only) no day is recomputed: every ended hour's note is handled as if its
+    day were open.
     """
     started = time.perf_counter()
     end = datetime.max.replace(tzinfo=UTC)
@@ -262,6 +268,8 @@ async def refresh_rollups(
         end = now or datetime.now(UTC)
     hour_end = bucket_start(end, HOUR) if settled_only else end
     day_end = _day(end) if settled_only else end
+    if settled_only and not days:
+        day_end = datetime.min.replace(tzinfo=UTC)
     inv = f"{table}_rollup_invalidations"
     async with conn.transaction():
         if not await lock_rollups(conn, table, wait=wait):
@@ -280,7 +288,7 @@ async def refresh_rollups(
         hours = {r["bucket"] for r in ended if not r["hourly_done"]}
         hours |= {r["bucket"] for r in marked}
         fresh = {h for h in hours if retained_from is None or _day(h) >= retained_from}
-        days = {
+        fresh_days = {
             _day(r["bucket"])
             for r in ended
             if retained_from is None or _day(r["bucket"]) >= retained_from
@@ -288,8 +296,8 @@ async def refresh_rollups(
         skipped = len(hours - fresh)
         work: tuple[tuple[Rollup, set[datetime], timedelta, str, str], ...] = (
             ("hourly", fresh, HOUR, _COLUMNS, aggregate_query(table, "hourly")),
-            ("daily", days, DAY, _COLUMNS, aggregate_query(table, "daily")),
-            ("device_daily", days, DAY, ", ".join(DEVICE_DAILY_COLUMNS), device_daily_query(table)),
+            ("daily", fresh_days, DAY, _COLUMNS, aggregate_query(table, "daily")),
+            ("device_daily", fresh_days, DAY, _DEVICE_DAILY_COLUMNS, device_daily_query(table)),
         )
         for rollup, buckets, step, columns, aggregate in work:
             target = f"{table}_{rollup}"
@@ -298,7 +306,7 @@ async def refresh_rollups(
                     f"DELETE FROM {target} WHERE bucket >= $1 AND bucket < $2", start, stop
                 )
                 await conn.execute(f"INSERT INTO {target} ({columns}) {aggregate}", start, stop)
-    return RefreshReport(len(fresh), len(days), skipped, time.perf_counter() - started)
+    return RefreshReport(len(fresh), len(fresh_days), skipped, time.perf_counter() - started)
 
 
 async def _noted(conn: Connection, table: str, granularity: Granularity) -> list[datetime]:

@@ -187,8 +187,14 @@ class PostgresSettings(Section):
     """Raw usage rows older than this are dropped, a whole partition (chunk) at a time;
     the rollups keep their history."""
     rollup_refresh_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
-    """Plain PostgreSQL: how often a consumer recomputes the ended rollup buckets that
-    got rows (reads are exact meanwhile: they aggregate those buckets from the raw rows)."""
+    """Plain PostgreSQL: how often a consumer recomputes the ended hours that got rows
+    (reads are exact meanwhile: they aggregate those buckets from the raw rows)."""
+    rollup_day_refresh_s: Annotated[float, Field(gt=0, le=86400)] = 1800.0
+    """Plain PostgreSQL: how often, at most, a consumer recomputes the ended days that
+    got rows (the daily and device-daily rollups; the first refresh that finds one
+    takes it). Each reads the whole day's raw rows, and late events keep noting
+    yesterday, so not every `rollup_refresh_s`: every 30 minutes, the schedule of the
+    TimescaleDB refresh policies. Reads are exact meanwhile."""
 
     @property
     def partition_interval(self) -> timedelta:

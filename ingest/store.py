@@ -541,10 +541,11 @@ class UsageStore:
         return len(inserted)
 
     async def refresh_rollups(
-        self, *, wait: bool = False, settled_only: bool = False
+        self, *, wait: bool = False, settled_only: bool = False, days: bool = True
     ) -> RefreshReport | None:
         """Materialise the plain layout's noted rollup buckets (see `ingest.rollups`):
-        every one, or with `settled_only` those whose hour or day has ended.
+        every one, or with `settled_only` those whose hour or day has ended (with `days`
+        False, hours only).
 
         None on TimescaleDB (its refresh policies do this) and, unless `wait`, when
         another process is refreshing the same table right now.
@@ -553,7 +554,9 @@ class UsageStore:
             return None
         try:
             async with self.pool.acquire() as conn:
-                return await refresh_rollups(conn, self.table, wait=wait, settled_only=settled_only)
+                return await refresh_rollups(
+                    conn, self.table, wait=wait, settled_only=settled_only, days=days
+                )
         except _DB_ERRORS as exc:
             raise StoreUnavailable(
                 f"refreshing the rollups of {self.table} failed: {exc!r}"

@@ -466,6 +466,48 @@ async def test_the_periodic_refresh_materialises_only_ended_buckets(store: Usage
         assert len(await materialised(conn, "daily")) == 2
 
 
+async def test_a_periodic_refresh_without_days_leaves_ended_days_noted_and_reads_exact(
+    store: UsageStore,
+) -> None:
+    now = datetime(2026, 4, 10, 12, 30, tzinfo=UTC)
+    await store.write(
+        [
+            row("d1", 1, datetime(2026, 4, 8, 10, 10, tzinfo=UTC)),  # a day that ended
+            row("d2", 1, datetime(2026, 4, 8, 11, 20, tzinfo=UTC)),
+            row("d1", 2, datetime(2026, 4, 10, 9, 15, tzinfo=UTC)),  # an hour that ended
+        ]
+    )
+    t = store.table
+    span = (now - 3 * DAY, now + DAY)
+    async with store.pool.acquire() as conn:
+        hours_only = await refresh_rollups(conn, t, settled_only=True, days=False, now=now)
+        assert hours_only == RefreshReport(3, 0, 0, ANY)
+        assert await conn.fetchval(f"SELECT count(*) FROM {t}_hourly") == 3
+        assert await conn.fetchval(f"SELECT count(*) FROM {t}_daily") == 0
+        assert await conn.fetchval(f"SELECT count(*) FROM {t}_device_daily") == 0
+        notes = await conn.fetch(f"SELECT bucket, hourly_done FROM {t}_rollup_invalidations")
+        assert sorted(tuple(n) for n in notes) == [
+            (datetime(2026, 4, 8, 10, tzinfo=UTC), True),
+            (datetime(2026, 4, 8, 11, tzinfo=UTC), True),
+            (datetime(2026, 4, 10, 9, tzinfo=UTC), True),
+        ]
+        for granularity in ("hourly", "daily"):  # exact meanwhile
+            rollup = await usage_rollup(conn, t, granularity, *span)
+            direct = await conn.fetch(direct_rollup_query(t, granularity), *span)
+            assert [tuple(vars_of(r)) for r in rollup] == [tuple(d) for d in direct]
+        # A late event for the ended day, then the days' turn: its hour and the day.
+        await store.write([row("d3", 1, datetime(2026, 4, 8, 23, 59, tzinfo=UTC))])
+        with_days = await refresh_rollups(conn, t, settled_only=True, now=now)
+        assert with_days == RefreshReport(1, 1, 0, ANY)
+        daily = await usage_rollup(conn, t, "daily", *span)
+        assert [(r.bucket, r.events, r.devices) for r in daily] == [
+            (datetime(2026, 4, 8, tzinfo=UTC), 3, 3),
+            (datetime(2026, 4, 10, tzinfo=UTC), 1, 1),
+        ]
+        assert await conn.fetchval(f"SELECT count(*) FROM {t}_daily") == 1
+        assert await conn.fetchval(f"SELECT count(*) FROM {t}_rollup_invalidations") == 1
+
+
 async def test_retention_drops_only_partitions_wholly_older_than_the_cutoff(
     settings: Settings,
 ) -> None:
