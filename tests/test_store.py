@@ -423,6 +423,22 @@ def vars_of(r: object) -> list[object]:
     return [getattr(r, f) for f in r.__slots__]  # type: ignore[attr-defined]
 
 
+async def notes(conn: asyncpg.Connection, table: str) -> list[tuple[datetime, bool]]:
+    """The plain layout's rollup notes: (hour, hourly_done), sorted."""
+    found = await conn.fetch(f"SELECT bucket, hourly_done FROM {table}_rollup_invalidations")
+    return sorted((n["bucket"], n["hourly_done"]) for n in found)
+
+
+async def assert_reads_exact(
+    conn: asyncpg.Connection, table: str, span: tuple[datetime, datetime]
+) -> None:
+    """Both rollups, as `usage_rollup` reads them, equal a direct aggregate."""
+    for granularity in ("hourly", "daily"):
+        rollup = await usage_rollup(conn, table, granularity, *span)
+        direct = await conn.fetch(direct_rollup_query(table, granularity), *span)
+        assert [tuple(vars_of(r)) for r in rollup] == [tuple(d) for d in direct]
+
+
 async def test_the_periodic_refresh_materialises_only_ended_buckets(store: UsageStore) -> None:
     now = datetime(2026, 4, 10, 12, 30, tzinfo=UTC)
     await store.write(
@@ -446,15 +462,11 @@ async def test_the_periodic_refresh_materialises_only_ended_buckets(store: Usage
             datetime(2026, 4, 10, 9, tzinfo=UTC),
         ]
         assert await materialised(conn, "daily") == [datetime(2026, 4, 8, tzinfo=UTC)]
-        notes = await conn.fetch(f"SELECT bucket, hourly_done FROM {t}_rollup_invalidations")
-        assert sorted(tuple(n) for n in notes) == [
+        assert await notes(conn, t) == [
             (datetime(2026, 4, 10, 9, tzinfo=UTC), True),
             (datetime(2026, 4, 10, 12, tzinfo=UTC), False),
         ]
-        for granularity in ("hourly", "daily"):  # exact meanwhile
-            rollup = await usage_rollup(conn, t, granularity, *span)
-            direct = await conn.fetch(direct_rollup_query(t, granularity), *span)
-            assert [tuple(vars_of(r)) for r in rollup] == [tuple(d) for d in direct]
+        await assert_reads_exact(conn, t, span)  # meanwhile
         again = await refresh_rollups(conn, t, settled_only=True, now=now)
         assert again == RefreshReport(0, 0, 0, ANY)
         next_day = await refresh_rollups(
@@ -485,16 +497,12 @@ async def test_a_periodic_refresh_without_days_leaves_ended_days_noted_and_reads
         assert await conn.fetchval(f"SELECT count(*) FROM {t}_hourly") == 3
         assert await conn.fetchval(f"SELECT count(*) FROM {t}_daily") == 0
         assert await conn.fetchval(f"SELECT count(*) FROM {t}_device_daily") == 0
-        notes = await conn.fetch(f"SELECT bucket, hourly_done FROM {t}_rollup_invalidations")
-        assert sorted(tuple(n) for n in notes) == [
+        assert await notes(conn, t) == [
             (datetime(2026, 4, 8, 10, tzinfo=UTC), True),
             (datetime(2026, 4, 8, 11, tzinfo=UTC), True),
             (datetime(2026, 4, 10, 9, tzinfo=UTC), True),
         ]
-        for granularity in ("hourly", "daily"):  # exact meanwhile
-            rollup = await usage_rollup(conn, t, granularity, *span)
-            direct = await conn.fetch(direct_rollup_query(t, granularity), *span)
-            assert [tuple(vars_of(r)) for r in rollup] == [tuple(d) for d in direct]
+        await assert_reads_exact(conn, t, span)  # meanwhile
         # A late event for the ended day, then the days' turn: its hour and the day.
         await store.write([row("d3", 1, datetime(2026, 4, 8, 23, 59, tzinfo=UTC))])
         with_days = await refresh_rollups(conn, t, settled_only=True, now=now)
