@@ -413,14 +413,23 @@ class Enricher:
             raise RegistryLookupFailed(
                 f"recording {len(found)} firmware installations failed: {exc!r}"
             ) from exc
+        # Merged into the cached facts once per device: a device's history can be long,
+        # and a batch may carry many of its installations.
+        by_device: dict[str, list[tuple[datetime, str, str]]] = {}
         for device_id, at, old, new in found:
+            by_device.setdefault(device_id, []).append((at, old, new))
+        for device_id, reported in by_device.items():
             read_at, facts = self._cache.get(device_id, (0.0, None))
             if facts is None:
                 continue
-            if any(installed_at == at for installed_at, _f, _t in facts.installs):
-                continue
-            installs = tuple(sorted((*facts.installs, (at, old, new))))
-            self._cache[device_id] = (read_at, dataclasses.replace(facts, installs=installs))
+            known = {installed_at for installed_at, _f, _t in facts.installs}
+            fresh: dict[datetime, tuple[datetime, str, str]] = {}
+            for install in reported:  # the first of a time, as the table's key keeps
+                if install[0] not in known:
+                    fresh.setdefault(install[0], install)
+            if fresh:
+                installs = tuple(sorted((*facts.installs, *fresh.values())))
+                self._cache[device_id] = (read_at, dataclasses.replace(facts, installs=installs))
         return len(added)
 
     def _facts(
