@@ -492,6 +492,8 @@ class Bench:
         names += tuple(f'usagepipe_consumer_registry_lookups_total{{result="{r}"}}'
                        for r in ("hit", "miss"))  # fmt: skip
         names += tuple(f"usagepipe_consumer_rollup_refresh_seconds_{k}" for k in ("sum", "count"))
+        names += tuple(f'usagepipe_consumer_offset_holes_total{{outcome="{o}"}}'
+                       for o in ("read_again", "read_past"))  # fmt: skip
         loop = asyncio.get_running_loop()
         total = dict.fromkeys(names, 0.0)
         for port in self.consumer_ports:
@@ -523,6 +525,11 @@ class Bench:
             # The periodic rollup refreshes (PostgreSQL work beside the batches) that ran.
             "rollup_refreshes": d("usagepipe_consumer_rollup_refresh_seconds_count"),
             "rollup_refresh_s": d("usagepipe_consumer_rollup_refresh_seconds_sum"),
+            # Fetches cut at a hole in a partition's offsets (see ingest.consumer).
+            "consumer_offset_holes": {
+                o: d(f'usagepipe_consumer_offset_holes_total{{outcome="{o}"}}')
+                for o in ("read_again", "read_past")
+            },
         }
 
     async def kafka_latencies(

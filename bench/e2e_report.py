@@ -43,9 +43,12 @@ def rows(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
              f"fleet published at {_n(p['publish_msg_s'])} msg/s, publisher CPU share"
              f" {p['publisher_cpu_share']}; last row {p['rows_done_after_last_puback_s']:.1f}s"
              " after last PUBACK"))  # fmt: skip
+        holes = p.get("consumer_offset_holes", {})
         add(("pipeline: consumer batches", _n(p.get("consumer_mean_batch_records"), " rec"),
              f"mean per batch, {_ms(p.get('consumer_mean_batch_s'))} each,"
-             f" {p.get('consumer_batches', 0):,.0f} batches"))  # fmt: skip
+             f" {p.get('consumer_batches', 0):,.0f} batches; offset holes read again"
+             f" {holes.get('read_again', 0):.0f}, read past"
+             f" {holes.get('read_past', 0):.0f}"))  # fmt: skip
         if stages := p.get("consumer_mean_stage_s"):
             add(("pipeline: consumer batch stages", "", ", ".join(
                 f"{k} {_ms(v)}" for k, v in stages.items())))  # fmt: skip

@@ -114,6 +114,14 @@ class ConsumerMetrics:
             ["stage"],
             registry=registry,
         )
+        self.offset_holes = Counter(
+            "usagepipe_consumer_offset_holes_total",
+            "Holes met in a partition's offsets, by outcome: read_again (the partition is "
+            "sought back to the hole and fetched again), read_past (still missing after "
+            "a wait: logged, then skipped).",
+            ["outcome"],
+            registry=registry,
+        )
         self.rollup_refresh_seconds = Histogram(
             "usagepipe_consumer_rollup_refresh_seconds",
             "Plain PostgreSQL: time of each periodic rollup refresh that recomputed "
