@@ -26,8 +26,8 @@ restarts its offsets at 0, and a stored offset must not skip that new log's reco
 On a mismatch the partition is read from its beginning instead (the store's key turns
 anything already stored into a duplicate).
 
-Records are processed in offset order without holes (`ContiguousOffsets`): a fetch
-that skipped a batch the broker had not made readable yet is cut there and the
+Records are processed in offset order without holes (`ingest.kafka.ContiguousOffsets`):
+a fetch that skipped a batch the broker had not made readable yet is cut there and the
 partition read again from the first missing offset.
 
 A store or registry outage is retried with backoff, holding the batch and its offsets
@@ -61,7 +61,7 @@ from aiokafka.structs import OffsetAndMetadata
 from ingest.dead_letter import DeadLetter, send_dead_letters
 from ingest.enrich import Enricher
 from ingest.errors import RegistryLookupFailed, StoreUnavailable
-from ingest.kafka import ensure_topics, make_consumer, make_producer
+from ingest.kafka import ContiguousOffsets, ensure_topics, make_consumer, make_producer
 from ingest.metrics import ConsumerMetrics
 from ingest.settings import Settings
 from ingest.store import SourceOffset, UsageRow, UsageStore
@@ -150,88 +150,6 @@ def unregistered_letters(batch: Batch, rows: list[UsageRow]) -> list[DeadLetter]
 # How long the record at a stored offset may take to arrive before the partition's log
 # is taken to be a different one; a fetch at an existing offset answers in milliseconds.
 PROBE_TIMEOUT_S = 5.0
-
-# How long a hole in a partition's offsets is read again before it is taken to be real.
-HOLE_WAIT_S = 5.0
-
-
-class ContiguousOffsets:
-    """Holds back the records that follow a hole in a partition's offsets.
-
-    A partition's offsets run without holes on the raw topic: Apache Kafka leaves them
-    only where compaction or transaction markers took records away, and the raw topic
-    has neither. But a broker can answer a fetch while an earlier batch is not readable
-    yet, and a consumer that takes the later one has moved past the earlier for good:
-    seen with the Tansu broker, whose memory storage, under two producers writing one
-    partition, let a live consumer skip a batch of 4 records that a second read from the
-    beginning found in its place (four rows missing from a benchmark run).
-
-    `admit` cuts a partition's records at a hole and seeks the partition back to the
-    first missing offset, so the next fetch reads it again. A hole still there after
-    `wait_s` is real (records deleted by retention before they were read, say): it is
-    logged and counted, and read past. Counted by outcome in
-    `usagepipe_consumer_offset_holes_total` (read_again, read_past).
-    """
-
-    def __init__(
-        self,
-        consumer: AIOKafkaConsumer,
-        metrics: ConsumerMetrics,
-        *,
-        wait_s: float = HOLE_WAIT_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._consumer = consumer
-        self._metrics = metrics
-        self._wait_s = wait_s
-        self._clock = clock
-        self._next: dict[TopicPartition, int] = {}
-        self._seen: dict[tuple[TopicPartition, int], float] = {}
-        """(partition, first missing offset) -> when the hole was first met."""
-
-    def forget(self, partitions: list[TopicPartition]) -> None:
-        """Start these partitions afresh (a rebalance sets their positions anew)."""
-        for tp in partitions:
-            self._next.pop(tp, None)
-        gone = set(partitions)
-        self._seen = {k: t for k, t in self._seen.items() if k[0] not in gone}
-
-    def admit(
-        self, records: dict[TopicPartition, list[ConsumerRecord]]
-    ) -> dict[TopicPartition, list[ConsumerRecord]]:
-        """`records`, each partition's cut at its first hole (see the class docstring).
-        Call with every batch that is then processed, in order."""
-        out: dict[TopicPartition, list[ConsumerRecord]] = {}
-        now = self._clock()
-        for tp, batch in records.items():
-            expected = self._next.get(tp)
-            keep = len(batch)
-            for i, record in enumerate(batch):
-                if expected is not None and record.offset > expected:
-                    since = self._seen.setdefault((tp, expected), now)
-                    if now - since < self._wait_s:
-                        self._metrics.offset_holes.labels("read_again").inc()
-                        self._consumer.seek(tp, expected)
-                        keep = i
-                        break
-                    self._metrics.offset_holes.labels("read_past").inc()
-                    log.warning(
-                        "%s: offsets %d-%d are still missing after %gs: reading past them",
-                        tp,
-                        expected,
-                        record.offset - 1,
-                        self._wait_s,
-                    )
-                if expected is None or record.offset >= expected:
-                    expected = record.offset + 1
-            if expected is not None:
-                self._next[tp] = expected
-                if self._seen:
-                    self._seen = {
-                        k: t for k, t in self._seen.items() if k[0] != tp or k[1] >= expected
-                    }
-            out[tp] = batch[:keep]
-        return out
 
 
 class StoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]

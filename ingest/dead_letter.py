@@ -36,7 +36,7 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from ingest.errors import BrokerUnavailable
-from ingest.kafka import CONSUMER_SAFETY
+from ingest.kafka import CONSUMER_SAFETY, ContiguousOffsets
 from ingest.settings import KafkaSettings
 from schemas.dead_letter import DeadLetterMessage, DeadLetterSource, SourceKind
 from schemas.errors import InvalidTelemetry, Reason
@@ -193,6 +193,7 @@ class DeadLetterReader:
             request_timeout_ms=settings.request_timeout_ms,
             **CONSUMER_SAFETY,
         )
+        self._holes = ContiguousOffsets(self._consumer, None)
         self._started = False
         self._closed = False
 
@@ -246,6 +247,7 @@ class DeadLetterReader:
                 raise BrokerUnavailable(f"reading {self._settings.dlq_topic}: {exc!r}") from exc
             if not batch:
                 return
+            batch = self._holes.admit(batch)
             for tp in sorted(batch, key=lambda tp: tp.partition):
                 for record in batch[tp]:
                     yield _stored(tp.partition, record)

@@ -13,8 +13,8 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry
 
-from ingest.consumer import Consumer, ContiguousOffsets
-from ingest.kafka import ensure_topics, make_producer
+from ingest.consumer import Consumer
+from ingest.kafka import ContiguousOffsets, ensure_topics, make_producer
 from ingest.metrics import ConsumerMetrics
 from ingest.settings import ConsumerSettings, Settings
 from simulators.fleet import FleetPlan, device_ids, plan_device
