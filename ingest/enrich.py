@@ -111,6 +111,10 @@ class Period:
     owner_key: str | None
 
 
+Install = tuple[datetime, str, str]
+"""A firmware installation: when, from which version, to which."""
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceFacts:
     """What the registry says about one device, as of when it was read."""
@@ -121,8 +125,8 @@ class DeviceFacts:
     firmware: str | None
     periods: tuple[Period, ...]
     owners: frozenset[UUID]
-    installs: tuple[tuple[datetime, str, str], ...] = ()
-    """(installed_at, from_version, to_version), oldest first."""
+    installs: tuple[Install, ...] = ()
+    """Oldest first."""
 
     def firmware_at(self, t: datetime) -> str | None:
         """The firmware the device ran at `t` (see the module docstring)."""
@@ -138,6 +142,24 @@ class DeviceFacts:
             if p.valid_from <= t and (p.valid_to is None or t < p.valid_to):
                 return p
         return None
+
+
+def merged_installs(installs: tuple[Install, ...], reported: list[Install]) -> tuple[Install, ...]:
+    """`installs` (sorted by time) with the `reported` ones it lacks, still sorted; the
+    same tuple if it lacks none. Of two reports of one time the first counts, as the
+    firmware history's key keeps it. Costs a binary search per report, and a copy of
+    the history only when something is added."""
+    fresh: dict[datetime, Install] = {}
+    for install in reported:
+        i = bisect.bisect_left(installs, install[0], key=_installed_at)
+        if i == len(installs) or installs[i][0] != install[0]:
+            fresh.setdefault(install[0], install)
+    if not fresh:
+        return installs
+    later = sorted(fresh.values())
+    if not installs or later[0][0] > installs[-1][0]:  # the usual case: all newer
+        return installs + tuple(later)
+    return tuple(sorted((*installs, *later)))
 
 
 def _installed_at(install: tuple[datetime, str, str]) -> datetime:
@@ -415,26 +437,19 @@ class Enricher:
             ) from exc
         # Merged into the cached facts once per device: a device's history can be long,
         # and a batch may carry many of its installations.
-        by_device: dict[str, list[tuple[datetime, str, str]]] = {}
+        by_device: dict[str, list[Install]] = {}
         for device_id, at, old, new in found:
             by_device.setdefault(device_id, []).append((at, old, new))
         for device_id, reported in by_device.items():
             read_at, facts = self._cache.get(device_id, (0.0, None))
             if facts is None:
                 continue
-            known = {installed_at for installed_at, _f, _t in facts.installs}
-            fresh: dict[datetime, tuple[datetime, str, str]] = {}
-            for install in reported:  # the first of a time, as the table's key keeps
-                if install[0] not in known:
-                    fresh.setdefault(install[0], install)
-            if fresh:
-                installs = tuple(sorted((*facts.installs, *fresh.values())))
+            installs = merged_installs(facts.installs, reported)
+            if installs is not facts.installs:
                 self._cache[device_id] = (read_at, dataclasses.replace(facts, installs=installs))
         return len(added)
 
-    def _facts(
-        self, records: list[asyncpg.Record], installs: tuple[tuple[datetime, str, str], ...]
-    ) -> DeviceFacts:
+    def _facts(self, records: list[asyncpg.Record], installs: tuple[Install, ...]) -> DeviceFacts:
         first = records[0]
         periods: list[Period] = []
         owners: set[UUID] = set()

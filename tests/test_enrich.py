@@ -40,7 +40,14 @@ from devices.records import (
 from devices.registry import Registry
 from ingest.consumer import Consumer
 from ingest.dead_letter import DeadLetterReader
-from ingest.enrich import DeviceFacts, Enricher, Period, owner_key, with_local_owner_key
+from ingest.enrich import (
+    DeviceFacts,
+    Enricher,
+    Period,
+    merged_installs,
+    owner_key,
+    with_local_owner_key,
+)
 from ingest.errors import ConfigurationError
 from ingest.kafka import ensure_topics, make_producer
 from ingest.metrics import ConsumerMetrics
@@ -252,6 +259,22 @@ def test_owner_key_is_a_keyed_hmac_of_the_owner_id() -> None:
     assert key == owner_key(KEY, owner)
     assert key != owner_key(b"another-secret-another-secret-xx", owner)
     assert str(owner).replace("-", "") not in key
+
+
+def test_merged_installs_adds_what_is_new_in_time_order_and_keeps_the_first_of_a_time() -> None:
+    t = [NOW - timedelta(hours=h) for h in (9, 7, 5, 3, 1)]
+    history = ((t[0], "1.0", "1.1"), (t[2], "1.1", "1.2"))
+    assert merged_installs(history, [(t[2], "1.1", "1.2")]) is history  # redelivered
+    assert merged_installs((), [(t[1], "1.0", "1.1")]) == ((t[1], "1.0", "1.1"),)
+    newer = [(t[4], "1.3", "1.4"), (t[3], "1.2", "1.3")]
+    assert merged_installs(history, newer) == (*history, newer[1], newer[0])
+    late = [(t[1], "1.1", "1.1a"), (t[1], "1.1", "other"), (t[3], "1.2", "1.3")]
+    assert merged_installs(history, late) == (
+        history[0],
+        (t[1], "1.1", "1.1a"),
+        history[1],
+        (t[3], "1.2", "1.3"),
+    )
 
 
 def test_period_at_is_half_open() -> None:
