@@ -117,13 +117,18 @@ async def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 60.0
         await asyncio.sleep(0.05)
 
 
-async def read_topic(settings: Settings, topic: str, count: int) -> list[bytes]:
-    """Read `count` records of `topic` from the beginning, with no consumer group."""
-    consumer = AIOKafkaConsumer(
+def reader(settings: Settings) -> AIOKafkaConsumer:
+    """A consumer with no group that reads from the beginning and commits nothing."""
+    return AIOKafkaConsumer(
         bootstrap_servers=settings.kafka.bootstrap_servers,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
+
+
+async def read_topic(settings: Settings, topic: str, count: int) -> list[bytes]:
+    """Read `count` records of `topic` from the beginning, with no consumer group."""
+    consumer = reader(settings)
     await consumer.start()
     try:
         partitions = consumer.partitions_for_topic(topic) or set()
@@ -141,11 +146,7 @@ async def read_topic(settings: Settings, topic: str, count: int) -> list[bytes]:
 
 async def read_to_end(settings: Settings, topic: str, idle_s: float = 1.0) -> list[ConsumerRecord]:
     """Every record of `topic`: read from the beginning until nothing comes for `idle_s`."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
+    consumer = reader(settings)
     await consumer.start()
     try:
         partitions = consumer.partitions_for_topic(topic) or set()

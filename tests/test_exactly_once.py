@@ -18,7 +18,7 @@ from ingest.kafka import ContiguousOffsets, ensure_topics, make_producer
 from ingest.metrics import ConsumerMetrics
 from ingest.settings import ConsumerSettings, Settings
 from simulators.fleet import FleetPlan, device_ids, plan_device
-from tests.pipeline import expected_keys, stored_keys
+from tests.pipeline import expected_keys, reader, stored_keys
 
 
 class Killed(Exception):
@@ -114,11 +114,7 @@ async def test_a_hole_in_the_offsets_is_read_again_and_only_a_lasting_one_read_p
     finally:
         await producer.stop()
     tp = TopicPartition(topic, 0)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
+    consumer = reader(settings)
     await consumer.start()
     try:
         consumer.assign([tp])
