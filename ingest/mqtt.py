@@ -217,7 +217,7 @@ class MqttClient:
 
     Messages go to `on_message` (paho's `MQTTMessage`) or, on the fast path that skips
     paho's message objects, to `on_raw_message` (topic, packet id, payload, generation;
-    manual-ack only, acknowledged with `ack` or `ack_many`).
+    manual-ack only, acknowledged with `ack_many`).
     """
 
     def __init__(
@@ -407,19 +407,13 @@ class MqttClient:
             self._pending[info.mid] = (topic, fut)
         return fut
 
-    def ack(self, mid: int, generation: int) -> bool:
-        """Acknowledge a message received on connection `generation` (manual-ack mode).
+    def ack_many(self, mids: Sequence[int], generation: int) -> bool:
+        """Acknowledge messages received on connection `generation` (manual-ack mode),
+        their PUBACKs in one write.
 
         Returns False, sending nothing, when that connection is gone: the broker keeps
-        the message in the session and delivers it again.
+        the messages in the session and delivers them again.
         """
-        if generation != self.generation or not self.connected.is_set():
-            return False
-        self._client.ack(mid, 1)
-        return True
-
-    def ack_many(self, mids: Sequence[int], generation: int) -> bool:
-        """`ack` for several messages of one connection, their PUBACKs in one write."""
         if generation != self.generation or not self.connected.is_set():
             return False
         mids = [mid for mid in mids if mid]  # QoS 0 (id 0) is never acknowledged
