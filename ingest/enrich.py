@@ -162,7 +162,7 @@ def merged_installs(installs: tuple[Install, ...], reported: list[Install]) -> t
     return tuple(sorted((*installs, *later)))
 
 
-def _installed_at(install: tuple[datetime, str, str]) -> datetime:
+def _installed_at(install: Install) -> datetime:
     return install[0]
 
 
@@ -395,7 +395,7 @@ class Enricher:
         grouped: dict[str, list[asyncpg.Record]] = {}
         for rec in records:
             grouped.setdefault(rec["device_id"], []).append(rec)
-        history: dict[str, list[tuple[datetime, str, str]]] = {}
+        history: dict[str, list[Install]] = {}
         for rec in installs:
             history.setdefault(rec["device_id"], []).append(
                 (rec["installed_at"], rec["from_version"], rec["to_version"])
@@ -416,12 +416,15 @@ class Enricher:
         records nothing.
         """
         found: list[tuple[str, datetime, str, str]] = []
+        by_device: dict[str, list[Install]] = {}
         for r in rows:
             if not r.schema.endswith(".firmware"):
                 continue
             body = orjson.loads(r.body_json)
             if body.get("outcome") == "installed":
-                found.append((r.device_id, r.event_time, body["from_version"], body["to_version"]))
+                install = (r.event_time, body["from_version"], body["to_version"])
+                found.append((r.device_id, *install))
+                by_device.setdefault(r.device_id, []).append(install)
         if not found:
             return 0
         if self._pool is None:
@@ -437,9 +440,6 @@ class Enricher:
             ) from exc
         # Merged into the cached facts once per device: a device's history can be long,
         # and a batch may carry many of its installations.
-        by_device: dict[str, list[Install]] = {}
-        for device_id, at, old, new in found:
-            by_device.setdefault(device_id, []).append((at, old, new))
         for device_id, reported in by_device.items():
             read_at, facts = self._cache.get(device_id, (0.0, None))
             if facts is None:

@@ -395,7 +395,7 @@ async def device_daily_source(
     live |= {d for d in (start, end) if _day(d) != d and first <= _day(d) <= last}
     live_days = sorted({_day(d) for d in live})
     p = f"${days_parameter}::timestamptz[]"
-    columns = ", ".join(DEVICE_DAILY_COLUMNS)
+    columns = _DEVICE_DAILY_COLUMNS
     live_where = f"{_RANGE} AND date_bin('1 day', event_time, {_ORIGIN}) = ANY({p})"
     sql = f"""(
         SELECT {columns} FROM {table}_device_daily
