@@ -263,13 +263,12 @@ async def refresh_rollups(
     day were open.
     """
     started = time.perf_counter()
-    end = datetime.max.replace(tzinfo=UTC)
     if settled_only:
         end = now or datetime.now(UTC)
-    hour_end = bucket_start(end, HOUR) if settled_only else end
-    day_end = _day(end) if settled_only else end
-    if settled_only and not days:
-        day_end = datetime.min.replace(tzinfo=UTC)
+        hour_end = bucket_start(end, HOUR)
+        day_end = _day(end) if days else datetime.min.replace(tzinfo=UTC)
+    else:
+        hour_end = day_end = datetime.max.replace(tzinfo=UTC)
     inv = f"{table}_rollup_invalidations"
     async with conn.transaction():
         if not await lock_rollups(conn, table, wait=wait):
