@@ -22,6 +22,11 @@ const ORDER = ["heatmap", "cycles", "programs", "regions", "adoption", "cohorts"
 const WIDE = new Set(["programs", "regions", "errors", "completeness"]);
 const PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
                  "#9c755f", "#bab0ac"];
+// For a legend of more than ten (a washer's programs): ten hues, dark and light.
+const PALETTE20 = ["#4e79a7", "#a0cbe8", "#f28e2b", "#ffbe7d", "#59a14f", "#8cd17d", "#b6992d", "#f1ce63",
+                   "#499894", "#86bcb6", "#e15759", "#ff9d9a", "#79706e", "#bab0ac", "#d37295", "#fabfd2",
+                   "#b07aa1", "#d4a6c8", "#9d7660", "#d7b5a6"];
+function colors(n) { return n > PALETTE.length ? PALETTE20 : PALETTE; }
 // Sequential scale (light to dark) for the heat map and the region tiles.
 const RAMP = ["#fff7d6", "#fed976", "#fd8d3c", "#e6461f", "#a50f26", "#5c0420"];
 const DAY_NAMES = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
@@ -61,18 +66,18 @@ const MEASURES = {
   device_weeks: {label: "device-weeks"},
   device_days: {label: "device-days"},
   errors: {label: "errors raised"},
-  per_1000_device_days: {label: "errors per 1,000 device-days"},
+  per_1000_device_days: {label: "errors per 1,000 device-days", short: "per 1,000 device-days"},
   events_per_device: {label: "events per device"},
   active_devices: {label: "devices used"},
   remote_start_devices: {label: "started from the app"},
   schedule_devices: {label: "started by a schedule"},
-  remote_start_share: {label: "remote start (app)", pct: true},
-  schedule_share: {label: "schedule", pct: true},
-  cycles_per_device_week: {label: "cycles per device-week"},
-  app_share: {label: "uses started from the app or a schedule", pct: true},
+  remote_start_share: {label: "remote start (app)", short: "remote start share", pct: true},
+  schedule_share: {label: "schedule", short: "schedule share", pct: true},
+  cycles_per_device_week: {label: "cycles per device-week", short: "cycles / device-week"},
+  app_share: {label: "uses started from the app or a schedule", short: "app or schedule share", pct: true},
   received: {label: "messages received"},
   missing: {label: "messages missing"},
-  complete_device_days: {label: "device-days without a gap"},
+  complete_device_days: {label: "device-days without a gap", short: "complete device-days"},
   completeness: {label: "received share", pct: true},
 };
 const DIMENSION_LABELS = {
@@ -128,7 +133,7 @@ function regionName(code) {
   return t ? `${code} ${t.name}` : String(code);
 }
 function dimValue(dim, v) {
-  if (v === null || v === undefined) return dim === "region" ? "region not recorded" : "(none)";
+  if (v === null || v === undefined) return dim === "region" ? "region not recorded" : "(not recorded)";
   if (dim === "region") return regionName(v);
   if (dim === "day_of_week" && Number.isInteger(v)) return DAY_NAMES[v - 1] || String(v);
   if (dim === "hour" && Number.isInteger(v)) return `${String(v).padStart(2, "0")}:00`;
@@ -196,19 +201,32 @@ function frame(width, height) {
   return svg;
 }
 
+function legendPlaces(items, maxWidth) {
+  // Where each legend item goes: rows of swatches with names, wrapping at maxWidth.
+  let cx = 0, cy = 0;
+  return items.map(item => {
+    const w = 16 + 6.2 * item.name.length + 14;
+    if (cx + w > maxWidth && cx > 0) { cx = 0; cy += 16; }
+    const at = [cx, cy];
+    cx += w;
+    return at;
+  });
+}
+function legendHeight(items, maxWidth) {
+  return items.length ? Math.max(...legendPlaces(items, maxWidth).map(p => p[1])) + 16 : 0;
+}
+
 function legend(svg, x, y, items, maxWidth) {
   // A row of coloured swatches with names, wrapping at maxWidth; the height used.
-  let cx = x, cy = y;
-  for (const item of items) {
-    const w = 16 + 6.2 * item.name.length + 14;
-    if (cx + w > x + maxWidth && cx > x) { cx = x; cy += 16; }
+  const places = legendPlaces(items, maxWidth);
+  items.forEach((item, i) => {
+    const cx = x + places[i][0], cy = y + places[i][1];
     const swatch = el("rect", {x: cx, y: cy, width: 11, height: 11, rx: 2, fill: item.color, "class": "swatch"});
     svg.appendChild(swatch);
     if (item.hatch) svg.appendChild(el("rect", {x: cx, y: cy, width: 11, height: 11, rx: 2, fill: item.hatch}));
     svg.appendChild(el("text", {x: cx + 15, y: cy + 9.5}, item.name));
-    cx += w;
-  }
-  return cy - y + 16;
+  });
+  return legendHeight(items, maxWidth);
 }
 
 function colorScale(svg, x, y, width, max, label, fmt, integer, lo) {
@@ -261,7 +279,8 @@ function groupedBars(report, rows, opts) {
                                          (_, i) => String(Math.min(...nums) + i)), ...rest];
   }
   const series = ordered(rows.map(opts.series));
-  const svg = frame(W, H + 20 * Math.ceil(series.length / 6));
+  const keyItems = series.map((name, i) => ({name: opts.seriesLabel(name), color: PALETTE[i % PALETTE.length]}));
+  const svg = frame(W, H + 6 + legendHeight(keyItems, W - M.l - M.r));
   const scale = axisScale(0, Math.max(...rows.map(opts.value), 0), 4, opts.integer);
   const max = scale.hi;
   const py = v => H - M.b - (H - M.t - M.b) * v / max;
@@ -295,8 +314,7 @@ function groupedBars(report, rows, opts) {
   });
   svg.appendChild(el("text", {x: (M.l + W - M.r) / 2, y: H - 8, "text-anchor": "middle", "class": "axis-title"},
                      opts.xTitle));
-  legend(svg, M.l, H + 2, series.map((name, i) => ({name: opts.seriesLabel(name), color: PALETTE[i % PALETTE.length]})),
-         W - M.l - M.r);
+  legend(svg, M.l, H + 2, keyItems, W - M.l - M.r);
   return {svg, drawn};
 }
 
@@ -319,7 +337,8 @@ function lineChart(report, rows, opts) {
     for (const [key, rs] of [...bySeries].sort((a, b) => (a[0] < b[0] ? -1 : 1)))
       lines.push({name: spec.series ? opts.seriesLabel(key) : spec.name, rows: rs, value: spec.value});
   }
-  const svg = frame(W, H + 18 * Math.ceil(lines.length / 6));
+  const keyItems = lines.map((l, i) => ({name: l.name, color: PALETTE[i % PALETTE.length]}));
+  const svg = frame(W, H + 4 + legendHeight(keyItems, W - M.l - M.r));
   const values = lines.flatMap(l => l.rows.map(l.value));
   const scale = axisScale(opts.yMin !== undefined ? opts.yMin(values) : 0,
                           Math.max(...values, opts.pct ? 0.01 : 1), 4, !opts.pct && opts.integer);
@@ -358,7 +377,7 @@ function lineChart(report, rows, opts) {
   });
   svg.appendChild(el("text", {x: (M.l + W - M.r) / 2, y: H - 12, "text-anchor": "middle", "class": "axis-title"},
                      opts.xTitle));
-  legend(svg, M.l, H - 2, lines.map((l, i) => ({name: l.name, color: PALETTE[i % PALETTE.length]})), W - M.l - M.r);
+  legend(svg, M.l, H - 2, keyItems, W - M.l - M.r);
   return {svg, drawn};
 }
 
@@ -475,9 +494,9 @@ DRAW.programs = (report, rows, ctx) => {
     for (const rs of bars.values()) for (const r of rs) totals.set(String(r.feature), (totals.get(String(r.feature)) || 0) + r.events);
     // Alphabetical, so programs two categories share (cotton, eco) get one colour.
     const features = [...totals.keys()].sort();
-    const legendRows = Math.ceil(features.length / Math.max(1, Math.floor((W - L) / 110)));
+    const keyHeight = legendHeight(features.map(f => ({name: pretty(f)})), W - L - 10);
     layout.push({cat, bars, features, y});
-    y += 18 + bars.size * (barH + gap) + legendRows * 16 + 14;
+    y += 18 + bars.size * (barH + gap) + keyHeight + 12;
   }
   const svg = frame(W, y + 4);
   const px = share => L + (W - L - R) * share;
@@ -493,7 +512,8 @@ DRAW.programs = (report, rows, ctx) => {
     let by = block.y;
     svg.appendChild(el("text", {x: 4, y: by + 12, "class": "block-title"}, pretty(block.cat)));
     by += 18;
-    const colorOf = f => PALETTE[block.features.indexOf(f) % PALETTE.length];
+    const palette = colors(block.features.length);
+    const colorOf = f => palette[block.features.indexOf(f) % palette.length];
     for (const rs of [...block.bars.values()].sort((a, b) => (barName(a[0]) < barName(b[0]) ? -1 : 1))) {
       const total = rs.reduce((s, r) => s + r.events, 0);
       const gen = rs.some(r => r.generalised && r.firmware !== undefined && !isFine(r.firmware));
@@ -521,7 +541,9 @@ DRAW.programs = (report, rows, ctx) => {
   }
   return {svg, drawn};
 };
-function barName(r) { return `${r.model} · ${r.firmware}`; }
+function barName(r) {
+  return `${r.model} · ${r.firmware === null || r.firmware === undefined ? "firmware not recorded" : r.firmware}`;
+}
 function isFine(v) { return /^[\w.+:/-]+$/.test(String(v)); }
 
 DRAW.errors = (report, rows, ctx) => {
@@ -626,7 +648,7 @@ DRAW.completeness = (report, rows, ctx) => lineChart(report, rows, {
   lines: [{name: "completeness", series: r => r.model, value: r => r.completeness}],
   measureOf: () => "completeness",
   // Completeness sits near 100%: start the axis just below the lowest value.
-  yMin: values => Math.max(0, Math.min(...values, 1) - 0.005),
+  yMin: values => { const least = Math.min(...values, 1); return Math.max(0, least - Math.max(0.02, 0.1 * (1 - least))); },
   xTitle: "day (UTC)", yTitle: "messages received / sent",
   tip: r => `${r.model}, ${shortDate(r.day)}: ${fmtPct(r.completeness)} received ` +
             `(${fmtInt(r.received)} received, ${fmtInt(r.missing)} missing, ${fmtInt(r.device_days)} device-days)`,
@@ -637,7 +659,7 @@ DRAW.regions = (report, rows, ctx) => {
   // regions that are not a tile (a generalised "other regions", no region recorded, a
   // code outside Korea) get tiles of their own beside the grid.
   const measure = ctx.measure || "events_per_device";
-  const T = 80, G = 4, X0 = 4, Y0 = 6;
+  const T = 82, G = 4, X0 = 14, Y0 = 6;
   const onTile = new Map(), extra = [];
   for (const r of rows) {
     const t = !r.generalised && TILE_OF.get(r.region);
@@ -654,8 +676,7 @@ DRAW.regions = (report, rows, ctx) => {
   const scale = axisScale(least >= top / 2 && shown.length > 1 ? least : 0, top, 4, measure !== "events_per_device");
   const lo = scale.lo, max = scale.hi;
   const gridW = 5 * (T + G), gridH = 6 * (T + G);
-  const extraCols = Math.max(1, Math.ceil(extra.length / 3));
-  const W = Math.max(430, gridW + (extra.length ? 0 : 0)), H = gridH + 60 + Math.ceil(extra.length / 5) * (T * 0.7 + G);
+  const W = gridW + 2 * X0, H = Y0 + gridH + 60;
   const svg = frame(W, H);
   let drawn = 0;
   const fmt = v => fmtMeasure(measure, v);
@@ -694,7 +715,6 @@ DRAW.regions = (report, rows, ctx) => {
     const x = X0 + 2 * (T + G) + (i % 3) * (T + G), y = Y0 + 4 * (T + G) + Math.floor(i / 3) * (T + G);
     tile(x, y, T, T, r, name.length > 13 ? name.slice(0, 12) + "\u2026" : name, TILE_OF.has(r.region) ? r.region : "");
   });
-  void extraCols;
   colorScale(svg, X0, gridH + 28, gridW - 24, max, measureLabel(measure), v => fmt(+v.toPrecision(3)),
              measure !== "events_per_device", lo);
   return {svg, drawn};
@@ -732,11 +752,14 @@ function table(report, rows, extra) {
   const anyGeneralised = rows.some(r => r.generalised);
   const head = html("tr", {},
     ...report.dimensions.map(d => html("th", {}, DIMENSION_LABELS[d] || d)),
-    ...report.measures.map(m => html("th", {className: "num", title: m}, measureLabel(m))),
+    ...report.measures.map(m => html("th", {className: "num", title: `${measureLabel(m)} (${m})`},
+                                     (MEASURES[m] || {}).short || measureLabel(m))),
     ...extra.map(x => html("th", {className: "num"}, x.name)),
     anyGeneralised ? html("th", {}, "generalised") : null);
   const body = html("tbody");
-  for (const r of rows) {
+  const columns = [...report.dimensions.map(d => r => r[d]), ...report.measures.map(m => r => r[m]),
+                   ...extra.map(x => x.sort || (() => null))];
+  const trs = rows.map(r => {
     const cells = report.dimensions.map(d => html("td", {}, dimValue(d, r[d])));
     if (r.suppressed) {
       cells.push(html("td", {className: "why", colspan: report.measures.length + extra.length},
@@ -746,8 +769,30 @@ function table(report, rows, extra) {
       cells.push(...extra.map(x => html("td", {className: "num"}, x.value(r))));
     }
     if (anyGeneralised) cells.push(html("td", {className: "note"}, r.generalised || ""));
-    body.append(html("tr", {className: r.suppressed ? "suppressed" : r.generalised ? "generalised" : null}, ...cells));
-  }
+    const tr = html("tr", {className: r.suppressed ? "suppressed" : r.generalised ? "generalised" : null}, ...cells);
+    tr.row = r;
+    return tr;
+  });
+  body.append(...trs);
+  // A click on a column's heading sorts by it (again: the other way); suppressed rows,
+  // which have no numbers, stay last.
+  [...head.children].forEach((th, i) => {
+    if (i >= columns.length) return;
+    th.addEventListener("click", () => {
+      const down = th.getAttribute("aria-sort") === "ascending";
+      for (const other of head.children) other.removeAttribute("aria-sort");
+      th.setAttribute("aria-sort", down ? "descending" : "ascending");
+      const key = columns[i];
+      const sorted = [...trs].sort((a, b) => {
+        const x = key(a.row), y = key(b.row);
+        if (x === null || x === undefined) return y === null || y === undefined ? 0 : 1;
+        if (y === null || y === undefined) return -1;
+        const c = typeof x === "number" && typeof y === "number" ? x - y : String(x).localeCompare(String(y));
+        return down ? -c : c;
+      });
+      body.replaceChildren(...sorted);
+    });
+  });
   return html("div", {className: "table-wrap"}, html("table", {}, html("thead", {}, head), body));
 }
 
@@ -755,12 +800,14 @@ const EXTRA_COLUMNS = {
   programs: rows => {
     const totals = new Map();
     for (const r of rows) if (!r.suppressed) totals.set(barName(r), (totals.get(barName(r)) || 0) + r.events);
-    return [{name: "share of model & firmware", value: r => fmtPct(r.events / totals.get(barName(r)), 2)}];
+    const share = r => (r.suppressed ? null : r.events / totals.get(barName(r)));
+    return [{name: "share of model & firmware", value: r => fmtPct(share(r), 2), sort: share}];
   },
   cycles: rows => {
     const totals = new Map();
     for (const r of rows) if (!r.suppressed) totals.set(r.category, (totals.get(r.category) || 0) + r.device_weeks);
-    return [{name: "share of category", value: r => fmtPct(r.device_weeks / totals.get(r.category), 2)}];
+    const share = r => (r.suppressed ? null : r.device_weeks / totals.get(r.category));
+    return [{name: "share of category", value: r => fmtPct(share(r), 2), sort: share}];
   },
 };
 
@@ -780,10 +827,14 @@ function notices(report, ctx) {
   const dataStart = ctx.choices.data_start, dataEnd = ctx.choices.data_end;
   const outside = dataStart && (Date.parse(f.end) <= Date.parse(dataStart) || Date.parse(f.start) >= Date.parse(dataEnd));
   if (outside) actions.push(["Go to the data", {start: day(dataStart), end: day(dataEnd)}]);
-  if (spanDays < 90 && !outside) {
-    const end = Date.parse(f.end), start = Math.max(end - 90 * DAY_MS, dataStart ? Date.parse(dataStart) : -Infinity);
-    if (start < Date.parse(f.start)) actions.push([`Widen to ${Math.round((end - start) / DAY_MS)} days`,
-                                                   {start: day(start), end: f.end}]);
+  let allData = false;
+  if (!outside && dataStart) {
+    // Widen backwards, as far as 90 days or the first stored day; offered only where it
+    // adds at least half as much again.
+    const end = Date.parse(f.end), start = Math.max(end - Math.max(90, 2 * spanDays) * DAY_MS, Date.parse(dataStart));
+    if (end - start >= 1.5 * spanDays * DAY_MS)
+      actions.push([`Widen to ${Math.round((end - start) / DAY_MS)} days`, {start: day(start), end: f.end}]);
+    else allData = Date.parse(f.start) <= Date.parse(dataStart) + DAY_MS;
   }
   for (const [d, v] of active) actions.push([`Drop ${d} ${d === "region" ? regionName(v) : v}`, {drop: [d, v]}]);
   if (active.length > 1) actions.push(["Drop every filter", {dropAll: true}]);
@@ -802,7 +853,9 @@ function notices(report, ctx) {
   } else if (suppressed === rows.length) {
     out.push(["warn", [`Nothing can be shown: each of the ${fmtInt(rows.length)} segments has fewer than ` +
                        `k = ${k} distinct owners, and the report never shows a group that small.`,
-                       "More owners per segment: widen the time range or drop a filter.", population]
+                       allData ? `The range already covers nearly all stored usage (from ${day(dataStart)}): ` +
+                                 "drop a filter, or wait for more data." :
+                                 "More owners per segment: widen the time range or drop a filter.", population]
                        .filter(Boolean), actions]);
   } else if (suppressed > 0) {
     out.push(["info", [`${fmtInt(suppressed)} of ${fmtInt(rows.length)} segments are hidden (fewer than k = ${k} ` +
