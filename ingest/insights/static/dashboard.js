@@ -158,8 +158,9 @@ function axisScale(lo, hi, n, integer) {
   // 1 for counts): {lo, hi, ticks}.
   if (!(hi > lo)) hi = lo + (integer ? 1 : 0.01);
   const raw = (hi - lo) / n, p = Math.pow(10, Math.floor(Math.log10(raw)));
-  let step = [1, 2, 2.5, 5, 10].map(m => m * p).find(s => s >= raw * 0.999);
-  if (integer) step = Math.max(1, Math.round(step));
+  const multiples = integer && p < 10 ? [1, 2, 5, 10] : [1, 2, 2.5, 5, 10];
+  let step = multiples.map(m => m * p).find(s => s >= raw * 0.999);
+  if (integer) step = Math.max(1, step);
   const a = Math.floor(lo / step + 1e-9) * step, b = Math.ceil(hi / step - 1e-9) * step;
   const out = [];
   for (let t = a; t <= b + step * 1e-6; t += step) out.push(+t.toPrecision(12));
@@ -223,7 +224,8 @@ function legend(svg, x, y, items, maxWidth) {
     const cx = x + places[i][0], cy = y + places[i][1];
     const swatch = el("rect", {x: cx, y: cy, width: 11, height: 11, rx: 2, fill: item.color, "class": "swatch"});
     svg.appendChild(swatch);
-    if (item.hatch) svg.appendChild(el("rect", {x: cx, y: cy, width: 11, height: 11, rx: 2, fill: item.hatch}));
+    const hatch = item.hatch === "sup" ? svg.sup : item.hatch === "gen" ? svg.gen : item.hatch;
+    if (hatch) svg.appendChild(el("rect", {x: cx, y: cy, width: 11, height: 11, rx: 2, fill: hatch}));
     svg.appendChild(el("text", {x: cx + 15, y: cy + 9.5}, item.name));
   });
   return legendHeight(items, maxWidth);
@@ -239,7 +241,7 @@ function colorScale(svg, x, y, width, max, label, fmt, integer, lo) {
   svg.querySelector("defs").appendChild(grad);
   svg.appendChild(el("text", {x, y: y - 4, "class": "axis-title"}, label));
   svg.appendChild(el("rect", {x, y, width, height: 10, fill: `url(#${id})`, stroke: "#ccc", "class": "color-scale"}));
-  for (const t of ticks(lo, max, 4, integer)) {
+  for (const t of ticks(lo, max, 4, integer).filter(t => t <= max + 1e-9)) {
     const tx = x + width * (t - lo) / (max - lo);
     svg.appendChild(el("line", {x1: tx, x2: tx, y1: y + 10, y2: y + 13, "class": "axis"}));
     svg.appendChild(el("text", {x: tx, y: y + 23, "text-anchor": "middle"}, fmt(t)));
@@ -280,8 +282,9 @@ function groupedBars(report, rows, opts) {
   }
   const series = ordered(rows.map(opts.series));
   const keyItems = series.map((name, i) => ({name: opts.seriesLabel(name), color: PALETTE[i % PALETTE.length]}));
+  if (rows.some(r => r.suppressed)) keyItems.push({name: "suppressed (fewer than k owners)", color: "#eef0f2", hatch: "sup"});
   const svg = frame(W, H + 6 + legendHeight(keyItems, W - M.l - M.r));
-  const scale = axisScale(0, Math.max(...rows.map(opts.value), 0), 4, opts.integer);
+  const scale = axisScale(0, Math.max(...rows.filter(r => !r.suppressed).map(opts.value), 0), 4, opts.integer);
   const max = scale.hi;
   const py = v => H - M.b - (H - M.t - M.b) * v / max;
   const fmt = opts.pct ? v => fmtPct(v, max < 0.05 ? 1 : 0) : v => fmtNum(+v.toPrecision(3));
@@ -297,7 +300,14 @@ function groupedBars(report, rows, opts) {
   let drawn = 0;
   for (const r of rows) {
     const i = xs.indexOf(String(opts.x(r))), s = series.indexOf(String(opts.series(r)));
-    const v = opts.value(r), x = M.l + i * step + step * 0.1 + s * bw;
+    const x = M.l + i * step + step * 0.1 + s * bw;
+    if (r.suppressed) {
+      // Where a suppressed segment would stand: a hatched stub, so a gap is not read as 0.
+      const stub = el("rect", {x, y: py(0) - 8, width: bw, height: 8, fill: svg.sup, "class": "suppressed"});
+      svg.appendChild(title(stub, `${rowLabel(report, r)}: suppressed (${r.suppressed_reason})`));
+      continue;
+    }
+    const v = opts.value(r);
     const g = el("g");
     g.appendChild(el("rect", {x, y: py(v), width: bw, height: py(0) - py(v), fill: PALETTE[s % PALETTE.length]}));
     if (r.generalised) g.appendChild(el("rect", {x, y: py(v), width: bw, height: py(0) - py(v), fill: svg.gen}));
@@ -441,7 +451,7 @@ DRAW.heatmap = (report, rows, ctx) => {
   const ky = M.t + 7 * ch + 56;
   colorScale(svg, M.l, ky, Math.min(260, W - M.l - 200), max, "events per hour of the week, summed over the range",
              fmtNum, true);
-  legend(svg, M.l + Math.min(260, W - M.l - 200) + 24, ky - 1, [
+  legend(svg, M.l + Math.min(260, W - M.l - 200) + 44, ky - 1, [
     {name: "suppressed", color: "#eef0f2", hatch: svg.sup},
     {name: "generalised", color: ramp(0.4), hatch: svg.gen},
   ], 170);
@@ -599,20 +609,21 @@ DRAW.errors = (report, rows, ctx) => {
       }
       by += Math.max(block.firmware.length, 1) * bh + 7;
     }
-    legend(svg, L, by + 1, block.firmware.map(fw => ({name: `firmware ${fw}`, color: colorOf(fw)})), W - L - 10);
+    legend(svg, L, by + 1, block.firmware.map(fw => ({name: isFine(fw) ? `firmware ${fw}` : `${fw} (generalised)`, color: colorOf(fw)})), W - L - 10);
   }
   return {svg, drawn};
 };
 
 DRAW.cycles = (report, rows, ctx) => {
   const totals = new Map();
-  for (const r of rows) totals.set(String(r.category), (totals.get(String(r.category)) || 0) + r.device_weeks);
+  for (const r of rows.filter(r => !r.suppressed))
+    totals.set(String(r.category), (totals.get(String(r.category)) || 0) + r.device_weeks);
   const share = r => r.device_weeks / totals.get(String(r.category));
   return groupedBars(report, rows, {
     width: ctx.width, pct: true, continuous: true, x: r => r.cycles, series: r => r.category, value: share,
     xLabel: String, seriesLabel: pretty,
     xTitle: "cycles per device in a whole Monday-Sunday week (UTC)",
-    yTitle: "share of the category's device-weeks",
+    yTitle: "share of the category's shown device-weeks",
     tip: r => `${pretty(r.category)}, ${r.cycles} cycles: ${fmtInt(r.device_weeks)} device-weeks ` +
               `(${fmtPct(share(r))} of the category's)`,
   });
@@ -693,7 +704,7 @@ DRAW.regions = (report, rows, ctx) => {
     g.appendChild(el("text", {x: x + 6, y: y + 16, style: `fill:${ink}`, "class": "tile-name"}, name));
     if (code) g.appendChild(el("text", {x: x + 6, y: y + 29, style: `fill:${ink}`, "class": "tile-code"}, code));
     g.appendChild(el("text", {x: x + 6, y: y + h - 9, style: `fill:${ink}`, "class": "tile-value"},
-                     held && !r ? `in "${held.region}"` : value));
+                     held && !r ? "merged" : value));
     if (r && !r.suppressed) {
       mark(g, r, `${name}: ${fmtNum(r.events_per_device)} events per device, ${fmtInt(r.events)} events, ` +
                  `${fmtInt(r.cycles)} cycles, ${fmtInt(r.devices)} devices`);
@@ -997,7 +1008,7 @@ function redraw(section, ctx) {
     const kind = DRAW[spec.name] || fallback;
     // The heat map and the tiles also draw suppressed segments (greyed); the others
     // only what may be shown.
-    const input = spec.name === "heatmap" || spec.name === "regions" ? rows : shown;
+    const input = ["heatmap", "regions", "cycles", "cohorts"].includes(spec.name) ? rows : shown;
     if (shown.length || spec.name === "regions") {
       const out = kind(report, input, drawCtx);
       plot.replaceChildren(out.svg);
