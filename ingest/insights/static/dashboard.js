@@ -1129,7 +1129,11 @@ function describeScope(range, params, k) {
 async function json(url) {
   const response = await fetch(url);
   const body = await response.json();
-  if (!response.ok) throw new Error(body.field ? `${body.field}: ${body.detail}` : body.detail || response.statusText);
+  if (!response.ok) {
+    const err = new Error(body.field ? `${body.field}: ${body.detail}` : body.detail || response.statusText);
+    err.status = response.status;
+    throw err;
+  }
   return body;
 }
 
@@ -1146,8 +1150,9 @@ async function load() {
       state.catalogue || json("api/reports"), json(`api/filters?${range}`)]);
   } catch (err) {
     if (generation !== state.generation) return;
-    scope.replaceChildren(html("span", {className: "error-text"}, `These filters cannot be read: ${err.message}`),
-                          " ", html("a", {href: location.pathname}, "Start over"));
+    const what = err.status === 422 ? "These filters cannot be used" : "The usage data cannot be read";
+    scope.replaceChildren(html("span", {className: "error-text"}, `${what}: ${err.message}`), " ",
+                          err.status === 422 ? html("a", {href: location.pathname}, "Start over") : "");
     document.body.dataset.state = "error";
     return;
   }
