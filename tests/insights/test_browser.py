@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -117,11 +117,13 @@ async def drawn(page: Page) -> dict[str, dict[str, Any]]:
     return found
 
 
-async def answers(api: str, params: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every report as the API answers it for `params`."""
+async def answers(
+    api: str, params: dict[str, Any], names: Iterable[str] = REPORTS
+) -> dict[str, dict[str, Any]]:
+    """The reports `names` as the API answers them for `params`."""
     async with httpx.AsyncClient(base_url=api, timeout=30) as client:
         out = {}
-        for name in REPORTS:
+        for name in names:
             response = await client.get(f"/api/reports/{name}", params=params)
             assert response.status_code == 200, response.text
             out[name] = response.json()
@@ -179,6 +181,18 @@ async def test_every_chart_draws_its_unsuppressed_rows_and_redraws_for_new_filte
                     shown[name][fmt] == f"{api}/api/reports/{name}?{urlencode(first)}&format={fmt}"
                 )
         await screenshot(page, "dashboard_full_range.png")
+
+        # A report's own option: cohorts by membership tier instead of purchase channel.
+        await page.select_option("#cohorts select[name=by]", "tier")
+        await ready(page, urlencode(first))
+        assert await page.get_attribute("#cohorts", "data-options") == "by=tier"
+        assert page.url == f"{api}/?{urlencode({**first, 'by': 'tier'})}"
+        cohorts = (await answers(api, {**first, "by": "tier"}, ["cohorts"]))["cohorts"]
+        assert {r["cohort"] for r in cohorts["rows"]} <= {"standard", "silver", "gold", "platinum"}
+        assert check_drawn({"cohorts": (await drawn(page))["cohorts"]}, {"cohorts": cohorts}) == 1
+        await page.go_back()  # the browser's history holds each view
+        await ready(page, urlencode(first))
+        assert await page.get_attribute("#cohorts", "data-options") == "by=channel"
 
         # Planners narrow the view in the form: the second week only, washers only.
         second = {

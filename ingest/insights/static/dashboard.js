@@ -12,7 +12,7 @@
 // ("drawn", "empty", "suppressed" or "error"), data-rendered (how many of the report's
 // rows the chart drew: each is one element of class "point"), data-rows,
 // data-suppressed, data-generalised, data-start and data-end (the range the API
-// answered for).
+// answered for) and data-options (its options, as a query string: by=tier).
 "use strict";
 
 const NS = "http://www.w3.org/2000/svg";
@@ -1030,7 +1030,7 @@ function redraw(section, ctx) {
   Object.assign(section.dataset, {
     state: !rows.length ? "empty" : !shown.length ? "suppressed" : "drawn",
     rendered: String(drawn), rows: String(rows.length), suppressed: String(sup), generalised: String(gen),
-    start: report.filters.start, end: report.filters.end,
+    start: report.filters.start, end: report.filters.end, options: new URLSearchParams(report.options).toString(),
   });
   delete section.dataset.error;
 }
