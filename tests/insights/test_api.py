@@ -1,7 +1,6 @@
-"""The planners' HTTP API on a real uvicorn server (its answers, its OpenAPI document,
-its errors, /health, /metrics, and schemathesis against it), and its web page in
-headless Chromium (Debian's `chromium`): the charts render with data points, and a
-screenshot is kept in tests/artifacts/ (git-ignored)."""
+"""The planners' HTTP API on a real uvicorn server, and its web page in headless
+Chromium (Debian's `chromium`): the charts render with data points, and a screenshot is
+kept in tests/artifacts/ (git-ignored)."""
 
 from __future__ import annotations
 
