@@ -214,6 +214,7 @@ def _flush_events(args: argparse.Namespace, settings: Settings) -> int:
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
+    from prometheus_client import CollectorRegistry
 
     from devices.api import create_app
 
@@ -224,7 +225,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
                 return _open_registry(settings, broker)
 
             config = uvicorn.Config(
-                create_app(registry_factory),
+                create_app(registry_factory, metrics_registry=CollectorRegistry()),
                 host=args.host or settings.registry.http_host,
                 port=args.port if args.port is not None else settings.registry.http_port,
                 log_config=None,

@@ -180,6 +180,41 @@ class SimulatorMetrics:
         )
 
 
+_HTTP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class HttpMetrics:
+    """`registry serve` and `insights serve`: every request answered, by route.
+
+    `route` is the route's template (`/owners/{owner_id}`), `unmatched` for a path no
+    route knows; `method` is one of the HTTP methods or `other`: never a raw path or a
+    client's token, so the label sets stay bounded.
+    """
+
+    def __init__(self, registry: CollectorRegistry, api: str) -> None:
+        self.api = api
+        self.requests = Counter(
+            "usagepipe_http_requests_total",
+            "HTTP requests answered, by API (registry, insights), method, route template "
+            "and status code.",
+            ["api", "method", "route", "status"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "usagepipe_http_request_seconds",
+            "Time from a request's arrival to its response's last byte, by API, method, "
+            "route template and status code.",
+            ["api", "method", "route", "status"],
+            buckets=_HTTP_SECONDS_BUCKETS,
+            registry=registry,
+        )
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        labels = (self.api, method, route, str(status))
+        self.requests.labels(*labels).inc()
+        self.seconds.labels(*labels).observe(seconds)
+
+
 @contextlib.contextmanager
 def serve_metrics(registry: CollectorRegistry, port: int) -> Iterator[int | None]:
     """Serve `registry` on 127.0.0.1:`port` for as long as the block runs (0: not at all)."""

@@ -197,11 +197,18 @@ def _cell(value: object) -> str:
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
+    from prometheus_client import CollectorRegistry
 
     from ingest.insights.api import create_app
 
+    app = create_app(
+        settings.postgres,
+        settings.insights,
+        settings.registry.db_schema,
+        metrics_registry=CollectorRegistry(),
+    )
     config = uvicorn.Config(
-        create_app(settings.postgres, settings.insights, settings.registry.db_schema),
+        app,
         host=args.host or settings.insights.http_host,
         port=args.port if args.port is not None else settings.insights.http_port,
         log_config=None,

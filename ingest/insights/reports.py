@@ -408,7 +408,7 @@ def _zone(q: Query) -> str:
     name = q.options["tz"]
     try:
         ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long
         raise FilterError("tz", f"{name!r} is not an IANA time zone (Asia/Seoul)") from None
     return name
 
