@@ -332,7 +332,7 @@ def create_app(
     async def asset(name: str) -> Response:
         media_type = ASSETS.get(name)
         if media_type is None:
-            return JSONResponse({"detail": f"no file {name!r}"}, status_code=404)
+            return httpapi.problem(404, "not_found", f"no file {name[:40]!r}", field="name")
         text = files("ingest.insights").joinpath(f"static/{name}").read_text("utf-8")
         return Response(text, media_type=media_type)
 
@@ -340,19 +340,20 @@ def create_app(
         "/api/filters",
         summary="The values each filter can take in a time range",
         response_model=FilterChoices,
+        responses=httpapi.documented(InsightsProblem, 422, 503),
         description="Distinct models, categories, regions (ISO 3166-2) and firmware "
         "versions with usage in `[start, end)` (the same range rules and defaults as the "
         "reports), read from the device-daily rollup; no counts and nothing about owners. "
         "Also the UTC days holding any usage at all (`data_start`, `data_end`).",
     )
-    async def choices(start: str | None = None, end: str | None = None) -> Response:
+    async def choices(start: Start = None, end: End = None) -> Response:
         filters = Filters.parse(start=start, end=end, max_days=insights.max_range_days)
         try:
             async with state["pool"].acquire() as conn:
                 found = await filter_choices(conn, postgres.table, filters)
         except (OSError, asyncpg.PostgresError, StoreUnavailable) as exc:
             log.warning("filter values failed: %s", exc)
-            return JSONResponse({"detail": str(exc)}, status_code=503)
+            return httpapi.unavailable(str(exc))
         return Response(found.model_dump_json(), media_type="application/json")
 
     return app
