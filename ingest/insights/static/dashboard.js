@@ -18,8 +18,8 @@
 const NS = "http://www.w3.org/2000/svg";
 const DIMENSIONS = ["model", "category", "region", "firmware"];
 const RANGE_KEYS = ["start", "end"];
-const ORDER = ["heatmap", "cycles", "programs", "regions", "adoption", "cohorts", "errors", "completeness"];
-const WIDE = new Set(["programs", "regions", "errors", "completeness"]);
+const ORDER = ["heatmap", "cycles", "programs", "regions", "cohorts", "errors", "adoption", "completeness"];
+const WIDE = new Set(["programs", "regions", "cohorts", "errors"]);
 const PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7",
                  "#9c755f", "#bab0ac"];
 // For a legend of more than ten (a washer's programs): ten hues, dark and light.
@@ -75,8 +75,8 @@ const MEASURES = {
   schedule_share: {label: "schedule", short: "schedule share", pct: true},
   cycles_per_device_week: {label: "cycles per device-week", short: "cycles / device-week"},
   app_share: {label: "uses started from the app or a schedule", short: "app or schedule share", pct: true},
-  received: {label: "messages received"},
-  missing: {label: "messages missing"},
+  received: {label: "messages received", short: "received"},
+  missing: {label: "messages missing", short: "missing"},
   complete_device_days: {label: "device-days without a gap", short: "complete device-days"},
   completeness: {label: "received share", pct: true},
 };
@@ -319,8 +319,10 @@ function groupedBars(report, rows, opts) {
   xs.forEach((t, i) => {
     if (i % every) return;
     const x = M.l + i * step + step / 2, y = H - M.b + 14;
-    svg.appendChild(el("text", {x, y, "text-anchor": rotate ? "start" : "middle",
-                                transform: rotate ? `rotate(30 ${x} ${y - 4})` : undefined}, opts.xLabel(t)));
+    const label = String(opts.xLabel(t));
+    svg.appendChild(title(el("text", {x, y, "text-anchor": rotate ? "end" : "middle",
+                                      transform: rotate ? `rotate(-30 ${x} ${y - 4})` : undefined},
+                             label.length > 18 ? label.slice(0, 17) + "\u2026" : label), label));
   });
   svg.appendChild(el("text", {x: (M.l + W - M.r) / 2, y: H - 8, "text-anchor": "middle", "class": "axis-title"},
                      opts.xTitle));
@@ -614,11 +616,23 @@ DRAW.errors = (report, rows, ctx) => {
   return {svg, drawn};
 };
 
-DRAW.cycles = (report, rows, ctx) => {
+function cycleShares(rows) {
+  // A row's device-weeks as a share of its category's shown ones; a generalised row
+  // whose category is a merged label ("other categories") has no category of its own,
+  // so its share is of every shown device-week.
   const totals = new Map();
-  for (const r of rows.filter(r => !r.suppressed))
+  let all = 0;
+  for (const r of rows.filter(r => !r.suppressed)) {
     totals.set(String(r.category), (totals.get(String(r.category)) || 0) + r.device_weeks);
-  const share = r => r.device_weeks / totals.get(String(r.category));
+    all += r.device_weeks;
+  }
+  const known = new Set(state.ctx.choices.category || []);
+  const fine = new Set(rows.filter(r => !r.generalised || known.has(r.category)).map(r => String(r.category)));
+  return r => (r.suppressed ? null : r.device_weeks / (fine.has(String(r.category)) ? totals.get(String(r.category)) : all));
+}
+
+DRAW.cycles = (report, rows, ctx) => {
+  const share = cycleShares(rows);
   return groupedBars(report, rows, {
     width: ctx.width, pct: true, continuous: true, x: r => r.cycles, series: r => r.category, value: share,
     xLabel: String, seriesLabel: pretty,
@@ -701,7 +715,8 @@ DRAW.regions = (report, rows, ctx) => {
     const held = code && memberOf.get(code);
     if (held) g.appendChild(el("rect", {x: x + 1.5, y: y + 1.5, width: w - 3, height: h - 3, rx: 4, fill: svg.gen,
                                         stroke: "#333", "stroke-dasharray": "4 3"}));
-    g.appendChild(el("text", {x: x + 6, y: y + 16, style: `fill:${ink}`, "class": "tile-name"}, name));
+    g.appendChild(el("text", {x: x + 6, y: y + 16, style: `fill:${ink}${name.length > 10 ? ";font-size:10px" : ""}`,
+                              "class": "tile-name"}, name));
     if (code) g.appendChild(el("text", {x: x + 6, y: y + 29, style: `fill:${ink}`, "class": "tile-code"}, code));
     g.appendChild(el("text", {x: x + 6, y: y + h - 9, style: `fill:${ink}`, "class": "tile-value"},
                      held && !r ? "merged" : value));
@@ -815,9 +830,7 @@ const EXTRA_COLUMNS = {
     return [{name: "share of model & firmware", value: r => fmtPct(share(r), 2), sort: share}];
   },
   cycles: rows => {
-    const totals = new Map();
-    for (const r of rows) if (!r.suppressed) totals.set(r.category, (totals.get(r.category) || 0) + r.device_weeks);
-    const share = r => (r.suppressed ? null : r.device_weeks / totals.get(r.category));
+    const share = cycleShares(rows);
     return [{name: "share of category", value: r => fmtPct(share(r), 2), sort: share}];
   },
 };
