@@ -7,7 +7,10 @@ made). For each scrypt cost it provisions a fresh fleet, then provisions it agai
 idempotent path: every device's secret reissued). This is a benchmark, not a test: it
 prints figures and asserts nothing.
 
-    python bench/provision.py [--devices 200] [--log2-n 10 14] [--concurrency 8]
+    python bench/provision.py [--devices 200] [--log2-n 10 14] [--concurrency 8] [--no-broker]
+
+`--no-broker` registers against `CollectedAccounts` (everything but the broker call),
+which separates the registry's cost from Mosquitto's dynamic-security plugin's.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ from ingest.kafka import ensure_topics
 from ingest.services import with_broker_logins
 from ingest.settings import Settings
 from simulators.fleet import FleetPlan, device_ids
-from simulators.provision import open_registry, provision
+from simulators.provision import CollectedAccounts, open_registry, provision
 
 
-async def one(base: Settings, devices: int, log2_n: int, concurrency: int | None) -> None:
+async def one(
+    base: Settings, devices: int, log2_n: int, concurrency: int | None, broker: bool
+) -> None:
     name = f"bench_{secrets.token_hex(4)}"
     settings = base.model_copy(
         update={
@@ -41,7 +46,8 @@ async def one(base: Settings, devices: int, log2_n: int, concurrency: int | None
     plan = FleetPlan(devices=devices, messages_per_device=1, fleet=name.replace("_", ""))
     await ensure_topics(settings.kafka, settings.registry.events_topic)
     try:
-        async with open_registry(settings) as registry:
+        accounts = None if broker else CollectedAccounts()
+        async with open_registry(settings, broker=accounts) as registry:
             for label in ("first run", "second run"):
                 started = time.perf_counter()
                 fleet = await provision(registry, plan, concurrency=concurrency)
@@ -49,14 +55,16 @@ async def one(base: Settings, devices: int, log2_n: int, concurrency: int | None
                 print(
                     f"scrypt 2^{log2_n:<2}  {label:<10}  {devices} devices in {elapsed:6.2f}s"
                     f" = {devices / elapsed:7.1f} devices/s  (registered {fleet.registered},"
-                    f" reissued {fleet.reissued})",
+                    f" reissued {fleet.reissued}, handed over {fleet.transferred})",
                     flush=True,
                 )
     finally:
         from devices.mosquitto import DynsecAccounts
 
-        async with DynsecAccounts(settings.mqtt) as accounts:
-            await accounts.revoke_devices(device_ids(plan))
+        ids = device_ids(plan) if broker else []
+        async with DynsecAccounts(settings.mqtt) as made:
+            for i in range(0, len(ids), 100):  # one command message per 100: the broker's limit
+                await made.revoke_devices(ids[i : i + 100])
         conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
         try:
             await conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
@@ -69,11 +77,12 @@ async def main() -> None:
     parser.add_argument("--devices", type=int, default=200)
     parser.add_argument("--log2-n", type=int, nargs="+", default=[10, 14])
     parser.add_argument("--concurrency", type=int, default=None, help="(8; bulk: 48)")
+    parser.add_argument("--no-broker", action="store_true", help="collect accounts instead")
     args = parser.parse_args()
     settings = with_broker_logins(Settings())
     print(f"{os.cpu_count()} CPUs; concurrency {args.concurrency}")
     for log2_n in args.log2_n:
-        await one(settings, args.devices, log2_n, args.concurrency)
+        await one(settings, args.devices, log2_n, args.concurrency, not args.no_broker)
 
 
 if __name__ == "__main__":

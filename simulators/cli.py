@@ -34,6 +34,7 @@ from ingest.metrics import SimulatorMetrics, serve_metrics
 from ingest.settings import Settings
 from simulators.faults import FAULT_NAMES, parse_faults
 from simulators.fleet import Fleet, FleetPlan, FleetReport
+from simulators.history import HistoryError
 from simulators.ledger import LedgerWriter
 from simulators.provision import ProvisionedFleet, open_registry, provision
 
@@ -173,7 +174,8 @@ async def provision_fleet(
     console.print(
         f"provisioned {len(fleet.credentials)} devices in registry schema"
         f" {settings.registry.db_schema!r} ({fleet.registered} registered, {fleet.reissued}"
-        f" already registered and given new secrets) in {fleet.elapsed_s:.1f}s"
+        f" already registered and given new secrets, {fleet.transferred} handed over to a new"
+        f" household inside the span) in {fleet.elapsed_s:.1f}s"
         f" = {len(fleet.credentials) / max(fleet.elapsed_s, 1e-9):,.0f} devices/s",
         highlight=False,
     )
@@ -282,7 +284,7 @@ def simulate(settings: Settings, args: argparse.Namespace) -> int:
         )
     try:
         report = asyncio.run(run_fleet(settings, plan, console, ledger=args.ledger))
-    except RegistryError as exc:
+    except (RegistryError, HistoryError) as exc:
         console.print(f"[red]usagepipe simulate: cannot provision the fleet: {exc}")
         return 2
     console.print(

@@ -60,12 +60,24 @@ CATEGORY_PREFIX = {
 }
 
 
+# When each simulated model went on sale: the fleet is an installed base bought over
+# the years since (`simulators.history`), so a window may start no earlier than a
+# month or so after the newest of these.
+LAUNCHED_ON = {
+    "washer": date(2021, 3, 2),
+    "dryer": date(2021, 9, 6),
+    "refrigerator": date(2020, 4, 1),
+    "air_conditioner": date(2022, 2, 14),
+    "air_purifier": date(2022, 8, 22),
+    "robot_vacuum": date(2023, 3, 13),
+}
+
 SIM_MODELS = {
     category: ProductModel(
         f"SIM-{CATEGORY_PREFIX[category].upper()}",
         Category(category),
         f"Simulated {category.replace('_', ' ')}",
-        date(2025, 1, 1),
+        LAUNCHED_ON[category],
     )
     for category in CATEGORY_PREFIX
 }
@@ -112,10 +124,16 @@ class FleetPlan:
     """The consumer's allowed skew; the fleet holds back events not yet within it."""
     max_payload_bytes: int = 65536
     """The bridge's size limit, which `oversize` messages exceed."""
+    handover_share: float = 0.03
+    """Share of units that change hands (resold, given away) inside the played span
+    (`simulators.traffic.handover`): the registry attributes what they send before
+    that to the seller, after it to the buyer."""
 
     def __post_init__(self) -> None:
         if not _FLEET_NAME.match(self.fleet):
             raise ValueError(f"fleet {self.fleet!r} must be 1-16 letters or digits")
+        if not 0.0 <= self.handover_share <= 1.0:
+            raise ValueError("handover_share is a share between 0 and 1")
         if self.window is not None:
             if self.window <= timedelta(0):
                 raise ValueError("the window must be longer than zero")

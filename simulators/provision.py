@@ -1,22 +1,36 @@
-"""Provisioning a simulated fleet: the factory import and one registration per device.
+"""Provisioning a simulated fleet: the factory import, its owners and their registrations.
 
-The broker lets in only registered devices, so before a fleet publishes,
-`provision` does what the factory and the appliances' buyers do for real, through
-`devices.registry.Registry` (hence the broker account of each device):
+The broker lets in only registered devices, and enrichment attributes each event to
+the ownership period covering its time, so before a fleet publishes `provision` does
+what the factory and the appliances' buyers did, back when they did it, through
+`devices.registry.Registry` (hence the broker account of each device), as each unit's
+history says (`simulators.history`):
 
 1. the six simulated product models (`simulators.fleet.SIM_MODELS`);
-2. the factory export of the fleet's units (idempotent);
-3. one owner per device (a household), who registers the unit with its code.
+2. the factory export of the fleet's units, each with its manufacture date;
+3. per unit, the household that bought it creates its account and registers the unit
+   with its code, at the time it was set up (before the played span), with the
+   purchase's channel, store and date;
+4. for the units that change hands inside the span, the buyer's account and the
+   transfer at that instant (`Registry.transfer`): the registry then attributes the
+   events before it to the seller and those after it to the buyer;
+5. each current owner's recent activity (`Registry.record_activity`), so the owners
+   are not made dormant by `usagepipe registry dormancy`.
 
 It is idempotent: a device already registered (the same fleet name and seed run
-before) keeps its owner, who reissues its MQTT secret instead, since secrets are
-stored only as hashes and the new run needs one in clear. So re-running
-`usagepipe simulate` with the same seed reuses the registrations.
+before) keeps its owner and history, and its current owner (the buyer, after a
+handover) reissues its MQTT secret instead, since secrets are stored only as hashes
+and the new run needs one in clear. A re-run whose span has moved on (a later day)
+still applies a handover the registry has not seen (one dated after the current
+owner's period began). So re-running `usagepipe simulate` with the same seed reuses
+the registrations. Units already registered are not imported again; a unit imported
+before but never registered keeps the manufacture date it was imported with.
 
 Cost: each registration hashes the unit's code check and the new secret with scrypt,
 and makes one broker round trip. `open_registry` gives the simulator its own registry
 instance hashing at `simulator.provision_hash_log2_n` (2**10 by default: simulated
-units need no protection against offline guessing); registrations run concurrently.
+units need no protection against offline guessing); units are provisioned
+concurrently, each in its own transactions.
 """
 
 from __future__ import annotations
@@ -29,24 +43,27 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from devices.broker import BrokerAccounts
+from devices.errors import Rejected, RejectReason
 from devices.events import KafkaEventPublisher
-from devices.factory_import import COLUMNS, import_units
+from devices.factory_import import COLUMNS, ImportRejectReason, import_units
 from devices.mosquitto import DYNSEC_FILE, DynsecAccounts, device_role, hash_password
-from devices.records import MembershipTier, NewOwner, Purchase, PurchaseChannel, Registration
+from devices.records import NewOwner, Registration
 from devices.registry import Registry
 from ingest.settings import Settings
 from schemas.envelope import telemetry_topic
-from simulators.fleet import SIM_MODELS, FleetPlan, FleetUnit, fleet_units
-from simulators.traffic import profile
+from simulators.fleet import SIM_MODELS, FleetPlan, fleet_units
+from simulators.history import UnitHistory, unit_history
 
 log = logging.getLogger(__name__)
 
-_PURCHASE = Purchase(PurchaseChannel.OWN_ONLINE_SHOP)
-_MANUFACTURED_ON = "2025-06-01"
+SOURCE = "simulator"
+"""The `source` of the simulated owners' accounts and consents."""
 
 
 class ProvisioningError(Exception):
@@ -63,13 +80,16 @@ class ProvisionedFleet:
     registered: int
     """Devices registered by this call."""
     reissued: int
-    """Devices registered before, whose owners got a new secret."""
+    """Devices registered before, whose current owners got a new secret (or handed
+    them over: see `transferred`)."""
+    transferred: int
+    """Devices this call handed over to a buyer (`simulators.history`)."""
     elapsed_s: float
 
     def __repr__(self) -> str:  # the dataclass default would print every secret
         return (
             f"ProvisionedFleet({len(self.credentials)} devices, registered {self.registered},"
-            f" reissued {self.reissued})"
+            f" reissued {self.reissued}, transferred {self.transferred})"
         )
 
 
@@ -188,58 +208,67 @@ async def open_registry(
 async def provision(
     registry: Registry, plan: FleetPlan, *, concurrency: int | None = None
 ) -> ProvisionedFleet:
-    """Register every device of `plan` (see the module docstring); return their secrets.
+    """Register every device of `plan` as its history says (see the module docstring);
+    return their secrets.
 
     A fleet of `BULK_FROM` devices or more on a `SimRegistry` is provisioned in bulk.
+    Raises `simulators.history.HistoryError` when the plan starts before its units can
+    have been bought, `ProvisioningError` when the factory import refuses a unit.
     """
     started = time.monotonic()
     units = fleet_units(plan)
+    histories = [unit_history(plan, i, unit) for i, unit in enumerate(units)]
     bulk = isinstance(registry, SimRegistry) and len(units) >= BULK_FROM
     if concurrency is None:
         concurrency = BULK_CONCURRENCY if bulk else 8
     for model in SIM_MODELS.values():
         await registry.add_product_model(model)
-    lines = [",".join(COLUMNS) + "\n"] + [
-        f"{u.model.model_number},{u.serial_number},{_MANUFACTURED_ON},{u.registration_code}\n"
-        for u in units
-    ]
-    async with registry.transaction() as conn:
-        report = await import_units(
-            conn,
-            lines,
-            schema=registry.settings.db_schema,
-            hash_log2_n=registry.settings.secret_hash_log2_n,
-        )
-    if report.rejected:
-        first = report.rejected[0]
-        raise ProvisioningError(
-            f"{len(report.rejected)} simulated unit(s) refused by the factory import; first:"
-            f" line {first.line} {first.serial_number}: {first.reason.value} ({first.detail})"
-        )
     owners = await registry.current_owners([u.device_id for u in units])
+    await _import(registry, [h for h in histories if h.unit.device_id not in owners])
     slots = asyncio.Semaphore(concurrency)
+    transferred = 0
 
-    async def register(index: int, unit: FleetUnit) -> Registration:
+    async def bring_up(history: UnitHistory) -> Registration:
+        nonlocal transferred
+        unit = history.unit
         async with slots:
+            registration: Registration | None = None
             owner = owners.get(unit.device_id)
-            if owner is not None:
-                return await registry.reissue_credentials(unit.device_id, owner)
-            owner = await registry.create_owner(_household(plan, index, unit), source="simulator")
-            return await registry.register(
-                owner,
-                unit.model.model_number,
-                unit.serial_number,
-                unit.registration_code,
-                _PURCHASE,
-            )
+            if owner is None:
+                owner = await registry.create_owner(
+                    history.owner, source=SOURCE, at=history.registered_at
+                )
+                registration = await registry.register(
+                    owner,
+                    unit.model.model_number,
+                    unit.serial_number,
+                    unit.registration_code,
+                    history.purchase,
+                    at=history.registered_at,
+                )
+            if await _hands_over(registry, history, fresh=registration is not None):
+                assert history.handover is not None and history.buyer is not None
+                assert history.handover_purchase is not None
+                at = history.handover.at
+                await _touch(registry, owner, at, history.owner)  # the seller's last use
+                buyer = await registry.create_owner(history.buyer, source=SOURCE, at=at)
+                registration = await registry.transfer(
+                    unit.device_id, owner, buyer, history.handover_purchase, at=at
+                )
+                owner = buyer
+                transferred += 1
+            if registration is None:
+                registration = await registry.reissue_credentials(unit.device_id, owner)
+            await _touch(registry, owner, history.last_active, history.current_owner)
+            return registration
 
     if isinstance(registry, SimRegistry):
         registry.defer_events = bulk
     try:
         async with asyncio.TaskGroup() as tasks:
             done = [
-                tasks.create_task(register(i, unit), name=f"provision:{unit.device_id}")
-                for i, unit in enumerate(units)
+                tasks.create_task(bring_up(h), name=f"provision:{h.unit.device_id}")
+                for h in histories
             ]
     finally:
         if bulk:
@@ -252,29 +281,79 @@ async def provision(
         categories={u.device_id: u.category for u in units},
         registered=len(units) - len(owners),
         reissued=len(owners),
+        transferred=transferred,
         elapsed_s=time.monotonic() - started,
     )
     log.info(
-        "provisioned %d devices (%d registered, %d reissued) in %.1fs",
+        "provisioned %d devices (%d registered, %d reissued, %d handed over) in %.1fs",
         len(units),
         fleet.registered,
         fleet.reissued,
+        fleet.transferred,
         fleet.elapsed_s,
     )
     return fleet
 
 
-def _household(plan: FleetPlan, index: int, unit: FleetUnit) -> NewOwner:
-    """The simulated household that buys device `index` (no real person's data): the
-    same household the usage model gives the device, with its Korean region, and a
-    membership tier and consents in realistic shares (`simulators.traffic.profile`)."""
-    prof = profile(plan, unit.device_id, unit.category)
-    return NewOwner(
-        name=f"Simulated household {plan.fleet}-{plan.seed}-{index}",
-        email=f"household-{plan.fleet.lower()}-{plan.seed}-{index}@example.invalid",
-        phone=None,
-        region=prof.region_code,
-        membership_tier=MembershipTier(prof.membership_tier),
-        analytics_consent=prof.analytics_consent,
-        marketing_consent=prof.marketing_consent,
-    )
+async def _import(registry: Registry, histories: list[UnitHistory]) -> None:
+    """The factory export of the units not registered yet. A unit imported before with
+    another manufacture date (an earlier run on another day, which never registered
+    it) keeps its date: its code, which registration checks, is the same."""
+    if not histories:
+        return
+    lines = [",".join(COLUMNS) + "\n"] + [
+        f"{h.unit.model.model_number},{h.unit.serial_number},{h.manufactured_on},"
+        f"{h.unit.registration_code}\n"
+        for h in histories
+    ]
+    async with registry.transaction() as conn:
+        report = await import_units(
+            conn,
+            lines,
+            schema=registry.settings.db_schema,
+            hash_log2_n=registry.settings.secret_hash_log2_n,
+        )
+    refused = [
+        r
+        for r in report.rejected
+        if not (
+            r.reason is ImportRejectReason.CONFLICTING_SERIAL
+            and r.detail.endswith("a different manufactured_on")
+        )
+    ]
+    if refused:
+        first = refused[0]
+        raise ProvisioningError(
+            f"{len(refused)} simulated unit(s) refused by the factory import; first:"
+            f" line {first.line} {first.serial_number}: {first.reason.value} ({first.detail})"
+        )
+
+
+async def _hands_over(registry: Registry, history: UnitHistory, *, fresh: bool) -> bool:
+    """Whether the unit's handover is still to be recorded: always for a unit this call
+    registered; for one registered before, when its current owner's period began
+    before the handover (a run of the same seed whose span has moved on)."""
+    if history.handover is None:
+        return False
+    if fresh:
+        return True
+    periods = await registry.ownership_history(history.unit.device_id)
+    return bool(periods) and periods[-1].valid_from < history.handover.at
+
+
+async def _touch(registry: Registry, owner_id: UUID, at: datetime, who: NewOwner) -> None:
+    """Note the owner's activity at `at`; a dormant owner (a re-run long after) signs in
+    again and consents afresh, as the household's profile says."""
+    try:
+        await registry.record_activity(owner_id, at=at)
+    except Rejected as exc:
+        if exc.reason is not RejectReason.OWNER_NOT_ACTIVE:
+            raise
+        await registry.reactivate(
+            owner_id,
+            reauthenticated=True,
+            analytics_consent=who.analytics_consent,
+            marketing_consent=who.marketing_consent,
+            source=SOURCE,
+            at=at,
+        )

@@ -11,6 +11,9 @@ generators per device, so turning faults on or off never changes the usage itsel
 - usage: the household's events (`simulators.usage.device_days`) and their bodies;
 - firmware: the version the device starts with (by model cohort) and whether, and
   when, it upgrades during the window (a `*.firmware` event, then a reboot);
+- owners: the household that owns the device (`profile`) and, for a few percent of
+  units, the one it is resold or given to inside the window (`handover`,
+  `buyer_profile`), whose habits the usage follows from then on;
 - faults: which messages are hit by which fault (`simulators.faults`), and how.
 
 Fault semantics (rates are per message unless noted):
@@ -34,8 +37,9 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
@@ -122,21 +126,72 @@ class Profile:
 
 _TIERS = ("standard", "silver", "gold", "platinum")
 _TIER_SHARES = (55, 25, 14, 6)
+HANDOVER_KINDS = {"resale": 65, "gift": 35}
+"""How a unit changes hands inside the window, and how often each way (percent)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """The unit passes to another household at `at`: resold (`kind` "resale") or given
+    away ("gift"). The registry records it as a transfer at that instant."""
+
+    at: datetime
+    kind: str
 
 
 def profile(plan: FleetPlan, device_id: str, category: str) -> Profile:
     """The device's household and owner, the same for the same seed and device."""
     rng = random.Random(f"{plan.seed}:{device_id}:household")
-    household = new_household(rng)
     versions, shares = zip(*FIRMWARE[category], strict=True)
+    return _profile(rng, lambda: rng.choices(versions, shares)[0])
+
+
+def buyer_profile(plan: FleetPlan, device_id: str, category: str) -> Profile:
+    """The household the device passes to at its `handover`: its own region, size,
+    habits, tier and consents; the firmware is the device's, as it was."""
+    firmware = profile(plan, device_id, category).firmware
+    return _profile(random.Random(f"{plan.seed}:{device_id}:buyer"), lambda: firmware)
+
+
+def _profile(rng: random.Random, firmware: Callable[[], str]) -> Profile:
+    household = new_household(rng)
     return Profile(
         household=household,
         region_code=REGION_CODES[household.region.split("/", 1)[0]],
         membership_tier=rng.choices(_TIERS, _TIER_SHARES)[0],
         analytics_consent=rng.random() < 0.82,
         marketing_consent=rng.random() < 0.31,
-        firmware=rng.choices(versions, shares)[0],
+        firmware=firmware(),
     )
+
+
+def played_span(plan: FleetPlan) -> tuple[datetime, timedelta]:
+    """Where the plan's events start, and how long they typically run: usage mode its
+    window; the plain mode a device's messages, a few seconds apart from `plan.start`."""
+    if plan.window is not None:
+        assert plan.sim_start is not None
+        return plan.sim_start, plan.window
+    return plan.start, timedelta(seconds=30 + 5.5 * plan.messages_per_device)
+
+
+def handover(plan: FleetPlan, device_id: str) -> Handover | None:
+    """Whether, when and how the unit changes hands inside the played span
+    (`plan.handover_share` of units; between a tenth and nine tenths into the span).
+
+    The draws come in the same order whatever the share, so a larger share only adds
+    handovers: the units that change hands at 3 % do so, at the same instant, at 10 %."""
+    rng = random.Random(f"{plan.seed}:{device_id}:handover")
+    hands_over = rng.random() < plan.handover_share
+    first, length = played_span(plan)
+    at = (first + length * rng.uniform(0.1, 0.9)).replace(microsecond=0)
+    hour, minute = rng.randint(10, 19), rng.randint(0, 59)
+    kind = rng.choices(list(HANDOVER_KINDS), list(HANDOVER_KINDS.values()))[0]
+    if length >= timedelta(days=2):  # in the daytime, local time, the same day
+        local = at.astimezone(KST)
+        daytime = local.replace(hour=hour, minute=minute)
+        if first + timedelta(hours=1) <= daytime <= first + length - timedelta(hours=1):
+            at = daytime
+    return Handover(at, kind) if hands_over else None
 
 
 def boot_id(plan: FleetPlan, device_id: str, boot: int) -> str:
@@ -176,9 +231,18 @@ def device_traffic(
     topic = telemetry_topic(device_id, topic_prefix)
     foreign = telemetry_topic(neighbour, topic_prefix) if neighbour else None
 
-    events: Iterator[tuple[datetime, str, dict[str, Any]]] = device_days(
-        category, prof.household, usage_rng, start, end
-    )
+    # A unit that changes hands is used by the buyer's household from then on (the
+    # same usage generator, continued: the buyer's first day is made afresh).
+    passes = handover(plan, device_id)
+    events: Iterator[tuple[datetime, str, dict[str, Any]]]
+    if passes is not None and start < passes.at < end:
+        buyer = buyer_profile(plan, device_id, category).household
+        events = itertools.chain(
+            device_days(category, prof.household, usage_rng, start, passes.at),
+            device_days(category, buyer, usage_rng, passes.at, end),
+        )
+    else:
+        events = device_days(category, prof.household, usage_rng, start, end)
     upgrade = _upgrade(prof, category, firmware_rng, start, plan.window)
     if upgrade is not None:
         events = heapq.merge(events, [upgrade], key=lambda e: e[0])

@@ -2,6 +2,10 @@
 
     GET /                          the web page (static/index.html): the main views drawn
                                    in the browser from the JSON below; no CDN, no build
+    GET /api/filters               the values each filter can take in a time range
+                                   (`start`, `end`): models, categories, regions,
+                                   firmware, and the days holding any usage
+    GET /static/{name}             the page's script and style sheet
     GET /api/reports               every report: dimensions, measures, source, options
     GET /api/reports/{name}        one report; filters `start`, `end` (ISO date or time
                                    with zone, whole UTC hours), `model`, `category`,
@@ -38,6 +42,7 @@ from pydantic import BaseModel, Field
 
 from ingest import httpapi
 from ingest.errors import StoreUnavailable
+from ingest.insights.choices import FilterChoices, filter_choices
 from ingest.insights.export import MEDIA_TYPES, export
 from ingest.insights.filters import (
     CATEGORIES,
@@ -321,4 +326,41 @@ def create_app(
             headers["Content-Disposition"] = f'attachment; filename="{name}.{format}"'
         return Response(body, media_type=MEDIA_TYPES[format], headers=headers)
 
+    # -- the dashboard's own routes: its assets, and the values its filters offer --------
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def asset(name: str) -> Response:
+        media_type = ASSETS.get(name)
+        if media_type is None:
+            return httpapi.problem(404, "not_found", f"no file {name[:40]!r}", field="name")
+        text = files("ingest.insights").joinpath(f"static/{name}").read_text("utf-8")
+        return Response(text, media_type=media_type)
+
+    @app.get(
+        "/api/filters",
+        summary="The values each filter can take in a time range",
+        response_model=FilterChoices,
+        responses=httpapi.documented(InsightsProblem, 422, 503),
+        description="Distinct models, categories, regions (ISO 3166-2) and firmware "
+        "versions with usage in `[start, end)` (the same range rules and defaults as the "
+        "reports), read from the device-daily rollup; no counts and nothing about owners. "
+        "Also the UTC days holding any usage at all (`data_start`, `data_end`).",
+    )
+    async def choices(start: Start = None, end: End = None) -> Response:
+        filters = Filters.parse(start=start, end=end, max_days=insights.max_range_days)
+        try:
+            async with state["pool"].acquire() as conn:
+                found = await filter_choices(conn, postgres.table, filters)
+        except (OSError, asyncpg.PostgresError, StoreUnavailable) as exc:
+            log.warning("filter values failed: %s", exc)
+            return httpapi.unavailable(str(exc))
+        return Response(found.model_dump_json(), media_type="application/json")
+
     return app
+
+
+ASSETS = {
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+}
+"""The page's files in `static/`, served by `GET /static/{name}` (no CDN, no build)."""

@@ -132,7 +132,10 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _table(report: Report) -> str:
-    """The report as a plain-text table, suppressed segments marked."""
+    """The report as a plain-text table. A generalised row is marked [1], [2], ... in a
+    last column, the sentence saying what it merged printed under the table; a
+    suppressed row says so in its first measure. The last line counts the segments
+    generalised and suppressed."""
     from rich.console import Console
     from rich.table import Table
 
@@ -140,22 +143,50 @@ def _table(report: Report) -> str:
     table = Table()
     for column in (*report.spec.dimensions, *report.spec.measures):
         table.add_column(column, justify="right" if column in report.spec.measures else "left")
+    marked = any(r.generalised or r.members for r in report.rows)
+    if marked:
+        table.add_column("note")
+    notes: list[str] = []
     for row in report.rows:
         cells = [("" if v is None else str(v)) for v in row.segment.values()]
         if row.suppressed:
             cells += ["suppressed"] + [""] * (len(report.spec.measures) - 1)
         else:
             cells += [_cell(row.values.get(m)) for m in report.spec.measures]
+        if marked:
+            if row.generalised or row.members:
+                notes.append(row.generalised or f"{row.suppressed}")
+                cells.append(f"[{len(notes)}]")
+            else:
+                cells.append("")
         table.add_row(*cells)
-    suppressed = sum(1 for r in report.rows if r.suppressed)
-    population = "; marketing population" if report.spec.marketing else ""
     out = io.StringIO()
     console = Console(file=out, width=160, markup=False, highlight=False)
     console.print(report.spec.title)
     console.print(f"{f.start:%Y-%m-%d %H:%M} to {f.end:%Y-%m-%d %H:%M} UTC")
     console.print(table)
-    console.print(f"k = {report.k}; {suppressed} segment(s) suppressed{population}")
+    for i, note in enumerate(notes, 1):
+        console.print(f"[{i}] {note}")
+    console.print(footnote(report))
     return out.getvalue()
+
+
+def footnote(report: Report) -> str:
+    """One line: k, the segments generalised into how many rows, those suppressed."""
+    generalised, rows = report.generalised_segments, report.generalised_rows
+    suppressed = report.suppressed_segments
+    population = "; marketing population" if report.spec.marketing else ""
+    merged = (
+        f"{_n(generalised, 'segment')} with fewer than {report.k} owners generalised into "
+        f"{_n(rows, 'row')}"
+        if generalised
+        else "no segment generalised"
+    )
+    return f"k = {report.k}; {merged}; {_n(suppressed, 'segment')} suppressed{population}"
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
 
 
 def _cell(value: object) -> str:

@@ -1,19 +1,12 @@
-"""The planners' HTTP API on a real uvicorn server, and its web page in headless
-Chromium (Debian's `chromium`): the charts render with data points, and a screenshot is
-kept in tests/artifacts/ (git-ignored)."""
+"""The planners' HTTP API on a real uvicorn server (the web page in a browser:
+tests/insights/test_browser.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import csv
 import io
-import os
-import re
-import shutil
-import tempfile
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import pyarrow.parquet as pq
@@ -32,26 +25,8 @@ from tests.insights.conftest import Seeded
 from tests.insights.seed import END, START
 from tests.insights.test_reports import direct, run
 
-ARTIFACTS = Path(
-    os.environ.get("USAGEPIPE_TEST_ARTIFACTS", Path(__file__).parents[1] / "artifacts")
-)
 RANGE = {"start": "2026-11-02", "end": "2026-11-23"}
 K = 3
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# Flags for a sandbox-less, offline, reproducible run (root in CI, no GPU, no network).
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-    "--window-size=1280,1900",
-    "--virtual-time-budget=10000",
-]
 
 
 @pytest.fixture
@@ -261,68 +236,6 @@ async def test_schemathesis_finds_nothing(api: str) -> None:
     assert status == 0, output[-6000:]
     assert generated > 500, output[-2000:]
     print(f"schemathesis: {generated} cases, no failure")
-
-
-@pytest.mark.skipif(
-    CHROMIUM is None and not os.environ.get("CI"),  # CI must have it: deploy/local/env.sh
-    reason="chromium is not installed (deploy/local/env.sh installs it)",
-)
-async def test_the_web_page_draws_every_chart_with_data_in_headless_chromium(
-    seeded: Seeded, api: str
-) -> None:
-    url = f"{api}/?start={RANGE['start']}&end={RANGE['end']}"
-    dom = await chromium("--dump-dom", url)
-    figures = re.findall(r"<figure[^>]*>", dom)
-    assert len(figures) == 8
-    rendered = {}
-    for tag in figures:
-        name = re.search(r'data-report="(\w+)"', tag)
-        points = re.search(r'data-rendered="(\d+)"', tag)
-        assert name and points, tag  # a failure would carry data-error instead
-        rendered[name.group(1)] = int(points.group(1))
-    # Each chart drew exactly the report's unsuppressed segments (bar charts cap at 40
-    # labels; none of these has more).
-    for name, points in rendered.items():
-        report = await run(seeded, name, Filters.parse(start=START, end=END), K)
-        shown = sum(1 for r in report.rows if not r.suppressed)
-        assert points == shown > 0, name
-    assert dom.count('class="point"') == sum(rendered.values())
-
-    shot = ARTIFACTS / "insights_page.png"
-    fresh_artifact(shot)
-    await chromium(f"--screenshot={shot}", url)
-    png = shot.read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(png) > 20_000  # charts, not a blank page
-    print(f"screenshot: {shot}")
-
-
-def fresh_artifact(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
-
-
-async def chromium(action: str, url: str) -> str:
-    """Run headless Chromium once on `url` with a fresh profile; its stdout."""
-    assert CHROMIUM is not None
-    with tempfile.TemporaryDirectory(prefix="usagepipe-chromium-") as profile:
-        proc = await asyncio.create_subprocess_exec(
-            CHROMIUM,
-            *CHROMIUM_FLAGS,
-            f"--user-data-dir={profile}",
-            action,
-            url,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            async with asyncio.timeout(60):
-                out, err = await proc.communicate()
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
-    return out.decode()
 
 
 async def test_a_missing_table_or_registry_answers_503_saying_what_to_do(
