@@ -49,6 +49,7 @@ from devices.records import (
     ProductModel,
     Purchase,
     PurchaseChannel,
+    normalize_code,
 )
 from devices.registry import Registry, aware, migrate_registry
 
@@ -180,9 +181,12 @@ def _add_owner(args: argparse.Namespace, settings: Settings) -> int:
 def _add_model(args: argparse.Namespace, settings: Settings) -> int:
     async def run() -> int:
         async with _open_registry(settings) as registry:
-            await registry.add_product_model(
-                ProductModel(args.model_number, args.category, args.name, args.launched_on)
-            )
+            model = ProductModel(args.model_number, args.category, args.name, args.launched_on)
+            await registry.add_product_model(model)
+        print(
+            f"product model {normalize_code(model.model_number)} saved: {model.category.value},"
+            f" {model.name!r}, launched {model.launched_on}"
+        )
         return 0
 
     return _run(run())

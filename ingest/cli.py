@@ -50,12 +50,25 @@ _Report = TypeVar("_Report")
 def _duration(text: str) -> float:
     """`90`, `90s`, `5m`, `1h` -> seconds."""
     units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
     try:
-        if text and text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use 30, 30s, 5m)") from exc
+        seconds = float(number) * unit
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use 30, 30s, 5m)")
+    return seconds
+
+
+def _count(text: str) -> int:
+    """A whole number, 0 or more (an offset, a partition, a limit)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a whole number of 0 or more: {text!r}")
+    return value
 
 
 def _add_stop_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -156,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     reason_help = f"only letters of this reason: {', '.join(reasons)}"
     dlq_list.add_argument("--reason", choices=reasons, metavar="REASON", help=reason_help)
     dlq_list.add_argument(
-        "--limit", type=int, default=50, help="show the newest N letters (50; 0: all)"
+        "--limit", type=_count, default=50, help="show the newest N letters (50; 0: all)"
     )
     dlq_show = dlq_sub.add_parser("show", help="one dead letter in full, original bytes too")
     dlq_show.add_argument(
@@ -176,18 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dlq_replay.add_argument("--reason", choices=reasons, metavar="REASON", help=reason_help)
     dlq_replay.add_argument(
-        "--partition", type=int, default=None, metavar="P", help="only this dead-letter partition"
+        "--partition",
+        type=_count,
+        default=None,
+        metavar="P",
+        help="only this dead-letter partition",
     )
     dlq_replay.add_argument(
         "--from-offset",
-        type=int,
+        type=_count,
         default=0,
         metavar="N",
         help="first dead-letter offset, included, in every partition read (0)",
     )
     dlq_replay.add_argument(
         "--to-offset",
-        type=int,
+        type=_count,
         default=None,
         metavar="N",
         help="last dead-letter offset, included, in every partition read",
@@ -278,6 +295,8 @@ def _prog(args: argparse.Namespace) -> str:
     for sub in ("action", "registry_command", "insights_command"):
         if isinstance(getattr(args, sub, None), str):
             words.append(getattr(args, sub))
+    if args.command == "report":
+        words.append(args.name)
     return " ".join(words)
 
 
@@ -302,6 +321,12 @@ def _main(argv: Sequence[str] | None) -> int:
         # answer (1: start it, then try again): one line, the command and the reason.
         print(f"{_prog(args)}: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigurationError) else 1
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        # A path the user gave that cannot be read or written (`--out`, `--chart`).
+        print(f"{_prog(args)}: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
@@ -345,11 +370,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         flags = (
             ["--check", args.check] if args.check else ["--write", args.write] if args.write else []
         )
-        try:
-            return asyncapi.main(flags)
-        except OSError as exc:
-            print(f"usagepipe asyncapi: {exc.filename}: {exc.strerror}", file=sys.stderr)
-            return 2
+        return asyncapi.main(flags)
 
     if args.command == "db":
         from ingest.errors import UsagepipeError
