@@ -52,6 +52,7 @@ from devices.records import (
     normalize_code,
 )
 from devices.registry import Registry, aware, migrate_registry
+from ingest.ports import port_number
 
 if TYPE_CHECKING:
     from ingest.settings import Settings
@@ -197,6 +198,13 @@ def _import_units(args: argparse.Namespace, settings: Settings) -> int:
         text = Path(args.csv).read_text(encoding="utf-8")
     except OSError as exc:
         print(f"usagepipe registry: cannot read {args.csv}: {exc}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as exc:
+        print(
+            f"usagepipe registry: {args.csv} is not UTF-8 text (byte {exc.start}:"
+            f" {exc.reason}); export the CSV as UTF-8",
+            file=sys.stderr,
+        )
         return 2
 
     async def run() -> int:
@@ -415,4 +423,4 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 
     p = command("serve", _serve, "run the registry's HTTP API")
     p.add_argument("--host")
-    p.add_argument("--port", type=int)
+    p.add_argument("--port", type=port_number)

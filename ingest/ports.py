@@ -9,6 +9,7 @@ error comes before the server starts (uvicorn would log the error and exit on it
 
 from __future__ import annotations
 
+import argparse
 import errno
 import socket
 
@@ -57,3 +58,14 @@ def listen(host: str, port: int, setting: str, host_setting: str | None = None) 
         sock.close()
         raise unavailable(exc, host, port, setting, host_setting=host_setting) from exc
     return sock
+
+
+def port_number(text: str) -> int:
+    """An argparse type for `--port`: 0 (any free port) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r} (use 0 to 65535)")
+    return port

@@ -223,6 +223,10 @@ def test_every_bad_setting_gets_its_line() -> None:
             " (use 2030-01-01T00:00:00+00:00)",
         ),
         (
+            ["insights", "serve", "--port", "99999"],
+            "usagepipe insights serve: argument --port: not a port: '99999' (use 0 to 65535)",
+        ),
+        (
             ["registry"],
             "usagepipe registry: the following arguments are required: COMMAND"
             " (see usagepipe registry --help)",
@@ -237,6 +241,17 @@ def test_a_bad_option_is_one_line(argv: list[str], message: str) -> None:
     done = usagepipe(*argv)
     assert (done.returncode, done.stdout) == (2, "")
     assert one_line(done) == message
+
+
+def test_a_factory_export_that_is_not_utf8(tmp_path: Path) -> None:
+    export = tmp_path / "units.csv"
+    export.write_bytes("model_number,serial_number\nWM-100,Größe\n".encode("latin-1"))
+    done = usagepipe("registry", "import-units", str(export))
+    assert (done.returncode, done.stdout) == (2, "")
+    assert one_line(done) == (
+        f"usagepipe registry: {export} is not UTF-8 text (byte 36: invalid start byte);"
+        " export the CSV as UTF-8"
+    )
 
 
 def test_log_levels_are_not_case_sensitive() -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ingest.insights.filters import CATEGORIES, FilterError, Filters
 from ingest.insights.reports import REPORTS, Report
+from ingest.ports import port_number
 from ingest.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     serve = actions.add_parser("serve", help="serve the read-only API and the web page")
     serve.set_defaults(handler=_serve)
     serve.add_argument("--host", help="listen address (insights.http_host)")
-    serve.add_argument("--port", type=int, help="port (insights.http_port)")
+    serve.add_argument("--port", type=port_number, help="port (insights.http_port)")
 
 
 def _report(args: argparse.Namespace, settings: Settings) -> int:
