@@ -71,6 +71,9 @@ def _explain_error(
     path, field, section = _resolve(model, [str(part) for part in error["loc"]])
     kind = error["type"]
     if kind == "extra_forbidden":
+        prefix = (model.model_config.get("env_prefix") or "").upper()
+        if len(path) == 1 and path[0].upper().startswith(prefix):  # a .env file's own name
+            return f"{path[0].upper()} is not a setting (`usagepipe settings` lists them)"
         return f"{variable(path, model)} is not a setting{_suggestion(path, section, model)}"
     checked = kind in ("value_error", "assertion_error")  # a validator's own message
     if field is None:

@@ -20,9 +20,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+from pydantic_settings import SettingsConfigDict
 
 from ingest.dead_letter import DeadLetter, send_dead_letters
 from ingest.kafka import ensure_topics, make_producer
+from ingest.setting_errors import explain
 from ingest.settings import Settings
 from schemas.errors import InvalidTelemetry, Reason
 from tests.conftest import free_port
@@ -190,6 +193,26 @@ def test_every_bad_setting_gets_its_line() -> None:
         "usagepipe: USAGEPIPE_MQTT__PORT='abc' is not allowed: use a whole number from 0 to 65535",
         "usagepipe: USAGEPIPE_KAFKA__ENABLE_IDEMPOTENCE='2' is not allowed: use true or false"
         " (also 1/0, yes/no, on/off)",
+    ]
+
+
+def test_a_dotenv_file_gets_the_same_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """usagepipe's settings read no .env file; one that did would name its bad values
+    the same way (the model below adds `env_file`, nothing else)."""
+    for name in list(os.environ):
+        if name.upper().startswith("USAGEPIPE_"):
+            monkeypatch.delenv(name)  # the environment would win over the file
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("USAGEPIPE_MQTT__PORT=abc\nUSAGEPIPE_NO_SUCH=1\n")
+
+    class WithDotenv(Settings):
+        model_config = SettingsConfigDict(**{**Settings.model_config, "env_file": dotenv})
+
+    with pytest.raises(ValidationError) as bad:
+        WithDotenv()
+    assert explain(bad.value, {}, WithDotenv) == [
+        "USAGEPIPE_MQTT__PORT='abc' is not allowed: use a whole number from 0 to 65535",
+        "USAGEPIPE_NO_SUCH is not a setting (`usagepipe settings` lists them)",
     ]
 
 
