@@ -137,9 +137,8 @@ def test_add_owner(cli_settings: Settings, capsys: pytest.CaptureFixture[str]) -
     # The API's rules, checked before anything is written: one line naming the option.
     base = ["--name", "Lee", "--analytics-consent", "no", "--marketing-consent", "no"]
     assert run(cli_settings, "add-owner", *base, "--email", "lee", "--region", "KR-26") == 2
-    assert capsys.readouterr().err == (
-        "usagepipe registry add-owner: --email 'lee': String should match pattern"
-        " '^[^@\\s]+@[^@\\s]+$'\n"
+    assert capsys.readouterr().err.startswith(
+        "usagepipe registry add-owner: --email 'lee': String should "
     )
     assert run(cli_settings, "add-owner", *base, "--email", "lee@x.kr", "--region", "kr-26") == 2
     assert capsys.readouterr().err == (
