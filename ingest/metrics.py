@@ -15,6 +15,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from ingest.ports import unavailable
+
 log = logging.getLogger(__name__)
 
 _BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
@@ -216,14 +218,22 @@ class HttpMetrics:
 
 
 @contextlib.contextmanager
-def serve_metrics(registry: CollectorRegistry, port: int) -> Iterator[int | None]:
-    """Serve `registry` on 127.0.0.1:`port` for as long as the block runs (0: not at all)."""
+def serve_metrics(
+    registry: CollectorRegistry, port: int, setting: str = "the metrics port"
+) -> Iterator[int | None]:
+    """Serve `registry` on 127.0.0.1:`port` for as long as the block runs (0: not at all).
+
+    A port that cannot be had raises `PortUnavailable` naming it and `setting`, the
+    variable that moves it (`USAGEPIPE_BRIDGE__METRICS_PORT`)."""
     if port == 0:
         yield None
         return
     server: WSGIServer
     thread: threading.Thread
-    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    try:
+        server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    except OSError as exc:
+        raise unavailable(exc, "127.0.0.1", port, setting, what="metrics port") from exc
     log.info("metrics on http://127.0.0.1:%d/metrics", port)
     try:
         yield port

@@ -12,13 +12,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from ingest.insights.filters import CATEGORIES, FilterError, Filters
 from ingest.insights.reports import REPORTS, Report
+from ingest.ports import port_number
 from ingest.settings import Settings
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 OUTPUT_FORMATS = ("table", "csv", "parquet", "json")
@@ -57,7 +61,7 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     serve = actions.add_parser("serve", help="serve the read-only API and the web page")
     serve.set_defaults(handler=_serve)
     serve.add_argument("--host", help="listen address (insights.http_host)")
-    serve.add_argument("--port", type=int, help="port (insights.http_port)")
+    serve.add_argument("--port", type=port_number, help="port (insights.http_port)")
 
 
 def _report(args: argparse.Namespace, settings: Settings) -> int:
@@ -196,22 +200,48 @@ def _cell(value: object) -> str:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncpg
     import uvicorn
     from prometheus_client import CollectorRegistry
 
+    from ingest.errors import StoreUnavailable
     from ingest.insights.api import create_app
+    from ingest.ports import listen
+    from ingest.setting_errors import variable
 
-    app = create_app(
-        settings.postgres,
-        settings.insights,
-        settings.registry.db_schema,
-        metrics_registry=CollectorRegistry(),
+    host = args.host or settings.insights.http_host
+    port = args.port if args.port is not None else settings.insights.http_port
+    # Bound before uvicorn starts, so a port in use is one line naming what moves it
+    # (`PortUnavailable`, reported by the main CLI), not uvicorn's log and exit.
+    sock = listen(
+        host,
+        port,
+        "--port" if args.port is not None else variable(["insights", "http_port"]),
+        "--host" if args.host else variable(["insights", "http_host"]),
     )
     config = uvicorn.Config(
-        app,
-        host=args.host or settings.insights.http_host,
-        port=args.port if args.port is not None else settings.insights.http_port,
+        create_app(
+            settings.postgres,
+            settings.insights,
+            settings.registry.db_schema,
+            metrics_registry=CollectorRegistry(),
+        ),
+        host=host,
+        port=port,
         log_config=None,
     )
-    asyncio.run(uvicorn.Server(config).serve())
+
+    async def run() -> None:
+        # A database that does not answer is one line here, not the traceback uvicorn
+        # logs when the app's startup (its connection pool) fails.
+        try:
+            conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StoreUnavailable(f"PostgreSQL unreachable: {exc}") from exc
+        await conn.close()
+        log.info("insights on http://%s:%d/", host, sock.getsockname()[1])
+        await uvicorn.Server(config).serve(sockets=[sock])
+
+    with sock:
+        asyncio.run(run())
     return 0
