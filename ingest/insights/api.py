@@ -113,10 +113,15 @@ class ReportInfo(BaseModel):
     options: dict[str, OptionOut]
 
 
+Members = list[dict[str, Scalar]]
+"""A merged row's fine segments, each a dict of its dimensions."""
+
+
 class ReportOut(BaseModel):
-    """A report's answer: its filters and privacy rule, and one flat row per segment
-    (dimensions, measures, `suppressed`, `suppressed_reason`; measures null where
-    suppressed)."""
+    """A report's answer: its filters and privacy rule, and one flat row per segment or
+    merged group of small segments (dimensions, measures, `suppressed`,
+    `suppressed_reason`, `generalised`, and `members`: null for a fine segment, the fine
+    segments merged otherwise; measures null where suppressed)."""
 
     report: str
     title: str
@@ -127,10 +132,11 @@ class ReportOut(BaseModel):
     options: dict[str, str]
     k_anonymity: int
     suppressed_segments: int
+    generalised_segments: int
     dimensions: list[str]
     measures: list[str]
     chart: ChartOut
-    rows: list[dict[str, Scalar]]
+    rows: list[dict[str, Scalar | Members]]
 
 
 def _values(pattern: str | None = None, enum: tuple[str, ...] = (), what: str = "") -> Any:

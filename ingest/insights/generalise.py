@@ -125,7 +125,8 @@ class Generalisation:
         """The implied last level: everything left, "other ..." (or "all ..." when
         nothing at all was shown)."""
         labels = {d: Label(f"all {n}", part=f"other {n}") for d, n in self.nouns.items()}
-        return Level("segments", lambda _s: ((), labels))
+        noun = next(iter(self.nouns.values())) if len(self.nouns) == 1 else "segments"
+        return Level(noun, lambda _s: ((), labels))
 
 
 def generalise(
