@@ -86,6 +86,8 @@ class UnitHistory:
     handover_purchase: Purchase | None
     last_active: datetime
     """The current owner's last activity (the buyer's after a handover)."""
+    span_start: datetime
+    """Where the plan's events start."""
 
     @property
     def current_owner(self) -> NewOwner:
@@ -144,6 +146,7 @@ def unit_history(plan: FleetPlan, index: int, unit: FleetUnit) -> UnitHistory:
         buyer=buyer,
         handover_purchase=handed,
         last_active=max(last_active, passes.at) if passes is not None else last_active,
+        span_start=first,
     )
 
 
