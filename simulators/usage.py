@@ -71,6 +71,10 @@ class Household:
     """Runs the robot vacuum on a fixed morning schedule rather than by hand."""
     uses_app: float
     """Share of features started from the app rather than the panel."""
+    reports_at: float = 23.9
+    """Hour of the day the appliance sends its daily energy reading: the maker staggers
+    them over the day, so a fleet does not report at once (nor crowd one hour of the
+    planners' heat map)."""
 
 
 def new_household(rng: random.Random) -> Household:
@@ -81,6 +85,7 @@ def new_household(rng: random.Random) -> Household:
         works_days=rng.random() < 0.7,
         schedules_vacuum=rng.random() < 0.6,
         uses_app=rng.choice((0.05, 0.15, 0.3, 0.5)),
+        reports_at=rng.uniform(0, 24),
     )
 
 
@@ -342,7 +347,7 @@ def _day(
 
     # Shared events: a daily energy reading, rare filter news; the errors of
     # appliances that run all day.
-    add(_at(day, 23.9), f"{category}.energy")
+    add(_at(day, household.reports_at), f"{category}.energy")
     if category != "washer" and rng.random() < 0.03:
         add(_at(day, rng.uniform(8, 22)), f"{category}.filter")
     if category in DAY_ERRORS:
