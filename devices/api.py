@@ -1,10 +1,15 @@
 """The registry's HTTP API, for the maker's own site (which signs owners in).
 
 Owners register units, hand them on, change consent, come back from dormancy and ask
-for erasure. A refused request answers 4xx with a JSON body
-`{"reason": "<RejectReason>", "detail": "<words>"}`; the reason codes are the contract.
-A database or broker outage answers 503 with `reason: "unavailable"`. The OpenAPI
-document is at `/openapi.json` (FastAPI's default).
+for erasure. Every refused request answers the one `Problem` document of
+`ingest.httpapi`, `{"reason": ..., "detail": ..., "field": ...}`: a `RejectReason` code
+(404 unknown thing, 403 not allowed, 409 conflict with the current state, 422
+inconsistent input, 429 locked out), `invalid_request` (422) for a field that breaks its
+rule, `malformed_body` (400) for a body that is not readable JSON, and `unavailable` (503,
+with `Retry-After`) when PostgreSQL or the MQTT broker does not answer. Booleans are
+JSON `true`/`false` only; text fields refuse control characters (PostgreSQL cannot
+store NUL) and lone surrogates. `GET /health` checks that PostgreSQL answers;
+`GET /metrics` is Prometheus text. The OpenAPI document is at `/openapi.json`.
 
 The API trusts the caller about who the owner is (`owner_id`): it is meant to sit
 behind the site's authentication, not on the open internet.
@@ -14,17 +19,27 @@ functions' annotations at runtime.
 """
 
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import date, datetime
-from typing import Annotated
+from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import Depends, FastAPI, Request, status
+from fastapi import Depends, FastAPI, Path, Request, status
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from prometheus_client import CollectorRegistry
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+)
 
-from devices.errors import RegistryUnavailable, Rejected, RejectReason
+from devices.errors import RegistryError, RegistryUnavailable, Rejected, RejectReason
 from devices.records import (
     MembershipTier,
     NewOwner,
@@ -35,6 +50,8 @@ from devices.records import (
     Registration,
 )
 from devices.registry import Registry
+from ingest.httpapi import Problem, documented, install, problem, reason_enum, unavailable
+from ingest.metrics import HttpMetrics
 
 log = logging.getLogger(__name__)
 
@@ -55,29 +72,66 @@ STATUS_BY_REASON: dict[RejectReason, int] = {
 """HTTP status per reason: 404 unknown thing, 403 not allowed, 409 conflicts with the
 current state, 422 inconsistent input, 429 locked out."""
 
-Code = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=40)]
-Source = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+_PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _printable(text: str) -> str:
+    """Text PostgreSQL can store and a person can read: no control characters (NUL
+    cannot be stored; none belongs in these fields) and no lone surrogates (UTF-8
+    cannot encode them). The OpenAPI document states the same rule as a pattern."""
+    if _CONTROL.search(text):
+        raise ValueError("must not contain control characters (such as NUL or a line break)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be Unicode text (a lone surrogate is not)") from None
+    return text
+
+
+# Lengths first (`_text`), then `Printable` and its documented pattern (`PRINTABLE`):
+# pydantic checks constraints placed after a validator on its result, as "items".
+Printable = AfterValidator(_printable)
+PRINTABLE = Field(json_schema_extra={"pattern": _PRINTABLE})
+
+
+def _text(min_length: int, max_length: int, pattern: str | None = None) -> StringConstraints:
+    return StringConstraints(min_length=min_length, max_length=max_length, pattern=pattern)
+
+
+def _date_text(value: object) -> object:
+    """Dates as JSON text `YYYY-MM-DD` only: pydantic would also take a number (a Unix
+    time) or a date-time, which the OpenAPI `format: date` does not allow."""
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value):
+        raise ValueError("must be a date as text, YYYY-MM-DD")
+    return value
+
+
+# Model and serial numbers as typed from a label; `normalize_code` trims and upper-cases.
+Code = Annotated[str, _text(1, 40), Printable, PRINTABLE]
+Source = Annotated[str, _text(1, 100), Printable, PRINTABLE]
+IsoDate = Annotated[date, BeforeValidator(_date_text)]
+DeviceId = Annotated[str, _text(1, 100), Printable, PRINTABLE, Path()]
 
 
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Problem(Body):
-    """A refused request: the machine-readable reason and a human-readable detail."""
+class RegistryProblem(Problem):
+    """A refused request: the reason code, a human-readable detail, the field at fault."""
 
-    reason: str
-    detail: str
+    reason: Annotated[str, Field(json_schema_extra=reason_enum(r.value for r in RejectReason))]
 
 
 class CreateOwnerIn(Body):
-    name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
-    email: Annotated[str, StringConstraints(pattern=r"^[^@\s]+@[^@\s]+$", max_length=320)]
-    phone: Annotated[str, StringConstraints(max_length=40)] | None = None
-    region: Annotated[str, StringConstraints(pattern=r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$")]
+    name: Annotated[str, _text(1, 200), Printable, PRINTABLE]
+    email: Annotated[str, _text(3, 320, r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$")]
+    phone: Annotated[str, _text(0, 40), Printable, PRINTABLE] | None = None
+    region: Annotated[str, _text(2, 6, r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$")]
     membership_tier: MembershipTier = MembershipTier.STANDARD
-    analytics_consent: bool
-    marketing_consent: bool
+    analytics_consent: StrictBool
+    marketing_consent: StrictBool
     source: Source = "api"
 
 
@@ -111,8 +165,8 @@ class OwnerOut(Body):
 
 class PurchaseIn(Body):
     channel: PurchaseChannel
-    store_id: Annotated[str, StringConstraints(min_length=1, max_length=40)] | None = None
-    purchased_on: date | None = None
+    store_id: Annotated[str, _text(1, 40), Printable, PRINTABLE] | None = None
+    purchased_on: IsoDate | None = None
 
     def purchase(self) -> Purchase:
         return Purchase(self.channel, self.store_id, self.purchased_on)
@@ -122,9 +176,9 @@ class RegistrationIn(Body):
     owner_id: UUID
     model_number: Code
     serial_number: Code
-    registration_code: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    registration_code: Annotated[str, _text(1, 64), Printable, PRINTABLE]
     purchase: PurchaseIn
-    resale: bool = False
+    resale: StrictBool = False
     """True when the unit was bought second-hand and its previous owner did not release
     it; the code from inside the unit is then the proof of possession."""
 
@@ -169,16 +223,16 @@ class RevokedOut(Body):
 
 
 class ConsentIn(Body):
-    analytics: bool | None = None
-    marketing: bool | None = None
+    analytics: StrictBool | None = None
+    marketing: StrictBool | None = None
     source: Source = "api"
 
 
 class ReactivationIn(Body):
-    reauthenticated: bool
+    reauthenticated: StrictBool
     """The site confirms the owner just signed in again (password or equivalent)."""
-    analytics_consent: bool
-    marketing_consent: bool
+    analytics_consent: StrictBool
+    marketing_consent: StrictBool
     source: Source = "api"
 
 
@@ -196,13 +250,22 @@ def _registry(request: Request) -> Registry:
 
 
 RegistryDep = Annotated[Registry, Depends(_registry)]
-_PROBLEMS: dict[int | str, dict[str, object]] = {
-    code: {"model": Problem} for code in sorted(set(STATUS_BY_REASON.values()))
-}
 
 
-def create_app(registry_factory: RegistryFactory) -> FastAPI:
-    """The API over the registry that `registry_factory()` opens for the app's lifetime."""
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers of a route: 422 and 503 for all, plus `statuses`."""
+    return documented(RegistryProblem, *sorted({*statuses, 422, 503}))
+
+
+_WITH_BODY = (400,)
+_DEVICE = (*_WITH_BODY, 403, 404, 409)
+
+
+def create_app(
+    registry_factory: RegistryFactory, *, metrics_registry: CollectorRegistry | None = None
+) -> FastAPI:
+    """The API over the registry that `registry_factory()` opens for the app's lifetime;
+    its request metrics go to `metrics_registry` (a fresh one when not given)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -214,27 +277,42 @@ def create_app(registry_factory: RegistryFactory) -> FastAPI:
         title="usagepipe device registry",
         version="1",
         lifespan=lifespan,
-        responses=_PROBLEMS,
+    )
+    metrics = metrics_registry if metrics_registry is not None else CollectorRegistry()
+
+    async def health() -> dict[str, str]:
+        registry: Registry = app.state.registry
+        async with registry.transaction() as conn:
+            await conn.fetchval("SELECT 1")
+        return {"postgresql": "ok"}
+
+    install(
+        app,
+        metrics=HttpMetrics(metrics, "registry"),
+        registry=metrics,
+        model=RegistryProblem,
+        health=health,
+        health_doc="200 while the process serves and PostgreSQL answers `SELECT 1` in the "
+        "registry's schema within 2 s; 503 `unavailable` otherwise. The MQTT broker and "
+        "Kafka are not checked (registry events wait in the outbox while Kafka is away).",
     )
 
     @app.exception_handler(Rejected)
     async def rejected(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, Rejected)
-        return JSONResponse(
-            status_code=STATUS_BY_REASON.get(exc.reason, 400),
-            content={"reason": exc.reason.value, "detail": exc.message},
-        )
+        return problem(STATUS_BY_REASON[exc.reason], exc.reason.value, exc.message)
 
-    @app.exception_handler(RegistryUnavailable)
-    async def unavailable(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("registry unavailable: %s", exc)
-        return JSONResponse(
-            status_code=503,
-            content={"reason": "unavailable", "detail": "try again shortly"},
-            headers={"Retry-After": "5"},
-        )
+    @app.exception_handler(RegistryError)
+    async def failed(request: Request, exc: Exception) -> JSONResponse:
+        # RegistryUnavailable, or the broker refusing the registry's admin login (a
+        # setup fault the caller cannot fix by changing the request).
+        if isinstance(exc, RegistryUnavailable):
+            log.warning("registry unavailable: %s", exc)
+        else:
+            log.error("registry failed: %s", exc)
+        return unavailable("the registry cannot do this now; try again shortly")
 
-    @app.post("/owners", status_code=status.HTTP_201_CREATED)
+    @app.post("/owners", status_code=status.HTTP_201_CREATED, responses=_errors(*_WITH_BODY))
     async def create_owner(body: CreateOwnerIn, registry: RegistryDep) -> OwnerIdOut:
         """Create an owner account (contacts are kept apart from analytics data)."""
         owner_id = await registry.create_owner(
@@ -251,12 +329,16 @@ def create_app(registry_factory: RegistryFactory) -> FastAPI:
         )
         return OwnerIdOut(owner_id=owner_id)
 
-    @app.get("/owners/{owner_id}")
+    @app.get("/owners/{owner_id}", responses=_errors(404))
     async def get_owner(owner_id: UUID, registry: RegistryDep) -> OwnerOut:
         """The owner's status, tier and consents (no personal data)."""
         return OwnerOut.of(await registry.get_owner(owner_id))
 
-    @app.post("/registrations", status_code=status.HTTP_201_CREATED)
+    @app.post(
+        "/registrations",
+        status_code=status.HTTP_201_CREATED,
+        responses=_errors(*_WITH_BODY, 403, 404, 409, 429),
+    )
     async def register(body: RegistrationIn, registry: RegistryDep) -> RegistrationOut:
         """Register a unit with model, serial and the code printed inside it."""
         done = await registry.register(
@@ -269,31 +351,40 @@ def create_app(registry_factory: RegistryFactory) -> FastAPI:
         )
         return RegistrationOut.of(done)
 
-    @app.post("/devices/{device_id}/release", status_code=status.HTTP_204_NO_CONTENT)
-    async def release(device_id: str, body: OwnerRefIn, registry: RegistryDep) -> Response:
+    @app.post(
+        "/devices/{device_id}/release",
+        status_code=status.HTTP_204_NO_CONTENT,
+        response_class=Response,
+        responses=_errors(*_DEVICE),
+    )
+    async def release(device_id: DeviceId, body: OwnerRefIn, registry: RegistryDep) -> Response:
         """The current owner gives the device up; its MQTT secret is revoked."""
         await registry.release(device_id, body.owner_id)
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
-    @app.post("/devices/{device_id}/transfer")
-    async def transfer(device_id: str, body: TransferIn, registry: RegistryDep) -> RegistrationOut:
+    @app.post("/devices/{device_id}/transfer", responses=_errors(*_DEVICE))
+    async def transfer(
+        device_id: DeviceId, body: TransferIn, registry: RegistryDep
+    ) -> RegistrationOut:
         """The current owner hands the device to another owner, who gets a new secret."""
         done = await registry.transfer(
             device_id, body.from_owner_id, body.to_owner_id, body.purchase.purchase()
         )
         return RegistrationOut.of(done)
 
-    @app.post("/devices/{device_id}/credentials/revoke")
-    async def revoke(device_id: str, body: OwnerRefIn, registry: RegistryDep) -> RevokedOut:
+    @app.post("/devices/{device_id}/credentials/revoke", responses=_errors(*_DEVICE))
+    async def revoke(device_id: DeviceId, body: OwnerRefIn, registry: RegistryDep) -> RevokedOut:
         """The current owner revokes the device's MQTT secret."""
         return RevokedOut(revoked=await registry.revoke_credentials(device_id, body.owner_id))
 
-    @app.post("/devices/{device_id}/credentials")
-    async def reissue(device_id: str, body: OwnerRefIn, registry: RegistryDep) -> RegistrationOut:
+    @app.post("/devices/{device_id}/credentials", responses=_errors(*_DEVICE))
+    async def reissue(
+        device_id: DeviceId, body: OwnerRefIn, registry: RegistryDep
+    ) -> RegistrationOut:
         """The current owner gets a new MQTT secret; the previous one stops working."""
         return RegistrationOut.of(await registry.reissue_credentials(device_id, body.owner_id))
 
-    @app.put("/owners/{owner_id}/consents")
+    @app.put("/owners/{owner_id}/consents", responses=_errors(*_WITH_BODY, 404, 409))
     async def set_consent(owner_id: UUID, body: ConsentIn, registry: RegistryDep) -> OwnerOut:
         """Grant or withdraw consent for analytics and/or marketing (audited)."""
         owner = await registry.set_consent(
@@ -301,7 +392,7 @@ def create_app(registry_factory: RegistryFactory) -> FastAPI:
         )
         return OwnerOut.of(owner)
 
-    @app.post("/owners/{owner_id}/reactivation")
+    @app.post("/owners/{owner_id}/reactivation", responses=_errors(*_WITH_BODY, 403, 404, 409))
     async def reactivate(owner_id: UUID, body: ReactivationIn, registry: RegistryDep) -> OwnerOut:
         """Bring a dormant owner back after a fresh sign-in, with fresh consent."""
         owner = await registry.reactivate(
@@ -313,7 +404,7 @@ def create_app(registry_factory: RegistryFactory) -> FastAPI:
         )
         return OwnerOut.of(owner)
 
-    @app.post("/owners/{owner_id}/erasure")
+    @app.post("/owners/{owner_id}/erasure", responses=_errors(404))
     async def erase(owner_id: UUID, registry: RegistryDep) -> ErasureOut:
         """Erase the owner's personal data and links now (idempotent)."""
         await registry.get_owner(owner_id)  # 404 for an id that never existed

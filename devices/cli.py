@@ -1,6 +1,8 @@
 """`usagepipe registry ...`: the registry's commands, wired into the main CLI.
 
     usagepipe registry migrate                   create/upgrade the registry schema
+    usagepipe registry add-owner --name N --email E --region KR-11 \
+        --analytics-consent yes --marketing-consent no    create an owner, print its id
     usagepipe registry add-model WM-100 --category washer --name N --launched-on 2025-03-01
     usagepipe registry import-units units.csv    import a factory export, print the report
     usagepipe registry register --owner-id ... --model ... --serial ... --code ... --channel ...
@@ -27,8 +29,9 @@ import json
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, nullcontext
 from datetime import date, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -39,8 +42,17 @@ from devices.broker import BrokerAccounts
 from devices.errors import RegistryError, Rejected
 from devices.events import KafkaEventPublisher
 from devices.factory_import import import_units
-from devices.records import Category, ProductModel, Purchase, PurchaseChannel
+from devices.records import (
+    Category,
+    MembershipTier,
+    NewOwner,
+    ProductModel,
+    Purchase,
+    PurchaseChannel,
+    normalize_code,
+)
 from devices.registry import Registry, aware, migrate_registry
+from ingest.ports import port_number
 
 if TYPE_CHECKING:
     from ingest.settings import Settings
@@ -98,6 +110,8 @@ async def _open_registry(
 def _run(coro: Coroutine[Any, Any, int]) -> int:
     try:
         return asyncio.run(coro)
+    except BrokenPipeError:
+        raise  # stdout closed early (`| head`): the main CLI ends quietly
     except (RegistryError, OSError, asyncpg.PostgresError) as exc:
         print(f"usagepipe registry: {exc}", file=sys.stderr)
         return 2
@@ -116,12 +130,64 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     return _run(run())
 
 
+def _add_owner(args: argparse.Namespace, settings: Settings) -> int:
+    """Create an owner, as the maker's site does with `POST /owners`; print the owner id
+    alone, so a shell can keep it: `OWNER=$(usagepipe registry add-owner ...)`."""
+    from pydantic import ValidationError
+
+    from devices.api import CreateOwnerIn
+
+    fields = {
+        "name": args.name,
+        "email": args.email,
+        "phone": args.phone,
+        "region": args.region,
+        "membership_tier": args.tier,
+        "analytics_consent": args.analytics_consent == "yes",
+        "marketing_consent": args.marketing_consent == "yes",
+        "source": "cli",
+    }
+    try:
+        body = CreateOwnerIn.model_validate(fields)  # the API's rules, checked here first
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        option = "--tier" if error["loc"][0] == "membership_tier" else f"--{error['loc'][0]}"
+        option = option.replace("_", "-")
+        print(
+            f"usagepipe registry add-owner: {option} {error['input']!r}: {error['msg']}",
+            file=sys.stderr,
+        )
+        return 2
+
+    async def run() -> int:
+        async with _open_registry(settings) as registry:
+            owner_id = await registry.create_owner(
+                NewOwner(
+                    name=body.name,
+                    email=body.email,
+                    phone=body.phone,
+                    region=body.region,
+                    membership_tier=body.membership_tier,
+                    analytics_consent=body.analytics_consent,
+                    marketing_consent=body.marketing_consent,
+                ),
+                source=body.source,
+            )
+        print(owner_id)
+        return 0
+
+    return _run(run())
+
+
 def _add_model(args: argparse.Namespace, settings: Settings) -> int:
     async def run() -> int:
         async with _open_registry(settings) as registry:
-            await registry.add_product_model(
-                ProductModel(args.model_number, args.category, args.name, args.launched_on)
-            )
+            model = ProductModel(args.model_number, args.category, args.name, args.launched_on)
+            await registry.add_product_model(model)
+        print(
+            f"product model {normalize_code(model.model_number)} saved: {model.category.value},"
+            f" {model.name!r}, launched {model.launched_on}"
+        )
         return 0
 
     return _run(run())
@@ -132,6 +198,13 @@ def _import_units(args: argparse.Namespace, settings: Settings) -> int:
         text = Path(args.csv).read_text(encoding="utf-8")
     except OSError as exc:
         print(f"usagepipe registry: cannot read {args.csv}: {exc}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as exc:
+        print(
+            f"usagepipe registry: {args.csv} is not UTF-8 text (byte {exc.start}:"
+            f" {exc.reason}); export the CSV as UTF-8",
+            file=sys.stderr,
+        )
         return 2
 
     async def run() -> int:
@@ -214,25 +287,82 @@ def _flush_events(args: argparse.Namespace, settings: Settings) -> int:
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
+    from prometheus_client import CollectorRegistry
 
     from devices.api import create_app
+    from ingest.ports import listen
+    from ingest.setting_errors import variable
+
+    host = args.host or settings.registry.http_host
+    port = args.port if args.port is not None else settings.registry.http_port
+    # Bound before anything opens, so a port in use is one line naming what moves it
+    # (`PortUnavailable`, reported by the main CLI), not uvicorn's log and exit.
+    sock = listen(
+        host,
+        port,
+        "--port" if args.port is not None else variable(["registry", "http_port"]),
+        "--host" if args.host else variable(["registry", "http_host"]),
+    )
 
     async def run() -> int:
-        async with _open_broker(settings) as broker:
-
-            def registry_factory() -> AbstractAsyncContextManager[Registry]:
-                return _open_registry(settings, broker)
-
+        # The broker and the registry are opened here rather than in the app's lifespan,
+        # so a database or broker that does not answer is one line (`_run`), not the
+        # traceback uvicorn logs for a failed startup.
+        async with AsyncExitStack() as stack:
+            broker = await stack.enter_async_context(_open_broker(settings))
+            registry = await stack.enter_async_context(_open_registry(settings, broker))
             config = uvicorn.Config(
-                create_app(registry_factory),
-                host=args.host or settings.registry.http_host,
-                port=args.port if args.port is not None else settings.registry.http_port,
+                create_app(lambda: nullcontext(registry), metrics_registry=CollectorRegistry()),
+                host=host,
+                port=port,
                 log_config=None,
             )
-            await uvicorn.Server(config).serve()
+            log.info(
+                "registry API on http://%s:%d (OpenAPI: /openapi.json)",
+                host,
+                sock.getsockname()[1],
+            )
+            await uvicorn.Server(config).serve(sockets=[sock])
         return 0
 
-    return _run(run())
+    with sock:
+        return _run(run())
+
+
+def _one_of(kind: type[StrEnum]) -> Callable[[str], Any]:
+    """An argparse type for `kind` whose error lists the values (argparse's own says
+    `invalid Category value`, and the one-line error shows no usage block)."""
+
+    def parse(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            values = ", ".join(member.value for member in kind)
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {values}") from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date: {text!r} (use 2025-03-01)") from None
+
+
+def _instant(text: str) -> datetime:
+    """An ISO time with its zone: the registry refuses naive times (their meaning
+    depends on the host's clock setting)."""
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        at = None
+    if at is None or at.utcoffset() is None:
+        raise argparse.ArgumentTypeError(
+            f"not a time with zone: {text!r} (use 2030-01-01T00:00:00+00:00)"
+        )
+    return at
 
 
 def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -247,11 +377,26 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 
     command("migrate", _migrate, "create or upgrade the registry's tables")
 
+    p = command("add-owner", _add_owner, "create an owner account (as POST /owners); prints its id")
+    p.add_argument("--name", required=True)
+    p.add_argument("--email", required=True)
+    p.add_argument("--phone")
+    p.add_argument("--region", required=True, help="ISO 3166-2 code, e.g. KR-11 (Seoul)")
+    tiers = list(MembershipTier)
+    p.add_argument("--tier", type=_one_of(MembershipTier), choices=tiers, default="standard")
+    for purpose in ("analytics", "marketing"):
+        p.add_argument(
+            f"--{purpose}-consent",
+            choices=["yes", "no"],
+            required=True,
+            help=f"the owner's {purpose} consent, stated explicitly",
+        )
+
     p = command("add-model", _add_model, "add or update a product model")
     p.add_argument("model_number")
-    p.add_argument("--category", type=Category, choices=list(Category), required=True)
+    p.add_argument("--category", type=_one_of(Category), choices=list(Category), required=True)
     p.add_argument("--name", required=True)
-    p.add_argument("--launched-on", type=date.fromisoformat, required=True, metavar="YYYY-MM-DD")
+    p.add_argument("--launched-on", type=_day, required=True, metavar="YYYY-MM-DD")
 
     p = command("import-units", _import_units, "import a factory CSV export of units")
     p.add_argument("csv", help="model_number,serial_number,manufactured_on,registration_code")
@@ -261,9 +406,10 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("--model", required=True)
     p.add_argument("--serial", required=True)
     p.add_argument("--code", required=True, help="the registration code printed inside")
-    p.add_argument("--channel", type=PurchaseChannel, choices=list(PurchaseChannel), required=True)
+    channels = list(PurchaseChannel)
+    p.add_argument("--channel", type=_one_of(PurchaseChannel), choices=channels, required=True)
     p.add_argument("--store-id")
-    p.add_argument("--purchased-on", type=date.fromisoformat, metavar="YYYY-MM-DD")
+    p.add_argument("--purchased-on", type=_day, metavar="YYYY-MM-DD")
     p.add_argument("--resale", action="store_true", help="bought second-hand, not released")
 
     p = command(
@@ -271,10 +417,10 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         _dormancy,
         "mark owners idle past the dormancy period dormant; delete old registration attempts",
     )
-    p.add_argument("--now", type=datetime.fromisoformat, help="ISO time with zone (default now)")
+    p.add_argument("--now", type=_instant, help="ISO time with zone (default now)")
 
     command("flush-events", _flush_events, "publish registry events left pending")
 
     p = command("serve", _serve, "run the registry's HTTP API")
     p.add_argument("--host")
-    p.add_argument("--port", type=int)
+    p.add_argument("--port", type=port_number)

@@ -50,7 +50,8 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from ingest.dead_letter import DeadLetter
 from ingest.kafka import ensure_topics, make_producer
 from ingest.metrics import BridgeMetrics
-from ingest.mqtt import MqttClient
+from ingest.mqtt import MqttClient, SubscriptionRefused
+from ingest.setting_errors import variable
 from ingest.settings import Settings
 from schemas.errors import InvalidTelemetry, Reason
 
@@ -216,7 +217,15 @@ class Bridge:
         await producer.start()
         try:
             async with mqtt:
-                await mqtt.subscribed.wait()
+                try:
+                    await mqtt.wait_subscribed()
+                except SubscriptionRefused as exc:
+                    prefix = variable(["mqtt", "topic_prefix"])
+                    raise SubscriptionRefused(
+                        exc.topic,
+                        f"{exc.reason}; the bridge's login {s.mqtt.username!r} may not read it"
+                        f" (is {prefix}={s.mqtt.topic_prefix!r} right?)",
+                    ) from exc
                 self._metrics.subscribed.set(1)
                 self.ready.set()
                 log.info("bridge subscribed; forwarding to Kafka topic %s", s.kafka.raw_topic)

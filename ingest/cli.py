@@ -14,6 +14,11 @@
     usagepipe insights serve              planners' read-only HTTP API and web page
 
 Only this module reads the environment (`Settings()`) and configures logging.
+
+A user's mistake is one line on stderr and exit status 2, never a traceback: a bad
+option (argparse, without its usage block), a bad setting (`ingest.setting_errors`
+names the variable and what it allows), a port another process holds. Output into a
+pipe closed early (`usagepipe dlq list | head -3`) ends quietly.
 """
 
 from __future__ import annotations
@@ -21,14 +26,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Protocol, TypeVar
+from typing import NoReturn, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
+from ingest.errors import ConfigurationError, UsagepipeError
 from ingest.metrics import serve_metrics
+from ingest.setting_errors import explain, variable
 from ingest.settings import Settings
 
 log = logging.getLogger("usagepipe")
@@ -40,12 +50,25 @@ _Report = TypeVar("_Report")
 def _duration(text: str) -> float:
     """`90`, `90s`, `5m`, `1h` -> seconds."""
     units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
     try:
-        if text and text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use 30, 30s, 5m)") from exc
+        seconds = float(number) * unit
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use 30, 30s, 5m)")
+    return seconds
+
+
+def _count(text: str) -> int:
+    """A whole number, 0 or more (an offset, a partition, a limit)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a whole number of 0 or more: {text!r}")
+    return value
 
 
 def _add_stop_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -55,12 +78,31 @@ def _add_stop_options(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a mistake as one line: `usagepipe: argument --log-level: invalid
+    choice: 'LOUD' (choose from ...)`, without the usage block argparse prints first
+    (`--help` shows it). Subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f" (see {self.prog} --help)" if "required" in message else ""
+        self.exit(2, f"{self.prog}: {message}{hint}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="usagepipe",
         description="Appliance usage telemetry: MQTT -> Kafka -> PostgreSQL.",
     )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (INFO)")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help=f"{', '.join(LOG_LEVELS)}, in any case (INFO)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     services = sub.add_parser("services", help="start, check or stop the local servers")
@@ -127,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     reason_help = f"only letters of this reason: {', '.join(reasons)}"
     dlq_list.add_argument("--reason", choices=reasons, metavar="REASON", help=reason_help)
     dlq_list.add_argument(
-        "--limit", type=int, default=50, help="show the newest N letters (50; 0: all)"
+        "--limit", type=_count, default=50, help="show the newest N letters (50; 0: all)"
     )
     dlq_show = dlq_sub.add_parser("show", help="one dead letter in full, original bytes too")
     dlq_show.add_argument(
@@ -147,18 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dlq_replay.add_argument("--reason", choices=reasons, metavar="REASON", help=reason_help)
     dlq_replay.add_argument(
-        "--partition", type=int, default=None, metavar="P", help="only this dead-letter partition"
+        "--partition",
+        type=_count,
+        default=None,
+        metavar="P",
+        help="only this dead-letter partition",
     )
     dlq_replay.add_argument(
         "--from-offset",
-        type=int,
+        type=_count,
         default=0,
         metavar="N",
         help="first dead-letter offset, included, in every partition read (0)",
     )
     dlq_replay.add_argument(
         "--to-offset",
-        type=int,
+        type=_count,
         default=None,
         metavar="N",
         help="last dead-letter offset, included, in every partition read",
@@ -213,9 +259,11 @@ class Service(Protocol[_Report_co]):
     async def run(self) -> _Report_co: ...
 
 
-def _serve(port: int, make: Callable[[CollectorRegistry], Service[_Report]]) -> _Report:
-    """Run the service `make` builds, with its metrics on `port`, until it ends;
-    SIGTERM/SIGINT stop it cleanly."""
+def _serve(
+    port: int, setting: str, make: Callable[[CollectorRegistry], Service[_Report]]
+) -> _Report:
+    """Run the service `make` builds, with its metrics on `port` (moved by the variable
+    `setting`), until it ends; SIGTERM/SIGINT stop it cleanly."""
     registry = CollectorRegistry()
 
     async def main() -> _Report:
@@ -225,19 +273,68 @@ def _serve(port: int, make: Callable[[CollectorRegistry], Service[_Report]]) -> 
             loop.add_signal_handler(sig, service.stop, f"signal {sig.name}")
         return await service.run()
 
-    with serve_metrics(registry, port):
+    with serve_metrics(registry, port, setting):
         return asyncio.run(main())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: run one command; returns its exit status.
+
+    Output to a pipe closed early ends quietly, as Python's documentation recommends
+    (https://docs.python.org/3/library/signal.html#note-on-sigpipe): stdout is pointed
+    at /dev/null so the interpreter's last flush cannot fail, and the status is 1.
+    """
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return status
+
+
+def _prog(args: argparse.Namespace) -> str:
+    """`usagepipe registry serve`: the command as typed, for the start of a message."""
+    words = ["usagepipe", args.command]
+    for sub in ("action", "registry_command", "insights_command"):
+        if isinstance(getattr(args, sub, None), str):
+            words.append(getattr(args, sub))
+    if args.command == "report":
+        words.append(args.name)
+    return " ".join(words)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # aiokafka logs every retried connection at ERROR; ours say what matters.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except (ValidationError, SettingsError) as exc:
+        for line in explain(exc, os.environ):
+            print(f"usagepipe: {line}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, settings)
+    except UsagepipeError as exc:
+        # A port in use or unsafe settings (2: fix them), or a server that does not
+        # answer (1: start it, then try again): one line, the command and the reason.
+        print(f"{_prog(args)}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigurationError) else 1
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        # A path the user gave that cannot be read or written (`--out`, `--chart`).
+        print(f"{_prog(args)}: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     # --- broker logins (issue 4): unset MQTT logins come from the local broker's
     # <run_dir>/mosquitto/credentials.json, which `services up` writes; production
     # sets USAGEPIPE_MQTT__USERNAME/PASSWORD/ADMIN_USERNAME/ADMIN_PASSWORD instead.
@@ -320,6 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         bridge_report = _serve(
             settings.bridge.metrics_port,
+            variable(["bridge", "metrics_port"]),
             lambda registry: Bridge(
                 settings,
                 BridgeMetrics(registry),
@@ -338,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = with_local_owner_key(settings)  # unset: the local run dir's, with a warning
         consumer_report = _serve(
             settings.consumer.metrics_port,
+            variable(["consumer", "metrics_port"]),
             lambda registry: Consumer(
                 settings,
                 ConsumerMetrics(registry),

@@ -200,8 +200,8 @@ class DeadLetterReader:
     async def __aenter__(self) -> Self:
         topic = self._settings.dlq_topic
         try:
+            self._started = True  # a failed start still leaves a client to stop
             await self._consumer.start()
-            self._started = True
             known = self._consumer.partitions_for_topic(topic) or set()
             wanted = sorted(known if self._partitions is None else known & set(self._partitions))
             assigned = [TopicPartition(topic, p) for p in wanted]

@@ -2,6 +2,7 @@
 
     UsagepipeError            .retriable says whether trying again can help
      +-- ConfigurationError   False: unsafe or contradictory settings; refuse to start
+     |    +-- PortUnavailable       a port of ours (metrics, HTTP) cannot be listened on
      +-- BrokerUnavailable    True:  MQTT or Kafka cannot be reached or timed out
      +-- StoreUnavailable     True:  PostgreSQL cannot be reached or the transaction failed
      +-- RegistryLookupFailed True:  the device registry did not answer a lookup in time
@@ -25,6 +26,11 @@ class ConfigurationError(UsagepipeError):
     """The settings are unsafe or contradict each other."""
 
     retriable = False
+
+
+class PortUnavailable(ConfigurationError):
+    """A port usagepipe would serve on is taken (or not ours to take); the message names
+    the port and the setting that moves it."""
 
 
 class BrokerUnavailable(UsagepipeError):

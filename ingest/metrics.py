@@ -15,6 +15,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from ingest.ports import unavailable
+
 log = logging.getLogger(__name__)
 
 _BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
@@ -180,15 +182,58 @@ class SimulatorMetrics:
         )
 
 
+_HTTP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class HttpMetrics:
+    """`registry serve` and `insights serve`: every request answered, by route.
+
+    `route` is the route's template (`/owners/{owner_id}`), `unmatched` for a path no
+    route knows; `method` is one of the HTTP methods or `other`: never a raw path or a
+    client's token, so the label sets stay bounded.
+    """
+
+    def __init__(self, registry: CollectorRegistry, api: str) -> None:
+        self.api = api
+        self.requests = Counter(
+            "usagepipe_http_requests_total",
+            "HTTP requests answered, by API (registry, insights), method, route template "
+            "and status code.",
+            ["api", "method", "route", "status"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "usagepipe_http_request_seconds",
+            "Time from a request's arrival to its response's last byte, by API, method, "
+            "route template and status code.",
+            ["api", "method", "route", "status"],
+            buckets=_HTTP_SECONDS_BUCKETS,
+            registry=registry,
+        )
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        labels = (self.api, method, route, str(status))
+        self.requests.labels(*labels).inc()
+        self.seconds.labels(*labels).observe(seconds)
+
+
 @contextlib.contextmanager
-def serve_metrics(registry: CollectorRegistry, port: int) -> Iterator[int | None]:
-    """Serve `registry` on 127.0.0.1:`port` for as long as the block runs (0: not at all)."""
+def serve_metrics(
+    registry: CollectorRegistry, port: int, setting: str = "the metrics port"
+) -> Iterator[int | None]:
+    """Serve `registry` on 127.0.0.1:`port` for as long as the block runs (0: not at all).
+
+    A port that cannot be had raises `PortUnavailable` naming it and `setting`, the
+    variable that moves it (`USAGEPIPE_BRIDGE__METRICS_PORT`)."""
     if port == 0:
         yield None
         return
     server: WSGIServer
     thread: threading.Thread
-    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    try:
+        server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    except OSError as exc:
+        raise unavailable(exc, "127.0.0.1", port, setting, what="metrics port") from exc
     log.info("metrics on http://127.0.0.1:%d/metrics", port)
     try:
         yield port

@@ -37,7 +37,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from ingest.errors import BrokerUnavailable
+from ingest.errors import BrokerUnavailable, ConfigurationError
 from ingest.settings import MqttSettings
 
 if TYPE_CHECKING:
@@ -102,6 +102,16 @@ def _idle_packet() -> _InPacket:
         "to_process": 0,
         "pos": 0,
     }
+
+
+class SubscriptionRefused(ConfigurationError):
+    """The broker refused a subscription (SUBACK failure): this login may not read the
+    topic filter. Configuration, not an outage: asking again gets the same answer."""
+
+    def __init__(self, topic: str, reason: object) -> None:
+        self.topic = topic
+        self.reason = str(reason)
+        super().__init__(f"the MQTT broker refused the subscription to {topic!r}: {reason}")
 
 
 class PublishRefused(Exception):
@@ -272,6 +282,8 @@ class MqttClient:
         self.connected = asyncio.Event()
         self.subscribed = asyncio.Event()
         """Set once the broker confirmed every subscription on the current connection."""
+        self._subacked = asyncio.Event()
+        self._refused: SubscriptionRefused | None = None
         self.generation = 0
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
@@ -518,8 +530,21 @@ class MqttClient:
         ]
         for topic, code in refused:
             log.error("%s: subscription to %r refused: %s", self.client_id, topic, code)
-        if not refused:
+        if refused:
+            self._refused = SubscriptionRefused(*refused[0])
+        else:
             self.subscribed.set()
+        self._subacked.set()
+
+    async def wait_subscribed(self) -> None:
+        """Return once the broker confirmed every subscription; raise
+        `SubscriptionRefused` when it refused one (waiting on `subscribed` would wait
+        forever: the broker's answer does not change by asking again)."""
+        while not self.subscribed.is_set():
+            if self._refused is not None:
+                raise self._refused
+            self._subacked.clear()
+            await self._subacked.wait()
 
     # -- socket hooks: the asyncio loop drives paho's socket ---------------------------
 

@@ -102,7 +102,8 @@ async def list_letters(
                 heapq.heappush(newest, entry)
     shown = [entry[3] for entry in sorted(newest)]
     summary = ", ".join(f"{r} {n}" for r, n in sorted(by_reason.items()))
-    print(f"{settings.dlq_topic}: {total} records ({summary or 'no dead letters'})", file=out)
+    records = "record" if total == 1 else "records"
+    print(f"{settings.dlq_topic}: {total} {records} ({summary or 'no dead letters'})", file=out)
     if unreadable:
         listed = ", ".join(unreadable[:10]) + (", ..." if len(unreadable) > 10 else "")
         print(f"not dead letters (see `dlq show`): {listed}", file=out)

@@ -28,6 +28,10 @@ from devices.settings import RegistrySettings
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
 
 Port = Annotated[int, Field(ge=0, le=65535)]
+K_ANONYMITY_MIN = 3
+"""The smallest `insights.k_anonymity` allowed. At k = 2 either owner of a two-owner
+segment could subtract their own usage and read the other's exactly; from 3 on no
+single owner can (two colluding owners still could, which is why the default is 10)."""
 
 
 class Section(BaseModel):
@@ -231,9 +235,10 @@ class SimulatorSettings(Section):
 class InsightsSettings(Section):
     """Planners' reports (`usagepipe report`, `usagepipe insights serve`): read-only."""
 
-    k_anonymity: Annotated[int, Field(ge=2, le=1000)] = 10
-    """A report segment with fewer distinct owners than this is suppressed (shown as
-    suppressed, with the reason, its numbers withheld)."""
+    k_anonymity: Annotated[int, Field(ge=K_ANONYMITY_MIN, le=1000)] = 10
+    """No report row shows fewer distinct owners than this: a smaller segment is merged
+    with others along its report's hierarchy until the group has this many, or else
+    suppressed (its numbers withheld, with the reason). At least `K_ANONYMITY_MIN`."""
     timezone: str = "Asia/Seoul"
     """Local time of the hour-of-day x day-of-week heat map (an IANA zone whose offset
     is whole hours: the rollups are hourly)."""

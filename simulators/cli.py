@@ -35,6 +35,7 @@ from devices.errors import RegistryError
 from ingest.errors import BrokerUnavailable, UsagepipeError
 from ingest.kafka import ensure_topics
 from ingest.metrics import SimulatorMetrics, serve_metrics
+from ingest.setting_errors import variable
 from ingest.settings import Settings
 from simulators.faults import FAULT_NAMES, FaultRates, parse_faults
 from simulators.fleet import Fleet, FleetPlan, FleetReport, Mix
@@ -373,7 +374,9 @@ async def run_fleet(
         console.print(f"  sent {report.sent:,} of ~{total:,}", highlight=False)
 
     with (
-        serve_metrics(registry, settings.simulator.metrics_port),
+        serve_metrics(
+            registry, settings.simulator.metrics_port, variable(["simulator", "metrics_port"])
+        ),
         contextlib.ExitStack() as files,
     ):
         writer = files.enter_context(LedgerWriter(ledger)) if ledger is not None else None

@@ -18,7 +18,8 @@ need_python() {
   return 1
 }
 
-# Headless Chromium for the tests' web page check (tests/insights/test_api.py): Debian's.
+# Headless Chromium for the dashboard's browser test (tests/insights/test_browser.py):
+# Debian's, which Playwright drives through its executable path (no browser download).
 if [ "$1" = dev ] && ! command -v chromium >/dev/null 2>&1 &&
    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq chromium >/dev/null

@@ -2,6 +2,10 @@
 
     GET /                          the web page (static/index.html): the main views drawn
                                    in the browser from the JSON below; no CDN, no build
+    GET /api/filters               the values each filter can take in a time range
+                                   (`start`, `end`): models, categories, regions,
+                                   firmware, and the days holding any usage
+    GET /static/{name}             the page's script and style sheet
     GET /api/reports               every report: dimensions, measures, source, options
     GET /api/reports/{name}        one report; filters `start`, `end` (ISO date or time
                                    with zone, whole UTC hours), `model`, `category`,
@@ -9,10 +13,16 @@
                                    values); options `by` (cohorts), `tz` (heatmap);
                                    `format=json|csv|parquet`
 
-A bad filter or option answers 422 `{"field": ..., "detail": ...}`; an unknown report
-404; a database that does not answer 503. Suppressed segments are in the rows, marked
-`suppressed` with the reason. There is no authentication here: the API is meant to sit
-behind the company's single sign-on proxy, like the registry's.
+    GET /health                    200 while PostgreSQL answers and the usage table exists
+    GET /metrics                   Prometheus text: requests and latency by route
+
+Every error is the `Problem` document of `ingest.httpapi`,
+`{"reason": ..., "detail": ..., "field": ...}`: a bad filter or option 422
+`invalid_request` naming the `field`; an unknown report 404 `unknown_report`; a
+database that does not answer, or lacks a table, 503 `unavailable` (with `Retry-After`).
+Suppressed segments are in the rows, marked `suppressed` with the reason. There is no
+authentication here: the API is meant to sit behind the company's single sign-on
+proxy, like the registry's.
 
 `from __future__ import annotations` is left out on purpose: FastAPI reads the route
 functions' annotations at runtime.
@@ -25,26 +35,170 @@ from importlib.resources import files
 from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, Field
 
+from ingest import httpapi
 from ingest.errors import StoreUnavailable
+from ingest.insights.choices import FilterChoices, filter_choices
 from ingest.insights.export import MEDIA_TYPES, export
-from ingest.insights.filters import FilterError, Filters
+from ingest.insights.filters import (
+    CATEGORIES,
+    INSTANT_PATTERN,
+    REGION_PATTERN,
+    TEXT_PATTERN,
+    FilterError,
+    Filters,
+)
 from ingest.insights.privacy import Privacy
 from ingest.insights.reports import REPORTS, run_report
+from ingest.metrics import HttpMetrics
 from ingest.settings import InsightsSettings, PostgresSettings
 
 log = logging.getLogger(__name__)
 
-Values = Annotated[list[str], Query()]
+
+class InsightsProblem(httpapi.Problem):
+    """A refused or failed request: the reason code, a human-readable detail, and the
+    parameter at fault."""
+
+    reason: Annotated[str, Field(json_schema_extra=httpapi.reason_enum(["unknown_report"]))]
+
+
+Scalar = str | int | float | bool | None
+
+
+class FiltersOut(BaseModel):
+    """The filters in effect, defaults filled in (UTC, whole hours, `end` excluded)."""
+
+    start: str
+    end: str
+    model: list[str]
+    category: list[str]
+    region: list[str]
+    firmware: list[str]
+
+
+class ChartOut(BaseModel):
+    """How the report is drawn: `kind` (bar, line, heatmap, ...), the measure `value`,
+    and which dimensions make the labels, the axes and the series."""
+
+    kind: str
+    value: str
+    label: list[str]
+    x: str | None
+    y: str | None
+    series: str | None
+
+
+class OptionOut(BaseModel):
+    help: str
+    choices: list[str]
+    default: str | None
+
+
+class ReportInfo(BaseModel):
+    """What a report is and what it takes (`measures`: name -> int or float)."""
+
+    name: str
+    title: str
+    description: str
+    dimensions: list[str]
+    measures: dict[str, str]
+    source: str
+    marketing_usable: bool
+    chart: ChartOut
+    options: dict[str, OptionOut]
+
+
+class ReportOut(BaseModel):
+    """A report's answer: its filters and privacy rule, and one flat row per segment
+    (dimensions, measures, `suppressed`, `suppressed_reason`; measures null where
+    suppressed)."""
+
+    report: str
+    title: str
+    source: str
+    marketing_usable: bool
+    population: str
+    filters: FiltersOut
+    options: dict[str, str]
+    k_anonymity: int
+    suppressed_segments: int
+    dimensions: list[str]
+    measures: list[str]
+    chart: ChartOut
+    rows: list[dict[str, Scalar]]
+
+
+def _values(pattern: str | None = None, enum: tuple[str, ...] = (), what: str = "") -> Any:
+    """A repeatable filter parameter, documented with the rule `Filters.parse` applies."""
+    item: dict[str, Any] = {"type": "string"}
+    if pattern:
+        item["pattern"] = pattern
+    if enum:
+        item["enum"] = list(enum)
+    return Query(
+        description=f"only these {what}; repeat for several (none: all)",
+        json_schema_extra={"items": item},
+    )
+
+
+def _instant(which: str) -> Any:
+    return Query(
+        description=f"{which}: an ISO date (00:00 UTC) or a time with zone, a whole UTC hour",
+        json_schema_extra={"pattern": INSTANT_PATTERN, "examples": ["2026-11-01"]},
+    )
+
+
+_REPORT_ERRORS = httpapi.documented(InsightsProblem, 404, 422, 503)
+_BY = tuple(
+    dict.fromkeys(
+        choice
+        for spec in REPORTS.values()
+        if "by" in spec.options
+        for choice in spec.options["by"].choices
+    )
+)
+_TZ_PATTERN = r"^[A-Za-z0-9_+/-]{1,64}$"
+"""What IANA time zone names are made of (`Asia/Seoul`, `Etc/GMT-9`)."""
+ReportName = Annotated[str, Path(json_schema_extra={"enum": list(REPORTS)})]
+Start = Annotated[str | None, _instant("start (default: end - 28 days)")]
+End = Annotated[str | None, _instant("end, excluded (default: the next hour)")]
+Models = Annotated[list[str], _values(TEXT_PATTERN, what="model numbers")]
+Categories = Annotated[list[str], _values(enum=CATEGORIES, what="categories")]
+Regions = Annotated[list[str], _values(REGION_PATTERN, what="regions (ISO 3166-2)")]
+Firmwares = Annotated[list[str], _values(TEXT_PATTERN, what="firmware versions")]
+By = Annotated[
+    str | None,
+    Query(description="cohorts: group by", max_length=64, json_schema_extra={"enum": list(_BY)}),
+]
+Tz = Annotated[
+    str | None,
+    Query(
+        description="heatmap: IANA time zone of the hours (default: insights.timezone)",
+        max_length=64,
+        json_schema_extra={"pattern": _TZ_PATTERN},
+    ),
+]
+_EXPORTS = {
+    "text/csv": {"schema": {"type": "string"}},
+    "application/vnd.apache.parquet": {"schema": {"type": "string", "format": "binary"}},
+}
 
 
 def create_app(
-    postgres: PostgresSettings, insights: InsightsSettings, registry_schema: str
+    postgres: PostgresSettings,
+    insights: InsightsSettings,
+    registry_schema: str,
+    *,
+    metrics_registry: CollectorRegistry | None = None,
 ) -> FastAPI:
     """The API over `postgres.table`; marketing-usable reports read owners from the
-    registry in `registry_schema` (same database)."""
+    registry in `registry_schema` (same database). Request metrics go to
+    `metrics_registry` (a fresh one when not given)."""
     state: dict[str, asyncpg.Pool] = {}
     privacy = Privacy(insights.k_anonymity, registry_schema)
 
@@ -69,36 +223,79 @@ def create_app(
         lifespan=lifespan,
     )
 
+    metrics = metrics_registry if metrics_registry is not None else CollectorRegistry()
+
+    async def health() -> dict[str, str]:
+        async with state["pool"].acquire() as conn:
+            found = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", postgres.table)
+        if not found:
+            raise StoreUnavailable(
+                f"the usage table {postgres.table} does not exist: run `usagepipe db migrate`"
+            )
+        return {"postgresql": "ok", "usage_table": "ok"}
+
+    httpapi.install(
+        app,
+        metrics=HttpMetrics(metrics, "insights"),
+        registry=metrics,
+        model=InsightsProblem,
+        health=health,
+        health_doc="200 while the process serves, PostgreSQL answers within 2 s and the "
+        "usage table exists; 503 `unavailable` otherwise (the registry schema, read by "
+        "marketing-usable reports only, is not checked).",
+    )
+
     @app.exception_handler(FilterError)
     async def bad_filter(request: Request, exc: FilterError) -> JSONResponse:
-        return JSONResponse({"field": exc.field, "detail": exc.message}, status_code=422)
+        return httpapi.problem(422, "invalid_request", exc.message, field=exc.field)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         html = files("ingest.insights").joinpath("static/index.html").read_text("utf-8")
         return HTMLResponse(html)
 
-    @app.get("/api/reports", summary="Every report and what it takes")
+    @app.get(
+        "/api/reports",
+        summary="Every report and what it takes",
+        response_model=None,
+        responses={200: {"model": list[ReportInfo]}},
+    )
     async def catalogue() -> list[dict[str, Any]]:
         return [spec.describe() for spec in REPORTS.values()]
 
-    @app.get("/api/reports/{name}", summary="One report, filtered", response_model=None)
+    @app.get(
+        "/api/reports/{name}",
+        summary="One report, filtered",
+        response_model=None,
+        responses={
+            200: {
+                "model": ReportOut,
+                "description": "The report as JSON, or as a CSV or Parquet download "
+                "(`format`), each with the same flat rows.",
+                "content": _EXPORTS,
+            },
+            **_REPORT_ERRORS,
+        },
+    )
     async def report(
-        name: str,
+        name: ReportName,
         *,
-        start: str | None = None,
-        end: str | None = None,
-        model: Values = [],  # noqa: B006 - FastAPI copies defaults per request
-        category: Values = [],  # noqa: B006
-        region: Values = [],  # noqa: B006
-        firmware: Values = [],  # noqa: B006
-        by: str | None = None,
-        tz: str | None = None,
+        start: Start = None,
+        end: End = None,
+        model: Models = [],  # noqa: B006 - FastAPI copies defaults per request
+        category: Categories = [],  # noqa: B006
+        region: Regions = [],  # noqa: B006
+        firmware: Firmwares = [],  # noqa: B006
+        by: By = None,
+        tz: Tz = None,
         format: Literal["json", "csv", "parquet"] = "json",
     ) -> Response:
         if name not in REPORTS:
-            return JSONResponse(
-                {"detail": f"no report {name!r}; one of {', '.join(REPORTS)}"}, status_code=404
+            return httpapi.problem(
+                404,
+                "unknown_report",
+                f"no report {name[:40]!r}; one of {', '.join(REPORTS)}",
+                field="name",
             )
         filters = Filters.parse(
             start=start,
@@ -122,11 +319,48 @@ def create_app(
                 )
         except (OSError, asyncpg.PostgresError, StoreUnavailable) as exc:
             log.warning("report %s failed: %s", name, exc)
-            return JSONResponse({"detail": str(exc)}, status_code=503)
+            return httpapi.unavailable(str(exc))
         body = export(result, format)
         headers = {}
         if format != "json":
             headers["Content-Disposition"] = f'attachment; filename="{name}.{format}"'
         return Response(body, media_type=MEDIA_TYPES[format], headers=headers)
 
+    # -- the dashboard's own routes: its assets, and the values its filters offer --------
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def asset(name: str) -> Response:
+        media_type = ASSETS.get(name)
+        if media_type is None:
+            return httpapi.problem(404, "not_found", f"no file {name[:40]!r}", field="name")
+        text = files("ingest.insights").joinpath(f"static/{name}").read_text("utf-8")
+        return Response(text, media_type=media_type)
+
+    @app.get(
+        "/api/filters",
+        summary="The values each filter can take in a time range",
+        response_model=FilterChoices,
+        responses=httpapi.documented(InsightsProblem, 422, 503),
+        description="Distinct models, categories, regions (ISO 3166-2) and firmware "
+        "versions with usage in `[start, end)` (the same range rules and defaults as the "
+        "reports), read from the device-daily rollup; no counts and nothing about owners. "
+        "Also the UTC days holding any usage at all (`data_start`, `data_end`).",
+    )
+    async def choices(start: Start = None, end: End = None) -> Response:
+        filters = Filters.parse(start=start, end=end, max_days=insights.max_range_days)
+        try:
+            async with state["pool"].acquire() as conn:
+                found = await filter_choices(conn, postgres.table, filters)
+        except (OSError, asyncpg.PostgresError, StoreUnavailable) as exc:
+            log.warning("filter values failed: %s", exc)
+            return httpapi.unavailable(str(exc))
+        return Response(found.model_dump_json(), media_type="application/json")
+
     return app
+
+
+ASSETS = {
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+}
+"""The page's files in `static/`, served by `GET /static/{name}` (no CDN, no build)."""

@@ -12,13 +12,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from ingest.insights.filters import CATEGORIES, FilterError, Filters
 from ingest.insights.reports import REPORTS, Report
+from ingest.ports import port_number
 from ingest.settings import Settings
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 OUTPUT_FORMATS = ("table", "csv", "parquet", "json")
@@ -57,7 +61,7 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     serve = actions.add_parser("serve", help="serve the read-only API and the web page")
     serve.set_defaults(handler=_serve)
     serve.add_argument("--host", help="listen address (insights.http_host)")
-    serve.add_argument("--port", type=int, help="port (insights.http_port)")
+    serve.add_argument("--port", type=port_number, help="port (insights.http_port)")
 
 
 def _report(args: argparse.Namespace, settings: Settings) -> int:
@@ -132,7 +136,10 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _table(report: Report) -> str:
-    """The report as a plain-text table, suppressed segments marked."""
+    """The report as a plain-text table. A generalised row is marked [1], [2], ... in a
+    last column, the sentence saying what it merged printed under the table; a
+    suppressed row says so in its first measure. The last line counts the segments
+    generalised and suppressed."""
     from rich.console import Console
     from rich.table import Table
 
@@ -140,22 +147,50 @@ def _table(report: Report) -> str:
     table = Table()
     for column in (*report.spec.dimensions, *report.spec.measures):
         table.add_column(column, justify="right" if column in report.spec.measures else "left")
+    marked = any(r.generalised or r.members for r in report.rows)
+    if marked:
+        table.add_column("note")
+    notes: list[str] = []
     for row in report.rows:
         cells = [("" if v is None else str(v)) for v in row.segment.values()]
         if row.suppressed:
             cells += ["suppressed"] + [""] * (len(report.spec.measures) - 1)
         else:
             cells += [_cell(row.values.get(m)) for m in report.spec.measures]
+        if marked:
+            if row.generalised or row.members:
+                notes.append(row.generalised or f"{row.suppressed}")
+                cells.append(f"[{len(notes)}]")
+            else:
+                cells.append("")
         table.add_row(*cells)
-    suppressed = sum(1 for r in report.rows if r.suppressed)
-    population = "; marketing population" if report.spec.marketing else ""
     out = io.StringIO()
     console = Console(file=out, width=160, markup=False, highlight=False)
     console.print(report.spec.title)
     console.print(f"{f.start:%Y-%m-%d %H:%M} to {f.end:%Y-%m-%d %H:%M} UTC")
     console.print(table)
-    console.print(f"k = {report.k}; {suppressed} segment(s) suppressed{population}")
+    for i, note in enumerate(notes, 1):
+        console.print(f"[{i}] {note}")
+    console.print(footnote(report))
     return out.getvalue()
+
+
+def footnote(report: Report) -> str:
+    """One line: k, the segments generalised into how many rows, those suppressed."""
+    generalised, rows = report.generalised_segments, report.generalised_rows
+    suppressed = report.suppressed_segments
+    population = "; marketing population" if report.spec.marketing else ""
+    merged = (
+        f"{_n(generalised, 'segment')} with fewer than {report.k} owners generalised into "
+        f"{_n(rows, 'row')}"
+        if generalised
+        else "no segment generalised"
+    )
+    return f"k = {report.k}; {merged}; {_n(suppressed, 'segment')} suppressed{population}"
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
 
 
 def _cell(value: object) -> str:
@@ -165,15 +200,48 @@ def _cell(value: object) -> str:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncpg
     import uvicorn
+    from prometheus_client import CollectorRegistry
 
+    from ingest.errors import StoreUnavailable
     from ingest.insights.api import create_app
+    from ingest.ports import listen
+    from ingest.setting_errors import variable
 
+    host = args.host or settings.insights.http_host
+    port = args.port if args.port is not None else settings.insights.http_port
+    # Bound before uvicorn starts, so a port in use is one line naming what moves it
+    # (`PortUnavailable`, reported by the main CLI), not uvicorn's log and exit.
+    sock = listen(
+        host,
+        port,
+        "--port" if args.port is not None else variable(["insights", "http_port"]),
+        "--host" if args.host else variable(["insights", "http_host"]),
+    )
     config = uvicorn.Config(
-        create_app(settings.postgres, settings.insights, settings.registry.db_schema),
-        host=args.host or settings.insights.http_host,
-        port=args.port if args.port is not None else settings.insights.http_port,
+        create_app(
+            settings.postgres,
+            settings.insights,
+            settings.registry.db_schema,
+            metrics_registry=CollectorRegistry(),
+        ),
+        host=host,
+        port=port,
         log_config=None,
     )
-    asyncio.run(uvicorn.Server(config).serve())
+
+    async def run() -> None:
+        # A database that does not answer is one line here, not the traceback uvicorn
+        # logs when the app's startup (its connection pool) fails.
+        try:
+            conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StoreUnavailable(f"PostgreSQL unreachable: {exc}") from exc
+        await conn.close()
+        log.info("insights on http://%s:%d/", host, sock.getsockname()[1])
+        await uvicorn.Server(config).serve(sockets=[sock])
+
+    with sock:
+        asyncio.run(run())
     return 0

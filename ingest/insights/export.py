@@ -1,9 +1,14 @@
 """A report as a file: CSV, Parquet or JSON.
 
 Every format holds the same flat rows (`Report.records()`): the segment's dimensions,
-the measures (empty / null where the segment is suppressed), `suppressed` and
-`suppressed_reason`. Parquet columns are typed from the report's definition, and the
-file's metadata records the report, its filters and k; the CSV is plain RFC 4180.
+the measures (empty / null where the segment is suppressed), `suppressed`,
+`suppressed_reason` and `generalised` (null for a fine segment, else what was merged).
+A generalised row's merged dimensions hold labels ("all versions", "0-5 (night)"), so a
+dimension is an integer column only while every value in it is a whole number, and a
+string column (numbers written as text) once a label is among them. JSON rows also
+carry `members`, the fine segments a merged row holds. Parquet columns are typed from
+the report's definition, and the file's metadata records the report, its filters and
+k; the CSV is plain RFC 4180.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ingest.insights.reports import Report, Scalar
+from ingest.insights.generalise import Scalar
+from ingest.insights.reports import Report
 
 Format = Literal["csv", "parquet", "json"]
 FORMATS: tuple[Format, ...] = ("csv", "parquet", "json")
@@ -44,6 +50,8 @@ def to_parquet(report: Report) -> bytes:
     for name in report.columns:
         values = [r[name] for r in records]
         kind = _arrow_type(report, name, values)
+        if kind == pa.string():
+            values = [None if v is None else str(v) for v in values]
         fields.append(pa.field(name, kind))
         arrays[name] = pa.array(values, type=kind)
     metadata = {
@@ -67,11 +75,11 @@ def _arrow_type(report: Report, name: str, values: Sequence[Scalar]) -> pa.DataT
     if name == "suppressed":
         return pa.bool_()
     if (
-        values
+        name in report.spec.dimensions
         and all(isinstance(v, int) for v in values if v is not None)
         and any(v is not None for v in values)
     ):
-        return pa.int64()  # integer dimensions: hour, day_of_week, cycles
+        return pa.int64()  # integer dimensions (hour, day_of_week, cycles) without labels
     return pa.string()
 
 

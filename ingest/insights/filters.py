@@ -17,10 +17,21 @@ from typing import Any
 from schemas.catalog import models
 
 CATEGORIES = tuple(sorted({name.split(".", 1)[0] for name, _v, _m in models()}))
-_REGION = re.compile(r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$")
-# Model numbers and firmware versions are the registry's text; anything printable and
-# short is accepted (they are bound as parameters, never put into SQL text).
-_TEXT = re.compile(r"^[\w.+:/-]{1,64}$")
+# The patterns are published in the insights API's OpenAPI document, whose regexes are
+# ECMA-262: ASCII classes only, and each matched against the whole value (`fullmatch`,
+# so Python's `$` cannot let a trailing newline through), so both read them alike.
+INSTANT_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}"
+    r"([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?(Z|[+-][0-9]{2}:[0-9]{2}))?$"
+)
+REGION_PATTERN = r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$"
+# Model numbers and firmware versions are the registry's text; anything plain and short
+# is accepted (they are bound as parameters, never put into SQL text).
+TEXT_PATTERN = r"^[A-Za-z0-9_.+:/-]{1,64}$"
+_INSTANT = re.compile(INSTANT_PATTERN)
+_NAIVE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?")
+_REGION = re.compile(REGION_PATTERN)
+_TEXT = re.compile(TEXT_PATTERN)
 DEFAULT_SPAN = timedelta(days=28)
 
 
@@ -60,7 +71,14 @@ class Filters:
         """Filters from user input. `end` defaults to the current hour's end, `start`
         to 28 days before `end`; a date alone means 00:00 UTC of that day."""
         end_t = _instant("end", end) if end is not None else _next_hour(now or datetime.now(UTC))
-        start_t = _instant("start", start) if start is not None else end_t - DEFAULT_SPAN
+        if start is not None:
+            start_t = _instant("start", start)
+        elif end_t - datetime.min.replace(tzinfo=UTC) < DEFAULT_SPAN:
+            raise FilterError(
+                "end", f"{_iso(end_t)} leaves no room for the default 28 days before it; give start"
+            )
+        else:
+            start_t = end_t - DEFAULT_SPAN
         if start_t >= end_t:
             raise FilterError("start", f"must be before end ({_iso(start_t)} >= {_iso(end_t)})")
         if end_t - start_t > timedelta(days=max_days):
@@ -70,14 +88,18 @@ class Filters:
                 raise FilterError(name, f"must be a whole UTC hour, not {_iso(instant)}")
         for value in category:
             if value not in CATEGORIES:
-                raise FilterError("category", f"unknown {value!r}; one of {', '.join(CATEGORIES)}")
+                raise FilterError(
+                    "category", f"unknown {_shown(value)}; one of {', '.join(CATEGORIES)}"
+                )
         for value in region:
-            if not _REGION.match(value):
-                raise FilterError("region", f"{value!r} is not an ISO 3166-2 code like KR-11")
+            if not _REGION.fullmatch(value):
+                raise FilterError("region", f"{_shown(value)} is not an ISO 3166-2 code like KR-11")
         for field, values in (("model", model), ("firmware", firmware)):
             for value in values:
-                if not _TEXT.match(value):
-                    raise FilterError(field, f"{value!r} is not a {field} (1-64 plain characters)")
+                if not _TEXT.fullmatch(value):
+                    raise FilterError(
+                        field, f"{_shown(value)} is not a {field} (1-64 plain characters)"
+                    )
         return cls(
             start_t,
             end_t,
@@ -114,19 +136,30 @@ def _instant(field: str, value: str | datetime) -> datetime:
     if isinstance(value, datetime):
         parsed = value
     else:
-        text = value.strip()
+        bad = FilterError(field, f"{_shown(value)} is not a date (2026-11-01) or a time with zone")
+        if not _INSTANT.fullmatch(value):
+            if _NAIVE.fullmatch(value):
+                raise FilterError(field, f"{_shown(value)} has no time zone (add Z or +09:00)")
+            raise bad
         try:
-            if len(text) == 10:
-                day = date.fromisoformat(text)
+            if len(value) == 10:
+                day = date.fromisoformat(value)
                 return datetime(day.year, day.month, day.day, tzinfo=UTC)
-            parsed = datetime.fromisoformat(text)
+            parsed = datetime.fromisoformat(value)
         except ValueError:
-            raise FilterError(
-                field, f"{value!r} is not a date (2026-11-01) or a time with zone"
-            ) from None
+            raise bad from None
     if parsed.tzinfo is None or parsed.utcoffset() is None:
-        raise FilterError(field, f"{value!r} has no time zone (add Z or +09:00)")
-    return parsed.astimezone(UTC)
+        raise FilterError(field, f"{_shown(value)} has no time zone (add Z or +09:00)")
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise FilterError(field, f"{_shown(value)} is out of range (UTC years 1 to 9999)") from None
+
+
+def _shown(value: str | datetime) -> str:
+    """A user's value quoted in a message, cut short: an answer never echoes megabytes."""
+    text = repr(value if isinstance(value, str) else _iso(value))
+    return text if len(text) <= 42 else f"{text[:40]}...'"
 
 
 def _next_hour(t: datetime) -> datetime:

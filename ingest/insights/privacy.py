@@ -3,11 +3,14 @@
 **k-anonymity.** Every report row is a segment (a model and firmware, an hour of the
 week, a cohort, ...). Each report's SQL also counts the segment's distinct owners,
 `count(DISTINCT owner_key)` over the rows behind it (the device-daily rollup's, which
-keep the key, or the raw rows'); a segment with fewer than
-`insights.k_anonymity` (k, default 10) is *suppressed*: it stays in the result, its
-segment named, its numbers withheld, with the reason. Owners who withheld analytics
-consent (or were erased) carry no key and so cannot be told apart: they count for no
-one, which errs on the side of suppressing. The owner count itself is never shown.
+keep the key, or the raw rows'). A segment with fewer than `insights.k_anonymity` (k,
+default 10, at least `ingest.settings.K_ANONYMITY_MIN`, 3) is not shown as it is: it is merged with
+other small segments along its report's hierarchy until the group has k owners
+(`ingest.insights.generalise`), and only what no group can bring to k is *suppressed*:
+kept as one row, its numbers withheld, with the reason. Nothing below k owners is ever
+shown. Owners who withheld analytics consent (or were erased) carry no key and so cannot
+be told apart: they count for no one, which errs on the side of suppressing. The owner
+count itself is never shown.
 
 **Marketing-usable reports** (`ReportSpec.marketing`: cohorts by purchase channel or
 membership tier, app-feature adoption, regional hot spots) describe customers by the
@@ -46,6 +49,13 @@ class Privacy:
         if owners >= self.k:
             return None
         return f"fewer than {self.k} distinct owners (k-anonymity)"
+
+    def remainder_reason(self, segments: int) -> str:
+        """Why the merged remainder of `segments` small segments is withheld."""
+        return (
+            f"fewer than {self.k} distinct owners (k-anonymity), even the {segments} "
+            "small segments left merged together"
+        )
 
     def marketing_day_clause(self, alias: str = "d") -> str:
         """A WHERE condition keeping device-day rows (`bucket`, `device_id`, `owner_key`

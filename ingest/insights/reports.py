@@ -46,11 +46,11 @@ import asyncpg
 from devices.migrations import Connection
 from ingest.errors import StoreUnavailable
 from ingest.insights.filters import FilterError, Filters
+from ingest.insights.generalise import Generalisation, Row, Scalar, Segment, generalise
+from ingest.insights.hierarchies import HIERARCHIES
 from ingest.insights.privacy import Privacy
 from ingest.rollups import device_daily_source, usage_rollup
 from schemas.catalog import models
-
-Scalar = str | int | float | None
 
 _MONDAY = "timestamptz '1970-01-05 00:00:00+00'"  # weeks start on Monday, UTC
 _SCHEMAS = sorted({name for name, _v, _m in models()})
@@ -106,15 +106,6 @@ class Option:
 
 
 @dataclass(frozen=True, slots=True)
-class Segment:
-    """One segment as the SQL found it, before suppression."""
-
-    key: dict[str, Scalar]
-    values: dict[str, Scalar]
-    owners: int
-
-
-@dataclass(frozen=True, slots=True)
 class Query:
     """What a report's `compute` gets: the connection, the usage table, the filters,
     the privacy rules and the report's options (validated, defaults filled in)."""
@@ -167,25 +158,30 @@ class Query:
         *extra: Any,
         source: Literal["days", "raw"] = "days",
     ) -> list[Segment]:
-        """Run `sql` after `WITH days` ($7 the days read live, `extra` from $8) or, for
-        `source="raw"`, after `WITH base` (`extra` from $7), and split each record into
-        segment key, values and the `owners` column."""
+        """Run `sql` after `WITH days` ($7 k, $8 the days read live, `extra` from $9) or,
+        for `source="raw"`, after `WITH base` ($7 k, `extra` from $8), and split each
+        record into segment key, values, the `owners` column and the hidden columns
+        (`_...`: `Segment.parts`, what merging a segment below k needs)."""
+        k = self.privacy.k
         if source == "raw":
-            cte, parameters = self.base(), [*self.filters.parameters(), *extra]
+            cte, parameters = self.base(), [*self.filters.parameters(), k, *extra]
         else:
             f = self.filters
             daily = await device_daily_source(
-                self.conn, self.table, f.start, f.end, days_parameter=7
+                self.conn, self.table, f.start, f.end, days_parameter=8
             )
             cte = self.days(daily.sql)
-            parameters = [*f.parameters(), daily.live_days, *extra]
+            parameters = [*f.parameters(), k, daily.live_days, *extra]
         records = await self.conn.fetch(f"WITH {cte}, {sql}", *parameters)
         out = []
         for r in records:
-            row = {k: _plain(v) for k, v in r.items()}
+            parts = {
+                c: v if isinstance(v, list) else _plain(v) for c, v in r.items() if c[0] == "_"
+            }
+            row = {c: _plain(v) for c, v in r.items() if c[0] != "_"}
             owners = int(row.pop("owners") or 0)
             key = {d: row.pop(d) for d in dimensions}
-            out.append(Segment(key, row, owners))
+            out.append(Segment(key, row, owners, parts))
         return out
 
 
@@ -205,6 +201,11 @@ class ReportSpec:
     compute: Compute
     options: dict[str, Option] = field(default_factory=dict)
 
+    @property
+    def generalisation(self) -> Generalisation:
+        """How its small segments roll up (`ingest.insights.hierarchies`)."""
+        return HIERARCHIES[self.name]
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -223,16 +224,6 @@ class ReportSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class Row:
-    """One segment of a report. `suppressed` gives the reason its values are withheld
-    (then `values` is empty)."""
-
-    segment: dict[str, Scalar]
-    values: dict[str, Scalar]
-    suppressed: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Report:
     spec: ReportSpec
     filters: Filters
@@ -242,11 +233,32 @@ class Report:
 
     @property
     def columns(self) -> list[str]:
-        return [*self.spec.dimensions, *self.spec.measures, "suppressed", "suppressed_reason"]
+        return [
+            *self.spec.dimensions,
+            *self.spec.measures,
+            "suppressed",
+            "suppressed_reason",
+            "generalised",
+        ]
+
+    @property
+    def generalised_segments(self) -> int:
+        """Fine segments shown inside generalised rows."""
+        return sum(len(r.members) for r in self.rows if r.generalised)
+
+    @property
+    def generalised_rows(self) -> int:
+        return sum(1 for r in self.rows if r.generalised)
+
+    @property
+    def suppressed_segments(self) -> int:
+        """Fine segments withheld: alone, or in the merged remainder."""
+        return sum(len(r.members) or 1 for r in self.rows if r.suppressed)
 
     def records(self) -> list[dict[str, Scalar]]:
-        """Flat rows (dimensions, measures, `suppressed`, `suppressed_reason`), the
-        measures None where suppressed: what every export writes."""
+        """Flat rows (dimensions, measures, `suppressed`, `suppressed_reason`,
+        `generalised`), the measures None where suppressed: what every export writes. A
+        generalised row's merged dimensions hold labels ("all versions")."""
         out: list[dict[str, Scalar]] = []
         for row in self.rows:
             flat: dict[str, Scalar] = dict(row.segment)
@@ -254,6 +266,7 @@ class Report:
                 flat[m] = row.values.get(m)
             flat["suppressed"] = row.suppressed is not None
             flat["suppressed_reason"] = row.suppressed
+            flat["generalised"] = row.generalised
             out.append(flat)
         return out
 
@@ -272,11 +285,15 @@ class Report:
             "filters": self.filters.describe(),
             "options": self.options,
             "k_anonymity": self.k,
-            "suppressed_segments": sum(1 for r in self.rows if r.suppressed),
+            "suppressed_segments": self.suppressed_segments,
+            "generalised_segments": self.generalised_segments,
             "dimensions": list(self.spec.dimensions),
             "measures": list(self.spec.measures),
             "chart": self.spec.chart.describe(),
-            "rows": self.records(),
+            "rows": [
+                {**record, "members": [dict(m) for m in row.members] if row.members else None}
+                for row, record in zip(self.rows, self.records(), strict=True)
+            ],
         }
 
 
@@ -290,7 +307,9 @@ async def run_report(
     options: Mapping[str, str | None] | None = None,
     timezone: str = "Asia/Seoul",
 ) -> Report:
-    """Compute report `name` over `table`, suppressing segments below `privacy.k`.
+    """Compute report `name` over `table`; segments below `privacy.k` owners are merged
+    along the report's hierarchy until they reach it, or else suppressed
+    (`ingest.insights.generalise`).
 
     Raises `FilterError` for an unknown report or a bad option, `StoreUnavailable` when
     the database fails or lacks a table. Read-only: it runs in a read-only transaction.
@@ -310,10 +329,9 @@ async def run_report(
         ) from exc
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise StoreUnavailable(f"report {name} failed: {exc!r}") from exc
-    rows = []
-    for seg in sorted(found, key=lambda s: _order(s.key)):
-        reason = privacy.reason(seg.owners)
-        rows.append(Row(seg.key, {} if reason else seg.values, reason))
+    rows = generalise(
+        found, spec.generalisation, privacy.k, privacy.reason, privacy.remainder_reason
+    )
     return Report(spec, filters, chosen, privacy.k, rows)
 
 
@@ -351,23 +369,36 @@ def _plain(value: Any) -> Scalar:
     return str(value)
 
 
-def _order(key: dict[str, Scalar]) -> tuple[tuple[bool, Any], ...]:
-    return tuple((v is not None, v) for v in key.values())
-
-
 # -- the reports -------------------------------------------------------------------------
+
+
+_KEYS = "array_agg(DISTINCT owner_key) FILTER (WHERE owner_key IS NOT NULL) AS keys"
+"""A segment's distinct owner keys: counted (`_OWNERS`), and returned where below k."""
+_OWNERS = "coalesce(cardinality(keys), 0) AS owners"
+
+
+def _small(expression: str, name: str) -> str:
+    """Hidden column `name`: `expression` for a segment below k ($7) owners, else NULL:
+    the sets merging needs, returned only where a merge may need them."""
+    return f"CASE WHEN owners < $7 THEN {expression} END AS {name}"
 
 
 async def _programs(q: Query) -> list[Segment]:
     return await q.segments(
-        """used AS (
+        f"""used AS (
             -- detail: coalesce(program, mode) on these schemas (ingest.rollups.DETAIL)
             SELECT model, firmware, schema, detail AS feature, events, device_id, owner_key
-            FROM days WHERE schema = ANY($8::text[]) AND detail IS NOT NULL
-        )
-        SELECT model, firmware, schema, feature, sum(events) AS events,
-               count(DISTINCT device_id) AS devices, count(DISTINCT owner_key) AS owners
-        FROM used GROUP BY 1, 2, 3, 4""",
+            FROM days WHERE schema = ANY($9::text[]) AND detail IS NOT NULL
+        ),
+        found AS (
+            SELECT model, firmware, schema, feature, sum(events) AS events,
+                   array_agg(DISTINCT device_id) AS device_ids, {_KEYS}
+            FROM used GROUP BY 1, 2, 3, 4
+        ),
+        counted AS (SELECT *, cardinality(device_ids) AS devices, {_OWNERS} FROM found)
+        SELECT model, firmware, schema, feature, events, devices, owners,
+               {_small("keys", "_owners")}, {_small("device_ids", "_devices")}
+        FROM counted""",
         ("model", "firmware", "schema", "feature"),
         FEATURE_SCHEMAS,
     )
@@ -377,7 +408,7 @@ def _zone(q: Query) -> str:
     name = q.options["tz"]
     try:
         ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long
         raise FilterError("tz", f"{name!r} is not an IANA time zone (Asia/Seoul)") from None
     return name
 
@@ -401,37 +432,45 @@ async def _heatmap(q: Query) -> list[Segment]:
         cell = (local.isoweekday(), local.hour)
         events[cell] = events.get(cell, 0) + r.events
     owners = {
-        (s.key["day_of_week"], s.key["hour"]): s.owners
+        (s.key["day_of_week"], s.key["hour"]): s
         for s in await q.segments(
-            """cells AS (
-                SELECT extract(isodow FROM event_time AT TIME ZONE $7)::int AS day_of_week,
-                       extract(hour FROM event_time AT TIME ZONE $7)::int AS hour, owner_key
+            f"""cells AS (
+                SELECT extract(isodow FROM event_time AT TIME ZONE $8)::int AS day_of_week,
+                       extract(hour FROM event_time AT TIME ZONE $8)::int AS hour, owner_key
                 FROM base
-            )
-            SELECT day_of_week, hour, count(DISTINCT owner_key) AS owners
-            FROM cells GROUP BY 1, 2""",
+            ),
+            found AS (SELECT day_of_week, hour, {_KEYS} FROM cells GROUP BY 1, 2),
+            counted AS (SELECT *, {_OWNERS} FROM found)
+            SELECT day_of_week, hour, owners, {_small("keys", "_owners")} FROM counted""",
             ("day_of_week", "hour"),
             tz,
             source="raw",
         )
     }
-    return [
-        Segment({"day_of_week": dow, "hour": hour}, {"events": n}, owners.get((dow, hour), 0))
-        for (dow, hour), n in events.items()
-    ]
+    out = []
+    for (dow, hour), n in events.items():
+        found = owners.get((dow, hour))
+        key: dict[str, Scalar] = {"day_of_week": dow, "hour": hour}
+        if found is None:  # no raw row behind the rollup's: no one to count
+            out.append(Segment(key, {"events": n}, 0))
+        else:
+            out.append(Segment(key, {"events": n}, found.owners, found.parts))
+    return out
 
 
 async def _regions(q: Query) -> list[Segment]:
     return await q.segments(
-        """by_region AS (
+        f"""found AS (
             SELECT region, sum(events) AS events,
-                   coalesce(sum(events) FILTER (WHERE schema = ANY($8::text[])), 0) AS cycles,
-                   count(DISTINCT device_id) AS devices, count(DISTINCT owner_key) AS owners
+                   coalesce(sum(events) FILTER (WHERE schema = ANY($9::text[])), 0) AS cycles,
+                   array_agg(DISTINCT device_id) AS device_ids, {_KEYS}
             FROM days GROUP BY 1
-        )
+        ),
+        counted AS (SELECT *, cardinality(device_ids) AS devices, {_OWNERS} FROM found)
         SELECT region, events, cycles, devices,
-               round(events::numeric / devices, 2) AS events_per_device, owners
-        FROM by_region""",
+               round(events::numeric / devices, 2) AS events_per_device, owners,
+               {_small("keys", "_owners")}, {_small("device_ids", "_devices")}
+        FROM counted""",
         ("region",),
         CYCLE_SCHEMAS,
     )
@@ -441,10 +480,10 @@ async def _cycles(q: Query) -> list[Segment]:
     return await q.segments(
         f"""device_weeks AS (
             SELECT category, device_id, date_bin('7 days', bucket, {_MONDAY}) AS week,
-                   coalesce(sum(events) FILTER (WHERE schema = ANY($8::text[])), 0)::bigint
+                   coalesce(sum(events) FILTER (WHERE schema = ANY($9::text[])), 0)::bigint
                        AS cycles,
                    array_agg(DISTINCT owner_key) FILTER (WHERE owner_key IS NOT NULL) AS keys
-            FROM days WHERE category = ANY($9::text[])
+            FROM days WHERE category = ANY($10::text[])
             GROUP BY 1, 2, 3
         ),
         whole AS (
@@ -453,11 +492,15 @@ async def _cycles(q: Query) -> list[Segment]:
         ),
         counted AS (SELECT category, cycles, count(*) AS device_weeks FROM whole GROUP BY 1, 2),
         keyed AS (
-            SELECT category, cycles, count(DISTINCT k) AS owners
+            SELECT category, cycles, array_agg(DISTINCT k) AS keys
             FROM whole, unnest(keys) AS k GROUP BY 1, 2
+        ),
+        joined AS (
+            SELECT c.category, c.cycles, c.device_weeks, k.keys, {_OWNERS}
+            FROM counted c LEFT JOIN keyed k USING (category, cycles)
         )
-        SELECT c.category, c.cycles, c.device_weeks, coalesce(k.owners, 0) AS owners
-        FROM counted c LEFT JOIN keyed k USING (category, cycles)""",
+        SELECT category, cycles, device_weeks, owners, {_small("keys", "_owners")}
+        FROM joined""",
         ("category", "cycles"),
         CYCLE_SCHEMAS,
         CYCLE_CATEGORIES,
@@ -466,20 +509,34 @@ async def _cycles(q: Query) -> list[Segment]:
 
 async def _errors(q: Query) -> list[Segment]:
     return await q.segments(
-        """device_days AS (
-            SELECT model, firmware, count(DISTINCT (device_id, bucket)) AS device_days
-            FROM days GROUP BY 1, 2
+        f"""pair_days AS (SELECT DISTINCT model, firmware, device_id, bucket FROM days),
+        exposure AS (
+            -- Device-days per model and firmware, and (for merging) how many of them
+            -- are in this pair alone: a device that changed firmware that day is in two.
+            SELECT model, firmware, count(*) AS device_days,
+                   count(*) FILTER (WHERE pairs = 1) AS only_days,
+                   array_agg(device_id || ' ' || bucket) FILTER (WHERE pairs > 1)
+                       AS shared_days
+            FROM (
+                SELECT *, count(*) OVER (PARTITION BY device_id, bucket) AS pairs
+                FROM pair_days
+            ) p
+            GROUP BY 1, 2
         ),
-        raised AS (
+        found AS (
             -- detail: the code of an error raised, NULL for one cleared (ingest.rollups)
-            SELECT model, firmware, detail AS code, sum(events) AS errors,
-                   count(DISTINCT device_id) AS devices, count(DISTINCT owner_key) AS owners
-            FROM days WHERE schema = ANY($8::text[]) AND detail IS NOT NULL
+            SELECT model, firmware, detail AS code, min(category) AS category,
+                   sum(events) AS errors, array_agg(DISTINCT device_id) AS device_ids, {_KEYS}
+            FROM days WHERE schema = ANY($9::text[]) AND detail IS NOT NULL
             GROUP BY 1, 2, 3
-        )
+        ),
+        counted AS (SELECT *, cardinality(device_ids) AS devices, {_OWNERS} FROM found)
         SELECT e.model, e.firmware, e.code, e.errors, e.devices, d.device_days,
-               round(1000.0 * e.errors / d.device_days, 3) AS per_1000_device_days, e.owners
-        FROM raised e JOIN device_days d
+               round(1000.0 * e.errors / d.device_days, 3) AS per_1000_device_days, e.owners,
+               e.category AS _category, {_small("e.keys", "_owners")},
+               {_small("e.device_ids", "_devices")}, {_small("d.only_days", "_only_days")},
+               {_small("d.shared_days", "_shared_days")}
+        FROM counted e JOIN exposure d
           ON d.model IS NOT DISTINCT FROM e.model AND d.firmware IS NOT DISTINCT FROM e.firmware""",
         ("model", "firmware", "code"),
         ERROR_SCHEMAS,
@@ -488,21 +545,29 @@ async def _errors(q: Query) -> list[Segment]:
 
 async def _adoption(q: Query) -> list[Segment]:
     return await q.segments(
-        f"""weekly AS (
+        f"""found AS (
             SELECT (date_bin('7 days', bucket, {_MONDAY}) AT TIME ZONE 'UTC')::date AS week,
-                   count(DISTINCT device_id) AS active_devices,
-                   count(DISTINCT device_id) FILTER (WHERE trigger = 'app_remote')
-                       AS remote_start_devices,
-                   count(DISTINCT device_id) FILTER (WHERE trigger = 'schedule')
-                       AS schedule_devices,
-                   count(DISTINCT owner_key) AS owners
-            FROM days WHERE schema = ANY($8::text[])
+                   array_agg(DISTINCT device_id) AS active,
+                   array_agg(DISTINCT device_id) FILTER (WHERE trigger = 'app_remote')
+                       AS remote,
+                   array_agg(DISTINCT device_id) FILTER (WHERE trigger = 'schedule')
+                       AS scheduled,
+                   {_KEYS}
+            FROM days WHERE schema = ANY($9::text[])
             GROUP BY 1
+        ),
+        counted AS (
+            SELECT *, cardinality(active) AS active_devices,
+                   coalesce(cardinality(remote), 0) AS remote_start_devices,
+                   coalesce(cardinality(scheduled), 0) AS schedule_devices, {_OWNERS}
+            FROM found
         )
         SELECT week, active_devices, remote_start_devices, schedule_devices,
                round(remote_start_devices::numeric / active_devices, 4) AS remote_start_share,
-               round(schedule_devices::numeric / active_devices, 4) AS schedule_share, owners
-        FROM weekly""",
+               round(schedule_devices::numeric / active_devices, 4) AS schedule_share, owners,
+               {_small("keys", "_owners")}, {_small("active", "_devices")},
+               {_small("remote", "_remote")}, {_small("scheduled", "_schedule")}
+        FROM counted""",
         ("week",),
         TRIGGERED_SCHEMAS,
     )
@@ -511,20 +576,28 @@ async def _adoption(q: Query) -> list[Segment]:
 async def _cohorts(q: Query) -> list[Segment]:
     column = {"channel": "purchase_channel", "tier": "membership_tier"}[q.options["by"]]
     return await q.segments(
-        f"""per_cohort AS (
-            SELECT {column} AS cohort, category, count(DISTINCT device_id) AS devices,
-                   count(DISTINCT (device_id, bucket)) AS device_days,
-                   coalesce(sum(events) FILTER (WHERE schema = ANY($8::text[])), 0) AS cycles,
-                   coalesce(sum(events) FILTER (WHERE schema = ANY($9::text[])), 0) AS uses,
-                   coalesce(sum(events) FILTER (WHERE schema = ANY($9::text[])
-                                                AND trigger = ANY($10::text[])), 0) AS app_uses,
-                   count(DISTINCT owner_key) AS owners
+        f"""found AS (
+            SELECT {column} AS cohort, category, array_agg(DISTINCT device_id) AS device_ids,
+                   array_agg(DISTINCT device_id || ' ' || bucket) AS device_day_ids,
+                   coalesce(sum(events) FILTER (WHERE schema = ANY($9::text[])), 0) AS cycles,
+                   coalesce(sum(events) FILTER (WHERE schema = ANY($10::text[])), 0) AS uses,
+                   coalesce(sum(events) FILTER (WHERE schema = ANY($10::text[])
+                                                AND trigger = ANY($11::text[])), 0) AS app_uses,
+                   {_KEYS}
             FROM days GROUP BY 1, 2
+        ),
+        counted AS (
+            SELECT *, cardinality(device_ids) AS devices,
+                   cardinality(device_day_ids) AS device_days, {_OWNERS}
+            FROM found
         )
         SELECT cohort, category, devices, device_days, cycles,
                round(7.0 * cycles / device_days, 3) AS cycles_per_device_week,
-               round(app_uses::numeric / nullif(uses, 0), 4) AS app_share, owners
-        FROM per_cohort""",
+               round(app_uses::numeric / nullif(uses, 0), 4) AS app_share, owners,
+               {_small("keys", "_owners")}, {_small("device_ids", "_devices")},
+               {_small("device_day_ids", "_device_days")}, {_small("uses", "_uses")},
+               {_small("app_uses", "_app_uses")}
+        FROM counted""",
         ("cohort", "category"),
         CYCLE_SCHEMAS,
         TRIGGERED_SCHEMAS,
@@ -534,7 +607,7 @@ async def _cohorts(q: Query) -> list[Segment]:
 
 async def _completeness(q: Query) -> list[Segment]:
     return await q.segments(
-        """boot_days AS (
+        f"""boot_days AS (
             SELECT bucket, model, device_id, boot_id, sum(events) AS received,
                    min(min_seq) AS lo, max(max_seq) AS hi
             FROM days GROUP BY 1, 2, 3, 4
@@ -559,14 +632,16 @@ async def _completeness(q: Query) -> list[Segment]:
                    count(*) FILTER (WHERE missing = 0) AS complete_device_days
             FROM device_days GROUP BY 1, 2
         ),
-        keyed AS (
+        found AS (
             SELECT (bucket AT TIME ZONE 'UTC')::date AS day, model,
-                   count(DISTINCT owner_key) AS owners
+                   min(category) AS category, {_KEYS}
             FROM days GROUP BY 1, 2
-        )
+        ),
+        keyed AS (SELECT *, {_OWNERS} FROM found)
         SELECT c.day, c.model, c.device_days, c.received, c.missing, c.complete_device_days,
                round(c.received / (c.received + c.missing), 4) AS completeness,
-               coalesce(k.owners, 0) AS owners
+               coalesce(k.owners, 0) AS owners, k.category AS _category,
+               CASE WHEN coalesce(k.owners, 0) < $7 THEN k.keys END AS _owners
         FROM counted c LEFT JOIN keyed k
           ON k.day = c.day AND k.model IS NOT DISTINCT FROM c.model""",
         ("day", "model"),

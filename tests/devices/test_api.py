@@ -1,29 +1,37 @@
-"""The HTTP API over a real registry, through httpx's ASGI transport."""
+"""The HTTP API over a real registry, through httpx's ASGI transport, and schemathesis
+against it served by uvicorn."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 
-from devices.api import create_app
+from devices.api import STATUS_BY_REASON, RegistryProblem, create_app
+from devices.errors import RejectReason
 from devices.registry import Registry
+from ingest.httpapi import GENERIC_REASONS
 from tests.devices.fakes import RecordingBroker, RecordingPublisher
+from tests.http_contract import schemathesis_run, served
+
+
+@asynccontextmanager
+async def _borrowed(registry: Registry) -> AsyncIterator[Registry]:
+    """The test's registry, lent to an app's lifespan (which must not close it)."""
+    yield registry
 
 
 @pytest.fixture
 async def client(registry: Registry) -> AsyncIterator[httpx.AsyncClient]:
     """A client of an app whose lifespan enters (a borrowed view of) the test registry."""
-
-    @asynccontextmanager
-    async def borrowed() -> AsyncIterator[Registry]:
-        yield registry
-
-    app: FastAPI = create_app(borrowed)
+    app: FastAPI = create_app(lambda: _borrowed(registry))
     # ASGITransport does not run the lifespan; run it around the client ourselves.
     async with (
         app.router.lifespan_context(app),
@@ -179,7 +187,8 @@ async def test_consent_reactivation_erasure(client: httpx.AsyncClient, registry:
 async def test_openapi_is_published(client: httpx.AsyncClient) -> None:
     response = await client.get("/openapi.json")
     assert response.status_code == 200
-    paths = response.json()["paths"]
+    doc = response.json()
+    paths = doc["paths"]
     assert set(paths) == {
         "/owners",
         "/owners/{owner_id}",
@@ -191,5 +200,153 @@ async def test_openapi_is_published(client: httpx.AsyncClient) -> None:
         "/owners/{owner_id}/consents",
         "/owners/{owner_id}/reactivation",
         "/owners/{owner_id}/erasure",
+        "/health",
+        "/metrics",
     }
-    assert "409" in paths["/registrations"]["post"]["responses"]
+    problem = {"$ref": "#/components/schemas/RegistryProblem"}
+    answers = paths["/registrations"]["post"]["responses"]
+    assert set(answers) == {"201", "400", "403", "404", "409", "422", "429", "503"}
+    for code in ("400", "403", "404", "409", "422", "429", "503"):
+        assert answers[code]["content"]["application/json"]["schema"] == problem, code
+    assert "Retry-After" in answers["503"]["headers"]
+    # FastAPI's own validation document is replaced everywhere by the one we answer.
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    reasons = doc["components"]["schemas"]["RegistryProblem"]["properties"]["reason"]["enum"]
+    assert set(reasons) == {r.value for r in RejectReason} | set(GENERIC_REASONS)
+    owner = doc["components"]["schemas"]["CreateOwnerIn"]["properties"]
+    assert owner["analytics_consent"] == {"title": "Analytics Consent", "type": "boolean"}
+    assert set(STATUS_BY_REASON) == set(RejectReason)  # every reason has its status
+
+
+async def test_booleans_are_strict(
+    client: httpx.AsyncClient, pg: asyncpg.Connection, reg_schema: str
+) -> None:
+    schema = reg_schema
+    before = await pg.fetchval(f"SELECT count(*) FROM {schema}.owners")
+    response = await client.post(
+        "/owners", json={**OWNER, "analytics_consent": "yes", "marketing_consent": 0}
+    )
+    assert response.status_code == 422
+    assert response.json() == {
+        "reason": "invalid_request",
+        "detail": "Input should be a valid boolean (and 1 more: marketing_consent)",
+        "field": "analytics_consent",
+    }
+    assert await pg.fetchval(f"SELECT count(*) FROM {schema}.owners") == before
+    ada = await create_owner(client)
+    for path, body, field in [
+        (f"/owners/{ada}/consents", {"analytics": 1}, "analytics"),
+        (f"/owners/{ada}/consents", {"marketing": "false"}, "marketing"),
+        (
+            f"/owners/{ada}/reactivation",
+            {"reauthenticated": "true", "analytics_consent": True, "marketing_consent": True},
+            "reauthenticated",
+        ),
+        ("/registrations", registration(ada, resale=1), "resale"),
+    ]:
+        response = await client.request("PUT" if "consents" in path else "POST", path, json=body)
+        assert (response.status_code, response.json()["field"]) == (422, field), path
+    owner = (await client.get(f"/owners/{ada}")).json()
+    assert (owner["analytics_consent"], owner["marketing_consent"]) == (True, True)
+
+
+async def test_every_error_is_one_problem_document(client: httpx.AsyncClient) -> None:
+    """Bad input of every kind gets a 4xx `RegistryProblem`, never a 500."""
+    json_headers = {"content-type": "application/json"}
+    ada = await create_owner(client)
+
+    def owner(name: str) -> bytes:  # `name` is JSON text, put in as it stands
+        return json.dumps({**OWNER, "name": "X"}).replace('"X"', name).encode("utf-8")
+
+    def reg(**more: object) -> bytes:
+        return json.dumps(registration(ada, **more)).encode()
+
+    def bought(on: object) -> bytes:
+        return reg(purchase={"channel": "gift", "purchased_on": on})
+
+    ref = json.dumps({"owner_id": ada}).encode()
+    invalid, malformed = "invalid_request", "malformed_body"
+    cases: list[tuple[str, str, bytes | None, int, str, str | None]] = [
+        ("POST", "/owners", owner('"A\\u0000"'), 422, invalid, "name"),  # NUL
+        ("POST", "/owners", owner('"A\\ud800"'), 422, invalid, "name"),  # a lone surrogate
+        ("POST", "/owners", owner('"A\\nB"'), 422, invalid, "name"),
+        ("POST", "/owners", owner("NaN"), 422, invalid, "name"),
+        ("POST", "/owners", owner("Infinity"), 422, invalid, "name"),
+        ("POST", "/owners", owner("1" * 300), 422, invalid, "name"),
+        ("POST", "/owners", owner("1e400"), 422, invalid, "name"),
+        ("POST", "/owners", owner("1" * 5000), 400, malformed, "body"),  # past 4300 digits
+        ("POST", "/owners", owner('"\xff"').replace(b"\xc3\xbf", b"\xff"), 400, malformed, "body"),
+        ("POST", "/owners", b'{"name": ', 400, malformed, "body"),
+        ("POST", "/owners", None, 422, invalid, "body"),
+        ("POST", "/owners", json.dumps({**OWNER, "extra": 1}).encode(), 422, invalid, "extra"),
+        ("POST", "/registrations", bought(1e300), 422, invalid, "purchase.purchased_on"),
+        ("POST", "/registrations", bought(10**30), 422, invalid, "purchase.purchased_on"),
+        ("POST", "/registrations", bought(0), 422, invalid, "purchase.purchased_on"),
+        ("POST", "/registrations", reg(serial="S\x00"), 422, invalid, "serial_number"),
+        ("POST", "/devices/a%00b/release", ref, 422, invalid, "device_id"),
+        ("POST", "/devices/" + "a" * 5000 + "/release", ref, 422, invalid, "device_id"),
+        ("POST", "/devices/a%ff/release", ref, 404, "unknown_device", None),
+        ("GET", "/owners/not-a-uuid", None, 422, invalid, "owner_id"),
+        ("GET", "/owners/" + "9" * 10000, None, 422, invalid, "owner_id"),
+        ("GET", "/nowhere", None, 404, "not_found", None),
+        ("PATCH", "/owners", None, 405, "method_not_allowed", None),
+    ]
+    for method, path, body, code, reason, field in cases:
+        response = await client.request(method, path, content=body, headers=json_headers)
+        assert response.status_code == code, (path, body, response.text)
+        problem = RegistryProblem.model_validate(response.json())
+        assert (problem.reason, problem.field) == (reason, field), (path, body, response.text)
+        assert "\n" not in problem.detail
+    response = await client.patch("/owners")
+    assert response.headers["allow"] == "POST"
+
+
+async def test_health_and_metrics(client: httpx.AsyncClient) -> None:
+    response = await client.get("/health")
+    assert (response.status_code, response.json()) == (
+        200,
+        {"status": "ok", "checks": {"postgresql": "ok"}},
+    )
+    ada = await create_owner(client)
+    await client.get(f"/owners/{ada}")
+    await client.get("/owners/00000000-0000-0000-0000-000000000000")
+    await client.get("/no/such/path")
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    counts = {
+        (s.labels["method"], s.labels["route"], s.labels["status"]): s.value
+        for family in text_string_to_metric_families(response.text)
+        if family.name == "usagepipe_http_requests"
+        for s in family.samples
+        if s.name == "usagepipe_http_requests_total"
+    }
+    assert counts == {
+        ("GET", "/health", "200"): 1,
+        ("POST", "/owners", "201"): 1,
+        ("GET", "/owners/{owner_id}", "200"): 1,
+        ("GET", "/owners/{owner_id}", "404"): 1,
+        ("GET", "unmatched", "404"): 1,
+    }
+    assert ada not in response.text  # labels are route templates, never raw paths
+    assert 'usagepipe_http_request_seconds_count{api="registry",method="GET",' in response.text
+
+
+async def test_health_says_when_postgresql_is_gone(registry: Registry) -> None:
+    app = create_app(lambda: _borrowed(registry))
+    async with app.router.lifespan_context(app):
+        await registry.aclose()  # the pool is gone: as good as a database that left
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://registry") as c:
+            response = await c.get("/health")
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    assert RegistryProblem.model_validate(response.json()).reason == "unavailable"
+
+
+async def test_schemathesis_finds_nothing(registry: Registry) -> None:
+    async with served(create_app(lambda: _borrowed(registry))) as url:
+        status, generated, output = await schemathesis_run(url)
+    assert status == 0, output[-6000:]
+    assert generated > 500, output[-2000:]
+    print(f"schemathesis: {generated} cases, no failure")

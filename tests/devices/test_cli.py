@@ -15,13 +15,13 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from devices.cli import register_commands
-from devices.records import device_id_for
+from devices.records import Owner, device_id_for
 from devices.registry import Registry
 from devices.settings import RegistrySettings
 from ingest.settings import KafkaSettings, PostgresSettings, Settings
 from schemas.envelope import telemetry_topic
 from tests.conftest import drop_registry
-from tests.devices.catalog import DSN, KAFKA, UNITS_CSV, new_owner
+from tests.devices.catalog import DSN, KAFKA, UNITS_CSV
 from tests.devices.fakes import RecordingBroker, RecordingPublisher
 
 
@@ -104,7 +104,7 @@ def test_commands(
     assert run(cli_settings, "register", *stranger) == 1
     assert json.loads(capsys.readouterr().out)["reason"] == "unknown_owner"
 
-    owner = asyncio.run(_create_owner(cli_settings))
+    owner = _add_owner(cli_settings, capsys)
     assert run(cli_settings, "register", "--owner-id", str(owner), *unit) == 0
     login = json.loads(capsys.readouterr().out)
     device_id = device_id_for("WM-100", "SN0001")
@@ -118,14 +118,43 @@ def test_commands(
     assert _publish_once(cli_settings, device_id, password, other) == "Not authorized"
 
 
-async def _create_owner(settings: Settings) -> uuid.UUID:
+def _add_owner(settings: Settings, capsys: pytest.CaptureFixture[str]) -> uuid.UUID:
+    """`registry add-owner`, as the README's walk-through runs it: the id alone on stdout."""
+    argv = ["--name", "Kim Minji", "--email", "minji@example.com", "--region", "KR-11"]
+    consents = ["--analytics-consent", "yes", "--marketing-consent", "no"]
+    assert run(settings, "add-owner", *argv, *consents) == 0
+    return uuid.UUID(capsys.readouterr().out.strip())
+
+
+def test_add_owner(cli_settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(cli_settings, "migrate") == 0
+    capsys.readouterr()
+    owner_id = _add_owner(cli_settings, capsys)
+    owner = asyncio.run(_get_owner(cli_settings, owner_id))
+    assert (owner.status, owner.region, owner.membership_tier) == ("active", "KR-11", "standard")
+    assert (owner.analytics_consent, owner.marketing_consent) == (True, False)
+
+    # The API's rules, checked before anything is written: one line naming the option.
+    base = ["--name", "Lee", "--analytics-consent", "no", "--marketing-consent", "no"]
+    assert run(cli_settings, "add-owner", *base, "--email", "lee", "--region", "KR-26") == 2
+    assert capsys.readouterr().err.startswith(
+        "usagepipe registry add-owner: --email 'lee': String should "
+    )
+    assert run(cli_settings, "add-owner", *base, "--email", "lee@x.kr", "--region", "kr-26") == 2
+    assert capsys.readouterr().err == (
+        "usagepipe registry add-owner: --region 'kr-26': String should match pattern"
+        " '^[A-Z]{2}(-[A-Z0-9]{1,3})?$'\n"
+    )
+
+
+async def _get_owner(settings: Settings, owner_id: uuid.UUID) -> Owner:
     async with Registry(
         settings.registry,
         publisher=RecordingPublisher(),
         broker=RecordingBroker(),
         dsn=settings.postgres.dsn.get_secret_value(),
     ) as registry:
-        return await registry.create_owner(new_owner(), source="test")
+        return await registry.get_owner(owner_id)
 
 
 def _publish_once(settings: Settings, username: str, password: str, topic: str) -> str:

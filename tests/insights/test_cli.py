@@ -58,16 +58,70 @@ async def test_report_exports_and_charts(
 
     assert await cli("report", "programs", *RANGE, "--format", "json", "--chart", str(svg)) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["rows"] == records and doc["k_anonymity"] == 3
+    assert doc["rows"] == report.describe()["rows"] and doc["k_anonymity"] == 3
+    assert [{k: v for k, v in r.items() if k != "members"} for r in doc["rows"]] == records
     text = svg.read_text()
     assert text.startswith("<?xml") and "<svg" in text
     assert "Programs and modes by model and firmware" in text
-    assert "4 segment(s) with fewer than 3 owners suppressed" in text
+    assert "k = 3: 4 segment(s) with fewer than 3 owners suppressed" in text
 
     assert await cli("report", "programs", *RANGE) == 0
     table = capsys.readouterr().out
     assert "Programs and modes by model and firmware" in table
-    assert "suppressed" in table and "WM-RARE" in table
+    assert "│ WM-RARE │ 0.9      │ washer.cycle           │ other features │ suppressed │" in table
+    assert (
+        "[1] fewer than 3 distinct owners (k-anonymity), even the 4 small segments left "
+        "merged together\nk = 3; no segment generalised; 4 segments suppressed\n"
+    ) in table
+
+
+async def test_generalised_rows_in_every_format(
+    environment: Seeded,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At k = 10 the cycles per device-week mostly have fewer owners: merged into
+    ranges, the table marks them and says what each merged; the cycles column holds
+    labels, so Parquet makes it a string column."""
+    monkeypatch.setenv("USAGEPIPE_INSIGHTS__K_ANONYMITY", "10")
+    report = await run(environment, "cycles", Filters.parse(start=START, end=END), 10)
+    assert await cli("report", "cycles", *RANGE) == 0
+    table = capsys.readouterr().out
+    assert "│ washer           │ 6-8, 10-13   │           13 │ [2]  │" in table
+    assert "│ washer           │ 15           │           16 │      │" in table
+    assert "│ other categories │ other counts │           45 │ [4]  │" in table
+    assert "[2] 7 cycle counts merged (6-8, 10-13): each had fewer than 10 owners" in table
+    assert table.endswith(
+        "k = 10; 39 segments with fewer than 10 owners generalised into 4 rows; "
+        "0 segments suppressed\n"
+    )
+
+    assert await cli("report", "cycles", *RANGE, "--format", "csv") == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert rows == [
+        {k: "" if v is None else str(v) for k, v in r.items()} for r in report.records()
+    ]
+    assert (
+        rows[1]["generalised"]
+        == "7 cycle counts merged (6-8, 10-13): each had fewer than 10 owners"
+    )
+
+    out = tmp_path / "cycles.parquet"
+    assert await cli("report", "cycles", *RANGE, "--format", "parquet", "--out", str(out)) == 0
+    parquet = pq.read_table(out)
+    assert str(parquet.schema.field("cycles").type) == "string"
+    assert str(parquet.schema.field("device_weeks").type) == "int64"
+    assert parquet.column("cycles").to_pylist() == [str(r.segment["cycles"]) for r in report.rows]
+    assert parquet.column("generalised").to_pylist() == [r.generalised for r in report.rows]
+
+    assert await cli("report", "cycles", *RANGE, "--format", "json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["generalised_segments"], doc["suppressed_segments"]) == (39, 0)
+    assert doc["rows"][1]["members"] == [
+        {"category": "washer", "cycles": n} for n in (6, 7, 8, 10, 11, 12, 13)
+    ]
+    assert doc["rows"][3]["members"] is None  # washer 15: a fine segment
 
 
 @pytest.mark.parametrize("name", ["heatmap", "cycles", "adoption", "completeness", "cohorts"])

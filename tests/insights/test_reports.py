@@ -1,5 +1,7 @@
 """Every report against a direct SQL computation over the seeded raw rows, with and
-without filters; k-anonymity suppression; the marketing population; bad filters."""
+without filters; k-anonymity (segments below k merged or suppressed, never shown as
+they are: `test_generalise.py` checks the merged rows' numbers); the marketing
+population; bad filters."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from tests.conftest import require_timescaledb
 from tests.insights.conftest import Seeded, seeded_store
 from tests.insights.seed import END, START, Population
 
-SUPPRESSED = "suppressed"
+SMALL = "below k: merged or suppressed"
 CYCLES = "('washer.cycle', 'dryer.cycle', 'robot_vacuum.clean_run')"
 TRIGGERED = (
     "(schema LIKE '%.cycle' OR schema LIKE '%.clean_run' OR schema LIKE '%.mode_change'"
@@ -181,15 +183,25 @@ async def direct(s: Seeded, name: str, f: Filters, k: int, by: str = "channel") 
         d = {k2: plain(v) for k2, v in r.items()}
         owners = d.pop("owners")
         key = tuple(d.pop(dim) for dim in spec.dimensions)
-        out[key] = d if owners >= k else SUPPRESSED
+        out[key] = d if owners >= k else SMALL
     return out
 
 
 def found(report: Report) -> dict[Any, Any]:
-    return {
-        tuple(row.segment.values()): SUPPRESSED if row.suppressed else row.values
-        for row in report.rows
-    }
+    """Each fine segment of the report: its values where it is shown as it is, `SMALL`
+    where it is inside a merged row (generalised or suppressed) or suppressed alone."""
+    out: dict[Any, Any] = {}
+    for row in report.rows:
+        if row.members:
+            out.update((tuple(m.values()), SMALL) for m in row.members)
+        else:
+            out[tuple(row.segment.values())] = SMALL if row.suppressed else row.values
+    return out
+
+
+def fine_rows(report: Report) -> list[tuple[Any, ...]]:
+    """The keys of the rows that are one fine segment each, in the report's order."""
+    return [tuple(r.segment.values()) for r in report.rows if not r.members]
 
 
 async def run(s: Seeded, name: str, f: Filters, k: int, **options: str) -> Report:
@@ -233,9 +245,9 @@ async def test_every_report_equals_a_direct_computation_over_the_raw_rows(
             report = await run(seeded, name, f, k, **options)
             expected = await direct(seeded, name, f, k, **options)
             assert found(report) == expected, (name, options)
-            assert [tuple(r.segment.values()) for r in report.rows] == sorted(
-                expected, key=lambda key: tuple((v is not None, v) for v in key)
-            )
+            shown = [key for key, v in expected.items() if v != SMALL]
+            order = sorted(shown, key=lambda key: tuple((v is not None, v) for v in key))
+            assert [k for k in fine_rows(report) if k in shown] == order, (name, options)
             shown_total += sum(1 for r in report.rows if not r.suppressed)
     assert shown_total > 20  # the comparison is not between empty results
 
@@ -245,20 +257,23 @@ async def test_reports_are_the_same_before_and_after_the_rollups_are_refreshed(
 ) -> None:
     """Before a refresh every day is read from the raw rows (noted), after it from the
     device-daily rollup, and after a late batch the days it touched are read live again
-    beside materialised ones: the same reports each time, equal to the direct SQL."""
+    beside materialised ones: the same reports each time (every row, merged ones too),
+    equal to the direct SQL."""
     t = seeded.settings.postgres.table
     filter_sets = [Filters.parse(start=START, end=END)] + [
         Filters.parse(**{"start": START, "end": END, **FILTERS[n]})
         for n in ("category+region", "hours")
     ]
 
-    async def everything() -> dict[tuple[str, str, int], dict[Any, Any]]:
+    async def everything() -> dict[tuple[str, str, int], tuple[dict[Any, Any], bytes]]:
+        """(fine segments, the whole report as JSON) per report, option and filters."""
         out = {}
         for i, f in enumerate(filter_sets):
             for name in REPORTS:
                 for by in ("channel", "tier") if name == "cohorts" else ("",):
                     options = {"by": by} if by else {}
-                    out[name, by, i] = found(await run(seeded, name, f, 3, **options))
+                    report = await run(seeded, name, f, 3, **options)
+                    out[name, by, i] = (found(report), export(report, "json"))
         return out
 
     async def materialised_days() -> int:
@@ -274,7 +289,7 @@ async def test_reports_are_the_same_before_and_after_the_rollups_are_refreshed(
     assert after == before
     for i, f in enumerate(filter_sets):
         for name in ("programs", "errors", "completeness", "regions"):
-            assert after[name, "", i] == await direct(seeded, name, f, 3), (name, i)
+            assert after[name, "", i][0] == await direct(seeded, name, f, 3), (name, i)
     # A late batch in two settled days: they are noted, so read live, the rest not.
     pop = seeded.population
     wm = next(d for d in pop.devices if d.model == "WM-A" and d.firmware == "2.1")
@@ -287,7 +302,7 @@ async def test_reports_are_the_same_before_and_after_the_rollups_are_refreshed(
     for i, f in enumerate(filter_sets):
         for name in REPORTS:
             if name != "cohorts":
-                assert mixed[name, "", i] == await direct(seeded, name, f, 3), (name, i)
+                assert mixed[name, "", i][0] == await direct(seeded, name, f, 3), (name, i)
     assert await seeded.store.refresh_rollups() is not None
     assert await everything() == mixed
 
@@ -306,19 +321,33 @@ async def test_the_seed_is_rich_enough_that_each_report_shows_and_suppresses(
     seeded: Seeded,
 ) -> None:
     """At k=3 each report has segments shown; WM-RARE (3 owners, one without consent, so
-    2 keys) is suppressed wherever it is its own segment."""
+    2 keys) is below k in each of its programs, and merging them (the same two owners)
+    cannot reach 3, nor can any sibling join them (WM-A's programs all have 3 owners or
+    more): its four programs are one suppressed row, which says so."""
     f = Filters.parse(start=START, end=END)
     for name in REPORTS:
         report = await run(seeded, name, f, 3)
         assert any(not r.suppressed for r in report.rows), name
     programs = await run(seeded, "programs", f, 3)
     rare = [r for r in programs.rows if r.segment["model"] == "WM-RARE"]
-    assert rare and all(r.suppressed for r in rare)
-    assert all(r.values == {} for r in rare)
-    assert rare[0].suppressed == "fewer than 3 distinct owners (k-anonymity)"
+    assert [r.segment for r in rare] == [
+        {
+            "model": "WM-RARE",
+            "firmware": "0.9",
+            "schema": "washer.cycle",
+            "feature": "other features",
+        }
+    ]
+    assert rare[0].values == {} and rare[0].generalised is None
+    assert [m["feature"] for m in rare[0].members] == ["cotton", "eco", "quick", "wool"]
+    assert rare[0].suppressed == (
+        "fewer than 3 distinct owners (k-anonymity), even the 4 small segments left merged together"
+    )
+    assert programs.rows[-1] is rare[0]  # the remainder comes last
+    assert (programs.suppressed_segments, programs.generalised_segments) == (4, 0)
 
 
-async def test_segments_below_the_default_k_of_10_are_suppressed_and_say_so(
+async def test_segments_below_the_default_k_of_10_are_generalised_or_suppressed_and_say_so(
     seeded: Seeded,
 ) -> None:
     f = Filters.parse(start=START, end=END)
@@ -326,16 +355,42 @@ async def test_segments_below_the_default_k_of_10_are_suppressed_and_say_so(
     assert seeded.settings.insights.k_anonymity == 10
     expected = await direct(seeded, "errors", f, 10)
     assert found(report) == expected
-    suppressed = [r for r in report.rows if r.suppressed]
-    assert suppressed and len(suppressed) < len(report.rows)  # some of each, exactly
-    records = report.records()
-    for rec in records:
-        if rec["suppressed"]:
-            assert rec["errors"] is None and rec["per_1000_device_days"] is None
-            assert rec["suppressed_reason"] == "fewer than 10 distinct owners (k-anonymity)"
-    # cohorts by tier: 36 owners over 4 tiers and 3 categories are all below 10
+    small = [key for key, v in expected.items() if v == SMALL]
+    assert small and len(small) < len(expected)  # some of each
+    # Every small error segment is in a generalised row here: none suppressed.
+    assert report.suppressed_segments == 0
+    assert report.generalised_segments == len(small) == 13
+    records = {(r["model"], r["firmware"], r["code"]): r for r in report.records()}
+    assert records["WM-A", "all versions", "E07"]["generalised"] == (
+        "2 firmware versions merged (1.0, 2.1): each had fewer than 10 owners"
+    )
+    assert records["DR-B", "1.0", "all dryer codes"]["generalised"] == (
+        "3 error codes merged (E01, E07, F12): each had fewer than 10 owners"
+    )
+    other = records["other models", "other versions", "other codes"]
+    assert other["generalised"] == (
+        "8 segments merged (RV-C 1.0 E01, RV-C 1.0 E07, RV-C 1.0 F12, WM-A 1.0 E01 and 4 "
+        "more): each had fewer than 10 owners"
+    )
+    assert records["WM-A", "2.1", "E01"]["generalised"] is None
+    # cohorts by tier: 36 owners over 4 tiers and 3 categories are all below 10; the
+    # washers' two marketable tiers reach 10 together, the rest stays suppressed.
     cohorts = await run(seeded, "cohorts", f, 10, by="tier")
-    assert cohorts.rows and all(r.suppressed for r in cohorts.rows)
+    assert [(r.segment["cohort"], r.segment["category"], r.suppressed) for r in cohorts.rows] == [
+        ("all cohorts", "washer", None),
+        (
+            "other cohorts",
+            "other categories",
+            "fewer than 10 distinct owners (k-anonymity), even the 4 small segments left "
+            "merged together",
+        ),
+    ]
+    assert cohorts.rows[0].generalised == (
+        "2 cohorts merged (gold, standard): each had fewer than 10 owners"
+    )
+    for rec in cohorts.records():
+        if rec["suppressed"]:
+            assert rec["devices"] is None and rec["app_share"] is None
 
 
 async def test_marketing_reports_count_only_active_owners_consenting_to_marketing(
@@ -398,11 +453,11 @@ async def test_no_output_carries_a_device_id_an_owner_key_or_an_owner_id(seeded:
     f = Filters.parse(start=START, end=END)
     secrets = {d.device_id for d in pop.devices} | {r.boot_id for r in pop.rows}
     secrets |= {o.key for o in pop.owners if o.key} | {str(o.owner_id) for o in pop.owners}
-    for name in REPORTS:
-        report = await run(seeded, name, f, 1)
+    for name, k in itertools.product(REPORTS, (1, 3, 10)):  # merged rows, members too
+        report = await run(seeded, name, f, k)
         for fmt in ("json", "csv"):
             text = export(report, fmt).decode()
-            assert not [s for s in secrets if s in text], (name, fmt)
+            assert not [s for s in secrets if s in text], (name, k, fmt)
 
 
 def test_bad_filters_name_what_is_wrong() -> None:
