@@ -214,10 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # --- end of dlq ------------------------------------------------------------------
 
-    demo = sub.add_parser("demo", help="run the whole pipeline on a simulated fleet")
-    _add_fleet_options(demo, devices=100, messages=100, duplicates=0.02)
+    demo = sub.add_parser(
+        "demo",
+        help="run the whole pipeline on a simulated fleet; leaves a planner-ready dataset",
+    )
+    from simulators.cli import add_demo_options
+
+    add_demo_options(demo)
     demo.add_argument(
-        "--timeout", type=_duration, default=300.0, help="give up after this long (300s)"
+        "--timeout", type=_duration, default=900.0, help="give up after this long (900s)"
     )
     return parser
 

@@ -6,7 +6,10 @@
 plays a week of household usage (`--window 7d`, ending now unless `--sim-start`) in
 about a minute, writing every message and its expected fate to `run.jsonl`, which
 `usagepipe verify run.jsonl` then checks against the database and the dead letters.
-`usagepipe demo` uses the plain mode (`--messages` per device, a few seconds apart).
+
+`usagepipe demo` plays `demo_plan`: by default four weeks of usage of 1,200 appliances
+ending now, as fast as possible, enough for every planners' report to show segments
+at k = 10; `--mix uniform` plays the plain mode's uniform stress mix instead.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ from rich.live import Live
 from rich.table import Table
 
 from devices.errors import RegistryError
+from ingest.errors import BrokerUnavailable, UsagepipeError
 from ingest.kafka import ensure_topics
 from ingest.metrics import SimulatorMetrics, serve_metrics
 from ingest.setting_errors import variable
 from ingest.settings import Settings
-from simulators.faults import FAULT_NAMES, parse_faults
-from simulators.fleet import Fleet, FleetPlan, FleetReport
+from simulators.faults import FAULT_NAMES, FaultRates, parse_faults
+from simulators.fleet import Fleet, FleetPlan, FleetReport, Mix
 from simulators.history import HistoryError
 from simulators.ledger import LedgerWriter
 from simulators.provision import ProvisionedFleet, open_registry, provision
@@ -97,13 +101,147 @@ def add_usage_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+DEMO_DEVICES = 1200
+"""The demo's fleet: 200 appliances of each model. Fewer leave the smaller segments of
+the marketing-usable reports (a quarter of households consent to marketing) and of
+the error codes per model and firmware below k = 10."""
+DEMO_WINDOW = timedelta(days=28)
+"""The demo's usage: the 28 days up to now, the reports' default range."""
+DEMO_DUPLICATES = 0.02
+DEMO_MESSAGES = 100
+"""`--mix uniform`: messages per device (the plain mode)."""
+
+
+def add_demo_options(p: argparse.ArgumentParser) -> None:
+    """`usagepipe demo`'s fleet options; their defaults make `demo_plan`'s dataset."""
+    p.add_argument(
+        "--devices", type=int, default=DEMO_DEVICES, help=f"fleet size ({DEMO_DEVICES:,})"
+    )
+    p.add_argument(
+        "--window",
+        type=span,
+        default=DEMO_WINDOW,
+        help=f"usage to play, ending now ({DEMO_WINDOW.days}d)",
+    )
+    p.add_argument(
+        "--mix",
+        choices=["usage", "uniform"],
+        default="usage",
+        help="usage: the households' usage over --window (default); uniform: every schema"
+        " alike, --messages per device a few seconds apart (a stress mix, not a dataset)",
+    )
+    p.add_argument(
+        "--messages",
+        type=int,
+        default=None,
+        help=f"usage: cap per device (0: none, the default); uniform: per device ({DEMO_MESSAGES})",
+    )
+    p.add_argument(
+        "--duplicates",
+        type=float,
+        default=DEMO_DUPLICATES,
+        help=f"share of messages sent twice, byte for byte ({DEMO_DUPLICATES})",
+    )
+    p.add_argument("--seed", type=int, default=7, help="seed for everything the fleet sends")
+    p.add_argument(
+        "--run-id",
+        default=None,
+        help="goes into the boot ids: same seed and run id, same messages (default: new)",
+    )
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument(
+        "--speed",
+        type=float,
+        default=0.0,
+        help="simulated seconds per real second (0: as fast as possible)",
+    )
+    pace.add_argument(
+        "--rate", type=float, default=0.0, help="messages/s for the whole fleet (0: no limit)"
+    )
+
+
+def demo_plan(
+    *,
+    devices: int = DEMO_DEVICES,
+    window: timedelta = DEMO_WINDOW,
+    mix: Mix = "usage",
+    messages: int | None = None,
+    duplicates: float = DEMO_DUPLICATES,
+    seed: int = 7,
+    run_id: str | None = None,
+    speed: float = 0.0,
+    rate: float = 0.0,
+    settings: Settings | None = None,
+) -> FleetPlan:
+    """The plan `usagepipe demo` plays; its defaults are the demo's dataset (tested to
+    give every report unsuppressed segments at k = 10: tests/test_demo_dataset.py).
+
+    "usage": `window` of household usage ending now (`simulators.traffic`), `duplicates`
+    as the `dup` fault; "uniform": the plain mode's uniform stress mix, `messages` per
+    device a few seconds apart."""
+    if devices < 1:
+        raise SystemExit("--devices must be at least 1")
+    if not 0.0 <= duplicates <= 1.0:
+        raise SystemExit("--duplicates is a share between 0 and 1")
+    run_id = run_id or secrets.token_hex(4)
+    if mix == "uniform":
+        count = DEMO_MESSAGES if messages is None else messages
+        if count < 1:
+            raise SystemExit("--messages must be at least 1")
+        return FleetPlan(
+            devices=devices,
+            messages_per_device=count,
+            seed=seed,
+            run_id=run_id,
+            duplicate_rate=duplicates,
+            rate=rate,
+            mix="uniform",
+        )
+    if messages is not None and messages < 0:
+        raise SystemExit("--messages must be 0 (no cap) or more")
+    return FleetPlan(
+        devices=devices,
+        messages_per_device=messages or 0,
+        seed=seed,
+        run_id=run_id,
+        rate=rate,
+        window=window,
+        speed=speed,
+        faults=FaultRates(dup=duplicates),
+        **_limits(settings),  # type: ignore[arg-type]
+    )
+
+
+def _limits(settings: Settings | None) -> dict[str, float]:
+    """The consumer's skew and the bridge's size limit, which a usage plan respects."""
+    if settings is None:
+        return {}
+    return {
+        "max_future_skew_s": float(settings.consumer.max_future_skew_s),
+        "max_payload_bytes": settings.bridge.max_payload_bytes,
+    }
+
+
 def plan_from_args(args: argparse.Namespace, settings: Settings | None = None) -> FleetPlan:
     """The fleet plan the command-line options describe.
 
-    With `--window` (`simulate`) a usage plan, where `--messages` caps each device
-    (0: no cap) and `--duplicates` is the `dup` fault's rate unless `--faults` sets it;
-    without (`demo`), the plain plan.
+    `demo` (it has `--mix`): `demo_plan`. `simulate`: a usage plan, where `--messages`
+    caps each device (0: no cap) and `--duplicates` is the `dup` fault's rate unless
+    `--faults` sets it; without `--window` (the benchmarks' own parsers), the plain plan.
     """
+    if getattr(args, "mix", None) is not None:
+        return demo_plan(
+            devices=args.devices,
+            window=args.window,
+            mix=args.mix,
+            messages=args.messages,
+            duplicates=args.duplicates,
+            seed=args.seed,
+            run_id=args.run_id,
+            speed=args.speed,
+            rate=args.rate,
+            settings=settings,
+        )
     if args.devices < 1:
         raise SystemExit("--devices must be at least 1")
     if not 0.0 <= args.duplicates <= 1.0:
@@ -132,12 +270,6 @@ def plan_from_args(args: argparse.Namespace, settings: Settings | None = None) -
     speed = args.speed
     if args.duration is not None:
         speed = window / args.duration
-    extra = {}
-    if settings is not None:
-        extra = {
-            "max_future_skew_s": float(settings.consumer.max_future_skew_s),
-            "max_payload_bytes": settings.bridge.max_payload_bytes,
-        }
     return FleetPlan(
         devices=args.devices,
         messages_per_device=args.messages,
@@ -148,7 +280,7 @@ def plan_from_args(args: argparse.Namespace, settings: Settings | None = None) -
         sim_start=args.sim_start,
         speed=speed,
         faults=faults,
-        **extra,  # type: ignore[arg-type]
+        **_limits(settings),  # type: ignore[arg-type]
     )
 
 
@@ -261,6 +393,26 @@ async def run_fleet(
             return await devices.run()
 
 
+def fleet_failure(exc: BaseException) -> str | None:
+    """What went wrong, in one line, when running a fleet failed for a reason outside
+    the simulator (the broker refused a device, a server is down), else None: the
+    device tasks' errors arrive as an exception group."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := fleet_failure(inner)) is not None:
+                return found
+        return None
+    if isinstance(exc, UsagepipeError | RegistryError | HistoryError):
+        hint = ""
+        if isinstance(exc, BrokerUnavailable) and "Not authorized" in str(exc):
+            hint = (
+                " (another run on this broker may have given the same simulated device a new"
+                " secret: fleets of the same name and seed share their devices; use --seed)"
+            )
+        return f"{exc}{hint}"
+    return None
+
+
 def _span_text(value: timedelta) -> str:
     seconds = int(value.total_seconds())
     for unit, size in (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60)):
@@ -290,6 +442,12 @@ def simulate(settings: Settings, args: argparse.Namespace) -> int:
     except (RegistryError, HistoryError) as exc:
         console.print(f"[red]usagepipe simulate: cannot provision the fleet: {exc}")
         return 2
+    except (UsagepipeError, BaseExceptionGroup) as exc:
+        failure = fleet_failure(exc)
+        if failure is None:
+            raise
+        console.print(f"[red]usagepipe simulate: {failure}", highlight=False)
+        return 1
     console.print(
         f"fleet: {report.devices} devices sent {report.sent:,} messages "
         f"({report.duplicates_sent:,} duplicates, {report.unique_keys:,} unique) "

@@ -87,6 +87,9 @@ _CATEGORY_OF_MODEL = {model.model_number: category for category, model in SIM_MO
 _FLEET_NAME = re.compile(r"^[A-Za-z0-9]{1,16}$")
 
 
+Mix = Literal["uniform", "usage"]
+
+
 @dataclass(frozen=True)
 class FleetPlan:
     """What the fleet sends: how many devices, how many messages each, how often twice."""
@@ -100,7 +103,7 @@ class FleetPlan:
     """Event time of each device's first message; later ones follow a few seconds apart."""
     rate: float = 0.0
     """Messages per second for the whole fleet; 0 sends as fast as the broker takes them."""
-    mix: Literal["uniform", "usage"] = "uniform"
+    mix: Mix = "uniform"
     """Plain mode: how each message's schema is drawn from its category's. "uniform":
     every schema alike (a sixth of a washer's messages are firmware installations, a
     stress on the registry). "usage": in the shares the usage model produces over a year

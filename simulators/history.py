@@ -6,7 +6,7 @@ before that: an installed base, not a launch day. `unit_history` gives, for unit
 a plan, deterministic from the seed and the span (nothing here reads a clock):
 
 - the purchase: a day between the model's launch (`simulators.fleet.LAUNCHED_ON`; at
-  most `INSTALLED_BASE_YEARS` back) and a few days before the span, at a steady rate
+  most `INSTALLED_BASE_YEARS` back) and two weeks before the span, at a steady rate
   of sales; through a channel in realistic shares (`CHANNELS`: retailers, the maker's
   online shop, its own stores, gifts), from a store in the household's region for the
   stores and retailers (`store_id`), the gift's buyer's day as `purchased_on`;
@@ -60,8 +60,10 @@ INSTALLED_BASE_YEARS = 6
 """The oldest purchase: appliances live about ten years; older ones send no telemetry."""
 ON_SALE_AFTER = timedelta(days=30)
 """A model's first units reach households about a month after its launch."""
-REGISTERED_BEFORE = timedelta(days=4)
-"""The latest purchase is this long before the span: setup takes up to 3 days."""
+REGISTERED_BEFORE = timedelta(days=14)
+"""The latest purchase is this long before the span: setup takes up to 3 days, and the
+unit's last firmware update (`simulators.traffic`: 1 to 9 days before the span) comes
+after it."""
 ACTIVE_WITHIN = timedelta(days=3)
 
 
@@ -86,6 +88,8 @@ class UnitHistory:
     handover_purchase: Purchase | None
     last_active: datetime
     """The current owner's last activity (the buyer's after a handover)."""
+    span_start: datetime
+    """Where the plan's events start."""
 
     @property
     def current_owner(self) -> NewOwner:
@@ -144,6 +148,7 @@ def unit_history(plan: FleetPlan, index: int, unit: FleetUnit) -> UnitHistory:
         buyer=buyer,
         handover_purchase=handed,
         last_active=max(last_active, passes.at) if passes is not None else last_active,
+        span_start=first,
     )
 
 

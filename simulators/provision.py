@@ -20,11 +20,12 @@ history says (`simulators.history`):
 It is idempotent: a device already registered (the same fleet name and seed run
 before) keeps its owner and history, and its current owner (the buyer, after a
 handover) reissues its MQTT secret instead, since secrets are stored only as hashes
-and the new run needs one in clear. A re-run whose span has moved on (a later day)
-still applies a handover the registry has not seen (one dated after the current
-owner's period began). So re-running `usagepipe simulate` with the same seed reuses
-the registrations. Units already registered are not imported again; a unit imported
-before but never registered keeps the manufacture date it was imported with.
+and the new run needs one in clear. A handover recorded inside the new run's span
+stands (a re-run minutes later changes no owners); one the span has moved past (a
+re-run days later) is made again, inside the new span. So re-running `usagepipe
+simulate` with the same seed reuses the registrations. Units already registered are
+not imported again; a unit imported before but never registered keeps the
+manufacture date it was imported with.
 
 Cost: each registration hashes the unit's code check and the new secret with scrypt,
 and makes one broker round trip. `open_registry` gives the simulator its own registry
@@ -332,13 +333,15 @@ async def _import(registry: Registry, histories: list[UnitHistory]) -> None:
 async def _hands_over(registry: Registry, history: UnitHistory, *, fresh: bool) -> bool:
     """Whether the unit's handover is still to be recorded: always for a unit this call
     registered; for one registered before, when its current owner's period began
-    before the handover (a run of the same seed whose span has moved on)."""
+    before the span (a run of the same seed whose span has moved past the handover an
+    earlier run recorded). A handover recorded inside the span stands: a re-run minutes
+    later changes no owners."""
     if history.handover is None:
         return False
     if fresh:
         return True
     periods = await registry.ownership_history(history.unit.device_id)
-    return bool(periods) and periods[-1].valid_from < history.handover.at
+    return bool(periods) and periods[-1].valid_from < history.span_start
 
 
 async def _touch(registry: Registry, owner_id: UUID, at: datetime, who: NewOwner) -> None:

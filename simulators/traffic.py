@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from schemas.catalog import current_version
 from schemas.envelope import envelope_dict, telemetry_topic
 from schemas.errors import Reason
 from schemas.examples import example_v1_body
@@ -247,6 +248,9 @@ def device_traffic(
     if upgrade is not None:
         events = heapq.merge(events, [upgrade], key=lambda e: e[0])
 
+    if registered:
+        yield _last_install(plan, device_id, category, prof, topic)
+
     boot, seq = 0, 0
     boot_of = boot_id(plan, device_id, 0)
     cap = plan.messages_per_device or None
@@ -308,6 +312,38 @@ def device_traffic(
         yield from _burst(held, offline_until)
 
 
+def _last_install(
+    plan: FleetPlan, device_id: str, category: str, prof: Profile, topic: str
+) -> Message:
+    """The installation of the firmware the device runs, from the overnight update wave
+    of the 1 to 9 days before the window (after the unit was registered:
+    `simulators.history`), sent first, on the boot before the window's.
+
+    A unit's firmware is history like its purchase: without this event the pipeline
+    would know a device's firmware only from an upgrade inside the window, and the
+    reports by model and firmware would find most devices' firmware unknown. Its own
+    generator, and no fault touches it, so the window's traffic stays the same."""
+    assert plan.sim_start is not None
+    rng = random.Random(f"{plan.seed}:{device_id}:installed")
+    versions = [v for v, _ in FIRMWARE[category]]
+    at = (plan.sim_start - timedelta(days=rng.randint(1, 9))).replace(
+        hour=rng.randint(2, 4), minute=rng.randint(0, 59), second=rng.randint(0, 59),
+        microsecond=0,
+    )  # fmt: skip
+    index = versions.index(prof.firmware)
+    major, minor, build = prof.firmware.split(".")
+    previous = versions[index - 1] if index else f"{major}.{minor}.{int(build) - 41}"
+    body = {"from_version": previous, "to_version": prof.firmware, "outcome": "installed",
+            "trigger": "schedule"}  # fmt: skip
+    boot = boot_id(plan, device_id, -1)
+    schema_name = f"{category}.firmware"
+    doc = envelope_dict(
+        device_id=device_id, boot_id=boot, seq=0, event_time=at, schema_name=schema_name,
+        schema_version=current_version(schema_name), body=body,
+    )  # fmt: skip
+    return Message((device_id, boot, 0), topic, orjson.dumps(doc), False, plan.sim_start)
+
+
 def _upgrade(
     prof: Profile, category: str, rng: random.Random, start: datetime, window: timedelta
 ) -> tuple[datetime, str, dict[str, Any]] | None:
@@ -348,8 +384,6 @@ def _message(
     registered: bool,
 ) -> Message:
     """The message for one event, hit by at most one payload fault."""
-    from schemas.catalog import current_version
-
     faults = plan.faults
     key = (device_id, boot, seq)
     event_time = at

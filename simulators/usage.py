@@ -11,6 +11,12 @@ Bodies come from `schemas.examples` (valid by construction, tested against the m
 the usage model chooses which events happen when, and sets the fields that follow the
 season or the household (air-conditioner mode and setpoint, outdoor temperature,
 fine-dust readings, how a vacuum run was started).
+
+Errors follow use (`USE_ERRORS`): an unbalanced load on some washes, a blocked duct on
+some dryings, a robot vacuum stuck now and then, each raised during the use and cleared
+when the household (minutes) or a technician (hours to days) fixes it; appliances that
+run all day raise theirs per day (`DAY_ERRORS`). A few codes are common, most are rare,
+as in field data: about one error per 25 washes, far fewer than uses.
 """
 
 from __future__ import annotations
@@ -65,6 +71,10 @@ class Household:
     """Runs the robot vacuum on a fixed morning schedule rather than by hand."""
     uses_app: float
     """Share of features started from the app rather than the panel."""
+    reports_at: float = 23.9
+    """Hour of the day the appliance sends its daily energy reading: the maker staggers
+    them over the day, so a fleet does not report at once (nor crowd one hour of the
+    planners' heat map)."""
 
 
 def new_household(rng: random.Random) -> Household:
@@ -75,6 +85,7 @@ def new_household(rng: random.Random) -> Household:
         works_days=rng.random() < 0.7,
         schedules_vacuum=rng.random() < 0.6,
         uses_app=rng.choice((0.05, 0.15, 0.3, 0.5)),
+        reports_at=rng.uniform(0, 24),
     )
 
 
@@ -87,6 +98,69 @@ def outdoor_temp_c(at: datetime, rng: random.Random) -> float:
 
 def pm25(at: datetime, rng: random.Random) -> float:
     return round(min(_MONTHLY_PM25[at.month - 1] * rng.lognormvariate(0, 0.5), 900.0), 1)
+
+
+ErrorSpec = tuple[str, float, str]
+"""An error code, its chance (per use or per day), and its severity."""
+
+USE_ERRORS: dict[str, tuple[ErrorSpec, ...]] = {
+    "washer": (
+        ("UE", 0.025, "warning"),  # unbalanced load
+        ("dE", 0.008, "warning"),  # door not closed
+        ("OE", 0.005, "fault"),  # drain
+        ("IE", 0.003, "fault"),  # water inlet
+        ("4C", 0.002, "fault"),
+        ("E21", 0.0005, "critical"),
+        ("E24", 0.0005, "critical"),
+    ),
+    "dryer": (
+        ("d80", 0.02, "warning"),  # exhaust duct blocked
+        ("tE", 0.003, "fault"),
+        ("HE", 0.0015, "critical"),
+        ("E32", 0.0015, "fault"),
+        ("F05", 0.001, "fault"),
+    ),
+    "robot_vacuum": (
+        ("C12", 0.035, "warning"),  # stuck
+        ("E7", 0.012, "warning"),  # brush tangled
+        ("E2", 0.006, "fault"),  # wheel
+        ("ERR5", 0.001, "fault"),
+    ),
+    "air_conditioner": (
+        ("CH05", 0.008, "fault"),  # indoor-outdoor communication
+        ("E1", 0.003, "fault"),
+        ("E5", 0.002, "fault"),
+        ("P4", 0.001, "critical"),
+        ("F2", 0.001, "fault"),
+    ),
+}
+"""Errors raised during a use (a wash, a drying, a cleaning run, an air-conditioner run)."""
+
+DAY_ERRORS: dict[str, tuple[ErrorSpec, ...]] = {
+    "refrigerator": (
+        ("Er-dH", 0.002, "fault"),  # defrost
+        ("rF", 0.0015, "fault"),  # fan
+        ("22E", 0.0008, "fault"),
+        ("33E", 0.0008, "fault"),
+        ("FF", 0.0005, "critical"),
+    ),
+    "air_purifier": (
+        ("F1", 0.004, "warning"),  # filter sensor
+        ("SE", 0.002, "fault"),  # dust sensor
+        ("E1", 0.0008, "fault"),
+    ),
+}
+"""Errors of appliances that run all day, per day."""
+
+
+def _pick_error(specs: tuple[ErrorSpec, ...], rng: random.Random) -> ErrorSpec | None:
+    """At most one error of `specs`, from one draw (so the draws per use are fixed)."""
+    draw = rng.random()
+    for spec in specs:
+        if draw < spec[1]:
+            return spec
+        draw -= spec[1]
+    return None
 
 
 def _at(day: datetime, hour: float) -> datetime:
@@ -181,16 +255,34 @@ def _day(
         body.update(overrides)
         out.append((at, schema, body))
 
+    def fault(at: datetime, specs: tuple[ErrorSpec, ...]) -> None:
+        """Maybe an error, raised at `at` and cleared by the household (a warning:
+        minutes later) or a technician (hours to two days later)."""
+        spec = _pick_error(specs, rng)
+        if spec is None:
+            return
+        code, _, severity = spec
+        add(at, f"{category}.error", code=code, severity=severity, state="raised")
+        fixed = rng.uniform(2, 20) if severity == "warning" else rng.uniform(120, 2880)
+        add(
+            at + timedelta(minutes=fixed),
+            f"{category}.error",
+            code=code,
+            severity=severity,
+            state="cleared",
+        )
+
+    use_errors = USE_ERRORS.get(category, ())
+
     if category in ("washer", "dryer"):
         for at in _laundry_times(household, day, rng):
             if category == "washer":
                 add(at, "washer.cycle", trigger=_trigger(household, rng))
+                fault(at + timedelta(minutes=rng.uniform(5, 60)), use_errors)
             elif rng.random() < 0.7:  # not every wash is machine-dried
-                add(
-                    at + timedelta(minutes=rng.uniform(60, 120)),
-                    "dryer.cycle",
-                    trigger=_trigger(household, rng),
-                )
+                dried = at + timedelta(minutes=rng.uniform(60, 120))
+                add(dried, "dryer.cycle", trigger=_trigger(household, rng))
+                fault(dried + timedelta(minutes=rng.uniform(5, 60)), use_errors)
     elif category == "refrigerator":
         for at in _fridge_door_times(household, day, rng):
             add(at, "refrigerator.door")
@@ -225,6 +317,7 @@ def _day(
                     mode="cool" if cooling else "heat",
                     trigger=_trigger(household, rng),
                 )
+                fault(on + timedelta(minutes=rng.uniform(1, 60)), use_errors)
     elif category == "air_purifier":
         for hour in range(0, 24, 3):
             at = _at(day, hour + rng.uniform(0, 1))
@@ -241,22 +334,22 @@ def _day(
                 trigger=_trigger(household, rng),
             )
     elif category == "robot_vacuum":
+        run: datetime | None = None
         if household.schedules_vacuum:
             if day.weekday() < 5 or rng.random() < 0.5:
-                add(
-                    _at(day, 10 + rng.uniform(0, 0.1)), "robot_vacuum.clean_run", trigger="schedule"
-                )
+                run = _at(day, 10 + rng.uniform(0, 0.1))
+                add(run, "robot_vacuum.clean_run", trigger="schedule")
         elif rng.random() < 0.4:
-            add(
-                _at(day, rng.gauss(19.5, 2)),
-                "robot_vacuum.clean_run",
-                trigger=_trigger(household, rng),
-            )
+            run = _at(day, rng.gauss(19.5, 2))
+            add(run, "robot_vacuum.clean_run", trigger=_trigger(household, rng))
+        if run is not None:
+            fault(run + timedelta(minutes=rng.uniform(3, 40)), use_errors)
 
-    # Shared events: a daily energy reading, rare filter news and errors.
-    add(_at(day, 23.9), f"{category}.energy")
+    # Shared events: a daily energy reading, rare filter news; the errors of
+    # appliances that run all day.
+    add(_at(day, household.reports_at), f"{category}.energy")
     if category != "washer" and rng.random() < 0.03:
         add(_at(day, rng.uniform(8, 22)), f"{category}.filter")
-    if rng.random() < 0.004:
-        add(_at(day, rng.uniform(0, 24)), f"{category}.error")
+    if category in DAY_ERRORS:
+        fault(_at(day, rng.uniform(0, 24)), DAY_ERRORS[category])
     return out

@@ -127,3 +127,20 @@ def test_a_span_before_the_models_could_be_bought_is_refused_with_the_date_to_us
         [unit_history(early, i, u) for i, u in enumerate(fleet_units(early))]
     ok = replace(early, clock=earliest_start() + timedelta(days=7), sim_start=None)
     assert all(unit_history(ok, i, u) for i, u in enumerate(fleet_units(ok)))
+
+
+def test_each_device_first_sends_the_installation_of_the_firmware_it_runs() -> None:
+    """After its registration, before the window, on a boot of its own: so the pipeline
+    knows every device's firmware from its first event in the window on."""
+    plan = replace(PLAN, devices=60, window=timedelta(days=3), sim_start=None)
+    assert plan.sim_start is not None
+    for i, unit in enumerate(fleet_units(plan)):
+        first, *rest = plan_device(plan, unit.device_id)
+        doc = orjson.loads(first.payload)
+        at = datetime.fromisoformat(doc["event_time"])
+        assert doc["schema"] == f"{unit.category}.firmware" and doc["seq"] == 0
+        assert doc["body"]["to_version"] == profile(plan, unit.device_id, unit.category).firmware
+        assert doc["body"]["outcome"] == "installed"
+        assert unit_history(plan, i, unit).registered_at < at < plan.sim_start
+        assert first.send_at == plan.sim_start
+        assert all(m.key[1] != first.key[1] for m in rest)

@@ -151,8 +151,12 @@ def test_simulate_options_map_onto_a_usage_plan() -> None:
     assert plan.sim_start == datetime(2026, 11, 15, 15, 0, tzinfo=UTC)
     with pytest.raises(SystemExit, match="unknown fault 'dupe'"):
         plan_from_args(build_parser().parse_args(["simulate", "--faults", "dupe=0.1"]))
-    demo = build_parser().parse_args(["demo", "--messages", "5"])
-    assert not plan_from_args(demo).usage  # the demo keeps the plain mode
+    demo = plan_from_args(build_parser().parse_args(["demo"]))
+    assert (demo.usage, demo.devices, demo.window, demo.faults.dup) == (
+        True, 1200, timedelta(days=28), 0.02,
+    )  # fmt: skip
+    stress = plan_from_args(build_parser().parse_args(["demo", "--mix", "uniform"]))
+    assert (stress.usage, stress.mix, stress.messages_per_device) == (False, "uniform", 100)
     assert build_parser().parse_args(["verify", "run.jsonl"]).timeout == timedelta(seconds=60)
 
 
