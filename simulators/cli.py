@@ -32,7 +32,7 @@ from rich.live import Live
 from rich.table import Table
 
 from devices.errors import RegistryError
-from ingest.errors import BrokerUnavailable, UsagepipeError
+from ingest.errors import BrokerUnavailable, ConfigurationError, UsagepipeError
 from ingest.kafka import ensure_topics
 from ingest.metrics import SimulatorMetrics, serve_metrics
 from ingest.setting_errors import variable
@@ -442,6 +442,8 @@ def simulate(settings: Settings, args: argparse.Namespace) -> int:
     except (RegistryError, HistoryError) as exc:
         console.print(f"[red]usagepipe simulate: cannot provision the fleet: {exc}")
         return 2
+    except ConfigurationError:
+        raise  # a setting to change (a port in use): the console script names it, exit 2
     except (UsagepipeError, BaseExceptionGroup) as exc:
         failure = fleet_failure(exc)
         if failure is None:

@@ -150,7 +150,7 @@ BAD_SETTINGS = [
     ),
     (
         {"USAGEPIPE_INSIGHTS": '{"k_anonymity": "1"}'},
-        "USAGEPIPE_INSIGHTS: k_anonymity='1' is not allowed: use a whole number from 2 to 1000",
+        "USAGEPIPE_INSIGHTS: k_anonymity='1' is not allowed: use a whole number from 3 to 1000",
     ),
     (
         {"USAGEPIPE_INSIGHTS": "k=5"},
