@@ -1,13 +1,16 @@
 """The planners' side: read-only reports over the usage table and its rollups.
 
-    filters.py   the filters every report takes (time range, model, category, region,
-                 firmware), validated with messages naming the bad field
-    privacy.py   k-anonymity suppression and the marketing population
-    reports.py   the report definitions: SQL, options, typed rows
-    export.py    a report as CSV, Parquet or JSON
-    charts.py    a report as a PNG or SVG chart (matplotlib, Agg)
-    api.py       the read-only HTTP API and the web page (`static/index.html`)
-    cli.py       `usagepipe report ...` and `usagepipe insights serve`
+    filters.py      the filters every report takes (time range, model, category,
+                    region, firmware), validated with messages naming the bad field
+    privacy.py      k-anonymity and the marketing population
+    reports.py      the report definitions: SQL, options, typed rows
+    generalise.py   segments below k merged along a hierarchy until a group reaches
+                    k, or else suppressed; exact numbers for the merged rows
+    hierarchies.py  each report's hierarchy, and how its merged numbers are computed
+    export.py       a report as CSV, Parquet or JSON
+    charts.py       a report as a PNG or SVG chart (matplotlib, Agg)
+    api.py          the read-only HTTP API and the web page (`static/index.html`)
+    cli.py          `usagepipe report ...` and `usagepipe insights serve`
 
 Nothing here writes to the database, and no result carries a device id, an owner key,
 or anything from the registry's owners beyond the population rule.

@@ -35,7 +35,8 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         "report",
         help="a planners' report over the usage data (table, CSV, Parquet, JSON, chart)",
         description=f"Reports: {names}. Segments with fewer than insights.k_anonymity "
-        "distinct owners are shown as suppressed.",
+        "distinct owners are merged with their siblings (other firmware, hours of the "
+        "same part of the day, ...) until a group reaches k, or else suppressed.",
     )
     report.set_defaults(handler=_report)
     report.add_argument("name", choices=list(REPORTS), metavar="NAME", help=names)

@@ -101,10 +101,12 @@ Parent = tuple[Hashable, Mapping[str, Label]]
 class Level:
     """One step up a hierarchy: `parent` gives a segment's parent at this level (the
     key its siblings share) and the labels of the dimensions the level coarsens;
-    `noun` names what the members of a merged row are ("firmware versions")."""
+    `noun` names the members of a merged row that differ in one dimension ("firmware
+    versions"), `mixed` those that differ in several ("segments")."""
 
     noun: str
     parent: Callable[[Segment], Parent]
+    mixed: str = "segments"
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +272,8 @@ def _sentence(members: Sequence[Segment], level: Level, rule: Generalisation, k:
         names = [" ".join(_show(rule, d, m.key[d]) for d in varying) for m in members]
     more = len(names) - _DESCRIBED
     named = ", ".join(names[:_DESCRIBED]) + (f" and {more} more" if more > 0 else "")
-    return f"{len(members)} {level.noun} merged ({named}): each had fewer than {k} owners"
+    noun = level.noun if len(varying) == 1 else level.mixed
+    return f"{len(members)} {noun} merged ({named}): each had fewer than {k} owners"
 
 
 def _show(rule: Generalisation, dimension: str, value: Scalar) -> str:

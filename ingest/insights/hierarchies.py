@@ -89,7 +89,7 @@ def _programs_merge(members: Sequence[Segment]) -> dict[str, Scalar]:
 PROGRAMS = Generalisation(
     (
         Level("firmware versions", _programs_firmware),
-        Level("models and versions", _programs_model),
+        Level("models", _programs_model),
         Level("programs or modes", _programs_feature),
     ),
     _programs_merge,
@@ -128,7 +128,10 @@ def _weekday(value: Scalar) -> str:
 
 
 HEATMAP = Generalisation(
-    (Level("hours", _heatmap_part), Level("hours of the week", _heatmap_daytype)),
+    (
+        Level("hours", _heatmap_part),
+        Level("hours of the week", _heatmap_daytype, mixed="hours of the week"),
+    ),
     lambda members: {"events": total(members, "events")},
     {"day_of_week": "days", "hour": "hours"},
     {"day_of_week": _weekday},
@@ -208,7 +211,7 @@ def _errors_merge(members: Sequence[Segment]) -> dict[str, Scalar]:
 ERRORS = Generalisation(
     (
         Level("firmware versions", _errors_firmware),
-        Level("models and versions", _errors_model),
+        Level("models", _errors_model),
         Level("error codes", _errors_code),
     ),
     _errors_merge,
@@ -289,7 +292,7 @@ COMPLETENESS = Generalisation(
     (
         Level("models", lambda s: ((s.key["day"], _category(s)), {"model": _models(s)})),
         Level("models", lambda s: ((s.key["day"],), {"model": Label("all models")})),
-        Level("days and models", _completeness_week),
+        Level("days", _completeness_week),
     ),
     _completeness_merge,
     {"day": "days", "model": "models"},

@@ -1,9 +1,10 @@
 """The planners' reports: one `ReportSpec` each, its SQL, and what comes back.
 
 Every report reads what its `Filters` select (time range, models, categories,
-regions, firmware) and answers one row per *segment*, each with the distinct owners
-behind it counted so `ingest.insights.privacy` can withhold the small ones. Where each
-number comes from:
+regions, firmware) and finds *segments*, each with the distinct owners behind it
+counted; segments below k owners also return, in hidden `_...` columns, the sets a
+merge needs, and `ingest.insights.generalise` merges them along the report's hierarchy
+(`ingest.insights.hierarchies`) before any is suppressed. Where each number comes from:
 
 | report | segments | source |
 |---|---|---|

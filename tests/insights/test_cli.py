@@ -149,3 +149,18 @@ async def test_bad_filters_exit_2_naming_the_field(
     with pytest.raises(SystemExit) as exited:
         await cli("report", "toasters", *RANGE)
     assert exited.value.code == 2  # argparse: invalid choice
+
+
+@pytest.mark.parametrize("k", ["1", "2"])
+async def test_a_k_below_the_minimum_is_one_line_naming_the_setting(
+    environment: Seeded, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, k: str
+) -> None:
+    monkeypatch.setenv("USAGEPIPE_INSIGHTS__K_ANONYMITY", k)
+    for argv in (("report", "programs", *RANGE), ("insights", "serve", "--port", "0")):
+        assert await cli(*argv) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err == (
+            f"usagepipe: USAGEPIPE_INSIGHTS__K_ANONYMITY={k!r} is not allowed: use a whole "
+            "number from 3 to 1000\n"
+        )
