@@ -225,7 +225,8 @@ def create_app(
         title="usagepipe insights",
         version="1",
         description="Read-only usage reports for product planners; segments with fewer "
-        f"than k={insights.k_anonymity} distinct owners are suppressed.",
+        f"than k={insights.k_anonymity} distinct owners are merged along their report's "
+        "hierarchy until a group reaches k, else suppressed: no row shows fewer.",
         lifespan=lifespan,
     )
 
