@@ -28,11 +28,11 @@ from prometheus_client import CollectorRegistry
 from ingest.bridge import Bridge
 from ingest.metrics import BridgeMetrics
 from ingest.mqtt import MqttClient
-from ingest.services import MosquittoBroker, TansuBroker
 from ingest.settings import BridgeSettings, KafkaSettings, MqttSettings, Settings
 from schemas.catalog import SCHEMA_NAMES, current_version
 from schemas.envelope import envelope_dict
 from schemas.examples import example_body
+from usagepipe.services import MosquittoBroker, TansuBroker
 
 
 def free_port() -> int:

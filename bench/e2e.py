@@ -82,11 +82,11 @@ from e2e_raw import raw_copy, raw_produce, raw_relay
 
 from ingest.kafka import ensure_topics
 from ingest.mqtt import MqttClient
-from ingest.services import with_broker_logins
 from ingest.settings import Settings
 from simulators.fleet import FleetPlan, device_ids, plan_device
 from simulators.provision import open_registry, provision
 from simulators.verify import verify
+from usagepipe.services import with_broker_logins
 
 RESULTS = Path(__file__).with_name("results")
 

@@ -38,7 +38,6 @@ from prometheus_client import CollectorRegistry
 
 from ingest.kafka import ensure_topics
 from ingest.metrics import SimulatorMetrics
-from ingest.services import MosquittoBroker, with_broker_logins
 from ingest.settings import Settings
 from simulators.cli import raise_fd_limit, span
 from simulators.faults import parse_faults
@@ -51,6 +50,7 @@ from simulators.provision import (
     write_broker_accounts,
 )
 from simulators.verify import verify
+from usagepipe.services import MosquittoBroker, with_broker_logins
 
 
 def free_port() -> int:

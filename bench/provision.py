@@ -24,10 +24,10 @@ import time
 import asyncpg
 
 from ingest.kafka import ensure_topics
-from ingest.services import with_broker_logins
 from ingest.settings import Settings
 from simulators.fleet import FleetPlan, device_ids
 from simulators.provision import CollectedAccounts, open_registry, provision
+from usagepipe.services import with_broker_logins
 
 
 async def one(

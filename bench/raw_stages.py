@@ -35,8 +35,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from paho.mqtt.enums import CallbackAPIVersion
 
 from ingest.kafka import make_producer
-from ingest.services import with_broker_logins
 from ingest.settings import Settings
+from usagepipe.services import with_broker_logins
 
 
 def _client(settings: Settings, client_id: str) -> paho.Client:

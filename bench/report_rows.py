@@ -23,10 +23,10 @@ import time
 
 import asyncpg
 
-from ingest.insights.filters import Filters
-from ingest.insights.privacy import Privacy
-from ingest.insights.reports import REPORTS, Report, run_report
 from ingest.settings import Settings
+from insights.filters import Filters
+from insights.privacy import Privacy
+from insights.reports import REPORTS, Report, run_report
 
 COMMAND = "python bench/report_rows.py " + " ".join(sys.argv[1:])
 HEADER = ("report", "k", "fine", ">=k", "shown", "gen rows", "gen segs", "supp rows",

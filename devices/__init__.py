@@ -2,7 +2,7 @@
 
 The data path, in modules:
 
-- `devices.sql` and `devices.migrations`: the PostgreSQL tables and the generic,
+- `devices.sql` and `ingest.migrations`: the PostgreSQL tables and the generic,
   versioned migration runner (the usage store reuses it for its own tables).
 - `devices.factory_import`: manufactured units arrive from the factory's CSV export.
 - `devices.registry`: the one entry point (`Registry`, an async context manager).

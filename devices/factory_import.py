@@ -26,7 +26,7 @@ import asyncpg
 
 from devices.credentials import hash_secret_async, verify_secret_async
 from devices.errors import InvalidImportFile, RegistryUnavailable
-from devices.migrations import Connection, advisory_lock_key, quote_schema
+from ingest.migrations import Connection, advisory_lock_key, quote_schema
 
 log = logging.getLogger(__name__)
 

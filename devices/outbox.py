@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from devices.events import EventPublisher, new_event
-from devices.migrations import Connection, advisory_lock_key
+from ingest.migrations import Connection, advisory_lock_key
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ import asyncpg
 
 from devices.errors import Rejected, RejectReason
 from devices.events import OWNER_ERASED
-from devices.migrations import Connection
 from devices.outbox import enqueue
 from devices.ownership import revoke_live
 from devices.records import (
@@ -33,6 +32,7 @@ from devices.records import (
     Owner,
     OwnerStatus,
 )
+from ingest.migrations import Connection
 
 _OWNER_COLUMNS = (
     "owner_id, status, region, membership_tier, analytics_consent, marketing_consent,"

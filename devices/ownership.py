@@ -24,7 +24,6 @@ import asyncpg
 from devices.credentials import verify_secret_async
 from devices.errors import Rejected, RejectReason
 from devices.events import CREDENTIALS_REVOKED, DEVICE_REGISTERED, DEVICE_TRANSFERRED
-from devices.migrations import Connection, advisory_lock_key
 from devices.outbox import enqueue
 from devices.records import (
     Attribution,
@@ -34,6 +33,7 @@ from devices.records import (
     PurchaseChannel,
     device_id_for,
 )
+from ingest.migrations import Connection, advisory_lock_key
 
 # Registration outcomes that count towards the lockout: each is a wrong guess about a
 # unit. Refusals after the code was proven (owned by someone else) are not guesses.

@@ -44,7 +44,6 @@ from devices.credentials import (
 )
 from devices.errors import RegistryUnavailable, Rejected, RejectReason
 from devices.events import DEVICE_TRANSFERRED, EventPublisher
-from devices.migrations import Connection, migrate, quote_schema
 from devices.outbox import enqueue, flush_batch, prune
 from devices.ownership import Lockout
 from devices.records import (
@@ -60,6 +59,7 @@ from devices.records import (
     normalize_code,
 )
 from devices.settings import RegistrySettings
+from ingest.migrations import Connection, migrate, quote_schema
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,22 @@
-"""placeholder"""
+"""The data path: telemetry from the MQTT broker to the usage table, at least once.
+
+In the order a message travels:
+
+    mqtt.py         the broker side: an asyncio MQTT client that acknowledges a
+                    message only when told to (after Kafka has it)
+    bridge.py       MQTT -> Kafka: each message produced with acks=all, PUBACK after
+    kafka.py        the Kafka clients, with every safety setting stated in one place
+    consumer.py     Kafka -> PostgreSQL: validate (`schemas.parse`), enrich, store,
+                    offsets committed in the same transaction as the rows
+    enrich.py       the owner of each message, by the registry's attribution rule
+    store.py        the usage table (TimescaleDB hypertable, or plain PostgreSQL
+                    partitions where the extension is missing) and its writes
+    rollups.py      the daily rollups the planners read, kept up to date
+    dead_letter.py  what the consumer refuses, moved aside with its reason
+
+And the plumbing they share: `settings` (the one settings model), `errors`,
+`metrics` (every Prometheus metric), `migrations` (versioned SQL, per schema),
+`httpapi` (the HTTP APIs' common error document, /health and /metrics), `ports`.
+Nothing here imports the registry (`devices`), the planners' side (`insights`), the
+simulators or the console script (`usagepipe`): they import this.
+"""

@@ -17,7 +17,7 @@ letter. Either way a poison message is moved aside, never dropped, and never sto
 what comes after it.
 
 The original bytes are kept whole, so a dead letter can be replayed after a fix
-(`ingest.replay`); `DeadLetterReader` reads the topic back for that, with no group.
+(`usagepipe.dlq`); `DeadLetterReader` reads the topic back for that, with no group.
 """
 
 from __future__ import annotations

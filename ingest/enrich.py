@@ -73,10 +73,10 @@ import orjson
 from pydantic import SecretStr
 
 from devices.errors import MigrationError, RegistryUnavailable
-from devices.migrations import migrate, quote_schema
 from devices.registry import migrate_registry
 from ingest.errors import ConfigurationError, RegistryLookupFailed
 from ingest.metrics import ConsumerMetrics
+from ingest.migrations import migrate, quote_schema
 from ingest.settings import EnrichSettings, Settings
 from ingest.store import UsageRow, UsageStore
 

@@ -41,7 +41,7 @@ over the raw rows (`aggregate_query`), so they cannot disagree on what a bucket 
 `usage_rollup()` reads either.
 
 **Per device and day** (`<table>_device_daily`, for the planners' reports in
-`ingest.insights.reports`): one row per (UTC day, device, boot, schema, category,
+`insights.reports`): one row per (UTC day, device, boot, schema, category,
 model, firmware, region, membership tier, purchase channel, owner key, detail,
 trigger) with
 
@@ -57,7 +57,7 @@ voice). Unlike the rollups above it keeps the owner key and the device, which is
 makes it exact for the reports: distinct owners of a segment (k-anonymity) and
 distinct devices, device-days and device-weeks over any range are `count(DISTINCT)`
 over its rows. It is for the insights code only, which never shows either (see
-`ingest.insights.privacy`); erasure removes keys from it as from the raw rows
+`insights.privacy`); erasure removes keys from it as from the raw rows
 (`UsageStore.unlink_owners`). Same design as the others: one aggregate
 (`device_daily_query`) for the refresh, the live reads and the TimescaleDB continuous
 aggregate; the plain layout recomputes the days of the noted hours; reads
@@ -73,7 +73,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Literal
 
-from devices.migrations import Connection
+from ingest.migrations import Connection
 
 Granularity = Literal["hourly", "daily"]
 Rollup = Literal["hourly", "daily", "device_daily"]

@@ -22,7 +22,7 @@ Two storage layouts, detected once when the table is first migrated and recorded
   rollup tables maintained in the write transaction, and `drop_expired()` for retention.
 
 Migrations are versioned SQL files (ingest/sql/<layout>/NNN_*.sql) applied by
-`devices.migrations` as component `store.<table>`, with `{table}` filled in.
+`ingest.migrations` as component `store.<table>`, with `{table}` filled in.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
-from devices import migrations
 from devices.errors import MigrationError, RegistryUnavailable
+from ingest import migrations
 from ingest.errors import ConfigurationError, StoreUnavailable
 from ingest.rollups import (
     RefreshReport,

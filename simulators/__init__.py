@@ -1,1 +1,15 @@
-"""placeholder"""
+"""Fleets of simulated appliances that drive the whole path without hardware.
+
+    provision.py    a fleet made, sold and registered in the real registry
+    history.py      each unit's history: purchases, channels, changes of hands
+    usage.py        how households use each kind of appliance, day by day
+    traffic.py      the messages a unit sends, with the faults QA asks for
+    faults.py       those faults: duplicates, reordering, bad bodies, reboots
+    fleet.py        the publishers: many MQTT clients, bounded in flight
+    ledger.py       what was sent, kept so it can be checked
+    verify.py       the ledger reconciled with the stored rows and dead letters
+    cli.py          `usagepipe simulate`, `usagepipe verify`
+
+Simulators sit above the data path, the registry and the planners' side, and below
+the console script (`usagepipe`).
+"""

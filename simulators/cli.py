@@ -71,7 +71,7 @@ def _instant(text: str) -> datetime:
 
 
 def add_usage_options(p: argparse.ArgumentParser) -> None:
-    """`simulate`'s usage-mode options (the fleet options are `ingest.cli`'s)."""
+    """`simulate`'s usage-mode options (the fleet options are `usagepipe.cli`'s)."""
     p.add_argument(
         "--window", type=span, default=timedelta(days=7), help="simulated time to play (7d)"
     )
@@ -174,7 +174,7 @@ def demo_plan(
     settings: Settings | None = None,
 ) -> FleetPlan:
     """The plan `usagepipe demo` plays; its defaults are the demo's dataset (tested to
-    give every report unsuppressed segments at k = 10: tests/test_demo_dataset.py).
+    give every report unsuppressed segments at k = 10: tests/usagepipe/test_demo_dataset.py).
 
     "usage": `window` of household usage ending now (`simulators.traffic`), `duplicates`
     as the `dup` fault; "uniform": the plain mode's uniform stress mix, `messages` per

@@ -22,7 +22,6 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pydantic import SecretStr
 
-from ingest import services
 from ingest.settings import (
     BridgeSettings,
     ConsumerSettings,
@@ -33,6 +32,7 @@ from ingest.settings import (
     Settings,
     SimulatorSettings,
 )
+from usagepipe import services
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +78,7 @@ def isolated(base: Settings, name: str, **kafka: object) -> Settings:
         bridge=BridgeSettings(client_id=f"{name}-bridge", metrics_port=0, max_inflight=2000),
         consumer=ConsumerSettings(group_id=f"{name}-group", metrics_port=0, batch_wait_ms=50),
         # Tests of other stages publish hand-made device ids the registry does not know;
-        # tests/test_enrich.py sets unregistered="dead_letter", the production default.
+        # tests/ingest/test_enrich.py sets unregistered="dead_letter", the production default.
         enrich=EnrichSettings(owner_key_secret=SecretStr(TEST_OWNER_KEY), unregistered="store"),
         postgres=PostgresSettings(dsn=base.postgres.dsn, table=f"usage_{name}"),
         simulator=SimulatorSettings(metrics_port=0),

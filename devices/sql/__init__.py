@@ -1,1 +1,1 @@
-"""The registry's migrations, `NNN_name.sql`, applied in order by `devices.migrations`."""
+"""The registry's migrations, `NNN_name.sql`, applied in order by `ingest.migrations`."""

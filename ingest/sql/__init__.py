@@ -1,5 +1,5 @@
 """The usage store's migrations: one directory per storage layout, `NNN_name.sql` files
-applied in order by `devices.migrations`, with `{table}` replaced by the configured
+applied in order by `ingest.migrations`, with `{table}` replaced by the configured
 usage table's name (so each table, tests' included, is its own migration component)."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """In-memory adapters implementing the registry's Protocols, for fast tests.
 
 `test_events.py` runs the same contract against these and the real Kafka publisher;
-`tests/test_broker_accounts.py` against `RecordingBroker` and the real Mosquitto accounts.
+`tests/devices/test_broker_accounts.py` against `RecordingBroker` and the real Mosquitto accounts.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from devices.errors import MigrationError
-from devices.migrations import migrate
+from ingest.migrations import migrate
 from tests.devices.catalog import DSN
 
 

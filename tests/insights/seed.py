@@ -20,9 +20,9 @@ from uuid import UUID
 import asyncpg
 import orjson
 
-from devices.migrations import quote_schema
 from devices.registry import migrate_registry
 from ingest.enrich import owner_key
+from ingest.migrations import quote_schema
 from ingest.store import UsageRow, UsageStore
 
 START = datetime(2026, 11, 2, tzinfo=UTC)  # a Monday

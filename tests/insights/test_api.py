@@ -15,10 +15,10 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.httpapi import GENERIC_REASONS
-from ingest.insights.api import InsightsProblem, ReportInfo, ReportOut, create_app
-from ingest.insights.filters import CATEGORIES, Filters
-from ingest.insights.reports import REPORTS
 from ingest.settings import InsightsSettings
+from insights.api import InsightsProblem, ReportInfo, ReportOut, create_app
+from insights.filters import CATEGORIES, Filters
+from insights.reports import REPORTS
 from tests.conftest import free_port
 from tests.http_contract import schemathesis_run
 from tests.insights.conftest import Seeded

@@ -30,9 +30,9 @@ import pytest
 import uvicorn
 from playwright.async_api import Browser, Page, async_playwright
 
-from ingest.insights.api import create_app
-from ingest.insights.reports import REPORTS
 from ingest.settings import InsightsSettings, Settings
+from insights.api import create_app
+from insights.reports import REPORTS
 from simulators.fleet import FleetPlan, fleet_units
 from simulators.traffic import device_traffic
 from tests.conftest import free_port

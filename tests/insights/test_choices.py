@@ -8,11 +8,11 @@ from datetime import datetime, timedelta
 import asyncpg
 import httpx
 
-from ingest.insights.api import create_app
-from ingest.insights.choices import filter_choices
-from ingest.insights.filters import Filters
 from ingest.rollups import refresh_rollups
 from ingest.settings import InsightsSettings
+from insights.api import create_app
+from insights.choices import filter_choices
+from insights.filters import Filters
 from tests.insights.conftest import Seeded
 from tests.insights.seed import END, START
 

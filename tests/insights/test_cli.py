@@ -11,12 +11,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from ingest.cli import main
-from ingest.insights.filters import Filters
-from ingest.insights.reports import REPORTS
+from insights.filters import Filters
+from insights.reports import REPORTS
 from tests.insights.conftest import Seeded
 from tests.insights.seed import END, START
 from tests.insights.test_reports import run
+from usagepipe.cli import main
 
 RANGE = ["--start", "2026-11-02", "--end", "2026-11-23"]
 

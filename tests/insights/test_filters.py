@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from ingest.insights.filters import FilterError, Filters
+from insights.filters import FilterError, Filters
 
 NOT_A_DATE = " is not a date (2026-11-01) or a time with zone"
 NO_ZONE = " (add Z or +09:00)"

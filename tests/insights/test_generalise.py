@@ -22,8 +22,9 @@ import asyncpg
 import pytest
 from pydantic import ValidationError
 
-from ingest.insights.filters import Filters
-from ingest.insights.generalise import (
+from ingest.settings import K_ANONYMITY_MIN, InsightsSettings, Settings
+from insights.filters import Filters
+from insights.generalise import (
     Generalisation,
     Label,
     Level,
@@ -34,9 +35,8 @@ from ingest.insights.generalise import (
     total,
     union,
 )
-from ingest.insights.privacy import Privacy
-from ingest.insights.reports import REPORTS, Report
-from ingest.settings import K_ANONYMITY_MIN, InsightsSettings, Settings
+from insights.privacy import Privacy
+from insights.reports import REPORTS, Report
 from tests.insights.conftest import Seeded, seeded_store
 from tests.insights.seed import END, START, Population
 from tests.insights.test_reports import (

@@ -14,12 +14,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ingest.insights.export import export
-from ingest.insights.filters import FilterError, Filters
-from ingest.insights.privacy import Privacy
-from ingest.insights.reports import REPORTS, Report, run_report
 from ingest.settings import Settings
 from ingest.store import UsageRow
+from insights.export import export
+from insights.filters import FilterError, Filters
+from insights.privacy import Privacy
+from insights.reports import REPORTS, Report, run_report
 from tests.conftest import require_timescaledb
 from tests.insights.conftest import Seeded, seeded_store
 from tests.insights.seed import END, START, Population
@@ -32,7 +32,7 @@ TRIGGERED = (
 )
 
 # The direct computations: plain SQL over the raw table `{t}`, rows chosen by `{w}`;
-# written from the report definitions, not from ingest/insights/reports.py (other
+# written from the report definitions, not from insights/reports.py (other
 # functions where there are two ways: date_trunc for weeks, ::date for days). The
 # reports read the device-daily rollup; these read the raw rows only. For the
 # marketing-usable reports `{w}` keeps the seed's own marketable rows, by the

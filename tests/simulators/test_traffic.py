@@ -137,8 +137,8 @@ def test_owners_get_korean_regions_tiers_and_consents_in_realistic_shares() -> N
 
 
 def test_simulate_options_map_onto_a_usage_plan() -> None:
-    from ingest.cli import build_parser
     from simulators.cli import plan_from_args
+    from usagepipe.cli import build_parser
 
     args = build_parser().parse_args(
         ["simulate", "--devices", "3", "--duration", "60s", "--seed", "9", "--duplicates",

@@ -1,5 +1,5 @@
 -- The per-device daily rollup the planners' reports read (ingest/rollups.py,
--- `device_daily_query`; ingest/insights/reports.py): one row per (UTC day, device, boot,
+-- `device_daily_query`; insights/reports.py): one row per (UTC day, device, boot,
 -- schema, category, model, firmware, region, membership tier, purchase channel, owner
 -- key, detail, trigger) with events and the lowest and highest sequence number.
 --

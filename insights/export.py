@@ -22,8 +22,8 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ingest.insights.generalise import Scalar
-from ingest.insights.reports import Report
+from insights.generalise import Scalar
+from insights.reports import Report
 
 Format = Literal["csv", "parquet", "json"]
 FORMATS: tuple[Format, ...] = ("csv", "parquet", "json")

@@ -20,10 +20,10 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 from pydantic import BaseModel, Field
 
-from devices.migrations import Connection
 from ingest.errors import StoreUnavailable
-from ingest.insights.filters import Filters
+from ingest.migrations import Connection
 from ingest.rollups import device_daily_source
+from insights.filters import Filters
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 

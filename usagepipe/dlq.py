@@ -229,7 +229,7 @@ def print_replay(settings: Settings, report: ReplayReport, out: TextIO = sys.std
 
 
 def run_dlq(settings: Settings, args: argparse.Namespace) -> int:
-    """`usagepipe dlq ...`, with the arguments ingest/cli.py parsed."""
+    """`usagepipe dlq ...`, with the arguments usagepipe/cli.py parsed."""
     reason = Reason(args.reason) if getattr(args, "reason", None) else None
     try:
         if args.action == "list":

@@ -154,12 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_commands(sub)
 
-    # --- planners' reports and API (issue 8: ingest/insights/cli.py) ---------------
-    from ingest.insights.cli import register_commands as register_insights
+    # --- planners' reports and API (issue 8: insights/cli.py) ---------------
+    from insights.cli import register_commands as register_insights
 
     register_insights(sub)
 
-    # --- dlq: the dead-letter topic (ingest/replay.py) -----------------------------
+    # --- dlq: the dead-letter topic (usagepipe/dlq.py) -----------------------------
     from schemas.errors import Reason
 
     dlq = sub.add_parser("dlq", help="list, show and replay dead letters (telemetry.dlq)")
@@ -338,7 +338,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     # --- broker logins (issue 4): unset MQTT logins come from the local broker's
     # <run_dir>/mosquitto/credentials.json, which `services up` writes; production
     # sets USAGEPIPE_MQTT__USERNAME/PASSWORD/ADMIN_USERNAME/ADMIN_PASSWORD instead.
-    from ingest.services import ServiceError, with_broker_logins
+    from usagepipe.services import ServiceError, with_broker_logins
 
     try:
         settings = with_broker_logins(settings)
@@ -348,7 +348,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     # --- end of broker logins
 
     if args.command == "services":
-        from ingest import services
+        from usagepipe import services
 
         action = {"up": services.up, "status": services.status, "down": services.down}
         try:
@@ -468,13 +468,13 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
     # --- dlq -------------------------------------------------------------------------
     if args.command == "dlq":
-        from ingest.replay import run_dlq
+        from usagepipe.dlq import run_dlq
 
         return run_dlq(settings, args)
     # --- end of dlq ------------------------------------------------------------------
 
     if args.command == "demo":
-        from ingest.demo import run_demo
+        from usagepipe.demo import run_demo
 
         return run_demo(settings, args)
 

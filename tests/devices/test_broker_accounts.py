@@ -27,7 +27,6 @@ from devices.records import MembershipTier, NewOwner, Purchase, PurchaseChannel
 from devices.registry import Registry
 from ingest.kafka import ensure_topics
 from ingest.mqtt import MqttClient, PublishRefused
-from ingest.services import MosquittoBroker
 from ingest.settings import MqttSettings, Settings
 from schemas.envelope import telemetry_topic
 from simulators.fleet import FleetPlan, device_ids, plan_device
@@ -35,6 +34,7 @@ from simulators.provision import ProvisionedFleet, open_registry, provision
 from tests.conftest import free_port
 from tests.devices.fakes import RecordingBroker
 from tests.pipeline import pipeline, stored_keys, wait_for
+from usagepipe.services import MosquittoBroker
 
 PLAN = FleetPlan(devices=2, messages_per_device=3, seed=44)
 

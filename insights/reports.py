@@ -3,8 +3,8 @@
 Every report reads what its `Filters` select (time range, models, categories,
 regions, firmware) and finds *segments*, each with the distinct owners behind it
 counted; segments below k owners also return, in hidden `_...` columns, the sets a
-merge needs, and `ingest.insights.generalise` merges them along the report's hierarchy
-(`ingest.insights.hierarchies`) before any is suppressed. Where each number comes from:
+merge needs, and `insights.generalise` merges them along the report's hierarchy
+(`insights.hierarchies`) before any is suppressed. Where each number comes from:
 
 | report | segments | source |
 |---|---|---|
@@ -44,13 +44,13 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 
-from devices.migrations import Connection
 from ingest.errors import StoreUnavailable
-from ingest.insights.filters import FilterError, Filters
-from ingest.insights.generalise import Generalisation, Row, Scalar, Segment, generalise
-from ingest.insights.hierarchies import HIERARCHIES
-from ingest.insights.privacy import Privacy
+from ingest.migrations import Connection
 from ingest.rollups import device_daily_source, usage_rollup
+from insights.filters import FilterError, Filters
+from insights.generalise import Generalisation, Row, Scalar, Segment, generalise
+from insights.hierarchies import HIERARCHIES
+from insights.privacy import Privacy
 from schemas.catalog import models
 
 _MONDAY = "timestamptz '1970-01-05 00:00:00+00'"  # weeks start on Monday, UTC
@@ -204,7 +204,7 @@ class ReportSpec:
 
     @property
     def generalisation(self) -> Generalisation:
-        """How its small segments roll up (`ingest.insights.hierarchies`)."""
+        """How its small segments roll up (`insights.hierarchies`)."""
         return HIERARCHIES[self.name]
 
     def describe(self) -> dict[str, Any]:
@@ -310,7 +310,7 @@ async def run_report(
 ) -> Report:
     """Compute report `name` over `table`; segments below `privacy.k` owners are merged
     along the report's hierarchy until they reach it, or else suppressed
-    (`ingest.insights.generalise`).
+    (`insights.generalise`).
 
     Raises `FilterError` for an unknown report or a bad option, `StoreUnavailable` when
     the database fails or lacks a table. Read-only: it runs in a read-only transaction.

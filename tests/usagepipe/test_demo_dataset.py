@@ -5,12 +5,12 @@ The plan is `simulators.cli.demo_plan()` with its defaults, the very function an
 defaults `usagepipe demo` plays (1,200 appliances, the 28 days up to now, 2 % sent
 twice), not a scaled copy: k-anonymity is about how many owners a segment has, which
 a smaller fleet would not show. What the test leaves out is only transport: no MQTT
-(broker and bridge forward bytes unchanged; `tests/test_history.py` runs a fleet
+(broker and bridge forward bytes unchanged; `tests/simulators/test_history_pipeline.py` runs a fleet
 through them), so the units' broker accounts are collected, not made, and every
 planned payload, duplicates included, goes straight to the test's raw topic. From
 there it is the demo's own path: the real consumer validates, enriches from the
 registry the fleet was provisioned in (with each unit's history) and stores; then
-`ingest.demo.report_coverage`, which the demo prints, materialises the rollups and
+`usagepipe.demo.report_coverage`, which the demo prints, materialises the rollups and
 runs every report over the default range. About a minute on a 2-core machine.
 """
 
@@ -22,14 +22,14 @@ import asyncpg
 from prometheus_client import CollectorRegistry
 
 from ingest.consumer import Consumer
-from ingest.demo import report_coverage
-from ingest.insights.reports import REPORTS
 from ingest.kafka import ensure_topics, make_producer
 from ingest.metrics import ConsumerMetrics
 from ingest.settings import Settings
+from insights.reports import REPORTS
 from simulators.cli import DEMO_DEVICES, DEMO_WINDOW, demo_plan
 from simulators.fleet import FleetPlan, device_ids, plan_device
 from simulators.provision import CollectedAccounts, open_registry, provision
+from usagepipe.demo import report_coverage
 
 
 async def produce_plan(settings: Settings, plan: FleetPlan) -> tuple[int, int]:

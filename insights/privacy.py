@@ -6,7 +6,7 @@ week, a cohort, ...). Each report's SQL also counts the segment's distinct owner
 keep the key, or the raw rows'). A segment with fewer than `insights.k_anonymity` (k,
 default 10, at least `ingest.settings.K_ANONYMITY_MIN`, 3) is not shown as it is: it is merged with
 other small segments along its report's hierarchy until the group has k owners
-(`ingest.insights.generalise`), and only what no group can bring to k is *suppressed*:
+(`insights.generalise`), and only what no group can bring to k is *suppressed*:
 kept as one row, its numbers withheld, with the reason. Nothing below k owners is ever
 shown. Owners who withheld analytics consent (or were erased) carry no key and so cannot
 be told apart: they count for no one, which errs on the side of suppressing. The owner
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from devices.migrations import quote_schema
+from ingest.migrations import quote_schema
 
 
 @dataclass(frozen=True, slots=True)

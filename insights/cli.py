@@ -17,10 +17,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ingest.insights.filters import CATEGORIES, FilterError, Filters
-from ingest.insights.reports import REPORTS, Report
 from ingest.ports import port_number
 from ingest.settings import Settings
+from insights.filters import CATEGORIES, FilterError, Filters
+from insights.reports import REPORTS, Report
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,10 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
     import asyncpg
 
     from ingest.errors import StoreUnavailable
-    from ingest.insights.charts import ChartError, write_chart
-    from ingest.insights.export import export
-    from ingest.insights.privacy import Privacy
-    from ingest.insights.reports import run_report
+    from insights.charts import ChartError, write_chart
+    from insights.export import export
+    from insights.privacy import Privacy
+    from insights.reports import run_report
 
     prog = f"usagepipe report {args.name}"
     if args.format == "parquet" and args.out is None:
@@ -206,9 +206,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from prometheus_client import CollectorRegistry
 
     from ingest.errors import StoreUnavailable
-    from ingest.insights.api import create_app
     from ingest.ports import listen
     from ingest.setting_errors import variable
+    from insights.api import create_app
 
     host = args.host or settings.insights.http_host
     port = args.port if args.port is not None else settings.insights.http_port

@@ -14,7 +14,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from ingest.services.host import (
+from ingest.settings import Settings
+from usagepipe.services.host import (
     PORT_TAKEN,
     RUNNING_NOT_OURS,
     RUNNING_OURS,
@@ -37,7 +38,6 @@ from ingest.services.host import (
     port_holder,
     port_open,
 )
-from ingest.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -42,9 +42,11 @@ from pydantic import BaseModel, Field
 
 from ingest import httpapi
 from ingest.errors import StoreUnavailable
-from ingest.insights.choices import FilterChoices, filter_choices
-from ingest.insights.export import MEDIA_TYPES, export
-from ingest.insights.filters import (
+from ingest.metrics import HttpMetrics
+from ingest.settings import InsightsSettings, PostgresSettings
+from insights.choices import FilterChoices, filter_choices
+from insights.export import MEDIA_TYPES, export
+from insights.filters import (
     CATEGORIES,
     INSTANT_PATTERN,
     REGION_PATTERN,
@@ -52,10 +54,8 @@ from ingest.insights.filters import (
     FilterError,
     Filters,
 )
-from ingest.insights.privacy import Privacy
-from ingest.insights.reports import REPORTS, run_report
-from ingest.metrics import HttpMetrics
-from ingest.settings import InsightsSettings, PostgresSettings
+from insights.privacy import Privacy
+from insights.reports import REPORTS, run_report
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
-        html = files("ingest.insights").joinpath("static/index.html").read_text("utf-8")
+        html = files("insights").joinpath("static/index.html").read_text("utf-8")
         return HTMLResponse(html)
 
     @app.get(
@@ -340,7 +340,7 @@ def create_app(
         media_type = ASSETS.get(name)
         if media_type is None:
             return httpapi.problem(404, "not_found", f"no file {name[:40]!r}", field="name")
-        text = files("ingest.insights").joinpath(f"static/{name}").read_text("utf-8")
+        text = files("insights").joinpath(f"static/{name}").read_text("utf-8")
         return Response(text, media_type=media_type)
 
     @app.get(

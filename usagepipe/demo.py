@@ -49,17 +49,17 @@ from rich.console import Console
 from rich.table import Table
 
 from devices.errors import RegistryError
-from ingest import services
 from ingest.errors import UsagepipeError
-from ingest.insights.filters import Filters
-from ingest.insights.privacy import Privacy
-from ingest.insights.reports import REPORTS, run_report
 from ingest.kafka import ensure_topics
 from ingest.settings import Settings
 from ingest.store import UsageStore
+from insights.filters import Filters
+from insights.privacy import Privacy
+from insights.reports import REPORTS, run_report
 from simulators.cli import fleet_failure, plan_from_args, provision_fleet, run_fleet
 from simulators.fleet import FleetPlan
 from simulators.history import HistoryError
+from usagepipe import services
 
 READY_S = 60.0
 """The bridge subscribes within seconds; a refusal (a wrong login or topic prefix) it

@@ -14,7 +14,8 @@ from pydantic import SecretStr
 
 from devices.errors import BrokerAccountError
 from devices.mosquitto import BrokerLogins, prepare_broker_dir, read_logins
-from ingest.services.host import (
+from ingest.settings import MqttSettings, Settings
+from usagepipe.services.host import (
     PORT_TAKEN,
     RUNNING_NOT_OURS,
     RUNNING_OURS,
@@ -36,7 +37,6 @@ from ingest.services.host import (
     port_holder,
     port_open,
 )
-from ingest.settings import MqttSettings, Settings
 
 logger = logging.getLogger(__name__)
 

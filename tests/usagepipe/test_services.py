@@ -1,4 +1,4 @@
-"""`ingest.services` against real Tansu, Mosquitto and PostgreSQL processes.
+"""`usagepipe.services` against real Tansu, Mosquitto and PostgreSQL processes.
 
 Every broker here is private: free ports and a tmp run dir, so the shared services on
 1884, 9092 and 5432 (which other tests use concurrently) are never stopped or
@@ -26,8 +26,15 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import SecretStr
 
-from ingest import services
-from ingest.services import (
+from ingest.settings import (
+    KafkaSettings,
+    MqttSettings,
+    PostgresSettings,
+    ServicesSettings,
+    Settings,
+)
+from usagepipe import services
+from usagepipe.services import (
     PORT_TAKEN,
     RUNNING_NOT_OURS,
     RUNNING_OURS,
@@ -37,13 +44,6 @@ from ingest.services import (
     ServiceError,
     ServiceState,
     TansuBroker,
-)
-from ingest.settings import (
-    KafkaSettings,
-    MqttSettings,
-    PostgresSettings,
-    ServicesSettings,
-    Settings,
 )
 
 BROKERS: list[services.ServiceName] = ["kafka", "mqtt"]

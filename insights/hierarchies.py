@@ -1,5 +1,5 @@
 """Each report's hierarchy: how its small segments roll up, and how a merged row's
-numbers are computed from its members (`ingest.insights.generalise`).
+numbers are computed from its members (`insights.generalise`).
 
 Levels, finest first; after the last, all that remain merge into one "other" row:
 
@@ -17,7 +17,7 @@ Levels, finest first; after the last, all that remain merge into one "other" row
     completeness  model -> category (same day) -> all models of the day -> the week
                   (Monday to Sunday)
 
-Each `merge` mirrors its report's SQL in `ingest.insights.reports`: sums of additive
+Each `merge` mirrors its report's SQL in `insights.reports`: sums of additive
 measures, sizes of unions of sets for distinct counts, ratios recomputed with `ratio`
 at the same scale and places. Every report's tests compare merged rows with a direct
 SQL computation of the merged group over the raw rows.
@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import date, timedelta
 
-from ingest.insights.generalise import (
+from insights.generalise import (
     Generalisation,
     Label,
     Level,

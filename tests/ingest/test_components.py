@@ -165,9 +165,9 @@ async def test_bridge_rides_out_a_broker_restart(
 ) -> None:
     """Mosquitto restarts mid-stream: the bridge reconnects to its persistent session
     (kept on disk by the broker) and every message is stored once."""
-    from ingest.services import MosquittoBroker
     from tests.conftest import cleanup, isolated, on_broker
     from tests.pipeline import pipeline
+    from usagepipe.services import MosquittoBroker
 
     broker = MosquittoBroker(free_port(), tmp_path)
     broker.start()

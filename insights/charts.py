@@ -23,8 +23,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
-from ingest.insights.generalise import Row, Scalar
-from ingest.insights.reports import Report
+from insights.generalise import Row, Scalar
+from insights.reports import Report
 
 FORMATS = (".png", ".svg")
 WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")

@@ -31,7 +31,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
-from ingest.services.host import (
+from ingest.settings import Settings
+from usagepipe.services.host import (
     PORT_TAKEN,
     RUNNING_NOT_OURS,
     RUNNING_OURS,
@@ -48,8 +49,14 @@ from ingest.services.host import (
     port_holder,
     port_open,
 )
-from ingest.services.kafka import TansuBroker, _kafka_down, _kafka_status, _kafka_up, tansu_binary
-from ingest.services.mqtt import (
+from usagepipe.services.kafka import (
+    TansuBroker,
+    _kafka_down,
+    _kafka_status,
+    _kafka_up,
+    tansu_binary,
+)
+from usagepipe.services.mqtt import (
     MosquittoBroker,
     _mqtt_down,
     _mqtt_status,
@@ -59,8 +66,7 @@ from ingest.services.mqtt import (
     render_mosquitto_config,
     with_broker_logins,
 )
-from ingest.services.postgres import _postgres_down, _postgres_status, _postgres_up
-from ingest.settings import Settings
+from usagepipe.services.postgres import _postgres_down, _postgres_status, _postgres_up
 
 __all__ = [
     "PORT_TAKEN",

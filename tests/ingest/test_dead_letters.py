@@ -19,12 +19,12 @@ from ingest.consumer import Consumer
 from ingest.dead_letter import DeadLetter, DeadLetterReader, send_dead_letters
 from ingest.kafka import ensure_topics, make_producer
 from ingest.metrics import ConsumerMetrics
-from ingest.replay import list_letters, parse_position, replay, show_letter
 from ingest.settings import Settings
 from schemas.errors import InvalidTelemetry, Reason
 from schemas.parse import parse_telemetry
 from simulators.fleet import FleetPlan, device_ids, plan_device
 from tests.pipeline import pipeline, publish_payloads, read_to_end, stored_keys, wait_for
+from usagepipe.dlq import list_letters, parse_position, replay, show_letter
 
 
 def bad_inputs(good: dict[str, Any]) -> dict[bytes, Reason]:

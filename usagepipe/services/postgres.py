@@ -18,7 +18,8 @@ from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
-from ingest.services.host import (
+from ingest.settings import Settings
+from usagepipe.services.host import (
     _LOOPBACK,
     RUNNING_NOT_OURS,
     STARTED,
@@ -30,7 +31,6 @@ from ingest.services.host import (
     _wait_until,
     port_open,
 )
-from ingest.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ level along their report's hierarchy, until a group has k owners.
 A report's SQL finds *fine* segments (a model, firmware, schema and program; an hour
 of the week; a region; ...), each with its distinct owners. Those with at least k are
 shown as they are. The others are not simply withheld; `generalise` merges them along
-the report's `Generalisation` (its hierarchy: `ingest.insights.hierarchies`):
+the report's `Generalisation` (its hierarchy: `insights.hierarchies`):
 
 1. At each level the still-small segments are grouped by their parent at that level
    (programs, first level: the same model, schema and program, any firmware). A group

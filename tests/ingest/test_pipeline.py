@@ -9,13 +9,13 @@ import orjson
 
 from ingest.dead_letter import DeadLetter
 from ingest.mqtt import MqttClient
-from ingest.services import TansuBroker
 from ingest.settings import Settings
 from schemas.envelope import telemetry_topic
 from schemas.errors import Reason
 from simulators.fleet import FleetPlan
 from tests.conftest import cleanup, free_port, isolated
 from tests.pipeline import expected_keys, pipeline, publish, read_topic, stored_keys, wait_for
+from usagepipe.services import TansuBroker
 
 
 async def test_many_devices_with_duplicates_store_exactly_the_unique_set(

@@ -17,7 +17,6 @@ import pytest
 from asyncpg.pool import PoolConnectionProxy
 
 import ingest
-from ingest.cli import main
 from ingest.errors import ConfigurationError, StoreUnavailable
 from ingest.rollups import (
     DETAIL,
@@ -32,6 +31,7 @@ from ingest.store import SourceOffset, UsageRow, UsageStore, partition_start
 from schemas.envelope import Envelope
 from simulators.fleet import FleetPlan, device_ids, plan_device
 from tests.conftest import require_timescaledb
+from usagepipe.cli import main
 
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
