@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
-from ingest.mqtt import _BufferedClient
+from ingest.mqtt_wire import _BufferedClient
 
 
 def _varint(n: int) -> bytes:
