@@ -13,7 +13,7 @@ sent again, on its own and with backoff, before its PUBACK; so a Kafka outage le
 messages unacknowledged in the broker's session, never lost.
 
 Per message, the costs that remain are the intake checks and framing: MQTT packets are
-framed without paho's per-message objects (`ingest.mqtt`), records are appended to
+framed without paho's per-message objects (`ingest.mqtt_wire`), records are appended to
 batches without a coroutine or future each, and PUBACKs go out many to a write.
 
 How many messages are in flight is bounded by the MQTT v5 Receive Maximum the bridge

@@ -6,6 +6,10 @@ written, through paho's documented external-loop hooks (`on_socket_open`,
 loop and can touch asyncio objects directly. The bridge (a persistent-session
 subscriber that acknowledges by hand) and the fleet simulator (publishers) share it.
 
+Packets are read by `ingest.mqtt_wire.BufferedClient`, paho's client with a faster
+framer (the one module that touches paho's private API); this module uses only public
+methods.
+
 Two things paho leaves to its user are done here:
 - Bounded in-flight publishing: paho numbers messages with 16-bit ids and, with more
   than 65,535 queued in one client, reuses ids and silently loses messages. `publish`
@@ -35,7 +39,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ingest.errors import BrokerUnavailable, ConfigurationError
-from ingest.mqtt_wire import _BufferedClient
+from ingest.mqtt_wire import BufferedClient
 from ingest.settings import MqttSettings
 
 log = logging.getLogger(__name__)
@@ -104,7 +108,7 @@ class MqttClient:
             raise ValueError("on_raw_message needs manual_ack: its messages are acked by hand")
         self._on_raw_message = on_raw_message
         self._connect_timeout_s = connect_timeout_s
-        self._client = _BufferedClient(
+        self._client = BufferedClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv5,
@@ -185,7 +189,7 @@ class MqttClient:
         sock = self._client.socket()
         if sock is not None:
             self._socket_close(self._client, None, sock)
-            self._client._sock_close()  # what paho's loop_stop would do
+            self._client.close_socket()
         for topic, fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(BrokerUnavailable(f"closed before PUBACK for {topic!r}"))

@@ -1,4 +1,26 @@
-"""MQTT intake's wire framer (moved out of `ingest.mqtt`)."""
+"""The bridge's MQTT wire framer: paho's `Client` reading whole packets out of one buffer.
+
+Fenced off on purpose. This is the one module of usagepipe that uses paho's private
+API, and it does so for speed alone: paho reads a packet as one byte of command, then
+the remaining length a byte at a time, then the body (three or more system calls and a
+dozen dict updates per packet), and builds a `Properties` object, an `MQTTMessage` and
+a debug log line for every PUBLISH. Profiled, that capped the bridge near the broker's
+rate; framing here takes what the socket holds in one `recv` and leaves paho the
+protocol. paho has no public hook for any of it, so `BufferedClient` reaches into the
+members listed below, each use marked `# paho private:` where it happens (as aiomqtt
+marks its own). paho-mqtt is pinned to a major version in pyproject.toml; a paho
+upgrade must re-read these and run tests/ingest/test_mqtt_framing.py, which feeds
+this module byte streams without a broker.
+
+    _sock, _sock_recv(), _sock_close()    the socket paho owns
+    _in_packet, _InPacket                 paho's packet being read, handed whole
+    _packet_handle()                      paho's handler for one read packet
+    _loop_rc_handle()                     paho's reaction to a read error (disconnect)
+    _last_bytes_received                  paho's keepalive clock
+    _packet_queue()                       paho's outgoing queue (the PUBACKs' one write)
+
+`ingest.mqtt` (the asyncio client) uses only `BufferedClient`'s public methods.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +36,7 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 
 if TYPE_CHECKING:
-    from paho.mqtt.client import _InPacket
+    from paho.mqtt.client import _InPacket  # paho private: the read-packet dict's type
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +80,8 @@ def _publish_fields(buf: bytes, start: int, end: int, *, qos1: bool) -> tuple[st
 
 
 def _idle_packet() -> _InPacket:
-    """paho's `_in_packet` between packets (a new dict each time: paho mutates it)."""
+    """paho's `_in_packet` between packets (a new dict each time: paho mutates it).
+    paho private: the shape of paho-mqtt 2.x's `_InPacket`."""
     return {
         "command": 0,
         "have_remaining": 0,
@@ -71,7 +94,7 @@ def _idle_packet() -> _InPacket:
     }
 
 
-class _BufferedClient(paho.Client):
+class BufferedClient(paho.Client):
     """paho's Client reading whole packets out of one large buffer.
 
     paho reads a packet as one byte of command, then the remaining length a byte at a
@@ -97,13 +120,14 @@ class _BufferedClient(paho.Client):
     def read_packets(self) -> MQTTErrorCode:
         """Read what the socket holds and handle every whole packet in it."""
         try:
-            data = self._sock_recv(_READ_CHUNK)
+            data = self._sock_recv(_READ_CHUNK)  # paho private: recv on paho's socket
         except BlockingIOError:
             return MQTTErrorCode.MQTT_ERR_SUCCESS
         except OSError:
+            # paho private: paho's own handling of a failed read (closes, calls back).
             return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
         if not data:  # EOF
-            return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+            return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)  # paho private
         buf = self._rest + data if self._rest else data
         end_of_data = len(buf)
         pos = 0
@@ -121,7 +145,7 @@ class _BufferedClient(paho.Client):
                     framed = True
                     break
                 if i - pos > 4:
-                    return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
+                    return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)  # paho private
             if not framed:
                 break  # the length itself is incomplete
             end = i + length
@@ -131,10 +155,11 @@ class _BufferedClient(paho.Client):
                 fields = _publish_fields(buf, i, end, qos1=bool(header & 0x06))
                 if fields is None:
                     log.warning("malformed PUBLISH from the broker; closing the connection")
-                    return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
+                    return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)  # paho private
                 topic, mid, payload_start = fields
                 fast(topic, mid, buf[payload_start:end])
             else:
+                # paho private: the packet as paho's reader would have left it, whole.
                 self._in_packet = {
                     "command": header,
                     "have_remaining": 1,
@@ -146,21 +171,27 @@ class _BufferedClient(paho.Client):
                     "pos": 0,
                 }
                 try:
-                    rc = self._packet_handle()
+                    rc = self._packet_handle()  # paho private: paho handles the packet
                 except MalformedPacket:
                     rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-                self._in_packet = _idle_packet()
+                self._in_packet = _idle_packet()  # paho private
                 if rc:
-                    return self._loop_rc_handle(rc)
-                if self._sock is None:  # the packet closed the connection (DISCONNECT)
+                    return self._loop_rc_handle(rc)  # paho private
+                # paho private: paho drops its socket when the packet closed the
+                # connection (DISCONNECT).
+                if self._sock is None:
                     self._rest = b""
                     return MQTTErrorCode.MQTT_ERR_SUCCESS
             pos = end
         self._rest = buf[pos:]
-        self._last_bytes_received = time.monotonic()
+        self._last_bytes_received = time.monotonic()  # paho private: keepalive clock
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def queue_pubacks(self, mids: Sequence[int]) -> None:
         """Send the PUBACKs (success, no properties) of `mids` as one write."""
         packet = b"".join([_PUBACK.pack(0x40, 2, mid) for mid in mids])
-        self._packet_queue(PacketTypes.PUBACK << 4, packet, 0, 0)
+        self._packet_queue(PacketTypes.PUBACK << 4, packet, 0, 0)  # paho private: out queue
+
+    def close_socket(self) -> None:
+        """Close paho's socket without a DISCONNECT (what paho's `loop_stop` would do)."""
+        self._sock_close()  # paho private: paho has no public close of its socket
