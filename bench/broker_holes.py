@@ -27,8 +27,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client import CollectorRegistry
 
-from ingest.kafka import ContiguousOffsets
 from ingest.metrics import ConsumerMetrics
+from ingest.offsets import ContiguousOffsets
 from ingest.settings import Settings
 
 

@@ -51,7 +51,6 @@ from typing import ParamSpec, TypeVar
 from aiokafka import (
     AIOKafkaConsumer,
     AIOKafkaProducer,
-    ConsumerRebalanceListener,
     ConsumerRecord,
     TopicPartition,
 )
@@ -61,8 +60,9 @@ from aiokafka.structs import OffsetAndMetadata
 from ingest.dead_letter import DeadLetter, send_dead_letters
 from ingest.enrich import Enricher
 from ingest.errors import RegistryLookupFailed, StoreUnavailable
-from ingest.kafka import ContiguousOffsets, ensure_topics, make_consumer, make_producer
+from ingest.kafka import ensure_topics, make_consumer, make_producer
 from ingest.metrics import ConsumerMetrics
+from ingest.offsets import ContiguousOffsets, StoredOffsets
 from ingest.settings import Settings
 from ingest.store import SourceOffset, UsageRow, UsageStore
 from schemas.errors import InvalidTelemetry, Reason
@@ -145,152 +145,6 @@ def unregistered_letters(batch: Batch, rows: list[UsageRow]) -> list[DeadLetter]
             )
             letters.append(DeadLetter.for_record(error, record))
     return letters
-
-
-# How long the record at a stored offset may take to arrive before the partition's log
-# is taken to be a different one; a fetch at an existing offset answers in milliseconds.
-PROBE_TIMEOUT_S = 5.0
-
-
-class StoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Seeks newly assigned partitions to the offsets stored with the rows.
-
-    aiokafka calls `on_partitions_assigned` after each group join; a seek there decides
-    where this process reads from. Each seek goes to the stored record before
-    `next_offset`, kept in `probes` until `check()` has seen it.
-
-    aiokafka's fetcher starts on a new assignment while the listener still awaits the
-    database, so a `getmany()` can return records from before the seek. `admit()` lets
-    through only batches fetched wholly after the last assignment settled; others are
-    dropped, and their partitions sought back so that nothing is skipped.
-    """
-
-    def __init__(
-        self,
-        consumer: AIOKafkaConsumer,
-        store: UsageStore,
-        group_id: str,
-        holes: ContiguousOffsets,
-    ) -> None:
-        self._consumer = consumer
-        self._store = store
-        self._group_id = group_id
-        self._holes = holes
-        self.probes: dict[TopicPartition, SourceOffset] = {}
-        self._probe_deadlines: dict[TopicPartition, float] = {}
-        self.generation = 0
-        self._settled = asyncio.Event()
-
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self._settled.clear()
-        self._holes.forget(revoked)
-        for tp in revoked:
-            self.probes.pop(tp, None)
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        self._holes.forget(assigned)
-        try:
-            by_topic: dict[str, list[int]] = {}
-            for tp in assigned:
-                by_topic.setdefault(tp.topic, []).append(tp.partition)
-            for topic, partitions in by_topic.items():
-                stored = await self._load(topic, partitions)
-                for partition, position in stored.items():
-                    tp = TopicPartition(topic, partition)
-                    self._consumer.seek(tp, position.next_offset - 1)
-                    self.probes[tp] = position
-                    self._probe_deadlines[tp] = time.monotonic() + PROBE_TIMEOUT_S
-                    log.info("%s: resuming at stored offset %d", tp, position.next_offset)
-        finally:
-            self.generation += 1
-            self._settled.set()
-
-    async def admit(
-        self,
-        records: dict[TopicPartition, list[ConsumerRecord]],
-        generation: int,
-        wait_s: float,
-    ) -> dict[TopicPartition, list[ConsumerRecord]]:
-        """`records` from a `getmany()` begun at `generation`, minus what must not be
-        processed (see the class docstring and `check()`)."""
-        try:
-            async with asyncio.timeout(wait_s):
-                await self._settled.wait()
-        except TimeoutError:
-            pass  # a rebalance is under way: treat the batch as straddling it
-        if self._settled.is_set() and self.generation == generation:
-            return await self.check(records)
-        assignment = self._consumer.assignment()
-        for tp, batch in records.items():
-            if not batch or tp not in assignment:
-                continue
-            probe = self.probes.get(tp)
-            self._consumer.seek(tp, batch[0].offset if probe is None else probe.next_offset - 1)
-        return {}
-
-    async def _load(self, topic: str, partitions: list[int]) -> dict[int, SourceOffset]:
-        """The stored offsets, retried briefly. aiokafka logs and ignores a listener's
-        error, so if the store stays down the partitions keep Kafka's committed
-        position: a replay, which the store turns into duplicates, never a gap."""
-        for attempt in range(3):
-            try:
-                return await self._store.load_offsets(self._group_id, topic, partitions)
-            except StoreUnavailable as exc:
-                log.warning("reading stored offsets failed (%s), attempt %d", exc, attempt + 1)
-                await asyncio.sleep(0.5 * 2**attempt)
-        log.warning("%s: no stored offsets; resuming at Kafka's committed offsets", topic)
-        return {}
-
-    async def expire_probes(self) -> None:
-        """Read from the beginning any partition whose probe record never came.
-
-        A fetch at an offset that exists returns at once. None for `PROBE_TIMEOUT_S`
-        means the log ends before it: the topic was re-created (a broker with memory
-        storage restarted, say) while the database kept its offsets. Reading it again is
-        safe: the store keeps one row per key.
-        """
-        now = time.monotonic()
-        for tp, deadline in list(self._probe_deadlines.items()):
-            if tp not in self.probes:
-                del self._probe_deadlines[tp]
-            elif now >= deadline:
-                probe = self.probes.pop(tp)
-                del self._probe_deadlines[tp]
-                log.warning(
-                    "%s: no record at stored offset %d within %gs: the log is shorter than "
-                    "the one the offsets were stored for (topic re-created); reading it again",
-                    tp,
-                    probe.next_offset - 1,
-                    PROBE_TIMEOUT_S,
-                )
-                await self._consumer.seek_to_beginning(tp)
-
-    async def check(
-        self, records: dict[TopicPartition, list[ConsumerRecord]]
-    ) -> dict[TopicPartition, list[ConsumerRecord]]:
-        """`records` without the already stored probe records (or, for a partition
-        whose log is not the one the offsets were stored for, without any)."""
-        out = {}
-        for tp, batch in records.items():
-            probe = self.probes.pop(tp, None)
-            if probe is None or not batch:
-                out[tp] = batch
-                continue
-            first = batch[0]
-            if first.offset == probe.next_offset - 1 and first.timestamp == probe.last_timestamp:
-                out[tp] = batch[1:]
-                continue
-            log.warning(
-                "%s: the record before stored offset %d is not the one stored (offset %d, "
-                "timestamp %s, expected %s): the topic was re-created; reading it again",
-                tp,
-                probe.next_offset,
-                first.offset,
-                first.timestamp,
-                probe.last_timestamp,
-            )
-            await self._consumer.seek_to_beginning(tp)
-        return out
 
 
 class Consumer:

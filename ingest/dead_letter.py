@@ -36,7 +36,8 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from ingest.errors import BrokerUnavailable
-from ingest.kafka import CONSUMER_SAFETY, ContiguousOffsets
+from ingest.kafka import CONSUMER_SAFETY
+from ingest.offsets import ContiguousOffsets
 from ingest.settings import KafkaSettings
 from schemas.dead_letter import DeadLetterMessage, DeadLetterSource, SourceKind
 from schemas.errors import InvalidTelemetry, Reason
