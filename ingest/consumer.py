@@ -14,21 +14,10 @@ One loop per process, in a Kafka consumer group:
               -> remove erased owners' keys from stored rows, if any were erased
 
 Exactly-once effect: the database holds, in the same transaction as the rows, where the
-group has got to (`<table>_offsets`). When the group gives this process partitions,
-`StoredOffsets.on_partitions_assigned` seeks each to its stored offset, so a consumer
-killed between the database commit and the Kafka commit restarts with no gap, no
-duplicate row and no replay. Partitions with no stored offset keep Kafka's committed
-position (or `earliest`).
-
-The seek goes one record back, to the last stored record, and checks its Kafka
-timestamp against the stored one before dropping it: a topic deleted and created again
-restarts its offsets at 0, and a stored offset must not skip that new log's records.
-On a mismatch the partition is read from its beginning instead (the store's key turns
-anything already stored into a duplicate).
-
-Records are processed in offset order without holes (`ingest.kafka.ContiguousOffsets`):
-a fetch that skipped a batch the broker had not made readable yet is cut there and the
-partition read again from the first missing offset.
+group has got to; `ingest.offsets.StoredOffsets` seeks each newly assigned partition
+there (checking that the log is still the one the offsets were stored for), and
+`ingest.offsets.ContiguousOffsets` keeps records in offset order without holes.
+Partitions with no stored offset keep Kafka's committed position (or `earliest`).
 
 A store or registry outage is retried with backoff, holding the batch and its offsets
 (a batch is never stored without its enrichment); a rebalance that takes the

@@ -1,4 +1,22 @@
-"""Offsets positioning (moved from `ingest.kafka` and `ingest.consumer`)."""
+"""Where a partition is read from: the offsets stored with the rows, read without holes.
+
+Two guards decide the position of every partition the consumer (and, for the second,
+the dead-letter reader) reads:
+
+- `StoredOffsets`, the consumer group's rebalance listener: the database holds, in the
+  same transaction as the rows, where the group has got to (`<table>_offsets`). On each
+  assignment it seeks to the stored offset, so a consumer killed between its database
+  commit and its Kafka commit restarts with no gap, no duplicate row and no replay.
+  The seek goes one record back and checks that record's Kafka timestamp against the
+  stored one: a topic deleted and created again restarts its offsets at 0, and a
+  stored offset must not skip that new log's records (on a mismatch, or no record
+  there within `PROBE_TIMEOUT_S`, the partition is read from its beginning; the
+  store's key turns anything already stored into a duplicate).
+- `ContiguousOffsets`: records are processed in offset order without holes; a fetch
+  that skipped a batch the broker had not made readable yet is cut there and the
+  partition read again from the first missing offset (`HOLE_WAIT_S` before a hole is
+  taken to be real).
+"""
 
 from __future__ import annotations
 
