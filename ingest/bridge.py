@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -47,6 +46,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 
+from ingest.backoff import Backoff
 from ingest.dead_letter import DeadLetter
 from ingest.kafka import ensure_topics, make_producer
 from ingest.metrics import BridgeMetrics
@@ -353,7 +353,7 @@ class Bridge:
 
     async def _send(self, producer: AIOKafkaProducer, item: _InFlight) -> asyncio.Future[object]:
         """Hand one record to the producer, retrying while Kafka cannot take it."""
-        backoff = 0.1
+        backoff = Backoff()
         while True:
             try:
                 fut: asyncio.Future[object] = await producer.send(
@@ -363,9 +363,8 @@ class Bridge:
             except KafkaError as exc:
                 self._metrics.errors.labels("kafka_send").inc()
                 self.report.send_retries += 1
-                log.warning("Kafka send failed (%r); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-                backoff = min(backoff * 2, 5.0)
+                log.warning("Kafka send failed (%r); retrying in %.1fs", exc, backoff.delay_s)
+                await backoff.wait()
 
     def _capped(self) -> bool:
         return self._stop_after is not None and self.report.acked >= self._stop_after

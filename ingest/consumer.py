@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from aiokafka import (
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
+from ingest.backoff import Backoff
 from ingest.dead_letter import DeadLetter, send_dead_letters
 from ingest.enrich import Enricher
 from ingest.errors import RegistryLookupFailed, StoreUnavailable
@@ -350,7 +350,7 @@ class Consumer:
         Once a stop was asked for, the error is raised instead: the batch's offsets are
         not committed, so its records come again to whoever consumes next.
         """
-        backoff = 0.1
+        backoff = Backoff()
         while True:
             try:
                 return await fn(*args, **kwargs)
@@ -358,6 +358,5 @@ class Consumer:
                 self._metrics.errors.labels(kind).inc()
                 if self._stopping.is_set():
                     raise
-                log.warning("%s failed (%s); retrying in %.1fs", kind, exc, backoff)
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-                backoff = min(backoff * 2, 5.0)
+                log.warning("%s failed (%s); retrying in %.1fs", kind, exc, backoff.delay_s)
+                await backoff.wait()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import socket
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -38,6 +37,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from ingest.backoff import Backoff
 from ingest.errors import BrokerUnavailable, ConfigurationError
 from ingest.mqtt_wire import BufferedClient
 from ingest.settings import MqttSettings
@@ -240,14 +240,13 @@ class MqttClient:
 
     async def _reconnect(self) -> None:
         """Reconnect with jittered backoff until connected or closed."""
-        backoff = 0.1
+        backoff = Backoff()
         while not self._closing and not self.connected.is_set():
             try:
                 await self._connect_once()
             except BrokerUnavailable as exc:
-                log.warning("%s: %s; retrying in %.1fs", self.client_id, exc, backoff)
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-                backoff = min(backoff * 2, 5.0)
+                log.warning("%s: %s; retrying in %.1fs", self.client_id, exc, backoff.delay_s)
+                await backoff.wait()
 
     # -- publishing -------------------------------------------------------------------
 
