@@ -48,7 +48,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 
 from ingest.backoff import Backoff
 from ingest.dead_letter import DeadLetter
-from ingest.kafka import ensure_topics, make_producer
+from ingest.kafka import ensure_topics, make_producer, running
 from ingest.metrics import BridgeMetrics
 from ingest.mqtt import MqttClient, SubscriptionRefused
 from ingest.setting_errors import variable
@@ -214,40 +214,36 @@ class Bridge:
             on_raw_message=self._on_message,
         )
         self._mqtt = mqtt
-        await producer.start()
-        try:
-            async with mqtt:
-                try:
-                    await mqtt.wait_subscribed()
-                except SubscriptionRefused as exc:
-                    prefix = variable(["mqtt", "topic_prefix"])
-                    raise SubscriptionRefused(
-                        exc.topic,
-                        f"{exc.reason}; the bridge's login {s.mqtt.username!r} may not read it"
-                        f" (is {prefix}={s.mqtt.topic_prefix!r} right?)",
-                    ) from exc
-                self._metrics.subscribed.set(1)
-                self.ready.set()
-                log.info("bridge subscribed; forwarding to Kafka topic %s", s.kafka.raw_topic)
-                async with asyncio.TaskGroup() as tasks:
-                    producing = tasks.create_task(self._produce(producer), name="bridge-produce")
-                    acking = tasks.create_task(self._acknowledge(producer), name="bridge-ack")
-                    timer = None
-                    if self._stop_after_s is not None:
-                        timer = tasks.create_task(self._timer(self._stop_after_s), name="timer")
-                    await self._stopping.wait()
-                    # Stop taking input; what Kafka has not been handed yet stays
-                    # unacknowledged in the broker's session and comes again next time.
-                    self._accepting = False
-                    producing.cancel()
-                    await self._drain()
-                    acking.cancel()
-                    if timer is not None:
-                        timer.cancel()
-                self._metrics.subscribed.set(0)
-                await producer.flush()
-        finally:
-            await producer.stop()
+        async with running(producer), mqtt:
+            try:
+                await mqtt.wait_subscribed()
+            except SubscriptionRefused as exc:
+                prefix = variable(["mqtt", "topic_prefix"])
+                raise SubscriptionRefused(
+                    exc.topic,
+                    f"{exc.reason}; the bridge's login {s.mqtt.username!r} may not read it"
+                    f" (is {prefix}={s.mqtt.topic_prefix!r} right?)",
+                ) from exc
+            self._metrics.subscribed.set(1)
+            self.ready.set()
+            log.info("bridge subscribed; forwarding to Kafka topic %s", s.kafka.raw_topic)
+            async with asyncio.TaskGroup() as tasks:
+                producing = tasks.create_task(self._produce(producer), name="bridge-produce")
+                acking = tasks.create_task(self._acknowledge(producer), name="bridge-ack")
+                timer = None
+                if self._stop_after_s is not None:
+                    timer = tasks.create_task(self._timer(self._stop_after_s), name="timer")
+                await self._stopping.wait()
+                # Stop taking input; what Kafka has not been handed yet stays
+                # unacknowledged in the broker's session and comes again next time.
+                self._accepting = False
+                producing.cancel()
+                await self._drain()
+                acking.cancel()
+                if timer is not None:
+                    timer.cancel()
+            self._metrics.subscribed.set(0)
+            await producer.flush()
         self.report.elapsed_s = time.monotonic() - started
         log.info(
             "bridge stopped (%s): %d received, %d acknowledged in %.1fs",

@@ -49,7 +49,7 @@ from ingest.backoff import Backoff
 from ingest.dead_letter import DeadLetter, send_dead_letters
 from ingest.enrich import Enricher
 from ingest.errors import RegistryLookupFailed, StoreUnavailable
-from ingest.kafka import ensure_topics, make_consumer, make_producer
+from ingest.kafka import ensure_topics, make_consumer, make_producer, running
 from ingest.metrics import ConsumerMetrics
 from ingest.offsets import ContiguousOffsets, StoredOffsets
 from ingest.settings import Settings
@@ -182,7 +182,6 @@ class Consumer:
             await store.migrate()
             # Erasures made while no consumer ran, before waiting for the group's join.
             await self._retry("erasure", enricher.apply_erasures, store)
-            producer = make_producer(s.kafka, client_id=f"{self._client_id}-dlq")
             consumer = make_consumer(
                 s.kafka,
                 group_id=s.consumer.group_id,
@@ -192,11 +191,12 @@ class Consumer:
             holes = ContiguousOffsets(consumer, self._metrics)
             listener = StoredOffsets(consumer, store, s.consumer.group_id, holes)
             refresher = asyncio.create_task(self._refresh_rollups(store), name="rollups")
-            await producer.start()
             try:
-                await consumer.start()
-                consumer.subscribe([s.kafka.raw_topic], listener=listener)
-                try:
+                async with (
+                    running(make_producer(s.kafka, client_id=f"{self._client_id}-dlq")) as producer,
+                    running(consumer),
+                ):
+                    consumer.subscribe([s.kafka.raw_topic], listener=listener)
                     while not self._stopping.is_set():
                         if deadline is not None and time.monotonic() >= deadline:
                             self.stop(f"after {self._stop_after_s:g}s")
@@ -214,13 +214,10 @@ class Consumer:
                         if any(records.values()):
                             await self._handle(records, consumer, producer, store, enricher)
                         await self._retry("erasure", enricher.apply_erasures, store)
-                finally:
-                    await consumer.stop()
             finally:
                 refresher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await refresher
-                await producer.stop()
         self.report.elapsed_s = time.monotonic() - started
         log.info(
             "consumer stopped (%s): %d consumed, %d stored, %d duplicates, %d dead letters",

@@ -12,8 +12,11 @@ aiokafka's defaults are wrong for this job (acks=1, auto-commit on, offset reset
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -23,6 +26,8 @@ from ingest.errors import BrokerUnavailable, ConfigurationError
 from ingest.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+
+_Client = TypeVar("_Client", AIOKafkaProducer, AIOKafkaConsumer)
 
 # Stated once: the consumer settings usagepipe never runs without.
 CONSUMER_SAFETY: dict[str, Any] = {
@@ -74,6 +79,24 @@ def make_consumer(
         request_timeout_ms=max(settings.request_timeout_ms, settings.session_timeout_ms + 5000),
         **CONSUMER_SAFETY,
     )
+
+
+@contextlib.asynccontextmanager
+async def running(client: _Client) -> AsyncIterator[_Client]:
+    """`client` started for the block, and always stopped after it.
+
+    aiokafka's own `async with` stops only a client whose `start()` returned; one that
+    failed half way (bootstrap done, the coordinator not) keeps its connections. Here
+    `stop()` runs either way (it is idempotent), after one turn of the loop: a group-less
+    consumer's coordinator starts a task in `start()`, and stopping before that task
+    first ran raises CancelledError out of `stop()`.
+    """
+    try:
+        await client.start()
+        yield client
+    finally:
+        await asyncio.sleep(0)
+        await client.stop()
 
 
 async def ensure_topics(settings: KafkaSettings, *topics: str) -> None:
