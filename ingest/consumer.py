@@ -28,7 +28,6 @@ and the store drops what it already has.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -190,34 +189,34 @@ class Consumer:
             )
             holes = ContiguousOffsets(consumer, self._metrics)
             listener = StoredOffsets(consumer, store, s.consumer.group_id, holes)
-            refresher = asyncio.create_task(self._refresh_rollups(store), name="rollups")
-            try:
-                async with (
-                    running(make_producer(s.kafka, client_id=f"{self._client_id}-dlq")) as producer,
-                    running(consumer),
-                ):
-                    consumer.subscribe([s.kafka.raw_topic], listener=listener)
-                    while not self._stopping.is_set():
-                        if deadline is not None and time.monotonic() >= deadline:
-                            self.stop(f"after {self._stop_after_s:g}s")
-                            break
-                        generation = listener.generation
-                        records = await consumer.getmany(
-                            timeout_ms=s.consumer.batch_wait_ms,
-                            max_records=s.consumer.batch_max,
+            async with (
+                running(make_producer(s.kafka, client_id=f"{self._client_id}-dlq")) as producer,
+                running(consumer),
+            ):
+                consumer.subscribe([s.kafka.raw_topic], listener=listener)
+                failed: BaseException | None = None
+                try:
+                    async with asyncio.TaskGroup() as tasks:
+                        refresher = tasks.create_task(self._refresh_rollups(store), name="rollups")
+                        await self._consume(
+                            consumer,
+                            producer,
+                            store,
+                            enricher,
+                            listener=listener,
+                            holes=holes,
+                            deadline=deadline,
                         )
-                        records = await listener.admit(
-                            records, generation, s.consumer.batch_wait_ms / 1000
-                        )
-                        await listener.expire_probes()
-                        records = holes.admit(records)
-                        if any(records.values()):
-                            await self._handle(records, consumer, producer, store, enricher)
-                        await self._retry("erasure", enricher.apply_erasures, store)
-            finally:
-                refresher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await refresher
+                        refresher.cancel()
+                except BaseExceptionGroup as group:
+                    # Whichever fails first (the loop or the refresher), the group
+                    # cancels the other: raise that one error, as run() always has, so
+                    # callers see a StoreUnavailable, not a group around it.
+                    if len(group.exceptions) != 1:
+                        raise
+                    failed = group.exceptions[0]
+                if failed is not None:
+                    raise failed
         self.report.elapsed_s = time.monotonic() - started
         log.info(
             "consumer stopped (%s): %d consumed, %d stored, %d duplicates, %d dead letters",
@@ -228,6 +227,36 @@ class Consumer:
             self.report.dead_lettered,
         )
         return self.report
+
+    async def _consume(
+        self,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+        store: UsageStore,
+        enricher: Enricher,
+        *,
+        listener: StoredOffsets,
+        holes: ContiguousOffsets,
+        deadline: float | None,
+    ) -> None:
+        """Take batches until a stop is asked for (by `stop()`, `stop_after`, or the
+        monotonic `deadline`); the batch in hand is finished and committed first."""
+        s = self._settings
+        while not self._stopping.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                self.stop(f"after {self._stop_after_s:g}s")
+                break
+            generation = listener.generation
+            records = await consumer.getmany(
+                timeout_ms=s.consumer.batch_wait_ms,
+                max_records=s.consumer.batch_max,
+            )
+            records = await listener.admit(records, generation, s.consumer.batch_wait_ms / 1000)
+            await listener.expire_probes()
+            records = holes.admit(records)
+            if any(records.values()):
+                await self._handle(records, consumer, producer, store, enricher)
+            await self._retry("erasure", enricher.apply_erasures, store)
 
     async def _handle(
         self,
@@ -293,8 +322,10 @@ class Consumer:
         """Every `postgres.rollup_refresh_s`, materialise the rollup hours that have
         ended (plain PostgreSQL), and the ended days at most every
         `postgres.rollup_day_refresh_s` (the first refresh that finds one noted takes
-        it); beside the batches rather than between them. A failed refresh is logged and
-        counted; the next one catches up (reads are exact anyway).
+        it); beside the batches rather than between them. A refresh the store could not
+        do (`StoreUnavailable`) is logged and counted; the next one catches up (reads
+        are exact anyway). Any other error ends the consumer with it: this runs in the
+        consumer's task group, which then cancels the batch loop.
         """
         interval = self._settings.postgres.rollup_refresh_s
         day_interval = self._settings.postgres.rollup_day_refresh_s
