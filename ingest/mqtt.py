@@ -41,6 +41,7 @@ from ingest.backoff import Backoff
 from ingest.errors import BrokerUnavailable, ConfigurationError
 from ingest.mqtt_wire import BufferedClient
 from ingest.settings import MqttSettings
+from schemas.errors import UsagepipeError
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,11 @@ class SubscriptionRefused(ConfigurationError):
         super().__init__(f"the MQTT broker refused the subscription to {topic!r}: {reason}")
 
 
-class PublishRefused(Exception):
-    """The broker answered a QoS 1 publish with a failure reason code (MQTT v5 PUBACK)."""
+class PublishRefused(UsagepipeError):
+    """The broker answered a QoS 1 publish with a failure reason code (MQTT v5 PUBACK).
+    Not retriable: the broker gives this login the same answer again."""
+
+    retriable = False
 
     def __init__(self, topic: str, reason: str) -> None:
         super().__init__(f"broker refused publish to {topic!r}: {reason}")

@@ -36,10 +36,11 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from ingest.errors import ConfigurationError, UsagepipeError
+from ingest.errors import ConfigurationError
 from ingest.metrics import serve_metrics
 from ingest.setting_errors import explain, variable
 from ingest.settings import Settings
+from schemas.errors import UsagepipeError
 
 log = logging.getLogger("usagepipe")
 
@@ -378,7 +379,6 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return asyncapi.main(flags)
 
     if args.command == "db":
-        from ingest.errors import UsagepipeError
         from ingest.store import UsageStore
 
         async def db_action() -> str:
