@@ -9,7 +9,7 @@ import asyncpg
 
 from ingest.settings import Settings
 from tests.pipeline import wait_for
-from tests.test_enrich import message, produce, running, sample
+from tests.ingest.test_enrich import message, produce, running, sample
 
 REFRESHED = "usagepipe_consumer_rollup_refresh_buckets_total"
 
