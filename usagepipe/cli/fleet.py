@@ -1,0 +1,91 @@
+"""The simulated fleet's commands: `simulate`, `verify` and `demo`.
+
+usagepipe simulate ...        a seeded fleet publishing telemetry (`simulators.cli`)
+usagepipe verify LEDGER       did the pipeline keep what the fleet sent?
+usagepipe demo                all of the pipeline, end to end, with a summary
+                              (`usagepipe.demo`)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ingest.settings import Settings
+from simulators.cli import add_demo_options, add_usage_options, span
+from usagepipe.cli.arguments import Commands, command, duration
+
+
+def add_simulate(commands: Commands) -> None:
+    simulate = command(
+        commands, "simulate", _simulate, help="run a seeded fleet of virtual appliances"
+    )
+    _add_fleet_options(simulate, messages=0)  # usage mode: --messages caps each device
+    add_usage_options(simulate)
+
+
+def add_verify(commands: Commands) -> None:
+    verify = command(
+        commands,
+        "verify",
+        _verify,
+        help="reconcile a fleet's ledger with the usage table and dead letters",
+    )
+    verify.add_argument("ledger", help="the JSONL ledger `simulate --ledger` wrote")
+    verify.add_argument(
+        "--timeout", type=span, default=span("60s"), help="wait this long to catch up (60s)"
+    )
+
+
+def add_demo(commands: Commands) -> None:
+    demo = command(
+        commands,
+        "demo",
+        _demo,
+        help="run the whole pipeline on a simulated fleet; leaves a planner-ready dataset",
+    )
+    add_demo_options(demo)
+    demo.add_argument(
+        "--timeout", type=duration, default=900.0, help="give up after this long (900s)"
+    )
+
+
+def _add_fleet_options(
+    p: argparse.ArgumentParser, devices: int = 10, messages: int = 10, duplicates: float = 0.0
+) -> None:
+    p.add_argument("--devices", type=int, default=devices, help=f"fleet size ({devices})")
+    p.add_argument(
+        "--messages", type=int, default=messages, help=f"messages per device ({messages})"
+    )
+    p.add_argument(
+        "--duplicates",
+        type=float,
+        default=duplicates,
+        help=f"share of messages sent twice, byte for byte ({duplicates})",
+    )
+    p.add_argument("--seed", type=int, default=7, help="seed for everything the fleet sends")
+    p.add_argument(
+        "--run-id",
+        default=None,
+        help="goes into the boot ids: same seed and run id, same messages (default: new)",
+    )
+    p.add_argument(
+        "--rate", type=float, default=0.0, help="messages/s for the whole fleet (0: no limit)"
+    )
+
+
+def _simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from simulators.cli import simulate
+
+    return simulate(settings, args)
+
+
+def _verify(args: argparse.Namespace, settings: Settings) -> int:
+    from simulators.verify import run_verify
+
+    return run_verify(settings, args.ledger, args.timeout.total_seconds())
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from usagepipe.demo import run_demo
+
+    return run_demo(settings, args)
