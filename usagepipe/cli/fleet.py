@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 from ingest.settings import Settings
-from simulators.cli import add_demo_options, add_usage_options, span
+from simulators.cli import add_demo_options, add_simulate_options, span
 from usagepipe.cli.arguments import Commands, command, duration
 
 
@@ -19,8 +19,7 @@ def add_simulate(commands: Commands) -> None:
     simulate = command(
         commands, "simulate", _simulate, help="run a seeded fleet of virtual appliances"
     )
-    _add_fleet_options(simulate, messages=0)  # usage mode: --messages caps each device
-    add_usage_options(simulate)
+    add_simulate_options(simulate)
 
 
 def add_verify(commands: Commands) -> None:
@@ -46,30 +45,6 @@ def add_demo(commands: Commands) -> None:
     add_demo_options(demo)
     demo.add_argument(
         "--timeout", type=duration, default=900.0, help="give up after this long (900s)"
-    )
-
-
-def _add_fleet_options(
-    p: argparse.ArgumentParser, devices: int = 10, messages: int = 10, duplicates: float = 0.0
-) -> None:
-    p.add_argument("--devices", type=int, default=devices, help=f"fleet size ({devices})")
-    p.add_argument(
-        "--messages", type=int, default=messages, help=f"messages per device ({messages})"
-    )
-    p.add_argument(
-        "--duplicates",
-        type=float,
-        default=duplicates,
-        help=f"share of messages sent twice, byte for byte ({duplicates})",
-    )
-    p.add_argument("--seed", type=int, default=7, help="seed for everything the fleet sends")
-    p.add_argument(
-        "--run-id",
-        default=None,
-        help="goes into the boot ids: same seed and run id, same messages (default: new)",
-    )
-    p.add_argument(
-        "--rate", type=float, default=0.0, help="messages/s for the whole fleet (0: no limit)"
     )
 
 
