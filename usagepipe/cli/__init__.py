@@ -51,8 +51,6 @@ from usagepipe.cli.fleet import add_demo, add_simulate, add_verify
 from usagepipe.cli.operations import add_asyncapi, add_dlq, add_services, add_settings
 from usagepipe.cli.pipeline import add_bridge, add_consume, add_db
 
-log = logging.getLogger("usagepipe")
-
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 COMMANDS: tuple[Callable[[Commands], None], ...] = (
