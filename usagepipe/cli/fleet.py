@@ -1,9 +1,12 @@
 """The simulated fleet's commands: `simulate`, `verify` and `demo`.
 
-usagepipe simulate ...        a seeded fleet publishing telemetry (`simulators.cli`)
-usagepipe verify LEDGER       did the pipeline keep what the fleet sent?
-usagepipe demo                all of the pipeline, end to end, with a summary
-                              (`usagepipe.demo`)
+    usagepipe simulate ...        a seeded fleet publishing telemetry
+    usagepipe verify LEDGER       did the pipeline keep what the fleet sent?
+    usagepipe demo                all of the pipeline, end to end, with a summary
+
+The options of `simulate` and `demo` are `simulators.cli`'s, beside `plan_from_args`,
+which reads them, and `simulators.cli.simulate` runs a fleet; `simulators.verify` and
+`usagepipe.demo` are imported when their command runs.
 """
 
 from __future__ import annotations
@@ -11,15 +14,15 @@ from __future__ import annotations
 import argparse
 
 from ingest.settings import Settings
-from simulators.cli import add_demo_options, add_simulate_options, span
+from simulators.cli import add_demo_options, add_simulate_options, simulate, span
 from usagepipe.cli.arguments import Commands, command, duration
 
 
 def add_simulate(commands: Commands) -> None:
-    simulate = command(
+    parser = command(
         commands, "simulate", _simulate, help="run a seeded fleet of virtual appliances"
     )
-    add_simulate_options(simulate)
+    add_simulate_options(parser)
 
 
 def add_verify(commands: Commands) -> None:
@@ -49,8 +52,6 @@ def add_demo(commands: Commands) -> None:
 
 
 def _simulate(args: argparse.Namespace, settings: Settings) -> int:
-    from simulators.cli import simulate
-
     return simulate(settings, args)
 
 

@@ -1,9 +1,12 @@
 """The commands around the pipeline: `services`, `settings`, `asyncapi` and `dlq`.
 
-usagepipe services up|status|down     the local servers (Mosquitto, Kafka, PostgreSQL)
-usagepipe settings [--markdown]       every setting, its variable, default and meaning
-usagepipe asyncapi [--check|--write]  the AsyncAPI contract (schemas/asyncapi.json)
-usagepipe dlq list|show|replay        the dead-letter topic (`usagepipe.dlq`)
+    usagepipe services up|status|down     the local servers (Mosquitto, Kafka, PostgreSQL)
+    usagepipe settings [--markdown]       every setting, its variable, default and meaning
+    usagepipe asyncapi [--check|--write]  the AsyncAPI contract (schemas/asyncapi.json)
+    usagepipe dlq list|show|replay        the dead-letter topic
+
+Each handler imports the module that does the work (`usagepipe.services`,
+`schemas.asyncapi`, `usagepipe.dlq`) when its command runs, not when the parser is built.
 """
 
 from __future__ import annotations
