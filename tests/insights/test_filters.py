@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import pytest
 
 from insights.filters import FilterError, Filters
+from tests.insights.test_reports import FilterSet
 
 NOT_A_DATE = " is not a date (2026-11-01) or a time with zone"
 NO_ZONE = " (add Z or +09:00)"
@@ -52,10 +53,10 @@ FULLWIDTH = "\uff12\uff10\uff12\uff16-11-01"
     ],
 )
 def test_bad_instants_and_values_name_their_field(
-    given: dict[str, object], field: str, message: str
+    given: FilterSet, field: str, message: str
 ) -> None:
     with pytest.raises(FilterError) as raised:
-        Filters.parse(**given)  # type: ignore[arg-type]
+        Filters.parse(**given)
     assert (raised.value.field, raised.value.message) == (field, message)
 
 
@@ -73,7 +74,7 @@ def test_the_first_and_last_hours_of_the_calendar_are_fine() -> None:
 
 def test_the_cli_says_it_in_one_line() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "ingest", "report", "programs", "--end", "0001-01-01"],
+        [sys.executable, "-m", "usagepipe", "report", "programs", "--end", "0001-01-01"],
         capture_output=True,
         text=True,
         timeout=60,
