@@ -134,6 +134,18 @@ class CreateOwnerIn(Body):
     marketing_consent: StrictBool
     source: Source = "api"
 
+    def new_owner(self) -> NewOwner:
+        """The owner to create; `usagepipe registry add-owner` builds it this way too."""
+        return NewOwner(
+            name=self.name,
+            email=self.email,
+            phone=self.phone,
+            region=self.region,
+            membership_tier=self.membership_tier,
+            analytics_consent=self.analytics_consent,
+            marketing_consent=self.marketing_consent,
+        )
+
 
 class OwnerIdOut(Body):
     owner_id: UUID
@@ -315,18 +327,7 @@ def create_app(
     @app.post("/owners", status_code=status.HTTP_201_CREATED, responses=_errors(*_WITH_BODY))
     async def create_owner(body: CreateOwnerIn, registry: RegistryDep) -> OwnerIdOut:
         """Create an owner account (contacts are kept apart from analytics data)."""
-        owner_id = await registry.create_owner(
-            NewOwner(
-                name=body.name,
-                email=body.email,
-                phone=body.phone,
-                region=body.region,
-                membership_tier=body.membership_tier,
-                analytics_consent=body.analytics_consent,
-                marketing_consent=body.marketing_consent,
-            ),
-            source=body.source,
-        )
+        owner_id = await registry.create_owner(body.new_owner(), source=body.source)
         return OwnerIdOut(owner_id=owner_id)
 
     @app.get("/owners/{owner_id}", responses=_errors(404))

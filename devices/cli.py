@@ -45,7 +45,6 @@ from devices.factory_import import import_units
 from devices.records import (
     Category,
     MembershipTier,
-    NewOwner,
     ProductModel,
     Purchase,
     PurchaseChannel,
@@ -161,18 +160,7 @@ def _add_owner(args: argparse.Namespace, settings: Settings) -> int:
 
     async def run() -> int:
         async with _open_registry(settings) as registry:
-            owner_id = await registry.create_owner(
-                NewOwner(
-                    name=body.name,
-                    email=body.email,
-                    phone=body.phone,
-                    region=body.region,
-                    membership_tier=body.membership_tier,
-                    analytics_consent=body.analytics_consent,
-                    marketing_consent=body.marketing_consent,
-                ),
-                source=body.source,
-            )
+            owner_id = await registry.create_owner(body.new_owner(), source=body.source)
         print(owner_id)
         return 0
 

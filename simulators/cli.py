@@ -71,8 +71,13 @@ def _instant(text: str) -> datetime:
     return at
 
 
-def add_usage_options(p: argparse.ArgumentParser) -> None:
-    """`simulate`'s usage-mode options (the fleet options are `usagepipe.cli`'s)."""
+def add_simulate_options(p: argparse.ArgumentParser) -> None:
+    """`usagepipe simulate`'s options, which `plan_from_args` reads."""
+    _add_devices(p, 10)
+    # Usage mode: --messages caps each device.
+    p.add_argument("--messages", type=int, default=0, help="messages per device (0)")
+    _add_repeatable_options(p, duplicates=0.0)
+    _add_rate(p)
     p.add_argument(
         "--window", type=span, default=timedelta(days=7), help="simulated time to play (7d)"
     )
@@ -115,9 +120,7 @@ DEMO_MESSAGES = 100
 
 def add_demo_options(p: argparse.ArgumentParser) -> None:
     """`usagepipe demo`'s fleet options; their defaults make `demo_plan`'s dataset."""
-    p.add_argument(
-        "--devices", type=int, default=DEMO_DEVICES, help=f"fleet size ({DEMO_DEVICES:,})"
-    )
+    _add_devices(p, DEMO_DEVICES)
     p.add_argument(
         "--window",
         type=span,
@@ -137,18 +140,7 @@ def add_demo_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"usage: cap per device (0: none, the default); uniform: per device ({DEMO_MESSAGES})",
     )
-    p.add_argument(
-        "--duplicates",
-        type=float,
-        default=DEMO_DUPLICATES,
-        help=f"share of messages sent twice, byte for byte ({DEMO_DUPLICATES})",
-    )
-    p.add_argument("--seed", type=int, default=7, help="seed for everything the fleet sends")
-    p.add_argument(
-        "--run-id",
-        default=None,
-        help="goes into the boot ids: same seed and run id, same messages (default: new)",
-    )
+    _add_repeatable_options(p, duplicates=DEMO_DUPLICATES)
     pace = p.add_mutually_exclusive_group()
     pace.add_argument(
         "--speed",
@@ -156,7 +148,32 @@ def add_demo_options(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="simulated seconds per real second (0: as fast as possible)",
     )
-    pace.add_argument(
+    _add_rate(pace)
+
+
+def _add_devices(p: argparse.ArgumentParser, devices: int) -> None:
+    p.add_argument("--devices", type=int, default=devices, help=f"fleet size ({devices:,})")
+
+
+def _add_repeatable_options(p: argparse.ArgumentParser, duplicates: float) -> None:
+    """`--duplicates`, `--seed` and `--run-id`: what makes a run's messages the same again."""
+    p.add_argument(
+        "--duplicates",
+        type=float,
+        default=duplicates,
+        help=f"share of messages sent twice, byte for byte ({duplicates})",
+    )
+    p.add_argument("--seed", type=int, default=7, help="seed for everything the fleet sends")
+    p.add_argument(
+        "--run-id",
+        default=None,
+        help="goes into the boot ids: same seed and run id, same messages (default: new)",
+    )
+
+
+def _add_rate(options: argparse._ActionsContainer) -> None:
+    """`--rate`, on the parser (`simulate`) or in a group of pace options (`demo`)."""
+    options.add_argument(
         "--rate", type=float, default=0.0, help="messages/s for the whole fleet (0: no limit)"
     )
 

@@ -1,5 +1,6 @@
-"""Helpers for the HTTP contract tests: serve an app on a loopback port, and run
-schemathesis' own CLI against it with the repository's settings.
+"""Helpers for the tests of the two HTTP APIs: serve an app on a loopback port (`served`,
+for every test that talks to a real uvicorn server), and run schemathesis' own CLI
+against it with the repository's settings.
 
 The CLI is what `deploy/local/schemathesis.sh` runs, so the tests and the documented
 command cannot drift apart. (schemathesis' pytest loader, `from_fixture`, reads a

@@ -53,7 +53,11 @@ def test_each_error_is_a_usagepipe_error_drawn_in_the_tree(name: str) -> None:
 
 
 def test_retriable_says_whether_trying_again_can_help() -> None:
-    retriable = sorted(name for name, error in ERRORS.items() if error.retriable)
+    retriable = sorted(
+        name
+        for name, error in ERRORS.items()
+        if issubclass(error, UsagepipeError) and error.retriable
+    )
     assert retriable == [
         "devices.errors.RegistryUnavailable",
         "ingest.errors.BrokerUnavailable",

@@ -258,8 +258,8 @@ async def test_every_error_is_one_problem_document(client: httpx.AsyncClient) ->
     def owner(name: str) -> bytes:  # `name` is JSON text, put in as it stands
         return json.dumps({**OWNER, "name": "X"}).replace('"X"', name).encode("utf-8")
 
-    def reg(**more: object) -> bytes:
-        return json.dumps(registration(ada, **more)).encode()
+    def reg(serial: str = "SN0001", **more: object) -> bytes:
+        return json.dumps({**registration(ada, serial), **more}).encode()
 
     def bought(on: object) -> bytes:
         return reg(purchase={"channel": "gift", "purchased_on": on})

@@ -134,7 +134,7 @@ def test_topic_to_device_id() -> None:
 
 def test_unsafe_kafka_settings_are_refused() -> None:
     with pytest.raises(ValidationError, match="acks"):
-        KafkaSettings(acks="1")  # type: ignore[arg-type]
+        KafkaSettings(acks="1")
     with pytest.raises(ValidationError, match="not a plain lower-case SQL identifier"):
         PostgresSettings(table="usage; drop table x")
 

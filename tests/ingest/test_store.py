@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from unittest.mock import ANY
 
 import asyncpg
@@ -21,13 +22,14 @@ from ingest.errors import ConfigurationError, StoreUnavailable
 from ingest.rollups import (
     DETAIL,
     RefreshReport,
+    bucket_start,
     device_daily_source,
     direct_rollup_query,
     refresh_rollups,
     usage_rollup,
 )
 from ingest.settings import PostgresSettings, Settings
-from ingest.store import SourceOffset, UsageRow, UsageStore, partition_start
+from ingest.store import SourceOffset, UsageRow, UsageStore
 from schemas.envelope import Envelope
 from simulators.fleet import FleetPlan, device_ids, plan_device
 from tests.conftest import require_timescaledb
@@ -304,7 +306,9 @@ DIRECT_DEVICE_DAYS = """
 """
 
 
-async def device_days(conn: Connection, t: str, start: datetime, end: datetime) -> list[tuple]:
+async def device_days(
+    conn: Connection, t: str, start: datetime, end: datetime
+) -> list[tuple[Any, ...]]:
     """What the reports read: `device_daily_source`, in DIRECT_DEVICE_DAYS' columns."""
     source = await device_daily_source(conn, t, start, end, days_parameter=3)
     rows = await conn.fetch(
@@ -320,11 +324,11 @@ async def device_days(conn: Connection, t: str, start: datetime, end: datetime) 
 
 async def direct_device_days(
     conn: Connection, t: str, start: datetime, end: datetime
-) -> list[tuple]:
+) -> list[tuple[Any, ...]]:
     return multiset(await conn.fetch(DIRECT_DEVICE_DAYS.format(t=t), start, end))
 
 
-def multiset(rows: list[asyncpg.Record]) -> list[tuple]:
+def multiset(rows: list[asyncpg.Record]) -> list[tuple[Any, ...]]:
     return sorted((tuple(r) for r in rows), key=repr)
 
 
@@ -423,15 +427,13 @@ def vars_of(r: object) -> list[object]:
     return [getattr(r, f) for f in r.__slots__]  # type: ignore[attr-defined]
 
 
-async def notes(conn: asyncpg.Connection, table: str) -> list[tuple[datetime, bool]]:
+async def notes(conn: Connection, table: str) -> list[tuple[datetime, bool]]:
     """The plain layout's rollup notes: (hour, hourly_done), sorted."""
     found = await conn.fetch(f"SELECT bucket, hourly_done FROM {table}_rollup_invalidations")
     return sorted((n["bucket"], n["hourly_done"]) for n in found)
 
 
-async def assert_reads_exact(
-    conn: asyncpg.Connection, table: str, span: tuple[datetime, datetime]
-) -> None:
+async def assert_reads_exact(conn: Connection, table: str, span: tuple[datetime, datetime]) -> None:
     """Both rollups, as `usage_rollup` reads them, equal a direct aggregate."""
     for granularity in ("hourly", "daily"):
         rollup = await usage_rollup(conn, table, granularity, *span)
@@ -451,7 +453,7 @@ async def test_the_periodic_refresh_materialises_only_ended_buckets(store: Usage
     t = store.table
     span = (now - 3 * DAY, now + DAY)
 
-    async def materialised(conn: asyncpg.Connection, rollup: str) -> list[datetime]:
+    async def materialised(conn: Connection, rollup: str) -> list[datetime]:
         return [r[0] for r in await conn.fetch(f"SELECT bucket FROM {t}_{rollup} ORDER BY 1")]
 
     async with store.pool.acquire() as conn:
@@ -584,10 +586,11 @@ async def test_settings_that_would_let_retention_outrun_late_events_are_refused(
 
 
 def test_partition_start_aligns_to_the_epoch() -> None:
+    """The store cuts partitions where `bucket_start` puts a bucket's start."""
     at = datetime(2026, 3, 1, 5, 59, tzinfo=UTC)
-    assert partition_start(at, DAY) == datetime(2026, 3, 1, tzinfo=UTC)
-    assert partition_start(at, 6 * HOUR) == datetime(2026, 3, 1, tzinfo=UTC)
-    assert partition_start(at + 2 * timedelta(minutes=1), 6 * HOUR) == datetime(
+    assert bucket_start(at, DAY) == datetime(2026, 3, 1, tzinfo=UTC)
+    assert bucket_start(at, 6 * HOUR) == datetime(2026, 3, 1, tzinfo=UTC)
+    assert bucket_start(at + 2 * timedelta(minutes=1), 6 * HOUR) == datetime(
         2026, 3, 1, 6, tzinfo=UTC
     )
 

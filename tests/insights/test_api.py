@@ -3,7 +3,6 @@ tests/insights/test_browser.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 from collections.abc import AsyncIterator
@@ -11,7 +10,6 @@ from collections.abc import AsyncIterator
 import httpx
 import pyarrow.parquet as pq
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.httpapi import GENERIC_REASONS
@@ -19,8 +17,7 @@ from ingest.settings import InsightsSettings
 from insights.api import InsightsProblem, ReportInfo, ReportOut, create_app
 from insights.filters import CATEGORIES, Filters
 from insights.reports import REPORTS
-from tests.conftest import free_port
-from tests.http_contract import schemathesis_run
+from tests.http_contract import schemathesis_run, served
 from tests.insights.conftest import Seeded
 from tests.insights.seed import END, START
 from tests.insights.test_reports import SMALL, direct, run
@@ -34,17 +31,8 @@ async def api(seeded: Seeded) -> AsyncIterator[str]:
     """The API over the seeded table, served by uvicorn on a free loopback port."""
     s = seeded.settings
     app = create_app(s.postgres, InsightsSettings(k_anonymity=K), s.registry.db_schema)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    task = asyncio.create_task(server.serve(), name="insights-api")
-    async with asyncio.timeout(10):
-        while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
-            await asyncio.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+    async with served(app) as url:
+        yield url
 
 
 async def test_reports_over_http_equal_the_direct_computation(seeded: Seeded, api: str) -> None:

@@ -16,10 +16,10 @@ screenshot of each state is kept in tests/artifacts/ (git-ignored).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 from collections.abc import AsyncIterator, Iterable
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,6 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
-import uvicorn
 from playwright.async_api import Browser, Page, async_playwright
 
 from ingest.settings import InsightsSettings, Settings
@@ -35,7 +34,7 @@ from insights.api import create_app
 from insights.reports import REPORTS
 from simulators.fleet import FleetPlan, fleet_units
 from simulators.traffic import device_traffic
-from tests.conftest import free_port
+from tests.http_contract import served
 from tests.insights.conftest import Seeded
 from tests.insights.seed import END, START
 from tests.pipeline import pipeline, publish, stored_keys
@@ -62,21 +61,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@contextlib.asynccontextmanager
-async def served(s: Settings, k: int = K) -> AsyncIterator[str]:
+def dashboard(s: Settings, k: int = K) -> AbstractAsyncContextManager[str]:
     """The insights app over the test's usage table and registry, on a free port."""
-    app = create_app(s.postgres, InsightsSettings(k_anonymity=k), s.registry.db_schema)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    task = asyncio.create_task(server.serve(), name="insights-api")
-    async with asyncio.timeout(10):
-        while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
-            await asyncio.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+    return served(create_app(s.postgres, InsightsSettings(k_anonymity=k), s.registry.db_schema))
 
 
 @pytest.fixture
@@ -163,7 +150,7 @@ async def test_every_chart_draws_its_unsuppressed_rows_and_redraws_for_new_filte
     seeded: Seeded, browser: Browser
 ) -> None:
     first = {"start": iso_date(START), "end": iso_date(END)}
-    async with served(seeded.settings) as api:
+    async with dashboard(seeded.settings) as api:
         page = await browser.new_page(viewport={"width": 1280, "height": 900})
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -257,7 +244,7 @@ async def simulated(settings: Settings) -> Settings:
 async def test_the_simulated_fleet_draws_every_chart_and_the_form_redraws_it(
     simulated: Settings, browser: Browser
 ) -> None:
-    async with served(simulated) as api:
+    async with dashboard(simulated) as api:
         page = await browser.new_page(viewport={"width": 1280, "height": 900})
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import pytest
 
 from insights.filters import FilterError, Filters
+from tests.insights.test_reports import FilterSet
 
 NOT_A_DATE = " is not a date (2026-11-01) or a time with zone"
 NO_ZONE = " (add Z or +09:00)"
@@ -52,10 +53,10 @@ FULLWIDTH = "\uff12\uff10\uff12\uff16-11-01"
     ],
 )
 def test_bad_instants_and_values_name_their_field(
-    given: dict[str, object], field: str, message: str
+    given: FilterSet, field: str, message: str
 ) -> None:
     with pytest.raises(FilterError) as raised:
-        Filters.parse(**given)  # type: ignore[arg-type]
+        Filters.parse(**given)
     assert (raised.value.field, raised.value.message) == (field, message)
 
 

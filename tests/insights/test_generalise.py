@@ -42,8 +42,8 @@ from tests.insights.seed import END, START, Population
 from tests.insights.test_reports import (
     CYCLES,
     DIRECT,
-    FILTERS,
     TRIGGERED,
+    filters,
     marketable_keys,
     plain,
     run,
@@ -151,7 +151,9 @@ GROUP: dict[str, str] = {
         FROM dd""",
 }
 
-VARIANTS = [(name, {}) for name in REPORTS if name != "cohorts"] + [
+VARIANTS: list[tuple[str, dict[str, str]]] = [
+    (name, {}) for name in REPORTS if name != "cohorts"
+] + [
     ("cohorts", {"by": "channel"}),
     ("cohorts", {"by": "tier"}),
 ]
@@ -238,7 +240,7 @@ async def test_generalised_rows_equal_direct_sql_and_never_show_a_group_below_k(
     dataset: tuple[str, Seeded], filter_set: str
 ) -> None:
     data, seeded = dataset
-    f = Filters.parse(**{"start": START, "end": END, **FILTERS[filter_set]})
+    f = filters(filter_set)
     conn = await asyncpg.connect(seeded.settings.postgres.dsn.get_secret_value())
     direct = Direct(seeded, conn, f)
     generalised: Counter[str] = Counter()

@@ -9,7 +9,7 @@ import itertools
 import json
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypedDict
 
 import asyncpg
 import pytest
@@ -219,7 +219,18 @@ async def run(s: Seeded, name: str, f: Filters, k: int, **options: str) -> Repor
         await conn.close()
 
 
-FILTERS = {
+class FilterSet(TypedDict, total=False):
+    """`Filters.parse`'s keywords, as much of them as a filter set names."""
+
+    start: str | datetime
+    end: str | datetime
+    model: list[str]
+    category: list[str]
+    region: list[str]
+    firmware: list[str]
+
+
+FILTERS: dict[str, FilterSet] = {
     "all": {},
     "model": {"model": ["WM-A", "WM-RARE"]},
     "category+region": {"category": ["washer", "dryer"], "region": ["KR-11"]},
@@ -229,12 +240,18 @@ FILTERS = {
 }
 
 
+def filters(name: str) -> Filters:
+    """Filter set `name` over the seeded weeks, or over its own start and end."""
+    given = FilterSet(start=START, end=END)
+    given.update(FILTERS[name])
+    return Filters.parse(**given)
+
+
 @pytest.mark.parametrize("filter_set", list(FILTERS))
 async def test_every_report_equals_a_direct_computation_over_the_raw_rows(
     seeded: Seeded, filter_set: str
 ) -> None:
-    given: dict[str, Any] = {"start": START, "end": END, **FILTERS[filter_set]}
-    f = Filters.parse(**given)
+    f = filters(filter_set)
     k = 3
     shown_total = 0
     for name in REPORTS:
@@ -261,8 +278,7 @@ async def test_reports_are_the_same_before_and_after_the_rollups_are_refreshed(
     equal to the direct SQL."""
     t = seeded.settings.postgres.table
     filter_sets = [Filters.parse(start=START, end=END)] + [
-        Filters.parse(**{"start": START, "end": END, **FILTERS[n]})
-        for n in ("category+region", "hours")
+        filters(n) for n in ("category+region", "hours")
     ]
 
     async def everything() -> dict[tuple[str, str, int], tuple[dict[Any, Any], bytes]]:

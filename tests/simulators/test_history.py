@@ -14,7 +14,7 @@ import pytest
 from devices.records import PurchaseChannel
 from simulators.fleet import LAUNCHED_ON, FleetPlan, fleet_units, plan_device
 from simulators.history import CHANNELS, HistoryError, earliest_start, unit_history
-from simulators.traffic import buyer_profile, profile
+from simulators.traffic import Message, buyer_profile, profile
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -104,7 +104,7 @@ def test_usage_after_a_handover_follows_the_buyers_household() -> None:
         assert passes is not None
         with_it, without = plan_device(plan, unit.device_id), plan_device(alone, unit.device_id)
 
-        def before(messages: list, at: datetime = passes.at) -> list[bytes]:  # type: ignore[type-arg]
+        def before(messages: list[Message], at: datetime = passes.at) -> list[bytes]:
             return [
                 m.payload
                 for m in messages

@@ -1,0 +1,161 @@
+"""`usagepipe`: the one console script; every service of the pipeline is a subcommand.
+
+    usagepipe services up|status|down     the local servers (Mosquitto, Kafka, PostgreSQL)
+    usagepipe settings                    every setting, its variable, default and meaning
+    usagepipe asyncapi                    the AsyncAPI contract (schemas/asyncapi.json)
+    usagepipe db migrate|refresh|retention  create/upgrade the usage tables; materialise
+                                          the rollups (plain PostgreSQL); drop expired data
+    usagepipe simulate ...                a seeded fleet publishing telemetry
+    usagepipe verify LEDGER               did the pipeline keep what the fleet sent?
+    usagepipe bridge                      MQTT -> Kafka
+    usagepipe consume                     Kafka -> PostgreSQL
+    usagepipe demo                        all of the above, end to end, with a summary
+    usagepipe registry ...                the device registry: units, owners, registration
+    usagepipe report NAME ...             planners' reports: table, CSV, Parquet, JSON, charts
+    usagepipe insights serve              planners' read-only HTTP API and web page
+    usagepipe dlq list|show|replay        the dead letters (telemetry.dlq)
+
+Each command's parser sets its handler (`usagepipe.cli.arguments.Handler`); `main`
+parses, configures logging, builds the settings, runs the handler and turns what it
+raises into one line. The handlers live beside their command's parser:
+`usagepipe.cli.operations` (services, settings, asyncapi, dlq), `usagepipe.cli.pipeline`
+(db, bridge, consume), `usagepipe.cli.fleet` (simulate, verify, demo), and, below this
+composition root, `devices.cli` (registry) and `insights.cli` (report, insights).
+
+Only this module reads the environment (`Settings()`) and configures logging.
+
+A user's mistake is one line on stderr and exit status 2, never a traceback: a bad
+option (argparse, without its usage block), a bad setting (`ingest.setting_errors`
+names the variable and what it allows), a port another process holds. Output into a
+pipe closed early (`usagepipe dlq list | head -3`) ends quietly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+
+from devices.cli import register_commands as add_registry
+from ingest.errors import ConfigurationError
+from ingest.setting_errors import explain
+from ingest.settings import Settings
+from insights.cli import register_commands as add_insights
+from schemas.errors import UsagepipeError
+from usagepipe.cli.arguments import Commands, Handler, OneLineParser
+from usagepipe.cli.fleet import add_demo, add_simulate, add_verify
+from usagepipe.cli.operations import add_asyncapi, add_dlq, add_services, add_settings
+from usagepipe.cli.pipeline import add_bridge, add_consume, add_db
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+COMMANDS: tuple[Callable[[Commands], None], ...] = (
+    add_services,
+    add_settings,
+    add_asyncapi,
+    add_db,
+    add_bridge,
+    add_consume,
+    add_simulate,
+    add_verify,
+    add_registry,
+    add_insights,  # report, insights
+    add_dlq,
+    add_demo,
+)
+"""Every command, in the order `usagepipe --help` lists them."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = OneLineParser(
+        prog="usagepipe",
+        description="Appliance usage telemetry: MQTT -> Kafka -> PostgreSQL.",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help=f"{', '.join(LOG_LEVELS)}, in any case (INFO)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: run one command; returns its exit status.
+
+    Output to a pipe closed early ends quietly, as Python's documentation recommends
+    (https://docs.python.org/3/library/signal.html#note-on-sigpipe): stdout is pointed
+    at /dev/null so the interpreter's last flush cannot fail, and the status is 1.
+    """
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return status
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # aiokafka logs every retried connection at ERROR; ours say what matters.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    try:
+        settings = Settings()
+    except (ValidationError, SettingsError) as exc:
+        for line in explain(exc, os.environ):
+            print(f"usagepipe: {line}", file=sys.stderr)
+        return 2
+    handler: Handler = args.handler
+    try:
+        return _run(handler, args, settings)
+    except UsagepipeError as exc:
+        # A port in use or unsafe settings (2: fix them), or a server that does not
+        # answer (1: start it, then try again): one line, the command and the reason.
+        print(f"{_prog(args)}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigurationError) else 1
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        # A path the user gave that cannot be read or written (`--out`, `--chart`).
+        print(f"{_prog(args)}: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+
+
+def _run(handler: Handler, args: argparse.Namespace, settings: Settings) -> int:
+    """`handler` with the local broker's logins in `settings`: unset MQTT logins come
+    from <run_dir>/mosquitto/credentials.json, which `services up` writes; production
+    sets USAGEPIPE_MQTT__USERNAME/PASSWORD/ADMIN_USERNAME/ADMIN_PASSWORD instead."""
+    from usagepipe.services import ServiceError, with_broker_logins
+
+    try:
+        settings = with_broker_logins(settings)
+    except ServiceError as exc:
+        print(f"usagepipe: {exc}", file=sys.stderr)
+        return 2
+    return handler(args, settings)
+
+
+def _prog(args: argparse.Namespace) -> str:
+    """`usagepipe registry serve`: the command as typed, for the start of a message."""
+    words = ["usagepipe", args.command]
+    for sub in ("action", "registry_command", "insights_command"):
+        if isinstance(getattr(args, sub, None), str):
+            words.append(getattr(args, sub))
+    if args.command == "report":
+        words.append(args.name)
+    return " ".join(words)

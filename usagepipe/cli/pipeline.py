@@ -1,0 +1,154 @@
+"""The data path's commands: `db`, `bridge` and `consume`.
+
+    usagepipe db migrate|refresh|retention   create/upgrade the usage tables; materialise
+                                             the rollups (plain PostgreSQL); drop expired data
+    usagepipe bridge                         MQTT -> Kafka
+    usagepipe consume                        Kafka -> PostgreSQL
+
+`bridge` and `consume` run until stopped (SIGTERM, SIGINT) or until their stop options
+say, with their metrics on their own port (`_serve`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+from prometheus_client import CollectorRegistry
+
+from ingest.metrics import serve_metrics
+from ingest.setting_errors import variable
+from ingest.settings import Settings
+from usagepipe.cli.arguments import Commands, add_stop_options, command
+
+_Report_co = TypeVar("_Report_co", covariant=True)
+_Report = TypeVar("_Report")
+
+
+def add_db(commands: Commands) -> None:
+    db = command(commands, "db", _db, help="database schema and retention")
+    db.add_argument(
+        "action",
+        choices=["migrate", "refresh", "retention"],
+        help="migrate: create/upgrade the usage tables; refresh: materialise the rollups'"
+        " noted buckets now (plain PostgreSQL; consumers do it every"
+        " postgres.rollup_refresh_s); retention: drop expired raw data",
+    )
+
+
+def add_bridge(commands: Commands) -> None:
+    bridge = command(commands, "bridge", _bridge, help="forward MQTT telemetry to Kafka")
+    add_stop_options(bridge, "acknowledged messages")
+
+
+def add_consume(commands: Commands) -> None:
+    consume = command(
+        commands, "consume", _consume, help="validate telemetry from Kafka and store it"
+    )
+    add_stop_options(consume, "Kafka records")
+
+
+def _db(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.store import UsageStore
+    from schemas.errors import UsagepipeError
+
+    async def db_action() -> str:
+        async with UsageStore(settings.postgres) as store:
+            report = await store.migrate()
+            layout = report.layout
+            if args.action == "migrate":
+                applied = ", ".join(report.applied) or "none pending"
+                return (
+                    f"usage table {store.table!r} is up to date ({applied}); layout: "
+                    f"{layout.kind}, partitions of "
+                    f"{layout.partition_interval.total_seconds() / 3600:g} h"
+                )
+            if args.action == "refresh":
+                done = await store.refresh_rollups(wait=True)
+                if done is None:
+                    return f"{store.table!r} is on TimescaleDB: its refresh policies do this"
+                return (
+                    f"rollups of {store.table!r} refreshed: {done.hours} hours and"
+                    f" {done.days} days recomputed, {done.skipped} hours before the"
+                    f" retained data skipped, in {done.seconds:.3f} s"
+                )
+            dropped = await store.drop_expired()
+            return f"retention on {store.table!r} dropped: {', '.join(dropped) or 'nothing'}"
+
+    try:
+        print(asyncio.run(db_action()))
+    except UsagepipeError as exc:
+        print(f"usagepipe db {args.action}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _bridge(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.bridge import Bridge
+    from ingest.metrics import BridgeMetrics
+
+    report = _serve(
+        settings.bridge.metrics_port,
+        variable(["bridge", "metrics_port"]),
+        lambda registry: Bridge(
+            settings,
+            BridgeMetrics(registry),
+            stop_after=args.max_messages,
+            stop_after_s=args.duration,
+        ),
+    )
+    print(f"bridge: {report.received} received, {report.acked} acknowledged")
+    return 0
+
+
+def _consume(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.consumer import Consumer
+    from ingest.enrich import with_local_owner_key
+    from ingest.metrics import ConsumerMetrics
+
+    settings = with_local_owner_key(settings)  # unset: the local run dir's, with a warning
+    report = _serve(
+        settings.consumer.metrics_port,
+        variable(["consumer", "metrics_port"]),
+        lambda registry: Consumer(
+            settings,
+            ConsumerMetrics(registry),
+            stop_after=args.max_messages,
+            stop_after_s=args.duration,
+        ),
+    )
+    print(
+        f"consumer: {report.consumed} consumed, {report.stored} stored, "
+        f"{report.duplicates} duplicates, {report.dead_lettered} dead letters"
+    )
+    return 0
+
+
+class Service(Protocol[_Report_co]):
+    """A long-running stage: runs until it stops itself or is told to stop."""
+
+    def stop(self, why: str = ...) -> None: ...
+
+    async def run(self) -> _Report_co: ...
+
+
+def _serve(
+    port: int, setting: str, make: Callable[[CollectorRegistry], Service[_Report]]
+) -> _Report:
+    """Run the service `make` builds, with its metrics on `port` (moved by the variable
+    `setting`), until it ends; SIGTERM/SIGINT stop it cleanly."""
+    registry = CollectorRegistry()
+
+    async def main() -> _Report:
+        service = make(registry)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, service.stop, f"signal {sig.name}")
+        return await service.run()
+
+    with serve_metrics(registry, port, setting):
+        return asyncio.run(main())
