@@ -7,7 +7,7 @@ past the earlier batch (read again from the beginning, the log has no hole). Thi
 script counts both, on a topic of its own, for `--seconds`:
 
     plain     an aiokafka consumer checking that each record's offset follows the last
-    guarded   the same reads through `ingest.kafka.ContiguousOffsets`, which cuts a
+    guarded   the same reads through `ingest.offsets.ContiguousOffsets`, which cuts a
               fetch at a hole and reads the partition again from it (what the
               usagepipe consumer and the dead-letter reader do)
 
@@ -27,8 +27,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from prometheus_client import CollectorRegistry
 
-from ingest.kafka import ContiguousOffsets
 from ingest.metrics import ConsumerMetrics
+from ingest.offsets import ContiguousOffsets
 from ingest.settings import Settings
 
 

@@ -1,14 +1,6 @@
-"""The registry's errors: one base class, a `retriable` flag, and reason codes.
-
-    RegistryError (retriable: bool)
-    +-- RegistryUnavailable    retriable: PostgreSQL or the broker could not be reached
-    +-- Rejected               not retriable as is: the request breaks a rule; `reason`
-    |                          says which (a `RejectReason`, part of the HTTP contract)
-    +-- MigrationError         not retriable: a migration file is malformed or was
-    |                          edited after it was applied
-    +-- InvalidImportFile      not retriable: a factory CSV export lacks its header
-    +-- BrokerAccountError     not retriable: the MQTT broker refused the registry's
-                               admin login or an account command (configuration)
+"""The registry's errors, under one base class `RegistryError` (itself a
+`schemas.errors.UsagepipeError`, whose module docstring draws the whole tree), and the
+reason codes of `Rejected` (a `RejectReason`, part of the HTTP contract).
 
 Library errors (asyncpg, OSError) are wrapped at the boundary into `RegistryUnavailable`,
 so callers handle one family. Reason codes are published (API bodies, CLI output): add
@@ -18,6 +10,8 @@ new ones, never rename or reuse one.
 from __future__ import annotations
 
 from enum import StrEnum
+
+from schemas.errors import UsagepipeError
 
 
 class RejectReason(StrEnum):
@@ -50,7 +44,7 @@ class RejectReason(StrEnum):
     """Only a dormant owner can be reactivated."""
 
 
-class RegistryError(Exception):
+class RegistryError(UsagepipeError):
     """Base of every registry error; `retriable` says whether trying again may help."""
 
     retriable: bool = False

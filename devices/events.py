@@ -27,6 +27,7 @@ Names and contacts never appear in events; owner ids are random UUIDs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Mapping
@@ -39,7 +40,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from devices.errors import RegistryUnavailable
-from ingest.kafka import make_producer
+from ingest.kafka import make_producer, running
 from ingest.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -88,15 +89,16 @@ class KafkaEventPublisher:
         self._topic = topic
         self._client_id = client_id
         self._producer: AIOKafkaProducer | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
 
     async def __aenter__(self) -> Self:
         producer = make_producer(self._settings, client_id=self._client_id, linger_ms=0)
+        stack = contextlib.AsyncExitStack()
         try:
-            await producer.start()
+            self._producer = await stack.enter_async_context(running(producer))
         except KafkaError as exc:
-            await producer.stop()
             raise RegistryUnavailable(f"cannot reach Kafka for registry events: {exc}") from exc
-        self._producer = producer
+        self._stack = stack
         return self
 
     async def __aexit__(
@@ -109,9 +111,10 @@ class KafkaEventPublisher:
 
     async def aclose(self) -> None:
         """Flush and close the producer; harmless when already closed."""
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            await producer.stop()
+        stack, self._stack = self._stack, None
+        self._producer = None
+        if stack is not None:
+            await stack.aclose()
 
     async def publish(self, event_type: str, key: str, payload: dict[str, Any]) -> None:
         """Send one event and wait for the broker's acknowledgement."""

@@ -4,19 +4,25 @@ In the order a message travels:
 
     mqtt.py         the broker side: an asyncio MQTT client that acknowledges a
                     message only when told to (after Kafka has it)
+    mqtt_wire.py    its PUBLISH framer, fenced off: the one module that uses paho's
+                    private API (for speed), each use marked
     bridge.py       MQTT -> Kafka: each message produced with acks=all, PUBACK after
-    kafka.py        the Kafka clients, with every safety setting stated in one place
+    kafka.py        the Kafka clients, with every safety setting stated in one place,
+                    held in `async with running(client)`
     consumer.py     Kafka -> PostgreSQL: validate (`schemas.parse`), enrich, store,
                     offsets committed in the same transaction as the rows
+    offsets.py      where each partition is read from: the stored offsets, no holes
     enrich.py       the owner of each message, by the registry's attribution rule
     store.py        the usage table (TimescaleDB hypertable, or plain PostgreSQL
                     partitions where the extension is missing) and its writes
     rollups.py      the daily rollups the planners read, kept up to date
     dead_letter.py  what the consumer refuses, moved aside with its reason
 
-And the plumbing they share: `settings` (the one settings model), `errors`,
-`metrics` (every Prometheus metric), `migrations` (versioned SQL, per schema),
-`httpapi` (the HTTP APIs' common error document, /health and /metrics), `ports`.
+And the plumbing they share: `settings` (the one settings model), `errors` (the
+pipeline's part of the tree under `schemas.errors.UsagepipeError`), `backoff` (the
+one jittered retry rhythm), `metrics` (every Prometheus metric), `migrations`
+(versioned SQL, per schema), `httpapi` (the HTTP APIs' common error document, /health
+and /metrics), `ports`.
 Nothing here imports the registry (`devices`), the planners' side (`insights`), the
 simulators or the console script (`usagepipe`): they import this.
 """

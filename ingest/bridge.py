@@ -13,7 +13,7 @@ sent again, on its own and with backoff, before its PUBACK; so a Kafka outage le
 messages unacknowledged in the broker's session, never lost.
 
 Per message, the costs that remain are the intake checks and framing: MQTT packets are
-framed without paho's per-message objects (`ingest.mqtt`), records are appended to
+framed without paho's per-message objects (`ingest.mqtt_wire`), records are appended to
 batches without a coroutine or future each, and PUBACKs go out many to a write.
 
 How many messages are in flight is bounded by the MQTT v5 Receive Maximum the bridge
@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -47,8 +46,9 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 
+from ingest.backoff import Backoff
 from ingest.dead_letter import DeadLetter
-from ingest.kafka import ensure_topics, make_producer
+from ingest.kafka import ensure_topics, make_producer, running
 from ingest.metrics import BridgeMetrics
 from ingest.mqtt import MqttClient, SubscriptionRefused
 from ingest.setting_errors import variable
@@ -214,40 +214,36 @@ class Bridge:
             on_raw_message=self._on_message,
         )
         self._mqtt = mqtt
-        await producer.start()
-        try:
-            async with mqtt:
-                try:
-                    await mqtt.wait_subscribed()
-                except SubscriptionRefused as exc:
-                    prefix = variable(["mqtt", "topic_prefix"])
-                    raise SubscriptionRefused(
-                        exc.topic,
-                        f"{exc.reason}; the bridge's login {s.mqtt.username!r} may not read it"
-                        f" (is {prefix}={s.mqtt.topic_prefix!r} right?)",
-                    ) from exc
-                self._metrics.subscribed.set(1)
-                self.ready.set()
-                log.info("bridge subscribed; forwarding to Kafka topic %s", s.kafka.raw_topic)
-                async with asyncio.TaskGroup() as tasks:
-                    producing = tasks.create_task(self._produce(producer), name="bridge-produce")
-                    acking = tasks.create_task(self._acknowledge(producer), name="bridge-ack")
-                    timer = None
-                    if self._stop_after_s is not None:
-                        timer = tasks.create_task(self._timer(self._stop_after_s), name="timer")
-                    await self._stopping.wait()
-                    # Stop taking input; what Kafka has not been handed yet stays
-                    # unacknowledged in the broker's session and comes again next time.
-                    self._accepting = False
-                    producing.cancel()
-                    await self._drain()
-                    acking.cancel()
-                    if timer is not None:
-                        timer.cancel()
-                self._metrics.subscribed.set(0)
-                await producer.flush()
-        finally:
-            await producer.stop()
+        async with running(producer), mqtt:
+            try:
+                await mqtt.wait_subscribed()
+            except SubscriptionRefused as exc:
+                prefix = variable(["mqtt", "topic_prefix"])
+                raise SubscriptionRefused(
+                    exc.topic,
+                    f"{exc.reason}; the bridge's login {s.mqtt.username!r} may not read it"
+                    f" (is {prefix}={s.mqtt.topic_prefix!r} right?)",
+                ) from exc
+            self._metrics.subscribed.set(1)
+            self.ready.set()
+            log.info("bridge subscribed; forwarding to Kafka topic %s", s.kafka.raw_topic)
+            async with asyncio.TaskGroup() as tasks:
+                producing = tasks.create_task(self._produce(producer), name="bridge-produce")
+                acking = tasks.create_task(self._acknowledge(producer), name="bridge-ack")
+                timer = None
+                if self._stop_after_s is not None:
+                    timer = tasks.create_task(self._timer(self._stop_after_s), name="timer")
+                await self._stopping.wait()
+                # Stop taking input; what Kafka has not been handed yet stays
+                # unacknowledged in the broker's session and comes again next time.
+                self._accepting = False
+                producing.cancel()
+                await self._drain()
+                acking.cancel()
+                if timer is not None:
+                    timer.cancel()
+            self._metrics.subscribed.set(0)
+            await producer.flush()
         self.report.elapsed_s = time.monotonic() - started
         log.info(
             "bridge stopped (%s): %d received, %d acknowledged in %.1fs",
@@ -353,7 +349,7 @@ class Bridge:
 
     async def _send(self, producer: AIOKafkaProducer, item: _InFlight) -> asyncio.Future[object]:
         """Hand one record to the producer, retrying while Kafka cannot take it."""
-        backoff = 0.1
+        backoff = Backoff()
         while True:
             try:
                 fut: asyncio.Future[object] = await producer.send(
@@ -363,9 +359,8 @@ class Bridge:
             except KafkaError as exc:
                 self._metrics.errors.labels("kafka_send").inc()
                 self.report.send_retries += 1
-                log.warning("Kafka send failed (%r); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-                backoff = min(backoff * 2, 5.0)
+                log.warning("Kafka send failed (%r); retrying in %.1fs", exc, backoff.delay_s)
+                await backoff.wait()
 
     def _capped(self) -> bool:
         return self._stop_after is not None and self.report.acked >= self._stop_after

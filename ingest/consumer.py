@@ -14,21 +14,10 @@ One loop per process, in a Kafka consumer group:
               -> remove erased owners' keys from stored rows, if any were erased
 
 Exactly-once effect: the database holds, in the same transaction as the rows, where the
-group has got to (`<table>_offsets`). When the group gives this process partitions,
-`StoredOffsets.on_partitions_assigned` seeks each to its stored offset, so a consumer
-killed between the database commit and the Kafka commit restarts with no gap, no
-duplicate row and no replay. Partitions with no stored offset keep Kafka's committed
-position (or `earliest`).
-
-The seek goes one record back, to the last stored record, and checks its Kafka
-timestamp against the stored one before dropping it: a topic deleted and created again
-restarts its offsets at 0, and a stored offset must not skip that new log's records.
-On a mismatch the partition is read from its beginning instead (the store's key turns
-anything already stored into a duplicate).
-
-Records are processed in offset order without holes (`ingest.kafka.ContiguousOffsets`):
-a fetch that skipped a batch the broker had not made readable yet is cut there and the
-partition read again from the first missing offset.
+group has got to; `ingest.offsets.StoredOffsets` seeks each newly assigned partition
+there (checking that the log is still the one the offsets were stored for), and
+`ingest.offsets.ContiguousOffsets` keeps records in offset order without holes.
+Partitions with no stored offset keep Kafka's committed position (or `earliest`).
 
 A store or registry outage is retried with backoff, holding the batch and its offsets
 (a batch is never stored without its enrichment); a rebalance that takes the
@@ -39,9 +28,7 @@ and the store drops what it already has.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -51,18 +38,19 @@ from typing import ParamSpec, TypeVar
 from aiokafka import (
     AIOKafkaConsumer,
     AIOKafkaProducer,
-    ConsumerRebalanceListener,
     ConsumerRecord,
     TopicPartition,
 )
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
+from ingest.backoff import Backoff
 from ingest.dead_letter import DeadLetter, send_dead_letters
 from ingest.enrich import Enricher
 from ingest.errors import RegistryLookupFailed, StoreUnavailable
-from ingest.kafka import ContiguousOffsets, ensure_topics, make_consumer, make_producer
+from ingest.kafka import ensure_topics, make_consumer, make_producer, running
 from ingest.metrics import ConsumerMetrics
+from ingest.offsets import ContiguousOffsets, StoredOffsets
 from ingest.settings import Settings
 from ingest.store import SourceOffset, UsageRow, UsageStore
 from schemas.errors import InvalidTelemetry, Reason
@@ -147,152 +135,6 @@ def unregistered_letters(batch: Batch, rows: list[UsageRow]) -> list[DeadLetter]
     return letters
 
 
-# How long the record at a stored offset may take to arrive before the partition's log
-# is taken to be a different one; a fetch at an existing offset answers in milliseconds.
-PROBE_TIMEOUT_S = 5.0
-
-
-class StoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Seeks newly assigned partitions to the offsets stored with the rows.
-
-    aiokafka calls `on_partitions_assigned` after each group join; a seek there decides
-    where this process reads from. Each seek goes to the stored record before
-    `next_offset`, kept in `probes` until `check()` has seen it.
-
-    aiokafka's fetcher starts on a new assignment while the listener still awaits the
-    database, so a `getmany()` can return records from before the seek. `admit()` lets
-    through only batches fetched wholly after the last assignment settled; others are
-    dropped, and their partitions sought back so that nothing is skipped.
-    """
-
-    def __init__(
-        self,
-        consumer: AIOKafkaConsumer,
-        store: UsageStore,
-        group_id: str,
-        holes: ContiguousOffsets,
-    ) -> None:
-        self._consumer = consumer
-        self._store = store
-        self._group_id = group_id
-        self._holes = holes
-        self.probes: dict[TopicPartition, SourceOffset] = {}
-        self._probe_deadlines: dict[TopicPartition, float] = {}
-        self.generation = 0
-        self._settled = asyncio.Event()
-
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        self._settled.clear()
-        self._holes.forget(revoked)
-        for tp in revoked:
-            self.probes.pop(tp, None)
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        self._holes.forget(assigned)
-        try:
-            by_topic: dict[str, list[int]] = {}
-            for tp in assigned:
-                by_topic.setdefault(tp.topic, []).append(tp.partition)
-            for topic, partitions in by_topic.items():
-                stored = await self._load(topic, partitions)
-                for partition, position in stored.items():
-                    tp = TopicPartition(topic, partition)
-                    self._consumer.seek(tp, position.next_offset - 1)
-                    self.probes[tp] = position
-                    self._probe_deadlines[tp] = time.monotonic() + PROBE_TIMEOUT_S
-                    log.info("%s: resuming at stored offset %d", tp, position.next_offset)
-        finally:
-            self.generation += 1
-            self._settled.set()
-
-    async def admit(
-        self,
-        records: dict[TopicPartition, list[ConsumerRecord]],
-        generation: int,
-        wait_s: float,
-    ) -> dict[TopicPartition, list[ConsumerRecord]]:
-        """`records` from a `getmany()` begun at `generation`, minus what must not be
-        processed (see the class docstring and `check()`)."""
-        try:
-            async with asyncio.timeout(wait_s):
-                await self._settled.wait()
-        except TimeoutError:
-            pass  # a rebalance is under way: treat the batch as straddling it
-        if self._settled.is_set() and self.generation == generation:
-            return await self.check(records)
-        assignment = self._consumer.assignment()
-        for tp, batch in records.items():
-            if not batch or tp not in assignment:
-                continue
-            probe = self.probes.get(tp)
-            self._consumer.seek(tp, batch[0].offset if probe is None else probe.next_offset - 1)
-        return {}
-
-    async def _load(self, topic: str, partitions: list[int]) -> dict[int, SourceOffset]:
-        """The stored offsets, retried briefly. aiokafka logs and ignores a listener's
-        error, so if the store stays down the partitions keep Kafka's committed
-        position: a replay, which the store turns into duplicates, never a gap."""
-        for attempt in range(3):
-            try:
-                return await self._store.load_offsets(self._group_id, topic, partitions)
-            except StoreUnavailable as exc:
-                log.warning("reading stored offsets failed (%s), attempt %d", exc, attempt + 1)
-                await asyncio.sleep(0.5 * 2**attempt)
-        log.warning("%s: no stored offsets; resuming at Kafka's committed offsets", topic)
-        return {}
-
-    async def expire_probes(self) -> None:
-        """Read from the beginning any partition whose probe record never came.
-
-        A fetch at an offset that exists returns at once. None for `PROBE_TIMEOUT_S`
-        means the log ends before it: the topic was re-created (a broker with memory
-        storage restarted, say) while the database kept its offsets. Reading it again is
-        safe: the store keeps one row per key.
-        """
-        now = time.monotonic()
-        for tp, deadline in list(self._probe_deadlines.items()):
-            if tp not in self.probes:
-                del self._probe_deadlines[tp]
-            elif now >= deadline:
-                probe = self.probes.pop(tp)
-                del self._probe_deadlines[tp]
-                log.warning(
-                    "%s: no record at stored offset %d within %gs: the log is shorter than "
-                    "the one the offsets were stored for (topic re-created); reading it again",
-                    tp,
-                    probe.next_offset - 1,
-                    PROBE_TIMEOUT_S,
-                )
-                await self._consumer.seek_to_beginning(tp)
-
-    async def check(
-        self, records: dict[TopicPartition, list[ConsumerRecord]]
-    ) -> dict[TopicPartition, list[ConsumerRecord]]:
-        """`records` without the already stored probe records (or, for a partition
-        whose log is not the one the offsets were stored for, without any)."""
-        out = {}
-        for tp, batch in records.items():
-            probe = self.probes.pop(tp, None)
-            if probe is None or not batch:
-                out[tp] = batch
-                continue
-            first = batch[0]
-            if first.offset == probe.next_offset - 1 and first.timestamp == probe.last_timestamp:
-                out[tp] = batch[1:]
-                continue
-            log.warning(
-                "%s: the record before stored offset %d is not the one stored (offset %d, "
-                "timestamp %s, expected %s): the topic was re-created; reading it again",
-                tp,
-                probe.next_offset,
-                first.offset,
-                first.timestamp,
-                probe.last_timestamp,
-            )
-            await self._consumer.seek_to_beginning(tp)
-        return out
-
-
 class Consumer:
     """Stores validated telemetry from `kafka.raw_topic` into the usage table.
 
@@ -339,7 +181,6 @@ class Consumer:
             await store.migrate()
             # Erasures made while no consumer ran, before waiting for the group's join.
             await self._retry("erasure", enricher.apply_erasures, store)
-            producer = make_producer(s.kafka, client_id=f"{self._client_id}-dlq")
             consumer = make_consumer(
                 s.kafka,
                 group_id=s.consumer.group_id,
@@ -348,36 +189,34 @@ class Consumer:
             )
             holes = ContiguousOffsets(consumer, self._metrics)
             listener = StoredOffsets(consumer, store, s.consumer.group_id, holes)
-            refresher = asyncio.create_task(self._refresh_rollups(store), name="rollups")
-            await producer.start()
-            try:
-                await consumer.start()
+            async with (
+                running(make_producer(s.kafka, client_id=f"{self._client_id}-dlq")) as producer,
+                running(consumer),
+            ):
                 consumer.subscribe([s.kafka.raw_topic], listener=listener)
+                failed: BaseException | None = None
                 try:
-                    while not self._stopping.is_set():
-                        if deadline is not None and time.monotonic() >= deadline:
-                            self.stop(f"after {self._stop_after_s:g}s")
-                            break
-                        generation = listener.generation
-                        records = await consumer.getmany(
-                            timeout_ms=s.consumer.batch_wait_ms,
-                            max_records=s.consumer.batch_max,
+                    async with asyncio.TaskGroup() as tasks:
+                        refresher = tasks.create_task(self._refresh_rollups(store), name="rollups")
+                        await self._consume(
+                            consumer,
+                            producer,
+                            store,
+                            enricher,
+                            listener=listener,
+                            holes=holes,
+                            deadline=deadline,
                         )
-                        records = await listener.admit(
-                            records, generation, s.consumer.batch_wait_ms / 1000
-                        )
-                        await listener.expire_probes()
-                        records = holes.admit(records)
-                        if any(records.values()):
-                            await self._handle(records, consumer, producer, store, enricher)
-                        await self._retry("erasure", enricher.apply_erasures, store)
-                finally:
-                    await consumer.stop()
-            finally:
-                refresher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await refresher
-                await producer.stop()
+                        refresher.cancel()
+                except BaseExceptionGroup as group:
+                    # Whichever fails first (the loop or the refresher), the group
+                    # cancels the other: raise that one error, as run() always has, so
+                    # callers see a StoreUnavailable, not a group around it.
+                    if len(group.exceptions) != 1:
+                        raise
+                    failed = group.exceptions[0]
+                if failed is not None:
+                    raise failed
         self.report.elapsed_s = time.monotonic() - started
         log.info(
             "consumer stopped (%s): %d consumed, %d stored, %d duplicates, %d dead letters",
@@ -388,6 +227,36 @@ class Consumer:
             self.report.dead_lettered,
         )
         return self.report
+
+    async def _consume(
+        self,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+        store: UsageStore,
+        enricher: Enricher,
+        *,
+        listener: StoredOffsets,
+        holes: ContiguousOffsets,
+        deadline: float | None,
+    ) -> None:
+        """Take batches until a stop is asked for (by `stop()`, `stop_after`, or the
+        monotonic `deadline`); the batch in hand is finished and committed first."""
+        s = self._settings
+        while not self._stopping.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                self.stop(f"after {self._stop_after_s:g}s")
+                break
+            generation = listener.generation
+            records = await consumer.getmany(
+                timeout_ms=s.consumer.batch_wait_ms,
+                max_records=s.consumer.batch_max,
+            )
+            records = await listener.admit(records, generation, s.consumer.batch_wait_ms / 1000)
+            await listener.expire_probes()
+            records = holes.admit(records)
+            if any(records.values()):
+                await self._handle(records, consumer, producer, store, enricher)
+            await self._retry("erasure", enricher.apply_erasures, store)
 
     async def _handle(
         self,
@@ -453,8 +322,10 @@ class Consumer:
         """Every `postgres.rollup_refresh_s`, materialise the rollup hours that have
         ended (plain PostgreSQL), and the ended days at most every
         `postgres.rollup_day_refresh_s` (the first refresh that finds one noted takes
-        it); beside the batches rather than between them. A failed refresh is logged and
-        counted; the next one catches up (reads are exact anyway).
+        it); beside the batches rather than between them. A refresh the store could not
+        do (`StoreUnavailable`) is logged and counted; the next one catches up (reads
+        are exact anyway). Any other error ends the consumer with it: this runs in the
+        consumer's task group, which then cancels the batch loop.
         """
         interval = self._settings.postgres.rollup_refresh_s
         day_interval = self._settings.postgres.rollup_day_refresh_s
@@ -507,7 +378,7 @@ class Consumer:
         Once a stop was asked for, the error is raised instead: the batch's offsets are
         not committed, so its records come again to whoever consumes next.
         """
-        backoff = 0.1
+        backoff = Backoff()
         while True:
             try:
                 return await fn(*args, **kwargs)
@@ -515,6 +386,5 @@ class Consumer:
                 self._metrics.errors.labels(kind).inc()
                 if self._stopping.is_set():
                     raise
-                log.warning("%s failed (%s); retrying in %.1fs", kind, exc, backoff)
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-                backoff = min(backoff * 2, 5.0)
+                log.warning("%s failed (%s); retrying in %.1fs", kind, exc, backoff.delay_s)
+                await backoff.wait()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from ingest.errors import BrokerUnavailable
-from ingest.kafka import CONSUMER_SAFETY, ContiguousOffsets
+from ingest.kafka import CONSUMER_SAFETY, running
+from ingest.offsets import ContiguousOffsets
 from ingest.settings import KafkaSettings
 from schemas.dead_letter import DeadLetterMessage, DeadLetterSource, SourceKind
 from schemas.errors import InvalidTelemetry, Reason
@@ -194,14 +196,12 @@ class DeadLetterReader:
             **CONSUMER_SAFETY,
         )
         self._holes = ContiguousOffsets(self._consumer, None)
-        self._started = False
-        self._closed = False
+        self._stack = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> Self:
         topic = self._settings.dlq_topic
         try:
-            self._started = True  # a failed start still leaves a client to stop
-            await self._consumer.start()
+            await self._stack.enter_async_context(running(self._consumer))
             known = self._consumer.partitions_for_topic(topic) or set()
             wanted = sorted(known if self._partitions is None else known & set(self._partitions))
             assigned = [TopicPartition(topic, p) for p in wanted]
@@ -227,12 +227,8 @@ class DeadLetterReader:
         await self.close()
 
     async def close(self) -> None:
-        if self._started and not self._closed:
-            self._closed = True
-            # aiokafka's group-less coordinator starts a task in start(); stopping the
-            # consumer before that task first ran raises CancelledError from stop().
-            await asyncio.sleep(0)
-            await self._consumer.stop()
+        """Stop the consumer; harmless when already closed."""
+        await self._stack.aclose()
 
     def __aiter__(self) -> AsyncIterator[StoredLetter]:
         return self._read()

@@ -1,11 +1,5 @@
-"""Errors of the running pipeline.
-
-    UsagepipeError            .retriable says whether trying again can help
-     +-- ConfigurationError   False: unsafe or contradictory settings; refuse to start
-     |    +-- PortUnavailable       a port of ours (metrics, HTTP) cannot be listened on
-     +-- BrokerUnavailable    True:  MQTT or Kafka cannot be reached or timed out
-     +-- StoreUnavailable     True:  PostgreSQL cannot be reached or the transaction failed
-     +-- RegistryLookupFailed True:  the device registry did not answer a lookup in time
+"""Errors of the running pipeline, under `schemas.errors.UsagepipeError` (the module
+whose docstring draws the whole tree).
 
 Library errors are wrapped where they cross into usagepipe
 (`raise StoreUnavailable(...) from exc`). A message that can never become a row is not an
@@ -15,11 +9,7 @@ topic with its reason.
 
 from __future__ import annotations
 
-
-class UsagepipeError(Exception):
-    """Base of usagepipe's runtime errors."""
-
-    retriable: bool = False
+from schemas.errors import UsagepipeError
 
 
 class ConfigurationError(UsagepipeError):

@@ -12,22 +12,22 @@ aiokafka's defaults are wrong for this job (acks=1, auto-commit on, offset reset
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from ingest.errors import BrokerUnavailable, ConfigurationError
 from ingest.settings import KafkaSettings
 
-if TYPE_CHECKING:
-    from ingest.metrics import ConsumerMetrics
-
 log = logging.getLogger(__name__)
+
+_Client = TypeVar("_Client", AIOKafkaProducer, AIOKafkaConsumer)
 
 # Stated once: the consumer settings usagepipe never runs without.
 CONSUMER_SAFETY: dict[str, Any] = {
@@ -81,6 +81,24 @@ def make_consumer(
     )
 
 
+@contextlib.asynccontextmanager
+async def running(client: _Client) -> AsyncIterator[_Client]:
+    """`client` started for the block, and always stopped after it.
+
+    aiokafka's own `async with` stops only a client whose `start()` returned; one that
+    failed half way (bootstrap done, the coordinator not) keeps its connections. Here
+    `stop()` runs either way (it is idempotent), after one turn of the loop: a group-less
+    consumer's coordinator starts a task in `start()`, and stopping before that task
+    first ran raises CancelledError out of `stop()`.
+    """
+    try:
+        await client.start()
+        yield client
+    finally:
+        await asyncio.sleep(0)
+        await client.stop()
+
+
 async def ensure_topics(settings: KafkaSettings, *topics: str) -> None:
     """Create `topics` with the configured partitions where they do not exist yet."""
     admin = AIOKafkaAdminClient(
@@ -105,89 +123,3 @@ async def ensure_topics(settings: KafkaSettings, *topics: str) -> None:
         ) from exc
     finally:
         await admin.close()
-
-
-# How long a hole in a partition's offsets is read again before it is taken to be real.
-HOLE_WAIT_S = 5.0
-
-
-class ContiguousOffsets:
-    """Holds back the records that follow a hole in a partition's offsets.
-
-    A partition's offsets run without holes on the raw topic: Apache Kafka leaves them
-    only where compaction or transaction markers took records away, and the raw topic
-    has neither. But a broker can answer a fetch while an earlier batch is not readable
-    yet, and a consumer that takes the later one has moved past the earlier for good:
-    seen with the Tansu broker, whose memory storage, under two producers writing one
-    partition, let a live consumer skip a batch of 4 records that a second read from the
-    beginning found in its place (four rows missing from a benchmark run).
-
-    `admit` cuts a partition's records at a hole and seeks the partition back to the
-    first missing offset, so the next fetch reads it again. A hole still there after
-    `wait_s` is real (records deleted by retention before they were read, say): it is
-    logged and counted, and read past. Counted by outcome in
-    `usagepipe_consumer_offset_holes_total` (read_again, read_past) where `metrics` is
-    given. Used by the consumer and by the dead-letter reader.
-    """
-
-    def __init__(
-        self,
-        consumer: AIOKafkaConsumer,
-        metrics: ConsumerMetrics | None,
-        *,
-        wait_s: float = HOLE_WAIT_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._consumer = consumer
-        self._metrics = metrics
-        self._wait_s = wait_s
-        self._clock = clock
-        self._next: dict[TopicPartition, int] = {}
-        self._seen: dict[tuple[TopicPartition, int], float] = {}
-        """(partition, first missing offset) -> when the hole was first met."""
-
-    def forget(self, partitions: list[TopicPartition]) -> None:
-        """Start these partitions afresh (a rebalance sets their positions anew)."""
-        for tp in partitions:
-            self._next.pop(tp, None)
-        gone = set(partitions)
-        self._seen = {k: t for k, t in self._seen.items() if k[0] not in gone}
-
-    def admit(
-        self, records: dict[TopicPartition, list[ConsumerRecord]]
-    ) -> dict[TopicPartition, list[ConsumerRecord]]:
-        """`records`, each partition's cut at its first hole (see the class docstring).
-        Call with every batch that is then processed, in order."""
-        out: dict[TopicPartition, list[ConsumerRecord]] = {}
-        now = self._clock()
-        for tp, batch in records.items():
-            expected = self._next.get(tp)
-            keep = len(batch)
-            for i, record in enumerate(batch):
-                if expected is not None and record.offset > expected:
-                    since = self._seen.setdefault((tp, expected), now)
-                    if now - since < self._wait_s:
-                        if self._metrics is not None:
-                            self._metrics.offset_holes.labels("read_again").inc()
-                        self._consumer.seek(tp, expected)
-                        keep = i
-                        break
-                    if self._metrics is not None:
-                        self._metrics.offset_holes.labels("read_past").inc()
-                    log.warning(
-                        "%s: offsets %d-%d are still missing after %gs: reading past them",
-                        tp,
-                        expected,
-                        record.offset - 1,
-                        self._wait_s,
-                    )
-                if expected is None or record.offset >= expected:
-                    expected = record.offset + 1
-            if expected is not None:
-                self._next[tp] = expected
-                if self._seen:
-                    self._seen = {
-                        k: t for k, t in self._seen.items() if k[0] != tp or k[1] >= expected
-                    }
-            out[tp] = batch[:keep]
-        return out

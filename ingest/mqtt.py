@@ -6,6 +6,10 @@ written, through paho's documented external-loop hooks (`on_socket_open`,
 loop and can touch asyncio objects directly. The bridge (a persistent-session
 subscriber that acknowledges by hand) and the fleet simulator (publishers) share it.
 
+Packets are read by `ingest.mqtt_wire.BufferedClient`, paho's client with a faster
+framer (the one module that touches paho's private API); this module uses only public
+methods.
+
 Two things paho leaves to its user are done here:
 - Bounded in-flight publishing: paho numbers messages with 16-bit ids and, with more
   than 65,535 queued in one client, reuses ids and silently loses messages. `publish`
@@ -21,87 +25,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import socket
-import struct
-import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
-from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from ingest.backoff import Backoff
 from ingest.errors import BrokerUnavailable, ConfigurationError
+from ingest.mqtt_wire import BufferedClient
 from ingest.settings import MqttSettings
-
-if TYPE_CHECKING:
-    from paho.mqtt.client import _InPacket
+from schemas.errors import UsagepipeError
 
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[paho.MQTTMessage, int], None]
 """Called on the loop for each message, with the connection generation it arrived on."""
 
-PublishHandler = Callable[[str, int, bytes], None]
-"""Called on the loop for each QoS 0/1 PUBLISH: topic, packet id (0 for QoS 0), payload."""
-
 RawMessageHandler = Callable[[str, int, bytes, int], None]
 """`PublishHandler` plus the connection generation the message arrived on."""
-
-_READ_CHUNK = 256 * 1024
-_PUBACK = struct.Struct("!BBH")
-
-
-def _publish_fields(buf: bytes, start: int, end: int, *, qos1: bool) -> tuple[str, int, int] | None:
-    """A QoS 0/1 MQTT v5 PUBLISH whose body is `buf[start:end]`: its topic, packet id
-    (0 for QoS 0) and where its payload starts; None if the topic, packet id or
-    properties do not fit in the body (a malformed packet)."""
-    if end - start < 2:
-        return None
-    topic_end = start + 2 + (buf[start] << 8 | buf[start + 1])
-    if topic_end > end:
-        return None
-    topic = buf[start + 2 : topic_end].decode("utf-8", "replace")
-    mid = 0
-    if qos1:
-        if topic_end + 2 > end:
-            return None
-        mid = buf[topic_end] << 8 | buf[topic_end + 1]
-        topic_end += 2
-    # Properties: a variable byte integer length (at most 4 bytes), then the properties.
-    plen, mult, j = 0, 1, topic_end
-    while True:
-        if j >= end or j - topic_end >= 4:
-            return None
-        byte = buf[j]
-        plen += (byte & 127) * mult
-        mult <<= 7
-        j += 1
-        if byte < 128:
-            break
-    if j + plen > end:
-        return None
-    return topic, mid, j + plen
-
-
-def _idle_packet() -> _InPacket:
-    """paho's `_in_packet` between packets (a new dict each time: paho mutates it)."""
-    return {
-        "command": 0,
-        "have_remaining": 0,
-        "remaining_count": [],
-        "remaining_mult": 1,
-        "remaining_length": 0,
-        "packet": bytearray(b""),
-        "to_process": 0,
-        "pos": 0,
-    }
 
 
 class SubscriptionRefused(ConfigurationError):
@@ -114,108 +62,16 @@ class SubscriptionRefused(ConfigurationError):
         super().__init__(f"the MQTT broker refused the subscription to {topic!r}: {reason}")
 
 
-class PublishRefused(Exception):
-    """The broker answered a QoS 1 publish with a failure reason code (MQTT v5 PUBACK)."""
+class PublishRefused(UsagepipeError):
+    """The broker answered a QoS 1 publish with a failure reason code (MQTT v5 PUBACK).
+    Not retriable: the broker gives this login the same answer again."""
+
+    retriable = False
 
     def __init__(self, topic: str, reason: str) -> None:
         super().__init__(f"broker refused publish to {topic!r}: {reason}")
         self.topic = topic
         self.reason = reason
-
-
-class _BufferedClient(paho.Client):
-    """paho's Client reading whole packets out of one large buffer.
-
-    paho reads a packet as one byte of command, then the remaining length a byte at a
-    time, then the body: three or more system calls and a dozen dict updates per
-    packet, which caps a subscriber near the broker's rate. `read_packets` takes what
-    the socket has in one `recv`, frames every whole packet in it, and hands each to
-    paho's own handler (`_packet_handle`), so paho still does the protocol.
-
-    With `on_publish_received` set, a QoS 0 or 1 PUBLISH skips paho's handler: paho
-    would build an MQTT v5 `Properties` object, an `MQTTMessage` and a debug log line
-    for every message (a quarter of the bridge's CPU, profiled), where the bridge needs
-    only the topic, the packet id and the payload. QoS 2 still goes through paho.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._rest = b""
-        self.on_publish_received: PublishHandler | None = None
-
-    def reset_buffer(self) -> None:
-        self._rest = b""
-
-    def read_packets(self) -> MQTTErrorCode:
-        """Read what the socket holds and handle every whole packet in it."""
-        try:
-            data = self._sock_recv(_READ_CHUNK)
-        except BlockingIOError:
-            return MQTTErrorCode.MQTT_ERR_SUCCESS
-        except OSError:
-            return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
-        if not data:  # EOF
-            return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
-        buf = self._rest + data if self._rest else data
-        end_of_data = len(buf)
-        pos = 0
-        fast = self.on_publish_received
-        while end_of_data - pos >= 2:
-            header = buf[pos]
-            # Remaining length: a variable byte integer of at most 4 bytes.
-            length, mult, i, framed = 0, 1, pos + 1, False
-            while i < end_of_data:
-                byte = buf[i]
-                length += (byte & 127) * mult
-                mult <<= 7
-                i += 1
-                if byte < 128:
-                    framed = True
-                    break
-                if i - pos > 4:
-                    return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
-            if not framed:
-                break  # the length itself is incomplete
-            end = i + length
-            if end > end_of_data:
-                break  # the packet is incomplete: keep it for the next read
-            if fast is not None and header & 0xF0 == 0x30 and header & 0x06 < 0x04:
-                fields = _publish_fields(buf, i, end, qos1=bool(header & 0x06))
-                if fields is None:
-                    log.warning("malformed PUBLISH from the broker; closing the connection")
-                    return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
-                topic, mid, payload_start = fields
-                fast(topic, mid, buf[payload_start:end])
-            else:
-                self._in_packet = {
-                    "command": header,
-                    "have_remaining": 1,
-                    "remaining_count": list(buf[pos + 1 : i]),
-                    "remaining_mult": mult,
-                    "remaining_length": length,
-                    "packet": bytearray(buf[i:end]),
-                    "to_process": 0,
-                    "pos": 0,
-                }
-                try:
-                    rc = self._packet_handle()
-                except MalformedPacket:
-                    rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-                self._in_packet = _idle_packet()
-                if rc:
-                    return self._loop_rc_handle(rc)
-                if self._sock is None:  # the packet closed the connection (DISCONNECT)
-                    self._rest = b""
-                    return MQTTErrorCode.MQTT_ERR_SUCCESS
-            pos = end
-        self._rest = buf[pos:]
-        self._last_bytes_received = time.monotonic()
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def queue_pubacks(self, mids: Sequence[int]) -> None:
-        """Send the PUBACKs (success, no properties) of `mids` as one write."""
-        packet = b"".join([_PUBACK.pack(0x40, 2, mid) for mid in mids])
-        self._packet_queue(PacketTypes.PUBACK << 4, packet, 0, 0)
 
 
 class MqttClient:
@@ -256,7 +112,7 @@ class MqttClient:
             raise ValueError("on_raw_message needs manual_ack: its messages are acked by hand")
         self._on_raw_message = on_raw_message
         self._connect_timeout_s = connect_timeout_s
-        self._client = _BufferedClient(
+        self._client = BufferedClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv5,
@@ -337,7 +193,7 @@ class MqttClient:
         sock = self._client.socket()
         if sock is not None:
             self._socket_close(self._client, None, sock)
-            self._client._sock_close()  # what paho's loop_stop would do
+            self._client.close_socket()
         for topic, fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(BrokerUnavailable(f"closed before PUBACK for {topic!r}"))
@@ -388,14 +244,13 @@ class MqttClient:
 
     async def _reconnect(self) -> None:
         """Reconnect with jittered backoff until connected or closed."""
-        backoff = 0.1
+        backoff = Backoff()
         while not self._closing and not self.connected.is_set():
             try:
                 await self._connect_once()
             except BrokerUnavailable as exc:
-                log.warning("%s: %s; retrying in %.1fs", self.client_id, exc, backoff)
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-                backoff = min(backoff * 2, 5.0)
+                log.warning("%s: %s; retrying in %.1fs", self.client_id, exc, backoff.delay_s)
+                await backoff.wait()
 
     # -- publishing -------------------------------------------------------------------
 

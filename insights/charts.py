@@ -16,6 +16,8 @@ from typing import Any
 
 import matplotlib
 
+from schemas.errors import UsagepipeError
+
 matplotlib.use("Agg")  # before pyplot: files only, never a window
 
 import matplotlib.pyplot as plt
@@ -32,7 +34,7 @@ _MAX_BARS = 40
 _HATCH = "///"
 
 
-class ChartError(ValueError):
+class ChartError(UsagepipeError, ValueError):
     """The chart cannot be written (an unsupported file type)."""
 
 

@@ -15,6 +15,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from schemas.catalog import models
+from schemas.errors import UsagepipeError
 
 CATEGORIES = tuple(sorted({name.split(".", 1)[0] for name, _v, _m in models()}))
 # The patterns are published in the insights API's OpenAPI document, whose regexes are
@@ -35,7 +36,7 @@ _TEXT = re.compile(TEXT_PATTERN)
 DEFAULT_SPAN = timedelta(days=28)
 
 
-class FilterError(ValueError):
+class FilterError(UsagepipeError, ValueError):
     """A filter value is not acceptable; `field` names it."""
 
     def __init__(self, field: str, message: str) -> None:

@@ -1,6 +1,55 @@
-"""Why a telemetry message was refused: machine-readable reason codes and one exception.
+"""usagepipe's errors: the one base class, with the whole tree; and why a telemetry
+message was refused (reason codes and `InvalidTelemetry`).
 
-Every refused message ends in the dead-letter topic carrying one of these codes, so the
+Every error usagepipe raises derives from `UsagepipeError`, whose `retriable` says
+whether trying the same thing again can help (a server that does not answer: True; a
+bad input, setting or file: False). The base lives here, at the bottom of the import
+direction (schemas <- ingest <- devices, insights <- simulators <- usagepipe), so that
+every package, the contract included, can derive from it. The tree, with each class's
+module and `retriable`:
+
+    UsagepipeError                      retriable: whether trying again can help
+     +-- InvalidTelemetry         False  schemas.errors: a message that can never become
+     |                                   a row; `reason` goes with its dead letter (also
+     |                                   a ValueError)
+     +-- ConfigurationError       False  ingest.errors: unsafe or contradictory settings;
+     |    |                              refuse to start (the CLI exits 2)
+     |    +-- PortUnavailable            ingest.errors: a port of ours cannot be listened on
+     |    +-- SubscriptionRefused        ingest.mqtt: the broker refused a subscription
+     +-- BrokerUnavailable        True   ingest.errors: MQTT or Kafka unreachable, timed out
+     +-- StoreUnavailable         True   ingest.errors: PostgreSQL unreachable, or the
+     |                                   transaction failed and was rolled back
+     +-- RegistryLookupFailed     True   ingest.errors: the registry did not answer in time
+     +-- PublishRefused           False  ingest.mqtt: the broker answered a QoS 1 publish
+     |                                   with a failure reason (not authorized, say)
+     +-- RegistryError            False  devices.errors: the device registry's errors
+     |    +-- RegistryUnavailable True   PostgreSQL or the broker's accounts unreachable
+     |    +-- Rejected            False  a request breaks a rule; `reason` says which
+     |    +-- MigrationError      False  a migration file is malformed or was edited
+     |    +-- InvalidImportFile   False  a factory CSV export lacks its header
+     |    +-- BrokerAccountError  False  the broker refused the admin login or a command
+     |    +-- BrokerSyncMissing   False  devices.cli: a command that must not change broker
+     |                                   accounts tried to (a bug)
+     +-- FilterError              False  insights.filters: a filter value is not acceptable
+     |                                   (also a ValueError)
+     +-- ChartError               False  insights.charts: a chart cannot be written (also a
+     |                                   ValueError)
+     +-- HistoryError             False  simulators.history: the plan starts before its
+     |                                   units could have been bought (also a ValueError)
+     +-- ProvisioningError        False  simulators.provision: the factory import refused a
+     |                                   simulated unit (a bug in the unit data)
+     +-- ServiceError             False  usagepipe.services: a local server cannot be
+          |                              started, stopped or checked; `states` says what
+          |                              the same call did for the others
+          +-- PortInUse                  the port answers, but not with its protocol
+
+Library errors are wrapped where they cross into usagepipe, at one point per adapter
+(`raise StoreUnavailable(...) from exc`). The classes that are also `ValueError`s stay
+so because callers rely on it: pydantic validators and argparse `type=` functions turn
+only a ValueError into their own message. The console script prints any
+`UsagepipeError` that reaches it as one line (`usagepipe <command>: <message>`).
+
+Reason codes: every refused message ends in the dead-letter topic carrying one, so the
 codes are part of the published contract: add new ones, never rename or reuse one.
 """
 
@@ -34,12 +83,20 @@ class Reason(StrEnum):
     """No registered device has this id."""
 
 
-class InvalidTelemetry(ValueError):
+class UsagepipeError(Exception):
+    """Base of every usagepipe error; `retriable` says whether trying again can help."""
+
+    retriable: bool = False
+
+
+class InvalidTelemetry(UsagepipeError, ValueError):
     """A message that can never become a row, whatever is retried.
 
     `reason` is the machine-readable code, `message` says in words what was wrong and
     where (the field path for schema errors), for the person reading the dead letter.
     """
+
+    retriable = False
 
     def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(f"{reason.value}: {message}")

@@ -32,11 +32,12 @@ from rich.live import Live
 from rich.table import Table
 
 from devices.errors import RegistryError
-from ingest.errors import BrokerUnavailable, ConfigurationError, UsagepipeError
+from ingest.errors import BrokerUnavailable, ConfigurationError
 from ingest.kafka import ensure_topics
 from ingest.metrics import SimulatorMetrics, serve_metrics
 from ingest.setting_errors import variable
 from ingest.settings import Settings
+from schemas.errors import UsagepipeError
 from simulators.faults import FAULT_NAMES, FaultRates, parse_faults
 from simulators.fleet import Fleet, FleetPlan, FleetReport, Mix
 from simulators.history import HistoryError
@@ -419,7 +420,7 @@ def fleet_failure(exc: BaseException) -> str | None:
             if (found := fleet_failure(inner)) is not None:
                 return found
         return None
-    if isinstance(exc, UsagepipeError | RegistryError | HistoryError):
+    if isinstance(exc, UsagepipeError):
         hint = ""
         if isinstance(exc, BrokerUnavailable) and "Not authorized" in str(exc):
             hint = (

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 
 from devices.records import MembershipTier, NewOwner, Purchase, PurchaseChannel
+from schemas.errors import UsagepipeError
 from simulators.fleet import SIM_MODELS, FleetPlan, FleetUnit
 from simulators.traffic import (
     KST,
@@ -67,7 +68,7 @@ after it."""
 ACTIVE_WITHIN = timedelta(days=3)
 
 
-class HistoryError(ValueError):
+class HistoryError(UsagepipeError, ValueError):
     """The plan's span starts before its units could have been bought."""
 
 

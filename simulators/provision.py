@@ -58,6 +58,7 @@ from devices.records import NewOwner, Registration
 from devices.registry import Registry
 from ingest.settings import Settings
 from schemas.envelope import telemetry_topic
+from schemas.errors import UsagepipeError
 from simulators.fleet import SIM_MODELS, FleetPlan, fleet_units
 from simulators.history import UnitHistory, unit_history
 
@@ -67,7 +68,7 @@ SOURCE = "simulator"
 """The `source` of the simulated owners' accounts and consents."""
 
 
-class ProvisioningError(Exception):
+class ProvisioningError(UsagepipeError):
     """The fleet's units could not be imported (a bug in the simulator's unit data)."""
 
 

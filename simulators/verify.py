@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ingest.dead_letter import DeadLetterReader
-from ingest.errors import UsagepipeError
 from ingest.settings import Settings
+from schemas.errors import UsagepipeError
 from simulators.ledger import Entry, Outcome, digest, read_ledger
 
 Key = tuple[str, str, int]

@@ -48,17 +48,15 @@ import asyncpg
 from rich.console import Console
 from rich.table import Table
 
-from devices.errors import RegistryError
-from ingest.errors import UsagepipeError
 from ingest.kafka import ensure_topics
 from ingest.settings import Settings
 from ingest.store import UsageStore
 from insights.filters import Filters
 from insights.privacy import Privacy
 from insights.reports import REPORTS, run_report
+from schemas.errors import UsagepipeError
 from simulators.cli import fleet_failure, plan_from_args, provision_fleet, run_fleet
 from simulators.fleet import FleetPlan
-from simulators.history import HistoryError
 from usagepipe import services
 
 READY_S = 60.0
@@ -186,7 +184,7 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
     plan = plan_from_args(args, settings)
     try:
         return asyncio.run(_demo(settings, plan, args.timeout, console))
-    except (UsagepipeError, RegistryError, HistoryError, BaseExceptionGroup) as exc:
+    except (UsagepipeError, BaseExceptionGroup) as exc:
         failure = fleet_failure(exc)
         if failure is None:
             raise

@@ -37,7 +37,7 @@ from aiokafka.errors import KafkaError
 from ingest.bridge import device_id_from_payload
 from ingest.dead_letter import DeadLetter, DeadLetterReader, StoredLetter
 from ingest.errors import BrokerUnavailable
-from ingest.kafka import ensure_topics, make_producer
+from ingest.kafka import ensure_topics, make_producer, running
 from ingest.settings import KafkaSettings, Settings
 from schemas.errors import Reason
 
@@ -199,20 +199,17 @@ async def replay(
 async def _produce_originals(settings: Settings, letters: list[DeadLetter]) -> None:
     raw_topic = settings.kafka.raw_topic
     await ensure_topics(settings.kafka, raw_topic)
-    producer = make_producer(settings.kafka, client_id="usagepipe-dlq-replay")
     try:
-        await producer.start()
-        for start in range(0, len(letters), _SEND_WINDOW):
-            window = letters[start : start + _SEND_WINDOW]
-            pending = [
-                await producer.send(raw_topic, value=letter.original, key=letter.key)
-                for letter in window
-            ]
-            await asyncio.gather(*pending)
+        async with running(make_producer(settings.kafka, client_id="usagepipe-dlq-replay")) as p:
+            for start in range(0, len(letters), _SEND_WINDOW):
+                window = letters[start : start + _SEND_WINDOW]
+                pending = [
+                    await p.send(raw_topic, value=letter.original, key=letter.key)
+                    for letter in window
+                ]
+                await asyncio.gather(*pending)
     except KafkaError as exc:
         raise BrokerUnavailable(f"replay to {raw_topic} failed: {exc!r}") from exc
-    finally:
-        await producer.stop()
 
 
 def print_replay(settings: Settings, report: ReplayReport, out: TextIO = sys.stdout) -> None:

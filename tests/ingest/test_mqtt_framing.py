@@ -1,10 +1,13 @@
 """The bridge's MQTT fast path: packets framed out of one buffer, however they are split.
 
-`ingest.mqtt._BufferedClient.read_packets` frames whole packets itself and hands QoS 0/1
-PUBLISHes to a callback without paho's message objects; every other packet still goes
-to paho. A `recv` can end anywhere: inside a packet, inside its length, inside its
-properties. These tests feed the same stream split at every byte and expect the same
-messages, in order, every time. No broker needed.
+`ingest.mqtt_wire.BufferedClient.read_packets` frames whole packets itself and hands
+QoS 0/1 PUBLISHes to a callback without paho's message objects; every other packet
+still goes to paho. A `recv` can end anywhere: inside a packet, inside its length,
+inside its properties. These tests feed the same stream split at every byte and expect
+the same messages, in order, every time. No broker needed.
+
+Like the module they test, they reach into paho's private members (`_sock`, `_ping_t`,
+`_out_packet`): they are the check that a paho upgrade left those as the framer needs.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
-from ingest.mqtt import _BufferedClient
+from ingest.mqtt_wire import BufferedClient
 
 
 def _varint(n: int) -> bytes:
@@ -47,8 +50,8 @@ class _Socket:
         self.chunks = []
 
 
-def _client() -> tuple[_BufferedClient, list[tuple[str, int, bytes]]]:
-    client = _BufferedClient(
+def _client() -> tuple[BufferedClient, list[tuple[str, int, bytes]]]:
+    client = BufferedClient(
         CallbackAPIVersion.VERSION2,
         client_id="framing",
         protocol=MQTTProtocolVersion.MQTTv5,

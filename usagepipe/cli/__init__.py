@@ -42,10 +42,11 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from devices.cli import register_commands as add_registry
-from ingest.errors import ConfigurationError, UsagepipeError
+from ingest.errors import ConfigurationError
 from ingest.setting_errors import explain
 from ingest.settings import Settings
 from insights.cli import register_commands as add_insights
+from schemas.errors import UsagepipeError
 from usagepipe.cli.arguments import Commands, Handler, OneLineParser
 from usagepipe.cli.fleet import add_demo, add_simulate, add_verify
 from usagepipe.cli.operations import add_asyncapi, add_dlq, add_services, add_settings

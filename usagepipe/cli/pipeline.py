@@ -53,8 +53,8 @@ def add_consume(commands: Commands) -> None:
 
 
 def _db(args: argparse.Namespace, settings: Settings) -> int:
-    from ingest.errors import UsagepipeError
     from ingest.store import UsageStore
+    from schemas.errors import UsagepipeError
 
     async def db_action() -> str:
         async with UsageStore(settings.postgres) as store:

@@ -20,10 +20,9 @@ the pid files in the run dir and confirmed through `/proc/<pid>/cmdline`.
 One module per server (`kafka`, `mqtt`, `postgres`), and `host` for what they share
 (ports, probes, processes, states and errors).
 
-Errors::
-
-    ServiceError          a service cannot be brought up or checked (retriable flag)
-     +-- PortInUse        the port answers, but not with the expected protocol
+Errors: `ServiceError` (a service cannot be brought up or checked) and its `PortInUse`
+(the port answers, but not with the expected protocol), under
+`schemas.errors.UsagepipeError`, whose module docstring draws the whole tree.
 """
 
 from __future__ import annotations

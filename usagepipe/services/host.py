@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from schemas.errors import UsagepipeError
+
 logger = logging.getLogger(__name__)
 
 ServiceName = Literal["kafka", "mqtt", "postgres"]
@@ -38,14 +40,14 @@ _PROBE_TIMEOUT_S = 2.0
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "")
 
 
-class ServiceError(Exception):
+class ServiceError(UsagepipeError):
     """A service could not be started, stopped or checked; the message says what to do.
 
     `states` holds what the same call achieved for the other services, so the CLI
     can print them beside the error.
     """
 
-    retriable: bool = False
+    retriable = False
 
     def __init__(self, message: str, *, states: Sequence[ServiceState] = ()) -> None:
         super().__init__(message)

@@ -1,0 +1,56 @@
+"""Jittered exponential backoff, the one retry rhythm of usagepipe's loops.
+
+The MQTT client's reconnect, the bridge's Kafka sends and the consumer's store,
+registry and dead-letter retries all wait the same way after a retriable failure:
+0.1 s, doubling up to 5 s, each wait drawn from 50-150 % of the nominal delay so that
+many clients failing together (a fleet losing its broker) do not retry in step.
+
+    backoff = Backoff()
+    while True:
+        try:
+            return await attempt()
+        except BrokerUnavailable as exc:
+            log.warning("... (%s); retrying in %.1fs", exc, backoff.delay_s)
+            await backoff.wait()
+
+`uniform` and `sleep` are injectable so that tests see the exact waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+
+
+class Backoff:
+    """One retry loop's waits: `wait()` sleeps the current delay, jittered, and grows it.
+
+    `delay_s` is the nominal delay of the next wait (what a log line should show);
+    each wait sleeps `delay_s * uniform(1 - jitter, 1 + jitter)`, then `delay_s`
+    becomes `min(delay_s * multiplier, max_s)`.
+    """
+
+    def __init__(
+        self,
+        *,
+        initial_s: float = 0.1,
+        max_s: float = 5.0,
+        multiplier: float = 2.0,
+        jitter: float = 0.5,
+        uniform: Callable[[float, float], float] = random.uniform,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
+        if not 0 <= jitter <= 1:
+            raise ValueError(f"jitter must be between 0 and 1, not {jitter}")
+        self.delay_s = initial_s
+        self._max_s = max_s
+        self._multiplier = multiplier
+        self._jitter = jitter
+        self._uniform = uniform
+        self._sleep = sleep
+
+    async def wait(self) -> None:
+        """Sleep the current delay with jitter, then lengthen the next one."""
+        await self._sleep(self.delay_s * self._uniform(1 - self._jitter, 1 + self._jitter))
+        self.delay_s = min(self.delay_s * self._multiplier, self._max_s)

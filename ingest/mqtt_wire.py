@@ -1,0 +1,197 @@
+"""The bridge's MQTT wire framer: paho's `Client` reading whole packets out of one buffer.
+
+Fenced off on purpose. This is the one module of usagepipe that uses paho's private
+API, and it does so for speed alone: paho reads a packet as one byte of command, then
+the remaining length a byte at a time, then the body (three or more system calls and a
+dozen dict updates per packet), and builds a `Properties` object, an `MQTTMessage` and
+a debug log line for every PUBLISH. Profiled, that capped the bridge near the broker's
+rate; framing here takes what the socket holds in one `recv` and leaves paho the
+protocol. paho has no public hook for any of it, so `BufferedClient` reaches into the
+members listed below, each use marked `# paho private:` where it happens (as aiomqtt
+marks its own). paho-mqtt is pinned to a major version in pyproject.toml; a paho
+upgrade must re-read these and run tests/ingest/test_mqtt_framing.py, which feeds
+this module byte streams without a broker.
+
+    _sock, _sock_recv(), _sock_close()    the socket paho owns
+    _in_packet, _InPacket                 paho's packet being read, handed whole
+    _packet_handle()                      paho's handler for one read packet
+    _loop_rc_handle()                     paho's reaction to a read error (disconnect)
+    _last_bytes_received                  paho's keepalive clock
+    _packet_queue()                       paho's outgoing queue (the PUBACKs' one write)
+
+`ingest.mqtt` (the asyncio client) uses only `BufferedClient`'s public methods.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
+from paho.mqtt.packettypes import PacketTypes
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import _InPacket  # paho private: the read-packet dict's type
+
+log = logging.getLogger(__name__)
+
+PublishHandler = Callable[[str, int, bytes], None]
+"""Called on the loop for each QoS 0/1 PUBLISH: topic, packet id (0 for QoS 0), payload."""
+
+_READ_CHUNK = 256 * 1024
+_PUBACK = struct.Struct("!BBH")
+
+
+def _publish_fields(buf: bytes, start: int, end: int, *, qos1: bool) -> tuple[str, int, int] | None:
+    """A QoS 0/1 MQTT v5 PUBLISH whose body is `buf[start:end]`: its topic, packet id
+    (0 for QoS 0) and where its payload starts; None if the topic, packet id or
+    properties do not fit in the body (a malformed packet)."""
+    if end - start < 2:
+        return None
+    topic_end = start + 2 + (buf[start] << 8 | buf[start + 1])
+    if topic_end > end:
+        return None
+    topic = buf[start + 2 : topic_end].decode("utf-8", "replace")
+    mid = 0
+    if qos1:
+        if topic_end + 2 > end:
+            return None
+        mid = buf[topic_end] << 8 | buf[topic_end + 1]
+        topic_end += 2
+    # Properties: a variable byte integer length (at most 4 bytes), then the properties.
+    plen, mult, j = 0, 1, topic_end
+    while True:
+        if j >= end or j - topic_end >= 4:
+            return None
+        byte = buf[j]
+        plen += (byte & 127) * mult
+        mult <<= 7
+        j += 1
+        if byte < 128:
+            break
+    if j + plen > end:
+        return None
+    return topic, mid, j + plen
+
+
+def _idle_packet() -> _InPacket:
+    """paho's `_in_packet` between packets (a new dict each time: paho mutates it).
+    paho private: the shape of paho-mqtt 2.x's `_InPacket`."""
+    return {
+        "command": 0,
+        "have_remaining": 0,
+        "remaining_count": [],
+        "remaining_mult": 1,
+        "remaining_length": 0,
+        "packet": bytearray(b""),
+        "to_process": 0,
+        "pos": 0,
+    }
+
+
+class BufferedClient(paho.Client):
+    """paho's Client reading whole packets out of one large buffer.
+
+    paho reads a packet as one byte of command, then the remaining length a byte at a
+    time, then the body: three or more system calls and a dozen dict updates per
+    packet, which caps a subscriber near the broker's rate. `read_packets` takes what
+    the socket has in one `recv`, frames every whole packet in it, and hands each to
+    paho's own handler (`_packet_handle`), so paho still does the protocol.
+
+    With `on_publish_received` set, a QoS 0 or 1 PUBLISH skips paho's handler: paho
+    would build an MQTT v5 `Properties` object, an `MQTTMessage` and a debug log line
+    for every message (a quarter of the bridge's CPU, profiled), where the bridge needs
+    only the topic, the packet id and the payload. QoS 2 still goes through paho.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rest = b""
+        self.on_publish_received: PublishHandler | None = None
+
+    def reset_buffer(self) -> None:
+        self._rest = b""
+
+    def read_packets(self) -> MQTTErrorCode:
+        """Read what the socket holds and handle every whole packet in it."""
+        try:
+            data = self._sock_recv(_READ_CHUNK)  # paho private: recv on paho's socket
+        except BlockingIOError:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        except OSError:
+            # paho private: paho's own handling of a failed read (closes, calls back).
+            return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+        if not data:  # EOF
+            return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)  # paho private
+        buf = self._rest + data if self._rest else data
+        end_of_data = len(buf)
+        pos = 0
+        fast = self.on_publish_received
+        while end_of_data - pos >= 2:
+            header = buf[pos]
+            # Remaining length: a variable byte integer of at most 4 bytes.
+            length, mult, i, framed = 0, 1, pos + 1, False
+            while i < end_of_data:
+                byte = buf[i]
+                length += (byte & 127) * mult
+                mult <<= 7
+                i += 1
+                if byte < 128:
+                    framed = True
+                    break
+                if i - pos > 4:
+                    return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)  # paho private
+            if not framed:
+                break  # the length itself is incomplete
+            end = i + length
+            if end > end_of_data:
+                break  # the packet is incomplete: keep it for the next read
+            if fast is not None and header & 0xF0 == 0x30 and header & 0x06 < 0x04:
+                fields = _publish_fields(buf, i, end, qos1=bool(header & 0x06))
+                if fields is None:
+                    log.warning("malformed PUBLISH from the broker; closing the connection")
+                    return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)  # paho private
+                topic, mid, payload_start = fields
+                fast(topic, mid, buf[payload_start:end])
+            else:
+                # paho private: the packet as paho's reader would have left it, whole.
+                self._in_packet = {
+                    "command": header,
+                    "have_remaining": 1,
+                    "remaining_count": list(buf[pos + 1 : i]),
+                    "remaining_mult": mult,
+                    "remaining_length": length,
+                    "packet": bytearray(buf[i:end]),
+                    "to_process": 0,
+                    "pos": 0,
+                }
+                try:
+                    rc = self._packet_handle()  # paho private: paho handles the packet
+                except MalformedPacket:
+                    rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+                self._in_packet = _idle_packet()  # paho private
+                if rc:
+                    return self._loop_rc_handle(rc)  # paho private
+                # paho private: paho drops its socket when the packet closed the
+                # connection (DISCONNECT).
+                if self._sock is None:
+                    self._rest = b""
+                    return MQTTErrorCode.MQTT_ERR_SUCCESS
+            pos = end
+        self._rest = buf[pos:]
+        self._last_bytes_received = time.monotonic()  # paho private: keepalive clock
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def queue_pubacks(self, mids: Sequence[int]) -> None:
+        """Send the PUBACKs (success, no properties) of `mids` as one write."""
+        packet = b"".join([_PUBACK.pack(0x40, 2, mid) for mid in mids])
+        self._packet_queue(PacketTypes.PUBACK << 4, packet, 0, 0)  # paho private: out queue
+
+    def close_socket(self) -> None:
+        """Close paho's socket without a DISCONNECT (what paho's `loop_stop` would do)."""
+        self._sock_close()  # paho private: paho has no public close of its socket
