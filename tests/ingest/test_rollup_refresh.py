@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from ingest.settings import Settings
+from tests.ingest.test_enrich import message, produce, running, sample
 from tests.pipeline import wait_for
-from tests.test_enrich import message, produce, running, sample
 
 REFRESHED = "usagepipe_consumer_rollup_refresh_buckets_total"
 
