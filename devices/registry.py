@@ -58,8 +58,8 @@ from devices.records import (
     Registration,
     normalize_code,
 )
-from devices.settings import RegistrySettings
 from ingest.migrations import Connection, migrate, quote_schema
+from ingest.settings import RegistrySettings
 
 log = logging.getLogger(__name__)
 

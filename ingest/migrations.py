@@ -28,10 +28,12 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from devices.errors import MigrationError, RegistryUnavailable
-from devices.settings import SCHEMA_NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
+# A PostgreSQL schema name we are willing to put between double quotes in SQL text:
+# lower-case, no quotes, at most 63 bytes (PostgreSQL's identifier limit).
+SCHEMA_NAME_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _FILE_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 _COMPONENT = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
 

@@ -17,8 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from devices.cli import register_commands
 from devices.records import Owner, device_id_for
 from devices.registry import Registry
-from devices.settings import RegistrySettings
-from ingest.settings import KafkaSettings, PostgresSettings, Settings
+from ingest.settings import KafkaSettings, PostgresSettings, RegistrySettings, Settings
 from schemas.envelope import telemetry_topic
 from tests.conftest import drop_registry
 from tests.devices.catalog import DSN, KAFKA, UNITS_CSV
