@@ -42,7 +42,7 @@ from devices.credentials import (
     new_device_secret,
     verify_secret_async,
 )
-from devices.errors import RegistryUnavailable, Rejected, RejectReason
+from devices.errors import MigrationError, RegistryUnavailable, Rejected, RejectReason
 from devices.events import DEVICE_TRANSFERRED, EventPublisher
 from devices.outbox import enqueue, flush_batch, prune
 from devices.ownership import Lockout
@@ -58,6 +58,8 @@ from devices.records import (
     Registration,
     normalize_code,
 )
+from ingest.errors import MigrationError as StoreMigrationError
+from ingest.errors import StoreUnavailable
 from ingest.migrations import Connection, migrate, quote_schema
 from ingest.settings import RegistrySettings
 
@@ -77,10 +79,19 @@ _UNAVAILABLE = (
 
 
 async def migrate_registry(conn: Connection, schema: str) -> list[str]:
-    """Apply the registry's pending migrations (`devices/sql`) in `schema`."""
-    return await migrate(
-        conn, schema=schema, component=MIGRATIONS_COMPONENT, directory=files("devices") / "sql"
-    )
+    """Apply the registry's pending migrations (`devices/sql`) in `schema`.
+
+    The runner is the data path's; its errors are translated into the registry's own,
+    which the registry's callers handle.
+    """
+    try:
+        return await migrate(
+            conn, schema=schema, component=MIGRATIONS_COMPONENT, directory=files("devices") / "sql"
+        )
+    except StoreMigrationError as exc:
+        raise MigrationError(str(exc)) from exc
+    except StoreUnavailable as exc:
+        raise RegistryUnavailable(str(exc)) from exc
 
 
 def aware(at: datetime | None) -> datetime:

@@ -6,6 +6,8 @@
      +-- BrokerUnavailable    True:  MQTT or Kafka cannot be reached or timed out
      +-- StoreUnavailable     True:  PostgreSQL cannot be reached or the transaction failed
      +-- RegistryLookupFailed True:  the device registry did not answer a lookup in time
+     +-- MigrationError       False: a migration file is malformed or was edited after
+                                     it was applied (`ingest.migrations`)
 
 Library errors are wrapped where they cross into usagepipe
 (`raise StoreUnavailable(...) from exc`). A message that can never become a row is not an
@@ -50,3 +52,9 @@ class RegistryLookupFailed(UsagepipeError):
     the batch waits and is retried, never stored without enrichment."""
 
     retriable = True
+
+
+class MigrationError(UsagepipeError):
+    """A migration cannot be applied: bad file name, duplicate number, edited file."""
+
+    retriable = False

@@ -27,7 +27,7 @@ from pathlib import Path
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from devices.errors import MigrationError, RegistryUnavailable
+from ingest.errors import MigrationError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -152,5 +152,5 @@ async def migrate(
                 )
                 applied.append(migration.name)
     except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError) as exc:
-        raise RegistryUnavailable(f"could not migrate schema {schema}: {exc}") from exc
+        raise StoreUnavailable(f"could not migrate schema {schema}: {exc}") from exc
     return applied

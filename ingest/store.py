@@ -40,9 +40,8 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
-from devices.errors import MigrationError, RegistryUnavailable
 from ingest import migrations
-from ingest.errors import ConfigurationError, StoreUnavailable
+from ingest.errors import ConfigurationError, MigrationError, StoreUnavailable
 from ingest.rollups import (
     RefreshReport,
     hours_of,
@@ -284,7 +283,7 @@ class UsageStore:
                         )
                 else:
                     self._partitions = await self._existing_partitions(conn)
-        except (MigrationError, RegistryUnavailable) as exc:
+        except (MigrationError, StoreUnavailable) as exc:
             raise StoreUnavailable(f"migrating {self.table} failed: {exc}") from exc
         except _DB_ERRORS as exc:
             raise StoreUnavailable(f"migrating {self.table} failed: {exc!r}") from exc

@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from devices.errors import MigrationError
+from ingest.errors import MigrationError
 from ingest.migrations import migrate
 from tests.devices.catalog import DSN
 
