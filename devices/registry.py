@@ -66,6 +66,10 @@ from ingest.settings import RegistrySettings
 log = logging.getLogger(__name__)
 
 MIGRATIONS_COMPONENT = "registry"
+# The notification triggers and the firmware history (now 002_notify, 003_firmware)
+# were applied by the consumer as their own component, numbered 001 and 002; the
+# registry owns them now and takes their records over (see `ingest.migrations`).
+_FORMER_COMPONENTS = {"enrich.notify": 1}
 
 # Errors that mean "PostgreSQL could not do it now", worth retrying as a whole.
 _UNAVAILABLE = (
@@ -79,19 +83,37 @@ _UNAVAILABLE = (
 
 
 async def migrate_registry(conn: Connection, schema: str) -> list[str]:
-    """Apply the registry's pending migrations (`devices/sql`) in `schema`.
+    """Apply the registry's pending migrations (`devices/sql`) in `schema`: its tables,
+    the change notifications the consumer's cache listens to, the firmware history.
 
     The runner is the data path's; its errors are translated into the registry's own,
     which the registry's callers handle.
     """
     try:
         return await migrate(
-            conn, schema=schema, component=MIGRATIONS_COMPONENT, directory=files("devices") / "sql"
+            conn,
+            schema=schema,
+            component=MIGRATIONS_COMPONENT,
+            directory=files("devices") / "sql",
+            absorbs=_FORMER_COMPONENTS,
         )
     except StoreMigrationError as exc:
         raise MigrationError(str(exc)) from exc
     except StoreUnavailable as exc:
         raise RegistryUnavailable(str(exc)) from exc
+
+
+async def migrate_registry_at(dsn: str, schema: str) -> list[str]:
+    """`migrate_registry` on a connection of its own: what the composition root runs
+    before the consumer, which enriches from the registry's schema but never creates it."""
+    try:
+        conn = await asyncpg.connect(dsn)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise RegistryUnavailable(f"PostgreSQL unreachable: {exc}") from exc
+    try:
+        return await migrate_registry(conn, schema)
+    finally:
+        await conn.close()
 
 
 def aware(at: datetime | None) -> datetime:

@@ -32,8 +32,8 @@ and one for its firmware history.
 Resolving by event time is then done in Python. The cache is keyed by device id (an
 unknown device is cached too) and bounded (`cache_max_devices`, oldest out first).
 
-Invalidation, and its bound. Triggers on the registry's tables (ingest/sql/registry,
-installed by the consumer) `NOTIFY usagepipe_registry` when a change commits; a
+Invalidation, and its bound. Triggers on the registry's tables (devices/sql/002_notify,
+the registry's migrations) `NOTIFY usagepipe_registry` when a change commits; a
 dedicated connection LISTENs and evicts the devices concerned. A change is therefore
 applied to every batch enriched after the notification arrives (milliseconds after the
 commit); the batch already in hand is written as it was enriched. Backstops: an entry
@@ -63,7 +63,6 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from importlib.resources import files
 from types import TracebackType
 from typing import Any, Self
 from uuid import UUID
@@ -72,19 +71,19 @@ import asyncpg
 import orjson
 from pydantic import SecretStr
 
-from devices.errors import MigrationError, RegistryUnavailable
-from devices.registry import migrate_registry
 from ingest.errors import ConfigurationError, RegistryLookupFailed
 from ingest.metrics import ConsumerMetrics
-from ingest.migrations import migrate, quote_schema
+from ingest.migrations import quote_schema
 from ingest.settings import EnrichSettings, Settings
 from ingest.store import UsageRow, UsageStore
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "usagepipe_registry"
-"""The NOTIFY channel of ingest/sql/registry/001_notify.sql."""
-NOTIFY_COMPONENT = "enrich.notify"
+"""The NOTIFY channel of the registry's triggers (devices/sql/002_notify.sql)."""
+NEWEST_REGISTRY_OBJECT = "firmware_history"
+"""The last object the registry's migrations create that enrichment reads: where it
+exists, so do the triggers and tables before it (devices/sql/003_firmware.sql)."""
 OWNER_KEY_HEX_DIGITS = 32
 """128 bits of the HMAC: collisions are out of reach for any fleet."""
 _LISTEN_RETRY_S = (1.0, 30.0)  # first and longest wait between reconnect attempts
@@ -178,7 +177,10 @@ class Enricher:
     """Registry lookups for the consumer, cached and invalidated by NOTIFY.
 
     An async context manager: entering opens a small pool and the listening
-    connection, and installs the registry's migrations and notification triggers.
+    connection. The registry's schema (its tables, notification triggers and firmware
+    history) is the registry's to create (`devices.registry.migrate_registry`, run by
+    `usagepipe consume` and `usagepipe registry migrate`); without it, entering refuses
+    with a `ConfigurationError` saying so.
     """
 
     def __init__(
@@ -198,6 +200,7 @@ class Enricher:
         self._secret = settings.owner_key_secret.get_secret_value().encode()
         self._schema = registry_schema
         self._quoted = quote_schema(registry_schema)
+        self._newest = f"{self._quoted}.{NEWEST_REGISTRY_OBJECT}"
         self._dsn = dsn
         self._metrics = metrics
         self._pool: asyncpg.Pool | None = None
@@ -261,17 +264,17 @@ class Enricher:
                 max_size=2,
                 server_settings={"synchronous_commit": "off"},
             )
-            async with self._pool.acquire() as conn:
-                await migrate_registry(conn, self._schema)
-                await migrate(
-                    conn,
-                    schema=self._schema,
-                    component=NOTIFY_COMPONENT,
-                    directory=files("ingest.sql") / "registry",
-                )
-        except (MigrationError, RegistryUnavailable, *_DB_ERRORS) as exc:
+            missing = await self._pool.fetchval("SELECT to_regclass($1) IS NULL", self._newest)
+        except _DB_ERRORS as exc:
             await self.close()
             raise RegistryLookupFailed(f"cannot open the registry for enrichment: {exc}") from exc
+        if missing:
+            await self.close()
+            raise ConfigurationError(
+                f"the registry schema {self._schema} is not migrated"
+                f" (no {self._schema}.{NEWEST_REGISTRY_OBJECT}):"
+                " run `usagepipe registry migrate` first"
+            )
         await self._listen()
         return self
 

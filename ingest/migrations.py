@@ -10,6 +10,10 @@ Two processes starting together both call `migrate()`; a transaction-level advis
 that changed after it was applied is refused (its SHA-256 is recorded), because the
 database would silently differ from what the file says.
 
+A component may take over another's recorded history (`absorbs`) when the files move
+to it unchanged: the records are renamed and renumbered in the same transaction, so a
+database that applied them under the old name applies nothing again.
+
 Migration files must not contain BEGIN/COMMIT, and create objects without a schema
 prefix: the runner sets `search_path` to the target schema first (then `public`, where
 extensions usually live).
@@ -21,6 +25,7 @@ import hashlib
 import importlib.resources.abc
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,15 +101,21 @@ async def migrate(
     schema: str,
     component: str,
     directory: Directory,
+    absorbs: Mapping[str, int] | None = None,
 ) -> list[str]:
     """Apply `component`'s pending migrations in `schema`; return the names applied.
 
     Idempotent: a second call returns `[]`. Safe to run concurrently from several
     processes (they serialise on an advisory lock held until the transaction ends).
+
+    `absorbs` maps an older component whose files are now `component`'s (moved
+    unchanged, so their checksums still hold) to how many numbers later they come
+    here: its records become `component`'s, renumbered, names included.
     """
     quoted = quote_schema(schema)
-    if not _COMPONENT.match(component):
-        raise ValueError(f"component {component!r} is not a plain name")
+    for name in (component, *(absorbs or {})):
+        if not _COMPONENT.match(name):
+            raise ValueError(f"component {name!r} is not a plain name")
     migrations = load_migrations(directory)
     applied: list[str] = []
     try:
@@ -126,6 +137,15 @@ async def migrate(
                 )
                 """
             )
+            for former, shift in (absorbs or {}).items():
+                await conn.execute(
+                    "UPDATE schema_migrations SET component = $1, version = version + $3,"
+                    " name = to_char(version + $3, 'FM000') || substr(name, 4)"
+                    " WHERE component = $2",
+                    component,
+                    former,
+                    shift,
+                )
             rows = await conn.fetch(
                 "SELECT version, name, checksum FROM schema_migrations WHERE component = $1",
                 component,
