@@ -47,7 +47,6 @@ from devices.events import DEVICE_TRANSFERRED, EventPublisher
 from devices.outbox import enqueue, flush_batch, prune
 from devices.ownership import Lockout
 from devices.records import (
-    Attribution,
     ConsentChange,
     MarketingContact,
     NewOwner,
@@ -473,20 +472,12 @@ class Registry:
     async def owner_at(self, device_id: str, event_time: datetime) -> UUID | None:
         """The owner of `device_id` at `event_time`, or None (no owner then, or erased).
 
-        This is ownership, not permission: analytics must use `attribution_at`,
-        which also honours the owner's analytics consent.
+        This is ownership, not permission: who usage may be attributed to, for
+        analytics, is the registry's view `analytics_owners` (consenting, not erased
+        owners), which enrichment (`ingest.enrich`) joins the periods to.
         """
         async with self.transaction() as conn:
             return await ownership.owner_at(conn, device_id, aware(event_time))
-
-    async def attribution_at(self, device_id: str, event_time: datetime) -> Attribution | None:
-        """Who usage at `event_time` may be attributed to, for analytics.
-
-        None when nobody owned the device then, the owner was erased, or the owner does
-        not (now) consent to analytics use: such usage stays anonymous device data.
-        """
-        async with self.transaction() as conn:
-            return await ownership.attribution_at(conn, device_id, aware(event_time))
 
     async def current_owners(self, device_ids: list[str]) -> dict[str, UUID]:
         """The current owner of each of `device_ids` that has one (unowned ones are left out)."""

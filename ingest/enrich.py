@@ -12,9 +12,11 @@ For a batch of rows, `Enricher.enrich` resolves per (device_id, event_time):
                         A row keeps what was known when it was stored: an
                         installation reported late does not rewrite earlier rows.
     purchase_channel    of the ownership period covering event_time
-    analytics_consent   that period's owner's analytics consent *now* (None: no owner then)
+    analytics_consent   whether that period's owner may be attributed *now* (None: no
+                        owner then): the registry's one rule, its view `analytics_owners`
+                        (consenting, not erased owners), which the lookup joins
     region, membership_tier, owner_key
-                        only when that owner consents now and is not erased; else None.
+                        only when that owner may be attributed; else None.
                         owner_key = HMAC-SHA256(enrich.owner_key_secret, owner id), hex,
                         first 32 digits. The key is never stored, nor logged.
 
@@ -104,7 +106,7 @@ class Period:
     valid_to: datetime | None
     purchase_channel: str
     linked: bool
-    """The owner exists, is not erased and consents to analytics now."""
+    """The owner is in the registry's `analytics_owners` (consents, not erased) now."""
     region: str | None
     membership_tier: str | None
     owner_key: str | None
@@ -223,11 +225,11 @@ class Enricher:
         self._query = f"""
             SELECT d.device_key, d.device_id, d.model_number, m.category, d.firmware_version,
                    p.valid_from, p.valid_to, p.purchase_channel, p.owner_id,
-                   o.status, o.region, o.membership_tier, o.analytics_consent
+                   a.owner_id IS NOT NULL AS attributable, a.region, a.membership_tier
             FROM {self._quoted}.devices d
             JOIN {self._quoted}.product_models m ON m.model_number = d.model_number
             LEFT JOIN {self._quoted}.ownership_periods p ON p.device_key = d.device_key
-            LEFT JOIN {self._quoted}.owners o ON o.owner_id = p.owner_id
+            LEFT JOIN {self._quoted}.analytics_owners a ON a.owner_id = p.owner_id
             WHERE d.device_id = ANY($1::text[])
             ORDER BY d.device_id, p.valid_from
         """
@@ -460,7 +462,8 @@ class Enricher:
             if rec["valid_from"] is None:
                 continue  # LEFT JOIN: a device with no period yet
             owner: UUID | None = rec["owner_id"]
-            linked = owner is not None and rec["status"] != "erased" and rec["analytics_consent"]
+            # Who may be attributed is the registry's rule, its view analytics_owners.
+            linked: bool = rec["attributable"]
             if owner is not None:
                 owners.add(owner)
             periods.append(
@@ -468,7 +471,7 @@ class Enricher:
                     rec["valid_from"],
                     rec["valid_to"],
                     rec["purchase_channel"],
-                    bool(linked),
+                    linked,
                     rec["region"] if linked else None,
                     rec["membership_tier"] if linked else None,
                     owner_key(self._secret, owner) if linked and owner is not None else None,
