@@ -8,10 +8,15 @@ In the order a message travels:
     kafka.py        the Kafka clients, with every safety setting stated in one place
     consumer.py     Kafka -> PostgreSQL: validate (`schemas.parse`), enrich, store,
                     offsets committed in the same transaction as the rows
+    rows.py         the usage row a valid record becomes, and the Kafka position a
+                    batch ends at
     enrich.py       the owner of each message, by the registry's attribution rule
-    store.py        the usage table (TimescaleDB hypertable, or plain PostgreSQL
-                    partitions where the extension is missing) and its writes
+    store.py        the usage table's writes: rows and offsets in one transaction
+    tables.py       the usage table's lifecycle: migrations, layout (TimescaleDB
+                    hypertable, or plain PostgreSQL partitions where the extension is
+                    missing), partitions, TimescaleDB policies, retention
     rollups.py      the daily rollups the planners read, kept up to date
+    erasure.py      erased owners' keys removed from stored rows and rollups
     dead_letter.py  what the consumer refuses, moved aside with its reason
 
 And the plumbing they share: `settings` (the one settings model), `errors`,

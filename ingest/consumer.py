@@ -63,8 +63,9 @@ from ingest.enrich import Enricher
 from ingest.errors import RegistryLookupFailed, StoreUnavailable
 from ingest.kafka import ContiguousOffsets, ensure_topics, make_consumer, make_producer
 from ingest.metrics import ConsumerMetrics
+from ingest.rows import SourceOffset, UsageRow
 from ingest.settings import Settings
-from ingest.store import SourceOffset, UsageRow, UsageStore
+from ingest.store import UsageStore
 from schemas.errors import InvalidTelemetry, Reason
 from schemas.parse import parse_telemetry
 

@@ -44,7 +44,7 @@ is not used at all (every batch asks the registry), and it is emptied when it is
 
 Erasure. An `erased` notification, and a check at start-up and every `cache_ttl_s` for
 erased owners `<table>_erasures` does not list yet, make `apply_erasures` remove those
-owners' keys from stored rows (`UsageStore.unlink_owners`). The consumer calls it after
+owners' keys from stored rows (`ingest.erasure.unlink_owners`). The consumer calls it after
 each batch commit, so rows of a batch enriched before the erasure lose their key too.
 
 A lookup is bounded by `lookup_timeout_s`; a failure raises `RegistryLookupFailed`,
@@ -73,11 +73,13 @@ import asyncpg
 import orjson
 from pydantic import SecretStr
 
+from ingest import erasure
 from ingest.errors import ConfigurationError, RegistryLookupFailed
 from ingest.metrics import ConsumerMetrics
 from ingest.migrations import quote_schema
+from ingest.rows import UsageRow
 from ingest.settings import EnrichSettings, Settings
-from ingest.store import UsageRow, UsageStore
+from ingest.store import UsageStore
 
 log = logging.getLogger(__name__)
 
@@ -587,12 +589,14 @@ class Enricher:
         """
         owners = set(self._erased)
         if time.monotonic() >= self._reconcile_at:
-            owners.update(await store.erasures_pending(self._schema))
+            owners.update(await erasure.erasures_pending(store, self._schema))
             self._reconcile_at = time.monotonic() + self._settings.cache_ttl_s
         if not owners:
             return 0
         ordered = sorted(owners)
-        changed = await store.unlink_owners([(o, owner_key(self._secret, o)) for o in ordered])
+        changed = await erasure.unlink_owners(
+            store, [(o, owner_key(self._secret, o)) for o in ordered]
+        )
         self._erased.difference_update(owners)
         self._metrics.owner_links_removed.inc(changed)
         log.info("removed the owner key of %d erased owner(s) from %d rows", len(ordered), changed)

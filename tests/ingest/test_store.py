@@ -17,6 +17,7 @@ import pytest
 from asyncpg.pool import PoolConnectionProxy
 
 import ingest
+from ingest.erasure import unlink_owners
 from ingest.errors import ConfigurationError, StoreUnavailable
 from ingest.rollups import (
     DETAIL,
@@ -26,8 +27,10 @@ from ingest.rollups import (
     refresh_rollups,
     usage_rollup,
 )
+from ingest.rows import SourceOffset, UsageRow
 from ingest.settings import PostgresSettings, Settings
-from ingest.store import SourceOffset, UsageRow, UsageStore, partition_start
+from ingest.store import UsageStore
+from ingest.tables import partition_start
 from schemas.envelope import Envelope
 from simulators.fleet import FleetPlan, device_ids, plan_device
 from tests.conftest import require_timescaledb
@@ -397,7 +400,7 @@ async def test_erasure_removes_owner_keys_from_the_device_daily_rollup(store: Us
     other = [dataclasses.replace(row("d2", 1, at), owner_key="stays")]
     await store.write(keyed + other)
     await store.refresh_rollups()
-    assert await store.unlink_owners([(uuid.uuid4(), "gone")]) == 30
+    assert await unlink_owners(store, [(uuid.uuid4(), "gone")]) == 30
     span = (at - DAY, at + 3 * DAY)
     async with store.pool.acquire() as conn:
         keys = await conn.fetch(f"SELECT DISTINCT owner_key FROM {t}_device_daily")

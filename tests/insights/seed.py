@@ -23,7 +23,8 @@ import orjson
 from devices.registry import migrate_registry
 from ingest.enrich import owner_key
 from ingest.migrations import quote_schema
-from ingest.store import UsageRow, UsageStore
+from ingest.rows import UsageRow
+from ingest.store import UsageStore
 
 START = datetime(2026, 11, 2, tzinfo=UTC)  # a Monday
 END = START + timedelta(days=21)

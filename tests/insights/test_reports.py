@@ -14,8 +14,8 @@ from typing import Any
 import asyncpg
 import pytest
 
+from ingest.rows import UsageRow
 from ingest.settings import Settings
-from ingest.store import UsageRow
 from insights.export import export
 from insights.filters import FilterError, Filters
 from insights.privacy import Privacy
