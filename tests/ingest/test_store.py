@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,7 +16,6 @@ import pytest
 from asyncpg.pool import PoolConnectionProxy
 
 import ingest
-from ingest.erasure import unlink_owners
 from ingest.errors import ConfigurationError, StoreUnavailable
 from ingest.rollups import (
     DETAIL,
@@ -391,24 +389,6 @@ async def test_device_daily_rollup_equals_a_direct_aggregate_after_duplicates_an
             f"SELECT DISTINCT schema, detail IS NOT NULL AS detailed FROM {t}_device_daily"
         )
     assert {tuple(r) for r in schemas} >= {("washer.cycle", True), ("washer.energy", False)}
-
-
-async def test_erasure_removes_owner_keys_from_the_device_daily_rollup(store: UsageStore) -> None:
-    t = store.table
-    at = datetime(2026, 2, 1, 8, tzinfo=UTC)
-    keyed = [dataclasses.replace(row("d1", s, at + s * HOUR), owner_key="gone") for s in range(30)]
-    other = [dataclasses.replace(row("d2", 1, at), owner_key="stays")]
-    await store.write(keyed + other)
-    await store.refresh_rollups()
-    assert await unlink_owners(store, [(uuid.uuid4(), "gone")]) == 30
-    span = (at - DAY, at + 3 * DAY)
-    async with store.pool.acquire() as conn:
-        keys = await conn.fetch(f"SELECT DISTINCT owner_key FROM {t}_device_daily")
-        assert {r[0] for r in keys} == {None, "stays"}
-        # Still what the raw rows say, materialised and live alike.
-        assert await device_days(conn, t, *span) == await direct_device_days(conn, t, *span)
-        await store.write([dataclasses.replace(row("d1", 99, at), owner_key=None)])
-        assert await device_days(conn, t, *span) == await direct_device_days(conn, t, *span)
 
 
 def test_the_timescaledb_device_daily_aggregate_groups_on_the_same_expressions() -> None:
