@@ -1,5 +1,6 @@
-"""A usage row: one validated telemetry message as the usage table stores it, and the
-Kafka position a batch of them ends at."""
+"""Where a Kafka record becomes a usage row: a `getmany()` batch validated into rows
+to store and dead letters, the row type as the usage table stores it, and the Kafka
+position the batch ends at."""
 
 from __future__ import annotations
 
@@ -8,8 +9,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
 
+from ingest.dead_letter import DeadLetter
+from ingest.settings import Settings
 from schemas.envelope import Envelope
+from schemas.errors import InvalidTelemetry, Reason
+from schemas.parse import parse_telemetry
 
 COLUMNS = (
     "device_id",
@@ -113,3 +120,63 @@ class SourceOffset:
     partition: int
     next_offset: int
     last_timestamp: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One `getmany()` result, validated: rows to store, letters to dead-letter."""
+
+    rows: list[UsageRow]
+    dead: list[DeadLetter]
+    offsets: dict[TopicPartition, OffsetAndMetadata]
+    records: int
+    positions: list[SourceOffset]
+    source: dict[TopicPartition, list[ConsumerRecord]]
+
+
+def validate_batch(
+    records: dict[TopicPartition, list[ConsumerRecord]],
+    *,
+    now: datetime,
+    settings: Settings,
+) -> Batch:
+    """Split Kafka records into storable rows and dead letters, and note the offsets."""
+    rows: list[UsageRow] = []
+    dead: list[DeadLetter] = []
+    offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+    positions: list[SourceOffset] = []
+    skew = settings.consumer.max_future_skew
+    max_bytes = settings.bridge.max_payload_bytes
+    count = 0
+    for tp, batch in records.items():
+        for record in batch:
+            count += 1
+            value: bytes = record.value if record.value is not None else b""
+            try:
+                env = parse_telemetry(value, now=now, max_future_skew=skew, max_bytes=max_bytes)
+            except InvalidTelemetry as error:
+                dead.append(DeadLetter.for_record(error, record))
+                continue
+            rows.append(UsageRow.from_envelope(env, tp.partition, record.offset))
+        if batch:
+            last = batch[-1]
+            offsets[tp] = OffsetAndMetadata(last.offset + 1, "")
+            positions.append(SourceOffset(tp.topic, tp.partition, last.offset + 1, last.timestamp))
+    return Batch(rows, dead, offsets, count, positions, records)
+
+
+def unregistered_letters(batch: Batch, rows: list[UsageRow]) -> list[DeadLetter]:
+    """Dead letters (`unregistered_device`) for `rows` of `batch`, with their originals."""
+    wanted = {(r.kafka_partition, r.kafka_offset): r.device_id for r in rows}
+    letters = []
+    for tp, records in batch.source.items():
+        for record in records:
+            device_id = wanted.get((tp.partition, record.offset))
+            if device_id is None:
+                continue
+            error = InvalidTelemetry(
+                Reason.UNREGISTERED_DEVICE,
+                f"device_id: {device_id!r} is not registered in the device registry",
+            )
+            letters.append(DeadLetter.for_record(error, record))
+    return letters
