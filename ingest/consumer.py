@@ -357,7 +357,7 @@ class Consumer:
             if self._settings.enrich.unregistered == "store":
                 rows = rows + enriched.unregistered
             else:
-                dead = dead + unregistered_letters(batch, enriched.unregistered)
+                dead = dead + unregistered_letters(enriched.unregistered)
         await self._retry(
             "dead_letter", send_dead_letters, producer, self._settings.kafka.dlq_topic, dead
         )

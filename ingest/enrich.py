@@ -70,7 +70,6 @@ from typing import Any, Self
 from uuid import UUID
 
 import asyncpg
-import orjson
 from pydantic import SecretStr
 
 from ingest import erasure
@@ -330,7 +329,7 @@ class Enricher:
                     r.event_time,
                     r.schema,
                     r.schema_version,
-                    r.body_json,
+                    r.body,
                     r.kafka_partition,
                     r.kafka_offset,
                     model=f.model,
@@ -427,7 +426,7 @@ class Enricher:
         for r in rows:
             if not r.schema.endswith(".firmware"):
                 continue
-            body = orjson.loads(r.body_json)
+            body = r.body
             if body.get("outcome") == "installed":
                 install = (r.event_time, body["from_version"], body["to_version"])
                 found.append((r.device_id, *install))

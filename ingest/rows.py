@@ -4,7 +4,7 @@ position the batch ends at."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,6 +46,11 @@ class UsageRow:
     The fields after `kafka_offset` are filled by `ingest.enrich` from the device
     registry (None where the registry has nothing, or the owner does not consent):
     model, firmware and region are also the rollups' grouping keys.
+
+    `body` is the body as `schemas.parse` parsed it, once; it becomes JSON text only
+    in `record()`, for the store's COPY. `source` is the Kafka record the row came
+    from (None for rows built otherwise): a row the consumer refuses after
+    validation (an unregistered device) is dead-lettered with its original bytes.
     """
 
     device_id: str
@@ -54,7 +59,7 @@ class UsageRow:
     event_time: datetime
     schema: str
     schema_version: int
-    body_json: str
+    body: dict[str, Any]
     kafka_partition: int
     kafka_offset: int
     model: str | None = None
@@ -65,9 +70,12 @@ class UsageRow:
     purchase_channel: str | None = None
     analytics_consent: bool | None = None
     owner_key: str | None = None
+    source: ConsumerRecord | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_envelope(cls, env: Envelope, partition: int, offset: int) -> UsageRow:
+    def from_envelope(
+        cls, env: Envelope, partition: int, offset: int, source: ConsumerRecord | None = None
+    ) -> UsageRow:
         return cls(
             env.device_id,
             env.boot_id,
@@ -78,9 +86,10 @@ class UsageRow:
             env.event_time.astimezone(UTC),
             env.schema_name,
             env.schema_version,
-            orjson.dumps(env.body).decode(),
+            env.body,
             partition,
             offset,
+            source=source,
         )
 
     @property
@@ -89,7 +98,7 @@ class UsageRow:
         return (self.device_id, self.boot_id, self.seq, self.event_time)
 
     def record(self) -> tuple[Any, ...]:
-        """The row in `COLUMNS` order, for COPY."""
+        """The row in `COLUMNS` order, for COPY (the body as JSON text)."""
         return (
             self.device_id,
             self.boot_id,
@@ -97,7 +106,7 @@ class UsageRow:
             self.event_time,
             self.schema,
             self.schema_version,
-            self.body_json,
+            orjson.dumps(self.body).decode(),
             self.model,
             self.firmware,
             self.region,
@@ -131,7 +140,6 @@ class Batch:
     offsets: dict[TopicPartition, OffsetAndMetadata]
     records: int
     positions: list[SourceOffset]
-    source: dict[TopicPartition, list[ConsumerRecord]]
 
 
 def validate_batch(
@@ -157,26 +165,23 @@ def validate_batch(
             except InvalidTelemetry as error:
                 dead.append(DeadLetter.for_record(error, record))
                 continue
-            rows.append(UsageRow.from_envelope(env, tp.partition, record.offset))
+            rows.append(UsageRow.from_envelope(env, tp.partition, record.offset, record))
         if batch:
             last = batch[-1]
             offsets[tp] = OffsetAndMetadata(last.offset + 1, "")
             positions.append(SourceOffset(tp.topic, tp.partition, last.offset + 1, last.timestamp))
-    return Batch(rows, dead, offsets, count, positions, records)
+    return Batch(rows, dead, offsets, count, positions)
 
 
-def unregistered_letters(batch: Batch, rows: list[UsageRow]) -> list[DeadLetter]:
-    """Dead letters (`unregistered_device`) for `rows` of `batch`, with their originals."""
-    wanted = {(r.kafka_partition, r.kafka_offset): r.device_id for r in rows}
+def unregistered_letters(rows: list[UsageRow]) -> list[DeadLetter]:
+    """Dead letters (`unregistered_device`) for `rows`, from the records they came from."""
     letters = []
-    for tp, records in batch.source.items():
-        for record in records:
-            device_id = wanted.get((tp.partition, record.offset))
-            if device_id is None:
-                continue
-            error = InvalidTelemetry(
-                Reason.UNREGISTERED_DEVICE,
-                f"device_id: {device_id!r} is not registered in the device registry",
-            )
-            letters.append(DeadLetter.for_record(error, record))
+    for r in rows:
+        if r.source is None:
+            raise ValueError(f"row {r.key} has no Kafka record to dead-letter")
+        error = InvalidTelemetry(
+            Reason.UNREGISTERED_DEVICE,
+            f"device_id: {r.device_id!r} is not registered in the device registry",
+        )
+        letters.append(DeadLetter.for_record(error, r.source))
     return letters

@@ -64,7 +64,7 @@ def plan_rows(plan: FleetPlan, *, offset: int = 0) -> list[UsageRow]:
 
 
 def row(device: str, seq: int, at: datetime, *, boot: str = "b1") -> UsageRow:
-    return UsageRow(device, boot, seq, at, "washer.energy", 1, '{"energy_wh": 2.5}', 0, seq)
+    return UsageRow(device, boot, seq, at, "washer.energy", 1, {"energy_wh": 2.5}, 0, seq)
 
 
 async def where_rows_are(store: UsageStore) -> list[tuple[str, int, str]]:
@@ -218,7 +218,8 @@ async def test_offsets_are_stored_in_the_rows_transaction(store: UsageStore) -> 
     }
     assert await store.load_offsets("g2", "raw", [0, 1, 2]) == {}
     # A transaction that fails stores neither the rows nor the offsets.
-    bad = UsageRow("d1", "b1", 9, at, "washer.energy", 1, "not json", 0, 12)
+    # PostgreSQL's jsonb refuses a NUL character, which JSON itself allows.
+    bad = UsageRow("d1", "b1", 9, at, "washer.energy", 1, {"note": "\u0000"}, 0, 12)
     with pytest.raises(StoreUnavailable):
         await store.write(
             [row("d1", 2, at), bad], [SourceOffset("raw", 0, 14, 1003)], group_id="g1"

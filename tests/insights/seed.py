@@ -18,7 +18,6 @@ from datetime import UTC, date, datetime, timedelta
 from uuid import UUID
 
 import asyncpg
-import orjson
 
 from devices.registry import migrate_registry
 from ingest.enrich import owner_key
@@ -198,7 +197,7 @@ def _row(
         t,
         schema,
         1,
-        orjson.dumps(body).decode(),
+        body,
         0,
         seq,
         model=d.model,
