@@ -60,6 +60,7 @@ from devices.records import (
 from ingest.errors import MigrationError as StoreMigrationError
 from ingest.errors import StoreUnavailable
 from ingest.migrations import Connection, migrate, quote_schema
+from ingest.postgres import translated
 from ingest.settings import RegistrySettings
 
 log = logging.getLogger(__name__)
@@ -105,10 +106,8 @@ async def migrate_registry(conn: Connection, schema: str) -> list[str]:
 async def migrate_registry_at(dsn: str, schema: str) -> list[str]:
     """`migrate_registry` on a connection of its own: what the composition root runs
     before the consumer, which enriches from the registry's schema but never creates it."""
-    try:
+    with translated(RegistryUnavailable, "PostgreSQL unreachable", detail=str):
         conn = await asyncpg.connect(dsn)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise RegistryUnavailable(f"PostgreSQL unreachable: {exc}") from exc
     try:
         return await migrate_registry(conn, schema)
     finally:

@@ -76,6 +76,7 @@ from ingest import erasure
 from ingest.errors import ConfigurationError, RegistryLookupFailed
 from ingest.metrics import ConsumerMetrics
 from ingest.migrations import quote_schema
+from ingest.postgres import DB_ERRORS, translated
 from ingest.rows import UsageRow
 from ingest.settings import EnrichSettings, Settings
 from ingest.store import UsageStore
@@ -90,7 +91,6 @@ exists, so do the triggers and tables before it (devices/sql/003_firmware.sql)."
 OWNER_KEY_HEX_DIGITS = 32
 """128 bits of the HMAC: collisions are out of reach for any fleet."""
 _LISTEN_RETRY_S = (1.0, 30.0)  # first and longest wait between reconnect attempts
-_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def owner_key(secret: bytes, owner_id: UUID) -> str:
@@ -268,7 +268,7 @@ class Enricher:
                 server_settings={"synchronous_commit": "off"},
             )
             missing = await self._pool.fetchval("SELECT to_regclass($1) IS NULL", self._newest)
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             await self.close()
             raise RegistryLookupFailed(f"cannot open the registry for enrichment: {exc}") from exc
         if missing:
@@ -294,7 +294,7 @@ class Enricher:
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.remove_termination_listener(self._on_lost)
-            with contextlib.suppress(*_DB_ERRORS):
+            with contextlib.suppress(*DB_ERRORS):
                 await listener.close()
         pool, self._pool = self._pool, None
         if pool is not None:
@@ -389,15 +389,13 @@ class Enricher:
     async def _load(self, device_ids: list[str]) -> dict[str, DeviceFacts]:
         if self._pool is None:
             raise RegistryLookupFailed("the enricher is not open")
-        try:
+        with translated(
+            RegistryLookupFailed, f"registry lookup of {len(device_ids)} devices failed"
+        ):
             async with asyncio.timeout(self._settings.lookup_timeout_s):
                 async with self._pool.acquire() as conn:
                     records = await conn.fetch(self._query, device_ids)
                     installs = await conn.fetch(self._installs_query, device_ids)
-        except _DB_ERRORS as exc:
-            raise RegistryLookupFailed(
-                f"registry lookup of {len(device_ids)} devices failed: {exc!r}"
-            ) from exc
         grouped: dict[str, list[asyncpg.Record]] = {}
         for rec in records:
             grouped.setdefault(rec["device_id"], []).append(rec)
@@ -435,15 +433,13 @@ class Enricher:
             return 0
         if self._pool is None:
             raise RegistryLookupFailed("the enricher is not open")
-        try:
+        with translated(
+            RegistryLookupFailed, f"recording {len(found)} firmware installations failed"
+        ):
             async with asyncio.timeout(self._settings.lookup_timeout_s):
                 async with self._pool.acquire() as conn:
                     self._own_pids.add(conn.get_server_pid())
                     added = await conn.fetch(self._record_installs, *zip(*found, strict=True))
-        except _DB_ERRORS as exc:
-            raise RegistryLookupFailed(
-                f"recording {len(found)} firmware installations failed: {exc!r}"
-            ) from exc
         # Merged into the cached facts once per device: a device's history can be long,
         # and a batch may carry many of its installations.
         for device_id, reported in by_device.items():
@@ -527,7 +523,7 @@ class Enricher:
             async with asyncio.timeout(self._settings.lookup_timeout_s):
                 conn = await asyncpg.connect(self._dsn)
                 await conn.add_listener(CHANNEL, self._on_notification)
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             self._listen_at = time.monotonic() + self._listen_wait
             log.warning(
                 "cannot listen for registry changes (%r); registry cache off, retry in %.0fs",

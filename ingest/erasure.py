@@ -13,15 +13,12 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from uuid import UUID
 
-import asyncpg
-
 from ingest import migrations
 from ingest.errors import StoreUnavailable
 from ingest.migrations import Connection
+from ingest.postgres import translated
 from ingest.rollups import lock_rollups
 from ingest.store import UsageStore
-
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 async def unlink_owners(store: UsageStore, erased: Sequence[tuple[UUID, str]]) -> int:
@@ -39,7 +36,7 @@ async def unlink_owners(store: UsageStore, erased: Sequence[tuple[UUID, str]]) -
         return 0
     t = store.table
     timescale = store.layout.kind == "timescaledb"
-    try:
+    with translated(StoreUnavailable, "removing erased owners' keys failed"):
         changed = 0
         days: list[datetime] = []
         async with store.pool.acquire() as conn:
@@ -58,8 +55,6 @@ async def unlink_owners(store: UsageStore, erased: Sequence[tuple[UUID, str]]) -
                     f"CALL refresh_continuous_aggregate('{t}_device_daily',"
                     f" timestamptz '{lo.isoformat()}', timestamptz '{hi.isoformat()}')"
                 )
-    except _DB_ERRORS as exc:
-        raise StoreUnavailable(f"removing erased owners' keys failed: {exc!r}") from exc
     return changed
 
 
@@ -108,13 +103,11 @@ async def erasures_pending(
     """Owners the registry in `registry_schema` has erased whose keys this table has
     not had removed yet (see `unlink_owners`)."""
     schema = migrations.quote_schema(registry_schema)
-    try:
+    with translated(StoreUnavailable, "reading erased owners failed"):
         rows = await store.pool.fetch(
             f"SELECT o.owner_id FROM {schema}.owners o WHERE o.status = 'erased'"
             f" AND NOT EXISTS (SELECT 1 FROM {store.table}_erasures e"
             " WHERE e.owner_id = o.owner_id) LIMIT $1",
             limit,
         )
-    except _DB_ERRORS as exc:
-        raise StoreUnavailable(f"reading erased owners failed: {exc!r}") from exc
     return [r["owner_id"] for r in rows]

@@ -33,6 +33,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from ingest.errors import MigrationError, StoreUnavailable
+from ingest.postgres import translated
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ async def migrate(
             raise ValueError(f"component {name!r} is not a plain name")
     migrations = load_migrations(directory)
     applied: list[str] = []
-    try:
+    with translated(StoreUnavailable, f"could not migrate schema {schema}", detail=str):
         async with conn.transaction():
             await conn.execute(
                 "SELECT pg_advisory_xact_lock($1)", advisory_lock_key("migrate", schema)
@@ -161,7 +162,14 @@ async def migrate(
                         )
                     continue
                 log.info("applying %s migration %s in schema %s", component, migration.name, schema)
-                await conn.execute(migration.sql)
+                try:
+                    await conn.execute(migration.sql)
+                except asyncpg.PostgresError as exc:
+                    # The file itself is wrong (or does not fit this database): trying
+                    # again will not help, so not StoreUnavailable.
+                    raise MigrationError(
+                        f"{component} migration {migration.name} failed in schema {schema}: {exc}"
+                    ) from exc
                 await conn.execute(
                     "INSERT INTO schema_migrations (component, version, name, checksum)"
                     " VALUES ($1, $2, $3, $4)",
@@ -171,6 +179,4 @@ async def migrate(
                     migration.checksum,
                 )
                 applied.append(migration.name)
-    except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError) as exc:
-        raise StoreUnavailable(f"could not migrate schema {schema}: {exc}") from exc
     return applied

@@ -28,14 +28,13 @@ import asyncpg
 
 from ingest.errors import StoreUnavailable
 from ingest.migrations import Connection
+from ingest.postgres import translated
 from ingest.rollups import RefreshReport, hours_of, invalidation_cte, refresh_rollups
 from ingest.rows import COLUMNS, SourceOffset, UsageRow
 from ingest.settings import PostgresSettings
 from ingest.tables import Layout, MigrationReport, UsageTables, partition_probes
 
 log = logging.getLogger(__name__)
-
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 class UsageStore:
@@ -50,14 +49,12 @@ class UsageStore:
         self._after_insert_sql = ""
 
     async def __aenter__(self) -> Self:
-        try:
+        with translated(StoreUnavailable, "PostgreSQL unreachable", detail=str):
             self._pool = await asyncpg.create_pool(
                 self._settings.dsn.get_secret_value(),
                 min_size=1,
                 max_size=self._settings.pool_size,
             )
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(f"PostgreSQL unreachable: {exc}") from exc
         return self
 
     async def __aexit__(
@@ -157,7 +154,7 @@ class UsageStore:
             unique = list({r.key: r for r in reversed(rows)}.values())  # first of each
         if unique and self.layout.kind == "partitioned":
             await self.ensure_partitions(partition_probes(unique, self.layout.partition_interval))
-        try:
+        with translated(StoreUnavailable, f"writing {len(rows)} rows failed"):
             async with self.pool.acquire() as conn, conn.transaction():
                 inserted = await self._insert(conn, unique) if unique else []
                 parameters: list[Any] = [
@@ -170,8 +167,6 @@ class UsageStore:
                 if self.layout.kind == "partitioned":
                     parameters.append(hours_of([r.event_time for r in inserted]))
                 await conn.fetchval(self._after_insert_sql, *parameters)
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(f"writing {len(rows)} rows failed: {exc!r}") from exc
         return len(inserted)
 
     async def refresh_rollups(
@@ -186,15 +181,11 @@ class UsageStore:
         """
         if self.layout.kind != "partitioned":
             return None
-        try:
+        with translated(StoreUnavailable, f"refreshing the rollups of {self.table} failed"):
             async with self.pool.acquire() as conn:
                 return await refresh_rollups(
                     conn, self.table, wait=wait, settled_only=settled_only, days=days
                 )
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(
-                f"refreshing the rollups of {self.table} failed: {exc!r}"
-            ) from exc
 
     async def _insert(self, conn: Connection, rows: list[UsageRow]) -> list[UsageRow]:
         """Insert `rows` (unique keys); returns those the table did not have yet."""
@@ -215,7 +206,7 @@ class UsageStore:
         self, group_id: str, topic: str, partitions: Iterable[int]
     ) -> dict[int, SourceOffset]:
         """The stored positions of `group_id` in `topic`'s `partitions` (those it has)."""
-        try:
+        with translated(StoreUnavailable, "reading offsets failed"):
             rows = await self.pool.fetch(
                 f"SELECT partition, next_offset, last_timestamp FROM {self.table}_offsets"
                 " WHERE group_id = $1 AND topic = $2 AND partition = ANY($3::integer[])",
@@ -223,8 +214,6 @@ class UsageStore:
                 topic,
                 list(partitions),
             )
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(f"reading offsets failed: {exc!r}") from exc
         return {
             r["partition"]: SourceOffset(
                 topic, r["partition"], r["next_offset"], r["last_timestamp"]

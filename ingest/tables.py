@@ -27,6 +27,7 @@ import asyncpg
 from ingest import migrations
 from ingest.errors import ConfigurationError, MigrationError, StoreUnavailable
 from ingest.migrations import Connection
+from ingest.postgres import DB_ERRORS, translated
 from ingest.rollups import bucket_start as partition_start
 from ingest.rollups import refresh_rollups
 from ingest.rows import UsageRow
@@ -34,8 +35,6 @@ from ingest.settings import PostgresSettings
 from ingest.sql import Kind, migration_directory
 
 log = logging.getLogger(__name__)
-
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +125,7 @@ class UsageTables:
                     self._partitions = await self._existing_partitions(conn)
         except (MigrationError, StoreUnavailable) as exc:
             raise StoreUnavailable(f"migrating {self.table} failed: {exc}") from exc
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             raise StoreUnavailable(f"migrating {self.table} failed: {exc!r}") from exc
         if kind == "partitioned":
             now = datetime.now(UTC)
@@ -231,7 +230,7 @@ class UsageTables:
             return []
         t = self.table
         created: list[str] = []
-        try:
+        with translated(StoreUnavailable, f"creating partitions of {t} failed"):
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock($1)",
@@ -254,8 +253,6 @@ class UsageTables:
                         f" FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
                     )
                     created.append(name)
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(f"creating partitions of {t} failed: {exc!r}") from exc
         self._partitions |= missing
         if created:
             log.info("created partitions %s", ", ".join(created))
@@ -273,7 +270,7 @@ class UsageTables:
         """
         cutoff = (now or datetime.now(UTC)) - self._settings.retention
         t = self.table
-        try:
+        with translated(StoreUnavailable, f"retention on {t} failed"):
             async with pool.acquire() as conn, conn.transaction():
                 if self.layout.kind == "timescaledb":
                     rows = await conn.fetch(
@@ -300,8 +297,6 @@ class UsageTables:
                     " WHERE retained_from IS NULL OR retained_from < $1",
                     cutoff,
                 )
-        except _DB_ERRORS as exc:
-            raise StoreUnavailable(f"retention on {t} failed: {exc!r}") from exc
         self._partitions -= set(expired)
         return [self._partition_name(s) for s in expired]
 

@@ -89,8 +89,13 @@ async def test_failed_migration_applies_nothing(
 ) -> None:
     write(tmp_path, "001_ok.sql", "CREATE TABLE fine (n int);")
     write(tmp_path, "002_bad.sql", "CREATE TABLE broken (n nonexistent_type);")
-    with pytest.raises(asyncpg.exceptions.UndefinedObjectError):
+    with pytest.raises(MigrationError) as failed:
         await migrate(pg, schema=reg_schema, component="demo", directory=tmp_path)
+    assert str(failed.value) == (
+        f'demo migration 002_bad failed in schema {reg_schema}: type "nonexistent_type"'
+        " does not exist"
+    )
+    assert isinstance(failed.value.__cause__, asyncpg.exceptions.UndefinedObjectError)
     assert await pg.fetchval("SELECT to_regclass($1)", f"{reg_schema}.fine") is None
 
 
