@@ -21,6 +21,7 @@ In the order a message travels:
 
 And the plumbing they share: `settings` (the one settings model), `errors`,
 `metrics` (every Prometheus metric), `migrations` (versioned SQL, per schema),
+`postgres` (PostgreSQL's errors, translated at one point),
 `httpapi` (the HTTP APIs' common error document, /health and /metrics), `ports`.
 Nothing here imports the registry (`devices`), the planners' side (`insights`), the
 simulators or the console script (`usagepipe`): they import this.
