@@ -6,7 +6,8 @@ For a batch of rows, `Enricher.enrich` resolves per (device_id, event_time):
     firmware            the firmware the device ran at event_time: the latest
                         installation it reported at or before then (its own
                         `<category>.firmware` events, outcome "installed", recorded by
-                        `record_firmware` in the registry's `firmware_history`), else
+                        `record_firmware` through the registry's function of that name
+                        in its `firmware_history`), else
                         the first installation's from_version, else the registry's
                         `devices.firmware_version` (NULL until something sets it).
                         A row keeps what was known when it was stored: an
@@ -85,9 +86,9 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "usagepipe_registry"
 """The NOTIFY channel of the registry's triggers (devices/sql/002_notify.sql)."""
-NEWEST_REGISTRY_OBJECT = "firmware_history"
-"""The last object the registry's migrations create that enrichment reads: where it
-exists, so do the triggers and tables before it (devices/sql/003_firmware.sql)."""
+NEWEST_REGISTRY_OBJECT = "record_firmware"
+"""The last object of the registry's migrations that enrichment uses: where it exists,
+so do the tables, triggers and views before it (devices/sql/004_consumer_interface)."""
 OWNER_KEY_HEX_DIGITS = 32
 """128 bits of the HMAC: collisions are out of reach for any fleet."""
 _LISTEN_RETRY_S = (1.0, 30.0)  # first and longest wait between reconnect attempts
@@ -241,16 +242,11 @@ class Enricher:
             WHERE d.device_id = ANY($1::text[])
             ORDER BY d.device_id, f.installed_at
         """
-        self._record_installs = f"""
-            INSERT INTO {self._quoted}.firmware_history
-                (device_key, installed_at, from_version, to_version)
-            SELECT d.device_key, u.at, u.from_version, u.to_version
-            FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[])
-                 AS u (device_id, at, from_version, to_version)
-            JOIN {self._quoted}.devices d ON d.device_id = u.device_id
-            ON CONFLICT DO NOTHING
-            RETURNING device_key
-        """
+        # The registry's own function writes its firmware history (devices/sql/004).
+        self._record_installs = (
+            f"SELECT * FROM {self._quoted}.record_firmware("
+            "$1::text[], $2::timestamptz[], $3::text[], $4::text[])"
+        )
 
     async def __aenter__(self) -> Self:
         try:
@@ -267,7 +263,7 @@ class Enricher:
                 max_size=2,
                 server_settings={"synchronous_commit": "off"},
             )
-            missing = await self._pool.fetchval("SELECT to_regclass($1) IS NULL", self._newest)
+            missing = await self._pool.fetchval("SELECT to_regproc($1) IS NULL", self._newest)
         except DB_ERRORS as exc:
             await self.close()
             raise RegistryLookupFailed(f"cannot open the registry for enrichment: {exc}") from exc

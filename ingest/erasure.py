@@ -100,13 +100,13 @@ async def _unlink(
 async def erasures_pending(
     store: UsageStore, registry_schema: str, limit: int = 10_000
 ) -> list[UUID]:
-    """Owners the registry in `registry_schema` has erased whose keys this table has
-    not had removed yet (see `unlink_owners`)."""
+    """Owners the registry in `registry_schema` has erased (its view `erased_owners`)
+    whose keys this table has not had removed yet (see `unlink_owners`)."""
     schema = migrations.quote_schema(registry_schema)
     with translated(StoreUnavailable, "reading erased owners failed"):
         rows = await store.pool.fetch(
-            f"SELECT o.owner_id FROM {schema}.owners o WHERE o.status = 'erased'"
-            f" AND NOT EXISTS (SELECT 1 FROM {store.table}_erasures e"
+            f"SELECT o.owner_id FROM {schema}.erased_owners o"
+            f" WHERE NOT EXISTS (SELECT 1 FROM {store.table}_erasures e"
             " WHERE e.owner_id = o.owner_id) LIMIT $1",
             limit,
         )

@@ -70,7 +70,9 @@ def test_commands(
     cli_settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert run(cli_settings, "migrate") == 0
-    assert capsys.readouterr().out.endswith(": applied 001_registry, 002_notify, 003_firmware\n")
+    assert capsys.readouterr().out.endswith(
+        ": applied 001_registry, 002_notify, 003_firmware, 004_consumer_interface\n"
+    )
     assert run(cli_settings, "migrate") == 0
     assert capsys.readouterr().out.endswith(": applied nothing\n")
     args = ("--category", "washer", "--name", "Washer 100", "--launched-on", "2025-03-01")

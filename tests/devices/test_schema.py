@@ -16,6 +16,7 @@ RECORDED = [
     ("registry", 1, "001_registry"),
     ("registry", 2, "002_notify"),
     ("registry", 3, "003_firmware"),
+    ("registry", 4, "004_consumer_interface"),
 ]
 TRIGGERS = [
     ("devices", "enrichment_notify"),
@@ -67,7 +68,7 @@ async def test_a_schema_the_consumer_completed_applies_nothing_again(
     await migrate(pg, schema=reg_schema, component="registry", directory=registry)
     await migrate(pg, schema=reg_schema, component="enrich.notify", directory=consumer)
 
-    assert await migrate_registry(pg, reg_schema) == []
+    assert await migrate_registry(pg, reg_schema) == ["004_consumer_interface"]
     assert await recorded(pg, reg_schema) == RECORDED
     assert await triggers(pg, reg_schema) == TRIGGERS
 
@@ -80,5 +81,9 @@ async def test_a_schema_the_consumer_never_saw_gets_the_rest(
         shutil.copy(first, tmp_path / "001_registry.sql")
     await migrate(pg, schema=reg_schema, component="registry", directory=tmp_path)
 
-    assert await migrate_registry(pg, reg_schema) == ["002_notify", "003_firmware"]
+    assert await migrate_registry(pg, reg_schema) == [
+        "002_notify",
+        "003_firmware",
+        "004_consumer_interface",
+    ]
     assert await recorded(pg, reg_schema) == RECORDED

@@ -320,7 +320,7 @@ async def test_the_consumer_refuses_to_start_without_the_registry_schema(
         async with enricher:
             pass
     assert str(refused.value) == (
-        f"the registry schema {schema} is not migrated (no {schema}.firmware_history):"
+        f"the registry schema {schema} is not migrated (no {schema}.record_firmware):"
         " run `usagepipe registry migrate` first"
     )
     assert not enricher.listening
