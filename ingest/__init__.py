@@ -6,10 +6,10 @@ In the order a message travels:
                     message only when told to (after Kafka has it)
     bridge.py       MQTT -> Kafka: each message produced with acks=all, PUBACK after
     kafka.py        the Kafka clients, with every safety setting stated in one place
-    consumer.py     Kafka -> PostgreSQL: validate (`schemas.parse`), enrich, store,
-                    offsets committed in the same transaction as the rows
-    rows.py         the usage row a valid record becomes, and the Kafka position a
-                    batch ends at
+    consumer.py     Kafka -> PostgreSQL: validate, enrich, store, offsets committed
+                    in the same transaction as the rows
+    rows.py         a Kafka batch validated (`schemas.parse`) into usage rows and
+                    dead letters; the row type, and the position a batch ends at
     enrich.py       the owner of each message, by the registry's attribution rule
     store.py        the usage table's writes: rows and offsets in one transaction
     tables.py       the usage table's lifecycle: migrations, layout (TimescaleDB
