@@ -59,7 +59,7 @@ async def test_service_process_stops_cleanly_on_sigterm(settings: Settings, comm
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "ingest",
+        "usagepipe",
         command,
         "--duration",
         "120",

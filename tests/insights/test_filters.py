@@ -73,7 +73,7 @@ def test_the_first_and_last_hours_of_the_calendar_are_fine() -> None:
 
 def test_the_cli_says_it_in_one_line() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "ingest", "report", "programs", "--end", "0001-01-01"],
+        [sys.executable, "-m", "usagepipe", "report", "programs", "--end", "0001-01-01"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -50,7 +50,7 @@ def scrape(port: int) -> str:
 
 async def start(command: str, env: dict[str, str]) -> Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "ingest", command, env=env,
+        sys.executable, "-m", "usagepipe", command, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
 
@@ -82,7 +82,7 @@ async def test_the_demo_beside_a_hand_run_bridge_and_consumer_uses_names_of_its_
         # A seed of its own: the fleet's devices are nobody else's on the shared broker.
         seed = str(1000 + secrets.randbelow(10**6))
         demo = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "ingest", "--log-level", "WARNING", "demo",
+            sys.executable, "-m", "usagepipe", "--log-level", "WARNING", "demo",
             "--devices", "12", "--window", "1d", "--seed", seed, "--timeout", "90",
             env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
