@@ -21,7 +21,7 @@ from simulators.fleet import FleetPlan
 from tests.conftest import free_port
 from tests.pipeline import expected_keys, publish, stored_keys, wait_for
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 async def test_bridge_stops_after_n_and_the_session_keeps_the_rest(settings: Settings) -> None:
