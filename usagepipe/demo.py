@@ -111,7 +111,7 @@ def _spawn(command: str, log_path: Path, env: dict[str, str]) -> subprocess.Pope
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "ingest", command],
+            [sys.executable, "-m", "usagepipe", command],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **env},
