@@ -80,7 +80,8 @@ async def raw_produce(bench: Bench) -> dict[str, Any]:
 
 
 async def raw_copy(bench: Bench) -> dict[str, Any]:
-    from ingest.store import COLUMNS, UsageRow, UsageStore
+    from ingest.rows import COLUMNS, UsageRow
+    from ingest.store import UsageStore
     from schemas.parse import parse_telemetry
 
     pg = bench.settings.postgres.model_copy(

@@ -31,8 +31,9 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from ingest.rollups import RefreshReport
+from ingest.rows import COLUMNS, SourceOffset, UsageRow
 from ingest.settings import PostgresSettings
-from ingest.store import COLUMNS, SourceOffset, UsageRow, UsageStore
+from ingest.store import UsageStore
 from schemas.parse import parse_telemetry
 from simulators.fleet import FleetPlan, device_ids, plan_device
 

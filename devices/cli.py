@@ -52,6 +52,7 @@ from devices.records import (
 )
 from devices.registry import Registry, aware, migrate_registry
 from ingest.ports import port_number
+from ingest.postgres import DB_ERRORS
 
 if TYPE_CHECKING:
     from ingest.settings import Settings
@@ -111,7 +112,7 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
         return asyncio.run(coro)
     except BrokenPipeError:
         raise  # stdout closed early (`| head`): the main CLI ends quietly
-    except (RegistryError, OSError, asyncpg.PostgresError) as exc:
+    except (RegistryError, *DB_ERRORS) as exc:
         print(f"usagepipe registry: {exc}", file=sys.stderr)
         return 2
 

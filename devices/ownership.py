@@ -26,8 +26,6 @@ from devices.errors import Rejected, RejectReason
 from devices.events import CREDENTIALS_REVOKED, DEVICE_REGISTERED, DEVICE_TRANSFERRED
 from devices.outbox import enqueue
 from devices.records import (
-    Attribution,
-    MembershipTier,
     OwnershipPeriod,
     Purchase,
     PurchaseChannel,
@@ -312,26 +310,6 @@ async def owner_at(conn: Connection, device_id: str, event_time: datetime) -> UU
         event_time,
     )
     return owner
-
-
-async def attribution_at(
-    conn: Connection, device_id: str, event_time: datetime
-) -> Attribution | None:
-    """`owner_at`, limited to owners who consent to analytics (view analytics_owners)."""
-    row = await conn.fetchrow(
-        "SELECT o.owner_id, o.region, o.membership_tier"
-        " FROM ownership_periods p JOIN devices d USING (device_key)"
-        " JOIN analytics_owners o ON o.owner_id = p.owner_id"
-        f" WHERE d.device_id = $1 AND {_PERIOD} @> $2::timestamptz",
-        device_id,
-        event_time,
-    )
-    if row is None:
-        return None
-    tier = row["membership_tier"]
-    return Attribution(
-        row["owner_id"], row["region"], None if tier is None else MembershipTier(tier)
-    )
 
 
 async def history(conn: Connection, device_id: str) -> list[OwnershipPeriod]:

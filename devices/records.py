@@ -165,15 +165,6 @@ class ConsentChange:
 
 
 @dataclass(frozen=True, slots=True)
-class Attribution:
-    """Who to attribute usage to, for analytics: pseudonymous, no contacts."""
-
-    owner_id: UUID
-    region: str | None
-    membership_tier: MembershipTier | None
-
-
-@dataclass(frozen=True, slots=True)
 class MarketingContact:
     """An owner marketing may write to (active, consenting)."""
 

@@ -42,12 +42,11 @@ from devices.credentials import (
     new_device_secret,
     verify_secret_async,
 )
-from devices.errors import RegistryUnavailable, Rejected, RejectReason
+from devices.errors import MigrationError, RegistryUnavailable, Rejected, RejectReason
 from devices.events import DEVICE_TRANSFERRED, EventPublisher
 from devices.outbox import enqueue, flush_batch, prune
 from devices.ownership import Lockout
 from devices.records import (
-    Attribution,
     ConsentChange,
     MarketingContact,
     NewOwner,
@@ -58,12 +57,19 @@ from devices.records import (
     Registration,
     normalize_code,
 )
-from devices.settings import RegistrySettings
+from ingest.errors import MigrationError as StoreMigrationError
+from ingest.errors import StoreUnavailable
 from ingest.migrations import Connection, migrate, quote_schema
+from ingest.postgres import translated
+from ingest.settings import RegistrySettings
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_COMPONENT = "registry"
+# The notification triggers and the firmware history (now 002_notify, 003_firmware)
+# were applied by the consumer as their own component, numbered 001 and 002; the
+# registry owns them now and takes their records over (see `ingest.migrations`).
+_FORMER_COMPONENTS = {"enrich.notify": 1}
 
 # Errors that mean "PostgreSQL could not do it now", worth retrying as a whole.
 _UNAVAILABLE = (
@@ -77,10 +83,35 @@ _UNAVAILABLE = (
 
 
 async def migrate_registry(conn: Connection, schema: str) -> list[str]:
-    """Apply the registry's pending migrations (`devices/sql`) in `schema`."""
-    return await migrate(
-        conn, schema=schema, component=MIGRATIONS_COMPONENT, directory=files("devices") / "sql"
-    )
+    """Apply the registry's pending migrations (`devices/sql`) in `schema`: its tables,
+    the change notifications the consumer's cache listens to, the firmware history.
+
+    The runner is the data path's; its errors are translated into the registry's own,
+    which the registry's callers handle.
+    """
+    try:
+        return await migrate(
+            conn,
+            schema=schema,
+            component=MIGRATIONS_COMPONENT,
+            directory=files("devices") / "sql",
+            absorbs=_FORMER_COMPONENTS,
+        )
+    except StoreMigrationError as exc:
+        raise MigrationError(str(exc)) from exc
+    except StoreUnavailable as exc:
+        raise RegistryUnavailable(str(exc)) from exc
+
+
+async def migrate_registry_at(dsn: str, schema: str) -> list[str]:
+    """`migrate_registry` on a connection of its own: what the composition root runs
+    before the consumer, which enriches from the registry's schema but never creates it."""
+    with translated(RegistryUnavailable, "PostgreSQL unreachable", detail=str):
+        conn = await asyncpg.connect(dsn)
+    try:
+        return await migrate_registry(conn, schema)
+    finally:
+        await conn.close()
 
 
 def aware(at: datetime | None) -> datetime:
@@ -440,20 +471,12 @@ class Registry:
     async def owner_at(self, device_id: str, event_time: datetime) -> UUID | None:
         """The owner of `device_id` at `event_time`, or None (no owner then, or erased).
 
-        This is ownership, not permission: analytics must use `attribution_at`,
-        which also honours the owner's analytics consent.
+        This is ownership, not permission: who usage may be attributed to, for
+        analytics, is the registry's view `analytics_owners` (consenting, not erased
+        owners), which enrichment (`ingest.enrich`) joins the periods to.
         """
         async with self.transaction() as conn:
             return await ownership.owner_at(conn, device_id, aware(event_time))
-
-    async def attribution_at(self, device_id: str, event_time: datetime) -> Attribution | None:
-        """Who usage at `event_time` may be attributed to, for analytics.
-
-        None when nobody owned the device then, the owner was erased, or the owner does
-        not (now) consent to analytics use: such usage stays anonymous device data.
-        """
-        async with self.transaction() as conn:
-            return await ownership.attribution_at(conn, device_id, aware(event_time))
 
     async def current_owners(self, device_ids: list[str]) -> dict[str, UUID]:
         """The current owner of each of `device_ids` that has one (unowned ones are left out)."""

@@ -45,16 +45,15 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from ingest.backoff import Backoff
-from ingest.dead_letter import DeadLetter, send_dead_letters
+from ingest.dead_letter import send_dead_letters
 from ingest.enrich import Enricher
 from ingest.errors import RegistryLookupFailed, StoreUnavailable
 from ingest.kafka import ensure_topics, make_consumer, make_producer, running
 from ingest.metrics import ConsumerMetrics
 from ingest.offsets import ContiguousOffsets, StoredOffsets
+from ingest.rows import unregistered_letters, validate_batch
 from ingest.settings import Settings
-from ingest.store import SourceOffset, UsageRow, UsageStore
-from schemas.errors import InvalidTelemetry, Reason
-from schemas.parse import parse_telemetry
+from ingest.store import UsageStore
 
 log = logging.getLogger(__name__)
 
@@ -73,66 +72,6 @@ class ConsumerReport:
     batches: int = 0
     elapsed_s: float = 0.0
     stopped_by: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """One `getmany()` result, validated: rows to store, letters to dead-letter."""
-
-    rows: list[UsageRow]
-    dead: list[DeadLetter]
-    offsets: dict[TopicPartition, OffsetAndMetadata]
-    records: int
-    positions: list[SourceOffset]
-    source: dict[TopicPartition, list[ConsumerRecord]]
-
-
-def validate_batch(
-    records: dict[TopicPartition, list[ConsumerRecord]],
-    *,
-    now: datetime,
-    settings: Settings,
-) -> Batch:
-    """Split Kafka records into storable rows and dead letters, and note the offsets."""
-    rows: list[UsageRow] = []
-    dead: list[DeadLetter] = []
-    offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-    positions: list[SourceOffset] = []
-    skew = settings.consumer.max_future_skew
-    max_bytes = settings.bridge.max_payload_bytes
-    count = 0
-    for tp, batch in records.items():
-        for record in batch:
-            count += 1
-            value: bytes = record.value if record.value is not None else b""
-            try:
-                env = parse_telemetry(value, now=now, max_future_skew=skew, max_bytes=max_bytes)
-            except InvalidTelemetry as error:
-                dead.append(DeadLetter.for_record(error, record))
-                continue
-            rows.append(UsageRow.from_envelope(env, tp.partition, record.offset))
-        if batch:
-            last = batch[-1]
-            offsets[tp] = OffsetAndMetadata(last.offset + 1, "")
-            positions.append(SourceOffset(tp.topic, tp.partition, last.offset + 1, last.timestamp))
-    return Batch(rows, dead, offsets, count, positions, records)
-
-
-def unregistered_letters(batch: Batch, rows: list[UsageRow]) -> list[DeadLetter]:
-    """Dead letters (`unregistered_device`) for `rows` of `batch`, with their originals."""
-    wanted = {(r.kafka_partition, r.kafka_offset): r.device_id for r in rows}
-    letters = []
-    for tp, records in batch.source.items():
-        for record in records:
-            device_id = wanted.get((tp.partition, record.offset))
-            if device_id is None:
-                continue
-            error = InvalidTelemetry(
-                Reason.UNREGISTERED_DEVICE,
-                f"device_id: {device_id!r} is not registered in the device registry",
-            )
-            letters.append(DeadLetter.for_record(error, record))
-    return letters
 
 
 class Consumer:
@@ -287,7 +226,7 @@ class Consumer:
             if self._settings.enrich.unregistered == "store":
                 rows = rows + enriched.unregistered
             else:
-                dead = dead + unregistered_letters(batch, enriched.unregistered)
+                dead = dead + unregistered_letters(enriched.unregistered)
         await self._retry(
             "dead_letter", send_dead_letters, producer, self._settings.kafka.dlq_topic, dead
         )

@@ -6,15 +6,18 @@ For a batch of rows, `Enricher.enrich` resolves per (device_id, event_time):
     firmware            the firmware the device ran at event_time: the latest
                         installation it reported at or before then (its own
                         `<category>.firmware` events, outcome "installed", recorded by
-                        `record_firmware` in the registry's `firmware_history`), else
+                        `record_firmware` through the registry's function of that name
+                        in its `firmware_history`), else
                         the first installation's from_version, else the registry's
                         `devices.firmware_version` (NULL until something sets it).
                         A row keeps what was known when it was stored: an
                         installation reported late does not rewrite earlier rows.
     purchase_channel    of the ownership period covering event_time
-    analytics_consent   that period's owner's analytics consent *now* (None: no owner then)
+    analytics_consent   whether that period's owner may be attributed *now* (None: no
+                        owner then): the registry's one rule, its view `analytics_owners`
+                        (consenting, not erased owners), which the lookup joins
     region, membership_tier, owner_key
-                        only when that owner consents now and is not erased; else None.
+                        only when that owner may be attributed; else None.
                         owner_key = HMAC-SHA256(enrich.owner_key_secret, owner id), hex,
                         first 32 digits. The key is never stored, nor logged.
 
@@ -32,8 +35,8 @@ and one for its firmware history.
 Resolving by event time is then done in Python. The cache is keyed by device id (an
 unknown device is cached too) and bounded (`cache_max_devices`, oldest out first).
 
-Invalidation, and its bound. Triggers on the registry's tables (ingest/sql/registry,
-installed by the consumer) `NOTIFY usagepipe_registry` when a change commits; a
+Invalidation, and its bound. Triggers on the registry's tables (devices/sql/002_notify,
+the registry's migrations) `NOTIFY usagepipe_registry` when a change commits; a
 dedicated connection LISTENs and evicts the devices concerned. A change is therefore
 applied to every batch enriched after the notification arrives (milliseconds after the
 commit); the batch already in hand is written as it was enriched. Backstops: an entry
@@ -42,7 +45,7 @@ is not used at all (every batch asks the registry), and it is emptied when it is
 
 Erasure. An `erased` notification, and a check at start-up and every `cache_ttl_s` for
 erased owners `<table>_erasures` does not list yet, make `apply_erasures` remove those
-owners' keys from stored rows (`UsageStore.unlink_owners`). The consumer calls it after
+owners' keys from stored rows (`ingest.erasure.unlink_owners`). The consumer calls it after
 each batch commit, so rows of a batch enriched before the erasure lose their key too.
 
 A lookup is bounded by `lookup_timeout_s`; a failure raises `RegistryLookupFailed`,
@@ -63,32 +66,32 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from importlib.resources import files
 from types import TracebackType
 from typing import Any, Self
 from uuid import UUID
 
 import asyncpg
-import orjson
 from pydantic import SecretStr
 
-from devices.errors import MigrationError, RegistryUnavailable
-from devices.registry import migrate_registry
+from ingest import erasure
 from ingest.errors import ConfigurationError, RegistryLookupFailed
 from ingest.metrics import ConsumerMetrics
-from ingest.migrations import migrate, quote_schema
+from ingest.migrations import quote_schema
+from ingest.postgres import DB_ERRORS, translated
+from ingest.rows import UsageRow
 from ingest.settings import EnrichSettings, Settings
-from ingest.store import UsageRow, UsageStore
+from ingest.store import UsageStore
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "usagepipe_registry"
-"""The NOTIFY channel of ingest/sql/registry/001_notify.sql."""
-NOTIFY_COMPONENT = "enrich.notify"
+"""The NOTIFY channel of the registry's triggers (devices/sql/002_notify.sql)."""
+NEWEST_REGISTRY_OBJECT = "record_firmware"
+"""The last object of the registry's migrations that enrichment uses: where it exists,
+so do the tables, triggers and views before it (devices/sql/004_consumer_interface)."""
 OWNER_KEY_HEX_DIGITS = 32
 """128 bits of the HMAC: collisions are out of reach for any fleet."""
 _LISTEN_RETRY_S = (1.0, 30.0)  # first and longest wait between reconnect attempts
-_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def owner_key(secret: bytes, owner_id: UUID) -> str:
@@ -105,7 +108,7 @@ class Period:
     valid_to: datetime | None
     purchase_channel: str
     linked: bool
-    """The owner exists, is not erased and consents to analytics now."""
+    """The owner is in the registry's `analytics_owners` (consents, not erased) now."""
     region: str | None
     membership_tier: str | None
     owner_key: str | None
@@ -178,7 +181,10 @@ class Enricher:
     """Registry lookups for the consumer, cached and invalidated by NOTIFY.
 
     An async context manager: entering opens a small pool and the listening
-    connection, and installs the registry's migrations and notification triggers.
+    connection. The registry's schema (its tables, notification triggers and firmware
+    history) is the registry's to create (`devices.registry.migrate_registry`, run by
+    `usagepipe consume` and `usagepipe registry migrate`); without it, entering refuses
+    with a `ConfigurationError` saying so.
     """
 
     def __init__(
@@ -198,6 +204,7 @@ class Enricher:
         self._secret = settings.owner_key_secret.get_secret_value().encode()
         self._schema = registry_schema
         self._quoted = quote_schema(registry_schema)
+        self._newest = f"{self._quoted}.{NEWEST_REGISTRY_OBJECT}"
         self._dsn = dsn
         self._metrics = metrics
         self._pool: asyncpg.Pool | None = None
@@ -220,11 +227,11 @@ class Enricher:
         self._query = f"""
             SELECT d.device_key, d.device_id, d.model_number, m.category, d.firmware_version,
                    p.valid_from, p.valid_to, p.purchase_channel, p.owner_id,
-                   o.status, o.region, o.membership_tier, o.analytics_consent
+                   a.owner_id IS NOT NULL AS attributable, a.region, a.membership_tier
             FROM {self._quoted}.devices d
             JOIN {self._quoted}.product_models m ON m.model_number = d.model_number
             LEFT JOIN {self._quoted}.ownership_periods p ON p.device_key = d.device_key
-            LEFT JOIN {self._quoted}.owners o ON o.owner_id = p.owner_id
+            LEFT JOIN {self._quoted}.analytics_owners a ON a.owner_id = p.owner_id
             WHERE d.device_id = ANY($1::text[])
             ORDER BY d.device_id, p.valid_from
         """
@@ -235,16 +242,11 @@ class Enricher:
             WHERE d.device_id = ANY($1::text[])
             ORDER BY d.device_id, f.installed_at
         """
-        self._record_installs = f"""
-            INSERT INTO {self._quoted}.firmware_history
-                (device_key, installed_at, from_version, to_version)
-            SELECT d.device_key, u.at, u.from_version, u.to_version
-            FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[])
-                 AS u (device_id, at, from_version, to_version)
-            JOIN {self._quoted}.devices d ON d.device_id = u.device_id
-            ON CONFLICT DO NOTHING
-            RETURNING device_key
-        """
+        # The registry's own function writes its firmware history (devices/sql/004).
+        self._record_installs = (
+            f"SELECT * FROM {self._quoted}.record_firmware("
+            "$1::text[], $2::timestamptz[], $3::text[], $4::text[])"
+        )
 
     async def __aenter__(self) -> Self:
         try:
@@ -261,17 +263,17 @@ class Enricher:
                 max_size=2,
                 server_settings={"synchronous_commit": "off"},
             )
-            async with self._pool.acquire() as conn:
-                await migrate_registry(conn, self._schema)
-                await migrate(
-                    conn,
-                    schema=self._schema,
-                    component=NOTIFY_COMPONENT,
-                    directory=files("ingest.sql") / "registry",
-                )
-        except (MigrationError, RegistryUnavailable, *_DB_ERRORS) as exc:
+            missing = await self._pool.fetchval("SELECT to_regproc($1) IS NULL", self._newest)
+        except DB_ERRORS as exc:
             await self.close()
             raise RegistryLookupFailed(f"cannot open the registry for enrichment: {exc}") from exc
+        if missing:
+            await self.close()
+            raise ConfigurationError(
+                f"the registry schema {self._schema} is not migrated"
+                f" (no {self._schema}.{NEWEST_REGISTRY_OBJECT}):"
+                " run `usagepipe registry migrate` first"
+            )
         await self._listen()
         return self
 
@@ -288,7 +290,7 @@ class Enricher:
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.remove_termination_listener(self._on_lost)
-            with contextlib.suppress(*_DB_ERRORS):
+            with contextlib.suppress(*DB_ERRORS):
                 await listener.close()
         pool, self._pool = self._pool, None
         if pool is not None:
@@ -323,7 +325,7 @@ class Enricher:
                     r.event_time,
                     r.schema,
                     r.schema_version,
-                    r.body_json,
+                    r.body,
                     r.kafka_partition,
                     r.kafka_offset,
                     model=f.model,
@@ -383,15 +385,13 @@ class Enricher:
     async def _load(self, device_ids: list[str]) -> dict[str, DeviceFacts]:
         if self._pool is None:
             raise RegistryLookupFailed("the enricher is not open")
-        try:
+        with translated(
+            RegistryLookupFailed, f"registry lookup of {len(device_ids)} devices failed"
+        ):
             async with asyncio.timeout(self._settings.lookup_timeout_s):
                 async with self._pool.acquire() as conn:
                     records = await conn.fetch(self._query, device_ids)
                     installs = await conn.fetch(self._installs_query, device_ids)
-        except _DB_ERRORS as exc:
-            raise RegistryLookupFailed(
-                f"registry lookup of {len(device_ids)} devices failed: {exc!r}"
-            ) from exc
         grouped: dict[str, list[asyncpg.Record]] = {}
         for rec in records:
             grouped.setdefault(rec["device_id"], []).append(rec)
@@ -420,7 +420,7 @@ class Enricher:
         for r in rows:
             if not r.schema.endswith(".firmware"):
                 continue
-            body = orjson.loads(r.body_json)
+            body = r.body
             if body.get("outcome") == "installed":
                 install = (r.event_time, body["from_version"], body["to_version"])
                 found.append((r.device_id, *install))
@@ -429,15 +429,13 @@ class Enricher:
             return 0
         if self._pool is None:
             raise RegistryLookupFailed("the enricher is not open")
-        try:
+        with translated(
+            RegistryLookupFailed, f"recording {len(found)} firmware installations failed"
+        ):
             async with asyncio.timeout(self._settings.lookup_timeout_s):
                 async with self._pool.acquire() as conn:
                     self._own_pids.add(conn.get_server_pid())
                     added = await conn.fetch(self._record_installs, *zip(*found, strict=True))
-        except _DB_ERRORS as exc:
-            raise RegistryLookupFailed(
-                f"recording {len(found)} firmware installations failed: {exc!r}"
-            ) from exc
         # Merged into the cached facts once per device: a device's history can be long,
         # and a batch may carry many of its installations.
         for device_id, reported in by_device.items():
@@ -457,7 +455,8 @@ class Enricher:
             if rec["valid_from"] is None:
                 continue  # LEFT JOIN: a device with no period yet
             owner: UUID | None = rec["owner_id"]
-            linked = owner is not None and rec["status"] != "erased" and rec["analytics_consent"]
+            # Who may be attributed is the registry's rule, its view analytics_owners.
+            linked: bool = rec["attributable"]
             if owner is not None:
                 owners.add(owner)
             periods.append(
@@ -465,7 +464,7 @@ class Enricher:
                     rec["valid_from"],
                     rec["valid_to"],
                     rec["purchase_channel"],
-                    bool(linked),
+                    linked,
                     rec["region"] if linked else None,
                     rec["membership_tier"] if linked else None,
                     owner_key(self._secret, owner) if linked and owner is not None else None,
@@ -520,7 +519,7 @@ class Enricher:
             async with asyncio.timeout(self._settings.lookup_timeout_s):
                 conn = await asyncpg.connect(self._dsn)
                 await conn.add_listener(CHANNEL, self._on_notification)
-        except _DB_ERRORS as exc:
+        except DB_ERRORS as exc:
             self._listen_at = time.monotonic() + self._listen_wait
             log.warning(
                 "cannot listen for registry changes (%r); registry cache off, retry in %.0fs",
@@ -581,12 +580,14 @@ class Enricher:
         """
         owners = set(self._erased)
         if time.monotonic() >= self._reconcile_at:
-            owners.update(await store.erasures_pending(self._schema))
+            owners.update(await erasure.erasures_pending(store, self._schema))
             self._reconcile_at = time.monotonic() + self._settings.cache_ttl_s
         if not owners:
             return 0
         ordered = sorted(owners)
-        changed = await store.unlink_owners([(o, owner_key(self._secret, o)) for o in ordered])
+        changed = await erasure.unlink_owners(
+            store, [(o, owner_key(self._secret, o)) for o in ordered]
+        )
         self._erased.difference_update(owners)
         self._metrics.owner_links_removed.inc(changed)
         log.info("removed the owner key of %d erased owner(s) from %d rows", len(ordered), changed)

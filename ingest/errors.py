@@ -40,3 +40,9 @@ class RegistryLookupFailed(UsagepipeError):
     the batch waits and is retried, never stored without enrichment."""
 
     retriable = True
+
+
+class MigrationError(UsagepipeError):
+    """A migration cannot be applied: bad file name, duplicate number, edited file."""
+
+    retriable = False

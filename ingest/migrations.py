@@ -10,6 +10,10 @@ Two processes starting together both call `migrate()`; a transaction-level advis
 that changed after it was applied is refused (its SHA-256 is recorded), because the
 database would silently differ from what the file says.
 
+A component may take over another's recorded history (`absorbs`) when the files move
+to it unchanged: the records are renamed and renumbered in the same transaction, so a
+database that applied them under the old name applies nothing again.
+
 Migration files must not contain BEGIN/COMMIT, and create objects without a schema
 prefix: the runner sets `search_path` to the target schema first (then `public`, where
 extensions usually live).
@@ -21,17 +25,21 @@ import hashlib
 import importlib.resources.abc
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from devices.errors import MigrationError, RegistryUnavailable
-from devices.settings import SCHEMA_NAME_PATTERN
+from ingest.errors import MigrationError, StoreUnavailable
+from ingest.postgres import translated
 
 log = logging.getLogger(__name__)
 
+# A PostgreSQL schema name we are willing to put between double quotes in SQL text:
+# lower-case, no quotes, at most 63 bytes (PostgreSQL's identifier limit).
+SCHEMA_NAME_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _FILE_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 _COMPONENT = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
 
@@ -94,18 +102,24 @@ async def migrate(
     schema: str,
     component: str,
     directory: Directory,
+    absorbs: Mapping[str, int] | None = None,
 ) -> list[str]:
     """Apply `component`'s pending migrations in `schema`; return the names applied.
 
     Idempotent: a second call returns `[]`. Safe to run concurrently from several
     processes (they serialise on an advisory lock held until the transaction ends).
+
+    `absorbs` maps an older component whose files are now `component`'s (moved
+    unchanged, so their checksums still hold) to how many numbers later they come
+    here: its records become `component`'s, renumbered, names included.
     """
     quoted = quote_schema(schema)
-    if not _COMPONENT.match(component):
-        raise ValueError(f"component {component!r} is not a plain name")
+    for name in (component, *(absorbs or {})):
+        if not _COMPONENT.match(name):
+            raise ValueError(f"component {name!r} is not a plain name")
     migrations = load_migrations(directory)
     applied: list[str] = []
-    try:
+    with translated(StoreUnavailable, f"could not migrate schema {schema}", detail=str):
         async with conn.transaction():
             await conn.execute(
                 "SELECT pg_advisory_xact_lock($1)", advisory_lock_key("migrate", schema)
@@ -124,6 +138,15 @@ async def migrate(
                 )
                 """
             )
+            for former, shift in (absorbs or {}).items():
+                await conn.execute(
+                    "UPDATE schema_migrations SET component = $1, version = version + $3,"
+                    " name = to_char(version + $3, 'FM000') || substr(name, 4)"
+                    " WHERE component = $2",
+                    component,
+                    former,
+                    shift,
+                )
             rows = await conn.fetch(
                 "SELECT version, name, checksum FROM schema_migrations WHERE component = $1",
                 component,
@@ -139,7 +162,14 @@ async def migrate(
                         )
                     continue
                 log.info("applying %s migration %s in schema %s", component, migration.name, schema)
-                await conn.execute(migration.sql)
+                try:
+                    await conn.execute(migration.sql)
+                except asyncpg.PostgresError as exc:
+                    # The file itself is wrong (or does not fit this database): trying
+                    # again will not help, so not StoreUnavailable.
+                    raise MigrationError(
+                        f"{component} migration {migration.name} failed in schema {schema}: {exc}"
+                    ) from exc
                 await conn.execute(
                     "INSERT INTO schema_migrations (component, version, name, checksum)"
                     " VALUES ($1, $2, $3, $4)",
@@ -149,6 +179,4 @@ async def migrate(
                     migration.checksum,
                 )
                 applied.append(migration.name)
-    except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError) as exc:
-        raise RegistryUnavailable(f"could not migrate schema {schema}: {exc}") from exc
     return applied

@@ -32,7 +32,8 @@ from ingest.errors import StoreUnavailable
 
 if TYPE_CHECKING:
     from ingest.metrics import ConsumerMetrics
-    from ingest.store import SourceOffset, UsageStore
+    from ingest.rows import SourceOffset
+    from ingest.store import UsageStore
 
 log = logging.getLogger(__name__)
 

@@ -58,7 +58,7 @@ makes it exact for the reports: distinct owners of a segment (k-anonymity) and
 distinct devices, device-days and device-weeks over any range are `count(DISTINCT)`
 over its rows. It is for the insights code only, which never shows either (see
 `insights.privacy`); erasure removes keys from it as from the raw rows
-(`UsageStore.unlink_owners`). Same design as the others: one aggregate
+(`ingest.erasure.unlink_owners`). Same design as the others: one aggregate
 (`device_daily_query`) for the refresh, the live reads and the TimescaleDB continuous
 aggregate; the plain layout recomputes the days of the noted hours; reads
 (`device_daily_source`) take noted days from the raw rows.
@@ -221,7 +221,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 def bucket_start(t: datetime, step: timedelta) -> datetime:
     """The start of the epoch-aligned `step` that `t` falls in: an hour or day bucket
-    here (`date_bin` from the epoch in SQL), a partition in `ingest.store`."""
+    here (`date_bin` from the epoch in SQL), a partition in `ingest.tables`."""
     return _EPOCH + ((t - _EPOCH) // step) * step
 
 

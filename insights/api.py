@@ -43,6 +43,7 @@ from pydantic import BaseModel, Field
 from ingest import httpapi
 from ingest.errors import StoreUnavailable
 from ingest.metrics import HttpMetrics
+from ingest.postgres import DB_ERRORS
 from ingest.settings import InsightsSettings, PostgresSettings
 from insights.choices import FilterChoices, filter_choices
 from insights.export import MEDIA_TYPES, export
@@ -214,7 +215,7 @@ def create_app(
             state["pool"] = await asyncpg.create_pool(
                 postgres.dsn.get_secret_value(), min_size=1, max_size=postgres.pool_size
             )
-        except (OSError, asyncpg.PostgresError) as exc:
+        except DB_ERRORS as exc:
             raise StoreUnavailable(f"PostgreSQL unreachable: {exc}") from exc
         try:
             yield
@@ -324,7 +325,7 @@ def create_app(
                     options={"by": by, "tz": tz},
                     timezone=insights.timezone,
                 )
-        except (OSError, asyncpg.PostgresError, StoreUnavailable) as exc:
+        except (*DB_ERRORS, StoreUnavailable) as exc:
             log.warning("report %s failed: %s", name, exc)
             return httpapi.unavailable(str(exc))
         body = export(result, format)
@@ -358,7 +359,7 @@ def create_app(
         try:
             async with state["pool"].acquire() as conn:
                 found = await filter_choices(conn, postgres.table, filters)
-        except (OSError, asyncpg.PostgresError, StoreUnavailable) as exc:
+        except (*DB_ERRORS, StoreUnavailable) as exc:
             log.warning("filter values failed: %s", exc)
             return httpapi.unavailable(str(exc))
         return Response(found.model_dump_json(), media_type="application/json")

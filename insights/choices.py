@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 
 from ingest.errors import StoreUnavailable
 from ingest.migrations import Connection
+from ingest.postgres import DB_ERRORS
 from ingest.rollups import device_daily_source
 from insights.filters import Filters
 
@@ -70,7 +71,7 @@ async def filter_choices(conn: Connection, table: str, filters: Filters) -> Filt
             first, last = await _extent(conn, table)
     except asyncpg.UndefinedTableError as exc:
         raise StoreUnavailable(f"{exc}: run `usagepipe db migrate` first") from exc
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DB_ERRORS as exc:
         raise StoreUnavailable(f"filter values failed: {exc!r}") from exc
     model_category: dict[str, str] = {}
     firmware_by_model: dict[str, set[str]] = {}

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ingest.ports import port_number
+from ingest.postgres import DB_ERRORS
 from ingest.settings import Settings
 from insights.filters import CATEGORIES, FilterError, Filters
 from insights.reports import REPORTS, Report
@@ -111,7 +112,7 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
     except FilterError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
-    except (OSError, asyncpg.PostgresError, StoreUnavailable) as exc:
+    except (*DB_ERRORS, StoreUnavailable) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     if args.format == "table":
@@ -237,7 +238,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         # logs when the app's startup (its connection pool) fails.
         try:
             conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
-        except (OSError, asyncpg.PostgresError) as exc:
+        except DB_ERRORS as exc:
             raise StoreUnavailable(f"PostgreSQL unreachable: {exc}") from exc
         await conn.close()
         log.info("insights on http://%s:%d/", host, sock.getsockname()[1])

@@ -46,6 +46,7 @@ import asyncpg
 
 from ingest.errors import StoreUnavailable
 from ingest.migrations import Connection
+from ingest.postgres import DB_ERRORS
 from ingest.rollups import device_daily_source, usage_rollup
 from insights.filters import FilterError, Filters
 from insights.generalise import Generalisation, Row, Scalar, Segment, generalise
@@ -328,7 +329,7 @@ async def run_report(
             f"{exc}: run `usagepipe db migrate` (and, for marketing-usable reports, "
             "`usagepipe registry migrate`) first"
         ) from exc
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DB_ERRORS as exc:
         raise StoreUnavailable(f"report {name} failed: {exc!r}") from exc
     rows = generalise(
         found, spec.generalisation, privacy.k, privacy.reason, privacy.remainder_reason

@@ -13,6 +13,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from prometheus_client import CollectorRegistry
 
+from devices.registry import migrate_registry_at
 from ingest.bridge import Bridge
 from ingest.consumer import Consumer
 from ingest.kafka import ensure_topics
@@ -36,8 +37,10 @@ async def pipeline(
 ) -> AsyncIterator[Running]:
     """Bridge and consumer running until the block ends, then stopped cleanly.
 
-    The bridge's metrics go to `registry` if given (a fresh one otherwise).
+    The bridge's metrics go to `registry` if given (a fresh one otherwise). The registry
+    schema is migrated first, as `usagepipe consume` does.
     """
+    await migrate_registry_at(settings.postgres.dsn.get_secret_value(), settings.registry.db_schema)
     bridge = Bridge(settings, BridgeMetrics(registry or CollectorRegistry()))
     consumer = Consumer(settings, ConsumerMetrics(CollectorRegistry()))
     async with asyncio.TaskGroup() as tasks:

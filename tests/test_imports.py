@@ -15,8 +15,6 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 
 # Each package with the packages it may import (besides itself and third parties).
@@ -74,9 +72,6 @@ def test_schemas_import_nothing_of_ours() -> None:
     assert against_direction("schemas") == []
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 14 item 3: enrich, store, settings and migrations import devices"
-)
 def test_the_data_path_imports_only_the_contract() -> None:
     assert against_direction("ingest") == []
 

@@ -15,7 +15,7 @@ import pytest
 
 from devices.factory_import import import_units
 from devices.registry import Registry
-from devices.settings import RegistrySettings
+from ingest.settings import RegistrySettings
 from tests.devices.catalog import DRYER, DSN, UNITS_CSV, WASHER
 from tests.devices.fakes import RecordingBroker, RecordingPublisher
 

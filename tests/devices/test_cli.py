@@ -17,8 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from devices.cli import register_commands
 from devices.records import Owner, device_id_for
 from devices.registry import Registry
-from devices.settings import RegistrySettings
-from ingest.settings import KafkaSettings, PostgresSettings, Settings
+from ingest.settings import KafkaSettings, PostgresSettings, RegistrySettings, Settings
 from schemas.envelope import telemetry_topic
 from tests.conftest import drop_registry
 from tests.devices.catalog import DSN, KAFKA, UNITS_CSV
@@ -71,7 +70,9 @@ def test_commands(
     cli_settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert run(cli_settings, "migrate") == 0
-    assert capsys.readouterr().out.endswith(": applied 001_registry\n")
+    assert capsys.readouterr().out.endswith(
+        ": applied 001_registry, 002_notify, 003_firmware, 004_consumer_interface\n"
+    )
     assert run(cli_settings, "migrate") == 0
     assert capsys.readouterr().out.endswith(": applied nothing\n")
     args = ("--category", "washer", "--name", "Washer 100", "--launched-on", "2025-03-01")

@@ -15,8 +15,7 @@ from devices.events import EventPublisher, KafkaEventPublisher
 from devices.factory_import import import_units
 from devices.records import Purchase, PurchaseChannel
 from devices.registry import Registry
-from devices.settings import RegistrySettings
-from ingest.settings import KafkaSettings
+from ingest.settings import KafkaSettings, RegistrySettings
 from tests.devices.catalog import DSN, KAFKA, T0, UNITS_CSV, WASHER, new_owner
 from tests.devices.fakes import RecordingBroker, RecordingPublisher
 

@@ -41,14 +41,17 @@ async def test_consent_changes_are_audited(registry: Registry) -> None:
     ]
 
 
-async def test_attribution_follows_analytics_consent(registry: Registry) -> None:
+async def test_attribution_follows_analytics_consent(
+    registry: Registry, reg_schema: str, pg: asyncpg.Connection
+) -> None:
+    """The one rule of who usage may be attributed to: the view `analytics_owners`,
+    which enrichment joins (tests/ingest/test_enrich.py follows it through the consumer)."""
     ada = await registry.create_owner(new_owner(), source="signup", at=T0)
     done = await registry.register(ada, "WM-100", "SN0001", "CODE-0001", SHOP, at=T0)
-    seen = await registry.attribution_at(done.device_id, T0 + timedelta(hours=1))
-    assert seen is not None
-    assert (seen.owner_id, seen.region, seen.membership_tier) == (ada, "JP-13", MembershipTier.GOLD)
+    view = f"SELECT owner_id, region, membership_tier FROM {reg_schema}.analytics_owners"
+    assert [tuple(r) for r in await pg.fetch(view)] == [(ada, "JP-13", MembershipTier.GOLD.value)]
     await registry.set_consent(ada, analytics=False, source="app", at=T0 + timedelta(days=1))
-    assert await registry.attribution_at(done.device_id, T0 + timedelta(hours=1)) is None
+    assert await pg.fetch(view) == []
     # Ownership itself is unchanged.
     assert await registry.owner_at(done.device_id, T0 + timedelta(hours=1)) == ada
 

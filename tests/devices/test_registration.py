@@ -14,7 +14,7 @@ from devices.errors import RegistryUnavailable, Rejected, RejectReason
 from devices.outbox import prune
 from devices.records import Purchase, PurchaseChannel, device_id_for
 from devices.registry import Registry
-from devices.settings import RegistrySettings
+from ingest.settings import RegistrySettings
 from schemas.envelope import DEVICE_ID_PATTERN
 from tests.devices.catalog import T0, new_owner
 from tests.devices.fakes import RecordingBroker, RecordingPublisher

@@ -304,6 +304,28 @@ def test_the_consumer_refuses_to_start_without_an_owner_key_secret(settings: Set
         )
 
 
+async def test_the_consumer_refuses_to_start_without_the_registry_schema(
+    settings: Settings,
+) -> None:
+    """The registry creates its schema (`usagepipe consume` runs its migrations first);
+    an enricher pointed at a schema nobody migrated says so in one line."""
+    schema = f"{settings.registry.db_schema}_absent"
+    enricher = Enricher(
+        settings.enrich,
+        registry_schema=schema,
+        dsn=settings.postgres.dsn.get_secret_value(),
+        metrics=ConsumerMetrics(CollectorRegistry()),
+    )
+    with pytest.raises(ConfigurationError) as refused:
+        async with enricher:
+            pass
+    assert str(refused.value) == (
+        f"the registry schema {schema} is not migrated (no {schema}.record_firmware):"
+        " run `usagepipe registry migrate` first"
+    )
+    assert not enricher.listening
+
+
 def test_local_runs_get_a_generated_private_owner_key_secret(
     settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

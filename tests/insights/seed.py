@@ -18,12 +18,12 @@ from datetime import UTC, date, datetime, timedelta
 from uuid import UUID
 
 import asyncpg
-import orjson
 
 from devices.registry import migrate_registry
 from ingest.enrich import owner_key
 from ingest.migrations import quote_schema
-from ingest.store import UsageRow, UsageStore
+from ingest.rows import UsageRow
+from ingest.store import UsageStore
 
 START = datetime(2026, 11, 2, tzinfo=UTC)  # a Monday
 END = START + timedelta(days=21)
@@ -197,7 +197,7 @@ def _row(
         t,
         schema,
         1,
-        orjson.dumps(body).decode(),
+        body,
         0,
         seq,
         model=d.model,

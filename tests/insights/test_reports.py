@@ -14,8 +14,8 @@ from typing import Any, TypedDict
 import asyncpg
 import pytest
 
+from ingest.rows import UsageRow
 from ingest.settings import Settings
-from ingest.store import UsageRow
 from insights.export import export
 from insights.filters import FilterError, Filters
 from insights.privacy import Privacy
@@ -325,7 +325,7 @@ async def test_reports_are_the_same_before_and_after_the_rollups_are_refreshed(
 
 def _late_row(device: str, at: datetime, seq: int) -> UsageRow:
     """A washer error raised by an existing device, with a boot of its own."""
-    body = '{"code": "E01", "severity": "fault", "state": "raised"}'
+    body: dict[str, object] = {"code": "E01", "severity": "fault", "state": "raised"}
     return UsageRow(
         device, f"{device}-late", seq, at, "washer.error", 1, body, 0, seq,
         model="WM-A", firmware="2.1", region=None, category="washer",

@@ -7,6 +7,7 @@ broker that does not answer, and a pipe closed before the output ends.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+import asyncpg
 import pytest
 from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
@@ -423,6 +425,53 @@ def test_ports_another_server_holds(settings: Settings) -> None:
         f"usagepipe simulate: metrics port {port} {in_use} USAGEPIPE_SIMULATOR__METRICS_PORT"
         " to a free port"
     )
+
+
+# -- the registry's schema ------------------------------------------------------------
+
+
+def test_consume_on_a_fresh_database_migrates_the_registry_first(settings: Settings) -> None:
+    """The consumer enriches from the registry's schema and never creates it; the
+    command does, as `usagepipe registry migrate` would, so the two commands of a
+    fresh install still work in order."""
+    fresh = f"{settings.registry.db_schema}_fresh"
+    env = environment(settings, USAGEPIPE_REGISTRY__DB_SCHEMA=fresh)
+    dsn = settings.postgres.dsn.get_secret_value()
+    try:
+        done = usagepipe("--log-level", "error", "consume", "--duration", "1s", env=env)
+        assert (done.returncode, done.stderr, done.stdout) == (
+            0,
+            "",
+            "consumer: 0 consumed, 0 stored, 0 duplicates, 0 dead letters\n",
+        )
+        applied = asyncio.run(_registry_migrations(dsn, fresh))
+        assert applied == [
+            ("registry", 1, "001_registry"),
+            ("registry", 2, "002_notify"),
+            ("registry", 3, "003_firmware"),
+            ("registry", 4, "004_consumer_interface"),
+        ]
+    finally:
+        asyncio.run(_drop_schema(dsn, fresh))
+
+
+async def _registry_migrations(dsn: str, schema: str) -> list[tuple[str, int, str]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            f"SELECT component, version, name FROM {schema}.schema_migrations ORDER BY 1, 2"
+        )
+    finally:
+        await conn.close()
+    return [(r["component"], r["version"], r["name"]) for r in rows]
+
+
+async def _drop_schema(dsn: str, schema: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await conn.close()
 
 
 # -- servers that do not answer --------------------------------------------------------

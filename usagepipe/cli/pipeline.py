@@ -106,11 +106,24 @@ def _bridge(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _consume(args: argparse.Namespace, settings: Settings) -> int:
+    from devices.errors import RegistryError
+    from devices.registry import migrate_registry_at
     from ingest.consumer import Consumer
     from ingest.enrich import with_local_owner_key
     from ingest.metrics import ConsumerMetrics
 
     settings = with_local_owner_key(settings)  # unset: the local run dir's, with a warning
+    # The registry owns its schema; the consumer enriches from it and refuses to start
+    # without it, so a fresh database gets it here, as `registry migrate` would.
+    try:
+        asyncio.run(
+            migrate_registry_at(
+                settings.postgres.dsn.get_secret_value(), settings.registry.db_schema
+            )
+        )
+    except RegistryError as exc:
+        print(f"usagepipe consume: {exc}", file=sys.stderr)
+        return 1 if exc.retriable else 2
     report = _serve(
         settings.consumer.metrics_port,
         variable(["consumer", "metrics_port"]),

@@ -3,15 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from devices.errors import MigrationError
+from ingest.errors import MigrationError
 from ingest.migrations import migrate
 from tests.devices.catalog import DSN
+
+
+@pytest.fixture
+async def reg_schema() -> AsyncIterator[str]:
+    """A schema name of this test's own, dropped afterwards."""
+    name = f"migtest_{uuid.uuid4().hex[:12]}"
+    yield name
+    conn = await asyncpg.connect(DSN)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def pg() -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(DSN)
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 @pytest.fixture
@@ -67,8 +89,13 @@ async def test_failed_migration_applies_nothing(
 ) -> None:
     write(tmp_path, "001_ok.sql", "CREATE TABLE fine (n int);")
     write(tmp_path, "002_bad.sql", "CREATE TABLE broken (n nonexistent_type);")
-    with pytest.raises(asyncpg.exceptions.UndefinedObjectError):
+    with pytest.raises(MigrationError) as failed:
         await migrate(pg, schema=reg_schema, component="demo", directory=tmp_path)
+    assert str(failed.value) == (
+        f'demo migration 002_bad failed in schema {reg_schema}: type "nonexistent_type"'
+        " does not exist"
+    )
+    assert isinstance(failed.value.__cause__, asyncpg.exceptions.UndefinedObjectError)
     assert await pg.fetchval("SELECT to_regclass($1)", f"{reg_schema}.fine") is None
 
 

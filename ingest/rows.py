@@ -1,0 +1,187 @@
+"""Where a Kafka record becomes a usage row: a `getmany()` batch validated into rows
+to store and dead letters, the row type as the usage table stores it, and the Kafka
+position the batch ends at."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
+from ingest.dead_letter import DeadLetter
+from ingest.settings import Settings
+from schemas.envelope import Envelope
+from schemas.errors import InvalidTelemetry, Reason
+from schemas.parse import parse_telemetry
+
+COLUMNS = (
+    "device_id",
+    "boot_id",
+    "seq",
+    "event_time",
+    "schema",
+    "schema_version",
+    "body",
+    "model",
+    "firmware",
+    "region",
+    "kafka_partition",
+    "kafka_offset",
+    "category",
+    "membership_tier",
+    "purchase_channel",
+    "analytics_consent",
+    "owner_key",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """One stored usage event, as the consumer hands it to the store.
+
+    The fields after `kafka_offset` are filled by `ingest.enrich` from the device
+    registry (None where the registry has nothing, or the owner does not consent):
+    model, firmware and region are also the rollups' grouping keys.
+
+    `body` is the body as `schemas.parse` parsed it, once; it becomes JSON text only
+    in `record()`, for the store's COPY. `source` is the Kafka record the row came
+    from (None for rows built otherwise): a row the consumer refuses after
+    validation (an unregistered device) is dead-lettered with its original bytes.
+    """
+
+    device_id: str
+    boot_id: str
+    seq: int
+    event_time: datetime
+    schema: str
+    schema_version: int
+    body: dict[str, Any]
+    kafka_partition: int
+    kafka_offset: int
+    model: str | None = None
+    firmware: str | None = None
+    region: str | None = None
+    category: str | None = None
+    membership_tier: str | None = None
+    purchase_channel: str | None = None
+    analytics_consent: bool | None = None
+    owner_key: str | None = None
+    source: ConsumerRecord | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def from_envelope(
+        cls, env: Envelope, partition: int, offset: int, source: ConsumerRecord | None = None
+    ) -> UsageRow:
+        return cls(
+            env.device_id,
+            env.boot_id,
+            env.seq,
+            # In UTC, with the standard library's tzinfo: the device's own offset says
+            # nothing the instant does not, and every later use (COPY, buckets) reads
+            # the offset of a datetime.timezone several times faster than pydantic's.
+            env.event_time.astimezone(UTC),
+            env.schema_name,
+            env.schema_version,
+            env.body,
+            partition,
+            offset,
+            source=source,
+        )
+
+    @property
+    def key(self) -> tuple[str, str, int, datetime]:
+        """The row's identity in the table: (device, boot, seq, event time)."""
+        return (self.device_id, self.boot_id, self.seq, self.event_time)
+
+    def record(self) -> tuple[Any, ...]:
+        """The row in `COLUMNS` order, for COPY (the body as JSON text)."""
+        return (
+            self.device_id,
+            self.boot_id,
+            self.seq,
+            self.event_time,
+            self.schema,
+            self.schema_version,
+            orjson.dumps(self.body).decode(),
+            self.model,
+            self.firmware,
+            self.region,
+            self.kafka_partition,
+            self.kafka_offset,
+            self.category,
+            self.membership_tier,
+            self.purchase_channel,
+            self.analytics_consent,
+            self.owner_key,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SourceOffset:
+    """Where a consumer group is in one Kafka partition: the next offset to read, and
+    the Kafka timestamp of the record just before it (to recognise the same log)."""
+
+    topic: str
+    partition: int
+    next_offset: int
+    last_timestamp: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """One `getmany()` result, validated: rows to store, letters to dead-letter."""
+
+    rows: list[UsageRow]
+    dead: list[DeadLetter]
+    offsets: dict[TopicPartition, OffsetAndMetadata]
+    records: int
+    positions: list[SourceOffset]
+
+
+def validate_batch(
+    records: dict[TopicPartition, list[ConsumerRecord]],
+    *,
+    now: datetime,
+    settings: Settings,
+) -> Batch:
+    """Split Kafka records into storable rows and dead letters, and note the offsets."""
+    rows: list[UsageRow] = []
+    dead: list[DeadLetter] = []
+    offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+    positions: list[SourceOffset] = []
+    skew = settings.consumer.max_future_skew
+    max_bytes = settings.bridge.max_payload_bytes
+    count = 0
+    for tp, batch in records.items():
+        for record in batch:
+            count += 1
+            value: bytes = record.value if record.value is not None else b""
+            try:
+                env = parse_telemetry(value, now=now, max_future_skew=skew, max_bytes=max_bytes)
+            except InvalidTelemetry as error:
+                dead.append(DeadLetter.for_record(error, record))
+                continue
+            rows.append(UsageRow.from_envelope(env, tp.partition, record.offset, record))
+        if batch:
+            last = batch[-1]
+            offsets[tp] = OffsetAndMetadata(last.offset + 1, "")
+            positions.append(SourceOffset(tp.topic, tp.partition, last.offset + 1, last.timestamp))
+    return Batch(rows, dead, offsets, count, positions)
+
+
+def unregistered_letters(rows: list[UsageRow]) -> list[DeadLetter]:
+    """Dead letters (`unregistered_device`) for `rows`, from the records they came from."""
+    letters = []
+    for r in rows:
+        if r.source is None:
+            raise ValueError(f"row {r.key} has no Kafka record to dead-letter")
+        error = InvalidTelemetry(
+            Reason.UNREGISTERED_DEVICE,
+            f"device_id: {r.device_id!r} is not registered in the device registry",
+        )
+        letters.append(DeadLetter.for_record(error, r.source))
+    return letters

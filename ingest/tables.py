@@ -1,0 +1,311 @@
+"""The usage table's lifecycle: created and upgraded by migrations, its storage layout,
+partitions, TimescaleDB policies and retention.
+
+Two storage layouts, detected once when the table is first migrated and recorded in
+`<table>_layout` (`usagepipe db migrate` prints which):
+
+- `timescaledb` where `CREATE EXTENSION IF NOT EXISTS timescaledb` succeeds: a
+  hypertable, continuous aggregates, compression and retention policies;
+- `partitioned` otherwise: native range partitions on event_time that the store
+  creates before a COPY needs them (plus a DEFAULT partition, so nothing is refused),
+  rollup tables maintained in the write transaction, and `drop_expired()` for retention.
+
+Migrations are versioned SQL files (ingest/sql/<layout>/NNN_*.sql) applied by
+`ingest.migrations` as component `store.<table>`, with `{table}` filled in.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from ingest import migrations
+from ingest.errors import ConfigurationError, MigrationError, StoreUnavailable
+from ingest.migrations import Connection
+from ingest.postgres import DB_ERRORS, translated
+from ingest.rollups import bucket_start as partition_start
+from ingest.rollups import refresh_rollups
+from ingest.rows import UsageRow
+from ingest.settings import PostgresSettings
+from ingest.sql import Kind, migration_directory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """How the usage table is stored; fixed when the table is created."""
+
+    kind: Kind
+    partition_interval: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationReport:
+    layout: Layout
+    applied: list[str] = field(default_factory=list)
+
+
+class UsageTables:
+    """The usage table's layout and partitions; the store (`ingest.store`) hands it the
+    pool."""
+
+    def __init__(self, settings: PostgresSettings) -> None:
+        self._settings = settings
+        self.table = settings.table
+        self._layout: Layout | None = None
+        self._partitions: set[datetime] = set()
+
+    @property
+    def layout(self) -> Layout:
+        if self._layout is None:
+            raise StoreUnavailable("the store is not migrated yet (call migrate())")
+        return self._layout
+
+    # -- schema ------------------------------------------------------------------------
+
+    async def migrate(self, pool: asyncpg.Pool) -> MigrationReport:
+        """Bring the usage tables up to date (idempotent) and load the layout."""
+        s = self._settings
+        if s.partition_interval_s % 3600:
+            # Partition names carry their start to the hour (`<table>_pYYYYMMDDHH`).
+            raise ConfigurationError("postgres.partition_interval_s must be whole hours")
+        if s.retention <= s.allowed_lateness + s.partition_interval:
+            raise ConfigurationError(
+                "postgres.retention_days must exceed allowed_lateness_s plus one "
+                "partition_interval_s: a refresh or a late event must never reach "
+                "data that retention has already dropped"
+            )
+        try:
+            async with pool.acquire() as conn:
+                kind = await self._detect_kind(conn)
+                # Read by the migration files (see ingest/sql/*/001_usage.sql).
+                await conn.execute(
+                    "SELECT set_config('usagepipe.partition_interval', $1, false)",
+                    f"{int(s.partition_interval.total_seconds())} seconds",
+                )
+                schema = await conn.fetchval("SELECT current_schema()")
+                applied = await migrations.migrate(
+                    conn,
+                    schema=schema,
+                    component=f"store.{self.table}",
+                    directory=migration_directory(kind, self.table),
+                )
+                row = await conn.fetchrow(
+                    f"SELECT kind, partition_interval FROM {self.table}_layout"
+                )
+                if row is None:
+                    raise StoreUnavailable(f"{self.table}_layout is empty")
+                self._layout = Layout(row["kind"], row["partition_interval"])
+                if self._layout.partition_interval != s.partition_interval:
+                    log.warning(
+                        "%s keeps its partition interval %s; the setting (%s) applies to "
+                        "new tables only",
+                        self.table,
+                        self._layout.partition_interval,
+                        s.partition_interval,
+                    )
+                if kind == "timescaledb":
+                    await self._apply_policies(conn)
+                    if "003_device_daily" in applied:
+                        # Created WITH NO DATA on a table that may hold history older
+                        # than the refresh policy's window, which the policy would never
+                        # materialise. NULL, NULL: the whole range; a procedure that
+                        # cannot run inside a transaction block, hence here.
+                        await conn.execute(
+                            f"CALL refresh_continuous_aggregate('{self.table}_device_daily',"
+                            " NULL, NULL)"
+                        )
+                else:
+                    self._partitions = await self._existing_partitions(conn)
+        except (MigrationError, StoreUnavailable) as exc:
+            raise StoreUnavailable(f"migrating {self.table} failed: {exc}") from exc
+        except DB_ERRORS as exc:
+            raise StoreUnavailable(f"migrating {self.table} failed: {exc!r}") from exc
+        if kind == "partitioned":
+            now = datetime.now(UTC)
+            await self.ensure_partitions(pool, [now, now + self.layout.partition_interval])
+        return MigrationReport(self.layout, applied)
+
+    async def _detect_kind(self, conn: Connection) -> Kind:
+        """The table's recorded layout, or, for a new table, whether TimescaleDB loads."""
+        if await conn.fetchval("SELECT to_regclass($1)", f"{self.table}_layout") is not None:
+            kind: Kind = await conn.fetchval(f"SELECT kind FROM {self.table}_layout")
+            return kind
+        if not self._settings.use_timescaledb:
+            return "partitioned"
+        try:
+            async with conn.transaction():
+                await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        except asyncpg.PostgresError as exc:
+            # Not installed, or not in shared_preload_libraries: plain PostgreSQL.
+            log.info("TimescaleDB is not available (%s); using native partitions", exc)
+            return "partitioned"
+        return "timescaledb"
+
+    async def _apply_policies(self, conn: Connection) -> None:
+        """TimescaleDB's jobs, from the current settings (replaced on every migrate).
+
+        Documented forms: add_retention_policy(relation, drop_after),
+        add_compression_policy(hypertable, compress_after),
+        add_continuous_aggregate_policy(cagg, start_offset, end_offset, schedule_interval);
+        the remove_* functions with if_exists (named so since 2.8). The offsets are
+        declared "any" (interval or integer), hence the casts: a bare parameter there
+        has no type PostgreSQL could infer.
+        """
+        s = self._settings
+        t = self.table
+        # Late events up to allowed_lateness are re-aggregated by the refresh window;
+        # start_offset bounds how far back a refresh reaches, so a very late event can
+        # never make a refresh rescan the whole history.
+        refresh = {
+            f"{t}_hourly": (s.allowed_lateness + timedelta(hours=2), timedelta(hours=1)),
+            f"{t}_daily": (s.allowed_lateness + timedelta(days=2), timedelta(days=1)),
+            f"{t}_device_daily": (s.allowed_lateness + timedelta(days=2), timedelta(days=1)),
+        }
+        async with conn.transaction():
+            for view, (start, end) in refresh.items():
+                await conn.execute(
+                    "SELECT remove_continuous_aggregate_policy($1::regclass, if_exists => true)",
+                    view,
+                )
+                await conn.execute(
+                    "SELECT add_continuous_aggregate_policy($1::regclass,"
+                    " start_offset => $2::interval, end_offset => $3::interval,"
+                    " schedule_interval => $4::interval)",
+                    view,
+                    start,
+                    end,
+                    timedelta(minutes=30),
+                )
+            # Compress only chunks no late event is expected in any more.
+            await conn.execute(
+                "SELECT remove_compression_policy($1::regclass, if_exists => true)", t
+            )
+            await conn.execute(
+                "SELECT add_compression_policy($1::regclass, compress_after => $2::interval)",
+                t,
+                s.allowed_lateness + s.partition_interval,
+            )
+            await conn.execute("SELECT remove_retention_policy($1::regclass, if_exists => true)", t)
+            await conn.execute(
+                "SELECT add_retention_policy($1::regclass, drop_after => $2::interval)",
+                t,
+                s.retention,
+            )
+
+    # -- partitions (plain PostgreSQL) ----------------------------------------------------
+
+    def _partition_name(self, start: datetime) -> str:
+        return f"{self.table}_p{start.astimezone(UTC):%Y%m%d%H}"
+
+    async def _existing_partitions(self, conn: Connection) -> set[datetime]:
+        names = await conn.fetch(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = $1::regclass",
+            self.table,
+        )
+        pattern = re.compile(rf"^{re.escape(self.table)}_p(\d{{10}})$")
+        found = set()
+        for row in names:
+            match = pattern.match(row["relname"])
+            if match:
+                found.add(datetime.strptime(match.group(1), "%Y%m%d%H").replace(tzinfo=UTC))
+        return found
+
+    async def ensure_partitions(self, pool: asyncpg.Pool, times: Iterable[datetime]) -> list[str]:
+        """Create the partitions `times` fall in where missing; returns the names created.
+
+        Rows already in the DEFAULT partition for a new partition's range are moved into
+        it in the same transaction (PostgreSQL would otherwise refuse the partition).
+        """
+        interval = self.layout.partition_interval
+        missing = {partition_start(t, interval) for t in times} - self._partitions
+        if not missing:
+            return []
+        t = self.table
+        created: list[str] = []
+        with translated(StoreUnavailable, f"creating partitions of {t} failed"):
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1)",
+                    migrations.advisory_lock_key("partitions", t),
+                )
+                existing = await self._existing_partitions(conn)
+                for start in sorted(missing - existing):
+                    name = self._partition_name(start)
+                    end = start + interval
+                    await conn.execute(f"CREATE TABLE {name} (LIKE {t} INCLUDING DEFAULTS)")
+                    await conn.execute(
+                        f"WITH moved AS (DELETE FROM {t}_default"
+                        " WHERE event_time >= $1 AND event_time < $2 RETURNING *)"
+                        f" INSERT INTO {name} SELECT * FROM moved",
+                        start,
+                        end,
+                    )
+                    await conn.execute(
+                        f"ALTER TABLE {t} ATTACH PARTITION {name}"
+                        f" FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
+                    )
+                    created.append(name)
+        self._partitions |= missing
+        if created:
+            log.info("created partitions %s", ", ".join(created))
+        return created
+
+    async def drop_expired(self, pool: asyncpg.Pool, now: datetime | None = None) -> list[str]:
+        """Drop raw data older than the retention; returns what was dropped.
+
+        Plain PostgreSQL: partitions wholly older than `now - retention` (a partition
+        with any younger row stays) and old rows in the DEFAULT partition, after
+        materialising every noted rollup bucket; `retained_from` then tells later
+        refreshes not to recompute buckets whose rows may be gone, so the rollups keep
+        their history. TimescaleDB: `drop_chunks` (its retention policy
+        does the same on a schedule).
+        """
+        cutoff = (now or datetime.now(UTC)) - self._settings.retention
+        t = self.table
+        with translated(StoreUnavailable, f"retention on {t} failed"):
+            async with pool.acquire() as conn, conn.transaction():
+                if self.layout.kind == "timescaledb":
+                    rows = await conn.fetch(
+                        "SELECT drop_chunks($1::regclass, older_than => $2::timestamptz)",
+                        t,
+                        cutoff,
+                    )
+                    return [str(r[0]) for r in rows]
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock($1)",
+                    migrations.advisory_lock_key("partitions", t),
+                )
+                # Every noted bucket into the rollups while its rows are all still here.
+                await refresh_rollups(conn, t, wait=True)
+                interval = self.layout.partition_interval
+                expired = sorted(
+                    s for s in await self._existing_partitions(conn) if s + interval <= cutoff
+                )
+                for start in expired:
+                    await conn.execute(f"DROP TABLE {self._partition_name(start)}")
+                await conn.execute(f"DELETE FROM {t}_default WHERE event_time < $1", cutoff)
+                await conn.execute(
+                    f"UPDATE {t}_layout SET retained_from = $1"
+                    " WHERE retained_from IS NULL OR retained_from < $1",
+                    cutoff,
+                )
+        self._partitions -= set(expired)
+        return [self._partition_name(s) for s in expired]
+
+
+def partition_probes(rows: Sequence[UsageRow], interval: timedelta) -> Iterable[datetime]:
+    """Event times covering every partition `rows` need: the batch's min and max when
+    they share a partition (the usual case), else every row's."""
+    times = [r.event_time for r in rows]
+    low, high = min(times), max(times)
+    if partition_start(low, interval) == partition_start(high, interval):
+        return (low,)
+    return times
