@@ -192,6 +192,25 @@ def drop_mqtt_session(mqtt: MqttSettings, client_id: str) -> None:
     client.loop_stop()
 
 
+@contextlib.asynccontextmanager
+async def connection(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain PostgreSQL connection, closed afterwards."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def own_schema(dsn: str, prefix: str) -> AsyncIterator[str]:
+    """A schema name of a test's own; the schema and all in it are dropped afterwards."""
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    yield name
+    async with connection(dsn) as conn:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
 @pytest.fixture
 def tansu_port() -> Iterator[int]:
     yield free_port()

@@ -7,7 +7,6 @@ the real Kafka-protocol broker.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -16,20 +15,15 @@ import pytest
 from devices.factory_import import import_units
 from devices.registry import Registry
 from ingest.settings import RegistrySettings
+from tests.conftest import connection, own_schema
 from tests.devices.catalog import DRYER, DSN, UNITS_CSV, WASHER
 from tests.devices.fakes import RecordingBroker, RecordingPublisher
 
 
 @pytest.fixture
 async def reg_schema() -> AsyncIterator[str]:
-    """A schema name of this test's own, dropped afterwards."""
-    name = f"regtest_{uuid.uuid4().hex[:12]}"
-    yield name
-    conn = await asyncpg.connect(DSN)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-    finally:
-        await conn.close()
+    async with own_schema(DSN, "regtest") as name:
+        yield name
 
 
 @pytest.fixture
@@ -57,11 +51,8 @@ def broker() -> RecordingBroker:
 @pytest.fixture
 async def pg() -> AsyncIterator[asyncpg.Connection]:
     """A plain connection for looking at tables directly."""
-    conn = await asyncpg.connect(DSN)
-    try:
+    async with connection(DSN) as conn:
         yield conn
-    finally:
-        await conn.close()
 
 
 @pytest.fixture

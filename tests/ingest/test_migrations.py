@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,37 +11,26 @@ import pytest
 
 from ingest.errors import MigrationError
 from ingest.migrations import migrate
+from tests.conftest import connection, own_schema
 from tests.devices.catalog import DSN
 
 
 @pytest.fixture
 async def reg_schema() -> AsyncIterator[str]:
-    """A schema name of this test's own, dropped afterwards."""
-    name = f"migtest_{uuid.uuid4().hex[:12]}"
-    yield name
-    conn = await asyncpg.connect(DSN)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-    finally:
-        await conn.close()
+    async with own_schema(DSN, "migtest") as name:
+        yield name
 
 
 @pytest.fixture
 async def pg() -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(DSN)
-    try:
+    async with connection(DSN) as conn:
         yield conn
-    finally:
-        await conn.close()
 
 
 @pytest.fixture
 async def second_pg() -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(DSN)
-    try:
+    async with connection(DSN) as conn:
         yield conn
-    finally:
-        await conn.close()
 
 
 def write(directory: Path, name: str, sql: str) -> None:
