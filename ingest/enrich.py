@@ -55,14 +55,9 @@ and the consumer retries the batch with backoff: nothing is stored unenriched.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import dataclasses
-import hashlib
-import hmac
 import logging
-import os
-import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -71,15 +66,16 @@ from typing import Any, Self
 from uuid import UUID
 
 import asyncpg
-from pydantic import SecretStr
 
 from ingest import erasure
 from ingest.errors import ConfigurationError, RegistryLookupFailed
 from ingest.metrics import ConsumerMetrics
 from ingest.migrations import quote_schema
+from ingest.owner_keys import owner_key
 from ingest.postgres import DB_ERRORS, translated
+from ingest.registry_lookup import DeviceFacts, Install, Period, merged_installs
 from ingest.rows import UsageRow
-from ingest.settings import EnrichSettings, Settings
+from ingest.settings import EnrichSettings
 from ingest.store import UsageStore
 
 log = logging.getLogger(__name__)
@@ -89,84 +85,7 @@ CHANNEL = "usagepipe_registry"
 NEWEST_REGISTRY_OBJECT = "record_firmware"
 """The last object of the registry's migrations that enrichment uses: where it exists,
 so do the tables, triggers and views before it (devices/sql/004_consumer_interface)."""
-OWNER_KEY_HEX_DIGITS = 32
-"""128 bits of the HMAC: collisions are out of reach for any fleet."""
 _LISTEN_RETRY_S = (1.0, 30.0)  # first and longest wait between reconnect attempts
-
-
-def owner_key(secret: bytes, owner_id: UUID) -> str:
-    """The owner's pseudonymous key: HMAC-SHA256 of the canonical UUID text."""
-    digest = hmac.new(secret, str(owner_id).encode(), hashlib.sha256).hexdigest()
-    return digest[:OWNER_KEY_HEX_DIGITS]
-
-
-@dataclass(frozen=True, slots=True)
-class Period:
-    """One ownership period, with what enrichment may take from its owner (now)."""
-
-    valid_from: datetime
-    valid_to: datetime | None
-    purchase_channel: str
-    linked: bool
-    """The owner is in the registry's `analytics_owners` (consents, not erased) now."""
-    region: str | None
-    membership_tier: str | None
-    owner_key: str | None
-
-
-Install = tuple[datetime, str, str]
-"""A firmware installation: when, from which version, to which."""
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceFacts:
-    """What the registry says about one device, as of when it was read."""
-
-    device_key: int
-    model: str
-    category: str
-    firmware: str | None
-    periods: tuple[Period, ...]
-    owners: frozenset[UUID]
-    installs: tuple[Install, ...] = ()
-    """Oldest first."""
-
-    def firmware_at(self, t: datetime) -> str | None:
-        """The firmware the device ran at `t` (see the module docstring)."""
-        if not self.installs:
-            return self.firmware
-        # The last installation at or before t (installs are sorted by time).
-        i = bisect.bisect_right(self.installs, t, key=_installed_at)
-        return self.installs[i - 1][2] if i else self.installs[0][1]
-
-    def period_at(self, t: datetime) -> Period | None:
-        """The period covering `t` ([valid_from, valid_to)), if any."""
-        for p in self.periods:
-            if p.valid_from <= t and (p.valid_to is None or t < p.valid_to):
-                return p
-        return None
-
-
-def merged_installs(installs: tuple[Install, ...], reported: list[Install]) -> tuple[Install, ...]:
-    """`installs` (sorted by time) with the `reported` ones it lacks, still sorted; the
-    same tuple if it lacks none. Of two reports of one time the first counts, as the
-    firmware history's key keeps it. Costs a binary search per report, and a copy of
-    the history only when something is added."""
-    fresh: dict[datetime, Install] = {}
-    for install in reported:
-        i = bisect.bisect_left(installs, install[0], key=_installed_at)
-        if i == len(installs) or installs[i][0] != install[0]:
-            fresh.setdefault(install[0], install)
-    if not fresh:
-        return installs
-    later = sorted(fresh.values())
-    if not installs or later[0][0] > installs[-1][0]:  # the usual case: all newer
-        return installs + tuple(later)
-    return tuple(sorted((*installs, *later)))
-
-
-def _installed_at(install: Install) -> datetime:
-    return install[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -595,33 +514,3 @@ class Enricher:
 
 
 _KINDS = frozenset({"device", "device_key", "owner", "erased", "model"})
-
-
-def with_local_owner_key(settings: Settings) -> Settings:
-    """`settings` with `enrich.owner_key_secret` from `<run_dir>/enrich/owner_key_secret`
-    when unset (generated there on first use, mode 0600), and a loud warning.
-
-    For local runs only, like the local broker's logins: production sets
-    USAGEPIPE_ENRICH__OWNER_KEY_SECRET from its secret store. Used by the CLI.
-    """
-    if settings.enrich.owner_key_secret is not None:
-        return settings
-    directory = settings.services.run_dir.resolve() / "enrich"
-    path = directory / "owner_key_secret"
-    directory.mkdir(parents=True, exist_ok=True)
-    directory.chmod(0o700)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(48))
-    secret = path.read_text().strip()
-    log.warning(
-        "USAGEPIPE_ENRICH__OWNER_KEY_SECRET is not set: owner keys use the local development "
-        "key in %s. Never run production like this: set the variable, and keep it",
-        path,
-    )
-    enrich = settings.enrich.model_copy(update={"owner_key_secret": SecretStr(secret)})
-    return settings.model_copy(update={"enrich": enrich})
