@@ -29,19 +29,16 @@ A device the registry does not know is returned in `Enriched.unregistered`; the
 consumer dead-letters it (`unregistered_device`) or, with `enrich.unregistered=store`,
 stores it unenriched.
 
-Queries and cache. Per batch, for the distinct devices not in the cache, one query for
-the device, its model and its whole (short) ownership history with each period's owner,
-and one for its firmware history.
-Resolving by event time is then done in Python. The cache is keyed by device id (an
-unknown device is cached too) and bounded (`cache_max_devices`, oldest out first).
+Its collaborators, one module each:
 
-Invalidation, and its bound. Triggers on the registry's tables (devices/sql/002_notify,
-the registry's migrations) `NOTIFY usagepipe_registry` when a change commits; a
-dedicated connection LISTENs and evicts the devices concerned. A change is therefore
-applied to every batch enriched after the notification arrives (milliseconds after the
-commit); the batch already in hand is written as it was enriched. Backstops: an entry
-is used at most `cache_ttl_s` (60 s); while the listening connection is down the cache
-is not used at all (every batch asks the registry), and it is emptied when it is back.
+    registry_lookup.py   the registry's queries, and the device facts they return
+    facts_cache.py       those facts cached per device, bounded
+    registry_changes.py  the LISTEN connection whose notifications evict the cache
+    owner_keys.py        the owners' pseudonymous keys
+
+Freshness: a change in the registry applies to every batch enriched after its
+notification arrives, milliseconds after the commit; the batch already in hand is
+written as it was enriched (the bound and its backstops: `ingest.registry_changes`).
 
 Erasure. An `erased` notification, and a check at start-up and every `cache_ttl_s` for
 erased owners `<table>_erasures` does not list yet, make `apply_erasures` remove those

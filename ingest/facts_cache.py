@@ -1,4 +1,10 @@
-"""The enricher's cache of the registry's device facts, bounded, and evicted by change."""
+"""The enricher's cache of the registry's device facts, bounded, and evicted by change.
+
+Keyed by device id (an unknown device is cached too) and bounded
+(`cache_max_devices`, oldest out first). The enricher uses an entry at most
+`cache_ttl_s`, and only while the registry's notifications arrive
+(`ingest.registry_changes`, which evicts the devices each change concerns).
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """The owners' pseudonymous keys: the HMAC the usage rows carry instead of an owner id,
-and the local development secret it is keyed with when none is configured."""
+and the local development secret it is keyed with when none is configured.
+
+owner_key = HMAC-SHA256(enrich.owner_key_secret, owner id), hex, first 32 digits. The
+enricher puts it on rows whose owner may be attributed, and erasure finds rows by it.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,13 @@
-"""The registry's change notifications: a LISTEN connection that evicts the facts cache."""
+"""The registry's change notifications: a LISTEN connection that evicts the facts cache.
+
+Invalidation, and its bound. Triggers on the registry's tables (devices/sql/002_notify,
+the registry's migrations) `NOTIFY usagepipe_registry` when a change commits; a
+dedicated connection LISTENs and evicts the devices concerned. A change is therefore
+applied to every batch enriched after the notification arrives (milliseconds after the
+commit); the batch already in hand is written as it was enriched. Backstops: an entry
+is used at most `cache_ttl_s` (60 s); while the listening connection is down the cache
+is not used at all (every batch asks the registry), and it is emptied when it is back.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,15 @@
-"""What the registry says about a device, as enrichment reads it: its ownership periods
-and its firmware installations, resolved by event time."""
+"""The registry's queries for enrichment, and the device facts they return.
+
+Per batch, for the distinct devices not in the cache (`ingest.facts_cache`), one query
+for the device, its model and its whole (short) ownership history with each period's
+owner, joined by name with the registry's view `analytics_owners` (its one rule of who
+may be attributed), and one for its firmware history. Resolving by event time is then
+done in Python (`DeviceFacts.period_at`, `DeviceFacts.firmware_at`). Firmware
+installations are written by the registry's own function `record_firmware`.
+
+Each query is bounded by `lookup_timeout_s`; a failure raises `RegistryLookupFailed`,
+and the consumer retries the batch with backoff.
+"""
 
 from __future__ import annotations
 
@@ -56,7 +66,7 @@ class DeviceFacts:
     """Oldest first."""
 
     def firmware_at(self, t: datetime) -> str | None:
-        """The firmware the device ran at `t` (see the module docstring)."""
+        """The firmware the device ran at `t` (see `ingest.enrich`)."""
         if not self.installs:
             return self.firmware
         # The last installation at or before t (installs are sorted by time).
