@@ -14,7 +14,12 @@ In the order a message travels:
     offsets.py      where each partition is read from: the stored offsets, no holes
     rows.py         a Kafka batch validated (`schemas.parse`) into usage rows and
                     dead letters; the row type, and the position a batch ends at
-    enrich.py       the owner of each message, by the registry's attribution rule
+    enrich.py       the owner of each message, by the registry's attribution rule,
+                    with its collaborators: `registry_lookup` (the registry's queries
+                    and the device facts they return), `facts_cache` (those facts
+                    cached per device, bounded), `registry_changes` (the LISTEN
+                    connection whose notifications evict that cache), `owner_keys`
+                    (the owners' pseudonymous keys)
     store.py        the usage table's writes: rows and offsets in one transaction
     tables.py       the usage table's lifecycle: migrations, layout (TimescaleDB
                     hypertable, or plain PostgreSQL partitions where the extension is

@@ -26,7 +26,7 @@ async def unlink_owners(store: UsageStore, erased: Sequence[tuple[UUID, str]]) -
     every row and from the device-daily rollup; record each owner in
     `<table>_erasures`. Returns the raw rows changed.
 
-    `erased` pairs each owner id with its key (`ingest.enrich.owner_key`). The
+    `erased` pairs each owner id with its key (`ingest.owner_keys.owner_key`). The
     region stays: it is a rollup key, and without the key a row no longer leads to
     a person (see README, Privacy). Idempotent. The plain layout's rollup rows are
     updated in place (its days may be older than the raw rows retention keeps); on

@@ -40,17 +40,12 @@ from devices.records import (
 from devices.registry import Registry
 from ingest.consumer import Consumer
 from ingest.dead_letter import DeadLetterReader
-from ingest.enrich import (
-    DeviceFacts,
-    Enricher,
-    Period,
-    merged_installs,
-    owner_key,
-    with_local_owner_key,
-)
+from ingest.enrich import Enricher
 from ingest.errors import ConfigurationError
 from ingest.kafka import ensure_topics, make_producer
 from ingest.metrics import ConsumerMetrics
+from ingest.owner_keys import owner_key, with_local_owner_key
+from ingest.registry_lookup import DeviceFacts, Period, merged_installs
 from ingest.rollups import direct_rollup_query, usage_rollup
 from ingest.settings import EnrichSettings, Settings
 from schemas.catalog import current_version

@@ -20,8 +20,8 @@ from uuid import UUID
 import asyncpg
 
 from devices.registry import migrate_registry
-from ingest.enrich import owner_key
 from ingest.migrations import quote_schema
+from ingest.owner_keys import owner_key
 from ingest.rows import UsageRow
 from ingest.store import UsageStore
 

@@ -16,8 +16,8 @@ import pytest
 
 from devices.records import Owner, OwnershipPeriod, OwnerStatus
 from devices.registry import Registry
-from ingest.enrich import owner_key
 from ingest.kafka import ensure_topics
+from ingest.owner_keys import owner_key
 from ingest.settings import Settings
 from simulators.faults import parse_faults
 from simulators.fleet import FleetPlan, fleet_units, plan_device

@@ -109,8 +109,8 @@ def _consume(args: argparse.Namespace, settings: Settings) -> int:
     from devices.errors import RegistryError
     from devices.registry import migrate_registry_at
     from ingest.consumer import Consumer
-    from ingest.enrich import with_local_owner_key
     from ingest.metrics import ConsumerMetrics
+    from ingest.owner_keys import with_local_owner_key
 
     settings = with_local_owner_key(settings)  # unset: the local run dir's, with a warning
     # The registry owns its schema; the consumer enriches from it and refuses to start
