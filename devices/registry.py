@@ -28,7 +28,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from importlib.resources import files
 from types import TracebackType
 from typing import Self
 from uuid import UUID
@@ -42,7 +41,7 @@ from devices.credentials import (
     new_device_secret,
     verify_secret_async,
 )
-from devices.errors import MigrationError, RegistryUnavailable, Rejected, RejectReason
+from devices.errors import RegistryUnavailable, Rejected, RejectReason
 from devices.events import DEVICE_TRANSFERRED, EventPublisher
 from devices.outbox import enqueue, flush_batch, prune
 from devices.ownership import Lockout
@@ -57,19 +56,11 @@ from devices.records import (
     Registration,
     normalize_code,
 )
-from ingest.errors import MigrationError as StoreMigrationError
-from ingest.errors import StoreUnavailable
-from ingest.migrations import Connection, migrate, quote_schema
-from ingest.postgres import translated
+from devices.schema import migrate_registry
+from ingest.migrations import Connection, quote_schema
 from ingest.settings import RegistrySettings
 
 log = logging.getLogger(__name__)
-
-MIGRATIONS_COMPONENT = "registry"
-# The notification triggers and the firmware history (now 002_notify, 003_firmware)
-# were applied by the consumer as their own component, numbered 001 and 002; the
-# registry owns them now and takes their records over (see `ingest.migrations`).
-_FORMER_COMPONENTS = {"enrich.notify": 1}
 
 # Errors that mean "PostgreSQL could not do it now", worth retrying as a whole.
 _UNAVAILABLE = (
@@ -80,38 +71,6 @@ _UNAVAILABLE = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
 )
-
-
-async def migrate_registry(conn: Connection, schema: str) -> list[str]:
-    """Apply the registry's pending migrations (`devices/sql`) in `schema`: its tables,
-    the change notifications the consumer's cache listens to, the firmware history.
-
-    The runner is the data path's; its errors are translated into the registry's own,
-    which the registry's callers handle.
-    """
-    try:
-        return await migrate(
-            conn,
-            schema=schema,
-            component=MIGRATIONS_COMPONENT,
-            directory=files("devices") / "sql",
-            absorbs=_FORMER_COMPONENTS,
-        )
-    except StoreMigrationError as exc:
-        raise MigrationError(str(exc)) from exc
-    except StoreUnavailable as exc:
-        raise RegistryUnavailable(str(exc)) from exc
-
-
-async def migrate_registry_at(dsn: str, schema: str) -> list[str]:
-    """`migrate_registry` on a connection of its own: what the composition root runs
-    before the consumer, which enriches from the registry's schema but never creates it."""
-    with translated(RegistryUnavailable, "PostgreSQL unreachable", detail=str):
-        conn = await asyncpg.connect(dsn)
-    try:
-        return await migrate_registry(conn, schema)
-    finally:
-        await conn.close()
 
 
 def aware(at: datetime | None) -> datetime:

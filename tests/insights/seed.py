@@ -19,7 +19,7 @@ from uuid import UUID
 
 import asyncpg
 
-from devices.registry import migrate_registry
+from devices.schema import migrate_registry
 from ingest.enrich import owner_key
 from ingest.migrations import quote_schema
 from ingest.rows import UsageRow
