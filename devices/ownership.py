@@ -113,6 +113,21 @@ async def check_registration(
     return None
 
 
+REJECT_MESSAGES = {
+    RejectReason.UNKNOWN_SERIAL: "no unit has this serial number",
+    RejectReason.MODEL_MISMATCH: "this serial number belongs to another model",
+    RejectReason.WRONG_CODE: "the registration code does not match this unit",
+    RejectReason.OWNED_BY_OTHER: (
+        "another owner has registered this unit; they must release it, or state a resale"
+    ),
+    RejectReason.LOCKED_OUT: "too many failed attempts; try again later",
+    RejectReason.ALREADY_OWNER: "this unit is already registered to this owner",
+    RejectReason.UNKNOWN_OWNER: "no owner has this id",
+    RejectReason.OWNER_NOT_ACTIVE: "the owner is dormant or erased; reactivate first",
+}
+"""What a registration refused for `reason` tells the owner."""
+
+
 async def record_attempt(
     conn: Connection,
     owner_id: UUID,

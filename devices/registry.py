@@ -44,7 +44,7 @@ from devices.credentials import (
 from devices.errors import RegistryUnavailable, Rejected, RejectReason
 from devices.events import DEVICE_TRANSFERRED, EventPublisher
 from devices.outbox import enqueue, flush_batch, prune
-from devices.ownership import Lockout
+from devices.ownership import REJECT_MESSAGES, Lockout
 from devices.records import (
     ConsentChange,
     MarketingContact,
@@ -263,7 +263,7 @@ class Registry:
                 # Last, so a broker failure rolls the registration back.
                 await self._add_account(added, device_id, secret)
         if reason is not None:
-            raise Rejected(reason, _REJECT_MESSAGES[reason])
+            raise Rejected(reason, REJECT_MESSAGES[reason])
         assert device_id is not None
         await self._flush_after_change()
         log.info("device %s registered (model %s)", device_id, model)
@@ -546,17 +546,3 @@ class Registry:
             released = await owners.erase(conn, owner_id, aware(at))
         await self._after_revocation(released)
         return released
-
-
-_REJECT_MESSAGES = {
-    RejectReason.UNKNOWN_SERIAL: "no unit has this serial number",
-    RejectReason.MODEL_MISMATCH: "this serial number belongs to another model",
-    RejectReason.WRONG_CODE: "the registration code does not match this unit",
-    RejectReason.OWNED_BY_OTHER: (
-        "another owner has registered this unit; they must release it, or state a resale"
-    ),
-    RejectReason.LOCKED_OUT: "too many failed attempts; try again later",
-    RejectReason.ALREADY_OWNER: "this unit is already registered to this owner",
-    RejectReason.UNKNOWN_OWNER: "no owner has this id",
-    RejectReason.OWNER_NOT_ACTIVE: "the owner is dormant or erased; reactivate first",
-}
