@@ -26,7 +26,7 @@ from datetime import date, datetime
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import Depends, FastAPI, Path, Request, status
+from fastapi import APIRouter, Depends, FastAPI, Path, Request, status
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
 from pydantic import (
@@ -273,6 +273,13 @@ _WITH_BODY = (400,)
 _DEVICE = (*_WITH_BODY, 403, 404, 409)
 
 
+owner_routes = APIRouter()
+"""Owners' accounts: creation, consent, reactivation after dormancy, erasure."""
+
+device_routes = APIRouter()
+"""Units: registration, release, transfer, and their MQTT credentials."""
+
+
 def create_app(
     registry_factory: RegistryFactory, *, metrics_registry: CollectorRegistry | None = None
 ) -> FastAPI:
@@ -308,108 +315,123 @@ def create_app(
         "registry's schema within 2 s; 503 `unavailable` otherwise. The MQTT broker and "
         "Kafka are not checked (registry events wait in the outbox while Kafka is away).",
     )
-
-    @app.exception_handler(Rejected)
-    async def rejected(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, Rejected)
-        return problem(STATUS_BY_REASON[exc.reason], exc.reason.value, exc.message)
-
-    @app.exception_handler(RegistryError)
-    async def failed(request: Request, exc: Exception) -> JSONResponse:
-        # RegistryUnavailable, or the broker refusing the registry's admin login (a
-        # setup fault the caller cannot fix by changing the request).
-        if isinstance(exc, RegistryUnavailable):
-            log.warning("registry unavailable: %s", exc)
-        else:
-            log.error("registry failed: %s", exc)
-        return unavailable("the registry cannot do this now; try again shortly")
-
-    @app.post("/owners", status_code=status.HTTP_201_CREATED, responses=_errors(*_WITH_BODY))
-    async def create_owner(body: CreateOwnerIn, registry: RegistryDep) -> OwnerIdOut:
-        """Create an owner account (contacts are kept apart from analytics data)."""
-        owner_id = await registry.create_owner(body.new_owner(), source=body.source)
-        return OwnerIdOut(owner_id=owner_id)
-
-    @app.get("/owners/{owner_id}", responses=_errors(404))
-    async def get_owner(owner_id: UUID, registry: RegistryDep) -> OwnerOut:
-        """The owner's status, tier and consents (no personal data)."""
-        return OwnerOut.of(await registry.get_owner(owner_id))
-
-    @app.post(
-        "/registrations",
-        status_code=status.HTTP_201_CREATED,
-        responses=_errors(*_WITH_BODY, 403, 404, 409, 429),
-    )
-    async def register(body: RegistrationIn, registry: RegistryDep) -> RegistrationOut:
-        """Register a unit with model, serial and the code printed inside it."""
-        done = await registry.register(
-            body.owner_id,
-            body.model_number,
-            body.serial_number,
-            body.registration_code,
-            body.purchase.purchase(),
-            resale=body.resale,
-        )
-        return RegistrationOut.of(done)
-
-    @app.post(
-        "/devices/{device_id}/release",
-        status_code=status.HTTP_204_NO_CONTENT,
-        response_class=Response,
-        responses=_errors(*_DEVICE),
-    )
-    async def release(device_id: DeviceId, body: OwnerRefIn, registry: RegistryDep) -> Response:
-        """The current owner gives the device up; its MQTT secret is revoked."""
-        await registry.release(device_id, body.owner_id)
-        return Response(status_code=status.HTTP_204_NO_CONTENT)
-
-    @app.post("/devices/{device_id}/transfer", responses=_errors(*_DEVICE))
-    async def transfer(
-        device_id: DeviceId, body: TransferIn, registry: RegistryDep
-    ) -> RegistrationOut:
-        """The current owner hands the device to another owner, who gets a new secret."""
-        done = await registry.transfer(
-            device_id, body.from_owner_id, body.to_owner_id, body.purchase.purchase()
-        )
-        return RegistrationOut.of(done)
-
-    @app.post("/devices/{device_id}/credentials/revoke", responses=_errors(*_DEVICE))
-    async def revoke(device_id: DeviceId, body: OwnerRefIn, registry: RegistryDep) -> RevokedOut:
-        """The current owner revokes the device's MQTT secret."""
-        return RevokedOut(revoked=await registry.revoke_credentials(device_id, body.owner_id))
-
-    @app.post("/devices/{device_id}/credentials", responses=_errors(*_DEVICE))
-    async def reissue(
-        device_id: DeviceId, body: OwnerRefIn, registry: RegistryDep
-    ) -> RegistrationOut:
-        """The current owner gets a new MQTT secret; the previous one stops working."""
-        return RegistrationOut.of(await registry.reissue_credentials(device_id, body.owner_id))
-
-    @app.put("/owners/{owner_id}/consents", responses=_errors(*_WITH_BODY, 404, 409))
-    async def set_consent(owner_id: UUID, body: ConsentIn, registry: RegistryDep) -> OwnerOut:
-        """Grant or withdraw consent for analytics and/or marketing (audited)."""
-        owner = await registry.set_consent(
-            owner_id, analytics=body.analytics, marketing=body.marketing, source=body.source
-        )
-        return OwnerOut.of(owner)
-
-    @app.post("/owners/{owner_id}/reactivation", responses=_errors(*_WITH_BODY, 403, 404, 409))
-    async def reactivate(owner_id: UUID, body: ReactivationIn, registry: RegistryDep) -> OwnerOut:
-        """Bring a dormant owner back after a fresh sign-in, with fresh consent."""
-        owner = await registry.reactivate(
-            owner_id,
-            reauthenticated=body.reauthenticated,
-            analytics_consent=body.analytics_consent,
-            marketing_consent=body.marketing_consent,
-            source=body.source,
-        )
-        return OwnerOut.of(owner)
-
-    @app.post("/owners/{owner_id}/erasure", responses=_errors(404))
-    async def erase(owner_id: UUID, registry: RegistryDep) -> ErasureOut:
-        """Erase the owner's personal data and links now (idempotent)."""
-        await registry.get_owner(owner_id)  # 404 for an id that never existed
-        released = await registry.erase_owner(owner_id)
-        return ErasureOut(owner_id=owner_id, released_devices=released)
-
+    app.add_exception_handler(Rejected, _rejected)
+    app.add_exception_handler(RegistryError, _failed)
+    app.include_router(owner_routes)
+    app.include_router(device_routes)
     return app
+
+
+async def _rejected(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, Rejected)
+    return problem(STATUS_BY_REASON[exc.reason], exc.reason.value, exc.message)
+
+
+async def _failed(request: Request, exc: Exception) -> JSONResponse:
+    # RegistryUnavailable, or the broker refusing the registry's admin login (a
+    # setup fault the caller cannot fix by changing the request).
+    if isinstance(exc, RegistryUnavailable):
+        log.warning("registry unavailable: %s", exc)
+    else:
+        log.error("registry failed: %s", exc)
+    return unavailable("the registry cannot do this now; try again shortly")
+
+
+# -- owners --------------------------------------------------------------------------
+
+
+@owner_routes.post("/owners", status_code=status.HTTP_201_CREATED, responses=_errors(*_WITH_BODY))
+async def create_owner(body: CreateOwnerIn, registry: RegistryDep) -> OwnerIdOut:
+    """Create an owner account (contacts are kept apart from analytics data)."""
+    owner_id = await registry.create_owner(body.new_owner(), source=body.source)
+    return OwnerIdOut(owner_id=owner_id)
+
+
+@owner_routes.get("/owners/{owner_id}", responses=_errors(404))
+async def get_owner(owner_id: UUID, registry: RegistryDep) -> OwnerOut:
+    """The owner's status, tier and consents (no personal data)."""
+    return OwnerOut.of(await registry.get_owner(owner_id))
+
+
+@owner_routes.put("/owners/{owner_id}/consents", responses=_errors(*_WITH_BODY, 404, 409))
+async def set_consent(owner_id: UUID, body: ConsentIn, registry: RegistryDep) -> OwnerOut:
+    """Grant or withdraw consent for analytics and/or marketing (audited)."""
+    owner = await registry.set_consent(
+        owner_id, analytics=body.analytics, marketing=body.marketing, source=body.source
+    )
+    return OwnerOut.of(owner)
+
+
+@owner_routes.post("/owners/{owner_id}/reactivation", responses=_errors(*_WITH_BODY, 403, 404, 409))
+async def reactivate(owner_id: UUID, body: ReactivationIn, registry: RegistryDep) -> OwnerOut:
+    """Bring a dormant owner back after a fresh sign-in, with fresh consent."""
+    owner = await registry.reactivate(
+        owner_id,
+        reauthenticated=body.reauthenticated,
+        analytics_consent=body.analytics_consent,
+        marketing_consent=body.marketing_consent,
+        source=body.source,
+    )
+    return OwnerOut.of(owner)
+
+
+@owner_routes.post("/owners/{owner_id}/erasure", responses=_errors(404))
+async def erase(owner_id: UUID, registry: RegistryDep) -> ErasureOut:
+    """Erase the owner's personal data and links now (idempotent)."""
+    await registry.get_owner(owner_id)  # 404 for an id that never existed
+    released = await registry.erase_owner(owner_id)
+    return ErasureOut(owner_id=owner_id, released_devices=released)
+
+
+# -- registrations and devices ------------------------------------------------------
+
+
+@device_routes.post(
+    "/registrations",
+    status_code=status.HTTP_201_CREATED,
+    responses=_errors(*_WITH_BODY, 403, 404, 409, 429),
+)
+async def register(body: RegistrationIn, registry: RegistryDep) -> RegistrationOut:
+    """Register a unit with model, serial and the code printed inside it."""
+    done = await registry.register(
+        body.owner_id,
+        body.model_number,
+        body.serial_number,
+        body.registration_code,
+        body.purchase.purchase(),
+        resale=body.resale,
+    )
+    return RegistrationOut.of(done)
+
+
+@device_routes.post(
+    "/devices/{device_id}/release",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses=_errors(*_DEVICE),
+)
+async def release(device_id: DeviceId, body: OwnerRefIn, registry: RegistryDep) -> Response:
+    """The current owner gives the device up; its MQTT secret is revoked."""
+    await registry.release(device_id, body.owner_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@device_routes.post("/devices/{device_id}/transfer", responses=_errors(*_DEVICE))
+async def transfer(device_id: DeviceId, body: TransferIn, registry: RegistryDep) -> RegistrationOut:
+    """The current owner hands the device to another owner, who gets a new secret."""
+    done = await registry.transfer(
+        device_id, body.from_owner_id, body.to_owner_id, body.purchase.purchase()
+    )
+    return RegistrationOut.of(done)
+
+
+@device_routes.post("/devices/{device_id}/credentials/revoke", responses=_errors(*_DEVICE))
+async def revoke(device_id: DeviceId, body: OwnerRefIn, registry: RegistryDep) -> RevokedOut:
+    """The current owner revokes the device's MQTT secret."""
+    return RevokedOut(revoked=await registry.revoke_credentials(device_id, body.owner_id))
+
+
+@device_routes.post("/devices/{device_id}/credentials", responses=_errors(*_DEVICE))
+async def reissue(device_id: DeviceId, body: OwnerRefIn, registry: RegistryDep) -> RegistrationOut:
+    """The current owner gets a new MQTT secret; the previous one stops working."""
+    return RegistrationOut.of(await registry.reissue_credentials(device_id, body.owner_id))

@@ -50,7 +50,8 @@ from devices.records import (
     PurchaseChannel,
     normalize_code,
 )
-from devices.registry import Registry, aware, migrate_registry
+from devices.registry import Registry, aware
+from devices.schema import migrate_registry
 from ingest.ports import port_number
 from ingest.postgres import DB_ERRORS
 

@@ -159,30 +159,8 @@ async def import_units(
                 if isinstance(parsed, RejectedRow):
                     report.rejected.append(parsed)
                     continue
-                earlier = seen.get(parsed.serial_number)
-                if earlier is not None:
-                    same = (
-                        earlier.model_number,
-                        earlier.manufactured_on,
-                        earlier.registration_code,
-                    )
-                    if same == (
-                        parsed.model_number,
-                        parsed.manufactured_on,
-                        parsed.registration_code,
-                    ):
-                        report.already_present += 1
-                    else:
-                        report.rejected.append(
-                            RejectedRow(
-                                parsed.line,
-                                parsed.serial_number,
-                                ImportRejectReason.DUPLICATE_IN_FILE,
-                                f"serial also on line {earlier.line} with different data",
-                            )
-                        )
+                if not _first_in_file(seen, parsed, report):
                     continue
-                seen[parsed.serial_number] = parsed
                 batch.append(parsed)
                 if len(batch) >= _BATCH_ROWS:
                     await _write_batch(conn, batch, report, hash_log2_n)
@@ -199,6 +177,28 @@ async def import_units(
         len(report.rejected),
     )
     return report
+
+
+def _first_in_file(seen: dict[str, _Unit], unit: _Unit, report: ImportReport) -> bool:
+    """Whether `unit` is the first of its serial in the file (then `seen` holds it). A
+    repeat with the same data counts as already present; with other data, rejected."""
+    earlier = seen.get(unit.serial_number)
+    if earlier is None:
+        seen[unit.serial_number] = unit
+        return True
+    same = (earlier.model_number, earlier.manufactured_on, earlier.registration_code)
+    if same == (unit.model_number, unit.manufactured_on, unit.registration_code):
+        report.already_present += 1
+    else:
+        report.rejected.append(
+            RejectedRow(
+                unit.line,
+                unit.serial_number,
+                ImportRejectReason.DUPLICATE_IN_FILE,
+                f"serial also on line {earlier.line} with different data",
+            )
+        )
+    return False
 
 
 async def _write_batch(

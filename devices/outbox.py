@@ -11,8 +11,9 @@ marking: at-least-once, with `event_id` for consumers to deduplicate.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from datetime import datetime
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -85,3 +86,37 @@ async def prune(conn: Connection, published_before: datetime) -> int:
         "DELETE FROM event_outbox WHERE published_at < $1", published_before
     )
     return int(result.split()[-1])
+
+
+async def flush(
+    transaction: Callable[[], AbstractAsyncContextManager[Connection]],
+    publisher: EventPublisher,
+    *,
+    schema: str,
+    limit: int,
+    retention: timedelta,
+) -> int:
+    """Publish every pending event, a batch of `limit` per `transaction()`, then prune
+    those published longer than `retention` ago; return how many were sent.
+
+    A publishing failure is logged and the events stay pending (the changes they
+    describe are committed and stand); the next flush sends them.
+    """
+    total = 0
+    while True:
+        async with transaction() as conn:
+            sent, more, error = await flush_batch(conn, publisher, schema=schema, limit=limit)
+        total += sent
+        if error is not None:
+            return total
+        if not more:
+            break
+    async with transaction() as conn:
+        await prune(conn, datetime.now(UTC) - retention)
+    return total
+
+
+async def pending(conn: Connection) -> int:
+    """How many events wait to be published."""
+    count: int = await conn.fetchval("SELECT count(*) FROM event_outbox WHERE published_at IS NULL")
+    return count

@@ -113,6 +113,21 @@ async def check_registration(
     return None
 
 
+REJECT_MESSAGES = {
+    RejectReason.UNKNOWN_SERIAL: "no unit has this serial number",
+    RejectReason.MODEL_MISMATCH: "this serial number belongs to another model",
+    RejectReason.WRONG_CODE: "the registration code does not match this unit",
+    RejectReason.OWNED_BY_OTHER: (
+        "another owner has registered this unit; they must release it, or state a resale"
+    ),
+    RejectReason.LOCKED_OUT: "too many failed attempts; try again later",
+    RejectReason.ALREADY_OWNER: "this unit is already registered to this owner",
+    RejectReason.UNKNOWN_OWNER: "no owner has this id",
+    RejectReason.OWNER_NOT_ACTIVE: "the owner is dormant or erased; reactivate first",
+}
+"""What a registration refused for `reason` tells the owner."""
+
+
 async def record_attempt(
     conn: Connection,
     owner_id: UUID,
@@ -264,6 +279,59 @@ async def current_period(
     return device
 
 
+async def hand_over(
+    conn: Connection,
+    device_id: str,
+    from_owner_id: UUID,
+    to_owner_id: UUID,
+    *,
+    purchase: Purchase,
+    secret_hash: str,
+    at: datetime,
+) -> asyncpg.Record:
+    """Transfer the device: the giver's period ends at `at`, the receiver's opens there
+    with `secret_hash`, and the event is enqueued; return the device (`current_period`).
+
+    Raises `Rejected`: the receiver is unknown or not active, the giver is not the
+    current owner (`current_period`), or giver and receiver are the same owner.
+    """
+    for locked in sorted((from_owner_id, to_owner_id)):
+        await conn.execute("SELECT 1 FROM owners WHERE owner_id = $1 FOR UPDATE", locked)
+    receiver = await conn.fetchval("SELECT status FROM owners WHERE owner_id = $1", to_owner_id)
+    if receiver is None:
+        raise Rejected(RejectReason.UNKNOWN_OWNER, "the receiving owner does not exist")
+    if receiver != "active":
+        raise Rejected(RejectReason.OWNER_NOT_ACTIVE, "the receiving owner is not active")
+    device = await current_period(conn, device_id, from_owner_id, at)
+    if to_owner_id == from_owner_id:
+        raise Rejected(RejectReason.ALREADY_OWNER, "the owner already owns the device")
+    await end_period(conn, device["period_id"], at, "transferred")
+    await open_period(
+        conn,
+        device["device_key"],
+        to_owner_id,
+        purchase=purchase,
+        secret_hash=secret_hash,
+        at=at,
+    )
+    await enqueue(
+        conn,
+        DEVICE_TRANSFERRED,
+        device_id,
+        at,
+        {
+            "device_id": device_id,
+            "model_number": device["model_number"],
+            "valid_from": at.isoformat(),
+            "purchase_channel": purchase.channel.value,
+            "from_owner_id": str(from_owner_id),
+            "to_owner_id": str(to_owner_id),
+            "how": "transfer",
+        },
+    )
+    return device
+
+
 async def end_period(conn: Connection, period_id: int, at: datetime, reason: str) -> None:
     """Close one period at `at` (reason: released, transferred, resold, owner_erased)."""
     await conn.execute(
@@ -310,6 +378,18 @@ async def owner_at(conn: Connection, device_id: str, event_time: datetime) -> UU
         event_time,
     )
     return owner
+
+
+async def current_owners(conn: Connection, device_ids: list[str]) -> dict[str, UUID]:
+    """The current owner of each of `device_ids` that has one (unowned ones are left out)."""
+    rows = await conn.fetch(
+        "SELECT d.device_id, p.owner_id FROM devices d"
+        " JOIN ownership_periods p USING (device_key)"
+        " WHERE d.device_id = ANY($1::text[]) AND p.valid_to IS NULL"
+        " AND p.owner_id IS NOT NULL",
+        device_ids,
+    )
+    return {row["device_id"]: row["owner_id"] for row in rows}
 
 
 async def history(conn: Connection, device_id: str) -> list[OwnershipPeriod]:

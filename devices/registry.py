@@ -12,14 +12,15 @@ device when a message was produced, which is what telemetry attribution needs, e
 for late data after a resale.
 
 `Registry` is the one entry point; the SQL of each rule lives beside it, in
-`devices.ownership` (registration checks, periods, credentials, attribution) and
-`devices.owners` (consent, dormancy, reactivation, erasure), as functions that run in
-the transaction `Registry` opens.
+`devices.ownership` (registration checks, periods, transfers, credentials,
+attribution) and `devices.owners` (consent, dormancy, reactivation, erasure), as
+functions that run in the transaction `Registry` opens. Its tables are created by
+`devices.schema`, which `Registry` runs on entry.
 
 Every change is one PostgreSQL transaction that also writes its event to the outbox
-(`devices.outbox`); events are published after the commit. The MQTT broker is told
-about new secrets inside the transaction and about revocations after it (see
-`devices.broker` for why).
+(`devices.outbox`, whose `flush` publishes them after the commit). The MQTT broker is
+told about new secrets inside the transaction (`devices.broker.adding_accounts`) and
+about revocations after it (see `devices.broker` for why).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from importlib.resources import files
 from types import TracebackType
 from typing import Self
 from uuid import UUID
@@ -36,16 +36,16 @@ from uuid import UUID
 import asyncpg
 
 from devices import owners, ownership
-from devices.broker import BrokerAccounts
+from devices.broker import BrokerAccounts, adding_accounts
 from devices.credentials import (
     hash_secret_async,
     new_device_secret,
     verify_secret_async,
 )
-from devices.errors import MigrationError, RegistryUnavailable, Rejected, RejectReason
-from devices.events import DEVICE_TRANSFERRED, EventPublisher
-from devices.outbox import enqueue, flush_batch, prune
-from devices.ownership import Lockout
+from devices.errors import RegistryUnavailable, Rejected, RejectReason
+from devices.events import EventPublisher
+from devices.outbox import flush, pending
+from devices.ownership import REJECT_MESSAGES, Lockout
 from devices.records import (
     ConsentChange,
     MarketingContact,
@@ -57,19 +57,11 @@ from devices.records import (
     Registration,
     normalize_code,
 )
-from ingest.errors import MigrationError as StoreMigrationError
-from ingest.errors import StoreUnavailable
-from ingest.migrations import Connection, migrate, quote_schema
-from ingest.postgres import translated
+from devices.schema import migrate_registry
+from ingest.migrations import Connection, quote_schema
 from ingest.settings import RegistrySettings
 
 log = logging.getLogger(__name__)
-
-MIGRATIONS_COMPONENT = "registry"
-# The notification triggers and the firmware history (now 002_notify, 003_firmware)
-# were applied by the consumer as their own component, numbered 001 and 002; the
-# registry owns them now and takes their records over (see `ingest.migrations`).
-_FORMER_COMPONENTS = {"enrich.notify": 1}
 
 # Errors that mean "PostgreSQL could not do it now", worth retrying as a whole.
 _UNAVAILABLE = (
@@ -80,38 +72,6 @@ _UNAVAILABLE = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
 )
-
-
-async def migrate_registry(conn: Connection, schema: str) -> list[str]:
-    """Apply the registry's pending migrations (`devices/sql`) in `schema`: its tables,
-    the change notifications the consumer's cache listens to, the firmware history.
-
-    The runner is the data path's; its errors are translated into the registry's own,
-    which the registry's callers handle.
-    """
-    try:
-        return await migrate(
-            conn,
-            schema=schema,
-            component=MIGRATIONS_COMPONENT,
-            directory=files("devices") / "sql",
-            absorbs=_FORMER_COMPONENTS,
-        )
-    except StoreMigrationError as exc:
-        raise MigrationError(str(exc)) from exc
-    except StoreUnavailable as exc:
-        raise RegistryUnavailable(str(exc)) from exc
-
-
-async def migrate_registry_at(dsn: str, schema: str) -> list[str]:
-    """`migrate_registry` on a connection of its own: what the composition root runs
-    before the consumer, which enriches from the registry's schema but never creates it."""
-    with translated(RegistryUnavailable, "PostgreSQL unreachable", detail=str):
-        conn = await asyncpg.connect(dsn)
-    try:
-        return await migrate_registry(conn, schema)
-    finally:
-        await conn.close()
 
 
 def aware(at: datetime | None) -> datetime:
@@ -203,32 +163,18 @@ class Registry:
         the events stay pending (the change itself is committed and stands); the next
         flush, or `usagepipe registry flush-events`, sends them.
         """
-        total = 0
-        while True:
-            async with self.transaction() as conn:
-                sent, more, error = await flush_batch(
-                    conn,
-                    self._publisher,
-                    schema=self.settings.db_schema,
-                    limit=self.settings.events_batch,
-                )
-            total += sent
-            if error is not None:
-                return total
-            if not more:
-                break
-        retention = timedelta(days=self.settings.events_retention_days)
-        async with self.transaction() as conn:
-            await prune(conn, datetime.now(UTC) - retention)
-        return total
+        return await flush(
+            self.transaction,
+            self._publisher,
+            schema=self.settings.db_schema,
+            limit=self.settings.events_batch,
+            retention=timedelta(days=self.settings.events_retention_days),
+        )
 
     async def pending_events(self) -> int:
         """How many events wait in the outbox (a health figure)."""
         async with self.transaction() as conn:
-            count: int = await conn.fetchval(
-                "SELECT count(*) FROM event_outbox WHERE published_at IS NULL"
-            )
-        return count
+            return await pending(conn)
 
     # -- product models ------------------------------------------------------------
 
@@ -275,7 +221,7 @@ class Registry:
         secret = new_device_secret()
         secret_hash = await hash_secret_async(secret, log2_n=self.settings.secret_hash_log2_n)
         device_id: str | None = None
-        async with self._transaction_adding_accounts() as (conn, added):
+        async with adding_accounts(self.transaction(), self._broker) as (conn, added):
             reason = await ownership.check_registration(
                 conn,
                 owner_id,
@@ -302,41 +248,13 @@ class Registry:
                     at=at,
                 )
                 # Last, so a broker failure rolls the registration back.
-                await self._add_account(added, device_id, secret)
+                await added.add(device_id, secret)
         if reason is not None:
-            raise Rejected(reason, _REJECT_MESSAGES[reason])
+            raise Rejected(reason, REJECT_MESSAGES[reason])
         assert device_id is not None
         await self._flush_after_change()
         log.info("device %s registered (model %s)", device_id, model)
         return Registration(device_id, owner_id, model, serial, at, secret)
-
-    @asynccontextmanager
-    async def _transaction_adding_accounts(
-        self,
-    ) -> AsyncIterator[tuple[Connection, list[str]]]:
-        """A transaction that may give devices new broker secrets (`_add_account`).
-
-        The broker is told last inside the transaction, so a broker failure rolls the
-        change back. If the commit itself then fails, the accounts are withdrawn
-        again, best effort: nobody holds a secret the database does not know. (A
-        transfer whose commit fails thus leaves the device without a broker account
-        until its owner reissues credentials; logged loudly.)
-        """
-        added: list[str] = []
-        try:
-            async with self.transaction() as conn:
-                yield conn, added
-        except BaseException:
-            for device_id in added:
-                try:
-                    await self._broker.revoke_device(device_id)
-                except Exception:
-                    log.exception("could not withdraw broker account %s", device_id)
-            raise
-
-    async def _add_account(self, added: list[str], device_id: str, secret: str) -> None:
-        await self._broker.add_device(device_id, secret)
-        added.append(device_id)
 
     async def _flush_after_change(self) -> None:
         try:
@@ -363,44 +281,17 @@ class Registry:
         at = aware(at)
         secret = new_device_secret()
         secret_hash = await hash_secret_async(secret, log2_n=self.settings.secret_hash_log2_n)
-        async with self._transaction_adding_accounts() as (conn, added):
-            for locked in sorted((from_owner_id, to_owner_id)):
-                await conn.execute("SELECT 1 FROM owners WHERE owner_id = $1 FOR UPDATE", locked)
-            receiver = await conn.fetchval(
-                "SELECT status FROM owners WHERE owner_id = $1", to_owner_id
-            )
-            if receiver is None:
-                raise Rejected(RejectReason.UNKNOWN_OWNER, "the receiving owner does not exist")
-            if receiver != "active":
-                raise Rejected(RejectReason.OWNER_NOT_ACTIVE, "the receiving owner is not active")
-            device = await ownership.current_period(conn, device_id, from_owner_id, at)
-            if to_owner_id == from_owner_id:
-                raise Rejected(RejectReason.ALREADY_OWNER, "the owner already owns the device")
-            await ownership.end_period(conn, device["period_id"], at, "transferred")
-            await ownership.open_period(
+        async with adding_accounts(self.transaction(), self._broker) as (conn, added):
+            device = await ownership.hand_over(
                 conn,
-                device["device_key"],
+                device_id,
+                from_owner_id,
                 to_owner_id,
                 purchase=purchase,
                 secret_hash=secret_hash,
                 at=at,
             )
-            await enqueue(
-                conn,
-                DEVICE_TRANSFERRED,
-                device_id,
-                at,
-                {
-                    "device_id": device_id,
-                    "model_number": device["model_number"],
-                    "valid_from": at.isoformat(),
-                    "purchase_channel": purchase.channel.value,
-                    "from_owner_id": str(from_owner_id),
-                    "to_owner_id": str(to_owner_id),
-                    "how": "transfer",
-                },
-            )
-            await self._add_account(added, device_id, secret)
+            await added.add(device_id, secret)
         await self._flush_after_change()
         return Registration(
             device_id, to_owner_id, device["model_number"], device["serial_number"], at, secret
@@ -443,12 +334,12 @@ class Registry:
         at = aware(at)
         secret = new_device_secret()
         secret_hash = await hash_secret_async(secret, log2_n=self.settings.secret_hash_log2_n)
-        async with self._transaction_adding_accounts() as (conn, added):
+        async with adding_accounts(self.transaction(), self._broker) as (conn, added):
             await conn.execute("SELECT 1 FROM owners WHERE owner_id = $1 FOR UPDATE", owner_id)
             device = await ownership.current_period(conn, device_id, owner_id, at)
             await ownership.revoke_live(conn, device["device_key"], device_id, "reissued", at)
             await ownership.issue_credentials(conn, device["device_key"], secret_hash, at)
-            await self._add_account(added, device_id, secret)
+            await added.add(device_id, secret)
         await self._flush_after_change()
         return Registration(
             device_id, owner_id, device["model_number"], device["serial_number"], at, secret
@@ -481,14 +372,7 @@ class Registry:
     async def current_owners(self, device_ids: list[str]) -> dict[str, UUID]:
         """The current owner of each of `device_ids` that has one (unowned ones are left out)."""
         async with self.transaction() as conn:
-            rows = await conn.fetch(
-                "SELECT d.device_id, p.owner_id FROM devices d"
-                " JOIN ownership_periods p USING (device_key)"
-                " WHERE d.device_id = ANY($1::text[]) AND p.valid_to IS NULL"
-                " AND p.owner_id IS NOT NULL",
-                device_ids,
-            )
-        return {row["device_id"]: row["owner_id"] for row in rows}
+            return await ownership.current_owners(conn, device_ids)
 
     async def ownership_history(self, device_id: str) -> list[OwnershipPeriod]:
         """Every ownership period of the device, oldest first."""
@@ -587,17 +471,3 @@ class Registry:
             released = await owners.erase(conn, owner_id, aware(at))
         await self._after_revocation(released)
         return released
-
-
-_REJECT_MESSAGES = {
-    RejectReason.UNKNOWN_SERIAL: "no unit has this serial number",
-    RejectReason.MODEL_MISMATCH: "this serial number belongs to another model",
-    RejectReason.WRONG_CODE: "the registration code does not match this unit",
-    RejectReason.OWNED_BY_OTHER: (
-        "another owner has registered this unit; they must release it, or state a resale"
-    ),
-    RejectReason.LOCKED_OUT: "too many failed attempts; try again later",
-    RejectReason.ALREADY_OWNER: "this unit is already registered to this owner",
-    RejectReason.UNKNOWN_OWNER: "no owner has this id",
-    RejectReason.OWNER_NOT_ACTIVE: "the owner is dormant or erased; reactivate first",
-}

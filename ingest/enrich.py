@@ -86,7 +86,7 @@ class Enricher:
 
     An async context manager: entering opens a small pool and the listening
     connection. The registry's schema (its tables, notification triggers and firmware
-    history) is the registry's to create (`devices.registry.migrate_registry`, run by
+    history) is the registry's to create (`devices.schema.migrate_registry`, run by
     `usagepipe consume` and `usagepipe registry migrate`); without it, entering refuses
     with a `ConfigurationError` saying so.
     """

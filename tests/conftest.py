@@ -98,7 +98,7 @@ def test_name() -> str:
 async def settings(base_settings: Settings, test_name: str) -> AsyncIterator[Settings]:
     """The test's own settings, its registry schema migrated: what `usagepipe consume`
     does before it starts a consumer, and the tests start consumers directly."""
-    from devices.registry import migrate_registry_at
+    from devices.schema import migrate_registry_at
 
     s = isolated(base_settings, test_name)
     await migrate_registry_at(s.postgres.dsn.get_secret_value(), s.registry.db_schema)

@@ -13,7 +13,7 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from prometheus_client import CollectorRegistry
 
-from devices.registry import migrate_registry_at
+from devices.schema import migrate_registry_at
 from ingest.bridge import Bridge
 from ingest.consumer import Consumer
 from ingest.kafka import ensure_topics

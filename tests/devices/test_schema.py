@@ -9,7 +9,7 @@ from pathlib import Path
 
 import asyncpg
 
-from devices.registry import migrate_registry
+from devices.schema import migrate_registry
 from ingest.migrations import migrate
 
 RECORDED = [

@@ -19,7 +19,7 @@ from uuid import UUID
 
 import asyncpg
 
-from devices.registry import migrate_registry
+from devices.schema import migrate_registry
 from ingest.migrations import quote_schema
 from ingest.owner_keys import owner_key
 from ingest.rows import UsageRow

@@ -107,7 +107,7 @@ def _bridge(args: argparse.Namespace, settings: Settings) -> int:
 
 def _consume(args: argparse.Namespace, settings: Settings) -> int:
     from devices.errors import RegistryError
-    from devices.registry import migrate_registry_at
+    from devices.schema import migrate_registry_at
     from ingest.consumer import Consumer
     from ingest.metrics import ConsumerMetrics
     from ingest.owner_keys import with_local_owner_key
