@@ -56,7 +56,7 @@ from insights.privacy import Privacy
 from insights.reports import REPORTS, run_report
 from schemas.errors import UsagepipeError
 from simulators.cli import fleet_failure, plan_from_args, provision_fleet, run_fleet
-from simulators.fleet import FleetPlan
+from simulators.plan import FleetPlan
 from usagepipe import services
 
 READY_S = 60.0
