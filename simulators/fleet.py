@@ -1,4 +1,12 @@
-"""A seeded fleet of virtual appliances publishing telemetry over MQTT at QoS 1."""
+"""The publishers: a fleet of virtual appliances sending its plan over MQTT at QoS 1.
+
+Each device is its own MQTT connection (client id = device id, username = device id,
+password = its secret), as a real appliance is, and publishes what `simulators.plan`
+gives it to `devices/{device_id}/telemetry`. At most `max_inflight` publishes per
+connection await their PUBACK, and at most `connect_concurrency` devices connect at
+once. What the broker acknowledged and refused is counted in the run's
+`simulators.report.FleetReport`.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ from ingest.metrics import SimulatorMetrics
 from ingest.mqtt import MqttClient, PublishRefused
 from ingest.settings import MqttSettings
 from simulators.ledger import Entry, LedgerWriter, Outcome, digest
-from simulators.plan import FleetPlan, _traffic, plan_device
+from simulators.plan import FleetPlan, plan_device, usage_traffic
 from simulators.report import FleetReport
 from simulators.traffic import Message
 from simulators.units import device_ids, unregistered_units
@@ -140,7 +148,7 @@ class Fleet:
             if self._on_connected is not None:
                 await self._on_connected()
             streams = [
-                _numbered(i, _traffic(plan, d, prefix, registered=reg))
+                _numbered(i, usage_traffic(plan, d, prefix, registered=reg))
                 for i, (d, reg) in enumerate(units)
             ]
             await self._publish_all(heapq.merge(*streams), clients)

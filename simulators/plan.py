@@ -1,9 +1,12 @@
-"""Each device is its own MQTT connection (client id = device id, username = device id,
-password = its secret), as a real appliance is, and publishes to
-`devices/{device_id}/telemetry`. Everything a device sends follows from the seed and
-the run id, so a run can be repeated message for message; the run id goes into the
-boot ids, so two runs with the same seed are different boots of the same devices and
-do not collide in the store.
+"""What a fleet sends: the plan (`FleetPlan`) and each device's messages under it.
+
+A plain plan gives each device `messages_per_device` messages a few seconds apart,
+their schemas drawn in the plan's `mix`; a usage plan (one with a `window`) plays the
+usage model over a span of simulated time, faults included (`simulators.traffic`).
+
+Everything a device sends follows from the seed and the run id, so a run can be
+repeated message for message; the run id goes into the boot ids, so two runs with the
+same seed are different boots of the same devices and do not collide in the store.
 
 A share of messages is sent twice, byte for byte (`duplicate_rate`), as a device does
 when it misses a PUBACK: the pipeline must store each key once.
@@ -98,7 +101,7 @@ class FleetPlan:
 def plan_device(plan: FleetPlan, device_id: str, topic_prefix: str = "") -> list[Message]:
     """Every message one device sends in this plan, duplicates included, in send order."""
     if plan.usage:
-        return list(_traffic(plan, device_id, topic_prefix))
+        return list(usage_traffic(plan, device_id, topic_prefix))
     rng = random.Random(f"{plan.seed}:{device_id}")
     category = category_of(device_id)
     if plan.mix == "usage":
@@ -141,15 +144,17 @@ def usage_mix(category: str) -> tuple[list[str], list[int]]:
     counts: Counter[str] = Counter()
     for device_id in device_ids(plan):
         if category_of(device_id) == category:
-            counts.update(orjson.loads(m.payload)["schema"] for m in _traffic(plan, device_id, ""))
+            messages = usage_traffic(plan, device_id, "")
+            counts.update(orjson.loads(m.payload)["schema"] for m in messages)
     names = sorted(counts)
     return names, [counts[n] for n in names]
 
 
-def _traffic(
+def usage_traffic(
     plan: FleetPlan, device_id: str, topic_prefix: str, *, registered: bool = True
 ) -> Iterator[Message]:
-    """A device's usage-mode traffic; its `foreign_topic` messages go to the next device."""
+    """A device's usage-mode traffic, lazily; its `foreign_topic` messages go to the next
+    device. `registered=False`: a unit of the `unregistered` fault."""
     ids, positions = _fleet_index(plan.fleet, plan.seed, plan.devices)
     neighbour = None
     if len(ids) > 1:

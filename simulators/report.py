@@ -1,4 +1,5 @@
-"""What a fleet run did."""
+"""What a fleet run did: `FleetReport`, which `simulators.fleet.Fleet` fills from the
+broker's PUBACKs and CONNACKs as it plays, and `usagepipe simulate` and the demo print."""
 
 from __future__ import annotations
 

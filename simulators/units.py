@@ -1,4 +1,4 @@
-"""A seeded fleet of virtual appliances publishing telemetry over MQTT at QoS 1.
+"""The fleet's units: six simulated product models and the serials made of them.
 
 The fleet is a set of manufactured units: six simulated product models (one per
 category, `SIM-WM` ... `SIM-RV`) and, for device `i`, the serial `{fleet}-{seed}-{i:06d}`
