@@ -83,8 +83,9 @@ from e2e_raw import raw_copy, raw_produce, raw_relay
 from ingest.kafka import ensure_topics
 from ingest.mqtt import MqttClient
 from ingest.settings import Settings
-from simulators.fleet import FleetPlan, device_ids, plan_device
+from simulators.plan import FleetPlan, plan_device
 from simulators.provision import open_registry, provision
+from simulators.units import device_ids
 from simulators.verify import verify
 from usagepipe.services import with_broker_logins
 

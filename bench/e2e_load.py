@@ -3,7 +3,7 @@
 - `run_load`: one publisher process of the simulated fleet. Its devices (registered by
   the benchmark, `simulators.provision`) each log in as themselves on their own MQTT
   connection, as `usagepipe simulate` does, and publish their planned messages
-  (`simulators.fleet.plan_device`: the simulator's payloads, keys and duplicates) at
+  (`simulators.plan.plan_device`: the simulator's payloads, keys and duplicates) at
   QoS 1, round-robin across devices, each device's in order, at most `max_inflight`
   unacknowledged per connection. Every message is written to the ledger before it is
   published; every `sample_every`-th has its wall-clock publish time sent to the
@@ -38,9 +38,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from ingest.mqtt import MqttClient
 from ingest.settings import MqttSettings
-from simulators.fleet import FleetPlan, device_ids, plan_device
 from simulators.ledger import Entry, LedgerWriter, Outcome, digest
+from simulators.plan import FleetPlan, plan_device
 from simulators.traffic import Message
+from simulators.units import device_ids
 
 SPAWN = mp.get_context("spawn")
 """Every process of the benchmark starts fresh: no state of the parent's event loop."""
@@ -59,7 +60,7 @@ class LoadJob:
     credentials: dict[str, str]
     messages_per_device: int
     mix: Literal["uniform", "usage"]
-    """How schemas are drawn (`simulators.fleet.FleetPlan.mix`)."""
+    """How schemas are drawn (`simulators.plan.FleetPlan.mix`)."""
     start: datetime
     """Event time of the devices' first messages (they follow a few seconds apart)."""
     ledger: str

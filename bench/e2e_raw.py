@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from e2e_load import SPAWN, RelayJob, relay_publisher, relay_subscriber
 
 from ingest.kafka import ensure_topics, make_producer
-from simulators.fleet import FleetPlan, device_ids, plan_device
+from simulators.plan import FleetPlan, plan_device
+from simulators.units import device_ids
 
 if TYPE_CHECKING:
     from e2e import Bench

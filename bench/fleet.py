@@ -41,8 +41,9 @@ from ingest.metrics import SimulatorMetrics
 from ingest.settings import Settings
 from simulators.cli import raise_fd_limit, span
 from simulators.faults import parse_faults
-from simulators.fleet import Fleet, FleetPlan
+from simulators.fleet import Fleet
 from simulators.ledger import LedgerWriter
+from simulators.plan import FleetPlan
 from simulators.provision import (
     CollectedAccounts,
     open_registry,

@@ -25,8 +25,9 @@ import asyncpg
 
 from ingest.kafka import ensure_topics
 from ingest.settings import Settings
-from simulators.fleet import FleetPlan, device_ids
+from simulators.plan import FleetPlan
 from simulators.provision import CollectedAccounts, open_registry, provision
+from simulators.units import device_ids
 from usagepipe.services import with_broker_logins
 
 

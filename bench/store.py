@@ -35,7 +35,8 @@ from ingest.rows import COLUMNS, SourceOffset, UsageRow
 from ingest.settings import PostgresSettings
 from ingest.store import UsageStore
 from schemas.parse import parse_telemetry
-from simulators.fleet import FleetPlan, device_ids, plan_device
+from simulators.plan import FleetPlan, plan_device
+from simulators.units import device_ids
 
 COMMAND = "python bench/store.py " + " ".join(sys.argv[1:])
 

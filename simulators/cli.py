@@ -39,10 +39,12 @@ from ingest.setting_errors import variable
 from ingest.settings import Settings
 from schemas.errors import UsagepipeError
 from simulators.faults import FAULT_NAMES, FaultRates, parse_faults
-from simulators.fleet import Fleet, FleetPlan, FleetReport, Mix
+from simulators.fleet import Fleet
 from simulators.history import HistoryError
 from simulators.ledger import LedgerWriter
+from simulators.plan import FleetPlan, Mix
 from simulators.provision import ProvisionedFleet, open_registry, provision
+from simulators.report import FleetReport
 
 _SPAN_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 

@@ -5,7 +5,7 @@ mode: from `FleetPlan.start`), so its units must have been made, bought and regi
 before that: an installed base, not a launch day. `unit_history` gives, for unit `i` of
 a plan, deterministic from the seed and the span (nothing here reads a clock):
 
-- the purchase: a day between the model's launch (`simulators.fleet.LAUNCHED_ON`; at
+- the purchase: a day between the model's launch (`simulators.units.LAUNCHED_ON`; at
   most `INSTALLED_BASE_YEARS` back) and two weeks before the span, at a steady rate
   of sales; through a channel in realistic shares (`CHANNELS`: retailers, the maker's
   online shop, its own stores, gifts), from a store in the household's region for the
@@ -34,7 +34,7 @@ from datetime import date, datetime, time, timedelta
 
 from devices.records import MembershipTier, NewOwner, Purchase, PurchaseChannel
 from schemas.errors import UsagepipeError
-from simulators.fleet import SIM_MODELS, FleetPlan, FleetUnit
+from simulators.plan import FleetPlan
 from simulators.traffic import (
     KST,
     Handover,
@@ -44,6 +44,7 @@ from simulators.traffic import (
     played_span,
     profile,
 )
+from simulators.units import SIM_MODELS, FleetUnit
 
 CHANNELS: dict[PurchaseChannel, int] = {
     PurchaseChannel.THIRD_PARTY_RETAILER: 45,

@@ -6,7 +6,7 @@ what the factory and the appliances' buyers did, back when they did it, through
 `devices.registry.Registry` (hence the broker account of each device), as each unit's
 history says (`simulators.history`):
 
-1. the six simulated product models (`simulators.fleet.SIM_MODELS`);
+1. the six simulated product models (`simulators.units.SIM_MODELS`);
 2. the factory export of the fleet's units, each with its manufacture date;
 3. per unit, the household that bought it creates its account and registers the unit
    with its code, at the time it was set up (before the played span), with the
@@ -59,8 +59,9 @@ from devices.registry import Registry
 from ingest.settings import Settings
 from schemas.envelope import telemetry_topic
 from schemas.errors import UsagepipeError
-from simulators.fleet import SIM_MODELS, FleetPlan, fleet_units
 from simulators.history import UnitHistory, unit_history
+from simulators.plan import FleetPlan
+from simulators.units import SIM_MODELS, fleet_units
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ from simulators.ledger import Outcome
 from simulators.usage import Household, device_days, new_household
 
 if TYPE_CHECKING:
-    from simulators.fleet import FleetPlan
+    from simulators.plan import FleetPlan
 
 KST = timezone(timedelta(hours=9), "KST")
 """The households live in Korea: event times carry +09:00, and hours are local."""

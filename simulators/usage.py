@@ -24,8 +24,8 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -245,111 +245,159 @@ def device_days(
                 yield at, schema_name, body
 
 
-def _day(
-    category: str, household: Household, rng: random.Random, day: datetime
-) -> list[tuple[datetime, str, dict[str, Any]]]:
-    out: list[tuple[datetime, str, dict[str, Any]]] = []
+Event = tuple[datetime, str, dict[str, Any]]
+"""An event as the usage model makes it: its time, its schema, its body."""
 
-    def add(at: datetime, schema: str, **overrides: Any) -> None:
-        body = example_body(schema, rng)
+
+@dataclass
+class _Day:
+    """One device's events of one day, as they are drawn from `rng` in turn."""
+
+    category: str
+    household: Household
+    rng: random.Random
+    day: datetime
+    events: list[Event] = field(default_factory=list)
+
+    def add(self, at: datetime, schema: str, **overrides: Any) -> None:
+        body = example_body(schema, self.rng)
         body.update(overrides)
-        out.append((at, schema, body))
+        self.events.append((at, schema, body))
 
-    def fault(at: datetime, specs: tuple[ErrorSpec, ...]) -> None:
+    def fault(self, at: datetime, specs: tuple[ErrorSpec, ...]) -> None:
         """Maybe an error, raised at `at` and cleared by the household (a warning:
         minutes later) or a technician (hours to two days later)."""
+        rng = self.rng
         spec = _pick_error(specs, rng)
         if spec is None:
             return
         code, _, severity = spec
-        add(at, f"{category}.error", code=code, severity=severity, state="raised")
+        self.add(at, f"{self.category}.error", code=code, severity=severity, state="raised")
         fixed = rng.uniform(2, 20) if severity == "warning" else rng.uniform(120, 2880)
-        add(
+        self.add(
             at + timedelta(minutes=fixed),
-            f"{category}.error",
+            f"{self.category}.error",
             code=code,
             severity=severity,
             state="cleared",
         )
 
-    use_errors = USE_ERRORS.get(category, ())
+    def trigger(self) -> str:
+        return _trigger(self.household, self.rng)
 
-    if category in ("washer", "dryer"):
-        for at in _laundry_times(household, day, rng):
-            if category == "washer":
-                add(at, "washer.cycle", trigger=_trigger(household, rng))
-                fault(at + timedelta(minutes=rng.uniform(5, 60)), use_errors)
-            elif rng.random() < 0.7:  # not every wash is machine-dried
-                dried = at + timedelta(minutes=rng.uniform(60, 120))
-                add(dried, "dryer.cycle", trigger=_trigger(household, rng))
-                fault(dried + timedelta(minutes=rng.uniform(5, 60)), use_errors)
-    elif category == "refrigerator":
-        for at in _fridge_door_times(household, day, rng):
-            add(at, "refrigerator.door")
-        if rng.random() < 0.05:
-            add(
-                _at(day, rng.uniform(8, 22)),
-                "refrigerator.setpoint_change",
-                trigger=_trigger(household, rng),
-            )
-    elif category == "air_conditioner":
-        temp = _MONTHLY_TEMP_C[day.month - 1]
-        if temp >= 20 or temp <= 3:
-            cooling = temp >= 20
-            runs = 2 if cooling and temp >= 24 else 1
-            for _ in range(runs if rng.random() < 0.85 else 0):
-                on = _at(day, rng.gauss(19.0 if household.works_days else 14.0, 2.0))
-                add(
-                    on,
-                    "air_conditioner.mode_change",
-                    power="on",
-                    mode="cool" if cooling else "heat",
-                    setpoint_c=rng.randint(46, 52) / 2 if cooling else rng.randint(40, 48) / 2,
-                    trigger=_trigger(household, rng),
-                )
-                for hour in range(rng.randint(1, 5)):
-                    at = on + timedelta(hours=hour, minutes=30)
-                    add(at, "air_conditioner.climate", outdoor_c=outdoor_temp_c(at, rng))
-                add(
-                    on + timedelta(hours=rng.uniform(1, 6)),
-                    "air_conditioner.mode_change",
-                    power="off",
-                    mode="cool" if cooling else "heat",
-                    trigger=_trigger(household, rng),
-                )
-                fault(on + timedelta(minutes=rng.uniform(1, 60)), use_errors)
-    elif category == "air_purifier":
-        for hour in range(0, 24, 3):
-            at = _at(day, hour + rng.uniform(0, 1))
-            add(
-                at,
-                "air_purifier.air_quality",
-                pm2_5_ug_m3=(reading := pm25(at, rng)),
-                pm10_ug_m3=round(min(reading * rng.uniform(1.1, 1.9), 1000.0), 1),
-            )
-        if rng.random() < 0.3:
-            add(
-                _at(day, rng.uniform(7, 23)),
-                "air_purifier.mode_change",
-                trigger=_trigger(household, rng),
-            )
-    elif category == "robot_vacuum":
-        run: datetime | None = None
-        if household.schedules_vacuum:
-            if day.weekday() < 5 or rng.random() < 0.5:
-                run = _at(day, 10 + rng.uniform(0, 0.1))
-                add(run, "robot_vacuum.clean_run", trigger="schedule")
-        elif rng.random() < 0.4:
-            run = _at(day, rng.gauss(19.5, 2))
-            add(run, "robot_vacuum.clean_run", trigger=_trigger(household, rng))
-        if run is not None:
-            fault(run + timedelta(minutes=rng.uniform(3, 40)), use_errors)
+    @property
+    def use_errors(self) -> tuple[ErrorSpec, ...]:
+        return USE_ERRORS.get(self.category, ())
 
+
+def _day(category: str, household: Household, rng: random.Random, day: datetime) -> list[Event]:
+    """One device's events of `day`: its category's uses (`_USES`), then what every
+    category sends, in that order of draws from `rng`."""
+    today = _Day(category, household, rng, day)
+    uses = _USES.get(category)
+    if uses is not None:
+        uses(today)
     # Shared events: a daily energy reading, rare filter news; the errors of
     # appliances that run all day.
-    add(_at(day, household.reports_at), f"{category}.energy")
+    today.add(_at(day, household.reports_at), f"{category}.energy")
     if category != "washer" and rng.random() < 0.03:
-        add(_at(day, rng.uniform(8, 22)), f"{category}.filter")
+        today.add(_at(day, rng.uniform(8, 22)), f"{category}.filter")
     if category in DAY_ERRORS:
-        fault(_at(day, rng.uniform(0, 24)), DAY_ERRORS[category])
-    return out
+        today.fault(_at(day, rng.uniform(0, 24)), DAY_ERRORS[category])
+    return today.events
+
+
+def _laundry(today: _Day) -> None:
+    rng = today.rng
+    for at in _laundry_times(today.household, today.day, rng):
+        if today.category == "washer":
+            today.add(at, "washer.cycle", trigger=today.trigger())
+            today.fault(at + timedelta(minutes=rng.uniform(5, 60)), today.use_errors)
+        elif rng.random() < 0.7:  # not every wash is machine-dried
+            dried = at + timedelta(minutes=rng.uniform(60, 120))
+            today.add(dried, "dryer.cycle", trigger=today.trigger())
+            today.fault(dried + timedelta(minutes=rng.uniform(5, 60)), today.use_errors)
+
+
+def _refrigerator(today: _Day) -> None:
+    rng, day = today.rng, today.day
+    for at in _fridge_door_times(today.household, day, rng):
+        today.add(at, "refrigerator.door")
+    if rng.random() < 0.05:
+        today.add(
+            _at(day, rng.uniform(8, 22)),
+            "refrigerator.setpoint_change",
+            trigger=today.trigger(),
+        )
+
+
+def _air_conditioner(today: _Day) -> None:
+    rng, day = today.rng, today.day
+    temp = _MONTHLY_TEMP_C[day.month - 1]
+    if temp >= 20 or temp <= 3:
+        cooling = temp >= 20
+        runs = 2 if cooling and temp >= 24 else 1
+        for _ in range(runs if rng.random() < 0.85 else 0):
+            on = _at(day, rng.gauss(19.0 if today.household.works_days else 14.0, 2.0))
+            today.add(
+                on,
+                "air_conditioner.mode_change",
+                power="on",
+                mode="cool" if cooling else "heat",
+                setpoint_c=rng.randint(46, 52) / 2 if cooling else rng.randint(40, 48) / 2,
+                trigger=today.trigger(),
+            )
+            for hour in range(rng.randint(1, 5)):
+                at = on + timedelta(hours=hour, minutes=30)
+                today.add(at, "air_conditioner.climate", outdoor_c=outdoor_temp_c(at, rng))
+            today.add(
+                on + timedelta(hours=rng.uniform(1, 6)),
+                "air_conditioner.mode_change",
+                power="off",
+                mode="cool" if cooling else "heat",
+                trigger=today.trigger(),
+            )
+            today.fault(on + timedelta(minutes=rng.uniform(1, 60)), today.use_errors)
+
+
+def _air_purifier(today: _Day) -> None:
+    rng, day = today.rng, today.day
+    for hour in range(0, 24, 3):
+        at = _at(day, hour + rng.uniform(0, 1))
+        today.add(
+            at,
+            "air_purifier.air_quality",
+            pm2_5_ug_m3=(reading := pm25(at, rng)),
+            pm10_ug_m3=round(min(reading * rng.uniform(1.1, 1.9), 1000.0), 1),
+        )
+    if rng.random() < 0.3:
+        today.add(
+            _at(day, rng.uniform(7, 23)),
+            "air_purifier.mode_change",
+            trigger=today.trigger(),
+        )
+
+
+def _robot_vacuum(today: _Day) -> None:
+    rng, day = today.rng, today.day
+    run: datetime | None = None
+    if today.household.schedules_vacuum:
+        if day.weekday() < 5 or rng.random() < 0.5:
+            run = _at(day, 10 + rng.uniform(0, 0.1))
+            today.add(run, "robot_vacuum.clean_run", trigger="schedule")
+    elif rng.random() < 0.4:
+        run = _at(day, rng.gauss(19.5, 2))
+        today.add(run, "robot_vacuum.clean_run", trigger=today.trigger())
+    if run is not None:
+        today.fault(run + timedelta(minutes=rng.uniform(3, 40)), today.use_errors)
+
+
+_USES: dict[str, Callable[[_Day], None]] = {
+    "washer": _laundry,
+    "dryer": _laundry,
+    "refrigerator": _refrigerator,
+    "air_conditioner": _air_conditioner,
+    "air_purifier": _air_purifier,
+    "robot_vacuum": _robot_vacuum,
+}
+"""How each category is used in a day (the shared events follow in `_day`)."""

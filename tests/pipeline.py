@@ -20,9 +20,12 @@ from ingest.kafka import ensure_topics
 from ingest.metrics import BridgeMetrics, ConsumerMetrics, SimulatorMetrics
 from ingest.mqtt import MqttClient
 from ingest.settings import Settings
-from simulators.fleet import Fleet, FleetPlan, FleetReport, device_ids, plan_device
+from simulators.fleet import Fleet
 from simulators.ledger import LedgerWriter
+from simulators.plan import FleetPlan, plan_device
 from simulators.provision import open_registry, provision
+from simulators.report import FleetReport
+from simulators.units import device_ids
 
 
 @dataclass

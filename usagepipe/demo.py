@@ -56,7 +56,8 @@ from insights.privacy import Privacy
 from insights.reports import REPORTS, run_report
 from schemas.errors import UsagepipeError
 from simulators.cli import fleet_failure, plan_from_args, provision_fleet, run_fleet
-from simulators.fleet import FleetPlan
+from simulators.plan import FleetPlan
+from simulators.report import FleetReport
 from usagepipe import services
 
 READY_S = 60.0
@@ -208,17 +209,8 @@ async def _demo(settings: Settings, plan: FleetPlan, timeout_s: float, console: 
     try:
         deadline = started + timeout_s
         ready_by = started + min(READY_S, timeout_s)
-        while _metric(names.bridge_metrics_port, "usagepipe_bridge_subscribed") != 1.0:
-            if bridge.poll() is not None or time.monotonic() > ready_by:
-                log = run_dir / "demo-bridge.log"
-                console.print(
-                    f"[red]the bridge did not subscribe within {READY_S:g}s; {log} says:",
-                    highlight=False,
-                )
-                for line in _problems(log):
-                    console.print(f"  {line}", highlight=False, markup=False)
-                return 1
-            await asyncio.sleep(0.2)
+        if not await _bridge_subscribed(bridge, names, ready_by, run_dir, console):
+            return 1
         ready_s = time.monotonic() - started
         console.print(
             f"bridge (client id {names.bridge_client_id}) and consumer (group"
@@ -234,59 +226,140 @@ async def _demo(settings: Settings, plan: FleetPlan, timeout_s: float, console: 
             highlight=False,
         )
         async with UsageStore(settings.postgres) as store:
-            stored = 0
-            while True:
-                rows = await store.fetch(
-                    "SELECT count(*) AS n FROM {table} WHERE boot_id = ANY($1::text[])",
-                    report.boot_ids,
-                )
-                stored = int(rows[0]["n"])
-                if stored >= report.unique_keys:
-                    break
-                if time.monotonic() > deadline or consumer.poll() is not None:
-                    await asyncio.sleep(1.0)  # a last look: rows stored meanwhile count
-                    rows = await store.fetch(
-                        "SELECT count(*) AS n FROM {table} WHERE boot_id = ANY($1::text[])",
-                        report.boot_ids,
-                    )
-                    stored = int(rows[0]["n"])
-                    if stored >= report.unique_keys:
-                        break
-                    why = "the consumer stopped" if consumer.poll() is not None else "time is up"
-                    console.print(
-                        f"[red]only {stored:,} of {report.unique_keys:,} messages were stored"
-                        f" ({why}); see {run_dir}/demo-*.log"
-                    )
-                    return 1
-                await asyncio.sleep(0.2)
+            stored = await _all_stored(
+                store, report, consumer, deadline=deadline, run_dir=run_dir, console=console
+            )
+            if stored is None:
+                return 1
             caught_up = time.monotonic()
-            summary = await store.fetch(
-                """
-                SELECT split_part(schema, '.', 1) AS category, count(*) AS events,
-                       count(DISTINCT device_id) AS devices,
-                       min(event_time) AS first, max(event_time) AS last
-                FROM {table} WHERE boot_id = ANY($1::text[])
-                GROUP BY 1 ORDER BY 2 DESC
-                """,
-                report.boot_ids,
-            )
-            top = await store.fetch(
-                """
-                SELECT schema, count(*) AS events FROM {table}
-                WHERE boot_id = ANY($1::text[]) GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 8
-                """,
-                report.boot_ids,
-            )
+            summary, top = await _read_back(store, report.boot_ids)
     finally:
-        for proc in (bridge, consumer):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in (bridge, consumer):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=30)
-            if proc.poll() is None:
-                proc.kill()
+        _stop(bridge, consumer)
 
+    ok = _print_read_back(
+        console,
+        report,
+        stored,
+        summary,
+        top,
+        elapsed=caught_up - publishing,
+        after_puback=caught_up - played,
+    )
+
+    reporting = time.monotonic()
+    coverage = await report_coverage(settings)
+    _print_coverage(console, settings, coverage, time.monotonic() - reporting)
+    return 0 if ok else 1
+
+
+async def _bridge_subscribed(
+    bridge: subprocess.Popen[bytes],
+    names: OwnNames,
+    ready_by: float,
+    run_dir: Path,
+    console: Console,
+) -> bool:
+    """Wait for the demo's bridge to subscribe; if it exits or `ready_by` passes first,
+    show the last problems in its log and say no."""
+    while _metric(names.bridge_metrics_port, "usagepipe_bridge_subscribed") != 1.0:
+        if bridge.poll() is not None or time.monotonic() > ready_by:
+            log = run_dir / "demo-bridge.log"
+            console.print(
+                f"[red]the bridge did not subscribe within {READY_S:g}s; {log} says:",
+                highlight=False,
+            )
+            for line in _problems(log):
+                console.print(f"  {line}", highlight=False, markup=False)
+            return False
+        await asyncio.sleep(0.2)
+    return True
+
+
+async def _stored(store: UsageStore, boot_ids: list[str]) -> int:
+    """How many rows of the fleet's boots the store holds, whoever stored them."""
+    rows = await store.fetch(
+        "SELECT count(*) AS n FROM {table} WHERE boot_id = ANY($1::text[])", boot_ids
+    )
+    return int(rows[0]["n"])
+
+
+async def _all_stored(
+    store: UsageStore,
+    report: FleetReport,
+    consumer: subprocess.Popen[bytes],
+    *,
+    deadline: float,
+    run_dir: Path,
+    console: Console,
+) -> int | None:
+    """Wait until the store holds every unique message the fleet sent, and say how many
+    rows it holds; None (after saying why) if the consumer stops or `deadline` passes."""
+    while True:
+        stored = await _stored(store, report.boot_ids)
+        if stored >= report.unique_keys:
+            return stored
+        if time.monotonic() > deadline or consumer.poll() is not None:
+            await asyncio.sleep(1.0)  # a last look: rows stored meanwhile count
+            stored = await _stored(store, report.boot_ids)
+            if stored >= report.unique_keys:
+                return stored
+            why = "the consumer stopped" if consumer.poll() is not None else "time is up"
+            console.print(
+                f"[red]only {stored:,} of {report.unique_keys:,} messages were stored"
+                f" ({why}); see {run_dir}/demo-*.log"
+            )
+            return None
+        await asyncio.sleep(0.2)
+
+
+async def _read_back(
+    store: UsageStore, boot_ids: list[str]
+) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+    """The fleet's stored usage per category, and its most frequent events."""
+    summary = await store.fetch(
+        """
+        SELECT split_part(schema, '.', 1) AS category, count(*) AS events,
+               count(DISTINCT device_id) AS devices,
+               min(event_time) AS first, max(event_time) AS last
+        FROM {table} WHERE boot_id = ANY($1::text[])
+        GROUP BY 1 ORDER BY 2 DESC
+        """,
+        boot_ids,
+    )
+    top = await store.fetch(
+        """
+        SELECT schema, count(*) AS events FROM {table}
+        WHERE boot_id = ANY($1::text[]) GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 8
+        """,
+        boot_ids,
+    )
+    return summary, top
+
+
+def _stop(*procs: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to each process still running, then wait for each (killed after 30 s)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _print_read_back(
+    console: Console,
+    report: FleetReport,
+    stored: int,
+    summary: list[asyncpg.Record],
+    top: list[asyncpg.Record],
+    *,
+    elapsed: float,
+    after_puback: float,
+) -> bool:
+    """Print the usage read back and the counts, `elapsed` seconds from the first publish
+    to the last row; whether every unique message was stored exactly once."""
     table = Table(title="usage read back from PostgreSQL")
     for col in ("category", "events", "devices", "first event (UTC)", "last event (UTC)"):
         table.add_column(col, justify="right" if col in ("events", "devices") else "left")
@@ -304,21 +377,16 @@ async def _demo(settings: Settings, plan: FleetPlan, timeout_s: float, console: 
         highlight=False,
     )
     dropped = report.sent - stored
-    elapsed = caught_up - publishing
     console.print(
         f"messages sent {report.sent:,} (of which {report.duplicates_sent:,} duplicates) | "
         f"stored {stored:,} | duplicates dropped {dropped:,} | "
         f"first publish to last row {elapsed:.1f}s = {report.sent / elapsed:,.0f} msg/s end to"
-        f" end; the last row {caught_up - played:.1f}s after the last PUBACK",
+        f" end; the last row {after_puback:.1f}s after the last PUBACK",
         highlight=False,
     )
     ok = stored == report.unique_keys and dropped == report.duplicates_sent
     console.print("[green]OK: every unique message stored once" if ok else "[red]MISMATCH")
-
-    reporting = time.monotonic()
-    coverage = await report_coverage(settings)
-    _print_coverage(console, settings, coverage, time.monotonic() - reporting)
-    return 0 if ok else 1
+    return ok
 
 
 def _describe(plan: FleetPlan) -> str:

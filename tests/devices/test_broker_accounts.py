@@ -29,8 +29,9 @@ from ingest.kafka import ensure_topics
 from ingest.mqtt import MqttClient, PublishRefused
 from ingest.settings import MqttSettings, Settings
 from schemas.envelope import telemetry_topic
-from simulators.fleet import FleetPlan, device_ids, plan_device
+from simulators.plan import FleetPlan, plan_device
 from simulators.provision import ProvisionedFleet, open_registry, provision
+from simulators.units import device_ids
 from tests.conftest import free_port
 from tests.devices.fakes import RecordingBroker
 from tests.pipeline import pipeline, stored_keys, wait_for

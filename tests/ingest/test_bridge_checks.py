@@ -11,7 +11,8 @@ from ingest.bridge import check_payload, device_id_from_payload
 from ingest.dead_letter import DeadLetterReader
 from ingest.settings import Settings
 from schemas.errors import InvalidTelemetry, Reason
-from simulators.fleet import FleetPlan, device_ids, plan_device
+from simulators.plan import FleetPlan, plan_device
+from simulators.units import device_ids
 from tests.pipeline import pipeline, publish_payloads, read_to_end, stored_keys, wait_for
 
 

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from ingest.bridge import Bridge, device_id_from_topic
 from ingest.metrics import BridgeMetrics, serve_metrics
 from ingest.settings import KafkaSettings, PostgresSettings, Settings, markdown_table
-from simulators.fleet import FleetPlan
+from simulators.plan import FleetPlan
 from tests.conftest import free_port
 from tests.pipeline import expected_keys, publish, stored_keys, wait_for
 

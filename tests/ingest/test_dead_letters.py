@@ -22,7 +22,8 @@ from ingest.metrics import ConsumerMetrics
 from ingest.settings import Settings
 from schemas.errors import InvalidTelemetry, Reason
 from schemas.parse import parse_telemetry
-from simulators.fleet import FleetPlan, device_ids, plan_device
+from simulators.plan import FleetPlan, plan_device
+from simulators.units import device_ids
 from tests.pipeline import pipeline, publish_payloads, read_to_end, stored_keys, wait_for
 from usagepipe.dlq import list_letters, parse_position, replay, show_letter
 

@@ -15,7 +15,8 @@ from ingest.consumer import Consumer
 from ingest.kafka import ensure_topics, make_producer
 from ingest.metrics import ConsumerMetrics
 from ingest.settings import ConsumerSettings, Settings
-from simulators.fleet import FleetPlan, device_ids, plan_device
+from simulators.plan import FleetPlan, plan_device
+from simulators.units import device_ids
 from tests.pipeline import expected_keys, stored_keys
 
 

@@ -12,7 +12,7 @@ from ingest.mqtt import MqttClient
 from ingest.settings import Settings
 from schemas.envelope import telemetry_topic
 from schemas.errors import Reason
-from simulators.fleet import FleetPlan
+from simulators.plan import FleetPlan
 from tests.conftest import cleanup, free_port, isolated
 from tests.pipeline import expected_keys, pipeline, publish, read_topic, stored_keys, wait_for
 from usagepipe.services import TansuBroker

@@ -31,7 +31,8 @@ from ingest.rows import SourceOffset, UsageRow
 from ingest.settings import PostgresSettings, Settings
 from ingest.store import UsageStore
 from schemas.envelope import Envelope
-from simulators.fleet import FleetPlan, device_ids, plan_device
+from simulators.plan import FleetPlan, plan_device
+from simulators.units import device_ids
 from tests.conftest import require_timescaledb
 from usagepipe.cli import main
 

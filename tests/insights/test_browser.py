@@ -32,8 +32,9 @@ from playwright.async_api import Browser, Page, async_playwright
 from ingest.settings import InsightsSettings, Settings
 from insights.api import create_app
 from insights.reports import REPORTS
-from simulators.fleet import FleetPlan, fleet_units
+from simulators.plan import FleetPlan
 from simulators.traffic import device_traffic
+from simulators.units import fleet_units
 from tests.http_contract import served
 from tests.insights.conftest import Seeded
 from tests.insights.seed import END, START

@@ -14,8 +14,8 @@ import pytest
 
 from ingest.settings import Settings
 from simulators.faults import FAULT_NAMES, parse_faults
-from simulators.fleet import FleetPlan
 from simulators.ledger import LedgerWriter, Outcome, read_ledger
+from simulators.plan import FleetPlan
 from simulators.verify import run_verify, verify
 from tests.pipeline import pipeline, publish
 

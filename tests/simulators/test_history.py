@@ -12,9 +12,10 @@ import orjson
 import pytest
 
 from devices.records import PurchaseChannel
-from simulators.fleet import LAUNCHED_ON, FleetPlan, fleet_units, plan_device
 from simulators.history import CHANNELS, HistoryError, earliest_start, unit_history
+from simulators.plan import FleetPlan, plan_device
 from simulators.traffic import Message, buyer_profile, profile
+from simulators.units import LAUNCHED_ON, fleet_units
 
 
 @pytest.fixture(scope="session", autouse=True)

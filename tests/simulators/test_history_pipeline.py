@@ -20,9 +20,10 @@ from ingest.kafka import ensure_topics
 from ingest.owner_keys import owner_key
 from ingest.settings import Settings
 from simulators.faults import parse_faults
-from simulators.fleet import FleetPlan, fleet_units, plan_device
 from simulators.history import UnitHistory, unit_history
+from simulators.plan import FleetPlan, plan_device
 from simulators.provision import CollectedAccounts, open_registry, provision
+from simulators.units import fleet_units
 from tests.conftest import TEST_OWNER_KEY, drop_registry
 from tests.pipeline import pipeline, publish, wait_for
 

@@ -13,16 +13,10 @@ import pytest
 from schemas.errors import InvalidTelemetry
 from schemas.parse import parse_telemetry
 from simulators.faults import FAULT_NAMES, parse_faults
-from simulators.fleet import (
-    FleetPlan,
-    category_of,
-    device_ids,
-    plan_device,
-    unregistered_units,
-    usage_mix,
-)
 from simulators.ledger import Outcome
+from simulators.plan import FleetPlan, plan_device, usage_mix
 from simulators.traffic import MALFORMED, profile
+from simulators.units import category_of, device_ids, unregistered_units
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -27,8 +27,9 @@ from ingest.metrics import ConsumerMetrics
 from ingest.settings import Settings
 from insights.reports import REPORTS
 from simulators.cli import DEMO_DEVICES, DEMO_WINDOW, demo_plan
-from simulators.fleet import FleetPlan, device_ids, plan_device
+from simulators.plan import FleetPlan, plan_device
 from simulators.provision import CollectedAccounts, open_registry, provision
+from simulators.units import device_ids
 from usagepipe.demo import report_coverage
 
 
