@@ -56,7 +56,8 @@ from insights.filters import (
     Filters,
 )
 from insights.privacy import Privacy
-from insights.reports import REPORTS, run_report
+from insights.reports import REPORTS
+from insights.runner import run_report
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from ingest.ports import port_number
 from ingest.postgres import DB_ERRORS
 from ingest.settings import Settings
 from insights.filters import CATEGORIES, FilterError, Filters
-from insights.reports import REPORTS, Report
+from insights.reports import REPORTS
+from insights.specs import Report
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
     from insights.charts import ChartError, write_chart
     from insights.export import export
     from insights.privacy import Privacy
-    from insights.reports import run_report
+    from insights.runner import run_report
 
     prog = f"usagepipe report {args.name}"
     if args.format == "parquet" and args.out is None:
