@@ -1,3 +1,14 @@
+"""What every report's SQL runs through: `Query`, one run's connection, table,
+filters, privacy rules and options.
+
+`Query.segments` puts the filtered rows before a report's SQL, as the CTE `days` (the
+device-daily rollup, read through `ingest.rollups.device_daily_source`) or `base` (the
+raw usage rows), runs it, and splits each record into a `Segment`
+(`insights.generalise`): its key, its values, its distinct owners, and the hidden
+`_...` columns a merge needs. Database values come back as JSON- and CSV-friendly
+scalars.
+"""
+
 from __future__ import annotations
 
 from collections.abc import Mapping

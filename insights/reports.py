@@ -1,4 +1,4 @@
-"""The planners' reports: one `ReportSpec` each, its SQL, and what comes back.
+"""The planners' reports, `REPORTS`: one `ReportSpec` each (`insights.specs`) and its SQL.
 
 Every report reads what its `Filters` select (time range, models, categories,
 regions, firmware) and finds *segments*, each with the distinct owners behind it

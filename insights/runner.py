@@ -1,3 +1,11 @@
+"""Running a report against the database: `run_report`.
+
+The report's options are checked and their defaults filled in, its SQL runs in a
+read-only transaction, database errors become `StoreUnavailable`, and segments below k
+owners are merged along the report's hierarchy, or else suppressed
+(`insights.generalise`), before the rows come back as a `Report`.
+"""
+
 from __future__ import annotations
 
 from collections.abc import Mapping

@@ -1,3 +1,13 @@
+"""What a report is, and what it answers with.
+
+`ReportSpec`: a report's name, title, dimensions, measures, source, whether it is
+marketing-usable, how it is drawn (`Chart`), its own options (`Option`) and the
+`compute` that reads its segments through a `Query`. `Report`: one run's answer, the
+spec, the filters and options in effect, k, and the rows after generalisation,
+flattened by `records()` for every export and by `describe()` for JSON. Nothing here
+touches the database.
+"""
+
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
