@@ -26,7 +26,9 @@ import asyncpg
 from ingest.settings import Settings
 from insights.filters import Filters
 from insights.privacy import Privacy
-from insights.reports import REPORTS, Report, run_report
+from insights.reports import REPORTS
+from insights.runner import run_report
+from insights.specs import Report
 
 COMMAND = "python bench/report_rows.py " + " ".join(sys.argv[1:])
 HEADER = ("report", "k", "fine", ">=k", "shown", "gen rows", "gen segs", "supp rows",

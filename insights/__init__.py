@@ -3,7 +3,13 @@
     filters.py      the filters every report takes (time range, model, category,
                     region, firmware), validated with messages naming the bad field
     privacy.py      k-anonymity and the marketing population
-    reports.py      the report definitions: SQL, options, typed rows
+    specs.py        what a report is (`ReportSpec`: measures, chart, options) and
+                    what it answers with (`Report`: rows, records, JSON)
+    query.py        what every report's SQL runs through: the filtered rows or
+                    device-days before it, its records split into segments
+    reports.py      the eight reports: their SQL, and the registry `REPORTS`
+    runner.py       `run_report`: options checked, the SQL run read-only, database
+                    errors translated, small segments merged or suppressed
     generalise.py   segments below k merged along a hierarchy until a group reaches
                     k, or else suppressed; exact numbers for the merged rows
     hierarchies.py  each report's hierarchy, and how its merged numbers are computed

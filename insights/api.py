@@ -29,13 +29,13 @@ functions' annotations at runtime.
 """
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib.resources import files
 from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import APIRouter, FastAPI, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, Field
@@ -56,7 +56,9 @@ from insights.filters import (
     Filters,
 )
 from insights.privacy import Privacy
-from insights.reports import REPORTS, run_report
+from insights.reports import REPORTS
+from insights.runner import run_report
+from insights.specs import Report
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +196,19 @@ _EXPORTS = {
     "text/csv": {"schema": {"type": "string"}},
     "application/vnd.apache.parquet": {"schema": {"type": "string", "format": "binary"}},
 }
+_REPORT_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": ReportOut,
+        "description": "The report as JSON, or as a CSV or Parquet download "
+        "(`format`), each with the same flat rows.",
+        "content": _EXPORTS,
+    },
+    **_REPORT_ERRORS,
+}
+ExportFormat = Literal["json", "csv", "parquet"]
+"""`format`: the order is the OpenAPI enum's, JSON first as the default."""
+_State = dict[str, asyncpg.Pool]
+"""The app's PostgreSQL pool under `"pool"`, there while the app runs (its lifespan)."""
 
 
 def create_app(
@@ -206,8 +221,43 @@ def create_app(
     """The API over `postgres.table`; marketing-usable reports read owners from the
     registry in `registry_schema` (same database). Request metrics go to
     `metrics_registry` (a fresh one when not given)."""
-    state: dict[str, asyncpg.Pool] = {}
+    state: _State = {}
     privacy = Privacy(insights.k_anonymity, registry_schema)
+    app = FastAPI(
+        title="usagepipe insights",
+        version="1",
+        description="Read-only usage reports for product planners; segments with fewer "
+        f"than k={insights.k_anonymity} distinct owners are merged along their report's "
+        "hierarchy until a group reaches k, else suppressed: no row shows fewer.",
+        lifespan=_lifespan(postgres, state),
+    )
+    metrics = metrics_registry if metrics_registry is not None else CollectorRegistry()
+    httpapi.install(
+        app,
+        metrics=HttpMetrics(metrics, "insights"),
+        registry=metrics,
+        model=InsightsProblem,
+        health=_health(postgres, state),
+        health_doc="200 while the process serves, PostgreSQL answers within 2 s and the "
+        "usage table exists; 503 `unavailable` otherwise (the registry schema, read by "
+        "marketing-usable reports only, is not checked).",
+    )
+
+    @app.exception_handler(FilterError)
+    async def bad_filter(request: Request, exc: FilterError) -> JSONResponse:
+        return httpapi.problem(422, "invalid_request", exc.message, field=exc.field)
+
+    app.include_router(_catalogue())
+    app.include_router(_report(postgres, insights, privacy, state))
+    app.include_router(_dashboard(postgres, insights, state))
+    return app
+
+
+def _lifespan(
+    postgres: PostgresSettings, state: _State
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Open the pool in `state` for the app's lifetime; a database that does not answer
+    stops the start with `StoreUnavailable`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -222,16 +272,11 @@ def create_app(
         finally:
             await state.pop("pool").close()
 
-    app = FastAPI(
-        title="usagepipe insights",
-        version="1",
-        description="Read-only usage reports for product planners; segments with fewer "
-        f"than k={insights.k_anonymity} distinct owners are merged along their report's "
-        "hierarchy until a group reaches k, else suppressed: no row shows fewer.",
-        lifespan=lifespan,
-    )
+    return lifespan
 
-    metrics = metrics_registry if metrics_registry is not None else CollectorRegistry()
+
+def _health(postgres: PostgresSettings, state: _State) -> httpapi.HealthCheck:
+    """`GET /health`'s check: PostgreSQL answers and the usage table exists."""
 
     async def health() -> dict[str, str]:
         async with state["pool"].acquire() as conn:
@@ -242,27 +287,14 @@ def create_app(
             )
         return {"postgresql": "ok", "usage_table": "ok"}
 
-    httpapi.install(
-        app,
-        metrics=HttpMetrics(metrics, "insights"),
-        registry=metrics,
-        model=InsightsProblem,
-        health=health,
-        health_doc="200 while the process serves, PostgreSQL answers within 2 s and the "
-        "usage table exists; 503 `unavailable` otherwise (the registry schema, read by "
-        "marketing-usable reports only, is not checked).",
-    )
+    return health
 
-    @app.exception_handler(FilterError)
-    async def bad_filter(request: Request, exc: FilterError) -> JSONResponse:
-        return httpapi.problem(422, "invalid_request", exc.message, field=exc.field)
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page() -> HTMLResponse:
-        html = files("insights").joinpath("static/index.html").read_text("utf-8")
-        return HTMLResponse(html)
+def _catalogue() -> APIRouter:
+    """`GET /api/reports`: every report and what it takes."""
+    router = APIRouter()
 
-    @app.get(
+    @router.get(
         "/api/reports",
         summary="Every report and what it takes",
         response_model=None,
@@ -271,19 +303,20 @@ def create_app(
     async def catalogue() -> list[dict[str, Any]]:
         return [spec.describe() for spec in REPORTS.values()]
 
-    @app.get(
+    return router
+
+
+def _report(
+    postgres: PostgresSettings, insights: InsightsSettings, privacy: Privacy, state: _State
+) -> APIRouter:
+    """`GET /api/reports/{name}`: one report, filtered, as JSON, CSV or Parquet."""
+    router = APIRouter()
+
+    @router.get(
         "/api/reports/{name}",
         summary="One report, filtered",
         response_model=None,
-        responses={
-            200: {
-                "model": ReportOut,
-                "description": "The report as JSON, or as a CSV or Parquet download "
-                "(`format`), each with the same flat rows.",
-                "content": _EXPORTS,
-            },
-            **_REPORT_ERRORS,
-        },
+        responses=_REPORT_ANSWERS,
     )
     async def report(
         name: ReportName,
@@ -296,7 +329,7 @@ def create_app(
         firmware: Firmwares = [],  # noqa: B006
         by: By = None,
         tz: Tz = None,
-        format: Literal["json", "csv", "parquet"] = "json",
+        format: ExportFormat = "json",
     ) -> Response:
         if name not in REPORTS:
             return httpapi.problem(
@@ -328,15 +361,30 @@ def create_app(
         except (*DB_ERRORS, StoreUnavailable) as exc:
             log.warning("report %s failed: %s", name, exc)
             return httpapi.unavailable(str(exc))
-        body = export(result, format)
-        headers = {}
-        if format != "json":
-            headers["Content-Disposition"] = f'attachment; filename="{name}.{format}"'
-        return Response(body, media_type=MEDIA_TYPES[format], headers=headers)
+        return _answer(result, name, format)
 
-    # -- the dashboard's own routes: its assets, and the values its filters offer --------
+    return router
 
-    @app.get("/static/{name}", include_in_schema=False)
+
+def _answer(result: Report, name: str, format: ExportFormat) -> Response:
+    """`result` as JSON, or as a CSV or Parquet download named after report `name`."""
+    headers = {}
+    if format != "json":
+        headers["Content-Disposition"] = f'attachment; filename="{name}.{format}"'
+    return Response(export(result, format), media_type=MEDIA_TYPES[format], headers=headers)
+
+
+def _dashboard(postgres: PostgresSettings, insights: InsightsSettings, state: _State) -> APIRouter:
+    """The dashboard's own routes, none in the OpenAPI document but `/api/filters`: the
+    page, its assets, and the values its filters offer."""
+    router = APIRouter()
+
+    @router.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        html = files("insights").joinpath("static/index.html").read_text("utf-8")
+        return HTMLResponse(html)
+
+    @router.get("/static/{name}", include_in_schema=False)
     async def asset(name: str) -> Response:
         media_type = ASSETS.get(name)
         if media_type is None:
@@ -344,7 +392,7 @@ def create_app(
         text = files("insights").joinpath(f"static/{name}").read_text("utf-8")
         return Response(text, media_type=media_type)
 
-    @app.get(
+    @router.get(
         "/api/filters",
         summary="The values each filter can take in a time range",
         response_model=FilterChoices,
@@ -364,7 +412,7 @@ def create_app(
             return httpapi.unavailable(str(exc))
         return Response(found.model_dump_json(), media_type="application/json")
 
-    return app
+    return router
 
 
 ASSETS = {

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
 from insights.generalise import Row, Scalar
-from insights.reports import Report
+from insights.specs import Report
 
 FORMATS = (".png", ".svg")
 WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")

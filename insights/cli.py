@@ -21,7 +21,8 @@ from ingest.ports import port_number
 from ingest.postgres import DB_ERRORS
 from ingest.settings import Settings
 from insights.filters import CATEGORIES, FilterError, Filters
-from insights.reports import REPORTS, Report
+from insights.reports import REPORTS
+from insights.specs import Report
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,7 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _report(args: argparse.Namespace, settings: Settings) -> int:
-    import asyncpg
-
     from ingest.errors import StoreUnavailable
-    from insights.charts import ChartError, write_chart
-    from insights.export import export
-    from insights.privacy import Privacy
-    from insights.reports import run_report
 
     prog = f"usagepipe report {args.name}"
     if args.format == "parquet" and args.out is None:
@@ -82,39 +77,53 @@ def _report(args: argparse.Namespace, settings: Settings) -> int:
     if args.chart is not None and args.chart.suffix.lower() not in (".png", ".svg"):
         print(f"{prog}: --chart {args.chart} must end in .png or .svg", file=sys.stderr)
         return 2
-
-    async def run() -> Report:
-        filters = Filters.parse(
-            start=args.start,
-            end=args.end,
-            model=args.model,
-            category=args.category,
-            region=args.region,
-            firmware=args.firmware,
-            max_days=settings.insights.max_range_days,
-        )
-        conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
-        try:
-            return await run_report(
-                conn,
-                args.name,
-                filters,
-                table=settings.postgres.table,
-                privacy=Privacy(settings.insights.k_anonymity, settings.registry.db_schema),
-                options={"by": args.by, "tz": args.tz},
-                timezone=settings.insights.timezone,
-            )
-        finally:
-            await conn.close()
-
     try:
-        report = asyncio.run(run())
+        report = asyncio.run(_run(args, settings))
     except FilterError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     except (*DB_ERRORS, StoreUnavailable) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
+    return _write(report, args, prog)
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> Report:
+    """The report `args` ask for, over its own connection for this one run."""
+    import asyncpg
+
+    from insights.privacy import Privacy
+    from insights.runner import run_report
+
+    filters = Filters.parse(
+        start=args.start,
+        end=args.end,
+        model=args.model,
+        category=args.category,
+        region=args.region,
+        firmware=args.firmware,
+        max_days=settings.insights.max_range_days,
+    )
+    conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
+    try:
+        return await run_report(
+            conn,
+            args.name,
+            filters,
+            table=settings.postgres.table,
+            privacy=Privacy(settings.insights.k_anonymity, settings.registry.db_schema),
+            options={"by": args.by, "tz": args.tz},
+            timezone=settings.insights.timezone,
+        )
+    finally:
+        await conn.close()
+
+
+def _write(report: Report, args: argparse.Namespace, prog: str) -> int:
+    """Print or save `report` in `--format`, and draw `--chart`; the exit status."""
+    from insights.charts import ChartError, write_chart
+    from insights.export import export
+
     if args.format == "table":
         text = _table(report)
         if args.out is None:

@@ -53,7 +53,8 @@ from ingest.settings import Settings
 from ingest.store import UsageStore
 from insights.filters import Filters
 from insights.privacy import Privacy
-from insights.reports import REPORTS, run_report
+from insights.reports import REPORTS
+from insights.runner import run_report
 from schemas.errors import UsagepipeError
 from simulators.cli import fleet_failure, plan_from_args, provision_fleet, run_fleet
 from simulators.plan import FleetPlan

@@ -36,7 +36,8 @@ from insights.generalise import (
     union,
 )
 from insights.privacy import Privacy
-from insights.reports import REPORTS, Report
+from insights.reports import REPORTS
+from insights.specs import Report
 from tests.insights.conftest import Seeded, seeded_store
 from tests.insights.seed import END, START, Population
 from tests.insights.test_reports import (

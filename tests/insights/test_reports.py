@@ -19,7 +19,9 @@ from ingest.settings import Settings
 from insights.export import export
 from insights.filters import FilterError, Filters
 from insights.privacy import Privacy
-from insights.reports import REPORTS, Report, run_report
+from insights.reports import REPORTS
+from insights.runner import run_report
+from insights.specs import Report
 from tests.conftest import require_timescaledb
 from tests.insights.conftest import Seeded, seeded_store
 from tests.insights.seed import END, START, Population
