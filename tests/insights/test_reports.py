@@ -89,7 +89,7 @@ DIRECT: dict[str, str] = {
                count(DISTINCT e.device_id) AS devices, max(dd.days) AS device_days,
                round(count(*) * 1000.0 / max(dd.days), 3) AS per_1000_device_days,
                count(DISTINCT e.owner_key) AS owners
-        FROM {t} e JOIN dd USING (model, firmware)
+        FROM {t} e JOIN dd ON dd.model = e.model AND dd.firmware IS NOT DISTINCT FROM e.firmware
         WHERE {ew} AND e.schema LIKE '%.error' AND e.body ->> 'state' = 'raised'
         GROUP BY 1, 2, 3""",
     "adoption": f"""
