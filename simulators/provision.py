@@ -228,42 +228,42 @@ async def provision(
         await registry.add_product_model(model)
     owners = await registry.current_owners([u.device_id for u in units])
     await _import(registry, [h for h in histories if h.unit.device_id not in owners])
-    slots = asyncio.Semaphore(concurrency)
-    transferred = 0
+    done = await _bring_up_all(registry, histories, owners, concurrency=concurrency, bulk=bulk)
+    fleet = ProvisionedFleet(
+        credentials={u.device_id: r.mqtt_secret for u, (r, _) in zip(units, done, strict=True)},
+        models={u.device_id: u.model.model_number for u in units},
+        categories={u.device_id: u.category for u in units},
+        registered=len(units) - len(owners),
+        reissued=len(owners),
+        transferred=sum(handed_over for _, handed_over in done),
+        elapsed_s=time.monotonic() - started,
+    )
+    log.info(
+        "provisioned %d devices (%d registered, %d reissued, %d handed over) in %.1fs",
+        len(units),
+        fleet.registered,
+        fleet.reissued,
+        fleet.transferred,
+        fleet.elapsed_s,
+    )
+    return fleet
 
-    async def bring_up(history: UnitHistory) -> Registration:
-        nonlocal transferred
-        unit = history.unit
+
+async def _bring_up_all(
+    registry: Registry,
+    histories: list[UnitHistory],
+    owners: Mapping[str, UUID],
+    *,
+    concurrency: int,
+    bulk: bool,
+) -> list[tuple[Registration, bool]]:
+    """`_bring_up` every unit, `concurrency` at a time, in the order of `histories`; in
+    bulk, with the registry's events deferred and flushed once at the end."""
+    slots = asyncio.Semaphore(concurrency)
+
+    async def bring_up(history: UnitHistory) -> tuple[Registration, bool]:
         async with slots:
-            registration: Registration | None = None
-            owner = owners.get(unit.device_id)
-            if owner is None:
-                owner = await registry.create_owner(
-                    history.owner, source=SOURCE, at=history.registered_at
-                )
-                registration = await registry.register(
-                    owner,
-                    unit.model.model_number,
-                    unit.serial_number,
-                    unit.registration_code,
-                    history.purchase,
-                    at=history.registered_at,
-                )
-            if await _hands_over(registry, history, fresh=registration is not None):
-                assert history.handover is not None and history.buyer is not None
-                assert history.handover_purchase is not None
-                at = history.handover.at
-                await _touch(registry, owner, at, history.owner)  # the seller's last use
-                buyer = await registry.create_owner(history.buyer, source=SOURCE, at=at)
-                registration = await registry.transfer(
-                    unit.device_id, owner, buyer, history.handover_purchase, at=at
-                )
-                owner = buyer
-                transferred += 1
-            if registration is None:
-                registration = await registry.reissue_credentials(unit.device_id, owner)
-            await _touch(registry, owner, history.last_active, history.current_owner)
-            return registration
+            return await _bring_up(registry, history, owners.get(history.unit.device_id))
 
     if isinstance(registry, SimRegistry):
         registry.defer_events = bulk
@@ -278,24 +278,43 @@ async def provision(
             assert isinstance(registry, SimRegistry)
             registry.defer_events = False
             await registry.flush_events()
-    fleet = ProvisionedFleet(
-        credentials={u.device_id: t.result().mqtt_secret for u, t in zip(units, done, strict=True)},
-        models={u.device_id: u.model.model_number for u in units},
-        categories={u.device_id: u.category for u in units},
-        registered=len(units) - len(owners),
-        reissued=len(owners),
-        transferred=transferred,
-        elapsed_s=time.monotonic() - started,
-    )
-    log.info(
-        "provisioned %d devices (%d registered, %d reissued, %d handed over) in %.1fs",
-        len(units),
-        fleet.registered,
-        fleet.reissued,
-        fleet.transferred,
-        fleet.elapsed_s,
-    )
-    return fleet
+    return [task.result() for task in done]
+
+
+async def _bring_up(
+    registry: Registry, history: UnitHistory, owner: UUID | None
+) -> tuple[Registration, bool]:
+    """One unit as its history says: registered by its household unless `owner`
+    already owns it, handed over to its buyer if that is still to be recorded, its
+    secret reissued if neither gave it a new one, and its current owner's recent
+    activity noted. Returns the registration and whether the unit was handed over."""
+    unit = history.unit
+    registration: Registration | None = None
+    if owner is None:
+        owner = await registry.create_owner(history.owner, source=SOURCE, at=history.registered_at)
+        registration = await registry.register(
+            owner,
+            unit.model.model_number,
+            unit.serial_number,
+            unit.registration_code,
+            history.purchase,
+            at=history.registered_at,
+        )
+    handed_over = await _hands_over(registry, history, fresh=registration is not None)
+    if handed_over:
+        assert history.handover is not None and history.buyer is not None
+        assert history.handover_purchase is not None
+        at = history.handover.at
+        await _touch(registry, owner, at, history.owner)  # the seller's last use
+        buyer = await registry.create_owner(history.buyer, source=SOURCE, at=at)
+        registration = await registry.transfer(
+            unit.device_id, owner, buyer, history.handover_purchase, at=at
+        )
+        owner = buyer
+    if registration is None:
+        registration = await registry.reissue_credentials(unit.device_id, owner)
+    await _touch(registry, owner, history.last_active, history.current_owner)
+    return registration, handed_over
 
 
 async def _import(registry: Registry, histories: list[UnitHistory]) -> None:

@@ -220,20 +220,43 @@ def device_traffic(
     `neighbour` is the device whose topic a `foreign_topic` message goes to.
     An unregistered device's messages are all `refused_by_broker`.
     """
+    prof = profile(plan, device_id, category)
+    fault_rng = random.Random(f"{plan.seed}:{device_id}:faults")
+    topic = telemetry_topic(device_id, topic_prefix)
+    sender = _Sender(
+        plan,
+        fault_rng,
+        device_id=device_id,
+        category=category,
+        topic=topic,
+        foreign=telemetry_topic(neighbour, topic_prefix) if neighbour else None,
+        registered=registered,
+        old_schema=fault_rng.random() < plan.faults.old_schema,
+    )
+    events = _events(plan, device_id, category, prof)
+    if registered:
+        yield _last_install(plan, device_id, category, prof, topic)
+    cap = plan.messages_per_device or None
+    for made, (at, schema_name, body) in enumerate(events):
+        if cap is not None and made >= cap:
+            break
+        yield from sender.send(sender.message(at, schema_name, body), at)
+    yield from sender.finish()
+
+
+def _events(
+    plan: FleetPlan, device_id: str, category: str, prof: Profile
+) -> Iterator[tuple[datetime, str, dict[str, Any]]]:
+    """The device's events over the window, in time order: its household's usage and a
+    firmware upgrade, if one falls inside it.
+
+    A unit that changes hands is used by the buyer's household from then on (the same
+    usage generator, continued: the buyer's first day is made afresh)."""
     assert plan.window is not None and plan.sim_start is not None
     start = plan.sim_start
     end = start + plan.window
-    faults = plan.faults
-    prof = profile(plan, device_id, category)
     usage_rng = random.Random(f"{plan.seed}:{device_id}")
-    fault_rng = random.Random(f"{plan.seed}:{device_id}:faults")
     firmware_rng = random.Random(f"{plan.seed}:{device_id}:firmware")
-    old_schema = fault_rng.random() < faults.old_schema
-    topic = telemetry_topic(device_id, topic_prefix)
-    foreign = telemetry_topic(neighbour, topic_prefix) if neighbour else None
-
-    # A unit that changes hands is used by the buyer's household from then on (the
-    # same usage generator, continued: the buyer's first day is made afresh).
     passes = handover(plan, device_id)
     events: Iterator[tuple[datetime, str, dict[str, Any]]]
     if passes is not None and start < passes.at < end:
@@ -247,69 +270,100 @@ def device_traffic(
     upgrade = _upgrade(prof, category, firmware_rng, start, plan.window)
     if upgrade is not None:
         events = heapq.merge(events, [upgrade], key=lambda e: e[0])
+    return events
 
-    if registered:
-        yield _last_install(plan, device_id, category, prof, topic)
 
-    boot, seq = 0, 0
-    boot_of = boot_id(plan, device_id, 0)
-    cap = plan.messages_per_device or None
-    made = 0
-    reboot_next = False
-    offline_until: datetime | None = None
-    held: list[Message] = []  # sent when the offline period ends
-    behind: list[Message] = []  # a reordered message, sent after the next one
-    last_at = start
+class _Sender:
+    """One device over the window: its boot and seq, and the messages it holds back
+    (while offline, or reordered behind the next one).
 
-    for at, schema_name, body in events:
-        if cap is not None and made >= cap:
-            break
-        made += 1
+    Every fault draws from the one `rng`, in the order `message` then `send` take them
+    for each event, then the next event's: that order is what a seed reproduces."""
+
+    def __init__(
+        self,
+        plan: FleetPlan,
+        rng: random.Random,
+        *,
+        device_id: str,
+        category: str,
+        topic: str,
+        foreign: str | None,
+        registered: bool,
+        old_schema: bool,
+    ) -> None:
+        assert plan.window is not None and plan.sim_start is not None
+        self.plan, self.rng = plan, rng
+        self.device_id, self.category, self.registered = device_id, category, registered
+        self.topic, self.foreign = topic, foreign
+        self.old_schema = old_schema
+        self.end = plan.sim_start + plan.window
+        self.boot, self.seq = 0, 0
+        self.boot_of = boot_id(plan, device_id, 0)
+        self.reboot_next = False
+        self.offline_until: datetime | None = None
+        self.held: list[Message] = []  # sent when the offline period ends
+        self.behind: list[Message] = []  # a reordered message, sent after the next one
+        self.last_at = plan.sim_start
+
+    def message(self, at: datetime, schema_name: str, body: dict[str, Any]) -> Message:
+        """The event's message, on a new boot if a reboot comes before it."""
+        faults = self.plan.faults
         fault: str | None = None
-        if reboot_next or (faults.reboot and fault_rng.random() < faults.reboot):
-            fault = None if reboot_next else "reboot"
-            boot, seq = boot + 1, 0
-            boot_of = boot_id(plan, device_id, boot)
-            reboot_next = False
+        if self.reboot_next or (faults.reboot and self.rng.random() < faults.reboot):
+            fault = None if self.reboot_next else "reboot"
+            self.boot, self.seq = self.boot + 1, 0
+            self.boot_of = boot_id(self.plan, self.device_id, self.boot)
+            self.reboot_next = False
         if schema_name.endswith(".firmware") and body.get("outcome") == "installed":
-            reboot_next = True  # a new firmware boots the device afresh
+            self.reboot_next = True  # a new firmware boots the device afresh
         version = None
-        if old_schema and schema_name == "washer.cycle":
+        if self.old_schema and schema_name == "washer.cycle":
             # Old firmware: the event in the v1 wire format (its own generator, so the
             # usage that follows is the same as without the fault).
-            version, body = 1, example_v1_body(schema_name, fault_rng)  # noqa: PLW2901
+            version, body = 1, example_v1_body(schema_name, self.rng)
             fault = fault or "old_schema"
         msg = _message(
-            plan, fault_rng, device_id=device_id, category=category, boot=boot_of, seq=seq,
-            at=at, schema_name=schema_name, body=body, version=version, topic=topic,
-            foreign=foreign, fault=fault, registered=registered,
+            self.plan, self.rng, device_id=self.device_id, category=self.category,
+            boot=self.boot_of, seq=self.seq, at=at, schema_name=schema_name, body=body,
+            version=version, topic=self.topic, foreign=self.foreign, fault=fault,
+            registered=self.registered,
         )  # fmt: skip
-        seq += 1
+        self.seq += 1
+        return msg
 
+    def send(self, msg: Message, at: datetime) -> Iterator[Message]:
+        """What leaves the device when the event of `msg` happens at `at`: nothing while
+        offline or while `msg` is held back, else `msg` (and its duplicate), after the
+        burst of an offline period that has ended, before a reordered message."""
+        faults = self.plan.faults
         # Offline: this event happens while the device cannot reach the broker.
-        if offline_until is not None and at >= offline_until:
-            yield from _burst(held, offline_until)
-            held, last_at, offline_until = [], offline_until, None
-        if offline_until is None and faults.offline and fault_rng.random() < faults.offline:
-            offline_until = min(at + timedelta(minutes=fault_rng.uniform(30, 480)), end)
-        if offline_until is not None:
-            held.append(_tag(msg, "offline"))
-            held.extend(_dup(msg, faults.dup, fault_rng))
-            continue
+        if self.offline_until is not None and at >= self.offline_until:
+            yield from _burst(self.held, self.offline_until)
+            self.held, self.last_at, self.offline_until = [], self.offline_until, None
+        if self.offline_until is None and faults.offline and self.rng.random() < faults.offline:
+            self.offline_until = min(at + timedelta(minutes=self.rng.uniform(30, 480)), self.end)
+        if self.offline_until is not None:
+            self.held.append(_tag(msg, "offline"))
+            self.held.extend(_dup(msg, faults.dup, self.rng))
+            return
 
-        out = [msg, *_dup(msg, faults.dup, fault_rng)]
-        if behind:
-            out += [_with(m, at) for m in behind]
-            behind = []
-        elif faults.reorder and fault_rng.random() < faults.reorder:
-            behind = [_tag(m, "reorder") for m in out]  # with its duplicate, if any
-            continue
-        last_at = at
+        out = [msg, *_dup(msg, faults.dup, self.rng)]
+        if self.behind:
+            out += [_with(m, at) for m in self.behind]
+            self.behind = []
+        elif faults.reorder and self.rng.random() < faults.reorder:
+            self.behind = [_tag(m, "reorder") for m in out]  # with its duplicate, if any
+            return
+        self.last_at = at
         yield from out
-    if behind:
-        yield from (_with(m, last_at) for m in behind)
-    if held and offline_until is not None:
-        yield from _burst(held, offline_until)
+
+    def finish(self) -> Iterator[Message]:
+        """What is still held back when the window ends."""
+        if self.behind:
+            yield from (_with(m, self.last_at) for m in self.behind)
+        if self.held and self.offline_until is not None:
+            yield from _burst(self.held, self.offline_until)
 
 
 def _last_install(

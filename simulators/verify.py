@@ -63,22 +63,49 @@ def reconcile(
     are (digest of the original bytes, reason) of dead letters.
     """
     result = Reconciliation()
-    stored: set[Key] = set()
-    duplicates: Counter[Key] = Counter()
-    dead: dict[str, str] = {}
-    refused: dict[str, Key] = {}
-    for entry in entries:
-        result.expected[entry.outcome.value] += 1
-        if entry.outcome is Outcome.DEAD_LETTER:
-            result.expected[f"dead_letter:{entry.reason}"] += 1
-            dead[entry.digest] = entry.reason or ""
-        elif entry.outcome is Outcome.STORED:
-            stored.add(entry.key)
-        elif entry.outcome is Outcome.DUPLICATE:
-            duplicates[entry.key] += 1
-        else:
-            refused[entry.digest] = entry.key
+    ledger = _expect(entries, result.expected)
+    _check_rows(result, ledger, rows)
+    seen = _check_letters(result, ledger, letters)
+    # A refused message is found refused when it left neither a row nor a dead letter.
+    result.found[Outcome.REFUSED_BY_BROKER.value] = sum(
+        1 for d, key in ledger.refused.items() if key not in rows and seen[d] == 0
+    )
+    return result
 
+
+@dataclass
+class _Ledger:
+    """What the ledger expects, by outcome: the keys stored, each key's duplicates, the
+    reason of each dead letter and the key of each refused message (by digest)."""
+
+    stored: set[Key] = field(default_factory=set)
+    duplicates: Counter[Key] = field(default_factory=Counter)
+    dead: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, Key] = field(default_factory=dict)
+
+
+def _expect(entries: Iterable[Entry], expected: Counter[str]) -> _Ledger:
+    """The ledger's entries by outcome, counting each outcome (and dead letter reason)
+    in `expected`."""
+    ledger = _Ledger()
+    for entry in entries:
+        expected[entry.outcome.value] += 1
+        if entry.outcome is Outcome.DEAD_LETTER:
+            expected[f"dead_letter:{entry.reason}"] += 1
+            ledger.dead[entry.digest] = entry.reason or ""
+        elif entry.outcome is Outcome.STORED:
+            ledger.stored.add(entry.key)
+        elif entry.outcome is Outcome.DUPLICATE:
+            ledger.duplicates[entry.key] += 1
+        else:
+            ledger.refused[entry.digest] = entry.key
+    return ledger
+
+
+def _check_rows(result: Reconciliation, ledger: _Ledger, rows: Mapping[Key, int]) -> None:
+    """Each stored key has exactly one row, and no other key has any: the stored and
+    duplicate messages found, and a discrepancy for each key that differs."""
+    stored = ledger.stored
     for key in sorted(stored):
         count = rows.get(key, 0)
         if count == 0:
@@ -87,15 +114,23 @@ def reconcile(
             result.discrepancies.append(f"{count} rows for {_name(key)} (expected one)")
     result.found[Outcome.STORED.value] = sum(1 for key in stored if rows.get(key, 0) >= 1)
     for key, count in sorted(rows.items()):
-        if key in refused.values():
+        if key in ledger.refused.values():
             result.discrepancies.append(f"row {_name(key)} stored, but the broker should refuse it")
         elif key not in stored:
             result.discrepancies.append(f"unexpected row {_name(key)} ({count} rows)")
     # A duplicate was dropped as it should be when its key holds exactly one row.
     result.found[Outcome.DUPLICATE.value] = sum(
-        n for key, n in duplicates.items() if rows.get(key, 0) == 1
+        n for key, n in ledger.duplicates.items() if rows.get(key, 0) == 1
     )
 
+
+def _check_letters(
+    result: Reconciliation, ledger: _Ledger, letters: Iterable[tuple[str, str]]
+) -> Counter[str]:
+    """Each expected dead letter is there, once or more, with its reason, and no
+    refused message left one: the dead letters found, and a discrepancy for each that
+    differs. Returns how many letters of each of the ledger's digests were seen."""
+    dead, refused = ledger.dead, ledger.refused
     seen: Counter[str] = Counter()
     for letter_digest, reason in letters:
         if letter_digest in refused:
@@ -118,10 +153,7 @@ def reconcile(
     for letter_digest, reason in sorted(dead.items()):
         if seen[letter_digest] == 0:
             result.discrepancies.append(f"dead letter {letter_digest} ({reason}) missing")
-    result.found[Outcome.REFUSED_BY_BROKER.value] = sum(
-        1 for d, key in refused.items() if key not in rows and seen[d] == 0
-    )
-    return result
+    return seen
 
 
 def _name(key: Key) -> str:

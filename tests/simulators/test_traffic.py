@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 import pytest
@@ -14,7 +16,7 @@ from schemas.errors import InvalidTelemetry
 from schemas.parse import parse_telemetry
 from simulators.faults import FAULT_NAMES, parse_faults
 from simulators.ledger import Outcome
-from simulators.plan import FleetPlan, plan_device, usage_mix
+from simulators.plan import FleetPlan, plan_device, usage_mix, usage_traffic
 from simulators.traffic import MALFORMED, profile
 from simulators.units import category_of, device_ids, unregistered_units
 
@@ -170,3 +172,63 @@ def test_a_plain_plan_with_the_usage_mix_draws_schemas_in_the_usage_models_share
                 assert schemas.most_common(1)[0][0] == top
             else:
                 assert firmware > firmware_share
+
+
+WEEK = timedelta(days=7)
+PINNED_MODES: dict[str, dict[str, Any]] = {
+    "plain": {"messages_per_device": 40, "duplicate_rate": 0.1},
+    "plain_usage_mix": {"messages_per_device": 40, "mix": "usage"},
+    "usage": {"window": WEEK},
+    "usage_capped": {"window": WEEK, "messages_per_device": 15},
+    "handover": {"window": WEEK, "handover_share": 1.0},
+    **{
+        name: {
+            "window": WEEK,
+            "faults": parse_faults(f"{name}={1 if name == 'old_schema' else 0.3}"),
+        }
+        for name in FAULT_NAMES
+    },
+    "all": {"window": WEEK, "faults": parse_faults(ALL_FAULTS)},
+}
+
+# How many messages, and the sha256 of repr() of each (key, topic, payload, duplicate,
+# send_at, outcome, reason, fault) in turn, 24 devices (and, in usage mode, the
+# unregistered units) send in each mode for seed 5: a change to how the traffic is
+# written (not what it sends) is proven not to change a byte.
+PINNED_TRAFFIC: dict[str, tuple[int, str]] = {
+    "plain": (1059, "6fc5a1bfa7e46883f95ffd9f5909bfc06bdb3870ea7c35e459b08f3f0607f8e9"),
+    "plain_usage_mix": (960, "64f53cdebf8ac28cf39486a5641b447e3fbe49aef12befe2423b8f6f3c496fa2"),
+    "usage": (746, "1295c69b37ce2fadfdb208145057eedde8bc873ddb90c794672ca5571525084f"),
+    "usage_capped": (305, "e64b5fa5bf854878c442fa2743e0323b3add425fbf6b73a7696ef180652b503e"),
+    "handover": (734, "faba86ea194ab45aeed9b918c9e2877e934300ff724f147f69b7c7b7db39a8c9"),
+    "dup": (980, "35c4863b2c99695001784d5e888154389297caecae21706d9687be835f6f8dd7"),
+    "reorder": (746, "ee804548d15beb5f9aa6a3d907602017017595fbf8cebb2b3cb96c768fcc8a1b"),
+    "offline": (746, "1291a428e5e8529f520e2ef43ce9bbf905dab01809cb0f70e5099335248958af"),
+    "skew": (746, "2c70d92badef0b4585552b5c2f13079875589cde8d11dfdd3b5453cc04e2428a"),
+    "reboot": (746, "748bdc54d9bfbc10fe5460f885ebed3364ee9aed063cc121bb982741e2e4d603"),
+    "malformed": (746, "703f5772cbfbc8043866319a7f9755107f4361e366fa56b9c48563a2b08ef4f9"),
+    "oversize": (746, "baaa3a8f277b03c7549b9d345a29da349a9b00c7efd3171fe44f7046dfdb2dbb"),
+    "foreign_topic": (746, "0473d36aa74e951a18e71f539f7274eb80c263c3e52ee7ff772100f193c78bfa"),
+    "unregistered": (931, "4311bd5e3cf4ba3e395bd7646bf7ece3de80f0bb1f4b66ac860f9afde3e6c938"),
+    "old_schema": (746, "6f4c4041150e50e6a4e08ee260cc7467cca5c831c06fe80ece8d16538bec8787"),
+    "all": (880, "7d82583d93a8572135bbf85d0853eed5923eeaedf0f92e549a37b96331192c08"),
+}
+
+
+def _traffic_digest(mode: str) -> tuple[int, str]:
+    settings: dict[str, Any] = {"messages_per_device": 0, **PINNED_MODES[mode]}
+    plan = FleetPlan(devices=24, seed=5, run_id="r1", start=CLOCK, clock=CLOCK, **settings)
+    messages = [m for d in device_ids(plan) for m in plan_device(plan, d)]
+    if plan.usage:
+        for unit in unregistered_units(plan):
+            messages += usage_traffic(plan, unit.device_id, "", registered=False)
+    h = hashlib.sha256()
+    for m in messages:
+        fields = (m.key, m.topic, m.payload, m.duplicate, m.send_at, m.outcome, m.reason, m.fault)
+        h.update(repr(fields).encode())
+    return len(messages), h.hexdigest()
+
+
+@pytest.mark.parametrize("mode", sorted(PINNED_MODES))
+def test_each_modes_traffic_for_a_fixed_seed_is_pinned(mode: str) -> None:
+    assert _traffic_digest(mode) == PINNED_TRAFFIC[mode]
