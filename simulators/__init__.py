@@ -5,6 +5,7 @@
     history.py      each unit's history: purchases, channels, changes of hands
     plan.py         what a fleet sends: the plan, and each device's messages under it
     usage.py        how households use each kind of appliance, day by day
+    owners.py       who owns each unit: household, account, firmware, changes of hands
     traffic.py      the messages a unit sends, with the faults QA asks for
     faults.py       those faults: duplicates, reordering, bad bodies, reboots
     fleet.py        the publishers: many MQTT clients, bounded in flight

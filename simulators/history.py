@@ -11,12 +11,12 @@ a plan, deterministic from the seed and the span (nothing here reads a clock):
   online shop, its own stores, gifts), from a store in the household's region for the
   stores and retailers (`store_id`), the gift's buyer's day as `purchased_on`;
 - `manufactured_on`: 2 to 20 weeks before the purchase, never before the launch;
-- the household (`simulators.traffic.profile`) creating its account and registering
+- the household (`simulators.owners.profile`) creating its account and registering
   the unit the evening it is set up, 0 to 3 days after the purchase;
 - for `FleetPlan.handover_share` of units (3 %), a change of hands inside the span
-  (`simulators.traffic.handover`): resold (recorded as bought from a third party, no
+  (`simulators.owners.handover`): resold (recorded as bought from a third party, no
   store: a second-hand market) or given away (a gift), to a new household with its own
-  region, tier and consents (`simulators.traffic.buyer_profile`), who creates its
+  region, tier and consents (`simulators.owners.buyer_profile`), who creates its
   account then; the seller's last activity is the handover;
 - `last_active`: the current owner's last use of the maker's app, within the
   `ACTIVE_WITHIN` before the plan's clock, so `usagepipe registry dormancy` finds the
@@ -34,8 +34,7 @@ from datetime import date, datetime, time, timedelta
 
 from devices.records import MembershipTier, NewOwner, Purchase, PurchaseChannel
 from schemas.errors import UsagepipeError
-from simulators.plan import FleetPlan
-from simulators.traffic import (
+from simulators.owners import (
     KST,
     Handover,
     Profile,
@@ -44,6 +43,7 @@ from simulators.traffic import (
     played_span,
     profile,
 )
+from simulators.plan import FleetPlan
 from simulators.units import SIM_MODELS, FleetUnit
 
 CHANNELS: dict[PurchaseChannel, int] = {

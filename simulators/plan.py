@@ -31,7 +31,8 @@ from schemas.envelope import envelope_dict, telemetry_topic
 from schemas.examples import example_body
 from simulators.faults import FaultRates
 from simulators.ledger import Outcome
-from simulators.traffic import KST, Message, device_traffic
+from simulators.owners import KST
+from simulators.traffic import Message, device_traffic
 from simulators.units import CATEGORY_PREFIX, category_of, device_ids
 
 _FLEET_NAME = re.compile(r"^[A-Za-z0-9]{1,16}$")
@@ -79,7 +80,7 @@ class FleetPlan:
     """The bridge's size limit, which `oversize` messages exceed."""
     handover_share: float = 0.03
     """Share of units that change hands (resold, given away) inside the played span
-    (`simulators.traffic.handover`): the registry attributes what they send before
+    (`simulators.owners.handover`): the registry attributes what they send before
     that to the seller, after it to the buyer."""
 
     def __post_init__(self) -> None:

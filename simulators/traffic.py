@@ -11,9 +11,9 @@ generators per device, so turning faults on or off never changes the usage itsel
 - usage: the household's events (`simulators.usage.device_days`) and their bodies;
 - firmware: the version the device starts with (by model cohort) and whether, and
   when, it upgrades during the window (a `*.firmware` event, then a reboot);
-- owners: the household that owns the device (`profile`) and, for a few percent of
-  units, the one it is resold or given to inside the window (`handover`,
-  `buyer_profile`), whose habits the usage follows from then on;
+- owners: the household that owns the device (`simulators.owners.profile`) and, for a
+  few percent of units, the one it is resold or given to inside the window
+  (`handover`, `buyer_profile` there), whose habits the usage follows from then on;
 - faults: which messages are hit by which fault (`simulators.faults`), and how.
 
 Fault semantics (rates are per message unless noted):
@@ -39,9 +39,9 @@ import hashlib
 import heapq
 import itertools
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -51,38 +51,12 @@ from schemas.envelope import envelope_dict, telemetry_topic
 from schemas.errors import Reason
 from schemas.examples import example_v1_body
 from simulators.ledger import Outcome
-from simulators.usage import Household, device_days, new_household
+from simulators.owners import FIRMWARE, Profile, buyer_profile, handover, profile
+from simulators.usage import device_days
 
 if TYPE_CHECKING:
     from simulators.plan import FleetPlan
 
-KST = timezone(timedelta(hours=9), "KST")
-"""The households live in Korea: event times carry +09:00, and hours are local."""
-
-# ISO 3166-2 code of each city or province the usage model's regions lie in; the
-# registry keeps owners' regions in that form.
-REGION_CODES = {
-    "Seoul": "KR-11",
-    "Busan": "KR-26",
-    "Daegu": "KR-27",
-    "Incheon": "KR-28",
-    "Gwangju": "KR-29",
-    "Daejeon": "KR-30",
-    "Ulsan": "KR-31",
-    "Gyeonggi": "KR-41",
-    "Jeju": "KR-49",
-}
-
-# Firmware versions per model cohort, oldest first, with the share of units shipped
-# on each; units not on the newest may upgrade during the run.
-FIRMWARE: dict[str, tuple[tuple[str, int], ...]] = {
-    "washer": (("3.10.1042", 30), ("3.11.1107", 50), ("3.12.1150", 20)),
-    "dryer": (("2.4.880", 40), ("2.5.931", 60)),
-    "refrigerator": (("5.1.2210", 25), ("5.2.2301", 45), ("5.3.2388", 30)),
-    "air_conditioner": (("1.8.640", 35), ("1.9.702", 65)),
-    "air_purifier": (("4.0.1500", 50), ("4.1.1566", 50)),
-    "robot_vacuum": (("6.2.3010", 20), ("6.3.3105", 50), ("6.4.3190", 30)),
-}
 UPGRADES_PER_WEEK = 0.15
 """Chance that a unit not on its cohort's newest firmware upgrades in a week."""
 
@@ -111,88 +85,6 @@ class Message:
     reason: str | None = None
     fault: str | None = None
     """The fault that made this message what it is, if any."""
-
-
-@dataclass(frozen=True)
-class Profile:
-    """Who owns a device and what it runs: the household, the owner's account, firmware."""
-
-    household: Household
-    region_code: str
-    membership_tier: str
-    analytics_consent: bool
-    marketing_consent: bool
-    firmware: str
-
-
-_TIERS = ("standard", "silver", "gold", "platinum")
-_TIER_SHARES = (55, 25, 14, 6)
-HANDOVER_KINDS = {"resale": 65, "gift": 35}
-"""How a unit changes hands inside the window, and how often each way (percent)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Handover:
-    """The unit passes to another household at `at`: resold (`kind` "resale") or given
-    away ("gift"). The registry records it as a transfer at that instant."""
-
-    at: datetime
-    kind: str
-
-
-def profile(plan: FleetPlan, device_id: str, category: str) -> Profile:
-    """The device's household and owner, the same for the same seed and device."""
-    rng = random.Random(f"{plan.seed}:{device_id}:household")
-    versions, shares = zip(*FIRMWARE[category], strict=True)
-    return _profile(rng, lambda: rng.choices(versions, shares)[0])
-
-
-def buyer_profile(plan: FleetPlan, device_id: str, category: str) -> Profile:
-    """The household the device passes to at its `handover`: its own region, size,
-    habits, tier and consents; the firmware is the device's, as it was."""
-    firmware = profile(plan, device_id, category).firmware
-    return _profile(random.Random(f"{plan.seed}:{device_id}:buyer"), lambda: firmware)
-
-
-def _profile(rng: random.Random, firmware: Callable[[], str]) -> Profile:
-    household = new_household(rng)
-    return Profile(
-        household=household,
-        region_code=REGION_CODES[household.region.split("/", 1)[0]],
-        membership_tier=rng.choices(_TIERS, _TIER_SHARES)[0],
-        analytics_consent=rng.random() < 0.82,
-        marketing_consent=rng.random() < 0.31,
-        firmware=firmware(),
-    )
-
-
-def played_span(plan: FleetPlan) -> tuple[datetime, timedelta]:
-    """Where the plan's events start, and how long they typically run: usage mode its
-    window; the plain mode a device's messages, a few seconds apart from `plan.start`."""
-    if plan.window is not None:
-        assert plan.sim_start is not None
-        return plan.sim_start, plan.window
-    return plan.start, timedelta(seconds=30 + 5.5 * plan.messages_per_device)
-
-
-def handover(plan: FleetPlan, device_id: str) -> Handover | None:
-    """Whether, when and how the unit changes hands inside the played span
-    (`plan.handover_share` of units; between a tenth and nine tenths into the span).
-
-    The draws come in the same order whatever the share, so a larger share only adds
-    handovers: the units that change hands at 3 % do so, at the same instant, at 10 %."""
-    rng = random.Random(f"{plan.seed}:{device_id}:handover")
-    hands_over = rng.random() < plan.handover_share
-    first, length = played_span(plan)
-    at = (first + length * rng.uniform(0.1, 0.9)).replace(microsecond=0)
-    hour, minute = rng.randint(10, 19), rng.randint(0, 59)
-    kind = rng.choices(list(HANDOVER_KINDS), list(HANDOVER_KINDS.values()))[0]
-    if length >= timedelta(days=2):  # in the daytime, local time, the same day
-        local = at.astimezone(KST)
-        daytime = local.replace(hour=hour, minute=minute)
-        if first + timedelta(hours=1) <= daytime <= first + length - timedelta(hours=1):
-            at = daytime
-    return Handover(at, kind) if hands_over else None
 
 
 def boot_id(plan: FleetPlan, device_id: str, boot: int) -> str:

@@ -13,8 +13,9 @@ import pytest
 
 from devices.records import PurchaseChannel
 from simulators.history import CHANNELS, HistoryError, earliest_start, unit_history
+from simulators.owners import buyer_profile, profile
 from simulators.plan import FleetPlan, plan_device
-from simulators.traffic import Message, buyer_profile, profile
+from simulators.traffic import Message
 from simulators.units import LAUNCHED_ON, fleet_units
 
 

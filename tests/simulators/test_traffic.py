@@ -16,8 +16,9 @@ from schemas.errors import InvalidTelemetry
 from schemas.parse import parse_telemetry
 from simulators.faults import FAULT_NAMES, parse_faults
 from simulators.ledger import Outcome
+from simulators.owners import profile
 from simulators.plan import FleetPlan, plan_device, usage_mix, usage_traffic
-from simulators.traffic import MALFORMED, profile
+from simulators.traffic import MALFORMED
 from simulators.units import category_of, device_ids, unregistered_units
 
 
