@@ -17,13 +17,17 @@ Buckets are UTC hours and days (`date_bin` from the epoch here, `time_bucket` in
 TimescaleDB: the same boundaries). Both layouts compute a bucket with one aggregate
 over the raw rows (`aggregate_query`), so they cannot disagree on what a bucket holds.
 
+- Both layouts: the write transaction only notes which hours got new rows
+  (`<table>_rollup_invalidations`, a row per hour per batch), which costs next to
+  nothing, and reads take the noted buckets from the raw rows. What differs is how a
+  noted bucket is materialised.
 - TimescaleDB: `<table>_hourly` and `<table>_daily` are continuous aggregates (see
-  ingest/sql/timescaledb) with real-time aggregation on; refresh policies materialise
-  them.
-- Plain PostgreSQL: the same design, kept by the store. The write transaction only
-  notes which hours got new rows (`<table>_rollup_invalidations`, a row per hour per
-  batch), which costs next to nothing; `refresh_rollups` recomputes exactly those
-  hours and their days from the raw rows and clears their notes, in one transaction.
+  ingest/sql/timescaledb) with real-time aggregation on; `ingest.caggs` refreshes the
+  noted buckets that have ended with `refresh_continuous_aggregate`, driven by the
+  consumers as below (no refresh policy).
+- Plain PostgreSQL: rollup tables kept by the store; `refresh_rollups` recomputes
+  exactly the noted hours and their days from the raw rows and clears their notes, in
+  one transaction.
   Consumers run it every `postgres.rollup_refresh_s`, in a task beside the batches,
   for the buckets that have ended only (like a refresh policy's end_offset: the open
   hour and day would otherwise be recomputed whole every time), and take ended days
@@ -229,15 +233,61 @@ def _day(t: datetime) -> datetime:
     return bucket_start(t, DAY)
 
 
+ROLLUPS: tuple[Rollup, ...] = ("hourly", "daily", "device_daily")
+
+
+def rollup_lock_key(table: str) -> str:
+    """The advisory lock (`hashtext` of this) that refreshes and erasure of `table`'s
+    rollups take, on both layouts."""
+    return f"{table}_rollups"
+
+
 async def lock_rollups(conn: Connection, table: str, *, wait: bool) -> bool:
     """Take `table`'s rollup lock for the current transaction: refreshes, and erasure
     clearing keys in the device-daily rollup, run one at a time. Without `wait`,
     False at once when another transaction holds it."""
-    key = f"{table}_rollups"
+    key = rollup_lock_key(table)
     if wait:
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", key)
         return True
     return bool(await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext($1))", key))
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    """What a set of notes asks a refresh to recompute (`due_buckets`)."""
+
+    hours: set[datetime]
+    days: set[datetime]
+    skipped: set[datetime]
+    """Noted buckets before the retained raw rows: dropped, never recomputed."""
+    skipped_hours: set[datetime]
+
+
+def due_buckets(
+    notes: Iterable[tuple[datetime, bool]], day_end: datetime, retained_from: datetime | None
+) -> Due:
+    """The hours and days to recompute for `notes` (bucket, hourly_done) of ended hours.
+
+    A note of an ended day asks for its day and, unless marked `hourly_done`, its hour;
+    a note of a day still open (at or after `day_end`) for its hour only, once. Nothing
+    before `retained_from` is recomputed: its raw rows may be partly gone.
+    """
+    notes = list(notes)
+
+    def kept(bucket: datetime) -> bool:
+        return retained_from is None or _day(bucket) >= retained_from
+
+    ended = [(b, done) for b, done in notes if b < day_end]
+    hours = {b for b, done in ended if not done}
+    hours |= {b for b, done in notes if b >= day_end and not done}
+    fresh = {h for h in hours if kept(h)}
+    return Due(
+        hours=fresh,
+        days={_day(b) for b, _ in ended if kept(b)},
+        skipped={b for b, _ in notes if not kept(b)},
+        skipped_hours=hours - fresh,
+    )
 
 
 async def refresh_rollups(
@@ -284,15 +334,11 @@ async def refresh_rollups(
             hour_end,
         )
         retained_from = await conn.fetchval(f"SELECT retained_from FROM {table}_layout")
-        hours = {r["bucket"] for r in ended if not r["hourly_done"]}
-        hours |= {r["bucket"] for r in marked}
-        fresh = {h for h in hours if retained_from is None or _day(h) >= retained_from}
-        fresh_days = {
-            _day(r["bucket"])
-            for r in ended
-            if retained_from is None or _day(r["bucket"]) >= retained_from
-        }
-        skipped = len(hours - fresh)
+        notes = [(r["bucket"], r["hourly_done"]) for r in ended]
+        notes += [(r["bucket"], False) for r in marked]
+        due = due_buckets(notes, day_end, retained_from)
+        fresh, fresh_days = due.hours, due.days
+        skipped = len(due.skipped_hours)
         work: tuple[tuple[Rollup, set[datetime], timedelta, str, str], ...] = (
             ("hourly", fresh, HOUR, _COLUMNS, aggregate_query(table, "hourly")),
             ("daily", fresh_days, DAY, _COLUMNS, aggregate_query(table, "daily")),
@@ -309,7 +355,7 @@ async def refresh_rollups(
 
 
 async def _noted(conn: Connection, table: str, granularity: Granularity) -> list[datetime]:
-    """Buckets of `granularity` that have rows not yet in the plain layout's rollups."""
+    """Buckets of `granularity` that have rows not yet in the rollups (either layout)."""
     rows = await conn.fetch(
         f"""SELECT DISTINCT date_bin('{_STEP[granularity]}', i.bucket, {_ORIGIN}) AS bucket
             FROM {table}_rollup_invalidations i, {table}_layout l
@@ -333,13 +379,12 @@ async def usage_rollup(
     """Rollup rows with `start <= bucket < end`, optionally for one category or schema.
 
     Ordered by bucket and group. The same answer on TimescaleDB and plain PostgreSQL,
-    and on the plain layout the same before and after a refresh.
+    before and after any refresh.
     """
     if granularity not in _STEP:
         raise ValueError(f"granularity must be 'hourly' or 'daily', not {granularity!r}")
     filters = "($3::text IS NULL OR category = $3) AND ($4::text IS NULL OR schema = $4)"
-    kind = await conn.fetchval(f"SELECT kind FROM {table}_layout")
-    noted = [] if kind == "timescaledb" else await _noted(conn, table, granularity)
+    noted = await _noted(conn, table, granularity)
     rows = await conn.fetch(
         f"""
         SELECT {_COLUMNS} FROM {table}_{granularity}
@@ -382,13 +427,12 @@ async def device_daily_source(
     """The device-daily rollup for `start <= event_time < end` ($1 and $2 of the
     caller's statement), exact at any moment on either layout.
 
-    Read live from the raw rows: the days still noted for a refresh (plain layout, as
-    `usage_rollup` does) and a day the range only partly covers (its start or end is
+    Read live from the raw rows: the days still noted for a refresh (as `usage_rollup`
+    does) and a day the range only partly covers (its start or end is
     not midnight UTC: the rollup's day holds the whole day). Every other day of the
     range comes from the rollup, materialised (or, on TimescaleDB, real-time).
     """
-    kind = await conn.fetchval(f"SELECT kind FROM {table}_layout")
-    noted = [] if kind == "timescaledb" else await _noted(conn, table, "daily")
+    noted = await _noted(conn, table, "daily")
     first, last = _day(start), _day(end - timedelta(microseconds=1))
     live = {d for d in noted if first <= d <= last}
     live |= {d for d in (start, end) if _day(d) != d and first <= _day(d) <= last}

@@ -7,7 +7,7 @@ COPY is undone and the batch takes the slow path: COPY into a staging table (tem
 per connection, emptied at commit), then `INSERT ... SELECT ... ON CONFLICT DO NOTHING
 RETURNING`, which tells which rows were new. The fast path is the common case and costs
 one copy of the data instead of two. Then one statement notes the hours the new rows
-fall in for the rollups (plain PostgreSQL; see `ingest.rollups`) and upserts the
+fall in for the rollups (see `ingest.rollups`) and upserts the
 consumer group's next offsets into `<table>_offsets`. A redelivered
 message costs little and changes nothing, and the offsets can never disagree with the
 rows: the consumer seeks to them when it is given a partition.
@@ -26,6 +26,7 @@ from typing import Any, Self
 
 import asyncpg
 
+from ingest.caggs import refresh_aggregates
 from ingest.errors import StoreUnavailable
 from ingest.migrations import Connection
 from ingest.postgres import translated
@@ -123,8 +124,7 @@ class UsageStore:
                 RETURNING 1
             )"""
         ]
-        if self.layout.kind == "partitioned":
-            ctes.append(invalidation_cte(t, 6))
+        ctes.append(invalidation_cte(t, 6))
         self._after_insert_sql = "WITH " + ",\n".join(ctes) + "\nSELECT count(*) FROM offsets"
 
     # -- writing ---------------------------------------------------------------------------
@@ -164,25 +164,24 @@ class UsageStore:
                     [o.next_offset for o in offsets],
                     [o.last_timestamp for o in offsets],
                 ]
-                if self.layout.kind == "partitioned":
-                    parameters.append(hours_of([r.event_time for r in inserted]))
+                parameters.append(hours_of([r.event_time for r in inserted]))
                 await conn.fetchval(self._after_insert_sql, *parameters)
         return len(inserted)
 
     async def refresh_rollups(
         self, *, wait: bool = False, settled_only: bool = False, days: bool = True
     ) -> RefreshReport | None:
-        """Materialise the plain layout's noted rollup buckets (see `ingest.rollups`):
-        every one, or with `settled_only` those whose hour or day has ended (with `days`
-        False, hours only).
+        """Materialise the noted rollup buckets (see `ingest.rollups`): every one, or
+        with `settled_only` those whose hour or day has ended (with `days` False, hours
+        only). On TimescaleDB always those that have ended (`ingest.caggs`: it never
+        materialises an open bucket; reads take it from the raw rows meanwhile).
 
-        None on TimescaleDB (its refresh policies do this) and, unless `wait`, when
-        another process is refreshing the same table right now.
+        None, unless `wait`, when another process is refreshing the same table now.
         """
-        if self.layout.kind != "partitioned":
-            return None
         with translated(StoreUnavailable, f"refreshing the rollups of {self.table} failed"):
             async with self.pool.acquire() as conn:
+                if self.layout.kind == "timescaledb":
+                    return await refresh_aggregates(conn, self.table, wait=wait, days=days)
                 return await refresh_rollups(
                     conn, self.table, wait=wait, settled_only=settled_only, days=days
                 )

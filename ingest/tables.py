@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from ingest import migrations
+from ingest.caggs import refresh_aggregates
 from ingest.errors import ConfigurationError, MigrationError, StoreUnavailable
 from ingest.migrations import Connection
 from ingest.postgres import DB_ERRORS, translated
@@ -111,16 +112,9 @@ class UsageTables:
                         s.partition_interval,
                     )
                 if kind == "timescaledb":
+                    # A table with history gets its hours noted by 004_rollup_notes:
+                    # the next refresh materialises them, reads are exact meanwhile.
                     await self._apply_policies(conn)
-                    if "003_device_daily" in applied:
-                        # Created WITH NO DATA on a table that may hold history older
-                        # than the refresh policy's window, which the policy would never
-                        # materialise. NULL, NULL: the whole range; a procedure that
-                        # cannot run inside a transaction block, hence here.
-                        await conn.execute(
-                            f"CALL refresh_continuous_aggregate('{self.table}_device_daily',"
-                            " NULL, NULL)"
-                        )
                 else:
                     self._partitions = await self._existing_partitions(conn)
         except (MigrationError, StoreUnavailable) as exc:
@@ -265,20 +259,17 @@ class UsageTables:
         with any younger row stays) and old rows in the DEFAULT partition, after
         materialising every noted rollup bucket; `retained_from` then tells later
         refreshes not to recompute buckets whose rows may be gone, so the rollups keep
-        their history. TimescaleDB: `drop_chunks` (its retention policy
-        does the same on a schedule).
+        their history. TimescaleDB: the same with `drop_chunks` (its retention policy
+        drops chunks on a schedule; the refresh then skips buckets before the
+        retention, see `ingest.caggs`).
         """
         cutoff = (now or datetime.now(UTC)) - self._settings.retention
         t = self.table
         with translated(StoreUnavailable, f"retention on {t} failed"):
+            if self.layout.kind == "timescaledb":
+                async with pool.acquire() as conn:
+                    return await self._drop_chunks(conn, cutoff)
             async with pool.acquire() as conn, conn.transaction():
-                if self.layout.kind == "timescaledb":
-                    rows = await conn.fetch(
-                        "SELECT drop_chunks($1::regclass, older_than => $2::timestamptz)",
-                        t,
-                        cutoff,
-                    )
-                    return [str(r[0]) for r in rows]
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock($1)",
                     migrations.advisory_lock_key("partitions", t),
@@ -299,6 +290,24 @@ class UsageTables:
                 )
         self._partitions -= set(expired)
         return [self._partition_name(s) for s in expired]
+
+    async def _drop_chunks(self, conn: Connection, cutoff: datetime) -> list[str]:
+        """TimescaleDB's `drop_expired`: the noted buckets that have ended are
+        materialised first (the procedure commits as it goes, so outside the caller's
+        transaction: `conn` is in none), then the chunks wholly older than `cutoff` go
+        and `retained_from` records it, as on the plain layout."""
+        t = self.table
+        await refresh_aggregates(conn, t, wait=True)
+        async with conn.transaction():
+            rows = await conn.fetch(
+                "SELECT drop_chunks($1::regclass, older_than => $2::timestamptz)", t, cutoff
+            )
+            await conn.execute(
+                f"UPDATE {t}_layout SET retained_from = $1"
+                " WHERE retained_from IS NULL OR retained_from < $1",
+                cutoff,
+            )
+        return [str(r[0]) for r in rows]
 
 
 def partition_probes(rows: Sequence[UsageRow], interval: timedelta) -> Iterable[datetime]:

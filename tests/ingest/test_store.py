@@ -17,10 +17,12 @@ import pytest
 from asyncpg.pool import PoolConnectionProxy
 
 import ingest
+from ingest.caggs import materialization_table, refresh_aggregates
 from ingest.errors import ConfigurationError, StoreUnavailable
 from ingest.rollups import (
     DETAIL,
     RefreshReport,
+    Rollup,
     bucket_start,
     device_daily_source,
     direct_rollup_query,
@@ -53,6 +55,36 @@ async def store(settings: Settings) -> AsyncIterator[UsageStore]:
     async with UsageStore(pg(settings)) as s:
         await s.migrate()
         yield s
+
+
+@pytest.fixture(params=["partitioned", pytest.param("timescaledb", marks=pytest.mark.timescale)])
+async def either(settings: Settings, request: pytest.FixtureRequest) -> AsyncIterator[UsageStore]:
+    """A migrated store on each layout: the same tests hold on both (TimescaleDB's
+    variant skips where the server has no TimescaleDB)."""
+    timescale = request.param == "timescaledb"
+    if timescale:
+        await require_timescaledb(settings)
+    async with UsageStore(pg(settings, use_timescaledb=timescale)) as s:
+        await s.migrate()
+        assert s.layout.kind == request.param
+        yield s
+
+
+async def refresh(
+    store: UsageStore, conn: Connection, *, now: datetime, days: bool = True
+) -> RefreshReport | None:
+    """The consumers' periodic refresh at `now`, on the store's layout."""
+    if store.layout.kind == "timescaledb":
+        return await refresh_aggregates(conn, store.table, days=days, now=now)
+    return await refresh_rollups(conn, store.table, settled_only=True, days=days, now=now)
+
+
+async def materialised(conn: Connection, store: UsageStore, rollup: Rollup) -> list[datetime]:
+    """The buckets `rollup` holds materialised (on TimescaleDB, not the real-time part)."""
+    source = f"{store.table}_{rollup}"
+    if store.layout.kind == "timescaledb":
+        source = await materialization_table(conn, store.table, rollup)
+    return [r[0] for r in await conn.fetch(f"SELECT bucket FROM {source} ORDER BY 1")]
 
 
 def plan_rows(plan: FleetPlan, *, offset: int = 0) -> list[UsageRow]:
@@ -185,7 +217,8 @@ async def test_the_default_partition_takes_what_has_no_partition_until_one_is_ma
     ]
 
 
-async def test_dedup_key_is_device_boot_seq_and_event_time(store: UsageStore) -> None:
+async def test_dedup_key_is_device_boot_seq_and_event_time(either: UsageStore) -> None:
+    store = either
     at = datetime(2026, 2, 1, 8, tzinfo=UTC)
     first = [row("d1", 1, at), row("d1", 2, at), row("d1", 1, at, boot="b2")]
     assert await store.write(first) == 3
@@ -204,7 +237,8 @@ async def test_dedup_key_is_device_boot_seq_and_event_time(store: UsageStore) ->
     ]
 
 
-async def test_offsets_are_stored_in_the_rows_transaction(store: UsageStore) -> None:
+async def test_offsets_are_stored_in_the_rows_transaction(either: UsageStore) -> None:
+    store = either
     at = datetime(2026, 2, 1, 8, tzinfo=UTC)
     written = await store.write(
         [row("d1", 1, at)],
@@ -231,8 +265,9 @@ async def test_offsets_are_stored_in_the_rows_transaction(store: UsageStore) -> 
 
 
 async def test_rollups_equal_a_direct_aggregate_after_duplicates_and_late_events(
-    store: UsageStore,
+    either: UsageStore,
 ) -> None:
+    store = either
     now = datetime(2026, 4, 10, 12, 30, tzinfo=UTC)
     recent = FleetPlan(
         devices=18, messages_per_device=40, seed=3, duplicate_rate=0.2, start=now - 2 * HOUR
@@ -335,8 +370,9 @@ def multiset(rows: list[asyncpg.Record]) -> list[tuple[Any, ...]]:
 
 
 async def test_device_daily_rollup_equals_a_direct_aggregate_after_duplicates_and_late_events(
-    store: UsageStore,
+    either: UsageStore,
 ) -> None:
+    store = either
     t = store.table
     midnight = datetime(2026, 4, 10, tzinfo=UTC)
     # Each device's messages cross midnight; every tenth is sent twice.
@@ -425,7 +461,8 @@ async def assert_reads_exact(conn: Connection, table: str, span: tuple[datetime,
         assert [tuple(vars_of(r)) for r in rollup] == [tuple(d) for d in direct]
 
 
-async def test_the_periodic_refresh_materialises_only_ended_buckets(store: UsageStore) -> None:
+async def test_the_periodic_refresh_materialises_only_ended_buckets(either: UsageStore) -> None:
+    store = either
     now = datetime(2026, 4, 10, 12, 30, tzinfo=UTC)
     await store.write(
         [
@@ -437,36 +474,32 @@ async def test_the_periodic_refresh_materialises_only_ended_buckets(store: Usage
     t = store.table
     span = (now - 3 * DAY, now + DAY)
 
-    async def materialised(conn: Connection, rollup: str) -> list[datetime]:
-        return [r[0] for r in await conn.fetch(f"SELECT bucket FROM {t}_{rollup} ORDER BY 1")]
-
     async with store.pool.acquire() as conn:
-        done = await refresh_rollups(conn, t, settled_only=True, now=now)
+        done = await refresh(store, conn, now=now)
         assert done == RefreshReport(2, 1, 0, ANY)
-        assert await materialised(conn, "hourly") == [
+        assert await materialised(conn, store, "hourly") == [
             datetime(2026, 4, 8, 10, tzinfo=UTC),
             datetime(2026, 4, 10, 9, tzinfo=UTC),
         ]
-        assert await materialised(conn, "daily") == [datetime(2026, 4, 8, tzinfo=UTC)]
+        assert await materialised(conn, store, "daily") == [datetime(2026, 4, 8, tzinfo=UTC)]
         assert await notes(conn, t) == [
             (datetime(2026, 4, 10, 9, tzinfo=UTC), True),
             (datetime(2026, 4, 10, 12, tzinfo=UTC), False),
         ]
         await assert_reads_exact(conn, t, span)  # meanwhile
-        again = await refresh_rollups(conn, t, settled_only=True, now=now)
+        again = await refresh(store, conn, now=now)
         assert again == RefreshReport(0, 0, 0, ANY)
-        next_day = await refresh_rollups(
-            conn, t, settled_only=True, now=datetime(2026, 4, 11, 0, 30, tzinfo=UTC)
-        )
+        next_day = await refresh(store, conn, now=datetime(2026, 4, 11, 0, 30, tzinfo=UTC))
         assert next_day == RefreshReport(1, 1, 0, ANY)
         assert await conn.fetchval(f"SELECT count(*) FROM {t}_rollup_invalidations") == 0
-        assert len(await materialised(conn, "hourly")) == 3
-        assert len(await materialised(conn, "daily")) == 2
+        assert len(await materialised(conn, store, "hourly")) == 3
+        assert len(await materialised(conn, store, "daily")) == 2
 
 
 async def test_a_periodic_refresh_without_days_leaves_ended_days_noted_and_reads_exact(
-    store: UsageStore,
+    either: UsageStore,
 ) -> None:
+    store = either
     now = datetime(2026, 4, 10, 12, 30, tzinfo=UTC)
     await store.write(
         [
@@ -478,11 +511,11 @@ async def test_a_periodic_refresh_without_days_leaves_ended_days_noted_and_reads
     t = store.table
     span = (now - 3 * DAY, now + DAY)
     async with store.pool.acquire() as conn:
-        hours_only = await refresh_rollups(conn, t, settled_only=True, days=False, now=now)
+        hours_only = await refresh(store, conn, now=now, days=False)
         assert hours_only == RefreshReport(3, 0, 0, ANY)
-        assert await conn.fetchval(f"SELECT count(*) FROM {t}_hourly") == 3
-        assert await conn.fetchval(f"SELECT count(*) FROM {t}_daily") == 0
-        assert await conn.fetchval(f"SELECT count(*) FROM {t}_device_daily") == 0
+        assert len(await materialised(conn, store, "hourly")) == 3
+        assert await materialised(conn, store, "daily") == []
+        assert await materialised(conn, store, "device_daily") == []
         assert await notes(conn, t) == [
             (datetime(2026, 4, 8, 10, tzinfo=UTC), True),
             (datetime(2026, 4, 8, 11, tzinfo=UTC), True),
@@ -491,14 +524,14 @@ async def test_a_periodic_refresh_without_days_leaves_ended_days_noted_and_reads
         await assert_reads_exact(conn, t, span)  # meanwhile
         # A late event for the ended day, then the days' turn: its hour and the day.
         await store.write([row("d3", 1, datetime(2026, 4, 8, 23, 59, tzinfo=UTC))])
-        with_days = await refresh_rollups(conn, t, settled_only=True, now=now)
+        with_days = await refresh(store, conn, now=now)
         assert with_days == RefreshReport(1, 1, 0, ANY)
         daily = await usage_rollup(conn, t, "daily", *span)
         assert [(r.bucket, r.events, r.devices) for r in daily] == [
             (datetime(2026, 4, 8, tzinfo=UTC), 3, 3),
             (datetime(2026, 4, 10, tzinfo=UTC), 1, 1),
         ]
-        assert await conn.fetchval(f"SELECT count(*) FROM {t}_daily") == 1
+        assert len(await materialised(conn, store, "daily")) == 1
         assert await conn.fetchval(f"SELECT count(*) FROM {t}_rollup_invalidations") == 1
 
 
