@@ -4,20 +4,21 @@ key, and the membership tier stored with it, from every stored row and rollup.
 The registry erases the owner itself (`devices.owners.erase`) and says so on its
 notification channel; the consumer (`ingest.enrich.Enricher.apply_erasures`) then calls
 `unlink_owners` here, and at start-up and periodically asks `erasures_pending` for
-erased owners it has not applied yet. `<table>_erasures` records each owner applied.
+erased owners it has not applied, or not verified, yet. `<table>_erasures` records each
+owner applied, and whether a later pass found nothing left.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timedelta
 from uuid import UUID
 
 from ingest import migrations
+from ingest.caggs import materialization_table
 from ingest.errors import StoreUnavailable
 from ingest.migrations import Connection
 from ingest.postgres import translated
-from ingest.rollups import lock_rollups
+from ingest.rollups import EPOCH, lock_rollups
 from ingest.store import UsageStore
 
 
@@ -28,86 +29,78 @@ async def unlink_owners(store: UsageStore, erased: Sequence[tuple[UUID, str]]) -
 
     `erased` pairs each owner id with its key (`ingest.owner_keys.owner_key`). The
     region stays: it is a rollup key, and without the key a row no longer leads to
-    a person (see README, Privacy). Idempotent. The plain layout's rollup rows are
-    updated in place (its days may be older than the raw rows retention keeps); on
-    TimescaleDB the continuous aggregate is refreshed over the changed rows' days.
+    a person (see README, Privacy). Idempotent.
+
+    One transaction under the rollup lock, so no refresh of ours runs beside it:
+    the raw rows are updated, their days noted (reads take them from the raw rows
+    until a refresh has recomputed them, which also merges the rows the update made
+    alike), and the rollup's rows updated in place, so days whose raw rows retention
+    has dropped lose the key too. On TimescaleDB the rollup's rows are those of the
+    aggregate's materialisation hypertable; its real-time part reads the raw rows.
+
+    An owner's erasure is verified by a later pass that finds nothing to change:
+    until then `erasures_pending` lists it again, so whatever put a key back after
+    this pass (a batch enriched before the erasure, a refresh someone else ran from
+    an older snapshot) is undone by the next.
     """
     if not erased:
         return 0
     t = store.table
-    timescale = store.layout.kind == "timescaledb"
     with translated(StoreUnavailable, "removing erased owners' keys failed"):
         changed = 0
-        days: list[datetime] = []
-        async with store.pool.acquire() as conn:
-            async with conn.transaction():
-                if not timescale:
-                    # A refresh running now could put the key back from its snapshot.
-                    await lock_rollups(conn, t, wait=True)
-                changed += await _unlink(store, conn, erased, days)
-            if days:
-                # The raw rows' update invalidated these days; a refresh policy only
-                # reaches back its window, so refresh them now (outside a transaction
-                # block, as the procedure requires; literals, not parameters: its
-                # window arguments are declared "any").
-                lo, hi = min(days), max(days) + timedelta(days=1)
-                await conn.execute(
-                    f"CALL refresh_continuous_aggregate('{t}_device_daily',"
-                    f" timestamptz '{lo.isoformat()}', timestamptz '{hi.isoformat()}')"
-                )
+        async with store.pool.acquire() as conn, conn.transaction():
+            await lock_rollups(conn, t, wait=True)
+            rollup = f"{t}_device_daily"
+            if store.layout.kind == "timescaledb":
+                rollup = await materialization_table(conn, t, "device_daily")
+            for owner, key in erased:
+                changed += await _unlink(conn, t, rollup, owner, key)
     return changed
 
 
-async def _unlink(
-    store: UsageStore, conn: Connection, erased: Sequence[tuple[UUID, str]], days: list[datetime]
-) -> int:
-    """`unlink_owners`' statements, in the caller's transaction; on TimescaleDB adds
-    the first and last device-day of each owner's to `days`."""
-    t = store.table
-    timescale = store.layout.kind == "timescaledb"
-    changed = 0
-    for owner, key in erased:
-        status = await conn.execute(
-            f"UPDATE {t} SET owner_key = NULL, membership_tier = NULL WHERE owner_key = $1",
-            key,
-        )
-        unlinked = int(status.split()[-1])
-        changed += unlinked
-        if timescale:
-            span = await conn.fetchrow(
-                f"SELECT min(bucket) AS lo, max(bucket) AS hi"
-                f" FROM {t}_device_daily WHERE owner_key = $1",
-                key,
+async def _unlink(conn: Connection, table: str, rollup: str, owner: UUID, key: str) -> int:
+    """`unlink_owners` for one owner, in the caller's transaction: the raw rows
+    changed."""
+    unlinked: int = await conn.fetchval(
+        f"""WITH changed AS (
+                UPDATE {table} SET owner_key = NULL, membership_tier = NULL
+                WHERE owner_key = $1 RETURNING event_time
+            ), noted AS (
+                INSERT INTO {table}_rollup_invalidations (bucket)
+                SELECT DISTINCT date_bin('1 day', event_time, {EPOCH}) FROM changed
+                RETURNING 1
             )
-            if span is not None:  # an aggregate without GROUP BY: always a row
-                days += [d for d in (span["lo"], span["hi"]) if d is not None]
-        else:
-            await conn.execute(
-                f"UPDATE {t}_device_daily SET owner_key = NULL,"
-                " membership_tier = NULL WHERE owner_key = $1",
-                key,
-            )
-        await conn.execute(
-            f"INSERT INTO {t}_erasures (owner_id, unlinked) VALUES ($1, $2)"
-            " ON CONFLICT (owner_id) DO UPDATE SET applied_at = now(),"
-            f" unlinked = {t}_erasures.unlinked + excluded.unlinked",
-            owner,
-            unlinked,
-        )
-    return changed
+            SELECT count(*) FROM changed""",
+        key,
+    )
+    status = await conn.execute(
+        f"UPDATE {rollup} SET owner_key = NULL, membership_tier = NULL WHERE owner_key = $1",
+        key,
+    )
+    found = unlinked + int(status.split()[-1])
+    # A pass that found nothing verifies an erasure an earlier pass recorded.
+    await conn.execute(
+        f"INSERT INTO {table}_erasures (owner_id, unlinked) VALUES ($1, $2)"
+        " ON CONFLICT (owner_id) DO UPDATE SET applied_at = now(),"
+        f" unlinked = {table}_erasures.unlinked + excluded.unlinked, verified = $3 = 0",
+        owner,
+        unlinked,
+        found,
+    )
+    return unlinked
 
 
 async def erasures_pending(
     store: UsageStore, registry_schema: str, limit: int = 10_000
 ) -> list[UUID]:
     """Owners the registry in `registry_schema` has erased (its view `erased_owners`)
-    whose keys this table has not had removed yet (see `unlink_owners`)."""
+    whose erasure this table has not applied and verified yet (see `unlink_owners`)."""
     schema = migrations.quote_schema(registry_schema)
     with translated(StoreUnavailable, "reading erased owners failed"):
         rows = await store.pool.fetch(
             f"SELECT o.owner_id FROM {schema}.erased_owners o"
             f" WHERE NOT EXISTS (SELECT 1 FROM {store.table}_erasures e"
-            " WHERE e.owner_id = o.owner_id) LIMIT $1",
+            " WHERE e.owner_id = o.owner_id AND e.verified) LIMIT $1",
             limit,
         )
     return [r["owner_id"] for r in rows]

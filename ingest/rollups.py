@@ -86,7 +86,9 @@ GROUP = ("bucket", "category", "schema", "model", "firmware", "region")
 SUMMED = ("energy_wh", "duration_s")
 """The body fields summed per bucket, where an event has them."""
 
-_ORIGIN = "timestamptz '1970-01-01 00:00:00+00'"
+EPOCH = "timestamptz '1970-01-01 00:00:00+00'"
+"""The origin of every `date_bin` here: buckets aligned as TimescaleDB's time_bucket's."""
+_ORIGIN = EPOCH
 _STEP: dict[Granularity, str] = {"hourly": "1 hour", "daily": "1 day"}
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)

@@ -3,30 +3,27 @@ the owners the registry has erased are found until each has been applied."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from ingest.caggs import materialization_table
 from ingest.erasure import erasures_pending, unlink_owners
+from ingest.errors import StoreUnavailable
 from ingest.settings import Settings
 from ingest.store import UsageStore
-from tests.ingest.test_store import device_days, direct_device_days, pg, row
+from tests.conftest import connection, require_timescaledb
+from tests.ingest.test_store import Connection, device_days, direct_device_days, pg, row
 
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
 
 
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[UsageStore]:
-    async with UsageStore(pg(settings)) as s:
-        await s.migrate()
-        yield s
-
-
-async def test_erasure_removes_owner_keys_from_the_device_daily_rollup(store: UsageStore) -> None:
+async def test_erasure_removes_owner_keys_from_the_device_daily_rollup(either: UsageStore) -> None:
+    store = either
     t = store.table
     at = datetime(2026, 2, 1, 8, tzinfo=UTC)
     keyed = [dataclasses.replace(row("d1", s, at + s * HOUR), owner_key="gone") for s in range(30)]
@@ -44,11 +41,12 @@ async def test_erasure_removes_owner_keys_from_the_device_daily_rollup(store: Us
         assert await device_days(conn, t, *span) == await direct_device_days(conn, t, *span)
 
 
-async def test_pending_erasures_are_the_registrys_erased_owners_not_applied_yet(
-    settings: Settings, store: UsageStore
+async def test_pending_erasures_are_the_registrys_erased_owners_not_verified_yet(
+    settings: Settings, either: UsageStore
 ) -> None:
     """The registry's schema is the `settings` fixture's (migrated); an erased owner is
-    pending until `unlink_owners` has recorded it, whether or not it had any rows."""
+    pending until a pass of `unlink_owners` after the first found nothing left."""
+    store = either
     schema = settings.registry.db_schema
     at = datetime(2026, 2, 1, 8, tzinfo=UTC)
     erased, active = uuid.uuid4(), uuid.uuid4()
@@ -63,8 +61,138 @@ async def test_pending_erasures_are_the_registrys_erased_owners_not_applied_yet(
     await store.write([dataclasses.replace(row("d1", 1, at), owner_key="k-erased")])
     assert await erasures_pending(store, schema) == [erased]
     assert await unlink_owners(store, [(erased, "k-erased")]) == 1
-    assert await erasures_pending(store, schema) == []
-    # Applying it again is harmless and changes nothing more.
+    assert await erasures_pending(store, schema) == [erased]  # applied, not verified
+    # Applying it again is harmless, changes nothing more, and verifies it.
     assert await unlink_owners(store, [(erased, "k-erased")]) == 0
-    recorded = await store.fetch("SELECT owner_id, unlinked FROM {table}_erasures")
-    assert [tuple(r) for r in recorded] == [(erased, 1)]
+    assert await erasures_pending(store, schema) == []
+    recorded = await store.fetch("SELECT owner_id, unlinked, verified FROM {table}_erasures")
+    assert [tuple(r) for r in recorded] == [(erased, 1, True)]
+
+
+async def test_a_key_put_back_after_the_first_pass_is_removed_by_the_next(
+    settings: Settings, either: UsageStore
+) -> None:
+    """A batch enriched before the erasure and committed after it, and a refresh run
+    from a snapshot older than the erasure, both put the key back: the erasure stays
+    pending until a pass finds nothing, and the rollup ends without the key."""
+    store, t, schema = either, either.table, settings.registry.db_schema
+    at = datetime(2026, 2, 1, 8, tzinfo=UTC)
+    owner = uuid.uuid4()
+    async with store.pool.acquire() as conn:
+        await conn.execute(
+            f"INSERT INTO {schema}.owners (owner_id, status, created_at, last_active_at,"
+            " erased_at) VALUES ($1, 'erased', $2, $2, $2)",
+            owner,
+            at,
+        )
+    keyed = [dataclasses.replace(row("d1", s, at + s * HOUR), owner_key="k1") for s in range(5)]
+    await store.write(keyed)
+    await store.refresh_rollups(wait=True)
+    assert await unlink_owners(store, [(owner, "k1")]) == 5
+    # Late: a batch enriched before the erasure; stale: a device-day with the key
+    # written into the rollup as a refresh from an older snapshot would.
+    await store.write([dataclasses.replace(row("d1", 9, at + DAY), owner_key="k1")])
+    async with store.pool.acquire() as conn:
+        rollup = f"{t}_device_daily"
+        if store.layout.kind == "timescaledb":
+            rollup = await materialization_table(conn, t, "device_daily")
+        await conn.execute(
+            f"INSERT INTO {rollup} SELECT * FROM {rollup} WHERE bucket = $1 LIMIT 1",
+            datetime(2026, 2, 1, tzinfo=UTC),
+        )
+        await conn.execute(f"UPDATE {rollup} SET owner_key = 'k1' WHERE ctid = "
+                           f"(SELECT max(ctid) FROM {rollup})")  # fmt: skip
+    assert await erasures_pending(store, schema) == [owner]
+    assert await unlink_owners(store, [(owner, "k1")]) == 1  # the late row
+    assert await erasures_pending(store, schema) == [owner]  # that pass found some
+    assert await unlink_owners(store, [(owner, "k1")]) == 0
+    assert await erasures_pending(store, schema) == []
+    await store.refresh_rollups(wait=True)
+    span = (at - DAY, at + 3 * DAY)
+    async with store.pool.acquire() as conn:
+        for source in (t, f"{t}_device_daily"):
+            assert await conn.fetchval(f"SELECT count(*) FROM {source} WHERE owner_key = 'k1'") == 0
+        assert await device_days(conn, t, *span) == await direct_device_days(conn, t, *span)
+
+
+@pytest.mark.timescale
+async def test_an_erasure_beside_a_concurrent_timescaledb_refresh_ends_with_no_key(
+    settings: Settings,
+) -> None:
+    """A refresh of the device-daily aggregate run beside the consumers (by hand, by a
+    policy) is held in progress where it writes the materialisation. TimescaleDB
+    refuses ours meanwhile ("due to a concurrent refresh"): its notes stay. The
+    erasure runs into that refresh, which may write device-days read before the
+    erasure committed. Once both are done, refreshes and erasure passes until the
+    erasure is verified leave no key anywhere, and reads are exact throughout."""
+    await require_timescaledb(settings)
+    async with UsageStore(pg(settings, use_timescaledb=True)) as store:
+        await store.migrate()
+        t, schema, dsn = store.table, settings.registry.db_schema, settings.postgres.dsn
+        at = datetime(2026, 2, 1, 8, tzinfo=UTC)
+        span = (at - DAY, at + 5 * DAY)
+        owner = uuid.uuid4()
+        keyed = [
+            dataclasses.replace(row("d1", s, at + s * 3 * HOUR), owner_key="k1") for s in range(20)
+        ]
+        await store.write([*keyed, dataclasses.replace(row("d2", 1, at), owner_key="k2")])
+        await store.refresh_rollups(wait=True)
+        await store.write([dataclasses.replace(row("d2", 2, at + DAY), owner_key="k2")])  # late
+
+        async def waiting_for(conn: Connection, relation: str, count: int) -> None:
+            for _ in range(600):
+                query = (
+                    "SELECT count(*) FROM pg_locks WHERE relation = $1::regclass AND NOT granted"
+                )
+                if await conn.fetchval(query, relation) == count:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"nobody waits for {relation}")
+
+        async with (
+            connection(dsn.get_secret_value()) as holder,
+            connection(dsn.get_secret_value()) as other,
+        ):
+            await holder.execute(
+                f"INSERT INTO {schema}.owners (owner_id, status, created_at, last_active_at,"
+                " erased_at) VALUES ($1, 'erased', $2, $2, $2)",
+                owner,
+                at,
+            )
+            mat = await materialization_table(holder, t, "device_daily")
+            lock = holder.transaction()
+            await lock.start()
+            await holder.execute(f"LOCK TABLE {mat} IN EXCLUSIVE MODE")
+            concurrent = asyncio.create_task(
+                other.execute(
+                    f"CALL refresh_continuous_aggregate('{t}_device_daily',"
+                    " timestamptz '2026-01-25Z', timestamptz '2026-02-10Z')"
+                )
+            )
+            await waiting_for(holder, mat, 1)
+            with pytest.raises(StoreUnavailable, match="due to a concurrent refresh"):
+                await store.refresh_rollups(wait=True)
+            async with store.pool.acquire() as conn:
+                assert await conn.fetchval(f"SELECT count(*) FROM {t}_rollup_invalidations") == 1
+            erasing = asyncio.create_task(unlink_owners(store, [(owner, "k1")]))
+            await waiting_for(holder, mat, 2)
+            await lock.commit()
+            await concurrent
+            assert await erasing == 20
+        async with store.pool.acquire() as conn:
+            live = await device_days(conn, t, *span)
+            assert live == await direct_device_days(conn, t, *span)
+            assert [r for r in live if r[9] == "k1"] == []
+        passes = 0
+        while await erasures_pending(store, schema) == [owner]:
+            assert passes < 3
+            done = await store.refresh_rollups(wait=True)
+            assert done is not None
+            await unlink_owners(store, [(owner, "k1")])
+            passes += 1
+        async with store.pool.acquire() as conn:
+            for source in (t, f"{t}_device_daily", mat):
+                count = f"SELECT count(*) FROM {source} WHERE owner_key = 'k1'"
+                assert await conn.fetchval(count) == 0, source
+            assert await conn.fetchval(f"SELECT count(*) FROM {t}_rollup_invalidations") == 0
+            assert await device_days(conn, t, *span) == await direct_device_days(conn, t, *span)

@@ -57,19 +57,6 @@ async def store(settings: Settings) -> AsyncIterator[UsageStore]:
         yield s
 
 
-@pytest.fixture(params=["partitioned", pytest.param("timescaledb", marks=pytest.mark.timescale)])
-async def either(settings: Settings, request: pytest.FixtureRequest) -> AsyncIterator[UsageStore]:
-    """A migrated store on each layout: the same tests hold on both (TimescaleDB's
-    variant skips where the server has no TimescaleDB)."""
-    timescale = request.param == "timescaledb"
-    if timescale:
-        await require_timescaledb(settings)
-    async with UsageStore(pg(settings, use_timescaledb=timescale)) as s:
-        await s.migrate()
-        assert s.layout.kind == request.param
-        yield s
-
-
 async def refresh(
     store: UsageStore, conn: Connection, *, now: datetime, days: bool = True
 ) -> RefreshReport | None:
