@@ -44,21 +44,6 @@ from ingest.rollups import (
 STEPS: dict[Rollup, timedelta] = {"hourly": HOUR, "daily": DAY, "device_daily": DAY}
 
 
-async def materialization_table(conn: Connection, table: str, rollup: Rollup) -> str:
-    """The hypertable that holds `<table>_<rollup>`'s materialised rows, schema-qualified
-    (TimescaleDB's `timescaledb_information.continuous_aggregates`)."""
-    row = await conn.fetchrow(
-        "SELECT format('%I.%I', materialization_hypertable_schema,"
-        " materialization_hypertable_name) AS name"
-        " FROM timescaledb_information.continuous_aggregates"
-        " WHERE view_schema = current_schema() AND view_name = $1",
-        f"{table}_{rollup}",
-    )
-    if row is None:
-        raise LookupError(f"{table}_{rollup} is not a continuous aggregate")
-    return str(row["name"])
-
-
 async def watermark(conn: Connection, table: str, rollup: Rollup) -> datetime | None:
     """Where `<table>_<rollup>`'s materialised part ends (None: nothing materialised):
     buckets before it are read from the materialisation, later ones from the raw rows."""

@@ -259,12 +259,13 @@ class Consumer:
 
     async def _refresh_rollups(self, store: UsageStore) -> None:
         """Every `postgres.rollup_refresh_s`, materialise the rollup hours that have
-        ended (plain PostgreSQL), and the ended days at most every
+        ended (either layout), and the ended days at most every
         `postgres.rollup_day_refresh_s` (the first refresh that finds one noted takes
         it); beside the batches rather than between them. A refresh the store could not
-        do (`StoreUnavailable`) is logged and counted; the next one catches up (reads
-        are exact anyway). Any other error ends the consumer with it: this runs in the
-        consumer's task group, which then cancels the batch loop.
+        do (`StoreUnavailable`: PostgreSQL away, or on TimescaleDB a refresh refused
+        because another overlaps it) is logged and counted; its notes stay and the next
+        one catches up (reads are exact anyway). Any other error ends the consumer with
+        it: this runs in the consumer's task group, which then cancels the batch loop.
         """
         interval = self._settings.postgres.rollup_refresh_s
         day_interval = self._settings.postgres.rollup_day_refresh_s

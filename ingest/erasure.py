@@ -14,11 +14,10 @@ from collections.abc import Sequence
 from uuid import UUID
 
 from ingest import migrations
-from ingest.caggs import materialization_table
 from ingest.errors import StoreUnavailable
 from ingest.migrations import Connection
 from ingest.postgres import translated
-from ingest.rollups import EPOCH, lock_rollups
+from ingest.rollups import EPOCH, lock_rollups, materialised_rows
 from ingest.store import UsageStore
 
 
@@ -50,9 +49,7 @@ async def unlink_owners(store: UsageStore, erased: Sequence[tuple[UUID, str]]) -
         changed = 0
         async with store.pool.acquire() as conn, conn.transaction():
             await lock_rollups(conn, t, wait=True)
-            rollup = f"{t}_device_daily"
-            if store.layout.kind == "timescaledb":
-                rollup = await materialization_table(conn, t, "device_daily")
+            rollup = await materialised_rows(conn, t, "device_daily")
             for owner, key in erased:
                 changed += await _unlink(conn, t, rollup, owner, key)
     return changed

@@ -356,6 +356,30 @@ async def refresh_rollups(
     return RefreshReport(len(fresh), len(fresh_days), skipped, time.perf_counter() - started)
 
 
+async def materialised_rows(conn: Connection, table: str, rollup: Rollup) -> str:
+    """The relation that holds `<table>_<rollup>`'s materialised rows: the plain
+    layout's table, or on TimescaleDB the continuous aggregate's materialisation
+    hypertable (`timescaledb_information.continuous_aggregates`), schema-qualified.
+
+    Reads take every bucket not noted from here and the noted ones from the raw rows:
+    a bucket that got rows stays noted until a refresh has materialised it, so the
+    aggregate's real-time part (raw rows above its watermark, all noted) would only
+    be computed to be thrown away. Erasure updates rows here in place.
+    """
+    if await conn.fetchval(f"SELECT kind FROM {table}_layout") == "partitioned":
+        return f"{table}_{rollup}"
+    name = await conn.fetchval(
+        "SELECT format('%I.%I', materialization_hypertable_schema,"
+        " materialization_hypertable_name)"
+        " FROM timescaledb_information.continuous_aggregates"
+        " WHERE view_schema = current_schema() AND view_name = $1",
+        f"{table}_{rollup}",
+    )
+    if name is None:
+        raise LookupError(f"{table}_{rollup} is not a continuous aggregate")
+    return str(name)
+
+
 async def _noted(conn: Connection, table: str, granularity: Granularity) -> list[datetime]:
     """Buckets of `granularity` that have rows not yet in the rollups (either layout)."""
     rows = await conn.fetch(
@@ -387,9 +411,10 @@ async def usage_rollup(
         raise ValueError(f"granularity must be 'hourly' or 'daily', not {granularity!r}")
     filters = "($3::text IS NULL OR category = $3) AND ($4::text IS NULL OR schema = $4)"
     noted = await _noted(conn, table, granularity)
+    materialised = await materialised_rows(conn, table, granularity)
     rows = await conn.fetch(
         f"""
-        SELECT {_COLUMNS} FROM {table}_{granularity}
+        SELECT {_COLUMNS} FROM {materialised}
         WHERE bucket >= $1 AND bucket < $2 AND {filters} AND bucket <> ALL($5::timestamptz[])
         """,
         start,
@@ -442,8 +467,9 @@ async def device_daily_source(
     p = f"${days_parameter}::timestamptz[]"
     columns = _DEVICE_DAILY_COLUMNS
     live_where = f"{_RANGE} AND date_bin('1 day', event_time, {_ORIGIN}) = ANY({p})"
+    materialised = await materialised_rows(conn, table, "device_daily")
     sql = f"""(
-        SELECT {columns} FROM {table}_device_daily
+        SELECT {columns} FROM {materialised}
         WHERE bucket >= $1 AND bucket < $2 AND bucket <> ALL({p})
         UNION ALL
         SELECT {columns} FROM ({device_daily_query(table, live_where)}) live

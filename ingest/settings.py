@@ -186,20 +186,21 @@ class PostgresSettings(Section):
     """Event-time range of one partition (one TimescaleDB chunk); fixed for a table once
     it is created, the setting only applies to new tables."""
     allowed_lateness_s: Annotated[int, Field(ge=0)] = 3 * 86400
-    """How late an event may arrive and still reach the TimescaleDB rollups (the refresh
-    window); compression waits this plus one partition interval."""
+    """How late events are expected to arrive: TimescaleDB compresses a chunk only this
+    plus one partition interval after it ends, and retention must exceed it. A later
+    event is stored and counted all the same (into a compressed chunk on TimescaleDB)."""
     retention_days: Annotated[int, Field(ge=1)] = 400
     """Raw usage rows older than this are dropped, a whole partition (chunk) at a time;
     the rollups keep their history."""
     rollup_refresh_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
-    """Plain PostgreSQL: how often a consumer recomputes the ended hours that got rows
-    (reads are exact meanwhile: they aggregate those buckets from the raw rows)."""
+    """How often a consumer materialises the ended hours that got rows (both layouts:
+    recomputed on plain PostgreSQL, `refresh_continuous_aggregate` on TimescaleDB);
+    reads are exact meanwhile: they aggregate those buckets from the raw rows."""
     rollup_day_refresh_s: Annotated[float, Field(gt=0, le=86400)] = 1800.0
-    """Plain PostgreSQL: how often, at most, a consumer recomputes the ended days that
-    got rows (the daily and device-daily rollups; the first refresh that finds one
-    takes it). Each reads the whole day's raw rows, and late events keep noting
-    yesterday, so not every `rollup_refresh_s`: every 30 minutes, the schedule of the
-    TimescaleDB refresh policies. Reads are exact meanwhile."""
+    """How often, at most, a consumer materialises the ended days that got rows (the
+    daily and device-daily rollups; the first refresh that finds one takes it). Each
+    reads the whole day's raw rows, and late events keep noting yesterday, so not every
+    `rollup_refresh_s`. Reads are exact meanwhile."""
 
     @property
     def partition_interval(self) -> timedelta:

@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from ingest.caggs import materialization_table
 from ingest.erasure import erasures_pending, unlink_owners
 from ingest.errors import StoreUnavailable
+from ingest.rollups import materialised_rows
 from ingest.settings import Settings
 from ingest.store import UsageStore
 from tests.conftest import connection, require_timescaledb
@@ -93,9 +93,7 @@ async def test_a_key_put_back_after_the_first_pass_is_removed_by_the_next(
     # written into the rollup as a refresh from an older snapshot would.
     await store.write([dataclasses.replace(row("d1", 9, at + DAY), owner_key="k1")])
     async with store.pool.acquire() as conn:
-        rollup = f"{t}_device_daily"
-        if store.layout.kind == "timescaledb":
-            rollup = await materialization_table(conn, t, "device_daily")
+        rollup = await materialised_rows(conn, t, "device_daily")
         await conn.execute(
             f"INSERT INTO {rollup} SELECT * FROM {rollup} WHERE bucket = $1 LIMIT 1",
             datetime(2026, 2, 1, tzinfo=UTC),
@@ -159,7 +157,7 @@ async def test_an_erasure_beside_a_concurrent_timescaledb_refresh_ends_with_no_k
                 owner,
                 at,
             )
-            mat = await materialization_table(holder, t, "device_daily")
+            mat = await materialised_rows(holder, t, "device_daily")
             lock = holder.transaction()
             await lock.start()
             await holder.execute(f"LOCK TABLE {mat} IN EXCLUSIVE MODE")

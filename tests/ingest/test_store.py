@@ -17,7 +17,7 @@ import pytest
 from asyncpg.pool import PoolConnectionProxy
 
 import ingest
-from ingest.caggs import materialization_table, refresh_aggregates
+from ingest.caggs import refresh_aggregates
 from ingest.errors import ConfigurationError, StoreUnavailable
 from ingest.rollups import (
     DETAIL,
@@ -26,6 +26,7 @@ from ingest.rollups import (
     bucket_start,
     device_daily_source,
     direct_rollup_query,
+    materialised_rows,
     refresh_rollups,
     usage_rollup,
 )
@@ -68,9 +69,7 @@ async def refresh(
 
 async def materialised(conn: Connection, store: UsageStore, rollup: Rollup) -> list[datetime]:
     """The buckets `rollup` holds materialised (on TimescaleDB, not the real-time part)."""
-    source = f"{store.table}_{rollup}"
-    if store.layout.kind == "timescaledb":
-        source = await materialization_table(conn, store.table, rollup)
+    source = await materialised_rows(conn, store.table, rollup)
     return [r[0] for r in await conn.fetch(f"SELECT bucket FROM {source} ORDER BY 1")]
 
 
@@ -108,6 +107,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         "003_rollup_refresh",
         "004_device_daily",
         "005_settled_refresh",
+        "006_erasure_checks",
     ]
     assert second.applied == []
     t = settings.postgres.table
@@ -135,6 +135,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         (3, "003_rollup_refresh"),
         (4, "004_device_daily"),
         (5, "005_settled_refresh"),
+        (6, "006_erasure_checks"),
     ]
 
 
@@ -149,7 +150,10 @@ def test_db_migrate_command_prints_the_layout(
     out = capsys.readouterr().out.splitlines()
     t = settings.postgres.table
     layout = "layout: partitioned, partitions of 24 h"
-    applied = "001_usage, 002_enrichment, 003_rollup_refresh, 004_device_daily, 005_settled_refresh"
+    applied = (
+        "001_usage, 002_enrichment, 003_rollup_refresh, 004_device_daily,"
+        " 005_settled_refresh, 006_erasure_checks"
+    )
     assert out[:2] == [
         f"usage table '{t}' is up to date ({applied}); {layout}",
         f"usage table '{t}' is up to date (none pending); {layout}",

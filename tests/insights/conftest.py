@@ -11,6 +11,7 @@ import pytest
 
 from ingest.settings import PostgresSettings, Settings
 from ingest.store import UsageStore
+from tests.conftest import require_timescaledb
 from tests.insights.seed import Population, build, seed
 
 
@@ -40,4 +41,17 @@ async def seeded_store(
 @pytest.fixture
 async def seeded(settings: Settings, population: Population) -> AsyncIterator[Seeded]:
     async with seeded_store(settings, population) as s:
+        yield s
+
+
+@pytest.fixture(params=["partitioned", pytest.param("timescaledb", marks=pytest.mark.timescale)])
+async def seeded_either(
+    settings: Settings, population: Population, request: pytest.FixtureRequest
+) -> AsyncIterator[Seeded]:
+    """`seeded` on each layout (TimescaleDB's variant skips where the server has none)."""
+    timescale = request.param == "timescaledb"
+    if timescale:
+        await require_timescaledb(settings)
+    async with seeded_store(settings, population, timescaledb=timescale) as s:
+        assert s.store.layout.kind == request.param
         yield s

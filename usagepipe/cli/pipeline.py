@@ -35,7 +35,7 @@ def add_db(commands: Commands) -> None:
         "action",
         choices=["migrate", "refresh", "retention"],
         help="migrate: create/upgrade the usage tables; refresh: materialise the rollups'"
-        " noted buckets now (plain PostgreSQL; consumers do it every"
+        " noted buckets now (on TimescaleDB those that have ended; consumers do it every"
         " postgres.rollup_refresh_s); retention: drop expired raw data",
     )
 
@@ -69,11 +69,13 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
                 )
             if args.action == "refresh":
                 done = await store.refresh_rollups(wait=True)
-                if done is None:
-                    return f"{store.table!r} is on TimescaleDB: its refresh policies do this"
+                if done is None:  # only without wait=True
+                    return f"another process is refreshing {store.table!r}"
+                # TimescaleDB never materialises an open bucket: its notes stay.
+                settled = " that have ended" if layout.kind == "timescaledb" else ""
                 return (
                     f"rollups of {store.table!r} refreshed: {done.hours} hours and"
-                    f" {done.days} days recomputed, {done.skipped} hours before the"
+                    f" {done.days} days{settled} recomputed, {done.skipped} hours before the"
                     f" retained data skipped, in {done.seconds:.3f} s"
                 )
             dropped = await store.drop_expired()
