@@ -155,13 +155,18 @@ def validate_batch(
     positions: list[SourceOffset] = []
     skew = settings.consumer.max_future_skew
     max_bytes = settings.bridge.max_payload_bytes
+    # Retention drops older rows: at least one partition of time left for a refresh to
+    # count an event before its partition goes (see ingest.rollups).
+    max_age = settings.postgres.retention - settings.postgres.partition_interval
     count = 0
     for tp, batch in records.items():
         for record in batch:
             count += 1
             value: bytes = record.value if record.value is not None else b""
             try:
-                env = parse_telemetry(value, now=now, max_future_skew=skew, max_bytes=max_bytes)
+                env = parse_telemetry(
+                    value, now=now, max_future_skew=skew, max_bytes=max_bytes, max_age=max_age
+                )
             except InvalidTelemetry as error:
                 dead.append(DeadLetter.for_record(error, record))
                 continue

@@ -77,6 +77,9 @@ class Reason(StrEnum):
     """The schema exists, but not in the version the envelope names."""
     EVENT_TIME_IN_FUTURE = "event_time_in_future"
     """The device's event time is further ahead than the allowed clock skew."""
+    EVENT_TIME_EXPIRED = "event_time_expired"
+    """The event time is older than the store keeps raw rows (the retention less one
+    partition): retention would drop it before any rollup could count it."""
     DEVICE_ID_MISMATCH = "device_id_mismatch"
     """The payload's device id differs from the one in its MQTT topic."""
     UNREGISTERED_DEVICE = "unregistered_device"

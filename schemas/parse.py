@@ -10,6 +10,7 @@ refused message carries exactly one reason code:
        overflows a double (1e400) anywhere       -> NON_FINITE_NUMBER
     5. envelope fields wrong                     -> SCHEMA_VIOLATION
     6. event_time > now + max_future_skew        -> EVENT_TIME_IN_FUTURE
+       event_time < now - max_age                -> EVENT_TIME_EXPIRED
     7. body wrong for its schema and version     -> UNKNOWN_SCHEMA,
                                                     UNKNOWN_SCHEMA_VERSION,
                                                     SCHEMA_VIOLATION
@@ -30,7 +31,7 @@ than 200 levels, are refused by the parser as INVALID_JSON.
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -42,12 +43,19 @@ from schemas.errors import InvalidTelemetry, Reason
 
 
 def parse_telemetry(
-    raw: bytes, *, now: datetime, max_future_skew: timedelta, max_bytes: int
+    raw: bytes,
+    *,
+    now: datetime,
+    max_future_skew: timedelta,
+    max_bytes: int,
+    max_age: timedelta | None = None,
 ) -> Envelope:
     """Validate one message value and return its envelope with a current-version body.
 
     `now` is the receive time (timezone-aware) that `event_time` is compared with;
-    `max_future_skew` is how far ahead a device's clock may run. The returned envelope's
+    `max_future_skew` is how far ahead a device's clock may run, `max_age` how far back
+    an event may lie (None: any age; an event time before year 1 in UTC is refused
+    whatever it is, since no timestamp holds it). The returned envelope's
     `schema_version` is the schema's current version and `body` is the validated,
     upgraded body as JSON-ready data. Raises `InvalidTelemetry` with exactly one reason.
     """
@@ -73,6 +81,13 @@ def parse_telemetry(
             f"{envelope.event_time - now} ahead of the receive time {now.isoformat()}, "
             f"more than the allowed skew of {max_future_skew}",
         )
+    if _expired(envelope.event_time, now, max_age):
+        _refuse_non_finite(envelope.body)
+        raise InvalidTelemetry(
+            Reason.EVENT_TIME_EXPIRED,
+            f"event_time: {envelope.event_time.isoformat()} is older than the"
+            f" {max_age} before the receive time {now.isoformat()} that the store keeps",
+        )
     try:
         version, body = validate_body(envelope.schema_name, envelope.schema_version, envelope.body)
     except InvalidTelemetry:
@@ -87,6 +102,16 @@ def parse_telemetry(
         envelope.body.update(body)
         return envelope
     return envelope.model_copy(update={"schema_version": version, "body": body})
+
+
+def _expired(event_time: datetime, now: datetime, max_age: timedelta | None) -> bool:
+    """Whether `event_time` lies more than `max_age` before `now`, or before year 1 in
+    UTC (`0001-01-01T00:00:00+14:00`: comparing or converting it overflows)."""
+    try:
+        event_time.astimezone(UTC)
+    except OverflowError:
+        return True
+    return max_age is not None and event_time < now - max_age
 
 
 def _refuse_non_finite(body: dict[str, Any]) -> None:

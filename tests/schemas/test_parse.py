@@ -347,6 +347,33 @@ def test_past_event_time_is_accepted() -> None:
     assert parse(raw).event_time == NOW - timedelta(days=30)
 
 
+def test_an_event_older_than_the_store_keeps_is_expired() -> None:
+    day = timedelta(days=1)
+    kept = encode(envelope(event_time=NOW - 399 * day))
+    at = parse_telemetry(kept, now=NOW, max_future_skew=day, max_bytes=MAX_BYTES, max_age=399 * day)
+    assert at.event_time == NOW - 399 * day
+    old = encode(envelope(event_time=NOW - 399 * day - timedelta(seconds=1)))
+    with pytest.raises(InvalidTelemetry) as caught:
+        parse_telemetry(old, now=NOW, max_future_skew=day, max_bytes=MAX_BYTES, max_age=399 * day)
+    assert caught.value.reason is Reason.EVENT_TIME_EXPIRED
+    assert caught.value.message == (
+        "event_time: 2025-10-20T09:59:59+00:00 is older than the 399 days, 0:00:00 before"
+        " the receive time 2026-11-23T10:00:00+00:00 that the store keeps"
+    )
+
+
+@pytest.mark.parametrize("event_time", ["0001-01-01T00:00:00+14:00", "0001-01-01T00:00:00Z"])
+def test_an_event_time_at_year_one_is_expired_not_a_crash(event_time: str) -> None:
+    """Before year 1 in UTC no timestamp can hold it (converting it overflows)."""
+    raw = VALID.replace(b"2026-11-23T10:00:00+00:00", event_time.encode())
+    with pytest.raises(InvalidTelemetry) as caught:
+        parse_telemetry(
+            raw, now=NOW, max_future_skew=timedelta(0), max_bytes=MAX_BYTES,
+            max_age=timedelta(days=399) if event_time.endswith("Z") else None,
+        )  # fmt: skip
+    assert caught.value.reason is Reason.EVENT_TIME_EXPIRED
+
+
 def test_v1_message_is_returned_upgraded() -> None:
     body = {**washer_cycle_body(), "energy_kwh": 0.95}
     del body["energy_wh"], body["trigger"]
