@@ -18,7 +18,7 @@ from ingest.policies import ROLLUP_NOTES, PolicyReport, apply_policies
 from ingest.rows import UsageRow
 from ingest.settings import PostgresSettings, Settings
 from ingest.store import UsageStore
-from tests.conftest import connection, require_timescaledb
+from tests.conftest import connection, drop_usage_tables, require_timescaledb
 from usagepipe.cli import main
 
 HOUR = timedelta(hours=1)
@@ -354,3 +354,69 @@ def test_plain_postgresql_has_no_policies_whatever_the_command_says(
             return (await store.migrate(update_policies=True)).policies
 
     assert asyncio.run(policies()) == []
+
+
+@pytest.mark.timescale
+async def test_consumers_starting_together_create_each_policy_once(
+    settings: Settings, conn: asyncpg.Connection
+) -> None:
+    await require_timescaledb(settings)
+    t = settings.postgres.table
+
+    async def start() -> list[tuple[str, str]]:
+        async with UsageStore(pg(settings)) as store:
+            return [(p.policy, p.action) for p in (await store.migrate()).policies]
+
+    reports = await asyncio.gather(*(start() for _ in range(4)))
+    created = [("compression policy", "created"), ("retention policy", "created")]
+    unchanged = [("compression policy", "unchanged"), ("retention policy", "unchanged")]
+    assert sorted(reports) == [created, unchanged, unchanged, unchanged]
+    assert sorted(await jobs(conn, t)) == ["policy_compression", "policy_retention"]
+
+
+@pytest.mark.timescale
+async def test_teardown_deletes_the_jobs_and_leaves_no_compressed_chunk_behind(
+    settings: Settings, conn: asyncpg.Connection
+) -> None:
+    """`tests.conftest.drop_usage_tables`, which every test's teardown runs: the table's
+    and its aggregates' jobs go first, then every table, compressed chunks included."""
+    await require_timescaledb(settings)
+    t = settings.postgres.table
+    async with UsageStore(pg(settings)) as store:
+        await store.migrate()
+        await hold(conn, [job_id for job_id, _, _ in (await jobs(conn, t)).values()])
+        now = datetime.now(UTC)
+        assert await store.write([usage("d1", k, now - k * DAY) for k in range(1, 6)]) == 5
+    await conn.execute(f"SELECT count(compress_chunk(c)) FROM show_chunks('{t}') c")
+    await conn.execute(  # the refresh policy a table from before the notes has
+        "SELECT add_continuous_aggregate_policy($1::regclass, start_offset => $2::interval,"
+        " end_offset => $3::interval, schedule_interval => $4::interval)",
+        f"{t}_hourly",
+        5 * DAY,
+        HOUR,
+        timedelta(minutes=30),
+    )
+    assert len(await jobs(conn, t)) == 3
+    internal = await conn.fetch(
+        "SELECT format('%I.%I', z.schema_name, z.table_name) AS name"
+        " FROM _timescaledb_catalog.chunk c"
+        " JOIN _timescaledb_catalog.hypertable h ON h.id = c.hypertable_id"
+        " JOIN _timescaledb_catalog.chunk z ON z.id = c.compressed_chunk_id"
+        " WHERE h.table_name = $1",
+        t,
+    )
+    assert len(internal) == 5  # one compressed chunk per day
+
+    await drop_usage_tables(conn, t)
+    assert await jobs(conn, t) == {}
+    left = await conn.fetchval(
+        "SELECT count(*) FROM unnest($1::text[]) AS n WHERE to_regclass(n) IS NOT NULL",
+        [r["name"] for r in internal],
+    )
+    assert left == 0
+    mine = await conn.fetch(
+        "SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace"
+        " AND (relname = $1 OR relname LIKE $1 || '\\_%')",
+        t,
+    )
+    assert [r["relname"] for r in mine] == []
