@@ -197,8 +197,9 @@ async def _apply(conn: Connection, table: str, w: _Wanted, update: bool) -> Poli
         return PolicyReport(
             w.policy, "created", (created["job_id"],), w.key, "", created["setting"], w.variable
         )
+    value = job["value"] if job["value"] is not None else "unset"  # an operator's other form
     report = PolicyReport(
-        w.policy, "unchanged", (job["job_id"],), w.key, job["value"], job["setting"], w.variable
+        w.policy, "unchanged", (job["job_id"],), w.key, value, job["setting"], w.variable
     )
     if job["same"]:
         return report
