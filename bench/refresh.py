@@ -72,7 +72,7 @@ async def drop(dsn: str, table: str) -> None:
             )
             if kind == "v":  # a continuous aggregate
                 await conn.execute(f"DROP MATERIALIZED VIEW {table}_{view} CASCADE")
-        derived = ("layout", "offsets", "hourly", "daily", "device_daily")
+        derived: tuple[str, ...] = ("layout", "offsets", "hourly", "daily", "device_daily")
         derived += ("rollup_invalidations", "erasures")
         names = ", ".join([table, *(f"{table}_{d}" for d in derived)])
         await conn.execute(f"DROP TABLE IF EXISTS {names} CASCADE")
@@ -160,7 +160,9 @@ async def main() -> None:
             timescale = None
     finally:
         await conn.close()
-    layouts: list[Kind] = ["partitioned", *(["timescaledb"] if timescale else [])]
+    layouts: list[Kind] = ["partitioned"]
+    if timescale:
+        layouts.append("timescaledb")
     print(
         f"{len(rows):,} rows from {args.devices:,} devices over {args.days} days;"
         f" PostgreSQL {version}, TimescaleDB {timescale or 'not available'},"

@@ -84,9 +84,11 @@ class UsageStore:
 
     # -- schema ------------------------------------------------------------------------
 
-    async def migrate(self) -> MigrationReport:
-        """Bring the usage tables up to date (idempotent) and load the layout."""
-        report = await self.tables.migrate(self.pool)
+    async def migrate(self, *, update_policies: bool = False) -> MigrationReport:
+        """Bring the usage tables up to date (idempotent) and load the layout; with
+        `update_policies`, also change TimescaleDB policies the settings no longer match
+        (see `ingest.policies`)."""
+        report = await self.tables.migrate(self.pool, update_policies=update_policies)
         self._build_statements()
         return report
 

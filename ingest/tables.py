@@ -28,6 +28,7 @@ from ingest import migrations
 from ingest.caggs import refresh_aggregates
 from ingest.errors import ConfigurationError, MigrationError, StoreUnavailable
 from ingest.migrations import Connection
+from ingest.policies import PolicyReport, apply_policies
 from ingest.postgres import DB_ERRORS, translated
 from ingest.rollups import bucket_start as partition_start
 from ingest.rollups import refresh_rollups
@@ -50,6 +51,7 @@ class Layout:
 class MigrationReport:
     layout: Layout
     applied: list[str] = field(default_factory=list)
+    policies: list[PolicyReport] = field(default_factory=list)
 
 
 class UsageTables:
@@ -70,9 +72,16 @@ class UsageTables:
 
     # -- schema ------------------------------------------------------------------------
 
-    async def migrate(self, pool: asyncpg.Pool) -> MigrationReport:
-        """Bring the usage tables up to date (idempotent) and load the layout."""
+    async def migrate(
+        self, pool: asyncpg.Pool, *, update_policies: bool = False
+    ) -> MigrationReport:
+        """Bring the usage tables up to date (idempotent) and load the layout.
+
+        `update_policies`: change TimescaleDB policies that exist but differ from the
+        settings (only `usagepipe db migrate --update-policies` does).
+        """
         s = self._settings
+        policies: list[PolicyReport] = []
         if s.partition_interval_s % 3600:
             # Partition names carry their start to the hour (`<table>_pYYYYMMDDHH`).
             raise ConfigurationError("postgres.partition_interval_s must be whole hours")
@@ -114,7 +123,7 @@ class UsageTables:
                 if kind == "timescaledb":
                     # A table with history gets its hours noted by 004_rollup_notes:
                     # the next refresh materialises them, reads are exact meanwhile.
-                    await self._apply_policies(conn)
+                    policies = await self._apply_policies(conn, applied, update=update_policies)
                 else:
                     self._partitions = await self._existing_partitions(conn)
         except (MigrationError, StoreUnavailable) as exc:
@@ -124,7 +133,7 @@ class UsageTables:
         if kind == "partitioned":
             now = datetime.now(UTC)
             await self.ensure_partitions(pool, [now, now + self.layout.partition_interval])
-        return MigrationReport(self.layout, applied)
+        return MigrationReport(self.layout, applied, policies)
 
     async def _detect_kind(self, conn: Connection) -> Kind:
         """The table's recorded layout, or, for a new table, whether TimescaleDB loads."""
@@ -142,56 +151,19 @@ class UsageTables:
             return "partitioned"
         return "timescaledb"
 
-    async def _apply_policies(self, conn: Connection) -> None:
-        """TimescaleDB's jobs, from the current settings (replaced on every migrate).
-
-        Documented forms: add_retention_policy(relation, drop_after),
-        add_compression_policy(hypertable, compress_after),
-        add_continuous_aggregate_policy(cagg, start_offset, end_offset, schedule_interval);
-        the remove_* functions with if_exists (named so since 2.8). The offsets are
-        declared "any" (interval or integer), hence the casts: a bare parameter there
-        has no type PostgreSQL could infer.
-        """
-        s = self._settings
-        t = self.table
-        # Late events up to allowed_lateness are re-aggregated by the refresh window;
-        # start_offset bounds how far back a refresh reaches, so a very late event can
-        # never make a refresh rescan the whole history.
-        refresh = {
-            f"{t}_hourly": (s.allowed_lateness + timedelta(hours=2), timedelta(hours=1)),
-            f"{t}_daily": (s.allowed_lateness + timedelta(days=2), timedelta(days=1)),
-            f"{t}_device_daily": (s.allowed_lateness + timedelta(days=2), timedelta(days=1)),
-        }
-        async with conn.transaction():
-            for view, (start, end) in refresh.items():
-                await conn.execute(
-                    "SELECT remove_continuous_aggregate_policy($1::regclass, if_exists => true)",
-                    view,
-                )
-                await conn.execute(
-                    "SELECT add_continuous_aggregate_policy($1::regclass,"
-                    " start_offset => $2::interval, end_offset => $3::interval,"
-                    " schedule_interval => $4::interval)",
-                    view,
-                    start,
-                    end,
-                    timedelta(minutes=30),
-                )
-            # Compress only chunks no late event is expected in any more.
-            await conn.execute(
-                "SELECT remove_compression_policy($1::regclass, if_exists => true)", t
-            )
-            await conn.execute(
-                "SELECT add_compression_policy($1::regclass, compress_after => $2::interval)",
-                t,
-                s.allowed_lateness + s.partition_interval,
-            )
-            await conn.execute("SELECT remove_retention_policy($1::regclass, if_exists => true)", t)
-            await conn.execute(
-                "SELECT add_retention_policy($1::regclass, drop_after => $2::interval)",
-                t,
-                s.retention,
-            )
+    async def _apply_policies(
+        self, conn: Connection, applied: Sequence[str], *, update: bool
+    ) -> list[PolicyReport]:
+        """TimescaleDB's jobs: created once, changed only with `update` (see
+        `ingest.policies`)."""
+        return await apply_policies(
+            conn,
+            self.table,
+            self._settings,
+            self.layout.partition_interval,
+            applied,
+            update=update,
+        )
 
     # -- partitions (plain PostgreSQL) ----------------------------------------------------
 

@@ -6,6 +6,10 @@ What it holds on purpose:
   rows, as enrichment stores them), marketing consent for about half, a few dormant;
 - models WM-A (washer, two firmware versions), DR-B (dryer), RV-C (robot vacuum), and
   WM-RARE (a washer only 3 owners have: below any k the tests use);
+- eight more dryers whose firmware nobody recorded (NULL on their rows, as enrichment
+  stores it until the registry knows), so the reports' segments of an unknown firmware
+  are checked too: their errors reach k = 3. Their owners have no marketing consent,
+  so the marketing reports (which have no firmware) count the same as without them;
 - one device handed from a marketing-consenting owner to one without, mid-range;
 - gaps in sequence numbers and a reboot, errors raised and cleared.
 """
@@ -62,7 +66,7 @@ class Period:
 class Device:
     device_id: str
     model: str
-    firmware: str
+    firmware: str | None
     periods: list[Period] = field(default_factory=list)
 
     def period_at(self, t: datetime) -> Period:
@@ -131,6 +135,12 @@ def build(seed: int = 11) -> Population:
         d = Device(f"wm-rare-{j}", "WM-RARE", "0.9")
         d.periods.append(Period(o, purchased, None, "own_store"))
         devices.append(d)
+    # Last, so that every other device draws the same rows as before they existed.
+    for i, o in enumerate(owners[:33]):
+        if i % 4 == 3:  # odd: no marketing consent; 11 and 23 no analytics consent either
+            d = Device(f"dr-b-n{i:03d}", "DR-B", None)
+            d.periods.append(Period(o, purchased, None, CHANNELS[(i + 2) % 4]))
+            devices.append(d)
     # Owner 0 (marketing) hands wm-a-000 to owner 1 (no marketing) after ten days.
     handed = START + timedelta(days=10, hours=5)
     first = devices[0]

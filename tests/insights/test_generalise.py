@@ -293,29 +293,42 @@ async def test_generalised_rows_equal_direct_sql_and_never_show_a_group_below_k(
 async def test_the_seed_generalises_along_every_level_of_programs_and_errors(
     seeded: Seeded,
 ) -> None:
-    """The labels and sentences a planner reads, at k = 10 and k = 5 on the seed."""
+    """The labels and sentences a planner reads on the seed: errors and regions at
+    k = 10, the heat map at k = 15 (where it merges hours within a day and across days)."""
     f = Filters.parse(start=START, end=END)
     errors = await run(seeded, "errors", f, 10)
     labelled = [(tuple(r.segment.values()), r.generalised) for r in errors.rows if r.members]
+    # The dryers of unknown firmware (NULL, labelled "unknown") merge with those on 1.0.
+    dryers = "2 firmware versions merged (unknown, 1.0): each had fewer than 10 owners"
     assert labelled == [
-        (("DR-B", "1.0", "all dryer codes"), "3 error codes merged (E01, E07, F12): each had "
-         "fewer than 10 owners"),
+        (("DR-B", "all versions", "E01"), dryers),
+        (("DR-B", "all versions", "E07"), dryers),
+        (("DR-B", "all versions", "F12"), dryers),
         (("WM-A", "all versions", "E07"), "2 firmware versions merged (1.0, 2.1): each had "
          "fewer than 10 owners"),
         (("other models", "other versions", "other codes"), "8 segments merged (RV-C 1.0 E01, "
          "RV-C 1.0 E07, RV-C 1.0 F12, WM-A 1.0 E01 and 4 more): each had fewer than 10 owners"),
     ]  # fmt: skip
-    heat = await run(seeded, "heatmap", f, 14)
+    # One firmware: the dryers' codes merge instead.
+    errors = await run(seeded, "errors", Filters.parse(start=START, end=END, firmware=["1.0"]), 10)
+    labelled = [(tuple(r.segment.values()), r.generalised) for r in errors.rows if r.members]
+    assert labelled == [
+        (("DR-B", "1.0", "all dryer codes"), "3 error codes merged (E01, E07, F12): each had "
+         "fewer than 10 owners"),
+        (("other models", "1.0", "other codes"), "6 segments merged (RV-C E01, RV-C E07, "
+         "RV-C F12, WM-A E01 and 2 more): each had fewer than 10 owners"),
+    ]  # fmt: skip
+    heat = await run(seeded, "heatmap", f, 15)
     hours = {r.generalised: r.segment for r in heat.rows if r.generalised}
-    assert hours["2 hours merged (6-7): each had fewer than 14 owners"] == {
+    assert hours["2 hours merged (6-7): each had fewer than 15 owners"] == {
         "day_of_week": 2,
         "hour": "6-7 (morning)",
     }
     assert hours[
-        "3 hours of the week merged (Mon 0, Tue 1, Wed 5): each had fewer than 14 owners"
+        "3 hours of the week merged (Mon 0, Wed 5, Thu 5): each had fewer than 15 owners"
     ] == {
-        "day_of_week": "Mon-Wed (weekdays)",
-        "hour": "0-1, 5 (night)",
+        "day_of_week": "Mon, Wed-Thu (weekdays)",
+        "hour": "0, 5 (night)",
     }
     regions = await run(seeded, "regions", f, 10)
     assert [r.segment for r in regions.rows] == [{"region": "all regions"}]

@@ -339,14 +339,24 @@ def _late_row(device: str, at: datetime, seq: int) -> UsageRow:
 async def test_the_seed_is_rich_enough_that_each_report_shows_and_suppresses(
     seeded: Seeded,
 ) -> None:
-    """At k=3 each report has segments shown; WM-RARE (3 owners, one without consent, so
-    2 keys) is below k in each of its programs, and merging them (the same two owners)
-    cannot reach 3, nor can any sibling join them (WM-A's programs all have 3 owners or
-    more): its four programs are one suppressed row, which says so."""
+    """At k=3 each report has segments shown, the errors of unknown firmware too;
+    WM-RARE (3 owners, one without consent, so 2 keys) is below k in each of its
+    programs, and merging them (the same two owners) cannot reach 3, nor can any sibling
+    join them (WM-A's programs all have 3 owners or more): its four programs are one
+    suppressed row, which says so."""
     f = Filters.parse(start=START, end=END)
     for name in REPORTS:
         report = await run(seeded, name, f, 3)
         assert any(not r.suppressed for r in report.rows), name
+    # The dryers of unknown firmware (NULL) show their errors at k = 3: the oracle's
+    # NULL-safe join (`DIRECT["errors"]`) is exercised, not only its known versions.
+    errors = await run(seeded, "errors", f, 3)
+    unknown = [
+        r.segment["code"]
+        for r in errors.rows
+        if r.segment["firmware"] is None and not r.members and not r.suppressed
+    ]
+    assert unknown == ["E01", "E07", "F12"]
     programs = await run(seeded, "programs", f, 3)
     rare = [r for r in programs.rows if r.segment["model"] == "WM-RARE"]
     assert [r.segment for r in rare] == [
@@ -378,13 +388,14 @@ async def test_segments_below_the_default_k_of_10_are_generalised_or_suppressed_
     assert small and len(small) < len(expected)  # some of each
     # Every small error segment is in a generalised row here: none suppressed.
     assert report.suppressed_segments == 0
-    assert report.generalised_segments == len(small) == 13
+    assert report.generalised_segments == len(small) == 16
     records = {(r["model"], r["firmware"], r["code"]): r for r in report.records()}
     assert records["WM-A", "all versions", "E07"]["generalised"] == (
         "2 firmware versions merged (1.0, 2.1): each had fewer than 10 owners"
     )
-    assert records["DR-B", "1.0", "all dryer codes"]["generalised"] == (
-        "3 error codes merged (E01, E07, F12): each had fewer than 10 owners"
+    # The dryers' segments of unknown firmware (NULL) merge with their 1.0 siblings.
+    assert records["DR-B", "all versions", "E01"]["generalised"] == (
+        "2 firmware versions merged (unknown, 1.0): each had fewer than 10 owners"
     )
     other = records["other models", "other versions", "other codes"]
     assert other["generalised"] == (

@@ -2,6 +2,7 @@
 
     usagepipe db migrate|refresh|retention   create/upgrade the usage tables; materialise
                                              the rollups (plain PostgreSQL); drop expired data
+    usagepipe db migrate --update-policies   also change TimescaleDB policies to the settings
     usagepipe bridge                         MQTT -> Kafka
     usagepipe consume                        Kafka -> PostgreSQL
 
@@ -38,6 +39,13 @@ def add_db(commands: Commands) -> None:
         " noted buckets now (on TimescaleDB those that have ended; consumers do it every"
         " postgres.rollup_refresh_s); retention: drop expired raw data",
     )
+    db.add_argument(
+        "--update-policies",
+        action="store_true",
+        help="migrate only: change the TimescaleDB compression and retention policies that"
+        " differ from the settings, in place (job ids and schedules kept); without it they"
+        " are kept and a warning says so",
+    )
 
 
 def add_bridge(commands: Commands) -> None:
@@ -56,17 +64,24 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.store import UsageStore
     from schemas.errors import UsagepipeError
 
+    if args.update_policies and args.action != "migrate":
+        print(f"usagepipe db {args.action}: --update-policies goes with migrate", file=sys.stderr)
+        return 2
+
     async def db_action() -> str:
         async with UsageStore(settings.postgres) as store:
-            report = await store.migrate()
+            # Only `db migrate --update-policies` may change an existing policy.
+            report = await store.migrate(update_policies=args.update_policies)
             layout = report.layout
             if args.action == "migrate":
                 applied = ", ".join(report.applied) or "none pending"
-                return (
+                lines = [
                     f"usage table {store.table!r} is up to date ({applied}); layout: "
                     f"{layout.kind}, partitions of "
-                    f"{layout.partition_interval.total_seconds() / 3600:g} h"
-                )
+                    f"{layout.partition_interval.total_seconds() / 3600:g} h",
+                    *(policy.describe() for policy in report.policies),
+                ]
+                return "\n".join(lines)
             if args.action == "refresh":
                 done = await store.refresh_rollups(wait=True)
                 if done is None:  # only without wait=True
