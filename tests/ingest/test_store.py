@@ -715,7 +715,10 @@ async def test_timescaledb_compression_shrinks_chunks_recompresses_old_ones_and_
             late = dataclasses.replace(rows[0], seq=rows[0].seq + 10_000, kafka_offset=10_000)
             assert await store.write([late, *rows[300:310]]) == 1
             assert await c.fetchval(f"SELECT count(*) FROM {t}") == total + 1
-            # Erasure's statement (ingest.erasure) on compressed chunks.
+            # Erasure's statement (ingest.erasure) on compressed chunks, with no cap on
+            # the rows it may decompress (an owner's year would pass TimescaleDB's).
+            limit = "SHOW timescaledb.max_tuples_decompressed_per_dml_transaction"
+            assert await c.fetchval(limit) == "0"
             owned = sum(1 for r in rows if r.owner_key == "owner-a") + 1  # with the late row
             status = await c.execute(
                 f"UPDATE {t} SET owner_key = NULL, membership_tier = NULL WHERE owner_key = $1",
