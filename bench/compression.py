@@ -15,12 +15,17 @@ order (every device sending at once), into a fresh TimescaleDB usage table
 policy runs (`CALL run_job`: every chunk older than allowed lateness plus one chunk)
 and the script prints what it compressed: rows, chunks, batches (TimescaleDB's
 compressed rows, up to 1,000 rows each) and rows per batch, rows per segment (per
-segmentby value and chunk), the bytes before and after, and the ratio.
+segmentby value and chunk), the bytes before and after, and the ratio. Then two
+statements on the compressed chunks: 1,000 of their rows re-sent (the store's slow
+path; how many were stored and how many rows that decompressed) and erasure's UPDATE
+for the owner with most rows (rolled back; the batches and rows TimescaleDB
+decompressed for it, from EXPLAIN ANALYZE), each timed.
 
 `--segmentby`/`--orderby` set other compression settings after migrating, to compare
 (the settings before migration 006: `--segmentby device_id --orderby 'event_time DESC,
-boot_id, seq'`); `--chunk-interval` the table's chunk interval (postgres.partition_
-interval_s). It prints figures and asserts nothing. Needs TimescaleDB (the server of
+boot_id, seq'`); `--chunk-interval` the table's chunk interval (`postgres.
+partition_interval_s`); `--devices`, `--window`, `--seed` the fleet. It prints figures
+and asserts nothing. Needs TimescaleDB (the server of
 USAGEPIPE_POSTGRES__DSN); without it, it says so and exits 1.
 
     USAGEPIPE_POSTGRES__DSN=postgresql://postgres@127.0.0.1:5442/test \
