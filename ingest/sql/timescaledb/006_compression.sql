@@ -1,5 +1,10 @@
 -- Compression that compresses: no segmentby, batches ordered by the unique key.
 --
+-- Needs TimescaleDB 2.14+ (compression settings changed while chunks are compressed,
+-- per-chunk settings in `timescaledb_information.chunk_compression_settings`). The
+-- figures below are from 2.28.3, whose UPDATE and upserts skip compressed batches by
+-- bloom filter (2.27+); older versions decompress more for the same statements.
+--
 -- Segmented by device_id (001), a compressed batch holds one device's rows of one
 -- chunk: at appliance rates (about 4 events per device per day, the demo's 1,200
 -- devices over four weeks) that is 4 rows a batch, and compressed one-day chunks came
