@@ -37,6 +37,16 @@ from ingest.tables import Layout, MigrationReport, UsageTables, partition_probes
 
 log = logging.getLogger(__name__)
 
+SERVER_SETTINGS = {"timescaledb.max_tuples_decompressed_per_dml_transaction": "0"}
+"""No cap on the rows one UPDATE may decompress (TimescaleDB's default: 100,000, per
+statement; plain PostgreSQL keeps the setting as an unused placeholder). Erasure's
+UPDATE (`ingest.erasure`) decompresses the compressed batches holding an owner's rows:
+with compressed batches of up to 1,000 rows (migration 006), about 1,000 rows per
+one-day chunk the owner has rows in, so an owner with more than about three months of
+history would otherwise be refused ("tuple decompression limit exceeded by operation")
+and never erased. The store's other statements decompress nothing: redeliveries into
+compressed chunks are checked in memory."""
+
 
 class UsageStore:
     """The usage table in PostgreSQL, behind a small asyncpg pool."""
@@ -55,6 +65,7 @@ class UsageStore:
                 self._settings.dsn.get_secret_value(),
                 min_size=1,
                 max_size=self._settings.pool_size,
+                server_settings=SERVER_SETTINGS,
             )
         return self
 

@@ -636,3 +636,117 @@ async def test_timescaledb_hypertable_rollups_and_late_event_into_a_compressed_c
                 direct = await c.fetch(direct_rollup_query(t, granularity), *span)
                 assert [tuple(vars_of(r)) for r in rollup] == [tuple(d) for d in direct]
             assert await device_days(c, t, *span) == await direct_device_days(c, t, *span)
+
+
+NEW_ORDERBY = "device_id,boot_id,seq,event_time"
+"""The compression order of migration 006 (no segmentby), as TimescaleDB lists it."""
+
+
+async def compression_of(
+    c: Connection, table: str
+) -> tuple[set[tuple[str, str]], dict[str, tuple[int, int, int]]]:
+    """The (segmentby, orderby) pairs the table's compressed chunks carry, and each
+    one's rows and bytes before and after compression (TimescaleDB's own records)."""
+    chunks = await c.fetch(
+        "SELECT segmentby, orderby FROM timescaledb_information.chunk_compression_settings"
+        " WHERE hypertable = $1::regclass",
+        table,
+    )
+    rows = await c.fetch(
+        f"SELECT tableoid::regclass::text AS chunk, count(*) AS n FROM {table} GROUP BY 1"
+    )
+    count = {r["chunk"]: r["n"] for r in rows}
+    sizes = await c.fetch(
+        "SELECT format('%I.%I', chunk_schema, chunk_name) AS chunk,"
+        " before_compression_total_bytes AS b, after_compression_total_bytes AS a"
+        " FROM chunk_compression_stats($1::regclass) WHERE compression_status = 'Compressed'",
+        table,
+    )
+    found = {(r["segmentby"], r["orderby"]) for r in chunks}
+    return found, {s["chunk"]: (count[s["chunk"]], s["b"], s["a"]) for s in sizes}
+
+
+@pytest.mark.timescale
+async def test_timescaledb_compression_shrinks_chunks_recompresses_old_ones_and_refuses_duplicates(
+    settings: Settings,
+) -> None:
+    """Migration 006's settings on a table compressed before it: its chunks shrink
+    from the old settings' size, and compressed chunks still refuse redeliveries,
+    take late events and let erasure clear an owner's key."""
+    await require_timescaledb(settings)
+    t = settings.postgres.table
+    # Three days of household usage of 150 appliances, at a fixed date: about 600
+    # rows a chunk, the demo's rate (4 a device a day).
+    plan = FleetPlan(
+        devices=150,
+        messages_per_device=0,
+        seed=3,
+        window=timedelta(days=3),
+        clock=datetime(2026, 6, 4, 12, tzinfo=UTC),
+    )
+    rows = [
+        dataclasses.replace(r, owner_key="owner-a") if r.device_id == device_ids(plan)[0] else r
+        for r in plan_rows(plan)
+    ]
+    async with UsageStore(pg(settings, use_timescaledb=True)) as store:
+        assert "006_compression" in (await store.migrate()).applied
+        async with store.pool.acquire() as c:
+            # Nothing but this test compresses: the policies would act on today's date.
+            await c.execute(
+                "SELECT alter_job(job_id, scheduled => false) FROM timescaledb_information.jobs"
+                " WHERE hypertable_name = $1",
+                t,
+            )
+            configured = await c.fetchrow(
+                "SELECT segmentby, orderby"
+                " FROM timescaledb_information.hypertable_compression_settings"
+                " WHERE hypertable = $1::regclass",
+                t,
+            )
+            assert configured is not None
+            assert (configured["segmentby"], configured["orderby"]) == ("", NEW_ORDERBY)
+            # The table as 001 left it: segmented by device, its chunks compressed so.
+            await c.execute(
+                f"ALTER TABLE {t} SET (timescaledb.compress_segmentby = 'device_id',"
+                " timescaledb.compress_orderby = 'event_time DESC, boot_id, seq')"
+            )
+            assert await store.write(rows) == len({r.key for r in rows})
+            total = await c.fetchval(f"SELECT count(*) FROM {t}")
+            chunks = await c.fetchval(f"SELECT count(*) FROM show_chunks('{t}')")
+            assert chunks >= 3
+            await c.execute(f"SELECT compress_chunk(c) FROM show_chunks('{t}') c")
+            old, old_sizes = await compression_of(c, t)
+            assert old == {("device_id", "event_time DESC,boot_id,seq")}
+            assert len(old_sizes) == chunks
+            await c.execute(
+                "DELETE FROM schema_migrations WHERE component = $1 AND name = '006_compression'",
+                f"store.{t}",
+            )
+        assert (await store.migrate()).applied == ["006_compression"]
+        async with store.pool.acquire() as c:
+            new, sizes = await compression_of(c, t)
+            assert new == {("", NEW_ORDERBY)} and len(sizes) == chunks  # all recompressed
+            # The days of the window (400-750 rows; the others hold the few firmware
+            # installations a unit reports before it, and gain a page or two).
+            full = [chunk for chunk, (n, _, _) in sizes.items() if n >= 400]
+            assert len(full) == 3
+            assert all(2 * sizes[f][2] < sizes[f][1] for f in full), sizes
+            # Half the size they had compressed by device, 4 rows a batch.
+            assert 2 * sum(sizes[f][2] for f in full) < sum(old_sizes[f][2] for f in full)
+            assert await c.fetchval(f"SELECT count(*) FROM {t}") == total
+            # Redelivered into compressed chunks: nothing new (the slow path's ON CONFLICT).
+            assert await store.write(rows[:300]) == 0
+            late = dataclasses.replace(rows[0], seq=rows[0].seq + 10_000, kafka_offset=10_000)
+            assert await store.write([late, *rows[300:310]]) == 1
+            assert await c.fetchval(f"SELECT count(*) FROM {t}") == total + 1
+            # Erasure's statement (ingest.erasure) on compressed chunks, with no cap on
+            # the rows it may decompress (an owner's year would pass TimescaleDB's).
+            limit = "SHOW timescaledb.max_tuples_decompressed_per_dml_transaction"
+            assert await c.fetchval(limit) == "0"
+            owned = sum(1 for r in rows if r.owner_key == "owner-a") + 1  # with the late row
+            status = await c.execute(
+                f"UPDATE {t} SET owner_key = NULL, membership_tier = NULL WHERE owner_key = $1",
+                "owner-a",
+            )
+            assert status == f"UPDATE {owned}"
+            assert await c.fetchval(f"SELECT count(*) FROM {t} WHERE owner_key IS NOT NULL") == 0
