@@ -122,10 +122,8 @@ async def refresh_aggregates(
             for lo, hi in spans(work[rollup], STEPS[rollup]):
                 await refresh_window(conn, table, rollup, lo, hi)
         marks = {r: await watermark(conn, table, r) for r in ROLLUPS}
-        hourly_mark = marks["hourly"]
-        day_mark = min((m for m in (marks["daily"], marks["device_daily"]) if m), default=None)
-        if not (marks["daily"] and marks["device_daily"]):
-            day_mark = None
+        hourly_mark, daily, device_daily = marks["hourly"], marks["daily"], marks["device_daily"]
+        day_mark = None if daily is None or device_daily is None else min(daily, device_daily)
 
         def passed(mark: datetime | None, bucket_end: datetime) -> bool:
             return mark is not None and bucket_end <= mark

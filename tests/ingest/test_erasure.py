@@ -22,6 +22,21 @@ HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
 
 
+async def add_owner(
+    store: UsageStore, schema: str, owner: uuid.UUID, at: datetime, *, erased: bool
+) -> None:
+    """An owner in the registry's table, erased (as `devices.owners.erase` leaves one)
+    or active."""
+    await store.pool.execute(
+        f"INSERT INTO {schema}.owners (owner_id, status, created_at, last_active_at,"
+        " erased_at) VALUES ($1, $2, $3, $3, CASE WHEN $4 THEN $3 END)",
+        owner,
+        "erased" if erased else "active",
+        at,
+        erased,
+    )
+
+
 async def test_erasure_removes_owner_keys_from_the_device_daily_rollup(either: UsageStore) -> None:
     store = either
     t = store.table
@@ -50,14 +65,8 @@ async def test_pending_erasures_are_the_registrys_erased_owners_not_verified_yet
     schema = settings.registry.db_schema
     at = datetime(2026, 2, 1, 8, tzinfo=UTC)
     erased, active = uuid.uuid4(), uuid.uuid4()
-    async with store.pool.acquire() as conn:
-        await conn.execute(
-            f"INSERT INTO {schema}.owners (owner_id, status, created_at, last_active_at,"
-            " erased_at) VALUES ($1, 'erased', $3, $3, $3), ($2, 'active', $3, $3, NULL)",
-            erased,
-            active,
-            at,
-        )
+    await add_owner(store, schema, erased, at, erased=True)
+    await add_owner(store, schema, active, at, erased=False)
     await store.write([dataclasses.replace(row("d1", 1, at), owner_key="k-erased")])
     assert await erasures_pending(store, schema) == [erased]
     assert await unlink_owners(store, [(erased, "k-erased")]) == 1
@@ -78,13 +87,7 @@ async def test_a_key_put_back_after_the_first_pass_is_removed_by_the_next(
     store, t, schema = either, either.table, settings.registry.db_schema
     at = datetime(2026, 2, 1, 8, tzinfo=UTC)
     owner = uuid.uuid4()
-    async with store.pool.acquire() as conn:
-        await conn.execute(
-            f"INSERT INTO {schema}.owners (owner_id, status, created_at, last_active_at,"
-            " erased_at) VALUES ($1, 'erased', $2, $2, $2)",
-            owner,
-            at,
-        )
+    await add_owner(store, schema, owner, at, erased=True)
     keyed = [dataclasses.replace(row("d1", s, at + s * HOUR), owner_key="k1") for s in range(5)]
     await store.write(keyed)
     await store.refresh_rollups(wait=True)
@@ -151,12 +154,7 @@ async def test_an_erasure_beside_a_concurrent_timescaledb_refresh_ends_with_no_k
             connection(dsn.get_secret_value()) as holder,
             connection(dsn.get_secret_value()) as other,
         ):
-            await holder.execute(
-                f"INSERT INTO {schema}.owners (owner_id, status, created_at, last_active_at,"
-                " erased_at) VALUES ($1, 'erased', $2, $2, $2)",
-                owner,
-                at,
-            )
+            await add_owner(store, schema, owner, at, erased=True)
             mat = await materialised_rows(holder, t, "device_daily")
             lock = holder.transaction()
             await lock.start()
