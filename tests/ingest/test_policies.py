@@ -343,7 +343,10 @@ def test_plain_postgresql_has_no_policies_whatever_the_command_says(
     assert main(["db", "migrate", "--update-policies"]) == 0
     assert main(["db", "refresh", "--update-policies"]) == 2
     captured = capsys.readouterr()
-    applied = "001_usage, 002_enrichment, 003_rollup_refresh, 004_device_daily, 005_settled_refresh"
+    applied = (
+        "001_usage, 002_enrichment, 003_rollup_refresh, 004_device_daily,"
+        " 005_settled_refresh, 006_erasure_checks"
+    )
     assert captured.out.splitlines() == [
         f"usage table '{t}' is up to date ({applied}); layout: partitioned, partitions of 24 h"
     ]
