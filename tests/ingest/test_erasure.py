@@ -29,7 +29,7 @@ async def add_owner(
     or active."""
     await store.pool.execute(
         f"INSERT INTO {schema}.owners (owner_id, status, created_at, last_active_at,"
-        " erased_at) VALUES ($1, $2, $3, $3, CASE WHEN $4 THEN $3 END)",
+        " erased_at) VALUES ($1, $2, $3, $3, CASE WHEN $4 THEN $3::timestamptz END)",
         owner,
         "erased" if erased else "active",
         at,
