@@ -112,8 +112,11 @@ async def test_every_stored_row_falls_in_the_ownership_period_of_its_time(
             sellers[row["device_id"]].add((row["boot_id"], row["seq"]))
     planned = {d: _planned_before(plan, d, expected[d]) for d in moving}
     assert sellers == planned
-    assert sum(1 for d in moving if planned[d]) >= 2
-    assert all(len(planned[d]) < sum(1 for r in rows if r["device_id"] == d) for d in moving)
+    # And some units have rows on both sides of their handover. Not every one: a unit
+    # handed over late in the window may send nothing after it, depending on the day
+    # the test runs (the window ends now); over 40 days of clocks at least 4 do.
+    both = [d for d in moving if 0 < len(planned[d]) < sum(r["device_id"] == d for r in rows)]
+    assert len(both) >= 2
 
 
 def _planned_before(plan: FleetPlan, device: str, history: UnitHistory) -> set[tuple[str, int]]:
