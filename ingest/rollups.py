@@ -359,7 +359,7 @@ async def refresh_rollups(
 async def materialised_rows(conn: Connection, table: str, rollup: Rollup) -> str:
     """The relation that holds `<table>_<rollup>`'s materialised rows: the plain
     layout's table, or on TimescaleDB the continuous aggregate's materialisation
-    hypertable (`timescaledb_information.continuous_aggregates`), schema-qualified.
+    hypertable, schema-qualified.
 
     Reads take every bucket not noted from here and the noted ones from the raw rows:
     a bucket that got rows stays noted until a refresh has materialised it, so the
@@ -368,11 +368,13 @@ async def materialised_rows(conn: Connection, table: str, rollup: Rollup) -> str
     """
     if await conn.fetchval(f"SELECT kind FROM {table}_layout") == "partitioned":
         return f"{table}_{rollup}"
+    # TimescaleDB's own catalog, as `ingest.caggs.watermark` reads it: an index look-up
+    # (0.3 ms), where the timescaledb_information view over it took 10 ms a read.
     name = await conn.fetchval(
-        "SELECT format('%I.%I', materialization_hypertable_schema,"
-        " materialization_hypertable_name)"
-        " FROM timescaledb_information.continuous_aggregates"
-        " WHERE view_schema = current_schema() AND view_name = $1",
+        "SELECT format('%I.%I', h.schema_name, h.table_name)"
+        " FROM _timescaledb_catalog.continuous_agg c"
+        " JOIN _timescaledb_catalog.hypertable h ON h.id = c.mat_hypertable_id"
+        " WHERE c.user_view_schema = current_schema() AND c.user_view_name = $1",
         f"{table}_{rollup}",
     )
     if name is None:
