@@ -52,6 +52,7 @@ from ingest.registry_lookup import DeviceFacts, Install, Period
 from ingest.rows import UsageRow
 from ingest.settings import ConsumerSettings, PostgresSettings, Settings
 from ingest.store import UsageStore
+from ingest.tables import drop_usage_tables
 from schemas.errors import InvalidTelemetry
 from schemas.parse import parse_telemetry
 from simulators.cli import demo_plan, span
@@ -162,24 +163,6 @@ def arrival_order(per_device: list[list[UsageRow]]) -> Iterator[UsageRow]:
 def days_text(interval: timedelta) -> str:
     days = interval / timedelta(days=1)
     return f"{days:g} day" if days == 1 else f"{days:g} days"
-
-
-async def drop(conn: asyncpg.Connection, table: str) -> None:
-    """The table, its aggregates and side tables, and its migration records.
-    CASCADE on the hypertable, so its compressed chunks go with it."""
-    names = await conn.fetch(
-        "SELECT relname, relkind::text AS relkind FROM pg_class"
-        " WHERE relnamespace = current_schema()::regnamespace"
-        " AND (relname = $1 OR left(relname, length($1) + 1) = $1 || '_')"
-        " AND relkind IN ('r', 'p', 'v', 'm')",
-        table,
-    )
-    for view in [n["relname"] for n in names if n["relkind"] in ("v", "m")]:
-        await conn.execute(f"DROP MATERIALIZED VIEW IF EXISTS {view} CASCADE")
-    for name in [n["relname"] for n in names if n["relkind"] in ("r", "p")]:
-        await conn.execute(f"DROP TABLE IF EXISTS {name} CASCADE")
-    if await conn.fetchval("SELECT to_regclass('schema_migrations')") is not None:
-        await conn.execute("DELETE FROM schema_migrations WHERE component = $1", f"store.{table}")
 
 
 async def timescaledb_version(dsn: str) -> str:
@@ -342,7 +325,7 @@ async def run(args: argparse.Namespace, base: PostgresSettings) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("SET timescaledb.enable_compression_ratio_warnings = off")
-        await drop(conn, TABLE)
+        await drop_usage_tables(conn, TABLE)
         async with UsageStore(settings) as store:
             await store.migrate()
             job = await conn.fetchval(
@@ -407,7 +390,7 @@ async def run(args: argparse.Namespace, base: PostgresSettings) -> None:
             print(line)
     finally:
         if not args.keep:
-            await drop(conn, TABLE)
+            await drop_usage_tables(conn, TABLE)
         await conn.close()
 
 

@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry
 from ingest.kafka import ensure_topics
 from ingest.metrics import SimulatorMetrics
 from ingest.settings import Settings
+from ingest.tables import drop_usage_tables
 from simulators.cli import raise_fd_limit, span
 from simulators.faults import parse_faults
 from simulators.fleet import Fleet
@@ -241,13 +242,7 @@ async def drop(settings: Settings) -> None:
     """Drop the bench's table, registry schema (its broker went with its run dir)."""
     conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
     try:
-        t = settings.postgres.table
-        derived = ("layout", "offsets", "hourly", "daily", "device_daily",
-                   "rollup_invalidations", "erasures")  # fmt: skip
-        await conn.execute(
-            f"DROP TABLE IF EXISTS {', '.join([t, *(f'{t}_{d}' for d in derived)])} CASCADE"
-        )
-        await conn.execute("DELETE FROM schema_migrations WHERE component = $1", f"store.{t}")
+        await drop_usage_tables(conn, settings.postgres.table)
         await conn.execute(f"DROP SCHEMA IF EXISTS {settings.registry.db_schema} CASCADE")
     finally:
         await conn.close()

@@ -30,11 +30,13 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from ingest.rollups import RefreshReport, bucket_start
+from ingest.caggs import refresh_aggregates
+from ingest.rollups import RefreshReport, bucket_start, refresh_rollups
 from ingest.rows import UsageRow
 from ingest.settings import PostgresSettings, Settings
 from ingest.sql import Kind
 from ingest.store import UsageStore
+from ingest.tables import drop_usage_tables
 from schemas.parse import parse_telemetry
 from simulators.plan import FleetPlan, plan_device
 from simulators.units import device_ids
@@ -66,20 +68,7 @@ def fleet_rows(devices: int, days: int, end: datetime) -> list[UsageRow]:
 async def drop(dsn: str, table: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
-        for view in ("hourly", "daily", "device_daily"):
-            kind = await conn.fetchval(
-                "SELECT relkind::text FROM pg_class WHERE relname = $1", f"{table}_{view}"
-            )
-            if kind == "v":  # a continuous aggregate
-                await conn.execute(f"DROP MATERIALIZED VIEW {table}_{view} CASCADE")
-        derived: tuple[str, ...] = ("layout", "offsets", "hourly", "daily", "device_daily")
-        derived += ("rollup_invalidations", "erasures")
-        names = ", ".join([table, *(f"{table}_{d}" for d in derived)])
-        await conn.execute(f"DROP TABLE IF EXISTS {names} CASCADE")
-        if await conn.fetchval("SELECT to_regclass('schema_migrations')") is not None:
-            await conn.execute(
-                "DELETE FROM schema_migrations WHERE component = $1", f"store.{table}"
-            )
+        await drop_usage_tables(conn, table)
     finally:
         await conn.close()
 
@@ -93,12 +82,8 @@ async def timed(store: UsageStore, now: datetime) -> RefreshReport:
     """The consumers' periodic refresh at `now`, days included."""
     async with store.pool.acquire() as conn:
         if store.layout.kind == "timescaledb":
-            from ingest.caggs import refresh_aggregates
-
             done = await refresh_aggregates(conn, store.table, wait=True, now=now)
         else:
-            from ingest.rollups import refresh_rollups
-
             done = await refresh_rollups(conn, store.table, wait=True, settled_only=True, now=now)
     assert done is not None  # wait=True
     return done

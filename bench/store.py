@@ -34,6 +34,7 @@ from ingest.rollups import RefreshReport
 from ingest.rows import COLUMNS, SourceOffset, UsageRow
 from ingest.settings import PostgresSettings
 from ingest.store import UsageStore
+from ingest.tables import drop_usage_tables
 from schemas.parse import parse_telemetry
 from simulators.plan import FleetPlan, plan_device
 from simulators.units import device_ids
@@ -63,10 +64,7 @@ def fleet_rows(devices: int, messages: int) -> list[UsageRow]:
 async def drop(dsn: str, table: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
-        derived = ("layout", "offsets", "hourly", "daily", "device_daily", "rollup_invalidations")
-        names = ", ".join([table, *(f"{table}_{d}" for d in derived)])
-        await conn.execute(f"DROP TABLE IF EXISTS {names} CASCADE")
-        await conn.execute("DELETE FROM schema_migrations WHERE component = $1", f"store.{table}")
+        await drop_usage_tables(conn, table)
     finally:
         await conn.close()
 

@@ -16,6 +16,7 @@ Migrations are versioned SQL files (ingest/sql/<layout>/NNN_*.sql) applied by
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -290,3 +291,65 @@ def partition_probes(rows: Sequence[UsageRow], interval: timedelta) -> Iterable[
     if partition_start(low, interval) == partition_start(high, interval):
         return (low,)
     return times
+
+
+_DROP_ATTEMPTS = 5
+
+
+async def drop_usage_tables(conn: Connection, t: str) -> None:
+    """Drop usage table `t`, everything its migrations made and their record, on
+    either layout. No command calls it: the tests' teardown and the benchmarks do.
+
+    On TimescaleDB a policy job of the table or of its continuous aggregates may be
+    running: its jobs are deleted first (in their own transaction, so the scheduler
+    starts none of them again; `delete_job` also cancels a running one), then the drops
+    are retried while that job's catalog updates still collide with them (`tuple
+    concurrently updated`, a deadlock). Everything is dropped with CASCADE: a plain
+    DROP of a compressed hypertable leaves its compressed chunk tables behind in
+    _timescaledb_internal (TimescaleDB 2.28.3).
+    """
+    views = [f"{t}_hourly", f"{t}_daily", f"{t}_device_daily"]
+    derived = (
+        "layout",
+        "offsets",
+        "hourly",
+        "daily",
+        "device_daily",
+        "rollup_invalidations",
+        "erasures",
+    )
+    tables = ", ".join([t, *(f"{t}_{suffix}" for suffix in derived)])
+    for attempt in range(1, _DROP_ATTEMPTS + 1):
+        try:
+            if await conn.fetchval("SELECT to_regclass('timescaledb_information.jobs')"):
+                async with conn.transaction():
+                    for job in await conn.fetch(
+                        "SELECT job_id FROM timescaledb_information.jobs"
+                        " WHERE hypertable_schema = current_schema()"
+                        " AND hypertable_name = ANY($1::text[])",
+                        [t, *views],
+                    ):
+                        await conn.execute("SELECT delete_job($1)", job["job_id"])
+            async with conn.transaction():
+                # On TimescaleDB the rollups are continuous aggregates (views).
+                for view in await conn.fetch(
+                    "SELECT relname FROM pg_class WHERE relname = ANY($1::text[])"
+                    " AND relkind = 'v' AND relnamespace = current_schema()::regnamespace",
+                    views,
+                ):
+                    await conn.execute(
+                        f"DROP MATERIALIZED VIEW IF EXISTS {view['relname']} CASCADE"
+                    )
+                await conn.execute(f"DROP TABLE IF EXISTS {tables} CASCADE")  # partitions too
+                if await conn.fetchval("SELECT to_regclass('schema_migrations')") is not None:
+                    await conn.execute(
+                        "DELETE FROM schema_migrations WHERE component = $1", f"store.{t}"
+                    )
+            return
+        except (asyncpg.DeadlockDetectedError, asyncpg.InternalServerError) as exc:
+            raced = isinstance(exc, asyncpg.DeadlockDetectedError) or (
+                "tuple concurrently updated" in str(exc)
+            )
+            if not raced or attempt == _DROP_ATTEMPTS:
+                raise
+            await asyncio.sleep(0.1 * attempt)

@@ -11,7 +11,6 @@ The bridge and the registry log in with the local broker's logins (`base_setting
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import secrets
 import socket
@@ -33,6 +32,7 @@ from ingest.settings import (
     Settings,
     SimulatorSettings,
 )
+from ingest.tables import drop_usage_tables
 from usagepipe import services
 
 
@@ -124,69 +124,10 @@ async def cleanup(s: Settings) -> None:
     conn = await asyncpg.connect(s.postgres.dsn.get_secret_value())
     try:
         await drop_usage_tables(conn, t)
-        if await conn.fetchval("SELECT to_regclass('schema_migrations')") is not None:
-            await conn.execute("DELETE FROM schema_migrations WHERE component = $1", f"store.{t}")
     finally:
         await conn.close()
     await drop_registry(s)
     drop_mqtt_session(s.mqtt, s.bridge.client_id)
-
-
-_DROP_ATTEMPTS = 5
-
-
-async def drop_usage_tables(conn: asyncpg.Connection, t: str) -> None:
-    """Drop usage table `t` and everything made for it, on either layout.
-
-    On TimescaleDB a policy job of the table or of its continuous aggregates may be
-    running: its jobs are deleted first (in their own transaction, so the scheduler
-    starts none of them again; `delete_job` also cancels a running one), then the drops
-    are retried while that job's catalog updates still collide with them (`tuple
-    concurrently updated`, a deadlock). Everything is dropped with CASCADE: a plain
-    DROP of a compressed hypertable leaves its compressed chunk tables behind in
-    _timescaledb_internal (TimescaleDB 2.28.3).
-    """
-    views = [f"{t}_hourly", f"{t}_daily", f"{t}_device_daily"]
-    derived = (
-        "layout",
-        "offsets",
-        "hourly",
-        "daily",
-        "device_daily",
-        "rollup_invalidations",
-        "erasures",
-    )
-    tables = ", ".join([t, *(f"{t}_{suffix}" for suffix in derived)])
-    for attempt in range(1, _DROP_ATTEMPTS + 1):
-        try:
-            if await conn.fetchval("SELECT to_regclass('timescaledb_information.jobs')"):
-                async with conn.transaction():
-                    for job in await conn.fetch(
-                        "SELECT job_id FROM timescaledb_information.jobs"
-                        " WHERE hypertable_schema = current_schema()"
-                        " AND hypertable_name = ANY($1::text[])",
-                        [t, *views],
-                    ):
-                        await conn.execute("SELECT delete_job($1)", job["job_id"])
-            async with conn.transaction():
-                # On TimescaleDB the rollups are continuous aggregates (views).
-                for view in await conn.fetch(
-                    "SELECT relname FROM pg_class WHERE relname = ANY($1::text[])"
-                    " AND relkind = 'v' AND relnamespace = current_schema()::regnamespace",
-                    views,
-                ):
-                    await conn.execute(
-                        f"DROP MATERIALIZED VIEW IF EXISTS {view['relname']} CASCADE"
-                    )
-                await conn.execute(f"DROP TABLE IF EXISTS {tables} CASCADE")  # partitions too
-            return
-        except (asyncpg.DeadlockDetectedError, asyncpg.InternalServerError) as exc:
-            raced = isinstance(exc, asyncpg.DeadlockDetectedError) or (
-                "tuple concurrently updated" in str(exc)
-            )
-            if not raced or attempt == _DROP_ATTEMPTS:
-                raise
-            await asyncio.sleep(0.1 * attempt)
 
 
 async def drop_registry(s: Settings) -> None:

@@ -18,7 +18,8 @@ from ingest.policies import ROLLUP_NOTES, PolicyReport, apply_policies
 from ingest.rows import UsageRow
 from ingest.settings import PostgresSettings, Settings
 from ingest.store import UsageStore
-from tests.conftest import connection, drop_usage_tables, require_timescaledb
+from ingest.tables import drop_usage_tables
+from tests.conftest import connection, require_timescaledb
 from usagepipe.cli import main
 
 HOUR = timedelta(hours=1)
@@ -385,7 +386,7 @@ async def test_consumers_starting_together_create_each_policy_once(
 async def test_teardown_deletes_the_jobs_and_leaves_no_compressed_chunk_behind(
     settings: Settings, conn: asyncpg.Connection
 ) -> None:
-    """`tests.conftest.drop_usage_tables`, which every test's teardown runs: the table's
+    """`ingest.tables.drop_usage_tables`, which every test's teardown runs: the table's
     and its aggregates' jobs go first, then every table, compressed chunks included."""
     await require_timescaledb(settings)
     t = settings.postgres.table
