@@ -88,7 +88,6 @@ SUMMED = ("energy_wh", "duration_s")
 
 EPOCH = "timestamptz '1970-01-01 00:00:00+00'"
 """The origin of every `date_bin` here: buckets aligned as TimescaleDB's time_bucket's."""
-_ORIGIN = EPOCH
 _STEP: dict[Granularity, str] = {"hourly": "1 hour", "daily": "1 day"}
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
@@ -145,7 +144,7 @@ def aggregate_query(table: str, granularity: Granularity) -> str:
     """
     step = _STEP[granularity]
     return f"""
-        SELECT date_bin('{step}', event_time, {_ORIGIN}) AS bucket,
+        SELECT date_bin('{step}', event_time, {EPOCH}) AS bucket,
                split_part(schema, '.', 1) AS category, schema, model, firmware, region,
                count(*) AS events, count(DISTINCT device_id) AS devices,
                sum((body ->> 'energy_wh')::numeric) AS energy_wh,
@@ -189,7 +188,7 @@ def device_daily_query(table: str, where: str = _RANGE) -> str:
     `$1 <= event_time < $2`): what `<table>_device_daily` holds, what the plain layout
     materialises and the TimescaleDB continuous aggregate's definition."""
     return f"""
-        SELECT date_bin('1 day', event_time, {_ORIGIN}) AS bucket,
+        SELECT date_bin('1 day', event_time, {EPOCH}) AS bucket,
                device_id, boot_id, schema, split_part(schema, '.', 1) AS category,
                model, firmware, region, membership_tier, purchase_channel, owner_key,
                {DETAIL} AS detail, body ->> 'trigger' AS trigger,
@@ -385,10 +384,10 @@ async def materialised_rows(conn: Connection, table: str, rollup: Rollup) -> str
 async def _noted(conn: Connection, table: str, granularity: Granularity) -> list[datetime]:
     """Buckets of `granularity` that have rows not yet in the rollups (either layout)."""
     rows = await conn.fetch(
-        f"""SELECT DISTINCT date_bin('{_STEP[granularity]}', i.bucket, {_ORIGIN}) AS bucket
+        f"""SELECT DISTINCT date_bin('{_STEP[granularity]}', i.bucket, {EPOCH}) AS bucket
             FROM {table}_rollup_invalidations i, {table}_layout l
             WHERE (l.retained_from IS NULL
-                   OR date_bin('1 day', i.bucket, {_ORIGIN}) >= l.retained_from)
+                   OR date_bin('1 day', i.bucket, {EPOCH}) >= l.retained_from)
               AND {"NOT i.hourly_done" if granularity == "hourly" else "true"}"""
     )
     return [r["bucket"] for r in rows]
@@ -459,7 +458,7 @@ async def device_daily_source(
     Read live from the raw rows: the days still noted for a refresh (as `usage_rollup`
     does) and a day the range only partly covers (its start or end is
     not midnight UTC: the rollup's day holds the whole day). Every other day of the
-    range comes from the rollup, materialised (or, on TimescaleDB, real-time).
+    range comes from the rollup's materialised rows (`materialised_rows`).
     """
     noted = await _noted(conn, table, "daily")
     first, last = _day(start), _day(end - timedelta(microseconds=1))
@@ -468,7 +467,7 @@ async def device_daily_source(
     live_days = sorted({_day(d) for d in live})
     p = f"${days_parameter}::timestamptz[]"
     columns = _DEVICE_DAILY_COLUMNS
-    live_where = f"{_RANGE} AND date_bin('1 day', event_time, {_ORIGIN}) = ANY({p})"
+    live_where = f"{_RANGE} AND date_bin('1 day', event_time, {EPOCH}) = ANY({p})"
     materialised = await materialised_rows(conn, table, "device_daily")
     sql = f"""(
         SELECT {columns} FROM {materialised}

@@ -81,13 +81,10 @@ def parse_telemetry(
             f"{envelope.event_time - now} ahead of the receive time {now.isoformat()}, "
             f"more than the allowed skew of {max_future_skew}",
         )
-    if _expired(envelope.event_time, now, max_age):
+    expired = _expired(envelope.event_time, now, max_age)
+    if expired is not None:
         _refuse_non_finite(envelope.body)
-        raise InvalidTelemetry(
-            Reason.EVENT_TIME_EXPIRED,
-            f"event_time: {envelope.event_time.isoformat()} is older than the"
-            f" {max_age} before the receive time {now.isoformat()} that the store keeps",
-        )
+        raise InvalidTelemetry(Reason.EVENT_TIME_EXPIRED, expired)
     try:
         version, body = validate_body(envelope.schema_name, envelope.schema_version, envelope.body)
     except InvalidTelemetry:
@@ -104,14 +101,21 @@ def parse_telemetry(
     return envelope.model_copy(update={"schema_version": version, "body": body})
 
 
-def _expired(event_time: datetime, now: datetime, max_age: timedelta | None) -> bool:
-    """Whether `event_time` lies more than `max_age` before `now`, or before year 1 in
-    UTC (`0001-01-01T00:00:00+14:00`: comparing or converting it overflows)."""
-    try:
-        event_time.astimezone(UTC)
-    except OverflowError:
-        return True
-    return max_age is not None and event_time < now - max_age
+def _expired(event_time: datetime, now: datetime, max_age: timedelta | None) -> str | None:
+    """Why `event_time` is too old, or None: before year 1 in UTC
+    (`0001-01-01T00:00:00+14:00`, which converting to UTC overflows), or more than
+    `max_age` before `now`."""
+    if event_time.year == 1:  # the one year where the conversion can overflow
+        try:
+            event_time.astimezone(UTC)
+        except OverflowError:
+            return f"event_time: {event_time.isoformat()} is before year 1 in UTC"
+    if max_age is not None and event_time < now - max_age:
+        return (
+            f"event_time: {event_time.isoformat()} is older than the {max_age} before the"
+            f" receive time {now.isoformat()} that the store keeps"
+        )
+    return None
 
 
 def _refuse_non_finite(body: dict[str, Any]) -> None:

@@ -372,6 +372,10 @@ def test_an_event_time_at_year_one_is_expired_not_a_crash(event_time: str) -> No
             max_age=timedelta(days=399) if event_time.endswith("Z") else None,
         )  # fmt: skip
     assert caught.value.reason is Reason.EVENT_TIME_EXPIRED
+    if event_time.endswith("+14:00"):
+        assert caught.value.message == (
+            "event_time: 0001-01-01T00:00:00+14:00 is before year 1 in UTC"
+        )
 
 
 def test_v1_message_is_returned_upgraded() -> None:
