@@ -42,6 +42,7 @@ from typing import Literal
 
 from ingest import migrations
 from ingest.migrations import Connection
+from ingest.rollups import ROLLUPS
 from ingest.setting_errors import variable
 from ingest.settings import PostgresSettings
 
@@ -157,7 +158,7 @@ async def apply_policies(
 
 async def _remove_refresh_policies(conn: Connection, table: str) -> tuple[int, ...]:
     """Remove the continuous aggregates' refresh policies; returns their job ids."""
-    views = [f"{table}_hourly", f"{table}_daily", f"{table}_device_daily"]
+    views = [f"{table}_{rollup}" for rollup in ROLLUPS]
     jobs = await conn.fetch(
         "SELECT job_id FROM timescaledb_information.jobs"
         " WHERE proc_name = 'policy_refresh_continuous_aggregate'"

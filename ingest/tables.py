@@ -31,8 +31,8 @@ from ingest.errors import ConfigurationError, MigrationError, StoreUnavailable
 from ingest.migrations import Connection
 from ingest.policies import PolicyReport, apply_policies
 from ingest.postgres import DB_ERRORS, translated
+from ingest.rollups import ROLLUPS, refresh_rollups
 from ingest.rollups import bucket_start as partition_start
-from ingest.rollups import refresh_rollups
 from ingest.rows import UsageRow
 from ingest.settings import PostgresSettings
 from ingest.sql import Kind, migration_directory
@@ -124,7 +124,14 @@ class UsageTables:
                 if kind == "timescaledb":
                     # A table with history gets its hours noted by 004_rollup_notes:
                     # the next refresh materialises them, reads are exact meanwhile.
-                    policies = await self._apply_policies(conn, applied, update=update_policies)
+                    policies = await apply_policies(
+                        conn,
+                        self.table,
+                        s,
+                        self._layout.partition_interval,
+                        applied,
+                        update=update_policies,
+                    )
                 else:
                     self._partitions = await self._existing_partitions(conn)
         except (MigrationError, StoreUnavailable) as exc:
@@ -151,20 +158,6 @@ class UsageTables:
             log.info("TimescaleDB is not available (%s); using native partitions", exc)
             return "partitioned"
         return "timescaledb"
-
-    async def _apply_policies(
-        self, conn: Connection, applied: Sequence[str], *, update: bool
-    ) -> list[PolicyReport]:
-        """TimescaleDB's jobs: created once, changed only with `update` (see
-        `ingest.policies`)."""
-        return await apply_policies(
-            conn,
-            self.table,
-            self._settings,
-            self.layout.partition_interval,
-            applied,
-            update=update,
-        )
 
     # -- partitions (plain PostgreSQL) ----------------------------------------------------
 
@@ -308,7 +301,7 @@ async def drop_usage_tables(conn: Connection, t: str) -> None:
     DROP of a compressed hypertable leaves its compressed chunk tables behind in
     _timescaledb_internal (TimescaleDB 2.28.3).
     """
-    views = [f"{t}_hourly", f"{t}_daily", f"{t}_device_daily"]
+    views = [f"{t}_{rollup}" for rollup in ROLLUPS]
     derived = (
         "layout",
         "offsets",
