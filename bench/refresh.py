@@ -30,8 +30,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from ingest.caggs import refresh_aggregates
-from ingest.rollups import RefreshReport, bucket_start, refresh_rollups
+from ingest.rollups import RefreshReport, bucket_start
 from ingest.rows import UsageRow
 from ingest.settings import PostgresSettings, Settings
 from ingest.sql import Kind
@@ -80,11 +79,7 @@ def shifted(rows: list[UsageRow], by: timedelta, boot: str) -> list[UsageRow]:
 
 async def timed(store: UsageStore, now: datetime) -> RefreshReport:
     """The consumers' periodic refresh at `now`, days included."""
-    async with store.pool.acquire() as conn:
-        if store.layout.kind == "timescaledb":
-            done = await refresh_aggregates(conn, store.table, wait=True, now=now)
-        else:
-            done = await refresh_rollups(conn, store.table, wait=True, settled_only=True, now=now)
+    done = await store.refresh_rollups(wait=True, settled_only=True, now=now)
     assert done is not None  # wait=True
     return done
 

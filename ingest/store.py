@@ -182,21 +182,26 @@ class UsageStore:
         return len(inserted)
 
     async def refresh_rollups(
-        self, *, wait: bool = False, settled_only: bool = False, days: bool = True
+        self,
+        *,
+        wait: bool = False,
+        settled_only: bool = False,
+        days: bool = True,
+        now: datetime | None = None,
     ) -> RefreshReport | None:
         """Materialise the noted rollup buckets (see `ingest.rollups`): every one, or
-        with `settled_only` those whose hour or day has ended (with `days` False, hours
-        only). On TimescaleDB always those that have ended (`ingest.caggs`: it never
-        materialises an open bucket; reads take it from the raw rows meanwhile).
+        with `settled_only` those whose hour or day has ended by `now` (with `days`
+        False, hours only). On TimescaleDB always those that have ended (`ingest.caggs`:
+        it never materialises an open bucket; reads take it from the raw rows meanwhile).
 
         None, unless `wait`, when another process is refreshing the same table now.
         """
         with translated(StoreUnavailable, f"refreshing the rollups of {self.table} failed"):
             async with self.pool.acquire() as conn:
                 if self.layout.kind == "timescaledb":
-                    return await refresh_aggregates(conn, self.table, wait=wait, days=days)
+                    return await refresh_aggregates(conn, self.table, wait=wait, days=days, now=now)
                 return await refresh_rollups(
-                    conn, self.table, wait=wait, settled_only=settled_only, days=days
+                    conn, self.table, wait=wait, settled_only=settled_only, days=days, now=now
                 )
 
     async def _insert(self, conn: Connection, rows: list[UsageRow]) -> list[UsageRow]:

@@ -116,8 +116,8 @@ async def test_both_layouts_equal_a_direct_aggregate_in_and_out_of_every_policy_
                     stored = [await s.write(rows[i : i + 100]) for s in stores]
                     assert stored[0] == stored[1] > 0
                 await same("noted")
-                for conn, store in conns:
-                    assert await refresh(store, conn, now=now) is not None
+                for store in stores:
+                    assert await refresh(store, now=now) is not None
                 await same("refreshed")
 
                 # The compression policy: every chunk that ended more than 4 days ago.
@@ -144,8 +144,8 @@ async def test_both_layouts_equal_a_direct_aggregate_in_and_out_of_every_policy_
                     assert stored[0] == stored[1]
                 assert stored == [0, 0]
                 await same("late, noted")
-                for conn, store in conns:
-                    await refresh(store, conn, now=now)
+                for store in stores:
+                    await refresh(store, now=now)
                 before = await same("late, refreshed")
 
                 # Retention: past 20 days (an operator's alter_job on TimescaleDB; the
@@ -161,7 +161,7 @@ async def test_both_layouts_equal_a_direct_aggregate_in_and_out_of_every_policy_
                 for conn, store in conns:
                     oldest = await conn.fetchval(f"SELECT min(event_time) FROM {store.table}")
                     assert oldest >= hour - 21 * DAY, store.layout.kind
-                    await refresh(store, conn, now=now)
+                    await refresh(store, now=now)
                     # The rollups keep what retention dropped from the raw rows.
                     assert await read(conn, store.table, span) == before, store.layout.kind
     finally:

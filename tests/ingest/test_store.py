@@ -17,7 +17,6 @@ import pytest
 from asyncpg.pool import PoolConnectionProxy
 
 import ingest
-from ingest.caggs import refresh_aggregates
 from ingest.errors import ConfigurationError, StoreUnavailable
 from ingest.rollups import (
     DETAIL,
@@ -27,7 +26,6 @@ from ingest.rollups import (
     device_daily_source,
     direct_rollup_query,
     materialised_rows,
-    refresh_rollups,
     usage_rollup,
 )
 from ingest.rows import SourceOffset, UsageRow
@@ -58,13 +56,9 @@ async def store(settings: Settings) -> AsyncIterator[UsageStore]:
         yield s
 
 
-async def refresh(
-    store: UsageStore, conn: Connection, *, now: datetime, days: bool = True
-) -> RefreshReport | None:
+async def refresh(store: UsageStore, *, now: datetime, days: bool = True) -> RefreshReport | None:
     """The consumers' periodic refresh at `now`, on the store's layout."""
-    if store.layout.kind == "timescaledb":
-        return await refresh_aggregates(conn, store.table, days=days, now=now)
-    return await refresh_rollups(conn, store.table, settled_only=True, days=days, now=now)
+    return await store.refresh_rollups(settled_only=True, days=days, now=now)
 
 
 async def materialised(conn: Connection, store: UsageStore, rollup: Rollup) -> list[datetime]:
@@ -466,7 +460,7 @@ async def test_the_periodic_refresh_materialises_only_ended_buckets(either: Usag
     span = (now - 3 * DAY, now + DAY)
 
     async with store.pool.acquire() as conn:
-        done = await refresh(store, conn, now=now)
+        done = await refresh(store, now=now)
         assert done == RefreshReport(2, 1, 0, ANY)
         assert await materialised(conn, store, "hourly") == [
             datetime(2026, 4, 8, 10, tzinfo=UTC),
@@ -478,9 +472,9 @@ async def test_the_periodic_refresh_materialises_only_ended_buckets(either: Usag
             (datetime(2026, 4, 10, 12, tzinfo=UTC), False),
         ]
         await assert_reads_exact(conn, t, span)  # meanwhile
-        again = await refresh(store, conn, now=now)
+        again = await refresh(store, now=now)
         assert again == RefreshReport(0, 0, 0, ANY)
-        next_day = await refresh(store, conn, now=datetime(2026, 4, 11, 0, 30, tzinfo=UTC))
+        next_day = await refresh(store, now=datetime(2026, 4, 11, 0, 30, tzinfo=UTC))
         assert next_day == RefreshReport(1, 1, 0, ANY)
         assert await conn.fetchval(f"SELECT count(*) FROM {t}_rollup_invalidations") == 0
         assert len(await materialised(conn, store, "hourly")) == 3
@@ -502,7 +496,7 @@ async def test_a_periodic_refresh_without_days_leaves_ended_days_noted_and_reads
     t = store.table
     span = (now - 3 * DAY, now + DAY)
     async with store.pool.acquire() as conn:
-        hours_only = await refresh(store, conn, now=now, days=False)
+        hours_only = await refresh(store, now=now, days=False)
         assert hours_only == RefreshReport(3, 0, 0, ANY)
         assert len(await materialised(conn, store, "hourly")) == 3
         assert await materialised(conn, store, "daily") == []
@@ -515,7 +509,7 @@ async def test_a_periodic_refresh_without_days_leaves_ended_days_noted_and_reads
         await assert_reads_exact(conn, t, span)  # meanwhile
         # A late event for the ended day, then the days' turn: its hour and the day.
         await store.write([row("d3", 1, datetime(2026, 4, 8, 23, 59, tzinfo=UTC))])
-        with_days = await refresh(store, conn, now=now)
+        with_days = await refresh(store, now=now)
         assert with_days == RefreshReport(1, 1, 0, ANY)
         daily = await usage_rollup(conn, t, "daily", *span)
         assert [(r.bucket, r.events, r.devices) for r in daily] == [
