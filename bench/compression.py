@@ -46,6 +46,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 
 import asyncpg
 
+from ingest.enrich import with_facts
 from ingest.migrations import Connection
 from ingest.owner_keys import owner_key
 from ingest.registry_lookup import DeviceFacts, Install, Period
@@ -100,6 +101,7 @@ def facts(plan: FleetPlan, i: int, history: UnitHistory, installs: list[Install]
 
 def device_rows(plan: FleetPlan, i: int, history: UnitHistory) -> list[UsageRow]:
     """Unit `i`'s messages that the consumer stores (duplicates included), enriched."""
+    partition = zlib.crc32(history.unit.device_id.encode()) % PARTITIONS
     parsed = []
     for msg in plan_device(plan, history.unit.device_id):
         try:
@@ -111,32 +113,14 @@ def device_rows(plan: FleetPlan, i: int, history: UnitHistory) -> list[UsageRow]
             )
         except InvalidTelemetry:
             continue  # a dead letter
-        parsed.append(UsageRow.from_envelope(env, 0, 0))
+        parsed.append(UsageRow.from_envelope(env, partition, 0))
     installs = [
         (r.event_time, r.body["from_version"], r.body["to_version"])
         for r in parsed
         if r.schema.endswith(".firmware") and r.body.get("outcome") == "installed"
     ]
     f = facts(plan, i, history, installs)
-    partition = zlib.crc32(history.unit.device_id.encode()) % PARTITIONS
-    out = []
-    for r in parsed:
-        p = f.period_at(r.event_time)
-        out.append(
-            dataclasses.replace(
-                r,
-                kafka_partition=partition,
-                model=f.model,
-                firmware=f.firmware_at(r.event_time),
-                category=f.category,
-                region=None if p is None else p.region,
-                membership_tier=None if p is None else p.membership_tier,
-                purchase_channel=None if p is None else p.purchase_channel,
-                analytics_consent=None if p is None else p.linked,
-                owner_key=None if p is None else p.owner_key,
-            )
-        )
-    return out
+    return [with_facts(r, f) for r in parsed]
 
 
 def arrival_order(per_device: list[list[UsageRow]]) -> Iterator[UsageRow]:

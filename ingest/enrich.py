@@ -81,6 +81,32 @@ class Enriched:
     unregistered: list[UsageRow]
 
 
+def with_facts(r: UsageRow, f: DeviceFacts) -> UsageRow:
+    """Row `r` with the registry's facts `f` about its device at its event time."""
+    p = f.period_at(r.event_time)
+    # The constructor, not dataclasses.replace(): half the cost per row.
+    return UsageRow(
+        r.device_id,
+        r.boot_id,
+        r.seq,
+        r.event_time,
+        r.schema,
+        r.schema_version,
+        r.body,
+        r.kafka_partition,
+        r.kafka_offset,
+        model=f.model,
+        firmware=f.firmware_at(r.event_time),
+        category=f.category,
+        # No period: nobody owned the device then (before registration, a gap).
+        region=None if p is None else p.region,
+        membership_tier=None if p is None else p.membership_tier,
+        purchase_channel=None if p is None else p.purchase_channel,
+        analytics_consent=None if p is None else p.linked,
+        owner_key=None if p is None else p.owner_key,
+    )
+
+
 class Enricher:
     """Registry lookups for the consumer, cached and invalidated by NOTIFY.
 
@@ -159,30 +185,7 @@ class Enricher:
             if f is None:
                 unknown.append(r)
                 continue
-            p = f.period_at(r.event_time)
-            # The constructor, not dataclasses.replace(): half the cost per row.
-            out.append(
-                UsageRow(
-                    r.device_id,
-                    r.boot_id,
-                    r.seq,
-                    r.event_time,
-                    r.schema,
-                    r.schema_version,
-                    r.body,
-                    r.kafka_partition,
-                    r.kafka_offset,
-                    model=f.model,
-                    firmware=f.firmware_at(r.event_time),
-                    category=f.category,
-                    # No period: nobody owned the device then (before registration, a gap).
-                    region=None if p is None else p.region,
-                    membership_tier=None if p is None else p.membership_tier,
-                    purchase_channel=None if p is None else p.purchase_channel,
-                    analytics_consent=None if p is None else p.linked,
-                    owner_key=None if p is None else p.owner_key,
-                )
-            )
+            out.append(with_facts(r, f))
         if unknown:
             self._metrics.unregistered.inc(len(unknown))
         return Enriched(out, unknown)
