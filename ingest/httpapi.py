@@ -215,6 +215,7 @@ def install(
 
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception) -> JSONResponse:
+        # Only what escapes RequestGuard (which answers the app's own bugs) gets here;
         # Starlette re-raises after answering, so the traceback reaches the log too.
         return problem(500, "internal_error", "internal error; the server's log has it")
 
@@ -319,19 +320,24 @@ class RequestMetrics:
             self.metrics.observe(method, route, status, time.perf_counter() - started)
 
 
-class _NonFinite(ValueError):
-    """A JSON body holds NaN, +/-Infinity or a number past a double's range."""
+class _NotJson:
+    """Stands, in a parsed body, for a number JSON cannot carry (`why` says which)."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str) -> None:
+        self.why = why
 
 
-def _constant(name: str) -> float:
-    raise _NonFinite(f"{name} is not a JSON value")
+def _constant(name: str) -> _NotJson:
+    return _NotJson(f"{name} is not a JSON value")
 
 
-def _finite(text: str) -> float:
+def _number(text: str) -> float | _NotJson:
     value = float(text)
-    if not math.isfinite(value):
-        raise _NonFinite(f"the number {shown(text, 20)} is past a double's range")
-    return value
+    if math.isfinite(value):
+        return value
+    return _NotJson(f"the number {shown(text, 20)} is past a double's range")
 
 
 def body_problem(body: bytes) -> JSONResponse | None:
@@ -340,53 +346,55 @@ def body_problem(body: bytes) -> JSONResponse | None:
     `Infinity`, `1e999`) is 400 `malformed_body`; a lone surrogate (`"\\ud800"`, which
     no UTF-8 can encode) in a key or a string is 422 `invalid_request` naming where."""
     try:
-        doc = json.loads(body, parse_constant=_constant, parse_float=_finite)
-    except _NonFinite as exc:
-        return problem(400, "malformed_body", f"the body is not JSON: {exc}", field="body")
+        doc = json.loads(body, parse_constant=_constant, parse_float=_number)
     except (ValueError, RecursionError):  # bad syntax, not UTF-8, 4300+ digits, too deep
         return None
-    at = _surrogate_at(doc)
-    if at is None:
+    found = _unfit(doc)
+    if isinstance(found, _NotJson):
+        return problem(400, "malformed_body", f"the body is not JSON: {found.why}", field="body")
+    if found is None:
         return None
     return problem(
         422,
         "invalid_request",
         "must be Unicode text (a lone surrogate is not)",
-        field=".".join(str(part) for part in at) or "body",
+        field=".".join(str(part) for part in found) or "body",
     )
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _surrogate_at(doc: Any) -> list[str | int] | None:
-    """Where in `doc` (keys and indices) the first string with a lone surrogate is."""
-    pending: list[tuple[list[str | int], Any]] = [([], doc)]
-    while pending:  # a loop, not recursion: json.loads took any depth it allows
-        path, value = pending.pop()
-        if isinstance(value, str):
-            if _SURROGATE.search(value):
-                return path
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                if _SURROGATE.search(key):
-                    return [*path, key]
-                pending.append(([*path, key], item))
-        elif isinstance(value, list):
-            pending.extend(([*path, at], item) for at, item in enumerate(value))
-    return None
 
 
 def non_finite(body: bytes) -> str | None:
     """Why this JSON body holds a number JSON cannot carry (`NaN`, `Infinity`, `1e999`),
     or None: also when it is not JSON at all."""
     try:
-        json.loads(body, parse_constant=_constant, parse_float=_finite)
-    except _NonFinite as exc:
-        return str(exc)
+        found = _unfit(json.loads(body, parse_constant=_constant, parse_float=_number))
     except (ValueError, RecursionError):
         return None
-    return None
+    return found.why if isinstance(found, _NotJson) else None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unfit(doc: Any) -> _NotJson | list[str | int] | None:
+    """A number JSON cannot carry in `doc`, else where (keys and indices) a string or
+    key with a lone surrogate is, else None."""
+    surrogate: list[str | int] | None = None
+    pending: list[tuple[list[str | int], Any]] = [([], doc)]
+    while pending:  # a loop, not recursion: json.loads took any depth it allows
+        path, value = pending.pop()
+        if isinstance(value, _NotJson):
+            return value
+        if isinstance(value, str):
+            if surrogate is None and _SURROGATE.search(value):
+                surrogate = path
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if surrogate is None and _SURROGATE.search(key):
+                    surrogate = [*path, key]
+                pending.append(([*path, key], item))
+        elif isinstance(value, list):
+            pending.extend(([*path, at], item) for at, item in enumerate(value))
+    return surrogate
 
 
 def not_replaced(text: str) -> str:

@@ -63,6 +63,7 @@ def guarded_app() -> FastAPI:
         (b'{"value": -1e999}', 400, "malformed_body", "body"),
         (b'{"value": 1.5, "note": NaN}', 400, "malformed_body", "body"),  # in a string field
         (b'{"value": ' + b"1" * 400 + b".0}", 400, "malformed_body", "body"),  # inf as well
+        (b'{"note": "\\ud800", "value": NaN}', 400, "malformed_body", "body"),  # both: 400
         (b'{"value": 1e308}', 200, None, None),
         (b'{"value": 1e-999}', 200, None, None),  # underflows to 0.0: finite
         (b'{"value": 1.5, "note": "A\\u0000"}', 200, None, None),  # this app takes NUL
