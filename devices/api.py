@@ -50,7 +50,15 @@ from devices.records import (
     Registration,
 )
 from devices.registry import Registry
-from ingest.httpapi import Problem, documented, install, problem, reason_enum, unavailable
+from ingest.httpapi import (
+    Problem,
+    documented,
+    install,
+    not_replaced,
+    problem,
+    reason_enum,
+    unavailable,
+)
 from ingest.metrics import HttpMetrics
 
 log = logging.getLogger(__name__)
@@ -111,7 +119,8 @@ def _date_text(value: object) -> object:
 Code = Annotated[str, _text(1, 40), Printable, PRINTABLE]
 Source = Annotated[str, _text(1, 100), Printable, PRINTABLE]
 IsoDate = Annotated[date, BeforeValidator(_date_text)]
-DeviceId = Annotated[str, _text(1, 100), Printable, PRINTABLE, Path()]
+# A path parameter: bytes that are not UTF-8 (`%ED%A0%80`) arrive as U+FFFD.
+DeviceId = Annotated[str, _text(1, 100), Printable, AfterValidator(not_replaced), PRINTABLE, Path()]
 
 
 class Body(BaseModel):

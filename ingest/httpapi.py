@@ -10,7 +10,8 @@ Every answer that is not a success is a `Problem`:
 The codes both APIs use:
 
     400 malformed_body      the body is not readable JSON (syntax, not UTF-8, a number
-                            of more than 4300 digits)
+                            of more than 4300 digits, `NaN`/`Infinity`, or a number
+                            past a double's range such as 1e999)
     404 not_found           no route has this path
     405 method_not_allowed  the path exists, the method does not (`Allow` lists them)
     422 invalid_request     a parameter or body field breaks its documented rule
@@ -19,6 +20,29 @@ The codes both APIs use:
 
 FastAPI's own errors (request validation, unknown paths, body parsing) are answered in
 this shape too, so the OpenAPI document holds for every response.
+
+No input gets a 500 or a dropped connection (`RequestGuard`):
+
+- JSON has no NaN or Infinity (RFC 8259), and a number past a double's range (`1e999`)
+  would be read as one: a body holding either is not readable JSON, 400
+  `malformed_body`, wherever it stands (Python's `json`, which FastAPI reads bodies
+  with, would take all three).
+- Percent-encoded bytes that are not UTF-8 in a path or query (`%ED%A0%80`, a lone
+  surrogate; `%FF`) reach the app as U+FFFD (uvicorn's and Starlette's decoding): a
+  parameter's rule refuses it, 422 `invalid_request` naming it (`not_replaced` for
+  free text, a pattern or an enum otherwise).
+- A lone surrogate (`"\\ud800"`, a JSON escape no UTF-8 can encode) in any string or key
+  of a JSON body is 422 `invalid_request` naming where (`purchase.store_id`), for every
+  field alike: pydantic's `str` takes it, and answering it back could not be encoded.
+- `detail` and `field` never carry the input raw: control characters and lone
+  surrogates (a NUL, `\\ud800` from a JSON escape) are shown escaped (`\\x00`), and both
+  are cut short, so rendering a refusal cannot fail.
+- A bug answers 500 `internal_error` (its traceback logged) on a connection that stays
+  open; Starlette's own handler would make uvicorn close it.
+
+What the HTTP server itself refuses never reaches the app: a request line or header
+with a raw NUL or space is not HTTP, and uvicorn answers it 400 in plain text (`Invalid
+HTTP request received.`) and closes the connection.
 
 `GET /health` answers 200 `{"status": "ok", "checks": {...}}` while the process serves
 and its database answers within `HEALTH_TIMEOUT_S`; 503 `unavailable` otherwise.
@@ -30,7 +54,10 @@ functions' annotations at runtime.
 """
 
 import asyncio
+import json
 import logging
+import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -62,6 +89,9 @@ RETRY_AFTER_S = 5
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
 _LOCATIONS = frozenset({"body", "query", "path", "header", "cookie"})
 _REASON_BY_STATUS = {400: "malformed_body", 404: "not_found", 405: "method_not_allowed"}
+DETAIL_CHARS = 300
+FIELD_CHARS = 100
+"""Longest `detail` and `field` shown: an input quoted in either is cut short."""
 
 
 class Problem(BaseModel):
@@ -88,8 +118,21 @@ def problem(
     field: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    body = {"reason": reason, "detail": _one_line(detail), "field": field}
+    body = {
+        "reason": reason,
+        "detail": shown(_one_line(detail), DETAIL_CHARS),
+        "field": None if field is None else shown(field, FIELD_CHARS),
+    }
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def shown(text: str, limit: int) -> str:
+    """`text` safe to show and to encode: each control character, lone surrogate or
+    other unprintable character as its Python escape (`\\x00`, `\\ud800`), cut to
+    `limit` characters with `...`."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def unavailable(detail: str) -> JSONResponse:
@@ -98,8 +141,8 @@ def unavailable(detail: str) -> JSONResponse:
 
 
 _DESCRIPTIONS = {
-    400: "The body is not readable JSON: bad syntax, not UTF-8, or a number of more than "
-    "4300 digits (reason `malformed_body`).",
+    400: "The body is not readable JSON: bad syntax, not UTF-8, `NaN` or `Infinity`, or a "
+    "number past a double's range or of more than 4300 digits (reason `malformed_body`).",
     403: "Not allowed (the reason says why).",
     404: "Not found (the reason says what).",
     409: "Conflicts with the current state (the reason says how).",
@@ -172,9 +215,12 @@ def install(
 
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception) -> JSONResponse:
+        # Only what escapes RequestGuard (which answers the app's own bugs) gets here;
         # Starlette re-raises after answering, so the traceback reaches the log too.
         return problem(500, "internal_error", "internal error; the server's log has it")
 
+    # The last added runs first: the metrics count what the guard answers too.
+    app.add_middleware(RequestGuard)
     app.add_middleware(RequestMetrics, metrics=metrics)
 
     @app.get(
@@ -272,3 +318,163 @@ class RequestMetrics:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope["method"] if scope["method"] in _METHODS else "other"
             self.metrics.observe(method, route, status, time.perf_counter() - started)
+
+
+class _NotJson:
+    """Stands, in a parsed body, for a number JSON cannot carry (`why` says which)."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+def _constant(name: str) -> _NotJson:
+    return _NotJson(f"{name} is not a JSON value")
+
+
+def _number(text: str) -> float | _NotJson:
+    value = float(text)
+    if math.isfinite(value):
+        return value
+    return _NotJson(f"the number {shown(text, 20)} is past a double's range")
+
+
+def body_problem(body: bytes) -> JSONResponse | None:
+    """The refusal of a JSON body holding what JSON cannot carry, or None (also when it
+    is not JSON at all, which FastAPI answers itself): a non-finite number (`NaN`,
+    `Infinity`, `1e999`) is 400 `malformed_body`; a lone surrogate (`"\\ud800"`, which
+    no UTF-8 can encode) in a key or a string is 422 `invalid_request` naming where."""
+    try:
+        doc = json.loads(body, parse_constant=_constant, parse_float=_number)
+    except (ValueError, RecursionError):  # bad syntax, not UTF-8, 4300+ digits, too deep
+        return None
+    found = _unfit(doc)
+    if isinstance(found, _NotJson):
+        return problem(400, "malformed_body", f"the body is not JSON: {found.why}", field="body")
+    if found is None:
+        return None
+    return problem(
+        422,
+        "invalid_request",
+        "must be Unicode text (a lone surrogate is not)",
+        field=".".join(str(part) for part in found) or "body",
+    )
+
+
+def non_finite(body: bytes) -> str | None:
+    """Why this JSON body holds a number JSON cannot carry (`NaN`, `Infinity`, `1e999`),
+    or None: also when it is not JSON at all."""
+    try:
+        found = _unfit(json.loads(body, parse_constant=_constant, parse_float=_number))
+    except (ValueError, RecursionError):
+        return None
+    return found.why if isinstance(found, _NotJson) else None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unfit(doc: Any) -> _NotJson | list[str | int] | None:
+    """A number JSON cannot carry in `doc`, else where (keys and indices) a string or
+    key with a lone surrogate is, else None."""
+    surrogate: list[str | int] | None = None
+    pending: list[tuple[list[str | int], Any]] = [([], doc)]
+    while pending:  # a loop, not recursion: json.loads took any depth it allows
+        path, value = pending.pop()
+        if isinstance(value, _NotJson):
+            return value
+        if isinstance(value, str):
+            if surrogate is None and _SURROGATE.search(value):
+                surrogate = path
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if surrogate is None and _SURROGATE.search(key):
+                    surrogate = [*path, key]
+                pending.append(([*path, key], item))
+        elif isinstance(value, list):
+            pending.extend(([*path, at], item) for at, item in enumerate(value))
+    return surrogate
+
+
+def not_replaced(text: str) -> str:
+    """A pydantic validator: `text` holds no U+FFFD, the character uvicorn and Starlette
+    put in a path or query parameter for percent-encoded bytes that are not UTF-8
+    (`%ED%A0%80`, `%FF`): such a parameter was not text, so no id or name can match it."""
+    if "\ufffd" in text:
+        raise ValueError("must be UTF-8 text (it held percent-encoded bytes that are not)")
+    return text
+
+
+def _is_json(scope: Scope) -> bool:
+    """FastAPI reads the body as JSON: `application/json` or `application/*+json`."""
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            kind: bytes = value.split(b";", 1)[0].strip().lower()
+            return kind == b"application/json" or (
+                kind.startswith(b"application/") and kind.endswith(b"+json")
+            )
+    return False
+
+
+class RequestGuard:
+    """ASGI middleware answering, as a `Problem`, what the app would otherwise misread
+    or fail on: a JSON body with a non-finite number or a lone surrogate
+    (`body_problem`), and any exception the app lets through (500 `internal_error`,
+    the connection kept open).
+
+    JSON bodies are read once more here (the APIs' bodies are small): FastAPI reads
+    them with Python's `json`, which takes NaN and has no switch to refuse it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if _is_json(scope):
+            body, receive = await _buffered(receive)
+            refusal = body_problem(body) if body else None
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:
+            if started:  # too late for an answer: uvicorn closes the connection
+                raise
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            log.exception("%s %s failed", scope["method"], route)
+            answer = problem(500, "internal_error", "internal error; the server's log has it")
+            await answer(scope, receive, send)
+
+
+async def _buffered(receive: Receive) -> tuple[bytes, Receive]:
+    """The request's whole body, and a `receive` that hands it to the app again."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left: nothing to replay
+            return b"", receive
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return body, replay

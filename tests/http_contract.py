@@ -1,6 +1,7 @@
 """Helpers for the tests of the two HTTP APIs: serve an app on a loopback port (`served`,
-for every test that talks to a real uvicorn server), and run schemathesis' own CLI
-against it with the repository's settings.
+for every test that talks to a real uvicorn server), a client on one keep-alive
+connection that counts the connections it opened (`OneConnection`), and run
+schemathesis' own CLI against it with the repository's settings.
 
 The CLI is what `deploy/local/schemathesis.sh` runs, so the tests and the documented
 command cannot drift apart. (schemathesis' pytest loader, `from_fixture`, reads a
@@ -15,7 +16,9 @@ import re
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
@@ -42,6 +45,30 @@ async def served(app: FastAPI) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
+
+
+class OneConnection:
+    """An httpx client of `url` allowed one connection, which counts the TCP connections
+    it opened: still 1 after several requests means the server kept the first open."""
+
+    def __init__(self, url: str) -> None:
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        self.client = httpx.AsyncClient(base_url=url, limits=limits)
+        self.connects = 0
+
+    async def _trace(self, event: str, info: dict[str, Any]) -> None:
+        if event == "connection.connect_tcp.started":
+            self.connects += 1
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """`path` goes as written: percent-escapes (`%ED%A0%80`) reach the server as such."""
+        return await self.client.request(method, path, extensions={"trace": self._trace}, **kwargs)
+
+    async def __aenter__(self) -> OneConnection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.aclose()
 
 
 async def schemathesis_run(url: str, *options: str) -> tuple[int, int, str]:
