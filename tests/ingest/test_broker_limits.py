@@ -385,3 +385,37 @@ async def test_a_handler_exception_closes_the_connection_and_the_messages_come_a
     ender.username_pw_set(mqtt.username, mqtt.password.get_secret_value())
     ender.connect(mqtt.host, mqtt.port, clean_start=True)
     ender.disconnect()
+
+
+async def test_a_payload_under_the_packet_limit_is_dead_lettered_and_the_device_stays(
+    base_settings: Settings, test_name: str, private_broker: PrivateBroker
+) -> None:
+    """265,000 bytes (the issue's "265 KB"): the broker takes it, the bridge dead-letters
+    it as `oversize` and acknowledges it, and the device's next message is stored."""
+    from ingest.dead_letter import DeadLetterReader
+    from schemas.errors import Reason
+
+    s = on_broker(isolated(base_settings, test_name), private_broker.broker)
+    s = s.model_copy(update={"mqtt": s.mqtt.model_copy(update={"topic_prefix": ""})})
+    device = private_broker.devices[1]
+    big = b"x" * 265_000
+    small = b'{"device_id": "%s"}' % device.device_id.encode()
+    try:
+        bridge = Bridge(s, BridgeMetrics(CollectorRegistry()), stop_after=2)
+        running = asyncio.create_task(bridge.run())
+        await asyncio.wait_for(bridge.ready.wait(), 30)
+        with paho_device(s.mqtt, device, V5) as client:
+            await asyncio.to_thread(client.publish, device.topic, big)
+            await asyncio.to_thread(client.publish, device.topic, small)
+            assert client.pubacks == ["Success", "Success"]
+            assert client.disconnects == []
+        report = await asyncio.wait_for(running, 60)
+        assert (report.acked, report.rejected) == (2, {"oversize": 1})
+        assert [r.value for r in await read_to_end(s, s.kafka.raw_topic)] == [small]
+        async with DeadLetterReader(s.kafka) as reader:
+            letters = [stored.letter async for stored in reader]
+        assert [(x.reason, x.original) for x in letters if x is not None] == [
+            (Reason.OVERSIZE, big)
+        ]
+    finally:
+        await cleanup(s)
