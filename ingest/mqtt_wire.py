@@ -161,8 +161,10 @@ class BufferedClient(paho.Client):
         a malformed one, a handler that raised); None after a clean read or an EOF."""
 
     def reset_buffer(self) -> None:
+        """Forget what the last connection left (called when a socket opens)."""
         self._buf = bytearray()
         self._pos = 0
+        self.closed_by_error = None
 
     def read_packets(self) -> MQTTErrorCode:
         """Read what the socket holds and handle every whole packet in it.
