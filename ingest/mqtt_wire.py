@@ -186,14 +186,21 @@ class BufferedClient(paho.Client):
         if not data:  # EOF
             return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)  # paho private
         self.closed_by_error = None
-        # The common case, nothing left over: frame the received bytes as they are. Else
-        # append to the buffer (amortised O(len(data))) and frame from its read offset.
-        if self._pos < len(self._buf):
-            self._buf += data
-            buf: bytes | bytearray = self._buf
-            pos = self._pos
-        else:
+        # Nothing left over (the common case): frame the received bytes as they are. A
+        # tail no longer than what arrived (a packet cut by the last read): one new bytes
+        # object of both, O(len(data)). A longer one (a large packet arriving over many
+        # reads): append to the buffer, amortised O(len(data)), never a copy of it all.
+        rest = len(self._buf) - self._pos
+        buf: bytes | bytearray
+        if not rest:
             buf, pos = data, 0
+        elif rest <= len(data):
+            with memoryview(self._buf) as view:
+                buf, pos = b"".join((view[self._pos :], data)), 0
+            self._buf, self._pos = bytearray(), 0
+        else:
+            self._buf += data
+            buf, pos = self._buf, self._pos
         try:
             pos = self._frame(buf, pos)
         except FramingError as error:
