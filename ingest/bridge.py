@@ -26,7 +26,16 @@ takes the same path as a good one, as a dead letter for `kafka.dlq_topic` with i
 topic as the source, in the same in-order acknowledgement queue: its PUBACK goes out
 once Kafka confirmed the dead letter, and nothing behind it waits longer than that.
 Everything else, even a payload that is not JSON, is forwarded as it is: the consumer
-refuses it with the precise reason, so no message is refused twice.
+refuses it with the precise reason, so no message is refused twice. One more refusal
+follows those checks: a message the broker delivered as retained (RETAIN flag set) is
+a copy of an earlier publish, not telemetry just sent, and is dead-lettered as
+RETAINED. The bridge subscribes with Retain Handling 2 and the project's broker keeps
+no retained messages (`retain_available false`), so this guards against brokers that
+would.
+
+The bridge announces `bridge.max_packet_bytes` as its MQTT Maximum Packet Size and
+refuses to start when that is not above the broker's own (from CONNACK), because
+Mosquitto drops a message larger than its subscriber's limit without a trace.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 
 from ingest.backoff import Backoff
 from ingest.dead_letter import DeadLetter
+from ingest.errors import ConfigurationError
 from ingest.kafka import ensure_topics, make_producer, running
 from ingest.metrics import BridgeMetrics
 from ingest.mqtt import MqttClient, SubscriptionRefused
@@ -56,6 +66,11 @@ from ingest.settings import Settings
 from schemas.errors import InvalidTelemetry, Reason
 
 log = logging.getLogger(__name__)
+
+FORWARDING_ROOM_BYTES = 1024
+"""How much larger than the device's packet the broker's copy to the bridge may be: the
+broker may add a Message Expiry Interval (5 bytes), write out a topic the device sent as
+an alias (device topics are tens of bytes), and grow the length fields (3 bytes)."""
 
 _HANDOFF_MAX = 4096
 """Most messages handed to the producer in one turn of `produce` (they become one batch
@@ -131,6 +146,25 @@ def device_id_from_payload(payload: bytes) -> str | None:
         return None
     device_id = document.get("device_id")
     return device_id if isinstance(device_id, str) else None
+
+
+def check_packet_limits(bridge_max: int, broker_max: int | None) -> None:
+    """Refuse to run when the broker may accept a packet the bridge would not take: the
+    broker would drop that message silently instead of delivering it."""
+    setting = variable(["bridge", "max_packet_bytes"])
+    if broker_max is None:
+        raise ConfigurationError(
+            "the MQTT broker announced no Maximum Packet Size, so devices may send packets"
+            f" larger than the bridge's {setting}={bridge_max}, which the broker would drop"
+            " unseen; set max_packet_size in its config (deploy/mosquitto/mosquitto.conf)"
+        )
+    if broker_max + FORWARDING_ROOM_BYTES > bridge_max:
+        raise ConfigurationError(
+            f"{setting}={bridge_max} is not above the broker's Maximum Packet Size"
+            f" ({broker_max}) by {FORWARDING_ROOM_BYTES} bytes: the broker would drop"
+            f" messages too large for the bridge unseen; raise {setting} to at least"
+            f" {broker_max + FORWARDING_ROOM_BYTES} or lower the broker's max_packet_size"
+        )
 
 
 def check_payload(payload: bytes, topic: str, topic_device_id: str | None, max_bytes: int) -> None:
@@ -212,9 +246,11 @@ class Bridge:
             receive_maximum=s.bridge.max_inflight,
             subscriptions=[subscription(s)],
             on_raw_message=self._on_message,
+            max_packet_size=s.bridge.max_packet_bytes,
         )
         self._mqtt = mqtt
         async with running(producer), mqtt:
+            check_packet_limits(s.bridge.max_packet_bytes, mqtt.broker_max_packet_size)
             try:
                 await mqtt.wait_subscribed()
             except SubscriptionRefused as exc:
@@ -258,7 +294,9 @@ class Bridge:
         await asyncio.sleep(seconds)
         self.stop(f"after {seconds:g}s")
 
-    def _on_message(self, topic: str, mid: int, payload: bytes, generation: int) -> None:
+    def _on_message(
+        self, topic: str, mid: int, payload: bytes, retain: bool, generation: int
+    ) -> None:
         if not self._accepting:
             return  # not acknowledged: stays in the session, delivered again later
         self.report.received += 1
@@ -267,6 +305,12 @@ class Bridge:
         key = (device_id or topic).encode()
         try:
             check_payload(payload, topic, device_id, s.bridge.max_payload_bytes)
+            if retain:
+                raise InvalidTelemetry(
+                    Reason.RETAINED,
+                    f"the broker delivered a retained message on {topic!r}: a copy of an"
+                    " earlier publish, not telemetry just sent",
+                )
         except InvalidTelemetry as error:
             log.debug("dead-lettering a message on %s: %s", topic, error)
             letter = DeadLetter.from_error(

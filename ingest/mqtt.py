@@ -17,7 +17,14 @@ Two things paho leaves to its user are done here:
 - Reconnection: a lost connection is retried with jittered backoff; subscriptions are
   renewed on every CONNACK. Manual acks carry the connection's generation, because a
   message id from a previous connection means nothing on the next one (the broker
-  redelivers those messages itself).
+  redelivers those messages itself). A connection the framer closed for an error (a
+  packet over `max_packet_size`, a malformed one, a handler that raised) is reopened
+  after a backoff that grows while such errors repeat, so a message that fails every
+  time it is delivered does not spin the loop.
+
+Subscriptions ask for Retain Handling 2: the broker sends no retained message when a
+subscription is made. usagepipe's topics carry streams, never last values, and a
+retained message handed to every new subscriber would be ingested again each time.
 """
 
 from __future__ import annotations
@@ -39,17 +46,25 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ingest.backoff import Backoff
 from ingest.errors import BrokerUnavailable, ConfigurationError
-from ingest.mqtt_wire import BufferedClient
+from ingest.mqtt_wire import PROTOCOL_MAX_PACKET, BufferedClient
 from ingest.settings import MqttSettings
 from schemas.errors import UsagepipeError
 
 log = logging.getLogger(__name__)
 
+_NO_RETAINED = SubscribeOptions.RETAIN_DO_NOT_SEND
+"""Retain Handling 2: no retained messages when a subscription is made."""
+
 MessageHandler = Callable[[paho.MQTTMessage, int], None]
 """Called on the loop for each message, with the connection generation it arrived on."""
 
-RawMessageHandler = Callable[[str, int, bytes, int], None]
-"""`PublishHandler` plus the connection generation the message arrived on."""
+RawMessageHandler = Callable[[str, int, bytes, bool, int], None]
+"""`PublishHandler` (topic, packet id, payload, RETAIN flag) plus the connection
+generation the message arrived on."""
+
+_ERROR_BACKOFF_RESET_S = 60.0
+"""A connection the framer closed for an error this long after the previous one starts
+the reconnect backoff afresh."""
 
 
 class SubscriptionRefused(ConfigurationError):
@@ -82,8 +97,13 @@ class MqttClient:
     many unacknowledged messages the broker sends this client at once.
 
     Messages go to `on_message` (paho's `MQTTMessage`) or, on the fast path that skips
-    paho's message objects, to `on_raw_message` (topic, packet id, payload, generation;
-    manual-ack only, acknowledged with `ack_many`).
+    paho's message objects, to `on_raw_message` (topic, packet id, payload, RETAIN flag,
+    generation; manual-ack only, acknowledged with `ack_many`).
+
+    `max_packet_size` is announced in CONNECT as MQTT v5 Maximum Packet Size and
+    enforced on every packet read: the broker sends nothing larger (Mosquitto drops such
+    a message without a word), and a packet claiming more closes the connection. The
+    broker's own limit, from its CONNACK, is `broker_max_packet_size`.
     """
 
     def __init__(
@@ -101,6 +121,7 @@ class MqttClient:
         username: str | None = None,
         password: str | None = None,
         connect_timeout_s: float = 10.0,
+        max_packet_size: int | None = None,
     ) -> None:
         self._settings = settings
         self.client_id = client_id
@@ -112,11 +133,13 @@ class MqttClient:
             raise ValueError("on_raw_message needs manual_ack: its messages are acked by hand")
         self._on_raw_message = on_raw_message
         self._connect_timeout_s = connect_timeout_s
+        self._max_packet_size = max_packet_size
         self._client = BufferedClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv5,
             manual_ack=manual_ack,
+            max_packet_size=max_packet_size or PROTOCOL_MAX_PACKET,
         )
         user = username if username is not None else settings.username
         if user is not None:
@@ -141,6 +164,10 @@ class MqttClient:
         self._subacked = asyncio.Event()
         self._refused: SubscriptionRefused | None = None
         self.generation = 0
+        self.broker_max_packet_size: int | None = None
+        """The Maximum Packet Size the broker announced in its last CONNACK (None: none)."""
+        self._error_backoff = Backoff()
+        self._last_error_at: float | None = None
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
@@ -208,6 +235,8 @@ class MqttClient:
             props.SessionExpiryInterval = self._settings.session_expiry_s
         if self._receive_maximum is not None:
             props.ReceiveMaximum = self._receive_maximum
+        if self._max_packet_size is not None:
+            props.MaximumPacketSize = self._max_packet_size
         where = f"{self._settings.host}:{self._settings.port}"
         try:
             if self.generation == 0:
@@ -242,8 +271,22 @@ class MqttClient:
             self._client.loop_misc()
         self._schedule_tick()
 
-    async def _reconnect(self) -> None:
-        """Reconnect with jittered backoff until connected or closed."""
+    async def _reconnect(self, closed_by_error: str | None = None) -> None:
+        """Reconnect with jittered backoff until connected or closed; after a connection
+        the framer closed for an error, wait a backoff of its own first."""
+        if closed_by_error is not None:
+            assert self._loop is not None
+            now = self._loop.time()
+            last, self._last_error_at = self._last_error_at, now
+            if last is None or now - last > _ERROR_BACKOFF_RESET_S:
+                self._error_backoff = Backoff()
+            log.warning(
+                "%s closed its connection (%s); reconnecting in %.1fs",
+                self.client_id,
+                closed_by_error,
+                self._error_backoff.delay_s,
+            )
+            await self._error_backoff.wait()
         backoff = Backoff()
         while not self._closing and not self.connected.is_set():
             try:
@@ -306,6 +349,9 @@ class MqttClient:
                 )
             return
         self.generation += 1
+        self.broker_max_packet_size = (
+            getattr(properties, "MaximumPacketSize", None) if properties is not None else None
+        )
         log.info(
             "%s connected (session present: %s, generation %d)",
             self.client_id,
@@ -314,7 +360,10 @@ class MqttClient:
         )
         if self._subscriptions:
             self._client.subscribe(
-                [(topic, SubscribeOptions(qos=1)) for topic in self._subscriptions]
+                [
+                    (topic, SubscribeOptions(qos=1, retainHandling=_NO_RETAINED))
+                    for topic in self._subscriptions
+                ]
             )
         self.connected.set()
         if fut is not None and not fut.done():
@@ -339,16 +388,17 @@ class MqttClient:
         # the caller's error to see.
         if self._loop is not None and self.generation > 0 and not reconnecting:
             self._reconnecting = self._loop.create_task(
-                self._reconnect(), name=f"mqtt-reconnect:{self.client_id}"
+                self._reconnect(self._client.closed_by_error),
+                name=f"mqtt-reconnect:{self.client_id}",
             )
 
     def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         if self._on_message is not None:
             self._on_message(msg, self.generation)
 
-    def _handle_raw_message(self, topic: str, mid: int, payload: bytes) -> None:
+    def _handle_raw_message(self, topic: str, mid: int, payload: bytes, retain: bool) -> None:
         assert self._on_raw_message is not None
-        self._on_raw_message(topic, mid, payload, self.generation)
+        self._on_raw_message(topic, mid, payload, retain, self.generation)
 
     def _handle_publish(
         self,

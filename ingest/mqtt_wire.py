@@ -12,6 +12,13 @@ marks its own). paho-mqtt is pinned to a major version in pyproject.toml; a paho
 upgrade must re-read these and run tests/ingest/test_mqtt_framing.py, which feeds
 this module byte streams without a broker.
 
+The framer holds to three rules: no packet larger than the Maximum Packet Size the
+client announced is buffered (the connection closes when its length is read); what is
+received is copied into the buffer once, however many reads a packet takes (a read
+offset, compacted rarely, not a new buffer per read); and any error, a malformed packet
+or an exception from a handler, closes the connection, so that no byte after it is ever
+taken for the start of a packet and the broker redelivers what was not acknowledged.
+
     _sock, _sock_recv(), _sock_close()    the socket paho owns
     _in_packet, _InPacket                 paho's packet being read, handed whole
     _packet_handle()                      paho's handler for one read packet
@@ -35,19 +42,34 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 
+from schemas.errors import UsagepipeError
+
 if TYPE_CHECKING:
     from paho.mqtt.client import _InPacket  # paho private: the read-packet dict's type
 
 log = logging.getLogger(__name__)
 
-PublishHandler = Callable[[str, int, bytes], None]
-"""Called on the loop for each QoS 0/1 PUBLISH: topic, packet id (0 for QoS 0), payload."""
+PublishHandler = Callable[[str, int, bytes, bool], None]
+"""Called on the loop for each QoS 0/1 PUBLISH: topic, packet id (0 for QoS 0), payload,
+and its RETAIN flag."""
 
 _READ_CHUNK = 256 * 1024
 _PUBACK = struct.Struct("!BBH")
 
+PROTOCOL_MAX_PACKET = 268_435_455 + 5
+"""The largest packet MQTT can frame: a remaining length of 2^28 - 1 after a fixed header
+of at most 5 bytes."""
 
-def _publish_fields(buf: bytes, start: int, end: int, *, qos1: bool) -> tuple[str, int, int] | None:
+_COMPACT_BYTES = 1024 * 1024
+"""Framed bytes kept at the front of the buffer before it is compacted. Compacting moves
+only the incomplete tail, so the cost per byte received stays constant however long a
+packet takes to arrive; compacting on every read would be the same (CPython deletes a
+bytearray's front in place), this only makes it rare."""
+
+
+def _publish_fields(
+    buf: bytes | bytearray, start: int, end: int, *, qos1: bool
+) -> tuple[str, int, int] | None:
     """A QoS 0/1 MQTT v5 PUBLISH whose body is `buf[start:end]`: its topic, packet id
     (0 for QoS 0) and where its payload starts; None if the topic, packet id or
     properties do not fit in the body (a malformed packet)."""
@@ -77,6 +99,18 @@ def _publish_fields(buf: bytes, start: int, end: int, *, qos1: bool) -> tuple[st
     if j + plen > end:
         return None
     return topic, mid, j + plen
+
+
+class FramingError(UsagepipeError):
+    """A packet from the broker that cannot be framed or was refused; `rc` is paho's code
+    for the connection's end. Caught inside `read_packets`, which closes the connection:
+    retriable, the client reconnects."""
+
+    retriable = True
+
+    def __init__(self, rc: MQTTErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.rc = rc
 
 
 def _idle_packet() -> _InPacket:
@@ -109,16 +143,39 @@ class BufferedClient(paho.Client):
     only the topic, the packet id and the payload. QoS 2 still goes through paho.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, max_packet_size: int = PROTOCOL_MAX_PACKET, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self._rest = b""
+        self.max_packet_size = max_packet_size
+        """The largest whole packet (fixed header included) accepted from the broker: what
+        the client announces as Maximum Packet Size in its CONNECT. A packet claiming more
+        is a protocol error (MQTT v5 3.1.2.11.4) and closes the connection before any of
+        it is buffered."""
+        self._buf = bytearray()
+        """Bytes received but not yet framed: from `_pos` on, at most one packet's worth."""
+        self._pos = 0
         self.on_publish_received: PublishHandler | None = None
+        self.closed_by_error: str | None = None
+        """Why `read_packets` last closed the connection itself (a packet over the limit,
+        a malformed one, a handler that raised); None after a clean read or an EOF."""
 
     def reset_buffer(self) -> None:
-        self._rest = b""
+        """Forget what the last connection left (called when a socket opens)."""
+        self._buf = bytearray()
+        self._pos = 0
+        self.closed_by_error = None
 
     def read_packets(self) -> MQTTErrorCode:
-        """Read what the socket holds and handle every whole packet in it."""
+        """Read what the socket holds and handle every whole packet in it.
+
+        Any framing error, and any exception from a handler (ours or paho's), closes the
+        connection: the bytes after a failed packet cannot be trusted to start a packet,
+        and a message whose handler failed was not taken. Nothing of this connection is
+        acknowledged any more (`MqttClient.ack_many` sends nothing for a lost
+        connection), so with a persistent session the broker delivers every unacknowledged
+        message again after the reconnect.
+        """
         try:
             data = self._sock_recv(_READ_CHUNK)  # paho private: recv on paho's socket
         except BlockingIOError:
@@ -128,10 +185,56 @@ class BufferedClient(paho.Client):
             return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
         if not data:  # EOF
             return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)  # paho private
-        buf = self._rest + data if self._rest else data
+        self.closed_by_error = None
+        # Nothing left over (the common case): frame the received bytes as they are. A
+        # tail no longer than what arrived (a packet cut by the last read): one new bytes
+        # object of both, O(len(data)). A longer one (a large packet arriving over many
+        # reads): append to the buffer, amortised O(len(data)), never a copy of it all.
+        rest = len(self._buf) - self._pos
+        buf: bytes | bytearray
+        if not rest:
+            buf, pos = data, 0
+        elif rest <= len(data):
+            with memoryview(self._buf) as view:
+                buf, pos = b"".join((view[self._pos :], data)), 0
+            self._buf, self._pos = bytearray(), 0
+        else:
+            self._buf += data
+            buf, pos = self._buf, self._pos
+        try:
+            pos = self._frame(buf, pos)
+        except FramingError as error:
+            log.warning("%s from the broker; closing the connection", error)
+            return self._close_on_error(error.rc, str(error))
+        except Exception as exc:  # a handler's bug: log it whole, close, reconnect
+            log.exception("handling a packet from the broker failed; closing the connection")
+            return self._close_on_error(MQTTErrorCode.MQTT_ERR_UNKNOWN, f"handler failed: {exc!r}")
+        if self._sock is None:  # paho private: paho dropped the socket (DISCONNECT)
+            self.reset_buffer()
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        if buf is self._buf:
+            self._pos = pos
+            if pos == len(buf):
+                self.reset_buffer()
+            elif pos >= _COMPACT_BYTES:
+                del self._buf[:pos]
+                self._pos = 0
+        elif pos < len(buf):
+            self._buf, self._pos = bytearray(memoryview(buf)[pos:]), 0  # the tail, once
+        self._last_bytes_received = time.monotonic()  # paho private: keepalive clock
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _close_on_error(self, rc: MQTTErrorCode, why: str) -> MQTTErrorCode:
+        self.reset_buffer()
+        self.closed_by_error = why
+        return self._loop_rc_handle(rc)  # paho private: close the socket, call back
+
+    def _frame(self, buf: bytes | bytearray, pos: int) -> int:
+        """Handle every whole packet in `buf` from `pos` on; return where the first
+        incomplete one starts. Raises `FramingError` for a packet that cannot be framed."""
         end_of_data = len(buf)
-        pos = 0
         fast = self.on_publish_received
+        limit = self.max_packet_size
         while end_of_data - pos >= 2:
             header = buf[pos]
             # Remaining length: a variable byte integer of at most 4 bytes.
@@ -145,19 +248,25 @@ class BufferedClient(paho.Client):
                     framed = True
                     break
                 if i - pos > 4:
-                    return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)  # paho private
+                    raise FramingError(
+                        MQTTErrorCode.MQTT_ERR_PROTOCOL, "remaining length over 4 bytes"
+                    )
             if not framed:
                 break  # the length itself is incomplete
             end = i + length
+            if end - pos > limit:
+                raise FramingError(
+                    MQTTErrorCode.MQTT_ERR_PAYLOAD_SIZE,
+                    f"a packet of {end - pos} bytes, more than the {limit} announced",
+                )
             if end > end_of_data:
                 break  # the packet is incomplete: keep it for the next read
             if fast is not None and header & 0xF0 == 0x30 and header & 0x06 < 0x04:
                 fields = _publish_fields(buf, i, end, qos1=bool(header & 0x06))
                 if fields is None:
-                    log.warning("malformed PUBLISH from the broker; closing the connection")
-                    return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)  # paho private
+                    raise FramingError(MQTTErrorCode.MQTT_ERR_PROTOCOL, "malformed PUBLISH")
                 topic, mid, payload_start = fields
-                fast(topic, mid, buf[payload_start:end])
+                fast(topic, mid, bytes(buf[payload_start:end]), bool(header & 0x01))
             else:
                 # paho private: the packet as paho's reader would have left it, whole.
                 self._in_packet = {
@@ -174,18 +283,16 @@ class BufferedClient(paho.Client):
                     rc = self._packet_handle()  # paho private: paho handles the packet
                 except MalformedPacket:
                     rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-                self._in_packet = _idle_packet()  # paho private
+                finally:
+                    self._in_packet = _idle_packet()  # paho private
                 if rc:
-                    return self._loop_rc_handle(rc)  # paho private
+                    raise FramingError(rc, f"paho refused a packet: {paho.error_string(rc)}")
                 # paho private: paho drops its socket when the packet closed the
                 # connection (DISCONNECT).
                 if self._sock is None:
-                    self._rest = b""
-                    return MQTTErrorCode.MQTT_ERR_SUCCESS
+                    return end
             pos = end
-        self._rest = buf[pos:]
-        self._last_bytes_received = time.monotonic()  # paho private: keepalive clock
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return pos
 
     def queue_pubacks(self, mids: Sequence[int]) -> None:
         """Send the PUBACKs (success, no properties) of `mids` as one write."""

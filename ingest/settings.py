@@ -116,6 +116,11 @@ class BridgeSettings(Section):
     max_inflight: Annotated[int, Field(ge=1, le=65535)] = 20_000
     """MQTT messages received but not yet acknowledged (sent as MQTT v5 Receive Maximum)."""
     max_payload_bytes: Annotated[int, Field(ge=64)] = 64 * 1024
+    max_packet_bytes: Annotated[int, Field(ge=1024, le=268_435_460)] = 272 * 1024
+    """Largest MQTT packet the bridge takes (sent as MQTT v5 Maximum Packet Size); a
+    packet claiming more closes the connection. Must exceed the broker's own
+    `max_packet_size` (deploy/mosquitto: 264 KiB) by 1 KiB, or the bridge refuses to
+    start: Mosquitto silently drops a message larger than its subscriber's limit."""
     shared_group: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]*$")] = ""
     """MQTT v5 shared subscription group: bridges (each its own client id) in one group
     split the devices' messages between them (`$share/<group>/...`); empty: this bridge

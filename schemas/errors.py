@@ -20,6 +20,9 @@ module and `retriable`:
      +-- StoreUnavailable         True   ingest.errors: PostgreSQL unreachable, or the
      |                                   transaction failed and was rolled back
      +-- RegistryLookupFailed     True   ingest.errors: the registry did not answer in time
+     +-- FramingError             True   ingest.mqtt_wire: a packet from the broker over the
+     |                                   limit, malformed, or its handler raised; the
+     |                                   connection is closed and opened again
      +-- PublishRefused           False  ingest.mqtt: the broker answered a QoS 1 publish
      |                                   with a failure reason (not authorized, say)
      +-- RegistryError            False  devices.errors: the device registry's errors
@@ -84,6 +87,9 @@ class Reason(StrEnum):
     """The payload's device id differs from the one in its MQTT topic."""
     UNREGISTERED_DEVICE = "unregistered_device"
     """No registered device has this id."""
+    RETAINED = "retained"
+    """The broker delivered the message as a retained one (RETAIN flag set): a copy kept
+    from an earlier publish, not one the device just sent."""
 
 
 class UsagepipeError(Exception):

@@ -63,6 +63,7 @@ def test_retriable_says_whether_trying_again_can_help() -> None:
         "ingest.errors.BrokerUnavailable",
         "ingest.errors.RegistryLookupFailed",
         "ingest.errors.StoreUnavailable",
+        "ingest.mqtt_wire.FramingError",
     ]
 
 

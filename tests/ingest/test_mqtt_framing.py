@@ -40,6 +40,7 @@ class _Socket:
 
     def __init__(self, chunks: list[bytes]) -> None:
         self.chunks = chunks
+        self.closed = False
 
     def recv(self, size: int) -> bytes:
         if not self.chunks:
@@ -48,17 +49,23 @@ class _Socket:
 
     def close(self) -> None:
         self.chunks = []
+        self.closed = True
 
 
-def _client() -> tuple[BufferedClient, list[tuple[str, int, bytes]]]:
+def _client(**kwargs: int) -> tuple[BufferedClient, list[tuple[str, int, bytes]]]:
     client = BufferedClient(
         CallbackAPIVersion.VERSION2,
         client_id="framing",
         protocol=MQTTProtocolVersion.MQTTv5,
         manual_ack=True,
+        **kwargs,
     )
     got: list[tuple[str, int, bytes]] = []
-    client.on_publish_received = lambda topic, mid, payload: got.append((topic, mid, payload))
+
+    def handle(topic: str, mid: int, payload: bytes, retain: bool) -> None:
+        got.append((topic, mid, payload))
+
+    client.on_publish_received = handle
     return client, got
 
 
@@ -129,3 +136,111 @@ def test_a_malformed_publish_closes_the_connection_after_the_good_ones(packet: b
     client._sock = _Socket([good + packet + good])  # type: ignore[assignment]
     assert client.read_packets() == MQTTErrorCode.MQTT_ERR_PROTOCOL
     assert got == [("devices/a/telemetry", 5, b"ok")]
+
+
+def _socket(client: BufferedClient, chunks: list[bytes]) -> _Socket:
+    sock = _Socket(chunks)
+    client._sock = sock  # type: ignore[assignment]
+    return sock
+
+
+def test_the_retain_flag_reaches_the_handler() -> None:
+    client, _ = _client()
+    flags: list[tuple[bytes, bool]] = []
+    client.on_publish_received = lambda topic, mid, payload, retain: flags.append((payload, retain))
+    retained = bytearray(publish("devices/a/telemetry", b"kept", 3))
+    retained[0] |= 0x01
+    _socket(client, [publish("devices/a/telemetry", b"live", 2) + bytes(retained)])
+    assert client.read_packets() == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert flags == [(b"live", False), (b"kept", True)]
+
+
+def test_a_packet_up_to_the_limit_is_taken() -> None:
+    packet = publish("devices/a/telemetry", b"x" * 1000, 9)
+    client, got = _client(max_packet_size=len(packet))
+    _socket(client, [packet[:10], packet[10:]])
+    assert client.read_packets() == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert client.read_packets() == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert got == [("devices/a/telemetry", 9, b"x" * 1000)]
+
+
+def test_a_packet_claiming_more_than_the_limit_closes_before_it_is_buffered() -> None:
+    packet = publish("devices/a/telemetry", b"x" * 1000, 9)
+    client, got = _client(max_packet_size=len(packet) - 1)
+    good = publish("devices/a/telemetry", b"ok", 5)
+    # Only the fixed header of the large packet arrives: its claimed length is enough.
+    sock = _socket(client, [good + packet[:4], packet[4:]])
+    assert client.read_packets() == MQTTErrorCode.MQTT_ERR_PAYLOAD_SIZE
+    assert got == [("devices/a/telemetry", 5, b"ok")]
+    assert sock.closed
+    assert client._sock is None
+    assert (
+        client.closed_by_error
+        == f"a packet of {len(packet)} bytes, more than the {len(packet) - 1} announced"
+    )
+
+
+def test_a_length_claiming_the_protocol_maximum_closes_without_a_limit_set() -> None:
+    client, got = _client(max_packet_size=270_336)
+    sock = _socket(client, [b"\x32\xff\xff\xff\x7f"])  # 268,435,455 bytes to follow
+    assert client.read_packets() == MQTTErrorCode.MQTT_ERR_PAYLOAD_SIZE
+    assert got == []
+    assert sock.closed
+
+
+class _Boom(Exception):
+    pass
+
+
+def test_a_handler_exception_closes_the_connection_and_skips_the_rest() -> None:
+    client, got = _client()
+    calls: list[int] = []
+
+    def handle(topic: str, mid: int, payload: bytes, retain: bool) -> None:
+        calls.append(mid)
+        if mid == 2:
+            raise _Boom("bug in the handler")
+        got.append((topic, mid, payload))
+
+    client.on_publish_received = handle
+    stream = b"".join(publish("devices/a/telemetry", b"m", mid) for mid in (1, 2, 3))
+    sock = _socket(client, [stream, publish("devices/a/telemetry", b"m", 4)])
+    assert client.read_packets() == MQTTErrorCode.MQTT_ERR_UNKNOWN
+    assert calls == [1, 2]  # nothing after the failed message is handed on
+    assert sock.closed
+    assert client.closed_by_error == "handler failed: _Boom('bug in the handler')"
+    # A new connection starts from an empty buffer.
+    client.reset_buffer()
+    _socket(client, [publish("devices/a/telemetry", b"m", 3)])
+    client.on_publish_received = lambda topic, mid, payload, retain: got.append(
+        (topic, mid, payload)
+    )
+    assert client.read_packets() == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert [mid for _, mid, _ in got] == [1, 3]
+
+
+def test_a_paho_callback_exception_closes_the_connection() -> None:
+    client, _ = _client()
+
+    def on_subscribe(*args: object) -> None:
+        raise _Boom("bug in on_subscribe")
+
+    client.on_subscribe = on_subscribe
+    suback = b"\x90\x04\x00\x01\x00\x01"  # SUBACK, packet id 1, no properties, QoS 1
+    sock = _socket(client, [suback + publish("devices/a/telemetry", b"m", 2)])
+    assert client.read_packets() == MQTTErrorCode.MQTT_ERR_UNKNOWN
+    assert sock.closed
+
+
+def test_a_large_packet_in_many_reads_is_buffered_without_copying_it_each_time() -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    packet = publish("devices/a/telemetry", payload, 11)
+    client, got = _client()
+    chunks = [packet[i : i + 1000] for i in range(0, len(packet), 1000)]
+    _socket(client, list(chunks))
+    for _ in chunks:
+        assert client.read_packets() == MQTTErrorCode.MQTT_ERR_SUCCESS
+        # The buffer holds the one incomplete packet, never more than was received.
+        assert len(client._buf) - client._pos <= len(packet)
+    assert got == [("devices/a/telemetry", 11, payload)]
+    assert len(client._buf) == 0
