@@ -134,14 +134,19 @@ def plan_device(plan: FleetPlan, device_id: str, topic_prefix: str = "") -> list
     return out
 
 
+MIX_YEAR_END = datetime(2026, 1, 1, tzinfo=UTC)
+"""The end of the year of usage whose schema shares `usage_mix` gives."""
+
+
 @functools.cache
 def usage_mix(category: str) -> tuple[list[str], list[int]]:
     """The schemas a device of `category` sends, each with how many messages of it the
     usage model (`simulators.traffic`) gives two such devices over a year, faults off:
     the shares `FleetPlan(mix="usage")` draws from. Schemas the model never sends in a
-    year are left out."""
+    year are left out. The year is a fixed one (`MIX_YEAR_END`), so the shares, and a
+    plain fleet's traffic for a seed, do not depend on the day they are drawn."""
     plan = FleetPlan(devices=2 * len(CATEGORY_PREFIX), messages_per_device=0, seed=1,
-                     fleet="mix", window=timedelta(days=365))  # fmt: skip
+                     fleet="mix", window=timedelta(days=365), clock=MIX_YEAR_END)  # fmt: skip
     counts: Counter[str] = Counter()
     for device_id in device_ids(plan):
         if category_of(device_id) == category:

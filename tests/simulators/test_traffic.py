@@ -198,7 +198,7 @@ PINNED_MODES: dict[str, dict[str, Any]] = {
 # written (not what it sends) is proven not to change a byte.
 PINNED_TRAFFIC: dict[str, tuple[int, str]] = {
     "plain": (1059, "6fc5a1bfa7e46883f95ffd9f5909bfc06bdb3870ea7c35e459b08f3f0607f8e9"),
-    "plain_usage_mix": (960, "64f53cdebf8ac28cf39486a5641b447e3fbe49aef12befe2423b8f6f3c496fa2"),
+    "plain_usage_mix": (960, "2754197013d0f99802b0ab45f6e822263ede3a11c5e8d2c7780d717753f0136a"),
     "usage": (746, "1295c69b37ce2fadfdb208145057eedde8bc873ddb90c794672ca5571525084f"),
     "usage_capped": (305, "e64b5fa5bf854878c442fa2743e0323b3add425fbf6b73a7696ef180652b503e"),
     "handover": (734, "faba86ea194ab45aeed9b918c9e2877e934300ff724f147f69b7c7b7db39a8c9"),
