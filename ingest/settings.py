@@ -140,6 +140,14 @@ class ConsumerSettings(Section):
     """Longest wait for a batch to fill before writing what there is."""
     max_future_skew_s: Annotated[int, Field(ge=0)] = 300
     """Event times further ahead of the consumer's clock than this are dead-lettered."""
+    device_rate_per_s: Annotated[float, Field(ge=0, le=1_000_000)] = 1.0
+    """Per-device ceiling: messages a second one device may send, sustained, judged by
+    their arrival at the bridge (the Kafka timestamp); the excess is dead-lettered
+    `rate_limited`. 0 turns the ceiling off. Appliances send a message every few
+    seconds at most; history played faster than real time (the demo) needs it off."""
+    device_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    """Messages one device may send at once before `device_rate_per_s` applies: its
+    backlog after being offline, or what the broker queued while no bridge ran."""
     metrics_port: Port = 9102
 
     @property

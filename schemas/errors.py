@@ -90,6 +90,9 @@ class Reason(StrEnum):
     RETAINED = "retained"
     """The broker delivered the message as a retained one (RETAIN flag set): a copy kept
     from an earlier publish, not one the device just sent."""
+    RATE_LIMITED = "rate_limited"
+    """The device sent faster than the per-device ceiling allows (its excess, judged by
+    arrival at the bridge); replayable."""
 
 
 class UsagepipeError(Exception):

@@ -653,7 +653,10 @@ async def test_unregistered_device_is_dead_lettered_once_and_stored_once_registe
             await produce(settings, [(device, message(device, 1, at + timedelta(seconds=1)))])
             await wait_for(lambda: consumer.report.stored == 1, "the later message", 20)
         unregistered = sample(
-            metrics, "usagepipe_consumer_dead_letters_total", reason="unregistered_device"
+            metrics,
+            "usagepipe_consumer_dead_letters_total",
+            reason="unregistered_device",
+            model="unknown",
         )
         assert unregistered == 1
         assert sample(metrics, "usagepipe_consumer_unregistered_total") == 1
