@@ -59,7 +59,7 @@ async def create_owner(client: httpx.AsyncClient, name: str = "Ada Owner") -> st
 
 
 def registration(
-    owner_id: str, serial: str = "SN0001", code: str = "CODE-0001", **more: object
+    owner_id: str, serial: str = "SN0001", code: str = "CODE-0001-7KQ2-M9DX", **more: object
 ) -> dict[str, object]:
     return {
         "owner_id": owner_id,
@@ -109,7 +109,9 @@ async def test_register_and_rejections(
     response = await client.post("/registrations", json=registration(ada, "SN0002", "WRONG"))
     assert (response.status_code, response.json()["reason"]) == (403, "wrong_code")
     # Ada made three failed guesses: she is locked out now, even for a good unit.
-    response = await client.post("/registrations", json=registration(ada, "SN0002", "CODE-0002"))
+    response = await client.post(
+        "/registrations", json=registration(ada, "SN0002", "CODE-0002-7KQ2-M9DX")
+    )
     assert (response.status_code, response.json()["reason"]) == (429, "locked_out")
     # Malformed input is refused by validation before reaching the registry.
     response = await client.post("/registrations", json={**registration(ada), "resale": "maybe"})
