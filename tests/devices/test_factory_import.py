@@ -12,7 +12,7 @@ from devices.registry import Registry
 from tests.devices.catalog import T0, new_owner
 
 EXPORT = """model_number,serial_number,manufactured_on,registration_code
-WM-100,SN0001,2025-04-01,K7QX-2M9D-P4HT-0001
+WM-100,SN0001,2025-04-01,CODE-0001-7KQ2-M9DX
 WM-100,SN0010,2025-05-01,K7QX-2M9D-P4HT-0010
 wm-100 , sn0011 ,2025-05-02,K7QX-2M9D-P4HT-0011
 XX-999,SN0012,2025-05-01,K7QX-2M9D-P4HT-0012
@@ -23,7 +23,7 @@ WM-100,SN0016,01/05/2025,K7QX-2M9D-P4HT-0016
 WM-100,SN0017,2025-05-01,
 WM-100,SN0010,2025-05-01,K7QX-2M9D-P4HT-0010
 WM-100,SN0010,2025-05-01,K7QX-2M9D-P4HT-OTHER
-WM-100,SN0003,2025-07-01,K7QX-2M9D-P4HT-0003
+WM-100,SN0003,2025-07-01,CODE-0003-7KQ2-M9DX
 WM-100,SN0002,2025-04-01,K7QX-2M9D-P4HT-XXXX
 ,SN0018,2025-05-01,K7QX-2M9D-P4HT-0018
 WM-100,SN0019
@@ -85,7 +85,8 @@ async def test_report_counts_and_reasons(registry: Registry, pg: asyncpg.Connect
             17,
             "SN0020",
             ImportRejectReason.WEAK_CODE,
-            "registration_code holds at most 32 bits, 64 needed",
+            "registration_code holds at most 32 bits, 64 needed"
+            " (e.g. 16 characters of Crockford base32: 0-9 and A-Z without I, L, O, U)",
         ),
     ]
     schema = registry.settings.db_schema
