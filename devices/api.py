@@ -3,16 +3,22 @@
 Owners register units, hand them on, change consent, come back from dormancy and ask
 for erasure. Every refused request answers the one `Problem` document of
 `ingest.httpapi`, `{"reason": ..., "detail": ..., "field": ...}`: a `RejectReason` code
-(404 unknown thing, 403 not allowed, 409 conflict with the current state, 422
-inconsistent input, 429 locked out), `invalid_request` (422) for a field that breaks its
-rule, `malformed_body` (400) for a body that is not readable JSON, and `unavailable` (503,
-with `Retry-After`) when PostgreSQL or the MQTT broker does not answer. Booleans are
+(404 unknown thing, 403 not allowed, 409 conflict with the current state, 429 too many
+failed attempts, with `Retry-After`), `invalid_request` (422) for a field that breaks
+its rule, `malformed_body` (400) for a body that is not readable JSON, and `unavailable`
+(503, with `Retry-After`) when PostgreSQL or the MQTT broker does not answer. Booleans are
 JSON `true`/`false` only; text fields refuse control characters (PostgreSQL cannot
 store NUL) and lone surrogates. `GET /health` checks that PostgreSQL answers;
 `GET /metrics` is Prometheus text. The OpenAPI document is at `/openapi.json`.
 
 The API trusts the caller about who the owner is (`owner_id`): it is meant to sit
 behind the site's authentication, not on the open internet.
+
+Registration answers one `registration_refused` (403) to every failed proof, whatever
+was wrong, and limits failures per caller (`devices.limits.Caller`): the subject
+(today the body's `owner_id`) and the client address, which uvicorn takes from the
+site's proxy's `X-Forwarded-For` when the proxy is trusted (`forwarded_allow_ips`), so
+that owners behind one proxy do not share one address's allowance.
 
 `from __future__ import annotations` is left out on purpose: FastAPI reads the route
 functions' annotations at runtime.
@@ -82,8 +88,9 @@ STATUS_BY_REASON: dict[RejectReason, int] = {
     RejectReason.REAUTHENTICATION_REQUIRED: 403,
     RejectReason.NOT_DORMANT: 409,
 }
-"""HTTP status per reason: 404 unknown thing, 403 not allowed, 409 conflicts with the
-current state, 422 inconsistent input, 429 too many failed attempts (with Retry-After)."""
+"""HTTP status per reason: 404 unknown thing, 403 not allowed (a failed proof of
+purchase among them), 409 conflicts with the current state, 429 too many failed
+attempts (with Retry-After)."""
 
 _PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

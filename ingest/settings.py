@@ -322,12 +322,14 @@ class RegistrySettings(BaseModel):
     caller signed in as, may make per `registration_window_s`; more are refused with
     `too_many_attempts` (429, `Retry-After`). A token bucket: the allowance refills
     evenly over the window, and a registration that succeeds costs nothing. Ten leaves
-    room for typos, not for guessing a code (see `min_code_bits`)."""
+    room for typos, not for guessing a code (`devices.credentials` says why)."""
 
     registration_failures_per_address: Annotated[int, Field(ge=1, le=10_000)] = 30
     """The same per client address (IPv4, or IPv6 by `registration_ipv6_prefix`),
     larger since households and carrier NATs share an address. Failures from other
-    subjects and addresses never count against a caller."""
+    subjects and addresses never count against a caller. At most 2400 a day
+    (`MAX_FAILURES_PER_ADDRESS_PER_DAY`, against this and `registration_window_s`): the
+    bound the registration codes' entropy is reckoned against."""
 
     registration_window_s: Annotated[int, Field(ge=60, le=7 * 86400)] = 3600
     """The window the two allowances above refill over."""
