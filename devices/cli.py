@@ -73,7 +73,7 @@ class _NoBrokerChanges:
     Any call means a bug, and fails loudly rather than skipping silently.
     """
 
-    async def add_device(self, device_id: str, secret: str) -> None:
+    async def add_device(self, device_id: str, secret: str | None) -> None:
         raise BrokerSyncMissing(f"this command must not add broker account {device_id}")
 
     async def revoke_device(self, device_id: str) -> None:

@@ -34,9 +34,11 @@ from typing import Self
 from uuid import UUID
 
 import asyncpg
+from cryptography import x509
 
 from devices import owners, ownership
 from devices.broker import BrokerAccounts, adding_accounts
+from devices.certificates import DeviceCA, IssuedCertificate, check_csr, record_issued
 from devices.credentials import (
     hash_secret_async,
     new_device_secret,
@@ -112,6 +114,7 @@ class Registry:
         self._lockout = Lockout(
             settings.max_failed_attempts, timedelta(seconds=settings.lockout_window_s)
         )
+        self._ca: DeviceCA | None = None
 
     async def __aenter__(self) -> Self:
         if self._pool is None:
@@ -203,9 +206,15 @@ class Registry:
         purchase: Purchase,
         *,
         resale: bool = False,
+        csr: str | None = None,
         at: datetime | None = None,
     ) -> Registration:
         """Register a unit to an owner, or raise `Rejected` with the reason.
+
+        With `csr` (PEM) the device also gets a TLS client certificate for its own key
+        (`bad_csr` if the CSR is not acceptable); a model not in
+        `registry.password_models` must send one (`certificate_required`) and gets no
+        password login.
 
         Checks, in order: the owner exists and is active; neither the owner nor the
         serial is locked out; the serial exists, belongs to the model, and the code
@@ -218,6 +227,9 @@ class Registry:
         at = aware(at)
         model = normalize_code(model_number)
         serial = normalize_code(serial_number)
+        password_login = self.settings.allows_password(model)
+        request = self._certificate_request(csr, model, password_login)
+        issued: IssuedCertificate | None = None
         secret = new_device_secret()
         secret_hash = await hash_secret_async(secret, log2_n=self.settings.secret_hash_log2_n)
         device_id: str | None = None
@@ -247,14 +259,62 @@ class Registry:
                     secret_hash=secret_hash,
                     at=at,
                 )
+                if request is not None:
+                    issued = await self._sign(conn, request, device_id, at)
                 # Last, so a broker failure rolls the registration back.
-                await added.add(device_id, secret)
+                await added.add(device_id, secret if password_login else None)
         if reason is not None:
             raise Rejected(reason, REJECT_MESSAGES[reason])
         assert device_id is not None
         await self._flush_after_change()
         log.info("device %s registered (model %s)", device_id, model)
-        return Registration(device_id, owner_id, model, serial, at, secret)
+        return Registration(
+            device_id, owner_id, model, serial, at, secret, password_login,
+            issued.pem if issued is not None else None,
+        )  # fmt: skip
+
+    def _certificate_request(
+        self, csr: str | None, model: str, password_login: bool
+    ) -> x509.CertificateSigningRequest | None:
+        """The checked CSR, if any; a model that may not use a password must send one."""
+        if csr is None:
+            if not password_login:
+                raise Rejected(
+                    RejectReason.CERTIFICATE_REQUIRED,
+                    f"model {model} logs in with a TLS client certificate only: send a csr",
+                )
+            return None
+        return check_csr(csr)
+
+    async def _sign(
+        self, conn: Connection, csr: x509.CertificateSigningRequest, device_id: str, at: datetime
+    ) -> IssuedCertificate:
+        """Sign the device's certificate and record its serial and fingerprint."""
+        if self._ca is None:
+            self._ca = DeviceCA.load(self.settings.ca_cert_file, self.settings.ca_key_file)
+        issued = self._ca.sign_device(csr, device_id, days=self.settings.certificate_days, at=at)
+        await record_issued(conn, device_id, issued, at)
+        return issued
+
+    async def renew_certificate(
+        self, device_id: str, owner_id: UUID, csr: str, *, at: datetime | None = None
+    ) -> IssuedCertificate:
+        """The current owner gets the device a new certificate for the CSR's key (before
+        the old one expires, or with a new key). The broker account is left as it is:
+        its identity is the device id, whichever certificate carries it."""
+        at = aware(at)
+        request = check_csr(csr)
+        async with self.transaction() as conn:
+            await conn.execute("SELECT 1 FROM owners WHERE owner_id = $1 FOR UPDATE", owner_id)
+            await ownership.current_period(conn, device_id, owner_id, at)
+            if await ownership.live_secret_hash(conn, device_id) is None:
+                raise Rejected(
+                    RejectReason.NO_LIVE_CREDENTIALS,
+                    f"device {device_id}'s credentials are revoked; reissue them first",
+                )
+            issued = await self._sign(conn, request, device_id, at)
+        log.info("device %s renewed its certificate (serial %x)", device_id, issued.serial)
+        return issued
 
     async def _flush_after_change(self) -> None:
         try:
@@ -291,11 +351,13 @@ class Registry:
                 secret_hash=secret_hash,
                 at=at,
             )
-            await added.add(device_id, secret)
+            password_login = self.settings.allows_password(device["model_number"])
+            await added.add(device_id, secret if password_login else None)
         await self._flush_after_change()
         return Registration(
-            device_id, to_owner_id, device["model_number"], device["serial_number"], at, secret
-        )
+            device_id, to_owner_id, device["model_number"], device["serial_number"], at, secret,
+            password_login,
+        )  # fmt: skip
 
     async def release(self, device_id: str, owner_id: UUID, *, at: datetime | None = None) -> None:
         """The current owner gives the device up (sold on, thrown away): their period
@@ -339,11 +401,13 @@ class Registry:
             device = await ownership.current_period(conn, device_id, owner_id, at)
             await ownership.revoke_live(conn, device["device_key"], device_id, "reissued", at)
             await ownership.issue_credentials(conn, device["device_key"], secret_hash, at)
-            await added.add(device_id, secret)
+            password_login = self.settings.allows_password(device["model_number"])
+            await added.add(device_id, secret if password_login else None)
         await self._flush_after_change()
         return Registration(
-            device_id, owner_id, device["model_number"], device["serial_number"], at, secret
-        )
+            device_id, owner_id, device["model_number"], device["serial_number"], at, secret,
+            password_login,
+        )  # fmt: skip
 
     async def _after_revocation(self, device_ids: list[str]) -> None:
         """After the commit: tell the broker, then publish the events."""

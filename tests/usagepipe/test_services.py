@@ -59,7 +59,7 @@ def free_port() -> int:
 
 def make_settings(run_dir: Path, mqtt_port: int, kafka_port: int, dsn: str = PG_DSN) -> Settings:
     return Settings(
-        mqtt=MqttSettings(port=mqtt_port),
+        mqtt=MqttSettings(port=mqtt_port, tls_port=free_port(), tls_host="127.0.0.1"),
         kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{kafka_port}"),
         postgres=PostgresSettings(dsn=SecretStr(dsn)),
         services=ServicesSettings(run_dir=run_dir),
@@ -191,9 +191,21 @@ def test_port_taken_by_plain_listener(tmp_path: Path, plain_listener: int) -> No
 
 
 def test_rendered_mosquitto_config(tmp_path: Path) -> None:
-    text = services.render_mosquitto_config(18830, tmp_path)
+    tls = services.BrokerTls(18831, "0.0.0.0", tmp_path / "ca.crt", tmp_path / "s.crt",
+                             tmp_path / "s.key")  # fmt: skip
+    text = services.render_mosquitto_config(18830, tmp_path, tls)
     lines = {line for line in text.splitlines() if line and not line.startswith("#")}
     assert "listener 18830 127.0.0.1" in lines
+    tls_lines = text.split("listener 18831 0.0.0.0\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert tls_lines == [
+        f"cafile {tmp_path.resolve()}/ca.crt",
+        f"certfile {tmp_path.resolve()}/s.crt",
+        f"keyfile {tmp_path.resolve()}/s.key",
+        "tls_version tlsv1.2",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+    ]
     assert f"persistence_location {tmp_path.resolve()}/mosquitto/data/" in lines
     assert f"pid_file {tmp_path.resolve()}/mosquitto/mosquitto.pid" in lines
     for option in (
