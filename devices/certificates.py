@@ -18,6 +18,21 @@ certificate, and `ensure_server_certificate` issues the broker's. The CA key is 
 ECDSA P-256 key: signing is a fraction of a millisecond, so the registry signs in
 its request path.
 
+Revocation. The broker knows a certificate client only by its CN, the device id, so
+its dynamic-security account cannot tell a device's old certificate from its new one:
+deleting the account (revocation) leaves a certificate with no rights only until the
+account is made again (a reissue), and a transfer keeps the account. So every revoked
+certificate that has not expired goes into a revocation list (`DeviceCA.sign_crl`) that
+the TLS listener reads (`crlfile`); `CrlFile.publish` writes it and sends the broker
+SIGHUP, on which Mosquitto 2.0 reloads it without dropping a connection. A device
+presenting a listed certificate is refused at the TLS handshake ("certificate
+revoked"). The list is checked at the handshake only, so the registry publishes it
+before it has the broker drop the device's connections (`devices.registry`): the
+device's reconnection meets the new list. Certificates are revoked with the device's
+credentials (`devices.ownership`: revocation, release, erasure, reissue, transfer, a
+new owner's registration); a renewal leaves the previous certificate valid until its
+own expiry, so a device that has not yet stored its new one stays connected.
+
 Errors: `BadCsr` (the caller's input: 422 `bad_csr`) and `CaUnavailable` (the CA's
 files are not configured or not readable: a setup fault, 503).
 """
@@ -26,7 +41,9 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 import os
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -41,6 +58,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from devices.errors import RegistryError, Rejected, RejectReason
 from ingest.migrations import Connection
+
+log = logging.getLogger(__name__)
 
 MIN_RSA_BITS = 2048
 ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1)
@@ -142,6 +161,10 @@ class DeviceCA:
         return cls(cert, key)
 
     @property
+    def public_key(self) -> ec.EllipticCurvePublicKey:
+        return self._key.public_key()
+
+    @property
     def cert_pem(self) -> str:
         return self.cert.public_bytes(serialization.Encoding.PEM).decode()
 
@@ -187,6 +210,30 @@ class DeviceCA:
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         )
         return builder.sign(self._key, hashes.SHA256())
+
+    def sign_crl(self, revoked: Sequence[tuple[int, dt.datetime]], now: dt.datetime) -> bytes:
+        """A PEM revocation list of `revoked` (serial, when), issued at `now`.
+
+        Its next update is the CA's own expiry: Mosquitto reads the list only at start
+        and on SIGHUP, and OpenSSL refuses every client while the list it holds is past
+        its next update, so a list that lapsed between two revocations would lock out
+        the whole fleet. The registry re-signs it at every revocation instead.
+        """
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.cert.subject)
+            .last_update(now - _BACKDATE)
+            .next_update(max(self.cert.not_valid_after_utc, now + dt.timedelta(days=1)))
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                critical=False,
+            )
+        )
+        for serial, when in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+            )
+        return builder.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
     def _builder(
         self,
@@ -344,3 +391,91 @@ async def issued_certificates(conn: Connection, device_id: str) -> list[tuple[in
         device_id,
     )
     return [(int(r["serial"]), r["fingerprint"]) for r in rows]
+
+
+async def revoke_certificates(conn: Connection, device_key: int, at: dt.datetime) -> int:
+    """Revoke every certificate of the device that is neither revoked nor expired at `at`
+    (in the caller's transaction); how many were."""
+    revoked = await conn.fetch(
+        "UPDATE device_certificates SET revoked_at = greatest($2, issued_at)"
+        " WHERE device_key = $1 AND revoked_at IS NULL AND not_after > $2"
+        " RETURNING certificate_id",
+        device_key,
+        at,
+    )
+    return len(revoked)
+
+
+async def any_revoked(conn: Connection, device_ids: Sequence[str], now: dt.datetime) -> bool:
+    """Whether one of `device_ids` has a revoked certificate that has not expired by `now`."""
+    found: bool = await conn.fetchval(
+        "SELECT EXISTS (SELECT FROM device_certificates c JOIN devices d USING (device_key)"
+        " WHERE d.device_id = ANY($1) AND c.revoked_at IS NOT NULL AND c.not_after > $2)",
+        list(device_ids),
+        now,
+    )
+    return found
+
+
+async def revoked_serials(conn: Connection, now: dt.datetime) -> list[tuple[int, dt.datetime]]:
+    """(serial, revoked at) of every revoked certificate not expired by `now`, the
+    revocation list's entries: an expired one is refused by its own dates."""
+    rows = await conn.fetch(
+        "SELECT serial, revoked_at FROM device_certificates"
+        " WHERE revoked_at IS NOT NULL AND not_after > $1 ORDER BY serial",
+        now,
+    )
+    return [(int(r["serial"]), r["revoked_at"]) for r in rows]
+
+
+def ensure_crl(ca: DeviceCA, crl_file: Path) -> bool:
+    """Write an empty revocation list from `ca` unless `crl_file` holds one it signed.
+
+    Mosquitto will not start without the file its `crlfile` names, and a list from
+    another CA (after the CA was replaced) would fail every handshake. Returns whether
+    it wrote one; an existing list (with the registry's revocations) is kept.
+    """
+    try:
+        crl = x509.load_pem_x509_crl(crl_file.read_bytes())
+        if crl.issuer == ca.cert.subject and crl.is_signature_valid(ca.public_key):
+            return False
+    except (OSError, ValueError, TypeError):
+        pass
+    CrlFile(crl_file, None).publish(ca.sign_crl([], dt.datetime.now(dt.UTC)))
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class CrlFile:
+    """The revocation list the broker's TLS listener reads, and the broker to tell.
+
+    `pid_file` is the broker's (`<run_dir>/mosquitto/mosquitto.pid` for a local one);
+    None when the broker runs elsewhere and reloads the file itself.
+    """
+
+    path: Path
+    pid_file: Path | None
+
+    def publish(self, pem: bytes) -> int | None:
+        """Replace the list atomically, then send the broker SIGHUP; its pid, or None
+        when no broker was told (no pid file, or no such process: it reads the list
+        when it starts). Raises `CaUnavailable` if the file cannot be written."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(pem)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise CaUnavailable(f"cannot write the revocation list {self.path}: {exc}") from exc
+        if self.pid_file is None:
+            return None
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            os.kill(pid, signal.SIGHUP)
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "revocation list %s written; the broker (%s) was not told: %s",
+                self.path, self.pid_file, exc,
+            )  # fmt: skip
+            return None
+        return pid

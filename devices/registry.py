@@ -38,13 +38,22 @@ from cryptography import x509
 
 from devices import owners, ownership
 from devices.broker import BrokerAccounts, adding_accounts
-from devices.certificates import DeviceCA, IssuedCertificate, check_csr, record_issued
+from devices.certificates import (
+    CaUnavailable,
+    CrlFile,
+    DeviceCA,
+    IssuedCertificate,
+    any_revoked,
+    check_csr,
+    record_issued,
+    revoked_serials,
+)
 from devices.credentials import (
     hash_secret_async,
     new_device_secret,
     verify_secret_async,
 )
-from devices.errors import RegistryUnavailable, Rejected, RejectReason
+from devices.errors import RegistryError, RegistryUnavailable, Rejected, RejectReason
 from devices.events import EventPublisher
 from devices.outbox import flush, pending
 from devices.ownership import REJECT_MESSAGES, Lockout
@@ -259,6 +268,8 @@ class Registry:
                     secret_hash=secret_hash,
                     at=at,
                 )
+                # A unit taken over without a release: its old certificates are revoked.
+                await self._publish_crl(conn, [device_id])
                 if request is not None:
                     issued = await self._sign(conn, request, device_id, at)
                 # Last, so a broker failure rolls the registration back.
@@ -286,22 +297,54 @@ class Registry:
             return None
         return check_csr(csr)
 
+    def _device_ca(self) -> DeviceCA:
+        if self._ca is None:
+            self._ca = DeviceCA.load(self.settings.ca_cert_file, self.settings.ca_key_file)
+        return self._ca
+
     async def _sign(
         self, conn: Connection, csr: x509.CertificateSigningRequest, device_id: str, at: datetime
     ) -> IssuedCertificate:
         """Sign the device's certificate and record its serial and fingerprint."""
-        if self._ca is None:
-            self._ca = DeviceCA.load(self.settings.ca_cert_file, self.settings.ca_key_file)
-        issued = self._ca.sign_device(csr, device_id, days=self.settings.certificate_days, at=at)
+        ca = self._device_ca()
+        issued = ca.sign_device(csr, device_id, days=self.settings.certificate_days, at=at)
         await record_issued(conn, device_id, issued, at)
         return issued
+
+    async def _publish_crl(self, conn: Connection, device_ids: list[str]) -> None:
+        """Publish the revocation list to the broker if one of `device_ids` has a revoked
+        certificate that has not expired (`devices.certificates` says why a list).
+
+        Called before the broker drops the devices' connections, so a device that
+        reconnects with a revoked certificate is refused at the handshake. Inside a
+        transaction the list already holds its revocations; should it roll back, the
+        list is stricter than the registry until the next one is published. Repeats
+        are harmless (a retry publishes again).
+        """
+        now = datetime.now(UTC)
+        if not await any_revoked(conn, device_ids, now):
+            return
+        if self.settings.crl_file is None:
+            raise CaUnavailable(
+                f"device {', '.join(device_ids)} has revoked certificates but no revocation"
+                " list is configured: set USAGEPIPE_REGISTRY__CRL_FILE to the file the"
+                " broker's TLS listener reads (crlfile)"
+            )
+        pem = self._device_ca().sign_crl(await revoked_serials(conn, now), now)
+        pid = CrlFile(self.settings.crl_file, self.settings.broker_pid_file).publish(pem)
+        log.info(
+            "revocation list %s published%s", self.settings.crl_file,
+            f" (broker pid {pid} reloads it)" if pid is not None else "",
+        )  # fmt: skip
 
     async def renew_certificate(
         self, device_id: str, owner_id: UUID, csr: str, *, at: datetime | None = None
     ) -> IssuedCertificate:
         """The current owner gets the device a new certificate for the CSR's key (before
         the old one expires, or with a new key). The broker account is left as it is:
-        its identity is the device id, whichever certificate carries it."""
+        its identity is the device id, whichever certificate carries it; the previous
+        certificate stays valid until its own expiry, so a device that has not yet
+        stored the new one stays connected (revoke the credentials to end it sooner)."""
         at = aware(at)
         request = check_csr(csr)
         async with self.transaction() as conn:
@@ -352,6 +395,7 @@ class Registry:
                 at=at,
             )
             password_login = self.settings.allows_password(device["model_number"])
+            await self._publish_crl(conn, [device_id])
             await added.add(device_id, secret if password_login else None)
         await self._flush_after_change()
         return Registration(
@@ -402,6 +446,7 @@ class Registry:
             await ownership.revoke_live(conn, device["device_key"], device_id, "reissued", at)
             await ownership.issue_credentials(conn, device["device_key"], secret_hash, at)
             password_login = self.settings.allows_password(device["model_number"])
+            await self._publish_crl(conn, [device_id])
             await added.add(device_id, secret if password_login else None)
         await self._flush_after_change()
         return Registration(
@@ -410,9 +455,19 @@ class Registry:
         )  # fmt: skip
 
     async def _after_revocation(self, device_ids: list[str]) -> None:
-        """After the commit: tell the broker, then publish the events."""
+        """After the commit: publish the revocation list, tell the broker, then publish
+        the events. The broker is told even when the list could not be published (the
+        error is raised after): a deleted account may do nothing in any case."""
+        failed: RegistryError | None = None
+        try:
+            async with self.transaction() as conn:
+                await self._publish_crl(conn, device_ids)
+        except RegistryError as exc:
+            failed = exc
         for device_id in device_ids:
             await self._broker.revoke_device(device_id)
+        if failed is not None:
+            raise failed
         await self._flush_after_change()
 
     async def verify_device_secret(self, device_id: str, secret: str) -> bool:

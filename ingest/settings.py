@@ -356,6 +356,17 @@ class RegistrySettings(BaseModel):
     """The device CA's private key (PEM, keep it mode 0600 outside the repository);
     the registry signs devices' CSRs with it. Unset, the CLI takes `<run_dir>/ca/ca.key`."""
 
+    crl_file: Path | None = None
+    """Where the registry writes the device CA's revocation list (PEM) when it revokes
+    certificates; the broker's TLS listener reads it (`crlfile`). Unset, the CLI takes
+    the local broker's `<run_dir>/mosquitto/tls/crl.pem` if `usagepipe services up` made it."""
+
+    broker_pid_file: Path | None = None
+    """The broker the registry sends SIGHUP after writing the revocation list, so that
+    Mosquitto reloads it without a restart (connections stay). Unset, the CLI takes the
+    local broker's `<run_dir>/mosquitto/mosquitto.pid`; a broker on another host must
+    reload the file itself."""
+
     certificate_days: Annotated[int, Field(ge=1, le=825)] = 365
     """Validity of a device certificate; the device renews before it ends
     (`POST /devices/{device_id}/certificate` with a new CSR)."""

@@ -20,7 +20,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from devices.api import create_app
-from devices.certificates import DeviceCA, check_csr, ensure_local_ca, issued_certificates
+from devices.certificates import (
+    CaUnavailable,
+    DeviceCA,
+    check_csr,
+    ensure_crl,
+    ensure_local_ca,
+    issued_certificates,
+)
 from devices.errors import Rejected, RejectReason
 from devices.records import Purchase, PurchaseChannel
 from devices.registry import Registry
@@ -40,12 +47,14 @@ def ca_files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def reg_settings(reg_schema: str, ca_files: tuple[Path, Path]) -> RegistrySettings:
+def reg_settings(reg_schema: str, ca_files: tuple[Path, Path], tmp_path: Path) -> RegistrySettings:
+    """No broker to signal: the revocation list is a file the tests read."""
     return RegistrySettings(
         db_schema=reg_schema,
         secret_hash_log2_n=10,
         ca_cert_file=ca_files[0],
         ca_key_file=ca_files[1],
+        crl_file=tmp_path / "crl.pem",
         certificate_days=30,
         password_models=["DR-200"],
     )
@@ -205,3 +214,47 @@ async def test_the_api_answers_certificates_and_clear_422s(registry: Registry) -
             f"/devices/{device}/certificate", json={"owner_id": owner, "csr": "hello"}
         )
         assert (junk.status_code, junk.json()["reason"]) == (422, "bad_csr")
+
+
+async def test_revocation_lists_every_certificate_of_the_device(
+    registry: Registry, ca_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Renewal revokes nothing; revoking the credentials lists both certificates in the
+    revocation list the broker reads, signed by the CA; `ensure_crl` keeps that list."""
+    owner = await registry.create_owner(new_owner(), source="test")
+    done = await registry.register(owner, "WM-100", "SN0001", "CODE-0001", SHOP, csr=csr_for()[1])
+    assert done.certificate is not None
+    first = x509.load_pem_x509_certificate(done.certificate.encode()).serial_number
+    second = (await registry.renew_certificate(done.device_id, owner, csr_for()[1])).serial
+    crl_file = tmp_path / "crl.pem"
+    assert not crl_file.exists()  # nothing revoked yet: no list written
+
+    assert await registry.revoke_credentials(done.device_id, owner) is True
+    crl = x509.load_pem_x509_crl(crl_file.read_bytes())
+    ca = DeviceCA.load(*ca_files)
+    assert crl.is_signature_valid(ca.public_key)
+    assert sorted(r.serial_number for r in crl) == sorted([first, second])
+    assert crl.next_update_utc == ca.cert.not_valid_after_utc
+    before = crl_file.read_bytes()
+    assert ensure_crl(ca, crl_file) is False
+    assert crl_file.read_bytes() == before
+
+
+async def test_revoking_certificates_without_a_revocation_list_is_refused(
+    registry: Registry, reg_settings: RegistrySettings, broker: RecordingBroker
+) -> None:
+    """Without `registry.crl_file` a transfer would leave the seller's certificate
+    working (the broker's account keeps the device id): the registry refuses instead."""
+    owner = await registry.create_owner(new_owner(), source="test")
+    buyer = await registry.create_owner(new_owner("Bob Buyer"), source="test")
+    done = await registry.register(owner, "WM-100", "SN0001", "CODE-0001", SHOP, csr=csr_for()[1])
+    registry.settings = reg_settings.model_copy(update={"crl_file": None})
+    with pytest.raises(CaUnavailable) as refused:
+        await registry.transfer(done.device_id, owner, buyer, SHOP)
+    assert str(refused.value) == (
+        f"device {done.device_id} has revoked certificates but no revocation list is"
+        " configured: set USAGEPIPE_REGISTRY__CRL_FILE to the file the broker's TLS"
+        " listener reads (crlfile)"
+    )
+    assert (await registry.current_owners([done.device_id])) == {done.device_id: owner}
+    assert broker.accounts == {done.device_id: None}

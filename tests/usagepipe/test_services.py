@@ -192,7 +192,7 @@ def test_port_taken_by_plain_listener(tmp_path: Path, plain_listener: int) -> No
 
 def test_rendered_mosquitto_config(tmp_path: Path) -> None:
     tls = services.BrokerTls(18831, "0.0.0.0", tmp_path / "ca.crt", tmp_path / "s.crt",
-                             tmp_path / "s.key")  # fmt: skip
+                             tmp_path / "s.key", tmp_path / "crl.pem")  # fmt: skip
     text = services.render_mosquitto_config(18830, tmp_path, tls)
     lines = {line for line in text.splitlines() if line and not line.startswith("#")}
     assert "listener 18830 127.0.0.1" in lines
@@ -201,6 +201,7 @@ def test_rendered_mosquitto_config(tmp_path: Path) -> None:
         f"cafile {tmp_path.resolve()}/ca.crt",
         f"certfile {tmp_path.resolve()}/s.crt",
         f"keyfile {tmp_path.resolve()}/s.key",
+        f"crlfile {tmp_path.resolve()}/crl.pem",
         "tls_version tlsv1.2",
         "require_certificate true",
         "use_identity_as_username true",

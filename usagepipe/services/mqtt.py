@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from devices.certificates import DeviceCA, ensure_local_ca, ensure_server_certificate
+from devices.certificates import DeviceCA, ensure_crl, ensure_local_ca, ensure_server_certificate
 from devices.errors import BrokerAccountError, RegistryError
 from devices.mosquitto import BrokerLogins, prepare_broker_dir, read_logins
 from ingest.settings import MqttSettings, Settings
@@ -110,6 +110,7 @@ class BrokerTls:
     ca_cert_file: Path
     cert_file: Path
     key_file: Path
+    crl_file: Path
 
 
 def render_mosquitto_config(port: int, run_dir: Path, tls: BrokerTls) -> str:
@@ -126,6 +127,7 @@ def render_mosquitto_config(port: int, run_dir: Path, tls: BrokerTls) -> str:
             cafile=str(tls.ca_cert_file.resolve()),
             certfile=str(tls.cert_file.resolve()),
             keyfile=str(tls.key_file.resolve()),
+            crlfile=str(tls.crl_file.resolve()),
         )
     except OSError as exc:
         raise ServiceError(
@@ -173,6 +175,8 @@ class MosquittoBroker:
         self.ca_key_file = ca_key_file or local_key
         self.server_cert_file = self.dir / "tls" / "server.crt"
         self.server_key_file = self.dir / "tls" / "server.key"
+        self.crl_file = self.dir / "tls" / "crl.pem"
+        """The device CA's revocation list; the registry rewrites it (`registry.crl_file`)."""
 
     @classmethod
     def of(cls, settings: Settings) -> MosquittoBroker:
@@ -201,13 +205,14 @@ class MosquittoBroker:
             ensure_server_certificate(
                 ca, self.server_cert_file, self.server_key_file, self.tls_server_names
             )
+            ensure_crl(ca, self.crl_file)
         except RegistryError as exc:
             raise ServiceError(str(exc)) from exc
         if self.tls_port is None:
             self.tls_port = _free_port()
         return BrokerTls(
             self.tls_port, self.tls_host, self.ca_cert_file, self.server_cert_file,
-            self.server_key_file,
+            self.server_key_file, self.crl_file,
         )  # fmt: skip
 
     @property
@@ -323,16 +328,21 @@ def with_broker_logins(settings: Settings) -> Settings:
 
 
 def _with_local_ca(settings: Settings) -> Settings:
+    """Fill the CA's files, the revocation list and the broker's pid file left unset
+    from the local run dir, each only if `services up` made it there."""
     registry = settings.registry
-    if registry.ca_cert_file is not None and registry.ca_key_file is not None:
-        return settings
+    broker = MosquittoBroker.of(settings)
     cert, key = local_ca_files(settings.services.run_dir)
-    if not (cert.exists() and key.exists()):
+    filled: dict[str, Path] = {}
+    unset = registry.ca_cert_file is None and registry.ca_key_file is None
+    if unset and cert.exists() and key.exists():
+        filled = {"ca_cert_file": cert, "ca_key_file": key}
+    if registry.crl_file is None and broker.crl_file.exists():
+        filled["crl_file"] = broker.crl_file
+        if registry.broker_pid_file is None:
+            filled["broker_pid_file"] = broker.pid_path
+    if not filled:
         return settings
-    filled = {
-        "ca_cert_file": registry.ca_cert_file or cert,
-        "ca_key_file": registry.ca_key_file or key,
-    }
     return settings.model_copy(update={"registry": registry.model_copy(update=filled)})
 
 
