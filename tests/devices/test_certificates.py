@@ -215,6 +215,24 @@ async def test_the_api_answers_certificates_and_clear_422s(registry: Registry) -
         )
         assert (junk.status_code, junk.json()["reason"]) == (422, "bad_csr")
 
+        # The largest CSR the schema takes, framed as PEM or not, and one over it.
+        framed = (
+            "-----BEGIN CERTIFICATE REQUEST-----\n"
+            + "A" * (16384 - 70)
+            + "\n-----END CERTIFICATE REQUEST-----\n"
+        )
+        for csr, reason, field in (
+            ("0" * 16384, "bad_csr", None),
+            (framed[:16384], "bad_csr", None),
+            ("0" * 16385, "invalid_request", "csr"),
+            ("-----BEGIN CERTIFICATE REQUEST-----\x00", "invalid_request", "csr"),
+        ):
+            answer = await client.post(
+                f"/devices/{device}/certificate", json={"owner_id": owner, "csr": csr}
+            )
+            assert (answer.status_code, answer.json()["reason"]) == (422, reason), answer.text
+            assert answer.json()["field"] == field
+
 
 async def test_revocation_lists_every_certificate_of_the_device(
     registry: Registry, ca_files: tuple[Path, Path], tmp_path: Path
