@@ -65,6 +65,11 @@ class MqttSettings(Section):
     tls_server_names: list[str] = ["localhost", "127.0.0.1"]
     """Host names and addresses in the broker's server certificate (devices check
     it); add the name devices connect to."""
+    password_tls_port: Port | None = None
+    """A second TLS listener, server certificate only, where units of
+    `registry.password_models` log in with their device id and MQTT password. Off when
+    unset: the broker's service accounts could log in on it too, from wherever it is
+    reachable (with their generated passwords)."""
     topic_prefix: str = ""
     """Prepended to `devices/{device_id}/telemetry`; tests isolate themselves with it."""
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30

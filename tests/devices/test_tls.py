@@ -58,7 +58,9 @@ suite; a run that finishes normally takes a fraction of a second."""
 def tls_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
     """A private broker per test: device accounts and the revocation list are the
     test's own (device ids derive from the catalog's serials, the same in every test)."""
-    broker = MosquittoBroker(free_port(), tmp_path / "run", tls_port=free_port())
+    broker = MosquittoBroker(
+        free_port(), tmp_path / "run", tls_port=free_port(), password_tls_port=free_port()
+    )
     broker.start()
     try:
         yield broker
@@ -463,3 +465,40 @@ async def test_password_logins_are_for_the_listed_models_only(
     assert (washer.password_login, washer.certificate is not None) == (False, True)
     login = await asyncio.to_thread(password_connack, mqtt, washer.device_id, washer.mqtt_secret)
     assert login == "Not authorized"
+
+
+def password_pub(
+    broker: MosquittoBroker, login: Registration, topic: str, message: str
+) -> PubResult:
+    """One QoS 1 publish over the password TLS listener: server certificate checked,
+    the device's id as username and client id, its MQTT password."""
+    assert broker.password_tls_port is not None
+    command = [
+        "mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.password_tls_port),
+        "--cafile", str(broker.ca_cert_file), "-V", "mqttv5", "-q", "1", "-d",
+        "-i", login.device_id, "-u", login.device_id, "-P", login.mqtt_secret,
+        "-t", topic, "-m", message,
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S, check=False
+    )
+    return PubResult(done.returncode, done.stdout + done.stderr)
+
+
+async def test_password_models_log_in_over_tls_without_a_client_certificate(
+    registry: Registry, tls_broker: MosquittoBroker, watcher: Watcher
+) -> None:
+    owner = await registry.create_owner(new_owner(), source="test")
+    dryer = await registry.register(owner, "DR-200", "SN0003", "CODE-0003", SHOP)
+    topic = telemetry_topic(dryer.device_id)
+    ok = await asyncio.to_thread(password_pub, tls_broker, dryer, topic, "dryer over tls")
+    assert (ok.connected, ok.puback) == (True, "0"), ok.output
+    await watcher.next_is(topic, "dryer over tls")
+
+    washer = await registry.register(owner, "WM-100", "SN0001", "CODE-0001", SHOP, csr=csr_for()[1])
+    wrong = await asyncio.to_thread(
+        password_pub, tls_broker, washer, telemetry_topic(washer.device_id), "no password"
+    )
+    assert not wrong.connected and "Connection error: Not authorized" in wrong.output, wrong.output
+    # The certificate listener still asks the dryer for a certificate.
+    await asyncio.to_thread(refused, tls_broker, None, topic, NO_CERTIFICATE)

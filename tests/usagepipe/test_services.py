@@ -207,6 +207,18 @@ def test_rendered_mosquitto_config(tmp_path: Path) -> None:
         "use_identity_as_username true",
         "use_username_as_clientid true",
     ]
+    assert "# (off: USAGEPIPE_MQTT__PASSWORD_TLS_PORT is unset)" in text
+    with_passwords = services.BrokerTls(
+        18831, "0.0.0.0", tmp_path / "ca.crt", tmp_path / "s.crt", tmp_path / "s.key",
+        tmp_path / "crl.pem", password_port=18832,
+    )  # fmt: skip
+    text = services.render_mosquitto_config(18830, tmp_path, with_passwords)
+    password_lines = text.split("listener 18832 0.0.0.0\n", 1)[1].split("\n\n", 1)[0]
+    assert password_lines.splitlines() == [
+        f"certfile {tmp_path.resolve()}/s.crt",
+        f"keyfile {tmp_path.resolve()}/s.key",
+        "tls_version tlsv1.2",
+    ]
     assert f"persistence_location {tmp_path.resolve()}/mosquitto/data/" in lines
     assert f"pid_file {tmp_path.resolve()}/mosquitto/mosquitto.pid" in lines
     for option in (

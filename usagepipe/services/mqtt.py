@@ -111,6 +111,8 @@ class BrokerTls:
     cert_file: Path
     key_file: Path
     crl_file: Path
+    password_port: int | None = None
+    """A second TLS listener (server certificate only, password logins), or None."""
 
 
 def render_mosquitto_config(port: int, run_dir: Path, tls: BrokerTls) -> str:
@@ -128,6 +130,7 @@ def render_mosquitto_config(port: int, run_dir: Path, tls: BrokerTls) -> str:
             certfile=str(tls.cert_file.resolve()),
             keyfile=str(tls.key_file.resolve()),
             crlfile=str(tls.crl_file.resolve()),
+            password_listener=_password_listener(tls),
         )
     except OSError as exc:
         raise ServiceError(
@@ -136,6 +139,20 @@ def render_mosquitto_config(port: int, run_dir: Path, tls: BrokerTls) -> str:
         ) from exc
     except (KeyError, ValueError) as exc:
         raise ServiceError(f"bad placeholder in {MOSQUITTO_TEMPLATE}: {exc}") from exc
+
+
+def _password_listener(tls: BrokerTls) -> str:
+    """The password TLS listener's lines, or a comment saying it is off."""
+    if tls.password_port is None:
+        return "# (off: USAGEPIPE_MQTT__PASSWORD_TLS_PORT is unset)"
+    return "\n".join(
+        [
+            f"listener {tls.password_port} {tls.host}",
+            f"certfile {tls.cert_file.resolve()}",
+            f"keyfile {tls.key_file.resolve()}",
+            "tls_version tlsv1.2",
+        ]
+    )
 
 
 def local_ca_files(run_dir: Path) -> tuple[Path, Path]:
@@ -156,6 +173,7 @@ class MosquittoBroker:
         tls_port: int | None = None,
         tls_host: str = "127.0.0.1",
         tls_server_names: Sequence[str] = ("localhost", "127.0.0.1"),
+        password_tls_port: int | None = None,
         ca_cert_file: Path | None = None,
         ca_key_file: Path | None = None,
     ) -> None:
@@ -170,6 +188,7 @@ class MosquittoBroker:
         self.tls_port = tls_port
         self.tls_host = tls_host
         self.tls_server_names = list(tls_server_names)
+        self.password_tls_port = password_tls_port
         local_cert, local_key = local_ca_files(run_dir)
         self.ca_cert_file = ca_cert_file or local_cert
         self.ca_key_file = ca_key_file or local_key
@@ -188,6 +207,7 @@ class MosquittoBroker:
             tls_port=settings.mqtt.tls_port,
             tls_host=settings.mqtt.tls_host,
             tls_server_names=settings.mqtt.tls_server_names,
+            password_tls_port=settings.mqtt.password_tls_port,
             ca_cert_file=settings.registry.ca_cert_file,
             ca_key_file=settings.registry.ca_key_file,
         )
@@ -212,7 +232,7 @@ class MosquittoBroker:
             self.tls_port = _free_port()
         return BrokerTls(
             self.tls_port, self.tls_host, self.ca_cert_file, self.server_cert_file,
-            self.server_key_file, self.crl_file,
+            self.server_key_file, self.crl_file, self.password_tls_port,
         )  # fmt: skip
 
     @property
@@ -251,11 +271,15 @@ class MosquittoBroker:
             prepare_broker_dir(self.dir)
         except BrokerAccountError as exc:
             raise ServiceError(str(exc)) from exc
-        if port_open(self.host if tls.host == "0.0.0.0" else tls.host, tls.port):
-            raise PortInUse(
-                f"cannot start Mosquitto: its TLS port {tls.port} is {_holder_text(tls.port)};"
-                " stop it or set USAGEPIPE_MQTT__TLS_PORT to a free port"
-            )
+        tls_ports = {"USAGEPIPE_MQTT__TLS_PORT": tls.port}
+        if tls.password_port is not None:
+            tls_ports["USAGEPIPE_MQTT__PASSWORD_TLS_PORT"] = tls.password_port
+        for variable, tls_port in tls_ports.items():
+            if port_open(self.host if tls.host == "0.0.0.0" else tls.host, tls_port):
+                raise PortInUse(
+                    f"cannot start Mosquitto: its TLS port {tls_port} is"
+                    f" {_holder_text(tls_port)}; stop it or set {variable} to a free port"
+                )
         self.config_path.write_text(render_mosquitto_config(self.port, self.dir.parent, tls))
         self.pid_path.unlink(missing_ok=True)
         done = subprocess.run(
