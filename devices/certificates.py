@@ -28,7 +28,10 @@ SIGHUP, on which Mosquitto 2.0 reloads it without dropping a connection. A devic
 presenting a listed certificate is refused at the TLS handshake ("certificate
 revoked"). The list is checked at the handshake only, so the registry publishes it
 before it has the broker drop the device's connections (`devices.registry`): the
-device's reconnection meets the new list. Certificates are revoked with the device's
+device's reconnection meets the new list. SIGHUP only sets a flag that Mosquitto acts
+on at the end of its current loop iteration, but the signal is sent before the
+registry's drop command, and a reconnection takes a later iteration than the drop, so
+it cannot reach the handshake before the reload. Certificates are revoked with the device's
 credentials (`devices.ownership`: revocation, release, erasure, reissue, transfer, a
 new owner's registration); a renewal leaves the previous certificate valid until its
 own expiry, so a device that has not yet stored its new one stays connected.

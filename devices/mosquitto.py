@@ -43,7 +43,10 @@ denies what every plugin deferred, so a revoked (deleted) certificate client may
 publish and subscribe to nothing (v5 PUBACK "Not authorized"). `deleteClient` also
 disconnects its TLS connections. `disableClient` is no revocation for them: it
 disconnects, but the plugin's ACL check ignores the disabled flag, so the device
-reconnects and publishes again (checked live); revocation deletes the client.
+reconnects and publishes again (checked live); revocation deletes the client. An
+account names a device, not a certificate, so it cannot retire one certificate and
+keep another (transfer, reissue): the CA's revocation list does that at the TLS
+handshake (`devices.certificates`).
 
 Responses are published to one topic every admin connection receives, so each
 command carries a `correlationData` the plugin echoes.
