@@ -39,7 +39,7 @@ from devices.factory_import import import_units
 from devices.mosquitto import DynsecAccounts
 from devices.records import Purchase, PurchaseChannel, Registration
 from devices.registry import Registry
-from ingest.settings import MqttSettings, RegistrySettings, Settings
+from ingest.settings import MqttSettings, RegistrySettings
 from schemas.envelope import telemetry_topic
 from tests.conftest import free_port
 from tests.devices.catalog import DRYER, DSN, UNITS_CSV, WASHER, new_owner
@@ -70,7 +70,9 @@ def tls_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
 
 @pytest.fixture
 def mqtt(tls_broker: MosquittoBroker) -> MqttSettings:
-    return tls_broker.mqtt_settings(Settings().mqtt)
+    """The private broker's plain listener and logins; no topic prefix (the broker is
+    the test's own), whatever the environment says."""
+    return tls_broker.mqtt_settings(MqttSettings())
 
 
 @pytest.fixture
