@@ -222,8 +222,14 @@ class DeviceCA:
         its next update, so a list that lapsed between two revocations would lock out
         the whole fleet. The registry re-signs it at every revocation instead.
         """
+        entries = [
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+            for serial, when in revoked
+        ]
+        # All entries at once: `add_revoked_certificate` copies the list each time
+        # (100,000 entries: 17.7 s that way, 0.6 s this way; bench/certificates.py).
         builder = (
-            x509.CertificateRevocationListBuilder()
+            x509.CertificateRevocationListBuilder(revoked_certificates=entries)
             .issuer_name(self.cert.subject)
             .last_update(now - _BACKDATE)
             .next_update(max(self.cert.not_valid_after_utc, now + dt.timedelta(days=1)))
@@ -232,10 +238,6 @@ class DeviceCA:
                 critical=False,
             )
         )
-        for serial, when in revoked:
-            builder = builder.add_revoked_certificate(
-                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
-            )
         return builder.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
     def _builder(
