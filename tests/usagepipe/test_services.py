@@ -468,3 +468,22 @@ def test_format_table() -> None:
         "kafka (tansu)     127.0.0.1:9092  running (not ours)  pid 7\n"
         "mqtt (mosquitto)  127.0.0.1:1884  stopped\n"
     )
+
+
+def test_the_local_ca_and_revocation_list_fill_unset_registry_settings(tmp_path: Path) -> None:
+    """What `services up` made in the run dir is what the CLI's registry uses, unless
+    the settings name their own files (as production does)."""
+    settings = make_settings(tmp_path, free_port(), free_port())
+    assert services.with_broker_logins(settings).registry == settings.registry  # nothing yet
+    broker = services.MosquittoBroker.of(settings)
+    broker.prepare_tls()
+    filled = services.with_broker_logins(settings).registry
+    ca_cert, ca_key = services.local_ca_files(tmp_path)
+    assert (filled.ca_cert_file, filled.ca_key_file) == (ca_cert, ca_key)
+    assert (filled.crl_file, filled.broker_pid_file) == (broker.crl_file, broker.pid_path)
+    own = settings.registry.model_copy(
+        update={"crl_file": tmp_path / "elsewhere.pem", "ca_cert_file": tmp_path / "x.crt"}
+    )
+    kept = services.with_broker_logins(settings.model_copy(update={"registry": own})).registry
+    assert (kept.crl_file, kept.broker_pid_file) == (tmp_path / "elsewhere.pem", None)
+    assert (kept.ca_cert_file, kept.ca_key_file) == (tmp_path / "x.crt", None)
