@@ -30,6 +30,10 @@ module and `retriable`:
      |    +-- Rejected            False  a request breaks a rule; `reason` says which
      |    |    +-- TooManyAttempts       the caller used up its failed registrations;
      |    |                              `retry_after_s` says when it may try again
+     |    |    +-- BadCsr                devices.certificates: a CSR the registry will not
+     |    |                              sign (`bad_csr`); the message says why
+     |    +-- CaUnavailable       False  devices.certificates: the device CA's key or
+     |    |                              certificate is not configured or unreadable
      |    +-- MigrationError      False  a migration file is malformed or was edited
      |    +-- InvalidImportFile   False  a factory CSV export lacks its header
      |    +-- BrokerAccountError  False  the broker refused the admin login or a command
