@@ -12,7 +12,9 @@ One loop per process, in a Kafka consumer group:
                  devices to the dead-letter topic (and wait for Kafka's confirmation),
                  counted by reason and the device's model
               -> the rest and the batch's next offsets into the store in one
-                 transaction (COPY + ON CONFLICT DO NOTHING + offsets upsert)
+                 transaction (COPY + ON CONFLICT DO NOTHING + offsets upsert); rows
+                 PostgreSQL refuses for what they hold are dead-lettered `unstorable`
+                 and the others written without them
               -> commit the offsets to Kafka as well (for lag monitoring only)
               -> remove erased owners' keys from stored rows, if any were erased
 
@@ -50,12 +52,12 @@ from aiokafka.structs import OffsetAndMetadata
 from ingest.backoff import Backoff
 from ingest.dead_letter import DeadLetter, send_dead_letters
 from ingest.enrich import Enricher
-from ingest.errors import RegistryLookupFailed, StoreUnavailable
+from ingest.errors import RegistryLookupFailed, RowsRefused, StoreUnavailable
 from ingest.kafka import ensure_topics, make_consumer, make_producer, running
 from ingest.metrics import ConsumerMetrics
 from ingest.offsets import ContiguousOffsets, StoredOffsets
 from ingest.rate_limit import DeviceRateLimiter
-from ingest.rows import unregistered_letters, validate_batch
+from ingest.rows import unregistered_letters, unstorable_letters, validate_batch
 from ingest.settings import Settings
 from ingest.store import UsageStore
 from schemas.errors import Reason
@@ -250,13 +252,31 @@ class Consumer:
         )
         await self._count_letters(dead, enricher)
         stage("dead_letter")
-        inserted = await self._retry(
-            "store",
-            store.write,
-            rows,
-            batch.positions,
-            group_id=self._settings.consumer.group_id,
-        )
+        while True:
+            try:
+                inserted = await self._retry(
+                    "store",
+                    store.write,
+                    rows,
+                    batch.positions,
+                    group_id=self._settings.consumer.group_id,
+                )
+                break
+            except RowsRefused as refused:
+                # What PostgreSQL will never take is dead-lettered; the rest is written.
+                log.warning("%s; dead-lettering them as unstorable", refused)
+                letters = unstorable_letters(refused.rows)
+                await self._retry(
+                    "dead_letter",
+                    send_dead_letters,
+                    producer,
+                    self._settings.kafka.dlq_topic,
+                    letters,
+                )
+                await self._count_letters(letters, enricher)
+                dead = dead + letters
+                gone = {id(row) for row, _ in refused.rows}
+                rows = [row for row in rows if id(row) not in gone]
         stage("store")
         await self._commit_kafka(consumer, batch.offsets)
         stage("kafka_commit")
