@@ -480,7 +480,9 @@ async def _drop_schema(dsn: str, schema: str) -> None:
 def test_a_stopped_database_is_one_line(settings: Settings) -> None:
     closed = free_port()
     env = environment(
-        settings, USAGEPIPE_POSTGRES__DSN=f"postgresql://postgres@127.0.0.1:{closed}/test"
+        settings,
+        USAGEPIPE_POSTGRES__DSN=f"postgresql://postgres@127.0.0.1:{closed}/test",
+        USAGEPIPE_CONSUMER__START_WAIT_S="1",
     )
     refused = f"[Errno 111] Connect call failed ('127.0.0.1', {closed})"
     quiet = ["--log-level", "error"]
@@ -509,7 +511,9 @@ def test_a_stopped_broker_is_one_line(settings: Settings) -> None:
         "--log-level",
         "error",
         "bridge",
-        env=environment(settings, USAGEPIPE_MQTT__PORT=str(closed)),
+        env=environment(
+            settings, USAGEPIPE_MQTT__PORT=str(closed), USAGEPIPE_BRIDGE__START_WAIT_S="1"
+        ),
     )
     assert done.returncode == 1
     assert one_line(done) == (
