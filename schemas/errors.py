@@ -32,6 +32,8 @@ module and `retriable`:
      +-- RegistryError            False  devices.errors: the device registry's errors
      |    +-- RegistryUnavailable True   PostgreSQL or the broker's accounts unreachable
      |    +-- Rejected            False  a request breaks a rule; `reason` says which
+     |    |    +-- TooManyAttempts       the caller used up its failed registrations;
+     |    |                              `retry_after_s` says when it may try again
      |    +-- MigrationError      False  a migration file is malformed or was edited
      |    +-- InvalidImportFile   False  a factory CSV export lacks its header
      |    +-- BrokerAccountError  False  the broker refused the admin login or a command

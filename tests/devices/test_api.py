@@ -59,7 +59,7 @@ async def create_owner(client: httpx.AsyncClient, name: str = "Ada Owner") -> st
 
 
 def registration(
-    owner_id: str, serial: str = "SN0001", code: str = "CODE-0001", **more: object
+    owner_id: str, serial: str = "SN0001", code: str = "CODE-0001-7KQ2-M9DX", **more: object
 ) -> dict[str, object]:
     return {
         "owner_id": owner_id,
@@ -77,14 +77,18 @@ async def test_register_and_rejections(
     ada = await create_owner(client)
     bob = await create_owner(client, "Bob Other")
 
-    cases = [
-        (registration(ada, serial="SN9999"), 404, "unknown_serial"),
-        ({**registration(ada), "model_number": "DR-200"}, 422, "model_mismatch"),
-        (registration(bob, code="WRONG"), 403, "wrong_code"),
-    ]
-    for body, code, reason in cases:
+    refused = {
+        "reason": "registration_refused",
+        "detail": "model, serial or code do not match",
+        "field": None,
+    }
+    for body in (
+        registration(ada, serial="SN9999"),
+        {**registration(ada), "model_number": "DR-200"},
+        registration(bob, code="WRONG"),
+    ):
         response = await client.post("/registrations", json=body)
-        assert (response.status_code, response.json()["reason"]) == (code, reason)
+        assert (response.status_code, response.json()) == (403, refused)
 
     response = await client.post("/registrations", json=registration(ada))
     assert response.status_code == 201, response.text
@@ -107,10 +111,14 @@ async def test_register_and_rejections(
     response = await client.post("/registrations", json=registration(ada))
     assert (response.status_code, response.json()["reason"]) == (409, "already_owner")
     response = await client.post("/registrations", json=registration(ada, "SN0002", "WRONG"))
-    assert (response.status_code, response.json()["reason"]) == (403, "wrong_code")
-    # Ada made three failed guesses: she is locked out now, even for a good unit.
-    response = await client.post("/registrations", json=registration(ada, "SN0002", "CODE-0002"))
-    assert (response.status_code, response.json()["reason"]) == (429, "locked_out")
+    assert (response.status_code, response.json()) == (403, refused)
+    # Ada failed three times, her subject's allowance: refused now, even for a good
+    # unit, until a token comes back (one per 20 minutes).
+    response = await client.post(
+        "/registrations", json=registration(ada, "SN0002", "CODE-0002-7KQ2-M9DX")
+    )
+    assert (response.status_code, response.json()["reason"]) == (429, "too_many_attempts")
+    assert 1100 < int(response.headers["Retry-After"]) <= 1200
     # Malformed input is refused by validation before reaching the registry.
     response = await client.post("/registrations", json={**registration(ada), "resale": "maybe"})
     assert response.status_code == 422
