@@ -251,8 +251,11 @@ class Bridge:
         while True:
             try:
                 return await self._run()
+            except LoginRefused as exc:
+                names = variable(["mqtt", "username"]), variable(["mqtt", "password"])
+                raise ConfigurationError(f"{exc} (are {names[0]} and {names[1]} right?)") from exc
             except (BrokerUnavailable, KafkaError) as exc:
-                if self.ready.is_set() or self._stopping.is_set() or isinstance(exc, LoginRefused):
+                if self.ready.is_set() or self._stopping.is_set():
                     raise
                 if give_up is not None and time.monotonic() + backoff.delay_s > give_up:
                     log.warning("bridge gave up waiting for its servers after %ds", wait_s)

@@ -80,7 +80,9 @@ class SubscriptionRefused(ConfigurationError):
 class LoginRefused(BrokerUnavailable):
     """The broker refused the login (CONNACK: bad user name or password, not authorized,
     banned). A device's client keeps retrying, as its secret may be reissued meanwhile;
-    the bridge at start does not: a setting is wrong, and waiting will not change it."""
+    the bridge at start does not (a ConfigurationError: the login settings are wrong)."""
+
+    retriable = False
 
 
 LOGIN_REFUSALS = frozenset({0x86, 0x87, 0x8A, 0x8C})

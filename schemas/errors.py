@@ -17,7 +17,7 @@ module and `retriable`:
      |    +-- PortUnavailable            ingest.errors: a port of ours cannot be listened on
      |    +-- SubscriptionRefused        ingest.mqtt: the broker refused a subscription
      +-- BrokerUnavailable        True   ingest.errors: MQTT or Kafka unreachable, timed out
-     |    +-- LoginRefused               ingest.mqtt: the MQTT broker refused the login
+     |    +-- LoginRefused        False  ingest.mqtt: the MQTT broker refused the login
      |                                   (a device retries; the bridge at start does not)
      +-- StoreUnavailable         True   ingest.errors: PostgreSQL unreachable, or the
      |                                   transaction failed and was rolled back

@@ -524,6 +524,17 @@ def test_a_stopped_broker_is_one_line(settings: Settings) -> None:
     )
 
 
+def test_a_refused_login_stops_the_bridge_at_once(settings: Settings) -> None:
+    """A wrong password is a setting to fix, not a broker to wait for: exit 2."""
+    env = environment(settings, USAGEPIPE_MQTT__PASSWORD="not-the-password")
+    done = usagepipe("--log-level", "error", "bridge", env=env)
+    assert done.returncode == 2
+    assert one_line(done) == (
+        f"usagepipe bridge: MQTT broker refused {settings.bridge.client_id}: Not authorized"
+        " (are USAGEPIPE_MQTT__USERNAME and USAGEPIPE_MQTT__PASSWORD right?)"
+    )
+
+
 def test_a_refused_subscription_stops_the_bridge(
     settings: Settings, base_settings: Settings
 ) -> None:
