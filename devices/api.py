@@ -87,6 +87,9 @@ STATUS_BY_REASON: dict[RejectReason, int] = {
     RejectReason.NOT_CURRENT_OWNER: 403,
     RejectReason.REAUTHENTICATION_REQUIRED: 403,
     RejectReason.NOT_DORMANT: 409,
+    RejectReason.BAD_CSR: 422,
+    RejectReason.CERTIFICATE_REQUIRED: 422,
+    RejectReason.NO_LIVE_CREDENTIALS: 409,
 }
 """HTTP status per reason: 404 unknown thing, 403 not allowed (a failed proof of
 purchase among them), 409 conflicts with the current state, 429 too many failed
@@ -133,6 +136,8 @@ Source = Annotated[str, _text(1, 100), Printable, PRINTABLE]
 IsoDate = Annotated[date, BeforeValidator(_date_text)]
 # A path parameter: bytes that are not UTF-8 (`%ED%A0%80`) arrive as U+FFFD.
 DeviceId = Annotated[str, _text(1, 100), Printable, AfterValidator(not_replaced), PRINTABLE, Path()]
+# PEM is ASCII lines; `devices.certificates.check_csr` says what else is wrong.
+Csr = Annotated[str, _text(1, 16384, r"^[\x20-\x7e\r\n]*$")]
 
 
 class Body(BaseModel):
@@ -214,6 +219,9 @@ class RegistrationIn(Body):
     resale: StrictBool = False
     """True when the unit was bought second-hand and its previous owner did not release
     it; the code from inside the unit is then the proof of possession."""
+    csr: Csr | None = None
+    """A PKCS#10 certificate signing request (PEM) from the device, for a TLS client
+    certificate; its private key never leaves the device."""
 
 
 class RegistrationOut(Body):
@@ -225,7 +233,11 @@ class RegistrationOut(Body):
     serial_number: str
     valid_from: datetime
     mqtt_username: str
-    mqtt_password: str
+    mqtt_password: str | None
+    """Null for a model that logs in with a certificate only."""
+    certificate: str | None = None
+    """The device's TLS client certificate (PEM, subject CN = device id) when the
+    registration sent a CSR; null otherwise."""
 
     @classmethod
     def of(cls, done: Registration) -> "RegistrationOut":
@@ -236,7 +248,8 @@ class RegistrationOut(Body):
             serial_number=done.serial_number,
             valid_from=done.valid_from,
             mqtt_username=done.device_id,
-            mqtt_password=done.mqtt_secret,
+            mqtt_password=done.mqtt_secret if done.password_login else None,
+            certificate=done.certificate,
         )
 
 
@@ -444,6 +457,7 @@ async def register(
             body.registration_code,
             body.purchase.purchase(),
             resale=body.resale,
+            csr=body.csr,
             caller=caller,
         )
     except TooManyAttempts as exc:
@@ -487,3 +501,39 @@ async def revoke(device_id: DeviceId, body: OwnerRefIn, registry: RegistryDep) -
 async def reissue(device_id: DeviceId, body: OwnerRefIn, registry: RegistryDep) -> RegistrationOut:
     """The current owner gets a new MQTT secret; the previous one stops working."""
     return RegistrationOut.of(await registry.reissue_credentials(device_id, body.owner_id))
+
+
+# -- device certificates (TLS) -------------------------------------------------------
+
+
+class CertificateIn(Body):
+    owner_id: UUID
+    csr: Csr
+    """A new PKCS#10 request (PEM) from the device: the same key or a new one."""
+
+
+class CertificateOut(Body):
+    """A device's new TLS client certificate and what the registry recorded of it."""
+
+    device_id: str
+    certificate: str
+    serial: str
+    """The certificate's serial number, lower-case hex."""
+    fingerprint_sha256: str
+    not_after: datetime
+
+
+@device_routes.post("/devices/{device_id}/certificate", responses=_errors(*_DEVICE))
+async def renew_certificate(
+    device_id: DeviceId, body: CertificateIn, registry: RegistryDep
+) -> CertificateOut:
+    """The current owner renews the device's TLS client certificate from a new CSR
+    (before the old one expires); the old one stays valid until its own expiry."""
+    issued = await registry.renew_certificate(device_id, body.owner_id, body.csr)
+    return CertificateOut(
+        device_id=device_id,
+        certificate=issued.pem,
+        serial=f"{issued.serial:x}",
+        fingerprint_sha256=issued.fingerprint,
+        not_after=issued.not_after,
+    )

@@ -35,12 +35,14 @@ log = logging.getLogger(__name__)
 class BrokerAccounts(Protocol):
     """The MQTT broker's device accounts, as the registry drives them."""
 
-    async def add_device(self, device_id: str, secret: str) -> None:
-        """Create `device_id`'s account with `secret`, or replace its secret.
+    async def add_device(self, device_id: str, secret: str | None) -> None:
+        """Create `device_id`'s account with `secret`, or replace its secret; either
+        way its current connections are dropped.
 
         The username is the device id; the device may publish only to its own
-        telemetry topic. Raise `devices.errors.RegistryUnavailable` when the broker
-        cannot be reached.
+        telemetry topic. `secret` None: no password login, only a TLS client
+        certificate with the device id as its CN. Raise
+        `devices.errors.RegistryUnavailable` when the broker cannot be reached.
         """
         ...
 
@@ -56,7 +58,7 @@ class AddedAccounts:
         self._broker = broker
         self.device_ids: list[str] = []
 
-    async def add(self, device_id: str, secret: str) -> None:
+    async def add(self, device_id: str, secret: str | None) -> None:
         """Give `device_id` the broker secret `secret`; withdrawn again if the
         transaction does not commit."""
         await self._broker.add_device(device_id, secret)

@@ -73,7 +73,7 @@ class _NoBrokerChanges:
     Any call means a bug, and fails loudly rather than skipping silently.
     """
 
-    async def add_device(self, device_id: str, secret: str) -> None:
+    async def add_device(self, device_id: str, secret: str | None) -> None:
         raise BrokerSyncMissing(f"this command must not add broker account {device_id}")
 
     async def revoke_device(self, device_id: str) -> None:
@@ -221,6 +221,12 @@ def _import_units(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _register(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        csr = args.csr.read_text(encoding="ascii") if args.csr is not None else None
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"usagepipe registry: cannot read the CSR {args.csr}: {exc}", file=sys.stderr)
+        return 2
+
     async def run() -> int:
         async with AsyncExitStack() as stack:
             broker = await stack.enter_async_context(_open_broker(settings))
@@ -233,6 +239,7 @@ def _register(args: argparse.Namespace, settings: Settings) -> int:
                     args.code,
                     Purchase(args.channel, args.store_id, args.purchased_on),
                     resale=args.resale,
+                    csr=csr,
                 )
             except Rejected as exc:
                 print(json.dumps({"reason": exc.reason.value, "detail": exc.message}))
@@ -242,7 +249,8 @@ def _register(args: argparse.Namespace, settings: Settings) -> int:
                 {
                     "device_id": done.device_id,
                     "mqtt_username": done.device_id,
-                    "mqtt_password": done.mqtt_secret,
+                    "mqtt_password": done.mqtt_secret if done.password_login else None,
+                    "certificate": done.certificate,
                 }
             )
         )
@@ -401,6 +409,9 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("--store-id")
     p.add_argument("--purchased-on", type=_day, metavar="YYYY-MM-DD")
     p.add_argument("--resale", action="store_true", help="bought second-hand, not released")
+    p.add_argument(
+        "--csr", type=Path, metavar="FILE", help="the device's PEM CSR: print its TLS certificate"
+    )
 
     p = command(
         "dormancy",

@@ -44,6 +44,13 @@ class RejectReason(StrEnum):
     """Reactivating a dormant owner needs proof that they signed in again."""
     NOT_DORMANT = "not_dormant"
     """Only a dormant owner can be reactivated."""
+    BAD_CSR = "bad_csr"
+    """The certificate signing request is not one the registry signs (not PEM, bad
+    signature, or a key type or size it does not accept); the detail says which."""
+    CERTIFICATE_REQUIRED = "certificate_required"
+    """This model logs in with a client certificate only: send a CSR."""
+    NO_LIVE_CREDENTIALS = "no_live_credentials"
+    """The device's credentials are revoked; reissue them before renewing its certificate."""
 
 
 class ProofFailure(StrEnum):

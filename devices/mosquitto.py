@@ -31,8 +31,25 @@ only.
 What the broker does with each command (also checked live on 2.0.11): `setClientPassword`
 and `deleteClient` disconnect every connection logged in with that username
 ("Administrative action"), so a reissued or revoked secret stops working at once, not
-at the device's next reconnect. Responses are published to one topic every admin
-connection receives, so each command carries a `correlationData` the plugin echoes.
+at the device's next reconnect.
+
+Devices on the TLS listener (deploy/mosquitto, `use_identity_as_username`) log in
+with a certificate: Mosquitto 2.0.11 then takes the username from its CN and skips
+the plugin's password check altogether, so such a client needs no password (a
+certificate-only device's client has none, and cannot log in on the plain listener)
+and even a username the plugin does not know gets CONNACK success. What stops it is
+the ACL check: the plugin defers for a username it does not know, and the broker
+denies what every plugin deferred, so a revoked (deleted) certificate client may
+publish and subscribe to nothing (v5 PUBACK "Not authorized"). `deleteClient` also
+disconnects its TLS connections. `disableClient` is no revocation for them: it
+disconnects, but the plugin's ACL check ignores the disabled flag, so the device
+reconnects and publishes again (checked live); revocation deletes the client. An
+account names a device, not a certificate, so it cannot retire one certificate and
+keep another (transfer, reissue): the CA's revocation list does that at the TLS
+handshake (`devices.certificates`).
+
+Responses are published to one topic every admin connection receives, so each
+command carries a `correlationData` the plugin echoes.
 
 Errors: a broker that cannot be reached or does not answer in time raises
 `RegistryUnavailable` (retriable); a broker that refuses the admin login or a command
@@ -323,37 +340,43 @@ class DynsecAccounts:
 
     # -- BrokerAccounts ----------------------------------------------------------------
 
-    async def add_device(self, device_id: str, secret: str) -> None:
+    async def add_device(self, device_id: str, secret: str | None) -> None:
         """Create the device's client and role, or give the existing client `secret`.
 
         Replacing the secret disconnects whoever is logged in with the old one.
+        `secret` None makes a client without a password: it logs in only over the
+        TLS listener, with a certificate whose CN is the device id; an existing one
+        is deleted and made again, which disconnects its connections too.
         """
         _check_device_id(device_id)
         role = device_role(device_id)
         acls = [_acl("publishClientSend", telemetry_topic(device_id, self._settings.topic_prefix))]
+        client: dict[str, Any] = {
+            "command": "createClient",
+            "username": device_id,
+            "clientid": device_id,
+            "roles": [{"rolename": role}],
+        }
+        if secret is not None:
+            client["password"] = secret
         created_role, created_client = await self._call(
-            [
-                {"command": "createRole", "rolename": role, "acls": acls},
-                {
-                    "command": "createClient",
-                    "username": device_id,
-                    "password": secret,
-                    "clientid": device_id,
-                    "roles": [{"rolename": role}],
-                },
-            ],
+            [{"command": "createRole", "rolename": role, "acls": acls}, client],
             tolerate={"Role already exists", "Client already exists"},
         )
         if "error" not in created_client:
             log.debug("broker account %s created", device_id)
             return
-        fix: list[dict[str, Any]] = [
-            {"command": "modifyClient", "username": device_id, "clientid": device_id,
-             "roles": [{"rolename": role}]},
-            {"command": "enableClient", "username": device_id},
-            # Last: it disconnects connections made with the previous secret.
-            {"command": "setClientPassword", "username": device_id, "password": secret},
-        ]  # fmt: skip
+        fix: list[dict[str, Any]]
+        if secret is None:
+            fix = [{"command": "deleteClient", "username": device_id}, client]
+        else:
+            fix = [
+                {"command": "modifyClient", "username": device_id, "clientid": device_id,
+                 "roles": [{"rolename": role}]},
+                {"command": "enableClient", "username": device_id},
+                # Last: it disconnects connections made with the previous secret.
+                {"command": "setClientPassword", "username": device_id, "password": secret},
+            ]  # fmt: skip
         if "error" in created_role:
             fix.insert(0, {"command": "modifyRole", "rolename": role, "acls": acls})
         await self._call(fix)

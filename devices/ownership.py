@@ -24,6 +24,7 @@ from uuid import UUID
 
 import asyncpg
 
+from devices.certificates import revoke_certificates
 from devices.credentials import verify_secret_async
 from devices.errors import ProofFailure, Rejected, RejectReason
 from devices.events import CREDENTIALS_REVOKED, DEVICE_REGISTERED, DEVICE_TRANSFERRED
@@ -237,7 +238,9 @@ async def open_period(
 async def issue_credentials(
     conn: Connection, device_key: int, secret_hash: str, at: datetime
 ) -> None:
-    """Make `secret_hash` the device's only live credential from `at`."""
+    """Make `secret_hash` the device's only live credential from `at`; certificates
+    signed before are revoked with the secrets (a new owner's device gets its own)."""
+    await revoke_certificates(conn, device_key, at)
     await conn.execute(
         "UPDATE device_credentials SET revoked_at = greatest($2, issued_at)"
         " WHERE device_key = $1 AND revoked_at IS NULL",
@@ -341,7 +344,9 @@ async def end_period(conn: Connection, period_id: int, at: datetime, reason: str
 async def revoke_live(
     conn: Connection, device_key: int, device_id: str, why: str, at: datetime
 ) -> bool:
-    """Revoke the device's live secret, if any, and enqueue the event."""
+    """Revoke the device's live secret, if any, and its certificates, and enqueue the
+    event."""
+    await revoke_certificates(conn, device_key, at)
     revoked = await conn.fetchval(
         "UPDATE device_credentials SET revoked_at = greatest($2, issued_at)"
         " WHERE device_key = $1 AND revoked_at IS NULL RETURNING credential_id",

@@ -137,6 +137,11 @@ class Registration:
     serial_number: str
     valid_from: datetime
     mqtt_secret: str
+    password_login: bool = True
+    """False for a model that logs in with a certificate only (`registry.password_models`):
+    the broker knows no password for it, and `mqtt_secret` is not shown."""
+    certificate: str | None = None
+    """The TLS client certificate (PEM) signed from the device's CSR, if it sent one."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,15 +37,32 @@ from typing import Self
 from uuid import UUID
 
 import asyncpg
+from cryptography import x509
 
 from devices import limits, owners, ownership
 from devices.broker import BrokerAccounts, adding_accounts
+from devices.certificates import (
+    CaUnavailable,
+    CrlFile,
+    DeviceCA,
+    IssuedCertificate,
+    any_revoked,
+    check_csr,
+    record_issued,
+    revoked_serials,
+)
 from devices.credentials import (
     hash_secret_async,
     new_device_secret,
     verify_secret_async,
 )
-from devices.errors import RegistryUnavailable, Rejected, RejectReason, TooManyAttempts
+from devices.errors import (
+    RegistryError,
+    RegistryUnavailable,
+    Rejected,
+    RejectReason,
+    TooManyAttempts,
+)
 from devices.events import EventPublisher
 from devices.limits import Budget, Caller, RateLimits
 from devices.outbox import flush, pending
@@ -132,6 +149,7 @@ class Registry:
         )
         self._dummy_hash = ""
         self.counts = RegistrationCounts()
+        self._ca: DeviceCA | None = None
 
     async def __aenter__(self) -> Self:
         if self._pool is None:
@@ -228,10 +246,16 @@ class Registry:
         purchase: Purchase,
         *,
         resale: bool = False,
+        csr: str | None = None,
         at: datetime | None = None,
         caller: Caller | None = None,
     ) -> Registration:
         """Register a unit to an owner, or raise `Rejected` with the reason.
+
+        With `csr` (PEM) the device also gets a TLS client certificate for its own key
+        (`bad_csr` if the CSR is not acceptable); a model not in
+        `registry.password_models` must send one (`certificate_required`) and gets no
+        password login.
 
         `caller` is who sent the request, whose rate limits apply (`devices.limits`);
         the API passes the subject and the client address, local tools may leave it to
@@ -252,6 +276,9 @@ class Registry:
         at = aware(at)
         model = normalize_code(model_number)
         serial = normalize_code(serial_number)
+        password_login = self.settings.allows_password(model)
+        request = self._certificate_request(csr, model, password_login)
+        issued: IssuedCertificate | None = None
         keys = (caller or Caller(str(owner_id))).keys(self._limits)
         wait_s: int | None = None
         async with self.transaction() as conn:
@@ -305,14 +332,96 @@ class Registry:
                     secret_hash=secret_hash,
                     at=at,
                 )
+                # A unit taken over without a release: its old certificates are revoked.
+                await self._publish_crl(conn, [device_id])
+                if request is not None:
+                    issued = await self._sign(conn, request, device_id, at)
                 # Last, so a broker failure rolls the registration back.
-                await added.add(device_id, secret)
+                await added.add(device_id, secret if password_login else None)
         if refusal is not None:
             raise Rejected(refusal, REJECT_MESSAGES[refusal])
         assert device_id is not None
         await self._flush_after_change()
         log.info("device %s registered (model %s)", device_id, model)
-        return Registration(device_id, owner_id, model, serial, at, secret)
+        return Registration(
+            device_id, owner_id, model, serial, at, secret, password_login,
+            issued.pem if issued is not None else None,
+        )  # fmt: skip
+
+    def _certificate_request(
+        self, csr: str | None, model: str, password_login: bool
+    ) -> x509.CertificateSigningRequest | None:
+        """The checked CSR, if any; a model that may not use a password must send one."""
+        if csr is None:
+            if not password_login:
+                raise Rejected(
+                    RejectReason.CERTIFICATE_REQUIRED,
+                    f"model {model} logs in with a TLS client certificate only: send a csr",
+                )
+            return None
+        return check_csr(csr)
+
+    def _device_ca(self) -> DeviceCA:
+        if self._ca is None:
+            self._ca = DeviceCA.load(self.settings.ca_cert_file, self.settings.ca_key_file)
+        return self._ca
+
+    async def _sign(
+        self, conn: Connection, csr: x509.CertificateSigningRequest, device_id: str, at: datetime
+    ) -> IssuedCertificate:
+        """Sign the device's certificate and record its serial and fingerprint."""
+        ca = self._device_ca()
+        issued = ca.sign_device(csr, device_id, days=self.settings.certificate_days, at=at)
+        await record_issued(conn, device_id, issued, at)
+        return issued
+
+    async def _publish_crl(self, conn: Connection, device_ids: list[str]) -> None:
+        """Publish the revocation list to the broker if one of `device_ids` has a revoked
+        certificate that has not expired (`devices.certificates` says why a list).
+
+        Called before the broker drops the devices' connections, so a device that
+        reconnects with a revoked certificate is refused at the handshake. Inside a
+        transaction the list already holds its revocations; should it roll back, the
+        list is stricter than the registry until the next one is published. Repeats
+        are harmless (a retry publishes again).
+        """
+        now = datetime.now(UTC)
+        if not await any_revoked(conn, device_ids, now):
+            return
+        if self.settings.crl_file is None:
+            raise CaUnavailable(
+                f"device {', '.join(device_ids)} has revoked certificates but no revocation"
+                " list is configured: set USAGEPIPE_REGISTRY__CRL_FILE to the file the"
+                " broker's TLS listener reads (crlfile)"
+            )
+        pem = self._device_ca().sign_crl(await revoked_serials(conn, now), now)
+        pid = CrlFile(self.settings.crl_file, self.settings.broker_pid_file).publish(pem)
+        log.info(
+            "revocation list %s published%s", self.settings.crl_file,
+            f" (broker pid {pid} reloads it)" if pid is not None else "",
+        )  # fmt: skip
+
+    async def renew_certificate(
+        self, device_id: str, owner_id: UUID, csr: str, *, at: datetime | None = None
+    ) -> IssuedCertificate:
+        """The current owner gets the device a new certificate for the CSR's key (before
+        the old one expires, or with a new key). The broker account is left as it is:
+        its identity is the device id, whichever certificate carries it; the previous
+        certificate stays valid until its own expiry, so a device that has not yet
+        stored the new one stays connected (revoke the credentials to end it sooner)."""
+        at = aware(at)
+        request = check_csr(csr)
+        async with self.transaction() as conn:
+            await conn.execute("SELECT 1 FROM owners WHERE owner_id = $1 FOR UPDATE", owner_id)
+            await ownership.current_period(conn, device_id, owner_id, at)
+            if await ownership.live_secret_hash(conn, device_id) is None:
+                raise Rejected(
+                    RejectReason.NO_LIVE_CREDENTIALS,
+                    f"device {device_id}'s credentials are revoked; reissue them first",
+                )
+            issued = await self._sign(conn, request, device_id, at)
+        log.info("device %s renewed its certificate (serial %x)", device_id, issued.serial)
+        return issued
 
     async def _hash_new_secret(self, secret: str) -> str:
         self.counts.secrets_hashed += 1
@@ -353,11 +462,14 @@ class Registry:
                 secret_hash=secret_hash,
                 at=at,
             )
-            await added.add(device_id, secret)
+            password_login = self.settings.allows_password(device["model_number"])
+            await self._publish_crl(conn, [device_id])
+            await added.add(device_id, secret if password_login else None)
         await self._flush_after_change()
         return Registration(
-            device_id, to_owner_id, device["model_number"], device["serial_number"], at, secret
-        )
+            device_id, to_owner_id, device["model_number"], device["serial_number"], at, secret,
+            password_login,
+        )  # fmt: skip
 
     async def release(self, device_id: str, owner_id: UUID, *, at: datetime | None = None) -> None:
         """The current owner gives the device up (sold on, thrown away): their period
@@ -401,16 +513,29 @@ class Registry:
             device = await ownership.current_period(conn, device_id, owner_id, at)
             await ownership.revoke_live(conn, device["device_key"], device_id, "reissued", at)
             await ownership.issue_credentials(conn, device["device_key"], secret_hash, at)
-            await added.add(device_id, secret)
+            password_login = self.settings.allows_password(device["model_number"])
+            await self._publish_crl(conn, [device_id])
+            await added.add(device_id, secret if password_login else None)
         await self._flush_after_change()
         return Registration(
-            device_id, owner_id, device["model_number"], device["serial_number"], at, secret
-        )
+            device_id, owner_id, device["model_number"], device["serial_number"], at, secret,
+            password_login,
+        )  # fmt: skip
 
     async def _after_revocation(self, device_ids: list[str]) -> None:
-        """After the commit: tell the broker, then publish the events."""
+        """After the commit: publish the revocation list, tell the broker, then publish
+        the events. The broker is told even when the list could not be published (the
+        error is raised after): a deleted account may do nothing in any case."""
+        failed: RegistryError | None = None
+        try:
+            async with self.transaction() as conn:
+                await self._publish_crl(conn, device_ids)
+        except RegistryError as exc:
+            failed = exc
         for device_id in device_ids:
             await self._broker.revoke_device(device_id)
+        if failed is not None:
+            raise failed
         await self._flush_after_change()
 
     async def verify_device_secret(self, device_id: str, secret: str) -> bool:

@@ -57,6 +57,19 @@ class MqttSettings(Section):
     dynamic-security admin). Unset, the CLI takes the local broker's, as for `username`."""
     admin_password: SecretStr | None = None
     """Password of the dynamic-security admin; never logged."""
+    tls_port: Port = 8883
+    """The broker's TLS listener for devices, which requires a client certificate
+    from the project's device CA (deploy/mosquitto: `require_certificate`)."""
+    tls_host: str = "0.0.0.0"
+    """Address the TLS listener binds (the plain `port` stays on loopback)."""
+    tls_server_names: list[str] = ["localhost", "127.0.0.1"]
+    """Host names and addresses in the broker's server certificate (devices check
+    it); add the name devices connect to."""
+    password_tls_port: Port | None = None
+    """A second TLS listener, server certificate only, where units of
+    `registry.password_models` log in with their device id and MQTT password. Off when
+    unset: the broker's service accounts could log in on it too, from wherever it is
+    reachable (with their generated passwords)."""
     topic_prefix: str = ""
     """Prepended to `devices/{device_id}/telemetry`; tests isolate themselves with it."""
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
@@ -371,6 +384,34 @@ class RegistrySettings(BaseModel):
     """Published events stay in the PostgreSQL outbox this long (for inspection), then
     are deleted; Kafka's topic retention governs them from then on."""
 
+    ca_cert_file: Path | None = None
+    """The device CA's certificate (PEM): devices' and the broker's certificates chain
+    to it. Unset, the CLI takes `<run_dir>/ca/ca.crt` if `usagepipe services up` made it."""
+
+    ca_key_file: Path | None = None
+    """The device CA's private key (PEM, keep it mode 0600 outside the repository);
+    the registry signs devices' CSRs with it. Unset, the CLI takes `<run_dir>/ca/ca.key`."""
+
+    crl_file: Path | None = None
+    """Where the registry writes the device CA's revocation list (PEM) when it revokes
+    certificates; the broker's TLS listener reads it (`crlfile`). Unset, the CLI takes
+    the local broker's `<run_dir>/mosquitto/tls/crl.pem` if `usagepipe services up` made it."""
+
+    broker_pid_file: Path | None = None
+    """The broker the registry sends SIGHUP after writing the revocation list, so that
+    Mosquitto reloads it without a restart (connections stay). Unset, the CLI takes the
+    local broker's `<run_dir>/mosquitto/mosquitto.pid`; a broker on another host must
+    reload the file itself."""
+
+    certificate_days: Annotated[int, Field(ge=1, le=825)] = 365
+    """Validity of a device certificate; the device renews before it ends
+    (`POST /devices/{device_id}/certificate` with a new CSR)."""
+
+    password_models: list[str] = ["*"]
+    """Models whose devices may log in with a password (for units that cannot do TLS
+    client certificates); `*` is every model. Any other model must send a CSR at
+    registration (422 `certificate_required` without one) and gets no password login."""
+
     http_host: str = "127.0.0.1"
     """Where `usagepipe registry serve` listens; the API is for the maker's own site,
     which authenticates owners, so it is not meant to face the internet directly."""
@@ -389,6 +430,12 @@ class RegistrySettings(BaseModel):
                 f" {MAX_FAILURES_PER_ADDRESS_PER_DAY} keep 64-bit registration codes safe"
             )
         return self
+
+    def allows_password(self, model_number: str) -> bool:
+        """Whether devices of `model_number` may log in with a password."""
+        return "*" in self.password_models or model_number.strip().upper() in {
+            m.strip().upper() for m in self.password_models
+        }
 
     @field_validator("events_topic")
     @classmethod

@@ -133,7 +133,9 @@ class CollectedAccounts:
     def __init__(self) -> None:
         self.secrets: dict[str, str] = {}
 
-    async def add_device(self, device_id: str, secret: str) -> None:
+    async def add_device(self, device_id: str, secret: str | None) -> None:
+        if secret is None:  # a model outside `registry.password_models`
+            raise ValueError(f"simulated device {device_id} needs a password login")
         self.secrets[device_id] = secret
 
     async def revoke_device(self, device_id: str) -> None:

@@ -31,11 +31,11 @@ class RecordingBroker:
     """BrokerAccounts that remembers which device has which secret (and can fail)."""
 
     def __init__(self) -> None:
-        self.accounts: dict[str, str] = {}
+        self.accounts: dict[str, str | None] = {}
         self.calls: list[tuple[str, str]] = []
         self.fail = False
 
-    async def add_device(self, device_id: str, secret: str) -> None:
+    async def add_device(self, device_id: str, secret: str | None) -> None:
         if self.fail:
             raise RegistryUnavailable("broker told to fail")
         self.calls.append(("add", device_id))

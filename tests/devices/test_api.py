@@ -101,6 +101,7 @@ async def test_register_and_rejections(
         "valid_from",
         "mqtt_username",
         "mqtt_password",
+        "certificate",
     }
     assert done["mqtt_username"] == done["device_id"]
     assert broker.accounts == {done["device_id"]: done["mqtt_password"]}
@@ -205,6 +206,7 @@ async def test_openapi_is_published(client: httpx.AsyncClient) -> None:
         "/devices/{device_id}/transfer",
         "/devices/{device_id}/credentials/revoke",
         "/devices/{device_id}/credentials",
+        "/devices/{device_id}/certificate",
         "/owners/{owner_id}/consents",
         "/owners/{owner_id}/reactivation",
         "/owners/{owner_id}/erasure",

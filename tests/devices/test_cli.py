@@ -12,8 +12,10 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from devices.certificates import ensure_local_ca
 from devices.cli import register_commands
 from devices.records import Owner, device_id_for
 from devices.registry import Registry
@@ -21,6 +23,7 @@ from ingest.settings import KafkaSettings, PostgresSettings, RegistrySettings, S
 from schemas.envelope import telemetry_topic
 from tests.conftest import drop_registry
 from tests.devices.catalog import DSN, KAFKA, UNITS_CSV
+from tests.devices.device_keys import csr_for
 from tests.devices.fakes import RecordingBroker, RecordingPublisher
 
 
@@ -72,7 +75,7 @@ def test_commands(
     assert run(cli_settings, "migrate") == 0
     assert capsys.readouterr().out.endswith(
         ": applied 001_registry, 002_notify, 003_firmware, 004_consumer_interface,"
-        " 006_registration_limits\n"
+        " 006_registration_limits, 007_device_certificates\n"
     )
     assert run(cli_settings, "migrate") == 0
     assert capsys.readouterr().out.endswith(": applied nothing\n")
@@ -127,6 +130,38 @@ def test_commands(
     assert _publish_once(cli_settings, device_id, password, topic) == "No matching subscribers"
     other = telemetry_topic(device_id_for("WM-100", "SN0002"), cli_settings.mqtt.topic_prefix)
     assert _publish_once(cli_settings, device_id, password, other) == "Not authorized"
+
+    # With the device's CSR the certificate is printed too (every model may use a
+    # password here: registry.password_models is ["*"]).
+    ca_cert, ca_key = tmp_path / "ca.crt", tmp_path / "ca.key"
+    ensure_local_ca(ca_cert, ca_key)
+    with_ca = cli_settings.model_copy(
+        update={
+            "registry": cli_settings.registry.model_copy(
+                update={"ca_cert_file": ca_cert, "ca_key_file": ca_key}
+            )
+        }
+    )
+    csr = tmp_path / "device.csr"
+    csr.write_text(csr_for()[1])
+    second = [
+        "--serial",
+        "SN0002",
+        "--code",
+        "CODE-0002-7KQ2-M9DX",
+        "--csr",
+        str(tmp_path / "absent.csr"),
+    ]
+    unit2 = ["--owner-id", str(owner), "--model", "WM-100", "--channel", "gift"]
+    assert run(with_ca, "register", *unit2, *second) == 2
+    assert capsys.readouterr().err.startswith(
+        f"usagepipe registry: cannot read the CSR {tmp_path / 'absent.csr'}: "
+    )
+    assert run(with_ca, "register", *unit2, *second[:-1], str(csr)) == 0
+    login = json.loads(capsys.readouterr().out)
+    cert = x509.load_pem_x509_certificate(login["certificate"].encode())
+    assert cert.subject.rfc4514_string() == f"CN={device_id_for('WM-100', 'SN0002')}"
+    assert login["mqtt_password"] is not None
 
 
 def _add_owner(settings: Settings, capsys: pytest.CaptureFixture[str]) -> uuid.UUID:

@@ -452,6 +452,7 @@ def test_consume_on_a_fresh_database_migrates_the_registry_first(settings: Setti
             ("registry", 3, "003_firmware"),
             ("registry", 4, "004_consumer_interface"),
             ("registry", 6, "006_registration_limits"),
+            ("registry", 7, "007_device_certificates"),
         ]
     finally:
         asyncio.run(_drop_schema(dsn, fresh))

@@ -59,7 +59,7 @@ def free_port() -> int:
 
 def make_settings(run_dir: Path, mqtt_port: int, kafka_port: int, dsn: str = PG_DSN) -> Settings:
     return Settings(
-        mqtt=MqttSettings(port=mqtt_port),
+        mqtt=MqttSettings(port=mqtt_port, tls_port=free_port(), tls_host="127.0.0.1"),
         kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{kafka_port}"),
         postgres=PostgresSettings(dsn=SecretStr(dsn)),
         services=ServicesSettings(run_dir=run_dir),
@@ -191,9 +191,34 @@ def test_port_taken_by_plain_listener(tmp_path: Path, plain_listener: int) -> No
 
 
 def test_rendered_mosquitto_config(tmp_path: Path) -> None:
-    text = services.render_mosquitto_config(18830, tmp_path)
+    tls = services.BrokerTls(18831, "0.0.0.0", tmp_path / "ca.crt", tmp_path / "s.crt",
+                             tmp_path / "s.key", tmp_path / "crl.pem")  # fmt: skip
+    text = services.render_mosquitto_config(18830, tmp_path, tls)
     lines = {line for line in text.splitlines() if line and not line.startswith("#")}
     assert "listener 18830 127.0.0.1" in lines
+    tls_lines = text.split("listener 18831 0.0.0.0\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert tls_lines == [
+        f"cafile {tmp_path.resolve()}/ca.crt",
+        f"certfile {tmp_path.resolve()}/s.crt",
+        f"keyfile {tmp_path.resolve()}/s.key",
+        f"crlfile {tmp_path.resolve()}/crl.pem",
+        "tls_version tlsv1.2",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+    ]
+    assert "# (off: USAGEPIPE_MQTT__PASSWORD_TLS_PORT is unset)" in text
+    with_passwords = services.BrokerTls(
+        18831, "0.0.0.0", tmp_path / "ca.crt", tmp_path / "s.crt", tmp_path / "s.key",
+        tmp_path / "crl.pem", password_port=18832,
+    )  # fmt: skip
+    text = services.render_mosquitto_config(18830, tmp_path, with_passwords)
+    password_lines = text.split("listener 18832 0.0.0.0\n", 1)[1].split("\n\n", 1)[0]
+    assert password_lines.splitlines() == [
+        f"certfile {tmp_path.resolve()}/s.crt",
+        f"keyfile {tmp_path.resolve()}/s.key",
+        "tls_version tlsv1.2",
+    ]
     assert f"persistence_location {tmp_path.resolve()}/mosquitto/data/" in lines
     assert f"pid_file {tmp_path.resolve()}/mosquitto/mosquitto.pid" in lines
     for option in (
@@ -443,3 +468,22 @@ def test_format_table() -> None:
         "kafka (tansu)     127.0.0.1:9092  running (not ours)  pid 7\n"
         "mqtt (mosquitto)  127.0.0.1:1884  stopped\n"
     )
+
+
+def test_the_local_ca_and_revocation_list_fill_unset_registry_settings(tmp_path: Path) -> None:
+    """What `services up` made in the run dir is what the CLI's registry uses, unless
+    the settings name their own files (as production does)."""
+    settings = make_settings(tmp_path, free_port(), free_port())
+    assert services.with_broker_logins(settings).registry == settings.registry  # nothing yet
+    broker = services.MosquittoBroker.of(settings)
+    broker.prepare_tls()
+    filled = services.with_broker_logins(settings).registry
+    ca_cert, ca_key = services.local_ca_files(tmp_path)
+    assert (filled.ca_cert_file, filled.ca_key_file) == (ca_cert, ca_key)
+    assert (filled.crl_file, filled.broker_pid_file) == (broker.crl_file, broker.pid_path)
+    own = settings.registry.model_copy(
+        update={"crl_file": tmp_path / "elsewhere.pem", "ca_cert_file": tmp_path / "x.crt"}
+    )
+    kept = services.with_broker_logins(settings.model_copy(update={"registry": own})).registry
+    assert (kept.crl_file, kept.broker_pid_file) == (tmp_path / "elsewhere.pem", None)
+    assert (kept.ca_cert_file, kept.ca_key_file) == (tmp_path / "x.crt", None)
