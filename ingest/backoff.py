@@ -54,3 +54,12 @@ class Backoff:
         """Sleep the current delay with jitter, then lengthen the next one."""
         await self._sleep(self.delay_s * self._uniform(1 - self._jitter, 1 + self._jitter))
         self.delay_s = min(self.delay_s * self._multiplier, self._max_s)
+
+    async def wait_unless(self, event: asyncio.Event) -> bool:
+        """`wait()`, cut short if `event` is set meanwhile; whether it was."""
+        waiting = asyncio.ensure_future(self.wait())
+        setting = asyncio.ensure_future(event.wait())
+        await asyncio.wait([waiting, setting], return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        setting.cancel()
+        return event.is_set()

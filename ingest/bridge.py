@@ -61,10 +61,10 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 
 from ingest.backoff import Backoff
 from ingest.dead_letter import DeadLetter
-from ingest.errors import ConfigurationError
+from ingest.errors import BrokerUnavailable, ConfigurationError
 from ingest.kafka import ensure_topics, make_producer, running
 from ingest.metrics import BridgeMetrics
-from ingest.mqtt import MqttClient, SubscriptionRefused
+from ingest.mqtt import LoginRefused, MqttClient, SubscriptionRefused
 from ingest.setting_errors import variable
 from ingest.settings import Settings
 from schemas.errors import InvalidTelemetry, Reason
@@ -241,6 +241,32 @@ class Bridge:
             self._stopping.set()
 
     async def run(self) -> BridgeReport:
+        """Forward until stopped. Kafka or the MQTT broker not up yet at start is waited
+        for, with the usual backoff and a log line a try, for `bridge.start_wait_s` or
+        until a stop; once subscribed, the MQTT client reconnects by itself and Kafka
+        sends are retried, and a failure neither can retry ends the bridge."""
+        backoff = Backoff()
+        wait_s = self._settings.bridge.start_wait_s
+        give_up = time.monotonic() + wait_s if wait_s else None
+        while True:
+            try:
+                return await self._run()
+            except LoginRefused as exc:
+                names = variable(["mqtt", "username"]), variable(["mqtt", "password"])
+                raise ConfigurationError(f"{exc} (are {names[0]} and {names[1]} right?)") from exc
+            except (BrokerUnavailable, KafkaError) as exc:
+                if self.ready.is_set() or self._stopping.is_set():
+                    raise
+                if give_up is not None and time.monotonic() + backoff.delay_s > give_up:
+                    log.warning("bridge gave up waiting for its servers after %ds", wait_s)
+                    raise
+                self._metrics.errors.labels("start").inc()
+                log.warning("bridge cannot start yet (%s); retrying in %.1fs", exc, backoff.delay_s)
+                if await backoff.wait_unless(self._stopping):
+                    log.info("bridge stopped before it started (%s)", self.report.stopped_by)
+                    return self.report
+
+    async def _run(self) -> BridgeReport:
         s = self._settings
         started = time.monotonic()
         await ensure_topics(s.kafka, s.kafka.raw_topic, s.kafka.dlq_topic)

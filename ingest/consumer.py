@@ -12,7 +12,9 @@ One loop per process, in a Kafka consumer group:
                  devices to the dead-letter topic (and wait for Kafka's confirmation),
                  counted by reason and the device's model
               -> the rest and the batch's next offsets into the store in one
-                 transaction (COPY + ON CONFLICT DO NOTHING + offsets upsert)
+                 transaction (COPY + ON CONFLICT DO NOTHING + offsets upsert); rows
+                 PostgreSQL refuses for what they hold are dead-lettered `unstorable`
+                 and the others written without them
               -> commit the offsets to Kafka as well (for lag monitoring only)
               -> remove erased owners' keys from stored rows, if any were erased
 
@@ -50,12 +52,12 @@ from aiokafka.structs import OffsetAndMetadata
 from ingest.backoff import Backoff
 from ingest.dead_letter import DeadLetter, send_dead_letters
 from ingest.enrich import Enricher
-from ingest.errors import RegistryLookupFailed, StoreUnavailable
+from ingest.errors import BrokerUnavailable, RegistryLookupFailed, RowsRefused, StoreUnavailable
 from ingest.kafka import ensure_topics, make_consumer, make_producer, running
 from ingest.metrics import ConsumerMetrics
 from ingest.offsets import ContiguousOffsets, StoredOffsets
 from ingest.rate_limit import DeviceRateLimiter
-from ingest.rows import unregistered_letters, validate_batch
+from ingest.rows import unregistered_letters, unstorable_letters, validate_batch
 from ingest.settings import Settings
 from ingest.store import UsageStore
 from schemas.errors import Reason
@@ -103,6 +105,7 @@ class Consumer:
         self._stop_after_s = stop_after_s
         self._client_id = client_id
         self._stopping = asyncio.Event()
+        self._consuming = False  # once started, an outage is retried batch by batch
         self._limiter = DeviceRateLimiter(
             settings.consumer.device_rate_per_s, settings.consumer.device_burst
         )
@@ -114,6 +117,32 @@ class Consumer:
             self._stopping.set()
 
     async def run(self) -> ConsumerReport:
+        """Consume until stopped. Kafka or PostgreSQL not up yet at start (a host
+        booting, a deploy starting everything at once) is waited for, with the usual
+        backoff and a log line a try, for `consumer.start_wait_s` or until a stop;
+        once the first batch was asked for, a failure the loop cannot retry ends it."""
+        backoff = Backoff()
+        wait_s = self._settings.consumer.start_wait_s
+        give_up = time.monotonic() + wait_s if wait_s else None
+        while True:
+            try:
+                return await self._run()
+            except (StoreUnavailable, BrokerUnavailable, KafkaError) as exc:
+                if self._consuming or self._stopping.is_set():
+                    raise
+                if give_up is not None and time.monotonic() + backoff.delay_s > give_up:
+                    log.warning("consumer gave up waiting for its servers after %ds", wait_s)
+                    raise
+                self._metrics.errors.labels("start").inc()
+                log.warning(
+                    "consumer cannot start yet (%s); retrying in %.1fs", exc, backoff.delay_s
+                )
+                if await backoff.wait_unless(self._stopping):
+                    self.report.elapsed_s = 0.0
+                    log.info("consumer stopped before it started (%s)", self.report.stopped_by)
+                    return self.report
+
+    async def _run(self) -> ConsumerReport:
         s = self._settings
         started = time.monotonic()
         deadline = None if self._stop_after_s is None else started + self._stop_after_s
@@ -143,6 +172,7 @@ class Consumer:
                 running(consumer),
             ):
                 consumer.subscribe([s.kafka.raw_topic], listener=listener)
+                self._consuming = True
                 failed: BaseException | None = None
                 try:
                     async with asyncio.TaskGroup() as tasks:
@@ -250,13 +280,31 @@ class Consumer:
         )
         await self._count_letters(dead, enricher)
         stage("dead_letter")
-        inserted = await self._retry(
-            "store",
-            store.write,
-            rows,
-            batch.positions,
-            group_id=self._settings.consumer.group_id,
-        )
+        while True:
+            try:
+                inserted = await self._retry(
+                    "store",
+                    store.write,
+                    rows,
+                    batch.positions,
+                    group_id=self._settings.consumer.group_id,
+                )
+                break
+            except RowsRefused as refused:
+                # What PostgreSQL will never take is dead-lettered; the rest is written.
+                log.warning("%s; dead-lettering them as unstorable", refused)
+                letters = unstorable_letters(refused.rows)
+                await self._retry(
+                    "dead_letter",
+                    send_dead_letters,
+                    producer,
+                    self._settings.kafka.dlq_topic,
+                    letters,
+                )
+                await self._count_letters(letters, enricher)
+                dead = dead + letters
+                gone = {id(row) for row, _ in refused.rows}
+                rows = [row for row in rows if id(row) not in gone]
         stage("store")
         await self._commit_kafka(consumer, batch.offsets)
         stage("kafka_commit")

@@ -9,7 +9,12 @@ topic with its reason.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from schemas.errors import UsagepipeError
+
+if TYPE_CHECKING:
+    from ingest.rows import UsageRow
 
 
 class ConfigurationError(UsagepipeError):
@@ -33,6 +38,21 @@ class StoreUnavailable(UsagepipeError):
     """PostgreSQL cannot be reached, or a write transaction failed and was rolled back."""
 
     retriable = True
+
+
+class RowsRefused(UsagepipeError):
+    """PostgreSQL refused some rows of a write for what they hold (a data exception or
+    an integrity violation), not for an outage: `rows` are those rows, each with the
+    database's message. Nothing of the write was kept; the rest can be written again
+    without them, and the refused ones are dead-lettered `unstorable`."""
+
+    retriable = False
+
+    def __init__(self, rows: list[tuple[UsageRow, str]]) -> None:
+        self.rows = rows
+        shown = "; ".join(f"{row.key[:3]}: {message}" for row, message in rows[:3])
+        more = f" (and {len(rows) - 3} more)" if len(rows) > 3 else ""
+        super().__init__(f"PostgreSQL refused {len(rows)} row(s): {shown}{more}")
 
 
 class RegistryLookupFailed(UsagepipeError):

@@ -49,7 +49,8 @@ class BridgeMetrics:
         )
         self.errors = Counter(
             "usagepipe_bridge_errors_total",
-            "Errors by kind (kafka_send, mqtt_disconnect); each is retried.",
+            "Errors by kind (kafka_send, mqtt_disconnect, start: a server not up at start); each"
+            " is retried.",
             ["kind"],
             registry=registry,
         )
@@ -93,8 +94,8 @@ class ConsumerMetrics:
         )
         self.errors = Counter(
             "usagepipe_consumer_errors_total",
-            "Errors by kind (store, registry, erasure, kafka_commit, dead_letter); batches are "
-            "retried.",
+            "Errors by kind (store, registry, erasure, kafka_commit, dead_letter, start: a server"
+            " not up at start); batches are retried.",
             ["kind"],
             registry=registry,
         )

@@ -77,6 +77,18 @@ class SubscriptionRefused(ConfigurationError):
         super().__init__(f"the MQTT broker refused the subscription to {topic!r}: {reason}")
 
 
+class LoginRefused(BrokerUnavailable):
+    """The broker refused the login (CONNACK: bad user name or password, not authorized,
+    banned). A device's client keeps retrying, as its secret may be reissued meanwhile;
+    the bridge at start does not (a ConfigurationError: the login settings are wrong)."""
+
+    retriable = False
+
+
+LOGIN_REFUSALS = frozenset({0x86, 0x87, 0x8A, 0x8C})
+"""CONNACK reason codes that refuse the login itself (paho gives a v3.1.1 refusal its v5 code)."""
+
+
 class PublishRefused(UsagepipeError):
     """The broker answered a QoS 1 publish with a failure reason code (MQTT v5 PUBACK).
     Not retriable: the broker gives this login the same answer again."""
@@ -344,9 +356,8 @@ class MqttClient:
         fut = self._connack
         if reason_code.is_failure:
             if fut is not None and not fut.done():
-                fut.set_exception(
-                    BrokerUnavailable(f"MQTT broker refused {self.client_id}: {reason_code}")
-                )
+                error = LoginRefused if reason_code.value in LOGIN_REFUSALS else BrokerUnavailable
+                fut.set_exception(error(f"MQTT broker refused {self.client_id}: {reason_code}"))
             return
         self.generation += 1
         self.broker_max_packet_size = (

@@ -178,12 +178,34 @@ def validate_batch(
             except InvalidTelemetry as error:
                 dead.append(DeadLetter.for_record(error, record))
                 continue
-            rows.append(UsageRow.from_envelope(env, tp.partition, record.offset, record))
+            try:
+                rows.append(UsageRow.from_envelope(env, tp.partition, record.offset, record))
+            except Exception as exc:  # one record's fault is a letter, never a crash
+                dead.append(
+                    DeadLetter.for_record(unstorable(exc, "could not be made a row"), record)
+                )
         if batch:
             last = batch[-1]
             offsets[tp] = OffsetAndMetadata(last.offset + 1, "")
             positions.append(SourceOffset(tp.topic, tp.partition, last.offset + 1, last.timestamp))
     return Batch(rows, dead, offsets, count, positions)
+
+
+def unstorable(exc: BaseException, what: str) -> InvalidTelemetry:
+    """The refusal (`unstorable`) of a valid message the store cannot hold: `what`
+    happened, and `exc` says why."""
+    return InvalidTelemetry(Reason.UNSTORABLE, f"{what}: {type(exc).__name__}: {exc}")
+
+
+def unstorable_letters(refused: list[tuple[UsageRow, str]]) -> list[DeadLetter]:
+    """Dead letters (`unstorable`) for rows PostgreSQL refused, each with its message."""
+    letters = []
+    for row, message in refused:
+        if row.source is None:
+            raise ValueError(f"row {row.key} has no Kafka record to dead-letter")
+        error = InvalidTelemetry(Reason.UNSTORABLE, f"PostgreSQL refused the row: {message}")
+        letters.append(DeadLetter.for_record(error, row.source))
+    return letters
 
 
 def unregistered_letters(rows: list[UsageRow]) -> list[DeadLetter]:

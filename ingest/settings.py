@@ -140,6 +140,9 @@ class BridgeSettings(Section):
     takes every message."""
     metrics_port: Port = 9101
     """Prometheus metrics port; 0 turns the endpoint off."""
+    start_wait_s: Annotated[int, Field(ge=0)] = 300
+    """How long the bridge waits at start for the MQTT broker and Kafka to answer (a
+    try every 0.1-5 s, each logged) before it exits 1; 0: for ever."""
 
 
 class ConsumerSettings(Section):
@@ -162,6 +165,9 @@ class ConsumerSettings(Section):
     """Messages one device may send at once before `device_rate_per_s` applies: its
     backlog after being offline, or what the broker queued while no bridge ran."""
     metrics_port: Port = 9102
+    start_wait_s: Annotated[int, Field(ge=0)] = 300
+    """How long the consumer waits at start for Kafka and PostgreSQL to answer (a try
+    every 0.1-5 s, each logged) before it exits 1; 0: for ever."""
 
     @property
     def max_future_skew(self) -> timedelta:

@@ -17,8 +17,12 @@ module and `retriable`:
      |    +-- PortUnavailable            ingest.errors: a port of ours cannot be listened on
      |    +-- SubscriptionRefused        ingest.mqtt: the broker refused a subscription
      +-- BrokerUnavailable        True   ingest.errors: MQTT or Kafka unreachable, timed out
+     |    +-- LoginRefused        False  ingest.mqtt: the MQTT broker refused the login
+     |                                   (a device retries; the bridge at start does not)
      +-- StoreUnavailable         True   ingest.errors: PostgreSQL unreachable, or the
      |                                   transaction failed and was rolled back
+     +-- RowsRefused              False  ingest.errors: PostgreSQL refused rows for what they
+     |                                   hold; they are dead-lettered, the rest is written
      +-- RegistryLookupFailed     True   ingest.errors: the registry did not answer in time
      +-- FramingError             True   ingest.mqtt_wire: a packet from the broker over the
      |                                   limit, malformed, or its handler raised; the
@@ -99,6 +103,10 @@ class Reason(StrEnum):
     RATE_LIMITED = "rate_limited"
     """The device sent faster than the per-device ceiling allows (its excess, judged by
     arrival at the bridge); replayable."""
+    UNSTORABLE = "unstorable"
+    """Valid, but the store cannot hold it: PostgreSQL refused its row with a data
+    exception or an integrity violation (the letter carries the database's message),
+    or it could not be made a row at all. The rest of its batch is stored."""
 
 
 class UsagepipeError(Exception):

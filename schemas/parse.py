@@ -8,7 +8,8 @@ refused message carries exactly one reason code:
     3. not JSON, or not a JSON object            -> INVALID_JSON
     4. NaN, Infinity, -Infinity or a number that
        overflows a double (1e400) anywhere       -> NON_FINITE_NUMBER
-    5. envelope fields wrong                     -> SCHEMA_VIOLATION
+    5. envelope fields wrong, or a NUL character
+       (\\u0000) in any string or key            -> SCHEMA_VIOLATION
     6. event_time > now + max_future_skew        -> EVENT_TIME_IN_FUTURE
        event_time < now - max_age                -> EVENT_TIME_EXPIRED
     7. body wrong for its schema and version     -> UNKNOWN_SCHEMA,
@@ -22,6 +23,11 @@ converted from a string in a second step. That parser accepts NaN and Infinity a
 turns 1e400 into inf; the body models refuse them, and only a message that fails is
 examined again, rule by rule, to name the first rule it breaks. That is slower, but
 refused messages are rare. `python bench/validate.py` prints the cost of each stage.
+
+A NUL character is valid JSON but PostgreSQL stores it in neither text nor jsonb: a
+message holding one would be refused by the store after it passed here. It can only
+be written as the escape `\\u0000`, so only a message whose bytes hold that escape is
+searched for one (a byte scan, free for every other message).
 
 Integers are kept exact: a body value of 10**30 reaches the model unchanged and is
 refused by its range check. Numbers with more than 4300 digits, and JSON nested deeper
@@ -69,6 +75,8 @@ def parse_telemetry(
         envelope = Envelope.model_validate_json(raw)
     except ValidationError as exc:
         raise _first_failed_rule(raw, exc) from None
+    if b"\\u0000" in raw:
+        _refuse_nul(raw)
 
     # A body its model accepts holds only finite numbers (every body model refuses NaN
     # and infinity and has no free-form fields), so rule 4's scan of the body only runs
@@ -115,6 +123,38 @@ def _expired(event_time: datetime, now: datetime, max_age: timedelta | None) -> 
             f"event_time: {event_time.isoformat()} is older than the {max_age} before the"
             f" receive time {now.isoformat()} that the store keeps"
         )
+    return None
+
+
+def _refuse_nul(raw: bytes) -> None:
+    """Raise SCHEMA_VIOLATION naming the first string or key of `raw` (a JSON object)
+    that holds a NUL character; nothing if none does (the bytes held an escaped
+    backslash followed by `u0000`)."""
+    found = _nul_path(from_json(raw), "")
+    if found is not None:
+        raise InvalidTelemetry(
+            Reason.SCHEMA_VIOLATION,
+            f"{found}: holds a NUL character (\\u0000), which the store cannot keep",
+        )
+
+
+def _nul_path(value: Any, path: str) -> str | None:
+    """Where the first NUL character in a parsed JSON value is (a string, or a key)."""
+    if isinstance(value, str):
+        return path or "envelope" if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{path}.{key}" if path else key
+            if "\x00" in key:
+                return f"{inner!r} (a key)"
+            found = _nul_path(item, inner)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _nul_path(item, f"{path}[{index}]")
+            if found is not None:
+                return found
     return None
 
 

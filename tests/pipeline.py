@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from devices.schema import migrate_registry_at
 from ingest.bridge import Bridge
 from ingest.consumer import Consumer
-from ingest.kafka import ensure_topics
+from ingest.kafka import ensure_topics, make_producer
 from ingest.metrics import BridgeMetrics, ConsumerMetrics, SimulatorMetrics
 from ingest.mqtt import MqttClient
 from ingest.settings import Settings
@@ -172,3 +172,23 @@ async def read_to_end(settings: Settings, topic: str, idle_s: float = 1.0) -> li
     finally:
         await asyncio.sleep(0)  # see DeadLetterReader.close
         await consumer.stop()
+
+
+async def produce_at(
+    settings: Settings, device: str, payloads: Sequence[bytes], times: Sequence[int]
+) -> None:
+    """`payloads` to the raw topic keyed by `device`, with the Kafka timestamps `times`
+    (ms): as the bridge would have produced them had they arrived then."""
+    await ensure_topics(settings.kafka, settings.kafka.raw_topic, settings.kafka.dlq_topic)
+    producer = make_producer(settings.kafka, client_id="test-produce")
+    await producer.start()
+    try:
+        pending = [
+            await producer.send(
+                settings.kafka.raw_topic, payload, key=device.encode(), timestamp_ms=at
+            )
+            for payload, at in zip(payloads, times, strict=True)
+        ]
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()

@@ -21,7 +21,6 @@ from prometheus_client import CollectorRegistry
 
 from ingest.consumer import Consumer
 from ingest.dead_letter import DeadLetterReader
-from ingest.kafka import ensure_topics, make_producer
 from ingest.metrics import ConsumerMetrics
 from ingest.rate_limit import REPLAY_HEADER, DeviceRateLimiter
 from ingest.settings import Settings
@@ -30,6 +29,7 @@ from simulators.plan import FleetPlan, plan_device
 from simulators.units import device_ids
 from tests.pipeline import (
     pipeline,
+    produce_at,
     provisioned,
     publish_payloads,
     read_to_end,
@@ -198,26 +198,6 @@ async def test_a_flooding_device_is_limited_and_its_replayed_excess_stored(
     assert len(bridged) == 35
     assert all(before_ms <= r.timestamp <= after_ms for r in bridged)
     assert [dict(r.headers) for r in raw if r.headers] == [{REPLAY_HEADER: b"rate_limited"}] * 20
-
-
-async def produce_at(
-    settings: Settings, device: str, payloads: Sequence[bytes], times: Sequence[int]
-) -> None:
-    """`payloads` to the raw topic keyed by `device`, with the Kafka timestamps `times`
-    (ms): as the bridge would have produced them had they arrived then."""
-    await ensure_topics(settings.kafka, settings.kafka.raw_topic, settings.kafka.dlq_topic)
-    producer = make_producer(settings.kafka, client_id="test-rate-produce")
-    await producer.start()
-    try:
-        pending = [
-            await producer.send(
-                settings.kafka.raw_topic, payload, key=device.encode(), timestamp_ms=at
-            )
-            for payload, at in zip(payloads, times, strict=True)
-        ]
-        await asyncio.gather(*pending)
-    finally:
-        await producer.stop()
 
 
 async def test_a_backlog_read_after_a_consumer_restart_is_not_limited(settings: Settings) -> None:

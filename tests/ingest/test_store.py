@@ -17,7 +17,7 @@ import pytest
 from asyncpg.pool import PoolConnectionProxy
 
 import ingest
-from ingest.errors import ConfigurationError, StoreUnavailable
+from ingest.errors import ConfigurationError, RowsRefused
 from ingest.rollups import (
     DETAIL,
     RefreshReport,
@@ -238,13 +238,17 @@ async def test_offsets_are_stored_in_the_rows_transaction(either: UsageStore) ->
         2: SourceOffset("raw", 2, 5, 1001),
     }
     assert await store.load_offsets("g2", "raw", [0, 1, 2]) == {}
-    # A transaction that fails stores neither the rows nor the offsets.
-    # PostgreSQL's jsonb refuses a NUL character, which JSON itself allows.
+    # A transaction that fails stores neither the rows nor the offsets. A row refused
+    # for what it holds is named: PostgreSQL's jsonb refuses a NUL character, which JSON
+    # itself allows (validation refuses it before; this row was made by hand).
     bad = UsageRow("d1", "b1", 9, at, "washer.energy", 1, {"note": "\u0000"}, 0, 12)
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(RowsRefused) as refused:
         await store.write(
             [row("d1", 2, at), bad], [SourceOffset("raw", 0, 14, 1003)], group_id="g1"
         )
+    assert [(r, m.splitlines()[0]) for r, m in refused.value.rows] == [
+        (bad, "UntranslatableCharacterError: unsupported Unicode escape sequence")
+    ]
     assert (await store.load_offsets("g1", "raw", [0]))[0].next_offset == 12
     assert [(d, s) for d, s, _ in await where_rows_are(store)] == [("d1", 1)]
 

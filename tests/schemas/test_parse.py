@@ -393,3 +393,29 @@ def test_naive_receive_time_is_a_programming_error() -> None:
         parse_telemetry(
             VALID, now=NOW.replace(tzinfo=None), max_future_skew=timedelta(0), max_bytes=MAX_BYTES
         )
+
+
+@pytest.mark.parametrize(
+    ("change", "where"),
+    [
+        ({"boot_id": "b\u0000oot"}, "boot_id"),
+        ({"body": {**washer_cycle_body(), "options": ["pre\u0000wash"]}}, "body.options[0]"),
+        ({"body": {**washer_cycle_body(), "no\u0000te": 1}}, "'body.no\\x00te' (a key)"),
+    ],
+    ids=["envelope-field", "body-value", "body-key"],
+)
+def test_a_nul_character_is_refused_where_it_is(change: dict[str, object], where: str) -> None:
+    """PostgreSQL holds no NUL in text or jsonb: refused here, never by the store."""
+    document = envelope()
+    document.update(change)
+    error = refused(encode(document))
+    assert error.reason is Reason.SCHEMA_VIOLATION
+    assert error.message == f"{where}: holds a NUL character (\\u0000), which the store cannot keep"
+
+
+def test_an_escaped_backslash_before_u0000_is_no_nul() -> None:
+    document = envelope()
+    document["boot_id"] = "b\\u0000oot"  # a backslash, then u0000
+    raw = encode(document)
+    assert b"\\\\u0000" in raw
+    assert parse(raw).boot_id == "b\\u0000oot"

@@ -483,7 +483,9 @@ async def _drop_schema(dsn: str, schema: str) -> None:
 def test_a_stopped_database_is_one_line(settings: Settings) -> None:
     closed = free_port()
     env = environment(
-        settings, USAGEPIPE_POSTGRES__DSN=f"postgresql://postgres@127.0.0.1:{closed}/test"
+        settings,
+        USAGEPIPE_POSTGRES__DSN=f"postgresql://postgres@127.0.0.1:{closed}/test",
+        USAGEPIPE_CONSUMER__START_WAIT_S="1",
     )
     refused = f"[Errno 111] Connect call failed ('127.0.0.1', {closed})"
     quiet = ["--log-level", "error"]
@@ -512,12 +514,25 @@ def test_a_stopped_broker_is_one_line(settings: Settings) -> None:
         "--log-level",
         "error",
         "bridge",
-        env=environment(settings, USAGEPIPE_MQTT__PORT=str(closed)),
+        env=environment(
+            settings, USAGEPIPE_MQTT__PORT=str(closed), USAGEPIPE_BRIDGE__START_WAIT_S="1"
+        ),
     )
     assert done.returncode == 1
     assert one_line(done) == (
         f"usagepipe bridge: MQTT broker 127.0.0.1:{closed} unreachable: [Errno 111] Connection"
         " refused"
+    )
+
+
+def test_a_refused_login_stops_the_bridge_at_once(settings: Settings) -> None:
+    """A wrong password is a setting to fix, not a broker to wait for: exit 2."""
+    env = environment(settings, USAGEPIPE_MQTT__PASSWORD="not-the-password")
+    done = usagepipe("--log-level", "error", "bridge", env=env)
+    assert done.returncode == 2
+    assert one_line(done) == (
+        f"usagepipe bridge: MQTT broker refused {settings.bridge.client_id}: Not authorized"
+        " (are USAGEPIPE_MQTT__USERNAME and USAGEPIPE_MQTT__PASSWORD right?)"
     )
 
 

@@ -14,17 +14,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry
 
+from ingest.backoff import Backoff
 from ingest.metrics import serve_metrics
 from ingest.setting_errors import variable
 from ingest.settings import Settings
 from usagepipe.cli.arguments import Commands, add_stop_options, command
+
+log = logging.getLogger("ingest.consumer")
 
 _Report_co = TypeVar("_Report_co", covariant=True)
 _Report = TypeVar("_Report")
@@ -131,13 +136,30 @@ def _consume(args: argparse.Namespace, settings: Settings) -> int:
 
     settings = with_local_owner_key(settings)  # unset: the local run dir's, with a warning
     # The registry owns its schema; the consumer enriches from it and refuses to start
-    # without it, so a fresh database gets it here, as `registry migrate` would.
+    # without it, so a fresh database gets it here, as `registry migrate` would; a
+    # PostgreSQL not up yet is waited for, as the consumer itself waits.
+    wait_s = settings.consumer.start_wait_s
+
+    async def migrate_registry() -> None:
+        backoff = Backoff()
+        give_up = time.monotonic() + wait_s if wait_s else None
+        while True:
+            try:
+                await migrate_registry_at(
+                    settings.postgres.dsn.get_secret_value(), settings.registry.db_schema
+                )
+                return
+            except RegistryError as exc:
+                late = give_up is not None and time.monotonic() + backoff.delay_s > give_up
+                if not exc.retriable or late:
+                    raise
+                log.warning(
+                    "consumer cannot start yet (%s); retrying in %.1fs", exc, backoff.delay_s
+                )
+                await backoff.wait()
+
     try:
-        asyncio.run(
-            migrate_registry_at(
-                settings.postgres.dsn.get_secret_value(), settings.registry.db_schema
-            )
-        )
+        asyncio.run(migrate_registry())
     except RegistryError as exc:
         print(f"usagepipe consume: {exc}", file=sys.stderr)
         return 1 if exc.retriable else 2
