@@ -11,8 +11,30 @@ JSON `true`/`false` only; text fields refuse control characters (PostgreSQL cann
 store NUL) and lone surrogates. `GET /health` checks that PostgreSQL answers;
 `GET /metrics` is Prometheus text. The OpenAPI document is at `/openapi.json`.
 
-The API trusts the caller about who the owner is (`owner_id`): it is meant to sit
-behind the site's authentication, not on the open internet.
+Every route but `/health` and `/metrics` needs `Authorization: Bearer <token>`, a JWT
+of the maker's sign-in (`ingest.auth`): none or an invalid one is 401 `unauthenticated`.
+The API acts for the token's subject only:
+
+- `POST /owners` creates the owner account of the token's subject (one per subject: a
+  second is 409 `owner_exists`; `GET /owners/me` finds it). Every owner route naming
+  an owner id other than the caller's own answers 403 `forbidden`, whether or not that
+  owner exists (so ids cannot be probed); so does any owner route for a sign-in with no
+  account yet.
+- Registration, release, transfer, revocation and reissue act for the caller's owner
+  account: on a device someone else owns, 403 `not_current_owner` (404
+  `unknown_device` when no device has the id). A transfer is the current owner's
+  release to the recipient they name (`to_owner_id`); a buyer without that release
+  registers the unit with `resale: true` and the code printed inside it (proof of
+  possession).
+- Reactivating a dormant owner needs a token whose `auth_time` is at most
+  `auth.reauth_max_age_s` old (403 `reauthentication_required` otherwise).
+- Owners revoke and reissue their own devices' secrets and erase themselves. The same
+  for anyone's device or account, on a request support received, is an operator's:
+  `/operator/...`, with the scope `auth.operator_scope` (403 `insufficient_scope`
+  without it) and a `reason`; each is written to the registry's `audit_log` (who: the
+  operator's subject, what, on what, why, when) in the action's transaction.
+
+`/docs` and `/redoc` are served only where `auth.docs` turns them on.
 
 `from __future__ import annotations` is left out on purpose: FastAPI reads the route
 functions' annotations at runtime.
@@ -22,7 +44,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -43,6 +65,7 @@ from devices.errors import RegistryError, RegistryUnavailable, Rejected, RejectR
 from devices.records import (
     MembershipTier,
     NewOwner,
+    OperatorAction,
     Owner,
     OwnerStatus,
     Purchase,
@@ -50,6 +73,7 @@ from devices.records import (
     Registration,
 )
 from devices.registry import Registry
+from ingest import auth
 from ingest.httpapi import (
     Problem,
     documented,
@@ -76,6 +100,7 @@ STATUS_BY_REASON: dict[RejectReason, int] = {
     RejectReason.NOT_CURRENT_OWNER: 403,
     RejectReason.REAUTHENTICATION_REQUIRED: 403,
     RejectReason.NOT_DORMANT: 409,
+    RejectReason.OWNER_EXISTS: 409,
 }
 """HTTP status per reason: 404 unknown thing, 403 not allowed, 409 conflicts with the
 current state, 422 inconsistent input, 429 locked out."""
@@ -130,7 +155,12 @@ class Body(BaseModel):
 class RegistryProblem(Problem):
     """A refused request: the reason code, a human-readable detail, the field at fault."""
 
-    reason: Annotated[str, Field(json_schema_extra=reason_enum(r.value for r in RejectReason))]
+    reason: Annotated[
+        str,
+        Field(
+            json_schema_extra=reason_enum([*(r.value for r in RejectReason), *auth.AUTH_REASONS])
+        ),
+    ]
 
 
 class CreateOwnerIn(Body):
@@ -194,7 +224,8 @@ class PurchaseIn(Body):
 
 
 class RegistrationIn(Body):
-    owner_id: UUID
+    """A unit to register to the caller's owner account."""
+
     model_number: Code
     serial_number: Code
     registration_code: Annotated[str, _text(1, 64), Printable, PRINTABLE]
@@ -228,12 +259,9 @@ class RegistrationOut(Body):
         )
 
 
-class OwnerRefIn(Body):
-    owner_id: UUID
-
-
 class TransferIn(Body):
-    from_owner_id: UUID
+    """The current owner (the caller) hands the device to `to_owner_id`."""
+
     to_owner_id: UUID
     purchase: PurchaseIn = Field(default_factory=lambda: PurchaseIn(channel=PurchaseChannel.GIFT))
 
@@ -250,11 +278,17 @@ class ConsentIn(Body):
 
 
 class ReactivationIn(Body):
-    reauthenticated: StrictBool
-    """The site confirms the owner just signed in again (password or equivalent)."""
+    """Fresh consent for both purposes; the fresh sign-in is the token's `auth_time`."""
+
     analytics_consent: StrictBool
     marketing_consent: StrictBool
     source: Source = "api"
+
+
+class OperatorIn(Body):
+    """Why an operator acts (a support ticket, the owner's request): for the audit log."""
+
+    reason: Annotated[str, _text(1, 500), Printable, PRINTABLE]
 
 
 class ErasureOut(Body):
@@ -274,12 +308,34 @@ RegistryDep = Annotated[Registry, Depends(_registry)]
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The error answers of a route: 422 and 503 for all, plus `statuses`."""
-    return documented(RegistryProblem, *sorted({*statuses, 422, 503}))
+    """The error answers of a route: 401, 403, 422 and 503 for all, plus `statuses`."""
+    answers = documented(RegistryProblem, *sorted({*statuses, 403, 422, 503}))
+    return dict(sorted({**answers, **auth.documented(RegistryProblem, scoped=False)}.items()))
 
 
 _WITH_BODY = (400,)
-_DEVICE = (*_WITH_BODY, 403, 404, 409)
+_DEVICE = (404, 409)
+
+
+async def _own_account(who: auth.Caller, registry: RegistryDep) -> UUID:
+    """The caller's owner account, or 403 `forbidden` for a sign-in without one."""
+    owner_id = await registry.owner_of_subject(who.subject)
+    if owner_id is None:
+        raise auth.forbidden("this sign-in has no owner account yet: create it with POST /owners")
+    return owner_id
+
+
+OwnAccount = Annotated[UUID, Depends(_own_account)]
+
+
+async def _this_owner(owner_id: UUID, mine: OwnAccount) -> UUID:
+    """The owner named in the path, which must be the caller's own account (403)."""
+    if owner_id != mine:
+        raise auth.forbidden("an owner may read and change their own account only")
+    return owner_id
+
+
+ThisOwner = Annotated[UUID, Depends(_this_owner)]
 
 
 owner_routes = APIRouter()
@@ -288,12 +344,20 @@ owner_routes = APIRouter()
 device_routes = APIRouter()
 """Units: registration, release, transfer, and their MQTT credentials."""
 
+operator_routes = APIRouter(prefix="/operator", tags=["operator"])
+"""Support's actions on any owner's device or account: scoped, with a reason, audited."""
+
 
 def create_app(
-    registry_factory: RegistryFactory, *, metrics_registry: CollectorRegistry | None = None
+    registry_factory: RegistryFactory,
+    *,
+    verifier: auth.Verifier,
+    docs: bool = False,
+    metrics_registry: CollectorRegistry | None = None,
 ) -> FastAPI:
-    """The API over the registry that `registry_factory()` opens for the app's lifetime;
-    its request metrics go to `metrics_registry` (a fresh one when not given)."""
+    """The API over the registry that `registry_factory()` opens for the app's lifetime,
+    for callers whose tokens `verifier` accepts (`/docs` too where `docs`); its request
+    metrics go to `metrics_registry` (a fresh one when not given)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -305,6 +369,8 @@ def create_app(
         title="usagepipe device registry",
         version="1",
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
     )
     metrics = metrics_registry if metrics_registry is not None else CollectorRegistry()
 
@@ -324,10 +390,12 @@ def create_app(
         "registry's schema within 2 s; 503 `unavailable` otherwise. The MQTT broker and "
         "Kafka are not checked (registry events wait in the outbox while Kafka is away).",
     )
+    auth.install(app, verifier)
     app.add_exception_handler(Rejected, _rejected)
     app.add_exception_handler(RegistryError, _failed)
     app.include_router(owner_routes)
     app.include_router(device_routes)
+    app.include_router(operator_routes)
     return app
 
 
@@ -349,21 +417,32 @@ async def _failed(request: Request, exc: Exception) -> JSONResponse:
 # -- owners --------------------------------------------------------------------------
 
 
-@owner_routes.post("/owners", status_code=status.HTTP_201_CREATED, responses=_errors(*_WITH_BODY))
-async def create_owner(body: CreateOwnerIn, registry: RegistryDep) -> OwnerIdOut:
-    """Create an owner account (contacts are kept apart from analytics data)."""
-    owner_id = await registry.create_owner(body.new_owner(), source=body.source)
+@owner_routes.post(
+    "/owners", status_code=status.HTTP_201_CREATED, responses=_errors(*_WITH_BODY, 409)
+)
+async def create_owner(body: CreateOwnerIn, who: auth.Caller, registry: RegistryDep) -> OwnerIdOut:
+    """Create the caller's owner account (one per sign-in subject: a second is 409
+    `owner_exists`). Contacts are kept apart from analytics data."""
+    owner_id = await registry.create_owner(
+        body.new_owner(), source=body.source, subject=who.subject
+    )
     return OwnerIdOut(owner_id=owner_id)
 
 
-@owner_routes.get("/owners/{owner_id}", responses=_errors(404))
-async def get_owner(owner_id: UUID, registry: RegistryDep) -> OwnerOut:
-    """The owner's status, tier and consents (no personal data)."""
+@owner_routes.get("/owners/me", responses=_errors())
+async def get_me(owner_id: OwnAccount, registry: RegistryDep) -> OwnerOut:
+    """The caller's own owner account (403 `forbidden` when the sign-in has none)."""
     return OwnerOut.of(await registry.get_owner(owner_id))
 
 
-@owner_routes.put("/owners/{owner_id}/consents", responses=_errors(*_WITH_BODY, 404, 409))
-async def set_consent(owner_id: UUID, body: ConsentIn, registry: RegistryDep) -> OwnerOut:
+@owner_routes.get("/owners/{owner_id}", responses=_errors())
+async def get_owner(owner_id: ThisOwner, registry: RegistryDep) -> OwnerOut:
+    """The owner's status, tier and consents (no personal data): the caller's own only."""
+    return OwnerOut.of(await registry.get_owner(owner_id))
+
+
+@owner_routes.put("/owners/{owner_id}/consents", responses=_errors(*_WITH_BODY, 409))
+async def set_consent(owner_id: ThisOwner, body: ConsentIn, registry: RegistryDep) -> OwnerOut:
     """Grant or withdraw consent for analytics and/or marketing (audited)."""
     owner = await registry.set_consent(
         owner_id, analytics=body.analytics, marketing=body.marketing, source=body.source
@@ -371,12 +450,20 @@ async def set_consent(owner_id: UUID, body: ConsentIn, registry: RegistryDep) ->
     return OwnerOut.of(owner)
 
 
-@owner_routes.post("/owners/{owner_id}/reactivation", responses=_errors(*_WITH_BODY, 403, 404, 409))
-async def reactivate(owner_id: UUID, body: ReactivationIn, registry: RegistryDep) -> OwnerOut:
-    """Bring a dormant owner back after a fresh sign-in, with fresh consent."""
+@owner_routes.post("/owners/{owner_id}/reactivation", responses=_errors(*_WITH_BODY, 409))
+async def reactivate(
+    request: Request,
+    owner_id: ThisOwner,
+    body: ReactivationIn,
+    who: auth.Caller,
+    registry: RegistryDep,
+) -> OwnerOut:
+    """Bring a dormant owner back after a fresh sign-in (the token's `auth_time` at most
+    `auth.reauth_max_age_s` old), with fresh consent."""
+    max_age = timedelta(seconds=auth.verifier_of(request).settings.reauth_max_age_s)
     owner = await registry.reactivate(
         owner_id,
-        reauthenticated=body.reauthenticated,
+        reauthenticated=who.signed_in_within(max_age),
         analytics_consent=body.analytics_consent,
         marketing_consent=body.marketing_consent,
         source=body.source,
@@ -384,10 +471,9 @@ async def reactivate(owner_id: UUID, body: ReactivationIn, registry: RegistryDep
     return OwnerOut.of(owner)
 
 
-@owner_routes.post("/owners/{owner_id}/erasure", responses=_errors(404))
-async def erase(owner_id: UUID, registry: RegistryDep) -> ErasureOut:
-    """Erase the owner's personal data and links now (idempotent)."""
-    await registry.get_owner(owner_id)  # 404 for an id that never existed
+@owner_routes.post("/owners/{owner_id}/erasure", responses=_errors())
+async def erase(owner_id: ThisOwner, registry: RegistryDep) -> ErasureOut:
+    """Erase the caller's own personal data and links now; the sign-in's link goes too."""
     released = await registry.erase_owner(owner_id)
     return ErasureOut(owner_id=owner_id, released_devices=released)
 
@@ -398,12 +484,14 @@ async def erase(owner_id: UUID, registry: RegistryDep) -> ErasureOut:
 @device_routes.post(
     "/registrations",
     status_code=status.HTTP_201_CREATED,
-    responses=_errors(*_WITH_BODY, 403, 404, 409, 429),
+    responses=_errors(*_WITH_BODY, 404, 409, 429),
 )
-async def register(body: RegistrationIn, registry: RegistryDep) -> RegistrationOut:
-    """Register a unit with model, serial and the code printed inside it."""
+async def register(
+    body: RegistrationIn, owner_id: OwnAccount, registry: RegistryDep
+) -> RegistrationOut:
+    """Register a unit to the caller with model, serial and the code printed inside it."""
     done = await registry.register(
-        body.owner_id,
+        owner_id,
         body.model_number,
         body.serial_number,
         body.registration_code,
@@ -419,28 +507,69 @@ async def register(body: RegistrationIn, registry: RegistryDep) -> RegistrationO
     response_class=Response,
     responses=_errors(*_DEVICE),
 )
-async def release(device_id: DeviceId, body: OwnerRefIn, registry: RegistryDep) -> Response:
-    """The current owner gives the device up; its MQTT secret is revoked."""
-    await registry.release(device_id, body.owner_id)
+async def release(device_id: DeviceId, owner_id: OwnAccount, registry: RegistryDep) -> Response:
+    """The caller, the current owner, gives the device up; its MQTT secret is revoked."""
+    await registry.release(device_id, owner_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@device_routes.post("/devices/{device_id}/transfer", responses=_errors(*_DEVICE))
-async def transfer(device_id: DeviceId, body: TransferIn, registry: RegistryDep) -> RegistrationOut:
-    """The current owner hands the device to another owner, who gets a new secret."""
-    done = await registry.transfer(
-        device_id, body.from_owner_id, body.to_owner_id, body.purchase.purchase()
-    )
+@device_routes.post("/devices/{device_id}/transfer", responses=_errors(*_WITH_BODY, *_DEVICE))
+async def transfer(
+    device_id: DeviceId, body: TransferIn, owner_id: OwnAccount, registry: RegistryDep
+) -> RegistrationOut:
+    """The caller, the current owner, hands the device to `to_owner_id`, who gets a new
+    secret (shown in this answer, for the recipient's unit)."""
+    done = await registry.transfer(device_id, owner_id, body.to_owner_id, body.purchase.purchase())
     return RegistrationOut.of(done)
 
 
 @device_routes.post("/devices/{device_id}/credentials/revoke", responses=_errors(*_DEVICE))
-async def revoke(device_id: DeviceId, body: OwnerRefIn, registry: RegistryDep) -> RevokedOut:
-    """The current owner revokes the device's MQTT secret."""
-    return RevokedOut(revoked=await registry.revoke_credentials(device_id, body.owner_id))
+async def revoke(device_id: DeviceId, owner_id: OwnAccount, registry: RegistryDep) -> RevokedOut:
+    """The caller, the current owner, revokes the device's MQTT secret."""
+    return RevokedOut(revoked=await registry.revoke_credentials(device_id, owner_id))
 
 
 @device_routes.post("/devices/{device_id}/credentials", responses=_errors(*_DEVICE))
-async def reissue(device_id: DeviceId, body: OwnerRefIn, registry: RegistryDep) -> RegistrationOut:
-    """The current owner gets a new MQTT secret; the previous one stops working."""
-    return RegistrationOut.of(await registry.reissue_credentials(device_id, body.owner_id))
+async def reissue(
+    device_id: DeviceId, owner_id: OwnAccount, registry: RegistryDep
+) -> RegistrationOut:
+    """The caller, the current owner, gets a new MQTT secret; the previous one stops
+    working."""
+    return RegistrationOut.of(await registry.reissue_credentials(device_id, owner_id))
+
+
+# -- operators ------------------------------------------------------------------------
+
+
+def _action(who: auth.Principal, body: OperatorIn) -> OperatorAction:
+    return OperatorAction(actor=who.subject, reason=body.reason)
+
+
+@operator_routes.post(
+    "/devices/{device_id}/credentials/revoke", responses=_errors(*_WITH_BODY, *_DEVICE)
+)
+async def operator_revoke(
+    device_id: DeviceId, body: OperatorIn, who: auth.Operator, registry: RegistryDep
+) -> RevokedOut:
+    """Revoke the secret of anyone's device (audited: who, why)."""
+    revoked = await registry.revoke_credentials(device_id, None, operator=_action(who, body))
+    return RevokedOut(revoked=revoked)
+
+
+@operator_routes.post("/devices/{device_id}/credentials", responses=_errors(*_WITH_BODY, *_DEVICE))
+async def operator_reissue(
+    device_id: DeviceId, body: OperatorIn, who: auth.Operator, registry: RegistryDep
+) -> RegistrationOut:
+    """A new secret for anyone's device, for its current owner (audited: who, why)."""
+    done = await registry.reissue_credentials(device_id, None, operator=_action(who, body))
+    return RegistrationOut.of(done)
+
+
+@operator_routes.post("/owners/{owner_id}/erasure", responses=_errors(*_WITH_BODY, 404))
+async def operator_erase(
+    owner_id: UUID, body: OperatorIn, who: auth.Operator, registry: RegistryDep
+) -> ErasureOut:
+    """Erase an owner on a request support received (audited: who, why; idempotent)."""
+    await registry.get_owner(owner_id)  # 404 for an id that never existed
+    released = await registry.erase_owner(owner_id, operator=_action(who, body))
+    return ErasureOut(owner_id=owner_id, released_devices=released)

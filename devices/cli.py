@@ -280,6 +280,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from prometheus_client import CollectorRegistry
 
     from devices.api import create_app
+    from ingest.auth import build_verifier
     from ingest.ports import listen
     from ingest.setting_errors import variable
 
@@ -294,6 +295,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         "--host" if args.host else variable(["registry", "http_host"]),
     )
 
+    verifier, signer = build_verifier(settings.auth, settings.services.run_dir)
+
     async def run() -> int:
         # The broker and the registry are opened here rather than in the app's lifespan,
         # so a database or broker that does not answer is one line (`_run`), not the
@@ -302,7 +305,12 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             broker = await stack.enter_async_context(_open_broker(settings))
             registry = await stack.enter_async_context(_open_registry(settings, broker))
             config = uvicorn.Config(
-                create_app(lambda: nullcontext(registry), metrics_registry=CollectorRegistry()),
+                create_app(
+                    lambda: nullcontext(registry),
+                    verifier=verifier,
+                    docs=settings.auth.docs_enabled,
+                    metrics_registry=CollectorRegistry(),
+                ),
                 host=host,
                 port=port,
                 log_config=None,
@@ -312,11 +320,26 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
                 host,
                 sock.getsockname()[1],
             )
+            print(sign_in_hint(settings, signer is not None), flush=True)
             await uvicorn.Server(config).serve(sockets=[sock])
         return 0
 
     with sock:
         return _run(run())
+
+
+def sign_in_hint(settings: Settings, dev_signer: bool) -> str:
+    """How a caller gets in, as `registry serve` prints it."""
+    if not dev_signer:
+        return (
+            f"sign in: Authorization: Bearer <token from {settings.auth.issuer}>"
+            f" (audience {settings.auth.audience}; operators: scope {settings.auth.operator_scope})"
+        )
+    return (
+        "sign in: Authorization: Bearer <token>; local tokens from the dev signer:\n"
+        "  usagepipe auth token --subject SUBJECT                  an owner\n"
+        "  usagepipe auth token --subject SUBJECT --scope operator  support (/operator/...)"
+    )
 
 
 def _one_of(kind: type[StrEnum]) -> Callable[[str], Any]:

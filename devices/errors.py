@@ -42,6 +42,8 @@ class RejectReason(StrEnum):
     """Reactivating a dormant owner needs proof that they signed in again."""
     NOT_DORMANT = "not_dormant"
     """Only a dormant owner can be reactivated."""
+    OWNER_EXISTS = "owner_exists"
+    """The signed-in subject already has an owner account (`GET /owners/me` finds it)."""
 
 
 class RegistryError(UsagepipeError):
