@@ -19,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from devices.api import STATUS_BY_REASON, RegistryProblem, create_app
 from devices.errors import RejectReason
 from devices.registry import Registry
-from ingest.httpapi import GENERIC_REASONS
 from ingest.auth import AUTH_REASONS
+from ingest.httpapi import GENERIC_REASONS
 from tests import tokens
 from tests.devices.fakes import RecordingBroker, RecordingPublisher
 from tests.http_contract import schemathesis_run, served

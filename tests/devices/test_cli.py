@@ -71,7 +71,8 @@ def test_commands(
 ) -> None:
     assert run(cli_settings, "migrate") == 0
     assert capsys.readouterr().out.endswith(
-        ": applied 001_registry, 002_notify, 003_firmware, 004_consumer_interface\n"
+        ": applied 001_registry, 002_notify, 003_firmware, 004_consumer_interface,"
+        " 005_subjects_audit\n"
     )
     assert run(cli_settings, "migrate") == 0
     assert capsys.readouterr().out.endswith(": applied nothing\n")

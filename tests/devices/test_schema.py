@@ -17,6 +17,7 @@ RECORDED = [
     ("registry", 2, "002_notify"),
     ("registry", 3, "003_firmware"),
     ("registry", 4, "004_consumer_interface"),
+    ("registry", 5, "005_subjects_audit"),
 ]
 TRIGGERS = [
     ("devices", "enrichment_notify"),
@@ -68,7 +69,10 @@ async def test_a_schema_the_consumer_completed_applies_nothing_again(
     await migrate(pg, schema=reg_schema, component="registry", directory=registry)
     await migrate(pg, schema=reg_schema, component="enrich.notify", directory=consumer)
 
-    assert await migrate_registry(pg, reg_schema) == ["004_consumer_interface"]
+    assert await migrate_registry(pg, reg_schema) == [
+        "004_consumer_interface",
+        "005_subjects_audit",
+    ]
     assert await recorded(pg, reg_schema) == RECORDED
     assert await triggers(pg, reg_schema) == TRIGGERS
 
@@ -85,5 +89,6 @@ async def test_a_schema_the_consumer_never_saw_gets_the_rest(
         "002_notify",
         "003_firmware",
         "004_consumer_interface",
+        "005_subjects_audit",
     ]
     assert await recorded(pg, reg_schema) == RECORDED

@@ -35,6 +35,7 @@ from insights.reports import REPORTS
 from simulators.plan import FleetPlan
 from simulators.traffic import device_traffic
 from simulators.units import fleet_units
+from tests import tokens
 from tests.http_contract import served
 from tests.insights.conftest import Seeded
 from tests.insights.seed import END, START
@@ -64,7 +65,13 @@ pytestmark = pytest.mark.skipif(
 
 def dashboard(s: Settings, k: int = K) -> AbstractAsyncContextManager[str]:
     """The insights app over the test's usage table and registry, on a free port."""
-    return served(create_app(s.postgres, InsightsSettings(k_anonymity=k), s.registry.db_schema))
+    app = create_app(
+        s.postgres,
+        InsightsSettings(k_anonymity=k),
+        s.registry.db_schema,
+        verifier=tokens.verifier(),
+    )
+    return served(app)
 
 
 @pytest.fixture

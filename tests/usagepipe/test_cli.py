@@ -450,6 +450,7 @@ def test_consume_on_a_fresh_database_migrates_the_registry_first(settings: Setti
             ("registry", 2, "002_notify"),
             ("registry", 3, "003_firmware"),
             ("registry", 4, "004_consumer_interface"),
+            ("registry", 5, "005_subjects_audit"),
         ]
     finally:
         asyncio.run(_drop_schema(dsn, fresh))
