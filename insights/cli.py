@@ -273,7 +273,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             print(
                 f"open the dashboard, signed in as a planner for 12 h (dev signer):\n"
                 f"  {url}#token={token}\n"
-                "another token: usagepipe auth token --subject NAME --scope planner",
+                "another: usagepipe auth token --dashboard [--subject NAME] [--ttl 1h]",
                 flush=True,
             )
         await uvicorn.Server(config).serve(sockets=[sock])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pyarrow.parquet as pq
@@ -267,3 +268,47 @@ async def test_a_missing_table_or_registry_answers_503_saying_what_to_do(
         assert (answer.status_code, answer.headers["retry-after"]) == (503, "5")
         assert answer.json()["reason"] == "unavailable"
         assert "does not exist: run `usagepipe db migrate`" in answer.json()["detail"]
+
+
+async def test_the_api_needs_a_planners_token(seeded: Seeded, api: str) -> None:
+    """Every `/api/...` route: 401 without a token or with a refused one, 403 with a valid
+    token lacking the planner scope (an owner's, an operator's); the page, its assets,
+    `/health`, `/metrics` and `/openapi.json` hold no usage data and stay open."""
+    data_routes = ["/api/reports", "/api/reports/programs", "/api/filters"]
+    expired = tokens.bearer(
+        "Pat Planner", tokens.PLANNER, now=datetime.now(UTC) - timedelta(hours=13)
+    )
+    refusals = [
+        ({}, 401, "unauthenticated", "sign in: send Authorization: Bearer <token>"),
+        ({"Authorization": "Bearer not-a-jwt"}, 401, "unauthenticated", None),
+        (expired, 401, "unauthenticated", "the token has expired; sign in again"),
+        (tokens.bearer("Ada Owner"), 403, "insufficient_scope", None),
+        (tokens.bearer("Sam Support", tokens.OPERATOR), 403, "insufficient_scope", None),
+    ]
+    async with httpx.AsyncClient(base_url=api) as client:
+        for route in data_routes:
+            for headers, status, reason, detail in refusals:
+                answer = await client.get(route, params=RANGE, headers=headers)
+                assert (answer.status_code, answer.json()["reason"]) == (status, reason), route
+                if detail is not None:
+                    assert answer.json()["detail"] == detail
+                challenge = answer.headers["www-authenticate"]
+                assert challenge.startswith('Bearer realm="usagepipe"'), route
+                if status == 403:
+                    assert answer.json()["detail"] == "this needs the scope 'usagepipe:planner'"
+                    assert 'scope="usagepipe:planner"' in challenge
+            answer = await client.get(route, params=RANGE, headers=PLANNER)
+            assert answer.status_code == 200, route
+        for route in ["/", "/static/dashboard.js", "/health", "/metrics", "/openapi.json"]:
+            assert (await client.get(route)).status_code == 200, route
+        assert (await client.get("/docs")).status_code == 404  # off unless auth.docs
+
+    s = seeded.settings
+    app = create_app(
+        s.postgres, InsightsSettings(), s.registry.db_schema, verifier=VERIFIER, docs=True
+    )
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/docs")).status_code == 200
+            assert (await client.get("/redoc")).status_code == 200

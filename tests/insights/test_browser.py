@@ -20,7 +20,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -46,6 +46,7 @@ ARTIFACTS = Path(
 )
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 K = 3
+PLANNER = tokens.bearer("Pat Planner", tokens.PLANNER)
 # A sandbox-less, offline, reproducible browser (root in CI, no GPU, no network).
 FLAGS = [
     "--no-sandbox",
@@ -116,7 +117,7 @@ async def answers(
     api: str, params: dict[str, Any], names: Iterable[str] = REPORTS
 ) -> dict[str, dict[str, Any]]:
     """The reports `names` as the API answers them for `params`."""
-    async with httpx.AsyncClient(base_url=api, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=api, timeout=30, headers=PLANNER) as client:
         out = {}
         for name in names:
             response = await client.get(f"/api/reports/{name}", params=params)
@@ -154,6 +155,12 @@ def iso_date(t: datetime) -> str:
     return t.date().isoformat()
 
 
+def signed_in(address: str, token: str | None = None) -> str:
+    """`address` with a planner's token in its fragment, as `usagepipe insights serve`
+    prints it."""
+    return f"{address}#token={token or tokens.token('Pat Planner', tokens.PLANNER)}"
+
+
 async def test_every_chart_draws_its_unsuppressed_rows_and_redraws_for_new_filters(
     seeded: Seeded, browser: Browser
 ) -> None:
@@ -162,8 +169,9 @@ async def test_every_chart_draws_its_unsuppressed_rows_and_redraws_for_new_filte
         page = await browser.new_page(viewport={"width": 1280, "height": 900})
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
-        await page.goto(f"{api}/?{urlencode(first)}")
+        await page.goto(signed_in(f"{api}/?{urlencode(first)}"))
         await ready(page, urlencode(first))
+        assert page.url == f"{api}/?{urlencode(first)}"  # the token left the address bar
         shown = await drawn(page)
         assert check_drawn(shown, await answers(api, first)) == len(REPORTS)
         scope = page.locator("#scope b.range")
@@ -215,6 +223,64 @@ async def test_every_chart_draws_its_unsuppressed_rows_and_redraws_for_new_filte
         assert errors == []
 
 
+async def test_the_page_needs_a_planners_token_and_says_so(
+    seeded: Seeded, browser: Browser
+) -> None:
+    """Without a token, with a refused one or with an owner's, the page says what is
+    wrong and what to do instead of showing empty charts; with a planner's it draws,
+    keeps the token out of the address, requests and the Referer, and downloads with it."""
+    async with dashboard(seeded.settings) as api:
+        expired = tokens.token(
+            "Pat Planner", tokens.PLANNER, now=datetime.now(UTC) - timedelta(hours=13)
+        )
+        cases = [
+            (f"{api}/", "unauthenticated", "Sign in to see the usage data.", "signin_none"),
+            (signed_in(f"{api}/", expired), "unauthenticated", "the token has expired", "expired"),
+            (
+                signed_in(f"{api}/", tokens.token("Ada Owner")),
+                "insufficient_scope",
+                "You are signed in, but not as a planner.",
+                "owner",
+            ),
+        ]
+        for address, reason, says, shot in cases:
+            page = await browser.new_page(viewport={"width": 1280, "height": 700})
+            await page.goto(address)
+            await page.wait_for_function("document.body.dataset.state === 'error'", timeout=30_000)
+            assert await page.get_attribute("body", "data-auth") == reason, shot
+            message = page.locator("#signin")
+            assert await message.is_visible(), shot
+            assert says in await message.inner_text(), shot
+            assert not await page.locator("#filters").is_visible(), shot
+            assert page.url == f"{api}/", shot
+            await screenshot(page, f"dashboard_{shot}.png")
+            await page.close()
+
+        page = await browser.new_page(viewport={"width": 1280, "height": 900})
+        sent: list[tuple[str, str | None, str | None]] = []
+        page.on("request", lambda r: sent.append((r.url, r.headers.get("authorization"),
+                                                  r.headers.get("referer"))))  # fmt: skip
+        first = {"start": iso_date(START), "end": iso_date(END)}
+        token = tokens.token("Pat Planner", tokens.PLANNER)
+        await page.goto(signed_in(f"{api}/?{urlencode(first)}", token))
+        await ready(page, urlencode(first))
+        await page.reload()  # the tab keeps the token; the address no longer has it
+        await ready(page, urlencode(first))
+        assert page.url == f"{api}/?{urlencode(first)}"
+        async with page.expect_download() as saving:
+            await page.click("#cohorts .downloads a.csv")
+        saved = await saving.value
+        assert saved.suggested_filename == "cohorts.csv"
+        path = await saved.path()
+        async with httpx.AsyncClient(base_url=api, headers=PLANNER) as client:
+            direct = await client.get("/api/reports/cohorts", params={**first, "format": "csv"})
+        assert await asyncio.to_thread(Path(path).read_bytes) == direct.content
+        api_calls = [(url, auth) for url, auth, _ in sent if "/api/" in url]
+        assert api_calls and all(auth == f"Bearer {token}" for _, auth in api_calls)
+        assert all(token not in url for url, _, _ in sent)
+        assert [(u, r) for u, _, r in sent if r] == []  # <meta name="referrer">: none, or empty
+
+
 SIM_DAYS = 28
 SIM_DEVICES = 240
 """40 appliances of each of the six categories over four weeks: about 28,500 messages,
@@ -257,7 +323,7 @@ async def test_the_simulated_fleet_draws_every_chart_and_the_form_redraws_it(
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         # A new user opens the page as it is: the default range, the last 28 days.
-        await page.goto(f"{api}/")
+        await page.goto(signed_in(f"{api}/"))
         await ready(page, "")
         default = await page.locator("#scope b.range").get_attribute("data-start")
         assert default is not None

@@ -4,6 +4,7 @@
     usagepipe settings [--markdown]       every setting, its variable, default and meaning
     usagepipe asyncapi [--check|--write]  the AsyncAPI contract (schemas/asyncapi.json)
     usagepipe auth token --subject S [--scope planner|operator]   a dev signer's token
+    usagepipe auth token --dashboard      the planners' dashboard address, signed in
     usagepipe dlq list|show|replay        the dead-letter topic
 
 Each handler imports the module that does the work (`usagepipe.services`,
@@ -55,7 +56,9 @@ def add_auth(commands: Commands) -> None:
         "token",
         help="print a token for the APIs, signed by the local dev signer (no auth.issuer)",
     )
-    token.add_argument("--subject", required=True, help="the token's `sub`: who signs in")
+    token.add_argument(
+        "--subject", help="the token's `sub`: who signs in (with --dashboard: planner)"
+    )
     token.add_argument(
         "--scope",
         action="append",
@@ -71,6 +74,12 @@ def add_auth(commands: Commands) -> None:
     )
     token.add_argument(
         "--ttl", type=duration, default=12 * 3600.0, help="valid this long (12h; 30m, 90s)"
+    )
+    token.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="print the dashboard's address (`usagepipe insights serve`) with a planner's"
+        " token in its #token= fragment, to open in a browser (implies --scope planner)",
     )
 
 
@@ -185,18 +194,26 @@ def _auth(args: argparse.Namespace, settings: Settings) -> int:
                 file=sys.stderr,
             )
             return 2
+    subject = args.subject or ("planner" if args.dashboard else None)
+    if subject is None:
+        print("usagepipe auth token: give --subject (who signs in)", file=sys.stderr)
+        return 2
+    scopes = ["planner", *args.scope] if args.dashboard else args.scope
     names = {"planner": settings.auth.planner_scope, "operator": settings.auth.operator_scope}
     signer = DevSigner(dev_key_path(settings.auth, settings.services.run_dir))
-    print(
-        signer.token(
-            args.subject,
-            audience=settings.auth.audience,
-            scopes=[names[s] for s in dict.fromkeys(args.scope)],
-            scope_claim=settings.auth.scope_claim,
-            auth_time=auth_time,
-            ttl=timedelta(seconds=args.ttl),
-        )
+    token = signer.token(
+        subject,
+        audience=settings.auth.audience,
+        scopes=[names[s] for s in dict.fromkeys(scopes)],
+        scope_claim=settings.auth.scope_claim,
+        auth_time=auth_time,
+        ttl=timedelta(seconds=args.ttl),
     )
+    if args.dashboard:
+        insights = settings.insights
+        print(f"http://{insights.http_host}:{insights.http_port}/#token={token}")
+    else:
+        print(token)
     return 0
 
 
