@@ -44,7 +44,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -461,14 +461,34 @@ async def reactivate(
     """Bring a dormant owner back after a fresh sign-in (the token's `auth_time` at most
     `auth.reauth_max_age_s` old), with fresh consent."""
     max_age = timedelta(seconds=auth.verifier_of(request).settings.reauth_max_age_s)
-    owner = await registry.reactivate(
-        owner_id,
-        reauthenticated=who.signed_in_within(max_age),
-        analytics_consent=body.analytics_consent,
-        marketing_consent=body.marketing_consent,
-        source=body.source,
-    )
+    try:
+        owner = await registry.reactivate(
+            owner_id,
+            reauthenticated=who.signed_in_within(max_age),
+            analytics_consent=body.analytics_consent,
+            marketing_consent=body.marketing_consent,
+            source=body.source,
+        )
+    except Rejected as exc:
+        if exc.reason is not RejectReason.REAUTHENTICATION_REQUIRED:
+            raise
+        raise Rejected(exc.reason, _stale_sign_in(who, max_age)) from None
     return OwnerOut.of(owner)
+
+
+def _stale_sign_in(who: auth.Principal, max_age: timedelta) -> str:
+    """Why `who`'s token does not reactivate: what the sign-in lacks, and what to do."""
+    limit = int(max_age.total_seconds())
+    if who.auth_time is None:
+        return (
+            "reactivating needs a fresh sign-in: this token has no auth_time; sign in"
+            f" again and send the new token within {limit} s"
+        )
+    age = int((datetime.now(UTC) - who.auth_time).total_seconds())
+    return (
+        f"reactivating needs a sign-in at most {limit} s old; this token's was {age} s ago"
+        " (auth_time): sign in again and send the new token"
+    )
 
 
 @owner_routes.post("/owners/{owner_id}/erasure", responses=_errors())

@@ -139,7 +139,7 @@ def _load_keys(path: Path) -> dict[str | None, Any]:
         found = json.loads(data)
         members = found["keys"] if isinstance(found, dict) and "keys" in found else [found]
         keys = [jwt.PyJWK(member) for member in members]
-    except (ValueError, KeyError, TypeError, jwt.PyJWKError) as exc:
+    except (ValueError, KeyError, TypeError, jwt.PyJWTError) as exc:
         raise ConfigurationError(
             f"auth.keys_file {path}: neither a PEM public key nor a JWK (Set): {exc}"
         ) from exc
@@ -201,6 +201,10 @@ class Verifier:
             )
         except jwt.ExpiredSignatureError:
             raise unauthenticated("the token has expired; sign in again") from None
+        except jwt.ImmatureSignatureError:
+            raise unauthenticated(
+                "the token is not valid yet (iat or nbf in the future): check the clocks"
+            ) from None
         except jwt.InvalidAudienceError:
             raise unauthenticated(
                 f"the token is not meant for this API (audience {self.settings.audience})"
@@ -299,7 +303,7 @@ class DevSigner:
 
     def verifier(self, settings: AuthSettings) -> Verifier:
         """A verifier of this signer's tokens (ES256 accepted whatever `algorithms` says)."""
-        algorithms = [*settings.algorithms, _DEV_ALGORITHM]
+        algorithms = list(dict.fromkeys([*settings.algorithms, _DEV_ALGORITHM]))
         local = settings.model_copy(update={"algorithms": algorithms})
         return Verifier(local, issuer=DEV_ISSUER, keys={DEV_KEY_ID: self.public_key()})
 
