@@ -478,7 +478,7 @@ def _print_coverage(
     # The dashboard needs a planner's token (`ingest.auth`): locally `insights serve`
     # prints the address with one from the dev signer in its fragment.
     signed_in = (
-        "the address it prints, which signs you in as a planner (the charts and the API)"
+        "the address it prints (signed in as a planner)"
         if settings.auth.issuer is None
         else f"http://{host}:{port}/#token=<a planner's token from {settings.auth.issuer}>"
     )
