@@ -73,16 +73,28 @@ class Refused(UsagepipeError):
     """A request whose token is missing or invalid (401), or valid but not allowed
     (403); `reason` and `detail` go into the `Problem` answer."""
 
-    def __init__(self, status: int, reason: str, detail: str, *, scope: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        detail: str,
+        *,
+        scope: str | None = None,
+        token_sent: bool = True,
+    ) -> None:
         super().__init__(f"{reason}: {detail}")
         self.status = status
         self.reason = reason
         self.detail = detail
         self.scope = scope
+        self.token_sent = token_sent
 
     def challenge(self) -> str:
-        """The `WWW-Authenticate` header (RFC 6750 section 3)."""
+        """The `WWW-Authenticate` header (RFC 6750 section 3): a request that sent no
+        token gets no error code, one whose token failed `invalid_token`."""
         if self.status == 401:
+            if not self.token_sent:
+                return 'Bearer realm="usagepipe"'
             return 'Bearer realm="usagepipe", error="invalid_token"'
         if self.reason == "insufficient_scope" and self.scope:
             return f'Bearer realm="usagepipe", error="insufficient_scope", scope="{self.scope}"'
@@ -404,7 +416,12 @@ def verifier_of(request: Request) -> Verifier:
 async def caller(request: Request, credentials: Credentials) -> Principal:
     """The dependency of every authenticated route: the verified caller, or 401."""
     if credentials is None:
-        raise unauthenticated("sign in: send Authorization: Bearer <token>")
+        raise Refused(
+            401,
+            "unauthenticated",
+            "sign in: send Authorization: Bearer <token>",
+            token_sent=False,
+        )
     return await verifier_of(request).verify(credentials.credentials)
 
 
