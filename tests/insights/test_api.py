@@ -302,6 +302,11 @@ async def test_the_api_needs_a_planners_token(seeded: Seeded, api: str) -> None:
         for route in ["/", "/static/dashboard.js", "/health", "/metrics", "/openapi.json"]:
             assert (await client.get(route)).status_code == 200, route
         assert (await client.get("/docs")).status_code == 404  # off unless auth.docs
+        openapi = (await client.get("/openapi.json")).json()
+        assert openapi["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        for path, item in openapi["paths"].items():
+            secured = item["get"].get("security") == [{"bearer": []}]
+            assert secured == path.startswith("/api/"), path
 
     s = seeded.settings
     app = create_app(
