@@ -157,6 +157,8 @@ class Bench:
             "USAGEPIPE_CONSUMER__GROUP_ID": f"{n}-group",
             "USAGEPIPE_BRIDGE__METRICS_PORT": "0",
             "USAGEPIPE_CONSUMER__METRICS_PORT": "0",
+            # A load test sends each device far above the per-device ceiling: off.
+            "USAGEPIPE_CONSUMER__DEVICE_RATE_PER_S": "0",
         }
         self.usagepipe = str(Path(sys.executable).with_name("usagepipe"))
         self.credentials: dict[int, dict[str, str]] = {}

@@ -122,6 +122,8 @@ async def main() -> None:
         "USAGEPIPE_CONSUMER__GROUP_ID": f"{name}-group",
         "USAGEPIPE_BRIDGE__METRICS_PORT": "0",
         "USAGEPIPE_CONSUMER__METRICS_PORT": "0",
+        # A load test sends each device far above the per-device ceiling: off.
+        "USAGEPIPE_CONSUMER__DEVICE_RATE_PER_S": "0",
     }
     plan = FleetPlan(
         devices=args.devices,

@@ -3,10 +3,10 @@
 Owners register units, hand them on, change consent, come back from dormancy and ask
 for erasure. Every refused request answers the one `Problem` document of
 `ingest.httpapi`, `{"reason": ..., "detail": ..., "field": ...}`: a `RejectReason` code
-(404 unknown thing, 403 not allowed, 409 conflict with the current state, 422
-inconsistent input, 429 locked out), `invalid_request` (422) for a field that breaks its
-rule, `malformed_body` (400) for a body that is not readable JSON, and `unavailable` (503,
-with `Retry-After`) when PostgreSQL or the MQTT broker does not answer. Booleans are
+(404 unknown thing, 403 not allowed, 409 conflict with the current state, 429 too many
+failed attempts, with `Retry-After`), `invalid_request` (422) for a field that breaks
+its rule, `malformed_body` (400) for a body that is not readable JSON, and `unavailable`
+(503, with `Retry-After`) when PostgreSQL or the MQTT broker does not answer. Booleans are
 JSON `true`/`false` only; text fields refuse control characters (PostgreSQL cannot
 store NUL) and lone surrogates. `GET /health` checks that PostgreSQL answers;
 `GET /metrics` is Prometheus text. The OpenAPI document is at `/openapi.json`.
@@ -36,6 +36,12 @@ The API acts for the token's subject only:
 
 `/docs` and `/redoc` are served only where `auth.docs` turns them on.
 
+Registration answers one `registration_refused` (403) to every failed proof, whatever
+was wrong, and limits failures per caller (`devices.limits.Caller`): the token's subject
+and the client address, which uvicorn takes from the
+site's proxy's `X-Forwarded-For` when the proxy is trusted (`forwarded_allow_ips`), so
+that owners behind one proxy do not share one address's allowance.
+
 `from __future__ import annotations` is left out on purpose: FastAPI reads the route
 functions' annotations at runtime.
 """
@@ -61,7 +67,14 @@ from pydantic import (
     StringConstraints,
 )
 
-from devices.errors import RegistryError, RegistryUnavailable, Rejected, RejectReason
+from devices.errors import (
+    RegistryError,
+    RegistryUnavailable,
+    Rejected,
+    RejectReason,
+    TooManyAttempts,
+)
+from devices.limits import Caller
 from devices.records import (
     MembershipTier,
     NewOwner,
@@ -88,11 +101,9 @@ from ingest.metrics import HttpMetrics
 log = logging.getLogger(__name__)
 
 STATUS_BY_REASON: dict[RejectReason, int] = {
-    RejectReason.UNKNOWN_SERIAL: 404,
-    RejectReason.MODEL_MISMATCH: 422,
-    RejectReason.WRONG_CODE: 403,
+    RejectReason.REGISTRATION_REFUSED: 403,
     RejectReason.OWNED_BY_OTHER: 409,
-    RejectReason.LOCKED_OUT: 429,
+    RejectReason.TOO_MANY_ATTEMPTS: 429,
     RejectReason.ALREADY_OWNER: 409,
     RejectReason.UNKNOWN_OWNER: 404,
     RejectReason.OWNER_NOT_ACTIVE: 409,
@@ -102,8 +113,9 @@ STATUS_BY_REASON: dict[RejectReason, int] = {
     RejectReason.NOT_DORMANT: 409,
     RejectReason.OWNER_EXISTS: 409,
 }
-"""HTTP status per reason: 404 unknown thing, 403 not allowed, 409 conflicts with the
-current state, 422 inconsistent input, 429 locked out."""
+"""HTTP status per reason: 404 unknown thing, 403 not allowed (a failed proof of
+purchase among them), 409 conflicts with the current state, 429 too many failed
+attempts (with Retry-After)."""
 
 _PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -501,23 +513,56 @@ async def erase(owner_id: ThisOwner, registry: RegistryDep) -> ErasureOut:
 # -- registrations and devices ------------------------------------------------------
 
 
+_REGISTRATION_ERRORS = _errors(*_WITH_BODY, 403, 404, 409, 429)
+_REGISTRATION_ERRORS[429] = {
+    **_REGISTRATION_ERRORS[429],
+    "description": "The caller used up its failed registrations for now (reason "
+    "`too_many_attempts`); try again after `Retry-After` seconds.",
+    "headers": {
+        "Retry-After": {
+            "description": "Seconds until the caller may try again.",
+            "schema": {"type": "integer"},
+        }
+    },
+}
+
+
 @device_routes.post(
     "/registrations",
     status_code=status.HTTP_201_CREATED,
-    responses=_errors(*_WITH_BODY, 404, 409, 429),
+    response_model=RegistrationOut,
+    responses=_REGISTRATION_ERRORS,
 )
 async def register(
-    body: RegistrationIn, owner_id: OwnAccount, registry: RegistryDep
-) -> RegistrationOut:
-    """Register a unit to the caller with model, serial and the code printed inside it."""
-    done = await registry.register(
-        owner_id,
-        body.model_number,
-        body.serial_number,
-        body.registration_code,
-        body.purchase.purchase(),
-        resale=body.resale,
-    )
+    body: RegistrationIn,
+    request: Request,
+    who: auth.Caller,
+    owner_id: OwnAccount,
+    registry: RegistryDep,
+) -> RegistrationOut | JSONResponse:
+    """Register a unit to the caller with model, serial and the code printed inside it.
+
+    A wrong model, serial or code all answer 403 `registration_refused`; failures are
+    limited per caller (the token's subject and the client address), 429
+    `too_many_attempts`."""
+    caller = Caller(who.subject, request.client.host if request.client else None)
+    try:
+        done = await registry.register(
+            owner_id,
+            body.model_number,
+            body.serial_number,
+            body.registration_code,
+            body.purchase.purchase(),
+            resale=body.resale,
+            caller=caller,
+        )
+    except TooManyAttempts as exc:
+        return problem(
+            STATUS_BY_REASON[exc.reason],
+            exc.reason.value,
+            exc.message,
+            headers={"Retry-After": str(exc.retry_after_s)},
+        )
     return RegistrationOut.of(done)
 
 

@@ -7,9 +7,21 @@ with their cost parameters (`scrypt$<log2 N>$<r>$<p>$<salt>$<hash>`, base64 with
 padding) so the cost can be raised later without invalidating stored hashes.
 
 scrypt is memory-hard: a leaked table cannot be brute-forced on GPUs cheaply, which
-matters most for the short registration codes. Hashing blocks for tens of
-milliseconds, so async callers use `hash_secret_async` / `verify_secret_async`, which
-run in a worker thread.
+matters most for the registration codes, short enough to type. Hashing blocks for tens
+of milliseconds, so async callers use `hash_secret_async` / `verify_secret_async`,
+which run in a worker thread.
+
+How long a registration code must be. Online, a guesser gets the failures the
+registry's rate limits allow per caller; subjects are cheap (anyone can open an
+account), so an address is what an attacker has to pay for, and the settings allow
+one address at most 2400 failures a day (`ingest.settings.MAX_FAILURES_PER_ADDRESS_PER_DAY`;
+the default is 720). With 2^20 addresses (a large botnet, or 2^20 IPv6 /56 prefixes)
+for ten years that is 2400 * 2^20 * 3650 ~ 2^43 guesses. Each guess names one unit and
+one code, so whatever units it aims at, the expected number of units taken is at most
+2^43 / 2^bits: with `MIN_CODE_BITS` = 64 one in two million (2^-21); with the 80 bits
+of `new_registration_code` one in 2^37. The 40 bits of an 8-character code would give
+the attacker about eight units. Hence the factory import refuses codes that cannot
+hold 64 bits (`code_bits`).
 """
 
 from __future__ import annotations
@@ -18,6 +30,8 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import math
+import re
 import secrets
 
 _SALT_BYTES = 16
@@ -26,6 +40,48 @@ _R = 8
 _P = 1
 DEVICE_SECRET_BYTES = 32
 """Entropy of an issued MQTT secret (256 bits, 43 URL-safe characters)."""
+
+
+MIN_CODE_BITS = 64
+"""The least entropy a registration code may have (see the module docstring)."""
+
+CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+"""Crockford's base32: digits and capitals without I, L, O and U, which people misread."""
+
+CODE_BITS = 80
+"""What `new_registration_code` makes: 16 characters of `CODE_ALPHABET`."""
+
+_SEPARATORS = re.compile(r"[-\s]")
+# The alphabets a code may be drawn from, smallest first: a code counts as drawn from
+# the first one holding all its characters.
+_ALPHABETS = (
+    frozenset("0123456789"),
+    frozenset("0123456789ABCDEF"),
+    frozenset("0123456789abcdef"),
+    frozenset(CODE_ALPHABET),
+    frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"),
+    frozenset("0123456789abcdefghijklmnopqrstuvwxyz"),
+    frozenset("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"),
+)
+_PRINTABLE_ASCII = 94
+
+
+def new_registration_code() -> str:
+    """A random registration code of `CODE_BITS` bits, as the factory should print it:
+    16 characters of `CODE_ALPHABET` in groups of four (`K7QX-2M9D-P4HT-8WZL`)."""
+    chars = "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_BITS // 5))
+    return "-".join(chars[i : i + 4] for i in range(0, len(chars), 4))
+
+
+def code_bits(code: str) -> float:
+    """The most entropy `code` can hold: its characters other than dashes and spaces
+    times log2 of the smallest usual alphabet that has them all (digits, hex,
+    Crockford's base32, letters and digits in one case, in both cases, printable
+    ASCII). An upper bound: `CODE-0000-0000-0000` passes for 80 bits, so the factory
+    must draw its codes at random (as `new_registration_code` does)."""
+    chars = _SEPARATORS.sub("", code)
+    size = next((len(a) for a in _ALPHABETS if a.issuperset(chars)), _PRINTABLE_ASCII)
+    return len(chars) * math.log2(size)
 
 
 def _b64(data: bytes) -> str:

@@ -4,7 +4,10 @@ reason codes of `Rejected` (a `RejectReason`, part of the HTTP contract).
 
 Library errors (asyncpg, OSError) are wrapped at the boundary into `RegistryUnavailable`,
 so callers handle one family. Reason codes are published (API bodies, CLI output): add
-new ones, never rename or reuse one.
+new ones, never rename or reuse one. Retired codes, never to be reused:
+`unknown_serial`, `model_mismatch`, `wrong_code` (a failed proof of purchase told which
+part was wrong; now one answer, `registration_refused`) and `locked_out` (a lockout per
+serial anyone could trigger; now `too_many_attempts`, per caller).
 """
 
 from __future__ import annotations
@@ -17,17 +20,16 @@ from schemas.errors import UsagepipeError
 class RejectReason(StrEnum):
     """Why the registry refused a request."""
 
-    UNKNOWN_SERIAL = "unknown_serial"
-    """No manufactured unit has this serial number."""
-    MODEL_MISMATCH = "model_mismatch"
-    """The serial exists, but belongs to another model number."""
-    WRONG_CODE = "wrong_code"
-    """The registration code does not match the one printed inside the unit."""
+    REGISTRATION_REFUSED = "registration_refused"
+    """Model, serial and code do not match a manufactured unit. One answer, with the
+    same work behind it, whichever of the three was wrong: it must not tell a guesser
+    whether a serial exists or which model it is (`ProofFailure` is what happened)."""
     OWNED_BY_OTHER = "owned_by_other"
     """Someone else owns the unit now: they must release it, or the buyer must state a
     resale (with the code from inside the unit)."""
-    LOCKED_OUT = "locked_out"
-    """Too many failed attempts for this owner or this serial within the window."""
+    TOO_MANY_ATTEMPTS = "too_many_attempts"
+    """The caller (its subject or its address) used up its failed registrations for
+    now; `TooManyAttempts.retry_after_s` says when the next one is allowed."""
     ALREADY_OWNER = "already_owner"
     """The owner already owns this unit; nothing to register."""
     UNKNOWN_OWNER = "unknown_owner"
@@ -44,6 +46,18 @@ class RejectReason(StrEnum):
     """Only a dormant owner can be reactivated."""
     OWNER_EXISTS = "owner_exists"
     """The signed-in subject already has an owner account (`GET /owners/me` finds it)."""
+
+
+class ProofFailure(StrEnum):
+    """What was wrong with a refused proof of purchase. Recorded in the registry's
+    `registration_attempts` (for support and for reviewing abuse), never answered."""
+
+    UNKNOWN_SERIAL = "unknown_serial"
+    """No manufactured unit has this serial number."""
+    MODEL_MISMATCH = "model_mismatch"
+    """The serial exists, but belongs to another model number."""
+    WRONG_CODE = "wrong_code"
+    """The registration code does not match the one printed inside the unit."""
 
 
 class RegistryError(UsagepipeError):
@@ -65,6 +79,17 @@ class Rejected(RegistryError):
         super().__init__(f"{reason.value}: {message}")
         self.reason = reason
         self.message = message
+
+
+class TooManyAttempts(Rejected):
+    """`too_many_attempts`: the caller may try again in `retry_after_s` seconds."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(
+            RejectReason.TOO_MANY_ATTEMPTS,
+            f"too many failed registrations; try again in {retry_after_s} s",
+        )
+        self.retry_after_s = retry_after_s
 
 
 class MigrationError(RegistryError):

@@ -6,7 +6,13 @@ twice changes nothing the second time; a file with some bad rows imports the goo
 and reports each bad one with its line number and a specific reason.
 
 Serial and model numbers are compared after trimming and upper-casing, since people
-type them from a label. Registration codes are stored only as salted scrypt hashes;
+type them from a label. A registration code must be able to hold `MIN_CODE_BITS` (64)
+bits, e.g. 13 characters of Crockford's base32 or 16 hex digits, dashes and spaces not
+counted (`devices.credentials.code_bits`; the module docstring there says why 64): the
+rate limits make guessing such a code hopeless, not a shorter one. A row with a shorter
+code is refused (`weak_code`), naming its line; the factory should print codes made
+like `devices.credentials.new_registration_code` (80 bits, `K7QX-2M9D-P4HT-8WZ5`).
+Registration codes are stored only as salted scrypt hashes;
 to tell "already present" from "same serial, different data" the code of a repeated
 row is verified against the stored hash.
 """
@@ -24,7 +30,7 @@ from enum import StrEnum
 
 import asyncpg
 
-from devices.credentials import hash_secret_async, verify_secret_async
+from devices.credentials import MIN_CODE_BITS, code_bits, hash_secret_async, verify_secret_async
 from devices.errors import InvalidImportFile, RegistryUnavailable
 from ingest.migrations import Connection, advisory_lock_key, quote_schema
 
@@ -52,6 +58,8 @@ class ImportRejectReason(StrEnum):
     BAD_DATE = "bad_date"
     """manufactured_on is not a YYYY-MM-DD calendar date."""
     EMPTY_CODE = "empty_code"
+    WEAK_CODE = "weak_code"
+    """The registration code is too short to hold `MIN_CODE_BITS` bits of entropy."""
     DUPLICATE_IN_FILE = "duplicate_in_file"
     """The serial appears earlier in the same file with different data."""
     CONFLICTING_SERIAL = "conflicting_serial"
@@ -117,6 +125,15 @@ def _parse_row(line: int, row: dict[str, str | None], models: set[str]) -> _Unit
     if not code:
         return RejectedRow(
             line, serial, ImportRejectReason.EMPTY_CODE, "registration_code is empty"
+        )
+    bits = code_bits(code)
+    if bits < MIN_CODE_BITS:
+        return RejectedRow(
+            line,
+            serial,
+            ImportRejectReason.WEAK_CODE,
+            f"registration_code holds at most {int(bits)} bits, {MIN_CODE_BITS} needed"
+            " (e.g. 16 characters of Crockford base32: 0-9 and A-Z without I, L, O, U)",
         )
     return _Unit(line, model, serial, made, code)
 

@@ -9,20 +9,23 @@ exclusion constraint keeps them from overlapping, so "who owned it at t" has at 
 one answer. A period ends when the owner releases the device, transfers it, a buyer
 states a resale with the unit's code, or the owner is erased.
 
-Locking: the owner row first (FOR UPDATE), then an advisory lock on the serial, then
-the device's rows. Every path takes them in this order, so they cannot deadlock.
+Registration checks the proof of purchase (`check_proof`) outside any lock, and only
+then what ownership allows (`check_takeover`). Locking: the owner row first (FOR
+UPDATE), then an advisory lock on the serial, then the device's rows, then the caller's
+rate-limit buckets (`devices.limits`). Every path takes them in this order, so they
+cannot deadlock.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+import hmac
+from datetime import datetime
 from uuid import UUID
 
 import asyncpg
 
 from devices.credentials import verify_secret_async
-from devices.errors import Rejected, RejectReason
+from devices.errors import ProofFailure, Rejected, RejectReason
 from devices.events import CREDENTIALS_REVOKED, DEVICE_REGISTERED, DEVICE_TRANSFERRED
 from devices.outbox import enqueue
 from devices.records import (
@@ -33,72 +36,67 @@ from devices.records import (
 )
 from ingest.migrations import Connection, advisory_lock_key
 
-# Registration outcomes that count towards the lockout: each is a wrong guess about a
-# unit. Refusals after the code was proven (owned by someone else) are not guesses.
-_GUESSES = frozenset(
-    {RejectReason.UNKNOWN_SERIAL, RejectReason.MODEL_MISMATCH, RejectReason.WRONG_CODE}
-)
-
 # The half-open range [valid_from, valid_to) of a period, as SQL.
 _PERIOD = "tstzrange(p.valid_from, p.valid_to, '[)')"
 
 
-@dataclass(frozen=True, slots=True)
-class Lockout:
-    """How many failed guesses (per owner, per serial) lock out, within which window."""
-
-    max_failures: int
-    window: timedelta
-
-
-async def check_registration(
-    conn: Connection,
-    owner_id: UUID,
-    *,
-    model: str,
-    serial: str,
-    code: str,
-    resale: bool,
-    at: datetime,
-    schema: str,
-    lockout: Lockout,
-) -> RejectReason | None:
-    """Lock the owner and the serial, then decide: a reason to refuse, or None."""
-    status = await conn.fetchval(
-        "SELECT status FROM owners WHERE owner_id = $1 FOR UPDATE", owner_id
-    )
+async def owner_refusal(conn: Connection, owner_id: UUID) -> RejectReason | None:
+    """Why `owner_id` may not register anything now (unknown, not active), or None."""
+    status = await conn.fetchval("SELECT status FROM owners WHERE owner_id = $1", owner_id)
     if status is None:
         return RejectReason.UNKNOWN_OWNER
-    # The serial is locked even when no unit has it, so concurrent guesses at one
-    # serial are counted one after the other and the lockout cannot be raced.
-    await conn.execute(
-        "SELECT pg_advisory_xact_lock($1)", advisory_lock_key("serial", schema, serial)
-    )
     if status != "active":
         return RejectReason.OWNER_NOT_ACTIVE
-    failures = await conn.fetchrow(
-        "SELECT"
-        " (SELECT count(*) FROM registration_attempts WHERE counts_as_failure"
-        "  AND owner_id = $1 AND attempted_at > $3 AND attempted_at <= $4) AS by_owner,"
-        " (SELECT count(*) FROM registration_attempts WHERE counts_as_failure"
-        "  AND serial_number = $2 AND attempted_at > $3 AND attempted_at <= $4) AS by_serial",
-        owner_id,
-        serial,
-        at - lockout.window,
-        at,
-    )
-    assert failures is not None  # a SELECT without FROM always returns one row
-    if max(failures["by_owner"], failures["by_serial"]) >= lockout.max_failures:
-        return RejectReason.LOCKED_OUT
+    return None
+
+
+async def check_proof(
+    conn: Connection, *, model: str, serial: str, code: str, dummy_hash: str
+) -> ProofFailure | None:
+    """Whether model, serial and code match a manufactured unit: None, or what is wrong.
+
+    The same work whichever is wrong, so that neither the answer nor its time tells a
+    guesser whether the serial exists or which model it is: one query, then one scrypt
+    verification of the code, against the unit's hash, or `dummy_hash` (made at the
+    same cost) when no unit has the serial; the model is compared in constant time.
+    """
     unit = await conn.fetchrow(
         "SELECT model_number, code_hash FROM units WHERE serial_number = $1", serial
     )
+    code_matches = await verify_secret_async(
+        code.strip(), dummy_hash if unit is None else unit["code_hash"]
+    )
     if unit is None:
-        return RejectReason.UNKNOWN_SERIAL
-    if unit["model_number"] != model:
-        return RejectReason.MODEL_MISMATCH
-    if not await verify_secret_async(code.strip(), unit["code_hash"]):
-        return RejectReason.WRONG_CODE
+        return ProofFailure.UNKNOWN_SERIAL
+    if not hmac.compare_digest(unit["model_number"].encode(), model.encode()):
+        return ProofFailure.MODEL_MISMATCH
+    if not code_matches:
+        return ProofFailure.WRONG_CODE
+    return None
+
+
+async def check_takeover(
+    conn: Connection,
+    owner_id: UUID,
+    *,
+    serial: str,
+    resale: bool,
+    at: datetime,
+    schema: str,
+) -> RejectReason | None:
+    """After the proof: lock the owner and the serial, then decide whether the owner
+    may take the unit: a reason to refuse, or None."""
+    status = await conn.fetchval(
+        "SELECT status FROM owners WHERE owner_id = $1 FOR UPDATE", owner_id
+    )
+    # Concurrent registrations of one unit are decided one after the other.
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock($1)", advisory_lock_key("serial", schema, serial)
+    )
+    if status is None:  # erased and purged since the owner was checked
+        return RejectReason.UNKNOWN_OWNER
+    if status != "active":
+        return RejectReason.OWNER_NOT_ACTIVE
     current = await conn.fetchrow(
         "SELECT p.owner_id, p.valid_from FROM ownership_periods p"
         " JOIN devices d USING (device_key)"
@@ -114,13 +112,10 @@ async def check_registration(
 
 
 REJECT_MESSAGES = {
-    RejectReason.UNKNOWN_SERIAL: "no unit has this serial number",
-    RejectReason.MODEL_MISMATCH: "this serial number belongs to another model",
-    RejectReason.WRONG_CODE: "the registration code does not match this unit",
+    RejectReason.REGISTRATION_REFUSED: "model, serial or code do not match",
     RejectReason.OWNED_BY_OTHER: (
         "another owner has registered this unit; they must release it, or state a resale"
     ),
-    RejectReason.LOCKED_OUT: "too many failed attempts; try again later",
     RejectReason.ALREADY_OWNER: "this unit is already registered to this owner",
     RejectReason.UNKNOWN_OWNER: "no owner has this id",
     RejectReason.OWNER_NOT_ACTIVE: "the owner is dormant or erased; reactivate first",
@@ -135,9 +130,10 @@ async def record_attempt(
     model: str,
     serial: str,
     at: datetime,
-    reason: RejectReason | None,
+    outcome: ProofFailure | RejectReason | None,
 ) -> None:
-    """Note one registration attempt (None: it succeeded) for the lockout."""
+    """Note one registration attempt whose proof was checked (None: it succeeded), for
+    support and for reviewing abuse; a failed proof `counts_as_failure`."""
     await conn.execute(
         "INSERT INTO registration_attempts (owner_id, serial_number, model_number,"
         " attempted_at, outcome, counts_as_failure) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -145,8 +141,8 @@ async def record_attempt(
         serial,
         model,
         at,
-        "registered" if reason is None else reason.value,
-        reason in _GUESSES,
+        "registered" if outcome is None else outcome.value,
+        isinstance(outcome, ProofFailure),
     )
 
 

@@ -1,10 +1,12 @@
 """The device registry's data layer: registration, ownership over time, and credentials.
 
 An owner proves a purchase with the unit's model number, serial number and the
-registration code printed inside it. Every failed guess is recorded; too many within
-the window (per owner and per serial) lock further attempts out. A success creates the
-device (its id derived from model and serial), opens an ownership period and issues
-MQTT credentials, whose secret is returned once and kept only as a salted hash.
+registration code printed inside it. A failed proof gets one answer, whatever was
+wrong, after the same work; failures are limited per caller (`devices.limits`), never
+per unit, so nobody can lock a unit's owner out. A success creates the device (its id
+derived from model and serial), opens an ownership period and issues MQTT credentials,
+whose secret is made only after the proof and is returned once and kept only as a
+salted hash.
 
 Ownership is a set of non-overlapping periods per device (an exclusion constraint in
 PostgreSQL guarantees it), so `owner_at(device_id, event_time)` answers who owned the
@@ -32,6 +34,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Self
@@ -39,17 +42,18 @@ from uuid import UUID
 
 import asyncpg
 
-from devices import owners, ownership
+from devices import limits, owners, ownership
 from devices.broker import BrokerAccounts, adding_accounts
 from devices.credentials import (
     hash_secret_async,
     new_device_secret,
     verify_secret_async,
 )
-from devices.errors import RegistryUnavailable, Rejected, RejectReason
+from devices.errors import RegistryUnavailable, Rejected, RejectReason, TooManyAttempts
 from devices.events import EventPublisher
+from devices.limits import Budget, Caller, RateLimits
 from devices.outbox import flush, pending
-from devices.ownership import REJECT_MESSAGES, Lockout
+from devices.ownership import REJECT_MESSAGES
 from devices.records import (
     AuditEntry,
     ConsentChange,
@@ -78,6 +82,17 @@ _UNAVAILABLE = (
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
 )
+
+
+@dataclass(slots=True)
+class RegistrationCounts:
+    """What registrations cost this registry instance so far (tests and the bench
+    read them): proofs checked (one scrypt verification each), new secrets hashed
+    (registrations, transfers, reissues), attempts refused by the rate limits."""
+
+    proofs: int = 0
+    secrets_hashed: int = 0
+    limited: int = 0
 
 
 def aware(at: datetime | None) -> datetime:
@@ -115,9 +130,14 @@ class Registry:
         self._pool = pool
         self._owns_pool = pool is None
         self._search_path = f"SET LOCAL search_path TO {quote_schema(settings.db_schema)}"
-        self._lockout = Lockout(
-            settings.max_failed_attempts, timedelta(seconds=settings.lockout_window_s)
+        window = timedelta(seconds=settings.registration_window_s)
+        self._limits = RateLimits(
+            subject=Budget(settings.registration_failures_per_subject, window),
+            address=Budget(settings.registration_failures_per_address, window),
+            ipv6_prefix=settings.registration_ipv6_prefix,
         )
+        self._dummy_hash = ""
+        self.counts = RegistrationCounts()
 
     async def __aenter__(self) -> Self:
         if self._pool is None:
@@ -128,6 +148,11 @@ class Registry:
             except _UNAVAILABLE as exc:
                 raise RegistryUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
         try:
+            # What an unknown serial's code is verified against: a hash at the cost
+            # units are imported at, so that the refusal takes as long as a wrong code.
+            self._dummy_hash = await hash_secret_async(
+                new_device_secret(), log2_n=self.settings.secret_hash_log2_n
+            )
             async with self._pool.acquire() as conn:
                 await migrate_registry(conn, self.settings.db_schema)
             await self.flush_events()
@@ -210,40 +235,73 @@ class Registry:
         *,
         resale: bool = False,
         at: datetime | None = None,
+        caller: Caller | None = None,
     ) -> Registration:
         """Register a unit to an owner, or raise `Rejected` with the reason.
 
-        Checks, in order: the owner exists and is active; neither the owner nor the
-        serial is locked out; the serial exists, belongs to the model, and the code
-        matches; nobody else owns the unit now. With `resale=True` a buyer who holds
-        the code takes over a unit still registered to its previous owner (whose period
-        ends now): the code inside the unit is the proof of possession. Every attempt
-        by a known owner is recorded, success or not, for the lockout; a refusal is
-        raised only after that record is committed.
+        `caller` is who sent the request, whose rate limits apply (`devices.limits`);
+        the API passes the subject and the client address, local tools may leave it to
+        the owner (`Caller(str(owner_id))`). In order:
+
+        1. the owner exists and is active (`unknown_owner`, `owner_not_active`);
+        2. a token is taken from each of the caller's buckets, or the attempt is refused
+           with `too_many_attempts` (`TooManyAttempts`) before anything else is done;
+        3. model, serial and code must match a unit, with the same answer and the same
+           work whatever is wrong (`registration_refused`); the failure is recorded
+           with what was wrong, and the tokens stay taken;
+        4. only now a new MQTT secret is made and hashed; then nobody else may own the
+           unit now (`owned_by_other`, `already_owner`). With `resale=True` a buyer
+           who holds the code takes over a unit still registered to its previous owner
+           (whose period ends now): the code inside the unit is the proof of
+           possession. The tokens are given back: the proof succeeded.
         """
         at = aware(at)
         model = normalize_code(model_number)
         serial = normalize_code(serial_number)
-        secret = new_device_secret()
-        secret_hash = await hash_secret_async(secret, log2_n=self.settings.secret_hash_log2_n)
-        device_id: str | None = None
-        async with adding_accounts(self.transaction(), self._broker) as (conn, added):
-            reason = await ownership.check_registration(
+        keys = (caller or Caller(str(owner_id))).keys(self._limits)
+        wait_s: int | None = None
+        async with self.transaction() as conn:
+            refusal = await ownership.owner_refusal(conn, owner_id)
+            if refusal is None:
+                wait_s = await limits.take(conn, keys, at)
+        if refusal is not None:
+            raise Rejected(refusal, REJECT_MESSAGES[refusal])
+        if wait_s is not None:
+            self.counts.limited += 1
+            raise TooManyAttempts(wait_s)
+        self.counts.proofs += 1
+        async with self.transaction() as conn:
+            failure = await ownership.check_proof(
                 conn,
-                owner_id,
                 model=model,
                 serial=serial,
                 code=registration_code,
+                dummy_hash=self._dummy_hash,
+            )
+        if failure is not None:
+            async with self.transaction() as conn:
+                await ownership.record_attempt(
+                    conn, owner_id, model=model, serial=serial, at=at, outcome=failure
+                )
+            reason = RejectReason.REGISTRATION_REFUSED
+            raise Rejected(reason, REJECT_MESSAGES[reason])
+        secret = new_device_secret()
+        secret_hash = await self._hash_new_secret(secret)
+        device_id: str | None = None
+        async with adding_accounts(self.transaction(), self._broker) as (conn, added):
+            refusal = await ownership.check_takeover(
+                conn,
+                owner_id,
+                serial=serial,
                 resale=resale,
                 at=at,
                 schema=self.settings.db_schema,
-                lockout=self._lockout,
             )
-            if reason is not RejectReason.UNKNOWN_OWNER:  # nobody to record it for
-                await ownership.record_attempt(
-                    conn, owner_id, model=model, serial=serial, at=at, reason=reason
-                )
-            if reason is None:
+            await ownership.record_attempt(
+                conn, owner_id, model=model, serial=serial, at=at, outcome=refusal
+            )
+            await limits.give_back(conn, keys, at)
+            if refusal is None:
                 device_id = await ownership.complete_registration(
                     conn,
                     owner_id,
@@ -255,12 +313,16 @@ class Registry:
                 )
                 # Last, so a broker failure rolls the registration back.
                 await added.add(device_id, secret)
-        if reason is not None:
-            raise Rejected(reason, REJECT_MESSAGES[reason])
+        if refusal is not None:
+            raise Rejected(refusal, REJECT_MESSAGES[refusal])
         assert device_id is not None
         await self._flush_after_change()
         log.info("device %s registered (model %s)", device_id, model)
         return Registration(device_id, owner_id, model, serial, at, secret)
+
+    async def _hash_new_secret(self, secret: str) -> str:
+        self.counts.secrets_hashed += 1
+        return await hash_secret_async(secret, log2_n=self.settings.secret_hash_log2_n)
 
     async def _flush_after_change(self) -> None:
         try:
@@ -286,7 +348,7 @@ class Registry:
         """
         at = aware(at)
         secret = new_device_secret()
-        secret_hash = await hash_secret_async(secret, log2_n=self.settings.secret_hash_log2_n)
+        secret_hash = await self._hash_new_secret(secret)
         async with adding_accounts(self.transaction(), self._broker) as (conn, added):
             device = await ownership.hand_over(
                 conn,
@@ -354,7 +416,7 @@ class Registry:
         `owner_id` None an `operator` does it for whoever owns the device, audited."""
         at = aware(at)
         secret = new_device_secret()
-        secret_hash = await hash_secret_async(secret, log2_n=self.settings.secret_hash_log2_n)
+        secret_hash = await self._hash_new_secret(secret)
         async with adding_accounts(self.transaction(), self._broker) as (conn, added):
             owner_id = await self._acting_owner(conn, device_id, owner_id, operator)
             await conn.execute("SELECT 1 FROM owners WHERE owner_id = $1 FOR UPDATE", owner_id)
@@ -501,9 +563,12 @@ class Registry:
             )
 
     async def prune_attempts(self, now: datetime | None = None) -> int:
-        """Delete registration attempts older than `attempts_retention_days`; how many."""
-        cutoff = aware(now) - timedelta(days=self.settings.attempts_retention_days)
+        """Delete registration attempts older than `attempts_retention_days`; how many.
+        Rate-limit buckets untouched for a window (full again) go too, uncounted."""
+        now = aware(now)
+        cutoff = now - timedelta(days=self.settings.attempts_retention_days)
         async with self.transaction() as conn:
+            await limits.prune(conn, now - timedelta(seconds=self.settings.registration_window_s))
             return await ownership.prune_attempts(conn, cutoff)
 
     async def marketing_audience(self) -> list[MarketingContact]:

@@ -12,6 +12,10 @@ MQTT asks, every confirmed run of them in one socket write. A record Kafka refus
 sent again, on its own and with backoff, before its PUBACK; so a Kafka outage leaves
 messages unacknowledged in the broker's session, never lost.
 
+Each record's Kafka timestamp is the moment its message reached the bridge, also when
+it is sent again after a Kafka outage: the consumer's per-device ceiling
+(`ingest.rate_limit`) judges a device's rate by it.
+
 Per message, the costs that remain are the intake checks and framing: MQTT packets are
 framed without paho's per-message objects (`ingest.mqtt_wire`), records are appended to
 batches without a coroutine or future each, and PUBACKs go out many to a write.
@@ -96,6 +100,9 @@ class _InFlight:
     """`kafka.raw_topic`, or `kafka.dlq_topic` for a refused message's dead letter."""
     key: bytes
     value: bytes
+    arrived_ms: int
+    """When the message reached the bridge (Unix ms): its Kafka timestamp, whenever the
+    record is (re)sent; the consumer's per-device ceiling judges by it."""
     refused: Reason | None = None
     confirmation: asyncio.Future[object] | None = None
 
@@ -301,6 +308,7 @@ class Bridge:
             return  # not acknowledged: stays in the session, delivered again later
         self.report.received += 1
         s = self._settings
+        arrived_ms = time.time_ns() // 1_000_000
         device_id = device_id_from_topic(topic, s.mqtt.topic_prefix)
         key = (device_id or topic).encode()
         try:
@@ -317,10 +325,10 @@ class Bridge:
                 error, topic=topic, partition=None, offset=None, key=key, original=payload
             )
             item = _InFlight(
-                mid, generation, s.kafka.dlq_topic, key, letter.to_json(), error.reason
+                mid, generation, s.kafka.dlq_topic, key, letter.to_json(), arrived_ms, error.reason
             )
         else:
-            item = _InFlight(mid, generation, s.kafka.raw_topic, key, payload)
+            item = _InFlight(mid, generation, s.kafka.raw_topic, key, payload, arrived_ms)
         self._incoming.append(item)
         if not self._incoming_ready.is_set():
             self._incoming_ready.set()
@@ -357,11 +365,12 @@ class Bridge:
             batch = producer.create_batch()
             members: list[_InFlight] = []
             for item in group:
-                if batch.append(key=item.key, value=item.value, timestamp=None) is None:
+                key, value, at = item.key, item.value, item.arrived_ms
+                if batch.append(key=key, value=value, timestamp=at) is None:
                     if members:
                         await self._submit(producer, batch, topic, partition, members)
                     batch, members = producer.create_batch(), []
-                    if batch.append(key=item.key, value=item.value, timestamp=None) is None:
+                    if batch.append(key=key, value=value, timestamp=at) is None:
                         item.confirmation = await self._send(producer, item)  # too large alone
                         continue
                 members.append(item)
@@ -397,7 +406,7 @@ class Bridge:
         while True:
             try:
                 fut: asyncio.Future[object] = await producer.send(
-                    item.topic, value=item.value, key=item.key
+                    item.topic, value=item.value, key=item.key, timestamp_ms=item.arrived_ms
                 )
                 return fut
             except KafkaError as exc:

@@ -3,11 +3,14 @@ the rows.
 
 One loop per process, in a Kafka consumer group:
 
-    getmany() -> parse_telemetry() each record
+    getmany() -> the per-device ceiling (`ingest.rate_limit`: a device's excess over
+                 `consumer.device_rate_per_s`, by arrival at the bridge, is refused)
+              -> parse_telemetry() each record
               -> enrich the valid ones from the device registry (`ingest.enrich`: one
                  query per batch for the devices not cached; retried while it fails)
-              -> invalid ones, and those of unregistered devices, to the dead-letter
-                 topic (and wait for Kafka's confirmation)
+              -> invalid ones, those over the ceiling and those of unregistered
+                 devices to the dead-letter topic (and wait for Kafka's confirmation),
+                 counted by reason and the device's model
               -> the rest and the batch's next offsets into the store in one
                  transaction (COPY + ON CONFLICT DO NOTHING + offsets upsert)
               -> commit the offsets to Kafka as well (for lag monitoring only)
@@ -45,15 +48,17 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
 from ingest.backoff import Backoff
-from ingest.dead_letter import send_dead_letters
+from ingest.dead_letter import DeadLetter, send_dead_letters
 from ingest.enrich import Enricher
 from ingest.errors import RegistryLookupFailed, StoreUnavailable
 from ingest.kafka import ensure_topics, make_consumer, make_producer, running
 from ingest.metrics import ConsumerMetrics
 from ingest.offsets import ContiguousOffsets, StoredOffsets
+from ingest.rate_limit import DeviceRateLimiter
 from ingest.rows import unregistered_letters, validate_batch
 from ingest.settings import Settings
 from ingest.store import UsageStore
+from schemas.errors import Reason
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,8 @@ class ConsumerReport:
     stored: int = 0
     duplicates: int = 0
     dead_lettered: int = 0
+    rate_limited: int = 0
+    """Of `dead_lettered`: records over their device's rate (`rate_limited`)."""
     batches: int = 0
     elapsed_s: float = 0.0
     stopped_by: str = ""
@@ -96,6 +103,9 @@ class Consumer:
         self._stop_after_s = stop_after_s
         self._client_id = client_id
         self._stopping = asyncio.Event()
+        self._limiter = DeviceRateLimiter(
+            settings.consumer.device_rate_per_s, settings.consumer.device_burst
+        )
         self.report = ConsumerReport()
 
     def stop(self, why: str = "requested") -> None:
@@ -181,6 +191,7 @@ class Consumer:
         """Take batches until a stop is asked for (by `stop()`, `stop_after`, or the
         monotonic `deadline`); the batch in hand is finished and committed first."""
         s = self._settings
+        judged = listener.generation
         while not self._stopping.is_set():
             if deadline is not None and time.monotonic() >= deadline:
                 self.stop(f"after {self._stop_after_s:g}s")
@@ -191,6 +202,11 @@ class Consumer:
                 max_records=s.consumer.batch_max,
             )
             records = await listener.admit(records, generation, s.consumer.batch_wait_ms / 1000)
+            if listener.generation != judged:
+                # A rebalance: the partitions given to others take their buckets along
+                # (those kept, or given back, keep theirs: only ever more lenient).
+                judged = listener.generation
+                self._limiter.keep_only(consumer.assignment())
             await listener.expire_probes()
             records = holes.admit(records)
             if any(records.values()):
@@ -215,7 +231,9 @@ class Consumer:
             m.stage_seconds.labels(name).observe(now - lap)
             lap = now
 
-        batch = validate_batch(records, now=datetime.now(UTC), settings=self._settings)
+        batch = validate_batch(
+            records, now=datetime.now(UTC), settings=self._settings, limiter=self._limiter
+        )
         stage("validate")
         await self._retry("registry", enricher.record_firmware, batch.rows)
         stage("firmware")
@@ -230,8 +248,7 @@ class Consumer:
         await self._retry(
             "dead_letter", send_dead_letters, producer, self._settings.kafka.dlq_topic, dead
         )
-        for letter in dead:
-            m.dead_letters.labels(letter.reason.value).inc()
+        await self._count_letters(dead, enricher)
         stage("dead_letter")
         inserted = await self._retry(
             "store",
@@ -249,6 +266,7 @@ class Consumer:
         r.stored += inserted
         r.duplicates += len(rows) - inserted
         r.dead_lettered += len(dead)
+        r.rate_limited += sum(1 for letter in dead if letter.reason is Reason.RATE_LIMITED)
         m.consumed.inc(batch.records)
         m.stored.inc(inserted)
         m.duplicates.inc(len(rows) - inserted)
@@ -256,6 +274,18 @@ class Consumer:
         m.batch_seconds.observe(time.monotonic() - started)
         if self._stop_after is not None and r.consumed >= self._stop_after:
             self.stop(f"after {self._stop_after} records")
+
+    async def _count_letters(self, dead: list[DeadLetter], enricher: Enricher) -> None:
+        """Count `dead` by reason and by the model the registry gives each letter's
+        device (its Kafka key); `unknown` for a device the registry does not know."""
+        if not dead:
+            return
+        devices = {letter.key.decode("utf-8", "replace") for letter in dead if letter.key}
+        models = await self._retry("registry", enricher.models, devices)
+        for letter in dead:
+            device = letter.key.decode("utf-8", "replace") if letter.key else None
+            model = models.get(device) if device is not None else None
+            self._metrics.dead_letters.labels(letter.reason.value, model or "unknown").inc()
 
     async def _refresh_rollups(self, store: UsageStore) -> None:
         """Every `postgres.rollup_refresh_s`, materialise the rollup hours that have

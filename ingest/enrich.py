@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -189,6 +190,14 @@ class Enricher:
         if unknown:
             self._metrics.unregistered.inc(len(unknown))
         return Enriched(out, unknown)
+
+    async def models(self, device_ids: Collection[str]) -> dict[str, str | None]:
+        """Each device's product model (None: not registered), for labelling its dead
+        letters; from the cache where fresh, as for `enrich`."""
+        if not device_ids:
+            return {}
+        facts = await self._lookup(set(device_ids))
+        return {d: None if f is None else f.model for d, f in facts.items()}
 
     async def _lookup(self, device_ids: set[str]) -> dict[str, DeviceFacts | None]:
         """Each device's facts, from the cache where fresh, else in one query."""

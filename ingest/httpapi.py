@@ -148,7 +148,8 @@ _DESCRIPTIONS = {
     409: "Conflicts with the current state (the reason says how).",
     422: "A parameter or body field breaks its rule; `field` names it (reason "
     "`invalid_request`, or a refusal of the API's own).",
-    429: "Too many failed attempts (reason `locked_out`); try again later.",
+    429: "Too many failed attempts by this caller (reason `too_many_attempts`); try again "
+    "after `Retry-After` seconds.",
     503: "A server this API needs did not answer (reason `unavailable`); try again after "
     "`Retry-After` seconds.",
 }

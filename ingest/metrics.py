@@ -86,8 +86,9 @@ class ConsumerMetrics:
         )
         self.dead_letters = Counter(
             "usagepipe_consumer_dead_letters_total",
-            "Records sent to the dead-letter topic, by reason.",
-            ["reason"],
+            "Records sent to the dead-letter topic, by reason and the device's model (from "
+            "the registry, by the record's key; unknown where it has none).",
+            ["reason", "model"],
             registry=registry,
         )
         self.errors = Counter(

@@ -13,6 +13,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from ingest.dead_letter import DeadLetter
+from ingest.rate_limit import DeviceRateLimiter
 from ingest.settings import Settings
 from schemas.envelope import Envelope
 from schemas.errors import InvalidTelemetry, Reason
@@ -147,8 +148,12 @@ def validate_batch(
     *,
     now: datetime,
     settings: Settings,
+    limiter: DeviceRateLimiter | None = None,
 ) -> Batch:
-    """Split Kafka records into storable rows and dead letters, and note the offsets."""
+    """Split Kafka records into storable rows and dead letters, and note the offsets.
+
+    With `limiter`, a record over its device's rate is dead-lettered `rate_limited`
+    before it is parsed (`ingest.rate_limit`)."""
     rows: list[UsageRow] = []
     dead: list[DeadLetter] = []
     offsets: dict[TopicPartition, OffsetAndMetadata] = {}
@@ -162,6 +167,9 @@ def validate_batch(
     for tp, batch in records.items():
         for record in batch:
             count += 1
+            if limiter is not None and not limiter.admit(tp, record):
+                dead.append(DeadLetter.for_record(limiter.refusal(record), record))
+                continue
             value: bytes = record.value if record.value is not None else b""
             try:
                 env = parse_telemetry(

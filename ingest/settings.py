@@ -140,6 +140,14 @@ class ConsumerSettings(Section):
     """Longest wait for a batch to fill before writing what there is."""
     max_future_skew_s: Annotated[int, Field(ge=0)] = 300
     """Event times further ahead of the consumer's clock than this are dead-lettered."""
+    device_rate_per_s: Annotated[float, Field(ge=0, le=1_000_000)] = 1.0
+    """Per-device ceiling: messages a second one device may send, sustained, judged by
+    their arrival at the bridge (the Kafka timestamp); the excess is dead-lettered
+    `rate_limited`. 0 turns the ceiling off. Appliances send a message every few
+    seconds at most; history played faster than real time (the demo) needs it off."""
+    device_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    """Messages one device may send at once before `device_rate_per_s` applies: its
+    backlog after being offline, or what the broker queued while no bridge ran."""
     metrics_port: Port = 9102
 
     @property
@@ -348,6 +356,11 @@ def markdown_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+MAX_FAILURES_PER_ADDRESS_PER_DAY = 2400
+"""The most failed registrations the settings may allow one address per day: the bound
+the registration codes' entropy is reckoned against (`devices.credentials.MIN_CODE_BITS`)."""
+
+
 class RegistrySettings(BaseModel):
     """The device registry: registration, owners, consent and dormancy."""
 
@@ -362,18 +375,30 @@ class RegistrySettings(BaseModel):
     pool_size: Annotated[int, Field(ge=1, le=100)] = 4
     """Connections in the registry's own pool (when it is not handed one)."""
 
-    max_failed_attempts: Annotated[int, Field(ge=1, le=1000)] = 5
-    """Failed registrations (unknown serial, model mismatch, wrong code) allowed per
-    owner and per serial within `lockout_window_s` before further attempts are refused
-    with `locked_out`. Five leaves room for typos, not for guessing an 8-character code."""
+    registration_failures_per_subject: Annotated[int, Field(ge=1, le=1000)] = 10
+    """Failed registrations (model, serial or code wrong) one subject, the owner the
+    caller signed in as, may make per `registration_window_s`; more are refused with
+    `too_many_attempts` (429, `Retry-After`). A token bucket: the allowance refills
+    evenly over the window, and a registration that succeeds costs nothing. Ten leaves
+    room for typos, not for guessing a code (`devices.credentials` says why)."""
 
-    lockout_window_s: Annotated[int, Field(ge=1)] = 15 * 60
-    """The sliding window failures are counted in; a lockout lifts as failures age out."""
+    registration_failures_per_address: Annotated[int, Field(ge=1, le=10_000)] = 30
+    """The same per client address (IPv4, or IPv6 by `registration_ipv6_prefix`),
+    larger since households and carrier NATs share an address. Failures from other
+    subjects and addresses never count against a caller. At most 2400 a day
+    (`MAX_FAILURES_PER_ADDRESS_PER_DAY`, against this and `registration_window_s`): the
+    bound the registration codes' entropy is reckoned against."""
+
+    registration_window_s: Annotated[int, Field(ge=60, le=7 * 86400)] = 3600
+    """The window the two allowances above refill over."""
+
+    registration_ipv6_prefix: Annotated[int, Field(ge=32, le=128)] = 56
+    """IPv6 callers are counted per prefix of this length, not per address (a home
+    is given a /56 or more, so one attacker has a great many addresses)."""
 
     attempts_retention_days: Annotated[int, Field(ge=1, le=3660)] = 90
-    """Registration attempts (the lockout's memory, and the trail for reviewing abuse)
-    are deleted this long after they were made, by `usagepipe registry dormancy`. Must
-    be longer than `lockout_window_s`."""
+    """Registration attempts (the trail for reviewing abuse) are deleted this long
+    after they were made, by `usagepipe registry dormancy`."""
 
     secret_hash_log2_n: Annotated[int, Field(ge=10, le=20)] = 14
     """scrypt cost (log2 of N, r=8, p=1) for registration codes and device secrets.
@@ -398,11 +423,14 @@ class RegistrySettings(BaseModel):
     """The port of `usagepipe registry serve` (beside the services' metrics ports)."""
 
     @model_validator(mode="after")
-    def _attempts_outlive_the_lockout(self) -> RegistrySettings:
-        if self.attempts_retention_days * 86400 <= self.lockout_window_s:
+    def _limits_keep_guessing_hopeless(self) -> RegistrySettings:
+        per_day = self.registration_failures_per_address * 86400 / self.registration_window_s
+        if per_day > MAX_FAILURES_PER_ADDRESS_PER_DAY:
             raise ValueError(
-                f"attempts_retention_days ({self.attempts_retention_days}) must be longer"
-                f" than lockout_window_s ({self.lockout_window_s} s): the lockout counts them"
+                f"registration_failures_per_address ({self.registration_failures_per_address})"
+                f" per registration_window_s ({self.registration_window_s} s) allows"
+                f" {per_day:.0f} failures per address per day; at most"
+                f" {MAX_FAILURES_PER_ADDRESS_PER_DAY} keep 64-bit registration codes safe"
             )
         return self
 

@@ -31,6 +31,8 @@ module and `retriable`:
      +-- RegistryError            False  devices.errors: the device registry's errors
      |    +-- RegistryUnavailable True   PostgreSQL or the broker's accounts unreachable
      |    +-- Rejected            False  a request breaks a rule; `reason` says which
+     |    |    +-- TooManyAttempts       the caller used up its failed registrations;
+     |    |                              `retry_after_s` says when it may try again
      |    +-- MigrationError      False  a migration file is malformed or was edited
      |    +-- InvalidImportFile   False  a factory CSV export lacks its header
      |    +-- BrokerAccountError  False  the broker refused the admin login or a command
@@ -93,6 +95,9 @@ class Reason(StrEnum):
     RETAINED = "retained"
     """The broker delivered the message as a retained one (RETAIN flag set): a copy kept
     from an earlier publish, not one the device just sent."""
+    RATE_LIMITED = "rate_limited"
+    """The device sent faster than the per-device ceiling allows (its excess, judged by
+    arrival at the bridge); replayable."""
 
 
 class UsagepipeError(Exception):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import TYPE_CHECKING
 
+from devices.credentials import CODE_ALPHABET, CODE_BITS
 from devices.records import Category, ProductModel, device_id_for
 from simulators.traffic import unregistered_count
 
@@ -75,16 +76,25 @@ def fleet_units(plan: FleetPlan) -> list[FleetUnit]:
     """The fleet's units, categories in turn; the same for the same fleet name and seed.
 
     The registration codes follow from the serials so that a re-run can register the
-    same units again; a real unit's code is random and printed inside it.
+    same units again; a real unit's code is random and printed inside it. They have
+    the 80 bits of `devices.credentials.new_registration_code` (16 characters of its
+    alphabet in groups of four), which the factory import requires at least 64 of.
     """
     categories = list(CATEGORY_PREFIX)
     units = []
     for i in range(plan.devices):
         model = SIM_MODELS[categories[i % len(categories)]]
         serial = f"{plan.fleet}-{plan.seed}-{i:06d}".upper()
-        code = hashlib.blake2s(f"code:{serial}".encode(), digest_size=5).hexdigest().upper()
+        code = _code_for(serial)
         units.append(FleetUnit(model, serial, code, device_id_for(model.model_number, serial)))
     return units
+
+
+def _code_for(serial: str) -> str:
+    digest = hashlib.blake2s(f"code:{serial}".encode(), digest_size=CODE_BITS // 8).digest()
+    number = int.from_bytes(digest)
+    chars = "".join(CODE_ALPHABET[(number >> (5 * i)) & 31] for i in range(CODE_BITS // 5))
+    return "-".join(chars[i : i + 4] for i in range(0, len(chars), 4))
 
 
 def unregistered_units(plan: FleetPlan) -> list[FleetUnit]:

@@ -36,16 +36,20 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def pipeline(
-    settings: Settings, registry: CollectorRegistry | None = None
+    settings: Settings,
+    registry: CollectorRegistry | None = None,
+    *,
+    consumer_registry: CollectorRegistry | None = None,
 ) -> AsyncIterator[Running]:
     """Bridge and consumer running until the block ends, then stopped cleanly.
 
-    The bridge's metrics go to `registry` if given (a fresh one otherwise). The registry
-    schema is migrated first, as `usagepipe consume` does.
+    The bridge's metrics go to `registry` if given, the consumer's to
+    `consumer_registry` (a fresh one otherwise). The registry schema is migrated first,
+    as `usagepipe consume` does.
     """
     await migrate_registry_at(settings.postgres.dsn.get_secret_value(), settings.registry.db_schema)
     bridge = Bridge(settings, BridgeMetrics(registry or CollectorRegistry()))
-    consumer = Consumer(settings, ConsumerMetrics(CollectorRegistry()))
+    consumer = Consumer(settings, ConsumerMetrics(consumer_registry or CollectorRegistry()))
     async with asyncio.TaskGroup() as tasks:
         tasks.create_task(bridge.run(), name="test-bridge")
         tasks.create_task(consumer.run(), name="test-consumer")

@@ -4,9 +4,9 @@ services up -> db migrate -> the fleet's units provisioned with their history (b
 registered, some handed over: `simulators.history`) -> bridge and consumer as their
 own processes -> the fleet plays four weeks of household usage ending now, as fast as
 it can (`simulators.cli.demo_plan`; duplicates included) -> wait until the store holds
-every unique message -> stop both (SIGTERM) -> materialise the rollups and run every
-planners' report -> print what happened, how much of each report is shown at k, and
-what a planner does next.
+every unique message (the consumer without the per-device ceiling: `PLAYBACK`) ->
+stop both (SIGTERM) -> materialise the rollups and run every planners' report -> print
+what happened, how much of each report is shown at k, and what a planner does next.
 
 Beside a bridge or consumer already running (what "Run the path by hand" leaves), the
 demo runs its own under names of their own (`own_names`), because sharing theirs
@@ -66,6 +66,10 @@ READY_S = 60.0
 only logs, so the demo stops waiting after this long and shows the log."""
 SESSION_EXPIRY_S = 60
 """How long the broker keeps the demo bridge's session after the demo."""
+PLAYBACK = {"USAGEPIPE_CONSUMER__DEVICE_RATE_PER_S": "0"}
+"""The demo's consumer runs without the per-device ceiling: the fleet plays four weeks
+in about half a minute, so a busy appliance sends hundreds of messages in seconds,
+which from a real one would be a flood (`ingest.rate_limit`)."""
 NEXT_REPORT = ("regions", "cycles", "heatmap", "adoption", "cohorts", "programs")
 """The report the demo suggests, the first of these that shows segments."""
 
@@ -206,7 +210,7 @@ async def _demo(settings: Settings, plan: FleetPlan, timeout_s: float, console: 
 
     started = time.monotonic()
     bridge = _spawn("bridge", run_dir / "demo-bridge.log", names.environment())
-    consumer = _spawn("consume", run_dir / "demo-consume.log", names.environment())
+    consumer = _spawn("consume", run_dir / "demo-consume.log", {**names.environment(), **PLAYBACK})
     try:
         deadline = started + timeout_s
         ready_by = started + min(READY_S, timeout_s)

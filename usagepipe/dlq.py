@@ -13,7 +13,10 @@ end, with no consumer group.
 Replay produces each selected letter's original bytes, with its original key, to
 `kafka.raw_topic` (acks=all), where the consumer takes them like any other record: one
 already stored changes nothing (the store keys on device, boot and seq), and one that
-is still invalid is dead-lettered again, as a new letter. The selection is read to the
+is still invalid is dead-lettered again, as a new letter. Each carries the header
+`ingest.rate_limit.REPLAY_HEADER` (the letter's reason), which exempts it from the
+per-device ceiling: `rate_limited` letters are stored when replayed, however fast the
+replay produces them. The selection is read to the
 end before anything is produced, so one run never replays the letters it causes.
 
 Letters refused for DEVICE_ID_MISMATCH are never replayed: the bridge refused them
@@ -38,6 +41,7 @@ from ingest.bridge import device_id_from_payload
 from ingest.dead_letter import DeadLetter, DeadLetterReader, StoredLetter
 from ingest.errors import BrokerUnavailable
 from ingest.kafka import ensure_topics, make_producer, running
+from ingest.rate_limit import REPLAY_HEADER
 from ingest.settings import KafkaSettings, Settings
 from schemas.errors import Reason
 
@@ -204,7 +208,12 @@ async def _produce_originals(settings: Settings, letters: list[DeadLetter]) -> N
             for start in range(0, len(letters), _SEND_WINDOW):
                 window = letters[start : start + _SEND_WINDOW]
                 pending = [
-                    await p.send(raw_topic, value=letter.original, key=letter.key)
+                    await p.send(
+                        raw_topic,
+                        value=letter.original,
+                        key=letter.key,
+                        headers=[(REPLAY_HEADER, letter.reason.value.encode())],
+                    )
                     for letter in window
                 ]
                 await asyncio.gather(*pending)

@@ -14,11 +14,12 @@ T0 = datetime(2026, 1, 10, 9, 0, tzinfo=UTC)
 
 WASHER = ProductModel("WM-100", Category.WASHER, "Washer 100", date(2025, 3, 1))
 DRYER = ProductModel("DR-200", Category.DRYER, "Dryer 200", date(2025, 6, 1))
+# Codes must hold 64 bits to be imported (`devices.credentials.MIN_CODE_BITS`).
 UNITS_CSV = (
     "model_number,serial_number,manufactured_on,registration_code\n"
-    "WM-100,SN0001,2025-04-01,CODE-0001\n"
-    "WM-100,SN0002,2025-04-01,CODE-0002\n"
-    "DR-200,SN0003,2025-07-01,CODE-0003\n"
+    "WM-100,SN0001,2025-04-01,CODE-0001-7KQ2-M9DX\n"
+    "WM-100,SN0002,2025-04-01,CODE-0002-7KQ2-M9DX\n"
+    "DR-200,SN0003,2025-07-01,CODE-0003-7KQ2-M9DX\n"
 )
 
 

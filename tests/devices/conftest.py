@@ -28,12 +28,14 @@ async def reg_schema() -> AsyncIterator[str]:
 
 @pytest.fixture
 def reg_settings(reg_schema: str) -> RegistrySettings:
-    # Cheap hashes (2**10) keep tests fast; three failures lock out within an hour.
+    # Cheap hashes (2**10) keep tests fast; a subject may fail three times an hour
+    # (one more every 20 minutes), an address five times.
     return RegistrySettings(
         db_schema=reg_schema,
         secret_hash_log2_n=10,
-        max_failed_attempts=3,
-        lockout_window_s=3600,
+        registration_failures_per_subject=3,
+        registration_failures_per_address=5,
+        registration_window_s=3600,
         dormancy_days=365,
     )
 

@@ -73,7 +73,7 @@ async def create_owner(client: httpx.AsyncClient, name: str = "Ada Owner") -> Si
 
 
 def registration(
-    serial: str = "SN0001", code: str = "CODE-0001", **more: object
+    serial: str = "SN0001", code: str = "CODE-0001-7KQ2-M9DX", **more: object
 ) -> dict[str, object]:
     return {
         "model_number": "WM-100",
@@ -90,14 +90,18 @@ async def test_register_and_rejections(
     ada = await create_owner(client)
     bob = await create_owner(client, "Bob Other")
 
-    cases = [
-        (ada, registration(serial="SN9999"), 404, "unknown_serial"),
-        (ada, {**registration(), "model_number": "DR-200"}, 422, "model_mismatch"),
-        (bob, registration(code="WRONG"), 403, "wrong_code"),
-    ]
-    for who, body, code, reason in cases:
+    refused = {
+        "reason": "registration_refused",
+        "detail": "model, serial or code do not match",
+        "field": None,
+    }
+    for who, body in (
+        (ada, registration(serial="SN9999")),
+        (ada, {**registration(), "model_number": "DR-200"}),
+        (bob, registration(code="WRONG")),
+    ):
         response = await client.post("/registrations", json=body, headers=who.auth)
-        assert (response.status_code, response.json()["reason"]) == (code, reason)
+        assert (response.status_code, response.json()) == (403, refused)
 
     response = await client.post("/registrations", json=registration(), headers=ada.auth)
     assert response.status_code == 201, response.text
@@ -122,11 +126,13 @@ async def test_register_and_rejections(
     assert (response.status_code, response.json()["reason"]) == (409, "already_owner")
     wrong = registration("SN0002", "WRONG")
     response = await client.post("/registrations", json=wrong, headers=ada.auth)
-    assert (response.status_code, response.json()["reason"]) == (403, "wrong_code")
-    # Ada made three failed guesses: she is locked out now, even for a good unit.
-    good = registration("SN0002", "CODE-0002")
+    assert (response.status_code, response.json()) == (403, refused)
+    # Ada failed three times, her subject's allowance: refused now, even for a good
+    # unit, until a token comes back (one per 20 minutes).
+    good = registration("SN0002", "CODE-0002-7KQ2-M9DX")
     response = await client.post("/registrations", json=good, headers=ada.auth)
-    assert (response.status_code, response.json()["reason"]) == (429, "locked_out")
+    assert (response.status_code, response.json()["reason"]) == (429, "too_many_attempts")
+    assert 1100 < int(response.headers["Retry-After"]) <= 1200
     # Malformed input is refused by validation before reaching the registry.
     body = {**registration(), "resale": "maybe"}
     response = await client.post("/registrations", json=body, headers=ada.auth)

@@ -96,7 +96,7 @@ async def test_the_hijack_from_the_issue_is_refused(
         ("POST", f"/operator/devices/{device}/credentials", reason, (403, "insufficient_scope")),
         ("POST", f"/operator/owners/{victim_id}/erasure", reason, (403, "insufficient_scope")),
         ("POST", "/registrations", registration(code="GUESS-0001", resale=True),
-         (403, "wrong_code")),
+         (403, "registration_refused")),
     ]  # fmt: skip
     # A token of the attacker's own key, naming the victim's subject, is no better than none.
     forged = DevSigner(tmp_path / "attacker.pem").token("Vic Victim", audience="usagepipe")

@@ -72,7 +72,7 @@ def test_commands(
     assert run(cli_settings, "migrate") == 0
     assert capsys.readouterr().out.endswith(
         ": applied 001_registry, 002_notify, 003_firmware, 004_consumer_interface,"
-        " 005_subjects_audit\n"
+        " 005_subjects_audit, 006_registration_limits\n"
     )
     assert run(cli_settings, "migrate") == 0
     assert capsys.readouterr().out.endswith(": applied nothing\n")
@@ -98,7 +98,16 @@ def test_commands(
     assert capsys.readouterr().out == "published 0 event(s), 0 still pending\n"
 
     # Registering changes broker accounts: without the admin login it does not start.
-    unit = ["--model", "WM-100", "--serial", "SN0001", "--code", "CODE-0001", "--channel", "gift"]
+    unit = [
+        "--model",
+        "WM-100",
+        "--serial",
+        "SN0001",
+        "--code",
+        "CODE-0001-7KQ2-M9DX",
+        "--channel",
+        "gift",
+    ]
     no_admin = cli_settings.mqtt.model_copy(update={"admin_username": None})
     stranger = ["--owner-id", str(uuid.uuid4()), *unit]
     assert run(cli_settings.model_copy(update={"mqtt": no_admin}), "register", *stranger) == 2

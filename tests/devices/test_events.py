@@ -82,7 +82,7 @@ async def test_registration_emits_exactly_one_event(
             )
         owner = await registry.create_owner(new_owner(), source="test", at=T0)
         done = await registry.register(
-            owner, "WM-100", "SN0001", "CODE-0001", Purchase(PurchaseChannel.GIFT), at=T0
+            owner, "WM-100", "SN0001", "CODE-0001-7KQ2-M9DX", Purchase(PurchaseChannel.GIFT), at=T0
         )
         assert await registry.pending_events() == 0
 

@@ -12,21 +12,22 @@ from devices.registry import Registry
 from tests.devices.catalog import T0, new_owner
 
 EXPORT = """model_number,serial_number,manufactured_on,registration_code
-WM-100,SN0001,2025-04-01,CODE-0001
-WM-100,SN0010,2025-05-01,CODE-0010
-wm-100 , sn0011 ,2025-05-02,CODE-0011
-XX-999,SN0012,2025-05-01,CODE-0012
-WM-100,,2025-05-01,CODE-0013
-WM-100,SN 0014,2025-05-01,CODE-0014
-WM-100,SN0015,2025-13-01,CODE-0015
-WM-100,SN0016,01/05/2025,CODE-0016
+WM-100,SN0001,2025-04-01,CODE-0001-7KQ2-M9DX
+WM-100,SN0010,2025-05-01,K7QX-2M9D-P4HT-0010
+wm-100 , sn0011 ,2025-05-02,K7QX-2M9D-P4HT-0011
+XX-999,SN0012,2025-05-01,K7QX-2M9D-P4HT-0012
+WM-100,,2025-05-01,K7QX-2M9D-P4HT-0013
+WM-100,SN 0014,2025-05-01,K7QX-2M9D-P4HT-0014
+WM-100,SN0015,2025-13-01,K7QX-2M9D-P4HT-0015
+WM-100,SN0016,01/05/2025,K7QX-2M9D-P4HT-0016
 WM-100,SN0017,2025-05-01,
-WM-100,SN0010,2025-05-01,CODE-0010
-WM-100,SN0010,2025-05-01,CODE-OTHER
-WM-100,SN0003,2025-07-01,CODE-0003
-WM-100,SN0002,2025-04-01,CODE-XXXX
-,SN0018,2025-05-01,CODE-0018
+WM-100,SN0010,2025-05-01,K7QX-2M9D-P4HT-0010
+WM-100,SN0010,2025-05-01,K7QX-2M9D-P4HT-OTHER
+WM-100,SN0003,2025-07-01,CODE-0003-7KQ2-M9DX
+WM-100,SN0002,2025-04-01,K7QX-2M9D-P4HT-XXXX
+,SN0018,2025-05-01,K7QX-2M9D-P4HT-0018
 WM-100,SN0019
+WM-100,SN0020,2025-05-01,ABCD-1234
 """
 
 
@@ -80,6 +81,13 @@ async def test_report_counts_and_reasons(registry: Registry, pg: asyncpg.Connect
         ),
         RejectedRow(15, "SN0018", ImportRejectReason.EMPTY_MODEL, "model_number is empty"),
         RejectedRow(16, "SN0019", ImportRejectReason.MALFORMED_ROW, "missing fields"),
+        RejectedRow(
+            17,
+            "SN0020",
+            ImportRejectReason.WEAK_CODE,
+            "registration_code holds at most 32 bits, 64 needed"
+            " (e.g. 16 characters of Crockford base32: 0-9 and A-Z without I, L, O, U)",
+        ),
     ]
     schema = registry.settings.db_schema
     rows = await pg.fetch(f"SELECT serial_number, model_number FROM {schema}.units ORDER BY 1")
@@ -103,11 +111,11 @@ async def test_imported_code_registers(registry: Registry, pg: asyncpg.Connectio
         registry,
         pg,
         "model_number,serial_number,manufactured_on,registration_code\n"
-        "WM-100,SN0011,2025-05-02, CODE-0011 \n",
+        "WM-100,SN0011,2025-05-02, K7QX-2M9D-P4HT-0011 \n",
     )
     owner = await registry.create_owner(new_owner(), source="test", at=T0)
     done = await registry.register(
-        owner, "WM-100", "SN0011", "CODE-0011", Purchase(PurchaseChannel.GIFT), at=T0
+        owner, "WM-100", "SN0011", "K7QX-2M9D-P4HT-0011", Purchase(PurchaseChannel.GIFT), at=T0
     )
     assert done.serial_number == "SN0011"
 

@@ -47,7 +47,7 @@ async def test_attribution_follows_analytics_consent(
     """The one rule of who usage may be attributed to: the view `analytics_owners`,
     which enrichment joins (tests/ingest/test_enrich.py follows it through the consumer)."""
     ada = await registry.create_owner(new_owner(), source="signup", at=T0)
-    done = await registry.register(ada, "WM-100", "SN0001", "CODE-0001", SHOP, at=T0)
+    done = await registry.register(ada, "WM-100", "SN0001", "CODE-0001-7KQ2-M9DX", SHOP, at=T0)
     view = f"SELECT owner_id, region, membership_tier FROM {reg_schema}.analytics_owners"
     assert [tuple(r) for r in await pg.fetch(view)] == [(ada, "JP-13", MembershipTier.GOLD.value)]
     await registry.set_consent(ada, analytics=False, source="app", at=T0 + timedelta(days=1))
@@ -135,8 +135,8 @@ async def test_erasure_leaves_no_personal_data(
 ) -> None:
     ada = await registry.create_owner(new_owner("Ada Owner"), source="signup", at=T0)
     bob = await registry.create_owner(new_owner("Bob Other"), source="signup", at=T0)
-    sold = await registry.register(ada, "WM-100", "SN0001", "CODE-0001", SHOP, at=T0)
-    kept = await registry.register(ada, "DR-200", "SN0003", "CODE-0003", SHOP, at=T0)
+    sold = await registry.register(ada, "WM-100", "SN0001", "CODE-0001-7KQ2-M9DX", SHOP, at=T0)
+    kept = await registry.register(ada, "DR-200", "SN0003", "CODE-0003-7KQ2-M9DX", SHOP, at=T0)
     with pytest.raises(Rejected):
         await registry.register(ada, "WM-100", "SN0002", "WRONG", SHOP, at=T0)
     handover = T0 + timedelta(days=10)
@@ -197,4 +197,4 @@ async def test_erasure_leaves_no_personal_data(
         )
     assert again.value.reason is RejectReason.OWNER_NOT_ACTIVE
     # The unit Ada still had can be registered again by someone holding its code.
-    await registry.register(bob, "DR-200", "SN0003", "CODE-0003", SHOP, at=erased_at)
+    await registry.register(bob, "DR-200", "SN0003", "CODE-0003-7KQ2-M9DX", SHOP, at=erased_at)

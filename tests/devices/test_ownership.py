@@ -22,7 +22,7 @@ async def test_attribution_by_time_across_a_transfer(
 ) -> None:
     ada = await registry.create_owner(new_owner("Ada Owner"), source="test", at=T0)
     bob = await registry.create_owner(new_owner("Bob Other"), source="test", at=T0)
-    first = await registry.register(ada, "WM-100", "SN0001", "CODE-0001", SHOP, at=T0)
+    first = await registry.register(ada, "WM-100", "SN0001", "CODE-0001-7KQ2-M9DX", SHOP, at=T0)
     device = first.device_id
     handover = T0 + timedelta(days=30)
 
@@ -67,7 +67,7 @@ async def test_resale_with_the_code_and_release(
     ada = await registry.create_owner(new_owner("Ada Owner"), source="test", at=T0)
     bob = await registry.create_owner(new_owner("Bob Other"), source="test", at=T0)
     cy = await registry.create_owner(new_owner("Cy Third"), source="test", at=T0)
-    first = await registry.register(ada, "WM-100", "SN0001", "CODE-0001", SHOP, at=T0)
+    first = await registry.register(ada, "WM-100", "SN0001", "CODE-0001-7KQ2-M9DX", SHOP, at=T0)
     resold = T0 + timedelta(days=10)
 
     # Bob bought it second-hand and says so: the code inside proves possession.
@@ -75,7 +75,7 @@ async def test_resale_with_the_code_and_release(
         bob,
         "WM-100",
         "SN0001",
-        "CODE-0001",
+        "CODE-0001-7KQ2-M9DX",
         Purchase(PurchaseChannel.THIRD_PARTY_RETAILER, store_id="RESALE-7"),
         resale=True,
         at=resold,
@@ -92,7 +92,9 @@ async def test_resale_with_the_code_and_release(
     assert broker.accounts == {}
     assert await registry.verify_device_secret(first.device_id, second.mqtt_secret) is False
     assert await registry.owner_at(first.device_id, released) is None
-    third = await registry.register(cy, "WM-100", "SN0001", "CODE-0001", GIFT, at=released)
+    third = await registry.register(
+        cy, "WM-100", "SN0001", "CODE-0001-7KQ2-M9DX", GIFT, at=released
+    )
     assert await registry.owner_at(first.device_id, released + timedelta(hours=1)) == cy
     assert broker.accounts == {first.device_id: third.mqtt_secret}
     assert publisher.types() == [
@@ -114,7 +116,7 @@ async def test_revoke_credentials_is_idempotent(
 ) -> None:
     ada = await registry.create_owner(new_owner(), source="test", at=T0)
     bob = await registry.create_owner(new_owner("Bob Other"), source="test", at=T0)
-    done = await registry.register(ada, "WM-100", "SN0001", "CODE-0001", SHOP, at=T0)
+    done = await registry.register(ada, "WM-100", "SN0001", "CODE-0001-7KQ2-M9DX", SHOP, at=T0)
     with pytest.raises(Rejected) as caught:
         await registry.revoke_credentials(done.device_id, bob, at=T0 + timedelta(hours=1))
     assert caught.value.reason is RejectReason.NOT_CURRENT_OWNER
@@ -140,7 +142,7 @@ async def test_database_refuses_overlapping_periods(
 ) -> None:
     ada = await registry.create_owner(new_owner(), source="test", at=T0)
     bob = await registry.create_owner(new_owner("Bob Other"), source="test", at=T0)
-    await registry.register(ada, "WM-100", "SN0001", "CODE-0001", SHOP, at=T0)
+    await registry.register(ada, "WM-100", "SN0001", "CODE-0001-7KQ2-M9DX", SHOP, at=T0)
     schema = registry.settings.db_schema
     with pytest.raises(asyncpg.exceptions.ExclusionViolationError):
         await pg.execute(
@@ -166,7 +168,7 @@ async def test_reissue_credentials(
     registry: Registry, broker: RecordingBroker, publisher: RecordingPublisher
 ) -> None:
     ada = await registry.create_owner(new_owner(), source="test", at=T0)
-    done = await registry.register(ada, "WM-100", "SN0001", "CODE-0001", SHOP, at=T0)
+    done = await registry.register(ada, "WM-100", "SN0001", "CODE-0001-7KQ2-M9DX", SHOP, at=T0)
     at = T0 + timedelta(days=3)
     assert await registry.revoke_credentials(done.device_id, ada, at=at)
     fresh = await registry.reissue_credentials(done.device_id, ada, at=at)

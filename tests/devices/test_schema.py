@@ -18,6 +18,7 @@ RECORDED = [
     ("registry", 3, "003_firmware"),
     ("registry", 4, "004_consumer_interface"),
     ("registry", 5, "005_subjects_audit"),
+    ("registry", 6, "006_registration_limits"),
 ]
 TRIGGERS = [
     ("devices", "enrichment_notify"),
@@ -72,6 +73,7 @@ async def test_a_schema_the_consumer_completed_applies_nothing_again(
     assert await migrate_registry(pg, reg_schema) == [
         "004_consumer_interface",
         "005_subjects_audit",
+        "006_registration_limits",
     ]
     assert await recorded(pg, reg_schema) == RECORDED
     assert await triggers(pg, reg_schema) == TRIGGERS
@@ -90,5 +92,6 @@ async def test_a_schema_the_consumer_never_saw_gets_the_rest(
         "003_firmware",
         "004_consumer_interface",
         "005_subjects_audit",
+        "006_registration_limits",
     ]
     assert await recorded(pg, reg_schema) == RECORDED

@@ -111,7 +111,7 @@ async def fleet(settings: Settings, *, real_broker: bool = False) -> AsyncIterat
     can publish over MQTT; otherwise the broker is an in-memory recorder."""
     units = {f"SN-W{i}": WASHER.model_number for i in range(1, 5)}
     units |= {f"SN-D{i}": DRYER.model_number for i in range(1, 3)}
-    codes = {serial: f"CODE-{serial}" for serial in units}
+    codes = {serial: f"CODE-{serial}-7KQ2-M9DX" for serial in units}
     reg_settings = settings.registry.model_copy(update={"secret_hash_log2_n": 10})
     async with contextlib.AsyncExitStack() as stack:
         broker: Any = RecordingBroker()
@@ -653,7 +653,10 @@ async def test_unregistered_device_is_dead_lettered_once_and_stored_once_registe
             await produce(settings, [(device, message(device, 1, at + timedelta(seconds=1)))])
             await wait_for(lambda: consumer.report.stored == 1, "the later message", 20)
         unregistered = sample(
-            metrics, "usagepipe_consumer_dead_letters_total", reason="unregistered_device"
+            metrics,
+            "usagepipe_consumer_dead_letters_total",
+            reason="unregistered_device",
+            model="unknown",
         )
         assert unregistered == 1
         assert sample(metrics, "usagepipe_consumer_unregistered_total") == 1

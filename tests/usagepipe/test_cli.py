@@ -137,11 +137,12 @@ BAD_SETTINGS = [
     # a section's check across two fields names both variables
     (
         {
-            "USAGEPIPE_REGISTRY__ATTEMPTS_RETENTION_DAYS": "1",
-            "USAGEPIPE_REGISTRY__LOCKOUT_WINDOW_S": "100000",
+            "USAGEPIPE_REGISTRY__REGISTRATION_FAILURES_PER_ADDRESS": "1000",
+            "USAGEPIPE_REGISTRY__REGISTRATION_WINDOW_S": "60",
         },
-        "USAGEPIPE_REGISTRY__ATTEMPTS_RETENTION_DAYS (1) must be longer than"
-        " USAGEPIPE_REGISTRY__LOCKOUT_WINDOW_S (100000 s): the lockout counts them",
+        "USAGEPIPE_REGISTRY__REGISTRATION_FAILURES_PER_ADDRESS (1000) per"
+        " USAGEPIPE_REGISTRY__REGISTRATION_WINDOW_S (60 s) allows 1440000 failures per"
+        " address per day; at most 2400 keep 64-bit registration codes safe",
     ),
     # names as the user spelt them: lower case, a short name, a section as JSON
     (
@@ -508,6 +509,7 @@ def test_consume_on_a_fresh_database_migrates_the_registry_first(settings: Setti
             ("registry", 3, "003_firmware"),
             ("registry", 4, "004_consumer_interface"),
             ("registry", 5, "005_subjects_audit"),
+            ("registry", 6, "006_registration_limits"),
         ]
     finally:
         asyncio.run(_drop_schema(dsn, fresh))
