@@ -159,10 +159,20 @@ def _add_owner(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
+    subject = args.subject
+    if subject is not None and not (0 < len(subject) <= 255 and subject.isprintable()):
+        print(
+            f"usagepipe registry add-owner: --subject {subject!r}: use 1 to 255 printable"
+            " characters (the sign-in's `sub`)",
+            file=sys.stderr,
+        )
+        return 2
 
     async def run() -> int:
         async with _open_registry(settings) as registry:
-            owner_id = await registry.create_owner(body.new_owner(), source=body.source)
+            owner_id = await registry.create_owner(
+                body.new_owner(), source=body.source, subject=subject
+            )
         print(owner_id)
         return 0
 
@@ -404,6 +414,11 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
             required=True,
             help=f"the owner's {purpose} consent, stated explicitly",
         )
+    p.add_argument(
+        "--subject",
+        help="link the account to this sign-in subject (the tokens' `sub`), so the owner"
+        " acts on it through the API; one account per subject",
+    )
 
     p = command("add-model", _add_model, "add or update a product model")
     p.add_argument("model_number")
