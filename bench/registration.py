@@ -25,10 +25,13 @@ import os
 import platform
 import random
 import secrets
+import shutil
 import statistics
+import tempfile
 import time
 from contextlib import nullcontext
 from datetime import date
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -42,8 +45,9 @@ from devices.credentials import new_registration_code
 from devices.factory_import import import_units
 from devices.records import Category, ProductModel
 from devices.registry import Registry
+from ingest.auth import DevSigner
 from ingest.ports import listen
-from ingest.settings import RegistrySettings, Settings
+from ingest.settings import AuthSettings, RegistrySettings, Settings
 from simulators.provision import CollectedAccounts
 
 KINDS = ("unknown serial", "wrong model", "wrong code", "success")
@@ -79,14 +83,23 @@ def purchase() -> dict[str, str]:
     return {"channel": "own_online_shop", "purchased_on": "2025-12-24"}
 
 
-async def timed(client: httpx.AsyncClient, body: dict[str, object]) -> tuple[float, int, str]:
+async def timed(
+    client: httpx.AsyncClient, body: dict[str, object], auth: dict[str, str]
+) -> tuple[float, int, str]:
     started = time.perf_counter()
-    response = await client.post("/registrations", json=body)
+    response = await client.post("/registrations", json=body, headers=auth)
     elapsed = time.perf_counter() - started
     return elapsed, response.status_code, response.json().get("reason", "")
 
 
-async def measure(url: str, tries: int, codes: dict[str, str]) -> dict[str, list[float]]:
+async def measure(
+    url: str, tries: int, codes: dict[str, str], signer: DevSigner
+) -> dict[str, list[float]]:
+    """Median and spread per kind; the buyer and the guesser sign in with `signer`."""
+    sign_in = {
+        who: {"Authorization": f"Bearer {signer.token(who, audience=AuthSettings().audience)}"}
+        for who in ("bench-buyer", "bench-guesser")
+    }
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         owner = {
             "name": "Bench Owner",
@@ -95,14 +108,16 @@ async def measure(url: str, tries: int, codes: dict[str, str]) -> dict[str, list
             "analytics_consent": True,
             "marketing_consent": False,
         }
-        buyer = (await client.post("/owners", json=owner)).json()["owner_id"]
-        guesser = (await client.post("/owners", json={**owner, "name": "Bench Guesser"})).json()[
-            "owner_id"
-        ]
+        await client.post("/owners", json=owner, headers=sign_in["bench-buyer"])
+        guesser = {**owner, "name": "Bench Guesser"}
+        await client.post("/owners", json=guesser, headers=sign_in["bench-guesser"])
         ok = iter(serial for serial in codes if serial != TARGET)
 
+        def who(kind: str) -> dict[str, str]:
+            return sign_in["bench-buyer" if kind == "success" else "bench-guesser"]
+
         def body(kind: str) -> dict[str, object]:
-            base: dict[str, object] = {"owner_id": guesser, "purchase": purchase()}
+            base: dict[str, object] = {"purchase": purchase()}
             if kind == "unknown serial":
                 serial = f"SN-NONE-{secrets.token_hex(4).upper()}"
                 return {
@@ -128,7 +143,6 @@ async def measure(url: str, tries: int, codes: dict[str, str]) -> dict[str, list
             serial = next(ok)
             return {
                 **base,
-                "owner_id": buyer,
                 "model_number": "WM-100",
                 "serial_number": serial,
                 "registration_code": codes[serial],
@@ -137,13 +151,13 @@ async def measure(url: str, tries: int, codes: dict[str, str]) -> dict[str, list
         expected = {kind: (403, "registration_refused") for kind in KINDS[:3]}
         expected["success"] = (201, "")
         for kind in KINDS:  # warm-up: connections, code paths, the thread pool
-            await timed(client, body(kind))
+            await timed(client, body(kind), who(kind))
         times: dict[str, list[float]] = {kind: [] for kind in KINDS}
         order = list(KINDS)
         for _ in range(tries):
             random.shuffle(order)
             for kind in order:
-                elapsed, status, reason = await timed(client, body(kind))
+                elapsed, status, reason = await timed(client, body(kind), who(kind))
                 if (status, reason) != expected[kind]:
                     print(f"  {kind}: unexpected answer {status} {reason!r}; not counted")
                     continue
@@ -188,6 +202,8 @@ async def main() -> None:
     )
     admin = await asyncpg.connect(admin_dsn)
     await admin.execute(f"CREATE DATABASE {database}")
+    # The bench's own dev signer, in a directory gone after the run.
+    keys = tempfile.mkdtemp(prefix="usagepipe-bench-auth-")
     try:
         lines, codes = units_csv(args.tries)
         async with Registry(
@@ -204,7 +220,12 @@ async def main() -> None:
                 await import_units(conn, lines, schema=settings.db_schema, hash_log2_n=args.log2_n)
             finally:
                 await conn.close()
-            app = create_app(lambda: nullcontext(registry), metrics_registry=CollectorRegistry())
+            signer = DevSigner(Path(keys) / "dev_signer.pem")
+            app = create_app(
+                lambda: nullcontext(registry),
+                verifier=signer.verifier(AuthSettings()),
+                metrics_registry=CollectorRegistry(),
+            )
             with listen("127.0.0.1", 0, "--port") as sock:
                 port = sock.getsockname()[1]
                 server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="error"))
@@ -212,7 +233,7 @@ async def main() -> None:
                 try:
                     while not server.started:  # noqa: ASYNC110 - uvicorn offers no event
                         await asyncio.sleep(0.02)
-                    times = await measure(f"http://127.0.0.1:{port}", args.tries, codes)
+                    times = await measure(f"http://127.0.0.1:{port}", args.tries, codes, signer)
                 finally:
                     server.should_exit = True
                     await serving
@@ -224,6 +245,7 @@ async def main() -> None:
         report(times)
     finally:
         await admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        shutil.rmtree(keys, ignore_errors=True)
         await admin.close()
 
 

@@ -11,12 +11,34 @@ JSON `true`/`false` only; text fields refuse control characters (PostgreSQL cann
 store NUL) and lone surrogates. `GET /health` checks that PostgreSQL answers;
 `GET /metrics` is Prometheus text. The OpenAPI document is at `/openapi.json`.
 
-The API trusts the caller about who the owner is (`owner_id`): it is meant to sit
-behind the site's authentication, not on the open internet.
+Every route but `/health` and `/metrics` needs `Authorization: Bearer <token>`, a JWT
+of the maker's sign-in (`ingest.auth`): none or an invalid one is 401 `unauthenticated`.
+The API acts for the token's subject only:
+
+- `POST /owners` creates the owner account of the token's subject (one per subject: a
+  second is 409 `owner_exists`; `GET /owners/me` finds it). Every owner route naming
+  an owner id other than the caller's own answers 403 `forbidden`, whether or not that
+  owner exists (so ids cannot be probed); so does any owner route for a sign-in with no
+  account yet.
+- Registration, release, transfer, revocation and reissue act for the caller's owner
+  account: on a device someone else owns, 403 `not_current_owner` (404
+  `unknown_device` when no device has the id). A transfer is the current owner's
+  release to the recipient they name (`to_owner_id`); a buyer without that release
+  registers the unit with `resale: true` and the code printed inside it (proof of
+  possession).
+- Reactivating a dormant owner needs a token whose `auth_time` is at most
+  `auth.reauth_max_age_s` old (403 `reauthentication_required` otherwise).
+- Owners revoke and reissue their own devices' secrets and erase themselves. The same
+  for anyone's device or account, on a request support received, is an operator's:
+  `/operator/...`, with the scope `auth.operator_scope` (403 `insufficient_scope`
+  without it) and a `reason`; each is written to the registry's `audit_log` (who: the
+  operator's subject, what, on what, why, when) in the action's transaction.
+
+`/docs` and `/redoc` are served only where `auth.docs` turns them on.
 
 Registration answers one `registration_refused` (403) to every failed proof, whatever
-was wrong, and limits failures per caller (`devices.limits.Caller`): the subject
-(today the body's `owner_id`) and the client address, which uvicorn takes from the
+was wrong, and limits failures per caller (`devices.limits.Caller`): the token's subject
+and the client address, which uvicorn takes from the
 site's proxy's `X-Forwarded-For` when the proxy is trusted (`forwarded_allow_ips`), so
 that owners behind one proxy do not share one address's allowance.
 
@@ -28,7 +50,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 from uuid import UUID
 
@@ -56,6 +78,7 @@ from devices.limits import Caller
 from devices.records import (
     MembershipTier,
     NewOwner,
+    OperatorAction,
     Owner,
     OwnerStatus,
     Purchase,
@@ -63,6 +86,7 @@ from devices.records import (
     Registration,
 )
 from devices.registry import Registry
+from ingest import auth
 from ingest.httpapi import (
     Problem,
     documented,
@@ -90,6 +114,7 @@ STATUS_BY_REASON: dict[RejectReason, int] = {
     RejectReason.BAD_CSR: 422,
     RejectReason.CERTIFICATE_REQUIRED: 422,
     RejectReason.NO_LIVE_CREDENTIALS: 409,
+    RejectReason.OWNER_EXISTS: 409,
 }
 """HTTP status per reason: 404 unknown thing, 403 not allowed (a failed proof of
 purchase among them), 409 conflicts with the current state, 429 too many failed
@@ -147,7 +172,12 @@ class Body(BaseModel):
 class RegistryProblem(Problem):
     """A refused request: the reason code, a human-readable detail, the field at fault."""
 
-    reason: Annotated[str, Field(json_schema_extra=reason_enum(r.value for r in RejectReason))]
+    reason: Annotated[
+        str,
+        Field(
+            json_schema_extra=reason_enum([*(r.value for r in RejectReason), *auth.AUTH_REASONS])
+        ),
+    ]
 
 
 class CreateOwnerIn(Body):
@@ -211,7 +241,8 @@ class PurchaseIn(Body):
 
 
 class RegistrationIn(Body):
-    owner_id: UUID
+    """A unit to register to the caller's owner account."""
+
     model_number: Code
     serial_number: Code
     registration_code: Annotated[str, _text(1, 64), Printable, PRINTABLE]
@@ -253,12 +284,9 @@ class RegistrationOut(Body):
         )
 
 
-class OwnerRefIn(Body):
-    owner_id: UUID
-
-
 class TransferIn(Body):
-    from_owner_id: UUID
+    """The current owner (the caller) hands the device to `to_owner_id`."""
+
     to_owner_id: UUID
     purchase: PurchaseIn = Field(default_factory=lambda: PurchaseIn(channel=PurchaseChannel.GIFT))
 
@@ -275,11 +303,17 @@ class ConsentIn(Body):
 
 
 class ReactivationIn(Body):
-    reauthenticated: StrictBool
-    """The site confirms the owner just signed in again (password or equivalent)."""
+    """Fresh consent for both purposes; the fresh sign-in is the token's `auth_time`."""
+
     analytics_consent: StrictBool
     marketing_consent: StrictBool
     source: Source = "api"
+
+
+class OperatorIn(Body):
+    """Why an operator acts (a support ticket, the owner's request): for the audit log."""
+
+    reason: Annotated[str, _text(1, 500), Printable, PRINTABLE]
 
 
 class ErasureOut(Body):
@@ -299,12 +333,34 @@ RegistryDep = Annotated[Registry, Depends(_registry)]
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The error answers of a route: 422 and 503 for all, plus `statuses`."""
-    return documented(RegistryProblem, *sorted({*statuses, 422, 503}))
+    """The error answers of a route: 401, 403, 422 and 503 for all, plus `statuses`."""
+    answers = documented(RegistryProblem, *sorted({*statuses, 403, 422, 503}))
+    return dict(sorted({**answers, **auth.documented(RegistryProblem, scoped=False)}.items()))
 
 
 _WITH_BODY = (400,)
-_DEVICE = (*_WITH_BODY, 403, 404, 409)
+_DEVICE = (404, 409)
+
+
+async def _own_account(who: auth.Caller, registry: RegistryDep) -> UUID:
+    """The caller's owner account, or 403 `forbidden` for a sign-in without one."""
+    owner_id = await registry.owner_of_subject(who.subject)
+    if owner_id is None:
+        raise auth.forbidden("this sign-in has no owner account yet: create it with POST /owners")
+    return owner_id
+
+
+OwnAccount = Annotated[UUID, Depends(_own_account)]
+
+
+async def _this_owner(owner_id: UUID, mine: OwnAccount) -> UUID:
+    """The owner named in the path, which must be the caller's own account (403)."""
+    if owner_id != mine:
+        raise auth.forbidden("an owner may read and change their own account only")
+    return owner_id
+
+
+ThisOwner = Annotated[UUID, Depends(_this_owner)]
 
 
 owner_routes = APIRouter()
@@ -313,12 +369,20 @@ owner_routes = APIRouter()
 device_routes = APIRouter()
 """Units: registration, release, transfer, and their MQTT credentials."""
 
+operator_routes = APIRouter(prefix="/operator", tags=["operator"])
+"""Support's actions on any owner's device or account: scoped, with a reason, audited."""
+
 
 def create_app(
-    registry_factory: RegistryFactory, *, metrics_registry: CollectorRegistry | None = None
+    registry_factory: RegistryFactory,
+    *,
+    verifier: auth.Verifier,
+    docs: bool = False,
+    metrics_registry: CollectorRegistry | None = None,
 ) -> FastAPI:
-    """The API over the registry that `registry_factory()` opens for the app's lifetime;
-    its request metrics go to `metrics_registry` (a fresh one when not given)."""
+    """The API over the registry that `registry_factory()` opens for the app's lifetime,
+    for callers whose tokens `verifier` accepts (`/docs` too where `docs`); its request
+    metrics go to `metrics_registry` (a fresh one when not given)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -330,6 +394,8 @@ def create_app(
         title="usagepipe device registry",
         version="1",
         lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
     )
     metrics = metrics_registry if metrics_registry is not None else CollectorRegistry()
 
@@ -349,10 +415,12 @@ def create_app(
         "registry's schema within 2 s; 503 `unavailable` otherwise. The MQTT broker and "
         "Kafka are not checked (registry events wait in the outbox while Kafka is away).",
     )
+    auth.install(app, verifier)
     app.add_exception_handler(Rejected, _rejected)
     app.add_exception_handler(RegistryError, _failed)
     app.include_router(owner_routes)
     app.include_router(device_routes)
+    app.include_router(operator_routes)
     return app
 
 
@@ -374,21 +442,32 @@ async def _failed(request: Request, exc: Exception) -> JSONResponse:
 # -- owners --------------------------------------------------------------------------
 
 
-@owner_routes.post("/owners", status_code=status.HTTP_201_CREATED, responses=_errors(*_WITH_BODY))
-async def create_owner(body: CreateOwnerIn, registry: RegistryDep) -> OwnerIdOut:
-    """Create an owner account (contacts are kept apart from analytics data)."""
-    owner_id = await registry.create_owner(body.new_owner(), source=body.source)
+@owner_routes.post(
+    "/owners", status_code=status.HTTP_201_CREATED, responses=_errors(*_WITH_BODY, 409)
+)
+async def create_owner(body: CreateOwnerIn, who: auth.Caller, registry: RegistryDep) -> OwnerIdOut:
+    """Create the caller's owner account (one per sign-in subject: a second is 409
+    `owner_exists`). Contacts are kept apart from analytics data."""
+    owner_id = await registry.create_owner(
+        body.new_owner(), source=body.source, subject=who.subject
+    )
     return OwnerIdOut(owner_id=owner_id)
 
 
-@owner_routes.get("/owners/{owner_id}", responses=_errors(404))
-async def get_owner(owner_id: UUID, registry: RegistryDep) -> OwnerOut:
-    """The owner's status, tier and consents (no personal data)."""
+@owner_routes.get("/owners/me", responses=_errors())
+async def get_me(owner_id: OwnAccount, registry: RegistryDep) -> OwnerOut:
+    """The caller's own owner account (403 `forbidden` when the sign-in has none)."""
     return OwnerOut.of(await registry.get_owner(owner_id))
 
 
-@owner_routes.put("/owners/{owner_id}/consents", responses=_errors(*_WITH_BODY, 404, 409))
-async def set_consent(owner_id: UUID, body: ConsentIn, registry: RegistryDep) -> OwnerOut:
+@owner_routes.get("/owners/{owner_id}", responses=_errors())
+async def get_owner(owner_id: ThisOwner, registry: RegistryDep) -> OwnerOut:
+    """The owner's status, tier and consents (no personal data): the caller's own only."""
+    return OwnerOut.of(await registry.get_owner(owner_id))
+
+
+@owner_routes.put("/owners/{owner_id}/consents", responses=_errors(*_WITH_BODY, 409))
+async def set_consent(owner_id: ThisOwner, body: ConsentIn, registry: RegistryDep) -> OwnerOut:
     """Grant or withdraw consent for analytics and/or marketing (audited)."""
     owner = await registry.set_consent(
         owner_id, analytics=body.analytics, marketing=body.marketing, source=body.source
@@ -396,23 +475,50 @@ async def set_consent(owner_id: UUID, body: ConsentIn, registry: RegistryDep) ->
     return OwnerOut.of(owner)
 
 
-@owner_routes.post("/owners/{owner_id}/reactivation", responses=_errors(*_WITH_BODY, 403, 404, 409))
-async def reactivate(owner_id: UUID, body: ReactivationIn, registry: RegistryDep) -> OwnerOut:
-    """Bring a dormant owner back after a fresh sign-in, with fresh consent."""
-    owner = await registry.reactivate(
-        owner_id,
-        reauthenticated=body.reauthenticated,
-        analytics_consent=body.analytics_consent,
-        marketing_consent=body.marketing_consent,
-        source=body.source,
-    )
+@owner_routes.post("/owners/{owner_id}/reactivation", responses=_errors(*_WITH_BODY, 409))
+async def reactivate(
+    request: Request,
+    owner_id: ThisOwner,
+    body: ReactivationIn,
+    who: auth.Caller,
+    registry: RegistryDep,
+) -> OwnerOut:
+    """Bring a dormant owner back after a fresh sign-in (the token's `auth_time` at most
+    `auth.reauth_max_age_s` old), with fresh consent."""
+    max_age = timedelta(seconds=auth.verifier_of(request).settings.reauth_max_age_s)
+    try:
+        owner = await registry.reactivate(
+            owner_id,
+            reauthenticated=who.signed_in_within(max_age),
+            analytics_consent=body.analytics_consent,
+            marketing_consent=body.marketing_consent,
+            source=body.source,
+        )
+    except Rejected as exc:
+        if exc.reason is not RejectReason.REAUTHENTICATION_REQUIRED:
+            raise
+        raise Rejected(exc.reason, _stale_sign_in(who, max_age)) from None
     return OwnerOut.of(owner)
 
 
-@owner_routes.post("/owners/{owner_id}/erasure", responses=_errors(404))
-async def erase(owner_id: UUID, registry: RegistryDep) -> ErasureOut:
-    """Erase the owner's personal data and links now (idempotent)."""
-    await registry.get_owner(owner_id)  # 404 for an id that never existed
+def _stale_sign_in(who: auth.Principal, max_age: timedelta) -> str:
+    """Why `who`'s token does not reactivate: what the sign-in lacks, and what to do."""
+    limit = int(max_age.total_seconds())
+    if who.auth_time is None:
+        return (
+            "reactivating needs a fresh sign-in: this token has no auth_time; sign in"
+            f" again and send the new token within {limit} s"
+        )
+    age = int((datetime.now(UTC) - who.auth_time).total_seconds())
+    return (
+        f"reactivating needs a sign-in at most {limit} s old; this token's was {age} s ago"
+        " (auth_time): sign in again and send the new token"
+    )
+
+
+@owner_routes.post("/owners/{owner_id}/erasure", responses=_errors())
+async def erase(owner_id: ThisOwner, registry: RegistryDep) -> ErasureOut:
+    """Erase the caller's own personal data and links now; the sign-in's link goes too."""
     released = await registry.erase_owner(owner_id)
     return ErasureOut(owner_id=owner_id, released_devices=released)
 
@@ -441,17 +547,21 @@ _REGISTRATION_ERRORS[429] = {
     responses=_REGISTRATION_ERRORS,
 )
 async def register(
-    body: RegistrationIn, request: Request, registry: RegistryDep
+    body: RegistrationIn,
+    request: Request,
+    who: auth.Caller,
+    owner_id: OwnAccount,
+    registry: RegistryDep,
 ) -> RegistrationOut | JSONResponse:
-    """Register a unit with model, serial and the code printed inside it.
+    """Register a unit to the caller with model, serial and the code printed inside it.
 
     A wrong model, serial or code all answer 403 `registration_refused`; failures are
-    limited per caller (the owner and the client address), 429 `too_many_attempts`."""
-    # The subject is the body's owner until the API checks tokens (issue 16).
-    caller = Caller(str(body.owner_id), request.client.host if request.client else None)
+    limited per caller (the token's subject and the client address), 429
+    `too_many_attempts`."""
+    caller = Caller(who.subject, request.client.host if request.client else None)
     try:
         done = await registry.register(
-            body.owner_id,
+            owner_id,
             body.model_number,
             body.serial_number,
             body.registration_code,
@@ -476,38 +586,41 @@ async def register(
     response_class=Response,
     responses=_errors(*_DEVICE),
 )
-async def release(device_id: DeviceId, body: OwnerRefIn, registry: RegistryDep) -> Response:
-    """The current owner gives the device up; its MQTT secret is revoked."""
-    await registry.release(device_id, body.owner_id)
+async def release(device_id: DeviceId, owner_id: OwnAccount, registry: RegistryDep) -> Response:
+    """The caller, the current owner, gives the device up; its MQTT secret is revoked."""
+    await registry.release(device_id, owner_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@device_routes.post("/devices/{device_id}/transfer", responses=_errors(*_DEVICE))
-async def transfer(device_id: DeviceId, body: TransferIn, registry: RegistryDep) -> RegistrationOut:
-    """The current owner hands the device to another owner, who gets a new secret."""
-    done = await registry.transfer(
-        device_id, body.from_owner_id, body.to_owner_id, body.purchase.purchase()
-    )
+@device_routes.post("/devices/{device_id}/transfer", responses=_errors(*_WITH_BODY, *_DEVICE))
+async def transfer(
+    device_id: DeviceId, body: TransferIn, owner_id: OwnAccount, registry: RegistryDep
+) -> RegistrationOut:
+    """The caller, the current owner, hands the device to `to_owner_id`, who gets a new
+    secret (shown in this answer, for the recipient's unit)."""
+    done = await registry.transfer(device_id, owner_id, body.to_owner_id, body.purchase.purchase())
     return RegistrationOut.of(done)
 
 
 @device_routes.post("/devices/{device_id}/credentials/revoke", responses=_errors(*_DEVICE))
-async def revoke(device_id: DeviceId, body: OwnerRefIn, registry: RegistryDep) -> RevokedOut:
-    """The current owner revokes the device's MQTT secret."""
-    return RevokedOut(revoked=await registry.revoke_credentials(device_id, body.owner_id))
+async def revoke(device_id: DeviceId, owner_id: OwnAccount, registry: RegistryDep) -> RevokedOut:
+    """The caller, the current owner, revokes the device's MQTT secret."""
+    return RevokedOut(revoked=await registry.revoke_credentials(device_id, owner_id))
 
 
 @device_routes.post("/devices/{device_id}/credentials", responses=_errors(*_DEVICE))
-async def reissue(device_id: DeviceId, body: OwnerRefIn, registry: RegistryDep) -> RegistrationOut:
-    """The current owner gets a new MQTT secret; the previous one stops working."""
-    return RegistrationOut.of(await registry.reissue_credentials(device_id, body.owner_id))
+async def reissue(
+    device_id: DeviceId, owner_id: OwnAccount, registry: RegistryDep
+) -> RegistrationOut:
+    """The caller, the current owner, gets a new MQTT secret; the previous one stops
+    working."""
+    return RegistrationOut.of(await registry.reissue_credentials(device_id, owner_id))
 
 
 # -- device certificates (TLS) -------------------------------------------------------
 
 
 class CertificateIn(Body):
-    owner_id: UUID
     csr: Csr
     """A new PKCS#10 request (PEM) from the device: the same key or a new one."""
 
@@ -523,13 +636,13 @@ class CertificateOut(Body):
     not_after: datetime
 
 
-@device_routes.post("/devices/{device_id}/certificate", responses=_errors(*_DEVICE))
+@device_routes.post("/devices/{device_id}/certificate", responses=_errors(*_WITH_BODY, *_DEVICE))
 async def renew_certificate(
-    device_id: DeviceId, body: CertificateIn, registry: RegistryDep
+    device_id: DeviceId, body: CertificateIn, owner_id: OwnAccount, registry: RegistryDep
 ) -> CertificateOut:
-    """The current owner renews the device's TLS client certificate from a new CSR
+    """The caller, the current owner, renews the device's TLS client certificate from a new CSR
     (before the old one expires); the old one stays valid until its own expiry."""
-    issued = await registry.renew_certificate(device_id, body.owner_id, body.csr)
+    issued = await registry.renew_certificate(device_id, owner_id, body.csr)
     return CertificateOut(
         device_id=device_id,
         certificate=issued.pem,
@@ -537,3 +650,40 @@ async def renew_certificate(
         fingerprint_sha256=issued.fingerprint,
         not_after=issued.not_after,
     )
+
+
+# -- operators ------------------------------------------------------------------------
+
+
+def _action(who: auth.Principal, body: OperatorIn) -> OperatorAction:
+    return OperatorAction(actor=who.subject, reason=body.reason)
+
+
+@operator_routes.post(
+    "/devices/{device_id}/credentials/revoke", responses=_errors(*_WITH_BODY, *_DEVICE)
+)
+async def operator_revoke(
+    device_id: DeviceId, body: OperatorIn, who: auth.Operator, registry: RegistryDep
+) -> RevokedOut:
+    """Revoke the secret of anyone's device (audited: who, why)."""
+    revoked = await registry.revoke_credentials(device_id, None, operator=_action(who, body))
+    return RevokedOut(revoked=revoked)
+
+
+@operator_routes.post("/devices/{device_id}/credentials", responses=_errors(*_WITH_BODY, *_DEVICE))
+async def operator_reissue(
+    device_id: DeviceId, body: OperatorIn, who: auth.Operator, registry: RegistryDep
+) -> RegistrationOut:
+    """A new secret for anyone's device, for its current owner (audited: who, why)."""
+    done = await registry.reissue_credentials(device_id, None, operator=_action(who, body))
+    return RegistrationOut.of(done)
+
+
+@operator_routes.post("/owners/{owner_id}/erasure", responses=_errors(*_WITH_BODY, 404))
+async def operator_erase(
+    owner_id: UUID, body: OperatorIn, who: auth.Operator, registry: RegistryDep
+) -> ErasureOut:
+    """Erase an owner on a request support received (audited: who, why; idempotent)."""
+    await registry.get_owner(owner_id)  # 404 for an id that never existed
+    released = await registry.erase_owner(owner_id, operator=_action(who, body))
+    return ErasureOut(owner_id=owner_id, released_devices=released)

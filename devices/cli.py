@@ -159,10 +159,20 @@ def _add_owner(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
+    subject = args.subject
+    if subject is not None and not (0 < len(subject) <= 255 and subject.isprintable()):
+        print(
+            f"usagepipe registry add-owner: --subject {subject!r}: use 1 to 255 printable"
+            " characters (the sign-in's `sub`)",
+            file=sys.stderr,
+        )
+        return 2
 
     async def run() -> int:
         async with _open_registry(settings) as registry:
-            owner_id = await registry.create_owner(body.new_owner(), source=body.source)
+            owner_id = await registry.create_owner(
+                body.new_owner(), source=body.source, subject=subject
+            )
         print(owner_id)
         return 0
 
@@ -288,6 +298,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from prometheus_client import CollectorRegistry
 
     from devices.api import create_app
+    from ingest.auth import build_verifier
     from ingest.ports import listen
     from ingest.setting_errors import variable
 
@@ -302,6 +313,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         "--host" if args.host else variable(["registry", "http_host"]),
     )
 
+    verifier, signer = build_verifier(settings.auth, settings.services.run_dir)
+
     async def run() -> int:
         # The broker and the registry are opened here rather than in the app's lifespan,
         # so a database or broker that does not answer is one line (`_run`), not the
@@ -310,7 +323,12 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             broker = await stack.enter_async_context(_open_broker(settings))
             registry = await stack.enter_async_context(_open_registry(settings, broker))
             config = uvicorn.Config(
-                create_app(lambda: nullcontext(registry), metrics_registry=CollectorRegistry()),
+                create_app(
+                    lambda: nullcontext(registry),
+                    verifier=verifier,
+                    docs=settings.auth.docs_enabled,
+                    metrics_registry=CollectorRegistry(),
+                ),
                 host=host,
                 port=port,
                 log_config=None,
@@ -320,11 +338,26 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
                 host,
                 sock.getsockname()[1],
             )
+            print(sign_in_hint(settings, signer is not None), flush=True)
             await uvicorn.Server(config).serve(sockets=[sock])
         return 0
 
     with sock:
         return _run(run())
+
+
+def sign_in_hint(settings: Settings, dev_signer: bool) -> str:
+    """How a caller gets in, as `registry serve` prints it."""
+    if not dev_signer:
+        return (
+            f"sign in: Authorization: Bearer <token from {settings.auth.issuer}>"
+            f" (audience {settings.auth.audience}; operators: scope {settings.auth.operator_scope})"
+        )
+    return (
+        "sign in: Authorization: Bearer <token>; local tokens from the dev signer:\n"
+        "  usagepipe auth token --subject SUBJECT                  an owner\n"
+        "  usagepipe auth token --subject SUBJECT --scope operator  support (/operator/...)"
+    )
 
 
 def _one_of(kind: type[StrEnum]) -> Callable[[str], Any]:
@@ -389,6 +422,11 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
             required=True,
             help=f"the owner's {purpose} consent, stated explicitly",
         )
+    p.add_argument(
+        "--subject",
+        help="link the account to this sign-in subject (the tokens' `sub`), so the owner"
+        " acts on it through the API; one account per subject",
+    )
 
     p = command("add-model", _add_model, "add or update a product model")
     p.add_argument("model_number")

@@ -51,6 +51,8 @@ class RejectReason(StrEnum):
     """This model logs in with a client certificate only: send a CSR."""
     NO_LIVE_CREDENTIALS = "no_live_credentials"
     """The device's credentials are revoked; reissue them before renewing its certificate."""
+    OWNER_EXISTS = "owner_exists"
+    """The signed-in subject already has an owner account (`GET /owners/me` finds it)."""
 
 
 class ProofFailure(StrEnum):

@@ -69,9 +69,9 @@ class RateLimits:
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who sends a registration: the subject it signed in as (today the owner id of the
-    request; the token's subject once the API checks tokens) and its client address
-    (None for local tools such as the CLI)."""
+    """Who sends a registration: the subject it signed in as (the bearer token's `sub`;
+    the owner id for local tools such as the CLI) and its client address (None for
+    those tools)."""
 
     subject: str
     address: str | None = None

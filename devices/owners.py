@@ -8,7 +8,8 @@ even when it restates the current value, because a restated consent has a new da
 Withdrawing is always allowed; granting needs an active owner.
 
 Dormancy: an owner idle for the dormancy period becomes dormant. Marketing skips them;
-coming back needs a fresh sign-in (`reauthenticated`) and fresh consent for both
+coming back needs a fresh sign-in (`reauthenticated`: the API checks the token's
+`auth_time`) and fresh consent for both
 purposes, so consent given years ago is never silently revived.
 """
 
@@ -89,17 +90,34 @@ async def _audit(
     )
 
 
-async def create(conn: Connection, new: NewOwner, *, source: str, at: datetime) -> UUID:
-    """Insert an owner and their contacts; record the initial consents."""
+async def create(
+    conn: Connection, new: NewOwner, *, subject: str | None, source: str, at: datetime
+) -> UUID:
+    """Insert an owner (linked to the sign-in `subject`, if given) and their contacts;
+    record the initial consents. A subject that has an owner: `Rejected(owner_exists)`."""
     owner_id = uuid4()
-    await conn.execute(
-        "INSERT INTO owners (owner_id, region, membership_tier, created_at, last_active_at)"
-        " VALUES ($1, $2, $3, $4, $4)",
-        owner_id,
-        new.region,
-        new.membership_tier.value,
-        at,
-    )
+    if subject is not None:
+        existing = await conn.fetchval(
+            "INSERT INTO owners (owner_id, region, membership_tier, created_at,"
+            " last_active_at, subject) VALUES ($1, $2, $3, $4, $4, $5)"
+            " ON CONFLICT (subject) DO NOTHING RETURNING owner_id",
+            owner_id,
+            new.region,
+            new.membership_tier.value,
+            at,
+            subject,
+        )
+        if existing is None:
+            raise Rejected(RejectReason.OWNER_EXISTS, "this sign-in already has an owner account")
+    else:
+        await conn.execute(
+            "INSERT INTO owners (owner_id, region, membership_tier, created_at, last_active_at)"
+            " VALUES ($1, $2, $3, $4, $4)",
+            owner_id,
+            new.region,
+            new.membership_tier.value,
+            at,
+        )
     await conn.execute(
         "INSERT INTO owner_contacts (owner_id, name, email, phone) VALUES ($1, $2, $3, $4)",
         owner_id,
@@ -122,6 +140,15 @@ async def create(conn: Connection, new: NewOwner, *, source: str, at: datetime) 
         granted=new.marketing_consent,
         source=source,
         at=at,
+    )
+    return owner_id
+
+
+async def of_subject(conn: Connection, subject: str) -> UUID | None:
+    """The owner linked to the sign-in `subject` (None: no account; erased owners have
+    no link)."""
+    owner_id: UUID | None = await conn.fetchval(
+        "SELECT owner_id FROM owners WHERE subject = $1", subject
     )
     return owner_id
 
@@ -263,7 +290,8 @@ async def reactivate(
 async def erase(conn: Connection, owner_id: UUID, at: datetime) -> list[str]:
     """Erase an owner; return the devices they still owned (secrets now revoked).
 
-    What goes: the contacts row; region, tier and consents on the owner row; the
+    What goes: the contacts row; region, tier, consents and the sign-in subject on the
+    owner row; the
     consent audit trail and registration attempts (nothing is processed for this
     person any more, so there is no consent left to prove); the owner's link in every
     ownership period; outbox events that name the owner. Devices they still owned are
@@ -306,7 +334,8 @@ async def erase(conn: Connection, owner_id: UUID, at: datetime) -> list[str]:
         "UPDATE owners SET status = 'erased', region = NULL, membership_tier = NULL,"
         " analytics_consent = false, analytics_consent_at = NULL,"
         " marketing_consent = false, marketing_consent_at = NULL,"
-        " dormant_since = NULL, created_at = $2, last_active_at = $2, erased_at = $2"
+        " dormant_since = NULL, created_at = $2, last_active_at = $2, erased_at = $2,"
+        " subject = NULL"
         " WHERE owner_id = $1",
         owner_id,
         at,

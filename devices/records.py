@@ -176,3 +176,25 @@ class MarketingContact:
     owner_id: UUID
     name: str
     email: str
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorAction:
+    """Who does an operator action and why: the operator's sign-in subject and the
+    reason they give (a support ticket, say); both go to the audit log."""
+
+    actor: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One row of the registry's audit log of operator actions."""
+
+    actor: str
+    action: str
+    """`revoke_credentials`, `reissue_credentials` or `erase_owner`."""
+    target: str
+    """The device id, or the owner id."""
+    reason: str
+    at: datetime

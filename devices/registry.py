@@ -13,6 +13,10 @@ PostgreSQL guarantees it), so `owner_at(device_id, event_time)` answers who owne
 device when a message was produced, which is what telemetry attribution needs, even
 for late data after a resale.
 
+Operator actions (revoking or reissuing a device's secret, erasing an owner on a request
+support received) are written to the `audit_log` table (who, what, on what, why, when)
+in the action's own transaction.
+
 `Registry` is the one entry point; the SQL of each rule lives beside it, in
 `devices.ownership` (registration checks, periods, transfers, credentials,
 attribution) and `devices.owners` (consent, dormancy, reactivation, erasure), as
@@ -68,9 +72,11 @@ from devices.limits import Budget, Caller, RateLimits
 from devices.outbox import flush, pending
 from devices.ownership import REJECT_MESSAGES
 from devices.records import (
+    AuditEntry,
     ConsentChange,
     MarketingContact,
     NewOwner,
+    OperatorAction,
     Owner,
     OwnershipPeriod,
     ProductModel,
@@ -483,36 +489,54 @@ class Registry:
         await self._after_revocation([device_id])
 
     async def revoke_credentials(
-        self, device_id: str, owner_id: UUID, *, at: datetime | None = None
+        self,
+        device_id: str,
+        owner_id: UUID | None,
+        *,
+        operator: OperatorAction | None = None,
+        at: datetime | None = None,
     ) -> bool:
-        """The current owner revokes the device's secret (leaked, device replaced).
+        """The current owner `owner_id` revokes the device's secret (leaked, device
+        replaced); or, with `owner_id` None, an `operator` does for whoever owns it, and
+        the audit log records it in the same transaction.
 
         Returns whether a live secret was revoked; revoking twice is harmless, and the
         broker is told again either way, so a retry after a broker failure completes.
         """
         at = aware(at)
         async with self.transaction() as conn:
+            owner_id = await self._acting_owner(conn, device_id, owner_id, operator)
             await conn.execute("SELECT 1 FROM owners WHERE owner_id = $1 FOR UPDATE", owner_id)
             device = await ownership.current_period(conn, device_id, owner_id, at)
-            revoked = await ownership.revoke_live(
-                conn, device["device_key"], device_id, "owner_request", at
-            )
+            why = "owner_request" if operator is None else "operator_request"
+            revoked = await ownership.revoke_live(conn, device["device_key"], device_id, why, at)
+            if operator is not None:
+                await _audit(conn, operator, "revoke_credentials", device_id, at)
         await self._after_revocation([device_id])
         return revoked
 
     async def reissue_credentials(
-        self, device_id: str, owner_id: UUID, *, at: datetime | None = None
+        self,
+        device_id: str,
+        owner_id: UUID | None,
+        *,
+        operator: OperatorAction | None = None,
+        at: datetime | None = None,
     ) -> Registration:
-        """The current owner gets a new MQTT secret (lost it, reset the device, or
-        revoked the old one); any previous secret stops working."""
+        """The current owner `owner_id` gets a new MQTT secret (lost it, reset the
+        device, or revoked the old one); any previous secret stops working. With
+        `owner_id` None an `operator` does it for whoever owns the device, audited."""
         at = aware(at)
         secret = new_device_secret()
         secret_hash = await self._hash_new_secret(secret)
         async with adding_accounts(self.transaction(), self._broker) as (conn, added):
+            owner_id = await self._acting_owner(conn, device_id, owner_id, operator)
             await conn.execute("SELECT 1 FROM owners WHERE owner_id = $1 FOR UPDATE", owner_id)
             device = await ownership.current_period(conn, device_id, owner_id, at)
             await ownership.revoke_live(conn, device["device_key"], device_id, "reissued", at)
             await ownership.issue_credentials(conn, device["device_key"], secret_hash, at)
+            if operator is not None:
+                await _audit(conn, operator, "reissue_credentials", device_id, at)
             password_login = self.settings.allows_password(device["model_number"])
             await self._publish_crl(conn, [device_id])
             await added.add(device_id, secret if password_login else None)
@@ -521,6 +545,40 @@ class Registry:
             device_id, owner_id, device["model_number"], device["serial_number"], at, secret,
             password_login,
         )  # fmt: skip
+
+    @staticmethod
+    async def _acting_owner(
+        conn: Connection, device_id: str, owner_id: UUID | None, operator: OperatorAction | None
+    ) -> UUID:
+        """`owner_id`, or for an operator the device's current owner (which
+        `current_period` checks again under the locks)."""
+        if (owner_id is None) == (operator is None):
+            raise ValueError("give exactly one of owner_id or operator=")
+        if owner_id is not None:
+            return owner_id
+        row = await conn.fetchrow(
+            "SELECT p.owner_id FROM devices d LEFT JOIN ownership_periods p"
+            " ON p.device_key = d.device_key AND p.valid_to IS NULL WHERE d.device_id = $1",
+            device_id,
+        )
+        if row is None:
+            raise Rejected(RejectReason.UNKNOWN_DEVICE, f"no registered device {device_id!r}")
+        if row["owner_id"] is None:
+            raise Rejected(RejectReason.NOT_CURRENT_OWNER, "the device has no current owner")
+        current: UUID = row["owner_id"]
+        return current
+
+    async def audit_log(self, target: str | None = None) -> list[AuditEntry]:
+        """The operator actions recorded (on `target` only, if given), oldest first."""
+        async with self.transaction() as conn:
+            rows = await conn.fetch(
+                "SELECT actor, action, target, reason, at FROM audit_log"
+                " WHERE $1::text IS NULL OR target = $1 ORDER BY at, audit_id",
+                target,
+            )
+        return [
+            AuditEntry(r["actor"], r["action"], r["target"], r["reason"], r["at"]) for r in rows
+        ]
 
     async def _after_revocation(self, device_ids: list[str]) -> None:
         """After the commit: publish the revocation list, tell the broker, then publish
@@ -568,10 +626,24 @@ class Registry:
 
     # -- owners (rules in devices.owners) -------------------------------------------
 
-    async def create_owner(self, new: NewOwner, *, source: str, at: datetime | None = None) -> UUID:
-        """Create an owner account; initial consents go to the audit trail."""
+    async def create_owner(
+        self,
+        new: NewOwner,
+        *,
+        source: str,
+        subject: str | None = None,
+        at: datetime | None = None,
+    ) -> UUID:
+        """Create an owner account, linked to the sign-in `subject` when given (one
+        owner per subject: a second is `Rejected(owner_exists)`); initial consents go
+        to the audit trail."""
         async with self.transaction() as conn:
-            return await owners.create(conn, new, source=source, at=aware(at))
+            return await owners.create(conn, new, subject=subject, source=source, at=aware(at))
+
+    async def owner_of_subject(self, subject: str) -> UUID | None:
+        """The owner the sign-in `subject` is linked to, if any."""
+        async with self.transaction() as conn:
+            return await owners.of_subject(conn, subject)
 
     async def get_owner(self, owner_id: UUID) -> Owner:
         """The owner's non-personal data, or `Rejected(unknown_owner)`."""
@@ -651,13 +723,39 @@ class Registry:
                 at=aware(at),
             )
 
-    async def erase_owner(self, owner_id: UUID, *, at: datetime | None = None) -> list[str]:
-        """Erase an owner (see `devices.owners.erase` for what remains and why).
+    async def erase_owner(
+        self,
+        owner_id: UUID,
+        *,
+        operator: OperatorAction | None = None,
+        at: datetime | None = None,
+    ) -> list[str]:
+        """Erase an owner (see `devices.owners.erase` for what remains and why), at
+        their own request or, with `operator`, on one support received (audited in the
+        same transaction).
 
         Returns the devices they still owned, whose secrets were revoked. Erasing twice
         is harmless (the second call finds nothing left and returns []).
         """
+        at = aware(at)
         async with self.transaction() as conn:
-            released = await owners.erase(conn, owner_id, aware(at))
+            released = await owners.erase(conn, owner_id, at)
+            if operator is not None:
+                await _audit(conn, operator, "erase_owner", str(owner_id), at)
         await self._after_revocation(released)
         return released
+
+
+async def _audit(
+    conn: Connection, operator: OperatorAction, action: str, target: str, at: datetime
+) -> None:
+    """One row of the audit log: who (the operator's subject), what, on what, why, when.
+    Runs in the action's own transaction, so an action is never left unrecorded."""
+    await conn.execute(
+        "INSERT INTO audit_log (actor, action, target, reason, at) VALUES ($1, $2, $3, $4, $5)",
+        operator.actor,
+        action,
+        target,
+        operator.reason,
+        at,
+    )

@@ -279,10 +279,60 @@ class InsightsSettings(Section):
     max_range_days: Annotated[int, Field(ge=1, le=3660)] = 400
     """Longest time range one report may cover."""
     http_host: str = "127.0.0.1"
-    """Where `usagepipe insights serve` listens (the API has no authentication of its
-    own: keep it behind the company's single sign-on proxy)."""
+    """Where `usagepipe insights serve` listens (its `/api/...` routes need a bearer token
+    with `auth.planner_scope`)."""
     http_port: Port = 8050
     """The port of `usagepipe insights serve`."""
+
+
+class AuthSettings(Section):
+    """Bearer tokens of both HTTP APIs (`ingest.auth`): the sign-in's OpenID Connect
+    issuer and keys, the scopes, and the local dev signer."""
+
+    issuer: str | None = None
+    """The `iss` tokens must carry (the maker's OpenID Connect issuer URL). Unset: the APIs
+    trust only the local dev signer (`usagepipe auth token`); never in production."""
+    audience: str = "usagepipe"
+    """The `aud` tokens must name (the client id the sign-in issues them for)."""
+    jwks_url: str | None = None
+    """The issuer's JWK Set URL; cached, fetched again for a key id it lacks. With
+    `issuer`, this or `keys_file` is required."""
+    keys_file: Path | None = None
+    """A file with the issuer's public key(s): a PEM public key, a JWK or a JWK Set."""
+    algorithms: list[str] = ["RS256", "ES256"]
+    """Signature algorithms accepted (asymmetric only: HMAC and `none` are never)."""
+    leeway_s: Annotated[int, Field(ge=0, le=300)] = 30
+    """Clock skew allowed on `exp` and `iat`."""
+    scope_claim: str = "scope"
+    """The claim holding the scopes: space-separated text (`scope`) or a list (`scp`)."""
+    planner_scope: str = "usagepipe:planner"
+    """The scope every `/api/...` route of the planners' API needs."""
+    operator_scope: str = "usagepipe:operator"
+    """The scope of the registry's operator routes (`/operator/...`: revoke, reissue,
+    erase on a request support received), each written to the registry's audit log."""
+    reauth_max_age_s: Annotated[int, Field(ge=1, le=86400)] = 300
+    """Reactivating a dormant owner needs a token whose `auth_time` is at most this old."""
+    docs: bool | None = None
+    """Serve `/docs` and `/redoc` (`/openapi.json` always is). Unset: on with the dev
+    signer (local runs), off with an `issuer` (production)."""
+    dev_signer: bool = True
+    """With no `issuer`, trust the dev signer's key `dev_key_file`. False and no issuer:
+    the APIs refuse to start. Ignored when `issuer` is set."""
+    dev_key_file: Path | None = None
+    """The dev signer's private key (generated on first use, mode 0600). Unset:
+    `<run_dir>/auth/dev_signer.pem`."""
+
+    @model_validator(mode="after")
+    def _issuer_has_keys(self) -> AuthSettings:
+        if self.issuer is not None and (self.jwks_url is None) == (self.keys_file is None):
+            raise ValueError("with auth.issuer set exactly one of jwks_url or keys_file is needed")
+        if self.issuer is None and (self.jwks_url is not None or self.keys_file is not None):
+            raise ValueError("auth.jwks_url and auth.keys_file need auth.issuer too")
+        return self
+
+    @property
+    def docs_enabled(self) -> bool:
+        return self.issuer is None if self.docs is None else self.docs
 
 
 class ServicesSettings(Section):
@@ -413,8 +463,8 @@ class RegistrySettings(BaseModel):
     registration (422 `certificate_required` without one) and gets no password login."""
 
     http_host: str = "127.0.0.1"
-    """Where `usagepipe registry serve` listens; the API is for the maker's own site,
-    which authenticates owners, so it is not meant to face the internet directly."""
+    """Where `usagepipe registry serve` listens; every route but `/health` and `/metrics`
+    needs a bearer token from the maker's sign-in (`auth`)."""
 
     http_port: Annotated[int, Field(ge=0, le=65535)] = 8040
     """The port of `usagepipe registry serve` (beside the services' metrics ports)."""
@@ -489,6 +539,7 @@ class Settings(BaseSettings):
     services: ServicesSettings = ServicesSettings()
     registry: RegistrySettings = RegistrySettings()
     insights: InsightsSettings = InsightsSettings()
+    auth: AuthSettings = AuthSettings()
 
     @classmethod
     def settings_customise_sources(

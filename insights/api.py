@@ -20,9 +20,14 @@ Every error is the `Problem` document of `ingest.httpapi`,
 `{"reason": ..., "detail": ..., "field": ...}`: a bad filter or option 422
 `invalid_request` naming the `field`; an unknown report 404 `unknown_report`; a
 database that does not answer, or lacks a table, 503 `unavailable` (with `Retry-After`).
-Suppressed segments are in the rows, marked `suppressed` with the reason. There is no
-authentication here: the API is meant to sit behind the company's single sign-on
-proxy, like the registry's.
+Suppressed segments are in the rows, marked `suppressed` with the reason.
+
+Every `/api/...` route needs `Authorization: Bearer <token>` (`ingest.auth`) with the
+scope `auth.planner_scope`: no or an invalid token is 401 `unauthenticated`, one
+without the scope 403 `insufficient_scope`. `/health`, `/metrics`, `/openapi.json`, the
+page and its assets stay open (they hold no usage data); the page takes its token from
+its URL's fragment (`#token=...`, which `usagepipe insights serve` prints with the dev
+signer). `/docs` and `/redoc` are served only where `auth.docs` turns them on.
 
 `from __future__ import annotations` is left out on purpose: FastAPI reads the route
 functions' annotations at runtime.
@@ -35,12 +40,12 @@ from importlib.resources import files
 from typing import Annotated, Any, Literal
 
 import asyncpg
-from fastapi import APIRouter, FastAPI, Path, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, Field
 
-from ingest import httpapi
+from ingest import auth, httpapi
 from ingest.errors import StoreUnavailable
 from ingest.metrics import HttpMetrics
 from ingest.postgres import DB_ERRORS
@@ -67,7 +72,9 @@ class InsightsProblem(httpapi.Problem):
     """A refused or failed request: the reason code, a human-readable detail, and the
     parameter at fault."""
 
-    reason: Annotated[str, Field(json_schema_extra=httpapi.reason_enum(["unknown_report"]))]
+    reason: Annotated[
+        str, Field(json_schema_extra=httpapi.reason_enum(["unknown_report", *auth.AUTH_REASONS]))
+    ]
 
 
 Scalar = str | int | float | bool | None
@@ -162,7 +169,8 @@ def _instant(which: str) -> Any:
     )
 
 
-_REPORT_ERRORS = httpapi.documented(InsightsProblem, 404, 422, 503)
+_AUTH_ERRORS = auth.documented(InsightsProblem, scoped=True)
+_REPORT_ERRORS = {**_AUTH_ERRORS, **httpapi.documented(InsightsProblem, 404, 422, 503)}
 _BY = tuple(
     dict.fromkeys(
         choice
@@ -216,11 +224,14 @@ def create_app(
     insights: InsightsSettings,
     registry_schema: str,
     *,
+    verifier: auth.Verifier,
+    docs: bool = False,
     metrics_registry: CollectorRegistry | None = None,
 ) -> FastAPI:
-    """The API over `postgres.table`; marketing-usable reports read owners from the
-    registry in `registry_schema` (same database). Request metrics go to
-    `metrics_registry` (a fresh one when not given)."""
+    """The API over `postgres.table`, for planners whose tokens `verifier` accepts
+    (`/docs` too where `docs`); marketing-usable reports read owners from the registry
+    in `registry_schema` (same database). Request metrics go to `metrics_registry` (a
+    fresh one when not given)."""
     state: _State = {}
     privacy = Privacy(insights.k_anonymity, registry_schema)
     app = FastAPI(
@@ -230,6 +241,8 @@ def create_app(
         f"than k={insights.k_anonymity} distinct owners are merged along their report's "
         "hierarchy until a group reaches k, else suppressed: no row shows fewer.",
         lifespan=_lifespan(postgres, state),
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
     )
     metrics = metrics_registry if metrics_registry is not None else CollectorRegistry()
     httpapi.install(
@@ -242,6 +255,8 @@ def create_app(
         "usage table exists; 503 `unavailable` otherwise (the registry schema, read by "
         "marketing-usable reports only, is not checked).",
     )
+
+    auth.install(app, verifier)
 
     @app.exception_handler(FilterError)
     async def bad_filter(request: Request, exc: FilterError) -> JSONResponse:
@@ -292,13 +307,13 @@ def _health(postgres: PostgresSettings, state: _State) -> httpapi.HealthCheck:
 
 def _catalogue() -> APIRouter:
     """`GET /api/reports`: every report and what it takes."""
-    router = APIRouter()
+    router = APIRouter(dependencies=[Depends(auth.planner)])
 
     @router.get(
         "/api/reports",
         summary="Every report and what it takes",
         response_model=None,
-        responses={200: {"model": list[ReportInfo]}},
+        responses={200: {"model": list[ReportInfo]}, **_AUTH_ERRORS},
     )
     async def catalogue() -> list[dict[str, Any]]:
         return [spec.describe() for spec in REPORTS.values()]
@@ -310,7 +325,7 @@ def _report(
     postgres: PostgresSettings, insights: InsightsSettings, privacy: Privacy, state: _State
 ) -> APIRouter:
     """`GET /api/reports/{name}`: one report, filtered, as JSON, CSV or Parquet."""
-    router = APIRouter()
+    router = APIRouter(dependencies=[Depends(auth.planner)])
 
     @router.get(
         "/api/reports/{name}",
@@ -396,7 +411,8 @@ def _dashboard(postgres: PostgresSettings, insights: InsightsSettings, state: _S
         "/api/filters",
         summary="The values each filter can take in a time range",
         response_model=FilterChoices,
-        responses=httpapi.documented(InsightsProblem, 422, 503),
+        responses={**_AUTH_ERRORS, **httpapi.documented(InsightsProblem, 422, 503)},
+        dependencies=[Depends(auth.planner)],
         description="Distinct models, categories, regions (ISO 3166-2) and firmware "
         "versions with usage in `[start, end)` (the same range rules and defaults as the "
         "reports), read from the device-daily rollup; no counts and nothing about owners. "

@@ -215,6 +215,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
     from prometheus_client import CollectorRegistry
 
+    from ingest.auth import build_verifier
     from ingest.errors import StoreUnavailable
     from ingest.ports import listen
     from ingest.setting_errors import variable
@@ -230,11 +231,14 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         "--port" if args.port is not None else variable(["insights", "http_port"]),
         "--host" if args.host else variable(["insights", "http_host"]),
     )
+    verifier, signer = build_verifier(settings.auth, settings.services.run_dir)
     config = uvicorn.Config(
         create_app(
             settings.postgres,
             settings.insights,
             settings.registry.db_schema,
+            verifier=verifier,
+            docs=settings.auth.docs_enabled,
             metrics_registry=CollectorRegistry(),
         ),
         host=host,
@@ -250,7 +254,28 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         except DB_ERRORS as exc:
             raise StoreUnavailable(f"PostgreSQL unreachable: {exc}") from exc
         await conn.close()
-        log.info("insights on http://%s:%d/", host, sock.getsockname()[1])
+        url = f"http://{host}:{sock.getsockname()[1]}/"
+        log.info("insights on %s", url)
+        if signer is None:
+            print(
+                f"open {url} through the sign-in: the page needs a token from"
+                f" {settings.auth.issuer} with scope {settings.auth.planner_scope}, in its"
+                " address as #token=...",
+                flush=True,
+            )
+        else:
+            token = signer.token(
+                "planner",
+                audience=settings.auth.audience,
+                scopes=[settings.auth.planner_scope],
+                scope_claim=settings.auth.scope_claim,
+            )
+            print(
+                f"open the dashboard, signed in as a planner for 12 h (dev signer):\n"
+                f"  {url}#token={token}\n"
+                "another: usagepipe auth token --dashboard [--subject NAME] [--ttl 1h]",
+                flush=True,
+            )
         await uvicorn.Server(config).serve(sockets=[sock])
 
     with sock:

@@ -27,6 +27,9 @@ module and `retriable`:
      +-- FramingError             True   ingest.mqtt_wire: a packet from the broker over the
      |                                   limit, malformed, or its handler raised; the
      |                                   connection is closed and opened again
+     +-- Refused                  False  ingest.auth: a request's bearer token is missing
+     |                                   or invalid (401), or not enough for it (403)
+     +-- KeysUnavailable          True   ingest.auth: the sign-in's JWKS cannot be fetched
      +-- PublishRefused           False  ingest.mqtt: the broker answered a QoS 1 publish
      |                                   with a failure reason (not authorized, say)
      +-- RegistryError            False  devices.errors: the device registry's errors

@@ -49,11 +49,12 @@ async def served(app: FastAPI) -> AsyncIterator[str]:
 
 class OneConnection:
     """An httpx client of `url` allowed one connection, which counts the TCP connections
-    it opened: still 1 after several requests means the server kept the first open."""
+    it opened: still 1 after several requests means the server kept the first open.
+    `headers` go with every request (a bearer token, say)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        self.client = httpx.AsyncClient(base_url=url, limits=limits)
+        self.client = httpx.AsyncClient(base_url=url, limits=limits, headers=headers)
         self.connects = 0
 
     async def _trace(self, event: str, info: dict[str, Any]) -> None:

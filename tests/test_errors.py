@@ -60,6 +60,7 @@ def test_retriable_says_whether_trying_again_can_help() -> None:
     )
     assert retriable == [
         "devices.errors.RegistryUnavailable",
+        "ingest.auth.KeysUnavailable",
         "ingest.errors.BrokerUnavailable",
         "ingest.errors.RegistryLookupFailed",
         "ingest.errors.StoreUnavailable",

@@ -479,10 +479,14 @@ def _print_coverage(
     cli = _usagepipe()
     host, port = settings.insights.http_host, settings.insights.http_port
     console.print("What a planner does next:", highlight=False)
-    console.print(
-        f"  {cli} insights serve    then open http://{host}:{port}/ (the charts and the API)",
-        highlight=False,
+    # The dashboard needs a planner's token (`ingest.auth`): locally `insights serve`
+    # prints the address with one from the dev signer in its fragment.
+    signed_in = (
+        "the address it prints (signed in as a planner)"
+        if settings.auth.issuer is None
+        else f"http://{host}:{port}/#token=<a planner's token from {settings.auth.issuer}>"
     )
+    console.print(f"  {cli} insights serve    then open {signed_in}", highlight=False)
     suggested = next((c for n in NEXT_REPORT for c in coverage if c.report == n and c.shown), None)
     if suggested is not None:
         console.print(

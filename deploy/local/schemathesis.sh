@@ -4,6 +4,9 @@
 # servers, serve `registry serve` and `insights serve` on a schema and a usage table of
 # their own (dropped before and after: mutating operations create owners), run
 # schemathesis against each, stop them. Exit status 0 when neither run found anything.
+# Every request carries a bearer token of the local dev signer (`usagepipe auth token`)
+# with the planner and operator scopes, so the runs reach past the sign-in; schemathesis'
+# `ignored_auth` check sends requests without it too and expects 401.
 #
 #   bash deploy/local/schemathesis.sh                       # both APIs
 #   bash deploy/local/schemathesis.sh --max-examples 300    # more cases (options go to `run`)
@@ -71,12 +74,15 @@ registry="http://127.0.0.1:${USAGEPIPE_REGISTRY__HTTP_PORT}"
 insights="http://127.0.0.1:${USAGEPIPE_INSIGHTS__HTTP_PORT}"
 wait_healthy "$registry"
 wait_healthy "$insights"
+token="$(.venv/bin/usagepipe --log-level WARNING auth token --subject "schemathesis-${name}" \
+  --scope planner --scope operator --ttl 2h)"
 
 status=0
 for url in "$registry" "$insights"; do
   echo "== schemathesis against $url"
   .venv/bin/schemathesis --config-file deploy/local/schemathesis.toml run \
-    "$url/openapi.json" --checks all --no-color "$@" || status=1
+    "$url/openapi.json" --checks all --no-color --header "Authorization: Bearer $token" "$@" \
+    || status=1
 done
 echo "server logs: $logs"
 exit "$status"

@@ -7,6 +7,16 @@
 // firmware, and report options such as by=tier), so a view can be bookmarked and shared.
 // Applying the form pushes a new query string and redraws without reloading.
 //
+// Every api/ request carries `Authorization: Bearer <token>`, a planner's token from the
+// maker's sign-in (locally, the dev signer's: `usagepipe insights serve` and
+// `usagepipe auth token --dashboard` print the address). The page takes it from its
+// address's fragment, `#token=...`: a fragment is never sent to a server, so it stays out
+// of access logs and of the Referer header. The token is kept in this tab's
+// sessionStorage (so new filters and a reload keep it) and taken out of the address bar at
+// once, so it is not bookmarked or shared with a view. A refused token (401) or one
+// without the planner scope (403) replaces the page with a message saying what to do,
+// and <body> carries data-state="error" and data-auth (the API's reason).
+//
 // For tests and scripts, once a load has finished <body> carries data-state="ready" and
 // data-query (the filters drawn); each report's <section> carries data-state
 // ("drawn", "empty", "suppressed" or "error"), data-rendered (how many of the report's
@@ -921,6 +931,64 @@ function noticeNode(kind, lines, actions, items) {
   return node;
 }
 
+// -- the planner's sign-in -----------------------------------------------------------------
+
+const TOKEN_KEY = "usagepipe.insights.token";
+const signIn = {token: null};
+
+function takeToken() {
+  // #token=... into sessionStorage, and out of the address bar (other fragment keys stay).
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  const given = fragment.get("token");
+  try {
+    if (given) sessionStorage.setItem(TOKEN_KEY, given);
+    signIn.token = sessionStorage.getItem(TOKEN_KEY);
+  } catch (err) {  // storage turned off: this load only
+    signIn.token = given;
+  }
+  if (fragment.has("token")) {
+    fragment.delete("token");
+    const rest = fragment.toString();
+    history.replaceState(history.state, "", location.pathname + location.search + (rest ? `#${rest}` : ""));
+  }
+}
+
+function forgetToken() {
+  signIn.token = null;
+  try { sessionStorage.removeItem(TOKEN_KEY); } catch (err) { /* nothing kept */ }
+}
+
+function api(url) {
+  // fetch() of this app's API with the planner's token.
+  return fetch(url, signIn.token ? {headers: {Authorization: `Bearer ${signIn.token}`}} : {});
+}
+
+function refusedSignIn(err) {
+  // A 401 or 403 of the API: the whole page says what happened and what to do.
+  const had = Boolean(signIn.token);
+  if (err.status === 401) forgetToken();
+  const local = html("code", {}, "usagepipe auth token --dashboard");
+  const lines = err.status === 403
+    ? [html("b", {}, "You are signed in, but not as a planner."),
+       ` The API says: ${err.message}. Ask for the planner scope on your account, or open the page with a planner's link.`]
+    : had
+      ? [html("b", {}, "Your sign-in was not accepted."),
+         ` The API says: ${err.message}. Open the page again from a new sign-in link (on a local run: `, local, ")."]
+      : [html("b", {}, "Sign in to see the usage data."),
+         " This page needs a planner's token in its address (it ends in #token=…). Open it from the link your " +
+         "sign-in gives you; on a local run, the one ", html("code", {}, "usagepipe insights serve"), " prints, or ",
+         local, "."];
+  const box = document.getElementById("signin");
+  box.replaceChildren(html("p", {}, ...lines));
+  box.hidden = false;
+  document.getElementById("scope").replaceChildren(html("span", {className: "error-text"},
+    err.status === 403 ? "Not a planner's sign-in" : "Not signed in"));
+  document.body.dataset.auth = err.reason || (err.status === 403 ? "insufficient_scope" : "unauthenticated");
+  document.body.dataset.state = "error";
+}
+
+function isSignInProblem(err) { return err && (err.status === 401 || err.status === 403); }
+
 // -- one report card ---------------------------------------------------------------------
 
 function card(spec) {
@@ -951,6 +1019,11 @@ function card(spec) {
   const downloads = html("span", {className: "downloads"}, "download ",
     html("a", {className: "csv", href: "#", download: `${spec.name}.csv`}, "CSV"),
     html("a", {className: "parquet", href: "#", download: `${spec.name}.parquet`}, "Parquet"));
+  // A plain link would go without the token: fetch the file with it, then save it.
+  for (const a of downloads.querySelectorAll("a")) a.addEventListener("click", event => {
+    event.preventDefault();
+    download(section, a);
+  });
   header.append(downloads);
   section.append(header, html("p", {className: "desc"}, spec.description), controls,
                  html("div", {className: "notes"}));
@@ -975,12 +1048,12 @@ async function drawCard(section, params, ctx, generation) {
   section.dataset.state = "loading";
   let report;
   try {
-    const response = await fetch(`api/reports/${spec.name}?${q}`);
+    const response = await api(`api/reports/${spec.name}?${q}`);
+    if (!response.ok) throw await problem(response);
     report = await response.json();
-    if (!response.ok) throw new Error(report.field ? `${report.field}: ${report.detail}` : report.detail ||
-                                      JSON.stringify(report));
   } catch (err) {
     if (generation !== state.generation) return;
+    if (isSignInProblem(err)) refusedSignIn(err);  // the token expired while the page was open
     fail(section, err);
     return;
   }
@@ -994,6 +1067,35 @@ async function drawCard(section, params, ctx, generation) {
   for (const select of section.querySelectorAll(".controls select[name]"))
     if (report.options && report.options[select.name]) select.value = report.options[select.name];
   redraw(section, ctx);
+}
+
+async function download(section, link) {
+  let response;
+  try {
+    response = await api(link.href);
+    if (!response.ok) throw await problem(response);
+  } catch (err) {
+    if (isSignInProblem(err)) return refusedSignIn(err);
+    section.querySelector(".notes").prepend(noticeNode("bad", [`The download failed: ${err.message}`]));
+    return;
+  }
+  const url = URL.createObjectURL(await response.blob());
+  const save = html("a", {href: url, download: link.getAttribute("download")});
+  document.body.append(save);
+  save.click();
+  save.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
+}
+
+async function problem(response) {
+  // The API's Problem document as an Error with its status and reason.
+  let body = {};
+  try { body = await response.json(); } catch (err) { /* not JSON: the status says it */ }
+  const err = new Error(body.field ? `${body.field}: ${body.detail}` : body.detail || response.statusText ||
+                        `HTTP ${response.status}`);
+  err.status = response.status;
+  err.reason = body.reason;
+  return err;
 }
 
 function fail(section, err) {
@@ -1140,14 +1242,9 @@ function describeScope(range, params, k) {
 }
 
 async function json(url) {
-  const response = await fetch(url);
-  const body = await response.json();
-  if (!response.ok) {
-    const err = new Error(body.field ? `${body.field}: ${body.detail}` : body.detail || response.statusText);
-    err.status = response.status;
-    throw err;
-  }
-  return body;
+  const response = await api(url);
+  if (!response.ok) throw await problem(response);
+  return response.json();
 }
 
 async function load() {
@@ -1163,6 +1260,7 @@ async function load() {
       state.catalogue || json("api/reports"), json(`api/filters?${range}`)]);
   } catch (err) {
     if (generation !== state.generation) return;
+    if (isSignInProblem(err)) return refusedSignIn(err);
     const what = err.status === 422 ? "These filters cannot be used" : "The usage data cannot be read";
     scope.replaceChildren(html("span", {className: "error-text"}, `${what}: ${err.message}`), " ",
                           err.status === 422 ? html("a", {href: location.pathname}, "Start over") : "");
@@ -1182,7 +1280,7 @@ async function load() {
     cards.replaceChildren(...specs.map(card));
   }
   await Promise.all([...cards.children].map(s => drawCard(s, params, state.ctx, generation)));
-  if (generation !== state.generation) return;
+  if (generation !== state.generation || document.body.dataset.auth) return;
   const k = [...cards.children].map(s => s.report && s.report.k_anonymity).find(Boolean);
   document.getElementById("privacy").textContent =
     `Privacy: a segment with fewer than k = ${k} distinct owners is never shown (suppressed, or merged with others ` +
@@ -1206,6 +1304,7 @@ function quickRange(days) {
 }
 
 function main() {
+  takeToken();
   const form = document.getElementById("filters");
   form.addEventListener("submit", event => {
     event.preventDefault();

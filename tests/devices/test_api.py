@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from uuid import UUID
 
 import asyncpg
 import httpx
@@ -17,7 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from devices.api import STATUS_BY_REASON, RegistryProblem, create_app
 from devices.errors import RejectReason
 from devices.registry import Registry
+from ingest.auth import AUTH_REASONS
 from ingest.httpapi import GENERIC_REASONS
+from tests import tokens
 from tests.devices.fakes import RecordingBroker, RecordingPublisher
 from tests.http_contract import schemathesis_run, served
 
@@ -30,8 +34,9 @@ async def _borrowed(registry: Registry) -> AsyncIterator[Registry]:
 
 @pytest.fixture
 async def client(registry: Registry) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of an app whose lifespan enters (a borrowed view of) the test registry."""
-    app: FastAPI = create_app(lambda: _borrowed(registry))
+    """A client of an app whose lifespan enters (a borrowed view of) the test registry.
+    It sends no token of its own: each request names its caller (`bearer`)."""
+    app: FastAPI = create_app(lambda: _borrowed(registry), verifier=tokens.verifier())
     # ASGITransport does not run the lifespan; run it around the client ourselves.
     async with (
         app.router.lifespan_context(app),
@@ -51,18 +56,26 @@ OWNER = {
 }
 
 
-async def create_owner(client: httpx.AsyncClient, name: str = "Ada Owner") -> str:
-    response = await client.post("/owners", json={**OWNER, "name": name})
+@dataclass(frozen=True)
+class SignedIn:
+    """An owner account and its sign-in's `Authorization` header."""
+
+    owner_id: str
+    auth: dict[str, str]
+
+
+async def create_owner(client: httpx.AsyncClient, name: str = "Ada Owner") -> SignedIn:
+    """An owner created by their own sign-in (subject: `name`)."""
+    auth = tokens.bearer(name)
+    response = await client.post("/owners", json={**OWNER, "name": name}, headers=auth)
     assert response.status_code == 201, response.text
-    owner_id: str = response.json()["owner_id"]
-    return owner_id
+    return SignedIn(response.json()["owner_id"], auth)
 
 
 def registration(
-    owner_id: str, serial: str = "SN0001", code: str = "CODE-0001-7KQ2-M9DX", **more: object
+    serial: str = "SN0001", code: str = "CODE-0001-7KQ2-M9DX", **more: object
 ) -> dict[str, object]:
     return {
-        "owner_id": owner_id,
         "model_number": "WM-100",
         "serial_number": serial,
         "registration_code": code,
@@ -82,15 +95,15 @@ async def test_register_and_rejections(
         "detail": "model, serial or code do not match",
         "field": None,
     }
-    for body in (
-        registration(ada, serial="SN9999"),
-        {**registration(ada), "model_number": "DR-200"},
-        registration(bob, code="WRONG"),
+    for who, body in (
+        (ada, registration(serial="SN9999")),
+        (ada, {**registration(), "model_number": "DR-200"}),
+        (bob, registration(code="WRONG")),
     ):
-        response = await client.post("/registrations", json=body)
+        response = await client.post("/registrations", json=body, headers=who.auth)
         assert (response.status_code, response.json()) == (403, refused)
 
-    response = await client.post("/registrations", json=registration(ada))
+    response = await client.post("/registrations", json=registration(), headers=ada.auth)
     assert response.status_code == 201, response.text
     done = response.json()
     assert set(done) == {
@@ -103,49 +116,56 @@ async def test_register_and_rejections(
         "mqtt_password",
         "certificate",
     }
+    assert done["owner_id"] == ada.owner_id  # the caller's account, from the token
     assert done["mqtt_username"] == done["device_id"]
     assert broker.accounts == {done["device_id"]: done["mqtt_password"]}
     assert publisher.types() == ["device.registered"]
 
-    response = await client.post("/registrations", json=registration(bob))
+    response = await client.post("/registrations", json=registration(), headers=bob.auth)
     assert (response.status_code, response.json()["reason"]) == (409, "owned_by_other")
-    response = await client.post("/registrations", json=registration(ada))
+    response = await client.post("/registrations", json=registration(), headers=ada.auth)
     assert (response.status_code, response.json()["reason"]) == (409, "already_owner")
-    response = await client.post("/registrations", json=registration(ada, "SN0002", "WRONG"))
+    wrong = registration("SN0002", "WRONG")
+    response = await client.post("/registrations", json=wrong, headers=ada.auth)
     assert (response.status_code, response.json()) == (403, refused)
     # Ada failed three times, her subject's allowance: refused now, even for a good
     # unit, until a token comes back (one per 20 minutes).
-    response = await client.post(
-        "/registrations", json=registration(ada, "SN0002", "CODE-0002-7KQ2-M9DX")
-    )
+    good = registration("SN0002", "CODE-0002-7KQ2-M9DX")
+    response = await client.post("/registrations", json=good, headers=ada.auth)
     assert (response.status_code, response.json()["reason"]) == (429, "too_many_attempts")
     assert 1100 < int(response.headers["Retry-After"]) <= 1200
     # Malformed input is refused by validation before reaching the registry.
-    response = await client.post("/registrations", json={**registration(ada), "resale": "maybe"})
+    body = {**registration(), "resale": "maybe"}
+    response = await client.post("/registrations", json=body, headers=ada.auth)
     assert response.status_code == 422
+    # A sign-in without an owner account registers nothing.
+    response = await client.post("/registrations", json=good, headers=tokens.bearer("nobody"))
+    assert (response.status_code, response.json()["reason"]) == (403, "forbidden")
 
 
 async def test_transfer_release_revoke(client: httpx.AsyncClient, registry: Registry) -> None:
     ada = await create_owner(client)
     bob = await create_owner(client, "Bob Other")
-    device = (await client.post("/registrations", json=registration(ada))).json()["device_id"]
+    registered = await client.post("/registrations", json=registration(), headers=ada.auth)
+    device = registered.json()["device_id"]
 
     response = await client.post(
         f"/devices/{device}/transfer",
-        json={"from_owner_id": ada, "to_owner_id": bob, "purchase": {"channel": "gift"}},
+        json={"to_owner_id": bob.owner_id, "purchase": {"channel": "gift"}},
+        headers=ada.auth,
     )
     assert response.status_code == 200, response.text
-    assert response.json()["owner_id"] == bob
-    response = await client.post(f"/devices/{device}/release", json={"owner_id": ada})
+    assert response.json()["owner_id"] == bob.owner_id
+    response = await client.post(f"/devices/{device}/release", headers=ada.auth)
     assert (response.status_code, response.json()["reason"]) == (403, "not_current_owner")
-    response = await client.post(f"/devices/{device}/credentials/revoke", json={"owner_id": bob})
+    response = await client.post(f"/devices/{device}/credentials/revoke", headers=bob.auth)
     assert (response.status_code, response.json()) == (200, {"revoked": True})
-    response = await client.post(f"/devices/{device}/credentials", json={"owner_id": bob})
+    response = await client.post(f"/devices/{device}/credentials", headers=bob.auth)
     assert response.status_code == 200
     assert response.json()["mqtt_username"] == device
-    response = await client.post(f"/devices/{device}/release", json={"owner_id": bob})
+    response = await client.post(f"/devices/{device}/release", headers=bob.auth)
     assert response.status_code == 204
-    response = await client.post("/devices/nope/release", json={"owner_id": bob})
+    response = await client.post("/devices/nope/release", headers=bob.auth)
     assert (response.status_code, response.json()["reason"]) == (404, "unknown_device")
     assert [p.ended_reason for p in await registry.ownership_history(device)] == [
         "transferred",
@@ -156,41 +176,60 @@ async def test_transfer_release_revoke(client: httpx.AsyncClient, registry: Regi
 async def test_consent_reactivation_erasure(client: httpx.AsyncClient, registry: Registry) -> None:
     ada = await create_owner(client)
     response = await client.put(
-        f"/owners/{ada}/consents", json={"marketing": False, "source": "web"}
+        f"/owners/{ada.owner_id}/consents",
+        json={"marketing": False, "source": "web"},
+        headers=ada.auth,
     )
     assert response.status_code == 200
     assert (response.json()["analytics_consent"], response.json()["marketing_consent"]) == (
         True,
         False,
     )
-
-    response = await client.post(
-        f"/owners/{ada}/reactivation",
-        json={"reauthenticated": True, "analytics_consent": True, "marketing_consent": True},
-    )
+    consents = {"analytics_consent": True, "marketing_consent": True}
+    reactivation = f"/owners/{ada.owner_id}/reactivation"
+    response = await client.post(reactivation, json=consents, headers=ada.auth)
     assert (response.status_code, response.json()["reason"]) == (409, "not_dormant")
     # Make Ada dormant: nothing she did is younger than a year from then.
     await registry.mark_dormant(datetime.now(UTC) + timedelta(days=366))
+    # A token from a sign-in longer ago than auth.reauth_max_age_s (300 s), or one
+    # without `auth_time`, does not reactivate; the body cannot claim otherwise.
+    stale = tokens.bearer("Ada Owner", auth_time=datetime.now(UTC) - timedelta(seconds=301))
+    for auth in (stale, tokens.bearer("Ada Owner", auth_time=None)):
+        response = await client.post(reactivation, json=consents, headers=auth)
+        assert (response.status_code, response.json()["reason"]) == (
+            403,
+            "reauthentication_required",
+        )
+    claimed = {**consents, "reauthenticated": True}
+    response = await client.post(reactivation, json=claimed, headers=stale)
+    assert (response.status_code, response.json()["field"]) == (422, "reauthenticated")
+    assert (await registry.get_owner(UUID(ada.owner_id))).status == "dormant"
+    fresh = tokens.bearer("Ada Owner", auth_time=datetime.now(UTC) - timedelta(seconds=10))
     response = await client.post(
-        f"/owners/{ada}/reactivation",
-        json={"reauthenticated": False, "analytics_consent": True, "marketing_consent": True},
-    )
-    assert (response.status_code, response.json()["reason"]) == (403, "reauthentication_required")
-    response = await client.post(
-        f"/owners/{ada}/reactivation",
-        json={"reauthenticated": True, "analytics_consent": False, "marketing_consent": True},
+        reactivation, json={**consents, "analytics_consent": False}, headers=fresh
     )
     assert response.status_code == 200
     assert response.json()["status"] == "active"
 
-    device = (await client.post("/registrations", json=registration(ada))).json()["device_id"]
-    response = await client.post(f"/owners/{ada}/erasure")
-    assert response.json() == {"owner_id": ada, "released_devices": [device]}
-    response = await client.get(f"/owners/{ada}")
-    assert response.json()["status"] == "erased"
-    assert response.json()["region"] is None
-    response = await client.post("/owners/00000000-0000-0000-0000-000000000000/erasure")
-    assert (response.status_code, response.json()["reason"]) == (404, "unknown_owner")
+    registered = await client.post("/registrations", json=registration(), headers=ada.auth)
+    device = registered.json()["device_id"]
+    response = await client.post(f"/owners/{ada.owner_id}/erasure", headers=ada.auth)
+    assert response.json() == {"owner_id": ada.owner_id, "released_devices": [device]}
+    erased = await registry.get_owner(UUID(ada.owner_id))
+    assert (erased.status, erased.region) == ("erased", None)
+    # The sign-in's link went with the account: it reaches nothing now.
+    response = await client.get(f"/owners/{ada.owner_id}", headers=ada.auth)
+    assert (response.status_code, response.json()["reason"]) == (403, "forbidden")
+    response = await client.get("/owners/me", headers=ada.auth)
+    assert (response.status_code, response.json()["reason"]) == (403, "forbidden")
+
+
+async def test_one_owner_per_sign_in(client: httpx.AsyncClient) -> None:
+    ada = await create_owner(client)
+    response = await client.post("/owners", json=OWNER, headers=ada.auth)
+    assert (response.status_code, response.json()["reason"]) == (409, "owner_exists")
+    response = await client.get("/owners/me", headers=ada.auth)
+    assert (response.status_code, response.json()["owner_id"]) == (200, ada.owner_id)
 
 
 async def test_openapi_is_published(client: httpx.AsyncClient) -> None:
@@ -200,6 +239,7 @@ async def test_openapi_is_published(client: httpx.AsyncClient) -> None:
     paths = doc["paths"]
     assert set(paths) == {
         "/owners",
+        "/owners/me",
         "/owners/{owner_id}",
         "/registrations",
         "/devices/{device_id}/release",
@@ -210,19 +250,38 @@ async def test_openapi_is_published(client: httpx.AsyncClient) -> None:
         "/owners/{owner_id}/consents",
         "/owners/{owner_id}/reactivation",
         "/owners/{owner_id}/erasure",
+        "/operator/devices/{device_id}/credentials/revoke",
+        "/operator/devices/{device_id}/credentials",
+        "/operator/owners/{owner_id}/erasure",
         "/health",
         "/metrics",
     }
     problem = {"$ref": "#/components/schemas/RegistryProblem"}
     answers = paths["/registrations"]["post"]["responses"]
-    assert set(answers) == {"201", "400", "403", "404", "409", "422", "429", "503"}
-    for code in ("400", "403", "404", "409", "422", "429", "503"):
+    assert set(answers) == {"201", "400", "401", "403", "404", "409", "422", "429", "503"}
+    for code in ("400", "401", "403", "404", "409", "422", "429", "503"):
         assert answers[code]["content"]["application/json"]["schema"] == problem, code
     assert "Retry-After" in answers["503"]["headers"]
     # FastAPI's own validation document is replaced everywhere by the one we answer.
     assert "HTTPValidationError" not in doc["components"]["schemas"]
     reasons = doc["components"]["schemas"]["RegistryProblem"]["properties"]["reason"]["enum"]
-    assert set(reasons) == {r.value for r in RejectReason} | set(GENERIC_REASONS)
+    assert set(reasons) == {r.value for r in RejectReason} | set(GENERIC_REASONS) | set(
+        AUTH_REASONS
+    )
+    # Every route but the operational two needs the bearer token.
+    assert doc["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+        "description": doc["components"]["securitySchemes"]["bearer"]["description"],
+    }
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            secured = operation.get("security") == [{"bearer": []}]
+            assert secured == (path not in {"/health", "/metrics"}), (method, path)
+            assert ("401" in operation["responses"]) == secured, (method, path)
+    response = await client.get("/docs")  # only where auth.docs turns it on
+    assert (response.status_code, response.json()["reason"]) == (404, "not_found")
     owner = doc["components"]["schemas"]["CreateOwnerIn"]["properties"]
     assert owner["analytics_consent"] == {"title": "Analytics Consent", "type": "boolean"}
     assert set(STATUS_BY_REASON) == set(RejectReason)  # every reason has its status
@@ -234,7 +293,9 @@ async def test_booleans_are_strict(
     schema = reg_schema
     before = await pg.fetchval(f"SELECT count(*) FROM {schema}.owners")
     response = await client.post(
-        "/owners", json={**OWNER, "analytics_consent": "yes", "marketing_consent": 0}
+        "/owners",
+        json={**OWNER, "analytics_consent": "yes", "marketing_consent": 0},
+        headers=tokens.bearer("Ada Owner"),
     )
     assert response.status_code == 422
     assert response.json() == {
@@ -245,36 +306,37 @@ async def test_booleans_are_strict(
     assert await pg.fetchval(f"SELECT count(*) FROM {schema}.owners") == before
     ada = await create_owner(client)
     for path, body, field in [
-        (f"/owners/{ada}/consents", {"analytics": 1}, "analytics"),
-        (f"/owners/{ada}/consents", {"marketing": "false"}, "marketing"),
+        (f"/owners/{ada.owner_id}/consents", {"analytics": 1}, "analytics"),
+        (f"/owners/{ada.owner_id}/consents", {"marketing": "false"}, "marketing"),
         (
-            f"/owners/{ada}/reactivation",
-            {"reauthenticated": "true", "analytics_consent": True, "marketing_consent": True},
-            "reauthenticated",
+            f"/owners/{ada.owner_id}/reactivation",
+            {"analytics_consent": "true", "marketing_consent": True},
+            "analytics_consent",
         ),
-        ("/registrations", registration(ada, resale=1), "resale"),
+        ("/registrations", registration(resale=1), "resale"),
     ]:
-        response = await client.request("PUT" if "consents" in path else "POST", path, json=body)
+        method = "PUT" if "consents" in path else "POST"
+        response = await client.request(method, path, json=body, headers=ada.auth)
         assert (response.status_code, response.json()["field"]) == (422, field), path
-    owner = (await client.get(f"/owners/{ada}")).json()
+    owner = (await client.get(f"/owners/{ada.owner_id}", headers=ada.auth)).json()
     assert (owner["analytics_consent"], owner["marketing_consent"]) == (True, True)
 
 
 async def test_every_error_is_one_problem_document(client: httpx.AsyncClient) -> None:
     """Bad input of every kind gets a 4xx `RegistryProblem`, never a 500."""
-    json_headers = {"content-type": "application/json"}
     ada = await create_owner(client)
+    json_headers = {"content-type": "application/json", **ada.auth}
 
     def owner(name: str) -> bytes:  # `name` is JSON text, put in as it stands
         return json.dumps({**OWNER, "name": "X"}).replace('"X"', name).encode("utf-8")
 
     def reg(serial: str = "SN0001", **more: object) -> bytes:
-        return json.dumps({**registration(ada, serial), **more}).encode()
+        return json.dumps({**registration(serial), **more}).encode()
 
     def bought(on: object) -> bytes:
         return reg(purchase={"channel": "gift", "purchased_on": on})
 
-    ref = json.dumps({"owner_id": ada}).encode()
+    ref = json.dumps({"to_owner_id": ada.owner_id}).encode()
     invalid, malformed = "invalid_request", "malformed_body"
     cases: list[tuple[str, str, bytes | None, int, str, str | None]] = [
         ("POST", "/owners", owner('"A\\u0000"'), 422, invalid, "name"),  # NUL
@@ -307,7 +369,7 @@ async def test_every_error_is_one_problem_document(client: httpx.AsyncClient) ->
         problem = RegistryProblem.model_validate(response.json())
         assert (problem.reason, problem.field) == (reason, field), (path, body, response.text)
         assert "\n" not in problem.detail
-    response = await client.patch("/owners")
+    response = await client.patch("/owners", headers=ada.auth)
     assert response.headers["allow"] == "POST"
 
 
@@ -318,8 +380,9 @@ async def test_health_and_metrics(client: httpx.AsyncClient) -> None:
         {"status": "ok", "checks": {"postgresql": "ok"}},
     )
     ada = await create_owner(client)
-    await client.get(f"/owners/{ada}")
-    await client.get("/owners/00000000-0000-0000-0000-000000000000")
+    await client.get(f"/owners/{ada.owner_id}", headers=ada.auth)
+    await client.get("/owners/00000000-0000-0000-0000-000000000000", headers=ada.auth)
+    await client.get(f"/owners/{ada.owner_id}")
     await client.get("/no/such/path")
     response = await client.get("/metrics")
     assert response.status_code == 200
@@ -335,15 +398,16 @@ async def test_health_and_metrics(client: httpx.AsyncClient) -> None:
         ("GET", "/health", "200"): 1,
         ("POST", "/owners", "201"): 1,
         ("GET", "/owners/{owner_id}", "200"): 1,
-        ("GET", "/owners/{owner_id}", "404"): 1,
+        ("GET", "/owners/{owner_id}", "403"): 1,
+        ("GET", "/owners/{owner_id}", "401"): 1,
         ("GET", "unmatched", "404"): 1,
     }
-    assert ada not in response.text  # labels are route templates, never raw paths
+    assert ada.owner_id not in response.text  # labels are route templates, never raw paths
     assert 'usagepipe_http_request_seconds_count{api="registry",method="GET",' in response.text
 
 
 async def test_health_says_when_postgresql_is_gone(registry: Registry) -> None:
-    app = create_app(lambda: _borrowed(registry))
+    app = create_app(lambda: _borrowed(registry), verifier=tokens.verifier())
     async with app.router.lifespan_context(app):
         await registry.aclose()  # the pool is gone: as good as a database that left
         transport = httpx.ASGITransport(app=app)
@@ -355,8 +419,13 @@ async def test_health_says_when_postgresql_is_gone(registry: Registry) -> None:
 
 
 async def test_schemathesis_finds_nothing(registry: Registry) -> None:
-    async with served(create_app(lambda: _borrowed(registry))) as url:
-        status, generated, output = await schemathesis_run(url)
+    app = create_app(lambda: _borrowed(registry), verifier=tokens.verifier())
+    # An owner who is also an operator: the /operator routes get past their scope too.
+    auth = tokens.bearer("schemathesis-owner", tokens.OPERATOR)["Authorization"]
+    async with served(app) as url:
+        status, generated, output = await schemathesis_run(
+            url, "--header", f"Authorization: {auth}"
+        )
     assert status == 0, output[-6000:]
     assert generated > 500, output[-2000:]
     print(f"schemathesis: {generated} cases, no failure")

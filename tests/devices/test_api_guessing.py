@@ -19,7 +19,9 @@ import pytest
 
 from devices.api import create_app
 from devices.registry import Registry
+from tests import tokens
 from tests.devices.fakes import RecordingBroker
+from tests.devices.test_api import SignedIn
 from tests.http_contract import served
 
 C2 = "CODE-0002-7KQ2-M9DX"
@@ -38,7 +40,7 @@ async def _borrowed(registry: Registry) -> AsyncIterator[Registry]:
 @pytest.fixture
 async def api(registry: Registry) -> AsyncIterator[httpx.AsyncClient]:
     """A client of the registry API on a real uvicorn server on a loopback port."""
-    app = create_app(lambda: _borrowed(registry))
+    app = create_app(lambda: _borrowed(registry), verifier=tokens.verifier())
     async with (
         app.router.lifespan_context(app),
         served(app) as url,
@@ -47,7 +49,9 @@ async def api(registry: Registry) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-async def owner(api: httpx.AsyncClient, name: str) -> str:
+async def owner(api: httpx.AsyncClient, name: str) -> SignedIn:
+    """An owner account made by its own sign-in (subject: `name`): anyone can make one."""
+    auth = tokens.bearer(name)
     body = {
         "name": name,
         "email": f"{name.split(maxsplit=1)[0].lower()}@example.com",
@@ -57,15 +61,14 @@ async def owner(api: httpx.AsyncClient, name: str) -> str:
         "analytics_consent": True,
         "marketing_consent": False,
     }
-    response = await api.post("/owners", json=body)
+    response = await api.post("/owners", json=body, headers=auth)
     assert response.status_code == 201, response.text
-    owner_id: str = response.json()["owner_id"]
-    return owner_id
+    return SignedIn(response.json()["owner_id"], auth)
 
 
 async def register(
     api: httpx.AsyncClient,
-    owner_id: str,
+    who: SignedIn,
     address: str,
     *,
     model: str = "WM-100",
@@ -73,13 +76,13 @@ async def register(
     code: str = C2,
 ) -> httpx.Response:
     body = {
-        "owner_id": owner_id,
         "model_number": model,
         "serial_number": serial,
         "registration_code": code,
         "purchase": {"channel": "own_online_shop", "purchased_on": "2025-12-24"},
     }
-    return await api.post("/registrations", json=body, headers={"X-Forwarded-For": address})
+    headers = {**who.auth, "X-Forwarded-For": address}
+    return await api.post("/registrations", json=body, headers=headers)
 
 
 def answer(response: httpx.Response) -> tuple[int, dict[str, object]]:
@@ -149,7 +152,7 @@ async def test_a_guesser_is_slowed_and_the_owner_registers_at_once(
     ada = await owner(api, "Ada Owner")
     done = await register(api, ada, HOME)
     assert done.status_code == 201, done.text
-    assert done.json()["owner_id"] == ada
+    assert done.json()["owner_id"] == ada.owner_id
     assert registry.counts.secrets_hashed == 1
     assert await credentials(pg, registry) == 1
     assert broker.calls == [("add", done.json()["device_id"])]
@@ -193,4 +196,4 @@ async def test_an_ipv6_caller_is_limited_by_its_56(api: httpx.AsyncClient) -> No
     assert (limited.status_code, limited.json()["reason"]) == (429, "too_many_attempts")
     assert 710 <= int(limited.headers["Retry-After"]) <= 720
     done = await register(api, subjects[6], "2001:db8:1:300::1")
-    assert (done.status_code, done.json()["owner_id"]) == (201, subjects[6])
+    assert (done.status_code, done.json()["owner_id"]) == (201, subjects[6].owner_id)

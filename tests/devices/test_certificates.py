@@ -32,6 +32,7 @@ from devices.errors import Rejected, RejectReason
 from devices.records import Purchase, PurchaseChannel
 from devices.registry import Registry
 from ingest.settings import RegistrySettings
+from tests import tokens
 from tests.devices.catalog import T0, new_owner
 from tests.devices.device_keys import csr_for
 from tests.devices.fakes import RecordingBroker
@@ -180,14 +181,14 @@ async def _borrowed(registry: Registry) -> AsyncIterator[Registry]:
 
 
 async def test_the_api_answers_certificates_and_clear_422s(registry: Registry) -> None:
-    app = create_app(lambda: _borrowed(registry))
+    app = create_app(lambda: _borrowed(registry), verifier=tokens.verifier())
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as client,
     ):
-        owner = str(await registry.create_owner(new_owner(), source="test"))
+        await registry.create_owner(new_owner(), source="test", subject="ada")
+        client.headers.update(tokens.bearer("ada"))
         body = {
-            "owner_id": owner,
             "model_number": "WM-100",
             "serial_number": "SN0001",
             "registration_code": "CODE-0001-7KQ2-M9DX",
@@ -205,16 +206,12 @@ async def test_the_api_answers_certificates_and_clear_422s(registry: Registry) -
         assert out["certificate"].startswith("-----BEGIN CERTIFICATE-----")
 
         device = out["device_id"]
-        renewed = await client.post(
-            f"/devices/{device}/certificate", json={"owner_id": owner, "csr": csr_for()[1]}
-        )
+        renewed = await client.post(f"/devices/{device}/certificate", json={"csr": csr_for()[1]})
         assert renewed.status_code == 200, renewed.text
         cert = x509.load_pem_x509_certificate(renewed.json()["certificate"].encode())
         assert renewed.json()["serial"] == f"{cert.serial_number:x}"
         assert renewed.json()["fingerprint_sha256"] == cert.fingerprint(hashes.SHA256()).hex()
-        junk = await client.post(
-            f"/devices/{device}/certificate", json={"owner_id": owner, "csr": "hello"}
-        )
+        junk = await client.post(f"/devices/{device}/certificate", json={"csr": "hello"})
         assert (junk.status_code, junk.json()["reason"]) == (422, "bad_csr")
 
         # The largest CSR the schema takes, framed as PEM or not, and one over it.
@@ -229,9 +226,7 @@ async def test_the_api_answers_certificates_and_clear_422s(registry: Registry) -
             ("0" * 16385, "invalid_request", "csr"),
             ("-----BEGIN CERTIFICATE REQUEST-----\x00", "invalid_request", "csr"),
         ):
-            answer = await client.post(
-                f"/devices/{device}/certificate", json={"owner_id": owner, "csr": csr}
-            )
+            answer = await client.post(f"/devices/{device}/certificate", json={"csr": csr})
             assert (answer.status_code, answer.json()["reason"]) == (422, reason), answer.text
             assert answer.json()["field"] == field
 

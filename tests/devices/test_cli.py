@@ -75,7 +75,7 @@ def test_commands(
     assert run(cli_settings, "migrate") == 0
     assert capsys.readouterr().out.endswith(
         ": applied 001_registry, 002_notify, 003_firmware, 004_consumer_interface,"
-        " 006_registration_limits, 007_device_certificates\n"
+        " 005_subjects_audit, 006_registration_limits, 007_device_certificates\n"
     )
     assert run(cli_settings, "migrate") == 0
     assert capsys.readouterr().out.endswith(": applied nothing\n")
@@ -180,6 +180,23 @@ def test_add_owner(cli_settings: Settings, capsys: pytest.CaptureFixture[str]) -
     assert (owner.status, owner.region, owner.membership_tier) == ("active", "KR-11", "standard")
     assert (owner.analytics_consent, owner.marketing_consent) == (True, False)
 
+    # Linked to a sign-in, the account is the one that subject's tokens act on; one per
+    # subject.
+    linked = ["--name", "Jiho", "--email", "jiho@x.kr", "--region", "KR-26", "--subject", "jiho"]
+    consents = ["--analytics-consent", "yes", "--marketing-consent", "no"]
+    assert run(cli_settings, "add-owner", *linked, *consents) == 0
+    jiho = uuid.UUID(capsys.readouterr().out.strip())
+    assert asyncio.run(_owner_of(cli_settings, "jiho")) == jiho
+    assert run(cli_settings, "add-owner", *linked, *consents) == 2
+    assert capsys.readouterr().err == (
+        "usagepipe registry: owner_exists: this sign-in already has an owner account\n"
+    )
+    assert run(cli_settings, "add-owner", *linked[:-1], "a\tb", *consents) == 2
+    assert capsys.readouterr().err == (
+        "usagepipe registry add-owner: --subject 'a\\tb': use 1 to 255 printable characters"
+        " (the sign-in's `sub`)\n"
+    )
+
     # The API's rules, checked before anything is written: one line naming the option.
     base = ["--name", "Lee", "--analytics-consent", "no", "--marketing-consent", "no"]
     assert run(cli_settings, "add-owner", *base, "--email", "lee", "--region", "KR-26") == 2
@@ -191,6 +208,16 @@ def test_add_owner(cli_settings: Settings, capsys: pytest.CaptureFixture[str]) -
         "usagepipe registry add-owner: --region 'kr-26': String should match pattern"
         " '^[A-Z]{2}(-[A-Z0-9]{1,3})?$'\n"
     )
+
+
+async def _owner_of(settings: Settings, subject: str) -> uuid.UUID | None:
+    async with Registry(
+        settings.registry,
+        publisher=RecordingPublisher(),
+        broker=RecordingBroker(),
+        dsn=settings.postgres.dsn.get_secret_value(),
+    ) as registry:
+        return await registry.owner_of_subject(subject)
 
 
 async def _get_owner(settings: Settings, owner_id: uuid.UUID) -> Owner:

@@ -17,6 +17,7 @@ RECORDED = [
     ("registry", 2, "002_notify"),
     ("registry", 3, "003_firmware"),
     ("registry", 4, "004_consumer_interface"),
+    ("registry", 5, "005_subjects_audit"),
     ("registry", 6, "006_registration_limits"),
     ("registry", 7, "007_device_certificates"),
 ]
@@ -72,6 +73,7 @@ async def test_a_schema_the_consumer_completed_applies_nothing_again(
 
     assert await migrate_registry(pg, reg_schema) == [
         "004_consumer_interface",
+        "005_subjects_audit",
         "006_registration_limits",
         "007_device_certificates",
     ]
@@ -91,6 +93,7 @@ async def test_a_schema_the_consumer_never_saw_gets_the_rest(
         "002_notify",
         "003_firmware",
         "004_consumer_interface",
+        "005_subjects_audit",
         "006_registration_limits",
         "007_device_certificates",
     ]

@@ -6,17 +6,20 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ingest.auth import AUTH_REASONS
 from ingest.httpapi import GENERIC_REASONS
 from ingest.settings import InsightsSettings
 from insights.api import InsightsProblem, ReportInfo, ReportOut, create_app
 from insights.filters import CATEGORIES, Filters
 from insights.reports import REPORTS
+from tests import tokens
 from tests.http_contract import schemathesis_run, served
 from tests.insights.conftest import Seeded
 from tests.insights.seed import END, START
@@ -24,20 +27,28 @@ from tests.insights.test_reports import SMALL, direct, run
 
 RANGE = {"start": "2026-11-02", "end": "2026-11-23"}
 K = 3
+VERIFIER = tokens.verifier()
+PLANNER = tokens.bearer("Pat Planner", tokens.PLANNER)
+"""A planner's sign-in: every `/api/...` route needs the planner scope."""
 
 
 @pytest.fixture
 async def api(seeded: Seeded) -> AsyncIterator[str]:
     """The API over the seeded table, served by uvicorn on a free loopback port."""
     s = seeded.settings
-    app = create_app(s.postgres, InsightsSettings(k_anonymity=K), s.registry.db_schema)
+    app = create_app(
+        s.postgres,
+        InsightsSettings(k_anonymity=K),
+        s.registry.db_schema,
+        verifier=tokens.verifier(),
+    )
     async with served(app) as url:
         yield url
 
 
 async def test_reports_over_http_equal_the_direct_computation(seeded: Seeded, api: str) -> None:
     f = Filters.parse(start=START, end=END, category=["washer"])
-    async with httpx.AsyncClient(base_url=api) as client:
+    async with httpx.AsyncClient(base_url=api, headers=PLANNER) as client:
         doc = (
             await client.get("/api/reports/errors", params={**RANGE, "category": "washer"})
         ).json()
@@ -74,7 +85,7 @@ async def test_reports_over_http_equal_the_direct_computation(seeded: Seeded, ap
         assert params["name"]["schema"]["enum"] == list(REPORTS)
         assert params["category"]["schema"]["items"]["enum"] == list(CATEGORIES)
         answers = operation["responses"]
-        assert set(answers) == {"200", "404", "422", "503"}
+        assert set(answers) == {"200", "401", "403", "404", "422", "503"}
         assert set(answers["200"]["content"]) == {
             "application/json",
             "text/csv",
@@ -84,12 +95,12 @@ async def test_reports_over_http_equal_the_direct_computation(seeded: Seeded, ap
             "$ref": "#/components/schemas/ReportOut"
         }
         problem = {"$ref": "#/components/schemas/InsightsProblem"}
-        for code in ("404", "422", "503"):
+        for code in ("401", "403", "404", "422", "503"):
             assert answers[code]["content"]["application/json"]["schema"] == problem, code
         schemas = openapi["components"]["schemas"]
         assert "HTTPValidationError" not in schemas
         reasons = schemas["InsightsProblem"]["properties"]["reason"]["enum"]
-        assert set(reasons) == {"unknown_report", *GENERIC_REASONS}
+        assert set(reasons) == {"unknown_report", *GENERIC_REASONS, *AUTH_REASONS}
         # Read-only: nothing but GET.
         for path, item in openapi["paths"].items():
             assert set(item) == {"get"}, path
@@ -97,7 +108,7 @@ async def test_reports_over_http_equal_the_direct_computation(seeded: Seeded, ap
 
 async def test_exports_over_http_carry_the_same_numbers(seeded: Seeded, api: str) -> None:
     report = await run(seeded, "cohorts", Filters.parse(start=START, end=END), K, by="tier")
-    async with httpx.AsyncClient(base_url=api) as client:
+    async with httpx.AsyncClient(base_url=api, headers=PLANNER) as client:
         params = {**RANGE, "by": "tier"}
         as_csv = await client.get("/api/reports/cohorts", params={**params, "format": "csv"})
         as_parquet = await client.get(
@@ -117,7 +128,7 @@ async def test_exports_over_http_carry_the_same_numbers(seeded: Seeded, api: str
 
 
 async def test_bad_requests_say_what_is_wrong(api: str) -> None:
-    async with httpx.AsyncClient(base_url=api) as client:
+    async with httpx.AsyncClient(base_url=api, headers=PLANNER) as client:
         bad = await client.get("/api/reports/heatmap", params={"region": "Seoul"})
         assert bad.status_code == 422
         assert bad.json() == {
@@ -177,7 +188,7 @@ async def test_bad_requests_say_what_is_wrong(api: str) -> None:
 
 
 async def test_health_and_metrics(seeded: Seeded, api: str) -> None:
-    async with httpx.AsyncClient(base_url=api) as client:
+    async with httpx.AsyncClient(base_url=api, headers=PLANNER) as client:
         health = await client.get("/health")
         assert (health.status_code, health.json()) == (
             200,
@@ -206,10 +217,12 @@ async def test_health_and_metrics(seeded: Seeded, api: str) -> None:
 
     s = seeded.settings
     no_table = s.postgres.model_copy(update={"table": s.postgres.table + "_none"})
-    app = create_app(no_table, InsightsSettings(), s.registry.db_schema)
+    app = create_app(no_table, InsightsSettings(), s.registry.db_schema, verifier=VERIFIER)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://t", headers=PLANNER
+        ) as client:
             health = await client.get("/health")
     assert (health.status_code, health.headers["retry-after"]) == (503, "5")
     assert health.json() == {
@@ -220,7 +233,9 @@ async def test_health_and_metrics(seeded: Seeded, api: str) -> None:
 
 
 async def test_schemathesis_finds_nothing(api: str) -> None:
-    status, generated, output = await schemathesis_run(api)
+    status, generated, output = await schemathesis_run(
+        api, "--header", f"Authorization: {PLANNER['Authorization']}"
+    )
     assert status == 0, output[-6000:]
     assert generated > 500, output[-2000:]
     print(f"schemathesis: {generated} cases, no failure")
@@ -232,14 +247,73 @@ async def test_a_missing_table_or_registry_answers_503_saying_what_to_do(
     s = seeded.settings
     no_table = s.postgres.model_copy(update={"table": s.postgres.table + "_none"})
     cases = [
-        (create_app(no_table, InsightsSettings(), s.registry.db_schema), "heatmap"),
-        (create_app(s.postgres, InsightsSettings(), s.registry.db_schema + "_none"), "regions"),
+        (
+            create_app(no_table, InsightsSettings(), s.registry.db_schema, verifier=VERIFIER),
+            "heatmap",
+        ),
+        (
+            create_app(
+                s.postgres, InsightsSettings(), s.registry.db_schema + "_none", verifier=VERIFIER
+            ),
+            "regions",
+        ),
     ]
     for app, name in cases:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://t", headers=PLANNER
+            ) as client:
                 answer = await client.get(f"/api/reports/{name}", params=RANGE)
         assert (answer.status_code, answer.headers["retry-after"]) == (503, "5")
         assert answer.json()["reason"] == "unavailable"
         assert "does not exist: run `usagepipe db migrate`" in answer.json()["detail"]
+
+
+async def test_the_api_needs_a_planners_token(seeded: Seeded, api: str) -> None:
+    """Every `/api/...` route: 401 without a token or with a refused one, 403 with a valid
+    token lacking the planner scope (an owner's, an operator's); the page, its assets,
+    `/health`, `/metrics` and `/openapi.json` hold no usage data and stay open."""
+    data_routes = ["/api/reports", "/api/reports/programs", "/api/filters"]
+    expired = tokens.bearer(
+        "Pat Planner", tokens.PLANNER, now=datetime.now(UTC) - timedelta(hours=13)
+    )
+    refusals = [
+        ({}, 401, "unauthenticated", "sign in: send Authorization: Bearer <token>"),
+        ({"Authorization": "Bearer not-a-jwt"}, 401, "unauthenticated", None),
+        (expired, 401, "unauthenticated", "the token has expired; sign in again"),
+        (tokens.bearer("Ada Owner"), 403, "insufficient_scope", None),
+        (tokens.bearer("Sam Support", tokens.OPERATOR), 403, "insufficient_scope", None),
+    ]
+    async with httpx.AsyncClient(base_url=api) as client:
+        for route in data_routes:
+            for headers, status, reason, detail in refusals:
+                answer = await client.get(route, params=RANGE, headers=headers)
+                assert (answer.status_code, answer.json()["reason"]) == (status, reason), route
+                if detail is not None:
+                    assert answer.json()["detail"] == detail
+                challenge = answer.headers["www-authenticate"]
+                assert challenge.startswith('Bearer realm="usagepipe"'), route
+                if status == 403:
+                    assert answer.json()["detail"] == "this needs the scope 'usagepipe:planner'"
+                    assert 'scope="usagepipe:planner"' in challenge
+            answer = await client.get(route, params=RANGE, headers=PLANNER)
+            assert answer.status_code == 200, route
+        for route in ["/", "/static/dashboard.js", "/health", "/metrics", "/openapi.json"]:
+            assert (await client.get(route)).status_code == 200, route
+        assert (await client.get("/docs")).status_code == 404  # off unless auth.docs
+        openapi = (await client.get("/openapi.json")).json()
+        assert openapi["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        for path, item in openapi["paths"].items():
+            secured = item["get"].get("security") == [{"bearer": []}]
+            assert secured == path.startswith("/api/"), path
+
+    s = seeded.settings
+    app = create_app(
+        s.postgres, InsightsSettings(), s.registry.db_schema, verifier=VERIFIER, docs=True
+    )
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/docs")).status_code == 200
+            assert (await client.get("/redoc")).status_code == 200

@@ -11,6 +11,7 @@ import pytest
 
 from ingest.settings import InsightsSettings, Settings
 from insights.api import InsightsProblem, create_app
+from tests import tokens
 from tests.http_contract import OneConnection, served
 
 RANGE = "start=2026-11-02&end=2026-11-23"
@@ -32,8 +33,11 @@ PARAMETERS = {
 @pytest.fixture
 async def api(settings: Settings) -> AsyncIterator[OneConnection]:
     s = settings
-    app = create_app(s.postgres, InsightsSettings(), s.registry.db_schema)
-    async with served(app) as url, OneConnection(url) as client:
+    app = create_app(
+        s.postgres, InsightsSettings(), s.registry.db_schema, verifier=tokens.verifier()
+    )
+    planner = tokens.bearer("Pat Planner", tokens.PLANNER)
+    async with served(app) as url, OneConnection(url, headers=planner) as client:
         yield client
 
 

@@ -20,7 +20,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractAsyncContextManager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -35,6 +35,7 @@ from insights.reports import REPORTS
 from simulators.plan import FleetPlan
 from simulators.traffic import device_traffic
 from simulators.units import fleet_units
+from tests import tokens
 from tests.http_contract import served
 from tests.insights.conftest import Seeded
 from tests.insights.seed import END, START
@@ -45,6 +46,7 @@ ARTIFACTS = Path(
 )
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 K = 3
+PLANNER = tokens.bearer("Pat Planner", tokens.PLANNER)
 # A sandbox-less, offline, reproducible browser (root in CI, no GPU, no network).
 FLAGS = [
     "--no-sandbox",
@@ -64,7 +66,13 @@ pytestmark = pytest.mark.skipif(
 
 def dashboard(s: Settings, k: int = K) -> AbstractAsyncContextManager[str]:
     """The insights app over the test's usage table and registry, on a free port."""
-    return served(create_app(s.postgres, InsightsSettings(k_anonymity=k), s.registry.db_schema))
+    app = create_app(
+        s.postgres,
+        InsightsSettings(k_anonymity=k),
+        s.registry.db_schema,
+        verifier=tokens.verifier(),
+    )
+    return served(app)
 
 
 @pytest.fixture
@@ -109,7 +117,7 @@ async def answers(
     api: str, params: dict[str, Any], names: Iterable[str] = REPORTS
 ) -> dict[str, dict[str, Any]]:
     """The reports `names` as the API answers them for `params`."""
-    async with httpx.AsyncClient(base_url=api, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=api, timeout=30, headers=PLANNER) as client:
         out = {}
         for name in names:
             response = await client.get(f"/api/reports/{name}", params=params)
@@ -147,6 +155,12 @@ def iso_date(t: datetime) -> str:
     return t.date().isoformat()
 
 
+def signed_in(address: str, token: str | None = None) -> str:
+    """`address` with a planner's token in its fragment, as `usagepipe insights serve`
+    prints it."""
+    return f"{address}#token={token or tokens.token('Pat Planner', tokens.PLANNER)}"
+
+
 async def test_every_chart_draws_its_unsuppressed_rows_and_redraws_for_new_filters(
     seeded: Seeded, browser: Browser
 ) -> None:
@@ -155,8 +169,9 @@ async def test_every_chart_draws_its_unsuppressed_rows_and_redraws_for_new_filte
         page = await browser.new_page(viewport={"width": 1280, "height": 900})
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
-        await page.goto(f"{api}/?{urlencode(first)}")
+        await page.goto(signed_in(f"{api}/?{urlencode(first)}"))
         await ready(page, urlencode(first))
+        assert page.url == f"{api}/?{urlencode(first)}"  # the token left the address bar
         shown = await drawn(page)
         assert check_drawn(shown, await answers(api, first)) == len(REPORTS)
         scope = page.locator("#scope b.range")
@@ -208,6 +223,64 @@ async def test_every_chart_draws_its_unsuppressed_rows_and_redraws_for_new_filte
         assert errors == []
 
 
+async def test_the_page_needs_a_planners_token_and_says_so(
+    seeded: Seeded, browser: Browser
+) -> None:
+    """Without a token, with a refused one or with an owner's, the page says what is
+    wrong and what to do instead of showing empty charts; with a planner's it draws,
+    keeps the token out of the address, requests and the Referer, and downloads with it."""
+    async with dashboard(seeded.settings) as api:
+        expired = tokens.token(
+            "Pat Planner", tokens.PLANNER, now=datetime.now(UTC) - timedelta(hours=13)
+        )
+        cases = [
+            (f"{api}/", "unauthenticated", "Sign in to see the usage data.", "signin_none"),
+            (signed_in(f"{api}/", expired), "unauthenticated", "the token has expired", "expired"),
+            (
+                signed_in(f"{api}/", tokens.token("Ada Owner")),
+                "insufficient_scope",
+                "You are signed in, but not as a planner.",
+                "owner",
+            ),
+        ]
+        for address, reason, says, shot in cases:
+            page = await browser.new_page(viewport={"width": 1280, "height": 700})
+            await page.goto(address)
+            await page.wait_for_function("document.body.dataset.state === 'error'", timeout=30_000)
+            assert await page.get_attribute("body", "data-auth") == reason, shot
+            message = page.locator("#signin")
+            assert await message.is_visible(), shot
+            assert says in await message.inner_text(), shot
+            assert not await page.locator("#filters").is_visible(), shot
+            assert page.url == f"{api}/", shot
+            await screenshot(page, f"dashboard_{shot}.png")
+            await page.close()
+
+        page = await browser.new_page(viewport={"width": 1280, "height": 900})
+        sent: list[tuple[str, str | None, str | None]] = []
+        page.on("request", lambda r: sent.append((r.url, r.headers.get("authorization"),
+                                                  r.headers.get("referer"))))  # fmt: skip
+        first = {"start": iso_date(START), "end": iso_date(END)}
+        token = tokens.token("Pat Planner", tokens.PLANNER)
+        await page.goto(signed_in(f"{api}/?{urlencode(first)}", token))
+        await ready(page, urlencode(first))
+        await page.reload()  # the tab keeps the token; the address no longer has it
+        await ready(page, urlencode(first))
+        assert page.url == f"{api}/?{urlencode(first)}"
+        async with page.expect_download() as saving:
+            await page.click("#cohorts .downloads a.csv")
+        saved = await saving.value
+        assert saved.suggested_filename == "cohorts.csv"
+        path = await saved.path()
+        async with httpx.AsyncClient(base_url=api, headers=PLANNER) as client:
+            direct = await client.get("/api/reports/cohorts", params={**first, "format": "csv"})
+        assert await asyncio.to_thread(Path(path).read_bytes) == direct.content
+        api_calls = [(url, auth) for url, auth, _ in sent if "/api/" in url]
+        assert api_calls and all(auth == f"Bearer {token}" for _, auth in api_calls)
+        assert all(token not in url for url, _, _ in sent)
+        assert [(u, r) for u, _, r in sent if r] == []  # <meta name="referrer">: none, or empty
+
+
 SIM_DAYS = 28
 SIM_DEVICES = 240
 """40 appliances of each of the six categories over four weeks: about 28,500 messages,
@@ -250,7 +323,7 @@ async def test_the_simulated_fleet_draws_every_chart_and_the_form_redraws_it(
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         # A new user opens the page as it is: the default range, the last 28 days.
-        await page.goto(f"{api}/")
+        await page.goto(signed_in(f"{api}/"))
         await ready(page, "")
         default = await page.locator("#scope b.range").get_attribute("data-start")
         assert default is not None

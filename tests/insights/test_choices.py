@@ -13,6 +13,7 @@ from ingest.settings import InsightsSettings
 from insights.api import create_app
 from insights.choices import filter_choices
 from insights.filters import Filters
+from tests import tokens
 from tests.insights.conftest import Seeded
 from tests.insights.seed import END, START
 
@@ -70,10 +71,15 @@ async def test_the_values_offered_are_those_stored_in_the_range(seeded: Seeded) 
 
 async def test_the_route_is_read_only_documented_and_refuses_a_bad_range(seeded: Seeded) -> None:
     s = seeded.settings
-    app = create_app(s.postgres, InsightsSettings(), s.registry.db_schema)
+    app = create_app(
+        s.postgres, InsightsSettings(), s.registry.db_schema, verifier=tokens.verifier()
+    )
+    planner = tokens.bearer("Pat Planner", tokens.PLANNER)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://t", headers=planner
+        ) as client:
             answer = await client.get("/api/filters", params={"start": "2026-11-02"})
             assert answer.status_code == 200
             body = answer.json()

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
@@ -25,10 +26,11 @@ import pytest
 from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
 
+from ingest.auth import DevSigner
 from ingest.dead_letter import DeadLetter, send_dead_letters
 from ingest.kafka import ensure_topics, make_producer
 from ingest.setting_errors import explain
-from ingest.settings import Settings
+from ingest.settings import AuthSettings, Settings
 from schemas.errors import InvalidTelemetry, Reason
 from tests.conftest import free_port
 
@@ -286,6 +288,61 @@ def test_log_levels_are_not_case_sensitive() -> None:
     assert done.stdout.startswith("USAGEPIPE_MQTT__HOST=")
 
 
+# -- the dev signer -------------------------------------------------------------------
+
+
+async def test_auth_token_prints_what_the_apis_accept(tmp_path: Path) -> None:
+    """`usagepipe auth token` signs with a key it generates into the state directory
+    (mode 0600), and the APIs' verifier of that key accepts its tokens."""
+    env = environment(USAGEPIPE_SERVICES__RUN_DIR=str(tmp_path))
+    owner = usagepipe("auth", "token", "--subject", "ada", env=env)
+    planner = usagepipe("auth", "token", "--dashboard", "--ttl", "1h", env=env)
+    operator = usagepipe(
+        "auth", "token", "--subject", "sam", "--scope", "operator", "--auth-time", "none", env=env
+    )
+    assert "generated the dev signer's key in" in owner.stderr  # the first use only
+    for done in (owner, planner, operator):
+        assert done.returncode == 0, done.stderr
+    assert planner.stderr == operator.stderr == ""
+    key = tmp_path / "auth" / "dev_signer.pem"
+    assert key.stat().st_mode & 0o777 == 0o600
+    verifier = DevSigner(key).verifier(AuthSettings())
+    ada = await verifier.verify(owner.stdout.strip())
+    assert (ada.subject, ada.scopes) == ("ada", frozenset())
+    assert ada.signed_in_within(timedelta(minutes=1))
+    address, _, token = planner.stdout.strip().partition("#token=")
+    assert address == "http://127.0.0.1:8050/"
+    pat = await verifier.verify(token)
+    assert (pat.subject, pat.scopes) == ("planner", frozenset({"usagepipe:planner"}))
+    assert pat.claims["exp"] - pat.claims["iat"] == 3600
+    sam = await verifier.verify(operator.stdout.strip())
+    assert (sam.subject, sam.scopes, sam.auth_time) == (
+        "sam",
+        frozenset({"usagepipe:operator"}),
+        None,
+    )
+
+    refusals = [
+        (["--subject", "ada", "--auth-time", "yesterday"], "usagepipe auth token: --auth-time"
+         " 'yesterday': use now, none or an ISO time with zone (2026-12-01T09:00:00+00:00)"),
+        ([], "usagepipe auth token: give --subject (who signs in)"),
+    ]  # fmt: skip
+    for argv, message in refusals:
+        done = usagepipe("auth", "token", *argv, env=env)
+        assert (done.returncode, done.stdout, one_line(done)) == (2, "", message)
+    issuer = {
+        "USAGEPIPE_AUTH__ISSUER": "https://sign-in.example.com",
+        "USAGEPIPE_AUTH__JWKS_URL": "https://sign-in.example.com/jwks",
+    }
+    done = usagepipe("auth", "token", "--subject", "ada", env={**env, **issuer})
+    assert (done.returncode, done.stdout, one_line(done)) == (
+        2,
+        "",
+        "usagepipe auth token: auth.issuer is set (https://sign-in.example.com): tokens come"
+        " from that sign-in; the dev signer is for local runs only",
+    )
+
+
 # -- a pipe closed early ---------------------------------------------------------------
 
 
@@ -451,6 +508,7 @@ def test_consume_on_a_fresh_database_migrates_the_registry_first(settings: Setti
             ("registry", 2, "002_notify"),
             ("registry", 3, "003_firmware"),
             ("registry", 4, "004_consumer_interface"),
+            ("registry", 5, "005_subjects_audit"),
             ("registry", 6, "006_registration_limits"),
             ("registry", 7, "007_device_certificates"),
         ]

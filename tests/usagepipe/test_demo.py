@@ -94,7 +94,8 @@ async def test_the_demo_beside_a_hand_run_bridge_and_consumer_uses_names_of_its_
         assert f"note: a consumer is already running (metrics on 127.0.0.1:{consumer_port}" in text
         assert f"bridge (client id {settings.bridge.client_id}-demo)" in text
         assert f"consumer (group {settings.consumer.group_id}-demo)" in text
-        assert "What a planner does next:" in text and "insights serve" in text
+        assert "What a planner does next:" in text
+        assert "insights serve then open the address it prints (signed in as a planner)" in text
 
         # The hand-run pair still runs, never thrown out: its session was not taken over.
         assert bridge.returncode is None and consumer.returncode is None

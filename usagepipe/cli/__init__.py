@@ -13,6 +13,7 @@
     usagepipe registry ...                the device registry: units, owners, registration
     usagepipe report NAME ...             planners' reports: table, CSV, Parquet, JSON, charts
     usagepipe insights serve              planners' read-only HTTP API and web page
+    usagepipe auth token --subject S ...  a bearer token from the local dev signer
     usagepipe dlq list|show|replay        the dead letters (telemetry.dlq)
 
 Each command's parser sets its handler (`usagepipe.cli.arguments.Handler`); `main`
@@ -49,7 +50,7 @@ from insights.cli import register_commands as add_insights
 from schemas.errors import UsagepipeError
 from usagepipe.cli.arguments import Commands, Handler, OneLineParser
 from usagepipe.cli.fleet import add_demo, add_simulate, add_verify
-from usagepipe.cli.operations import add_asyncapi, add_dlq, add_services, add_settings
+from usagepipe.cli.operations import add_asyncapi, add_auth, add_dlq, add_services, add_settings
 from usagepipe.cli.pipeline import add_bridge, add_consume, add_db
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -65,6 +66,7 @@ COMMANDS: tuple[Callable[[Commands], None], ...] = (
     add_verify,
     add_registry,
     add_insights,  # report, insights
+    add_auth,
     add_dlq,
     add_demo,
 )

@@ -1,8 +1,10 @@
-"""The commands around the pipeline: `services`, `settings`, `asyncapi` and `dlq`.
+"""The commands around the pipeline: `services`, `settings`, `asyncapi`, `auth`, `dlq`.
 
     usagepipe services up|status|down     the local servers (Mosquitto, Kafka, PostgreSQL)
     usagepipe settings [--markdown]       every setting, its variable, default and meaning
     usagepipe asyncapi [--check|--write]  the AsyncAPI contract (schemas/asyncapi.json)
+    usagepipe auth token --subject S [--scope planner|operator]   a dev signer's token
+    usagepipe auth token --dashboard      the planners' dashboard address, signed in
     usagepipe dlq list|show|replay        the dead-letter topic
 
 Each handler imports the module that does the work (`usagepipe.services`,
@@ -16,7 +18,7 @@ import sys
 
 from ingest.settings import Settings
 from schemas.errors import Reason
-from usagepipe.cli.arguments import Commands, command, count
+from usagepipe.cli.arguments import Commands, command, count, duration
 
 
 def add_services(commands: Commands) -> None:
@@ -45,6 +47,40 @@ def add_asyncapi(commands: Commands) -> None:
     target = contract.add_mutually_exclusive_group()
     target.add_argument("--check", metavar="PATH", help="exit 1 if PATH differs from the models")
     target.add_argument("--write", metavar="PATH", help="write the document to PATH")
+
+
+def add_auth(commands: Commands) -> None:
+    auth = command(commands, "auth", _auth, help="the local dev signer's bearer tokens")
+    actions = auth.add_subparsers(dest="action", required=True)
+    token = actions.add_parser(
+        "token",
+        help="print a token for the APIs, signed by the local dev signer (no auth.issuer)",
+    )
+    token.add_argument(
+        "--subject", help="the token's `sub`: who signs in (with --dashboard: planner)"
+    )
+    token.add_argument(
+        "--scope",
+        action="append",
+        choices=["planner", "operator"],
+        default=[],
+        help="planner: the insights API; operator: the registry's /operator routes (repeat"
+        " for both; none: an owner's token)",
+    )
+    token.add_argument(
+        "--auth-time",
+        default="now",
+        help="when the person signed in (`auth_time`): now (default), an ISO time, or none",
+    )
+    token.add_argument(
+        "--ttl", type=duration, default=12 * 3600.0, help="valid this long (12h; 30m, 90s)"
+    )
+    token.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="print the dashboard's address (`usagepipe insights serve`) with a planner's"
+        " token in its #token= fragment, to open in a browser (implies --scope planner)",
+    )
 
 
 def add_dlq(commands: Commands) -> None:
@@ -124,6 +160,60 @@ def _settings(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     for var, default, doc in describe():
         print(f"{var}={default}\n    {doc}")
+    return 0
+
+
+def _auth(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from ingest.auth import DevSigner, dev_key_path
+
+    if settings.auth.issuer is not None:
+        print(
+            f"usagepipe auth token: auth.issuer is set ({settings.auth.issuer}): tokens come"
+            " from that sign-in; the dev signer is for local runs only",
+            file=sys.stderr,
+        )
+        return 2
+    if not settings.auth.dev_signer:
+        print("usagepipe auth token: auth.dev_signer is off", file=sys.stderr)
+        return 2
+    if args.auth_time == "none":
+        auth_time = None
+    elif args.auth_time == "now":
+        auth_time = datetime.now(UTC)
+    else:
+        try:
+            auth_time = datetime.fromisoformat(args.auth_time)
+        except ValueError:
+            auth_time = None
+        if auth_time is None or auth_time.tzinfo is None:
+            print(
+                f"usagepipe auth token: --auth-time {args.auth_time!r}: use now, none or an"
+                " ISO time with zone (2026-12-01T09:00:00+00:00)",
+                file=sys.stderr,
+            )
+            return 2
+    subject = args.subject or ("planner" if args.dashboard else None)
+    if subject is None:
+        print("usagepipe auth token: give --subject (who signs in)", file=sys.stderr)
+        return 2
+    scopes = ["planner", *args.scope] if args.dashboard else args.scope
+    names = {"planner": settings.auth.planner_scope, "operator": settings.auth.operator_scope}
+    signer = DevSigner(dev_key_path(settings.auth, settings.services.run_dir))
+    token = signer.token(
+        subject,
+        audience=settings.auth.audience,
+        scopes=[names[s] for s in dict.fromkeys(scopes)],
+        scope_claim=settings.auth.scope_claim,
+        auth_time=auth_time,
+        ttl=timedelta(seconds=args.ttl),
+    )
+    if args.dashboard:
+        insights = settings.insights
+        print(f"http://{insights.http_host}:{insights.http_port}/#token={token}")
+    else:
+        print(token)
     return 0
 
 
