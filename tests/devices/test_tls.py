@@ -45,6 +45,7 @@ from tests.conftest import free_port
 from tests.devices.catalog import DRYER, DSN, UNITS_CSV, WASHER, new_owner
 from tests.devices.device_keys import csr_for, write_device_files
 from tests.devices.fakes import RecordingPublisher
+from tests.devices.test_broker_accounts import connack
 from tests.pipeline import wait_for
 from usagepipe.services import MosquittoBroker
 
@@ -429,30 +430,6 @@ async def test_renewal_is_one_call_and_the_previous_certificate_runs_out_by_itse
         await asyncio.to_thread(refused, tls_broker, files, topic, REVOKED)
 
 
-def password_connack(mqtt: MqttSettings, username: str, password: str) -> str:
-    """Log in once with a password on the plain listener; the CONNACK's reason."""
-    client = paho.Client(
-        CallbackAPIVersion.VERSION2, client_id=username, protocol=MQTTProtocolVersion.MQTTv5
-    )
-    client.username_pw_set(username, password)
-    answered = threading.Event()
-    reasons: list[str] = []
-
-    def on_connect(*args: object) -> None:
-        reasons.append(str(args[3]))
-        answered.set()
-
-    client.on_connect = on_connect
-    client.connect(mqtt.host, mqtt.port)
-    client.loop_start()
-    try:
-        assert answered.wait(10), "a CONNACK"
-    finally:
-        client.loop_stop()
-        client.disconnect()
-    return reasons[0]
-
-
 async def test_password_logins_are_for_the_listed_models_only(
     registry: Registry, mqtt: MqttSettings
 ) -> None:
@@ -462,14 +439,18 @@ async def test_password_logins_are_for_the_listed_models_only(
     owner = await registry.create_owner(new_owner(), source="test")
     dryer = await registry.register(owner, "DR-200", "SN0003", "CODE-0003-7KQ2-M9DX", SHOP)
     assert (dryer.password_login, dryer.certificate) == (True, None)
-    login = await asyncio.to_thread(password_connack, mqtt, dryer.device_id, dryer.mqtt_secret)
+    login = await asyncio.to_thread(
+        connack, mqtt, dryer.device_id, (dryer.device_id, dryer.mqtt_secret)
+    )
     assert login == "Success"
 
     washer = await registry.register(
         owner, "WM-100", "SN0001", "CODE-0001-7KQ2-M9DX", SHOP, csr=csr_for()[1]
     )
     assert (washer.password_login, washer.certificate is not None) == (False, True)
-    login = await asyncio.to_thread(password_connack, mqtt, washer.device_id, washer.mqtt_secret)
+    login = await asyncio.to_thread(
+        connack, mqtt, washer.device_id, (washer.device_id, washer.mqtt_secret)
+    )
     assert login == "Not authorized"
 
 

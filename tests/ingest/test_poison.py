@@ -41,6 +41,13 @@ async def refuse_seq(settings: Settings, seq: int) -> str:
     return name
 
 
+def one_device(settings: Settings, seed: int, count: int) -> tuple[str, list[Message]]:
+    """A one-device fleet of `count` messages: its device id and messages."""
+    plan = FleetPlan(devices=1, messages_per_device=count, seed=seed)
+    (device,) = device_ids(plan)
+    return device, plan_device(plan, device, settings.mqtt.topic_prefix)
+
+
 def rows_of(messages: Sequence[Message]) -> list[UsageRow]:
     """The rows the consumer would write for `messages` (partition 0, offsets 0...)."""
     now = datetime.now(UTC)
@@ -57,9 +64,7 @@ def rows_of(messages: Sequence[Message]) -> list[UsageRow]:
 async def test_a_row_the_database_refuses_is_dead_lettered_and_the_rest_stored(
     settings: Settings,
 ) -> None:
-    plan = FleetPlan(devices=1, messages_per_device=14, seed=63)
-    (device,) = device_ids(plan)
-    messages = plan_device(plan, device, settings.mqtt.topic_prefix)
+    device, messages = one_device(settings, 63, 14)
     poison = messages[6]
     async with UsageStore(settings.postgres) as store:
         await store.migrate()
@@ -102,9 +107,7 @@ async def test_a_row_the_database_refuses_is_dead_lettered_and_the_rest_stored(
 async def test_the_store_names_the_refused_rows_and_keeps_nothing_of_the_write(
     settings: Settings,
 ) -> None:
-    plan = FleetPlan(devices=1, messages_per_device=40, seed=64)
-    (device,) = device_ids(plan)
-    messages = plan_device(plan, device, settings.mqtt.topic_prefix)
+    _, messages = one_device(settings, 64, 40)
     rows = rows_of(messages)
     async with UsageStore(settings.postgres) as store:
         await store.migrate()
@@ -126,9 +129,7 @@ async def test_the_store_names_the_refused_rows_and_keeps_nothing_of_the_write(
 async def test_an_outage_is_not_taken_for_poison(settings: Settings) -> None:
     """A refusal that is no row's fault (here: the table is gone) stays a retriable
     StoreUnavailable, never a dead letter."""
-    plan = FleetPlan(devices=1, messages_per_device=2, seed=65)
-    (device,) = device_ids(plan)
-    messages = plan_device(plan, device, settings.mqtt.topic_prefix)
+    _, messages = one_device(settings, 65, 2)
     rows = rows_of(messages)
     async with UsageStore(settings.postgres) as store:
         await store.migrate()

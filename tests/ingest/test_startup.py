@@ -36,6 +36,12 @@ def with_dsn_port(settings: Settings, port: int) -> tuple[Settings, int]:
     return settings.model_copy(update={"postgres": postgres}), real
 
 
+def start_tries(metrics: CollectorRegistry, stage: str) -> float:
+    """How often `stage` (bridge, consumer) tried to start and could not."""
+    value = metrics.get_sample_value(f"usagepipe_{stage}_errors_total", {"kind": "start"})
+    return value or 0.0
+
+
 async def test_a_consumer_started_before_postgresql_waits_for_it(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -51,12 +57,7 @@ async def test_a_consumer_started_before_postgresql_waits_for_it(
     caplog.set_level(logging.WARNING, logger="ingest.consumer")
     task = asyncio.create_task(consumer.run())
     async with Forwarder(port, real) as postgres:
-
-        def tries() -> float:
-            value = metrics.get_sample_value("usagepipe_consumer_errors_total", {"kind": "start"})
-            return value or 0.0
-
-        await wait_for(lambda: tries() >= 2, "two tries at start")
+        await wait_for(lambda: start_tries(metrics, "consumer") >= 2, "two tries at start")
         assert not task.done()
         await postgres.start()
         await wait_for(lambda: consumer.report.stored == 5, "the 5 records stored")
@@ -80,12 +81,7 @@ async def test_a_bridge_started_before_kafka_waits_for_it(settings: Settings) ->
     bridge = Bridge(settings.model_copy(update={"kafka": kafka}), BridgeMetrics(metrics))
     task = asyncio.create_task(bridge.run())
     async with Forwarder(port, real) as broker:
-
-        def tries() -> float:
-            value = metrics.get_sample_value("usagepipe_bridge_errors_total", {"kind": "start"})
-            return value or 0.0
-
-        await wait_for(lambda: tries() >= 1, "a try at start")
+        await wait_for(lambda: start_tries(metrics, "bridge") >= 1, "a try at start")
         assert not bridge.ready.is_set()
         await broker.start()
         async with asyncio.timeout(60):
@@ -99,13 +95,7 @@ async def test_a_stop_while_waiting_ends_the_wait(settings: Settings) -> None:
     metrics = CollectorRegistry()
     consumer = Consumer(moved, ConsumerMetrics(metrics), client_id="startup-stop")
     task = asyncio.create_task(consumer.run())
-    await wait_for(
-        lambda: (
-            (metrics.get_sample_value("usagepipe_consumer_errors_total", {"kind": "start"}) or 0)
-            >= 1
-        ),
-        "a try at start",
-    )
+    await wait_for(lambda: start_tries(metrics, "consumer") >= 1, "a try at start")
     consumer.stop("test over")
     async with asyncio.timeout(10):
         report = await task
