@@ -12,7 +12,10 @@ once, and this module does that:
                 whether it did) and, the expiry now being 0, ends it with this connection
     DISCONNECT  Session Expiry Interval 0, saying so explicitly
 
-Everything queued for the session goes with it. A client connected with that id at the
+Everything queued for the session goes with it. For an id that took every message that
+repeats what the live bridge has; a member of a shared group was queued its turn of the
+group's messages, which nobody else has (drain it first: README, "What a broker crash
+can lose"). A client connected with that id at the
 moment (a bridge still running) is disconnected by the broker (session taken over) and
 loses its queue: the CLI refuses the configured bridge's own id unless forced.
 """
