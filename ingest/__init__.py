@@ -6,6 +6,8 @@ In the order a message travels:
                     message only when told to (after Kafka has it)
     mqtt_wire.py    its PUBLISH framer, fenced off: the one module that uses paho's
                     private API (for speed), each use marked
+    mqtt_session.py a retired bridge id's persistent session dropped on the broker,
+                    with what it queued (`usagepipe bridge --forget-session`)
     bridge.py       MQTT -> Kafka: each message produced with acks=all, PUBACK after
     kafka.py        the Kafka clients, with every safety setting stated in one place,
                     held in `async with running(client)`

@@ -74,8 +74,14 @@ class MqttSettings(Section):
     """Prepended to `devices/{device_id}/telemetry`; tests isolate themselves with it."""
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     """MQTT keepalive: a silent link is declared dead after 1.5x this."""
-    session_expiry_s: Annotated[int, Field(ge=60)] = 7 * 24 * 3600
-    """How long the broker keeps the bridge's session (and queues for it) while it is away."""
+    session_expiry_s: Annotated[int, Field(ge=60)] = 24 * 3600
+    """How long the broker keeps the bridge's session (and queues for it) while it is away.
+    A day: longer than a bridge should be down unnoticed, and far past the minute or so
+    the broker's 1,000,000-message queue takes to fill at full load, after which it drops
+    new messages anyway. Every bridge id that stops connecting (a retired one) keeps its
+    queue this long, on disk and in memory, and every autosave writes it out again: drop
+    one at once with `usagepipe bridge --forget-session ID`. The project's Mosquitto
+    caps every session at 7 days (`persistent_client_expiration`)."""
 
     @field_validator("topic_prefix")
     @classmethod

@@ -223,6 +223,9 @@ def test_rendered_mosquitto_config(tmp_path: Path) -> None:
     assert f"pid_file {tmp_path.resolve()}/mosquitto/mosquitto.pid" in lines
     for option in (
         "persistence true",
+        "autosave_on_changes true",
+        "autosave_interval 10000",
+        "persistent_client_expiration 7d",
         "max_queued_messages 1000000",
         "max_queued_bytes 0",
         "allow_anonymous false",

@@ -4,6 +4,7 @@
                                              the rollups (plain PostgreSQL); drop expired data
     usagepipe db migrate --update-policies   also change TimescaleDB policies to the settings
     usagepipe bridge                         MQTT -> Kafka
+    usagepipe bridge --forget-session ID     drop a retired bridge id's session on the broker
     usagepipe consume                        Kafka -> PostgreSQL
 
 `bridge` and `consume` run until stopped (SIGTERM, SIGINT) or until their stop options
@@ -56,6 +57,19 @@ def add_db(commands: Commands) -> None:
 def add_bridge(commands: Commands) -> None:
     bridge = command(commands, "bridge", _bridge, help="forward MQTT telemetry to Kafka")
     add_stop_options(bridge, "acknowledged messages")
+    bridge.add_argument(
+        "--forget-session",
+        metavar="CLIENT_ID",
+        help="instead of bridging: drop this client id's persistent session on the broker,"
+        " and every message queued for it (a retired bridge id); prints whether it had one."
+        " A client connected with that id is disconnected",
+    )
+    bridge.add_argument(
+        "--force",
+        action="store_true",
+        help="with --forget-session: allow dropping the configured bridge's own client id"
+        " (USAGEPIPE_BRIDGE__CLIENT_ID), losing what the broker queued for it",
+    )
 
 
 def add_consume(commands: Commands) -> None:
@@ -113,6 +127,8 @@ def _bridge(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.bridge import Bridge
     from ingest.metrics import BridgeMetrics
 
+    if args.forget_session is not None or args.force:
+        return _forget_session(args, settings)
     report = _serve(
         settings.bridge.metrics_port,
         variable(["bridge", "metrics_port"]),
@@ -124,6 +140,35 @@ def _bridge(args: argparse.Namespace, settings: Settings) -> int:
         ),
     )
     print(f"bridge: {report.received} received, {report.acked} acknowledged")
+    return 0
+
+
+def _forget_session(args: argparse.Namespace, settings: Settings) -> int:
+    from ingest.mqtt_session import forget_session
+
+    prog = "usagepipe bridge"
+    client_id: str | None = args.forget_session
+    if client_id is None:
+        print(f"{prog}: --force goes with --forget-session CLIENT_ID", file=sys.stderr)
+        return 2
+    if args.max_messages is not None or args.duration is not None:
+        print(f"{prog}: --forget-session does not bridge; drop --max-messages and --duration",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if not client_id or len(client_id.encode()) > 65535:
+        print(f"{prog}: --forget-session: not an MQTT client id: {client_id!r}", file=sys.stderr)
+        return 2
+    own = variable(["bridge", "client_id"])
+    if client_id == settings.bridge.client_id and not args.force:
+        print(f"{prog}: {client_id!r} is this bridge's own client id ({own}); dropping its"
+              " session loses everything queued for it: add --force to do it anyway",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    where = f"{settings.mqtt.host}:{settings.mqtt.port}"
+    if forget_session(settings.mqtt, client_id):
+        print(f"session of {client_id!r} on {where} dropped, with everything queued for it")
+    else:
+        print(f"{client_id!r} had no session on {where}; nothing dropped")
     return 0
 
 
