@@ -227,13 +227,14 @@ def drain(mqtt: MqttSettings, client_id: str, expected: int) -> tuple[bool, int,
 
 
 def run(name: str, lines: list[str], backlog: int, root: Path) -> Figures:
-    broker = MosquittoBroker(free_port(), root / name)
+    broker = MosquittoBroker(free_port(), root / name, tls_port=free_port())
     broker.dir.mkdir(parents=True)
     (broker.dir / "data").mkdir()
     prepare_broker_dir(broker.dir)
+    tls = broker.prepare_tls()  # the project's config has its TLS listener too
     kept = [
         line
-        for line in render_mosquitto_config(broker.port, broker.dir.parent).splitlines()
+        for line in render_mosquitto_config(broker.port, broker.dir.parent, tls).splitlines()
         if not line.startswith(("autosave_interval", "autosave_on_changes"))
     ]
     config = "\n".join([*kept, *lines, ""])
