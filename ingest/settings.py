@@ -121,8 +121,11 @@ class KafkaSettings(Section):
     once), so on Tansu it adds up to this much to a record's latency: at aiokafka's
     default, 500 ms, a trickle of records reached a consumer in 131 ms (median), at
     50 ms in 14 ms."""
-    session_timeout_ms: Annotated[int, Field(ge=3000)] = 10_000
-    """Consumer group session; a group join takes about half of it on Tansu."""
+    session_timeout_ms: Annotated[int, Field(ge=3000)] = 6_000
+    """Consumer group session: a killed consumer's partitions wait this long for the
+    coordinator to notice, plus the rejoin (on Tansu about half of it again:
+    `bench/failover.py` measured 9.5 s at 6 s, 15.1 s at 10 s). 6 s is Apache Kafka's
+    default `group.min.session.timeout.ms`, the least a broker takes."""
     heartbeat_interval_ms: Annotated[int, Field(ge=100)] = 1_000
     """Consumer heartbeat; well under a third of the session timeout."""
 
