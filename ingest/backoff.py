@@ -19,8 +19,13 @@ many clients failing together (a fleet losing its broker) do not retry in step.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+_T = TypeVar("_T")
 
 
 class Backoff:
@@ -63,3 +68,38 @@ class Backoff:
         waiting.cancel()
         setting.cancel()
         return event.is_set()
+
+
+async def wait_to_start(
+    start: Callable[[], Awaitable[_T]],
+    *,
+    who: str,
+    log: logging.Logger,
+    retry_on: tuple[type[BaseException], ...],
+    wait_s: int,
+    started: Callable[[], bool] = lambda: False,
+    stopping: asyncio.Event | None = None,
+    on_retry: Callable[[], object] = lambda: None,
+) -> _T | None:
+    """`start()`, tried again with backoff while it raises one of `retry_on` (a server not
+    up yet), each try logged on `log` as `who` and counted by `on_retry`, for `wait_s`
+    seconds (0: for ever); then the error is raised. An error once `started()` is true is
+    raised at once: the service's own loops retry from then on. None when `stopping` was
+    set during a wait."""
+    backoff = Backoff()
+    give_up = time.monotonic() + wait_s if wait_s else None
+    while True:
+        try:
+            return await start()
+        except retry_on as exc:
+            if started() or (stopping is not None and stopping.is_set()):
+                raise
+            if give_up is not None and time.monotonic() + backoff.delay_s > give_up:
+                log.warning("%s gave up waiting for its servers after %ds", who, wait_s)
+                raise
+            on_retry()
+            log.warning("%s cannot start yet (%s); retrying in %.1fs", who, exc, backoff.delay_s)
+            if stopping is None:
+                await backoff.wait()
+            elif await backoff.wait_unless(stopping):
+                return None

@@ -59,7 +59,7 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 
-from ingest.backoff import Backoff
+from ingest.backoff import Backoff, wait_to_start
 from ingest.dead_letter import DeadLetter
 from ingest.errors import BrokerUnavailable, ConfigurationError
 from ingest.kafka import ensure_topics, make_producer, running
@@ -245,26 +245,29 @@ class Bridge:
         for, with the usual backoff and a log line a try, for `bridge.start_wait_s` or
         until a stop; once subscribed, the MQTT client reconnects by itself and Kafka
         sends are retried, and a failure neither can retry ends the bridge."""
-        backoff = Backoff()
-        wait_s = self._settings.bridge.start_wait_s
-        give_up = time.monotonic() + wait_s if wait_s else None
-        while True:
-            try:
-                return await self._run()
-            except LoginRefused as exc:
-                names = variable(["mqtt", "username"]), variable(["mqtt", "password"])
-                raise ConfigurationError(f"{exc} (are {names[0]} and {names[1]} right?)") from exc
-            except (BrokerUnavailable, KafkaError) as exc:
-                if self.ready.is_set() or self._stopping.is_set():
-                    raise
-                if give_up is not None and time.monotonic() + backoff.delay_s > give_up:
-                    log.warning("bridge gave up waiting for its servers after %ds", wait_s)
-                    raise
-                self._metrics.errors.labels("start").inc()
-                log.warning("bridge cannot start yet (%s); retrying in %.1fs", exc, backoff.delay_s)
-                if await backoff.wait_unless(self._stopping):
-                    log.info("bridge stopped before it started (%s)", self.report.stopped_by)
-                    return self.report
+        report = await wait_to_start(
+            self._start,
+            who="bridge",
+            log=log,
+            retry_on=(BrokerUnavailable, KafkaError),
+            wait_s=self._settings.bridge.start_wait_s,
+            started=self.ready.is_set,
+            stopping=self._stopping,
+            on_retry=self._metrics.errors.labels("start").inc,
+        )
+        if report is None:
+            log.info("bridge stopped before it started (%s)", self.report.stopped_by)
+            return self.report
+        return report
+
+    async def _start(self) -> BridgeReport:
+        """`_run()`, with a refused login made what it is: a wrong setting, not a broker
+        to wait for."""
+        try:
+            return await self._run()
+        except LoginRefused as exc:
+            names = variable(["mqtt", "username"]), variable(["mqtt", "password"])
+            raise ConfigurationError(f"{exc} (are {names[0]} and {names[1]} right?)") from exc
 
     async def _run(self) -> BridgeReport:
         s = self._settings

@@ -18,13 +18,12 @@ import asyncio
 import logging
 import signal
 import sys
-import time
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry
 
-from ingest.backoff import Backoff
+from ingest.backoff import wait_to_start
 from ingest.metrics import serve_metrics
 from ingest.setting_errors import variable
 from ingest.settings import Settings
@@ -173,7 +172,7 @@ def _forget_session(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _consume(args: argparse.Namespace, settings: Settings) -> int:
-    from devices.errors import RegistryError
+    from devices.errors import RegistryError, RegistryUnavailable
     from devices.schema import migrate_registry_at
     from ingest.consumer import Consumer
     from ingest.metrics import ConsumerMetrics
@@ -183,28 +182,17 @@ def _consume(args: argparse.Namespace, settings: Settings) -> int:
     # The registry owns its schema; the consumer enriches from it and refuses to start
     # without it, so a fresh database gets it here, as `registry migrate` would; a
     # PostgreSQL not up yet is waited for, as the consumer itself waits.
-    wait_s = settings.consumer.start_wait_s
-
-    async def migrate_registry() -> None:
-        backoff = Backoff()
-        give_up = time.monotonic() + wait_s if wait_s else None
-        while True:
-            try:
-                await migrate_registry_at(
-                    settings.postgres.dsn.get_secret_value(), settings.registry.db_schema
-                )
-                return
-            except RegistryError as exc:
-                late = give_up is not None and time.monotonic() + backoff.delay_s > give_up
-                if not exc.retriable or late:
-                    raise
-                log.warning(
-                    "consumer cannot start yet (%s); retrying in %.1fs", exc, backoff.delay_s
-                )
-                await backoff.wait()
-
+    migrate = wait_to_start(
+        lambda: migrate_registry_at(
+            settings.postgres.dsn.get_secret_value(), settings.registry.db_schema
+        ),
+        who="consumer",
+        log=log,
+        retry_on=(RegistryUnavailable,),
+        wait_s=settings.consumer.start_wait_s,
+    )
     try:
-        asyncio.run(migrate_registry())
+        asyncio.run(migrate)
     except RegistryError as exc:
         print(f"usagepipe consume: {exc}", file=sys.stderr)
         return 1 if exc.retriable else 2
