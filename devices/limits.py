@@ -29,6 +29,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from ingest.migrations import Connection
 
@@ -111,14 +112,7 @@ async def take(conn: Connection, keys: Sequence[tuple[str, Budget]], at: datetim
             float(budget.capacity),
             at,
         )
-    rows = {
-        row["caller_key"]: row
-        for row in await conn.fetch(
-            "SELECT caller_key, tokens, updated_at FROM registration_limits"
-            " WHERE caller_key = ANY($1::text[]) ORDER BY caller_key FOR UPDATE",
-            [key for key, _ in keys],
-        )
-    }
+    rows = await _locked(conn, keys)
     now = {
         key: budget.refilled(rows[key]["tokens"], rows[key]["updated_at"], at)
         for key, budget in keys
@@ -133,14 +127,7 @@ async def take(conn: Connection, keys: Sequence[tuple[str, Budget]], at: datetim
 
 async def give_back(conn: Connection, keys: Sequence[tuple[str, Budget]], at: datetime) -> None:
     """Return the token `take` took from each key (the proof succeeded)."""
-    rows = {
-        row["caller_key"]: row
-        for row in await conn.fetch(
-            "SELECT caller_key, tokens, updated_at FROM registration_limits"
-            " WHERE caller_key = ANY($1::text[]) ORDER BY caller_key FOR UPDATE",
-            [key for key, _ in keys],
-        )
-    }
+    rows = await _locked(conn, keys)
     await _store(
         conn,
         {
@@ -153,6 +140,18 @@ async def give_back(conn: Connection, keys: Sequence[tuple[str, Budget]], at: da
         },
         at,
     )
+
+
+async def _locked(conn: Connection, keys: Sequence[tuple[str, Budget]]) -> dict[str, Any]:
+    """The keys' buckets, locked for this transaction (in key order, as every taker)."""
+    return {
+        row["caller_key"]: row
+        for row in await conn.fetch(
+            "SELECT caller_key, tokens, updated_at FROM registration_limits"
+            " WHERE caller_key = ANY($1::text[]) ORDER BY caller_key FOR UPDATE",
+            [key for key, _ in keys],
+        )
+    }
 
 
 async def _store(conn: Connection, tokens: dict[str, float], at: datetime) -> None:

@@ -49,7 +49,7 @@ from aiokafka import (
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 
-from ingest.backoff import Backoff
+from ingest.backoff import Backoff, wait_to_start
 from ingest.dead_letter import DeadLetter, send_dead_letters
 from ingest.enrich import Enricher
 from ingest.errors import BrokerUnavailable, RegistryLookupFailed, RowsRefused, StoreUnavailable
@@ -121,26 +121,20 @@ class Consumer:
         booting, a deploy starting everything at once) is waited for, with the usual
         backoff and a log line a try, for `consumer.start_wait_s` or until a stop;
         once the first batch was asked for, a failure the loop cannot retry ends it."""
-        backoff = Backoff()
-        wait_s = self._settings.consumer.start_wait_s
-        give_up = time.monotonic() + wait_s if wait_s else None
-        while True:
-            try:
-                return await self._run()
-            except (StoreUnavailable, BrokerUnavailable, KafkaError) as exc:
-                if self._consuming or self._stopping.is_set():
-                    raise
-                if give_up is not None and time.monotonic() + backoff.delay_s > give_up:
-                    log.warning("consumer gave up waiting for its servers after %ds", wait_s)
-                    raise
-                self._metrics.errors.labels("start").inc()
-                log.warning(
-                    "consumer cannot start yet (%s); retrying in %.1fs", exc, backoff.delay_s
-                )
-                if await backoff.wait_unless(self._stopping):
-                    self.report.elapsed_s = 0.0
-                    log.info("consumer stopped before it started (%s)", self.report.stopped_by)
-                    return self.report
+        report = await wait_to_start(
+            self._run,
+            who="consumer",
+            log=log,
+            retry_on=(StoreUnavailable, BrokerUnavailable, KafkaError),
+            wait_s=self._settings.consumer.start_wait_s,
+            started=lambda: self._consuming,
+            stopping=self._stopping,
+            on_retry=self._metrics.errors.labels("start").inc,
+        )
+        if report is None:
+            log.info("consumer stopped before it started (%s)", self.report.stopped_by)
+            return self.report
+        return report
 
     async def _run(self) -> ConsumerReport:
         s = self._settings
@@ -275,10 +269,7 @@ class Consumer:
                 rows = rows + enriched.unregistered
             else:
                 dead = dead + unregistered_letters(enriched.unregistered)
-        await self._retry(
-            "dead_letter", send_dead_letters, producer, self._settings.kafka.dlq_topic, dead
-        )
-        await self._count_letters(dead, enricher)
+        await self._dead_letter(producer, enricher, dead)
         stage("dead_letter")
         while True:
             try:
@@ -294,14 +285,7 @@ class Consumer:
                 # What PostgreSQL will never take is dead-lettered; the rest is written.
                 log.warning("%s; dead-lettering them as unstorable", refused)
                 letters = unstorable_letters(refused.rows)
-                await self._retry(
-                    "dead_letter",
-                    send_dead_letters,
-                    producer,
-                    self._settings.kafka.dlq_topic,
-                    letters,
-                )
-                await self._count_letters(letters, enricher)
+                await self._dead_letter(producer, enricher, letters)
                 dead = dead + letters
                 gone = {id(row) for row, _ in refused.rows}
                 rows = [row for row in rows if id(row) not in gone]
@@ -322,6 +306,16 @@ class Consumer:
         m.batch_seconds.observe(time.monotonic() - started)
         if self._stop_after is not None and r.consumed >= self._stop_after:
             self.stop(f"after {self._stop_after} records")
+
+    async def _dead_letter(
+        self, producer: AIOKafkaProducer, enricher: Enricher, letters: list[DeadLetter]
+    ) -> None:
+        """Send `letters` to the dead-letter topic (waiting for Kafka's confirmation),
+        then count them."""
+        await self._retry(
+            "dead_letter", send_dead_letters, producer, self._settings.kafka.dlq_topic, letters
+        )
+        await self._count_letters(letters, enricher)
 
     async def _count_letters(self, dead: list[DeadLetter], enricher: Enricher) -> None:
         """Count `dead` by reason and by the model the registry gives each letter's

@@ -197,26 +197,30 @@ def unstorable(exc: BaseException, what: str) -> InvalidTelemetry:
     return InvalidTelemetry(Reason.UNSTORABLE, f"{what}: {type(exc).__name__}: {exc}")
 
 
+def row_letter(row: UsageRow, error: InvalidTelemetry) -> DeadLetter:
+    """The dead letter for a row refused after validation, from the record it came from."""
+    if row.source is None:
+        raise ValueError(f"row {row.key} has no Kafka record to dead-letter")
+    return DeadLetter.for_record(error, row.source)
+
+
 def unstorable_letters(refused: list[tuple[UsageRow, str]]) -> list[DeadLetter]:
     """Dead letters (`unstorable`) for rows PostgreSQL refused, each with its message."""
-    letters = []
-    for row, message in refused:
-        if row.source is None:
-            raise ValueError(f"row {row.key} has no Kafka record to dead-letter")
-        error = InvalidTelemetry(Reason.UNSTORABLE, f"PostgreSQL refused the row: {message}")
-        letters.append(DeadLetter.for_record(error, row.source))
-    return letters
+    return [
+        row_letter(row, InvalidTelemetry(Reason.UNSTORABLE, f"PostgreSQL refused the row: {why}"))
+        for row, why in refused
+    ]
 
 
 def unregistered_letters(rows: list[UsageRow]) -> list[DeadLetter]:
     """Dead letters (`unregistered_device`) for `rows`, from the records they came from."""
-    letters = []
-    for r in rows:
-        if r.source is None:
-            raise ValueError(f"row {r.key} has no Kafka record to dead-letter")
-        error = InvalidTelemetry(
-            Reason.UNREGISTERED_DEVICE,
-            f"device_id: {r.device_id!r} is not registered in the device registry",
+    return [
+        row_letter(
+            r,
+            InvalidTelemetry(
+                Reason.UNREGISTERED_DEVICE,
+                f"device_id: {r.device_id!r} is not registered in the device registry",
+            ),
         )
-        letters.append(DeadLetter.for_record(error, r.source))
-    return letters
+        for r in rows
+    ]
