@@ -60,6 +60,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from devices.errors import RegistryError, Rejected, RejectReason
+from devices.mosquitto import write_private
 from ingest.migrations import Connection
 
 log = logging.getLogger(__name__)
@@ -277,15 +278,6 @@ def _key_usage(*, ca: bool) -> x509.KeyUsage:
     )
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write `data` to `path` readable by its owner only, replacing it atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.replace(tmp, path)
-
-
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -327,7 +319,7 @@ def ensure_local_ca(cert_file: Path, key_file: Path, *, days: int = 3650) -> boo
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write_private(key_file, _pem_key(key))
+    write_private(key_file, _pem_key(key))
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return True
 
@@ -355,7 +347,7 @@ def ensure_server_certificate(
         pass
     key = ec.generate_private_key(ec.SECP256R1())
     cert_file.parent.mkdir(parents=True, exist_ok=True)
-    _write_private(key_file, _pem_key(key))
+    write_private(key_file, _pem_key(key))
     cert_file.write_bytes(
         ca.sign_server(key, hosts, days=days).public_bytes(serialization.Encoding.PEM)
     )

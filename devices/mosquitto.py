@@ -168,12 +168,14 @@ def read_logins(directory: Path) -> BrokerLogins | None:
         raise BrokerAccountError(f"{path} lacks {exc}; delete it and the dynsec file") from exc
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write `text` to `path` readable by its owner only, replacing it atomically."""
+def write_private(path: Path, data: str | bytes) -> None:
+    """Write `data` to `path` readable by its owner only, replacing it atomically (the
+    broker's logins and accounts here, the CA's and the broker's keys in
+    `devices.certificates`)."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
 
 
@@ -206,7 +208,7 @@ def prepare_broker_dir(directory: Path, *, local_test_roles: bool = True) -> Bro
             "admin": {"username": logins.admin_username, "password": logins.admin_password},
             "bridge": {"username": logins.bridge_username, "password": logins.bridge_password},
         }
-        _write_private(directory / CREDENTIALS_FILE, json.dumps(doc, indent=2) + "\n")
+        write_private(directory / CREDENTIALS_FILE, json.dumps(doc, indent=2) + "\n")
         log.info("generated broker logins in %s", directory / CREDENTIALS_FILE)
     path = directory / DYNSEC_FILE
     try:
@@ -215,7 +217,7 @@ def prepare_broker_dir(directory: Path, *, local_test_roles: bool = True) -> Bro
         config = {}
     except (OSError, ValueError) as exc:
         raise BrokerAccountError(f"cannot read {path}: {exc}") from exc
-    _write_private(path, json.dumps(_with_layout(config, logins, local_test_roles), indent=1))
+    write_private(path, json.dumps(_with_layout(config, logins, local_test_roles), indent=1))
     return logins
 
 
