@@ -33,7 +33,6 @@ dependency functions' annotations at runtime.
 import asyncio
 import json
 import logging
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -49,6 +48,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ingest.errors import ConfigurationError
 from ingest.httpapi import Problem, problem, unavailable
+from ingest.owner_keys import create_once
 from ingest.settings import AuthSettings
 from schemas.errors import UsagepipeError
 
@@ -280,6 +280,15 @@ def dev_key_path(settings: AuthSettings, run_dir: Path) -> Path:
     return settings.dev_key_file or run_dir / "auth" / "dev_signer.pem"
 
 
+def _new_dev_key() -> bytes:
+    """A new ES256 private key, PEM (PKCS#8)."""
+    return ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
 class DevSigner:
     """The local runs' token issuer: an ES256 key in a file (made on first use, mode
     0600). Never used when `auth.issuer` is set."""
@@ -291,19 +300,7 @@ class DevSigner:
     @staticmethod
     def _load_or_create(path: Path) -> ec.EllipticCurvePrivateKey:
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            key = ec.generate_private_key(ec.SECP256R1())
-            pem = key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            with os.fdopen(fd, "wb") as f:
-                f.write(pem)
+        if create_once(path, _new_dev_key):
             log.info("generated the dev signer's key in %s", path)
         loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(loaded, ec.EllipticCurvePrivateKey):

@@ -12,6 +12,8 @@ import hmac
 import logging
 import os
 import secrets
+from collections.abc import Callable
+from pathlib import Path
 from uuid import UUID
 
 from pydantic import SecretStr
@@ -30,6 +32,19 @@ def owner_key(secret: bytes, owner_id: UUID) -> str:
     return digest[:OWNER_KEY_HEX_DIGITS]
 
 
+def create_once(path: Path, make: Callable[[], bytes]) -> bool:
+    """Write `make()` to `path`, readable by its owner only, unless the file exists (the
+    first process wins; every later one reads its content); whether it was written.
+    For local runs' generated secrets: this key's secret, the dev signer's key."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(make())
+    return True
+
+
 def with_local_owner_key(settings: Settings) -> Settings:
     """`settings` with `enrich.owner_key_secret` from `<run_dir>/enrich/owner_key_secret`
     when unset (generated there on first use, mode 0600), and a loud warning.
@@ -43,13 +58,7 @@ def with_local_owner_key(settings: Settings) -> Settings:
     path = directory / "owner_key_secret"
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(48))
+    create_once(path, lambda: secrets.token_urlsafe(48).encode())
     secret = path.read_text().strip()
     log.warning(
         "USAGEPIPE_ENRICH__OWNER_KEY_SECRET is not set: owner keys use the local development "
