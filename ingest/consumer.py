@@ -13,8 +13,9 @@ One loop per process, in a Kafka consumer group:
                  counted by reason and the device's model
               -> the rest and the batch's next offsets into the store in one
                  transaction (COPY + ON CONFLICT DO NOTHING + offsets upsert); rows
-                 PostgreSQL refuses for what they hold are dead-lettered `unstorable`
-                 and the others written without them
+                 PostgreSQL refuses for what they hold are dead-lettered `unstorable`,
+                 resends of a stored message id with other content
+                 `conflicting_duplicate`, and the others written without them
               -> commit the offsets to Kafka as well (for lag monitoring only)
               -> remove erased owners' keys from stored rows, if any were erased
 
@@ -52,12 +53,23 @@ from aiokafka.structs import OffsetAndMetadata
 from ingest.backoff import Backoff, wait_to_start
 from ingest.dead_letter import DeadLetter, send_dead_letters
 from ingest.enrich import Enricher
-from ingest.errors import BrokerUnavailable, RegistryLookupFailed, RowsRefused, StoreUnavailable
+from ingest.errors import (
+    BrokerUnavailable,
+    ConflictingDuplicates,
+    RegistryLookupFailed,
+    RowsRefused,
+    StoreUnavailable,
+)
 from ingest.kafka import ensure_topics, make_consumer, make_producer, running
 from ingest.metrics import ConsumerMetrics
 from ingest.offsets import ContiguousOffsets, StoredOffsets
 from ingest.rate_limit import DeviceRateLimiter
-from ingest.rows import unregistered_letters, unstorable_letters, validate_batch
+from ingest.rows import (
+    conflict_letters,
+    unregistered_letters,
+    unstorable_letters,
+    validate_batch,
+)
 from ingest.settings import Settings
 from ingest.store import UsageStore
 from schemas.errors import Reason
@@ -282,9 +294,14 @@ class Consumer:
                 )
                 break
             except RowsRefused as refused:
-                # What PostgreSQL will never take is dead-lettered; the rest is written.
-                log.warning("%s; dead-lettering them as unstorable", refused)
-                letters = unstorable_letters(refused.rows)
+                # What PostgreSQL will never take, and resends that contradict a stored
+                # message, are dead-lettered; the rest is written.
+                if isinstance(refused, ConflictingDuplicates):
+                    log.warning("%s; dead-lettering them as conflicting duplicates", refused)
+                    letters = conflict_letters(refused.rows)
+                else:
+                    log.warning("%s; dead-lettering them as unstorable", refused)
+                    letters = unstorable_letters(refused.rows)
                 await self._dead_letter(producer, enricher, letters)
                 dead = dead + letters
                 gone = {id(row) for row, _ in refused.rows}

@@ -26,7 +26,7 @@ is in `ingest.tables`, the row type in `ingest.rows`, erasure in `ingest.erasure
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
@@ -34,11 +34,11 @@ from typing import Any, Self
 import asyncpg
 
 from ingest.caggs import refresh_aggregates
-from ingest.errors import RowsRefused, StoreUnavailable
+from ingest.errors import ConflictingDuplicates, RowsRefused, StoreUnavailable
 from ingest.migrations import Connection
 from ingest.postgres import translated
 from ingest.rollups import RefreshReport, hours_of, invalidation_cte, refresh_rollups
-from ingest.rows import COLUMNS, SourceOffset, UsageRow
+from ingest.rows import COLUMNS, ID_COLUMNS, SourceOffset, UsageRow, content_digest
 from ingest.settings import PostgresSettings
 from ingest.tables import Layout, MigrationReport, UsageTables, partition_probes
 
@@ -138,12 +138,34 @@ class UsageStore:
         self._staging = f"{t}_staging"
         self._staging_sql = (
             f"CREATE TEMPORARY TABLE IF NOT EXISTS {self._staging}"
-            f" (LIKE {t} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            f" (LIKE {t} INCLUDING DEFAULTS, digest bytea) ON COMMIT DELETE ROWS"
         )
+        ids = ", ".join(ID_COLUMNS)
+        staged = ", ".join(f"s.{c}" for c in COLUMNS)
+        same_id = 'n.device_id = s.device_id COLLATE "C" AND n.boot_id = s.boot_id COLLATE "C"'
+        # A row goes in only if its id did (on TimescaleDB the table's own key, with
+        # event_time, still drops a row stored before its id was).
         self._insert_sql = f"""
-            INSERT INTO {t} ({cols}) SELECT {cols} FROM {self._staging}
+            WITH n AS (
+                INSERT INTO {t}_ids ({ids}) SELECT {ids} FROM {self._staging}
+                ON CONFLICT DO NOTHING
+                RETURNING device_id, boot_id, seq
+            )
+            INSERT INTO {t} ({cols})
+            SELECT {staged} FROM {self._staging} s JOIN n ON {same_id} AND n.seq = s.seq
             ON CONFLICT DO NOTHING
             RETURNING device_id, boot_id, seq, event_time
+        """
+        # The staged rows whose id is stored with other content (a statement of its
+        # own, so that it sees ids another writer committed while ours waited on them;
+        # those just inserted are their own stored ids). An id stored before migration
+        # 007 has no digest: its event time decides.
+        self._conflicts_sql = f"""
+            SELECT s.device_id, s.boot_id, s.seq, n.event_time AS stored_time,
+                   s.event_time <> n.event_time AS other_time,
+                   n.digest IS NOT NULL AND n.digest <> s.digest AS other_content
+            FROM {self._staging} s JOIN {t}_ids n ON {same_id} AND n.seq = s.seq
+            WHERE s.event_time <> n.event_time OR n.digest <> s.digest
         """
         ctes = [
             f"""offsets AS (
@@ -180,16 +202,13 @@ class UsageStore:
             return 0
         if not self._after_insert_sql:
             raise StoreUnavailable("the store is not migrated yet (call migrate())")
-        unique = list(rows)
-        keys = {(r.device_id, r.boot_id, r.seq, r.event_time) for r in rows}
-        if len(keys) < len(rows):  # a redelivery inside the batch
-            unique = list({r.key: r for r in reversed(rows)}.values())  # first of each
+        unique, conflicts = first_of_each(rows)
         if unique and self.layout.kind == "partitioned":
             await self.ensure_partitions(partition_probes(unique, self.layout.partition_interval))
         with translated(StoreUnavailable, f"writing {len(rows)} rows failed"):
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
-                    inserted = await self._insert(conn, unique) if unique else []
+                    inserted = await self._insert(conn, unique, conflicts) if unique else []
                     parameters: list[Any] = [
                         group_id,
                         [o.topic for o in offsets],
@@ -224,6 +243,8 @@ class UsageStore:
                     try:
                         async with conn.transaction():  # a savepoint
                             await self._insert(conn, chunk)
+                    except ConflictingDuplicates:
+                        pass  # PostgreSQL took the chunk: its conflicts are another matter
                     except asyncpg.PostgresError as exc:
                         if not refuses_data(exc):
                             raise
@@ -259,19 +280,53 @@ class UsageStore:
                     conn, self.table, wait=wait, settled_only=settled_only, days=days, now=now
                 )
 
-    async def _insert(self, conn: Connection, rows: list[UsageRow]) -> list[UsageRow]:
-        """Insert `rows` (unique keys); returns those the table did not have yet."""
+    async def _insert(
+        self,
+        conn: Connection,
+        rows: list[UsageRow],
+        conflicts: Sequence[tuple[UsageRow, str]] = (),
+    ) -> list[UsageRow]:
+        """Insert `rows` (one of each message id) and their ids; returns those the table
+        did not have yet. Raises `ConflictingDuplicates` (the caller's transaction must
+        then roll back) for those whose id is stored with other content, and for
+        `conflicts`, found earlier in the same write.
+
+        The ids go in by COPY after the rows, in their savepoint, sorted by id (each
+        goes into the ids' btree beside the one before; measured 0.1-0.2 s per 100,000
+        rows cheaper than unsorted and first, bench/store.py)."""
         records = [r.record() for r in rows]
+        digests = [content_digest(record) for record in records]
         try:
             async with conn.transaction():  # a savepoint
                 await conn.copy_records_to_table(self.table, records=records, columns=COLUMNS)
+                await conn.copy_records_to_table(
+                    f"{self.table}_ids",
+                    records=sorted((*r.key, d) for r, d in zip(rows, digests, strict=True)),
+                    columns=ID_COLUMNS,
+                )
+            if conflicts:
+                raise ConflictingDuplicates(list(conflicts))
             return rows
         except asyncpg.UniqueViolationError:
             pass
         await conn.execute(self._staging_sql)
-        await conn.copy_records_to_table(self._staging, records=records, columns=COLUMNS)
+        await conn.copy_records_to_table(
+            self._staging,
+            records=[(*r, d) for r, d in zip(records, digests, strict=True)],
+            columns=(*COLUMNS, "digest"),
+        )
         returned = await conn.fetch(self._insert_sql)
         new = {(r["device_id"], r["boot_id"], r["seq"], r["event_time"]) for r in returned}
+        found = list(conflicts)
+        if len(new) < len(rows):
+            by_id = {r.key[:3]: r for r in rows}
+            for c in await conn.fetch(self._conflicts_sql):
+                if not (c["other_time"] or c["other_content"]):
+                    continue
+                row = by_id[(c["device_id"], c["boot_id"], c["seq"])]
+                found.append((row, conflict_message(row, c["stored_time"], dict(c))))
+        if found:
+            raise ConflictingDuplicates(found)
         return [r for r in rows if r.key in new]
 
     async def load_offsets(
@@ -297,3 +352,44 @@ class UsageStore:
         """Run a read-only query (`{table}` in it names the usage table)."""
         async with self.pool.acquire() as conn:
             return list(await conn.fetch(query.format(table=self.table), *args))
+
+
+def first_of_each(rows: Sequence[UsageRow]) -> tuple[list[UsageRow], list[tuple[UsageRow, str]]]:
+    """The first row of each message id in `rows`, and the later ones of an id that
+    differ from its first, each with what differs (identical later ones, redeliveries
+    inside one batch, are dropped: duplicates)."""
+    first: dict[tuple[str, str, int], UsageRow] = {}
+    conflicts: list[tuple[UsageRow, str]] = []
+    for row in rows:
+        seen = first.setdefault((row.device_id, row.boot_id, row.seq), row)
+        if seen is row:
+            continue
+        differs = {
+            "other_time": row.event_time != seen.event_time,
+            "other_content": (row.schema, row.schema_version, row.body)
+            != (seen.schema, seen.schema_version, seen.body),
+        }
+        if any(differs.values()):
+            conflicts.append((row, conflict_message(row, seen.event_time, differs, batch=True)))
+    if len(first) == len(rows):
+        return list(rows), conflicts
+    return list(first.values()), conflicts
+
+
+def conflict_message(
+    row: UsageRow, stored_time: datetime, differs: Mapping[str, bool], *, batch: bool = False
+) -> str:
+    """Why `row` is a conflicting duplicate: its id is stored (or, `batch`, earlier in
+    the same batch) with `stored_time`, and `differs` (a mapping: `other_time`,
+    `other_content`) says in what it differs."""
+    what = []
+    if differs["other_time"]:
+        what.append(f"event_time ({row.event_time.isoformat()}, not {stored_time.isoformat()})")
+    if differs["other_content"]:
+        what.append("schema, schema_version or body")
+    where = "earlier in the same batch" if batch else "already stored"
+    return (
+        f"(device_id, boot_id, seq) = ({row.device_id!r}, {row.boot_id!r}, {row.seq}) is"
+        f" {where} with other content; this message differs in {', '.join(what)}."
+        " One id names one message: the first stays"
+    )

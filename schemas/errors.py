@@ -22,7 +22,9 @@ module and `retriable`:
      +-- StoreUnavailable         True   ingest.errors: PostgreSQL unreachable, or the
      |                                   transaction failed and was rolled back
      +-- RowsRefused              False  ingest.errors: PostgreSQL refused rows for what they
-     |                                   hold; they are dead-lettered, the rest is written
+     |    |                              hold; they are dead-lettered, the rest is written
+     |    +-- ConflictingDuplicates      ingest.errors: rows whose message id is stored
+     |                                   with other content; dead-lettered likewise
      +-- RegistryLookupFailed     True   ingest.errors: the registry did not answer in time
      +-- FramingError             True   ingest.mqtt_wire: a packet from the broker over the
      |                                   limit, malformed, or its handler raised; the
