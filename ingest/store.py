@@ -1,16 +1,25 @@
-"""The usage store: one row per (device, boot, seq, event time), written in idempotent
-batches, together with the Kafka offsets the batch ends at.
+"""The usage store: one row per message id `(device_id, boot_id, seq)`, written in
+idempotent batches, together with the Kafka offsets the batch ends at.
 
-A batch is one transaction. Its rows go in with COPY straight into the usage table,
-under a savepoint; if the table already has one of them (a redelivery, a replay), that
-COPY is undone and the batch takes the slow path: COPY into a staging table (temporary,
-per connection, emptied at commit), then `INSERT ... SELECT ... ON CONFLICT DO NOTHING
-RETURNING`, which tells which rows were new. The fast path is the common case and costs
+A batch is one transaction. Its rows go in with COPY straight into the usage table, and
+their ids (with the event time and `ingest.rows.content_digest` of each) into
+`<table>_ids` (migration 007: the id is its primary key, which the range-partitioned
+usage table cannot hold), under one savepoint; if an id is already stored (a
+redelivery, a replay, a resend), that savepoint is undone and the batch takes the slow
+path: COPY into a staging table (temporary, per connection, emptied at commit), then
+one statement inserts the ids `ON CONFLICT DO NOTHING RETURNING` and the rows whose id
+went in, which tells which rows were new. The fast path is the common case and costs
 one copy of the data instead of two. Then one statement notes the hours the new rows
 fall in for the rollups (see `ingest.rollups`) and upserts the
 consumer group's next offsets into `<table>_offsets`. A redelivered
 message costs little and changes nothing, and the offsets can never disagree with the
 rows: the consumer seeks to them when it is given a partition.
+
+A resend of a stored id with another event time or content (or two such rows in one
+batch: the first stays) is a conflicting duplicate: the store raises
+`ConflictingDuplicates` naming each with what differs, nothing of the write is kept,
+and the consumer dead-letters them (`conflicting_duplicate`) and writes the rest. An
+identical resend is a duplicate, counted and dropped.
 
 A row PostgreSQL refuses for what it holds (a data exception, an integrity violation)
 fails the whole transaction, and retrying it would fail forever while every partition
