@@ -20,10 +20,10 @@ from ingest.dead_letter import DeadLetterReader
 from ingest.errors import ConflictingDuplicates
 from ingest.metrics import ConsumerMetrics
 from ingest.rows import UsageRow
-from ingest.settings import Settings
+from ingest.settings import PostgresSettings, Settings
 from ingest.store import UsageStore
 from schemas.errors import Reason
-from tests.conftest import connection
+from tests.conftest import connection, require_timescaledb
 from tests.pipeline import produce_at, stored_keys, wait_for
 
 AT = datetime(2026, 2, 1, 8, tzinfo=UTC)
@@ -217,3 +217,43 @@ async def test_the_consumer_stores_one_row_per_id_and_dead_letters_the_conflicts
         labels = {"reason": reason, "model": "unknown"}
         assert sample("usagepipe_consumer_dead_letters_total", labels) == count
     assert sample("usagepipe_consumer_duplicates_total") == 5
+
+
+@pytest.mark.parametrize(
+    "layout", ["partitioned", pytest.param("timescaledb", marks=pytest.mark.timescale)]
+)
+async def test_retention_forgets_the_ids_of_what_it_drops(settings: Settings, layout: str) -> None:
+    if layout == "timescaledb":
+        await require_timescaledb(settings)
+    hourly = PostgresSettings(
+        **{
+            **settings.postgres.model_dump(),
+            "use_timescaledb": layout == "timescaledb",
+            "partition_interval_s": 3600,
+            "allowed_lateness_s": 0,
+            "retention_days": 1,
+        }
+    )
+    # Recent: TimescaleDB's retention policy (added by migrate) drops by the clock.
+    now = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
+    cutoff = now - timedelta(days=1)  # hh:30
+    hour = timedelta(hours=1)
+    async with UsageStore(hourly) as store:
+        await store.migrate()
+        assert store.layout.kind == layout
+        await store.write(
+            [
+                row(1, cutoff - 3 * hour),  # its hour is dropped
+                row(2, cutoff - hour),  # dropped
+                row(3, cutoff - timedelta(minutes=20)),  # its hour straddles the cutoff: kept
+                row(4, cutoff + hour),  # kept
+            ]
+        )
+        # On TimescaleDB the retention policy may drop the same chunks first.
+        await store.drop_expired(now)
+        kept = [seq for _, _, seq, _ in await keys_of(store)]
+        assert kept == [3, 4]
+        # On the plain layout every partition before the cutoff's goes with its ids; a
+        # chunk's ids go once the chunk is a whole interval before the cutoff.
+        expected = [2, 3, 4] if layout == "timescaledb" else [3, 4]
+        assert [seq for _, _, seq, _ in await ids_of(store)] == expected
