@@ -133,6 +133,11 @@ class DeadLetter:
         return self.doc.failed_at
 
 
+def letter_device(letter: DeadLetter) -> str | None:
+    """The device a letter is of: its Kafka key (the device id of its MQTT topic)."""
+    return None if letter.key is None else letter.key.decode("utf-8", "replace")
+
+
 async def send_dead_letters(
     producer: AIOKafkaProducer, topic: str, letters: Sequence[DeadLetter]
 ) -> None:

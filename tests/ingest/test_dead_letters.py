@@ -24,7 +24,14 @@ from schemas.errors import InvalidTelemetry, Reason
 from schemas.parse import parse_telemetry
 from simulators.plan import FleetPlan, plan_device
 from simulators.units import device_ids
-from tests.pipeline import pipeline, publish_payloads, read_to_end, stored_keys, wait_for
+from tests.pipeline import (
+    pipeline,
+    publish_payloads,
+    read_to_end,
+    stored_keys,
+    table_letters,
+    wait_for,
+)
 from usagepipe.dlq import list_letters, parse_position, replay, show_letter
 
 
@@ -83,6 +90,18 @@ async def test_each_refused_input_is_dead_lettered_once_and_replay_refuses_it_ag
             assert (letter.kind, letter.topic) == ("kafka", settings.kafka.raw_topic)
             assert letter.key == device.encode()
 
+        # The record: the same nine letters in PostgreSQL, committed with the batch.
+        table = await table_letters(settings)
+        assert {bytes(r["original"]): Reason(r["reason"]) for r in table} == bad
+        assert len(table) == 9
+        by_source = {(r["source_partition"], r["source_offset"]): r for r in table}
+        for letter in letters:
+            row = by_source[(letter.partition, letter.offset)]
+            assert (row["source_kind"], row["source_topic"]) == ("kafka", letter.topic)
+            assert (row["message"], row["failed_at"]) == (letter.message, letter.failed_at)
+            assert row["device_id"] == device
+            assert row["model"] is None  # the test's device is not registered
+
         # Nothing was fixed: the replayed message is refused again, as a new letter.
         report = await replay(settings, reason=Reason.UNKNOWN_SCHEMA_VERSION)
         assert report.replayed == {"unknown_schema_version": 1}
@@ -96,6 +115,9 @@ async def test_each_refused_input_is_dead_lettered_once_and_replay_refuses_it_ag
     first, second = (a for a in again if a.reason is Reason.UNKNOWN_SCHEMA_VERSION)
     assert first.original == second.original
     assert first.offset != second.offset  # the replayed record, later in the raw topic
+    assert Counter(Reason(r["reason"]) for r in await table_letters(settings)) == Counter(
+        letter.reason for letter in again
+    )
     assert sorted(await stored_keys(settings)) == sorted(m.key for m in good)
     assert run.consumer.report.consumed == 18
 
