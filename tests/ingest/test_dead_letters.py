@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,13 +18,21 @@ from prometheus_client import CollectorRegistry
 
 from ingest.consumer import Consumer
 from ingest.dead_letter import DeadLetter, DeadLetterReader, send_dead_letters
+from ingest.dead_letter_table import LetterRow
+from ingest.erasure import unlink_owners
+from ingest.errors import RowsRefused, StoreUnavailable
 from ingest.kafka import ensure_topics, make_producer
 from ingest.metrics import ConsumerMetrics
+from ingest.rate_limit import REPLAY_HEADER
+from ingest.rows import SourceOffset
 from ingest.settings import Settings
+from ingest.store import UsageStore
 from schemas.errors import InvalidTelemetry, Reason
 from schemas.parse import parse_telemetry
 from simulators.plan import FleetPlan, plan_device
 from simulators.units import device_ids
+from tests.ingest.test_poison import refuse_seq
+from tests.ingest.test_store import row
 from tests.pipeline import (
     pipeline,
     publish_payloads,
@@ -32,7 +41,15 @@ from tests.pipeline import (
     table_letters,
     wait_for,
 )
-from usagepipe.dlq import list_letters, parse_position, replay, show_letter
+from usagepipe.dlq import (
+    list_letters,
+    list_table_letters,
+    parse_position,
+    replay,
+    replay_from_table,
+    show_letter,
+    show_table_letter,
+)
 
 
 def bad_inputs(good: dict[str, Any]) -> dict[bytes, Reason]:
@@ -291,3 +308,169 @@ def test_position(text: str, position: tuple[int | None, int]) -> None:
 def test_not_a_position(text: str) -> None:
     with pytest.raises(ValueError, match="use PARTITION:OFFSET"):
         parse_position(text)
+
+
+# -- the record in PostgreSQL --------------------------------------------------------------
+
+
+def made_letter(
+    reason: Reason,
+    offset: int | None,
+    *,
+    original: bytes = b"{not json",
+    topic: str = "t.raw",
+    failed_at: datetime | None = None,
+) -> DeadLetter:
+    """A letter of the raw topic's record at `0:offset`, or (offset None) the bridge's."""
+    letter = DeadLetter.from_error(
+        InvalidTelemetry(reason, f"{reason.value} at {offset}"),
+        topic=topic if offset is not None else "devices/wm-7-000001/telemetry",
+        partition=None if offset is None else 0,
+        offset=offset,
+        key=b"wm-7-000001",
+        original=original,
+    )
+    if failed_at is None:
+        return letter
+    return DeadLetter(letter.doc.model_copy(update={"failed_at": failed_at}), letter.key)
+
+
+async def test_letters_commit_with_their_batch_once_expire_and_are_erased(
+    settings: Settings, either: UsageStore
+) -> None:
+    store = either
+    t = store.table
+    at = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
+    rows = [row("wm-7-000001", seq, at + timedelta(seconds=seq)) for seq in range(3)]
+    old = at - store.tables._settings.retention - timedelta(days=1)
+    letters = [
+        LetterRow(made_letter(Reason.INVALID_JSON, 3)),
+        LetterRow(made_letter(Reason.SCHEMA_VIOLATION, 4), "WM-7", "k-owner"),
+        LetterRow(made_letter(Reason.DEVICE_ID_MISMATCH, None)),
+        LetterRow(made_letter(Reason.INVALID_UTF8, 5, failed_at=old)),
+    ]
+    offsets = [SourceOffset("t.raw", 0, 6, None)]
+
+    # One transaction: a write PostgreSQL refuses keeps none of its letters either.
+    await refuse_seq(settings, 1)
+    with pytest.raises(RowsRefused):
+        await store.write(rows, offsets, group_id="g", letters=letters)
+    assert await store.fetch("SELECT * FROM {table}_dead_letters") == []
+    unstorable = LetterRow(made_letter(Reason.UNSTORABLE, 1, original=b'{"seq": 1}'))
+    stored = [r for r in rows if r.seq != 1]
+    assert await store.write(stored, offsets, group_id="g", letters=[*letters, unstorable]) == 2
+    # Redelivered (the same batch again): nothing new, letters included.
+    assert await store.write(stored, offsets, group_id="g", letters=[*letters, unstorable]) == 0
+    assert await store.write_letters([letters[2]]) == 0
+    records = await store.fetch(
+        "SELECT reason, source_kind, source_topic, source_partition, source_offset, model,"
+        " owner_key FROM {table}_dead_letters ORDER BY letter_id"
+    )
+    mqtt = "devices/wm-7-000001/telemetry"
+    assert [tuple(r) for r in records] == [
+        ("invalid_json", "kafka", "t.raw", 0, 3, None, None),
+        ("schema_violation", "kafka", "t.raw", 0, 4, "WM-7", "k-owner"),
+        ("device_id_mismatch", "mqtt", mqtt, None, None, None, None),
+        ("invalid_utf8", "kafka", "t.raw", 0, 5, None, None),
+        ("unstorable", "kafka", "t.raw", 0, 1, None, None),
+    ]
+    records = await store.fetch(
+        "SELECT message, device_id, original, failed_at FROM {table}_dead_letters"
+        " ORDER BY letter_id"
+    )
+    everything = [*letters, unstorable]
+    assert [tuple(r) for r in records] == [
+        (x.letter.message, "wm-7-000001", x.letter.original, x.letter.failed_at) for x in everything
+    ]
+
+    # Retention: the letter older than postgres.retention_days goes, the rest stay.
+    await store.drop_expired()
+    left = await store.fetch("SELECT reason FROM {table}_dead_letters ORDER BY letter_id")
+    assert [r[0] for r in left] == [
+        "invalid_json",
+        "schema_violation",
+        "device_id_mismatch",
+        "unstorable",
+    ]
+    # Erasure: the owner's letter goes with the owner's keys; a later pass verifies it.
+    assert await unlink_owners(store, [(uuid.UUID(int=7), "k-owner")]) == 0
+    left = await store.fetch("SELECT reason FROM {table}_dead_letters ORDER BY letter_id")
+    assert [r[0] for r in left] == ["invalid_json", "device_id_mismatch", "unstorable"]
+    verified = await store.fetch(f"SELECT verified FROM {t}_erasures")
+    assert [r[0] for r in verified] == [False]
+    await unlink_owners(store, [(uuid.UUID(int=7), "k-owner")])
+    verified = await store.fetch(f"SELECT verified FROM {t}_erasures")
+    assert [r[0] for r in verified] == [True]
+
+
+async def test_list_show_and_replay_from_the_table(settings: Settings) -> None:
+    kafka = settings.kafka
+    utf8 = b'\xff\xfe{"device_id": "wm-7-000001"}'
+    spoof = b'{"device_id": "wm-7-000002"}'
+    letters = [
+        made_letter(Reason.INVALID_UTF8, 5, original=utf8, topic=kafka.raw_topic),
+        made_letter(Reason.INVALID_JSON, 6, topic=kafka.raw_topic),
+        made_letter(Reason.DEVICE_ID_MISMATCH, None, original=spoof),
+        made_letter(Reason.INVALID_JSON, 6, topic="other.raw"),  # the same source position
+    ]
+    async with UsageStore(settings.postgres) as store:
+        await store.migrate()
+        assert await store.write_letters([LetterRow(letter) for letter in letters]) == 4
+        t = store.table
+
+    out = io.StringIO()
+    assert await list_table_letters(settings.postgres, out=out) == 4
+    lines = out.getvalue().splitlines()
+    assert lines[0] == (
+        f"{t}_dead_letters: 4 letters (device_id_mismatch 1, invalid_json 2, invalid_utf8 1)"
+    )
+    assert lines[1] == "the newest 4 of 4, oldest first:"
+    assert lines[2].split() == ["ID", "REASON", "SOURCE", "DEVICE", "FAILED_AT", "MESSAGE"]
+    assert [line.split()[:4] for line in lines[3:]] == [
+        ["1", "invalid_utf8", "kafka", kafka.raw_topic],
+        ["2", "invalid_json", "kafka", kafka.raw_topic],
+        ["3", "device_id_mismatch", "mqtt", "devices/wm-7-000001/telemetry"],
+        ["4", "invalid_json", "kafka", "other.raw"],
+    ]
+    assert lines[3].split()[4:6] == ["0:5", "-"]
+    assert lines[5].split()[4] == "wm-7-000002"
+
+    out = io.StringIO()
+    assert await list_table_letters(settings.postgres, reason=Reason.INVALID_JSON, limit=1, out=out)
+    assert out.getvalue().splitlines()[1:] == [
+        "the newest 1 of 2 of reason invalid_json, oldest first:",
+        out.getvalue().splitlines()[2],
+        out.getvalue().splitlines()[3],
+    ]
+    assert out.getvalue().splitlines()[3].split()[:2] == ["4", "invalid_json"]
+
+    out = io.StringIO()
+    assert await show_table_letter(settings.postgres, parse_position("1"), out=out) == 0
+    shown = out.getvalue().splitlines()
+    assert shown[0] == f"dead letter 1 in {t}_dead_letters"
+    assert shown[1:4] == [
+        "  reason     invalid_utf8",
+        "  message    invalid_utf8 at 5",
+        f"  source     kafka {kafka.raw_topic} 0:5",
+    ]
+    assert shown[7] == "  model      -"
+    assert shown[-1].startswith("00000010  22 77 6d 2d 37 2d 30 30 30 30 30 31 22 7d  ")
+    out = io.StringIO()
+    assert await show_table_letter(settings.postgres, parse_position("0:5"), out=out) == 0
+    assert out.getvalue().splitlines()[0] == f"dead letter 1 in {t}_dead_letters"
+    assert await show_table_letter(settings.postgres, parse_position("0:6")) == 2  # two letters
+    assert await show_table_letter(settings.postgres, parse_position("9")) == 1
+
+    report = await replay_from_table(settings, dry_run=True)
+    assert report.replayed == {"invalid_utf8": 1, "invalid_json": 2}
+    assert report.skipped == {"device_id_mismatch": 1}
+    report = await replay_from_table(settings, reason=Reason.INVALID_JSON, from_id=2, to_id=3)
+    assert (report.replayed, report.skipped) == ({"invalid_json": 1}, {})
+    replayed = await read_to_end(settings, kafka.raw_topic, idle_s=0.3)
+    assert [(r.key, r.value) for r in replayed] == [(b"wm-7-000001", b"{not json")]
+    assert dict(replayed[0].headers) == {REPLAY_HEADER: b"invalid_json"}
+
+
+async def test_the_dlq_commands_say_when_there_is_no_table(settings: Settings) -> None:
+    with pytest.raises(StoreUnavailable, match=r"no dead-letter table .* `usagepipe db migrate`"):
+        await list_table_letters(settings.postgres, out=io.StringIO())
