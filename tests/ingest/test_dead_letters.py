@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import CollectorRegistry
 
 from ingest.consumer import Consumer
@@ -31,10 +35,12 @@ from schemas.errors import InvalidTelemetry, Reason
 from schemas.parse import parse_telemetry
 from simulators.plan import FleetPlan, plan_device
 from simulators.units import device_ids
+from tests.conftest import cleanup, connection, free_port, isolated
 from tests.ingest.test_poison import refuse_seq
 from tests.ingest.test_store import row
 from tests.pipeline import (
     pipeline,
+    produce_at,
     publish_payloads,
     read_to_end,
     stored_keys,
@@ -50,6 +56,7 @@ from usagepipe.dlq import (
     show_letter,
     show_table_letter,
 )
+from usagepipe.services import TansuBroker
 
 
 def bad_inputs(good: dict[str, Any]) -> dict[bytes, Reason]:
@@ -474,3 +481,119 @@ async def test_list_show_and_replay_from_the_table(settings: Settings) -> None:
 async def test_the_dlq_commands_say_when_there_is_no_table(settings: Settings) -> None:
     with pytest.raises(StoreUnavailable, match=r"no dead-letter table .* `usagepipe db migrate`"):
         await list_table_letters(settings.postgres, out=io.StringIO())
+
+
+async def poll(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 60.0) -> None:
+    """`wait_for` for a check that must ask a server."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def test_the_bridge_letters_and_the_consumers_outlive_the_topic(settings: Settings) -> None:
+    """A letter of each kind (the bridge's device_id_mismatch, the consumer's
+    invalid_json) is in the table; deleting the dead-letter topic loses neither."""
+    plan = FleetPlan(devices=2, messages_per_device=6, seed=45)
+    device, other_device = device_ids(plan)
+    good = plan_device(plan, device, settings.mqtt.topic_prefix)
+    topic = good[0].topic
+    spoof = plan_device(plan, other_device, settings.mqtt.topic_prefix)[0].payload
+    broken = good[0].payload[:-9]
+    sequence = [m.payload for m in good[:3]] + [spoof, broken] + [m.payload for m in good[3:]]
+
+    async def both_stored() -> bool:
+        return len(await table_letters(settings)) == 2
+
+    async with pipeline(settings) as run:
+        await publish_payloads(settings, device, topic, sequence)
+        await wait_for(lambda: run.consumer.report.stored == 6, "the 6 good messages")
+        await wait_for(lambda: run.consumer.report.dead_lettered == 1, "the consumer's letter")
+        await poll(both_stored, "both letters in the table")
+    assert len(await read_letters(settings)) == 2
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.delete_topics([settings.kafka.dlq_topic])
+    finally:
+        await admin.close()
+
+    table = await table_letters(settings)
+    assert sorted((r["reason"], r["source_kind"], r["source_topic"]) for r in table) == [
+        ("device_id_mismatch", "mqtt", topic),
+        ("invalid_json", "kafka", settings.kafka.raw_topic),
+    ]
+    by_reason = {r["reason"]: r for r in table}
+    assert bytes(by_reason["device_id_mismatch"]["original"]) == spoof
+    assert bytes(by_reason["invalid_json"]["original"]) == broken
+    assert {r["device_id"] for r in table} == {device}
+    out = io.StringIO()
+    assert await list_table_letters(settings.postgres, out=out) == 2
+    assert out.getvalue().splitlines()[0] == (
+        f"{settings.postgres.table}_dead_letters: 2 letters (device_id_mismatch 1, invalid_json 1)"
+    )
+
+
+async def test_a_batchs_letters_are_stored_while_kafka_is_down(
+    base_settings: Settings, test_name: str, tmp_path: Path
+) -> None:
+    """Kafka (a private, memory-only Tansu) is killed while a batch with two poison
+    records is in hand: its rows and letters are stored all the same, the Kafka copy
+    gives up after its bound, and the letters outlive the broker, which comes back
+    empty."""
+    broker = TansuBroker("127.0.0.1", free_port(), tmp_path / "tansu.log")
+    broker.start()
+    settings = isolated(base_settings, test_name, bootstrap_servers=broker.address)
+    plan = FleetPlan(devices=1, messages_per_device=6, seed=46)
+    [device] = device_ids(plan)
+    good = plan_device(plan, device, settings.mqtt.topic_prefix)
+    poison = [good[0].payload[:-9], orjson.dumps([1])]
+    payloads = [m.payload for m in good[:3]] + poison + [m.payload for m in good[3:]]
+    t = settings.postgres.table
+    dsn = settings.postgres.dsn.get_secret_value()
+    metrics = CollectorRegistry()
+
+    async def migrated() -> bool:
+        async with connection(dsn) as conn:
+            return bool(await conn.fetchval("SELECT to_regclass($1)", f"{t}_dead_letters"))
+
+    try:
+        async with pipeline(settings, consumer_registry=metrics) as run, connection(dsn) as lock:
+            await poll(migrated, "the consumer's migrations")
+            # The batch will wait on this lock inside its transaction, rows written.
+            held = lock.transaction()
+            await held.start()
+            await lock.execute(f"LOCK TABLE {t}_dead_letters IN ACCESS EXCLUSIVE MODE")
+
+            async def waiting() -> bool:
+                async with connection(dsn) as conn:
+                    return bool(
+                        await conn.fetchval(
+                            "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                            " AND relation = to_regclass($1)",
+                            f"{t}_dead_letters",
+                        )
+                    )
+
+            await produce_at(settings, device, payloads, [time.time_ns() // 1_000_000] * 8)
+            await poll(waiting, "the batch's write")
+            broker.kill()
+            await held.rollback()
+            await wait_for(lambda: run.consumer.report.consumed == 8, "the batch", 90)
+            assert (run.consumer.report.stored, run.consumer.report.dead_lettered) == (6, 2)
+            assert (
+                metrics.get_sample_value("usagepipe_consumer_errors_total", {"kind": "dead_letter"})
+                == 1
+            )
+            broker.start()  # empty: what Kafka had is gone
+        assert sorted(await stored_keys(settings)) == sorted(m.key for m in good)
+        table = await table_letters(settings)
+        assert sorted((r["source_offset"], r["reason"], bytes(r["original"])) for r in table) == [
+            (3, "invalid_json", poison[0]),
+            (4, "invalid_json", poison[1]),
+        ]
+    finally:
+        broker.stop()
+        await cleanup(settings)
