@@ -416,27 +416,23 @@ def run_dlq(settings: Settings, args: argparse.Namespace) -> int:
 
 def _misplaced_options(args: argparse.Namespace) -> str:
     """What is wrong with replay's options for its source ('' if nothing)."""
-    if args.source == "kafka":
-        given = [
-            flag
-            for flag, value in (("--from-id", args.from_id), ("--to-id", args.to_id))
-            if value is not None
-        ]
-        other = "postgres"
-    else:
-        given = [
-            flag
-            for flag, value in (
-                ("--partition", args.partition),
-                ("--from-offset", args.from_offset),
-                ("--to-offset", args.to_offset),
-            )
-            if value is not None
-        ]
-        other = "kafka"
+    kafka: list[tuple[str, int | None]] = [
+        ("--partition", args.partition),
+        ("--from-offset", args.from_offset),
+        ("--to-offset", args.to_offset),
+    ]
+    table: list[tuple[str, int | None]] = [("--from-id", args.from_id), ("--to-id", args.to_id)]
+    wrong, right = (table, kafka) if args.source == "kafka" else (kafka, table)
+    given = [flag for flag, value in wrong if value is not None]
     if not given:
         return ""
-    return f"{', '.join(given)} select letters of --source {other}, not of --source {args.source}"
+    other = "postgres" if args.source == "kafka" else "kafka"
+    verb = "is an option" if len(given) == 1 else "are options"
+    choose = ", ".join(["--reason", *(flag for flag, _ in right)])
+    return (
+        f"{', '.join(given)} {verb} of --source {other}; letters of --source {args.source}"
+        f" are chosen with {choose}"
+    )
 
 
 def _row(stored: Listed) -> tuple[str, str, str, str, str, str]:
