@@ -9,12 +9,17 @@ One loop per process, in a Kafka consumer group:
               -> enrich the valid ones from the device registry (`ingest.enrich`: one
                  query per batch for the devices not cached; retried while it fails)
               -> invalid ones, those over the ceiling and those of unregistered
-                 devices to the dead-letter topic (and wait for Kafka's confirmation),
+                 devices become dead letters, with their device's model and linked
+                 owner's key from the registry
+              -> the rest, the batch's next offsets and its dead letters into the
+                 store in one transaction (COPY + ON CONFLICT DO NOTHING + offsets
+                 upsert + letters, `ingest.dead_letter_table`); rows PostgreSQL
+                 refuses for what they hold are dead-lettered `unstorable` and the
+                 others written again without them, with those letters
+              -> the letters' copy to the dead-letter topic, waiting for Kafka's
+                 confirmation at most `kafka.request_timeout_ms` (the table is the
+                 record; a Kafka away costs the stream its copy, not the batch),
                  counted by reason and the device's model
-              -> the rest and the batch's next offsets into the store in one
-                 transaction (COPY + ON CONFLICT DO NOTHING + offsets upsert); rows
-                 PostgreSQL refuses for what they hold are dead-lettered `unstorable`
-                 and the others written without them
               -> commit the offsets to Kafka as well (for lag monitoring only)
               -> remove erased owners' keys from stored rows, if any were erased
 
@@ -23,6 +28,9 @@ group has got to; `ingest.offsets.StoredOffsets` seeks each newly assigned parti
 there (checking that the log is still the one the offsets were stored for), and
 `ingest.offsets.ContiguousOffsets` keeps records in offset order without holes.
 Partitions with no stored offset keep Kafka's committed position (or `earliest`).
+
+Beside the loop, `ingest.dead_letter_table.BridgeLetters` stores the bridge's dead
+letters from the topic in the table, and the rollup task expires old letters daily.
 
 A store or registry outage is retried with backoff, holding the batch and its offsets
 (a batch is never stored without its enrichment); a rebalance that takes the

@@ -8,7 +8,8 @@ per connection, emptied at commit), then `INSERT ... SELECT ... ON CONFLICT DO N
 RETURNING`, which tells which rows were new. The fast path is the common case and costs
 one copy of the data instead of two. Then one statement notes the hours the new rows
 fall in for the rollups (see `ingest.rollups`) and upserts the
-consumer group's next offsets into `<table>_offsets`. A redelivered
+consumer group's next offsets into `<table>_offsets`, and the batch's dead letters go
+into `<table>_dead_letters` (`ingest.dead_letter_table`). A redelivered
 message costs little and changes nothing, and the offsets can never disagree with the
 rows: the consumer seeks to them when it is given a partition.
 

@@ -597,3 +597,26 @@ async def test_a_batchs_letters_are_stored_while_kafka_is_down(
     finally:
         broker.stop()
         await cleanup(settings)
+
+
+async def test_a_letter_whose_text_postgresql_cannot_hold_is_stored_escaped(
+    settings: Settings,
+) -> None:
+    """A letter's message quotes what it refused, and its key is whatever the record
+    had: a NUL, a lone surrogate or bytes that are not UTF-8 must not make the batch's
+    transaction fail forever (PostgreSQL's text holds none of them)."""
+    letter = DeadLetter.from_error(
+        InvalidTelemetry(Reason.SCHEMA_VIOLATION, "boot_id: 'a\x00b' \ud800 is not allowed"),
+        topic="t.raw",
+        partition=0,
+        offset=1,
+        key=b"wm-\xff\x00",
+        original=b'{"boot_id": "a\\u0000b"}',
+    )
+    async with UsageStore(settings.postgres) as store:
+        await store.migrate()
+        assert await store.write([], (), letters=[LetterRow(letter)]) == 0
+        records = await store.fetch("SELECT message, device_id, original FROM {table}_dead_letters")
+    assert [tuple(r) for r in records] == [
+        ("boot_id: 'a\\x00b' \\ud800 is not allowed", "wm-\ufffd\\x00", letter.original)
+    ]
