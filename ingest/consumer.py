@@ -30,7 +30,8 @@ there (checking that the log is still the one the offsets were stored for), and
 Partitions with no stored offset keep Kafka's committed position (or `earliest`).
 
 Beside the loop, `ingest.dead_letter_table.BridgeLetters` stores the bridge's dead
-letters from the topic in the table, and the rollup task expires old letters daily.
+letters from the topic in the table, and the rollup task deletes letters older than
+the retention, at most every `postgres.rollup_day_refresh_s`.
 
 A store or registry outage is retried with backoff, holding the batch and its offsets
 (a batch is never stored without its enrichment); a rebalance that takes the
@@ -378,14 +379,14 @@ class Consumer:
         """
         interval = self._settings.postgres.rollup_refresh_s
         day_interval = self._settings.postgres.rollup_day_refresh_s
-        days_due = time.monotonic()
+        days_due = letters_due = time.monotonic()
         while True:
             await asyncio.sleep(interval)
+            if time.monotonic() >= letters_due:
+                letters_due = await self._expire_letters(store, letters_due, day_interval)
             days = time.monotonic() >= days_due
             try:
                 done = await store.refresh_rollups(settled_only=True, days=days)
-                if days:
-                    await store.expire_letters()
             except StoreUnavailable as exc:
                 self._metrics.errors.labels("rollup_refresh").inc()
                 log.warning("rollup refresh failed (%s); next in %gs", exc, interval)
@@ -402,6 +403,19 @@ class Consumer:
                     done.days,
                     done.seconds,
                 )
+
+    async def _expire_letters(self, store: UsageStore, due: float, interval: float) -> float:
+        """Delete the dead letters older than the retention; returns when next. A
+        failure is logged and counted, and tried again at the next refresh."""
+        try:
+            expired = await store.expire_letters()
+        except StoreUnavailable as exc:
+            self._metrics.errors.labels("letter_expiry").inc()
+            log.warning("expiring old dead letters failed (%s)", exc)
+            return due
+        if expired:
+            log.info("%d dead letters older than the retention deleted", expired)
+        return time.monotonic() + interval
 
     async def _commit_kafka(
         self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata]

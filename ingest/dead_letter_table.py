@@ -37,11 +37,14 @@ topic), so a new letter, as on the topic.
 
 Letters expire with the usage table's retention (`postgres.retention_days`, by
 `failed_at`: `UsageTables.drop_expired`, so `usagepipe db retention`, and the
-consumer once a day). Erasure (`ingest.erasure`) deletes the letters that carry the
+consumer beside its rollup refreshes, at most every `postgres.rollup_day_refresh_s`:
+an indexed DELETE). Erasure (`ingest.erasure`) deletes the letters that carry the
 erased owner's key: a letter gets the key the registry gives its device at its
 failure time, exactly as a row gets it for its event time (so only where the owner
 consented to the link; a letter of an unlinked owner's device, like that device's
-rows, names no one).
+rows, names no one). A bridge letter read again from the topic after its owner's
+erasure deleted it (its offsets' commit had failed) comes back without the key: the
+registry no longer links that device to anyone.
 """
 
 from __future__ import annotations

@@ -95,8 +95,8 @@ class ConsumerMetrics:
         self.errors = Counter(
             "usagepipe_consumer_errors_total",
             "Errors by kind (store, registry, erasure, kafka_commit, dead_letter: the topic's"
-            " copy, bridge_letters: storing the bridge's letters, start: a server not up at"
-            " start); batches are retried.",
+            " copy, bridge_letters: storing the bridge's letters, letter_expiry, start: a"
+            " server not up at start); batches are retried.",
             ["kind"],
             registry=registry,
         )

@@ -620,3 +620,30 @@ async def test_a_letter_whose_text_postgresql_cannot_hold_is_stored_escaped(
     assert [tuple(r) for r in records] == [
         ("boot_id: 'a\\x00b' \\ud800 is not allowed", "wm-\ufffd\\x00", letter.original)
     ]
+
+
+async def test_the_consumer_deletes_letters_older_than_the_retention(settings: Settings) -> None:
+    fast = settings.model_copy(
+        update={"postgres": settings.postgres.model_copy(update={"rollup_refresh_s": 0.1})}
+    )
+    old = datetime.now(UTC) - settings.postgres.retention - timedelta(minutes=1)
+    young = datetime.now(UTC) - settings.postgres.retention + timedelta(hours=1)
+    letters = [
+        LetterRow(made_letter(Reason.INVALID_JSON, 1, failed_at=old)),
+        LetterRow(made_letter(Reason.INVALID_JSON, 2, failed_at=young)),
+    ]
+    async with UsageStore(settings.postgres) as store:
+        await store.migrate()
+        assert await store.write_letters(letters) == 2
+
+    async def one_left() -> bool:
+        return len(await table_letters(settings)) == 1
+
+    consumer = Consumer(fast, ConsumerMetrics(CollectorRegistry()), client_id="expiry")
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(consumer.run(), name="test-consumer")
+        try:
+            await poll(one_left, "the old letter's expiry", 30)
+        finally:
+            consumer.stop("test over")
+    assert [r["source_offset"] for r in await table_letters(settings)] == [2]
