@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -192,14 +191,6 @@ class Enricher:
         if unknown:
             self._metrics.unregistered.inc(len(unknown))
         return Enriched(out, unknown)
-
-    async def models(self, device_ids: Collection[str]) -> dict[str, str | None]:
-        """Each device's product model (None: not registered), for labelling its dead
-        letters; from the cache where fresh, as for `enrich`."""
-        if not device_ids:
-            return {}
-        facts = await self._lookup(set(device_ids))
-        return {d: None if f is None else f.model for d, f in facts.items()}
 
     async def describe_letters(self, letters: list[DeadLetter]) -> list[LetterRow]:
         """`letters` as the dead-letter table stores them: with their device's model
