@@ -314,8 +314,8 @@ class BridgeLetters:
         self._describe = describe
         self._store = store
         self._on_error = on_error
+        self._reading = False  # since the last Kafka failure: a fetch came back
         self.stored = 0
-        self._reading = False
         """Bridge letters stored that the table did not have yet."""
 
     async def run(self) -> None:
