@@ -382,8 +382,6 @@ class Consumer:
         days_due = letters_due = time.monotonic()
         while True:
             await asyncio.sleep(interval)
-            if time.monotonic() >= letters_due:
-                letters_due = await self._expire_letters(store, letters_due, day_interval)
             days = time.monotonic() >= days_due
             try:
                 done = await store.refresh_rollups(settled_only=True, days=days)
@@ -403,6 +401,8 @@ class Consumer:
                     done.days,
                     done.seconds,
                 )
+            if time.monotonic() >= letters_due:
+                letters_due = await self._expire_letters(store, letters_due, day_interval)
 
     async def _expire_letters(self, store: UsageStore, due: float, interval: float) -> float:
         """Delete the dead letters older than the retention; returns when next. A
