@@ -24,8 +24,8 @@ Who writes what, and in which order:
   (`<consumer.group_id>.bridge-letters`) and stores the letters of kind `mqtt` (the
   consumer's own are in the table already), then commits its Kafka offsets. A letter
   Kafka lost before that task stored it (a memory-only broker restarted within that
-  moment, usually well under a second, or while no consumer ran) is lost: the README
-  says so.
+  moment: a few hundredths of a second while a consumer runs, `bench/bridge_letters.py`;
+  or while no consumer ran) is lost: the README says so.
 
 Each letter has a `letter_key`, a SHA-256 of what names it: for a Kafka-sourced letter
 its source topic, partition, offset and reason and its original bytes (the bytes too,
