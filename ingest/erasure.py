@@ -26,7 +26,7 @@ from ingest.store import UsageStore
 
 async def unlink_owners(store: UsageStore, erased: Sequence[tuple[UUID, str]]) -> int:
     """Remove erased owners' keys, and the membership tier stored with them, from
-    every row and from the device-daily rollup, delete the dead letters linked to
+    every row and from the device-daily rollup, and delete the dead letters linked to
     them; record each owner in
     `<table>_erasures`. Returns the raw rows changed.
 
