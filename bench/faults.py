@@ -26,6 +26,7 @@ from rich.table import Table
 
 from usagepipe.faults.scenarios import SCENARIOS, Scenario
 from usagepipe.faults.servers import FaultServers
+from usagepipe.services.host import ServiceError
 from usagepipe.faults.suite import Fleet, Result, plain
 
 
@@ -60,9 +61,9 @@ async def main_async(args: argparse.Namespace, chosen: list[Scenario]) -> int:
         f"private servers under {root}: Tansu {servers.ports.kafka}, Mosquitto "
         f"{servers.ports.mqtt}, PostgreSQL {servers.ports.postgres}"
     )
-    servers.start()
     results: list[Result] = []
     try:
+        servers.start()
         for scenario in chosen:
             fleet = Fleet(
                 **{**scenario.fleet.__dict__, "devices": args.devices or scenario.fleet.devices}
@@ -76,9 +77,11 @@ async def main_async(args: argparse.Namespace, chosen: list[Scenario]) -> int:
             if not result.ok:
                 console.print(plain(result.verify_output), highlight=False)
                 console.print(f"  logs: {result.run.dir}")
+    except ServiceError as exc:
+        console.print(f"fault suite: {exc}", highlight=False)
+        return 2
     finally:
-        if not args.keep:
-            servers.close()
+        servers.close(keep_files=args.keep)
     summary = Table(title="fault suite", title_justify="left")
     for column in ("scenario", "what was done", "seconds", "result"):
         summary.add_column(column)
@@ -104,7 +107,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the quick scenarios (CI's)")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     parser.add_argument("--devices", type=int, default=0, help="fleet size (default 120)")
-    parser.add_argument("--keep", action="store_true", help="keep the servers' directory and logs")
+    parser.add_argument("--keep", action="store_true", help="keep the directory with every process's log")
     args = parser.parse_args()
     names = {s.name: s for s in SCENARIOS}
     if args.list:

@@ -88,7 +88,7 @@ class FaultServers:
         if taken:
             raise ServiceError(
                 f"the fault suite's ports {', '.join(map(str, taken))} are in use; "
-                "is another fault run going? (move them with --port-base)"
+                "is another fault run going? (its servers stop when it ends)"
             )
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)
@@ -97,10 +97,12 @@ class FaultServers:
         self.start_postgres()
         self.services("up")
 
-    def close(self) -> None:
+    def close(self, *, keep_files: bool = False) -> None:
+        """Stop the servers; remove `root` unless `keep_files` (the logs, for a look)."""
         self.services("down")
         self.stop_postgres()
-        shutil.rmtree(self.root, ignore_errors=True)
+        if not keep_files:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def services(self, action: str, *names: str) -> None:
         """`usagepipe services ACTION [NAMES]` on the suite's run dir and ports."""
