@@ -26,8 +26,8 @@ from rich.table import Table
 
 from usagepipe.faults.scenarios import SCENARIOS, Scenario
 from usagepipe.faults.servers import FaultServers
-from usagepipe.services.host import ServiceError
 from usagepipe.faults.suite import Fleet, Result, plain
+from usagepipe.services.host import ServiceError
 
 
 def fates(result: Result) -> Table:
@@ -107,7 +107,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the quick scenarios (CI's)")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
     parser.add_argument("--devices", type=int, default=0, help="fleet size (default 120)")
-    parser.add_argument("--keep", action="store_true", help="keep the directory with every process's log")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the directory with every process's log"
+    )
     args = parser.parse_args()
     names = {s.name: s for s in SCENARIOS}
     if args.list:

@@ -104,17 +104,17 @@ class FaultServers:
         if not keep_files:
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def services(self, action: str, *names: str) -> None:
-        """`usagepipe services ACTION [NAMES]` on the suite's run dir and ports."""
+    def services(self, action: str) -> None:
+        """`usagepipe services ACTION` on the suite's run dir and ports."""
         done = subprocess.run(
-            [usagepipe_command(), "--log-level", "WARNING", "services", action, *names],
+            [usagepipe_command(), "--log-level", "WARNING", "services", action],
             env={**os.environ, **self.env()},
             capture_output=True,
             text=True,
             check=False,
         )
         if done.returncode != 0:
-            raise ServiceError(f"services {action} {' '.join(names)} failed: {done.stderr.strip()}")
+            raise ServiceError(f"services {action} failed: {done.stderr.strip()}")
 
     # -- Kafka and Mosquitto -----------------------------------------------------------
 
@@ -132,7 +132,9 @@ class FaultServers:
             time.sleep(0.05)
 
     def restart(self, name: Killable) -> None:
-        self.services("up", name)
+        """Start `name` again (`services up` starts only what is not answering)."""
+        del name
+        self.services("up")
 
     # -- PostgreSQL --------------------------------------------------------------------
 

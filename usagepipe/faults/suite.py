@@ -257,7 +257,7 @@ async def run_scenario(
         if harm is not None:
 
             async def flowing() -> bool:
-                return await run.rows() >= 50 or not simulate.alive
+                return await run.rows() >= 8 * fleet.devices or not simulate.alive
 
             if not await wait_for(flowing, 120):
                 run.notes.append("traffic never reached the table; harm done anyway")
