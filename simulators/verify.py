@@ -161,7 +161,9 @@ def _name(key: Key) -> str:
 
 async def stored_rows(settings: Settings, entries: list[Entry]) -> dict[Key, int]:
     """Rows of the usage table for the ledger's boots: key -> number of rows."""
-    boots = {(e.device_id, e.boot_id) for e in entries}
+    # A boot id with a NUL character (a poison the consumer refuses) can be no row's,
+    # and PostgreSQL cannot take it as a parameter.
+    boots = {(e.device_id, e.boot_id) for e in entries if "\x00" not in e.boot_id}
     devices = sorted({d for d, _ in boots})
     conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
     try:
