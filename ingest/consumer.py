@@ -9,13 +9,18 @@ One loop per process, in a Kafka consumer group:
               -> enrich the valid ones from the device registry (`ingest.enrich`: one
                  query per batch for the devices not cached; retried while it fails)
               -> invalid ones, those over the ceiling and those of unregistered
-                 devices to the dead-letter topic (and wait for Kafka's confirmation),
+                 devices become dead letters, with their device's model and linked
+                 owner's key from the registry
+              -> the rest, the batch's next offsets and its dead letters into the
+                 store in one transaction (COPY + ON CONFLICT DO NOTHING + offsets
+                 upsert + letters, `ingest.dead_letter_table`); rows PostgreSQL
+                 refuses for what they hold are dead-lettered `unstorable`, resends
+                 of a stored message id with other content `conflicting_duplicate`,
+                 and the others written again without them, with those letters
+              -> the letters' copy to the dead-letter topic, waiting for Kafka's
+                 confirmation at most `kafka.request_timeout_ms` (the table is the
+                 record; a Kafka away costs the stream its copy, not the batch),
                  counted by reason and the device's model
-              -> the rest and the batch's next offsets into the store in one
-                 transaction (COPY + ON CONFLICT DO NOTHING + offsets upsert); rows
-                 PostgreSQL refuses for what they hold are dead-lettered `unstorable`,
-                 resends of a stored message id with other content
-                 `conflicting_duplicate`, and the others written without them
               -> commit the offsets to Kafka as well (for lag monitoring only)
               -> remove erased owners' keys from stored rows, if any were erased
 
@@ -24,6 +29,10 @@ group has got to; `ingest.offsets.StoredOffsets` seeks each newly assigned parti
 there (checking that the log is still the one the offsets were stored for), and
 `ingest.offsets.ContiguousOffsets` keeps records in offset order without holes.
 Partitions with no stored offset keep Kafka's committed position (or `earliest`).
+
+Beside the loop, `ingest.dead_letter_table.BridgeLetters` stores the bridge's dead
+letters from the topic in the table, and the rollup task deletes letters older than
+the retention, at most every `postgres.rollup_day_refresh_s`.
 
 A store or registry outage is retried with backoff, holding the batch and its offsets
 (a batch is never stored without its enrichment); a rebalance that takes the
@@ -52,6 +61,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from ingest.backoff import Backoff, wait_to_start
 from ingest.dead_letter import DeadLetter, send_dead_letters
+from ingest.dead_letter_table import BridgeLetters, LetterRow
 from ingest.enrich import Enricher
 from ingest.errors import (
     BrokerUnavailable,
@@ -183,6 +193,9 @@ class Consumer:
                 try:
                     async with asyncio.TaskGroup() as tasks:
                         refresher = tasks.create_task(self._refresh_rollups(store), name="rollups")
+                        letters = tasks.create_task(
+                            self._bridge_letters(enricher, store).run(), name="bridge-letters"
+                        )
                         await self._consume(
                             consumer,
                             producer,
@@ -193,6 +206,7 @@ class Consumer:
                             deadline=deadline,
                         )
                         refresher.cancel()
+                        letters.cancel()
                 except BaseExceptionGroup as group:
                     # Whichever fails first (the loop or the refresher), the group
                     # cancels the other: raise that one error, as run() always has, so
@@ -281,8 +295,8 @@ class Consumer:
                 rows = rows + enriched.unregistered
             else:
                 dead = dead + unregistered_letters(enriched.unregistered)
-        await self._dead_letter(producer, enricher, dead)
-        stage("dead_letter")
+        letters = await self._retry("registry", enricher.describe_letters, dead)
+        stage("enrich")
         while True:
             try:
                 inserted = await self._retry(
@@ -291,22 +305,29 @@ class Consumer:
                     rows,
                     batch.positions,
                     group_id=self._settings.consumer.group_id,
+                    letters=letters,
                 )
                 break
             except RowsRefused as refused:
                 # What PostgreSQL will never take, and resends that contradict a stored
-                # message, are dead-lettered; the rest is written.
+                # message, are dead-lettered (in the retried write, with the batch's
+                # other letters); the rest is written.
                 if isinstance(refused, ConflictingDuplicates):
                     log.warning("%s; dead-lettering them as conflicting duplicates", refused)
-                    letters = conflict_letters(refused.rows)
+                    refusals = conflict_letters(refused.rows)
                 else:
                     log.warning("%s; dead-lettering them as unstorable", refused)
-                    letters = unstorable_letters(refused.rows)
-                await self._dead_letter(producer, enricher, letters)
-                dead = dead + letters
+                    refusals = unstorable_letters(refused.rows)
+                letters = letters + await self._retry(
+                    "registry", enricher.describe_letters, refusals
+                )
+                dead = dead + refusals
                 gone = {id(row) for row, _ in refused.rows}
                 rows = [row for row in rows if id(row) not in gone]
         stage("store")
+        await self._copy_to_topic(producer, dead)
+        self._count_letters(letters)
+        stage("dead_letter")
         await self._commit_kafka(consumer, batch.offsets)
         stage("kafka_commit")
         r = self.report
@@ -324,27 +345,44 @@ class Consumer:
         if self._stop_after is not None and r.consumed >= self._stop_after:
             self.stop(f"after {self._stop_after} records")
 
-    async def _dead_letter(
-        self, producer: AIOKafkaProducer, enricher: Enricher, letters: list[DeadLetter]
-    ) -> None:
-        """Send `letters` to the dead-letter topic (waiting for Kafka's confirmation),
-        then count them."""
-        await self._retry(
-            "dead_letter", send_dead_letters, producer, self._settings.kafka.dlq_topic, letters
+    def _bridge_letters(self, enricher: Enricher, store: UsageStore) -> BridgeLetters:
+        """The task storing the bridge's letters from the dead-letter topic in the
+        table (`ingest.dead_letter_table`), in a group of its own."""
+        return BridgeLetters(
+            self._settings.kafka,
+            group_id=f"{self._settings.consumer.group_id}.bridge-letters",
+            client_id=f"{self._client_id}-bridge-letters",
+            describe=enricher.describe_letters,
+            store=store.write_letters,
+            on_error=self._metrics.errors.labels("bridge_letters").inc,
         )
-        await self._count_letters(letters, enricher)
 
-    async def _count_letters(self, dead: list[DeadLetter], enricher: Enricher) -> None:
-        """Count `dead` by reason and by the model the registry gives each letter's
-        device (its Kafka key); `unknown` for a device the registry does not know."""
-        if not dead:
+    async def _copy_to_topic(self, producer: AIOKafkaProducer, letters: list[DeadLetter]) -> None:
+        """Send the copy of `letters` (stored in PostgreSQL already) to the dead-letter
+        topic, waiting at most `kafka.request_timeout_ms` for Kafka's confirmation: the
+        topic is a stream for others, the table the record, so a Kafka that is away
+        costs the stream these letters (logged and counted), never the batch its
+        progress (see `ingest.dead_letter_table`)."""
+        if not letters:
             return
-        devices = {letter.key.decode("utf-8", "replace") for letter in dead if letter.key}
-        models = await self._retry("registry", enricher.models, devices)
-        for letter in dead:
-            device = letter.key.decode("utf-8", "replace") if letter.key else None
-            model = models.get(device) if device is not None else None
-            self._metrics.dead_letters.labels(letter.reason.value, model or "unknown").inc()
+        topic = self._settings.kafka.dlq_topic
+        try:
+            async with asyncio.timeout(self._settings.kafka.request_timeout_ms / 1000):
+                await send_dead_letters(producer, topic, letters)
+        except (KafkaError, TimeoutError) as exc:
+            self._metrics.errors.labels("dead_letter").inc()
+            log.warning(
+                "%d dead letters (stored in PostgreSQL) did not reach %s: %r",
+                len(letters),
+                topic,
+                exc,
+            )
+
+    def _count_letters(self, letters: list[LetterRow]) -> None:
+        """Count `letters` by reason and by their device's model (`unknown` for a
+        device the registry does not know)."""
+        for row in letters:
+            self._metrics.dead_letters.labels(row.letter.reason.value, row.model or "unknown").inc()
 
     async def _refresh_rollups(self, store: UsageStore) -> None:
         """Every `postgres.rollup_refresh_s`, materialise the rollup hours that have
@@ -358,7 +396,7 @@ class Consumer:
         """
         interval = self._settings.postgres.rollup_refresh_s
         day_interval = self._settings.postgres.rollup_day_refresh_s
-        days_due = time.monotonic()
+        days_due = letters_due = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             days = time.monotonic() >= days_due
@@ -380,6 +418,21 @@ class Consumer:
                     done.days,
                     done.seconds,
                 )
+            if time.monotonic() >= letters_due:
+                letters_due = await self._expire_letters(store, letters_due, day_interval)
+
+    async def _expire_letters(self, store: UsageStore, due: float, interval: float) -> float:
+        """Delete the dead letters older than the retention; returns when next. A
+        failure is logged and counted, and tried again at the next refresh."""
+        try:
+            expired = await store.expire_letters()
+        except StoreUnavailable as exc:
+            self._metrics.errors.labels("letter_expiry").inc()
+            log.warning("expiring old dead letters failed (%s)", exc)
+            return due
+        if expired:
+            log.info("%d dead letters older than the retention deleted", expired)
+        return time.monotonic() + interval
 
     async def _commit_kafka(
         self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata]

@@ -8,13 +8,14 @@ declares:
      "source": {"topic": "telemetry.raw", "partition": 3, "offset": 1234},
      "original_b64": "...", "failed_at": "2026-11-23T10:00:00.123456Z"}
 
-Two components write them. The consumer dead-letters a Kafka record `parse_telemetry`
-refuses, and commits the batch's offsets only after Kafka confirmed its dead letters.
-The bridge dead-letters an MQTT message it refuses before Kafka (too large, or naming
-another device than its topic): the source is then the MQTT topic, with partition and
-offset null, and the message is acknowledged to MQTT only after Kafka confirmed the dead
-letter. Either way a poison message is moved aside, never dropped, and never stops
-what comes after it.
+Two components write them. The consumer dead-letters a Kafka record it refuses: the
+letter is stored in PostgreSQL in the batch's transaction (the record:
+`ingest.dead_letter_table`), then copied to the topic with a bounded wait. The bridge
+dead-letters an MQTT message it refuses before Kafka (too large, or naming another
+device than its topic): the source is then the MQTT topic, with partition and offset
+null, and the message is acknowledged to MQTT only after Kafka confirmed the dead
+letter; the consumer copies it from the topic into the table. Either way a poison
+message is moved aside, never dropped, and never stops what comes after it.
 
 The original bytes are kept whole, so a dead letter can be replayed after a fix
 (`usagepipe.dlq`); `DeadLetterReader` reads the topic back for that, with no group.
@@ -131,6 +132,11 @@ class DeadLetter:
     @property
     def failed_at(self) -> datetime:
         return self.doc.failed_at
+
+
+def letter_device(letter: DeadLetter) -> str | None:
+    """The device a letter is of: its Kafka key (the device id of its MQTT topic)."""
+    return None if letter.key is None else letter.key.decode("utf-8", "replace")
 
 
 async def send_dead_letters(

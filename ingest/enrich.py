@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -61,6 +60,8 @@ from typing import Self
 from uuid import UUID
 
 from ingest import erasure
+from ingest.dead_letter import DeadLetter, letter_device
+from ingest.dead_letter_table import LetterRow
 from ingest.errors import ConfigurationError
 from ingest.facts_cache import FactsCache
 from ingest.metrics import ConsumerMetrics
@@ -191,13 +192,25 @@ class Enricher:
             self._metrics.unregistered.inc(len(unknown))
         return Enriched(out, unknown)
 
-    async def models(self, device_ids: Collection[str]) -> dict[str, str | None]:
-        """Each device's product model (None: not registered), for labelling its dead
-        letters; from the cache where fresh, as for `enrich`."""
-        if not device_ids:
-            return {}
-        facts = await self._lookup(set(device_ids))
-        return {d: None if f is None else f.model for d, f in facts.items()}
+    async def describe_letters(self, letters: list[DeadLetter]) -> list[LetterRow]:
+        """`letters` as the dead-letter table stores them: with their device's model
+        and, where the device had a linked owner when the letter failed, that owner's
+        key (so that erasure finds the letter, `ingest.erasure`); a letter's device is
+        its Kafka key. From the cache where fresh, as for `enrich`."""
+        if not letters:
+            return []
+        devices = {d for letter in letters if (d := letter_device(letter)) is not None}
+        facts = await self._lookup(devices) if devices else {}
+        described: list[LetterRow] = []
+        for letter in letters:
+            device = letter_device(letter)
+            f = None if device is None else facts.get(device)
+            if f is None:
+                described.append(LetterRow(letter))
+                continue
+            p = f.period_at(letter.failed_at)
+            described.append(LetterRow(letter, f.model, None if p is None else p.owner_key))
+        return described
 
     async def _lookup(self, device_ids: set[str]) -> dict[str, DeviceFacts | None]:
         """Each device's facts, from the cache where fresh, else in one query."""

@@ -5,7 +5,9 @@ The registry erases the owner itself (`devices.owners.erase`) and says so on its
 notification channel; the consumer (`ingest.enrich.Enricher.apply_erasures`) then calls
 `unlink_owners` here, and at start-up and periodically asks `erasures_pending` for
 erased owners it has not applied, or not verified, yet. `<table>_erasures` records each
-owner applied, and whether a later pass found nothing left.
+owner applied, and whether a later pass found nothing left. The dead letters linked to
+the owner (those whose device the owner had, with the link, when they failed) are
+deleted in the same pass.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 from uuid import UUID
 
 from ingest import migrations
+from ingest.dead_letter_table import erase_letters
 from ingest.errors import StoreUnavailable
 from ingest.migrations import Connection
 from ingest.postgres import translated
@@ -23,7 +26,8 @@ from ingest.store import UsageStore
 
 async def unlink_owners(store: UsageStore, erased: Sequence[tuple[UUID, str]]) -> int:
     """Remove erased owners' keys, and the membership tier stored with them, from
-    every row and from the device-daily rollup; record each owner in
+    every row and from the device-daily rollup, and delete the dead letters linked to
+    them; record each owner in
     `<table>_erasures`. Returns the raw rows changed.
 
     `erased` pairs each owner id with its key (`ingest.owner_keys.owner_key`). The
@@ -74,7 +78,10 @@ async def _unlink(conn: Connection, table: str, rollup: str, owner: UUID, key: s
         f"UPDATE {rollup} SET owner_key = NULL, membership_tier = NULL WHERE owner_key = $1",
         key,
     )
-    found = unlinked + int(status.split()[-1])
+    # A dead letter holds a message as the device sent it, which may be anything:
+    # the letters linked to the owner go whole (`ingest.dead_letter_table`).
+    letters = await erase_letters(conn, table, key)
+    found = unlinked + int(status.split()[-1]) + letters
     # A pass that found nothing verifies an erasure an earlier pass recorded.
     await conn.execute(
         f"INSERT INTO {table}_erasures (owner_id, unlinked) VALUES ($1, $2)"

@@ -94,8 +94,9 @@ class ConsumerMetrics:
         )
         self.errors = Counter(
             "usagepipe_consumer_errors_total",
-            "Errors by kind (store, registry, erasure, kafka_commit, dead_letter, start: a server"
-            " not up at start); batches are retried.",
+            "Errors by kind (store, registry, erasure, kafka_commit, dead_letter: the topic's"
+            " copy, bridge_letters: storing the bridge's letters, letter_expiry, start: a"
+            " server not up at start); batches are retried.",
             ["kind"],
             registry=registry,
         )
@@ -113,8 +114,9 @@ class ConsumerMetrics:
         self.stage_seconds = Histogram(
             "usagepipe_consumer_stage_seconds",
             "Time one batch spent in each stage: validate, firmware (recording reported "
-            "installations), enrich (registry lookups), dead_letter (to Kafka), store "
-            "(the PostgreSQL transaction), kafka_commit.",
+            "installations), enrich (registry lookups, the dead letters' too), store (the "
+            "PostgreSQL transaction, dead letters included), dead_letter (their copy to "
+            "the dead-letter topic), kafka_commit.",
             ["stage"],
             registry=registry,
         )

@@ -11,7 +11,8 @@ one statement inserts the ids `ON CONFLICT DO NOTHING RETURNING` and the rows wh
 went in, which tells which rows were new. The fast path is the common case and costs
 one copy of the data instead of two. Then one statement notes the hours the new rows
 fall in for the rollups (see `ingest.rollups`) and upserts the
-consumer group's next offsets into `<table>_offsets`. A redelivered
+consumer group's next offsets into `<table>_offsets`, and the batch's dead letters go
+into `<table>_dead_letters` (`ingest.dead_letter_table`). A redelivered
 message costs little and changes nothing, and the offsets can never disagree with the
 rows: the consumer seeks to them when it is given a partition.
 
@@ -36,13 +37,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
 import asyncpg
 
 from ingest.caggs import refresh_aggregates
+from ingest.dead_letter_table import LetterRow, expire_letters, insert_letters
 from ingest.errors import ConflictingDuplicates, RowsRefused, StoreUnavailable
 from ingest.migrations import Connection
 from ingest.postgres import translated
@@ -198,8 +200,10 @@ class UsageStore:
         offsets: Sequence[SourceOffset] = (),
         *,
         group_id: str = "",
+        letters: Sequence[LetterRow] = (),
     ) -> int:
-        """Store `rows` and `group_id`'s `offsets` in one transaction.
+        """Store `rows`, `group_id`'s `offsets` and the batch's dead `letters` in one
+        transaction (letters: `ingest.dead_letter_table`; a redelivered one changes nothing).
 
         Returns how many rows were new (not duplicates). The rows go in with COPY, the
         fastest way into PostgreSQL; only if the table already has one of them (a
@@ -207,7 +211,7 @@ class UsageStore:
         the batch inserted with `ON CONFLICT DO NOTHING` instead. Either way the store
         knows which rows were new, and only those reach the rollups.
         """
-        if not rows and not offsets:
+        if not rows and not offsets and not letters:
             return 0
         if not self._after_insert_sql:
             raise StoreUnavailable("the store is not migrated yet (call migrate())")
@@ -227,6 +231,7 @@ class UsageStore:
                     ]
                     parameters.append(hours_of([r.event_time for r in inserted]))
                     await conn.fetchval(self._after_insert_sql, *parameters)
+                    await insert_letters(conn, self.table, letters)
             except asyncpg.PostgresError as exc:
                 if not refuses_data(exc):
                     raise
@@ -235,6 +240,21 @@ class UsageStore:
                     raise
                 raise RowsRefused(refused) from exc
         return len(inserted)
+
+    async def write_letters(self, letters: Sequence[LetterRow]) -> int:
+        """Store dead `letters` alone (the bridge's, `ingest.dead_letter_table`);
+        returns how many were new."""
+        with translated(StoreUnavailable, f"writing {len(letters)} dead letters failed"):
+            async with self.pool.acquire() as conn, conn.transaction():
+                return await insert_letters(conn, self.table, letters)
+
+    async def expire_letters(self, now: datetime | None = None) -> int:
+        """Delete the dead letters older than the retention (`drop_expired` does it
+        too); returns how many."""
+        cutoff = (now or datetime.now(UTC)) - self._settings.retention
+        with translated(StoreUnavailable, f"expiring the dead letters of {self.table} failed"):
+            async with self.pool.acquire() as conn:
+                return await expire_letters(conn, self.table, cutoff)
 
     async def _refused(self, rows: list[UsageRow]) -> list[tuple[UsageRow, str]]:
         """Which of `rows` PostgreSQL refuses for what they hold, each with its message:

@@ -27,6 +27,7 @@ import asyncpg
 
 from ingest import migrations
 from ingest.caggs import refresh_aggregates
+from ingest.dead_letter_table import expire_letters
 from ingest.errors import ConfigurationError, MigrationError, StoreUnavailable
 from ingest.migrations import Connection
 from ingest.policies import PolicyReport, apply_policies
@@ -227,7 +228,8 @@ class UsageTables:
         refreshes not to recompute buckets whose rows may be gone, so the rollups keep
         their history. TimescaleDB: the same with `drop_chunks` (its retention policy
         drops chunks on a schedule; the refresh then skips buckets before the
-        retention, see `ingest.caggs`).
+        retention, see `ingest.caggs`). Either way the dead letters that failed before
+        the cutoff go too (`ingest.dead_letter_table`).
         """
         cutoff = (now or datetime.now(UTC)) - self._settings.retention
         t = self.table
@@ -251,6 +253,7 @@ class UsageTables:
                 await conn.execute(f"DELETE FROM {t}_default WHERE event_time < $1", cutoff)
                 # Every partition before the one the cutoff falls in is gone.
                 await forget_ids(conn, t, partition_start(cutoff, interval))
+                await self._expire_letters(conn, cutoff)
                 await conn.execute(
                     f"UPDATE {t}_layout SET retained_from = $1"
                     " WHERE retained_from IS NULL OR retained_from < $1",
@@ -258,6 +261,11 @@ class UsageTables:
                 )
         self._partitions -= set(expired)
         return [self._partition_name(s) for s in expired]
+
+    async def _expire_letters(self, conn: Connection, cutoff: datetime) -> None:
+        expired = await expire_letters(conn, self.table, cutoff)
+        if expired:
+            log.info("retention on %s: %d dead letters expired", self.table, expired)
 
     async def _drop_chunks(self, conn: Connection, cutoff: datetime) -> list[str]:
         """TimescaleDB's `drop_expired`: the noted buckets that have ended are
@@ -272,6 +280,7 @@ class UsageTables:
             )
             # A chunk holding an earlier row ends before the cutoff: it is gone.
             await forget_ids(conn, t, cutoff - self.layout.partition_interval)
+            await self._expire_letters(conn, cutoff)
             await conn.execute(
                 f"UPDATE {t}_layout SET retained_from = $1"
                 " WHERE retained_from IS NULL OR retained_from < $1",
@@ -322,6 +331,7 @@ async def drop_usage_tables(conn: Connection, t: str) -> None:
         "device_daily",
         "rollup_invalidations",
         "erasures",
+        "dead_letters",
         "ids",
     )
     tables = ", ".join([t, *(f"{t}_{suffix}" for suffix in derived)])

@@ -119,6 +119,19 @@ async def stored_keys(settings: Settings) -> list[tuple[str, str, int]]:
     return [(r["device_id"], r["boot_id"], r["seq"]) for r in rows]
 
 
+async def table_letters(settings: Settings) -> list[asyncpg.Record]:
+    """The dead-letter table's rows (`ingest.dead_letter_table`), in id order."""
+    conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
+    try:
+        return list(
+            await conn.fetch(
+                f"SELECT * FROM {settings.postgres.table}_dead_letters ORDER BY letter_id"
+            )
+        )
+    finally:
+        await conn.close()
+
+
 async def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():

@@ -1,14 +1,21 @@
-"""`usagepipe dlq`: read the dead-letter topic, and replay what a fix made good.
+"""`usagepipe dlq`: read the dead letters, and replay what a fix made good.
 
-    usagepipe dlq list [--reason R] [--limit N]          the newest letters, as a table
-    usagepipe dlq show POSITION                          one letter in full
-    usagepipe dlq replay [--reason R] [--partition P]
+    usagepipe dlq list [--reason R] [--limit N] [--source kafka]   the newest letters
+    usagepipe dlq show POSITION [--source kafka]                   one letter in full
+    usagepipe dlq replay [--reason R] [--from-id N] [--to-id N] [--dry-run]
+    usagepipe dlq replay --source kafka [--reason R] [--partition P]
                          [--from-offset N] [--to-offset N] [--dry-run]
 
-A letter's position is `partition:offset` in the dead-letter topic (the topic has
-several partitions, so an offset alone may name more than one letter). All three read
-the topic through `DeadLetterReader`, from the beginning (or `--from-offset`) to the
-end, with no consumer group.
+By default all three read the record, the usage database's dead-letter table
+(`ingest.dead_letter_table`, which Kafka's loss does not touch). There a letter's
+position is its id (`17`), as `dlq list` prints it, or for `show` the position of the
+Kafka record it was made from (`2:17`: partition 2, offset 17 of the raw topic, which
+may name several letters). `list` starts with the letters' counts by reason.
+
+With `--source kafka` they read the dead-letter topic instead, through
+`DeadLetterReader`, from the beginning (or `--from-offset`) to the end, with no consumer
+group; a position is then `partition:offset` in that topic (the topic has several
+partitions, so an offset alone may name more than one letter).
 
 Replay produces each selected letter's original bytes, with its original key, to
 `kafka.raw_topic` (acks=all), where the consumer takes them like any other record: one
@@ -27,28 +34,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import heapq
 import sys
-import unicodedata
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TextIO
 
 from aiokafka.errors import KafkaError
 
-from ingest.bridge import device_id_from_payload
 from ingest.dead_letter import DeadLetter, DeadLetterReader, StoredLetter
-from ingest.errors import BrokerUnavailable
+from ingest.dead_letter_table import LetterTable
+from ingest.errors import BrokerUnavailable, StoreUnavailable
 from ingest.kafka import ensure_topics, make_producer, running
 from ingest.rate_limit import REPLAY_HEADER
-from ingest.settings import KafkaSettings, Settings
+from ingest.settings import KafkaSettings, PostgresSettings, Settings
+from ingest.store import UsageStore
 from schemas.errors import Reason
+from usagepipe.dlq_format import print_letter, print_table
 
 NEVER_REPLAYED = frozenset({Reason.DEVICE_ID_MISMATCH})
 """Reasons whose letters replay skips: the check that refused them is the bridge's alone."""
 
-_MESSAGE_WIDTH = 72
 _SEND_WINDOW = 1000  # records handed to the producer before waiting for Kafka's acks
 
 
@@ -111,18 +120,43 @@ async def list_letters(
     if unreadable:
         listed = ", ".join(unreadable[:10]) + (", ..." if len(unreadable) > 10 else "")
         print(f"not dead letters (see `dlq show`): {listed}", file=out)
-    if not shown:
-        return 0
     matching = by_reason[reason.value] if reason is not None else total - len(unreadable)
-    which = f" of reason {reason.value}" if reason is not None else ""
-    print(f"the newest {len(shown)} of {matching}{which}, oldest first:", file=out)
-    rows = [("POSITION", "REASON", "SOURCE", "DEVICE", "FAILED_AT", "MESSAGE")]
-    rows += [_row(stored) for stored in shown]
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True)]
-        print("  ".join([*cells, row[5]]), file=out)
+    print_table("POSITION", shown, matching, reason, out)
     return len(shown)
+
+
+async def list_table_letters(
+    settings: PostgresSettings,
+    *,
+    reason: Reason | None = None,
+    limit: int = 50,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Print the counts by reason and the newest `limit` letters (0: all) of the
+    dead-letter table, of `reason` if given; returns how many letters were printed."""
+    async with letter_table(settings) as table:
+        counts = await table.counts()
+        shown = await table.newest(reason, limit)
+    total = sum(counts.values())
+    summary = ", ".join(f"{r} {n}" for r, n in sorted(counts.items()))
+    letters = "letter" if total == 1 else "letters"
+    print(f"{table.name}: {total} {letters} ({summary or 'no dead letters'})", file=out)
+    matching = counts[reason.value] if reason is not None else total
+    print_table("ID", shown, matching, reason, out)
+    return len(shown)
+
+
+@contextlib.asynccontextmanager
+async def letter_table(settings: PostgresSettings) -> AsyncIterator[LetterTable]:
+    """The usage table's dead-letter table, read through a small pool for the block."""
+    async with UsageStore(settings) as store:
+        table = LetterTable(store.pool, store.table)
+        if not await table.exists():
+            raise StoreUnavailable(
+                f"usage table {store.table!r} has no dead-letter table ({table.name}) yet;"
+                " `usagepipe db migrate` creates it"
+            )
+        yield table
 
 
 async def show_letter(
@@ -154,7 +188,37 @@ async def show_letter(
         positions = ", ".join(stored.position for stored in found)
         print(f"offset {offset} is in several partitions: {positions}; pick one", file=sys.stderr)
         return 2
-    _print_letter(settings, found[0], out)
+    print_letter(f"dead letter {found[0].position} in {settings.dlq_topic}", found[0], out)
+    return 0
+
+
+async def show_table_letter(
+    settings: PostgresSettings,
+    position: tuple[int | None, int],
+    *,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Print the table's letter with id `position[1]` (`position[0]` None), or the one
+    made from the raw topic's record at `partition:offset`, in full; returns the exit
+    status (1: none, 2: several letters have that source)."""
+    partition, number = position
+    source = None if partition is None else (partition, number)
+    async with letter_table(settings) as table:
+        found = await table.at(number if source is None else None, source)
+    where = f"with id {number}" if source is None else f"from source position {partition}:{number}"
+    if not found:
+        print(f"no dead letter {where} in {table.name}", file=sys.stderr)
+        return 1
+    if len(found) > 1:
+        ids = ", ".join(stored.position for stored in found)
+        print(f"several dead letters {where}: ids {ids}; pick one", file=sys.stderr)
+        return 2
+    shown = found[0]
+    extra = [
+        ("model", shown.model or "-"),
+        ("stored_at", shown.stored_at.isoformat()),
+    ]
+    print_letter(f"dead letter {shown.position} in {table.name}", shown, out, extra)
     return 0
 
 
@@ -200,6 +264,33 @@ async def replay(
     return report
 
 
+async def replay_from_table(
+    settings: Settings,
+    *,
+    reason: Reason | None = None,
+    from_id: int = 0,
+    to_id: int | None = None,
+    dry_run: bool = False,
+) -> ReplayReport:
+    """`replay`, selecting from the dead-letter table: letters of `reason` (any but
+    NEVER_REPLAYED if None) with ids from `from_id` to `to_id`, both included."""
+    report = ReplayReport(dry_run=dry_run)
+    selected: list[DeadLetter] = []
+    async with letter_table(settings.postgres) as table:
+        stored = await table.select(reason, from_id, to_id)
+    for row in stored:
+        if row.letter is None:
+            report.unreadable += 1
+        elif row.letter.reason in NEVER_REPLAYED:
+            report.skipped[row.letter.reason.value] += 1
+        else:
+            selected.append(row.letter)
+    if not dry_run and selected:
+        await _produce_originals(settings, selected)
+    report.replayed.update(letter.reason.value for letter in selected)
+    return report
+
+
 async def _produce_originals(settings: Settings, letters: list[DeadLetter]) -> None:
     raw_topic = settings.kafka.raw_topic
     await ensure_topics(settings.kafka, raw_topic)
@@ -237,107 +328,79 @@ def print_replay(settings: Settings, report: ReplayReport, out: TextIO = sys.std
 def run_dlq(settings: Settings, args: argparse.Namespace) -> int:
     """`usagepipe dlq ...`, with the arguments usagepipe/cli.py parsed."""
     reason = Reason(args.reason) if getattr(args, "reason", None) else None
+    kafka = args.source == "kafka"
     try:
         if args.action == "list":
-            asyncio.run(list_letters(settings.kafka, reason=reason, limit=args.limit))
+            if kafka:
+                asyncio.run(list_letters(settings.kafka, reason=reason, limit=args.limit))
+            else:
+                asyncio.run(list_table_letters(settings.postgres, reason=reason, limit=args.limit))
             return 0
         if args.action == "show":
             try:
                 position = parse_position(args.position)
-            except ValueError as exc:
-                print(f"usagepipe dlq show: {exc}", file=sys.stderr)
+            except ValueError:
+                usage = (
+                    "PARTITION:OFFSET in the dead-letter topic, e.g. 2:17"
+                    if kafka
+                    else "a letter's ID, e.g. 17, or its source's PARTITION:OFFSET, e.g. 2:17"
+                )
+                print(
+                    f"usagepipe dlq show: not a position: {args.position!r} (use {usage})",
+                    file=sys.stderr,
+                )
                 return 2
-            return asyncio.run(show_letter(settings.kafka, position))
-        report = asyncio.run(
-            replay(
-                settings,
-                reason=reason,
-                partition=args.partition,
-                from_offset=args.from_offset,
-                to_offset=args.to_offset,
-                dry_run=args.dry_run,
+            if kafka:
+                return asyncio.run(show_letter(settings.kafka, position))
+            return asyncio.run(show_table_letter(settings.postgres, position))
+        misplaced = _misplaced_options(args)
+        if misplaced:
+            print(f"usagepipe dlq replay: {misplaced}", file=sys.stderr)
+            return 2
+        if kafka:
+            report = asyncio.run(
+                replay(
+                    settings,
+                    reason=reason,
+                    partition=args.partition,
+                    from_offset=args.from_offset or 0,
+                    to_offset=args.to_offset,
+                    dry_run=args.dry_run,
+                )
             )
-        )
-    except BrokerUnavailable as exc:
+        else:
+            report = asyncio.run(
+                replay_from_table(
+                    settings,
+                    reason=reason,
+                    from_id=args.from_id or 0,
+                    to_id=args.to_id,
+                    dry_run=args.dry_run,
+                )
+            )
+    except (BrokerUnavailable, StoreUnavailable) as exc:
         print(f"usagepipe dlq {args.action}: {exc}", file=sys.stderr)
         return 1
     print_replay(settings, report)
     return 0
 
 
-def _row(stored: StoredLetter) -> tuple[str, str, str, str, str, str]:
-    letter = stored.letter
-    assert letter is not None
-    message = safe_text(letter.message)
-    if len(message) > _MESSAGE_WIDTH:
-        message = message[: _MESSAGE_WIDTH - 3] + "..."
-    return (
-        stored.position,
-        letter.reason.value,
-        safe_text(_source(letter)),
-        safe_text(device_id_from_payload(letter.original) or "-"),
-        letter.failed_at.strftime("%Y-%m-%d %H:%M:%S"),
-        message,
-    )
-
-
-def _source(letter: DeadLetter) -> str:
-    if letter.kind == "mqtt":
-        return f"mqtt {letter.topic}"
-    return f"kafka {letter.topic} {letter.partition}:{letter.offset}"
-
-
-def _print_letter(settings: KafkaSettings, stored: StoredLetter, out: TextIO) -> None:
-    print(f"dead letter {stored.position} in {settings.dlq_topic}", file=out)
-    letter = stored.letter
-    if letter is None:
-        print(f"  {safe_text(stored.problem)}", file=out)
-        return
-    original = letter.original
-    key = "-" if letter.key is None else safe_text(letter.key.decode("utf-8", "replace"))
-    fields = [
-        ("reason", letter.reason.value),
-        ("message", letter.message),
-        ("source", _source(letter)),
-        ("key", key),
-        ("device_id", device_id_from_payload(original) or "- (not readable from the payload)"),
-        ("failed_at", letter.failed_at.isoformat()),
+def _misplaced_options(args: argparse.Namespace) -> str:
+    """What is wrong with replay's options for its source ('' if nothing)."""
+    kafka: list[tuple[str, int | None]] = [
+        ("--partition", args.partition),
+        ("--from-offset", args.from_offset),
+        ("--to-offset", args.to_offset),
     ]
-    for name, value in fields:
-        print(f"  {name:<10} {safe_text(value)}", file=out)
-    try:
-        text = original.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        print(
-            f"  original   {len(original)} bytes, not UTF-8 ({exc.reason} at byte "
-            f"{exc.start}), as hex:",
-            file=out,
-        )
-        out.write(hex_dump(original))
-        return
-    print(f"  original   {len(original)} bytes, UTF-8 text:", file=out)
-    print(safe_text(text, keep="\n\t"), file=out)
-
-
-def safe_text(text: str, keep: str = "") -> str:
-    """`text` with control and format characters (terminal escapes, bidi overrides)
-    written as `\\xNN` / `\\uNNNN`, except those in `keep`."""
-    if text.isprintable():
-        return text
-    return "".join(
-        ch
-        if ch in keep or unicodedata.category(ch) not in ("Cc", "Cf", "Zl", "Zp")
-        else (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
-        for ch in text
+    table: list[tuple[str, int | None]] = [("--from-id", args.from_id), ("--to-id", args.to_id)]
+    wrong, right = (table, kafka) if args.source == "kafka" else (kafka, table)
+    given = [flag for flag, value in wrong if value is not None]
+    if not given:
+        return ""
+    other = "postgres" if args.source == "kafka" else "kafka"
+    verb = "is an option" if len(given) == 1 else "are options"
+    choose = ", ".join(["--reason", *(flag for flag, _ in right)])
+    return (
+        f"{', '.join(given)} {verb} of --source {other}; letters of --source {args.source}"
+        f" are chosen with {choose}"
     )
-
-
-def hex_dump(data: bytes, width: int = 16) -> str:
-    """`offset  hex bytes  |ascii|` lines, as `hexdump -C` prints them."""
-    lines = []
-    for start in range(0, len(data), width):
-        chunk = data[start : start + width]
-        hexes = " ".join(f"{b:02x}" for b in chunk)
-        ascii_ = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in chunk)
-        lines.append(f"{start:08x}  {hexes:<{width * 3 - 1}}  |{ascii_}|\n")
-    return "".join(lines)

@@ -564,7 +564,9 @@ async def test_erased_owners_rows_lose_their_key_while_running_and_after_a_resta
     settings: Settings,
 ) -> None:
     """One owner is erased while the consumer runs, another while none runs: both
-    owners' stored rows lose key and tier; a third owner's rows keep theirs."""
+    owners' stored rows lose key and tier, and their devices' dead letters (which
+    carry the owner's key, as the rows do) are deleted; a third owner's rows and
+    letter keep theirs."""
     settings = enriching(settings)
     t0 = NOW - timedelta(days=1)
     at = NOW - timedelta(hours=1)
@@ -576,13 +578,22 @@ async def test_erased_owners_rows_lose_their_key_while_running_and_after_a_resta
             for o, serial in zip(owners, ("SN-W1", "SN-W2", "SN-W3"), strict=True)
         ]
         await produce(settings, [(d, message(d, 0, at)) for d in devices])
+        await produce(settings, [(d, b'{"not": "a message"}') for d in devices])
         live, offline, kept = owners
 
         async with running(settings) as (consumer, metrics):
             await wait_for(lambda: consumer.report.stored == 3, "3 rows")
+            await wait_for(lambda: consumer.report.dead_lettered == 3, "3 letters")
             assert {r["owner_key"] for r in (await rows(settings)).values()} == {
                 owner_key(KEY, o) for o in owners
             }
+            letters = await rows_of(
+                settings, "SELECT device_id, model, owner_key FROM {table}_dead_letters"
+            )
+            assert sorted(tuple(r) for r in letters) == sorted(
+                (d, WASHER.model_number, owner_key(KEY, o))
+                for d, o in zip(devices, owners, strict=True)
+            )
             await f.registry.erase_owner(live, at=NOW)
             # Applied on the notification, well within the cache TTL (60 s).
             await wait_until_unlinked(settings, devices[0], timeout_s=10)
@@ -600,6 +611,8 @@ async def test_erased_owners_rows_lose_their_key_while_running_and_after_a_resta
         assert stored[(device, 0)]["membership_tier"] is None
         assert stored[(device, 0)]["model"] == WASHER.model_number
     assert stored[(devices[2], 0)]["owner_key"] == owner_key(KEY, kept)
+    letters = await rows_of(settings, "SELECT device_id, owner_key FROM {table}_dead_letters")
+    assert [tuple(r) for r in letters] == [(devices[2], owner_key(KEY, kept))]
     erasures = await rows_of(settings, "SELECT owner_id, unlinked FROM {table}_erasures")
     assert sorted((r["owner_id"], r["unlinked"]) for r in erasures) == sorted(
         [(live, 1), (offline, 1)]

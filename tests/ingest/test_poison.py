@@ -28,7 +28,7 @@ from simulators.plan import FleetPlan, plan_device
 from simulators.traffic import Message
 from simulators.units import device_ids
 from tests.conftest import connection
-from tests.pipeline import produce_at, stored_keys, wait_for
+from tests.pipeline import produce_at, stored_keys, table_letters, wait_for
 
 
 async def refuse_seq(settings: Settings, seq: int) -> str:
@@ -96,6 +96,11 @@ async def test_a_row_the_database_refuses_is_dead_lettered_and_the_rest_stored(
     ]
     assert letters[0].message.startswith("PostgreSQL refused the row: CheckViolationError: ")
     assert constraint in letters[0].message
+    # The record: the letter is in the table, written by the retried write.
+    table = await table_letters(settings)
+    assert [(r["reason"], bytes(r["original"]), r["message"]) for r in table] == [
+        ("unstorable", poison.payload, letters[0].message)
+    ]
     assert (
         metrics.get_sample_value(
             "usagepipe_consumer_dead_letters_total", {"reason": "unstorable", "model": "unknown"}

@@ -103,6 +103,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         "005_settled_refresh",
         "006_erasure_checks",
         "007_message_ids",
+        "008_dead_letters",
     ]
     assert second.applied == []
     t = settings.postgres.table
@@ -134,6 +135,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         (5, "005_settled_refresh"),
         (6, "006_erasure_checks"),
         (7, "007_message_ids"),
+        (8, "008_dead_letters"),
     ]
 
 
@@ -150,7 +152,7 @@ def test_db_migrate_command_prints_the_layout(
     layout = "layout: partitioned, partitions of 24 h"
     applied = (
         "001_usage, 002_enrichment, 003_rollup_refresh, 004_device_daily,"
-        " 005_settled_refresh, 006_erasure_checks, 007_message_ids"
+        " 005_settled_refresh, 006_erasure_checks, 007_message_ids, 008_dead_letters"
     )
     assert out[:2] == [
         f"usage table '{t}' is up to date ({applied}); {layout}",

@@ -28,9 +28,11 @@ from pydantic_settings import SettingsConfigDict
 
 from ingest.auth import DevSigner
 from ingest.dead_letter import DeadLetter, send_dead_letters
+from ingest.dead_letter_table import LetterRow
 from ingest.kafka import ensure_topics, make_producer
 from ingest.setting_errors import explain
 from ingest.settings import AuthSettings, Settings
+from ingest.store import UsageStore
 from schemas.errors import InvalidTelemetry, Reason
 from tests.conftest import free_port
 
@@ -241,6 +243,26 @@ def test_a_dotenv_file_gets_the_same_lines(tmp_path: Path, monkeypatch: pytest.M
             "usagepipe dlq list: argument --limit: not a whole number of 0 or more: '-1'",
         ),
         (
+            ["dlq", "show", "x:1"],
+            "usagepipe dlq show: not a position: 'x:1' (use a letter's ID, e.g. 17, or its"
+            " source's PARTITION:OFFSET, e.g. 2:17)",
+        ),
+        (
+            ["dlq", "show", "--source", "kafka", "7:"],
+            "usagepipe dlq show: not a position: '7:' (use PARTITION:OFFSET in the"
+            " dead-letter topic, e.g. 2:17)",
+        ),
+        (
+            ["dlq", "replay", "--partition", "1", "--to-offset", "9"],
+            "usagepipe dlq replay: --partition, --to-offset are options of --source kafka;"
+            " letters of --source postgres are chosen with --reason, --from-id, --to-id",
+        ),
+        (
+            ["dlq", "replay", "--source", "kafka", "--from-id", "3"],
+            "usagepipe dlq replay: --from-id is an option of --source postgres; letters of"
+            " --source kafka are chosen with --reason, --partition, --from-offset, --to-offset",
+        ),
+        (
             ["registry", "add-model", "X-1", "--category", "toaster", "--name", "X"],
             "usagepipe registry add-model: argument --category: 'toaster' is not one of washer,"
             " dryer, refrigerator, air_conditioner, air_purifier, robot_vacuum",
@@ -384,12 +406,37 @@ async def test_dlq_list_into_a_pipe_closed_early_ends_quietly(settings: Settings
     finally:
         await producer.stop()
 
-    status, head, stderr = head_of(["dlq", "list", "--limit", "0"], environment(settings), 3)
+    argv = ["dlq", "list", "--limit", "0", "--source", "kafka"]
+    status, head, stderr = head_of(argv, environment(settings), 3)
     assert status == 1
     assert head[0] == f"{kafka.dlq_topic}: 1000 records (invalid_json 1000)\n".encode()
     assert head[1] == b"the newest 1000 of 1000, oldest first:\n"
     assert head[2].split() == b"POSITION REASON SOURCE DEVICE FAILED_AT MESSAGE".split()
     assert stderr == b""  # no BrokenPipeError, no "Exception ignored"
+
+    # The same from the dead-letter table, the default source.
+    async with UsageStore(settings.postgres) as store:
+        await store.migrate()
+        assert await store.write_letters([LetterRow(letter) for letter in letters]) == 1000
+    status, head, stderr = head_of(["dlq", "list", "--limit", "0"], environment(settings), 3)
+    assert status == 1
+    table = f"{settings.postgres.table}_dead_letters"
+    assert head[0] == f"{table}: 1000 letters (invalid_json 1000)\n".encode()
+    assert head[1] == b"the newest 1000 of 1000, oldest first:\n"
+    assert head[2].split() == b"ID REASON SOURCE DEVICE FAILED_AT MESSAGE".split()
+    assert stderr == b""
+
+
+def test_dlq_commands_before_the_table_exists_say_what_to_do(settings: Settings) -> None:
+    env = environment(settings)
+    t = settings.postgres.table
+    for argv in (["list"], ["show", "3"], ["replay", "--dry-run"]):
+        done = usagepipe("dlq", *argv, env=env)
+        assert (done.returncode, done.stdout) == (1, "")
+        assert one_line(done) == (
+            f"usagepipe dlq {argv[0]}: usage table {t!r} has no dead-letter table"
+            f" ({t}_dead_letters) yet; `usagepipe db migrate` creates it"
+        )
 
 
 # -- ports held by another server ------------------------------------------------------

@@ -14,7 +14,7 @@
     usagepipe report NAME ...             planners' reports: table, CSV, Parquet, JSON, charts
     usagepipe insights serve              planners' read-only HTTP API and web page
     usagepipe auth token --subject S ...  a bearer token from the local dev signer
-    usagepipe dlq list|show|replay        the dead letters (telemetry.dlq)
+    usagepipe dlq list|show|replay        the dead letters (their table, or telemetry.dlq)
 
 Each command's parser sets its handler (`usagepipe.cli.arguments.Handler`); `main`
 parses, configures logging, builds the settings, runs the handler and turns what it

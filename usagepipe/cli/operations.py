@@ -5,7 +5,7 @@
     usagepipe asyncapi [--check|--write]  the AsyncAPI contract (schemas/asyncapi.json)
     usagepipe auth token --subject S [--scope planner|operator]   a dev signer's token
     usagepipe auth token --dashboard      the planners' dashboard address, signed in
-    usagepipe dlq list|show|replay        the dead-letter topic
+    usagepipe dlq list|show|replay        the dead letters (the database's record, or the topic)
 
 Each handler imports the module that does the work (`usagepipe.services`,
 `schemas.asyncapi`, `usagepipe.dlq`) when its command runs, not when the parser is built.
@@ -84,22 +84,42 @@ def add_auth(commands: Commands) -> None:
 
 
 def add_dlq(commands: Commands) -> None:
-    dlq = command(commands, "dlq", _dlq, help="list, show and replay dead letters (telemetry.dlq)")
+    dlq = command(
+        commands,
+        "dlq",
+        _dlq,
+        help="list, show and replay dead letters (the usage database's record, or telemetry.dlq)",
+    )
     actions = dlq.add_subparsers(dest="action", required=True)
     reasons = [reason.value for reason in Reason]
     reason_help = f"only letters of this reason: {', '.join(reasons)}"
 
-    listing = actions.add_parser("list", help="the newest dead letters, as a table")
+    def source(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--source",
+            choices=["postgres", "kafka"],
+            default="postgres",
+            help="read the dead-letter table in the usage database (postgres, the default:"
+            " the record) or the dead-letter topic (kafka)",
+        )
+
+    listing = actions.add_parser(
+        "list", help="the counts by reason and the newest dead letters, as a table"
+    )
     listing.add_argument("--reason", choices=reasons, metavar="REASON", help=reason_help)
     listing.add_argument(
         "--limit", type=count, default=50, help="show the newest N letters (50; 0: all)"
     )
+    source(listing)
 
     show = actions.add_parser("show", help="one dead letter in full, original bytes too")
     show.add_argument(
         "position",
-        help="PARTITION:OFFSET in the dead-letter topic, as `dlq list` prints it",
+        help="the letter's ID as `dlq list` prints it, or PARTITION:OFFSET of the raw"
+        " topic's record it was made from; with --source kafka, PARTITION:OFFSET in the"
+        " dead-letter topic",
     )
+    source(show)
 
     replay = actions.add_parser(
         "replay",
@@ -114,29 +134,36 @@ def add_dlq(commands: Commands) -> None:
     )
     replay.add_argument("--reason", choices=reasons, metavar="REASON", help=reason_help)
     replay.add_argument(
+        "--from-id", type=count, default=None, metavar="N", help="first letter id, included"
+    )
+    replay.add_argument(
+        "--to-id", type=count, default=None, metavar="N", help="last letter id, included"
+    )
+    replay.add_argument(
         "--partition",
         type=count,
         default=None,
         metavar="P",
-        help="only this dead-letter partition",
+        help="--source kafka: only this dead-letter partition",
     )
     replay.add_argument(
         "--from-offset",
         type=count,
-        default=0,
+        default=None,
         metavar="N",
-        help="first dead-letter offset, included, in every partition read (0)",
+        help="--source kafka: first dead-letter offset, included, in every partition read (0)",
     )
     replay.add_argument(
         "--to-offset",
         type=count,
         default=None,
         metavar="N",
-        help="last dead-letter offset, included, in every partition read",
+        help="--source kafka: last dead-letter offset, included, in every partition read",
     )
     replay.add_argument(
         "--dry-run", action="store_true", help="count what would be replayed; produce nothing"
     )
+    source(replay)
 
 
 def _services(args: argparse.Namespace, settings: Settings) -> int:
