@@ -196,7 +196,13 @@ async def test_the_consumer_stores_one_row_per_id_and_dead_letters_the_conflicts
         stored_time = await conn.fetchval(
             f"SELECT event_time FROM {settings.postgres.table} WHERE seq = 14"
         )
+        # The letters' record in PostgreSQL (issue 17 item 3) has them too.
+        kept = await conn.fetch(
+            f"SELECT reason, count(*) AS n FROM {settings.postgres.table}_dead_letters"
+            " GROUP BY reason ORDER BY reason"
+        )
     assert stored_time == times[0]
+    assert [tuple(k) for k in kept] == [("conflicting_duplicate", 99), ("duplicate_key", 1)]
     async with DeadLetterReader(settings.kafka) as reader:
         letters = [s.letter async for s in reader if s.letter is not None]
     conflicts = [x for x in letters if x.reason is Reason.CONFLICTING_DUPLICATE]
