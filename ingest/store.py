@@ -154,8 +154,8 @@ class UsageStore:
         ids = ", ".join(ID_COLUMNS)
         staged = ", ".join(f"s.{c}" for c in COLUMNS)
         same_id = 'n.device_id = s.device_id COLLATE "C" AND n.boot_id = s.boot_id COLLATE "C"'
-        # A row goes in only if its id did (on TimescaleDB the table's own key, with
-        # event_time, still drops a row stored before its id was).
+        # A row goes in only if its id did (on TimescaleDB the hypertable keeps its own
+        # key too, see its migration 007).
         self._insert_sql = f"""
             WITH n AS (
                 INSERT INTO {t}_ids ({ids}) SELECT {ids} FROM {self._staging}
@@ -206,11 +206,13 @@ class UsageStore:
         transaction (letters: `ingest.dead_letter_table`; a redelivered one changes nothing).
 
         Returns how many rows were new (not duplicates). The rows go in with COPY, the
-        fastest way into PostgreSQL; only if the table already has one of them (a
-        redelivery across batches, a replay) is the COPY undone, to its savepoint, and
-        the batch inserted with `ON CONFLICT DO NOTHING` instead. Either way the store
-        knows which rows were new, and only those reach the rollups.
-        """
+        fastest way into PostgreSQL, their ids too; only if one of the ids is already
+        stored (a redelivery across batches, a replay, a resend) is the COPY undone, to
+        its savepoint, and the batch's ids inserted with `ON CONFLICT DO NOTHING`
+        instead, then the rows whose id went in. Either way the store knows which rows
+        were new, and only those reach the rollups. Raises `ConflictingDuplicates`
+        (keeping nothing) for rows whose id is stored, or earlier in `rows`, with other
+        content (see `_insert`)."""
         if not rows and not offsets and not letters:
             return 0
         if not self._after_insert_sql:
