@@ -185,9 +185,9 @@ async def flood(run: Run) -> None:
     await run.produce([(device, m.payload) for m in messages])
     s = run.settings()
 
-    async def judged() -> bool:
-        consumed = run.consumer_counters()["usagepipe_consumer_consumed_total"]
-        return consumed >= 2000
+    async def judged() -> bool:  # every record of the flood stored or dead-lettered
+        rows = await _rows_of(run, s.postgres.table, device)
+        return rows + await _letters_of(run, s.postgres.table, device) >= 2000
 
     await wait_for(judged, 120)
     rows = await _rows_of(run, s.postgres.table, device)
@@ -211,15 +211,20 @@ def _event_time(m: Message) -> datetime:
 
 
 async def _rows_of(run: Run, table: str, device: str) -> int:
+    """The device's rows in `table` (0 if it does not exist yet)."""
     conn = await asyncpg.connect(run.servers.dsn)
     try:
         if await conn.fetchval("SELECT to_regclass($1)", table) is None:
             return 0
-        return int(
-            await conn.fetchval(f"SELECT count(*) FROM {table} WHERE device_id = $1", device)
-        )
+        query = f"SELECT count(*) FROM {table} WHERE device_id = $1"
+        return int(await conn.fetchval(query, device))
     finally:
         await conn.close()
+
+
+async def _letters_of(run: Run, table: str, device: str) -> int:
+    """The device's dead letters in the store's dead-letter table."""
+    return await _rows_of(run, f"{table}_dead_letters", device)
 
 
 # -- processes and servers ------------------------------------------------------------------
