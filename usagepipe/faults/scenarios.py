@@ -14,7 +14,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -45,7 +45,12 @@ class Scenario:
 
 def hand_made(run: Run, index: int, count: int) -> tuple[str, list[Message]]:
     """A device of the scenario's own (not registered) and its first `count` messages."""
-    plan = FleetPlan(devices=index + 1, messages_per_device=count, seed=97, run_id=run.name)
+    # Messages follow each other a few seconds apart (about 5.5 s): start early enough
+    # that the last is in the past, or the consumer would refuse it as from the future.
+    start = datetime.now(UTC) - timedelta(seconds=8 * count) - timedelta(hours=1)
+    plan = FleetPlan(
+        devices=index + 1, messages_per_device=count, seed=97, run_id=run.name, start=start
+    )
     device = device_ids(plan)[index]
     return device, plan_device(plan, device)
 
