@@ -344,6 +344,24 @@ class AuthSettings(Section):
         return self.issuer is None if self.docs is None else self.docs
 
 
+class LogSettings(Section):
+    """How every command logs (`--log-level` and `--log-format` override these)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """The least severe level logged: DEBUG, INFO, WARNING or ERROR, in any case."""
+    format: Literal["text", "json"] = "text"
+    """`text`: one readable line an event; `json`: one JSON object a line (time, level,
+    logger, message, and the event's fields: device_id, partition, offset where they
+    apply), for a log shipper."""
+
+    @field_validator("level", "format", mode="before")
+    @classmethod
+    def _any_case(cls, value: object, info: Any) -> object:
+        if not isinstance(value, str):
+            return value
+        return value.upper() if info.field_name == "level" else value.lower()
+
+
 class ServicesSettings(Section):
     """`usagepipe services`: the local servers for the demo and tests."""
 
@@ -549,6 +567,7 @@ class Settings(BaseSettings):
     registry: RegistrySettings = RegistrySettings()
     insights: InsightsSettings = InsightsSettings()
     auth: AuthSettings = AuthSettings()
+    log: LogSettings = LogSettings()
 
     @classmethod
     def settings_customise_sources(

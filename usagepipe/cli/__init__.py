@@ -23,7 +23,8 @@ raises into one line. The handlers live beside their command's parser:
 (db, bridge, consume), `usagepipe.cli.fleet` (simulate, verify, demo), and, below this
 composition root, `devices.cli` (registry) and `insights.cli` (report, insights).
 
-Only this module reads the environment (`Settings()`) and configures logging.
+Only this module reads the environment (`Settings()`) and, through
+`usagepipe.cli.logs`, configures logging.
 
 A user's mistake is one line on stderr and exit status 2, never a traceback: a bad
 option (argparse, without its usage block), a bad setting (`ingest.setting_errors`
@@ -34,7 +35,6 @@ pipe closed early (`usagepipe dlq list | head -3`) ends quietly.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -50,10 +50,12 @@ from insights.cli import register_commands as add_insights
 from schemas.errors import UsagepipeError
 from usagepipe.cli.arguments import Commands, Handler, OneLineParser
 from usagepipe.cli.fleet import add_demo, add_simulate, add_verify
+from usagepipe.cli.logs import configure
 from usagepipe.cli.operations import add_asyncapi, add_auth, add_dlq, add_services, add_settings
 from usagepipe.cli.pipeline import add_bridge, add_consume, add_db
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 COMMANDS: tuple[Callable[[Commands], None], ...] = (
     add_services,
@@ -80,10 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        default="INFO",
+        default=None,
         type=str.upper,
         choices=LOG_LEVELS,
-        help=f"{', '.join(LOG_LEVELS)}, in any case (INFO)",
+        help=f"{', '.join(LOG_LEVELS)}, in any case (USAGEPIPE_LOG__LEVEL, INFO)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default=None,
+        type=str.lower,
+        choices=LOG_FORMATS,
+        help="text, or json: one JSON object a line (USAGEPIPE_LOG__FORMAT, text)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
@@ -110,18 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # aiokafka logs every retried connection at ERROR; ours say what matters.
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         settings = Settings()
     except (ValidationError, SettingsError) as exc:
         for line in explain(exc, os.environ):
             print(f"usagepipe: {line}", file=sys.stderr)
         return 2
+    configure(args.log_level or settings.log.level, args.log_format or settings.log.format)
     handler: Handler = args.handler
     try:
         return _run(handler, args, settings)

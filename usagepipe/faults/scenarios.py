@@ -14,7 +14,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -45,7 +45,12 @@ class Scenario:
 
 def hand_made(run: Run, index: int, count: int) -> tuple[str, list[Message]]:
     """A device of the scenario's own (not registered) and its first `count` messages."""
-    plan = FleetPlan(devices=index + 1, messages_per_device=count, seed=97, run_id=run.name)
+    # Messages follow each other a few seconds apart (about 5.5 s): start early enough
+    # that the last is in the past, or the consumer would refuse it as from the future.
+    start = datetime.now(UTC) - timedelta(seconds=8 * count) - timedelta(hours=1)
+    plan = FleetPlan(
+        devices=index + 1, messages_per_device=count, seed=97, run_id=run.name, start=start
+    )
     device = device_ids(plan)[index]
     return device, plan_device(plan, device)
 
@@ -185,9 +190,9 @@ async def flood(run: Run) -> None:
     await run.produce([(device, m.payload) for m in messages])
     s = run.settings()
 
-    async def judged() -> bool:
-        consumed = run.consumer_counters()["usagepipe_consumer_consumed_total"]
-        return consumed >= 2000
+    async def judged() -> bool:  # every record of the flood stored or dead-lettered
+        rows = await _rows_of(run, s.postgres.table, device)
+        return rows + await _letters_of(run, s.postgres.table, device) >= 2000
 
     await wait_for(judged, 120)
     rows = await _rows_of(run, s.postgres.table, device)
@@ -211,15 +216,20 @@ def _event_time(m: Message) -> datetime:
 
 
 async def _rows_of(run: Run, table: str, device: str) -> int:
+    """The device's rows in `table` (0 if it does not exist yet)."""
     conn = await asyncpg.connect(run.servers.dsn)
     try:
         if await conn.fetchval("SELECT to_regclass($1)", table) is None:
             return 0
-        return int(
-            await conn.fetchval(f"SELECT count(*) FROM {table} WHERE device_id = $1", device)
-        )
+        query = f"SELECT count(*) FROM {table} WHERE device_id = $1"
+        return int(await conn.fetchval(query, device))
     finally:
         await conn.close()
+
+
+async def _letters_of(run: Run, table: str, device: str) -> int:
+    """The device's dead letters in the store's dead-letter table."""
+    return await _rows_of(run, f"{table}_dead_letters", device)
 
 
 # -- processes and servers ------------------------------------------------------------------
