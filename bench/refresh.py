@@ -73,8 +73,12 @@ async def drop(dsn: str, table: str) -> None:
 
 
 def shifted(rows: list[UsageRow], by: timedelta, boot: str) -> list[UsageRow]:
-    """`rows` again, `by` later, under a boot of their own: new events, not duplicates."""
-    return [dataclasses.replace(r, event_time=r.event_time + by, boot_id=boot) for r in rows]
+    """`rows` again, `by` later, under boots of their own (one for each boot of `rows`,
+    so no two share a message id): new events, not duplicates."""
+    return [
+        dataclasses.replace(r, event_time=r.event_time + by, boot_id=f"{boot}-{r.boot_id}")
+        for r in rows
+    ]
 
 
 async def timed(store: UsageStore, now: datetime) -> RefreshReport:

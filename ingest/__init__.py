@@ -22,7 +22,8 @@ In the order a message travels:
                     cached per device, bounded), `registry_changes` (the LISTEN
                     connection whose notifications evict that cache), `owner_keys`
                     (the owners' pseudonymous keys)
-    store.py        the usage table's writes: rows and offsets in one transaction
+    store.py        the usage table's writes: rows, their message ids and offsets in one
+                    transaction
     tables.py       the usage table's lifecycle: migrations, layout (TimescaleDB
                     hypertable, or plain PostgreSQL partitions where the extension is
                     missing), partitions, TimescaleDB policies, retention

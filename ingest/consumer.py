@@ -14,8 +14,9 @@ One loop per process, in a Kafka consumer group:
               -> the rest, the batch's next offsets and its dead letters into the
                  store in one transaction (COPY + ON CONFLICT DO NOTHING + offsets
                  upsert + letters, `ingest.dead_letter_table`); rows PostgreSQL
-                 refuses for what they hold are dead-lettered `unstorable` and the
-                 others written again without them, with those letters
+                 refuses for what they hold are dead-lettered `unstorable`, resends
+                 of a stored message id with other content `conflicting_duplicate`,
+                 and the others written again without them, with those letters
               -> the letters' copy to the dead-letter topic, waiting for Kafka's
                  confirmation at most `kafka.request_timeout_ms` (the table is the
                  record; a Kafka away costs the stream its copy, not the batch),
@@ -62,12 +63,23 @@ from ingest.backoff import Backoff, wait_to_start
 from ingest.dead_letter import DeadLetter, send_dead_letters
 from ingest.dead_letter_table import BridgeLetters, LetterRow
 from ingest.enrich import Enricher
-from ingest.errors import BrokerUnavailable, RegistryLookupFailed, RowsRefused, StoreUnavailable
+from ingest.errors import (
+    BrokerUnavailable,
+    ConflictingDuplicates,
+    RegistryLookupFailed,
+    RowsRefused,
+    StoreUnavailable,
+)
 from ingest.kafka import ensure_topics, make_consumer, make_producer, running
 from ingest.metrics import ConsumerMetrics
 from ingest.offsets import ContiguousOffsets, StoredOffsets
 from ingest.rate_limit import DeviceRateLimiter
-from ingest.rows import unregistered_letters, unstorable_letters, validate_batch
+from ingest.rows import (
+    conflict_letters,
+    unregistered_letters,
+    unstorable_letters,
+    validate_batch,
+)
 from ingest.settings import Settings
 from ingest.store import UsageStore
 from schemas.errors import Reason
@@ -297,14 +309,19 @@ class Consumer:
                 )
                 break
             except RowsRefused as refused:
-                # What PostgreSQL will never take is dead-lettered (in the retried
-                # write, with the batch's other letters); the rest is written.
-                log.warning("%s; dead-lettering them as unstorable", refused)
-                unstorable = unstorable_letters(refused.rows)
+                # What PostgreSQL will never take, and resends that contradict a stored
+                # message, are dead-lettered (in the retried write, with the batch's
+                # other letters); the rest is written.
+                if isinstance(refused, ConflictingDuplicates):
+                    log.warning("%s; dead-lettering them as conflicting duplicates", refused)
+                    refusals = conflict_letters(refused.rows)
+                else:
+                    log.warning("%s; dead-lettering them as unstorable", refused)
+                    refusals = unstorable_letters(refused.rows)
                 letters = letters + await self._retry(
-                    "registry", enricher.describe_letters, unstorable
+                    "registry", enricher.describe_letters, refusals
                 )
-                dead = dead + unstorable
+                dead = dead + refusals
                 gone = {id(row) for row, _ in refused.rows}
                 rows = [row for row in rows if id(row) not in gone]
         stage("store")

@@ -55,6 +55,22 @@ class RowsRefused(UsagepipeError):
         super().__init__(f"PostgreSQL refused {len(rows)} row(s): {shown}{more}")
 
 
+class ConflictingDuplicates(RowsRefused):
+    """Rows of a write whose message id `(device_id, boot_id, seq)` is already stored,
+    or is earlier in the same write, with other content (event time, schema, schema
+    version or body): an id names one message, and the first one stored stays. `rows`
+    pairs each with what differs. Nothing of the write was kept; the rest can be
+    written again without them, and these are dead-lettered `conflicting_duplicate`."""
+
+    def __init__(self, rows: list[tuple[UsageRow, str]]) -> None:
+        super().__init__(rows)
+        shown = "; ".join(message for _, message in rows[:3])
+        more = f" (and {len(rows) - 3} more)" if len(rows) > 3 else ""
+        UsagepipeError.__init__(
+            self, f"{len(rows)} row(s) conflict with stored messages: {shown}{more}"
+        )
+
+
 class RegistryLookupFailed(UsagepipeError):
     """The device registry could not be read (down, or slower than the lookup timeout);
     the batch waits and is retried, never stored without enrichment."""

@@ -251,6 +251,8 @@ class UsageTables:
                 for start in expired:
                     await conn.execute(f"DROP TABLE {self._partition_name(start)}")
                 await conn.execute(f"DELETE FROM {t}_default WHERE event_time < $1", cutoff)
+                # Every partition before the one the cutoff falls in is gone.
+                await forget_ids(conn, t, partition_start(cutoff, interval))
                 await self._expire_letters(conn, cutoff)
                 await conn.execute(
                     f"UPDATE {t}_layout SET retained_from = $1"
@@ -276,6 +278,8 @@ class UsageTables:
             rows = await conn.fetch(
                 "SELECT drop_chunks($1::regclass, older_than => $2::timestamptz)", t, cutoff
             )
+            # A chunk holding an earlier row ends before the cutoff: it is gone.
+            await forget_ids(conn, t, cutoff - self.layout.partition_interval)
             await self._expire_letters(conn, cutoff)
             await conn.execute(
                 f"UPDATE {t}_layout SET retained_from = $1"
@@ -283,6 +287,14 @@ class UsageTables:
                 cutoff,
             )
         return [str(r[0]) for r in rows]
+
+
+async def forget_ids(conn: Connection, t: str, before: datetime) -> None:
+    """Delete the message ids of rows before `before` from `<t>_ids` (migration 007),
+    in the caller's transaction, once retention has dropped those rows. The partition
+    (or chunk) the cutoff falls in stays, with its rows older than the cutoff, and so
+    must their ids: `before` is never after its start."""
+    await conn.execute(f"DELETE FROM {t}_ids WHERE event_time < $1", before)
 
 
 def partition_probes(rows: Sequence[UsageRow], interval: timedelta) -> Iterable[datetime]:
@@ -320,6 +332,7 @@ async def drop_usage_tables(conn: Connection, t: str) -> None:
         "rollup_invalidations",
         "erasures",
         "dead_letters",
+        "ids",
     )
     tables = ", ".join([t, *(f"{t}_{suffix}" for suffix in derived)])
     for attempt in range(1, _DROP_ATTEMPTS + 1):

@@ -22,7 +22,9 @@ module and `retriable`:
      +-- StoreUnavailable         True   ingest.errors: PostgreSQL unreachable, or the
      |                                   transaction failed and was rolled back
      +-- RowsRefused              False  ingest.errors: PostgreSQL refused rows for what they
-     |                                   hold; they are dead-lettered, the rest is written
+     |    |                              hold; they are dead-lettered, the rest is written
+     |    +-- ConflictingDuplicates      ingest.errors: rows whose message id is stored
+     |                                   with other content; dead-lettered likewise
      +-- RegistryLookupFailed     True   ingest.errors: the registry did not answer in time
      +-- FramingError             True   ingest.mqtt_wire: a packet from the broker over the
      |                                   limit, malformed, or its handler raised; the
@@ -110,6 +112,14 @@ class Reason(StrEnum):
     """Valid, but the store cannot hold it: PostgreSQL refused its row with a data
     exception or an integrity violation (the letter carries the database's message),
     or it could not be made a row at all. The rest of its batch is stored."""
+    DUPLICATE_KEY = "duplicate_key"
+    """An object in the payload holds the same key twice (`{"seq": 14, "seq": 1014}`):
+    JSON parsers disagree on which value wins, so the message means nothing for sure."""
+    CONFLICTING_DUPLICATE = "conflicting_duplicate"
+    """Another message with the same `(device_id, boot_id, seq)` is already stored (or
+    earlier in the same batch) and this one differs from it: another event time, schema,
+    schema version or body. The first one stays; the id names one message for good. An
+    identical resend is a duplicate, dropped and counted, never dead-lettered."""
 
 
 class UsagepipeError(Exception):

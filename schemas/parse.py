@@ -6,6 +6,7 @@ refused message carries exactly one reason code:
     1. size > max_bytes                          -> OVERSIZE
     2. not valid UTF-8                           -> INVALID_UTF8
     3. not JSON, or not a JSON object            -> INVALID_JSON
+       the same key twice in one object          -> DUPLICATE_KEY
     4. NaN, Infinity, -Infinity or a number that
        overflows a double (1e400) anywhere       -> NON_FINITE_NUMBER
     5. envelope fields wrong, or a NUL character
@@ -29,6 +30,14 @@ message holding one would be refused by the store after it passed here. It can o
 be written as the escape `\\u0000`, so only a message whose bytes hold that escape is
 searched for one (a byte scan, free for every other message).
 
+A key given twice in one object (`{"seq": 14, "seq": 1014}`) is refused: the parser
+keeps the last value, other JSON readers the first, so the message has no one meaning.
+Finding one costs two byte counts, not a second parse: a message holds twice as many
+`"` as the keys and strings it parses into, and each key dropped by a repeat leaves two
+more (`_may_repeat_keys`, which also says when that count cannot be trusted). Only a
+message whose count disagrees is parsed again, key by key, to name the repeated key
+and where.
+
 Integers are kept exact: a body value of 10**30 reaches the model unchanged and is
 refused by its range check. Numbers with more than 4300 digits, and JSON nested deeper
 than 200 levels, are refused by the parser as INVALID_JSON.
@@ -36,10 +45,12 @@ than 200 levels, are refused by the parser as INVALID_JSON.
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 from pydantic_core import from_json
 
@@ -75,6 +86,8 @@ def parse_telemetry(
         envelope = Envelope.model_validate_json(raw)
     except ValidationError as exc:
         raise _first_failed_rule(raw, exc) from None
+    if _may_repeat_keys(raw, envelope.body):
+        _refuse_duplicate_key(raw)
     if b"\\u0000" in raw:
         _refuse_nul(raw)
 
@@ -123,6 +136,90 @@ def _expired(event_time: datetime, now: datetime, max_age: timedelta | None) -> 
             f"event_time: {event_time.isoformat()} is older than the {max_age} before the"
             f" receive time {now.isoformat()} that the store keeps"
         )
+    return None
+
+
+_ENVELOPE_QUOTES = 2 * (7 + 4)
+"""The `"` of a valid envelope outside its body: 7 keys, 4 strings (device_id, boot_id,
+event_time, schema; strict, so each is a JSON string and no other field is)."""
+
+
+def _may_repeat_keys(raw: bytes, body: dict[str, Any]) -> bool:
+    """Whether `raw`, which parsed into a valid envelope with `body`, may hold a key
+    twice in one object; False means it holds none.
+
+    Every key and string in raw is delimited by two `"`; raw's other `"` are escaped
+    ones inside strings. orjson writes the parsed body the same way, escaping each `"`
+    inside a string. So where the parsed body's strings hold no `"`, raw holds at least
+    the envelope's and the dump's count, more exactly when a repeated key was dropped
+    (with two `"` at least) or boot_id holds an escaped `"` (then the slow check finds
+    nothing). A body whose dump holds a backslash (a string holding a `"`, which raw
+    may write `\\u0022` so that no count sees it) always takes the slow check. About
+    0.7 us of a valid message's 8 (measured against the same parse without it).
+    """
+    try:
+        dumped = orjson.dumps(body)
+    except orjson.JSONEncodeError:  # an integer beyond 64 bits, which the body refuses
+        return True
+    return raw.count(b'"') != _ENVELOPE_QUOTES + dumped.count(b'"') or b"\\" in dumped
+
+
+def _refuse_duplicate_key(raw: bytes) -> None:
+    """Raise DUPLICATE_KEY naming the first object of `raw` that holds a key twice, and
+    the key; nothing if none does."""
+    found = _duplicate_key(raw)
+    if found is not None:
+        raise InvalidTelemetry(Reason.DUPLICATE_KEY, found)
+
+
+class _Repeated(dict[str, Any]):
+    """A parsed JSON object that held `key` more than once."""
+
+    key = ""
+
+
+def _repeated_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads`'s object hook: the object, marked if a key repeats."""
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            break
+        seen.add(key)
+    marked = _Repeated(obj)
+    marked.key = key
+    return marked
+
+
+def _duplicate_key(raw: bytes) -> str | None:
+    """Where the first key given twice in one object of `raw` is, as a message, or None
+    (also for bytes that are not JSON: other rules name that)."""
+    try:
+        document = json.loads(raw, object_pairs_hook=_repeated_pairs)
+    except (ValueError, RecursionError):
+        return None
+    return _repeated_path(document, "")
+
+
+def _repeated_path(value: Any, path: str) -> str | None:
+    if isinstance(value, _Repeated):
+        where = f"{path}.{value.key}" if path else value.key
+        return (
+            f"{where}: the key {value.key!r} appears more than once in"
+            f" {path or 'the envelope'}; a key may be given once"
+        )
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _repeated_path(item, f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _repeated_path(item, f"{path}[{index}]")
+            if found is not None:
+                return found
     return None
 
 
@@ -184,6 +281,9 @@ def _first_failed_rule(raw: bytes, exc: ValidationError) -> InvalidTelemetry:
             Reason.INVALID_JSON,
             f"expected a JSON object, got a JSON {_json_type(document)}",
         )
+    repeated = _duplicate_key(raw)
+    if repeated is not None:
+        return InvalidTelemetry(Reason.DUPLICATE_KEY, repeated)
     non_finite = _non_finite_path(document, "")
     if non_finite is not None:
         return InvalidTelemetry(Reason.NON_FINITE_NUMBER, non_finite)

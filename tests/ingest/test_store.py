@@ -17,7 +17,7 @@ import pytest
 from asyncpg.pool import PoolConnectionProxy
 
 import ingest
-from ingest.errors import ConfigurationError, RowsRefused
+from ingest.errors import ConfigurationError, ConflictingDuplicates, RowsRefused
 from ingest.rollups import (
     DETAIL,
     RefreshReport,
@@ -102,6 +102,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         "004_device_daily",
         "005_settled_refresh",
         "006_erasure_checks",
+        "007_message_ids",
         "008_dead_letters",
     ]
     assert second.applied == []
@@ -113,9 +114,10 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
             "SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE relname = $1",
             f"{t}_default",
         )
-        key = await conn.fetchval(
-            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conname = $1",
-            f"{t}_pkey",
+        keys = await conn.fetch(
+            "SELECT conname, pg_get_constraintdef(oid) AS key FROM pg_constraint"
+            " WHERE conname = ANY($1::text[]) ORDER BY 1",
+            [f"{t}_pkey", f"{t}_ids_pkey"],
         )
         migrations = await conn.fetch(
             "SELECT version, name FROM schema_migrations WHERE component = $1", f"store.{t}"
@@ -123,7 +125,8 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
     finally:
         await conn.close()
     assert (kind, default) == ("p", "DEFAULT")
-    assert key == "PRIMARY KEY (device_id, boot_id, seq, event_time)"
+    # The message id is the key (007): of the ids table; the usage table has none.
+    assert [tuple(k) for k in keys] == [(f"{t}_ids_pkey", "PRIMARY KEY (device_id, boot_id, seq)")]
     assert [tuple(m) for m in migrations] == [
         (1, "001_usage"),
         (2, "002_enrichment"),
@@ -131,6 +134,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         (4, "004_device_daily"),
         (5, "005_settled_refresh"),
         (6, "006_erasure_checks"),
+        (7, "007_message_ids"),
         (8, "008_dead_letters"),
     ]
 
@@ -148,7 +152,7 @@ def test_db_migrate_command_prints_the_layout(
     layout = "layout: partitioned, partitions of 24 h"
     applied = (
         "001_usage, 002_enrichment, 003_rollup_refresh, 004_device_daily,"
-        " 005_settled_refresh, 006_erasure_checks, 008_dead_letters"
+        " 005_settled_refresh, 006_erasure_checks, 007_message_ids, 008_dead_letters"
     )
     assert out[:2] == [
         f"usage table '{t}' is up to date ({applied}); {layout}",
@@ -187,14 +191,16 @@ async def test_the_default_partition_takes_what_has_no_partition_until_one_is_ma
 ) -> None:
     t = store.table
     at = datetime(2025, 6, 1, 12, tzinfo=UTC)
-    # A writer that does not create partitions (say, a manual backfill) lands in DEFAULT.
+    # A writer that does not create partitions (say, a manual backfill, which writes
+    # the ids too) lands in DEFAULT.
     async with store.pool.acquire() as conn:
         await conn.execute(
             f"INSERT INTO {t} (device_id, boot_id, seq, event_time, schema, schema_version,"
             " body, kafka_partition, kafka_offset)"
-            " VALUES ('d9', 'b1', 7, $1, 'washer.energy', 1, '{}', 0, 0)",
+            " VALUES ('d9', 'b1', 7, $1, 'washer.energy', 1, '{\"energy_wh\": 2.5}', 0, 0)",
             at,
         )
+        await conn.execute(f"INSERT INTO {t}_ids VALUES ('d9', 'b1', 7, $1, NULL)", at)
     assert await where_rows_are(store) == [("d9", 7, f"{t}_default")]
     # The store needs that day's partition: the row moves into it, nothing is refused.
     assert await store.write([row("d9", 8, at + HOUR), row("d9", 7, at)]) == 1
@@ -204,7 +210,7 @@ async def test_the_default_partition_takes_what_has_no_partition_until_one_is_ma
     ]
 
 
-async def test_dedup_key_is_device_boot_seq_and_event_time(either: UsageStore) -> None:
+async def test_dedup_key_is_device_boot_seq(either: UsageStore) -> None:
     store = either
     at = datetime(2026, 2, 1, 8, tzinfo=UTC)
     first = [row("d1", 1, at), row("d1", 2, at), row("d1", 1, at, boot="b2")]
@@ -212,12 +218,22 @@ async def test_dedup_key_is_device_boot_seq_and_event_time(either: UsageStore) -
     assert await store.write(first) == 0  # redelivered batch: all duplicates
     # Within one batch too, and mixed with new rows.
     assert await store.write([row("d1", 3, at), row("d1", 3, at), row("d1", 2, at)]) == 1
-    # The same (device, boot, seq) with another event time is another event.
-    assert await store.write([row("d1", 1, at + timedelta(seconds=1))]) == 1
+    # The same (device, boot, seq) with another event time is the same message, resent
+    # with other content: refused, and nothing of its write is kept.
+    later = row("d1", 1, at + timedelta(seconds=1))
+    with pytest.raises(ConflictingDuplicates) as caught:
+        await store.write([row("d1", 4, at), later])
+    assert [(r, why) for r, why in caught.value.rows] == [
+        (
+            later,
+            "(device_id, boot_id, seq) = ('d1', 'b1', 1) is already stored with other"
+            " content; this message differs in event_time (2026-02-01T08:00:01+00:00, not"
+            " 2026-02-01T08:00:00+00:00). One id names one message: the first stays",
+        )
+    ]
     keys = await store.fetch("SELECT device_id, boot_id, seq, event_time FROM {table}")
     assert sorted(tuple(k) for k in keys) == [
         ("d1", "b1", 1, at),
-        ("d1", "b1", 1, at + timedelta(seconds=1)),
         ("d1", "b1", 2, at),
         ("d1", "b1", 3, at),
         ("d1", "b2", 1, at),
@@ -566,6 +582,9 @@ async def test_retention_drops_only_partitions_wholly_older_than_the_cutoff(
             ("d1", 4, f"{t}_p2026010913"),
             ("d2", 2, f"{t}_default"),
         ]
+        # The ids of the dropped rows go too (those written around the store had none).
+        ids = await store.fetch("SELECT device_id, seq FROM {table}_ids ORDER BY 1, 2")
+        assert [tuple(i) for i in ids] == [("d1", 3), ("d1", 4)]
         async with store.pool.acquire() as conn:
             hourly_after = await conn.fetch(f"SELECT * FROM {t}_hourly ORDER BY bucket")
             assert await conn.fetchval(f"SELECT retained_from FROM {t}_layout") == cutoff

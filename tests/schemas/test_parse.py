@@ -419,3 +419,77 @@ def test_an_escaped_backslash_before_u0000_is_no_nul() -> None:
     raw = encode(document)
     assert b"\\\\u0000" in raw
     assert parse(raw).boot_id == "b\\u0000oot"
+
+
+def repeat_in_envelope(raw: bytes, repeat: bytes) -> bytes:
+    """`raw` with `repeat` (`"key":value`) added as the envelope's first member."""
+    assert raw.startswith(b"{")
+    return b"{" + repeat + b"," + raw[1:]
+
+
+def repeat_in_body(raw: bytes, repeat: bytes) -> bytes:
+    """`raw` with `repeat` added as its body's first member."""
+    assert raw.count(b'"body":{') == 1
+    return raw.replace(b'"body":{', b'"body":{' + repeat + b",")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            repeat_in_envelope(VALID, b'"seq":1014'),
+            "seq: the key 'seq' appears more than once in the envelope",
+        ),
+        (  # the last value is the valid one: refused all the same
+            repeat_in_envelope(VALID, b'"seq":"fourteen"'),
+            "seq: the key 'seq' appears more than once in the envelope",
+        ),
+        (  # the last value is not: the repeat is named, not the schema violation
+            VALID.replace(b'"seq":', b'"seq":-1,"seq":'),
+            "seq: the key 'seq' appears more than once in the envelope",
+        ),
+        (
+            repeat_in_body(VALID, b'"energy_wh":1'),
+            "body.energy_wh: the key 'energy_wh' appears more than once in body",
+        ),
+        (  # at any depth, before the body's own checks (no such field)
+            repeat_in_body(VALID, b'"phases":[{"spin":1},{"spin":2,"spin":3}]'),
+            "body.phases[1].spin: the key 'spin' appears more than once in body.phases[1]",
+        ),
+        (  # whitespace around the colons changes nothing
+            repeat_in_envelope(VALID, b'"boot_id" : "other"'),
+            "boot_id: the key 'boot_id' appears more than once in the envelope",
+        ),
+        (  # a `"` in a body string, written so that no `"` byte shows it
+            repeat_in_body(VALID, b'"note":"\\u0022","energy_wh":1'),
+            "body.energy_wh: the key 'energy_wh' appears more than once in body",
+        ),
+    ],
+    ids=[
+        "envelope",
+        "envelope-last-valid",
+        "envelope-last-invalid",
+        "body",
+        "nested",
+        "whitespace",
+        "escaped-quote",
+    ],
+)
+def test_a_repeated_key_is_refused_where_it_is(raw: bytes, message: str) -> None:
+    """JSON readers disagree on which of two values of one key wins: a message holding
+    a key twice in one object means nothing for sure, and is refused naming the key."""
+    error = refused(raw)
+    assert error.reason is Reason.DUPLICATE_KEY
+    assert error.message == f"{message}; a key may be given once"
+
+
+def test_a_repeated_key_comes_before_a_nul_character() -> None:
+    raw = repeat_in_envelope(VALID.replace(b'"boot_id":"', b'"boot_id":"\\u0000'), b'"seq":1')
+    assert refused(raw).reason is Reason.DUPLICATE_KEY
+
+
+@pytest.mark.parametrize("boot_id", ['b"oot', "b\\oot", 'b"', '"'])
+def test_quotes_and_backslashes_in_strings_are_no_repeat(boot_id: str) -> None:
+    document = envelope()
+    document["boot_id"] = boot_id
+    assert parse(encode(document)).boot_id == boot_id
