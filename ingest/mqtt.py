@@ -31,7 +31,7 @@ queued: each PUBACK lets a whole Receive Maximum more out of its queue):
 - Packet ids in use: a PUBLISH whose packet id is that of a message received on this
   connection and not yet acknowledged means the broker ran out of ids (it has more than
   65,535 in flight) and reused one. It is counted (`reused_packet_ids`, `on_reused_id`)
-  and logged, and taken as the new message it is: PUBACKs go out in the order the
+  and logged (the first ten, then every thousandth), and taken as the new message it is: PUBACKs go out in the order the
   messages came, and a broker matches a PUBACK to the oldest message in flight with its
   id (Mosquitto does), so each acknowledges the right one.
 
@@ -490,6 +490,10 @@ class MqttClient:
 
     def _reused_id(self, mid: int, topic: str) -> None:
         self.reused_packet_ids += 1
+        if self._on_reused_id is not None:
+            self._on_reused_id(mid)
+        if self.reused_packet_ids > 10 and self.reused_packet_ids % 1000:
+            return  # the first ten, then every thousandth: a broker that does it, does it a lot
         log.warning(
             "%s: the broker sent packet id %d (on %s) while a message it sent with that id"
             " is unacknowledged: it has more than 65,535 messages in flight to this client;"
@@ -499,8 +503,6 @@ class MqttClient:
             topic,
             self.reused_packet_ids,
         )
-        if self._on_reused_id is not None:
-            self._on_reused_id(mid)
 
     def _handle_publish(
         self,
