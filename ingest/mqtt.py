@@ -31,9 +31,10 @@ queued: each PUBACK lets a whole Receive Maximum more out of its queue):
 - Packet ids in use: a PUBLISH whose packet id is that of a message received on this
   connection and not yet acknowledged means the broker ran out of ids (it has more than
   65,535 in flight) and reused one. It is counted (`reused_packet_ids`, `on_reused_id`)
-  and logged (the first ten, then every thousandth), and taken as the new message it is: PUBACKs go out in the order the
-  messages came, and a broker matches a PUBACK to the oldest message in flight with its
-  id (Mosquitto does), so each acknowledges the right one.
+  and logged (the first ten, then every thousandth), and taken as the new message it
+  is: PUBACKs go out in the order the messages came, and a broker matches a PUBACK to
+  the oldest message in flight with its id (Mosquitto does), so each acknowledges the
+  right one.
 
 Subscriptions ask for Retain Handling 2: the broker sends no retained message when a
 subscription is made. usagepipe's topics carry streams, never last values, and a

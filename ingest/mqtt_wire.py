@@ -162,7 +162,8 @@ class BufferedClient(paho.Client):
         is a protocol error (MQTT v5 3.1.2.11.4) and closes the connection before any of
         it is buffered."""
         self._buf = bytearray()
-        """Bytes received but not yet framed: from `_pos` on, at most one packet's worth."""
+        """Bytes received but not yet framed, from `_pos` on: an incomplete packet, or
+        what a hold left (at most a read's worth and a packet)."""
         self._pos = 0
         self.on_publish_received: PublishHandler | None = None
         self.held = False
@@ -275,7 +276,8 @@ class BufferedClient(paho.Client):
 
     def _frame(self, buf: bytes | bytearray, pos: int) -> int:
         """Handle every whole packet in `buf` from `pos` on; return where the first
-        incomplete one starts. Raises `FramingError` for a packet that cannot be framed."""
+        incomplete one starts (or the PUBLISH a hold stopped at). Raises `FramingError`
+        for a packet that cannot be framed."""
         end_of_data = len(buf)
         self.stopped_by_hold = False
         fast = self.on_publish_received
