@@ -229,21 +229,26 @@ class BufferedClient(paho.Client):
             return MQTTErrorCode.MQTT_ERR_SUCCESS
         return self._frame_and_keep(self._buf, self._pos)
 
-    def hold_keepalive(self) -> None:
+    def hold_keepalive(self) -> MQTTErrorCode:
         """While held: bytes waiting unread in the socket show the broker alive, as
         paho's keepalive would have seen had they been read (the PINGRESP it waits for
-        is among them, behind the PUBLISHes not read yet). A broker gone silent still
-        sends nothing, so paho's keepalive still notices it."""
+        is among them, behind the PUBLISHes not read yet). With nothing waiting the
+        clock stands, so paho's keepalive notices a broker gone silent; a broker that
+        closed the connection (its end reached, nothing unread before it) is taken as
+        lost at once, as a read would have; one that reset it fails the next PINGREQ."""
         sock = self._sock  # paho private: paho's socket
         if not isinstance(sock, socket.socket):
-            return
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
         try:
             # The raw socket's recv, also under TLS: bytes arrived, encrypted or not.
             waiting = socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except OSError:  # BlockingIOError included: nothing waiting
-            return
-        if waiting:
-            self._last_bytes_received = time.monotonic()  # paho private: keepalive clock
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        if not waiting:
+            self.reset_buffer()
+            return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)  # paho private
+        self._last_bytes_received = time.monotonic()  # paho private: keepalive clock
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _frame_and_keep(self, buf: bytes | bytearray, pos: int) -> MQTTErrorCode:
         """Frame `buf` from `pos`; keep the incomplete (or held) rest for later."""

@@ -304,3 +304,14 @@ def test_while_held_bytes_waiting_in_the_socket_keep_the_keepalive_clock() -> No
         client.hold_keepalive()
         assert client._last_bytes_received > 0.0
         assert ours.recv(16) == b"\xd0\x00"  # only peeked: the bytes are still there
+
+
+def test_while_held_a_connection_the_broker_closed_is_taken_as_lost() -> None:
+    client, _ = _client()
+    ours, broker = socket.socketpair()
+    with ours:
+        ours.setblocking(False)
+        client._sock = ours
+        broker.close()
+        assert client.hold_keepalive() == MQTTErrorCode.MQTT_ERR_CONN_LOST
+        assert client._sock is None
