@@ -19,10 +19,11 @@ from prometheus_client import CollectorRegistry
 
 from ingest.bridge import Bridge
 from ingest.metrics import BridgeMetrics
+from ingest.mqtt import MqttClient
 from ingest.settings import BridgeSettings, MqttSettings, Settings
 from tests.conftest import free_port
 from tests.mqtt_peers import CountingProxy, ScriptedBroker
-from tests.pipeline import publish_payloads, read_to_end
+from tests.pipeline import publish_payloads, read_to_end, wait_for
 from usagepipe.services import MosquittoBroker
 
 
@@ -134,3 +135,46 @@ async def test_a_backlog_larger_than_the_window_drains_each_message_once_within_
     assert (proxy.publishes, proxy.pubacks) == (count, count)  # none redelivered
     raw = await read_to_end(settings, settings.kafka.raw_topic)
     assert sorted(r.value for r in raw) == sorted(payload for _, _, payload in messages)
+
+
+async def test_a_held_client_keeps_its_connection_through_many_keepalives(
+    settings: Settings, mosquitto: MosquittoBroker
+) -> None:
+    # keepalive 1 s (below the setting's floor of 5, for a short test): held for 5 s,
+    # the broker would drop a client that sent nothing for 1.5 s, and paho would drop
+    # a broker whose PINGRESP it did not see within a keepalive.
+    mqtt = mosquitto.mqtt_settings(settings.mqtt).model_copy(update={"keepalive_s": 1})
+    topic = f"{mqtt.topic_prefix}devices/dev-1/telemetry"
+    got: list[tuple[int, int]] = []
+    two = asyncio.Event()
+
+    def on_message(topic: str, mid: int, payload: bytes, retain: bool, generation: int) -> None:
+        got.append((mid, generation))
+        if len(got) == 2:
+            client.hold()
+            two.set()
+
+    client = MqttClient(
+        mqtt,
+        client_id=f"{settings.bridge.client_id}-held",
+        manual_ack=True,
+        receive_maximum=100,
+        subscriptions=[topic],
+        on_raw_message=on_message,
+    )
+    async with client:
+        await client.wait_subscribed()
+        payloads = [b'{"device_id":"dev-1","n":%d}' % n for n in range(10)]
+        await publish_payloads(
+            settings.model_copy(update={"mqtt": mqtt}), "held-pub", topic, payloads
+        )
+        async with asyncio.timeout(30):
+            await two.wait()
+        await asyncio.sleep(5)
+        assert (len(got), client.generation, client.connected.is_set()) == (2, 1, True)
+        client.release()
+        await wait_for(lambda: len(got) == 10, "the other 8 messages")
+        assert client.ack_many([mid for mid, _ in got], 1)
+        assert (client.generation, client.connected.is_set()) == (1, True)
+        assert {generation for _, generation in got} == {1}
+        assert len({mid for mid, _ in got}) == 10
