@@ -115,18 +115,41 @@ class ScriptedBroker:
             await writer.drain()
 
 
+def publish_fields(first: int, body: bytes) -> tuple[int, bytes]:
+    """The packet id and payload of an MQTT v5 PUBLISH's body (QoS 1 or 2)."""
+    topic_end = 2 + int.from_bytes(body[:2], "big")
+    mid = int.from_bytes(body[topic_end : topic_end + 2], "big")
+    length, mult, i = 0, 1, topic_end + 2
+    while True:
+        byte = body[i]
+        length += (byte & 127) * mult
+        mult <<= 7
+        i += 1
+        if byte < 128:
+            return mid, body[i + length :]
+
+
 class CountingProxy:
     """Forwards 127.0.0.1:`port` to a broker on `target_port`, counting QoS 1 PUBLISHes
     passed to the client and PUBACKs passed back: `unacked` is their difference (what
     the broker has sent and not had acknowledged, in flight or in the socket buffers),
-    `peak_unacked` its highest."""
+    `peak_unacked` its highest; `acknowledged` holds the payloads of the messages whose
+    PUBACK it passed to the broker.
 
-    def __init__(self, port: int, target_port: int) -> None:
+    With `cut_after_pubacks`, the first connection is cut once that many PUBACKs came
+    from the client: that PUBACK goes no further, the client's side is closed at once,
+    the broker's once it answered a PINGREQ sent after the PUBACKs before it (so it has
+    read every one). Later connections are not cut."""
+
+    def __init__(self, port: int, target_port: int, cut_after_pubacks: int | None = None) -> None:
         self.port = port
         self.target_port = target_port
+        self.cut_after_pubacks = cut_after_pubacks
+        self.connections = 0
         self.publishes = 0
         self.pubacks = 0
         self.peak_unacked = 0
+        self.acknowledged: set[bytes] = set()
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
 
@@ -153,26 +176,64 @@ class CountingProxy:
                 await pipe
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        cut = self.cut_after_pubacks if self.connections == 1 else None
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        for source, sink, down in ((reader, up_writer, False), (up_reader, writer, True)):
-            task = asyncio.create_task(self._pipe(source, sink, down))
+        link = _Link(down=writer, up=up_writer, cut_after=cut)
+        for source, down in ((reader, False), (up_reader, True)):
+            task = asyncio.create_task(self._pipe(source, link, down))
             self._pipes.add(task)
             task.add_done_callback(self._pipes.discard)
 
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, down: bool
-    ) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, link: _Link, down: bool) -> None:
+        writer = link.down if down else link.up
         try:
             while True:
-                first, _, raw = await read_packet(reader)
+                first, body, raw = await read_packet(reader)
+                if link.cut:
+                    if down and first == 0xD0:  # our PINGRESP: every PUBACK before it is in
+                        return
+                    continue  # the broker's last words after the cut: read, dropped
                 if down and first >> 4 == 3 and first & 0x06:
                     self.publishes += 1
                     self.peak_unacked = max(self.peak_unacked, self.unacked)
+                    mid, payload = publish_fields(first, body)
+                    link.sent.setdefault(mid, []).append(payload)
                 elif not down and first >> 4 == 4:
                     self.pubacks += 1
-                writer.write(raw)
-                await writer.drain()
+                    if link.cut_after is not None and self.pubacks >= link.cut_after:
+                        link.cut = True
+                        link.down.close()
+                        writer.write(b"\xc0\x00")  # PINGREQ
+                        return
+                    pending = link.sent.get(int.from_bytes(body[:2], "big"))
+                    if pending:
+                        self.acknowledged.add(pending.pop(0))
+                try:
+                    writer.write(raw)
+                    await writer.drain()
+                except (ConnectionError, OSError):
+                    if not link.cut:
+                        raise
+                    # Cut while this waited to be written: read on to the PINGRESP.
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
-            writer.close()
+            if down or not link.cut:
+                writer.close()
+            if down and link.cut:
+                link.up.close()
+
+
+class _Link:
+    """One proxied connection: its writers toward the client and the broker, and the
+    payloads of its PUBLISHes not yet acknowledged, by packet id."""
+
+    def __init__(
+        self, *, down: asyncio.StreamWriter, up: asyncio.StreamWriter, cut_after: int | None
+    ) -> None:
+        self.down = down
+        self.up = up
+        self.cut_after = cut_after
+        self.cut = False
+        self.sent: dict[int, list[bytes]] = {}
