@@ -20,8 +20,15 @@ Per message, the costs that remain are the intake checks and framing: MQTT packe
 framed without paho's per-message objects (`ingest.mqtt_wire`), records are appended to
 batches without a coroutine or future each, and PUBACKs go out many to a write.
 
-How many messages are in flight is bounded by the MQTT v5 Receive Maximum the bridge
-announces: the broker sends no more until the bridge acknowledges some.
+The bridge holds at most `bridge.max_inflight` messages unacknowledged (received, not
+yet PUBACKed or dropped), whatever the broker sends. It announces that number as its
+MQTT v5 Receive Maximum, which should be enough; but a broker may overshoot it (Mosquitto
+2.0.11, draining a backlog, lets a whole Receive Maximum more out of its queue with each
+PUBACK, until everything queued is in flight). So the bridge counts its window itself:
+when it is full the MQTT client is held (`MqttClient.hold`: the framer stops before the
+next PUBLISH and the socket is not read, so the rest waits in the kernel's buffers and
+the broker's queue) and released as PUBACKs free room. A packet id the broker reuses
+while its earlier message is unacknowledged is counted and logged (`ingest.mqtt`).
 
 Intake checks only what is cheap and certain before Kafka (`check_payload`): a payload
 larger than `bridge.max_payload_bytes` (OVERSIZE), or one whose `device_id` differs from
@@ -116,6 +123,13 @@ class BridgeReport:
     rejected: dict[str, int] = field(default_factory=dict)
     """Messages dead-lettered instead of forwarded (Kafka confirmed), by reason."""
     send_retries: int = 0
+    peak_unacked: int = 0
+    """The most messages held unacknowledged at once (never above `bridge.max_inflight`)."""
+    holds: int = 0
+    """Times the window filled and the bridge stopped taking messages until PUBACKs freed room."""
+    reused_packet_ids: int = 0
+    """Messages that came with the packet id of one still unacknowledged (the broker's
+    ids ran out)."""
     elapsed_s: float = 0.0
     stopped_by: str = ""
     per_topic: dict[str, int] = field(default_factory=dict)
@@ -221,6 +235,11 @@ class Bridge:
         self._incoming_ready = asyncio.Event()
         self._unacked: deque[_InFlight] = deque()
         self._unacked_ready = asyncio.Event()
+        self._window = 0
+        """Messages received and not yet acknowledged or dropped: those in `_incoming`
+        and `_unacked` together, of every connection."""
+        self._window_max = settings.bridge.max_inflight
+        self._holding = False
         self._stopping = asyncio.Event()
         self._drained = asyncio.Event()
         self._accepting = True
@@ -283,6 +302,7 @@ class Bridge:
             subscriptions=[subscription(s)],
             on_raw_message=self._on_message,
             max_packet_size=s.bridge.max_packet_bytes,
+            on_reused_id=self._on_reused_id,
         )
         self._mqtt = mqtt
         async with running(producer), mqtt:
@@ -326,6 +346,10 @@ class Bridge:
         )
         return self.report
 
+    def _on_reused_id(self, mid: int) -> None:
+        self.report.reused_packet_ids += 1
+        self._metrics.reused_packet_ids.inc()
+
     async def _timer(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
         self.stop(f"after {seconds:g}s")
@@ -361,6 +385,14 @@ class Bridge:
         self._incoming.append(item)
         if not self._incoming_ready.is_set():
             self._incoming_ready.set()
+        self._window += 1
+        self.report.peak_unacked = max(self.report.peak_unacked, self._window)
+        if self._window >= self._window_max and not self._holding:
+            self._holding = True
+            self.report.holds += 1
+            self._metrics.holds.inc()
+            assert self._mqtt is not None
+            self._mqtt.hold()
 
     async def _produce(self, producer: AIOKafkaProducer) -> None:
         incoming = self._incoming
@@ -371,7 +403,8 @@ class Bridge:
                 continue
             items = [incoming.popleft() for _ in range(min(len(incoming), _HANDOFF_MAX))]
             self._metrics.received.inc(len(items))
-            self._metrics.inflight.inc(len(items))
+            self._metrics.inflight.set(self._window)
+            self._metrics.inflight_peak.set(self.report.peak_unacked)
             await self._send_batches(producer, items)
             self._unacked.extend(items)
             self._unacked_ready.set()
@@ -505,7 +538,11 @@ class Bridge:
                 rejected = self.report.rejected
                 rejected[item.refused.value] = rejected.get(item.refused.value, 0) + 1
         self._metrics.produced.inc(len(mids))
-        self._metrics.inflight.dec(len(mids))
+        self._window -= len(mids)
+        self._metrics.inflight.set(self._window)
+        if self._holding and self._window < self._window_max:
+            self._holding = False
+            mqtt.release()
         if mqtt.ack_many(mids, generation):
             self._metrics.acked.inc(len(mids))
             self.report.acked += len(mids)

@@ -61,7 +61,26 @@ class BridgeMetrics:
         )
         self.inflight = Gauge(
             "usagepipe_bridge_inflight_messages",
-            "MQTT messages received and not yet acknowledged.",
+            "MQTT messages received and not yet acknowledged (the bridge's window; at most"
+            " bridge.max_inflight).",
+            registry=registry,
+        )
+        self.inflight_peak = Gauge(
+            "usagepipe_bridge_inflight_peak_messages",
+            "The most MQTT messages held unacknowledged at once since the bridge started.",
+            registry=registry,
+        )
+        self.holds = Counter(
+            "usagepipe_bridge_holds_total",
+            "Times the window filled (bridge.max_inflight) and the bridge stopped reading"
+            " MQTT until PUBACKs freed room.",
+            registry=registry,
+        )
+        self.reused_packet_ids = Counter(
+            "usagepipe_bridge_reused_packet_ids_total",
+            "MQTT messages that came with the packet id of one still unacknowledged (the"
+            " broker had more than 65,535 in flight); each is forwarded and acknowledged in"
+            " order.",
             registry=registry,
         )
 

@@ -22,6 +22,20 @@ Two things paho leaves to its user are done here:
   after a backoff that grows while such errors repeat, so a message that fails every
   time it is delivered does not spin the loop.
 
+Two more things the bridge needs of a manual-ack subscriber, because a broker may send
+more than the Receive Maximum the client announced (Mosquitto 2.0.11 does, with a backlog
+queued: each PUBACK lets a whole Receive Maximum more out of its queue):
+- Holding: `hold()` stops taking messages (the framer stops before the next PUBLISH and
+  the socket is no longer read, so what the broker sends waits in the kernel's buffers
+  and the broker's queue) until `release()`. The bridge holds while its window is full.
+- Packet ids in use: a PUBLISH whose packet id is that of a message received on this
+  connection and not yet acknowledged means the broker ran out of ids (it has more than
+  65,535 in flight) and reused one. It is counted (`reused_packet_ids`, `on_reused_id`)
+  and logged (the first ten, then every thousandth), and taken as the new message it
+  is: PUBACKs go out in the order the messages came, and a broker matches a PUBACK to
+  the oldest message in flight with its id (Mosquitto does), so each acknowledges the
+  right one.
+
 Subscriptions ask for Retain Handling 2: the broker sends no retained message when a
 subscription is made. usagepipe's topics carry streams, never last values, and a
 retained message handed to every new subscriber would be ingested again each time.
@@ -112,6 +126,10 @@ class MqttClient:
     paho's message objects, to `on_raw_message` (topic, packet id, payload, RETAIN flag,
     generation; manual-ack only, acknowledged with `ack_many`).
 
+    `hold()` and `release()` stop and resume taking messages (manual-ack subscribers);
+    `on_reused_id` is called with a packet id the broker sent again while its message
+    was unacknowledged.
+
     `max_packet_size` is announced in CONNECT as MQTT v5 Maximum Packet Size and
     enforced on every packet read: the broker sends nothing larger (Mosquitto drops such
     a message without a word), and a packet claiming more closes the connection. The
@@ -134,6 +152,7 @@ class MqttClient:
         password: str | None = None,
         connect_timeout_s: float = 10.0,
         max_packet_size: int | None = None,
+        on_reused_id: Callable[[int], None] | None = None,
     ) -> None:
         self._settings = settings
         self.client_id = client_id
@@ -180,6 +199,16 @@ class MqttClient:
         """The Maximum Packet Size the broker announced in its last CONNACK (None: none)."""
         self._error_backoff = Backoff()
         self._last_error_at: float | None = None
+        self._held = False
+        self._reading = False
+        """Whether the loop watches the socket for reading (not while a hold stopped it)."""
+        self._unacked_ids: dict[int, int] = {}
+        """Packet ids received on this connection and not yet acknowledged (manual-ack
+        fast path), each with how many of its messages are unacknowledged: 2 or more only
+        when the broker reused an id in use."""
+        self._on_reused_id = on_reused_id
+        self.reused_packet_ids = 0
+        """PUBLISHes that came with the packet id of a message still unacknowledged."""
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
@@ -280,6 +309,8 @@ class MqttClient:
         if self._closing:
             return
         if self.connected.is_set():
+            if not self._reading:
+                self._client.hold_keepalive()
             self._client.loop_misc()
         self._schedule_tick()
 
@@ -340,8 +371,48 @@ class MqttClient:
             return False
         mids = [mid for mid in mids if mid]  # QoS 0 (id 0) is never acknowledged
         if mids:
+            unacked = self._unacked_ids
+            for mid in mids:
+                count = unacked.pop(mid, 1)
+                if count > 1:
+                    unacked[mid] = count - 1
             self._client.queue_pubacks(mids)
         return True
+
+    def hold(self) -> None:
+        """Take no more messages until `release()`: the framer stops before the next
+        PUBLISH, and the socket is not read once one is waiting (so the CONNACK and
+        SUBACK of a reconnect still are). Keepalive goes on meanwhile."""
+        self._held = True
+        self._client.held = True
+
+    def release(self) -> None:
+        """Take messages again after `hold()`: first those already received, then the
+        socket's (on the next turn of the loop, not inside the caller)."""
+        if not self._held:
+            return
+        self._held = False
+        self._client.held = False
+        assert self._loop is not None
+        self._loop.call_soon(self._resume)
+
+    def _resume(self) -> None:
+        if self._held or self._closed:
+            return
+        self._client.frame_buffered()
+        if not self._client.stopped_by_hold:
+            self._watch_reading(True)
+
+    def _watch_reading(self, on: bool) -> None:
+        sock = self._client.socket()
+        if on == self._reading or sock is None:
+            return
+        assert self._loop is not None
+        if on:
+            self._loop.add_reader(sock, self._readable)
+        else:
+            self._loop.remove_reader(sock)
+        self._reading = on
 
     # -- paho callbacks (all run on the loop) -----------------------------------------
 
@@ -360,6 +431,7 @@ class MqttClient:
                 fut.set_exception(error(f"MQTT broker refused {self.client_id}: {reason_code}"))
             return
         self.generation += 1
+        self._unacked_ids.clear()  # ids of the last connection mean nothing on this one
         self.broker_max_packet_size = (
             getattr(properties, "MaximumPacketSize", None) if properties is not None else None
         )
@@ -409,7 +481,29 @@ class MqttClient:
 
     def _handle_raw_message(self, topic: str, mid: int, payload: bytes, retain: bool) -> None:
         assert self._on_raw_message is not None
+        if mid:
+            unacked = self._unacked_ids
+            count = unacked.get(mid, 0)
+            unacked[mid] = count + 1
+            if count:
+                self._reused_id(mid, topic)
         self._on_raw_message(topic, mid, payload, retain, self.generation)
+
+    def _reused_id(self, mid: int, topic: str) -> None:
+        self.reused_packet_ids += 1
+        if self._on_reused_id is not None:
+            self._on_reused_id(mid)
+        if self.reused_packet_ids > 10 and self.reused_packet_ids % 1000:
+            return  # the first ten, then every thousandth: a broker that does it, does it a lot
+        log.warning(
+            "%s: the broker sent packet id %d (on %s) while a message it sent with that id"
+            " is unacknowledged: it has more than 65,535 messages in flight to this client;"
+            " taking both, acknowledged in the order they came (%d reused so far)",
+            self.client_id,
+            mid,
+            topic,
+            self.reused_packet_ids,
+        )
 
     def _handle_publish(
         self,
@@ -470,11 +564,13 @@ class MqttClient:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._loop.add_reader(sock, self._readable)
+        self._reading = True
 
     def _socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         assert self._loop is not None
         self._loop.remove_reader(sock)
         self._loop.remove_writer(sock)
+        self._reading = False
 
     def _register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         assert self._loop is not None
@@ -486,3 +582,6 @@ class MqttClient:
 
     def _readable(self) -> None:
         self._client.read_packets()
+        if self._client.stopped_by_hold:
+            # A PUBLISH waits in the buffer: leave the rest in the socket until released.
+            self._watch_reading(False)

@@ -19,11 +19,19 @@ offset, compacted rarely, not a new buffer per read); and any error, a malformed
 or an exception from a handler, closes the connection, so that no byte after it is ever
 taken for the start of a packet and the broker redelivers what was not acknowledged.
 
+It can also be held (`held`): framing stops at the next PUBLISH, which stays in the
+buffer with everything after it until `frame_buffered()` is called. The owner stops
+reading the socket meanwhile, so what the broker sends waits in the kernel's buffers
+and the broker's own queue: that is how the bridge bounds what it holds unacknowledged
+whatever the broker sends (`ingest.mqtt`). While held, `hold_keepalive()` keeps paho's
+keepalive clock running on bytes waiting unread in the socket: the broker's PINGRESP
+sits behind the PUBLISHes not yet read.
+
     _sock, _sock_recv(), _sock_close()    the socket paho owns
     _in_packet, _InPacket                 paho's packet being read, handed whole
     _packet_handle()                      paho's handler for one read packet
     _loop_rc_handle()                     paho's reaction to a read error (disconnect)
-    _last_bytes_received                  paho's keepalive clock
+    _last_bytes_received                  paho's keepalive clock (also while held)
     _packet_queue()                       paho's outgoing queue (the PUBACKs' one write)
 
 `ingest.mqtt` (the asyncio client) uses only `BufferedClient`'s public methods.
@@ -32,6 +40,7 @@ taken for the start of a packet and the broker redelivers what was not acknowled
 from __future__ import annotations
 
 import logging
+import socket
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -153,9 +162,15 @@ class BufferedClient(paho.Client):
         is a protocol error (MQTT v5 3.1.2.11.4) and closes the connection before any of
         it is buffered."""
         self._buf = bytearray()
-        """Bytes received but not yet framed: from `_pos` on, at most one packet's worth."""
+        """Bytes received but not yet framed, from `_pos` on: an incomplete packet, or
+        what a hold left (at most a read's worth and a packet)."""
         self._pos = 0
         self.on_publish_received: PublishHandler | None = None
+        self.held = False
+        """While True, framing stops before the next whole PUBLISH (see `frame_buffered`)."""
+        self.stopped_by_hold = False
+        """Whether the last framing stopped at a whole PUBLISH because `held` was set: the
+        buffer holds it, and reading the socket can wait until the hold ends."""
         self.closed_by_error: str | None = None
         """Why `read_packets` last closed the connection itself (a packet over the limit,
         a malformed one, a handler that raised); None after a clean read or an EOF."""
@@ -165,6 +180,7 @@ class BufferedClient(paho.Client):
         self._buf = bytearray()
         self._pos = 0
         self.closed_by_error = None
+        self.stopped_by_hold = False
 
     def read_packets(self) -> MQTTErrorCode:
         """Read what the socket holds and handle every whole packet in it.
@@ -201,6 +217,41 @@ class BufferedClient(paho.Client):
         else:
             self._buf += data
             buf, pos = self._buf, self._pos
+        rc = self._frame_and_keep(buf, pos)
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._last_bytes_received = time.monotonic()  # paho private: keepalive clock
+        return rc
+
+    def frame_buffered(self) -> MQTTErrorCode:
+        """Handle the whole packets already received and not yet framed (those a hold
+        left in the buffer), without reading the socket; stops again if held."""
+        if self._sock is None or len(self._buf) == self._pos:  # paho private: socket
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return self._frame_and_keep(self._buf, self._pos)
+
+    def hold_keepalive(self) -> MQTTErrorCode:
+        """While held: bytes waiting unread in the socket show the broker alive, as
+        paho's keepalive would have seen had they been read (the PINGRESP it waits for
+        is among them, behind the PUBLISHes not read yet). With nothing waiting the
+        clock stands, so paho's keepalive notices a broker gone silent; a broker that
+        closed the connection (its end reached, nothing unread before it) is taken as
+        lost at once, as a read would have; one that reset it fails the next PINGREQ."""
+        sock = self._sock  # paho private: paho's socket
+        if not isinstance(sock, socket.socket):
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        try:
+            # The raw socket's recv, also under TLS: bytes arrived, encrypted or not.
+            waiting = socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:  # BlockingIOError included: nothing waiting
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        if not waiting:
+            self.reset_buffer()
+            return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)  # paho private
+        self._last_bytes_received = time.monotonic()  # paho private: keepalive clock
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _frame_and_keep(self, buf: bytes | bytearray, pos: int) -> MQTTErrorCode:
+        """Frame `buf` from `pos`; keep the incomplete (or held) rest for later."""
         try:
             pos = self._frame(buf, pos)
         except FramingError as error:
@@ -221,7 +272,6 @@ class BufferedClient(paho.Client):
                 self._pos = 0
         elif pos < len(buf):
             self._buf, self._pos = bytearray(memoryview(buf)[pos:]), 0  # the tail, once
-        self._last_bytes_received = time.monotonic()  # paho private: keepalive clock
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _close_on_error(self, rc: MQTTErrorCode, why: str) -> MQTTErrorCode:
@@ -231,8 +281,10 @@ class BufferedClient(paho.Client):
 
     def _frame(self, buf: bytes | bytearray, pos: int) -> int:
         """Handle every whole packet in `buf` from `pos` on; return where the first
-        incomplete one starts. Raises `FramingError` for a packet that cannot be framed."""
+        incomplete one starts (or the PUBLISH a hold stopped at). Raises `FramingError`
+        for a packet that cannot be framed."""
         end_of_data = len(buf)
+        self.stopped_by_hold = False
         fast = self.on_publish_received
         limit = self.max_packet_size
         while end_of_data - pos >= 2:
@@ -262,6 +314,9 @@ class BufferedClient(paho.Client):
             if end > end_of_data:
                 break  # the packet is incomplete: keep it for the next read
             if fast is not None and header & 0xF0 == 0x30 and header & 0x06 < 0x04:
+                if self.held:
+                    self.stopped_by_hold = True
+                    return pos  # this PUBLISH and the rest wait for `frame_buffered`
                 fields = _publish_fields(buf, i, end, qos1=bool(header & 0x06))
                 if fields is None:
                     raise FramingError(MQTTErrorCode.MQTT_ERR_PROTOCOL, "malformed PUBLISH")

@@ -136,7 +136,8 @@ class BridgeSettings(Section):
     client_id: str = "usagepipe-bridge"
     """Fixed, so the broker keeps this bridge's persistent session across restarts."""
     max_inflight: Annotated[int, Field(ge=1, le=65535)] = 20_000
-    """MQTT messages received but not yet acknowledged (sent as MQTT v5 Receive Maximum)."""
+    """MQTT messages the bridge holds received but not yet acknowledged, at most (sent as
+    MQTT v5 Receive Maximum; the bridge stops reading while that many are held)."""
     max_payload_bytes: Annotated[int, Field(ge=64)] = 64 * 1024
     max_packet_bytes: Annotated[int, Field(ge=1024, le=268_435_460)] = 272 * 1024
     """Largest MQTT packet the bridge takes (sent as MQTT v5 Maximum Packet Size); a

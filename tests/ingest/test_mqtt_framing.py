@@ -12,6 +12,8 @@ Like the module they test, they reach into paho's private members (`_sock`, `_pi
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
@@ -244,3 +246,72 @@ def test_a_large_packet_in_many_reads_is_buffered_without_copying_it_each_time()
         assert len(client._buf) - client._pos <= len(packet)
     assert got == [("devices/a/telemetry", 11, payload)]
     assert len(client._buf) == 0
+
+
+def test_a_hold_stops_before_the_next_publish_and_frame_buffered_goes_on_from_it() -> None:
+    client, got = _client()
+    client._ping_t = 123.0
+    stream = b"".join(publish("devices/a/telemetry", b"m", mid) for mid in (1, 2, 3))
+
+    def handle(topic: str, mid: int, payload: bytes, retain: bool) -> None:
+        got.append((topic, mid, payload))
+        client.held = mid == 2  # the window is full after the second message
+
+    client.on_publish_received = handle
+    _socket(client, [stream + b"\xd0\x00" + publish("devices/a/telemetry", b"m", 4)])
+    assert client.read_packets() == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert [mid for _, mid, _ in got] == [1, 2]
+    assert client.stopped_by_hold
+    assert client._ping_t == 123.0  # the PINGRESP waits behind the held PUBLISH
+    # Still held: nothing more is framed.
+    assert client.frame_buffered() == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert [mid for _, mid, _ in got] == [1, 2]
+    client.held = False
+    assert client.frame_buffered() == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert [mid for _, mid, _ in got] == [1, 2, 3, 4]
+    assert client._ping_t == 0
+    assert not client.stopped_by_hold
+    assert len(client._buf) == client._pos == 0
+
+
+def test_a_hold_lets_other_packets_and_an_incomplete_publish_through() -> None:
+    client, got = _client()
+    client._ping_t = 123.0
+    client.held = True
+    packet = publish("devices/a/telemetry", b"x" * 100, 9)
+    _socket(client, [b"\xd0\x00" + packet[:20], packet[20:]])
+    assert client.read_packets() == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert client._ping_t == 0  # a packet before any PUBLISH is handled
+    assert not client.stopped_by_hold  # the PUBLISH is incomplete: reading goes on
+    assert client.read_packets() == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert client.stopped_by_hold
+    assert got == []
+    client.held = False
+    assert client.frame_buffered() == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert got == [("devices/a/telemetry", 9, b"x" * 100)]
+
+
+def test_while_held_bytes_waiting_in_the_socket_keep_the_keepalive_clock() -> None:
+    client, _ = _client()
+    ours, broker = socket.socketpair()
+    with ours, broker:
+        ours.setblocking(False)
+        client._sock = ours
+        client._last_bytes_received = 0.0
+        client.hold_keepalive()
+        assert client._last_bytes_received == 0.0  # nothing waiting: the clock stands
+        broker.sendall(b"\xd0\x00")
+        client.hold_keepalive()
+        assert client._last_bytes_received > 0.0
+        assert ours.recv(16) == b"\xd0\x00"  # only peeked: the bytes are still there
+
+
+def test_while_held_a_connection_the_broker_closed_is_taken_as_lost() -> None:
+    client, _ = _client()
+    ours, broker = socket.socketpair()
+    with ours:
+        ours.setblocking(False)
+        client._sock = ours
+        broker.close()
+        assert client.hold_keepalive() == MQTTErrorCode.MQTT_ERR_CONN_LOST
+        assert client._sock is None
