@@ -42,13 +42,12 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level: str, fmt: str) -> None:
-    """Log at `level` and above to stderr, as `fmt` (`text` or `json`)."""
+    """Log at `level` and above to stderr, as `fmt` (`text` or `json`).
+
+    As `logging.basicConfig`, it leaves a logging already configured alone (a test
+    calling `usagepipe.cli.main` in-process, under pytest's own handlers)."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
+    logging.basicConfig(level=level, handlers=[handler])
     # aiokafka logs every retried connection at ERROR; ours say what matters.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
