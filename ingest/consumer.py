@@ -64,6 +64,10 @@ from schemas.errors import Reason
 
 log = logging.getLogger(__name__)
 
+FINAL_COMMIT_S = 5.0
+"""How long a stopping consumer waits for its last Kafka commit (the stored offsets
+stand either way; Kafka's copy is for lag monitoring)."""
+
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
@@ -109,6 +113,8 @@ class Consumer:
         self._limiter = DeviceRateLimiter(
             settings.consumer.device_rate_per_s, settings.consumer.device_burst
         )
+        self._to_commit: dict[TopicPartition, OffsetAndMetadata] = {}
+        self._commit_due = asyncio.Event()
         self.report = ConsumerReport()
 
     def stop(self, why: str = "requested") -> None:
@@ -171,6 +177,9 @@ class Consumer:
                 try:
                     async with asyncio.TaskGroup() as tasks:
                         refresher = tasks.create_task(self._refresh_rollups(store), name="rollups")
+                        committer = tasks.create_task(
+                            self._commit_in_background(consumer), name="kafka-commit"
+                        )
                         await self._consume(
                             consumer,
                             producer,
@@ -181,6 +190,8 @@ class Consumer:
                             deadline=deadline,
                         )
                         refresher.cancel()
+                        committer.cancel()
+                    await self._commit_last(consumer)
                 except BaseExceptionGroup as group:
                     # Whichever fails first (the loop or the refresher), the group
                     # cancels the other: raise that one error, as run() always has, so
@@ -290,8 +301,11 @@ class Consumer:
                 gone = {id(row) for row, _ in refused.rows}
                 rows = [row for row in rows if id(row) not in gone]
         stage("store")
-        await self._commit_kafka(consumer, batch.offsets)
-        stage("kafka_commit")
+        # Kafka's copy of the offsets, for lag monitoring, is committed beside the
+        # batches: a broker that is slow to answer a commit (after its restart, every
+        # commit took its whole request timeout) must not hold the next batch.
+        self._to_commit.update(batch.offsets)
+        self._commit_due.set()
         r = self.report
         r.batches += 1
         r.consumed += batch.records
@@ -364,13 +378,44 @@ class Consumer:
                     done.seconds,
                 )
 
+    async def _commit_in_background(self, consumer: AIOKafkaConsumer) -> None:
+        """Commit the latest stored offsets of each partition to Kafka, one commit at a
+        time, beside the batch loop: the offsets of the batches stored while a commit
+        was under way go together in the next one."""
+        while True:
+            await self._commit_due.wait()
+            self._commit_due.clear()
+            offsets, self._to_commit = self._to_commit, {}
+            started = time.monotonic()
+            try:
+                await self._commit_kafka(consumer, offsets)
+            except asyncio.CancelledError:
+                self._to_commit = {**offsets, **self._to_commit}  # for the last commit
+                raise
+            self._metrics.stage_seconds.labels("kafka_commit").observe(time.monotonic() - started)
+
+    async def _commit_last(self, consumer: AIOKafkaConsumer) -> None:
+        """At a stop, the offsets not committed yet, within `FINAL_COMMIT_S`."""
+        offsets, self._to_commit = self._to_commit, {}
+        if not offsets:
+            return
+        try:
+            async with asyncio.timeout(FINAL_COMMIT_S):
+                await self._commit_kafka(consumer, offsets)
+        except TimeoutError:
+            self._metrics.errors.labels("kafka_commit").inc()
+            log.warning(
+                "the last Kafka offset commit took over %gs; the stored offsets stand",
+                FINAL_COMMIT_S,
+            )
+
     async def _commit_kafka(
         self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata]
     ) -> None:
         """Commit to Kafka too: lag monitoring reads it; correctness does not need it."""
         try:
             # aiokafka retries a retriable commit error forever (a partition that
-            # vanished, say); a bounded wait keeps the loop alive.
+            # vanished, say); a bounded wait keeps the committer alive.
             async with asyncio.timeout(self._settings.kafka.request_timeout_ms / 1000):
                 await consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError, KafkaError, TimeoutError) as exc:

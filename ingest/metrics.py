@@ -114,7 +114,8 @@ class ConsumerMetrics:
             "usagepipe_consumer_stage_seconds",
             "Time one batch spent in each stage: validate, firmware (recording reported "
             "installations), enrich (registry lookups), dead_letter (to Kafka), store "
-            "(the PostgreSQL transaction), kafka_commit.",
+            "(the PostgreSQL transaction), kafka_commit (each commit of the stored offsets "
+            "to Kafka, made beside the batches: it holds none of them up).",
             ["stage"],
             registry=registry,
         )
