@@ -53,9 +53,16 @@ from ingest.backoff import Backoff, wait_to_start
 from ingest.dead_letter import DeadLetter, send_dead_letters
 from ingest.enrich import Enricher
 from ingest.errors import BrokerUnavailable, RegistryLookupFailed, RowsRefused, StoreUnavailable
-from ingest.kafka import ensure_topics, make_consumer, make_producer, running
+from ingest.kafka import (
+    TopicKeeper,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    make_reader,
+    running,
+)
 from ingest.metrics import ConsumerMetrics
-from ingest.offsets import ContiguousOffsets, StoredOffsets
+from ingest.offsets import ContiguousOffsets, LogCheck, StoredOffsets
 from ingest.rate_limit import DeviceRateLimiter
 from ingest.rows import unregistered_letters, unstorable_letters, validate_batch
 from ingest.settings import Settings
@@ -115,6 +122,7 @@ class Consumer:
         )
         self._to_commit: dict[TopicPartition, OffsetAndMetadata] = {}
         self._commit_due = asyncio.Event()
+        self._logs: LogCheck | None = None
         self.report = ConsumerReport()
 
     def stop(self, why: str = "requested") -> None:
@@ -166,10 +174,19 @@ class Consumer:
                 max_records=s.consumer.batch_max,
             )
             holes = ContiguousOffsets(consumer, self._metrics)
-            listener = StoredOffsets(consumer, store, s.consumer.group_id, holes)
+            reader = make_reader(s.kafka, client_id=f"{self._client_id}-check")
+            self._logs = LogCheck(consumer, reader, self._metrics)
+            listener = StoredOffsets(consumer, store, s.consumer.group_id, holes, self._logs)
+            keeper = TopicKeeper(
+                s.kafka,
+                s.kafka.raw_topic,
+                s.kafka.dlq_topic,
+                on_repair=lambda action, n: self._metrics.topic_repairs.labels(action).inc(n),
+            )
             async with (
                 running(make_producer(s.kafka, client_id=f"{self._client_id}-dlq")) as producer,
                 running(consumer),
+                running(reader),
             ):
                 consumer.subscribe([s.kafka.raw_topic], listener=listener)
                 self._consuming = True
@@ -180,6 +197,10 @@ class Consumer:
                         committer = tasks.create_task(
                             self._commit_in_background(consumer), name="kafka-commit"
                         )
+                        watchers = [
+                            tasks.create_task(keeper.run(), name="topics"),
+                            tasks.create_task(self._check_logs(self._logs), name="logs"),
+                        ]
                         await self._consume(
                             consumer,
                             producer,
@@ -191,6 +212,8 @@ class Consumer:
                         )
                         refresher.cancel()
                         committer.cancel()
+                        for watcher in watchers:
+                            watcher.cancel()
                     await self._commit_last(consumer)
                 except BaseExceptionGroup as group:
                     # Whichever fails first (the loop or the refresher), the group
@@ -243,6 +266,8 @@ class Consumer:
                 judged = listener.generation
                 self._limiter.keep_only(consumer.assignment())
             await listener.expire_probes()
+            if self._logs is not None:
+                await self._logs.apply(listener, holes)
             records = holes.admit(records)
             if any(records.values()):
                 await self._handle(records, consumer, producer, store, enricher)
@@ -301,6 +326,8 @@ class Consumer:
                 gone = {id(row) for row, _ in refused.rows}
                 rows = [row for row in rows if id(row) not in gone]
         stage("store")
+        if self._logs is not None:
+            self._logs.processed(batch.positions)
         # Kafka's copy of the offsets, for lag monitoring, is committed beside the
         # batches: a broker that is slow to answer a commit (after its restart, every
         # commit took its whole request timeout) must not hold the next batch.
@@ -376,6 +403,20 @@ class Consumer:
                     done.hours,
                     done.days,
                     done.seconds,
+                )
+
+    async def _check_logs(self, logs: LogCheck) -> None:
+        """Every `kafka.topic_check_s`, whether each partition's log is still the one
+        being read (`ingest.offsets.LogCheck`)."""
+        while True:
+            await asyncio.sleep(self._settings.kafka.topic_check_s)
+            try:
+                await logs.check()
+            except KafkaError as exc:
+                log.warning(
+                    "checking the partitions' logs failed (%r); next in %gs",
+                    exc,
+                    self._settings.kafka.topic_check_s,
                 )
 
     async def _commit_in_background(self, consumer: AIOKafkaConsumer) -> None:

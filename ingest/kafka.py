@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+from aiokafka.errors import IncompatibleBrokerVersion, KafkaError, TopicAlreadyExistsError
 
 from ingest.errors import BrokerUnavailable, ConfigurationError
 from ingest.settings import KafkaSettings
@@ -81,6 +82,19 @@ def make_consumer(
     )
 
 
+def make_reader(settings: KafkaSettings, *, client_id: str) -> AIOKafkaConsumer:
+    """A consumer of no group, for partitions assigned by hand (it commits nothing)."""
+    _check(settings)
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        client_id=client_id,
+        group_id=None,
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        request_timeout_ms=settings.request_timeout_ms,
+        **CONSUMER_SAFETY,
+    )
+
+
 @contextlib.asynccontextmanager
 async def running(client: _Client) -> AsyncIterator[_Client]:
     """`client` started for the block, and always stopped after it.
@@ -99,14 +113,30 @@ async def running(client: _Client) -> AsyncIterator[_Client]:
         await client.stop()
 
 
-async def ensure_topics(settings: KafkaSettings, *topics: str) -> None:
-    """Create `topics` with the configured partitions where they do not exist yet."""
+@dataclass(frozen=True, slots=True)
+class TopicRepairs:
+    """What one `ensure_topics` changed, and what it could not."""
+
+    created: list[str] = field(default_factory=list)
+    grown: list[str] = field(default_factory=list)
+    """Topics with fewer partitions than configured, given the rest (CreatePartitions)."""
+    short: dict[str, int] = field(default_factory=dict)
+    """Topics with fewer partitions than configured (how many they have) that the broker
+    cannot give more (it lacks CreatePartitions: the local Tansu)."""
+
+
+async def ensure_topics(settings: KafkaSettings, *topics: str) -> TopicRepairs:
+    """Create `topics` with the configured partitions where they do not exist yet, and
+    add partitions to those that have fewer (a broker that lost its topics, restarted,
+    and auto-created one with its own default when a client asked for it)."""
     admin = AIOKafkaAdminClient(
         bootstrap_servers=settings.bootstrap_servers,
         request_timeout_ms=settings.request_timeout_ms,
     )
+    repairs = TopicRepairs()
     try:
         await admin.start()
+        # Listing all topics asks for none by name: it never auto-creates one.
         existing = set(await admin.list_topics())
         missing = [t for t in topics if t not in existing]
         if missing:
@@ -114,12 +144,117 @@ async def ensure_topics(settings: KafkaSettings, *topics: str) -> None:
                 await admin.create_topics(
                     [NewTopic(t, settings.partitions, settings.replication_factor) for t in missing]
                 )
+                repairs.created.extend(missing)
                 log.info("created topics %s", ", ".join(missing))
             except TopicAlreadyExistsError:
                 pass  # another process created it between our list and create
+        present = [t for t in topics if t in existing]
+        for described in await admin.describe_topics(present) if present else []:
+            topic, count = described["topic"], len(described["partitions"])
+            if count >= settings.partitions:
+                continue
+            try:
+                await admin.create_partitions({topic: NewPartitions(settings.partitions)})
+            except IncompatibleBrokerVersion:
+                repairs.short[topic] = count
+                continue
+            repairs.grown.append(topic)
+            log.warning(
+                "topic %s had %d partitions, fewer than kafka.partitions: now %d",
+                topic,
+                count,
+                settings.partitions,
+            )
     except KafkaError as exc:
         raise BrokerUnavailable(
             f"Kafka at {settings.bootstrap_servers} could not list/create topics: {exc!r}"
         ) from exc
     finally:
         await admin.close()
+    return repairs
+
+
+# While Kafka does not answer, how often the keeper tries again: a restarted broker
+# should get the topics from it before any client's metadata request auto-creates them
+# (aiokafka's clients retry every 100 ms; so, often enough to win sometimes, and
+# cheaply: one connection a try).
+_OUTAGE_CHECK_S = 0.2
+
+
+class TopicKeeper:
+    """Keeps the topics a bridge or consumer uses at `kafka.partitions` while it runs.
+
+    A broker with memory storage (the local Tansu) loses every topic when it restarts,
+    and the first client to ask for one by name gets it auto-created with the broker's
+    default partitions (Tansu: 4). `run()` checks every `kafka.topic_check_s`, and every
+    0.2 s after a check or a client (`nudge()`) met a broker that does not answer, so the
+    topics are re-created with their partitions as soon as it is back. Each repair is
+    logged and handed to `on_repair(action, topics)` (action: created, grown, short).
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *topics: str,
+        on_repair: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._topics = topics
+        self._on_repair = on_repair
+        self._due = asyncio.Event()
+        self._short: dict[str, int] = {}
+        self.checks = 0
+
+    def nudge(self) -> None:
+        """A client lost the broker: check now, and often until it answers."""
+        self._due.set()
+
+    async def run(self) -> None:
+        outage = False
+        while True:
+            wait_s = _OUTAGE_CHECK_S if outage else self._settings.topic_check_s
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await self._due.wait()
+            if self._due.is_set():
+                self._due.clear()
+                outage = True
+            try:
+                await self.check()
+            except BrokerUnavailable as exc:
+                if not outage:
+                    log.warning("topic check failed (%s); trying every %gs", exc, _OUTAGE_CHECK_S)
+                outage = True
+                continue
+            outage = False
+
+    async def check(self) -> TopicRepairs:
+        """One check; `BrokerUnavailable` if Kafka does not answer."""
+        repairs = await ensure_topics(self._settings, *self._topics)
+        self.checks += 1
+        if repairs.created:
+            log.warning("topics %s were missing: created again", ", ".join(repairs.created))
+        newly_short = [t for t, n in repairs.short.items() if self._short.get(t) != n]
+        for topic in newly_short:
+            count = repairs.short[topic]
+            log.warning(
+                "topic %s has %d partitions, fewer than kafka.partitions (%d), and the "
+                "broker cannot add partitions (no CreatePartitions); records keep flowing "
+                "on its %d. To get %d back, stop the producers, let the consumers drain "
+                "it, delete the topic and start again",
+                topic,
+                count,
+                self._settings.partitions,
+                count,
+                self._settings.partitions,
+            )
+        self._short = dict(repairs.short)
+        if self._on_repair is not None:
+            for action, n in (
+                ("created", len(repairs.created)),
+                ("grown", len(repairs.grown)),
+                ("short", len(newly_short)),
+            ):
+                if n:
+                    self._on_repair(action, n)
+        return repairs
