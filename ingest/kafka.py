@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
-from aiokafka.errors import IncompatibleBrokerVersion, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import IncompatibleBrokerVersion, KafkaError
 
 from ingest.errors import BrokerUnavailable, ConfigurationError
 from ingest.settings import KafkaSettings
@@ -125,10 +125,20 @@ class TopicRepairs:
     cannot give more (it lacks CreatePartitions: the local Tansu)."""
 
 
-async def ensure_topics(settings: KafkaSettings, *topics: str) -> TopicRepairs:
+async def ensure_topics(
+    settings: KafkaSettings, *topics: str, running: bool = False
+) -> TopicRepairs:
     """Create `topics` with the configured partitions where they do not exist yet, and
-    add partitions to those that have fewer (a broker that lost its topics, restarted,
-    and auto-created one with its own default when a client asked for it)."""
+    add partitions to those that have fewer.
+
+    At a start (`running` False) a missing topic is created. While producers run
+    (`running`: the `TopicKeeper`'s checks), the topics are first asked for by name, so
+    that a broker that auto-creates topics (Tansu) makes them as it would for any
+    client, keeping what producers already wrote to them: Tansu accepts records for a
+    topic it lost in a restart, and a CreateTopics after that drops them (seen: 180
+    records acknowledged, none readable). Only a topic the broker reports unknown
+    (auto-creation off, as in deploy/kafka/server.properties) is created then.
+    """
     admin = AIOKafkaAdminClient(
         bootstrap_servers=settings.bootstrap_servers,
         request_timeout_ms=settings.request_timeout_ms,
@@ -136,22 +146,27 @@ async def ensure_topics(settings: KafkaSettings, *topics: str) -> TopicRepairs:
     repairs = TopicRepairs()
     try:
         await admin.start()
-        # Listing all topics asks for none by name: it never auto-creates one.
-        existing = set(await admin.list_topics())
-        missing = [t for t in topics if t not in existing]
+        if running:
+            described = await admin.describe_topics(list(topics))
+            missing = [d["topic"] for d in described if d["error_code"] == _UNKNOWN_TOPIC]
+        else:
+            # Listing all topics asks for none by name: it never auto-creates one.
+            existing = set(await admin.list_topics())
+            missing = [t for t in topics if t not in existing]
         if missing:
-            try:
-                await admin.create_topics(
-                    [NewTopic(t, settings.partitions, settings.replication_factor) for t in missing]
-                )
-                repairs.created.extend(missing)
-                log.info("created topics %s", ", ".join(missing))
-            except TopicAlreadyExistsError:
-                pass  # another process created it between our list and create
-        present = [t for t in topics if t in existing]
-        for described in await admin.describe_topics(present) if present else []:
-            topic, count = described["topic"], len(described["partitions"])
-            if count >= settings.partitions:
+            response = await admin.create_topics(
+                [NewTopic(t, settings.partitions, settings.replication_factor) for t in missing]
+            )
+            # aiokafka returns a topic's error instead of raising it: one that another
+            # process created meanwhile (error 36) is not ours.
+            errors = {t: code for t, code, *_ in response.topic_errors}
+            repairs.created.extend(t for t in missing if errors.get(t, 0) == 0)
+            if repairs.created:
+                log.info("created topics %s", ", ".join(repairs.created))
+        present = [t for t in topics if t not in missing]
+        for described_topic in await admin.describe_topics(present) if present else []:
+            topic, count = described_topic["topic"], len(described_topic["partitions"])
+            if described_topic["error_code"] or count >= settings.partitions:
                 continue
             try:
                 await admin.create_partitions({topic: NewPartitions(settings.partitions)})
@@ -174,22 +189,23 @@ async def ensure_topics(settings: KafkaSettings, *topics: str) -> TopicRepairs:
     return repairs
 
 
-# While Kafka does not answer, how often the keeper tries again: a restarted broker
-# should get the topics from it before any client's metadata request auto-creates them
-# (aiokafka's clients retry every 100 ms; so, often enough to win sometimes, and
-# cheaply: one connection a try).
+_UNKNOWN_TOPIC = 3  # UNKNOWN_TOPIC_OR_PARTITION
+
+# While Kafka does not answer, how often the keeper tries again (one connection a try).
 _OUTAGE_CHECK_S = 0.2
 
 
 class TopicKeeper:
     """Keeps the topics a bridge or consumer uses at `kafka.partitions` while it runs.
 
-    A broker with memory storage (the local Tansu) loses every topic when it restarts,
-    and the first client to ask for one by name gets it auto-created with the broker's
-    default partitions (Tansu: 4). `run()` checks every `kafka.topic_check_s`, and every
-    0.2 s after a check or a client (`nudge()`) met a broker that does not answer, so the
-    topics are re-created with their partitions as soon as it is back. Each repair is
-    logged and handed to `on_repair(action, topics)` (action: created, grown, short).
+    `run()` checks every `kafka.topic_check_s`, and every 0.2 s after a check or a
+    client (`nudge()`) met a broker that does not answer: a topic the broker reports
+    unknown is created, one with fewer partitions gets the rest (`ensure_topics` with
+    `running`). A broker with memory storage (the local Tansu) comes back from a restart
+    without its topics and auto-creates one, with its default partitions (4), when a
+    client asks for it; it lacks CreatePartitions, so such a topic stays at 4: reported
+    once as `short`. Each repair is logged and handed to `on_repair(action, topics)`
+    (action: created, grown, short).
     """
 
     def __init__(
@@ -230,7 +246,7 @@ class TopicKeeper:
 
     async def check(self) -> TopicRepairs:
         """One check; `BrokerUnavailable` if Kafka does not answer."""
-        repairs = await ensure_topics(self._settings, *self._topics)
+        repairs = await ensure_topics(self._settings, *self._topics, running=True)
         self.checks += 1
         if repairs.created:
             log.warning("topics %s were missing: created again", ", ".join(repairs.created))

@@ -227,8 +227,10 @@ class PostgresSettings(Section):
     pool_size: Annotated[int, Field(ge=1, le=100)] = 4
     """Most connections one process holds."""
     use_timescaledb: bool = True
-    """Store a new usage table in TimescaleDB where `CREATE EXTENSION timescaledb`
-    succeeds; false gives native partitions. An existing table keeps its layout."""
+    """Store a new usage table in TimescaleDB where the server has it preloaded
+    (`shared_preload_libraries`) and `CREATE EXTENSION timescaledb` succeeds (installed
+    but not preloaded: native partitions, with a warning); false gives native
+    partitions. An existing table keeps its layout."""
     partition_interval_s: Annotated[int, Field(ge=3600, le=366 * 86400)] = 86400
     """Event-time range of one partition (one TimescaleDB chunk); fixed for a table once
     it is created, the setting only applies to new tables."""
