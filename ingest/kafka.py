@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -120,24 +120,25 @@ class TopicRepairs:
     created: list[str] = field(default_factory=list)
     grown: list[str] = field(default_factory=list)
     """Topics with fewer partitions than configured, given the rest (CreatePartitions)."""
+    missing: list[str] = field(default_factory=list)
+    """Topics not there and not created (not in `may_create`)."""
     short: dict[str, int] = field(default_factory=dict)
     """Topics with fewer partitions than configured (how many they have) that the broker
     cannot give more (it lacks CreatePartitions: the local Tansu)."""
 
 
 async def ensure_topics(
-    settings: KafkaSettings, *topics: str, running: bool = False
+    settings: KafkaSettings, *topics: str, may_create: Collection[str] | None = None
 ) -> TopicRepairs:
-    """Create `topics` with the configured partitions where they do not exist yet, and
-    add partitions to those that have fewer.
+    """Create `topics` with the configured partitions where they do not exist yet (of
+    those in `may_create`, if given), and add partitions to those that have fewer.
 
-    At a start (`running` False) a missing topic is created. While producers run
-    (`running`: the `TopicKeeper`'s checks), the topics are first asked for by name, so
-    that a broker that auto-creates topics (Tansu) makes them as it would for any
-    client, keeping what producers already wrote to them: Tansu accepts records for a
-    topic it lost in a restart, and a CreateTopics after that drops them (seen: 180
-    records acknowledged, none readable). Only a topic the broker reports unknown
-    (auto-creation off, as in deploy/kafka/server.properties) is created then.
+    Topics are listed, never asked for by name: on a broker that auto-creates topics
+    (Tansu) a request naming a missing one creates it with the broker's defaults. The
+    `TopicKeeper` creates only what two checks in a row found missing: right after a
+    Tansu restart, clients' own requests bring the topics back within milliseconds, and
+    any of usagepipe's requests then (by name, or a CreateTopics) made Tansu drop
+    records it had just acknowledged (seen: 180 acknowledged, none readable).
     """
     admin = AIOKafkaAdminClient(
         bootstrap_servers=settings.bootstrap_servers,
@@ -146,13 +147,10 @@ async def ensure_topics(
     repairs = TopicRepairs()
     try:
         await admin.start()
-        if running:
-            described = await admin.describe_topics(list(topics))
-            missing = [d["topic"] for d in described if d["error_code"] == _UNKNOWN_TOPIC]
-        else:
-            # Listing all topics asks for none by name: it never auto-creates one.
-            existing = set(await admin.list_topics())
-            missing = [t for t in topics if t not in existing]
+        existing = set(await admin.list_topics())
+        absent = [t for t in topics if t not in existing]
+        missing = [t for t in absent if may_create is None or t in may_create]
+        repairs.missing.extend(t for t in absent if t not in missing)
         if missing:
             response = await admin.create_topics(
                 [NewTopic(t, settings.partitions, settings.replication_factor) for t in missing]
@@ -163,7 +161,7 @@ async def ensure_topics(
             repairs.created.extend(t for t in missing if errors.get(t, 0) == 0)
             if repairs.created:
                 log.info("created topics %s", ", ".join(repairs.created))
-        present = [t for t in topics if t not in missing]
+        present = [t for t in topics if t in existing]
         for described_topic in await admin.describe_topics(present) if present else []:
             topic, count = described_topic["topic"], len(described_topic["partitions"])
             if described_topic["error_code"] or count >= settings.partitions:
@@ -189,8 +187,6 @@ async def ensure_topics(
     return repairs
 
 
-_UNKNOWN_TOPIC = 3  # UNKNOWN_TOPIC_OR_PARTITION
-
 # While Kafka does not answer, how often the keeper tries again (one connection a try).
 _OUTAGE_CHECK_S = 0.2
 
@@ -199,12 +195,14 @@ class TopicKeeper:
     """Keeps the topics a bridge or consumer uses at `kafka.partitions` while it runs.
 
     `run()` checks every `kafka.topic_check_s`, and every 0.2 s after a check or a
-    client (`nudge()`) met a broker that does not answer: a topic the broker reports
-    unknown is created, one with fewer partitions gets the rest (`ensure_topics` with
-    `running`). A broker with memory storage (the local Tansu) comes back from a restart
-    without its topics and auto-creates one, with its default partitions (4), when a
-    client asks for it; it lacks CreatePartitions, so such a topic stays at 4: reported
-    once as `short`. Each repair is logged and handed to `on_repair(action, topics)`
+    client (`nudge()`) met a broker that does not answer: a topic missing at two checks
+    in a row is created (one missing at one check only is left to the clients, whose
+    requests recreate it on a broker that auto-creates topics: see `ensure_topics`),
+    one with fewer partitions gets the rest. A broker with memory storage (the local
+    Tansu) comes back from a restart without its topics and auto-creates one, with its
+    default partitions (4), when a client asks for it; it lacks CreatePartitions, so
+    such a topic stays at 4: reported once as `short`. Each repair is logged and handed
+    to `on_repair(action, topics)`
     (action: created, grown, short).
     """
 
@@ -219,6 +217,7 @@ class TopicKeeper:
         self._on_repair = on_repair
         self._due = asyncio.Event()
         self._short: dict[str, int] = {}
+        self._missing: set[str] = set()
         self.checks = 0
 
     def nudge(self) -> None:
@@ -246,7 +245,8 @@ class TopicKeeper:
 
     async def check(self) -> TopicRepairs:
         """One check; `BrokerUnavailable` if Kafka does not answer."""
-        repairs = await ensure_topics(self._settings, *self._topics, running=True)
+        repairs = await ensure_topics(self._settings, *self._topics, may_create=self._missing)
+        self._missing = set(repairs.missing)
         self.checks += 1
         if repairs.created:
             log.warning("topics %s were missing: created again", ", ".join(repairs.created))

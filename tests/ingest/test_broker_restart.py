@@ -50,8 +50,9 @@ async def test_a_restarted_broker_keeps_what_was_written_before_the_topic_check(
 ) -> None:
     """Tansu accepts records for a topic it lost in a restart; the check must not make
     the topic anew over them (a CreateTopics then drops them: seen, 180 records
-    acknowledged and none readable). It asks for the topics by name, as a client
-    would: Tansu auto-creates them, with its 4 partitions, reported as short."""
+    acknowledged and none readable). The producer's own request made it again, with
+    Tansu's 4 partitions: reported as short; a topic no client asked for is created
+    with its partitions once two checks found it missing."""
     settings = isolated(base_settings, test_name, bootstrap_servers=broker.address, partitions=6)
     k = settings.kafka
     repairs: list[tuple[str, int]] = []
@@ -70,8 +71,12 @@ async def test_a_restarted_broker_keeps_what_was_written_before_the_topic_check(
     finally:
         await producer.stop()
     found = await keeper.check()
-    assert (found.created, found.grown, found.short) == ([], [], {k.raw_topic: 4, k.dlq_topic: 4})
-    assert repairs == [("short", 2)]
+    assert (found.created, found.missing, found.short) == ([], [k.dlq_topic], {k.raw_topic: 4})
+    # No client asked for the dead-letter topic: still missing at the next check, made.
+    again = await keeper.check()
+    assert (again.created, again.missing, again.short) == ([k.dlq_topic], [], {k.raw_topic: 4})
+    assert await partition_counts(settings, k.dlq_topic) == {k.dlq_topic: 6}
+    assert repairs == [("short", 1), ("created", 1)]
     assert sorted(await read_all(settings, k.raw_topic, 4)) == sorted(b"%d" % i for i in range(12))
 
 
