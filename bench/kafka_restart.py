@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import sys
@@ -37,6 +38,7 @@ import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import CollectorRegistry
 
+from devices.mosquitto import DynsecAccounts
 from devices.schema import migrate_registry_at
 from ingest.bridge import Bridge
 from ingest.consumer import Consumer
@@ -100,6 +102,7 @@ async def one_run(args: argparse.Namespace, run: int, work: Path) -> dict[str, o
         messages_per_device=int(args.rate * args.seconds / devices),
         seed=run,
         run_id=name,
+        fleet=name,
         rate=args.rate,
         start=datetime.now(UTC) - timedelta(hours=2),
     )
@@ -183,6 +186,12 @@ async def one_run(args: argparse.Namespace, run: int, work: Path) -> dict[str, o
         with contextlib.suppress(Exception):
             conn = await asyncpg.connect(dsn)
             try:
+                schema = settings.registry.db_schema
+                devices = [
+                    r[0] for r in await conn.fetch(f"SELECT device_id FROM {schema}.devices")
+                ]
+                async with DynsecAccounts(settings.mqtt) as accounts:
+                    await accounts.revoke_devices(devices)
                 await drop_usage_tables(conn, settings.postgres.table)
                 await conn.execute(f"DROP SCHEMA IF EXISTS {settings.registry.db_schema} CASCADE")
             finally:
@@ -191,6 +200,9 @@ async def one_run(args: argparse.Namespace, run: int, work: Path) -> dict[str, o
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its outage noise
+    logging.getLogger("simulators").setLevel(logging.ERROR)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rate", type=float, default=500.0, help="fleet messages a second")

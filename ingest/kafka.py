@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -135,7 +136,7 @@ async def ensure_topics(
 
     Topics are listed, never asked for by name: on a broker that auto-creates topics
     (Tansu) a request naming a missing one creates it with the broker's defaults. The
-    `TopicKeeper` creates only what two checks in a row found missing: right after a
+    `TopicKeeper` creates only what stayed missing for a check interval: right after a
     Tansu restart, clients' own requests bring the topics back within milliseconds, and
     any of usagepipe's requests then (by name, or a CreateTopics) made Tansu drop
     records it had just acknowledged (seen: 180 acknowledged, none readable).
@@ -195,9 +196,10 @@ class TopicKeeper:
     """Keeps the topics a bridge or consumer uses at `kafka.partitions` while it runs.
 
     `run()` checks every `kafka.topic_check_s`, and every 0.2 s after a check or a
-    client (`nudge()`) met a broker that does not answer: a topic missing at two checks
-    in a row is created (one missing at one check only is left to the clients, whose
-    requests recreate it on a broker that auto-creates topics: see `ensure_topics`),
+    client (`nudge()`) met a broker that does not answer: a topic still missing
+    `kafka.topic_check_s` after a check first found it so is created (till then it is
+    left to the clients, whose requests recreate it on a broker that auto-creates
+    topics: see `ensure_topics`),
     one with fewer partitions gets the rest. A broker with memory storage (the local
     Tansu) comes back from a restart without its topics and auto-creates one, with its
     default partitions (4), when a client asks for it; it lacks CreatePartitions, so
@@ -217,7 +219,8 @@ class TopicKeeper:
         self._on_repair = on_repair
         self._due = asyncio.Event()
         self._short: dict[str, int] = {}
-        self._missing: set[str] = set()
+        self._missing: dict[str, float] = {}
+        """Topics found missing and not created yet: since when (monotonic)."""
         self.checks = 0
 
     def nudge(self) -> None:
@@ -245,8 +248,11 @@ class TopicKeeper:
 
     async def check(self) -> TopicRepairs:
         """One check; `BrokerUnavailable` if Kafka does not answer."""
-        repairs = await ensure_topics(self._settings, *self._topics, may_create=self._missing)
-        self._missing = set(repairs.missing)
+        now = time.monotonic()
+        settled = now - self._settings.topic_check_s
+        due = {t for t, since in self._missing.items() if since <= settled}
+        repairs = await ensure_topics(self._settings, *self._topics, may_create=due)
+        self._missing = {t: self._missing.get(t, now) for t in repairs.missing}
         self.checks += 1
         if repairs.created:
             log.warning("topics %s were missing: created again", ", ".join(repairs.created))

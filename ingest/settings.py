@@ -130,7 +130,8 @@ class KafkaSettings(Section):
     """Consumer heartbeat; well under a third of the session timeout."""
     topic_check_s: Annotated[float, Field(ge=0.5, le=3600)] = 5.0
     """How often the bridge and the consumer check that their topics exist with
-    `partitions` (a topic missing at two checks in a row is created; one with fewer
+    `partitions` (a topic still missing this long after a check found it so is
+    created; one with fewer
     partitions gets the rest) and the consumer that each partition's log is the one it
     was reading (a memory-storage broker's restart re-creates it empty); every 0.2 s
     while Kafka does not answer."""

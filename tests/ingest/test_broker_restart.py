@@ -52,8 +52,14 @@ async def test_a_restarted_broker_keeps_what_was_written_before_the_topic_check(
     the topic anew over them (a CreateTopics then drops them: seen, 180 records
     acknowledged and none readable). The producer's own request made it again, with
     Tansu's 4 partitions: reported as short; a topic no client asked for is created
-    with its partitions once two checks found it missing."""
-    settings = isolated(base_settings, test_name, bootstrap_servers=broker.address, partitions=6)
+    with its partitions once it stayed missing for a check interval."""
+    settings = isolated(
+        base_settings,
+        test_name,
+        bootstrap_servers=broker.address,
+        partitions=6,
+        topic_check_s=0.5,
+    )
     k = settings.kafka
     repairs: list[tuple[str, int]] = []
     keeper = TopicKeeper(k, k.raw_topic, k.dlq_topic, on_repair=lambda a, n: repairs.append((a, n)))
@@ -72,7 +78,9 @@ async def test_a_restarted_broker_keeps_what_was_written_before_the_topic_check(
         await producer.stop()
     found = await keeper.check()
     assert (found.created, found.missing, found.short) == ([], [k.dlq_topic], {k.raw_topic: 4})
-    # No client asked for the dead-letter topic: still missing at the next check, made.
+    # No client asked for the dead-letter topic: still missing a check interval later
+    # (0.5 s here), it is made.
+    await asyncio.sleep(k.topic_check_s)
     again = await keeper.check()
     assert (again.created, again.missing, again.short) == ([k.dlq_topic], [], {k.raw_topic: 4})
     assert await partition_counts(settings, k.dlq_topic) == {k.dlq_topic: 6}
