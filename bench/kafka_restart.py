@@ -187,11 +187,11 @@ async def one_run(args: argparse.Namespace, run: int, work: Path) -> dict[str, o
             conn = await asyncpg.connect(dsn)
             try:
                 schema = settings.registry.db_schema
-                devices = [
+                ids: list[str] = [
                     r[0] for r in await conn.fetch(f"SELECT device_id FROM {schema}.devices")
                 ]
                 async with DynsecAccounts(settings.mqtt) as accounts:
-                    await accounts.revoke_devices(devices)
+                    await accounts.revoke_devices(ids)
                 await drop_usage_tables(conn, settings.postgres.table)
                 await conn.execute(f"DROP SCHEMA IF EXISTS {settings.registry.db_schema} CASCADE")
             finally:
