@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
 from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 
@@ -429,7 +429,7 @@ class Bridge:
             )
         except KafkaError as exc:
             self._metrics.errors.labels("kafka_send").inc()
-            self._topics.nudge()
+            self._topics.nudge(unknown_topic=isinstance(exc, UnknownTopicOrPartitionError))
             self.report.send_retries += 1
             log.warning("Kafka took no batch (%r); sending its records one by one", exc)
             for item in members:
@@ -449,7 +449,7 @@ class Bridge:
                 return fut
             except KafkaError as exc:
                 self._metrics.errors.labels("kafka_send").inc()
-                self._topics.nudge()
+                self._topics.nudge(unknown_topic=isinstance(exc, UnknownTopicOrPartitionError))
                 self.report.send_retries += 1
                 log.warning("Kafka send failed (%r); retrying in %.1fs", exc, backoff.delay_s)
                 await backoff.wait()
@@ -477,7 +477,7 @@ class Bridge:
                 if not isinstance(exc, KafkaError):
                     raise exc
                 self._metrics.errors.labels("kafka_send").inc()
-                self._topics.nudge()
+                self._topics.nudge(unknown_topic=isinstance(exc, UnknownTopicOrPartitionError))
                 self.report.send_retries += 1
                 log.warning("Kafka did not confirm a record (%r); sending it again", exc)
                 item.confirmation = await self._send(producer, item)
