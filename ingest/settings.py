@@ -129,12 +129,11 @@ class KafkaSettings(Section):
     heartbeat_interval_ms: Annotated[int, Field(ge=100)] = 1_000
     """Consumer heartbeat; well under a third of the session timeout."""
     topic_check_s: Annotated[float, Field(ge=0.5, le=3600)] = 5.0
-    """How often the bridge and the consumer check that their topics exist with
-    `partitions` (a topic still missing this long after a check found it so is
-    created; one with fewer
-    partitions gets the rest) and the consumer that each partition's log is the one it
-    was reading (a memory-storage broker's restart re-creates it empty); every 0.2 s
-    while Kafka does not answer."""
+    """How often the bridge and the consumer check their topics (one with fewer than
+    `partitions` gets the rest; a missing one is created once a producer was refused for
+    it) and the consumer that each partition's log is the one it was reading (a
+    memory-storage broker's restart re-creates it empty); every 0.2 s while Kafka does
+    not answer."""
 
 
 class BridgeSettings(Section):
