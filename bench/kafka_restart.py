@@ -152,6 +152,14 @@ async def one_run(args: argparse.Namespace, run: int, work: Path) -> dict[str, o
             bridge.stop("bench over")
             consumer.stop("bench over")
         result = await verify(settings, ledger, timeout_s=5)
+        conn = await asyncpg.connect(dsn)
+        try:
+            figures["rows_in_table"] = await conn.fetchval(
+                f"SELECT count(*) FROM {settings.postgres.table}"
+            )
+        finally:
+            await conn.close()
+        figures["first_discrepancies"] = result.discrepancies[:2]
         table = {n: (e, f) for n, e, f in result.table()}
         expected_stored, found_stored = table.get("stored", (0, 0))
         figures.update(

@@ -164,15 +164,13 @@ class StoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         self._settled.clear()
         self._holes.forget(revoked)
-        if self._logs is not None:
-            self._logs.forget(revoked)
         for tp in revoked:
             self.probes.pop(tp, None)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self._holes.forget(assigned)
         if self._logs is not None:
-            self._logs.forget(assigned)
+            self._logs.keep_only(assigned)
         try:
             by_topic: dict[str, list[int]] = {}
             for tp in assigned:
@@ -328,8 +326,17 @@ class LogCheck:
         """Partitions found re-created, not yet sought back: how far the consumer was."""
 
     def anchor(self, tp: TopicPartition, position: SourceOffset) -> None:
-        """`position` (a record of this log, the stored one) anchors `tp`."""
-        self._anchors[tp] = position
+        """`position` (the stored one) anchors `tp` unless it has an anchor already: a
+        rebalance right after a broker restart must not replace an anchor in the lost
+        log by stored offsets that may already be in the new one (the consumer may have
+        read past its old position there before the check came)."""
+        self._anchors.setdefault(tp, position)
+
+    def keep_only(self, assigned: list[TopicPartition]) -> None:
+        """Forget the partitions not in `assigned` (a new assignment)."""
+        self.forget(
+            [tp for tp in {*self._anchors, *self._latest, *self._found} if tp not in assigned]
+        )
 
     def forget(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
