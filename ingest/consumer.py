@@ -266,8 +266,8 @@ class Consumer:
                 judged = listener.generation
                 self._limiter.keep_only(consumer.assignment())
             await listener.expire_probes()
-            if self._logs is not None:
-                await self._logs.apply(listener, holes)
+            if self._logs is not None and (rewound := await self._logs.apply(listener, holes)):
+                records = {tp: batch for tp, batch in records.items() if tp not in rewound}
             records = holes.admit(records)
             if any(records.values()):
                 await self._handle(records, consumer, producer, store, enricher)
