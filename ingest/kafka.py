@@ -201,7 +201,7 @@ class TopicKeeper:
     that auto-creates topics takes records for one it lost in a restart, and creating
     it then drops them. The local Tansu does, and lists the topics it auto-created as
     missing: `bench/kafka_restart.py` lost 33, 691 and 799 acknowledged records of
-    15,000 when the checks created them, 0 in four runs of five when they did not.
+    15,000 when the checks created them, 0 in three runs when they did not.
     So after a Tansu restart the topics come back from the clients' own requests with
     its 4 partitions; it lacks CreatePartitions, so they stay so (reported as `short`
     where a check sees it). Each repair is logged and handed
