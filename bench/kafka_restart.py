@@ -6,9 +6,9 @@ A PRIVATE Tansu on --kafka-port (default 19392; never the shared 9092) carries t
 run's topics; the shared Mosquitto and PostgreSQL carry its own topic prefix, bridge
 session, registry schema and usage table (dropped after). The bridge and the consumer
 run in this process. The fleet publishes at --rate for --seconds; --kill-at seconds in,
-the broker is SIGKILLed, and --down seconds later started again, empty: the bridge's
-and consumer's topic checks create the topics again, the consumer finds each
-partition's log re-created and reads it from its start.
+the broker is SIGKILLed, and --down seconds later started again, empty: the clients'
+requests bring the topics back (Tansu auto-creates them, with 4 partitions), the
+consumer finds each partition's log re-created and reads it from its start.
 
 Prints, per run, the ledger's expected vs found fates and what the restart cost:
 messages the broker had acknowledged (so the bridge PUBACKed them to their devices)
