@@ -62,14 +62,14 @@ from dataclasses import dataclass, field
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
 from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from ingest.backoff import Backoff, wait_to_start
 from ingest.dead_letter import DeadLetter
 from ingest.errors import BrokerUnavailable, ConfigurationError
-from ingest.kafka import ensure_topics, make_producer, running
+from ingest.kafka import TopicKeeper, ensure_topics, make_producer, running
 from ingest.metrics import BridgeMetrics
 from ingest.mqtt import LoginRefused, MqttClient, SubscriptionRefused
 from ingest.setting_errors import variable
@@ -244,6 +244,12 @@ class Bridge:
         self._drained = asyncio.Event()
         self._accepting = True
         self._mqtt: MqttClient | None = None
+        self._topics = TopicKeeper(
+            settings.kafka,
+            settings.kafka.raw_topic,
+            settings.kafka.dlq_topic,
+            on_repair=lambda action, n: metrics.topic_repairs.labels(action).inc(n),
+        )
         self.ready = asyncio.Event()
         """Set once the broker confirmed the subscription: devices may publish."""
         self.report = BridgeReport()
@@ -322,6 +328,7 @@ class Bridge:
             async with asyncio.TaskGroup() as tasks:
                 producing = tasks.create_task(self._produce(producer), name="bridge-produce")
                 acking = tasks.create_task(self._acknowledge(producer), name="bridge-ack")
+                keeper = tasks.create_task(self._topics.run(), name="bridge-topics")
                 timer = None
                 if self._stop_after_s is not None:
                     timer = tasks.create_task(self._timer(self._stop_after_s), name="timer")
@@ -332,6 +339,7 @@ class Bridge:
                 producing.cancel()
                 await self._drain()
                 acking.cancel()
+                keeper.cancel()
                 if timer is not None:
                     timer.cancel()
             self._metrics.subscribed.set(0)
@@ -454,6 +462,7 @@ class Bridge:
             )
         except KafkaError as exc:
             self._metrics.errors.labels("kafka_send").inc()
+            self._topics.nudge(unknown_topic=isinstance(exc, UnknownTopicOrPartitionError))
             self.report.send_retries += 1
             log.warning("Kafka took no batch (%r); sending its records one by one", exc)
             for item in members:
@@ -473,6 +482,7 @@ class Bridge:
                 return fut
             except KafkaError as exc:
                 self._metrics.errors.labels("kafka_send").inc()
+                self._topics.nudge(unknown_topic=isinstance(exc, UnknownTopicOrPartitionError))
                 self.report.send_retries += 1
                 log.warning("Kafka send failed (%r); retrying in %.1fs", exc, backoff.delay_s)
                 await backoff.wait()
@@ -500,6 +510,7 @@ class Bridge:
                 if not isinstance(exc, KafkaError):
                     raise exc
                 self._metrics.errors.labels("kafka_send").inc()
+                self._topics.nudge(unknown_topic=isinstance(exc, UnknownTopicOrPartitionError))
                 self.report.send_retries += 1
                 log.warning("Kafka did not confirm a record (%r); sending it again", exc)
                 item.confirmation = await self._send(producer, item)

@@ -70,9 +70,16 @@ from ingest.errors import (
     RowsRefused,
     StoreUnavailable,
 )
-from ingest.kafka import ensure_topics, make_consumer, make_producer, running
+from ingest.kafka import (
+    TopicKeeper,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    make_reader,
+    running,
+)
 from ingest.metrics import ConsumerMetrics
-from ingest.offsets import ContiguousOffsets, StoredOffsets
+from ingest.offsets import ContiguousOffsets, LogCheck, StoredOffsets
 from ingest.rate_limit import DeviceRateLimiter
 from ingest.rows import (
     conflict_letters,
@@ -85,6 +92,10 @@ from ingest.store import UsageStore
 from schemas.errors import Reason
 
 log = logging.getLogger(__name__)
+
+FINAL_COMMIT_S = 5.0
+"""How long a stopping consumer waits for its last Kafka commit (the stored offsets
+stand either way; Kafka's copy is for lag monitoring)."""
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -131,6 +142,9 @@ class Consumer:
         self._limiter = DeviceRateLimiter(
             settings.consumer.device_rate_per_s, settings.consumer.device_burst
         )
+        self._to_commit: dict[TopicPartition, OffsetAndMetadata] = {}
+        self._commit_due = asyncio.Event()
+        self._logs: LogCheck | None = None
         self.report = ConsumerReport()
 
     def stop(self, why: str = "requested") -> None:
@@ -182,10 +196,19 @@ class Consumer:
                 max_records=s.consumer.batch_max,
             )
             holes = ContiguousOffsets(consumer, self._metrics)
-            listener = StoredOffsets(consumer, store, s.consumer.group_id, holes)
+            reader = make_reader(s.kafka, client_id=f"{self._client_id}-check")
+            self._logs = LogCheck(consumer, reader, self._metrics)
+            listener = StoredOffsets(consumer, store, s.consumer.group_id, holes, self._logs)
+            keeper = TopicKeeper(
+                s.kafka,
+                s.kafka.raw_topic,
+                s.kafka.dlq_topic,
+                on_repair=lambda action, n: self._metrics.topic_repairs.labels(action).inc(n),
+            )
             async with (
                 running(make_producer(s.kafka, client_id=f"{self._client_id}-dlq")) as producer,
                 running(consumer),
+                running(reader),
             ):
                 consumer.subscribe([s.kafka.raw_topic], listener=listener)
                 self._consuming = True
@@ -196,6 +219,13 @@ class Consumer:
                         letters = tasks.create_task(
                             self._bridge_letters(enricher, store).run(), name="bridge-letters"
                         )
+                        committer = tasks.create_task(
+                            self._commit_in_background(consumer), name="kafka-commit"
+                        )
+                        watchers = [
+                            tasks.create_task(keeper.run(), name="topics"),
+                            tasks.create_task(self._check_logs(self._logs), name="logs"),
+                        ]
                         await self._consume(
                             consumer,
                             producer,
@@ -207,6 +237,10 @@ class Consumer:
                         )
                         refresher.cancel()
                         letters.cancel()
+                        committer.cancel()
+                        for watcher in watchers:
+                            watcher.cancel()
+                    await self._commit_last(consumer)
                 except BaseExceptionGroup as group:
                     # Whichever fails first (the loop or the refresher), the group
                     # cancels the other: raise that one error, as run() always has, so
@@ -258,6 +292,8 @@ class Consumer:
                 judged = listener.generation
                 self._limiter.keep_only(consumer.assignment())
             await listener.expire_probes()
+            if self._logs is not None and (rewound := await self._logs.apply(listener, holes)):
+                records = {tp: batch for tp, batch in records.items() if tp not in rewound}
             records = holes.admit(records)
             if any(records.values()):
                 await self._handle(records, consumer, producer, store, enricher)
@@ -328,8 +364,13 @@ class Consumer:
         await self._copy_to_topic(producer, dead)
         self._count_letters(letters)
         stage("dead_letter")
-        await self._commit_kafka(consumer, batch.offsets)
-        stage("kafka_commit")
+        if self._logs is not None:
+            self._logs.processed(batch.positions)
+        # Kafka's copy of the offsets, for lag monitoring, is committed beside the
+        # batches: a broker that is slow to answer a commit (after its restart, every
+        # commit took its whole request timeout) must not hold the next batch.
+        self._to_commit.update(batch.offsets)
+        self._commit_due.set()
         r = self.report
         r.batches += 1
         r.consumed += batch.records
@@ -434,13 +475,58 @@ class Consumer:
             log.info("%d dead letters older than the retention deleted", expired)
         return time.monotonic() + interval
 
+    async def _check_logs(self, logs: LogCheck) -> None:
+        """Every `kafka.topic_check_s`, whether each partition's log is still the one
+        being read (`ingest.offsets.LogCheck`)."""
+        while True:
+            await asyncio.sleep(self._settings.kafka.topic_check_s)
+            try:
+                await logs.check()
+            except KafkaError as exc:
+                log.warning(
+                    "checking the partitions' logs failed (%r); next in %gs",
+                    exc,
+                    self._settings.kafka.topic_check_s,
+                )
+
+    async def _commit_in_background(self, consumer: AIOKafkaConsumer) -> None:
+        """Commit the latest stored offsets of each partition to Kafka, one commit at a
+        time, beside the batch loop: the offsets of the batches stored while a commit
+        was under way go together in the next one."""
+        while True:
+            await self._commit_due.wait()
+            self._commit_due.clear()
+            offsets, self._to_commit = self._to_commit, {}
+            started = time.monotonic()
+            try:
+                await self._commit_kafka(consumer, offsets)
+            except asyncio.CancelledError:
+                self._to_commit = {**offsets, **self._to_commit}  # for the last commit
+                raise
+            self._metrics.stage_seconds.labels("kafka_commit").observe(time.monotonic() - started)
+
+    async def _commit_last(self, consumer: AIOKafkaConsumer) -> None:
+        """At a stop, the offsets not committed yet, within `FINAL_COMMIT_S`."""
+        offsets, self._to_commit = self._to_commit, {}
+        if not offsets:
+            return
+        try:
+            async with asyncio.timeout(FINAL_COMMIT_S):
+                await self._commit_kafka(consumer, offsets)
+        except TimeoutError:
+            self._metrics.errors.labels("kafka_commit").inc()
+            log.warning(
+                "the last Kafka offset commit took over %gs; the stored offsets stand",
+                FINAL_COMMIT_S,
+            )
+
     async def _commit_kafka(
         self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata]
     ) -> None:
         """Commit to Kafka too: lag monitoring reads it; correctness does not need it."""
         try:
             # aiokafka retries a retriable commit error forever (a partition that
-            # vanished, say); a bounded wait keeps the loop alive.
+            # vanished, say); a bounded wait keeps the committer alive.
             async with asyncio.timeout(self._settings.kafka.request_timeout_ms / 1000):
                 await consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError, KafkaError, TimeoutError) as exc:

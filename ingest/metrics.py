@@ -19,6 +19,13 @@ from ingest.ports import unavailable
 
 log = logging.getLogger(__name__)
 
+_TOPIC_REPAIRS_HELP = (
+    "Topic repairs by the periodic topic check (kafka.topic_check_s), by action: created "
+    "(a topic was missing: a memory-storage broker restarted), grown (it had fewer "
+    "partitions than kafka.partitions; partitions added), short (fewer, and the broker "
+    "cannot add partitions; counted once each time it is found so)."
+)
+
 _BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000)
 
 
@@ -83,6 +90,12 @@ class BridgeMetrics:
             " order.",
             registry=registry,
         )
+        self.topic_repairs = Counter(
+            "usagepipe_bridge_topic_repairs_total",
+            _TOPIC_REPAIRS_HELP,
+            ["action"],
+            registry=registry,
+        )
 
 
 class ConsumerMetrics:
@@ -135,7 +148,8 @@ class ConsumerMetrics:
             "Time one batch spent in each stage: validate, firmware (recording reported "
             "installations), enrich (registry lookups, the dead letters' too), store (the "
             "PostgreSQL transaction, dead letters included), dead_letter (their copy to "
-            "the dead-letter topic), kafka_commit.",
+            "the dead-letter topic), kafka_commit (each commit of the stored offsets to "
+            "Kafka, made beside the batches: it holds none of them up).",
             ["stage"],
             registry=registry,
         )
@@ -145,6 +159,28 @@ class ConsumerMetrics:
             "sought back to the hole and fetched again), read_past (still missing after "
             "a wait: logged, then skipped).",
             ["outcome"],
+            registry=registry,
+        )
+        self.topic_repairs = Counter(
+            "usagepipe_consumer_topic_repairs_total",
+            _TOPIC_REPAIRS_HELP,
+            ["action"],
+            registry=registry,
+        )
+        self.recreated_partitions = Counter(
+            "usagepipe_consumer_recreated_partitions_total",
+            "Partitions whose log was found not to be the one the consumer's offsets were "
+            "for (the topic re-created: a memory-storage broker restarted), by how it was "
+            "found (assigned: checking the stored offset at an assignment; running: the "
+            "periodic check of a partition being read). Each is read again from its start.",
+            ["found"],
+            registry=registry,
+        )
+        self.recreated_gap_offsets = Counter(
+            "usagepipe_consumer_recreated_gap_offsets_total",
+            "Offsets of re-created partitions' new logs that resuming at the old position "
+            "would have skipped: from the log's start to where the consumer was. They are "
+            "read again (anything already stored counts as a duplicate).",
             registry=registry,
         )
         self.rollup_refresh_seconds = Histogram(

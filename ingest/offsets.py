@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 
 from ingest.errors import StoreUnavailable
 
@@ -148,11 +149,13 @@ class StoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         store: UsageStore,
         group_id: str,
         holes: ContiguousOffsets,
+        logs: LogCheck | None = None,
     ) -> None:
         self._consumer = consumer
         self._store = store
         self._group_id = group_id
         self._holes = holes
+        self._logs = logs
         self.probes: dict[TopicPartition, SourceOffset] = {}
         self._probe_deadlines: dict[TopicPartition, float] = {}
         self.generation = 0
@@ -166,6 +169,8 @@ class StoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self._holes.forget(assigned)
+        if self._logs is not None:
+            self._logs.keep_only(assigned)
         try:
             by_topic: dict[str, list[int]] = {}
             for tp in assigned:
@@ -177,6 +182,8 @@ class StoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
                     self._consumer.seek(tp, position.next_offset - 1)
                     self.probes[tp] = position
                     self._probe_deadlines[tp] = time.monotonic() + PROBE_TIMEOUT_S
+                    if self._logs is not None:
+                        self._logs.anchor(tp, position)
                     log.info("%s: resuming at stored offset %d", tp, position.next_offset)
         finally:
             self.generation += 1
@@ -240,6 +247,7 @@ class StoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
                     probe.next_offset - 1,
                     PROBE_TIMEOUT_S,
                 )
+                self._recreated(tp, probe)
                 await self._consumer.seek_to_beginning(tp)
 
     async def check(
@@ -266,5 +274,172 @@ class StoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
                 first.timestamp,
                 probe.last_timestamp,
             )
+            self._recreated(tp, probe)
             await self._consumer.seek_to_beginning(tp)
         return out
+
+    def _recreated(self, tp: TopicPartition, probe: SourceOffset) -> None:
+        self._holes.forget([tp])
+        if self._logs is not None:
+            self._logs.forget([tp])
+            self._logs.count(tp, probe.next_offset, "assigned")
+
+
+class LogCheck:
+    """Finds a partition whose log was re-created while the consumer was reading it.
+
+    A broker with memory storage (the local Tansu) that restarts comes back with empty
+    logs, and the consumer group may not even rebalance: the consumer keeps its
+    position, and Tansu answers a fetch past a log's end with nothing (not
+    OFFSET_OUT_OF_RANGE) until the new log grows that far, so the consumer would go on
+    from there and skip every record before it, silently. Nor does any end offset tell:
+    Tansu reports them too low.
+
+    So each partition keeps an anchor, a record it processed (offset and Kafka
+    timestamp): the stored one at an assignment, else the first one processed. Every
+    `kafka.topic_check_s` a reader of its own (no group) fetches each anchor: the same
+    record means the same log, and the anchor moves up to the last record processed
+    before that check began; another record there (or, from a broker that resets a
+    fetch out of range, one at another offset) means a new log; no record within
+    `PROBE_TIMEOUT_S` while the broker reports the log's end at or before the anchor,
+    too. A new log's partition is read again from its start (`apply()`, between
+    batches): logged, and counted in `usagepipe_consumer_recreated_partitions_total` and
+    `usagepipe_consumer_recreated_gap_offsets_total` (from the log's start to where the
+    consumer was). A broker that does not answer decides nothing.
+    """
+
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        reader: AIOKafkaConsumer,
+        metrics: ConsumerMetrics | None,
+        *,
+        probe_timeout_s: float = PROBE_TIMEOUT_S,
+    ) -> None:
+        self._consumer = consumer
+        self._reader = reader
+        self._metrics = metrics
+        self._probe_timeout_s = probe_timeout_s
+        self._anchors: dict[TopicPartition, SourceOffset] = {}
+        self._latest: dict[TopicPartition, SourceOffset] = {}
+        self._found: dict[TopicPartition, int] = {}
+        """Partitions found re-created, not yet sought back: how far the consumer was."""
+
+    def anchor(self, tp: TopicPartition, position: SourceOffset) -> None:
+        """`position` (the stored one) anchors `tp` unless it has an anchor already: a
+        rebalance right after a broker restart must not replace an anchor in the lost
+        log by stored offsets that may already be in the new one (the consumer may have
+        read past its old position there before the check came)."""
+        self._anchors.setdefault(tp, position)
+
+    def keep_only(self, assigned: list[TopicPartition]) -> None:
+        """Forget the partitions not in `assigned` (a new assignment)."""
+        self.forget(
+            [tp for tp in {*self._anchors, *self._latest, *self._found} if tp not in assigned]
+        )
+
+    def forget(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._anchors.pop(tp, None)
+            self._latest.pop(tp, None)
+            self._found.pop(tp, None)
+
+    def processed(self, positions: list[SourceOffset]) -> None:
+        """Call after each batch is stored, with its positions."""
+        for position in positions:
+            if position.last_timestamp is None:
+                continue
+            tp = TopicPartition(position.topic, position.partition)
+            self._latest[tp] = position
+            self._anchors.setdefault(tp, position)
+
+    def count(self, tp: TopicPartition, gap: int, found: str) -> None:
+        if gap <= 0:
+            return
+        log.warning(
+            "%s: the log was re-created (found %s); reading it again from its start: "
+            "offsets 0-%d would have been skipped",
+            tp,
+            found,
+            gap - 1,
+        )
+        if self._metrics is not None:
+            self._metrics.recreated_partitions.labels(found).inc()
+            self._metrics.recreated_gap_offsets.inc(gap)
+
+    async def check(self) -> None:
+        """Fetch every anchor once (see the class docstring)."""
+        anchors = {tp: a for tp, a in self._anchors.items() if tp not in self._found}
+        if not anchors:
+            return
+        latest = dict(self._latest)
+        seen = await self._fetch(anchors)
+        missing = [tp for tp in anchors if tp not in seen]
+        ends: dict[TopicPartition, int] = {}
+        if missing:
+            try:
+                async with asyncio.timeout(self._probe_timeout_s):
+                    ends = await self._reader.end_offsets(missing)
+            except (KafkaError, TimeoutError):
+                ends = {}  # the broker does not answer: nothing is decided
+        for tp, anchor in anchors.items():
+            if self._anchors.get(tp) is not anchor:
+                continue  # reassigned meanwhile
+            record = seen.get(tp)
+            if record is not None:
+                same = record.offset == anchor.next_offset - 1 and (
+                    record.timestamp == anchor.last_timestamp
+                )
+            elif tp in ends and ends[tp] <= anchor.next_offset - 1:
+                same = False
+            else:
+                continue  # undecided: try again next time
+            if same:
+                if tp in latest:
+                    self._anchors[tp] = latest[tp]
+                continue
+            where = self._latest.get(tp, anchor)
+            self._found[tp] = where.next_offset
+
+    async def _fetch(
+        self, anchors: dict[TopicPartition, SourceOffset]
+    ) -> dict[TopicPartition, ConsumerRecord]:
+        """The first record at or after each anchor's offset, within the probe timeout."""
+        reader = self._reader
+        reader.assign(list(anchors))
+        for tp, anchor in anchors.items():
+            reader.seek(tp, anchor.next_offset - 1)
+        seen: dict[TopicPartition, ConsumerRecord] = {}
+        deadline = time.monotonic() + self._probe_timeout_s
+        while len(seen) < len(anchors) and (left := deadline - time.monotonic()) > 0:
+            waiting = [tp for tp in anchors if tp not in seen]
+            batch = await reader.getmany(
+                *waiting, timeout_ms=int(left * 1000), max_records=len(waiting)
+            )
+            for tp, records in batch.items():
+                if records and tp not in seen:
+                    seen[tp] = records[0]
+                    reader.pause(tp)
+        for tp in anchors:
+            reader.resume(tp)
+        return seen
+
+    async def apply(self, listener: StoredOffsets, holes: ContiguousOffsets) -> set[TopicPartition]:
+        """Read the partitions found re-created again from their start; returns them.
+        The caller drops what it holds of them: records fetched from the old position
+        in the new log, stored, would store that position with them, and a rejoin then
+        resumes there, past the new log's first offsets (seen: 4,900 never read)."""
+        if not self._found:
+            return set()
+        found, self._found = self._found, {}
+        assignment = self._consumer.assignment()
+        for tp, gap in found.items():
+            self._anchors.pop(tp, None)
+            self._latest.pop(tp, None)
+            if tp not in assignment:
+                continue
+            listener.probes.pop(tp, None)
+            holes.forget([tp])
+            self.count(tp, gap, "running")
+            await self._consumer.seek_to_beginning(tp)
+        return set(found)

@@ -128,6 +128,12 @@ class KafkaSettings(Section):
     default `group.min.session.timeout.ms`, the least a broker takes."""
     heartbeat_interval_ms: Annotated[int, Field(ge=100)] = 1_000
     """Consumer heartbeat; well under a third of the session timeout."""
+    topic_check_s: Annotated[float, Field(ge=0.5, le=3600)] = 5.0
+    """How often the bridge and the consumer check their topics (one with fewer than
+    `partitions` gets the rest; a missing one is created once a producer was refused for
+    it) and the consumer that each partition's log is the one it was reading (a
+    memory-storage broker's restart re-creates it empty); every 0.2 s while Kafka does
+    not answer."""
 
 
 class BridgeSettings(Section):
@@ -222,8 +228,10 @@ class PostgresSettings(Section):
     pool_size: Annotated[int, Field(ge=1, le=100)] = 4
     """Most connections one process holds."""
     use_timescaledb: bool = True
-    """Store a new usage table in TimescaleDB where `CREATE EXTENSION timescaledb`
-    succeeds; false gives native partitions. An existing table keeps its layout."""
+    """Store a new usage table in TimescaleDB where the server has it preloaded
+    (`shared_preload_libraries`) and `CREATE EXTENSION timescaledb` succeeds (installed
+    but not preloaded: native partitions, with a warning); false gives native
+    partitions. An existing table keeps its layout."""
     partition_interval_s: Annotated[int, Field(ge=3600, le=366 * 86400)] = 86400
     """Event-time range of one partition (one TimescaleDB chunk); fixed for a table once
     it is created, the setting only applies to new tables."""

@@ -47,7 +47,7 @@ from ingest.caggs import refresh_aggregates
 from ingest.dead_letter_table import LetterRow, expire_letters, insert_letters
 from ingest.errors import ConflictingDuplicates, RowsRefused, StoreUnavailable
 from ingest.migrations import Connection
-from ingest.postgres import translated
+from ingest.postgres import DB_ERRORS, translated
 from ingest.rollups import RefreshReport, hours_of, invalidation_cte, refresh_rollups
 from ingest.rows import COLUMNS, ID_COLUMNS, SourceOffset, UsageRow, content_digest
 from ingest.settings import PostgresSettings
@@ -220,27 +220,40 @@ class UsageStore:
         unique, conflicts = first_of_each(rows)
         if unique and self.layout.kind == "partitioned":
             await self.ensure_partitions(partition_probes(unique, self.layout.partition_interval))
-        with translated(StoreUnavailable, f"writing {len(rows)} rows failed"):
-            try:
-                async with self.pool.acquire() as conn, conn.transaction():
-                    inserted = await self._insert(conn, unique, conflicts) if unique else []
-                    parameters: list[Any] = [
-                        group_id,
-                        [o.topic for o in offsets],
-                        [o.partition for o in offsets],
-                        [o.next_offset for o in offsets],
-                        [o.last_timestamp for o in offsets],
-                    ]
-                    parameters.append(hours_of([r.event_time for r in inserted]))
-                    await conn.fetchval(self._after_insert_sql, *parameters)
-                    await insert_letters(conn, self.table, letters)
-            except asyncpg.PostgresError as exc:
-                if not refuses_data(exc):
-                    raise
-                refused = await self._refused(unique)
-                if not refused:  # not a row's fault (the offsets, the notes): retried
-                    raise
-                raise RowsRefused(refused) from exc
+        committing = False
+        try:
+            with translated(StoreUnavailable, f"writing {len(rows)} rows failed"):
+                try:
+                    async with self.pool.acquire() as conn, conn.transaction():
+                        inserted = await self._insert(conn, unique, conflicts) if unique else []
+                        parameters: list[Any] = [
+                            group_id,
+                            [o.topic for o in offsets],
+                            [o.partition for o in offsets],
+                            [o.next_offset for o in offsets],
+                            [o.last_timestamp for o in offsets],
+                        ]
+                        parameters.append(hours_of([r.event_time for r in inserted]))
+                        await conn.fetchval(self._after_insert_sql, *parameters)
+                        await insert_letters(conn, self.table, letters)
+                        committing = True
+                except asyncpg.PostgresError as exc:
+                    if not refuses_data(exc):
+                        raise
+                    refused = await self._refused(unique)
+                    if not refused:  # not a row's fault (the offsets, the notes): retried
+                        raise
+                    raise RowsRefused(refused) from exc
+        except StoreUnavailable as exc:
+            # The connection failed while COMMIT was under way: the transaction may have
+            # committed with its reply lost. Retried, its rows would all count as
+            # duplicates; so look: the offsets stored are this batch's only if it did.
+            if committing and offsets and await self._offsets_stored(group_id, offsets):
+                log.warning(
+                    "%s, but the transaction had committed: %d rows new", exc, len(inserted)
+                )
+                return len(inserted)
+            raise
         return len(inserted)
 
     async def write_letters(self, letters: Sequence[LetterRow]) -> int:
@@ -257,6 +270,26 @@ class UsageStore:
         with translated(StoreUnavailable, f"expiring the dead letters of {self.table} failed"):
             async with self.pool.acquire() as conn:
                 return await expire_letters(conn, self.table, cutoff)
+
+    async def _offsets_stored(self, group_id: str, offsets: Sequence[SourceOffset]) -> bool:
+        """Whether `group_id`'s stored offsets are `offsets` (False if that cannot be read)."""
+        try:
+            stored = {
+                (r["topic"], r["partition"]): (r["next_offset"], r["last_timestamp"])
+                for r in await self.pool.fetch(
+                    "SELECT topic, partition, next_offset, last_timestamp"
+                    f" FROM {self.table}_offsets WHERE group_id = $1 AND topic = ANY($2::text[])"
+                    " AND partition = ANY($3::integer[])",
+                    group_id,
+                    list({o.topic for o in offsets}),
+                    list({o.partition for o in offsets}),
+                )
+            }
+        except DB_ERRORS:
+            return False
+        return all(
+            stored.get((o.topic, o.partition)) == (o.next_offset, o.last_timestamp) for o in offsets
+        )
 
     async def _refused(self, rows: list[UsageRow]) -> list[tuple[UsageRow, str]]:
         """Which of `rows` PostgreSQL refuses for what they hold, each with its message:

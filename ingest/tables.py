@@ -4,8 +4,11 @@ partitions, TimescaleDB policies and retention.
 Two storage layouts, detected once when the table is first migrated and recorded in
 `<table>_layout` (`usagepipe db migrate` prints which):
 
-- `timescaledb` where `CREATE EXTENSION IF NOT EXISTS timescaledb` succeeds: a
-  hypertable, continuous aggregates, compression and retention policies;
+- `timescaledb` where the server has TimescaleDB installed and preloaded
+  (`shared_preload_libraries`; installed alone, `CREATE EXTENSION` would fail and close
+  the connection: the table is then partitioned, with a warning saying how to enable
+  it) and `CREATE EXTENSION IF NOT EXISTS timescaledb` succeeds: a hypertable,
+  continuous aggregates, compression and retention policies;
 - `partitioned` otherwise: native range partitions on event_time that the store
   creates before a COPY needs them (plus a DEFAULT partition, so nothing is refused),
   rollup tables maintained in the write transaction, and `drop_expired()` for retention.
@@ -22,6 +25,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 
@@ -151,12 +155,22 @@ class UsageTables:
             return kind
         if not self._settings.use_timescaledb:
             return "partitioned"
+        # Asked before trying: CREATE EXTENSION of a TimescaleDB that is installed but not
+        # preloaded fails FATAL, and the server closes the connection under the migration.
+        available: str | None = await conn.fetchval(
+            "SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'"
+        )
+        preload: str = await conn.fetchval("SELECT current_setting('shared_preload_libraries')")
+        kind, why = timescaledb_choice(available, preload)
+        if kind == "partitioned":
+            log.log(logging.INFO if available is None else logging.WARNING, "%s", why)
+            return kind
         try:
             async with conn.transaction():
                 await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
         except asyncpg.PostgresError as exc:
-            # Not installed, or not in shared_preload_libraries: plain PostgreSQL.
-            log.info("TimescaleDB is not available (%s); using native partitions", exc)
+            # Preloaded, but this role may not create it (or another refusal).
+            log.warning("TimescaleDB could not be created (%s); using native partitions", exc)
             return "partitioned"
         return "timescaledb"
 
@@ -295,6 +309,23 @@ async def forget_ids(conn: Connection, t: str, before: datetime) -> None:
     (or chunk) the cutoff falls in stays, with its rows older than the cutoff, and so
     must their ids: `before` is never after its start."""
     await conn.execute(f"DELETE FROM {t}_ids WHERE event_time < $1", before)
+
+
+def timescaledb_choice(available: str | None, preload: str) -> tuple[Kind, str]:
+    """The layout a new usage table gets on a server whose `pg_available_extensions`
+    offers TimescaleDB at version `available` (None: not installed) and whose
+    `shared_preload_libraries` is `preload`; and why, in words for the log."""
+    if available is None:
+        return "partitioned", "TimescaleDB is not installed on this server; using native partitions"
+    libraries = {Path(entry.strip().strip('"')).stem for entry in preload.split(",")}
+    if "timescaledb" not in libraries:
+        return "partitioned", (
+            f"TimescaleDB {available} is installed but not preloaded (shared_preload_libraries"
+            f" = {preload!r}); using native partitions. To use it, add timescaledb to"
+            " shared_preload_libraries in postgresql.conf, restart PostgreSQL, and migrate"
+            " a new table (a table keeps the layout it was created with)"
+        )
+    return "timescaledb", f"TimescaleDB {available} is preloaded"
 
 
 def partition_probes(rows: Sequence[UsageRow], interval: timedelta) -> Iterable[datetime]:
