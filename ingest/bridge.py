@@ -381,7 +381,12 @@ class Bridge:
                     " earlier publish, not telemetry just sent",
                 )
         except InvalidTelemetry as error:
-            log.debug("dead-lettering a message on %s: %s", topic, error)
+            log.debug(
+                "dead-lettering a message on %s: %s",
+                topic,
+                error,
+                extra={"device_id": device_id, "reason": error.reason.value},
+            )
             letter = DeadLetter.from_error(
                 error, topic=topic, partition=None, offset=None, key=key, original=payload
             )

@@ -361,6 +361,7 @@ class Consumer:
                 gone = {id(row) for row, _ in refused.rows}
                 rows = [row for row in rows if id(row) not in gone]
         stage("store")
+        _log_letters(dead)
         await self._copy_to_topic(producer, dead)
         self._count_letters(letters)
         stage("dead_letter")
@@ -556,3 +557,22 @@ class Consumer:
                     raise
                 log.warning("%s failed (%s); retrying in %.1fs", kind, exc, backoff.delay_s)
                 await backoff.wait()
+
+
+def _log_letters(letters: list[DeadLetter]) -> None:
+    """One DEBUG line a dead letter, with its device, partition, offset and reason as
+    fields (they are counted by reason at every level; a flood would make INFO lines)."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    for letter in letters:
+        log.debug(
+            "dead letter (%s): %s",
+            letter.reason.value,
+            letter.message,
+            extra={
+                "device_id": letter.key.decode("utf-8", "replace") if letter.key else None,
+                "partition": letter.partition,
+                "offset": letter.offset,
+                "reason": letter.reason.value,
+            },
+        )

@@ -112,6 +112,7 @@ class ContiguousOffsets:
                         expected,
                         record.offset - 1,
                         self._wait_s,
+                        extra={"partition": tp.partition, "offset": expected},
                     )
                 if expected is None or record.offset >= expected:
                     expected = record.offset + 1
@@ -184,7 +185,12 @@ class StoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
                     self._probe_deadlines[tp] = time.monotonic() + PROBE_TIMEOUT_S
                     if self._logs is not None:
                         self._logs.anchor(tp, position)
-                    log.info("%s: resuming at stored offset %d", tp, position.next_offset)
+                    log.info(
+                        "%s: resuming at stored offset %d",
+                        tp,
+                        position.next_offset,
+                        extra={"partition": partition, "offset": position.next_offset},
+                    )
         finally:
             self.generation += 1
             self._settled.set()
@@ -362,6 +368,7 @@ class LogCheck:
             tp,
             found,
             gap - 1,
+            extra={"partition": tp.partition, "offset": 0},
         )
         if self._metrics is not None:
             self._metrics.recreated_partitions.labels(found).inc()
