@@ -127,6 +127,20 @@ class TopicRepairs:
     cannot give more (it lacks CreatePartitions: the local Tansu)."""
 
 
+def topic_configs(settings: KafkaSettings, topic: str) -> dict[str, str]:
+    """The topic-level configs usagepipe creates `topic` with: its retention (the raw
+    topic's, the dead-letter topic's, or `events_retention_h` for any other) and the
+    cleanup policy."""
+    hours = {
+        settings.raw_topic: settings.raw_retention_h,
+        settings.dlq_topic: settings.dlq_retention_h,
+    }.get(topic, settings.events_retention_h)
+    return {
+        "retention.ms": str(round(hours * 3_600_000)),
+        "cleanup.policy": settings.cleanup_policy,
+    }
+
+
 async def ensure_topics(
     settings: KafkaSettings, *topics: str, may_create: Collection[str] | None = None
 ) -> TopicRepairs:
@@ -152,7 +166,15 @@ async def ensure_topics(
         repairs.missing.extend(t for t in absent if t not in missing)
         if missing:
             response = await admin.create_topics(
-                [NewTopic(t, settings.partitions, settings.replication_factor) for t in missing]
+                [
+                    NewTopic(
+                        t,
+                        settings.partitions,
+                        settings.replication_factor,
+                        topic_configs=topic_configs(settings, t),
+                    )
+                    for t in missing
+                ]
             )
             # aiokafka returns a topic's error instead of raising it: one that another
             # process created meanwhile (error 36) is not ours.

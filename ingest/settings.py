@@ -101,9 +101,25 @@ class KafkaSettings(Section):
     dlq_topic: str = "telemetry.dlq"
     """Dead letters: refused messages with reason, origin and original bytes."""
     partitions: Annotated[int, Field(ge=1, le=1000)] = 6
-    """Partitions for topics usagepipe creates (existing topics are left as they are)."""
+    """Partitions for topics usagepipe creates (`usagepipe kafka init` reports an existing
+    topic with another count). It bounds the work one consumer group can share: each
+    partition is read by one consumer of the group at a time, so at most this many
+    consumers do work and more sit idle. Set it for the most consumers you will run:
+    partitions can be added later (moving devices' keys to others), never removed."""
     replication_factor: Annotated[int, Field(ge=1)] = 1
     """Replicas for topics usagepipe creates (3 on a production cluster)."""
+    raw_retention_h: Annotated[float, Field(gt=0)] = 168
+    """How long the raw topic keeps records (`retention.ms`): long enough to replay a
+    consumer outage from Kafka (7 days)."""
+    dlq_retention_h: Annotated[float, Field(gt=0)] = 720
+    """How long the dead-letter topic keeps letters (30 days; the record of them is the
+    dead-letter table)."""
+    events_retention_h: Annotated[float, Field(gt=0)] = 168
+    """How long other topics usagepipe creates keep records (`registry.events`: 7 days)."""
+    cleanup_policy: Literal["delete", "compact", "compact,delete"] = "delete"
+    """`cleanup.policy` of the topics usagepipe creates: `delete` drops records past the
+    retention. Telemetry is keyed by device, so `compact` would keep only each device's
+    last message: never that for the raw topic."""
     acks: Literal["all"] = "all"
     """Only `all` is accepted: a message is confirmed once every in-sync replica has it."""
     enable_idempotence: bool = False

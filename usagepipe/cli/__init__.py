@@ -1,6 +1,7 @@
 """`usagepipe`: the one console script; every service of the pipeline is a subcommand.
 
     usagepipe services up|status|down     the local servers (Mosquitto, Kafka, PostgreSQL)
+    usagepipe kafka init [--check]        the topics, made from the settings (or checked)
     usagepipe settings                    every setting, its variable, default and meaning
     usagepipe asyncapi                    the AsyncAPI contract (schemas/asyncapi.json)
     usagepipe db migrate|refresh|retention  create/upgrade the usage tables; materialise
@@ -51,7 +52,14 @@ from schemas.errors import UsagepipeError
 from usagepipe.cli.arguments import Commands, Handler, OneLineParser
 from usagepipe.cli.fleet import add_demo, add_simulate, add_verify
 from usagepipe.cli.logs import configure
-from usagepipe.cli.operations import add_asyncapi, add_auth, add_dlq, add_services, add_settings
+from usagepipe.cli.operations import (
+    add_asyncapi,
+    add_auth,
+    add_dlq,
+    add_kafka,
+    add_services,
+    add_settings,
+)
 from usagepipe.cli.pipeline import add_bridge, add_consume, add_db
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -59,6 +67,7 @@ LOG_FORMATS = ("text", "json")
 
 COMMANDS: tuple[Callable[[Commands], None], ...] = (
     add_services,
+    add_kafka,
     add_settings,
     add_asyncapi,
     add_db,

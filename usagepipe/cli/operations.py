@@ -1,6 +1,8 @@
-"""The commands around the pipeline: `services`, `settings`, `asyncapi`, `auth`, `dlq`.
+"""The commands around the pipeline: `services`, `kafka`, `settings`, `asyncapi`, `auth`,
+`dlq`.
 
     usagepipe services up|status|down     the local servers (Mosquitto, Kafka, PostgreSQL)
+    usagepipe kafka init [--check]        the topics, made from the settings (or checked)
     usagepipe settings [--markdown]       every setting, its variable, default and meaning
     usagepipe asyncapi [--check|--write]  the AsyncAPI contract (schemas/asyncapi.json)
     usagepipe auth token --subject S [--scope planner|operator]   a dev signer's token
@@ -8,7 +10,8 @@
     usagepipe dlq list|show|replay        the dead letters (the database's record, or the topic)
 
 Each handler imports the module that does the work (`usagepipe.services`,
-`schemas.asyncapi`, `usagepipe.dlq`) when its command runs, not when the parser is built.
+`ingest.topics`, `schemas.asyncapi`, `usagepipe.dlq`) when its command runs, not when
+the parser is built.
 """
 
 from __future__ import annotations
@@ -26,6 +29,18 @@ def add_services(commands: Commands) -> None:
         commands, "services", _services, help="start, check or stop the local servers"
     )
     services.add_argument("action", choices=["up", "status", "down"])
+
+
+def add_kafka(commands: Commands) -> None:
+    kafka = command(commands, "kafka", _kafka, help="the Kafka topics usagepipe uses")
+    actions = kafka.add_subparsers(dest="action", required=True)
+    init = actions.add_parser(
+        "init",
+        help="create the missing topics from the settings; compare the existing ones",
+    )
+    init.add_argument(
+        "--check", action="store_true", help="create nothing: report missing topics too"
+    )
 
 
 def add_settings(commands: Commands) -> None:
@@ -176,6 +191,35 @@ def _services(args: argparse.Namespace, settings: Settings) -> int:
         print(f"usagepipe services {args.action}: {exc}", file=sys.stderr)
         return 1
     print(services.format_table(states))
+    return 0
+
+
+def _kafka(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from ingest.topics import init_topics
+
+    states = asyncio.run(init_topics(settings, create=not args.check))
+    for s in states:
+        spec = s.spec
+        wanted = (
+            f"{spec.partitions} partitions, replication {spec.replication_factor},"
+            f" {', '.join(f'{k}={v}' for k, v in spec.configs.items())}"
+        )
+        if s.created:
+            print(f"{spec.name}: created ({wanted})")
+        elif s.ok:
+            print(f"{spec.name}: as the settings say ({wanted})")
+        else:
+            print(f"{spec.name}: differs: {'; '.join(s.mismatches)}")
+    differ = [s.spec.name for s in states if not s.ok]
+    if differ:
+        print(
+            f"usagepipe kafka init: {len(differ)} topic(s) differ from the settings:"
+            f" {', '.join(differ)}; nothing existing was changed",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
