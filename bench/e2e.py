@@ -75,7 +75,6 @@ from e2e_procs import (
     percentile,
     read_topic,
     say,
-    scrape,
     servers_cpu_s,
 )
 from e2e_raw import raw_copy, raw_produce, raw_relay
@@ -87,6 +86,7 @@ from simulators.plan import FleetPlan, plan_device
 from simulators.provision import open_registry, provision
 from simulators.units import device_ids
 from simulators.verify import verify
+from usagepipe.faults.processes import scrape
 from usagepipe.services import with_broker_logins
 
 RESULTS = Path(__file__).with_name("results")

@@ -23,7 +23,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from multiprocessing.queues import Queue
@@ -246,24 +245,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def scrape(port: int, names: tuple[str, ...]) -> dict[str, float]:
-    """Summed values of the named Prometheus samples at 127.0.0.1:`port`/metrics."""
-    out = dict.fromkeys(names, 0.0)
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
-            text = page.read().decode()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name not in out:  # a labelled sample counts under its bare name too
-            name = name.split("{", 1)[0]
-        if name in out:
-            with contextlib.suppress(ValueError):
-                out[name] += float(value.split()[0])
-    return out
 
 
 def per_second(timeline: list[tuple[float, float]]) -> list[list[float]]:

@@ -4,6 +4,7 @@ in a log of their own, so that a scenario can SIGKILL one and start another."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -80,19 +81,19 @@ class Process:
 
 
 def scrape(port: int, names: tuple[str, ...]) -> dict[str, float]:
-    """Sum each named metric's samples on 127.0.0.1:`port`/metrics (0 where absent or
-    where nothing answers)."""
-    totals = dict.fromkeys(names, 0.0)
+    """Summed values of the named Prometheus samples at 127.0.0.1:`port`/metrics (a
+    labelled sample counts under its bare name; 0 where absent or nothing answers)."""
+    out = dict.fromkeys(names, 0.0)
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+            text = page.read().decode()
     except OSError:
-        return totals
+        return out
     for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        metric, _, value = line.rpartition(" ")
-        base = metric.split("{", 1)[0]
-        if base in totals:
-            totals[base] += float(value)
-    return totals
+        name, _, value = line.partition(" ")
+        if name not in out:
+            name = name.split("{", 1)[0]
+        if name in out:
+            with contextlib.suppress(ValueError):
+                out[name] += float(value.split()[0])
+    return out

@@ -29,9 +29,6 @@ from usagepipe.faults.proxy import HarmfulProxy
 from usagepipe.faults.servers import FaultServers
 from usagepipe.faults.suite import Fleet, Harm, Result, Run, run_scenario, wait_for
 
-CONFLICTING_DUPLICATE = "conflicting_duplicate"
-DUPLICATE_KEY = "duplicate_key"
-
 
 @dataclass(frozen=True)
 class Scenario:
@@ -85,7 +82,7 @@ def edited(m: Message, **fields: object) -> bytes:
 
 
 async def poison(run: Run) -> None:
-    """Six poisons among a device's 20 messages, then the fleet: each poison one dead
+    """Seven poisons among a device's 20 messages, then the fleet: each poison one dead
     letter with its reason, every other message stored, no partition stalled."""
     device, messages = hand_made(run, 0, 20)
     poisons: dict[int, tuple[bytes, str, str]] = {
@@ -115,7 +112,11 @@ async def poison(run: Run) -> None:
             "year_2100",
         ),
         12: (messages[12].payload[:-7], Reason.INVALID_JSON.value, "truncated"),
-        14: (b'{"seq":1014,' + messages[14].payload[1:], DUPLICATE_KEY, "duplicate_key"),
+        14: (
+            b'{"seq":1014,' + messages[14].payload[1:],
+            Reason.DUPLICATE_KEY.value,
+            "duplicate_key",
+        ),
     }
     records = []
     for i, m in enumerate(messages):
@@ -153,7 +154,13 @@ async def resend(run: Run) -> None:
         later = _event_time(m) + timedelta(seconds=1)
         payload = edited(m, event_time=later.isoformat())
         run.extra.append(
-            entry(m, payload, Outcome.DEAD_LETTER, CONFLICTING_DUPLICATE, fault="resend:other_time")
+            entry(
+                m,
+                payload,
+                Outcome.DEAD_LETTER,
+                Reason.CONFLICTING_DUPLICATE.value,
+                fault="resend:other_time",
+            )
         )
         records.append((device, payload))
     other = next(m for m in messages[20:] if _whole_numbers(m))
@@ -163,7 +170,7 @@ async def resend(run: Run) -> None:
             other,
             payload,
             Outcome.DEAD_LETTER,
-            CONFLICTING_DUPLICATE,
+            Reason.CONFLICTING_DUPLICATE.value,
             fault="resend:other_body",
         )
     )
@@ -173,7 +180,11 @@ async def resend(run: Run) -> None:
         payload = edited(first, event_time=(_event_time(first) + timedelta(seconds=k)).isoformat())
         run.extra.append(
             entry(
-                first, payload, Outcome.DEAD_LETTER, CONFLICTING_DUPLICATE, fault="resend:100_times"
+                first,
+                payload,
+                Outcome.DEAD_LETTER,
+                Reason.CONFLICTING_DUPLICATE.value,
+                fault="resend:100_times",
             )
         )
         records.append((device, payload))
