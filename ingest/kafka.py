@@ -141,6 +141,45 @@ def topic_configs(settings: KafkaSettings, topic: str) -> dict[str, str]:
     }
 
 
+@contextlib.asynccontextmanager
+async def admin_client(settings: KafkaSettings) -> AsyncIterator[AIOKafkaAdminClient]:
+    """An admin client for the block; any Kafka error in it is `BrokerUnavailable`."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap_servers,
+        request_timeout_ms=settings.request_timeout_ms,
+    )
+    try:
+        await admin.start()
+        yield admin
+    except KafkaError as exc:
+        raise BrokerUnavailable(
+            f"Kafka at {settings.bootstrap_servers} could not list/create topics: {exc!r}"
+        ) from exc
+    finally:
+        await admin.close()
+
+
+async def create_topics(
+    admin: AIOKafkaAdminClient, settings: KafkaSettings, topics: Collection[str]
+) -> dict[str, tuple[int, str | None]]:
+    """Create `topics` with the configured partitions, replication and `topic_configs`;
+    each topic's error code and message (0: created). aiokafka returns a topic's error
+    instead of raising it; 36 is one another process created meanwhile."""
+    response = await admin.create_topics(
+        [
+            NewTopic(
+                t,
+                settings.partitions,
+                settings.replication_factor,
+                topic_configs=topic_configs(settings, t),
+            )
+            for t in topics
+        ]
+    )
+    errors = {t: (code, message) for t, code, message, *_ in response.topic_errors}
+    return {t: errors.get(t, (0, None)) for t in topics}
+
+
 async def ensure_topics(
     settings: KafkaSettings, *topics: str, may_create: Collection[str] | None = None
 ) -> TopicRepairs:
@@ -153,33 +192,15 @@ async def ensure_topics(
     it (see there): Tansu took records for topics it had lost in a restart, and a
     CreateTopics then dropped them (seen: 180 acknowledged, none readable).
     """
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.bootstrap_servers,
-        request_timeout_ms=settings.request_timeout_ms,
-    )
     repairs = TopicRepairs()
-    try:
-        await admin.start()
+    async with admin_client(settings) as admin:
         existing = set(await admin.list_topics())
         absent = [t for t in topics if t not in existing]
         missing = [t for t in absent if may_create is None or t in may_create]
         repairs.missing.extend(t for t in absent if t not in missing)
         if missing:
-            response = await admin.create_topics(
-                [
-                    NewTopic(
-                        t,
-                        settings.partitions,
-                        settings.replication_factor,
-                        topic_configs=topic_configs(settings, t),
-                    )
-                    for t in missing
-                ]
-            )
-            # aiokafka returns a topic's error instead of raising it: one that another
-            # process created meanwhile (error 36) is not ours.
-            errors = {t: code for t, code, *_ in response.topic_errors}
-            repairs.created.extend(t for t in missing if errors.get(t, 0) == 0)
+            errors = await create_topics(admin, settings, missing)
+            repairs.created.extend(t for t in missing if errors[t][0] == 0)
             if repairs.created:
                 log.info("created topics %s", ", ".join(repairs.created))
         present = [t for t in topics if t in existing]
@@ -199,12 +220,6 @@ async def ensure_topics(
                 count,
                 settings.partitions,
             )
-    except KafkaError as exc:
-        raise BrokerUnavailable(
-            f"Kafka at {settings.bootstrap_servers} could not list/create topics: {exc!r}"
-        ) from exc
-    finally:
-        await admin.close()
     return repairs
 
 

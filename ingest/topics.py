@@ -14,12 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError
 
-from ingest.errors import BrokerUnavailable
-from ingest.kafka import topic_configs
+from ingest.kafka import admin_client, create_topics, topic_configs
 from ingest.settings import Settings
 
 _CHECKED = ("retention.ms", "cleanup.policy")
@@ -75,30 +73,14 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
 async def init_topics(settings: Settings, *, create: bool = True) -> list[TopicState]:
     """Create the missing topics (unless `create` is False: then they are reported
     missing) and compare the existing ones with their specs."""
-    k = settings.kafka
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=k.bootstrap_servers, request_timeout_ms=k.request_timeout_ms
-    )
     states = [TopicState(spec) for spec in topic_specs(settings)]
-    try:
-        await admin.start()
+    async with admin_client(settings.kafka) as admin:
         existing = set(await admin.list_topics())
         absent = [s for s in states if s.spec.name not in existing]
         if absent and create:
-            response = await admin.create_topics(
-                [
-                    NewTopic(
-                        s.spec.name,
-                        s.spec.partitions,
-                        s.spec.replication_factor,
-                        topic_configs=s.spec.configs,
-                    )
-                    for s in absent
-                ]
-            )
-            errors = {t: (code, message) for t, code, message, *_ in response.topic_errors}
+            errors = await create_topics(admin, settings.kafka, [s.spec.name for s in absent])
             for s in absent:
-                code, message = errors.get(s.spec.name, (0, None))
+                code, message = errors[s.spec.name]
                 if code == 0:
                     s.created = True
                 elif code != 36:  # 36: created meanwhile by another process; described below
@@ -107,12 +89,6 @@ async def init_topics(settings: Settings, *, create: bool = True) -> list[TopicS
             for s in absent:
                 s.mismatches.append("does not exist (run `usagepipe kafka init` to create it)")
         await _describe(admin, [s for s in states if not s.mismatches])
-    except KafkaError as exc:
-        raise BrokerUnavailable(
-            f"Kafka at {k.bootstrap_servers} could not list/create topics: {exc!r}"
-        ) from exc
-    finally:
-        await admin.close()
     return states
 
 
