@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import orjson
 
 from schemas.errors import Reason
@@ -139,10 +138,9 @@ async def resend(run: Run) -> None:
     device, messages = hand_made(run, 1, 30)
     run.extra += [entry(m, m.payload, Outcome.STORED, fault=None) for m in messages]
     await run.produce([(device, m.payload) for m in messages])
-    s = run.settings()
 
     async def stored() -> bool:
-        rows = await _rows_of(run, s.postgres.table, device)
+        rows = await run.rows(device)
         return rows >= 30
 
     await wait_for(stored, 60)
@@ -199,14 +197,13 @@ async def flood(run: Run) -> None:
     device, messages = hand_made(run, 2, 2000)
     run.extra += [entry(m, m.payload, Outcome.STORED, fault="flood") for m in messages]
     await run.produce([(device, m.payload) for m in messages])
-    s = run.settings()
 
     async def judged() -> bool:  # every record of the flood stored or dead-lettered
-        rows = await _rows_of(run, s.postgres.table, device)
-        return rows + await _letters_of(run, s.postgres.table, device) >= 2000
+        rows = await run.rows(device)
+        return rows + await run.rows(device, letters=True) >= 2000
 
     await wait_for(judged, 120)
-    rows = await _rows_of(run, s.postgres.table, device)
+    rows = await run.rows(device)
     status, output = await run.command("dlq", "replay", "--reason", "rate_limited")
     run.check("flood rows before the replay (the rest limited)", "1 to 1999", rows, 0 < rows < 2000)
     run.check("dlq replay --reason rate_limited", "exit 0", status, status == 0)
@@ -224,23 +221,6 @@ def _whole_numbers(m: Message | dict[str, Any]) -> list[str]:
 
 def _event_time(m: Message) -> datetime:
     return datetime.fromisoformat(orjson.loads(m.payload)["event_time"])
-
-
-async def _rows_of(run: Run, table: str, device: str) -> int:
-    """The device's rows in `table` (0 if it does not exist yet)."""
-    conn = await asyncpg.connect(run.servers.dsn)
-    try:
-        if await conn.fetchval("SELECT to_regclass($1)", table) is None:
-            return 0
-        query = f"SELECT count(*) FROM {table} WHERE device_id = $1"
-        return int(await conn.fetchval(query, device))
-    finally:
-        await conn.close()
-
-
-async def _letters_of(run: Run, table: str, device: str) -> int:
-    """The device's dead letters in the store's dead-letter table."""
-    return await _rows_of(run, f"{table}_dead_letters", device)
 
 
 # -- processes and servers ------------------------------------------------------------------

@@ -20,7 +20,7 @@ import asyncpg
 
 from ingest.kafka import ensure_topics, make_producer
 from ingest.settings import Settings
-from simulators.ledger import Entry, Outcome, read_ledger
+from simulators.ledger import Entry
 from simulators.verify import Reconciliation, verify
 from usagepipe.faults.processes import Process, scrape
 from usagepipe.faults.proxy import HarmfulProxy
@@ -91,13 +91,18 @@ class Run:
     def check(self, what: str, expected: object, observed: object, ok: bool) -> None:
         self.checks.append((what, str(expected), str(observed), ok))
 
-    async def rows(self) -> int:
-        s = self.settings()
+    async def rows(self, device: str | None = None, *, letters: bool = False) -> int:
+        """Rows in the scenario's usage table (its dead-letter table with `letters`), of
+        `device` only if given; 0 while the table does not exist."""
+        table = self.settings().postgres.table + ("_dead_letters" if letters else "")
         conn = await asyncpg.connect(self.servers.dsn)
         try:
-            if await conn.fetchval("SELECT to_regclass($1)", s.postgres.table) is None:
+            if await conn.fetchval("SELECT to_regclass($1)", table) is None:
                 return 0
-            return int(await conn.fetchval(f"SELECT count(*) FROM {s.postgres.table}"))
+            if device is None:
+                return int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
+            query = f"SELECT count(*) FROM {table} WHERE device_id = $1"
+            return int(await conn.fetchval(query, device))
         finally:
             await conn.close()
 
@@ -283,14 +288,6 @@ async def run_scenario(
         else:
             run.notes.append(f"rows {rows:,}; the last consumer process counted {stored:,}")
     return Result(tag, reconciliation, status, output, run, time.monotonic() - started)
-
-
-def ledger_entries(path: Path) -> list[Entry]:
-    return list(read_ledger(path)) if path.exists() else []
-
-
-def stored_keys(entries: list[Entry]) -> int:
-    return sum(1 for e in entries if e.outcome is Outcome.STORED)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
