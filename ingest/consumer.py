@@ -324,7 +324,6 @@ class Consumer:
         await self._retry("registry", enricher.record_firmware, batch.rows)
         stage("firmware")
         enriched = await self._retry("registry", enricher.enrich, batch.rows)
-        stage("enrich")
         rows, dead = enriched.rows, batch.dead
         if enriched.unregistered:
             if self._settings.enrich.unregistered == "store":
