@@ -47,7 +47,7 @@ from ingest.caggs import refresh_aggregates
 from ingest.dead_letter_table import LetterRow, expire_letters, insert_letters
 from ingest.errors import ConflictingDuplicates, RowsRefused, StoreUnavailable
 from ingest.migrations import Connection
-from ingest.postgres import DB_ERRORS, translated
+from ingest.postgres import translated
 from ingest.rollups import RefreshReport, hours_of, invalidation_cte, refresh_rollups
 from ingest.rows import COLUMNS, ID_COLUMNS, SourceOffset, UsageRow, content_digest
 from ingest.settings import PostgresSettings
@@ -274,22 +274,14 @@ class UsageStore:
     async def _offsets_stored(self, group_id: str, offsets: Sequence[SourceOffset]) -> bool:
         """Whether `group_id`'s stored offsets are `offsets` (False if that cannot be read)."""
         try:
-            stored = {
-                (r["topic"], r["partition"]): (r["next_offset"], r["last_timestamp"])
-                for r in await self.pool.fetch(
-                    "SELECT topic, partition, next_offset, last_timestamp"
-                    f" FROM {self.table}_offsets WHERE group_id = $1 AND topic = ANY($2::text[])"
-                    " AND partition = ANY($3::integer[])",
-                    group_id,
-                    list({o.topic for o in offsets}),
-                    list({o.partition for o in offsets}),
-                )
-            }
-        except DB_ERRORS:
+            for topic in {o.topic for o in offsets}:
+                mine = [o for o in offsets if o.topic == topic]
+                stored = await self.load_offsets(group_id, topic, [o.partition for o in mine])
+                if any(stored.get(o.partition) != o for o in mine):
+                    return False
+        except StoreUnavailable:
             return False
-        return all(
-            stored.get((o.topic, o.partition)) == (o.next_offset, o.last_timestamp) for o in offsets
-        )
+        return True
 
     async def _refused(self, rows: list[UsageRow]) -> list[tuple[UsageRow, str]]:
         """Which of `rows` PostgreSQL refuses for what they hold, each with its message:
