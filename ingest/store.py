@@ -2,14 +2,17 @@
 idempotent batches, together with the Kafka offsets the batch ends at.
 
 A batch is one transaction. Its rows go in with COPY straight into the usage table, and
-their ids (with the event time and `ingest.rows.content_digest` of each) into
-`<table>_ids` (migration 007: the id is its primary key, which the range-partitioned
-usage table cannot hold), under one savepoint; if an id is already stored (a
-redelivery, a replay, a resend), that savepoint is undone and the batch takes the slow
-path: COPY into a staging table (temporary, per connection, emptied at commit), then
-one statement inserts the ids `ON CONFLICT DO NOTHING RETURNING` and the rows whose id
-went in, which tells which rows were new. The fast path is the common case and costs
-one copy of the data instead of two. Then one statement notes the hours the new rows
+their ids (with the event time and a digest of the content of each) into `<table>_ids`
+(migration 007: the id is its primary key, which the range-partitioned usage table
+cannot hold), under one savepoint: on plain PostgreSQL the database writes the ids
+itself, from the rows the COPY inserted (a statement-level trigger, the partitioned
+migration 010), on TimescaleDB the store COPYs them too (`ingest.rows.content_digest`).
+If an id is already stored (a redelivery, a replay, a resend), or comes twice in the
+batch, that savepoint is undone and the batch takes the slow path: COPY into a staging
+table (temporary, per connection, emptied at commit), then one statement inserts the
+ids `ON CONFLICT DO NOTHING RETURNING` and the rows whose id went in, which tells which
+rows were new. The fast path is the common case and costs one copy of the data instead
+of two. Then one statement notes the hours the new rows
 fall in for the rollups (see `ingest.rollups`) and upserts the
 consumer group's next offsets into `<table>_offsets`, and the batch's dead letters go
 into `<table>_dead_letters` (`ingest.dead_letter_table`). A redelivered
@@ -88,6 +91,7 @@ class UsageStore:
         self.tables = UsageTables(settings)
         self._insert_sql = ""
         self._after_insert_sql = ""
+        self._ids_by_trigger = False
 
     async def __aenter__(self) -> Self:
         with translated(StoreUnavailable, "PostgreSQL unreachable", detail=str):
@@ -154,11 +158,20 @@ class UsageStore:
         ids = ", ".join(ID_COLUMNS)
         staged = ", ".join(f"s.{c}" for c in COLUMNS)
         same_id = 'n.device_id = s.device_id COLLATE "C" AND n.boot_id = s.boot_id COLLATE "C"'
+        # On plain PostgreSQL the database writes the ids and their digests (migration
+        # 010), here too: the staged rows' digests are computed as its trigger does.
+        self._ids_by_trigger = self.layout.kind == "partitioned"
+        digest = f"{t}_content_digest(s.schema, s.schema_version, s.body)"
+        if not self._ids_by_trigger:
+            digest = "s.digest"
         # A row goes in only if its id did (on TimescaleDB the hypertable keeps its own
-        # key too, see its migration 007).
+        # key too, see its migration 007). The trigger stands aside for this statement
+        # (`usagepipe.ids_written`, set around it by `_insert`).
         self._insert_sql = f"""
             WITH n AS (
-                INSERT INTO {t}_ids ({ids}) SELECT {ids} FROM {self._staging}
+                INSERT INTO {t}_ids ({ids})
+                SELECT s.device_id, s.boot_id, s.seq, s.event_time, {digest}
+                FROM {self._staging} s
                 ON CONFLICT DO NOTHING
                 RETURNING device_id, boot_id, seq
             )
@@ -174,9 +187,9 @@ class UsageStore:
         self._conflicts_sql = f"""
             SELECT s.device_id, s.boot_id, s.seq, n.event_time AS stored_time,
                    s.event_time <> n.event_time AS other_time,
-                   n.digest IS NOT NULL AND n.digest <> s.digest AS other_content
+                   n.digest IS NOT NULL AND n.digest <> {digest} AS other_content
             FROM {self._staging} s JOIN {t}_ids n ON {same_id} AND n.seq = s.seq
-            WHERE s.event_time <> n.event_time OR n.digest <> s.digest
+            WHERE s.event_time <> n.event_time OR n.digest <> {digest}
         """
         ctes = [
             f"""offsets AS (
@@ -217,15 +230,14 @@ class UsageStore:
             return 0
         if not self._after_insert_sql:
             raise StoreUnavailable("the store is not migrated yet (call migrate())")
-        unique, conflicts = first_of_each(rows)
-        if unique and self.layout.kind == "partitioned":
-            await self.ensure_partitions(partition_probes(unique, self.layout.partition_interval))
+        if rows and self.layout.kind == "partitioned":
+            await self.ensure_partitions(partition_probes(rows, self.layout.partition_interval))
         committing = False
         try:
             with translated(StoreUnavailable, f"writing {len(rows)} rows failed"):
                 try:
                     async with self.pool.acquire() as conn, conn.transaction():
-                        inserted = await self._insert(conn, unique, conflicts) if unique else []
+                        inserted = await self._insert(conn, rows) if rows else []
                         parameters: list[Any] = [
                             group_id,
                             [o.topic for o in offsets],
@@ -240,7 +252,7 @@ class UsageStore:
                 except asyncpg.PostgresError as exc:
                     if not refuses_data(exc):
                         raise
-                    refused = await self._refused(unique)
+                    refused = await self._refused(rows)
                     if not refused:  # not a row's fault (the offsets, the notes): retried
                         raise
                     raise RowsRefused(refused) from exc
@@ -283,7 +295,7 @@ class UsageStore:
             return False
         return True
 
-    async def _refused(self, rows: list[UsageRow]) -> list[tuple[UsageRow, str]]:
+    async def _refused(self, rows: Sequence[UsageRow]) -> list[tuple[UsageRow, str]]:
         """Which of `rows` PostgreSQL refuses for what they hold, each with its message:
         found by halving, each half tried in a savepoint of a transaction that is rolled
         back at the end (a batch with one bad row of 5,000 takes some 26 tries). Rare: it
@@ -293,7 +305,7 @@ class UsageStore:
             transaction = conn.transaction()
             await transaction.start()
             try:
-                pending = [rows]
+                pending = [list(rows)]
                 while pending:
                     chunk = pending.pop()
                     try:
@@ -336,46 +348,48 @@ class UsageStore:
                     conn, self.table, wait=wait, settled_only=settled_only, days=days, now=now
                 )
 
-    async def _insert(
-        self,
-        conn: Connection,
-        rows: list[UsageRow],
-        conflicts: Sequence[tuple[UsageRow, str]] = (),
-    ) -> list[UsageRow]:
-        """Insert `rows` (one of each message id) and their ids; returns those the table
-        did not have yet. Raises `ConflictingDuplicates` (the caller's transaction must
-        then roll back) for those whose id is stored with other content, and for
-        `conflicts`, found earlier in the same write.
+    async def _insert(self, conn: Connection, rows: Sequence[UsageRow]) -> list[UsageRow]:
+        """Insert `rows` and their ids; returns those the table did not have yet (the
+        first of each id, if one comes more than once). Raises `ConflictingDuplicates`
+        (the caller's transaction must then roll back) for those whose id is stored, or
+        earlier in `rows`, with other content.
 
-        The ids go in by COPY after the rows, in their savepoint, sorted by id (each
-        goes into the ids' btree beside the one before; measured 0.1-0.2 s per 100,000
-        rows cheaper than unsorted and first, bench/store.py)."""
+        On TimescaleDB the ids go in by COPY after the rows, in their savepoint, sorted
+        by id (each goes into the ids' btree beside the one before; measured 0.1-0.2 s
+        per 100,000 rows cheaper than unsorted and first, bench/store.py)."""
         records = [r.record() for r in rows]
-        digests = [content_digest(record) for record in records]
         try:
             async with conn.transaction():  # a savepoint
                 await conn.copy_records_to_table(self.table, records=records, columns=COLUMNS)
-                await conn.copy_records_to_table(
-                    f"{self.table}_ids",
-                    records=sorted((*r.key, d) for r, d in zip(rows, digests, strict=True)),
-                    columns=ID_COLUMNS,
-                )
-            if conflicts:
-                raise ConflictingDuplicates(list(conflicts))
-            return rows
+                if not self._ids_by_trigger:
+                    await conn.copy_records_to_table(
+                        f"{self.table}_ids",
+                        records=sorted(
+                            (*r.key, content_digest(x)) for r, x in zip(rows, records, strict=True)
+                        ),
+                        columns=ID_COLUMNS,
+                    )
+            return list(rows)
         except asyncpg.UniqueViolationError:
             pass
+        unique, found = first_of_each(rows)
+        if len(unique) < len(rows):
+            records = [r.record() for r in unique]
         await conn.execute(self._staging_sql)
-        await conn.copy_records_to_table(
-            self._staging,
-            records=[(*r, d) for r, d in zip(records, digests, strict=True)],
-            columns=(*COLUMNS, "digest"),
-        )
+        staged: list[tuple[Any, ...]] = records
+        columns: tuple[str, ...] = COLUMNS
+        if not self._ids_by_trigger:
+            staged = [(*x, content_digest(x)) for x in records]
+            columns = (*COLUMNS, "digest")
+        await conn.copy_records_to_table(self._staging, records=staged, columns=columns)
+        if self._ids_by_trigger:
+            await conn.execute("SELECT set_config('usagepipe.ids_written', 'on', true)")
         returned = await conn.fetch(self._insert_sql)
+        if self._ids_by_trigger:
+            await conn.execute("SELECT set_config('usagepipe.ids_written', 'off', true)")
         new = {(r["device_id"], r["boot_id"], r["seq"], r["event_time"]) for r in returned}
-        found = list(conflicts)
-        if len(new) < len(rows):
-            by_id = {r.key[:3]: r for r in rows}
+        if len(new) < len(unique):
+            by_id = {r.key[:3]: r for r in unique}
             for c in await conn.fetch(self._conflicts_sql):
                 if not (c["other_time"] or c["other_content"]):
                     continue
@@ -383,7 +397,7 @@ class UsageStore:
                 found.append((row, conflict_message(row, c["stored_time"], dict(c))))
         if found:
             raise ConflictingDuplicates(found)
-        return [r for r in rows if r.key in new]
+        return [r for r in unique if r.key in new]
 
     async def load_offsets(
         self, group_id: str, topic: str, partitions: Iterable[int]

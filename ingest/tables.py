@@ -388,6 +388,11 @@ async def drop_usage_tables(conn: Connection, t: str) -> None:
                         f"DROP MATERIALIZED VIEW IF EXISTS {view['relname']} CASCADE"
                     )
                 await conn.execute(f"DROP TABLE IF EXISTS {tables} CASCADE")  # partitions too
+                # The partitioned migration 010's, which the tables do not take along.
+                await conn.execute(
+                    f"DROP FUNCTION IF EXISTS {t}_write_ids(),"
+                    f" {t}_content_digest(text, integer, jsonb)"
+                )
                 if await conn.fetchval("SELECT to_regclass('schema_migrations')") is not None:
                     await conn.execute(
                         "DELETE FROM schema_migrations WHERE component = $1", f"store.{t}"

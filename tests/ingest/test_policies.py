@@ -350,7 +350,8 @@ def test_plain_postgresql_has_no_policies_whatever_the_command_says(
     captured = capsys.readouterr()
     applied = (
         "001_usage, 002_enrichment, 003_rollup_refresh, 004_device_daily,"
-        " 005_settled_refresh, 006_erasure_checks, 007_message_ids, 008_dead_letters"
+        " 005_settled_refresh, 006_erasure_checks, 007_message_ids, 008_dead_letters,"
+        " 010_ids_by_trigger"
     )
     assert captured.out.splitlines() == [
         f"usage table '{t}' is up to date ({applied}); layout: partitioned, partitions of 24 h"

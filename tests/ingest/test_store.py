@@ -104,6 +104,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         "006_erasure_checks",
         "007_message_ids",
         "008_dead_letters",
+        "010_ids_by_trigger",
     ]
     assert second.applied == []
     t = settings.postgres.table
@@ -136,6 +137,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         (6, "006_erasure_checks"),
         (7, "007_message_ids"),
         (8, "008_dead_letters"),
+        (10, "010_ids_by_trigger"),
     ]
 
 
@@ -152,7 +154,8 @@ def test_db_migrate_command_prints_the_layout(
     layout = "layout: partitioned, partitions of 24 h"
     applied = (
         "001_usage, 002_enrichment, 003_rollup_refresh, 004_device_daily,"
-        " 005_settled_refresh, 006_erasure_checks, 007_message_ids, 008_dead_letters"
+        " 005_settled_refresh, 006_erasure_checks, 007_message_ids, 008_dead_letters,"
+        " 010_ids_by_trigger"
     )
     assert out[:2] == [
         f"usage table '{t}' is up to date ({applied}); {layout}",
@@ -191,8 +194,8 @@ async def test_the_default_partition_takes_what_has_no_partition_until_one_is_ma
 ) -> None:
     t = store.table
     at = datetime(2025, 6, 1, 12, tzinfo=UTC)
-    # A writer that does not create partitions (say, a manual backfill, which writes
-    # the ids too) lands in DEFAULT.
+    # A writer that does not create partitions (say, a manual backfill, whose ids the
+    # table's trigger writes, migration 010) lands in DEFAULT.
     async with store.pool.acquire() as conn:
         await conn.execute(
             f"INSERT INTO {t} (device_id, boot_id, seq, event_time, schema, schema_version,"
@@ -200,7 +203,6 @@ async def test_the_default_partition_takes_what_has_no_partition_until_one_is_ma
             " VALUES ('d9', 'b1', 7, $1, 'washer.energy', 1, '{\"energy_wh\": 2.5}', 0, 0)",
             at,
         )
-        await conn.execute(f"INSERT INTO {t}_ids VALUES ('d9', 'b1', 7, $1, NULL)", at)
     assert await where_rows_are(store) == [("d9", 7, f"{t}_default")]
     # The store needs that day's partition: the row moves into it, nothing is refused.
     assert await store.write([row("d9", 8, at + HOUR), row("d9", 7, at)]) == 1
