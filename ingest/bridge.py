@@ -44,6 +44,13 @@ RETAINED. The bridge subscribes with Retain Handling 2 and the project's broker 
 no retained messages (`retain_available false`), so this guards against brokers that
 would.
 
+Trace context (`ingest.trace`): a message's W3C `traceparent` user property goes on its
+Kafka record (or its dead letter) as the header `traceparent`, with the bridge's span
+as the new parent; a message without one gets a new sampled trace for a fraction
+`bridge.trace_sample_ratio` of them, no header for the rest; a malformed one is
+counted (`usagepipe_bridge_traced_total{origin="malformed"}`) and replaced by a new
+trace, and the message goes on as any other.
+
 The bridge announces `bridge.max_packet_bytes` as its MQTT Maximum Packet Size and
 refuses to start when that is not above the broker's own (from CONNACK), because
 Mosquitto drops a message larger than its subscriber's limit without a trace.
@@ -55,6 +62,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -72,8 +80,10 @@ from ingest.errors import BrokerUnavailable, ConfigurationError
 from ingest.kafka import TopicKeeper, ensure_topics, make_producer, running
 from ingest.metrics import BridgeMetrics
 from ingest.mqtt import LoginRefused, MqttClient, SubscriptionRefused
+from ingest.mqtt_wire import trace_properties
 from ingest.setting_errors import variable
 from ingest.settings import Settings
+from ingest.trace import TRACEPARENT, TRACESTATE, TRACESTATE_MAX_BYTES, TraceParent
 from schemas.errors import InvalidTelemetry, Reason
 
 log = logging.getLogger(__name__)
@@ -86,6 +96,15 @@ an alias (device topics are tens of bytes), and grow the length fields (3 bytes)
 _HANDOFF_MAX = 4096
 """Most messages handed to the producer in one turn of `produce` (they become one batch
 per partition, split further where a batch reaches `kafka.max_batch_bytes`)."""
+
+Headers = list[tuple[str, bytes]]
+_NO_HEADERS: Headers = []
+"""The headers of a record without trace context (shared, never changed)."""
+
+TRACE_ORIGINS = ("device", "bridge", "malformed")
+"""Where a forwarded trace came from: the device's traceparent, one the bridge started
+for a message without one (sampled by `bridge.trace_sample_ratio`), or one it started
+in place of a malformed traceparent."""
 
 
 @functools.lru_cache(maxsize=65536)
@@ -112,6 +131,8 @@ class _InFlight:
     record is (re)sent; the consumer's per-device ceiling judges by it."""
     refused: Reason | None = None
     confirmation: asyncio.Future[object] | None = None
+    headers: Headers = field(default_factory=lambda: _NO_HEADERS)
+    """The record's Kafka headers: the trace context, if any."""
 
 
 @dataclass
@@ -133,6 +154,8 @@ class BridgeReport:
     elapsed_s: float = 0.0
     stopped_by: str = ""
     per_topic: dict[str, int] = field(default_factory=dict)
+    traced: dict[str, int] = field(default_factory=dict)
+    """Messages forwarded with a `traceparent` header, by origin (`TRACE_ORIGINS`)."""
 
 
 def subscription(settings: Settings) -> str:
@@ -250,6 +273,9 @@ class Bridge:
             settings.kafka.dlq_topic,
             on_repair=lambda action, n: metrics.topic_repairs.labels(action).inc(n),
         )
+        self._trace_ratio = settings.bridge.trace_sample_ratio
+        self._traced = {origin: metrics.traced.labels(origin) for origin in TRACE_ORIGINS}
+        self._random = random.Random().random
         self.ready = asyncio.Event()
         """Set once the broker confirmed the subscription: devices may publish."""
         self.report = BridgeReport()
@@ -362,8 +388,51 @@ class Bridge:
         await asyncio.sleep(seconds)
         self.stop(f"after {seconds:g}s")
 
-    def _on_message(
-        self, topic: str, mid: int, payload: bytes, retain: bool, generation: int
+    def _trace(self, props: bytes, device_id: str | None) -> Headers:
+        """The Kafka headers carrying a message's trace context (see the module's
+        docstring); `props` are its MQTT v5 properties, `b""` for none."""
+        tracestate = None
+        if props:
+            raw, tracestate = trace_properties(props)
+        else:
+            raw = None
+        if raw is not None:
+            parent = TraceParent.parse(raw)
+            if parent is None:
+                origin, trace, tracestate = "malformed", TraceParent.start(), None
+            else:
+                origin, trace = "device", parent.child()
+        elif self._trace_ratio and self._random() < self._trace_ratio:
+            origin, trace = "bridge", TraceParent.start()
+        else:
+            return _NO_HEADERS
+        self._traced[origin].inc()
+        traced = self.report.traced
+        traced[origin] = traced.get(origin, 0) + 1
+        if origin == "malformed" and log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "malformed traceparent %r from %s; started trace_id=%s instead",
+                raw[:80] if raw is not None else raw,
+                device_id,
+                trace.trace_id,
+                extra={"device_id": device_id, "trace_id": trace.trace_id},
+            )
+        elif trace.sampled and log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "forwarding trace_id=%s span_id=%s (%s) of %s",
+                trace.trace_id,
+                trace.parent_id,
+                origin,
+                device_id,
+                extra={"device_id": device_id, "trace_id": trace.trace_id},
+            )
+        headers = [(TRACEPARENT, trace.header())]
+        if tracestate and len(tracestate) <= TRACESTATE_MAX_BYTES:
+            headers.append((TRACESTATE, tracestate))
+        return headers
+
+    def _on_message(  # noqa: PLR0917 (the framer's callback, called positionally per message)
+        self, topic: str, mid: int, payload: bytes, retain: bool, props: bytes, generation: int
     ) -> None:
         if not self._accepting:
             return  # not acknowledged: stays in the session, delivered again later
@@ -372,6 +441,7 @@ class Bridge:
         arrived_ms = time.time_ns() // 1_000_000
         device_id = device_id_from_topic(topic, s.mqtt.topic_prefix)
         key = (device_id or topic).encode()
+        headers = self._trace(props, device_id)
         try:
             check_payload(payload, topic, device_id, s.bridge.max_payload_bytes)
             if retain:
@@ -391,10 +461,19 @@ class Bridge:
                 error, topic=topic, partition=None, offset=None, key=key, original=payload
             )
             item = _InFlight(
-                mid, generation, s.kafka.dlq_topic, key, letter.to_json(), arrived_ms, error.reason
+                mid,
+                generation,
+                s.kafka.dlq_topic,
+                key,
+                letter.to_json(),
+                arrived_ms,
+                error.reason,
+                headers=headers,
             )
         else:
-            item = _InFlight(mid, generation, s.kafka.raw_topic, key, payload, arrived_ms)
+            item = _InFlight(
+                mid, generation, s.kafka.raw_topic, key, payload, arrived_ms, headers=headers
+            )
         self._incoming.append(item)
         if not self._incoming_ready.is_set():
             self._incoming_ready.set()
@@ -440,12 +519,12 @@ class Bridge:
             batch = producer.create_batch()
             members: list[_InFlight] = []
             for item in group:
-                key, value, at = item.key, item.value, item.arrived_ms
-                if batch.append(key=key, value=value, timestamp=at) is None:
+                key, value, at, headers = item.key, item.value, item.arrived_ms, item.headers
+                if batch.append(key=key, value=value, timestamp=at, headers=headers) is None:
                     if members:
                         await self._submit(producer, batch, topic, partition, members)
                     batch, members = producer.create_batch(), []
-                    if batch.append(key=key, value=value, timestamp=at) is None:
+                    if batch.append(key=key, value=value, timestamp=at, headers=headers) is None:
                         item.confirmation = await self._send(producer, item)  # too large alone
                         continue
                 members.append(item)
@@ -482,7 +561,11 @@ class Bridge:
         while True:
             try:
                 fut: asyncio.Future[object] = await producer.send(
-                    item.topic, value=item.value, key=item.key, timestamp_ms=item.arrived_ms
+                    item.topic,
+                    value=item.value,
+                    key=item.key,
+                    timestamp_ms=item.arrived_ms,
+                    headers=item.headers or None,
                 )
                 return fut
             except KafkaError as exc:

@@ -383,7 +383,7 @@ def _bridge_letter(record: ConsumerRecord) -> DeadLetter | None:
     """The bridge's letter in `record`; None for the consumer's (stored already) and for
     a record that is not a letter."""
     try:
-        letter = DeadLetter.from_json(record.value or b"", record.key)
+        letter = DeadLetter.from_json(record.value or b"", record.key, record.headers)
     except ValidationError:
         return None
     return letter if letter.kind == "mqtt" else None
