@@ -83,7 +83,14 @@ from ingest.mqtt import LoginRefused, MqttClient, SubscriptionRefused
 from ingest.mqtt_wire import trace_properties
 from ingest.setting_errors import variable
 from ingest.settings import Settings
-from ingest.trace import TRACEPARENT, TRACESTATE, TRACESTATE_MAX_BYTES, TraceParent
+from ingest.trace import (
+    TRACEPARENT,
+    TRACESTATE,
+    TRACESTATE_MAX_BYTES,
+    child_header,
+    sampled_header,
+    start_header,
+)
 from schemas.errors import InvalidTelemetry, Reason
 
 log = logging.getLogger(__name__)
@@ -275,6 +282,7 @@ class Bridge:
         )
         self._trace_ratio = settings.bridge.trace_sample_ratio
         self._traced = {origin: metrics.traced.labels(origin) for origin in TRACE_ORIGINS}
+        self._traced_told: dict[str, int] = {}
         self._random = random.Random().random
         self.ready = asyncio.Event()
         """Set once the broker confirmed the subscription: devices may publish."""
@@ -390,46 +398,53 @@ class Bridge:
 
     def _trace(self, props: bytes, device_id: str | None) -> Headers:
         """The Kafka headers carrying a message's trace context (see the module's
-        docstring); `props` are its MQTT v5 properties, `b""` for none."""
-        tracestate = None
+        docstring); `props` are its MQTT v5 properties, `b""` for none. Bytes in,
+        bytes out, and counted by `_produce`: this runs for every message."""
+        raw = tracestate = None
         if props:
             raw, tracestate = trace_properties(props)
-        else:
-            raw = None
         if raw is not None:
-            parent = TraceParent.parse(raw)
-            if parent is None:
-                origin, trace, tracestate = "malformed", TraceParent.start(), None
-            else:
-                origin, trace = "device", parent.child()
+            header = child_header(raw)
+            origin = "device"
+            if header is None:
+                origin, header, tracestate = "malformed", start_header(), None
         elif self._trace_ratio and self._random() < self._trace_ratio:
-            origin, trace = "bridge", TraceParent.start()
+            origin, header = "bridge", start_header()
         else:
             return _NO_HEADERS
-        self._traced[origin].inc()
         traced = self.report.traced
         traced[origin] = traced.get(origin, 0) + 1
-        if origin == "malformed" and log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "malformed traceparent %r from %s; started trace_id=%s instead",
-                raw[:80] if raw is not None else raw,
-                device_id,
-                trace.trace_id,
-                extra={"device_id": device_id, "trace_id": trace.trace_id},
-            )
-        elif trace.sampled and log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "forwarding trace_id=%s span_id=%s (%s) of %s",
-                trace.trace_id,
-                trace.parent_id,
-                origin,
-                device_id,
-                extra={"device_id": device_id, "trace_id": trace.trace_id},
-            )
-        headers = [(TRACEPARENT, trace.header())]
+        if log.isEnabledFor(logging.DEBUG):
+            trace_id = header[3:35].decode()
+            if origin == "malformed":
+                log.debug(
+                    "malformed traceparent %r from %s; started trace_id=%s instead",
+                    raw,
+                    device_id,
+                    trace_id,
+                    extra={"device_id": device_id, "trace_id": trace_id},
+                )
+            elif sampled_header(header):
+                log.debug(
+                    "forwarding trace_id=%s span_id=%s (%s) of %s",
+                    trace_id,
+                    header[36:52].decode(),
+                    origin,
+                    device_id,
+                    extra={"device_id": device_id, "trace_id": trace_id},
+                )
         if tracestate and len(tracestate) <= TRACESTATE_MAX_BYTES:
-            headers.append((TRACESTATE, tracestate))
-        return headers
+            return [(TRACEPARENT, header), (TRACESTATE, tracestate)]
+        return [(TRACEPARENT, header)]
+
+    def _count_traced(self) -> None:
+        """Bring `usagepipe_bridge_traced_total` up to the report's counts (once a turn
+        of `_produce`, not once a message: a counter's increment takes a lock)."""
+        for origin, count in self.report.traced.items():
+            told = self._traced_told.get(origin, 0)
+            if count > told:
+                self._traced[origin].inc(count - told)
+                self._traced_told[origin] = count
 
     def _on_message(  # noqa: PLR0917 (the framer's callback, called positionally per message)
         self, topic: str, mid: int, payload: bytes, retain: bool, props: bytes, generation: int
@@ -495,6 +510,8 @@ class Bridge:
                 continue
             items = [incoming.popleft() for _ in range(min(len(incoming), _HANDOFF_MAX))]
             self._metrics.received.inc(len(items))
+            if self.report.traced:
+                self._count_traced()
             self._metrics.inflight.set(self._window)
             self._metrics.inflight_peak.set(self.report.peak_unacked)
             await self._send_batches(producer, items)

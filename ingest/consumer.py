@@ -93,7 +93,7 @@ from ingest.rows import (
 )
 from ingest.settings import Settings
 from ingest.store import UsageStore
-from ingest.trace import record_traceparent
+from ingest.trace import TraceParent, header_value, record_traceparent, sampled_header
 from schemas.errors import Reason
 
 log = logging.getLogger(__name__)
@@ -581,17 +581,22 @@ def _log_stored(rows: list[UsageRow], letters: list[DeadLetter], info_max: int) 
         source = row.source
         if source is None or not source.headers:
             continue
-        trace = record_traceparent(source.headers)
-        if trace is None:
+        raw = header_value(source.headers)
+        if raw is None:
             continue
-        if trace.sampled and room:
-            room -= 1
+        sampled = sampled_header(raw)  # a glance at the flags: no parse for a line not logged
+        if sampled and room:
             level = logging.INFO
         else:
-            held += trace.sampled
+            held += sampled
             if not debug:
                 continue
             level = logging.DEBUG
+        trace = TraceParent.parse(raw)
+        if trace is None:
+            continue
+        if level == logging.INFO:
+            room -= 1
         log.log(
             level,
             "stored trace_id=%s device_id=%s boot_id=%s seq=%d partition=%d offset=%d",

@@ -11,7 +11,7 @@ from aiokafka import ConsumerRecord
 
 from ingest.consumer import _log_stored
 from ingest.rows import UsageRow
-from ingest.trace import TRACEPARENT, TraceParent
+from ingest.trace import TRACEPARENT, TraceParent, child_header, sampled_header, start_header
 
 VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -41,6 +41,22 @@ def test_a_valid_traceparent_is_read_and_its_child_keeps_the_trace() -> None:
 )
 def test_a_malformed_traceparent_is_refused(value: str) -> None:
     assert TraceParent.parse(value.encode()) is None
+    assert child_header(value.encode()) is None
+
+
+def test_the_bridges_headers_keep_the_trace_and_flags_with_a_new_parent() -> None:
+    child = child_header(VALID.encode())
+    assert child is not None
+    parsed, device = TraceParent.parse(child), TraceParent.parse(VALID.encode())
+    assert parsed is not None and device is not None
+    assert (parsed.trace_id, parsed.flags) == (device.trace_id, device.flags)
+    assert parsed.parent_id != device.parent_id
+    later = child_header(b"cc" + VALID.encode()[2:] + b"-more")
+    assert later is not None and later.startswith(b"00-") and len(later) == 55
+    unsampled = VALID[:-2] + "00"
+    assert (sampled_header(VALID.encode()), sampled_header(unsampled.encode())) == (True, False)
+    started = TraceParent.parse(start_header())
+    assert started is not None and started.sampled
 
 
 def test_a_later_version_is_read_by_its_first_fields() -> None:
