@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import asyncpg
 import orjson
@@ -17,9 +18,10 @@ from ingest.dead_letter import DeadLetter
 from ingest.mqtt import MqttClient
 from ingest.settings import Settings
 from ingest.trace import TRACEPARENT, TRACESTATE, TraceParent
-from simulators.plan import FleetPlan, plan_device
+from simulators.ledger import LedgerWriter, read_ledger
+from simulators.plan import FleetPlan, plan_device, traceparent
 from simulators.units import device_ids
-from tests.pipeline import pipeline, read_to_end, wait_for
+from tests.pipeline import pipeline, publish, read_to_end, wait_for
 from usagepipe.cli.logs import JsonFormatter
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -210,3 +212,29 @@ async def test_a_refused_message_keeps_its_traceparent_on_the_dead_letter_topic(
     (line,) = _json_lines(caplog, "dead letter (invalid_json)")
     assert (line["level"], line["trace_id"], line["device_id"]) == ("INFO", consumer_trace, first)
     assert line["offset"] == by_trace[consumer_trace].offset
+
+
+async def test_a_simulated_fleet_sends_traceparents_qa_can_find_in_the_log(
+    settings: Settings, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    settings = _tracing(settings, 0.0)
+    plan = FleetPlan(devices=2, messages_per_device=3, seed=24, trace_share=0.5)
+    prefix = settings.mqtt.topic_prefix
+    messages = [m for d in device_ids(plan) for m in plan_device(plan, d, prefix)]
+    planned = {m.key: traceparent(plan, m.key) for m in messages}
+    traced = {key: value[3:35] for key, value in planned.items() if value is not None}
+    assert 0 < len(traced) < len(planned) == 6
+    caplog.set_level(logging.INFO, logger="ingest.consumer")
+    with LedgerWriter(tmp_path / "ledger.jsonl") as ledger:
+        async with pipeline(settings) as run:
+            report = await publish(settings, plan, ledger)
+            await wait_for(lambda: run.consumer.report.stored == 6, "the six rows")
+    assert report.sent == 6
+    assert run.bridge.report.traced == {"device": len(traced)}
+    logged = {
+        (str(line["device_id"]), str(line["boot_id"]), int(str(line["seq"]))): line["trace_id"]
+        for line in _json_lines(caplog, "stored trace_id=")
+    }
+    assert logged == traced
+    entries = list(read_ledger(tmp_path / "ledger.jsonl"))
+    assert {e.key: e.trace_id for e in entries if e.trace_id is not None} == traced
