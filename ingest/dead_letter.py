@@ -59,7 +59,7 @@ class DeadLetter:
 
     doc: DeadLetterMessage
     key: bytes | None
-    headers: Sequence[tuple[str, bytes]] = ()
+    headers: tuple[tuple[str, bytes], ...] = ()
     """The trace headers of the refused message, put on the letter's record."""
 
     @classmethod
@@ -86,7 +86,7 @@ class DeadLetter:
             original_b64=base64.b64encode(original).decode("ascii"),
             failed_at=datetime.now(UTC),
         )
-        return cls(doc, key, headers)
+        return cls(doc, key, tuple(headers))
 
     @classmethod
     def for_record(cls, error: InvalidTelemetry, record: ConsumerRecord) -> DeadLetter:

@@ -106,8 +106,6 @@ def with_facts(r: UsageRow, f: DeviceFacts) -> UsageRow:
         purchase_channel=None if p is None else p.purchase_channel,
         analytics_consent=None if p is None else p.linked,
         owner_key=None if p is None else p.owner_key,
-        # The record it came from: its trace headers for the consumer's log, its bytes
-        # for a dead letter should the store refuse the row.
         source=r.source,
     )
 

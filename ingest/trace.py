@@ -136,13 +136,13 @@ def record_traceparent(headers: Sequence[tuple[str, bytes]] | None) -> TracePare
     return None if raw is None else TraceParent.parse(raw)
 
 
-def trace_headers(headers: Sequence[tuple[str, bytes]] | None) -> list[tuple[str, bytes]]:
+def trace_headers(headers: Sequence[tuple[str, bytes]] | None) -> tuple[tuple[str, bytes], ...]:
     """The trace headers (traceparent, tracestate) among a Kafka record's headers, to
     carry onto a record made from it (a dead letter)."""
     if not headers:
-        return []
-    return [
+        return ()
+    return tuple(
         (name, value)
         for name, value in headers
         if name in (TRACEPARENT, TRACESTATE) and isinstance(value, bytes)
-    ]
+    )

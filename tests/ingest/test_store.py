@@ -104,6 +104,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         "006_erasure_checks",
         "007_message_ids",
         "008_dead_letters",
+        "009_dead_letter_traces",
     ]
     assert second.applied == []
     t = settings.postgres.table
@@ -136,6 +137,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         (6, "006_erasure_checks"),
         (7, "007_message_ids"),
         (8, "008_dead_letters"),
+        (9, "009_dead_letter_traces"),
     ]
 
 
@@ -152,7 +154,8 @@ def test_db_migrate_command_prints_the_layout(
     layout = "layout: partitioned, partitions of 24 h"
     applied = (
         "001_usage, 002_enrichment, 003_rollup_refresh, 004_device_daily,"
-        " 005_settled_refresh, 006_erasure_checks, 007_message_ids, 008_dead_letters"
+        " 005_settled_refresh, 006_erasure_checks, 007_message_ids, 008_dead_letters,"
+        " 009_dead_letter_traces"
     )
     assert out[:2] == [
         f"usage table '{t}' is up to date ({applied}); {layout}",

@@ -16,13 +16,16 @@ from prometheus_client import CollectorRegistry
 
 from ingest.dead_letter import DeadLetter
 from ingest.mqtt import MqttClient
+from ingest.rate_limit import REPLAY_HEADER
 from ingest.settings import Settings
 from ingest.trace import TRACEPARENT, TRACESTATE, TraceParent
+from schemas.errors import Reason
 from simulators.ledger import LedgerWriter, read_ledger
 from simulators.plan import FleetPlan, plan_device, traceparent
 from simulators.units import device_ids
-from tests.pipeline import pipeline, publish, read_to_end, wait_for
+from tests.pipeline import pipeline, publish, read_to_end, table_letters, wait_for
 from usagepipe.cli.logs import JsonFormatter
+from usagepipe.dlq import replay
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 DEVICE_PARENT = "00f067aa0ba902b7"
@@ -201,6 +204,10 @@ async def test_a_refused_message_keeps_its_traceparent_on_the_dead_letter_topic(
         )
         await wait_for(lambda: run.consumer.report.dead_lettered == 1, "the consumer's letter")
         await wait_for(lambda: run.bridge.report.acked == 2, "both acknowledged")
+        for _ in range(200):  # the bridge's letter reaches the table from the topic
+            if len(await table_letters(settings)) == 2:
+                break
+            await asyncio.sleep(0.05)
     letters = await read_to_end(settings, settings.kafka.dlq_topic)
     by_trace = {
         _traced(r).trace_id: DeadLetter.from_json(r.value, r.key, r.headers) for r in letters
@@ -209,9 +216,27 @@ async def test_a_refused_message_keeps_its_traceparent_on_the_dead_letter_topic(
     assert by_trace[bridge_trace].reason.value == "device_id_mismatch"
     assert by_trace[consumer_trace].reason.value == "invalid_json"
     assert by_trace[consumer_trace].trace_id == consumer_trace
+    # The table, the letters' record, keeps them too (and `usagepipe dlq replay` sends
+    # them on with the original).
+    stored = {row["reason"]: row["traceparent"] for row in await table_letters(settings)}
+    assert {reason: value[3:35] for reason, value in stored.items()} == {
+        "device_id_mismatch": bridge_trace,
+        "invalid_json": consumer_trace,
+    }
+    assert all(TraceParent.parse(value.encode()) is not None for value in stored.values())
     (line,) = _json_lines(caplog, "dead letter (invalid_json)")
     assert (line["level"], line["trace_id"], line["device_id"]) == ("INFO", consumer_trace, first)
     assert line["offset"] == by_trace[consumer_trace].offset
+
+    # A replay from the table sends the original on under its trace.
+    report = await replay(settings, reason=Reason.INVALID_JSON)
+    assert report.replayed == {"invalid_json": 1}
+    replayed = [
+        r
+        for r in await read_to_end(settings, settings.kafka.raw_topic)
+        if _header(r, REPLAY_HEADER) is not None
+    ]
+    assert [_traced(r).trace_id for r in replayed] == [consumer_trace]
 
 
 async def test_a_simulated_fleet_sends_traceparents_qa_can_find_in_the_log(
