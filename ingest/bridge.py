@@ -466,11 +466,13 @@ class Bridge:
                     " earlier publish, not telemetry just sent",
                 )
         except InvalidTelemetry as error:
+            trace_id = headers[0][1][3:35].decode() if headers else None
             log.debug(
-                "dead-lettering a message on %s: %s",
+                "dead-lettering a message on %s: %s%s",
                 topic,
                 error,
-                extra={"device_id": device_id, "reason": error.reason.value},
+                "" if trace_id is None else f" trace_id={trace_id}",
+                extra={"device_id": device_id, "reason": error.reason.value, "trace_id": trace_id},
             )
             letter = DeadLetter.from_error(
                 error, topic=topic, partition=None, offset=None, key=key, original=payload

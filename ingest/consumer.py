@@ -629,10 +629,10 @@ def _log_stored(rows: list[UsageRow], letters: list[DeadLetter], info_max: int) 
         trace_id = None if trace is None else trace.trace_id
         log.log(
             level,
-            "dead letter (%s): %s" + (" trace_id=%s" if trace_id else "%s"),
+            "dead letter (%s): %s%s",
             letter.reason.value,
             letter.message,
-            trace_id or "",
+            "" if trace_id is None else f" trace_id={trace_id}",
             extra={
                 "device_id": letter.key.decode("utf-8", "replace") if letter.key else None,
                 "partition": letter.partition,
