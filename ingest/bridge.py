@@ -44,6 +44,13 @@ RETAINED. The bridge subscribes with Retain Handling 2 and the project's broker 
 no retained messages (`retain_available false`), so this guards against brokers that
 would.
 
+Trace context (`ingest.trace`): a message's W3C `traceparent` user property goes on its
+Kafka record (or its dead letter) as the header `traceparent`, with the bridge's span
+as the new parent; a message without one gets a new sampled trace for a fraction
+`bridge.trace_sample_ratio` of them, no header for the rest; a malformed one is
+counted (`usagepipe_bridge_traced_total{origin="malformed"}`) and replaced by a new
+trace, and the message goes on as any other.
+
 The bridge announces `bridge.max_packet_bytes` as its MQTT Maximum Packet Size and
 refuses to start when that is not above the broker's own (from CONNACK), because
 Mosquitto drops a message larger than its subscriber's limit without a trace.
@@ -55,6 +62,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -72,8 +80,17 @@ from ingest.errors import BrokerUnavailable, ConfigurationError
 from ingest.kafka import TopicKeeper, ensure_topics, make_producer, running
 from ingest.metrics import BridgeMetrics
 from ingest.mqtt import LoginRefused, MqttClient, SubscriptionRefused
+from ingest.mqtt_wire import trace_properties
 from ingest.setting_errors import variable
 from ingest.settings import Settings
+from ingest.trace import (
+    TRACEPARENT,
+    TRACESTATE,
+    TRACESTATE_MAX_BYTES,
+    child_header,
+    sampled_header,
+    start_header,
+)
 from schemas.errors import InvalidTelemetry, Reason
 
 log = logging.getLogger(__name__)
@@ -86,6 +103,15 @@ an alias (device topics are tens of bytes), and grow the length fields (3 bytes)
 _HANDOFF_MAX = 4096
 """Most messages handed to the producer in one turn of `produce` (they become one batch
 per partition, split further where a batch reaches `kafka.max_batch_bytes`)."""
+
+Headers = list[tuple[str, bytes]]
+_NO_HEADERS: Headers = []
+"""The headers of a record without trace context (shared, never changed)."""
+
+TRACE_ORIGINS = ("device", "bridge", "malformed")
+"""Where a forwarded trace came from: the device's traceparent, one the bridge started
+for a message without one (sampled by `bridge.trace_sample_ratio`), or one it started
+in place of a malformed traceparent."""
 
 
 @functools.lru_cache(maxsize=65536)
@@ -112,6 +138,8 @@ class _InFlight:
     record is (re)sent; the consumer's per-device ceiling judges by it."""
     refused: Reason | None = None
     confirmation: asyncio.Future[object] | None = None
+    headers: Headers = field(default_factory=lambda: _NO_HEADERS)
+    """The record's Kafka headers: the trace context, if any."""
 
 
 @dataclass
@@ -133,6 +161,8 @@ class BridgeReport:
     elapsed_s: float = 0.0
     stopped_by: str = ""
     per_topic: dict[str, int] = field(default_factory=dict)
+    traced: dict[str, int] = field(default_factory=dict)
+    """Messages forwarded with a `traceparent` header, by origin (`TRACE_ORIGINS`)."""
 
 
 def subscription(settings: Settings) -> str:
@@ -250,6 +280,10 @@ class Bridge:
             settings.kafka.dlq_topic,
             on_repair=lambda action, n: metrics.topic_repairs.labels(action).inc(n),
         )
+        self._trace_ratio = settings.bridge.trace_sample_ratio
+        self._traced = {origin: metrics.traced.labels(origin) for origin in TRACE_ORIGINS}
+        self._traced_told: dict[str, int] = {}
+        self._random = random.Random().random
         self.ready = asyncio.Event()
         """Set once the broker confirmed the subscription: devices may publish."""
         self.report = BridgeReport()
@@ -362,8 +396,58 @@ class Bridge:
         await asyncio.sleep(seconds)
         self.stop(f"after {seconds:g}s")
 
-    def _on_message(
-        self, topic: str, mid: int, payload: bytes, retain: bool, generation: int
+    def _trace(self, props: bytes, device_id: str | None) -> Headers:
+        """The Kafka headers carrying a message's trace context (see the module's
+        docstring); `props` are its MQTT v5 properties, `b""` for none. Bytes in,
+        bytes out, and counted by `_produce`: this runs for every message."""
+        raw = tracestate = None
+        if props:
+            raw, tracestate = trace_properties(props)
+        if raw is not None:
+            header = child_header(raw)
+            origin = "device"
+            if header is None:
+                origin, header, tracestate = "malformed", start_header(), None
+        elif self._trace_ratio and self._random() < self._trace_ratio:
+            origin, header = "bridge", start_header()
+        else:
+            return _NO_HEADERS
+        traced = self.report.traced
+        traced[origin] = traced.get(origin, 0) + 1
+        if log.isEnabledFor(logging.DEBUG):
+            trace_id = header[3:35].decode()
+            if origin == "malformed":
+                log.debug(
+                    "malformed traceparent %r from %s; started trace_id=%s instead",
+                    raw,
+                    device_id,
+                    trace_id,
+                    extra={"device_id": device_id, "trace_id": trace_id},
+                )
+            elif sampled_header(header):
+                log.debug(
+                    "forwarding trace_id=%s span_id=%s (%s) of %s",
+                    trace_id,
+                    header[36:52].decode(),
+                    origin,
+                    device_id,
+                    extra={"device_id": device_id, "trace_id": trace_id},
+                )
+        if tracestate and len(tracestate) <= TRACESTATE_MAX_BYTES:
+            return [(TRACEPARENT, header), (TRACESTATE, tracestate)]
+        return [(TRACEPARENT, header)]
+
+    def _count_traced(self) -> None:
+        """Bring `usagepipe_bridge_traced_total` up to the report's counts (once a turn
+        of `_produce`, not once a message: a counter's increment takes a lock)."""
+        for origin, count in self.report.traced.items():
+            told = self._traced_told.get(origin, 0)
+            if count > told:
+                self._traced[origin].inc(count - told)
+                self._traced_told[origin] = count
+
+    def _on_message(  # noqa: PLR0917 (the framer's callback, called positionally per message)
+        self, topic: str, mid: int, payload: bytes, retain: bool, props: bytes, generation: int
     ) -> None:
         if not self._accepting:
             return  # not acknowledged: stays in the session, delivered again later
@@ -372,6 +456,7 @@ class Bridge:
         arrived_ms = time.time_ns() // 1_000_000
         device_id = device_id_from_topic(topic, s.mqtt.topic_prefix)
         key = (device_id or topic).encode()
+        headers = self._trace(props, device_id)
         try:
             check_payload(payload, topic, device_id, s.bridge.max_payload_bytes)
             if retain:
@@ -381,20 +466,31 @@ class Bridge:
                     " earlier publish, not telemetry just sent",
                 )
         except InvalidTelemetry as error:
+            trace_id = headers[0][1][3:35].decode() if headers else None
             log.debug(
-                "dead-lettering a message on %s: %s",
+                "dead-lettering a message on %s: %s%s",
                 topic,
                 error,
-                extra={"device_id": device_id, "reason": error.reason.value},
+                "" if trace_id is None else f" trace_id={trace_id}",
+                extra={"device_id": device_id, "reason": error.reason.value, "trace_id": trace_id},
             )
             letter = DeadLetter.from_error(
                 error, topic=topic, partition=None, offset=None, key=key, original=payload
             )
             item = _InFlight(
-                mid, generation, s.kafka.dlq_topic, key, letter.to_json(), arrived_ms, error.reason
+                mid,
+                generation,
+                s.kafka.dlq_topic,
+                key,
+                letter.to_json(),
+                arrived_ms,
+                error.reason,
+                headers=headers,
             )
         else:
-            item = _InFlight(mid, generation, s.kafka.raw_topic, key, payload, arrived_ms)
+            item = _InFlight(
+                mid, generation, s.kafka.raw_topic, key, payload, arrived_ms, headers=headers
+            )
         self._incoming.append(item)
         if not self._incoming_ready.is_set():
             self._incoming_ready.set()
@@ -416,6 +512,8 @@ class Bridge:
                 continue
             items = [incoming.popleft() for _ in range(min(len(incoming), _HANDOFF_MAX))]
             self._metrics.received.inc(len(items))
+            if self.report.traced:
+                self._count_traced()
             self._metrics.inflight.set(self._window)
             self._metrics.inflight_peak.set(self.report.peak_unacked)
             await self._send_batches(producer, items)
@@ -440,12 +538,12 @@ class Bridge:
             batch = producer.create_batch()
             members: list[_InFlight] = []
             for item in group:
-                key, value, at = item.key, item.value, item.arrived_ms
-                if batch.append(key=key, value=value, timestamp=at) is None:
+                key, value, at, headers = item.key, item.value, item.arrived_ms, item.headers
+                if batch.append(key=key, value=value, timestamp=at, headers=headers) is None:
                     if members:
                         await self._submit(producer, batch, topic, partition, members)
                     batch, members = producer.create_batch(), []
-                    if batch.append(key=key, value=value, timestamp=at) is None:
+                    if batch.append(key=key, value=value, timestamp=at, headers=headers) is None:
                         item.confirmation = await self._send(producer, item)  # too large alone
                         continue
                 members.append(item)
@@ -482,7 +580,11 @@ class Bridge:
         while True:
             try:
                 fut: asyncio.Future[object] = await producer.send(
-                    item.topic, value=item.value, key=item.key, timestamp_ms=item.arrived_ms
+                    item.topic,
+                    value=item.value,
+                    key=item.key,
+                    timestamp_ms=item.arrived_ms,
+                    headers=item.headers or None,
                 )
                 return fut
             except KafkaError as exc:

@@ -21,6 +21,9 @@ One loop per process, in a Kafka consumer group:
                  confirmation at most `kafka.request_timeout_ms` (the table is the
                  record; a Kafka away costs the stream its copy, not the batch),
                  counted by reason and the device's model
+              -> log the batch's traced messages (`ingest.trace`): one line a message
+                 with its trace id, row key and Kafka position; INFO for sampled
+                 traces, at most `consumer.trace_log_max` a batch, DEBUG otherwise
               -> commit the offsets to Kafka as well (for lag monitoring only)
               -> remove erased owners' keys from stored rows, if any were erased
 
@@ -82,6 +85,7 @@ from ingest.metrics import ConsumerMetrics
 from ingest.offsets import ContiguousOffsets, LogCheck, StoredOffsets
 from ingest.rate_limit import DeviceRateLimiter
 from ingest.rows import (
+    UsageRow,
     conflict_letters,
     unregistered_letters,
     unstorable_letters,
@@ -89,6 +93,7 @@ from ingest.rows import (
 )
 from ingest.settings import Settings
 from ingest.store import UsageStore
+from ingest.trace import TraceParent, header_value, record_traceparent, sampled_header
 from schemas.errors import Reason
 
 log = logging.getLogger(__name__)
@@ -360,7 +365,7 @@ class Consumer:
                 gone = {id(row) for row, _ in refused.rows}
                 rows = [row for row in rows if id(row) not in gone]
         stage("store")
-        _log_letters(dead)
+        _log_stored(rows, dead, self._settings.consumer.trace_log_max)
         await self._copy_to_topic(producer, dead)
         self._count_letters(letters)
         stage("dead_letter")
@@ -558,20 +563,87 @@ class Consumer:
                 await backoff.wait()
 
 
-def _log_letters(letters: list[DeadLetter]) -> None:
-    """One DEBUG line a dead letter, with its device, partition, offset and reason as
-    fields (they are counted by reason at every level; a flood would make INFO lines)."""
-    if not log.isEnabledFor(logging.DEBUG):
-        return
+def _log_stored(rows: list[UsageRow], letters: list[DeadLetter], info_max: int) -> None:
+    """Log what a stored batch did with its traced messages, so that one message can be
+    followed from the device (its `traceparent`) to its row or its dead letter: one line
+    a traced message, naming its trace id (also in the text, for grep), the row's key
+    and its Kafka partition and offset.
+
+    Sampled traces (flags 01, as W3C intends: the device's choice, or the bridge's
+    `bridge.trace_sample_ratio`) are logged at INFO, at most `info_max` a batch, so a
+    fleet that samples everything cannot flood the log at production rates; the rest
+    of them, and traces not sampled, at DEBUG, with one INFO line saying how many were
+    held back. Every dead letter has a DEBUG line too (with its trace id if it was
+    traced); they are counted by reason at every level."""
+    debug = log.isEnabledFor(logging.DEBUG)
+    room, held = info_max, 0
+    for row in rows:
+        source = row.source
+        if source is None or not source.headers:
+            continue
+        raw = header_value(source.headers)
+        if raw is None:
+            continue
+        sampled = sampled_header(raw)  # a glance at the flags: no parse for a line not logged
+        if sampled and room:
+            level = logging.INFO
+        else:
+            held += sampled
+            if not debug:
+                continue
+            level = logging.DEBUG
+        trace = TraceParent.parse(raw)
+        if trace is None:
+            continue
+        if level == logging.INFO:
+            room -= 1
+        log.log(
+            level,
+            "stored trace_id=%s device_id=%s boot_id=%s seq=%d partition=%d offset=%d",
+            trace.trace_id,
+            row.device_id,
+            row.boot_id,
+            row.seq,
+            row.kafka_partition,
+            row.kafka_offset,
+            extra={
+                "trace_id": trace.trace_id,
+                "span_id": trace.parent_id,
+                "device_id": row.device_id,
+                "boot_id": row.boot_id,
+                "seq": row.seq,
+                "partition": row.kafka_partition,
+                "offset": row.kafka_offset,
+            },
+        )
     for letter in letters:
-        log.debug(
-            "dead letter (%s): %s",
+        trace = record_traceparent(letter.headers) if letter.headers else None
+        if trace is not None and trace.sampled and room:
+            room -= 1
+            level = logging.INFO
+        else:
+            held += trace is not None and trace.sampled
+            if not debug:
+                continue
+            level = logging.DEBUG
+        trace_id = None if trace is None else trace.trace_id
+        log.log(
+            level,
+            "dead letter (%s): %s%s",
             letter.reason.value,
             letter.message,
+            "" if trace_id is None else f" trace_id={trace_id}",
             extra={
                 "device_id": letter.key.decode("utf-8", "replace") if letter.key else None,
                 "partition": letter.partition,
                 "offset": letter.offset,
                 "reason": letter.reason.value,
+                "trace_id": trace_id,
             },
+        )
+    if held:
+        log.info(
+            "%d more sampled traces in this batch logged at DEBUG only (consumer.trace_log_max=%d)",
+            held,
+            info_max,
         )

@@ -17,6 +17,11 @@ null, and the message is acknowledged to MQTT only after Kafka confirmed the dea
 letter; the consumer copies it from the topic into the table. Either way a poison
 message is moved aside, never dropped, and never stops what comes after it.
 
+A letter keeps the trace context of what it refuses (`ingest.trace`): the Kafka record's
+`traceparent` and `tracestate` headers, or for a bridge letter the ones the bridge gave
+the message, ride on the letter's record as headers, so a refused message can be
+followed too.
+
 The original bytes are kept whole, so a dead letter can be replayed after a fix
 (`usagepipe.dlq`); `DeadLetterReader` reads the topic back for that, with no group.
 """
@@ -41,6 +46,7 @@ from ingest.errors import BrokerUnavailable
 from ingest.kafka import CONSUMER_SAFETY, running
 from ingest.offsets import ContiguousOffsets
 from ingest.settings import KafkaSettings
+from ingest.trace import record_traceparent, trace_headers
 from schemas.dead_letter import DeadLetterMessage, DeadLetterSource, SourceKind
 from schemas.errors import InvalidTelemetry, Reason
 
@@ -53,6 +59,8 @@ class DeadLetter:
 
     doc: DeadLetterMessage
     key: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    """The trace headers of the refused message, put on the letter's record."""
 
     @classmethod
     def from_error(
@@ -64,6 +72,7 @@ class DeadLetter:
         offset: int | None,
         key: bytes | None,
         original: bytes,
+        headers: Sequence[tuple[str, bytes]] = (),
     ) -> DeadLetter:
         """The dead letter for `original`, refused with `error`.
 
@@ -77,7 +86,7 @@ class DeadLetter:
             original_b64=base64.b64encode(original).decode("ascii"),
             failed_at=datetime.now(UTC),
         )
-        return cls(doc, key)
+        return cls(doc, key, tuple(headers))
 
     @classmethod
     def for_record(cls, error: InvalidTelemetry, record: ConsumerRecord) -> DeadLetter:
@@ -89,15 +98,25 @@ class DeadLetter:
             offset=record.offset,
             key=record.key,
             original=record.value if record.value is not None else b"",
+            headers=trace_headers(record.headers),
         )
 
     def to_json(self) -> bytes:
         return self.doc.model_dump_json().encode()
 
     @classmethod
-    def from_json(cls, raw: bytes, key: bytes | None = None) -> DeadLetter:
-        """Read one record of the dead-letter topic; raises pydantic's ValidationError."""
-        return cls(DeadLetterMessage.model_validate_json(raw), key)
+    def from_json(
+        cls, raw: bytes, key: bytes | None = None, headers: Sequence[tuple[str, bytes]] = ()
+    ) -> DeadLetter:
+        """Read one record of the dead-letter topic (its value, key and trace headers);
+        raises pydantic's ValidationError."""
+        return cls(DeadLetterMessage.model_validate_json(raw), key, trace_headers(headers))
+
+    @property
+    def trace_id(self) -> str | None:
+        """The trace id of the refused message, if it was traced."""
+        parent = record_traceparent(self.headers)
+        return None if parent is None else parent.trace_id
 
     @property
     def reason(self) -> Reason:
@@ -146,7 +165,10 @@ async def send_dead_letters(
     if not letters:
         return
     pending = [
-        await producer.send(topic, value=letter.to_json(), key=letter.key) for letter in letters
+        await producer.send(
+            topic, value=letter.to_json(), key=letter.key, headers=list(letter.headers) or None
+        )
+        for letter in letters
     ]
     await asyncio.gather(*pending)
 
@@ -258,7 +280,7 @@ class DeadLetterReader:
 def _stored(partition: int, record: ConsumerRecord) -> StoredLetter:
     value: bytes = record.value if record.value is not None else b""
     try:
-        letter = DeadLetter.from_json(value, record.key)
+        letter = DeadLetter.from_json(value, record.key, record.headers)
     except ValidationError as exc:
         log.warning("record %d:%d is not a dead letter", partition, record.offset)
         return StoredLetter(partition, record.offset, None, f"not a dead letter: {exc}")

@@ -35,6 +35,9 @@ the bridge) and original bytes. Inserting is `ON CONFLICT (letter_key) DO NOTHIN
 A replayed letter that is refused again is a new record (a new offset of the raw
 topic), so a new letter, as on the topic.
 
+A letter of a traced message keeps its `traceparent` (migration 009; `ingest.trace`),
+so it can be followed from the table too, and `usagepipe dlq replay` carries it on.
+
 Letters expire with the usage table's retention (`postgres.retention_days`, by
 `failed_at`: `UsageTables.drop_expired`, so `usagepipe db retention`, and the
 consumer beside its rollup refreshes, at most every `postgres.rollup_day_refresh_s`:
@@ -70,6 +73,7 @@ from ingest.kafka import make_consumer, running
 from ingest.migrations import Connection
 from ingest.postgres import translated
 from ingest.settings import KafkaSettings
+from ingest.trace import TRACEPARENT, header_value
 from schemas.dead_letter import DeadLetterMessage, DeadLetterSource
 from schemas.errors import Reason
 
@@ -88,6 +92,7 @@ LETTER_COLUMNS = (
     "failed_at",
     "model",
     "owner_key",
+    "traceparent",
 )
 
 
@@ -117,6 +122,7 @@ class LetterRow:
             letter.failed_at,
             self.model,
             self.owner_key,
+            _traceparent(letter),
         )
 
 
@@ -132,6 +138,12 @@ def letter_key(letter: DeadLetter) -> bytes:
     return digest.digest()
 
 
+def _traceparent(letter: DeadLetter) -> str | None:
+    """The letter's `traceparent` header as text (migration 009), if it was traced."""
+    raw = header_value(letter.headers) if letter.headers else None
+    return None if raw is None else _text(raw.decode("ascii", "replace"))
+
+
 def _text(text: str) -> str:
     """`text` as PostgreSQL's text can hold it: no NUL, no lone surrogate (a letter's
     message may quote the bytes it refused)."""
@@ -144,7 +156,7 @@ def insert_sql(table: str) -> str:
         INSERT INTO {table}_dead_letters ({cols})
         SELECT * FROM unnest($1::bytea[], $2::text[], $3::text[], $4::text[], $5::bytea[],
             $6::text[], $7::text[], $8::integer[], $9::bigint[], $10::timestamptz[],
-            $11::text[], $12::text[])
+            $11::text[], $12::text[], $13::text[])
         ON CONFLICT (letter_key) DO NOTHING
     """
 
@@ -194,7 +206,8 @@ class TableLetter:
 
 _SELECT = (
     "SELECT letter_id, reason, message, device_id, original, source_topic,"
-    " source_partition, source_offset, failed_at, model, stored_at FROM {t}_dead_letters"
+    " source_partition, source_offset, failed_at, model, stored_at, traceparent"
+    " FROM {t}_dead_letters"
 )
 
 
@@ -214,7 +227,10 @@ def _table_letter(row: asyncpg.Record) -> TableLetter:
     except (ValueError, ValidationError) as exc:
         return TableLetter(row["letter_id"], None, row["model"], row["stored_at"], str(exc))
     key = None if row["device_id"] is None else row["device_id"].encode()
-    return TableLetter(row["letter_id"], DeadLetter(doc, key), row["model"], row["stored_at"])
+    traced = row["traceparent"]
+    headers = () if traced is None else ((TRACEPARENT, traced.encode()),)
+    letter = DeadLetter(doc, key, headers)
+    return TableLetter(row["letter_id"], letter, row["model"], row["stored_at"])
 
 
 class LetterTable:
@@ -383,7 +399,7 @@ def _bridge_letter(record: ConsumerRecord) -> DeadLetter | None:
     """The bridge's letter in `record`; None for the consumer's (stored already) and for
     a record that is not a letter."""
     try:
-        letter = DeadLetter.from_json(record.value or b"", record.key)
+        letter = DeadLetter.from_json(record.value or b"", record.key, record.headers)
     except ValidationError:
         return None
     return letter if letter.kind == "mqtt" else None

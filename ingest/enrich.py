@@ -106,6 +106,7 @@ def with_facts(r: UsageRow, f: DeviceFacts) -> UsageRow:
         purchase_channel=None if p is None else p.purchase_channel,
         analytics_consent=None if p is None else p.linked,
         owner_key=None if p is None else p.owner_key,
+        source=r.source,
     )
 
 

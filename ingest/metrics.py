@@ -83,6 +83,15 @@ class BridgeMetrics:
             " MQTT until PUBACKs freed room.",
             registry=registry,
         )
+        self.traced = Counter(
+            "usagepipe_bridge_traced_total",
+            "Messages forwarded with a traceparent Kafka header, by origin: device (its own"
+            " traceparent, carried on), bridge (started for a message without one, sampled"
+            " by bridge.trace_sample_ratio), malformed (the device's was malformed: counted"
+            " and replaced by a new trace; the message is forwarded as any other).",
+            ["origin"],
+            registry=registry,
+        )
         self.reused_packet_ids = Counter(
             "usagepipe_bridge_reused_packet_ids_total",
             "MQTT messages that came with the packet id of one still unacknowledged (the"

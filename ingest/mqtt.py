@@ -72,9 +72,9 @@ _NO_RETAINED = SubscribeOptions.RETAIN_DO_NOT_SEND
 MessageHandler = Callable[[paho.MQTTMessage, int], None]
 """Called on the loop for each message, with the connection generation it arrived on."""
 
-RawMessageHandler = Callable[[str, int, bytes, bool, int], None]
-"""`PublishHandler` (topic, packet id, payload, RETAIN flag) plus the connection
-generation the message arrived on."""
+RawMessageHandler = Callable[[str, int, bytes, bool, bytes, int], None]
+"""`PublishHandler` (topic, packet id, payload, RETAIN flag, properties) plus the
+connection generation the message arrived on."""
 
 _ERROR_BACKOFF_RESET_S = 60.0
 """A connection the framer closed for an error this long after the previous one starts
@@ -124,7 +124,7 @@ class MqttClient:
 
     Messages go to `on_message` (paho's `MQTTMessage`) or, on the fast path that skips
     paho's message objects, to `on_raw_message` (topic, packet id, payload, RETAIN flag,
-    generation; manual-ack only, acknowledged with `ack_many`).
+    properties' bytes, generation; manual-ack only, acknowledged with `ack_many`).
 
     `hold()` and `release()` stop and resume taking messages (manual-ack subscribers);
     `on_reused_id` is called with a packet id the broker sent again while its message
@@ -340,14 +340,26 @@ class MqttClient:
 
     # -- publishing -------------------------------------------------------------------
 
-    async def publish(self, topic: str, payload: bytes, qos: int = 1) -> asyncio.Future[None]:
-        """Hand one message to the broker once an in-flight slot is free.
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        *,
+        user_properties: Sequence[tuple[str, str]] = (),
+    ) -> asyncio.Future[None]:
+        """Hand one message to the broker once an in-flight slot is free, with MQTT v5
+        `user_properties` (name, value) if any (a device's `traceparent`).
 
         Returns a future that resolves on PUBACK (or fails with `PublishRefused`). A
         message sent while the link is down is resent by paho after reconnecting.
         """
         await self._inflight.acquire()
-        info = self._client.publish(topic, payload, qos=qos)
+        properties = None
+        if user_properties:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho: no hints
+            properties.UserProperty = list(user_properties)
+        info = self._client.publish(topic, payload, qos=qos, properties=properties)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             self._inflight.release()
             raise BrokerUnavailable(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
@@ -479,7 +491,9 @@ class MqttClient:
         if self._on_message is not None:
             self._on_message(msg, self.generation)
 
-    def _handle_raw_message(self, topic: str, mid: int, payload: bytes, retain: bool) -> None:
+    def _handle_raw_message(
+        self, topic: str, mid: int, payload: bytes, retain: bool, props: bytes
+    ) -> None:
         assert self._on_raw_message is not None
         if mid:
             unacked = self._unacked_ids
@@ -487,7 +501,7 @@ class MqttClient:
             unacked[mid] = count + 1
             if count:
                 self._reused_id(mid, topic)
-        self._on_raw_message(topic, mid, payload, retain, self.generation)
+        self._on_raw_message(topic, mid, payload, retain, props, self.generation)
 
     def _reused_id(self, mid: int, topic: str) -> None:
         self.reused_packet_ids += 1

@@ -58,9 +58,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PublishHandler = Callable[[str, int, bytes, bool], None]
+PublishHandler = Callable[[str, int, bytes, bool, bytes], None]
 """Called on the loop for each QoS 0/1 PUBLISH: topic, packet id (0 for QoS 0), payload,
-and its RETAIN flag."""
+its RETAIN flag, and its MQTT v5 properties as sent (`b""` for none, the usual case;
+`trace_properties` reads the trace context out of them)."""
 
 _READ_CHUNK = 256 * 1024
 _PUBACK = struct.Struct("!BBH")
@@ -78,10 +79,10 @@ bytearray's front in place), this only makes it rare."""
 
 def _publish_fields(
     buf: bytes | bytearray, start: int, end: int, *, qos1: bool
-) -> tuple[str, int, int] | None:
+) -> tuple[str, int, int, int] | None:
     """A QoS 0/1 MQTT v5 PUBLISH whose body is `buf[start:end]`: its topic, packet id
-    (0 for QoS 0) and where its payload starts; None if the topic, packet id or
-    properties do not fit in the body (a malformed packet)."""
+    (0 for QoS 0), where its properties start and where its payload starts; None if the
+    topic, packet id or properties do not fit in the body (a malformed packet)."""
     if end - start < 2:
         return None
     topic_end = start + 2 + (buf[start] << 8 | buf[start + 1])
@@ -107,7 +108,73 @@ def _publish_fields(
             break
     if j + plen > end:
         return None
-    return topic, mid, j + plen
+    return topic, mid, j, j + plen
+
+
+_NO_PROPERTIES = b""
+
+# The MQTT v5 properties by the size of their value (MQTT v5 2.2.2.2), to step over
+# those that are not user properties.
+_FIXED_SIZE = {
+    **dict.fromkeys((0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A), 1),
+    **dict.fromkeys((0x13, 0x21, 0x22, 0x23), 2),
+    **dict.fromkeys((0x02, 0x11, 0x18, 0x27), 4),
+}
+_LENGTH_PREFIXED = frozenset((0x03, 0x08, 0x09, 0x12, 0x15, 0x16, 0x1A, 0x1C, 0x1F))
+_SUBSCRIPTION_ID = 0x0B
+_USER_PROPERTY = 0x26
+_TRACEPARENT = b"traceparent"
+_TRACESTATE = b"tracestate"
+
+
+def trace_properties(props: bytes) -> tuple[bytes | None, bytes | None]:
+    """The values of the user properties `traceparent` and `tracestate` (W3C Trace
+    Context's MQTT binding) among a PUBLISH's `props` (as the framer hands them over,
+    without their length), each None where there is none.
+
+    The traceparent is `b""` (a malformed one, for the caller to count) when the
+    properties cannot be read to their end or name more than one traceparent: the
+    broker checked them, so that should never happen, and the message is forwarded
+    either way."""
+    traceparent: bytes | None = None
+    tracestate: bytes | None = None
+    i, end = 0, len(props)
+    while i < end:
+        prop = props[i]
+        i += 1
+        if prop == _USER_PROPERTY:
+            if i + 2 > end:
+                return b"", tracestate
+            name_end = i + 2 + (props[i] << 8 | props[i + 1])
+            if name_end + 2 > end:
+                return b"", tracestate
+            value_end = name_end + 2 + (props[name_end] << 8 | props[name_end + 1])
+            if value_end > end:
+                return b"", tracestate
+            name = props[i + 2 : name_end]
+            if name == _TRACEPARENT:
+                if traceparent is not None:
+                    return b"", tracestate
+                traceparent = props[name_end + 2 : value_end]
+            elif name == _TRACESTATE:
+                tracestate = props[name_end + 2 : value_end]
+            i = value_end
+        elif prop in _LENGTH_PREFIXED:
+            if i + 2 > end:
+                return b"", tracestate
+            i += 2 + (props[i] << 8 | props[i + 1])
+        elif prop == _SUBSCRIPTION_ID:
+            start = i
+            while i < end and props[i] & 0x80 and i - start < 3:
+                i += 1
+            i += 1
+        elif (size := _FIXED_SIZE.get(prop)) is not None:
+            i += size
+        else:
+            return b"", tracestate  # not a property MQTT v5 knows
+    if i > end:
+        return b"", tracestate
+    return traceparent, tracestate
 
 
 class FramingError(UsagepipeError):
@@ -149,7 +216,8 @@ class BufferedClient(paho.Client):
     With `on_publish_received` set, a QoS 0 or 1 PUBLISH skips paho's handler: paho
     would build an MQTT v5 `Properties` object, an `MQTTMessage` and a debug log line
     for every message (a quarter of the bridge's CPU, profiled), where the bridge needs
-    only the topic, the packet id and the payload. QoS 2 still goes through paho.
+    only the topic, the packet id, the payload and the properties' bytes (read only
+    when there are any, for the trace context). QoS 2 still goes through paho.
     """
 
     def __init__(
@@ -320,8 +388,13 @@ class BufferedClient(paho.Client):
                 fields = _publish_fields(buf, i, end, qos1=bool(header & 0x06))
                 if fields is None:
                     raise FramingError(MQTTErrorCode.MQTT_ERR_PROTOCOL, "malformed PUBLISH")
-                topic, mid, payload_start = fields
-                fast(topic, mid, bytes(buf[payload_start:end]), bool(header & 0x01))
+                topic, mid, props_start, payload_start = fields
+                props = (
+                    bytes(buf[props_start:payload_start])
+                    if payload_start > props_start
+                    else _NO_PROPERTIES
+                )
+                fast(topic, mid, bytes(buf[payload_start:end]), bool(header & 0x01), props)
             else:
                 # paho private: the packet as paho's reader would have left it, whole.
                 self._in_packet = {

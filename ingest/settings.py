@@ -175,6 +175,11 @@ class BridgeSettings(Section):
     start_wait_s: Annotated[int, Field(ge=0)] = 300
     """How long the bridge waits at start for the MQTT broker and Kafka to answer (a
     try every 0.1-5 s, each logged) before it exits 1; 0: for ever."""
+    trace_sample_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0001
+    """Of the messages that come without a W3C `traceparent` MQTT user property, the
+    fraction the bridge starts a sampled trace for (a `traceparent` Kafka header; the
+    consumer logs where it stored the message). 1: every message (some 70 bytes more a
+    record, `bench/trace.py`), 0: none. A device's own traceparent is always carried."""
 
 
 class ConsumerSettings(Section):
@@ -200,6 +205,11 @@ class ConsumerSettings(Section):
     start_wait_s: Annotated[int, Field(ge=0)] = 300
     """How long the consumer waits at start for Kafka and PostgreSQL to answer (a try
     every 0.1-5 s, each logged) before it exits 1; 0: for ever."""
+    trace_log_max: Annotated[int, Field(ge=0, le=100_000)] = 100
+    """Most INFO lines a stored batch logs for its sampled traced messages (trace id,
+    device, boot, seq, partition, offset: one a message); the rest of them, and the
+    traced messages not sampled, are logged at DEBUG, and one INFO line says how many
+    were held back."""
 
     @property
     def max_future_skew(self) -> timedelta:

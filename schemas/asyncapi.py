@@ -29,7 +29,13 @@ from schemas.envelope import DEVICE_ID_PATTERN, Envelope
 # when something already published changes meaning.
 # 2.0.0: a dead letter's source partition and offset are null when the bridge refused
 # the message straight off MQTT.
-DOCUMENT_VERSION = "2.0.0"
+# 2.1.0: the optional W3C trace context (`traceparent`, `tracestate`): MQTT v5 user
+# properties from the device, Kafka record headers after the bridge.
+DOCUMENT_VERSION = "2.1.0"
+
+TRACEPARENT_PATTERN = "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-.*)?$"
+"""A W3C traceparent's shape (the bridge also refuses version ff and all-zero ids)."""
+_TRACE_TRAIT = {"$ref": "#/components/messageTraits/traceContext"}
 CHECKED_IN_PATH = Path(__file__).with_name("asyncapi.json")
 REGENERATE_COMMAND = "usagepipe asyncapi --write schemas/asyncapi.json"
 
@@ -52,6 +58,7 @@ def asyncapi_document() -> dict[str, Any]:
         "summary": "A refused telemetry message, why it was refused, and where it came from.",
         "contentType": "application/json",
         "payload": {"$ref": _SCHEMA_REF.format(model=DeadLetterMessage.__name__)},
+        "traits": [_TRACE_TRAIT],
     }
 
     telemetry_refs = {
@@ -175,6 +182,7 @@ def asyncapi_document() -> dict[str, Any]:
         "components": {
             "schemas": dict(sorted(component_schemas.items())),
             "messages": messages,
+            "messageTraits": {"traceContext": _trace_context()},
             "messageBindings": {
                 "telemetryKey": {
                     "kafka": {
@@ -215,6 +223,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _trace_context() -> dict[str, Any]:
+    """The optional trace context a message may carry: MQTT v5 user properties as the
+    device sends them, Kafka record headers from the bridge on."""
+    return {
+        "headers": {
+            "type": "object",
+            "description": (
+                "Optional W3C Trace Context (https://www.w3.org/TR/trace-context/): MQTT v5 "
+                "user properties on the device's PUBLISH, Kafka record headers on the "
+                "topics. The bridge carries a device's trace id on with its own span id as "
+                "the new parent, starts a sampled trace for a share of the messages that "
+                "have none, and replaces a malformed one with a new trace (counted; the "
+                "message is never refused for it). Consumers log the trace id with the "
+                "stored row's key; dead letters keep it."
+            ),
+            "properties": {
+                "traceparent": {
+                    "type": "string",
+                    "pattern": TRACEPARENT_PATTERN,
+                    "examples": ["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"],
+                    "description": (
+                        "version-trace id-parent id-flags, lowercase hex; flags 01: sampled."
+                    ),
+                },
+                "tracestate": {
+                    "type": "string",
+                    "maxLength": 512,
+                    "description": "Vendor trace state, carried as it came.",
+                },
+            },
+        }
+    }
+
+
 def _message_id(schema_name: str, version: int) -> str:
     return f"{schema_name}.v{version}"
 
@@ -231,6 +273,7 @@ def _telemetry_message(schema_name: str, version: int, body_model: type[BaseMode
         "summary": summary,
         "contentType": "application/json",
         "bindings": {"$ref": "#/components/messageBindings/telemetryKey"},
+        "traits": [_TRACE_TRAIT],
         "payload": {
             "allOf": [
                 {"$ref": _SCHEMA_REF.format(model=Envelope.__name__)},

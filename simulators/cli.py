@@ -107,6 +107,12 @@ def add_simulate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ledger", type=Path, default=None, help="write every message and its fate here (JSONL)"
     )
+    p.add_argument(
+        "--trace-share",
+        type=float,
+        default=0.0,
+        help="share of messages sent with a sampled W3C traceparent user property (0)",
+    )
 
 
 DEMO_DEVICES = 1200
@@ -266,6 +272,9 @@ def plan_from_args(args: argparse.Namespace, settings: Settings | None = None) -
         raise SystemExit("--devices must be at least 1")
     if not 0.0 <= args.duplicates <= 1.0:
         raise SystemExit("--duplicates is a share between 0 and 1")
+    trace_share = getattr(args, "trace_share", 0.0)
+    if not 0.0 <= trace_share <= 1.0:
+        raise SystemExit("--trace-share is a share between 0 and 1")
     run_id = args.run_id or secrets.token_hex(4)
     window: timedelta | None = getattr(args, "window", None)
     if window is None:
@@ -278,6 +287,7 @@ def plan_from_args(args: argparse.Namespace, settings: Settings | None = None) -
             run_id=run_id,
             duplicate_rate=args.duplicates,
             rate=args.rate,
+            trace_share=trace_share,
         )
     if args.messages < 0:
         raise SystemExit("--messages must be 0 (no cap) or more")
@@ -300,6 +310,7 @@ def plan_from_args(args: argparse.Namespace, settings: Settings | None = None) -
         sim_start=args.sim_start,
         speed=speed,
         faults=faults,
+        trace_share=trace_share,
         **_limits(settings),  # type: ignore[arg-type]
     )
 

@@ -22,7 +22,7 @@ from ingest.metrics import SimulatorMetrics
 from ingest.mqtt import MqttClient, PublishRefused
 from ingest.settings import MqttSettings
 from simulators.ledger import Entry, LedgerWriter, Outcome, digest
-from simulators.plan import FleetPlan, plan_device, usage_traffic
+from simulators.plan import FleetPlan, plan_device, traceparent, usage_traffic
 from simulators.report import FleetReport
 from simulators.traffic import Message
 from simulators.units import device_ids, unregistered_units
@@ -193,7 +193,7 @@ class Fleet:
             if msg.fault:
                 self.report.faults[msg.fault.split(":", 1)[0]] += 1
             if self._ledger is not None:
-                self._ledger.write(_entry(msg))
+                self._ledger.write(_entry(msg, traceparent(self._plan, msg.key)))
             client = clients[index]
             if client is None:
                 continue  # an unregistered unit: its messages go nowhere
@@ -201,7 +201,7 @@ class Fleet:
             keys.add(msg.key)
             self._outstanding += 1
             self._drained.clear()
-            fut = await client.publish(msg.topic, msg.payload)
+            fut = await client.publish(msg.topic, msg.payload, user_properties=self._trace(msg))
             fut.add_done_callback(self._settled(msg))
             if self.report.planned % 5000 == 0:
                 report()
@@ -210,6 +210,12 @@ class Fleet:
         report()
         self.report.boot_ids = sorted(boots)
         self.report.unique_keys = len(keys)
+
+    def _trace(self, msg: Message) -> list[tuple[str, str]]:
+        """The MQTT v5 user properties `msg` is sent with: its traceparent, if the plan's
+        `trace_share` gives it one."""
+        value = traceparent(self._plan, msg.key)
+        return [] if value is None else [("traceparent", value)]
 
     def _report_progress(self) -> Callable[[], None]:
         def report() -> None:
@@ -263,8 +269,8 @@ class Fleet:
                     if delay > 0:
                         await asyncio.sleep(delay)
                 if self._ledger is not None:
-                    self._ledger.write(_entry(msg))
-                fut = await client.publish(msg.topic, msg.payload)
+                    self._ledger.write(_entry(msg, traceparent(self._plan, msg.key)))
+                fut = await client.publish(msg.topic, msg.payload, user_properties=self._trace(msg))
                 fut.add_done_callback(self._counter(msg.duplicate))
                 pending.append(fut)
             await asyncio.gather(*pending)
@@ -298,7 +304,7 @@ def _numbered(
         yield msg.send_at, index, n, msg
 
 
-def _entry(msg: Message) -> Entry:
+def _entry(msg: Message, traced: str | None) -> Entry:
     device_id, boot, seq = msg.key
     return Entry(
         device_id,
@@ -309,4 +315,5 @@ def _entry(msg: Message) -> Entry:
         msg.reason,
         msg.duplicate,
         msg.fault,
+        None if traced is None else traced[3:35],
     )

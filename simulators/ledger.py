@@ -55,24 +55,28 @@ class Entry:
     duplicate: bool = False
     fault: str | None = None
     """The fault that made the message what it is (`malformed:nan`, `reorder`, ...)."""
+    trace_id: str | None = None
+    """The trace id of the traceparent it was sent with (`FleetPlan.trace_share`), to
+    find in the consumer's log; the line has the field only when it was traced."""
 
     @property
     def key(self) -> tuple[str, str, int]:
         return (self.device_id, self.boot_id, self.seq)
 
     def to_json(self) -> bytes:
-        return orjson.dumps(
-            {
-                "device_id": self.device_id,
-                "boot_id": self.boot_id,
-                "seq": self.seq,
-                "digest": self.digest,
-                "outcome": self.outcome.value,
-                "reason": self.reason,
-                "duplicate": self.duplicate,
-                "fault": self.fault,
-            }
-        )
+        doc: dict[str, Any] = {
+            "device_id": self.device_id,
+            "boot_id": self.boot_id,
+            "seq": self.seq,
+            "digest": self.digest,
+            "outcome": self.outcome.value,
+            "reason": self.reason,
+            "duplicate": self.duplicate,
+            "fault": self.fault,
+        }
+        if self.trace_id is not None:
+            doc["trace_id"] = self.trace_id
+        return orjson.dumps(doc)
 
     @classmethod
     def from_json(cls, line: bytes | str) -> Entry:
@@ -86,6 +90,7 @@ class Entry:
             reason=doc.get("reason"),
             duplicate=bool(doc.get("duplicate", False)),
             fault=doc.get("fault"),
+            trace_id=doc.get("trace_id"),
         )
 
 

@@ -10,6 +10,11 @@ same seed are different boots of the same devices and do not collide in the stor
 
 A share of messages is sent twice, byte for byte (`duplicate_rate`), as a device does
 when it misses a PUBACK: the pipeline must store each key once.
+
+A share of messages (`trace_share`) carries a W3C `traceparent` MQTT v5 user property,
+sampled, as a device that traces would send (`ingest.trace`). Its trace id follows
+from the run id and the message's key (`traceparent`), so QA can say which trace id a
+message had and find it in the consumer's log; a resend carries the same one.
 """
 
 from __future__ import annotations
@@ -78,6 +83,9 @@ class FleetPlan:
     """The consumer's allowed skew; the fleet holds back events not yet within it."""
     max_payload_bytes: int = 65536
     """The bridge's size limit, which `oversize` messages exceed."""
+    trace_share: float = 0.0
+    """Share of messages sent with a sampled W3C `traceparent` user property
+    (`traceparent`); 0: none, 1: every message."""
     handover_share: float = 0.03
     """Share of units that change hands (resold, given away) inside the played span
     (`simulators.owners.handover`): the registry attributes what they send before
@@ -88,6 +96,8 @@ class FleetPlan:
             raise ValueError(f"fleet {self.fleet!r} must be 1-16 letters or digits")
         if not 0.0 <= self.handover_share <= 1.0:
             raise ValueError("handover_share is a share between 0 and 1")
+        if not 0.0 <= self.trace_share <= 1.0:
+            raise ValueError("trace_share is a share between 0 and 1")
         if self.window is not None:
             if self.window <= timedelta(0):
                 raise ValueError("the window must be longer than zero")
@@ -97,6 +107,25 @@ class FleetPlan:
     @property
     def usage(self) -> bool:
         return self.window is not None
+
+
+def traceparent(plan: FleetPlan, key: tuple[str, str, int]) -> str | None:
+    """The W3C traceparent the message with `key` (device, boot, seq) is sent with under
+    `plan` (sampled), or None for the messages outside `plan.trace_share`: its trace id
+    and parent id are a hash of the run id and the key, so the same message always has
+    the same ones."""
+    if plan.trace_share <= 0.0:
+        return None
+    device_id, boot, seq = key
+    digest = hashlib.blake2b(
+        f"{plan.run_id}:{device_id}:{boot}:{seq}".encode(), digest_size=32
+    ).digest()
+    if plan.trace_share < 1.0 and int.from_bytes(digest[24:], "big") >= plan.trace_share * 2**64:
+        return None
+    trace_id, parent_id = digest[:16].hex(), digest[16:24].hex()
+    if trace_id == "0" * 32 or parent_id == "0" * 16:
+        return None  # W3C forbids all-zero ids (a chance of 2^-64)
+    return f"00-{trace_id}-{parent_id}-01"
 
 
 def plan_device(plan: FleetPlan, device_id: str, topic_prefix: str = "") -> list[Message]:

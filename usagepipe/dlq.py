@@ -303,7 +303,9 @@ async def _produce_originals(settings: Settings, letters: list[DeadLetter]) -> N
                         raw_topic,
                         value=letter.original,
                         key=letter.key,
-                        headers=[(REPLAY_HEADER, letter.reason.value.encode())],
+                        # The letter's trace headers too: a replayed message is
+                        # followed under its trace id, as it was the first time.
+                        headers=[(REPLAY_HEADER, letter.reason.value.encode()), *letter.headers],
                     )
                     for letter in window
                 ]

@@ -80,6 +80,7 @@ def print_letter(
         ("key", key),
         ("device_id", device_id_from_payload(original) or "- (not readable from the payload)"),
         ("failed_at", letter.failed_at.isoformat()),
+        *([("trace_id", letter.trace_id)] if letter.trace_id else []),
         *extra,
     ]
     for name, value in fields:

@@ -188,7 +188,9 @@ async def test_a_held_client_keeps_its_connection_through_many_keepalives(
     got: list[tuple[int, int]] = []
     two = asyncio.Event()
 
-    def on_message(topic: str, mid: int, payload: bytes, retain: bool, generation: int) -> None:
+    def on_message(  # noqa: PLR0917 (the client's callback, positional)
+        topic: str, mid: int, payload: bytes, retain: bool, props: bytes, generation: int
+    ) -> None:
         got.append((mid, generation))
         if len(got) == 2:
             client.hold()

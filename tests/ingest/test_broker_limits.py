@@ -358,7 +358,9 @@ async def test_a_handler_exception_closes_the_connection_and_the_messages_come_a
     client_id = f"broker-limits-handler-{secrets.token_hex(3)}"
     client: MqttClient
 
-    def handle(topic: str, mid: int, payload: bytes, retain: bool, generation: int) -> None:
+    def handle(  # noqa: PLR0917 (the client's callback, positional)
+        topic: str, mid: int, payload: bytes, retain: bool, props: bytes, generation: int
+    ) -> None:
         if payload == b"3" and not failed:
             failed.append(generation)
             raise RuntimeError("a bug in the handler")

@@ -17,7 +17,7 @@ import socket
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
-from ingest.mqtt_wire import BufferedClient
+from ingest.mqtt_wire import BufferedClient, trace_properties
 
 
 def _varint(n: int) -> bytes:
@@ -64,7 +64,7 @@ def _client(**kwargs: int) -> tuple[BufferedClient, list[tuple[str, int, bytes]]
     )
     got: list[tuple[str, int, bytes]] = []
 
-    def handle(topic: str, mid: int, payload: bytes, retain: bool) -> None:
+    def handle(topic: str, mid: int, payload: bytes, retain: bool, props: bytes) -> None:
         got.append((topic, mid, payload))
 
     client.on_publish_received = handle
@@ -149,7 +149,9 @@ def _socket(client: BufferedClient, chunks: list[bytes]) -> _Socket:
 def test_the_retain_flag_reaches_the_handler() -> None:
     client, _ = _client()
     flags: list[tuple[bytes, bool]] = []
-    client.on_publish_received = lambda topic, mid, payload, retain: flags.append((payload, retain))
+    client.on_publish_received = lambda topic, mid, payload, retain, props: flags.append(
+        (payload, retain)
+    )
     retained = bytearray(publish("devices/a/telemetry", b"kept", 3))
     retained[0] |= 0x01
     _socket(client, [publish("devices/a/telemetry", b"live", 2) + bytes(retained)])
@@ -198,7 +200,7 @@ def test_a_handler_exception_closes_the_connection_and_skips_the_rest() -> None:
     client, got = _client()
     calls: list[int] = []
 
-    def handle(topic: str, mid: int, payload: bytes, retain: bool) -> None:
+    def handle(topic: str, mid: int, payload: bytes, retain: bool, props: bytes) -> None:
         calls.append(mid)
         if mid == 2:
             raise _Boom("bug in the handler")
@@ -214,7 +216,7 @@ def test_a_handler_exception_closes_the_connection_and_skips_the_rest() -> None:
     # A new connection starts from an empty buffer.
     client.reset_buffer()
     _socket(client, [publish("devices/a/telemetry", b"m", 3)])
-    client.on_publish_received = lambda topic, mid, payload, retain: got.append(
+    client.on_publish_received = lambda topic, mid, payload, retain, props: got.append(
         (topic, mid, payload)
     )
     assert client.read_packets() == MQTTErrorCode.MQTT_ERR_SUCCESS
@@ -253,7 +255,7 @@ def test_a_hold_stops_before_the_next_publish_and_frame_buffered_goes_on_from_it
     client._ping_t = 123.0
     stream = b"".join(publish("devices/a/telemetry", b"m", mid) for mid in (1, 2, 3))
 
-    def handle(topic: str, mid: int, payload: bytes, retain: bool) -> None:
+    def handle(topic: str, mid: int, payload: bytes, retain: bool, props: bytes) -> None:
         got.append((topic, mid, payload))
         client.held = mid == 2  # the window is full after the second message
 
@@ -315,3 +317,56 @@ def test_while_held_a_connection_the_broker_closed_is_taken_as_lost() -> None:
         broker.close()
         assert client.hold_keepalive() == MQTTErrorCode.MQTT_ERR_CONN_LOST
         assert client._sock is None
+
+
+def _paho_properties(**values: object) -> bytes:
+    """PUBLISH properties as paho encodes them (without their length)."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho: no hints
+    for name, value in values.items():
+        setattr(props, name, value)
+    packed: bytes = props.pack()  # type: ignore[no-untyped-call]
+    length = 1 if packed[0] < 128 else 2
+    return packed[length:]
+
+
+TRACEPARENT = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_the_properties_reach_the_handler_and_give_the_trace_context() -> None:
+    client, _ = _client()
+    got: list[bytes] = []
+    client.on_publish_received = lambda topic, mid, payload, retain, props: got.append(props)
+    props = _paho_properties(
+        MessageExpiryInterval=60,
+        ContentType="application/json",
+        UserProperty=[("tracestate", "v=1"), ("traceparent", TRACEPARENT.decode())],
+        SubscriptionIdentifier=[300],
+    )
+    stream = publish("devices/a/telemetry", b"p", 1, props=props)
+    stream += publish("devices/a/telemetry", b"p", 2)
+    _socket(client, [stream])
+    assert client.read_packets() == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert got == [props, b""]
+    assert trace_properties(got[0]) == (TRACEPARENT, b"v=1")
+    assert trace_properties(got[1]) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("props", "expected"),
+    [
+        (_paho_properties(UserProperty=[("other", "x")]), (None, None)),
+        (_paho_properties(UserProperty=[("traceparent", "junk")]), (b"junk", None)),
+        # Two traceparents: malformed (b""), as W3C has a repeated header.
+        (_paho_properties(UserProperty=[("traceparent", "a"), ("traceparent", "b")]), (b"", None)),
+        (b"\x26\x00\x0btraceparent\x00\x40", (b"", None)),  # a value cut short
+        (b"\x7f\x00", (b"", None)),  # not a property MQTT v5 knows
+        (b"\x02\x00\x00", (b"", None)),  # a four-byte property cut short
+    ],
+)
+def test_unreadable_trace_properties_are_malformed_not_errors(
+    props: bytes, expected: tuple[bytes | None, bytes | None]
+) -> None:
+    assert trace_properties(props) == expected

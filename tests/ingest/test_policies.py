@@ -165,7 +165,8 @@ def test_a_changed_setting_is_kept_with_a_warning_until_db_migrate_update_polici
     layout = "layout: timescaledb, partitions of 24 h"
     migrated = (
         "001_usage, 002_enrichment, 003_device_daily, 004_rollup_notes, 005_erasure_checks,"
-        " 006_compression, 007_message_ids, 008_dead_letters"
+        " 006_compression, 007_message_ids, 008_dead_letters,"
+        " 009_dead_letter_traces"
     )
     assert out == [
         f"{head} ({migrated}); {layout}",
@@ -351,6 +352,7 @@ def test_plain_postgresql_has_no_policies_whatever_the_command_says(
     applied = (
         "001_usage, 002_enrichment, 003_rollup_refresh, 004_device_daily,"
         " 005_settled_refresh, 006_erasure_checks, 007_message_ids, 008_dead_letters,"
+        " 009_dead_letter_traces,"
         " 010_ids_by_trigger"
     )
     assert captured.out.splitlines() == [

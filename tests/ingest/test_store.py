@@ -104,6 +104,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         "006_erasure_checks",
         "007_message_ids",
         "008_dead_letters",
+        "009_dead_letter_traces",
         "010_ids_by_trigger",
     ]
     assert second.applied == []
@@ -137,6 +138,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         (6, "006_erasure_checks"),
         (7, "007_message_ids"),
         (8, "008_dead_letters"),
+        (9, "009_dead_letter_traces"),
         (10, "010_ids_by_trigger"),
     ]
 
@@ -155,6 +157,7 @@ def test_db_migrate_command_prints_the_layout(
     applied = (
         "001_usage, 002_enrichment, 003_rollup_refresh, 004_device_daily,"
         " 005_settled_refresh, 006_erasure_checks, 007_message_ids, 008_dead_letters,"
+        " 009_dead_letter_traces,"
         " 010_ids_by_trigger"
     )
     assert out[:2] == [
