@@ -3,9 +3,10 @@
 `promtool` checks the alert rules (`deploy/prometheus/alerts.yml`) and runs their unit
 tests (`alerts_test.yml`: each alert a firing and a quiet case). Then Debian's
 Prometheus, started here on a private port with a copy of the deploy scrape config
-whose targets are a real bridge and consumer of this test's own, scrapes them while a
-few messages (one of them a dead letter at each stage) go through, and every query the
-alerts and dashboards make is asked of it:
+whose targets are a real bridge, consumer, registry API and insights API of this
+test's own (ports 19351-19354), scrapes them after a few messages (one of them a dead
+letter at each stage) went through, and every query the alerts and dashboards make is
+asked of it:
 
 - every Grafana panel's expression (`$__rate_interval` as 1m) returns a series;
 - every metric selector inside an alert rule's or a panel's expression returns a
@@ -37,10 +38,15 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from devices.api import create_app as devices_app
 from ingest.metrics import serve_metrics
 from ingest.settings import BridgeSettings, ConsumerSettings, InsightsSettings, Settings
+from insights.api import create_app as insights_app_for
 from simulators.plan import FleetPlan, plan_device
+from simulators.provision import open_registry
 from simulators.units import device_ids
+from tests import tokens
+from tests.http_contract import served
 from tests.pipeline import pipeline, publish_payloads, wait_for
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -52,6 +58,10 @@ PROVISIONING = DEPLOY / "grafana" / "provisioning"
 PROMETHEUS_PORT = 19390
 BRIDGE_METRICS_PORT = 19351
 CONSUMER_METRICS_PORT = 19352
+REGISTRY_PORT = 19353
+INSIGHTS_PORT = 19354
+
+VERIFIER = tokens.verifier()
 
 ALERTS = {
     "ConsumerLagGrowing",
@@ -219,16 +229,21 @@ def test_grafana_provisions_the_datasource_the_dashboards_name() -> None:
 
 
 def scrape_config(tmp: Path) -> Path:
-    """The deploy scrape config, its bridge and consumer jobs pointed at this test's
-    (the registry and insights jobs dropped: no panel or rule queries them), scraped
-    and evaluated every second; with a copy of the alert rules beside it."""
+    """The deploy scrape config, each job's targets replaced by this test's process
+    (bridge, consumer, registry API, insights API), scraped and evaluated every second;
+    with a copy of the alert rules beside it."""
     config = load_yaml(PROMETHEUS_DIR / "prometheus.yml")
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    ours = {"bridge": BRIDGE_METRICS_PORT, "consumer": CONSUMER_METRICS_PORT}
+    ours = {
+        "bridge": BRIDGE_METRICS_PORT,
+        "consumer": CONSUMER_METRICS_PORT,
+        "registry": REGISTRY_PORT,
+        "insights": INSIGHTS_PORT,
+    }
+    assert {job["job_name"] for job in config["scrape_configs"]} == set(ours)
     config["scrape_configs"] = [
         {**job, "static_configs": [{"targets": [f"127.0.0.1:{ours[job['job_name']]}"]}]}
         for job in config["scrape_configs"]
-        if job["job_name"] in ours
     ]
     shutil.copy(PROMETHEUS_DIR / "alerts.yml", tmp / "alerts.yml")
     path = tmp / "prometheus.yml"
@@ -301,9 +316,29 @@ async def without_series(client: httpx.AsyncClient) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def served(registry: CollectorRegistry, port: int) -> AsyncIterator[None]:
+async def metrics_on(registry: CollectorRegistry, port: int) -> AsyncIterator[None]:
     with serve_metrics(registry, port):
         yield
+
+
+@contextlib.asynccontextmanager
+async def apis(s: Settings) -> AsyncIterator[None]:
+    """The registry and insights APIs on their private ports, as their `serve` commands
+    build them, each asked once for /health so that request series exist beyond the
+    scrapes'."""
+    async with open_registry(s) as registry:
+        registry_app = devices_app(lambda: contextlib.nullcontext(registry), verifier=VERIFIER)
+        insights_app = insights_app_for(
+            s.postgres, s.insights, s.registry.db_schema, verifier=VERIFIER
+        )
+        async with (
+            served(registry_app, REGISTRY_PORT) as registry_url,
+            served(insights_app, INSIGHTS_PORT) as insights_url,
+            httpx.AsyncClient() as client,
+        ):
+            for url in (registry_url, insights_url):
+                assert (await client.get(f"{url}/health")).status_code == 200
+            yield
 
 
 async def test_every_alert_and_panel_query_returns_series_from_a_running_pipeline(
@@ -329,39 +364,49 @@ async def test_every_alert_and_panel_query_returns_series_from_a_running_pipelin
     bridge_metrics, consumer_metrics = CollectorRegistry(), CollectorRegistry()
     async with (
         pipeline(s, bridge_metrics, consumer_registry=consumer_metrics) as run,
-        served(bridge_metrics, BRIDGE_METRICS_PORT),
-        served(consumer_metrics, CONSUMER_METRICS_PORT),
+        metrics_on(bridge_metrics, BRIDGE_METRICS_PORT),
+        metrics_on(consumer_metrics, CONSUMER_METRICS_PORT),
     ):
         await publish_payloads(s, device, topic, payloads)
         await wait_for(lambda: run.consumer.report.stored == len(good), "the 4 good messages")
         await wait_for(lambda: run.bridge.report.acked == len(payloads), "6 PUBACKs")
-        with prometheus(tmp_path) as url:
-            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
-                wanted = {
-                    'sum(up{job="bridge"})': 1.0,
-                    'sum(up{job="consumer"})': 1.0,
-                    "sum(usagepipe_bridge_acked_total)": 6.0,
-                    'sum(usagepipe_bridge_rejected_total{reason="device_id_mismatch"})': 1.0,
-                    "sum(usagepipe_consumer_stored_total)": 4.0,
-                    'sum(usagepipe_consumer_dead_letters_total{reason="invalid_json"})': 1.0,
-                    f'count(usagepipe_consumer_lag_messages{{topic="{s.kafka.raw_topic}"}})': 3.0,
-                    "count(usagepipe_consumer_rollup_refresh_buckets_total)": 2.0,
-                }
-                got: dict[str, float | None] = {}
-                missing: list[str] = []
-                rules: dict[str, str] = {}
-                # Scrapes and rule evaluations come every second; a give-up bound,
-                # well inside the test's timeout, not a timing assertion.
-                deadline = time.monotonic() + 45
-                while time.monotonic() < deadline:
-                    await asyncio.sleep(0.5)
-                    with contextlib.suppress(httpx.TransportError):  # not listening yet
-                        got = {expr: await value(client, expr) for expr in wanted}
-                        missing = await without_series(client)
-                        groups = (await client.get("/api/v1/rules")).json()["data"]["groups"]
-                        rules = {r["name"]: r["health"] for g in groups for r in g["rules"]}
-                        if got == wanted and not missing and set(rules.values()) == {"ok"}:
-                            break
+        async with apis(s):
+            await check_with_prometheus(s, tmp_path)
+
+
+async def check_with_prometheus(s: Settings, tmp_path: Path) -> None:
+    """Prometheus over the running processes: the exact counts, every query with series,
+    every rule evaluated."""
+    wanted = {
+        'sum(up{job="bridge"})': 1.0,
+        'sum(up{job="consumer"})': 1.0,
+        'sum(up{job="registry"})': 1.0,
+        'sum(up{job="insights"})': 1.0,
+        'count(usagepipe_http_requests_total{route="/health",status="200"})': 2.0,
+        "sum(usagepipe_bridge_acked_total)": 6.0,
+        'sum(usagepipe_bridge_rejected_total{reason="device_id_mismatch"})': 1.0,
+        "sum(usagepipe_consumer_stored_total)": 4.0,
+        'sum(usagepipe_consumer_dead_letters_total{reason="invalid_json"})': 1.0,
+        f'count(usagepipe_consumer_lag_messages{{topic="{s.kafka.raw_topic}"}})': 3.0,
+        "count(usagepipe_consumer_rollup_refresh_buckets_total)": 2.0,
+    }
+    got: dict[str, float | None] = {}
+    missing: list[str] = []
+    rules: dict[str, str] = {}
+    with prometheus(tmp_path) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            # Scrapes and rule evaluations come every second; a give-up bound, well
+            # inside the test's timeout, not a timing assertion.
+            deadline = time.monotonic() + 45
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                with contextlib.suppress(httpx.TransportError):  # not listening yet
+                    got = {expr: await value(client, expr) for expr in wanted}
+                    missing = await without_series(client)
+                    groups = (await client.get("/api/v1/rules")).json()["data"]["groups"]
+                    rules = {r["name"]: r["health"] for g in groups for r in g["rules"]}
+                    if got == wanted and not missing and set(rules.values()) == {"ok"}:
+                        break
     assert got == wanted
     assert missing == []
     assert rules == {name: "ok" for name in ALERTS}
