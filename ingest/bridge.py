@@ -269,6 +269,7 @@ class Bridge:
         """Messages received and not yet acknowledged or dropped: those in `_incoming`
         and `_unacked` together, of every connection."""
         self._window_max = settings.bridge.max_inflight
+        metrics.window_limit.set(self._window_max)
         self._holding = False
         self._stopping = asyncio.Event()
         self._drained = asyncio.Event()
@@ -343,6 +344,7 @@ class Bridge:
             on_raw_message=self._on_message,
             max_packet_size=s.bridge.max_packet_bytes,
             on_reused_id=self._on_reused_id,
+            on_lost=self._metrics.errors.labels("mqtt_disconnect").inc,
         )
         self._mqtt = mqtt
         async with running(producer), mqtt:
@@ -519,6 +521,7 @@ class Bridge:
             await self._send_batches(producer, items)
             self._unacked.extend(items)
             self._unacked_ready.set()
+            self._metrics.awaiting_kafka.set(len(self._unacked))
 
     async def _send_batches(self, producer: AIOKafkaProducer, items: list[_InFlight]) -> None:
         """Hand `items` to the producer as closed batches, one or more per partition.
@@ -658,6 +661,7 @@ class Bridge:
         self._metrics.produced.inc(len(mids))
         self._window -= len(mids)
         self._metrics.inflight.set(self._window)
+        self._metrics.awaiting_kafka.set(len(unacked))
         if self._holding and self._window < self._window_max:
             self._holding = False
             mqtt.release()

@@ -34,8 +34,10 @@ there (checking that the log is still the one the offsets were stored for), and
 Partitions with no stored offset keep Kafka's committed position (or `earliest`).
 
 Beside the loop, `ingest.dead_letter_table.BridgeLetters` stores the bridge's dead
-letters from the topic in the table, and the rollup task deletes letters older than
-the retention, at most every `postgres.rollup_day_refresh_s`.
+letters from the topic in the table, the rollup task deletes letters older than
+the retention, at most every `postgres.rollup_day_refresh_s`, and the lag task
+measures every `consumer.lag_interval_s` each assigned partition's lag: its end offset
+minus the group's committed offset (`usagepipe_consumer_lag_messages`).
 
 A store or registry outage is retried with backoff, holding the batch and its offsets
 (a batch is never stored without its enrichment); a rebalance that takes the
@@ -46,6 +48,7 @@ and the store drops what it already has.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -230,6 +233,7 @@ class Consumer:
                         watchers = [
                             tasks.create_task(keeper.run(), name="topics"),
                             tasks.create_task(self._check_logs(self._logs), name="logs"),
+                            tasks.create_task(self._report_lag(consumer), name="lag"),
                         ]
                         await self._consume(
                             consumer,
@@ -442,6 +446,12 @@ class Consumer:
         """
         interval = self._settings.postgres.rollup_refresh_s
         day_interval = self._settings.postgres.rollup_day_refresh_s
+        last_success = self._metrics.rollup_refresh_last_success
+        for granularity, every in (("hour", interval), ("day", day_interval)):
+            self._metrics.rollup_refresh_interval.labels(granularity).set(every)
+            # The start stands in for a success until the first: refreshes that never
+            # succeed then alert one bound after the start.
+            last_success.labels(granularity).set(time.time())
         days_due = letters_due = time.monotonic()
         while True:
             await asyncio.sleep(interval)
@@ -452,6 +462,10 @@ class Consumer:
                 self._metrics.errors.labels("rollup_refresh").inc()
                 log.warning("rollup refresh failed (%s); next in %gs", exc, interval)
                 continue
+            if done is not None:  # None: another consumer's refresh held the lock
+                last_success.labels("hour").set(time.time())
+                if days:
+                    last_success.labels("day").set(time.time())
             if done is not None and done.days:
                 days_due = time.monotonic() + day_interval
             if done is not None and (done.hours or done.days):
@@ -493,6 +507,50 @@ class Consumer:
                     exc,
                     self._settings.kafka.topic_check_s,
                 )
+
+    async def _report_lag(self, consumer: AIOKafkaConsumer) -> None:
+        """Every `consumer.lag_interval_s`, each assigned partition's lag (end offset
+        minus the group's committed offset) into the lag gauges; the partitions no
+        longer assigned here leave them (their new owner reports them). A broker that
+        does not answer in `kafka.request_timeout_ms` is logged and tried next time."""
+        interval = self._settings.consumer.lag_interval_s
+        shown: set[TopicPartition] = set()
+        while True:
+            try:
+                async with asyncio.timeout(self._settings.kafka.request_timeout_ms / 1000):
+                    shown = await self._measure_lag(consumer, shown)
+            except (KafkaError, TimeoutError) as exc:
+                log.warning("measuring the consumer lag failed (%r); next in %gs", exc, interval)
+            await asyncio.sleep(interval)
+
+    async def _measure_lag(
+        self, consumer: AIOKafkaConsumer, shown: set[TopicPartition]
+    ) -> set[TopicPartition]:
+        """One round of `_report_lag`; returns the partitions now shown."""
+        m = self._metrics
+        assigned = set(consumer.assignment())
+        for tp in shown - assigned:
+            for gauge in (m.lag, m.end_offset, m.committed_offset):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(tp.topic, str(tp.partition))
+        if not assigned:
+            return assigned
+        ends = await consumer.end_offsets(list(assigned))
+        committed: dict[TopicPartition, int | None] = {}
+        for tp in assigned:
+            committed[tp] = await consumer.committed(tp)
+        uncommitted = [tp for tp, offset in committed.items() if offset is None]
+        starts = await consumer.beginning_offsets(uncommitted) if uncommitted else {}
+        for tp in assigned:
+            labels = (tp.topic, str(tp.partition))
+            end = ends[tp]
+            offset = committed[tp]
+            done = starts[tp] if offset is None else offset
+            m.end_offset.labels(*labels).set(end)
+            m.committed_offset.labels(*labels).set(done)
+            # Tansu reports end offsets too low: a committed offset past the end.
+            m.lag.labels(*labels).set(max(0, end - done))
+        return assigned
 
     async def _commit_in_background(self, consumer: AIOKafkaConsumer) -> None:
         """Commit the latest stored offsets of each partition to Kafka, one commit at a

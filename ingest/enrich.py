@@ -233,7 +233,9 @@ class Enricher:
             return found
         self._metrics.registry_lookups.labels("miss").inc(len(missing))
         with self._cache.query() as query:
+            started = time.perf_counter()
             loaded = await self._registry.load(missing)
+            self._metrics.registry_lookup_seconds.observe(time.perf_counter() - started)
             # A notification that arrived while the query ran may describe a change
             # the query did not see: use the answer for this batch, but do not keep it
             # (the cache decides, per device).
@@ -288,16 +290,24 @@ class Enricher:
         `<table>_erasures` does not list. Call it after a batch has committed.
         """
         owners: set[UUID] = set(self._changes.erased)
-        if time.monotonic() >= self._reconcile_at:
+        reconcile = time.monotonic() >= self._reconcile_at
+        if reconcile:
             owners.update(await erasure.erasures_pending(store, self._schema))
             self._reconcile_at = time.monotonic() + self._settings.cache_ttl_s
-        if not owners:
-            return 0
-        ordered = sorted(owners)
-        changed = await erasure.unlink_owners(
-            store, [(o, owner_key(self._secret, o)) for o in ordered]
-        )
-        self._changes.erased.difference_update(owners)
-        self._metrics.owner_links_removed.inc(changed)
-        log.info("removed the owner key of %d erased owner(s) from %d rows", len(ordered), changed)
+        changed = 0
+        if owners:
+            ordered = sorted(owners)
+            changed = await erasure.unlink_owners(
+                store, [(o, owner_key(self._secret, o)) for o in ordered]
+            )
+            self._changes.erased.difference_update(owners)
+            self._metrics.owner_links_removed.inc(changed)
+            log.info(
+                "removed the owner key of %d erased owner(s) from %d rows", len(ordered), changed
+            )
+        if reconcile:
+            # What is left after this pass: for the erasures-pending alert.
+            pending, oldest = await erasure.erasure_backlog(store, self._schema)
+            self._metrics.erasures_pending.set(pending)
+            self._metrics.erasure_oldest_pending.set(0 if oldest is None else oldest.timestamp())
         return changed

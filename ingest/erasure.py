@@ -13,6 +13,7 @@ deleted in the same pass.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from uuid import UUID
 
 from ingest import migrations
@@ -108,3 +109,19 @@ async def erasures_pending(
             limit,
         )
     return [r["owner_id"] for r in rows]
+
+
+async def erasure_backlog(store: UsageStore, registry_schema: str) -> tuple[int, datetime | None]:
+    """How many of the owners the registry has erased this table has not applied and
+    verified yet (those `erasures_pending` lists, uncapped), and when the registry
+    erased the longest-waiting of them (None: none is pending): the consumer's
+    `usagepipe_consumer_erasures_pending` gauges."""
+    schema = migrations.quote_schema(registry_schema)
+    with translated(StoreUnavailable, "reading erased owners failed"):
+        row = await store.pool.fetchrow(
+            f"SELECT count(*) AS pending, min(o.erased_at) AS oldest FROM {schema}.erased_owners o"
+            f" WHERE NOT EXISTS (SELECT 1 FROM {store.table}_erasures e"
+            " WHERE e.owner_id = o.owner_id AND e.verified)",
+        )
+    assert row is not None
+    return int(row["pending"]), row["oldest"]

@@ -105,6 +105,24 @@ class BridgeMetrics:
             ["action"],
             registry=registry,
         )
+        self.window_limit = Gauge(
+            "usagepipe_bridge_window_limit_messages",
+            "The most MQTT messages the bridge holds unacknowledged (bridge.max_inflight, "
+            "also its MQTT Receive Maximum): usagepipe_bridge_inflight_messages over this is "
+            "how full the window is.",
+            registry=registry,
+        )
+        self.awaiting_kafka = Gauge(
+            "usagepipe_bridge_awaiting_kafka_messages",
+            "Of usagepipe_bridge_inflight_messages: those handed to the Kafka producer and "
+            "not yet acknowledged to the MQTT broker (waiting for Kafka's confirmation); the "
+            "rest of the window has not been handed over yet.",
+            registry=registry,
+        )
+        # Exported from the start at 0, so that rates and alerts see the series before
+        # the first error.
+        for kind in ("kafka_send", "mqtt_disconnect", "start"):
+            self.errors.labels(kind)
 
 
 class ConsumerMetrics:
@@ -136,8 +154,8 @@ class ConsumerMetrics:
         self.errors = Counter(
             "usagepipe_consumer_errors_total",
             "Errors by kind (store, registry, erasure, kafka_commit, dead_letter: the topic's"
-            " copy, bridge_letters: storing the bridge's letters, letter_expiry, start: a"
-            " server not up at start); batches are retried.",
+            " copy, bridge_letters: storing the bridge's letters, letter_expiry, rollup_refresh,"
+            " start: a server not up at start); batches are retried.",
             ["kind"],
             registry=registry,
         )
@@ -231,6 +249,90 @@ class ConsumerMetrics:
             "Stored rows whose owner key was removed because the owner was erased.",
             registry=registry,
         )
+        self.registry_lookup_seconds = Histogram(
+            "usagepipe_consumer_registry_lookup_seconds",
+            "Time of each registry query for the devices of a batch the cache did not "
+            "have (the misses of usagepipe_consumer_registry_lookups_total).",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=registry,
+        )
+        # Erasure (ingest/erasure.py), as of the consumer's last check (at start, then
+        # every enrich.cache_ttl_s).
+        self.erasures_pending = Gauge(
+            "usagepipe_consumer_erasures_pending",
+            "Owners the registry has erased whose erasure the usage tables have not "
+            "applied and verified yet (a pass that found nothing left), as of the "
+            "consumer's last check (at start, then every enrich.cache_ttl_s). An erasure "
+            "is verified by the check after the one that applied it.",
+            registry=registry,
+        )
+        self.erasure_oldest_pending = Gauge(
+            "usagepipe_consumer_erasure_oldest_pending_timestamp_seconds",
+            "When the registry erased the longest-waiting owner of "
+            "usagepipe_consumer_erasures_pending (Unix time); 0 when none is pending.",
+            registry=registry,
+        )
+        # Rollup refreshes (the periodic task of ingest/consumer.py).
+        self.rollup_refresh_last_success = Gauge(
+            "usagepipe_consumer_rollup_refresh_last_success_timestamp_seconds",
+            "When this consumer's periodic rollup refresh last succeeded (Unix time), by "
+            "granularity (hour; day: a refresh that took the ended days too). Set to the "
+            "consumer's start until the first one, so that refreshes that never succeed "
+            "show. One refresh runs at a time across the group: alert on the max over "
+            "the consumers.",
+            ["granularity"],
+            registry=registry,
+        )
+        self.rollup_refresh_interval = Gauge(
+            "usagepipe_consumer_rollup_refresh_interval_seconds",
+            "How often the consumer refreshes the rollups, by granularity (hour: "
+            "postgres.rollup_refresh_s; day: postgres.rollup_day_refresh_s), for alerts "
+            "that follow the settings.",
+            ["granularity"],
+            registry=registry,
+        )
+        # Lag (the periodic task of ingest/consumer.py), per partition assigned here.
+        self.lag = Gauge(
+            "usagepipe_consumer_lag_messages",
+            "Records of a partition assigned to this consumer not yet committed by the "
+            "group: its end offset minus the group's committed offset (the log's start "
+            "where none is committed), every consumer.lag_interval_s; never below 0. On "
+            "the local Tansu broker end offsets are reported too low, so lag reads low "
+            "there (often 0); on Apache Kafka it is exact.",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.end_offset = Gauge(
+            "usagepipe_consumer_end_offset",
+            "A partition's end offset (the next offset to be written) as the broker "
+            "reports it, for the partitions assigned to this consumer (too low on Tansu).",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.committed_offset = Gauge(
+            "usagepipe_consumer_committed_offset",
+            "The group's committed offset of a partition assigned to this consumer (the "
+            "log's start where none is committed): where lag is counted from.",
+            ["topic", "partition"],
+            registry=registry,
+        )
+
+        # Exported from the start at 0, so that rates, dashboards and alerts see the
+        # series before the first error or hole.
+        for kind in (
+            "start",
+            "store",
+            "registry",
+            "erasure",
+            "kafka_commit",
+            "dead_letter",
+            "bridge_letters",
+            "letter_expiry",
+            "rollup_refresh",
+        ):
+            self.errors.labels(kind)
+        for outcome in ("read_again", "read_past"):
+            self.offset_holes.labels(outcome)
 
 
 class SimulatorMetrics:

@@ -128,7 +128,7 @@ class MqttClient:
 
     `hold()` and `release()` stop and resume taking messages (manual-ack subscribers);
     `on_reused_id` is called with a packet id the broker sent again while its message
-    was unacknowledged.
+    was unacknowledged; `on_lost` each time an open connection is lost (not at `close()`).
 
     `max_packet_size` is announced in CONNECT as MQTT v5 Maximum Packet Size and
     enforced on every packet read: the broker sends nothing larger (Mosquitto drops such
@@ -153,8 +153,10 @@ class MqttClient:
         connect_timeout_s: float = 10.0,
         max_packet_size: int | None = None,
         on_reused_id: Callable[[int], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
     ) -> None:
         self._settings = settings
+        self._on_lost = on_lost
         self.client_id = client_id
         self._persistent = persistent
         self._receive_maximum = receive_maximum
@@ -478,6 +480,8 @@ class MqttClient:
         if self._closing:
             return
         log.warning("%s lost its connection: %s", self.client_id, reason_code)
+        if self._on_lost is not None and self.generation > 0:
+            self._on_lost()
         reconnecting = self._reconnecting is not None and not self._reconnecting.done()
         # Only a link that once worked is re-established; a refused first CONNECT is
         # the caller's error to see.

@@ -202,6 +202,10 @@ class ConsumerSettings(Section):
     """Messages one device may send at once before `device_rate_per_s` applies: its
     backlog after being offline, or what the broker queued while no bridge ran."""
     metrics_port: Port = 9102
+    lag_interval_s: Annotated[float, Field(ge=0.5, le=3600)] = 15.0
+    """How often the consumer measures its partitions' lag (committed against end
+    offsets, `usagepipe_consumer_lag_messages`); the lag alert's window should span
+    several."""
     start_wait_s: Annotated[int, Field(ge=0)] = 300
     """How long the consumer waits at start for Kafka and PostgreSQL to answer (a try
     every 0.1-5 s, each logged) before it exits 1; 0: for ever."""

@@ -32,9 +32,10 @@ TEST_EXAMPLES = 20
 
 
 @contextlib.asynccontextmanager
-async def served(app: FastAPI) -> AsyncIterator[str]:
-    """`app` served by uvicorn on a free loopback port, in this event loop."""
-    port = free_port()
+async def served(app: FastAPI, port: int | None = None) -> AsyncIterator[str]:
+    """`app` served by uvicorn on loopback `port` (a free one if None), in this event
+    loop."""
+    port = free_port() if port is None else port
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
     task = asyncio.create_task(server.serve(), name="api")
     async with asyncio.timeout(10):

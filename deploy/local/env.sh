@@ -25,6 +25,22 @@ if [ "$1" = dev ] && ! command -v chromium >/dev/null 2>&1 &&
   apt-get update -qq && apt-get install -y -qq chromium >/dev/null
 fi
 
+# Debian's Prometheus (with promtool) for the alert rules' and dashboards' tests
+# (tests/deploy/test_observability.py), which run the binary themselves on a private
+# port. The package's service (on 9090) is never started: a policy-rc.d that refuses
+# every start is put in place for the install where the host has none (containers
+# usually do), and removed after.
+if [ "$1" = dev ] && ! command -v promtool >/dev/null 2>&1 &&
+   [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
+  fi
+  apt-get update -qq && apt-get install -y -qq prometheus >/dev/null
+  [ -z "$policy" ] || rm -f "$policy"
+fi
+
 if [ ! -x .venv/bin/python ]; then
   "$(need_python)" -m venv .venv
 fi

@@ -155,10 +155,10 @@ async def test_the_window_holds_across_a_reconnect_and_nothing_is_lost(
     # the bridge held from it is dropped as Kafka confirms it, the broker redelivers what
     # it has no PUBACK for, and the window counts both connections' messages.
     payloads = {payload for _, _, payload in messages}
+    registry = CollectorRegistry()
     async with CountingProxy(free_port(), mosquitto.port, cut_after_pubacks=1000) as proxy:
         bridge = Bridge(
-            _with(settings, port=proxy.port, window=window, mqtt=mqtt),
-            BridgeMetrics(CollectorRegistry()),
+            _with(settings, port=proxy.port, window=window, mqtt=mqtt), BridgeMetrics(registry)
         )
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(bridge.run())
@@ -170,6 +170,12 @@ async def test_the_window_holds_across_a_reconnect_and_nothing_is_lost(
     assert proxy.connections == 2
     assert proxy.pubacks > count  # the second connection acknowledged what was redelivered
     assert bridge.report.peak_unacked == window
+    # The lost connection is counted; at the end the window is empty.
+    errors = registry.get_sample_value("usagepipe_bridge_errors_total", {"kind": "mqtt_disconnect"})
+    assert errors == 1
+    assert registry.get_sample_value("usagepipe_bridge_window_limit_messages") == window
+    assert registry.get_sample_value("usagepipe_bridge_inflight_messages") == 0
+    assert registry.get_sample_value("usagepipe_bridge_awaiting_kafka_messages") == 0
     raw = await read_to_end(settings, settings.kafka.raw_topic)
     assert {r.value for r in raw} == payloads
     # Some twice: those Kafka had from the first connection that the broker had no

@@ -9,9 +9,12 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from ingest.erasure import erasures_pending, unlink_owners
+from ingest.enrich import Enricher
+from ingest.erasure import erasure_backlog, erasures_pending, unlink_owners
 from ingest.errors import StoreUnavailable
+from ingest.metrics import ConsumerMetrics
 from ingest.rollups import materialised_rows
 from ingest.settings import Settings
 from ingest.store import UsageStore
@@ -76,6 +79,33 @@ async def test_pending_erasures_are_the_registrys_erased_owners_not_verified_yet
     assert await erasures_pending(store, schema) == []
     recorded = await store.fetch("SELECT owner_id, unlinked, verified FROM {table}_erasures")
     assert [tuple(r) for r in recorded] == [(erased, 1, True)]
+
+
+async def test_the_consumer_reports_the_erasures_left_after_each_check(
+    settings: Settings, either: UsageStore
+) -> None:
+    """`usagepipe_consumer_erasures_pending` and the oldest one's erasure time: after
+    the pass that applies two erasures both are still pending (not verified); after the
+    next pass (a consumer's check at its start) none is."""
+    store, schema = either, settings.registry.db_schema
+    at = datetime(2026, 2, 1, 8, tzinfo=UTC)
+    await add_owner(store, schema, uuid.uuid4(), at, erased=True)
+    await add_owner(store, schema, uuid.uuid4(), at + HOUR, erased=True)
+    await add_owner(store, schema, uuid.uuid4(), at, erased=False)
+    assert await erasure_backlog(store, schema) == (2, at)
+    dsn = settings.postgres.dsn.get_secret_value()
+    for expected in ((2.0, at.timestamp()), (0.0, 0.0)):  # applied; then verified
+        metrics = CollectorRegistry()
+        enricher = Enricher(
+            settings.enrich, registry_schema=schema, dsn=dsn, metrics=ConsumerMetrics(metrics)
+        )
+        async with enricher:
+            await enricher.apply_erasures(store)
+        assert (
+            metrics.get_sample_value("usagepipe_consumer_erasures_pending"),
+            metrics.get_sample_value("usagepipe_consumer_erasure_oldest_pending_timestamp_seconds"),
+        ) == expected
+    assert await erasure_backlog(store, schema) == (0, None)
 
 
 async def test_a_key_put_back_after_the_first_pass_is_removed_by_the_next(
