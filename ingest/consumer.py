@@ -145,7 +145,24 @@ class Consumer:
         self._to_commit: dict[TopicPartition, OffsetAndMetadata] = {}
         self._commit_due = asyncio.Event()
         self._logs: LogCheck | None = None
+        self._state = {"kafka": "connecting", "postgresql": "connecting"}
+        """`ok` or why not, by server: set by the loop, read by `readiness()`."""
+        self._assigned = 0
+        """Partitions the group gave this consumer, as of its last fetch."""
         self.report = ConsumerReport()
+
+    def readiness(self) -> dict[str, str]:
+        """`GET /ready`'s checks (`ingest.readiness`): Kafka, the partitions assigned to
+        this consumer, and PostgreSQL; read from the probe server's thread."""
+        if self._state["kafka"] != "ok":
+            partitions = "not in the group yet"
+        elif self._assigned == 0:
+            partitions = (
+                "none assigned (the group is rebalancing, or has more consumers than partitions)"
+            )
+        else:
+            partitions = "ok"
+        return {**self._state, "partitions": partitions}
 
     def stop(self, why: str = "requested") -> None:
         if not self._stopping.is_set():
@@ -176,6 +193,7 @@ class Consumer:
         s = self._settings
         started = time.monotonic()
         deadline = None if self._stop_after_s is None else started + self._stop_after_s
+        self._state.update(kafka="connecting", postgresql="connecting")
         await ensure_topics(s.kafka, s.kafka.raw_topic, s.kafka.dlq_topic)
         async with (
             UsageStore(s.postgres) as store,
@@ -187,6 +205,7 @@ class Consumer:
             ) as enricher,
         ):
             await store.migrate()
+            self._state["postgresql"] = "ok"
             # Erasures made while no consumer ran, before waiting for the group's join.
             await self._retry("erasure", enricher.apply_erasures, store)
             consumer = make_consumer(
@@ -212,6 +231,7 @@ class Consumer:
             ):
                 consumer.subscribe([s.kafka.raw_topic], listener=listener)
                 self._consuming = True
+                self._state["kafka"] = "ok"
                 failed: BaseException | None = None
                 try:
                     async with asyncio.TaskGroup() as tasks:
@@ -250,6 +270,8 @@ class Consumer:
                     failed = group.exceptions[0]
                 if failed is not None:
                     raise failed
+        self._state.update(kafka="stopped", postgresql="stopped")
+        self._assigned = 0
         self.report.elapsed_s = time.monotonic() - started
         log.info(
             "consumer stopped (%s): %d consumed, %d stored, %d duplicates, %d dead letters",
@@ -285,6 +307,7 @@ class Consumer:
                 timeout_ms=s.consumer.batch_wait_ms,
                 max_records=s.consumer.batch_max,
             )
+            self._assigned = len(consumer.assignment())
             records = await listener.admit(records, generation, s.consumer.batch_wait_ms / 1000)
             if listener.generation != judged:
                 # A rebalance: the partitions given to others take their buckets along
@@ -547,15 +570,22 @@ class Consumer:
         not committed, so its records come again to whoever consumes next.
         """
         backoff = Backoff()
+        failing: str | None = None
         while True:
             try:
-                return await fn(*args, **kwargs)
+                done = await fn(*args, **kwargs)
             except (StoreUnavailable, RegistryLookupFailed, KafkaError) as exc:
+                failing = "kafka" if isinstance(exc, KafkaError) else "postgresql"
+                self._state[failing] = f"{kind} failing: {exc}"
                 self._metrics.errors.labels(kind).inc()
                 if self._stopping.is_set():
                     raise
                 log.warning("%s failed (%s); retrying in %.1fs", kind, exc, backoff.delay_s)
                 await backoff.wait()
+            else:
+                if failing is not None:
+                    self._state[failing] = "ok"
+                return done
 
 
 def _log_letters(letters: list[DeadLetter]) -> None:

@@ -171,7 +171,10 @@ class BridgeSettings(Section):
     split the devices' messages between them (`$share/<group>/...`); empty: this bridge
     takes every message."""
     metrics_port: Port = 9101
-    """Prometheus metrics port; 0 turns the endpoint off."""
+    """Port of the bridge's `/metrics`, `/health` and `/ready`; 0 turns them off."""
+    metrics_host: str = "127.0.0.1"
+    """Address `metrics_port` listens on: `0.0.0.0` where Prometheus or an orchestrator's
+    probes come from another host or container (deploy/production)."""
     start_wait_s: Annotated[int, Field(ge=0)] = 300
     """How long the bridge waits at start for the MQTT broker and Kafka to answer (a
     try every 0.1-5 s, each logged) before it exits 1; 0: for ever."""
@@ -197,6 +200,9 @@ class ConsumerSettings(Section):
     """Messages one device may send at once before `device_rate_per_s` applies: its
     backlog after being offline, or what the broker queued while no bridge ran."""
     metrics_port: Port = 9102
+    """Port of the consumer's `/metrics`, `/health` and `/ready`; 0 turns them off."""
+    metrics_host: str = "127.0.0.1"
+    """Address `metrics_port` listens on (`0.0.0.0` in deploy/production)."""
     start_wait_s: Annotated[int, Field(ge=0)] = 300
     """How long the consumer waits at start for Kafka and PostgreSQL to answer (a try
     every 0.1-5 s, each logged) before it exits 1; 0: for ever."""
@@ -515,8 +521,8 @@ class RegistrySettings(BaseModel):
     registration (422 `certificate_required` without one) and gets no password login."""
 
     http_host: str = "127.0.0.1"
-    """Where `usagepipe registry serve` listens; every route but `/health` and `/metrics`
-    needs a bearer token from the maker's sign-in (`auth`)."""
+    """Where `usagepipe registry serve` listens; every route but `/health`, `/ready` and
+    `/metrics` needs a bearer token from the maker's sign-in (`auth`)."""
 
     http_port: Annotated[int, Field(ge=0, le=65535)] = 8040
     """The port of `usagepipe registry serve` (beside the services' metrics ports)."""
