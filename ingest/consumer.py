@@ -80,6 +80,7 @@ from ingest.kafka import (
 )
 from ingest.metrics import ConsumerMetrics
 from ingest.offsets import ContiguousOffsets, LogCheck, StoredOffsets
+from ingest.postgres import DB_ERRORS
 from ingest.rate_limit import DeviceRateLimiter
 from ingest.rows import (
     conflict_letters,
@@ -96,6 +97,10 @@ log = logging.getLogger(__name__)
 FINAL_COMMIT_S = 5.0
 """How long a stopping consumer waits for its last Kafka commit (the stored offsets
 stand either way; Kafka's copy is for lag monitoring)."""
+
+PING_S = 5.0
+"""How often a running consumer asks PostgreSQL `SELECT 1` for `readiness()` (an idle
+one would otherwise find an outage only at its next batch)."""
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -149,6 +154,8 @@ class Consumer:
         """`ok` or why not, by server: set by the loop, read by `readiness()`."""
         self._assigned = 0
         """Partitions the group gave this consumer, as of its last fetch."""
+        self._ping: str = "ok"
+        """What the last `SELECT 1` of `_ping_postgres` found."""
         self.report = ConsumerReport()
 
     def readiness(self) -> dict[str, str]:
@@ -162,7 +169,8 @@ class Consumer:
             )
         else:
             partitions = "ok"
-        return {**self._state, "partitions": partitions}
+        postgresql = self._ping if self._ping != "ok" else self._state["postgresql"]
+        return {"kafka": self._state["kafka"], "postgresql": postgresql, "partitions": partitions}
 
     def stop(self, why: str = "requested") -> None:
         if not self._stopping.is_set():
@@ -245,6 +253,7 @@ class Consumer:
                         watchers = [
                             tasks.create_task(keeper.run(), name="topics"),
                             tasks.create_task(self._check_logs(self._logs), name="logs"),
+                            tasks.create_task(self._ping_postgres(store), name="postgres-ping"),
                         ]
                         await self._consume(
                             consumer,
@@ -272,6 +281,7 @@ class Consumer:
                     raise failed
         self._state.update(kafka="stopped", postgresql="stopped")
         self._assigned = 0
+        self._ping = "ok"
         self.report.elapsed_s = time.monotonic() - started
         log.info(
             "consumer stopped (%s): %d consumed, %d stored, %d duplicates, %d dead letters",
@@ -556,6 +566,19 @@ class Consumer:
             # The rows and their offsets are stored; the next owner seeks past them.
             self._metrics.errors.labels("kafka_commit").inc()
             log.warning("Kafka offset commit failed (%r); the stored offsets stand", exc)
+
+    async def _ping_postgres(self, store: UsageStore) -> None:
+        """Ask PostgreSQL `SELECT 1` every `PING_S`, for `readiness()` only: the loop
+        itself finds and retries outages where it meets them."""
+        while True:
+            try:
+                async with asyncio.timeout(PING_S):
+                    await store.pool.fetchval("SELECT 1")
+            except DB_ERRORS as exc:
+                self._ping = f"unreachable: {exc!r}"
+            else:
+                self._ping = "ok"
+            await asyncio.sleep(PING_S)
 
     async def _retry(
         self,

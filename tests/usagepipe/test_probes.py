@@ -22,6 +22,15 @@ from tests.usagepipe.test_cli import USAGEPIPE, environment
 BRIDGE_PROBES, MQTT_FORWARD = 19300, 19301
 CONSUMER_PROBES, KAFKA_FORWARD = 19302, 19303
 REGISTRY_HTTP, POSTGRES_FORWARD = 19304, 19305
+CONSUMER_POSTGRES_FORWARD = 19306
+
+
+def forwarded_dsn(settings: Settings, port: int) -> tuple[str, int]:
+    """The settings' DSN through 127.0.0.1:`port`, and PostgreSQL's own port."""
+    dsn = urlsplit(settings.postgres.dsn.get_secret_value())
+    assert dsn.port is not None
+    login = dsn.netloc.rsplit("@", 1)[0]
+    return dsn._replace(netloc=f"{login}@127.0.0.1:{port}").geturl(), dsn.port
 
 
 @contextlib.contextmanager
@@ -103,14 +112,20 @@ async def test_a_bridge_is_ready_once_subscribed(settings: Settings) -> None:
 
 async def test_a_consumer_is_ready_once_partitions_are_assigned(settings: Settings) -> None:
     kafka_port = int(settings.kafka.bootstrap_servers.split(",")[0].rsplit(":", 1)[1])
+    dsn, postgres_port = forwarded_dsn(settings, CONSUMER_POSTGRES_FORWARD)
     env = environment(
         settings,
         USAGEPIPE_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{KAFKA_FORWARD}",
-        USAGEPIPE_KAFKA__PARTITIONS="3",
+        USAGEPIPE_POSTGRES__DSN=dsn,
         USAGEPIPE_CONSUMER__METRICS_PORT=str(CONSUMER_PROBES),
     )
     base = f"http://127.0.0.1:{CONSUMER_PROBES}"
-    async with Forwarder(KAFKA_FORWARD, kafka_port) as kafka, httpx.AsyncClient() as c:
+    async with (
+        Forwarder(KAFKA_FORWARD, kafka_port) as kafka,
+        Forwarder(CONSUMER_POSTGRES_FORWARD, postgres_port) as postgres,
+        httpx.AsyncClient() as c,
+    ):
+        await postgres.start()
         with started(["consume"], env) as proc:
             waiting = await answer(c, proc, f"{base}/ready", status(503))
             assert waiting.json() == ready_doc(
@@ -123,14 +138,21 @@ async def test_a_consumer_is_ready_once_partitions_are_assigned(settings: Settin
             ready = await answer(c, proc, f"{base}/ready", status(200))
             assert ready.json() == ready_doc(kafka="ok", postgresql="ok", partitions="ok")
 
+            await postgres.stop()  # an idle consumer learns it from its ping (PING_S)
+            away = await answer(c, proc, f"{base}/ready", status(503))
+            doc = away.json()
+            assert (doc["not_ready"], doc["checks"]["kafka"]) == (["postgresql"], "ok")
+            assert doc["checks"]["postgresql"].startswith("unreachable: ")
+            await postgres.start()
+            back = await answer(c, proc, f"{base}/ready", status(200))
+            assert back.json() == ready_doc(kafka="ok", postgresql="ok", partitions="ok")
+
 
 async def test_the_registry_is_not_ready_while_postgresql_is_away(settings: Settings) -> None:
-    dsn = urlsplit(settings.postgres.dsn.get_secret_value())
-    assert dsn.port is not None
-    forwarded = dsn._replace(netloc=f"{dsn.netloc.rsplit('@', 1)[0]}@127.0.0.1:{POSTGRES_FORWARD}")
-    env = environment(settings, USAGEPIPE_POSTGRES__DSN=forwarded.geturl())
+    dsn, postgres_port = forwarded_dsn(settings, POSTGRES_FORWARD)
+    env = environment(settings, USAGEPIPE_POSTGRES__DSN=dsn)
     base = f"http://127.0.0.1:{REGISTRY_HTTP}"
-    async with Forwarder(POSTGRES_FORWARD, dsn.port) as postgres, httpx.AsyncClient() as c:
+    async with Forwarder(POSTGRES_FORWARD, postgres_port) as postgres, httpx.AsyncClient() as c:
         await postgres.start()
         with started(["registry", "serve", "--port", str(REGISTRY_HTTP)], env) as proc:
             ready = await answer(c, proc, f"{base}/ready", status(200))
