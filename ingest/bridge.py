@@ -270,7 +270,7 @@ class Bridge:
             mqtt = "connected, not subscribed yet"
         else:
             mqtt = "ok"
-        return {"mqtt": mqtt, "kafka": self._kafka_state}
+        return {"mqtt": mqtt, "kafka": self._topics.unreachable or self._kafka_state}
 
     def _kafka_failed(self, exc: KafkaError) -> None:
         self._metrics.errors.labels("kafka_send").inc()

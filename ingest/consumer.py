@@ -156,11 +156,16 @@ class Consumer:
         """Partitions the group gave this consumer, as of its last fetch."""
         self._ping: str = "ok"
         """What the last `SELECT 1` of `_ping_postgres` found."""
+        self._keeper: TopicKeeper | None = None
+        """The running topic check: whether Kafka answers while the consumer is idle."""
         self.report = ConsumerReport()
 
     def readiness(self) -> dict[str, str]:
         """`GET /ready`'s checks (`ingest.readiness`): Kafka, the partitions assigned to
         this consumer, and PostgreSQL; read from the probe server's thread."""
+        kafka = self._state["kafka"]
+        if kafka == "ok" and self._keeper is not None and self._keeper.unreachable:
+            kafka = self._keeper.unreachable
         if self._state["kafka"] != "ok":
             partitions = "not in the group yet"
         elif self._assigned == 0:
@@ -170,7 +175,7 @@ class Consumer:
         else:
             partitions = "ok"
         postgresql = self._ping if self._ping != "ok" else self._state["postgresql"]
-        return {"kafka": self._state["kafka"], "postgresql": postgresql, "partitions": partitions}
+        return {"kafka": kafka, "postgresql": postgresql, "partitions": partitions}
 
     def stop(self, why: str = "requested") -> None:
         if not self._stopping.is_set():
@@ -232,6 +237,7 @@ class Consumer:
                 s.kafka.dlq_topic,
                 on_repair=lambda action, n: self._metrics.topic_repairs.labels(action).inc(n),
             )
+            self._keeper = keeper
             async with (
                 running(make_producer(s.kafka, client_id=f"{self._client_id}-dlq")) as producer,
                 running(consumer),
@@ -282,6 +288,7 @@ class Consumer:
         self._state.update(kafka="stopped", postgresql="stopped")
         self._assigned = 0
         self._ping = "ok"
+        self._keeper = None
         self.report.elapsed_s = time.monotonic() - started
         log.info(
             "consumer stopped (%s): %d consumed, %d stored, %d duplicates, %d dead letters",

@@ -147,6 +147,18 @@ async def test_a_consumer_is_ready_once_partitions_are_assigned(settings: Settin
             back = await answer(c, proc, f"{base}/ready", status(200))
             assert back.json() == ready_doc(kafka="ok", postgresql="ok", partitions="ok")
 
+            # Kafka's bootstrap port goes away: the topic check (every kafka.topic_check_s)
+            # finds it. (The records come over the address Kafka advertises, which the
+            # Forwarder does not front, so here only the check sees the outage.)
+            await kafka.stop()
+            gone = await answer(c, proc, f"{base}/ready", status(503))
+            doc = gone.json()
+            assert (doc["not_ready"], doc["checks"]["postgresql"]) == (["kafka"], "ok")
+            assert doc["checks"]["kafka"].startswith("unreachable: ")
+            await kafka.start()
+            again = await answer(c, proc, f"{base}/ready", status(200))
+            assert again.json() == ready_doc(kafka="ok", postgresql="ok", partitions="ok")
+
 
 async def test_the_registry_is_not_ready_while_postgresql_is_away(settings: Settings) -> None:
     dsn, postgres_port = forwarded_dsn(settings, POSTGRES_FORWARD)
