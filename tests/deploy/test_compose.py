@@ -278,3 +278,41 @@ def test_the_production_broker_keeps_the_projects_limits() -> None:
     production = directives(STACK / "mosquitto" / "mosquitto.conf")
     assert set(local) == set(DIRECTIVES)
     assert production == local
+
+
+PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+
+
+def scrape_problems(stack: dict[str, Any], prometheus: Path, env: pytest.MonkeyPatch) -> list[str]:
+    """What in `prometheus`'s scrape config does not match the stack: a target that is
+    no service or not its metrics port, a long-running usagepipe service not scraped."""
+    config = yaml.safe_load(prometheus.read_text())
+    targets = {
+        target
+        for job in config["scrape_configs"]
+        for static in job.get("static_configs", [])
+        for target in static["targets"]
+    }
+    ports = {}
+    for name, service in usagepipe_services(stack).items():
+        if name in ONE_SHOTS:
+            continue
+        s = settings_of(service, env)
+        ports[name] = {
+            "bridge": s.bridge.metrics_port,
+            "consumer": s.consumer.metrics_port,
+            "registry": s.registry.http_port,
+            "insights": s.insights.http_port,
+        }[name.split("-")[0]]
+    wanted = {f"{name}:{port}" for name, port in ports.items()}
+    problems = [f"{t}: no such service and port" for t in sorted(targets - wanted)]
+    problems += [f"{t}: not scraped" for t in sorted(wanted - targets)]
+    return problems
+
+
+def test_prometheus_scrapes_every_usagepipe_service(
+    stack: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not PROMETHEUS.exists():
+        pytest.skip(f"{PROMETHEUS.relative_to(ROOT)} is not in this checkout")
+    assert scrape_problems(stack, PROMETHEUS, monkeypatch) == []
