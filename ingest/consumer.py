@@ -253,13 +253,13 @@ class Consumer:
                         letters = tasks.create_task(
                             self._bridge_letters(enricher, store).run(), name="bridge-letters"
                         )
+                        pinger = tasks.create_task(self._ping_postgres(store), name="ping")
                         committer = tasks.create_task(
                             self._commit_in_background(consumer), name="kafka-commit"
                         )
                         watchers = [
                             tasks.create_task(keeper.run(), name="topics"),
                             tasks.create_task(self._check_logs(self._logs), name="logs"),
-                            tasks.create_task(self._ping_postgres(store), name="postgres-ping"),
                         ]
                         await self._consume(
                             consumer,
@@ -272,6 +272,7 @@ class Consumer:
                         )
                         refresher.cancel()
                         letters.cancel()
+                        pinger.cancel()
                         committer.cancel()
                         for watcher in watchers:
                             watcher.cancel()

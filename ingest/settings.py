@@ -191,6 +191,9 @@ class ConsumerSettings(Section):
     """Longest wait for a batch to fill before writing what there is."""
     max_future_skew_s: Annotated[int, Field(ge=0)] = 300
     """Event times further ahead of the consumer's clock than this are dead-lettered."""
+    metrics_host: str = "127.0.0.1"
+    """Address `metrics_port` (its `/metrics`, `/health` and `/ready`; 0 turns them off)
+    listens on: `0.0.0.0` where Prometheus or probes come from elsewhere (deploy/production)."""
     device_rate_per_s: Annotated[float, Field(ge=0, le=1_000_000)] = 1.0
     """Per-device ceiling: messages a second one device may send, sustained, judged by
     their arrival at the bridge (the Kafka timestamp); the excess is dead-lettered
@@ -200,9 +203,6 @@ class ConsumerSettings(Section):
     """Messages one device may send at once before `device_rate_per_s` applies: its
     backlog after being offline, or what the broker queued while no bridge ran."""
     metrics_port: Port = 9102
-    """Port of the consumer's `/metrics`, `/health` and `/ready`; 0 turns them off."""
-    metrics_host: str = "127.0.0.1"
-    """Address `metrics_port` listens on (`0.0.0.0` in deploy/production)."""
     start_wait_s: Annotated[int, Field(ge=0)] = 300
     """How long the consumer waits at start for Kafka and PostgreSQL to answer (a try
     every 0.1-5 s, each logged) before it exits 1; 0: for ever."""
