@@ -8,12 +8,13 @@ failed attempts, with `Retry-After`), `invalid_request` (422) for a field that b
 its rule, `malformed_body` (400) for a body that is not readable JSON, and `unavailable`
 (503, with `Retry-After`) when PostgreSQL or the MQTT broker does not answer. Booleans are
 JSON `true`/`false` only; text fields refuse control characters (PostgreSQL cannot
-store NUL) and lone surrogates. `GET /health` checks that PostgreSQL answers;
-`GET /metrics` is Prometheus text. The OpenAPI document is at `/openapi.json`.
+store NUL) and lone surrogates. `GET /health` answers while the process serves,
+`GET /ready` while PostgreSQL answers too; `GET /metrics` is Prometheus text. The
+OpenAPI document is at `/openapi.json`.
 
-Every route but `/health` and `/metrics` needs `Authorization: Bearer <token>`, a JWT
-of the maker's sign-in (`ingest.auth`): none or an invalid one is 401 `unauthenticated`.
-The API acts for the token's subject only:
+Every route but `/health`, `/ready` and `/metrics` needs `Authorization: Bearer
+<token>`, a JWT of the maker's sign-in (`ingest.auth`): none or an invalid one is 401
+`unauthenticated`. The API acts for the token's subject only:
 
 - `POST /owners` creates the owner account of the token's subject (one per subject: a
   second is 409 `owner_exists`; `GET /owners/me` finds it). Every owner route naming
@@ -399,21 +400,20 @@ def create_app(
     )
     metrics = metrics_registry if metrics_registry is not None else CollectorRegistry()
 
-    async def health() -> dict[str, str]:
+    async def postgresql() -> None:
         registry: Registry = app.state.registry
         async with registry.transaction() as conn:
             await conn.fetchval("SELECT 1")
-        return {"postgresql": "ok"}
 
     install(
         app,
         metrics=HttpMetrics(metrics, "registry"),
         registry=metrics,
         model=RegistryProblem,
-        health=health,
-        health_doc="200 while the process serves and PostgreSQL answers `SELECT 1` in the "
-        "registry's schema within 2 s; 503 `unavailable` otherwise. The MQTT broker and "
-        "Kafka are not checked (registry events wait in the outbox while Kafka is away).",
+        ready={"postgresql": postgresql},
+        ready_doc="200 while PostgreSQL answers `SELECT 1` in the registry's schema within "
+        "2 s; 503 naming `postgresql` otherwise. The MQTT broker and Kafka are not checked "
+        "(registry events wait in the outbox while Kafka is away).",
     )
     auth.install(app, verifier)
     app.add_exception_handler(Rejected, _rejected)

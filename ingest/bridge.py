@@ -287,12 +287,31 @@ class Bridge:
         self._random = random.Random().random
         self.ready = asyncio.Event()
         """Set once the broker confirmed the subscription: devices may publish."""
+        self._kafka_state = "connecting"
+        """`ok` while the producer runs and Kafka confirms what it is sent, else why not."""
         self.report = BridgeReport()
 
     @property
     def connected(self) -> bool:
         """True while the MQTT connection is up."""
         return self._mqtt is not None and self._mqtt.connected.is_set()
+
+    def readiness(self) -> dict[str, str]:
+        """`GET /ready`'s checks (`ingest.readiness`): the MQTT connection and its
+        subscription, and Kafka; read from the probe server's thread."""
+        if not self.connected:
+            mqtt = "not connected"
+        elif not self.ready.is_set():
+            mqtt = "connected, not subscribed yet"
+        else:
+            mqtt = "ok"
+        return {"mqtt": mqtt, "kafka": self._topics.unreachable or self._kafka_state}
+
+    def _kafka_failed(self, exc: KafkaError) -> None:
+        self._metrics.errors.labels("kafka_send").inc()
+        self._topics.nudge(unknown_topic=isinstance(exc, UnknownTopicOrPartitionError))
+        self.report.send_retries += 1
+        self._kafka_state = f"sends failing: {exc!r}"
 
     def stop(self, why: str = "requested") -> None:
         """Stop taking messages, finish what Kafka already has, then close."""
@@ -332,6 +351,7 @@ class Bridge:
     async def _run(self) -> BridgeReport:
         s = self._settings
         started = time.monotonic()
+        self._kafka_state = "connecting"
         await ensure_topics(s.kafka, s.kafka.raw_topic, s.kafka.dlq_topic)
         producer = make_producer(s.kafka, client_id=s.bridge.client_id)
         mqtt = MqttClient(
@@ -348,6 +368,7 @@ class Bridge:
         )
         self._mqtt = mqtt
         async with running(producer), mqtt:
+            self._kafka_state = "ok"
             check_packet_limits(s.bridge.max_packet_bytes, mqtt.broker_max_packet_size)
             try:
                 await mqtt.wait_subscribed()
@@ -380,6 +401,7 @@ class Bridge:
                     timer.cancel()
             self._metrics.subscribed.set(0)
             await producer.flush()
+        self._kafka_state = "stopped"
         self.report.elapsed_s = time.monotonic() - started
         log.info(
             "bridge stopped (%s): %d received, %d acknowledged in %.1fs",
@@ -567,9 +589,7 @@ class Bridge:
                 batch, topic, partition=partition
             )
         except KafkaError as exc:
-            self._metrics.errors.labels("kafka_send").inc()
-            self._topics.nudge(unknown_topic=isinstance(exc, UnknownTopicOrPartitionError))
-            self.report.send_retries += 1
+            self._kafka_failed(exc)
             log.warning("Kafka took no batch (%r); sending its records one by one", exc)
             for item in members:
                 item.confirmation = await self._send(producer, item)
@@ -591,9 +611,7 @@ class Bridge:
                 )
                 return fut
             except KafkaError as exc:
-                self._metrics.errors.labels("kafka_send").inc()
-                self._topics.nudge(unknown_topic=isinstance(exc, UnknownTopicOrPartitionError))
-                self.report.send_retries += 1
+                self._kafka_failed(exc)
                 log.warning("Kafka send failed (%r); retrying in %.1fs", exc, backoff.delay_s)
                 await backoff.wait()
 
@@ -619,12 +637,11 @@ class Bridge:
             if exc is not None:
                 if not isinstance(exc, KafkaError):
                     raise exc
-                self._metrics.errors.labels("kafka_send").inc()
-                self._topics.nudge(unknown_topic=isinstance(exc, UnknownTopicOrPartitionError))
-                self.report.send_retries += 1
+                self._kafka_failed(exc)
                 log.warning("Kafka did not confirm a record (%r); sending it again", exc)
                 item.confirmation = await self._send(producer, item)
                 continue
+            self._kafka_state = "ok"  # Kafka confirmed a record
             if self._capped():
                 # A hard cap: the rest stay unacknowledged in the broker's session and
                 # come again to the next run (Kafka may then see them twice; the store

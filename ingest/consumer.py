@@ -86,6 +86,7 @@ from ingest.kafka import (
 )
 from ingest.metrics import ConsumerMetrics
 from ingest.offsets import ContiguousOffsets, LogCheck, StoredOffsets
+from ingest.postgres import DB_ERRORS
 from ingest.rate_limit import DeviceRateLimiter
 from ingest.rows import (
     UsageRow,
@@ -104,6 +105,10 @@ log = logging.getLogger(__name__)
 FINAL_COMMIT_S = 5.0
 """How long a stopping consumer waits for its last Kafka commit (the stored offsets
 stand either way; Kafka's copy is for lag monitoring)."""
+
+PING_S = 5.0
+"""How often a running consumer asks PostgreSQL `SELECT 1` for `readiness()` (an idle
+one would otherwise find an outage only at its next batch)."""
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -153,7 +158,32 @@ class Consumer:
         self._to_commit: dict[TopicPartition, OffsetAndMetadata] = {}
         self._commit_due = asyncio.Event()
         self._logs: LogCheck | None = None
+        self._state = {"kafka": "connecting", "postgresql": "connecting"}
+        """`ok` or why not, by server: set by the loop, read by `readiness()`."""
+        self._assigned = 0
+        """Partitions the group gave this consumer, as of its last fetch."""
+        self._ping: str = "ok"
+        """What the last `SELECT 1` of `_ping_postgres` found."""
+        self._keeper: TopicKeeper | None = None
+        """The running topic check: whether Kafka answers while the consumer is idle."""
         self.report = ConsumerReport()
+
+    def readiness(self) -> dict[str, str]:
+        """`GET /ready`'s checks (`ingest.readiness`): Kafka, the partitions assigned to
+        this consumer, and PostgreSQL; read from the probe server's thread."""
+        kafka = self._state["kafka"]
+        if kafka == "ok" and self._keeper is not None and self._keeper.unreachable:
+            kafka = self._keeper.unreachable
+        if self._state["kafka"] != "ok":
+            partitions = "not in the group yet"
+        elif self._assigned == 0:
+            partitions = (
+                "none assigned (the group is rebalancing, or has more consumers than partitions)"
+            )
+        else:
+            partitions = "ok"
+        postgresql = self._ping if self._ping != "ok" else self._state["postgresql"]
+        return {"kafka": kafka, "postgresql": postgresql, "partitions": partitions}
 
     def stop(self, why: str = "requested") -> None:
         if not self._stopping.is_set():
@@ -184,6 +214,7 @@ class Consumer:
         s = self._settings
         started = time.monotonic()
         deadline = None if self._stop_after_s is None else started + self._stop_after_s
+        self._state.update(kafka="connecting", postgresql="connecting")
         await ensure_topics(s.kafka, s.kafka.raw_topic, s.kafka.dlq_topic)
         async with (
             UsageStore(s.postgres) as store,
@@ -195,6 +226,7 @@ class Consumer:
             ) as enricher,
         ):
             await store.migrate()
+            self._state["postgresql"] = "ok"
             # Erasures made while no consumer ran, before waiting for the group's join.
             await self._retry("erasure", enricher.apply_erasures, store)
             consumer = make_consumer(
@@ -213,6 +245,7 @@ class Consumer:
                 s.kafka.dlq_topic,
                 on_repair=lambda action, n: self._metrics.topic_repairs.labels(action).inc(n),
             )
+            self._keeper = keeper
             async with (
                 running(make_producer(s.kafka, client_id=f"{self._client_id}-dlq")) as producer,
                 running(consumer),
@@ -220,6 +253,7 @@ class Consumer:
             ):
                 consumer.subscribe([s.kafka.raw_topic], listener=listener)
                 self._consuming = True
+                self._state["kafka"] = "ok"
                 failed: BaseException | None = None
                 try:
                     async with asyncio.TaskGroup() as tasks:
@@ -227,6 +261,7 @@ class Consumer:
                         letters = tasks.create_task(
                             self._bridge_letters(enricher, store).run(), name="bridge-letters"
                         )
+                        pinger = tasks.create_task(self._ping_postgres(store), name="ping")
                         committer = tasks.create_task(
                             self._commit_in_background(consumer), name="kafka-commit"
                         )
@@ -246,6 +281,7 @@ class Consumer:
                         )
                         refresher.cancel()
                         letters.cancel()
+                        pinger.cancel()
                         committer.cancel()
                         for watcher in watchers:
                             watcher.cancel()
@@ -259,6 +295,10 @@ class Consumer:
                     failed = group.exceptions[0]
                 if failed is not None:
                     raise failed
+        self._state.update(kafka="stopped", postgresql="stopped")
+        self._assigned = 0
+        self._ping = "ok"
+        self._keeper = None
         self.report.elapsed_s = time.monotonic() - started
         log.info(
             "consumer stopped (%s): %d consumed, %d stored, %d duplicates, %d dead letters",
@@ -294,6 +334,7 @@ class Consumer:
                 timeout_ms=s.consumer.batch_wait_ms,
                 max_records=s.consumer.batch_max,
             )
+            self._assigned = len(consumer.assignment())
             records = await listener.admit(records, generation, s.consumer.batch_wait_ms / 1000)
             if listener.generation != judged:
                 # A rebalance: the partitions given to others take their buckets along
@@ -597,6 +638,19 @@ class Consumer:
             self._metrics.errors.labels("kafka_commit").inc()
             log.warning("Kafka offset commit failed (%r); the stored offsets stand", exc)
 
+    async def _ping_postgres(self, store: UsageStore) -> None:
+        """Ask PostgreSQL `SELECT 1` every `PING_S`, for `readiness()` only: the loop
+        itself finds and retries outages where it meets them."""
+        while True:
+            try:
+                async with asyncio.timeout(PING_S):
+                    await store.pool.fetchval("SELECT 1")
+            except DB_ERRORS as exc:
+                self._ping = f"unreachable: {exc!r}"
+            else:
+                self._ping = "ok"
+            await asyncio.sleep(PING_S)
+
     async def _retry(
         self,
         kind: str,
@@ -610,15 +664,22 @@ class Consumer:
         not committed, so its records come again to whoever consumes next.
         """
         backoff = Backoff()
+        failing: str | None = None
         while True:
             try:
-                return await fn(*args, **kwargs)
+                done = await fn(*args, **kwargs)
             except (StoreUnavailable, RegistryLookupFailed, KafkaError) as exc:
+                failing = "kafka" if isinstance(exc, KafkaError) else "postgresql"
+                self._state[failing] = f"{kind} failing: {exc}"
                 self._metrics.errors.labels(kind).inc()
                 if self._stopping.is_set():
                     raise
                 log.warning("%s failed (%s); retrying in %.1fs", kind, exc, backoff.delay_s)
                 await backoff.wait()
+            else:
+                if failing is not None:
+                    self._state[failing] = "ok"
+                return done
 
 
 def _log_stored(rows: list[UsageRow], letters: list[DeadLetter], info_max: int) -> None:

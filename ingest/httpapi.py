@@ -1,5 +1,5 @@
 """What the two HTTP APIs (the registry's, the planners') share: one error document,
-`/health`, `/metrics` and request metrics.
+`/health`, `/ready`, `/metrics` and request metrics.
 
 Every answer that is not a success is a `Problem`:
 
@@ -44,8 +44,12 @@ What the HTTP server itself refuses never reaches the app: a request line or hea
 with a raw NUL or space is not HTTP, and uvicorn answers it 400 in plain text (`Invalid
 HTTP request received.`) and closes the connection.
 
-`GET /health` answers 200 `{"status": "ok", "checks": {...}}` while the process serves
-and its database answers within `HEALTH_TIMEOUT_S`; 503 `unavailable` otherwise.
+`GET /health` answers 200 `{"status": "alive"}` while the process serves (liveness).
+`GET /ready` runs the API's named checks, each within `HEALTH_TIMEOUT_S`, and answers
+the readiness document every long-running process serves (`ingest.readiness`): 200
+`{"status": "ready", ...}`, or 503 `{"status": "not_ready", "not_ready": [names],
+"checks": {name: what is wrong}}` with `Retry-After`, the one non-success answer that is
+not a `Problem` (it is the same document as the bridge's and the consumer's).
 `GET /metrics` is the process's Prometheus registry in the text format, with
 `usagepipe_http_requests_total` and `usagepipe_http_request_seconds` by route template.
 
@@ -60,7 +64,7 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -71,6 +75,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingest.metrics import HttpMetrics
+from ingest.readiness import OK, HealthOut, ReadinessOut, readiness
 
 log = logging.getLogger(__name__)
 
@@ -171,15 +176,8 @@ def documented(model: type[Problem], *statuses: int) -> dict[int | str, dict[str
     return out
 
 
-class HealthOut(BaseModel):
-    """The process serves and every named check passed."""
-
-    status: Literal["ok"]
-    checks: dict[str, str]
-
-
-HealthCheck = Callable[[], Awaitable[dict[str, str]]]
-"""Runs the API's checks; returns what each found, or raises to say one failed."""
+ReadyCheck = Callable[[], Awaitable[None]]
+"""One of `GET /ready`'s checks: returns when it passes, raises saying why it does not."""
 
 
 def install(
@@ -188,11 +186,12 @@ def install(
     metrics: HttpMetrics,
     registry: CollectorRegistry,
     model: type[Problem],
-    health: HealthCheck,
-    health_doc: str,
+    ready: Mapping[str, ReadyCheck],
+    ready_doc: str,
 ) -> None:
     """Answer every error as a `Problem`, count every request in `metrics`, and add
-    `GET /health` (running `health`, described by `health_doc`) and `GET /metrics`."""
+    `GET /health`, `GET /ready` (running the named checks `ready`, in order, described
+    by `ready_doc`) and `GET /metrics`."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -226,22 +225,51 @@ def install(
 
     @app.get(
         "/health",
-        summary="Liveness and the database",
-        description=health_doc,
-        response_model=None,
-        responses={200: {"model": HealthOut}, **documented(model, 503)},
+        summary="Liveness",
+        description="200 while the process serves requests; a liveness probe restarts it "
+        "when this does not answer. Checks nothing else: `/ready` does.",
+        response_model=HealthOut,
         tags=["operations"],
     )
-    async def health_route() -> Response:
-        try:
-            async with asyncio.timeout(HEALTH_TIMEOUT_S):
-                checks = await health()
-        except TimeoutError:
-            return unavailable(f"the database did not answer within {HEALTH_TIMEOUT_S:g} s")
-        except Exception as exc:  # a failed check is the answer here, not a bug
-            log.warning("health check failed: %s", exc)
-            return unavailable(str(exc))
-        return JSONResponse(HealthOut(status="ok", checks=checks).model_dump())
+    async def health_route() -> HealthOut:
+        return HealthOut(status="alive")
+
+    @app.get(
+        "/ready",
+        summary="Readiness: the servers this API needs answer",
+        description=ready_doc,
+        response_model=None,
+        responses={
+            200: {"model": ReadinessOut, "description": "Every check passed."},
+            503: {
+                "model": ReadinessOut,
+                "description": "A check failed: `not_ready` names it, `checks` says why.",
+                "headers": {
+                    "Retry-After": {
+                        "description": "Seconds to wait before asking again.",
+                        "schema": {"type": "integer"},
+                    }
+                },
+            },
+        },
+        tags=["operations"],
+    )
+    async def ready_route() -> Response:
+        found: dict[str, str] = {}
+        for name, check in ready.items():
+            try:
+                async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                    await check()
+            except TimeoutError:
+                found[name] = f"no answer within {HEALTH_TIMEOUT_S:g} s"
+            except Exception as exc:  # a failed check is the answer here, not a bug
+                log.warning("readiness check %s failed: %s", name, exc)
+                found[name] = shown(_one_line(str(exc)), DETAIL_CHARS) or type(exc).__name__
+            else:
+                found[name] = OK
+        status, doc = readiness(found)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+        return JSONResponse(doc, status_code=status, headers=headers)
 
     @app.get(
         "/metrics",

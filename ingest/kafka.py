@@ -261,6 +261,9 @@ class TopicKeeper:
         self._refused = False
         """A producer was refused for an unknown topic since the last creation."""
         self.checks = 0
+        self.unreachable: str | None = None
+        """Why the last check found Kafka not answering; None once one succeeds
+        (`readiness()` of the bridge and the consumer reads it)."""
 
     def nudge(self, *, unknown_topic: bool = False) -> None:
         """A client lost the broker: check now, and often until it answers. With
@@ -285,8 +288,10 @@ class TopicKeeper:
                 if not outage:
                     log.warning("topic check failed (%s); trying every %gs", exc, _OUTAGE_CHECK_S)
                 outage = True
+                self.unreachable = f"unreachable: {exc}"
                 continue
             outage = False
+            self.unreachable = None
 
     async def check(self) -> TopicRepairs:
         """One check; `BrokerUnavailable` if Kafka does not answer."""

@@ -171,7 +171,10 @@ class BridgeSettings(Section):
     split the devices' messages between them (`$share/<group>/...`); empty: this bridge
     takes every message."""
     metrics_port: Port = 9101
-    """Prometheus metrics port; 0 turns the endpoint off."""
+    """Port of the bridge's `/metrics`, `/health` and `/ready`; 0 turns them off."""
+    metrics_host: str = "127.0.0.1"
+    """Address `metrics_port` listens on: `0.0.0.0` where Prometheus or an orchestrator's
+    probes come from another host or container (deploy/production)."""
     start_wait_s: Annotated[int, Field(ge=0)] = 300
     """How long the bridge waits at start for the MQTT broker and Kafka to answer (a
     try every 0.1-5 s, each logged) before it exits 1; 0: for ever."""
@@ -193,6 +196,9 @@ class ConsumerSettings(Section):
     """Longest wait for a batch to fill before writing what there is."""
     max_future_skew_s: Annotated[int, Field(ge=0)] = 300
     """Event times further ahead of the consumer's clock than this are dead-lettered."""
+    metrics_host: str = "127.0.0.1"
+    """Address `metrics_port` (its `/metrics`, `/health` and `/ready`; 0 turns them off)
+    listens on: `0.0.0.0` where Prometheus or probes come from elsewhere (deploy/production)."""
     device_rate_per_s: Annotated[float, Field(ge=0, le=1_000_000)] = 1.0
     """Per-device ceiling: messages a second one device may send, sustained, judged by
     their arrival at the bridge (the Kafka timestamp); the excess is dead-lettered
@@ -529,8 +535,8 @@ class RegistrySettings(BaseModel):
     registration (422 `certificate_required` without one) and gets no password login."""
 
     http_host: str = "127.0.0.1"
-    """Where `usagepipe registry serve` listens; every route but `/health` and `/metrics`
-    needs a bearer token from the maker's sign-in (`auth`)."""
+    """Where `usagepipe registry serve` listens; every route but `/health`, `/ready` and
+    `/metrics` needs a bearer token from the maker's sign-in (`auth`)."""
 
     http_port: Annotated[int, Field(ge=0, le=65535)] = 8040
     """The port of `usagepipe registry serve` (beside the services' metrics ports)."""

@@ -13,7 +13,8 @@
                                    values); options `by` (cohorts), `tz` (heatmap);
                                    `format=json|csv|parquet`
 
-    GET /health                    200 while PostgreSQL answers and the usage table exists
+    GET /health                    200 while the process serves (liveness)
+    GET /ready                     200 while PostgreSQL answers and the usage table exists
     GET /metrics                   Prometheus text: requests and latency by route
 
 Every error is the `Problem` document of `ingest.httpapi`,
@@ -24,10 +25,10 @@ Suppressed segments are in the rows, marked `suppressed` with the reason.
 
 Every `/api/...` route needs `Authorization: Bearer <token>` (`ingest.auth`) with the
 scope `auth.planner_scope`: no or an invalid token is 401 `unauthenticated`, one
-without the scope 403 `insufficient_scope`. `/health`, `/metrics`, `/openapi.json`, the
-page and its assets stay open (they hold no usage data); the page takes its token from
-its URL's fragment (`#token=...`, which `usagepipe insights serve` prints with the dev
-signer). `/docs` and `/redoc` are served only where `auth.docs` turns them on.
+without the scope 403 `insufficient_scope`. `/health`, `/ready`, `/metrics`,
+`/openapi.json`, the page and its assets stay open (they hold no usage data); the page
+takes its token from its URL's fragment (`#token=...`, which `usagepipe insights serve`
+prints with the dev signer). `/docs` and `/redoc` are served only where `auth.docs` turns them on.
 
 `from __future__ import annotations` is left out on purpose: FastAPI reads the route
 functions' annotations at runtime.
@@ -250,9 +251,9 @@ def create_app(
         metrics=HttpMetrics(metrics, "insights"),
         registry=metrics,
         model=InsightsProblem,
-        health=_health(postgres, state),
-        health_doc="200 while the process serves, PostgreSQL answers within 2 s and the "
-        "usage table exists; 503 `unavailable` otherwise (the registry schema, read by "
+        ready=_ready_checks(postgres, state),
+        ready_doc="200 while PostgreSQL answers within 2 s and the usage table exists; 503 "
+        "naming `postgresql` or `usage_table` otherwise (the registry schema, read by "
         "marketing-usable reports only, is not checked).",
     )
 
@@ -290,19 +291,22 @@ def _lifespan(
     return lifespan
 
 
-def _health(postgres: PostgresSettings, state: _State) -> httpapi.HealthCheck:
-    """`GET /health`'s check: PostgreSQL answers and the usage table exists."""
+def _ready_checks(postgres: PostgresSettings, state: _State) -> dict[str, httpapi.ReadyCheck]:
+    """`GET /ready`'s checks: PostgreSQL answers, and the usage table exists."""
 
-    async def health() -> dict[str, str]:
+    async def postgresql() -> None:
+        async with state["pool"].acquire() as conn:
+            await conn.fetchval("SELECT 1")
+
+    async def usage_table() -> None:
         async with state["pool"].acquire() as conn:
             found = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", postgres.table)
         if not found:
             raise StoreUnavailable(
                 f"the usage table {postgres.table} does not exist: run `usagepipe db migrate`"
             )
-        return {"postgresql": "ok", "usage_table": "ok"}
 
-    return health
+    return {"postgresql": postgresql, "usage_table": usage_table}
 
 
 def _catalogue() -> APIRouter:

@@ -32,8 +32,14 @@ class Forwarder:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Stop listening and cut every connection, as a server going away does;
+        `start()` may follow."""
         if self._server is not None:
             self._server.close()
+            self._server = None
         for pipe in list(self._pipes):
             pipe.cancel()
         for pipe in list(self._pipes):

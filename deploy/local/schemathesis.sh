@@ -54,13 +54,13 @@ stop() {
 }
 trap stop EXIT
 
-wait_healthy() {  # URL: until GET URL/health answers 200 (30 s at most)
+wait_ready() {  # URL: until GET URL/ready answers 200 (PostgreSQL too; 30 s at most)
   for _ in $(seq 150); do
     if .venv/bin/python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' \
-        "$1/health" 2>/dev/null; then return 0; fi
+        "$1/ready" 2>/dev/null; then return 0; fi
     sleep 0.2
   done
-  echo "schemathesis.sh: $1/health did not answer 200; logs in $logs" >&2
+  echo "schemathesis.sh: $1/ready did not answer 200; logs in $logs" >&2
   return 1
 }
 
@@ -72,8 +72,8 @@ pids+=($!)
 pids+=($!)
 registry="http://127.0.0.1:${USAGEPIPE_REGISTRY__HTTP_PORT}"
 insights="http://127.0.0.1:${USAGEPIPE_INSIGHTS__HTTP_PORT}"
-wait_healthy "$registry"
-wait_healthy "$insights"
+wait_ready "$registry"
+wait_ready "$insights"
 token="$(.venv/bin/usagepipe --log-level WARNING auth token --subject "schemathesis-${name}" \
   --scope planner --scope operator --ttl 2h)"
 

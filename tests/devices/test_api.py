@@ -254,6 +254,7 @@ async def test_openapi_is_published(client: httpx.AsyncClient) -> None:
         "/operator/devices/{device_id}/credentials",
         "/operator/owners/{owner_id}/erasure",
         "/health",
+        "/ready",
         "/metrics",
     }
     problem = {"$ref": "#/components/schemas/RegistryProblem"}
@@ -278,7 +279,7 @@ async def test_openapi_is_published(client: httpx.AsyncClient) -> None:
     for path, operations in paths.items():
         for method, operation in operations.items():
             secured = operation.get("security") == [{"bearer": []}]
-            assert secured == (path not in {"/health", "/metrics"}), (method, path)
+            assert secured == (path not in {"/health", "/ready", "/metrics"}), (method, path)
             assert ("401" in operation["responses"]) == secured, (method, path)
     response = await client.get("/docs")  # only where auth.docs turns it on
     assert (response.status_code, response.json()["reason"]) == (404, "not_found")
@@ -375,9 +376,11 @@ async def test_every_error_is_one_problem_document(client: httpx.AsyncClient) ->
 
 async def test_health_and_metrics(client: httpx.AsyncClient) -> None:
     response = await client.get("/health")
+    assert (response.status_code, response.json()) == (200, {"status": "alive"})
+    response = await client.get("/ready")
     assert (response.status_code, response.json()) == (
         200,
-        {"status": "ok", "checks": {"postgresql": "ok"}},
+        {"status": "ready", "not_ready": [], "checks": {"postgresql": "ok"}},
     )
     ada = await create_owner(client)
     await client.get(f"/owners/{ada.owner_id}", headers=ada.auth)
@@ -396,6 +399,7 @@ async def test_health_and_metrics(client: httpx.AsyncClient) -> None:
     }
     assert counts == {
         ("GET", "/health", "200"): 1,
+        ("GET", "/ready", "200"): 1,
         ("POST", "/owners", "201"): 1,
         ("GET", "/owners/{owner_id}", "200"): 1,
         ("GET", "/owners/{owner_id}", "403"): 1,
@@ -406,16 +410,22 @@ async def test_health_and_metrics(client: httpx.AsyncClient) -> None:
     assert 'usagepipe_http_request_seconds_count{api="registry",method="GET",' in response.text
 
 
-async def test_health_says_when_postgresql_is_gone(registry: Registry) -> None:
+async def test_ready_says_when_postgresql_is_gone(registry: Registry) -> None:
     app = create_app(lambda: _borrowed(registry), verifier=tokens.verifier())
     async with app.router.lifespan_context(app):
         await registry.aclose()  # the pool is gone: as good as a database that left
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://registry") as c:
-            response = await c.get("/health")
-    assert response.status_code == 503
-    assert response.headers["retry-after"] == "5"
-    assert RegistryProblem.model_validate(response.json()).reason == "unavailable"
+            ready = await c.get("/ready")
+            alive = await c.get("/health")
+    assert (ready.status_code, ready.headers["retry-after"]) == (503, "5")
+    assert ready.json() == {
+        "status": "not_ready",
+        "not_ready": ["postgresql"],
+        "checks": {"postgresql": ready.json()["checks"]["postgresql"]},
+    }
+    assert ready.json()["checks"]["postgresql"] != "ok"
+    assert (alive.status_code, alive.json()) == (200, {"status": "alive"})  # it still serves
 
 
 async def test_schemathesis_finds_nothing(registry: Registry) -> None:

@@ -26,16 +26,16 @@ def guarded_app() -> FastAPI:
     app = FastAPI()
     metrics = CollectorRegistry()
 
-    async def health() -> dict[str, str]:
-        return {"self": "ok"}
+    async def itself() -> None:
+        return None
 
     install(
         app,
         metrics=HttpMetrics(metrics, "http500"),
         registry=metrics,
         model=Problem,
-        health=health,
-        health_doc="always 200",
+        ready={"self": itself},
+        ready_doc="always 200",
     )
 
     @app.post("/readings")

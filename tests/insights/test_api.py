@@ -76,7 +76,7 @@ async def test_reports_over_http_equal_the_direct_computation(seeded: Seeded, ap
             ReportOut.model_validate(answer.json())
 
         openapi = (await client.get("/openapi.json")).json()
-        assert {"/api/reports", "/api/reports/{name}", "/health", "/metrics"} <= set(
+        assert {"/api/reports", "/api/reports/{name}", "/health", "/ready", "/metrics"} <= set(
             openapi["paths"]
         )
         operation = openapi["paths"]["/api/reports/{name}"]["get"]
@@ -190,9 +190,15 @@ async def test_bad_requests_say_what_is_wrong(api: str) -> None:
 async def test_health_and_metrics(seeded: Seeded, api: str) -> None:
     async with httpx.AsyncClient(base_url=api, headers=PLANNER) as client:
         health = await client.get("/health")
-        assert (health.status_code, health.json()) == (
+        assert (health.status_code, health.json()) == (200, {"status": "alive"})
+        ready = await client.get("/ready")
+        assert (ready.status_code, ready.json()) == (
             200,
-            {"status": "ok", "checks": {"postgresql": "ok", "usage_table": "ok"}},
+            {
+                "status": "ready",
+                "not_ready": [],
+                "checks": {"postgresql": "ok", "usage_table": "ok"},
+            },
         )
         await client.get("/api/reports/errors", params=RANGE)
         await client.get("/api/reports/errors", params={"region": "Seoul"})
@@ -209,6 +215,7 @@ async def test_health_and_metrics(seeded: Seeded, api: str) -> None:
     }
     assert counts == {
         ("/health", "200"): 1,
+        ("/ready", "200"): 1,
         ("/api/reports/{name}", "200"): 2,
         ("/api/reports/{name}", "422"): 1,
         ("/api/reports/{name}", "404"): 1,
@@ -223,12 +230,16 @@ async def test_health_and_metrics(seeded: Seeded, api: str) -> None:
         async with httpx.AsyncClient(
             transport=transport, base_url="http://t", headers=PLANNER
         ) as client:
-            health = await client.get("/health")
-    assert (health.status_code, health.headers["retry-after"]) == (503, "5")
-    assert health.json() == {
-        "reason": "unavailable",
-        "detail": f"the usage table {no_table.table} does not exist: run `usagepipe db migrate`",
-        "field": None,
+            ready = await client.get("/ready")
+    assert (ready.status_code, ready.headers["retry-after"]) == (503, "5")
+    assert ready.json() == {
+        "status": "not_ready",
+        "not_ready": ["usage_table"],
+        "checks": {
+            "postgresql": "ok",
+            "usage_table": f"the usage table {no_table.table} does not exist: run "
+            "`usagepipe db migrate`",
+        },
     }
 
 
@@ -299,7 +310,14 @@ async def test_the_api_needs_a_planners_token(seeded: Seeded, api: str) -> None:
                     assert 'scope="usagepipe:planner"' in challenge
             answer = await client.get(route, params=RANGE, headers=PLANNER)
             assert answer.status_code == 200, route
-        for route in ["/", "/static/dashboard.js", "/health", "/metrics", "/openapi.json"]:
+        for route in [
+            "/",
+            "/static/dashboard.js",
+            "/health",
+            "/ready",
+            "/metrics",
+            "/openapi.json",
+        ]:
             assert (await client.get(route)).status_code == 200, route
         assert (await client.get("/docs")).status_code == 404  # off unless auth.docs
         openapi = (await client.get("/openapi.json")).json()

@@ -8,7 +8,8 @@
     usagepipe consume                        Kafka -> PostgreSQL
 
 `bridge` and `consume` run until stopped (SIGTERM, SIGINT) or until their stop options
-say, with their metrics on their own port (`_serve`).
+say, with `/metrics`, `/health` and `/ready` on their own port (`_serve`,
+`ingest.readiness`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Protocol, TypeVar
 from prometheus_client import CollectorRegistry
 
 from ingest.backoff import wait_to_start
-from ingest.metrics import serve_metrics
+from ingest.readiness import Heartbeat, serve_probes
 from ingest.setting_errors import variable
 from ingest.settings import Settings
 from usagepipe.cli.arguments import Commands, add_stop_options, command
@@ -129,8 +130,9 @@ def _bridge(args: argparse.Namespace, settings: Settings) -> int:
     if args.forget_session is not None or args.force:
         return _forget_session(args, settings)
     report = _serve(
+        settings.bridge.metrics_host,
         settings.bridge.metrics_port,
-        variable(["bridge", "metrics_port"]),
+        "bridge",
         lambda registry: Bridge(
             settings,
             BridgeMetrics(registry),
@@ -197,8 +199,9 @@ def _consume(args: argparse.Namespace, settings: Settings) -> int:
         print(f"usagepipe consume: {exc}", file=sys.stderr)
         return 1 if exc.retriable else 2
     report = _serve(
+        settings.consumer.metrics_host,
         settings.consumer.metrics_port,
-        variable(["consumer", "metrics_port"]),
+        "consumer",
         lambda registry: Consumer(
             settings,
             ConsumerMetrics(registry),
@@ -218,22 +221,45 @@ class Service(Protocol[_Report_co]):
 
     def stop(self, why: str = ...) -> None: ...
 
+    def readiness(self) -> dict[str, str]: ...
+
     async def run(self) -> _Report_co: ...
 
 
 def _serve(
-    port: int, setting: str, make: Callable[[CollectorRegistry], Service[_Report]]
+    host: str, port: int, section: str, make: Callable[[CollectorRegistry], Service[_Report]]
 ) -> _Report:
-    """Run the service `make` builds, with its metrics on `port` (moved by the variable
-    `setting`), until it ends; SIGTERM/SIGINT stop it cleanly."""
+    """Run the service `make` builds until it ends, with `/metrics`, `/health` and
+    `/ready` on `host`:`port` (`section`'s metrics_host and metrics_port); SIGTERM/SIGINT
+    stop it cleanly."""
     registry = CollectorRegistry()
+    heartbeat = Heartbeat()
 
     async def main() -> _Report:
         service = make(registry)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, service.stop, f"signal {sig.name}")
-        return await service.run()
+        with serve_probes(
+            registry,
+            heartbeat,
+            service.readiness,
+            host=host,
+            port=port,
+            setting=variable([section, "metrics_port"]),
+            host_setting=variable([section, "metrics_host"]),
+        ):
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    beating = tasks.create_task(heartbeat.run(), name="heartbeat")
+                    report = await service.run()
+                    beating.cancel()
+            except BaseExceptionGroup as group:
+                # The heartbeat never fails: the error is the service's, raised as the
+                # CLI reports it (one line), not as a group around it.
+                if len(group.exceptions) != 1:
+                    raise
+                raise group.exceptions[0] from None
+            return report
 
-    with serve_metrics(registry, port, setting):
-        return asyncio.run(main())
+    return asyncio.run(main())
