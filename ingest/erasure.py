@@ -95,18 +95,24 @@ async def _unlink(conn: Connection, table: str, rollup: str, owner: UUID, key: s
     return unlinked
 
 
+def _pending(store: UsageStore, registry_schema: str) -> str:
+    """FROM and WHERE of the owners `registry_schema` has erased (`o`) whose erasure
+    `store`'s table has not applied and verified yet."""
+    schema = migrations.quote_schema(registry_schema)
+    return (
+        f"FROM {schema}.erased_owners o WHERE NOT EXISTS (SELECT 1 FROM {store.table}_erasures e"
+        " WHERE e.owner_id = o.owner_id AND e.verified)"
+    )
+
+
 async def erasures_pending(
     store: UsageStore, registry_schema: str, limit: int = 10_000
 ) -> list[UUID]:
     """Owners the registry in `registry_schema` has erased (its view `erased_owners`)
     whose erasure this table has not applied and verified yet (see `unlink_owners`)."""
-    schema = migrations.quote_schema(registry_schema)
     with translated(StoreUnavailable, "reading erased owners failed"):
         rows = await store.pool.fetch(
-            f"SELECT o.owner_id FROM {schema}.erased_owners o"
-            f" WHERE NOT EXISTS (SELECT 1 FROM {store.table}_erasures e"
-            " WHERE e.owner_id = o.owner_id AND e.verified) LIMIT $1",
-            limit,
+            f"SELECT o.owner_id {_pending(store, registry_schema)} LIMIT $1", limit
         )
     return [r["owner_id"] for r in rows]
 
@@ -116,12 +122,10 @@ async def erasure_backlog(store: UsageStore, registry_schema: str) -> tuple[int,
     verified yet (those `erasures_pending` lists, uncapped), and when the registry
     erased the longest-waiting of them (None: none is pending): the consumer's
     `usagepipe_consumer_erasures_pending` gauges."""
-    schema = migrations.quote_schema(registry_schema)
     with translated(StoreUnavailable, "reading erased owners failed"):
         row = await store.pool.fetchrow(
-            f"SELECT count(*) AS pending, min(o.erased_at) AS oldest FROM {schema}.erased_owners o"
-            f" WHERE NOT EXISTS (SELECT 1 FROM {store.table}_erasures e"
-            " WHERE e.owner_id = o.owner_id AND e.verified)",
+            "SELECT count(*) AS pending, min(o.erased_at) AS oldest"
+            f" {_pending(store, registry_schema)}"
         )
     assert row is not None
     return int(row["pending"]), row["oldest"]
