@@ -40,11 +40,14 @@ BEGIN
         RETURN NULL;
     END IF;
     -- {table}_content_digest written out: called, it is not inlined here and costs
-    -- the server 0.5 s per 100,000 rows; written out, about nothing (bench/store.py).
+    -- the server 0.5 s per 100,000 rows; written out, about nothing. In the key's order
+    -- (each id goes into the btree beside the one before): 0.1 s per 100,000 cheaper
+    -- than in arrival order, sort included (bench/store.py).
     INSERT INTO {table}_ids (device_id, boot_id, seq, event_time, digest)
     SELECT device_id, boot_id, seq, event_time,
            int8send(jsonb_hash_extended(body, hashtextextended(schema || ':' || schema_version, 0)))
-    FROM inserted;
+    FROM inserted
+    ORDER BY device_id COLLATE "C", boot_id COLLATE "C", seq;
     RETURN NULL;
 END
 $$;
