@@ -107,6 +107,7 @@ def with_facts(r: UsageRow, f: DeviceFacts) -> UsageRow:
         analytics_consent=None if p is None else p.linked,
         owner_key=None if p is None else p.owner_key,
         source=r.source,
+        body_json=r.body_json,
     )
 
 
