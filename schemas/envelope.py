@@ -61,10 +61,10 @@ class Envelope(BaseModel):
 
 class Telemetry(NamedTuple):
     """A valid message as the consumer uses it (`schemas.parse.parse_message`): the
-    envelope's fields, the body at its schema's current version as JSON-ready data,
-    and that body as JSON text (fields in the model's order, so the same message
-    always gives the same text). A tuple: cheaper to make than a model, by a
-    microsecond a message."""
+    envelope's fields (`event_time` in UTC), the body at its schema's current version
+    as JSON-ready data, and that body as JSON text (fields in the model's order, so the
+    same message always gives the same text). A tuple: cheaper to make than a model,
+    by a microsecond a message."""
 
     device_id: str
     boot_id: str

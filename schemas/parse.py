@@ -53,10 +53,10 @@ from __future__ import annotations
 import json
 import math
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 import orjson
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from pydantic_core import from_json
 
 from schemas.catalog import current_envelopes, validate_body, violation_message
@@ -79,7 +79,8 @@ def parse_telemetry(
     an event may lie (None: any age; an event time before year 1 in UTC is refused
     whatever it is, since no timestamp holds it). The returned envelope's
     `schema_version` is the schema's current version and `body` is the validated,
-    upgraded body as JSON-ready data. Raises `InvalidTelemetry` with exactly one reason.
+    upgraded body as JSON-ready data; `event_time` is the instant the device wrote, in
+    UTC. Raises `InvalidTelemetry` with exactly one reason.
     """
     t = parse_message(
         raw, now=now, max_future_skew=max_future_skew, max_bytes=max_bytes, max_age=max_age
@@ -104,7 +105,8 @@ def parse_message(
     max_age: timedelta | None = None,
 ) -> Telemetry:
     """`parse_telemetry`, for the consumer: the same checks, the same refusals, and the
-    valid message as a `Telemetry` tuple with its body's JSON text."""
+    valid message as a `Telemetry` tuple with its body's JSON text and its event time
+    in UTC (the same instant)."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     if len(raw) > max_bytes:
@@ -112,20 +114,22 @@ def parse_message(
             Reason.OVERSIZE, f"payload is {len(raw)} bytes, more than the {max_bytes} allowed"
         )
     try:
-        typed = current_envelopes().validate_json(raw)
+        typed: Any = _ONE_PASS.validate_json(raw)  # its schema's envelope, the body a model
     except ValidationError:
         env = _parse_by_rules(raw, now=now, max_future_skew=max_future_skew, max_age=max_age)
-        return Telemetry(
-            env.device_id,
-            env.boot_id,
-            env.seq,
-            env.event_time,
-            env.schema_name,
-            env.schema_version,
-            env.body,
-            orjson.dumps(env.body).decode(),
+        return _telemetry(
+            (
+                env.device_id,
+                env.boot_id,
+                env.seq,
+                env.event_time.astimezone(UTC),
+                env.schema_name,
+                env.schema_version,
+                env.body,
+                orjson.dumps(env.body).decode(),
+            )
         )
-    body = cast(BaseModel, typed.body)  # its schema's model, not the plain envelope's dict
+    body = typed.body
     # The body model's own serializer: the same text as orjson's of its dump (fields in
     # order, compact), a third of the cost. A body holds only JSON scalars and lists of
     # them (`schemas.appliance`), so the model's field values are its JSON-ready dump.
@@ -135,21 +139,41 @@ def parse_message(
     if b"\\u0000" in raw:
         _refuse_nul(raw)
     # A body its model accepts holds only finite numbers: rule 4 has nothing to find.
-    if typed.event_time > now + max_future_skew:
-        raise _in_future(typed.event_time, now, max_future_skew)
-    expired = _expired(typed.event_time, now, max_age)
-    if expired is not None:
-        raise InvalidTelemetry(Reason.EVENT_TIME_EXPIRED, expired)
-    return Telemetry(
-        typed.device_id,
-        typed.boot_id,
-        typed.seq,
-        typed.event_time,
-        typed.schema_name,
-        typed.schema_version,
-        dict(body.__dict__),
-        text.decode(),
+    # Compared in UTC, as the row keeps it: two datetimes of one tzinfo compare without
+    # asking it for offsets (pydantic's asks Rust, each time). The messages say the
+    # time as the device wrote it.
+    event_time = typed.event_time
+    try:
+        at = event_time.astimezone(UTC)
+    except OverflowError:  # beyond either end of the calendar in UTC: refused below
+        at = event_time
+    if at > now + max_future_skew:
+        raise _in_future(event_time, now, max_future_skew)
+    if event_time.year == 1 or (max_age is not None and at < now - max_age):
+        expired = _expired(event_time, now, max_age)
+        if expired is not None:
+            raise InvalidTelemetry(Reason.EVENT_TIME_EXPIRED, expired)
+    return _telemetry(
+        (
+            typed.device_id,
+            typed.boot_id,
+            typed.seq,
+            at,
+            typed.schema_name,
+            typed.schema_version,
+            dict(body.__dict__),
+            text.decode(),
+        )
     )
+
+
+_ONE_PASS = current_envelopes()
+
+
+def _telemetry(fields: tuple[Any, ...]) -> Telemetry:
+    """A Telemetry of its fields in order: the tuple made in one call, without the
+    named tuple's generated `__new__` (a Python frame a message)."""
+    return tuple.__new__(Telemetry, fields)
 
 
 def _parse_by_rules(
