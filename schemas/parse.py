@@ -167,7 +167,9 @@ def parse_message(
     )
 
 
-_ONE_PASS = current_envelopes()
+_ONE_PASS = current_envelopes().validator
+"""The TypeAdapter's validator itself: its `validate_json` wrapper sorts out options
+this call does not pass, on every message."""
 
 
 def _telemetry(fields: tuple[Any, ...]) -> Telemetry:
