@@ -5,7 +5,7 @@ One loop per process, in a Kafka consumer group:
 
     getmany() -> the per-device ceiling (`ingest.rate_limit`: a device's excess over
                  `consumer.device_rate_per_s`, by arrival at the bridge, is refused)
-              -> parse_telemetry() each record
+              -> parse_message() each record (`schemas.parse`: one validator a message)
               -> enrich the valid ones from the device registry (`ingest.enrich`: one
                  query per batch for the devices not cached; retried while it fails)
               -> invalid ones, those over the ceiling and those of unregistered

@@ -10,9 +10,9 @@ own modules (`schemas.washer`, ...); this module only collects them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any, Union, cast
 
-from pydantic import ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from schemas import (
     air_conditioner,
@@ -23,6 +23,7 @@ from schemas import (
     washer,
 )
 from schemas.appliance import Body, EventSchema
+from schemas.envelope import Envelope, typed_envelope
 from schemas.errors import InvalidTelemetry, Reason
 
 # A dead letter's message is read by a person; a handful of errors says what is wrong
@@ -55,6 +56,24 @@ _BY_VERSION: dict[tuple[str, int], tuple[type[Body], tuple[Callable[[Any], Body]
     for declared in _SCHEMAS.values()
     for index, body_model in enumerate(declared.versions)
 }
+
+
+_ANY_CURRENT: Any = Annotated[
+    cast(Any, Union)[
+        tuple(typed_envelope(s.name, s.current_version, s.versions[-1]) for s in _SCHEMAS.values())
+    ],
+    Field(discriminator="schema_name"),
+]
+_CURRENT_ENVELOPES: TypeAdapter[Envelope] = TypeAdapter(_ANY_CURRENT)
+
+
+def current_envelopes() -> TypeAdapter[Envelope]:
+    """One validator for a whole message of any schema at its current version: the
+    envelope and its body checked in one pass over the JSON, the body model picked by
+    the `schema` field (a discriminated union of `schemas.envelope.typed_envelope`s).
+    What it refuses, or an older version it does not know, `validate_body` and the
+    rule-by-rule checks of `schemas.parse` explain; what it accepts they accept too."""
+    return _CURRENT_ENVELOPES
 
 
 def categories() -> tuple[str, ...]:

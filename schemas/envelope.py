@@ -15,9 +15,9 @@ never the time the message arrived.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, NamedTuple, cast
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, create_model
 
 # Safe inside an MQTT topic level and a Kafka key: no '/', '+', '#', spaces or NUL.
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
@@ -57,6 +57,44 @@ class Envelope(BaseModel):
     def category(self) -> str:
         """The appliance category, the schema name's first part (`washer`)."""
         return self.schema_name.split(".", 1)[0]
+
+
+class Telemetry(NamedTuple):
+    """A valid message as the consumer uses it (`schemas.parse.parse_message`): the
+    envelope's fields (`event_time` in UTC), the body at its schema's current version
+    as JSON-ready data, and that body as JSON text (fields in the model's order, so the
+    same message always gives the same text). A tuple: cheaper to make than a model,
+    by a microsecond a message."""
+
+    device_id: str
+    boot_id: str
+    seq: int
+    event_time: datetime
+    schema_name: str
+    schema_version: int
+    body: dict[str, Any]
+    body_json: str
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """The message's identity: at most one stored row per key."""
+        return (self.device_id, self.boot_id, self.seq)
+
+
+def typed_envelope(schema_name: str, version: int, body: type[BaseModel]) -> type[Envelope]:
+    """The envelope of one version of one schema, its body validated as `body` in the
+    same pass: `schema` and `schema_version` are literals, so a union of these
+    discriminated by `schema` picks the one body model a message needs (see
+    `schemas.catalog.current_envelopes`). The other fields are the `Envelope`'s own."""
+    name = "".join(part.title() for part in schema_name.replace(".", "_").split("_"))
+    typed: type[Envelope] = create_model(
+        f"{name}V{version}Envelope",
+        __base__=Envelope,
+        schema_name=(cast(Any, Literal)[schema_name], Field(alias="schema")),
+        schema_version=(cast(Any, Literal)[version], ...),
+        body=(body, ...),
+    )
+    return typed
 
 
 def telemetry_topic(device_id: str, prefix: str = "") -> str:

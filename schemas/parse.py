@@ -18,12 +18,17 @@ refused message carries exactly one reason code:
                                                     SCHEMA_VIOLATION
 
 Speed: a valid message is parsed once, by pydantic's own JSON parser, straight into the
-envelope model (`Envelope.model_validate_json`); decoding with orjson first and then
-validating the dict measured slower, because the envelope's `event_time` then has to be
-converted from a string in a second step. That parser accepts NaN and Infinity and
-turns 1e400 into inf; the body models refuse them, and only a message that fails is
-examined again, rule by rule, to name the first rule it breaks. That is slower, but
-refused messages are rare. `python bench/validate.py` prints the cost of each stage.
+typed envelope of its schema's current version (`schemas.catalog.current_envelopes`: a
+union discriminated by `schema`, so envelope and body are validated in one pass, with no
+dict in between); `parse_message` returns it as a `Telemetry` tuple with the body's JSON
+text, which the store writes as it is. Decoding with orjson first and then validating the
+dict measured slower, because the envelope's `event_time` then has to be converted from
+a string in a second step. That parser accepts NaN and Infinity and turns 1e400 into
+inf; the body models refuse them. Only a message that one pass refuses (or one of an
+older schema version, which is validated as that version and upgraded) goes through the
+rules one by one (`_parse_by_rules`: the envelope, then its body from a dict) to name
+the first rule it breaks. That is slower, but refused and old messages are rare.
+`python bench/validate.py` prints the cost of each stage.
 
 A NUL character is valid JSON but PostgreSQL stores it in neither text nor jsonb: a
 message holding one would be refused by the store after it passed here. It can only
@@ -54,8 +59,8 @@ import orjson
 from pydantic import ValidationError
 from pydantic_core import from_json
 
-from schemas.catalog import validate_body, violation_message
-from schemas.envelope import Envelope
+from schemas.catalog import current_envelopes, validate_body, violation_message
+from schemas.envelope import Envelope, Telemetry
 from schemas.errors import InvalidTelemetry, Reason
 
 
@@ -74,14 +79,111 @@ def parse_telemetry(
     an event may lie (None: any age; an event time before year 1 in UTC is refused
     whatever it is, since no timestamp holds it). The returned envelope's
     `schema_version` is the schema's current version and `body` is the validated,
-    upgraded body as JSON-ready data. Raises `InvalidTelemetry` with exactly one reason.
+    upgraded body as JSON-ready data; `event_time` is the instant the device wrote, in
+    UTC. Raises `InvalidTelemetry` with exactly one reason.
     """
+    t = parse_message(
+        raw, now=now, max_future_skew=max_future_skew, max_bytes=max_bytes, max_age=max_age
+    )
+    return Envelope.model_construct(
+        device_id=t.device_id,
+        boot_id=t.boot_id,
+        seq=t.seq,
+        event_time=t.event_time,
+        schema_name=t.schema_name,
+        schema_version=t.schema_version,
+        body=t.body,
+    )
+
+
+def parse_message(
+    raw: bytes,
+    *,
+    now: datetime,
+    max_future_skew: timedelta,
+    max_bytes: int,
+    max_age: timedelta | None = None,
+) -> Telemetry:
+    """`parse_telemetry`, for the consumer: the same checks, the same refusals, and the
+    valid message as a `Telemetry` tuple with its body's JSON text and its event time
+    in UTC (the same instant)."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     if len(raw) > max_bytes:
         raise InvalidTelemetry(
             Reason.OVERSIZE, f"payload is {len(raw)} bytes, more than the {max_bytes} allowed"
         )
+    try:
+        typed: Any = _ONE_PASS.validate_json(raw)  # its schema's envelope, the body a model
+    except ValidationError:
+        env = _parse_by_rules(raw, now=now, max_future_skew=max_future_skew, max_age=max_age)
+        return _telemetry(
+            (
+                env.device_id,
+                env.boot_id,
+                env.seq,
+                env.event_time.astimezone(UTC),
+                env.schema_name,
+                env.schema_version,
+                env.body,
+                orjson.dumps(env.body).decode(),
+            )
+        )
+    body = typed.body
+    # The body model's own serializer: the same text as orjson's of its dump (fields in
+    # order, compact), a third of the cost. A body holds only JSON scalars and lists of
+    # them (`schemas.appliance`), so the model's field values are its JSON-ready dump.
+    text: bytes = body.__pydantic_serializer__.to_json(body)
+    if raw.count(b'"') != _ENVELOPE_QUOTES + text.count(b'"') or b"\\" in text:
+        _refuse_duplicate_key(raw)
+    if b"\\u0000" in raw:
+        _refuse_nul(raw)
+    # A body its model accepts holds only finite numbers: rule 4 has nothing to find.
+    # Compared in UTC, as the row keeps it: two datetimes of one tzinfo compare without
+    # asking it for offsets (pydantic's asks Rust, each time). The messages say the
+    # time as the device wrote it.
+    event_time = typed.event_time
+    try:
+        at = event_time.astimezone(UTC)
+    except OverflowError:  # beyond either end of the calendar in UTC: refused below
+        at = event_time
+    if at > now + max_future_skew:
+        raise _in_future(event_time, now, max_future_skew)
+    if event_time.year == 1 or (max_age is not None and at < now - max_age):
+        expired = _expired(event_time, now, max_age)
+        if expired is not None:
+            raise InvalidTelemetry(Reason.EVENT_TIME_EXPIRED, expired)
+    return _telemetry(
+        (
+            typed.device_id,
+            typed.boot_id,
+            typed.seq,
+            at,
+            typed.schema_name,
+            typed.schema_version,
+            dict(body.__dict__),
+            text.decode(),
+        )
+    )
+
+
+_ONE_PASS = current_envelopes().validator
+"""The TypeAdapter's validator itself: its `validate_json` wrapper sorts out options
+this call does not pass, on every message."""
+
+
+def _telemetry(fields: tuple[Any, ...]) -> Telemetry:
+    """A Telemetry of its fields in order: the tuple made in one call, without the
+    named tuple's generated `__new__` (a Python frame a message)."""
+    return tuple.__new__(Telemetry, fields)
+
+
+def _parse_by_rules(
+    raw: bytes, *, now: datetime, max_future_skew: timedelta, max_age: timedelta | None
+) -> Envelope:
+    """The rules one at a time, for a message the one-pass validator refused (or of an
+    older version): the first rule it breaks is raised, else its envelope with the
+    body upgraded to the current version."""
     try:
         envelope = Envelope.model_validate_json(raw)
     except ValidationError as exc:
@@ -96,12 +198,7 @@ def parse_telemetry(
     # for messages that break a later rule, to report the earlier one first.
     if envelope.event_time > now + max_future_skew:
         _refuse_non_finite(envelope.body)
-        raise InvalidTelemetry(
-            Reason.EVENT_TIME_IN_FUTURE,
-            f"event_time: {envelope.event_time.isoformat()} is "
-            f"{envelope.event_time - now} ahead of the receive time {now.isoformat()}, "
-            f"more than the allowed skew of {max_future_skew}",
-        )
+        raise _in_future(envelope.event_time, now, max_future_skew)
     expired = _expired(envelope.event_time, now, max_age)
     if expired is not None:
         _refuse_non_finite(envelope.body)
@@ -120,6 +217,14 @@ def parse_telemetry(
         envelope.body.update(body)
         return envelope
     return envelope.model_copy(update={"schema_version": version, "body": body})
+
+
+def _in_future(event_time: datetime, now: datetime, skew: timedelta) -> InvalidTelemetry:
+    return InvalidTelemetry(
+        Reason.EVENT_TIME_IN_FUTURE,
+        f"event_time: {event_time.isoformat()} is {event_time - now} ahead of the receive"
+        f" time {now.isoformat()}, more than the allowed skew of {skew}",
+    )
 
 
 def _expired(event_time: datetime, now: datetime, max_age: timedelta | None) -> str | None:
