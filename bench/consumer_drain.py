@@ -55,7 +55,7 @@ from pathlib import Path
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from e2e import STAGES
-from e2e_procs import Service, ensure_py_spy, free_port, say, wait_idle
+from e2e_procs import Service, db_migrate, ensure_py_spy, free_port, say, wait_idle
 
 from ingest.kafka import ensure_topics, make_producer
 from ingest.migrations import Connection
@@ -143,13 +143,7 @@ class Drain:
             f"registered {fleet.registered:,} devices (registry schema {s.registry.db_schema})"
             f" in {time.monotonic() - started:.1f}s"
         )
-        migrate = await asyncio.create_subprocess_exec(
-            self.usagepipe, "db", "migrate", env=self.env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        _, err = await migrate.communicate()
-        if migrate.returncode != 0:
-            raise SystemExit(f"usagepipe db migrate failed: {err.decode()[-2000:]}")
+        await db_migrate(self.usagepipe, self.env)
         return plan
 
     async def produce(self, plan: FleetPlan) -> float:

@@ -67,6 +67,7 @@ from e2e_procs import (
     RowPoller,
     Service,
     count_rows,
+    db_migrate,
     ensure_mq_bridge,
     ensure_py_spy,
     free_port,
@@ -193,13 +194,7 @@ class Bench:
             f" schema {s.registry.db_schema}, each its broker login) in"
             f" {time.monotonic() - started:.1f}s"
         )
-        migrate = await asyncio.create_subprocess_exec(
-            self.usagepipe, "db", "migrate", env=self.env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
-        _, err = await migrate.communicate()
-        if migrate.returncode != 0:
-            raise SystemExit(f"usagepipe db migrate failed: {err.decode()[-2000:]}")
+        await db_migrate(self.usagepipe, self.env)
         plan = FleetPlan(devices=6, messages_per_device=50, seed=1, fleet="e2esize",
                          mix=self.args.mix)  # fmt: skip
         self.payloads = [m.payload for d in device_ids(plan) for m in plan_device(plan, d)]

@@ -123,6 +123,17 @@ class Service:
         return code
 
 
+async def db_migrate(usagepipe: str | Path, env: dict[str, str]) -> None:
+    """`usagepipe db migrate` with `env`; a failure ends the benchmark with its message."""
+    migrate = await asyncio.create_subprocess_exec(
+        str(usagepipe), "db", "migrate", env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await migrate.communicate()
+    if migrate.returncode != 0:
+        raise SystemExit(f"usagepipe db migrate failed: {err.decode()[-2000:]}")
+
+
 async def wait_idle(service: Service, *, quiet_s: float = 1.0, timeout_s: float = 300.0) -> None:
     """Until `service` has used no more than 2 % of a core for `quiet_s` seconds."""
     deadline = time.monotonic() + timeout_s
