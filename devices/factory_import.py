@@ -32,7 +32,8 @@ import asyncpg
 
 from devices.credentials import MIN_CODE_BITS, code_bits, hash_secret_async, verify_secret_async
 from devices.errors import InvalidImportFile, RegistryUnavailable
-from ingest.migrations import Connection, advisory_lock_key, quote_schema
+from ingest.migrations import Connection, advisory_lock_key
+from ingest.sql_names import quote_schema
 
 log = logging.getLogger(__name__)
 

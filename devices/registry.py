@@ -85,8 +85,9 @@ from devices.records import (
     normalize_code,
 )
 from devices.schema import migrate_registry
-from ingest.migrations import Connection, quote_schema
+from ingest.migrations import Connection
 from ingest.settings import RegistrySettings
+from ingest.sql_names import quote_schema
 
 log = logging.getLogger(__name__)
 

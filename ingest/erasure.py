@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from uuid import UUID
 
-from ingest import migrations
 from ingest.dead_letter_table import erase_letters
 from ingest.errors import StoreUnavailable
 from ingest.migrations import Connection
 from ingest.postgres import translated
 from ingest.rollups import EPOCH, lock_rollups, materialised_rows
+from ingest.sql_names import quote_schema
 from ingest.store import UsageStore
 
 
@@ -98,7 +98,7 @@ async def _unlink(conn: Connection, table: str, rollup: str, owner: UUID, key: s
 def _pending(store: UsageStore, registry_schema: str) -> str:
     """FROM and WHERE of the owners `registry_schema` has erased (`o`) whose erasure
     `store`'s table has not applied and verified yet."""
-    schema = migrations.quote_schema(registry_schema)
+    schema = quote_schema(registry_schema)
     return (
         f"FROM {schema}.erased_owners o WHERE NOT EXISTS (SELECT 1 FROM {store.table}_erasures e"
         " WHERE e.owner_id = o.owner_id AND e.verified)"

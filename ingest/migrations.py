@@ -34,12 +34,10 @@ from asyncpg.pool import PoolConnectionProxy
 
 from ingest.errors import MigrationError, StoreUnavailable
 from ingest.postgres import translated
+from ingest.sql_names import quote_schema
 
 log = logging.getLogger(__name__)
 
-# A PostgreSQL schema name we are willing to put between double quotes in SQL text:
-# lower-case, no quotes, at most 63 bytes (PostgreSQL's identifier limit).
-SCHEMA_NAME_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _FILE_NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 _COMPONENT = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
 
@@ -60,17 +58,6 @@ class Migration:
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.sql.encode()).hexdigest()
-
-
-def quote_schema(schema: str) -> str:
-    """The schema name as a quoted SQL identifier, after checking it is a plain one.
-
-    Identifiers cannot be bound as query parameters, so this check is what keeps a
-    configured name from ever becoming SQL.
-    """
-    if not SCHEMA_NAME_PATTERN.match(schema):
-        raise ValueError(f"schema {schema!r} is not a plain lower-case SQL identifier")
-    return f'"{schema}"'
 
 
 def advisory_lock_key(*parts: str) -> int:

@@ -24,10 +24,10 @@ from uuid import UUID
 import asyncpg
 
 from ingest.errors import ConfigurationError, RegistryLookupFailed
-from ingest.migrations import quote_schema
 from ingest.owner_keys import owner_key
 from ingest.postgres import DB_ERRORS, translated
 from ingest.settings import EnrichSettings
+from ingest.sql_names import quote_schema
 
 NEWEST_REGISTRY_OBJECT = "record_firmware"
 """The last object of the registry's migrations that enrichment uses: where it exists,

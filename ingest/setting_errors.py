@@ -13,7 +13,6 @@ secret's value is never repeated.
 
 from __future__ import annotations
 
-import difflib
 import enum
 import re
 import types
@@ -152,6 +151,8 @@ def _variable_set(
 
 
 def _suggestion(path: list[str], section: type[BaseModel], model: type[BaseSettings]) -> str:
+    import difflib  # here: a setting's mistake is rare, and difflib costs every start
+
     close = difflib.get_close_matches(path[-1], list(section.model_fields), n=1)
     if close:
         return f"; did you mean {variable([*path[:-1], close[0]], model)}?"

@@ -23,7 +23,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from ingest.migrations import SCHEMA_NAME_PATTERN
+from ingest.sql_names import SCHEMA_NAME_PATTERN
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
 _TOPIC_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,249}$")

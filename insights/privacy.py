@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ingest.migrations import quote_schema
+from ingest.sql_names import quote_schema
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,9 +24,9 @@ from uuid import UUID
 import asyncpg
 
 from devices.schema import migrate_registry
-from ingest.migrations import quote_schema
 from ingest.owner_keys import owner_key
 from ingest.rows import UsageRow
+from ingest.sql_names import quote_schema
 from ingest.store import UsageStore
 
 START = datetime(2026, 11, 2, tzinfo=UTC)  # a Monday

@@ -36,55 +36,82 @@ pipe closed early (`usagepipe dlq list | head -3`) ends quietly.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from devices.cli import register_commands as add_registry
 from ingest.errors import ConfigurationError
 from ingest.setting_errors import explain
 from ingest.settings import Settings
-from insights.cli import register_commands as add_insights
 from schemas.errors import UsagepipeError
 from usagepipe.cli.arguments import Commands, Handler, OneLineParser
-from usagepipe.cli.fleet import add_demo, add_simulate, add_verify
 from usagepipe.cli.logs import configure
-from usagepipe.cli.operations import (
-    add_asyncapi,
-    add_auth,
-    add_dlq,
-    add_kafka,
-    add_services,
-    add_settings,
-)
-from usagepipe.cli.pipeline import add_bridge, add_consume, add_db
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 
-COMMANDS: tuple[Callable[[Commands], None], ...] = (
-    add_services,
-    add_kafka,
-    add_settings,
-    add_asyncapi,
-    add_db,
-    add_bridge,
-    add_consume,
-    add_simulate,
-    add_verify,
-    add_registry,
-    add_insights,  # report, insights
-    add_auth,
-    add_dlq,
-    add_demo,
-)
-"""Every command, in the order `usagepipe --help` lists them."""
+
+@dataclass(frozen=True)
+class Command:
+    """Where a command's parser is made (`module:function`, which may add more than
+    this one command) and its line in `usagepipe --help`."""
+
+    adder: str
+    help: str
+
+    def add(self, commands: Commands) -> None:
+        module, function = self.adder.split(":")
+        getattr(importlib.import_module(module), function)(commands)
 
 
-def build_parser() -> argparse.ArgumentParser:
+_OPS, _PIPE, _FLEET = "usagepipe.cli.operations", "usagepipe.cli.pipeline", "usagepipe.cli.fleet"
+
+COMMANDS: dict[str, Command] = {
+    "services": Command(f"{_OPS}:add_services", "start, check or stop the local servers"),
+    "kafka": Command(f"{_OPS}:add_kafka", "the Kafka topics usagepipe uses"),
+    "settings": Command(f"{_OPS}:add_settings", "list every setting: variable, default, meaning"),
+    "asyncapi": Command(
+        f"{_OPS}:add_asyncapi",
+        "print, write or check the AsyncAPI contract (schemas/asyncapi.json)",
+    ),
+    "db": Command(f"{_PIPE}:add_db", "database schema and retention"),
+    "bridge": Command(f"{_PIPE}:add_bridge", "forward MQTT telemetry to Kafka"),
+    "consume": Command(f"{_PIPE}:add_consume", "validate telemetry from Kafka and store it"),
+    "simulate": Command(f"{_FLEET}:add_simulate", "run a seeded fleet of virtual appliances"),
+    "verify": Command(
+        f"{_FLEET}:add_verify", "reconcile a fleet's ledger with the usage table and dead letters"
+    ),
+    "registry": Command("devices.cli:register_commands", "the device registry"),
+    "report": Command(
+        "insights.cli:register_commands",
+        "a planners' report over the usage data (table, CSV, Parquet, JSON, chart)",
+    ),
+    "insights": Command("insights.cli:register_commands", "the planners' HTTP API and web page"),
+    "auth": Command(f"{_OPS}:add_auth", "the local dev signer's bearer tokens"),
+    "dlq": Command(
+        f"{_OPS}:add_dlq",
+        "list, show and replay dead letters (the usage database's record, or telemetry.dlq)",
+    ),
+    "demo": Command(
+        f"{_FLEET}:add_demo",
+        "run the whole pipeline on a simulated fleet; leaves a planner-ready dataset",
+    ),
+}
+"""Every command, in the order `usagepipe --help` lists them. Only the command being
+run has its parser made, and its module imported (as pip loads its commands): the
+others are a name and a help line, so `usagepipe bridge` never imports the registry,
+the reports or the simulator. `tests/usagepipe/test_cli_start.py` checks this table
+against the parsers."""
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with `argv`, only the command it names gets its real parser (the
+    others, a name and a help line); without, every command's."""
     parser: argparse.ArgumentParser = OneLineParser(
         prog="usagepipe",
         description="Appliance usage telemetry: MQTT -> Kafka -> PostgreSQL.",
@@ -104,9 +131,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="text, or json: one JSON object a line (USAGEPIPE_LOG__FORMAT, text)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in COMMANDS:
-        add(commands)
+    chosen = COMMANDS.get(_command_named(argv)) if argv is not None else None
+    for name, command in COMMANDS.items():
+        if name in commands.choices:
+            continue  # added with another command by the same function
+        if argv is None or command.adder == getattr(chosen, "adder", None):
+            command.add(commands)
+        else:
+            commands.add_parser(name, help=command.help)
     return parser
+
+
+def _command_named(argv: Sequence[str]) -> str:
+    """The command word in `argv`: the first word that is neither an option nor the
+    value of one of the global options before it (`--log-level DEBUG bridge`)."""
+    takes_value = {"--log-level", "--log-format"}
+    words = iter(argv)
+    for word in words:
+        if word in takes_value:
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         settings = Settings()
     except (ValidationError, SettingsError) as exc:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from devices.certificates import DeviceCA, ensure_crl, ensure_local_ca, ensure_server_certificate
 from devices.errors import BrokerAccountError, RegistryError
 from devices.mosquitto import BrokerLogins, prepare_broker_dir, read_logins
 from ingest.settings import MqttSettings, Settings
@@ -215,6 +214,15 @@ class MosquittoBroker:
     def prepare_tls(self) -> BrokerTls:
         """Generate the local CA (if there is none) and the server certificate (if
         there is no current one); safe to repeat. Picks the TLS port if unset."""
+        # Here, not at the top: the certificates' cryptography is for `services up`,
+        # and every command reads the broker's logins through this module.
+        from devices.certificates import (
+            DeviceCA,
+            ensure_crl,
+            ensure_local_ca,
+            ensure_server_certificate,
+        )
+
         try:
             if ensure_local_ca(self.ca_cert_file, self.ca_key_file):
                 logger.info(

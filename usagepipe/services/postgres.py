@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-import asyncpg
-
 from ingest.settings import Settings
 from usagepipe.services.host import (
     _LOOPBACK,
@@ -88,6 +86,8 @@ def _run_sync(coro: Coroutine[Any, Any, _T]) -> _T:
 async def _pg_check(dsn: str, target: _Dsn, *, create: bool) -> str:
     """Connect with the DSN; with create=True, create its database if only that is
     missing. Returns the detail for the status line."""
+    import asyncpg  # here: every command imports this package, few of them PostgreSQL
+
     try:
         conn = await asyncpg.connect(dsn, timeout=5)
     except asyncpg.InvalidCatalogNameError:
