@@ -539,7 +539,8 @@ async def test_json_export_describes_filters_privacy_and_population(seeded: Seed
     assert doc["filters"]["category"] == ["washer"]
     assert doc["k_anonymity"] == 3
     assert doc["marketing_usable"] is True
-    assert doc["population"] == "owners active now, with analytics and marketing consent"
+    assert doc["population"] == ("owners active now, with analytics and marketing consent in force")
+    assert doc["purposes"] == ["analytics", "marketing"]
     assert [r["week"] for r in doc["rows"]] == ["2026-11-02", "2026-11-09", "2026-11-16"]
 
 
