@@ -597,7 +597,7 @@ async def get_owner(owner_id: ThisOwner, registry: RegistryDep) -> OwnerOut:
 
 
 @owner_routes.get("/purposes", responses=_errors())
-async def purposes(registry: RegistryDep) -> PurposesOut:
+async def purposes(who: auth.Caller, registry: RegistryDep) -> PurposesOut:
     """The purposes owners' data is used for, each with its legal basis (`contract`: no
     consent; `consent`: only while the owner's consent is in force), and the privacy
     policy in effect, whose `version` decisions name."""
