@@ -27,6 +27,13 @@ Every route but `/health`, `/ready` and `/metrics` needs `Authorization: Bearer
   release to the recipient they name (`to_owner_id`); a buyer without that release
   registers the unit with `resale: true` and the code printed inside it (proof of
   possession).
+- Consent is per purpose and policy version (`devices.policies`): `GET /purposes` is
+  the catalogue (legal basis per purpose) and the policy in effect; `GET
+  /owners/{id}/consents` says where the owner stands on each consent purpose and what is
+  pending (a grant lapsed by a newer version, or none yet); `POST
+  /owners/{id}/consents/decisions` records a decision under the version the owner was
+  shown (a grant names one purpose: 422 `bundled_consent`; an older or future version:
+  409 `stale_policy_version`); `GET /owners/{id}/consents/history` is the trail.
 - Reactivating a dormant owner needs a token whose `auth_time` is at most
   `auth.reauth_max_age_s` old (403 `reauthentication_required` otherwise).
 - Owners revoke and reissue their own devices' secrets and erase themselves. The same

@@ -261,7 +261,7 @@ def test_policies_and_publish_policy(
     assert run(cli_settings, *publish, "--effective", "2031-01-01T00:00:00+09:00",
                "--reask", "marketing") == 0  # fmt: skip
     assert capsys.readouterr().out == (
-        "policy version 2031-01 takes effect 2030-12-31T15:00:00+00:00; asks again for: marketing\n"
+        "policy version 2031-01 takes effect 2031-01-01T00:00:00+09:00; asks again for: marketing\n"
     )
     assert run(cli_settings, "policies") == 0
     assert capsys.readouterr().out == (
