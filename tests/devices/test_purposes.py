@@ -262,3 +262,23 @@ async def test_consents_recorded_before_versions_migrate_without_loss(
     assert [r["owner_id"] for r in await pg.fetch(attributed)] == sorted([ada, cy])
     marketed = f"SELECT owner_id FROM {reg_schema}.marketing_owners"
     assert [r["owner_id"] for r in await pg.fetch(marketed)] == [ada]
+
+
+async def test_the_marketing_audience_needs_marketing_consent_in_force(
+    registry: Registry,
+) -> None:
+    ada = await registry.create_owner(new_owner("Ada Owner"), source="signup", at=T0)
+    bob = await registry.create_owner(new_owner("Bob Owner"), source="signup", at=T0)
+    assert [c.owner_id for c in await registry.marketing_audience()] == sorted([ada, bob])
+    await registry.publish_policy(
+        "2026-02", effective_at=V2_AT, text="Partner offers.", reasks={"marketing"}, at=T0
+    )
+    assert await registry.marketing_audience() == []
+    later = V2_AT + timedelta(hours=1)
+    await registry.decide(
+        bob, ["marketing"], granted=True, source="app", policy_version="2026-02", at=later
+    )
+    assert [(c.owner_id, c.name) for c in await registry.marketing_audience()] == [
+        (bob, "Bob Owner")
+    ]
+    assert await states(registry, ada, later) == {"analytics": "granted", "marketing": "lapsed"}
