@@ -612,8 +612,8 @@ class Registry:
         """The owner of `device_id` at `event_time`, or None (no owner then, or erased).
 
         This is ownership, not permission: who usage may be attributed to, for
-        analytics, is the registry's view `analytics_owners` (consenting, not erased
-        owners), which enrichment (`ingest.enrich`) joins the periods to.
+        analytics, is the registry's view `analytics_owners` (not erased, analytics
+        consent in force), which enrichment (`ingest.enrich`) joins the periods to.
         """
         async with self.transaction() as conn:
             return await ownership.owner_at(conn, device_id, aware(event_time))
