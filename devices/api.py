@@ -32,8 +32,11 @@ Every route but `/health`, `/ready` and `/metrics` needs `Authorization: Bearer
   /owners/{id}/consents` says where the owner stands on each consent purpose and what is
   pending (a grant lapsed by a newer version, or none yet); `POST
   /owners/{id}/consents/decisions` records a decision under the version the owner was
-  shown (a grant names one purpose: 422 `bundled_consent`; an older or future version:
-  409 `stale_policy_version`); `GET /owners/{id}/consents/history` is the trail.
+  shown (required for a grant; a grant names one purpose: 422 `bundled_consent`; an
+  older or future version: 409 `stale_policy_version`); `GET
+  /owners/{id}/consents/history` is the trail. The older consent fields (sign-up,
+  `PUT .../consents`, reactivation) take `policy_version` optionally (the current one
+  is recorded without it), so clients written before versions keep working.
 - Reactivating a dormant owner needs a token whose `auth_time` is at most
   `auth.reauth_max_age_s` old (403 `reauthentication_required` otherwise).
 - Owners revoke and reissue their own devices' secrets and erase themselves. The same
@@ -73,6 +76,8 @@ from pydantic import (
     Field,
     StrictBool,
     StringConstraints,
+    ValidationInfo,
+    field_validator,
 )
 
 from devices.errors import (
@@ -338,9 +343,17 @@ class DecisionIn(Body):
 
     purposes: Annotated[list[Annotated[str, _text(1, 40)]], Field(min_length=1, max_length=10)]
     granted: StrictBool
-    policy_version: VersionName | None = None
-    """The policy version the owner was shown (the current one; null: whichever is)."""
+    policy_version: Annotated[VersionName | None, Field(validate_default=True)] = None
+    """The policy version the owner was shown, which must be the current one: required
+    for a grant (the text consented to is on record), optional for a withdrawal."""
     source: Source = "api"
+
+    @field_validator("policy_version")
+    @classmethod
+    def _named_for_a_grant(cls, version: str | None, info: ValidationInfo) -> str | None:
+        if version is None and info.data.get("granted") is True:
+            raise ValueError("a grant names the policy version the owner was shown")
+        return version
 
 
 class PolicyOut(Body):

@@ -482,21 +482,28 @@ async def test_purposes_policy_and_decisions(client: httpx.AsyncClient, registry
 
     decisions = f"{consents}/decisions"
     refusals = [
-        ({"purposes": ["analytics", "marketing"], "granted": True}, 422, "bundled_consent"),
+        ({"purposes": ["marketing"], "granted": True}, 422, "invalid_request"),
+        ({"purposes": ["analytics", "marketing"], "granted": True, "policy_version": "2026-12"},
+         422, "bundled_consent"),
         ({"purposes": ["marketing"], "granted": True, "policy_version": "initial"}, 409,
          "stale_policy_version"),
         ({"purposes": ["marketing"], "granted": True, "policy_version": "v9"}, 422,
          "unknown_policy_version"),
         ({"purposes": ["service"], "granted": False}, 422, "consent_not_needed"),
-        ({"purposes": ["profiling"], "granted": True}, 422, "unknown_purpose"),
+        ({"purposes": ["profiling"], "granted": True, "policy_version": "2026-12"}, 422,
+         "unknown_purpose"),
     ]  # fmt: skip
     for body, status_code, reason in refusals:
         response = await client.post(decisions, json=body, headers=ada.auth)
         assert (response.status_code, response.json()["reason"]) == (status_code, reason), body
-    assert (
-        "decisions of their own"
-        in (await client.post(decisions, json=refusals[0][0], headers=ada.auth)).json()["detail"]
-    )
+    answer = (await client.post(decisions, json=refusals[0][0], headers=ada.auth)).json()
+    assert answer == {
+        "reason": "invalid_request",
+        "detail": "a grant names the policy version the owner was shown",
+        "field": "policy_version",
+    }
+    answer = (await client.post(decisions, json=refusals[1][0], headers=ada.auth)).json()
+    assert "decisions of their own" in answer["detail"]
 
     body = {
         "purposes": ["marketing"],
