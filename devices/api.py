@@ -27,6 +27,16 @@ Every route but `/health`, `/ready` and `/metrics` needs `Authorization: Bearer
   release to the recipient they name (`to_owner_id`); a buyer without that release
   registers the unit with `resale: true` and the code printed inside it (proof of
   possession).
+- Consent is per purpose and policy version (`devices.policies`): `GET /purposes` is
+  the catalogue (legal basis per purpose) and the policy in effect; `GET
+  /owners/{id}/consents` says where the owner stands on each consent purpose and what is
+  pending (a grant lapsed by a newer version, or none yet); `POST
+  /owners/{id}/consents/decisions` records a decision under the version the owner was
+  shown (required for a grant; a grant names one purpose: 422 `bundled_consent`; an
+  older or future version: 409 `stale_policy_version`); `GET
+  /owners/{id}/consents/history` is the trail. The older consent fields (sign-up,
+  `PUT .../consents`, reactivation) take `policy_version` optionally (the current one
+  is recorded without it), so clients written before versions keep working.
 - Reactivating a dormant owner needs a token whose `auth_time` is at most
   `auth.reauth_max_age_s` old (403 `reauthentication_required` otherwise).
 - Owners revoke and reissue their own devices' secrets and erase themselves. The same
@@ -66,6 +76,8 @@ from pydantic import (
     Field,
     StrictBool,
     StringConstraints,
+    ValidationInfo,
+    field_validator,
 )
 
 from devices.errors import (
@@ -77,11 +89,17 @@ from devices.errors import (
 )
 from devices.limits import Caller
 from devices.records import (
+    ConsentChange,
+    ConsentPurpose,
+    ConsentState,
+    ConsentStatus,
+    LegalBasis,
     MembershipTier,
     NewOwner,
     OperatorAction,
     Owner,
     OwnerStatus,
+    PolicyVersion,
     Purchase,
     PurchaseChannel,
     Registration,
@@ -116,6 +134,12 @@ STATUS_BY_REASON: dict[RejectReason, int] = {
     RejectReason.CERTIFICATE_REQUIRED: 422,
     RejectReason.NO_LIVE_CREDENTIALS: 409,
     RejectReason.OWNER_EXISTS: 409,
+    RejectReason.UNKNOWN_POLICY_VERSION: 422,
+    RejectReason.STALE_POLICY_VERSION: 409,
+    RejectReason.UNKNOWN_PURPOSE: 422,
+    RejectReason.CONSENT_NOT_NEEDED: 422,
+    RejectReason.BUNDLED_CONSENT: 422,
+    RejectReason.INVALID_POLICY: 422,
 }
 """HTTP status per reason: 404 unknown thing, 403 not allowed (a failed proof of
 purchase among them), 409 conflicts with the current state, 429 too many failed
@@ -159,6 +183,8 @@ def _date_text(value: object) -> object:
 # Model and serial numbers as typed from a label; `normalize_code` trims and upper-cases.
 Code = Annotated[str, _text(1, 40), Printable, PRINTABLE]
 Source = Annotated[str, _text(1, 100), Printable, PRINTABLE]
+# The policy version the owner was shown when deciding (GET /purposes names the current).
+VersionName = Annotated[str, _text(1, 40, r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 IsoDate = Annotated[date, BeforeValidator(_date_text)]
 # A path parameter: bytes that are not UTF-8 (`%ED%A0%80`) arrive as U+FFFD.
 DeviceId = Annotated[str, _text(1, 100), Printable, AfterValidator(not_replaced), PRINTABLE, Path()]
@@ -190,6 +216,8 @@ class CreateOwnerIn(Body):
     analytics_consent: StrictBool
     marketing_consent: StrictBool
     source: Source = "api"
+    policy_version: VersionName | None = None
+    """The policy version the owner was shown (the current one; null: whichever is)."""
 
     def new_owner(self) -> NewOwner:
         """The owner to create; `usagepipe registry add-owner` builds it this way too."""
@@ -201,6 +229,7 @@ class CreateOwnerIn(Body):
             membership_tier=self.membership_tier,
             analytics_consent=self.analytics_consent,
             marketing_consent=self.marketing_consent,
+            policy_version=self.policy_version,
         )
 
 
@@ -209,7 +238,7 @@ class OwnerIdOut(Body):
 
 
 class OwnerOut(Body):
-    """An owner without personal data."""
+    """An owner without personal data; the consents are those in force now."""
 
     owner_id: UUID
     status: OwnerStatus
@@ -298,9 +327,128 @@ class RevokedOut(Body):
 
 
 class ConsentIn(Body):
+    """Each stated purpose is a decision of its own."""
+
     analytics: StrictBool | None = None
     marketing: StrictBool | None = None
     source: Source = "api"
+    policy_version: VersionName | None = None
+    """The policy version the owner was shown (the current one; null: whichever is)."""
+
+
+class DecisionIn(Body):
+    """The owner's decision on `purposes`: a grant names one purpose (each optional
+    purpose is asked on its own; several is 422 `bundled_consent`), a withdrawal may
+    name several."""
+
+    purposes: Annotated[list[Annotated[str, _text(1, 40)]], Field(min_length=1, max_length=10)]
+    granted: StrictBool
+    policy_version: Annotated[VersionName | None, Field(validate_default=True)] = None
+    """The policy version the owner was shown, which must be the current one: required
+    for a grant (the text consented to is on record), optional for a withdrawal."""
+    source: Source = "api"
+
+    @field_validator("policy_version")
+    @classmethod
+    def _named_for_a_grant(cls, version: str | None, info: ValidationInfo) -> str | None:
+        if version is None and info.data.get("granted") is True:
+            raise ValueError("a grant names the policy version the owner was shown")
+        return version
+
+
+class PolicyOut(Body):
+    """A privacy-policy version: its text, when it takes effect, and the consent
+    purposes it asks again (their text changed materially)."""
+
+    version: str
+    effective_at: datetime
+    published_at: datetime
+    text: str
+    reasks: list[ConsentPurpose]
+
+    @classmethod
+    def of(cls, policy: PolicyVersion) -> "PolicyOut":
+        return cls(
+            version=policy.version,
+            effective_at=policy.effective_at,
+            published_at=policy.published_at,
+            text=policy.policy_text,
+            reasks=sorted(policy.reasks),
+        )
+
+
+class PurposeOut(Body):
+    purpose: str
+    legal_basis: LegalBasis
+    consent_required: bool
+    title: str
+    description: str
+
+
+class PurposesOut(Body):
+    """The catalogue of purposes, the policy in effect and any published to come."""
+
+    purposes: list[PurposeOut]
+    current_policy: PolicyOut
+    upcoming_policies: list[PolicyOut]
+
+
+class ConsentStatusOut(Body):
+    """Where the owner stands on one consent purpose."""
+
+    purpose: ConsentPurpose
+    state: ConsentState
+    in_force: bool
+    pending: bool
+    """The owner has a decision to make: never asked, or a grant lapsed by a newer policy."""
+    decided_at: datetime | None
+    policy_version: str | None
+    source: str | None
+
+    @classmethod
+    def of(cls, status: ConsentStatus) -> "ConsentStatusOut":
+        return cls(
+            purpose=status.purpose,
+            state=status.state,
+            in_force=status.in_force,
+            pending=status.state.pending,
+            decided_at=status.decided_at,
+            policy_version=status.policy_version,
+            source=status.source,
+        )
+
+
+class ConsentsOut(Body):
+    """The owner's consents now: one entry per consent purpose, and those pending."""
+
+    owner_id: UUID
+    current_policy_version: str
+    consents: list[ConsentStatusOut]
+    pending: list[ConsentPurpose]
+
+
+class ConsentChangeOut(Body):
+    purpose: ConsentPurpose
+    granted: bool
+    changed_at: datetime
+    source: str
+    policy_version: str
+
+    @classmethod
+    def of(cls, change: ConsentChange) -> "ConsentChangeOut":
+        return cls(
+            purpose=change.purpose,
+            granted=change.granted,
+            changed_at=change.changed_at,
+            source=change.source,
+            policy_version=change.policy_version,
+        )
+
+
+class ConsentHistoryOut(Body):
+    owner_id: UUID
+    history: list[ConsentChangeOut]
+    """Oldest first."""
 
 
 class ReactivationIn(Body):
@@ -309,6 +457,8 @@ class ReactivationIn(Body):
     analytics_consent: StrictBool
     marketing_consent: StrictBool
     source: Source = "api"
+    policy_version: VersionName | None = None
+    """The policy version the owner was shown (the current one; null: whichever is)."""
 
 
 class OperatorIn(Body):
@@ -466,13 +616,83 @@ async def get_owner(owner_id: ThisOwner, registry: RegistryDep) -> OwnerOut:
     return OwnerOut.of(await registry.get_owner(owner_id))
 
 
+@owner_routes.get("/purposes", responses=_errors())
+async def purposes(who: auth.Caller, registry: RegistryDep) -> PurposesOut:
+    """The purposes owners' data is used for, each with its legal basis (`contract`: no
+    consent; `consent`: only while the owner's consent is in force), and the privacy
+    policy in effect, whose `version` decisions name."""
+    catalogue = await registry.purposes()
+    versions = await registry.policy_versions()
+    current = await registry.current_policy()
+    return PurposesOut(
+        purposes=[
+            PurposeOut(
+                purpose=p.purpose,
+                legal_basis=p.legal_basis,
+                consent_required=p.legal_basis is LegalBasis.CONSENT,
+                title=p.title,
+                description=p.description,
+            )
+            for p in catalogue
+        ],
+        current_policy=PolicyOut.of(current),
+        upcoming_policies=[
+            PolicyOut.of(v) for v in versions if v.effective_at > current.effective_at
+        ],
+    )
+
+
 @owner_routes.put("/owners/{owner_id}/consents", responses=_errors(*_WITH_BODY, 409))
 async def set_consent(owner_id: ThisOwner, body: ConsentIn, registry: RegistryDep) -> OwnerOut:
-    """Grant or withdraw consent for analytics and/or marketing (audited)."""
+    """Grant or withdraw consent for analytics and/or marketing, each a decision of its
+    own, under `policy_version` (audited). A grant naming an older or future version is
+    409 `stale_policy_version`, an unknown one 422 `unknown_policy_version`."""
     owner = await registry.set_consent(
-        owner_id, analytics=body.analytics, marketing=body.marketing, source=body.source
+        owner_id,
+        analytics=body.analytics,
+        marketing=body.marketing,
+        source=body.source,
+        policy_version=body.policy_version,
     )
     return OwnerOut.of(owner)
+
+
+@owner_routes.get("/owners/{owner_id}/consents", responses=_errors())
+async def get_consents(owner_id: ThisOwner, registry: RegistryDep) -> ConsentsOut:
+    """Each consent purpose: granted (in force), declined, lapsed (granted under a
+    policy version whose text for it changed since: asked again) or undecided; and the
+    purposes pending a decision."""
+    status = await registry.consent_status(owner_id)
+    current = await registry.current_policy()
+    return ConsentsOut(
+        owner_id=owner_id,
+        current_policy_version=current.version,
+        consents=[ConsentStatusOut.of(s) for s in status.values()],
+        pending=[p for p, s in status.items() if s.state.pending],
+    )
+
+
+@owner_routes.post("/owners/{owner_id}/consents/decisions", responses=_errors(*_WITH_BODY, 409))
+async def decide(owner_id: ThisOwner, body: DecisionIn, registry: RegistryDep) -> ConsentsOut:
+    """Record a decision per purpose under the policy version the owner was shown. A
+    grant covers one purpose (422 `bundled_consent` otherwise); a purpose on the
+    contract is 422 `consent_not_needed`, an unknown one 422 `unknown_purpose`."""
+    await registry.decide(
+        owner_id,
+        body.purposes,
+        granted=body.granted,
+        source=body.source,
+        policy_version=body.policy_version,
+    )
+    return await get_consents(owner_id, registry)
+
+
+@owner_routes.get("/owners/{owner_id}/consents/history", responses=_errors())
+async def consent_history(owner_id: ThisOwner, registry: RegistryDep) -> ConsentHistoryOut:
+    """Every consent decision of the owner, oldest first, with its policy version."""
+    await registry.get_owner(owner_id)
+    history = await registry.consent_history(owner_id)
+    return ConsentHistoryOut(owner_id=owner_id, history=[ConsentChangeOut.of(c) for c in history])
 
 
 @owner_routes.post("/owners/{owner_id}/reactivation", responses=_errors(*_WITH_BODY, 409))
@@ -493,6 +713,7 @@ async def reactivate(
             analytics_consent=body.analytics_consent,
             marketing_consent=body.marketing_consent,
             source=body.source,
+            policy_version=body.policy_version,
         )
     except Rejected as exc:
         if exc.reason is not RejectReason.REAUTHENTICATION_REQUIRED:

@@ -9,6 +9,12 @@
     usagepipe registry dormancy [--now ISO]      mark owners idle past the dormancy period
                                                  dormant; delete old registration attempts
     usagepipe registry flush-events              publish events left pending in the outbox
+    usagepipe registry policies                  the purposes, their legal basis, and
+                                                 every privacy-policy version
+    usagepipe registry publish-policy 2026-09 --effective 2026-09-01T00:00:00+09:00 \
+        --text-file policy.md [--reask marketing]  publish a policy version (the privacy
+                                                 office); --reask: consent purposes whose
+                                                 text changed materially (asked again)
     usagepipe registry serve [--host H] [--port P]   the HTTP API
 
 Each handler takes the parsed arguments and the root `ingest.settings.Settings` (built
@@ -282,6 +288,57 @@ def _dormancy(args: argparse.Namespace, settings: Settings) -> int:
     return _run(run())
 
 
+def _policies(args: argparse.Namespace, settings: Settings) -> int:
+    async def run() -> int:
+        async with _open_registry(settings) as registry:
+            catalogue = await registry.purposes()
+            versions = await registry.policy_versions()
+            current = await registry.current_policy()
+        print("purposes:")
+        for p in catalogue:
+            print(f"  {p.purpose:<10} {p.legal_basis.value:<9} {p.title}")
+        print("policy versions:")
+        for v in versions:
+            state = (
+                "current" if v.version == current.version
+                else "upcoming" if v.effective_at > current.effective_at else "replaced"
+            )  # fmt: skip
+            reasks = ", ".join(sorted(v.reasks)) or "nothing"
+            print(
+                f"  {v.version:<12} effective {v.effective_at.isoformat()}  {state:<8}"
+                f"  re-asks {reasks}"
+            )
+        return 0
+
+    return _run(run())
+
+
+def _publish_policy(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        text = Path(args.text_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"usagepipe registry: cannot read {args.text_file}: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        async with _open_registry(settings) as registry:
+            try:
+                published = await registry.publish_policy(
+                    args.version, effective_at=args.effective, text=text, reasks=set(args.reask)
+                )
+            except Rejected as exc:
+                print(f"usagepipe registry publish-policy: {exc.message}", file=sys.stderr)
+                return 1
+        reasks = ", ".join(sorted(published.reasks)) or "nothing (every consent stands)"
+        print(
+            f"policy version {published.version} takes effect"
+            f" {published.effective_at.isoformat()}; asks again for: {reasks}"
+        )
+        return 0
+
+    return _run(run())
+
+
 def _flush_events(args: argparse.Namespace, settings: Settings) -> int:
     async def run() -> int:
         async with _open_registry(settings) as registry:
@@ -459,6 +516,22 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     p.add_argument("--now", type=_instant, help="ISO time with zone (default now)")
 
     command("flush-events", _flush_events, "publish registry events left pending")
+
+    command("policies", _policies, "list the purposes and the privacy-policy versions")
+    p = command("publish-policy", _publish_policy, "publish a privacy-policy version")
+    p.add_argument("version", help="its name, e.g. 2026-09 (letters, digits, '.', '_', '-')")
+    p.add_argument(
+        "--effective", type=_instant, required=True, help="when it takes effect (ISO, with zone)"
+    )
+    p.add_argument("--text-file", required=True, help="the policy's text (UTF-8)")
+    p.add_argument(
+        "--reask",
+        action="append",
+        default=[],
+        metavar="PURPOSE",
+        help="a consent purpose whose text changed materially: consent given under an"
+        " earlier version lapses when this one takes effect (repeat for several)",
+    )
 
     p = command("serve", _serve, "run the registry's HTTP API")
     p.add_argument("--host")

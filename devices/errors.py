@@ -53,6 +53,23 @@ class RejectReason(StrEnum):
     """The device's credentials are revoked; reissue them before renewing its certificate."""
     OWNER_EXISTS = "owner_exists"
     """The signed-in subject already has an owner account (`GET /owners/me` finds it)."""
+    UNKNOWN_POLICY_VERSION = "unknown_policy_version"
+    """No privacy-policy version has this name."""
+    STALE_POLICY_VERSION = "stale_policy_version"
+    """A decision names a policy version that is not the current one (an older one, or
+    one not yet in effect): the owner must see the current text and decide again."""
+    UNKNOWN_PURPOSE = "unknown_purpose"
+    """No purpose of the catalogue has this name."""
+    CONSENT_NOT_NEEDED = "consent_not_needed"
+    """The purpose runs under the service contract: there is no consent to give or
+    withdraw."""
+    BUNDLED_CONSENT = "bundled_consent"
+    """One grant names several purposes: each optional purpose is consented on its own
+    (withdrawing several at once is allowed)."""
+    INVALID_POLICY = "invalid_policy"
+    """A policy version that cannot be published: its name is taken, it takes effect in
+    the past or before the latest version, its text is empty, or it re-asks a purpose
+    that is not consent-based."""
 
 
 class ProofFailure(StrEnum):

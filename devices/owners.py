@@ -3,9 +3,16 @@
 Functions here run inside a transaction the caller (`devices.registry.Registry`) has
 opened, with `search_path` set to the registry schema.
 
-Consent: each stated purpose (analytics, marketing) is recorded in `consent_events`,
-even when it restates the current value, because a restated consent has a new date.
-Withdrawing is always allowed; granting needs an active owner.
+Consent: each stated purpose (analytics, marketing: the consent purposes of the
+catalogue, `devices.policies`) is recorded in `consent_events` with the policy version
+the owner decided under, even when it restates the current value, because a restated
+consent has a new date and may put a lapsed one back in force. A grant must name the
+current version, or none (the current one is recorded); an unknown version is refused,
+an older or future one too for a grant (`stale_policy_version`). Withdrawing is always
+allowed (recorded under the current version); granting needs an active owner. One grant
+covers one purpose (`decide` refuses a grant naming several: `bundled_consent`).
+The `Owner` record's consents are those in force (`consent_in_force`), not the latest
+decision: a grant lapsed by a newer policy version reads as not given.
 
 Dormancy: an owner idle for the dormancy period becomes dormant. Marketing skips them;
 coming back needs a fresh sign-in (`reauthenticated`: the API checks the token's
@@ -20,6 +27,7 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
+from devices import policies
 from devices.errors import Rejected, RejectReason
 from devices.events import OWNER_ERASED
 from devices.outbox import enqueue
@@ -35,9 +43,11 @@ from devices.records import (
 )
 from ingest.migrations import Connection
 
+# Consents as in force now (devices/sql/008), not the latest decision's booleans.
 _OWNER_COLUMNS = (
-    "owner_id, status, region, membership_tier, analytics_consent, marketing_consent,"
-    " last_active_at"
+    "owner_id, status, region, membership_tier,"
+    " consent_in_force(owner_id, 'analytics') AS analytics_consent,"
+    " consent_in_force(owner_id, 'marketing') AS marketing_consent, last_active_at"
 )
 
 
@@ -71,6 +81,7 @@ async def _audit(
     granted: bool,
     source: str,
     at: datetime,
+    policy_version: str,
 ) -> None:
     await conn.execute(
         f"UPDATE owners SET {purpose.value}_consent = $2, {purpose.value}_consent_at = $3"
@@ -80,14 +91,27 @@ async def _audit(
         at,
     )
     await conn.execute(
-        "INSERT INTO consent_events (owner_id, purpose, granted, changed_at, source)"
-        " VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO consent_events (owner_id, purpose, granted, changed_at, source,"
+        " policy_version) VALUES ($1, $2, $3, $4, $5, $6)",
         owner_id,
         purpose.value,
         granted,
         at,
         source,
+        policy_version,
     )
+
+
+async def _version_for(
+    conn: Connection, seen: str | None, decisions: list[tuple[ConsentPurpose, bool]], at: datetime
+) -> str:
+    """The version `decisions` are recorded under (`policies.check_seen`); only
+    withdrawals: an older named version is no reason to refuse them."""
+    if seen is not None and not any(granted for _, granted in decisions):
+        known = await conn.fetchval("SELECT 1 FROM policy_versions WHERE version = $1", seen)
+        if known:
+            return (await policies.current(conn, at)).version
+    return await policies.check_seen(conn, seen, at)
 
 
 async def create(
@@ -125,22 +149,16 @@ async def create(
         new.email,
         new.phone,
     )
-    await _audit(
-        conn,
-        owner_id,
-        purpose=ConsentPurpose.ANALYTICS,
-        granted=new.analytics_consent,
-        source=source,
-        at=at,
-    )
-    await _audit(
-        conn,
-        owner_id,
-        purpose=ConsentPurpose.MARKETING,
-        granted=new.marketing_consent,
-        source=source,
-        at=at,
-    )
+    decisions = [
+        (ConsentPurpose.ANALYTICS, new.analytics_consent),
+        (ConsentPurpose.MARKETING, new.marketing_consent),
+    ]
+    version = await _version_for(conn, new.policy_version, decisions, at)
+    for purpose, granted in decisions:
+        await _audit(
+            conn, owner_id, purpose=purpose, granted=granted, source=source, at=at,
+            policy_version=version,
+        )  # fmt: skip
     return owner_id
 
 
@@ -181,9 +199,10 @@ async def set_consent(
     marketing: bool | None,
     source: str,
     at: datetime,
+    policy_version: str | None = None,
 ) -> Owner:
-    """Record each stated consent; grants need an active owner, withdrawals do not."""
-    owner = await _locked(conn, owner_id)
+    """Record each stated consent (each its own decision) under `policy_version`;
+    grants need an active owner, withdrawals do not."""
     stated = [
         (purpose, granted)
         for purpose, granted in (
@@ -192,14 +211,60 @@ async def set_consent(
         )
         if granted is not None
     ]
+    return await _record(conn, owner_id, stated, source=source, at=at, seen=policy_version)
+
+
+async def decide(
+    conn: Connection,
+    owner_id: UUID,
+    purposes: list[str],
+    *,
+    granted: bool,
+    source: str,
+    at: datetime,
+    policy_version: str | None,
+) -> Owner:
+    """One decision for each of `purposes` (names of the catalogue). A grant names one
+    purpose only (`bundled_consent`); a withdrawal may name several. Purposes on the
+    contract are refused (`consent_not_needed`), unknown ones too (`unknown_purpose`)."""
+    catalogue = await policies.catalogue(conn)
+    named = list(dict.fromkeys(purposes))
+    if not named:
+        raise Rejected(RejectReason.UNKNOWN_PURPOSE, "name the purpose decided on")
+    chosen = [policies.consent_purpose(name, catalogue) for name in named]
+    if granted and len(chosen) > 1:
+        raise Rejected(
+            RejectReason.BUNDLED_CONSENT,
+            f"one grant covers one purpose: grant {' and '.join(repr(p.value) for p in chosen)}"
+            " in decisions of their own, each asked separately (withdrawing several at once"
+            " is allowed)",
+        )
+    stated = [(purpose, granted) for purpose in chosen]
+    return await _record(conn, owner_id, stated, source=source, at=at, seen=policy_version)
+
+
+async def _record(
+    conn: Connection,
+    owner_id: UUID,
+    stated: list[tuple[ConsentPurpose, bool]],
+    *,
+    source: str,
+    at: datetime,
+    seen: str | None,
+) -> Owner:
+    owner = await _locked(conn, owner_id)
     if owner.status is OwnerStatus.ERASED:
         raise Rejected(RejectReason.OWNER_NOT_ACTIVE, "the owner has been erased")
     if owner.status is OwnerStatus.DORMANT and any(granted for _, granted in stated):
         raise Rejected(
             RejectReason.OWNER_NOT_ACTIVE, "a dormant owner must reactivate to grant consent"
         )
+    version = await _version_for(conn, seen, stated, at)
     for purpose, granted in stated:
-        await _audit(conn, owner_id, purpose=purpose, granted=bool(granted), source=source, at=at)
+        await _audit(
+            conn, owner_id, purpose=purpose, granted=granted, source=source, at=at,
+            policy_version=version,
+        )  # fmt: skip
     if owner.status is OwnerStatus.ACTIVE:
         await conn.execute(
             "UPDATE owners SET last_active_at = greatest(last_active_at, $2) WHERE owner_id = $1",
@@ -212,12 +277,18 @@ async def set_consent(
 async def consent_history(conn: Connection, owner_id: UUID) -> list[ConsentChange]:
     """The owner's consent audit trail, oldest first (empty once erased)."""
     rows = await conn.fetch(
-        "SELECT purpose, granted, changed_at, source FROM consent_events"
+        "SELECT purpose, granted, changed_at, source, policy_version FROM consent_events"
         " WHERE owner_id = $1 ORDER BY changed_at, consent_event_id",
         owner_id,
     )
     return [
-        ConsentChange(ConsentPurpose(r["purpose"]), r["granted"], r["changed_at"], r["source"])
+        ConsentChange(
+            ConsentPurpose(r["purpose"]),
+            r["granted"],
+            r["changed_at"],
+            r["source"],
+            r["policy_version"],
+        )
         for r in rows
     ]
 
@@ -234,10 +305,11 @@ async def mark_dormant(conn: Connection, now: datetime, idle: timedelta) -> list
 
 
 async def marketing_audience(conn: Connection) -> list[MarketingContact]:
-    """Active owners consenting to marketing, with the contacts marketing needs."""
+    """Active owners whose marketing consent is in force (the registry's view
+    `marketing_owners`), with the contacts marketing needs."""
     rows = await conn.fetch(
-        "SELECT o.owner_id, c.name, c.email FROM owners o JOIN owner_contacts c USING (owner_id)"
-        " WHERE o.status = 'active' AND o.marketing_consent ORDER BY o.owner_id"
+        "SELECT m.owner_id, c.name, c.email FROM marketing_owners m"
+        " JOIN owner_contacts c USING (owner_id) ORDER BY m.owner_id"
     )
     return [MarketingContact(r["owner_id"], r["name"], r["email"]) for r in rows]
 
@@ -251,8 +323,10 @@ async def reactivate(
     marketing_consent: bool,
     source: str,
     at: datetime,
+    policy_version: str | None = None,
 ) -> Owner:
-    """Dormant -> active, with both consents given afresh and audited."""
+    """Dormant -> active, with both consents given afresh (each its own decision,
+    under `policy_version`) and audited."""
     owner = await _locked(conn, owner_id)
     if owner.status is OwnerStatus.ERASED:
         raise Rejected(RejectReason.OWNER_NOT_ACTIVE, "an erased owner cannot come back")
@@ -268,22 +342,16 @@ async def reactivate(
         owner_id,
         at,
     )
-    await _audit(
-        conn,
-        owner_id,
-        purpose=ConsentPurpose.ANALYTICS,
-        granted=analytics_consent,
-        source=source,
-        at=at,
-    )
-    await _audit(
-        conn,
-        owner_id,
-        purpose=ConsentPurpose.MARKETING,
-        granted=marketing_consent,
-        source=source,
-        at=at,
-    )
+    decisions = [
+        (ConsentPurpose.ANALYTICS, analytics_consent),
+        (ConsentPurpose.MARKETING, marketing_consent),
+    ]
+    version = await _version_for(conn, policy_version, decisions, at)
+    for purpose, granted in decisions:
+        await _audit(
+            conn, owner_id, purpose=purpose, granted=granted, source=source, at=at,
+            policy_version=version,
+        )  # fmt: skip
     return await get(conn, owner_id)
 
 

@@ -52,10 +52,39 @@ class PurchaseChannel(StrEnum):
 
 
 class ConsentPurpose(StrEnum):
-    """What an owner may consent to."""
+    """What an owner may consent to: the purposes of the registry's catalogue
+    (`purposes`) whose legal basis is consent."""
 
     ANALYTICS = "analytics"
+    """Product planning analytics: usage linked to the owner's region, tier and key."""
     MARKETING = "marketing"
+    """Marketing: contacting the owner, and the customer-describing reports."""
+
+
+class LegalBasis(StrEnum):
+    """Why a purpose may be pursued: the service contract, or the owner's consent."""
+
+    CONTRACT = "contract"
+    CONSENT = "consent"
+
+
+class ConsentState(StrEnum):
+    """Where an owner stands on one consent purpose now.
+
+    granted: the latest decision is a grant in force; declined: it is a refusal or a
+    withdrawal; lapsed: a grant made under a policy version whose text for the purpose
+    has since changed materially (not in force; the owner is asked again); undecided:
+    no decision recorded (not in force; the owner is asked)."""
+
+    GRANTED = "granted"
+    DECLINED = "declined"
+    LAPSED = "lapsed"
+    UNDECIDED = "undecided"
+
+    @property
+    def pending(self) -> bool:
+        """Whether the owner has a decision to make."""
+        return self in (ConsentState.LAPSED, ConsentState.UNDECIDED)
 
 
 def normalize_code(text: str) -> str:
@@ -108,6 +137,8 @@ class NewOwner:
     membership_tier: MembershipTier
     analytics_consent: bool
     marketing_consent: bool
+    policy_version: str | None = None
+    """The policy version the owner saw when deciding; None: the current one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +150,9 @@ class Owner:
     region: str | None
     membership_tier: MembershipTier | None
     analytics_consent: bool
+    """Product-planning consent in force now (granted, not lapsed by a newer policy)."""
     marketing_consent: bool
+    """Marketing consent in force now."""
     last_active_at: datetime
 
 
@@ -161,12 +194,52 @@ class OwnershipPeriod:
 
 @dataclass(frozen=True, slots=True)
 class ConsentChange:
-    """One row of the consent audit trail."""
+    """One row of the consent audit trail: a decision, under the policy version the
+    owner saw (`initial` for those recorded before versions were)."""
 
     purpose: ConsentPurpose
     granted: bool
     changed_at: datetime
     source: str
+    policy_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Purpose:
+    """One purpose of the catalogue, with its legal basis."""
+
+    purpose: str
+    legal_basis: LegalBasis
+    title: str
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyVersion:
+    """A privacy-policy text, in effect from `effective_at` until the next version's;
+    `reasks` are the consent purposes whose text it changed materially (a grant made
+    under an earlier version is no longer in force for them once this one is)."""
+
+    version: str
+    effective_at: datetime
+    policy_text: str
+    published_at: datetime
+    reasks: frozenset[ConsentPurpose]
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentStatus:
+    """An owner's standing on one consent purpose now, and the decision behind it."""
+
+    purpose: ConsentPurpose
+    state: ConsentState
+    decided_at: datetime | None
+    policy_version: str | None
+    source: str | None
+
+    @property
+    def in_force(self) -> bool:
+        return self.state is ConsentState.GRANTED
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,7 +43,7 @@ from uuid import UUID
 import asyncpg
 from cryptography import x509
 
-from devices import limits, owners, ownership
+from devices import limits, owners, ownership, policies
 from devices.broker import BrokerAccounts, adding_accounts
 from devices.certificates import (
     CaUnavailable,
@@ -74,13 +74,17 @@ from devices.ownership import REJECT_MESSAGES
 from devices.records import (
     AuditEntry,
     ConsentChange,
+    ConsentPurpose,
+    ConsentStatus,
     MarketingContact,
     NewOwner,
     OperatorAction,
     Owner,
     OwnershipPeriod,
+    PolicyVersion,
     ProductModel,
     Purchase,
+    Purpose,
     Registration,
     normalize_code,
 )
@@ -609,8 +613,8 @@ class Registry:
         """The owner of `device_id` at `event_time`, or None (no owner then, or erased).
 
         This is ownership, not permission: who usage may be attributed to, for
-        analytics, is the registry's view `analytics_owners` (consenting, not erased
-        owners), which enrichment (`ingest.enrich`) joins the periods to.
+        analytics, is the registry's view `analytics_owners` (not erased, analytics
+        consent in force), which enrichment (`ingest.enrich`) joins the periods to.
         """
         async with self.transaction() as conn:
             return await ownership.owner_at(conn, device_id, aware(event_time))
@@ -663,9 +667,11 @@ class Registry:
         analytics: bool | None = None,
         marketing: bool | None = None,
         source: str,
+        policy_version: str | None = None,
         at: datetime | None = None,
     ) -> Owner:
-        """Grant or withdraw consent per purpose (None leaves it); one audit row each."""
+        """Grant or withdraw consent per purpose (None leaves it); one audit row each,
+        under `policy_version` (the current one; None: whichever is current)."""
         async with self.transaction() as conn:
             return await owners.set_consent(
                 conn,
@@ -674,7 +680,72 @@ class Registry:
                 marketing=marketing,
                 source=source,
                 at=aware(at),
+                policy_version=policy_version,
             )
+
+    async def decide(
+        self,
+        owner_id: UUID,
+        purposes: list[str],
+        *,
+        granted: bool,
+        source: str,
+        policy_version: str | None = None,
+        at: datetime | None = None,
+    ) -> Owner:
+        """Record the owner's decision on each of `purposes` under `policy_version`
+        (`devices.owners.decide`: one purpose per grant)."""
+        async with self.transaction() as conn:
+            return await owners.decide(
+                conn,
+                owner_id,
+                purposes,
+                granted=granted,
+                source=source,
+                at=aware(at),
+                policy_version=policy_version,
+            )
+
+    async def consent_status(
+        self, owner_id: UUID, *, at: datetime | None = None
+    ) -> dict[ConsentPurpose, ConsentStatus]:
+        """Where the owner stands on each consent purpose (in force, lapsed, ...)."""
+        async with self.transaction() as conn:
+            await owners.get(conn, owner_id)  # unknown_owner
+            return await policies.consent_status(conn, owner_id, aware(at))
+
+    # -- purposes and policy versions (rules in devices.policies) ------------------
+
+    async def purposes(self) -> list[Purpose]:
+        """The catalogue of purposes with their legal basis."""
+        async with self.transaction() as conn:
+            return await policies.catalogue(conn)
+
+    async def policy_versions(self) -> list[PolicyVersion]:
+        """Every policy version, oldest first."""
+        async with self.transaction() as conn:
+            return await policies.versions(conn)
+
+    async def current_policy(self, at: datetime | None = None) -> PolicyVersion:
+        """The policy version in effect now (or at `at`)."""
+        async with self.transaction() as conn:
+            return await policies.current(conn, aware(at))
+
+    async def publish_policy(
+        self,
+        version: str,
+        *,
+        effective_at: datetime,
+        text: str,
+        reasks: set[str],
+        at: datetime | None = None,
+    ) -> PolicyVersion:
+        """Publish a policy version (`devices.policies.publish`)."""
+        async with self.transaction() as conn:
+            return await policies.publish(
+                conn, version, effective_at=aware(effective_at), text=text, reasks=reasks,
+                at=aware(at),
+            )  # fmt: skip
 
     async def consent_history(self, owner_id: UUID) -> list[ConsentChange]:
         """The owner's consent audit trail, oldest first."""
@@ -698,7 +769,7 @@ class Registry:
             return await ownership.prune_attempts(conn, cutoff)
 
     async def marketing_audience(self) -> list[MarketingContact]:
-        """Owners marketing may contact: active and consenting to marketing."""
+        """Owners marketing may contact: active, with marketing consent in force."""
         async with self.transaction() as conn:
             return await owners.marketing_audience(conn)
 
@@ -710,9 +781,11 @@ class Registry:
         analytics_consent: bool,
         marketing_consent: bool,
         source: str,
+        policy_version: str | None = None,
         at: datetime | None = None,
     ) -> Owner:
-        """Bring a dormant owner back: needs a fresh sign-in and fresh consent."""
+        """Bring a dormant owner back: needs a fresh sign-in and fresh consent (under
+        `policy_version`, the current one)."""
         async with self.transaction() as conn:
             return await owners.reactivate(
                 conn,
@@ -722,6 +795,7 @@ class Registry:
                 marketing_consent=marketing_consent,
                 source=source,
                 at=aware(at),
+                policy_version=policy_version,
             )
 
     async def erase_owner(

@@ -15,7 +15,8 @@ For a batch of rows, `Enricher.enrich` resolves per (device_id, event_time):
     purchase_channel    of the ownership period covering event_time
     analytics_consent   whether that period's owner may be attributed *now* (None: no
                         owner then): the registry's one rule, its view `analytics_owners`
-                        (consenting, not erased owners), which the lookup joins
+                        (not erased, product-planning consent in force: given, and
+                        not lapsed by a newer policy version), which the lookup joins
     region, membership_tier, owner_key
                         only when that owner may be attributed; else None.
                         owner_key = HMAC-SHA256(enrich.owner_key_secret, owner id), hex,

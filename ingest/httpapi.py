@@ -72,6 +72,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingest.metrics import HttpMetrics
@@ -180,6 +181,16 @@ ReadyCheck = Callable[[], Awaitable[None]]
 """One of `GET /ready`'s checks: returns when it passes, raises saying why it does not."""
 
 
+def _routes(routes: Iterable[Any]) -> Iterable[Route]:
+    """Every path route of an app, those of included routers too (FastAPI keeps an
+    included router whole, as `original_router`, rather than copying its routes)."""
+    for route in routes:
+        if isinstance(route, Route):
+            yield route
+        elif (inner := getattr(route, "original_router", None)) is not None:
+            yield from _routes(inner.routes)
+
+
 def install(
     app: FastAPI,
     *,
@@ -211,7 +222,18 @@ def install(
             detail, field = f"{request.method} is not allowed here", None
         else:
             detail, field = str(exc.detail), None
-        return problem(exc.status_code, reason, detail, field=field, headers=exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route matching the path only;
+            # a path served by several routes (GET and PUT) allows all of theirs.
+            allowed = {
+                method
+                for route in _routes(request.app.routes)
+                if route.path_regex.match(request.url.path)
+                for method in route.methods or ()
+            }
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
+        return problem(exc.status_code, reason, detail, field=field, headers=headers)
 
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception) -> JSONResponse:

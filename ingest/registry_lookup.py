@@ -42,7 +42,8 @@ class Period:
     valid_to: datetime | None
     purchase_channel: str
     linked: bool
-    """The owner is in the registry's `analytics_owners` (consents, not erased) now."""
+    """The owner is in the registry's `analytics_owners` now (not erased, analytics
+    consent in force)."""
     region: str | None
     membership_tier: str | None
     owner_key: str | None

@@ -120,6 +120,8 @@ class ReportInfo(BaseModel):
     measures: dict[str, str]
     source: str
     marketing_usable: bool
+    purposes: list[str]
+    """The owners' purposes it relies on (the registry's catalogue, `GET /purposes`)."""
     chart: ChartOut
     options: dict[str, OptionOut]
 
@@ -138,6 +140,7 @@ class ReportOut(BaseModel):
     title: str
     source: str
     marketing_usable: bool
+    purposes: list[str]
     population: str
     filters: FiltersOut
     options: dict[str, str]

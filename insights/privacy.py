@@ -16,8 +16,10 @@ count itself is never shown.
 membership tier, app-feature adoption, regional hot spots) describe customers by the
 kind of customer or place they are, which is what a campaign would target. They count
 only usage of owners who are in the registry *now* as active (not dormant, not erased)
-with both analytics and marketing consent: joined through the registry's `devices`,
-`ownership_periods` and `owners` (the owner id is used inside the query only). The
+with both analytics and marketing consent *in force* (the registry's
+`consent_in_force`: a grant lapsed by a newer policy version does not count): joined
+through the registry's `devices`, `ownership_periods` and `owners` (the owner id is
+used inside the query only). The
 product reports (programs, heat map, cycles, errors, completeness) describe
 appliances, not customers, and read every row, as the rollups do.
 
@@ -61,7 +63,8 @@ class Privacy:
         """A WHERE condition keeping device-day rows (`bucket`, `device_id`, `owner_key`
         of `<table>_device_daily`) whose whole day belongs to owners marketing may be
         done for: at least one ownership period overlaps the UTC day, and every one that
-        does is an active owner's with analytics and marketing consent."""
+        does is an active owner's with analytics and marketing consent in force (the
+        registry's views `marketing_owners` and `analytics_owners`)."""
         reg = quote_schema(self.registry_schema)
         periods = f"""FROM {reg}.devices rd
                 JOIN {reg}.ownership_periods rp ON rp.device_key = rd.device_key
@@ -73,8 +76,8 @@ class Privacy:
             AND NOT EXISTS (
                 SELECT 1 {periods}
                   AND NOT EXISTS (
-                      SELECT 1 FROM {reg}.owners ro
-                      WHERE ro.owner_id = rp.owner_id AND ro.status = 'active'
-                        AND ro.analytics_consent AND ro.marketing_consent
+                      SELECT 1 FROM {reg}.marketing_owners ro
+                      JOIN {reg}.analytics_owners ra ON ra.owner_id = ro.owner_id
+                      WHERE ro.owner_id = rp.owner_id
                   )
             )"""

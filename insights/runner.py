@@ -48,7 +48,7 @@ async def run_report(
         async with conn.transaction(readonly=True):
             query = Query(conn, table, filters, privacy, chosen, spec.marketing)
             found = await spec.compute(query)
-    except asyncpg.UndefinedTableError as exc:
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError) as exc:
         raise StoreUnavailable(
             f"{exc}: run `usagepipe db migrate` (and, for marketing-usable reports, "
             "`usagepipe registry migrate`) first"

@@ -73,6 +73,14 @@ class ReportSpec:
     options: dict[str, Option] = field(default_factory=dict)
 
     @property
+    def purposes(self) -> tuple[str, ...]:
+        """The registry purposes (devices/sql/008) whose consent the report relies on:
+        every report counts owners by the key enrichment gave only under product-planning
+        consent in force (`analytics`); a marketing-usable one also needs `marketing`
+        consent in force now, for every owner it counts."""
+        return ("analytics", "marketing") if self.marketing else ("analytics",)
+
+    @property
     def generalisation(self) -> Generalisation:
         """How its small segments roll up (`insights.hierarchies`)."""
         return HIERARCHIES[self.name]
@@ -86,6 +94,7 @@ class ReportSpec:
             "measures": dict(self.measures),
             "source": self.source,
             "marketing_usable": self.marketing,
+            "purposes": list(self.purposes),
             "chart": self.chart.describe(),
             "options": {
                 k: {"help": o.help, "choices": list(o.choices), "default": o.default}
@@ -148,8 +157,9 @@ class Report:
             "title": self.spec.title,
             "source": self.spec.source,
             "marketing_usable": self.spec.marketing,
+            "purposes": list(self.spec.purposes),
             "population": (
-                "owners active now, with analytics and marketing consent"
+                "owners active now, with analytics and marketing consent in force"
                 if self.spec.marketing
                 else "every stored usage row"
             ),

@@ -462,7 +462,9 @@ def _print_coverage(
     k = settings.insights.k_anonymity
     table = Table(
         title=f"planners' reports, the 28 days up to now, k = {k} (run in {seconds:.1f}s)",
-        caption="* marketing-usable: owners active now with analytics and marketing consent",
+        caption=(
+            "* marketing-usable: owners active now with analytics and marketing consent in force"
+        ),
     )
     for col in ("report", "segments shown", "of"):
         table.add_column(col, justify="left" if col == "report" else "right")

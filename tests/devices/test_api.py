@@ -247,7 +247,10 @@ async def test_openapi_is_published(client: httpx.AsyncClient) -> None:
         "/devices/{device_id}/credentials/revoke",
         "/devices/{device_id}/credentials",
         "/devices/{device_id}/certificate",
+        "/purposes",
         "/owners/{owner_id}/consents",
+        "/owners/{owner_id}/consents/decisions",
+        "/owners/{owner_id}/consents/history",
         "/owners/{owner_id}/reactivation",
         "/owners/{owner_id}/erasure",
         "/operator/devices/{device_id}/credentials/revoke",
@@ -439,3 +442,90 @@ async def test_schemathesis_finds_nothing(registry: Registry) -> None:
     assert status == 0, output[-6000:]
     assert generated > 500, output[-2000:]
     print(f"schemathesis: {generated} cases, no failure")
+
+
+async def test_purposes_policy_and_decisions(client: httpx.AsyncClient, registry: Registry) -> None:
+    """The owner reads the catalogue and the current policy, decides per purpose under
+    it, sees what a new version asks again, and reads the history with its versions."""
+    ada = await create_owner(client)
+    response = await client.get("/purposes", headers=ada.auth)
+    assert response.status_code == 200, response.text
+    doc = response.json()
+    assert [(p["purpose"], p["legal_basis"], p["consent_required"]) for p in doc["purposes"]] == [
+        ("service", "contract", False),
+        ("analytics", "consent", True),
+        ("marketing", "consent", True),
+    ]
+    assert (doc["current_policy"]["version"], doc["upcoming_policies"]) == ("initial", [])
+
+    now = datetime.now(UTC)
+    await registry.publish_policy(
+        "2026-12",
+        effective_at=now - timedelta(seconds=1),
+        text="Marketing now includes partner offers.",
+        reasks={"marketing"},
+        at=now - timedelta(seconds=2),
+    )
+    consents = f"/owners/{ada.owner_id}/consents"
+    response = await client.get(consents, headers=ada.auth)
+    assert response.status_code == 200, response.text
+    doc = response.json()
+    assert (doc["current_policy_version"], doc["pending"]) == ("2026-12", ["marketing"])
+    assert [
+        (c["purpose"], c["state"], c["in_force"], c["policy_version"]) for c in doc["consents"]
+    ] == [
+        ("analytics", "granted", True, "initial"),
+        ("marketing", "lapsed", False, "initial"),
+    ]
+    owner = (await client.get(f"/owners/{ada.owner_id}", headers=ada.auth)).json()
+    assert (owner["analytics_consent"], owner["marketing_consent"]) == (True, False)
+
+    decisions = f"{consents}/decisions"
+    refusals = [
+        ({"purposes": ["marketing"], "granted": True}, 422, "invalid_request"),
+        ({"purposes": ["analytics", "marketing"], "granted": True, "policy_version": "2026-12"},
+         422, "bundled_consent"),
+        ({"purposes": ["marketing"], "granted": True, "policy_version": "initial"}, 409,
+         "stale_policy_version"),
+        ({"purposes": ["marketing"], "granted": True, "policy_version": "v9"}, 422,
+         "unknown_policy_version"),
+        ({"purposes": ["service"], "granted": False}, 422, "consent_not_needed"),
+        ({"purposes": ["profiling"], "granted": True, "policy_version": "2026-12"}, 422,
+         "unknown_purpose"),
+    ]  # fmt: skip
+    for body, status_code, reason in refusals:
+        response = await client.post(decisions, json=body, headers=ada.auth)
+        assert (response.status_code, response.json()["reason"]) == (status_code, reason), body
+    answer = (await client.post(decisions, json=refusals[0][0], headers=ada.auth)).json()
+    assert answer == {
+        "reason": "invalid_request",
+        "detail": "a grant names the policy version the owner was shown",
+        "field": "policy_version",
+    }
+    answer = (await client.post(decisions, json=refusals[1][0], headers=ada.auth)).json()
+    assert "decisions of their own" in answer["detail"]
+
+    body = {
+        "purposes": ["marketing"],
+        "granted": True,
+        "policy_version": "2026-12",
+        "source": "app",
+    }
+    response = await client.post(decisions, json=body, headers=ada.auth)
+    assert response.status_code == 200, response.text
+    assert (response.json()["pending"], response.json()["consents"][1]["state"]) == ([], "granted")
+
+    response = await client.get(f"{consents}/history", headers=ada.auth)
+    assert response.status_code == 200, response.text
+    assert [
+        (c["purpose"], c["granted"], c["source"], c["policy_version"])
+        for c in response.json()["history"]
+    ] == [
+        ("analytics", True, "api", "initial"),
+        ("marketing", True, "api", "initial"),
+        ("marketing", True, "app", "2026-12"),
+    ]
+    # Another owner's consents are not the caller's to read.
+    bob = await create_owner(client, "Bob Owner")
+    response = await client.get(f"{consents}/history", headers=bob.auth)
+    assert (response.status_code, response.json()["reason"]) == (403, "forbidden")

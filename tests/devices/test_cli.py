@@ -75,7 +75,8 @@ def test_commands(
     assert run(cli_settings, "migrate") == 0
     assert capsys.readouterr().out.endswith(
         ": applied 001_registry, 002_notify, 003_firmware, 004_consumer_interface,"
-        " 005_subjects_audit, 006_registration_limits, 007_device_certificates\n"
+        " 005_subjects_audit, 006_registration_limits, 007_device_certificates,"
+        " 008_purposes_policies\n"
     )
     assert run(cli_settings, "migrate") == 0
     assert capsys.readouterr().out.endswith(": applied nothing\n")
@@ -246,3 +247,41 @@ def _publish_once(settings: Settings, username: str, password: str, topic: str) 
         client.disconnect()
         client.loop_stop()
     return outcome[0]
+
+
+def test_policies_and_publish_policy(
+    cli_settings: Settings, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The privacy office lists the purposes and versions, and publishes a version."""
+    assert run(cli_settings, "migrate") == 0
+    capsys.readouterr()
+    text = tmp_path / "policy.md"
+    text.write_text("Marketing now includes partner offers.\n", encoding="utf-8")
+    publish = ["publish-policy", "2031-01", "--text-file", str(text)]
+    assert run(cli_settings, *publish, "--effective", "2031-01-01T00:00:00+09:00",
+               "--reask", "marketing") == 0  # fmt: skip
+    assert capsys.readouterr().out == (
+        "policy version 2031-01 takes effect 2031-01-01T00:00:00+09:00; asks again for: marketing\n"
+    )
+    assert run(cli_settings, "policies") == 0
+    assert capsys.readouterr().out == (
+        "purposes:\n"
+        "  service    contract  Service operation and diagnostics\n"
+        "  analytics  consent   Product planning analytics\n"
+        "  marketing  consent   Marketing\n"
+        "policy versions:\n"
+        "  initial      effective 1970-01-01T00:00:00+00:00  current   re-asks nothing\n"
+        "  2031-01      effective 2030-12-31T15:00:00+00:00  upcoming  re-asks marketing\n"
+    )
+    # Refused, with the reason and exit 1: before the latest, or re-asking the contract.
+    assert run(cli_settings, *publish[:1], "2030-06", *publish[2:], "--effective",
+               "2030-06-01T00:00:00+00:00") == 1  # fmt: skip
+    assert capsys.readouterr().err == (
+        "usagepipe registry publish-policy: policy version '2030-06': it must take effect"
+        " after the latest version '2031-01' (2030-12-31T15:00:00+00:00)\n"
+    )
+    assert run(cli_settings, *publish[:1], "2032-01", *publish[2:], "--effective",
+               "2032-01-01T00:00:00+00:00", "--reask", "service") == 1  # fmt: skip
+    assert "'service' (Service operation and diagnostics) runs under the service contract" in (
+        capsys.readouterr().err
+    )

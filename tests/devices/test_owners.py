@@ -33,11 +33,11 @@ async def test_consent_changes_are_audited(registry: Registry) -> None:
     assert owner.last_active_at == t2
 
     assert await registry.consent_history(ada) == [
-        ConsentChange(ConsentPurpose.ANALYTICS, True, T0, "signup"),
-        ConsentChange(ConsentPurpose.MARKETING, False, T0, "signup"),
-        ConsentChange(ConsentPurpose.MARKETING, True, t1, "web"),
-        ConsentChange(ConsentPurpose.ANALYTICS, False, t2, "app"),
-        ConsentChange(ConsentPurpose.MARKETING, False, t2, "app"),
+        ConsentChange(ConsentPurpose.ANALYTICS, True, T0, "signup", "initial"),
+        ConsentChange(ConsentPurpose.MARKETING, False, T0, "signup", "initial"),
+        ConsentChange(ConsentPurpose.MARKETING, True, t1, "web", "initial"),
+        ConsentChange(ConsentPurpose.ANALYTICS, False, t2, "app", "initial"),
+        ConsentChange(ConsentPurpose.MARKETING, False, t2, "app", "initial"),
     ]
 
 
@@ -121,8 +121,8 @@ async def test_dormancy_and_reactivation(registry: Registry) -> None:
     )
     # Fresh consent was recorded for both purposes, with the reactivation's time.
     assert (await registry.consent_history(ada))[-2:] == [
-        ConsentChange(ConsentPurpose.ANALYTICS, True, later, "web-reauth"),
-        ConsentChange(ConsentPurpose.MARKETING, False, later, "web-reauth"),
+        ConsentChange(ConsentPurpose.ANALYTICS, True, later, "web-reauth", "initial"),
+        ConsentChange(ConsentPurpose.MARKETING, False, later, "web-reauth", "initial"),
     ]
     assert [c.owner_id for c in await registry.marketing_audience()] == [bob]
 

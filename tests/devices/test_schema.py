@@ -20,12 +20,14 @@ RECORDED = [
     ("registry", 5, "005_subjects_audit"),
     ("registry", 6, "006_registration_limits"),
     ("registry", 7, "007_device_certificates"),
+    ("registry", 8, "008_purposes_policies"),
 ]
 TRIGGERS = [
     ("devices", "enrichment_notify"),
     ("firmware_history", "firmware_history_current"),
     ("owners", "enrichment_notify"),
     ("ownership_periods", "enrichment_notify"),
+    ("policy_reasks", "policy_notify"),
     ("product_models", "enrichment_notify"),
 ]
 
@@ -76,6 +78,7 @@ async def test_a_schema_the_consumer_completed_applies_nothing_again(
         "005_subjects_audit",
         "006_registration_limits",
         "007_device_certificates",
+        "008_purposes_policies",
     ]
     assert await recorded(pg, reg_schema) == RECORDED
     assert await triggers(pg, reg_schema) == TRIGGERS
@@ -96,5 +99,6 @@ async def test_a_schema_the_consumer_never_saw_gets_the_rest(
         "005_subjects_audit",
         "006_registration_limits",
         "007_device_certificates",
+        "008_purposes_policies",
     ]
     assert await recorded(pg, reg_schema) == RECORDED

@@ -864,3 +864,56 @@ async def test_rollups_group_by_enriched_model_firmware_and_region(settings: Set
             assert sum(r.events for r in rolled) == len(messages)
     finally:
         await conn.close()
+
+
+async def test_a_policy_that_asks_again_stops_the_link_until_the_owner_grants_again(
+    settings: Settings,
+) -> None:
+    """Publishing a policy version that re-asks analytics, effective at once, lapses the
+    grants made under the earlier one: the running consumer's cache is emptied (with a
+    TTL of an hour, only the notification can do it) and later events carry no owner
+    link; the owner's new grant under the new version brings it back. Marketing is not
+    re-asked: it plays no part in attribution."""
+    settings = enriching(settings, cache_ttl_s=3600)
+    t0 = NOW - timedelta(days=1)
+    async with fleet(settings) as f:
+        ada = await f.owner("ada", at=t0)
+        device, _ = await f.register(ada, "SN-W1", Purchase(PurchaseChannel.OWN_ONLINE_SHOP), at=t0)
+
+        async with running(settings) as (consumer, metrics):
+
+            def invalidations(kind: str) -> float:
+                name = "usagepipe_consumer_registry_invalidations_total"
+                return sample(metrics, name, kind=kind)
+
+            first = NOW - timedelta(minutes=10)
+            await produce(settings, [(device, message(device, 0, first))])
+            await wait_for(lambda: consumer.report.stored == 1, "1 row", 20)
+
+            now = datetime.now(UTC)
+            await f.registry.publish_policy(
+                "2026-12",
+                effective_at=now,
+                text="Analytics now covers room-level usage.",
+                reasks={"analytics"},
+                at=now,
+            )
+            await wait_for(lambda: invalidations("other") >= 1, "the policy notification", 10)
+            await produce(settings, [(device, message(device, 1, first))])
+            await wait_for(lambda: consumer.report.stored == 2, "2 rows", 20)
+
+            await f.registry.decide(
+                ada, ["analytics"], granted=True, source="app", policy_version="2026-12"
+            )
+            await wait_for(lambda: invalidations("owner") >= 1, "the grant's notification", 10)
+            await produce(settings, [(device, message(device, 2, first))])
+            await wait_for(lambda: consumer.report.stored == 3, "3 rows", 20)
+
+    stored = await rows(settings)
+    assert [stored[(device, seq)]["owner_key"] for seq in range(3)] == [
+        owner_key(KEY, ada),
+        None,
+        owner_key(KEY, ada),
+    ]
+    assert [stored[(device, seq)]["analytics_consent"] for seq in range(3)] == [True, False, True]
+    assert [stored[(device, seq)]["region"] for seq in range(3)] == ["JP-13", None, "JP-13"]

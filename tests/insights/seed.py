@@ -251,6 +251,16 @@ async def seed(store: UsageStore, dsn: str, registry_schema: str, pop: Populatio
                 made,
                 made if o.status == "dormant" else None,
             )
+            # The decisions behind the booleans, as the registry records them: what
+            # its gates (`consent_in_force`) read.
+            await conn.executemany(
+                f"INSERT INTO {reg}.consent_events (owner_id, purpose, granted, changed_at,"
+                " source, policy_version) VALUES ($1, $2, $3, $4, 'seed', 'initial')",
+                [
+                    (o.owner_id, "analytics", o.analytics, made),
+                    (o.owner_id, "marketing", o.marketing, made),
+                ],
+            )
         for d in pop.devices:
             serial = d.device_id.upper()
             await conn.execute(

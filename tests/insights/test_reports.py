@@ -462,6 +462,52 @@ async def test_marketing_reports_count_only_active_owners_consenting_to_marketin
     assert sum(int(r.values["events"] or 0) for r in heat.rows) == len(pop.rows)
 
 
+async def test_marketing_reports_drop_owners_whose_marketing_consent_lapsed(
+    seeded: Seeded,
+) -> None:
+    """A policy version re-asking marketing, in effect now, lapses every marketing grant
+    the seed made (under `initial`): the marketing-usable reports count no one until
+    owners grant again under it; the product reports are unchanged; an owner who
+    grants again counts again."""
+    f = Filters.parse(start=START, end=END)
+    before = await run(seeded, "regions", f, 1)
+    assert sum(int(r.values["events"] or 0) for r in before.rows) > 0
+    heat_before = await run(seeded, "heatmap", f, 1)
+    reg = seeded.settings.registry.db_schema
+    conn = await asyncpg.connect(seeded.settings.postgres.dsn.get_secret_value())
+    try:
+        await conn.execute(
+            f"INSERT INTO {reg}.policy_versions (version, effective_at, policy_text,"
+            " published_at) VALUES ('2026-12', now(), 'Marketing with partners.', now())"
+        )
+        await conn.execute(f"INSERT INTO {reg}.policy_reasks VALUES ('2026-12', 'marketing')")
+        lapsed = await run(seeded, "regions", f, 1)
+        assert lapsed.rows == []
+        heat = await run(seeded, "heatmap", f, 1)
+        assert heat.rows == heat_before.rows
+        # One marketable owner grants again under the new version: their days count.
+        owner = await conn.fetchval(
+            f"SELECT o.owner_id FROM {reg}.owners o WHERE o.status = 'active'"
+            f" AND {reg}.consent_in_force(o.owner_id, 'analytics') AND o.marketing_consent"
+            f" AND EXISTS (SELECT 1 FROM {reg}.ownership_periods p"
+            "  WHERE p.owner_id = o.owner_id AND p.valid_to IS NULL)"
+            " ORDER BY o.owner_id LIMIT 1"
+        )
+        await conn.execute(
+            f"INSERT INTO {reg}.consent_events (owner_id, purpose, granted, changed_at, source,"
+            " policy_version) VALUES ($1, 'marketing', true, now(), 'test', '2026-12')",
+            owner,
+        )
+        again = await run(seeded, "regions", f, 1)
+        assert (
+            0
+            < sum(int(r.values["events"] or 0) for r in again.rows)
+            < sum(int(r.values["events"] or 0) for r in before.rows)
+        )
+    finally:
+        await conn.close()
+
+
 async def test_completeness_matches_the_gaps_the_seed_made(seeded: Seeded) -> None:
     pop = seeded.population
     f = Filters.parse(start=START, end=END)
@@ -539,7 +585,8 @@ async def test_json_export_describes_filters_privacy_and_population(seeded: Seed
     assert doc["filters"]["category"] == ["washer"]
     assert doc["k_anonymity"] == 3
     assert doc["marketing_usable"] is True
-    assert doc["population"] == "owners active now, with analytics and marketing consent"
+    assert doc["population"] == ("owners active now, with analytics and marketing consent in force")
+    assert doc["purposes"] == ["analytics", "marketing"]
     assert [r["week"] for r in doc["rows"]] == ["2026-11-02", "2026-11-09", "2026-11-16"]
 
 
