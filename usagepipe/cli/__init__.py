@@ -16,12 +16,14 @@
     usagepipe insights serve              planners' read-only HTTP API and web page
     usagepipe auth token --subject S ...  a bearer token from the local dev signer
     usagepipe dlq list|show|replay        the dead letters (their table, or telemetry.dlq)
+    usagepipe erasure prove OWNER_ID      nothing of an erased owner left in any table?
 
 Each command's parser sets its handler (`usagepipe.cli.arguments.Handler`); `main`
 parses, configures logging, builds the settings, runs the handler and turns what it
 raises into one line. The handlers live beside their command's parser:
 `usagepipe.cli.operations` (services, settings, asyncapi, dlq), `usagepipe.cli.pipeline`
-(db, bridge, consume), `usagepipe.cli.fleet` (simulate, verify, demo), and, below this
+(db, bridge, consume), `usagepipe.cli.fleet` (simulate, verify, demo),
+`usagepipe.cli.privacy` (erasure), and, below this
 composition root, `devices.cli` (registry) and `insights.cli` (report, insights).
 
 Only this module reads the environment (`Settings()`) and, through
@@ -61,6 +63,7 @@ from usagepipe.cli.operations import (
     add_settings,
 )
 from usagepipe.cli.pipeline import add_bridge, add_consume, add_db
+from usagepipe.cli.privacy import add_erasure
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
@@ -79,6 +82,7 @@ COMMANDS: tuple[Callable[[Commands], None], ...] = (
     add_insights,  # report, insights
     add_auth,
     add_dlq,
+    add_erasure,
     add_demo,
 )
 """Every command, in the order `usagepipe --help` lists them."""
