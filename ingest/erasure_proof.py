@@ -44,6 +44,11 @@ class Checked:
     def left(self) -> int:
         return self.linked - self.kept
 
+    @property
+    def shown(self) -> str:
+        """The relation as the report names it (identifiers unquoted)."""
+        return self.relation.replace('"', "")
+
 
 @dataclass(frozen=True, slots=True)
 class Proof:
@@ -69,7 +74,7 @@ class Proof:
 
     def lines(self) -> list[str]:
         """The report, as `usagepipe erasure prove` prints it."""
-        width = max(len(c.relation) for c in self.checked)
+        width = max(len(c.shown) for c in self.checked)
         out = [
             f"owner {self.owner_id}: {self.status or 'unknown to the registry'};"
             f" usage layout {self.layout or 'none'}; {self.keys} owner key(s) looked for",
@@ -87,7 +92,7 @@ class Proof:
                 counts = f"{c.linked:>7}  {c.kept:>5}  {c.left:>5}"
                 if c.kept:
                     counts += f"  kept: {c.holding.why_kept}"
-            out.append(f"  {c.relation:<{width}}  {counts}")
+            out.append(f"  {c.shown:<{width}}  {counts}")
         if self.proven:
             out.append(f"erasure proven: {len(self.checked)} tables checked, nothing left")
         elif self.status != "erased":
@@ -96,7 +101,7 @@ class Proof:
                 " linked to them"
             )
         else:
-            tables = sorted(c.relation for c in self.checked if c.left)
+            tables = [c.shown for c in self.checked if c.left]
             out.append(f"NOT PROVEN: {self.left} row(s) still linked, in {', '.join(tables)}")
         return out
 
