@@ -122,7 +122,10 @@ async def _batches(
 
 
 def _default(value: object) -> object:
-    """orjson's fallback: bytes as hex, numerics exactly as text."""
+    """orjson's fallback: bytes as hex, numerics exactly as text, asyncpg's UUIDs (a
+    subclass orjson does not take) as text."""
+    if isinstance(value, UUID):
+        return str(value)
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).hex()
     if isinstance(value, Decimal):
