@@ -4,7 +4,6 @@ runs them: subprocesses against the real database, their output and exit status.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import uuid
 import zipfile
