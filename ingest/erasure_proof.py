@@ -85,8 +85,8 @@ class Proof:
                 counts = f"{'-':>7}  {'-':>5}  {'-':>5}  (no such table)"
             elif not c.searchable:
                 counts = (
-                    f"{'-':>7}  {'-':>5}  {'-':>5}  (found by the sign-in subject, which the"
-                    " owner row no longer holds)"
+                    f"{'-':>7}  {'-':>5}  {'-':>5}  (found by the sign-in subject, and the"
+                    " owner row has none: erasure removes it)"
                 )
             else:
                 counts = f"{c.linked:>7}  {c.kept:>5}  {c.left:>5}"

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -20,6 +21,8 @@ from fastapi import FastAPI
 from devices.api import create_app
 from devices.export import BATCH_ROWS, UsageLink
 from devices.registry import Registry
+from ingest.erasure import unlink_owners
+from ingest.erasure_proof import Proof, prove_erasure
 from ingest.owner_keys import keys_for
 from ingest.personal_data import CATALOGUE
 from ingest.settings import PostgresSettings, Settings
@@ -200,3 +203,49 @@ async def test_an_export_without_the_usage_tables_is_refused_not_partial(
         ada = await create_owner(c)
         response = await c.get(f"/owners/{ada.owner_id}/export", headers=ada.auth)
     assert (response.status_code, response.json()["reason"]) == (503, "unavailable")
+
+
+async def test_after_the_erasure_the_proof_finds_nothing_the_export_showed(
+    client: httpx.AsyncClient,
+    store: UsageStore,
+    settings: Settings,
+    pg: asyncpg.Connection,
+    reg_schema: str,
+) -> None:
+    """The owner's erasure through the API, then the usage side's (as the consumer
+    applies it): the proof over both stores finds what the export showed before, and
+    nothing but what stays by design after."""
+    ada, bob, _ = await owners_with_usage(client, store, settings)
+    owner = UUID(ada.owner_id)
+    keys = keys_for(settings.enrich, owner)
+    shown = (await client.get(f"/owners/{ada.owner_id}/export", headers=ada.auth)).json()
+
+    async def proof() -> Proof:
+        return await prove_erasure(
+            pg, owner, keys=keys, registry_schema=reg_schema, usage_table=store.table
+        )
+
+    before = await proof()
+    assert {c.holding.name: c.linked for c in before.checked} == shown["counts"]
+    response = await client.post(f"/owners/{ada.owner_id}/erasure", headers=ada.auth)
+    assert response.status_code == 200
+    response = await client.get(f"/owners/{ada.owner_id}/export", headers=ada.auth)
+    assert (response.status_code, response.json()["reason"]) == (403, "forbidden")
+    pending = await proof()
+    assert (pending.status, pending.proven) == ("erased", False)
+    assert {c.holding.name: c.left for c in pending.checked if c.left} == {
+        "usage_rows": ROWS,
+        "device_daily": 2,
+        "dead_letters": 1,
+    }
+    await unlink_owners(store, [(owner, key) for key in keys])
+    after = await proof()
+    assert after.proven
+    assert {c.holding.name: (c.linked, c.kept) for c in after.checked if c.linked} == {
+        "owners": (1, 1),
+        "event_outbox": (1, 1),
+        "erasures": (1, 1),
+    }
+    # Bob's row stays, with his key.
+    theirs = (await client.get(f"/owners/{bob.owner_id}/export", headers=bob.auth)).json()
+    assert theirs["counts"]["usage_rows"] == 1
