@@ -34,7 +34,7 @@ import zipfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Literal
 from uuid import UUID
@@ -71,7 +71,8 @@ Snapshot = Callable[[], AbstractAsyncContextManager[Connection]]
 class _Table:
     holding: Holding
     columns: list[str]
-    jsonb: list[bool]
+    types: list[str]
+    """Each column's PostgreSQL type name (`jsonb`, `timestamptz`, ...)."""
     batches: AsyncIterator[list[tuple[Any, ...]]]
     rows: int = 0
 
@@ -103,7 +104,7 @@ async def _tables(
         yield _Table(
             holding,
             [a.name for a in attributes],
-            [a.type.name in ("json", "jsonb") for a in attributes],
+            [a.type.name for a in attributes],
             _batches(stmt, args, keep),
         )
 
@@ -133,17 +134,37 @@ def _default(value: object) -> object:
     raise TypeError(f"cannot export a {type(value).__name__}")
 
 
-def _text(value: object) -> str:
-    """A CSV cell: as in JSON, with empty for null."""
+def _cell(value: object) -> object:
+    """A CSV cell of a column whose type the writer would not write as JSON does (csv
+    writes None as empty, text and numbers as `str`)."""
     if value is None:
-        return ""
+        return None
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, datetime):
+    if isinstance(value, datetime | date):
         return value.isoformat()
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).hex()
     return str(value)
+
+
+_AS_IS = {"text", "varchar", "int2", "int4", "int8", "numeric", "float8", "uuid", "json", "jsonb"}
+"""Types whose values the csv module writes as the JSON export does (None as empty)."""
+
+
+def _csv_rows(types: list[str], batch: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """`batch` with the cells of the columns csv would not write as JSON does converted
+    (`_cell`); the others are left as they are, the cheap case of a usage row."""
+    convert = [i for i, name in enumerate(types) if name not in _AS_IS]
+    if not convert:
+        return batch
+    out = []
+    for row in batch:
+        cells = list(row)
+        for i in convert:
+            cells[i] = _cell(cells[i])
+        out.append(tuple(cells))
+    return out
 
 
 async def export_owner(
@@ -178,12 +199,13 @@ async def _json(
     async for table in tables:
         out = bytearray(b"" if first else b",")
         out += orjson.dumps(table.holding.name) + b":["
+        jsonbs = [name in ("json", "jsonb") for name in table.types]
         first = False
         async for batch in table.batches:
             for row in batch:
                 record = {
                     name: orjson.Fragment(value) if jsonb and value is not None else value
-                    for name, jsonb, value in zip(table.columns, table.jsonb, row, strict=True)
+                    for name, jsonb, value in zip(table.columns, jsonbs, row, strict=True)
                 }
                 if table.rows:
                     out += b","
@@ -243,7 +265,7 @@ async def _csv_zip(
                 writer = csv.writer(text, lineterminator="\n")
                 writer.writerow(table.columns)
                 async for batch in table.batches:
-                    writer.writerows([_text(v) for v in row] for row in batch)
+                    writer.writerows(_csv_rows(table.types, batch))
                     table.rows += len(batch)
                     member.write(text.getvalue().encode())
                     text.seek(0)
