@@ -78,7 +78,14 @@ from devices.errors import (
     RejectReason,
     TooManyAttempts,
 )
-from devices.export import Format, UsageLink, export_owner, file_name, media_type
+from devices.export import (
+    Format,
+    UsageLink,
+    export_owner,
+    file_name,
+    media_type,
+    usage_tables_exist,
+)
 from devices.limits import Caller
 from devices.records import (
     MembershipTier,
@@ -583,6 +590,12 @@ async def export(
             "exports are not set up on this registry (it has no usage tables to read)"
         )
     await registry.get_owner(owner_id)  # a database that does not answer: 503, before any byte
+    async with registry.snapshot() as conn:
+        if not await usage_tables_exist(conn, usage):
+            return unavailable(
+                f"the usage tables ({usage.table}) do not exist yet: exports wait until"
+                " they are migrated"
+            )
     chunks = export_owner(
         registry.snapshot,
         owner_id,

@@ -300,7 +300,7 @@ def _export_owner(args: argparse.Namespace, settings: Settings) -> int:
     """The owner's export, for the privacy office answering a request that did not come
     through the owner's own sign-in: the same document `GET /owners/{id}/export`
     streams, into `--out` (default `usagepipe-owner-<id>.json|zip` here; `-`: stdout)."""
-    from devices.export import UsageLink, export_owner, file_name
+    from devices.export import UsageLink, export_owner, file_name, usage_tables_exist
     from ingest.migrations import quote_schema
     from ingest.owner_keys import keys_for, with_local_owner_key
 
@@ -323,6 +323,14 @@ def _export_owner(args: argparse.Namespace, settings: Settings) -> int:
                 print(
                     f"usagepipe registry export-owner: no owner {owner_id} in the registry"
                     f" schema {schema!r}",
+                    file=sys.stderr,
+                )
+                return 2
+            if not await usage_tables_exist(conn, usage):
+                print(
+                    f"usagepipe registry export-owner: no usage table {usage.table!r} in this"
+                    " database: is USAGEPIPE_POSTGRES__TABLE right? (`usagepipe db migrate`"
+                    " creates it)",
                     file=sys.stderr,
                 )
                 return 2

@@ -62,6 +62,12 @@ class UsageLink:
     keys: Callable[[UUID], list[str]]
 
 
+async def usage_tables_exist(conn: Connection, usage: UsageLink) -> bool:
+    """Whether `usage.table` has been migrated in `conn`'s database: an export without
+    them would show an owner no usage, which would be false, so callers refuse."""
+    return await conn.fetchval("SELECT to_regclass($1)", f"{usage.table}_layout") is not None
+
+
 Snapshot = Callable[[], AbstractAsyncContextManager[Connection]]
 """Opens a connection in a read-only REPEATABLE READ transaction
 (`devices.registry.Registry.snapshot`)."""

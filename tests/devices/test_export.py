@@ -195,14 +195,19 @@ async def test_the_csv_export_is_a_zip_of_one_file_per_table(
 async def test_an_export_without_the_usage_tables_is_refused_not_partial(
     registry: Registry,
 ) -> None:
-    app = create_app(lambda: _borrowed(registry), verifier=tokens.verifier())
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as c,
-    ):
-        ada = await create_owner(c)
-        response = await c.get(f"/owners/{ada.owner_id}/export", headers=ada.auth)
-    assert (response.status_code, response.json()["reason"]) == (503, "unavailable")
+    """A registry not given the usage tables, or given a table that does not exist
+    (not migrated yet, or a wrong name), answers 503 rather than an export that would
+    show the owner no usage."""
+    for usage in (None, UsageLink("usage_never_migrated", lambda _: [])):
+        app = create_app(lambda: _borrowed(registry), verifier=tokens.verifier(), usage=usage)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://r") as c,
+        ):
+            ada = await create_owner(c, f"Ada {usage is None}")
+            response = await c.get(f"/owners/{ada.owner_id}/export", headers=ada.auth)
+        assert (response.status_code, response.json()["reason"]) == (503, "unavailable")
+        assert response.headers["retry-after"] == "5"
 
 
 async def test_after_the_erasure_the_proof_finds_nothing_the_export_showed(

@@ -18,6 +18,7 @@ from ingest.owner_keys import keys_for
 from ingest.personal_data import CATALOGUE
 from ingest.settings import PostgresSettings, Settings
 from ingest.store import UsageStore
+from tests.conftest import connection
 from tests.ingest.test_erasure import add_letter, add_owner
 from tests.ingest.test_store import row
 from tests.usagepipe.test_cli import environment, usagepipe
@@ -89,9 +90,9 @@ async def test_erasure_prove_says_what_is_left_and_exits_by_it(
     )
 
 
-def test_erasure_prove_refuses_what_it_cannot_check(settings: Settings) -> None:
+async def test_erasure_prove_refuses_what_it_cannot_check(settings: Settings) -> None:
     env = environment(settings)
-    stranger = uuid.uuid4()
+    stranger, known = uuid.uuid4(), uuid.uuid4()
     done = usagepipe("erasure", "prove", "ada", env=env)
     assert (done.returncode, done.stderr) == (
         2,
@@ -108,6 +109,18 @@ def test_erasure_prove_refuses_what_it_cannot_check(settings: Settings) -> None:
         2,
         f"usagepipe registry export-owner: no owner {stranger} in the registry schema"
         f" {settings.registry.db_schema!r}\n",
+    )
+    async with connection(settings.postgres.dsn.get_secret_value()) as conn:
+        await conn.execute(
+            f"INSERT INTO {settings.registry.db_schema}.owners (owner_id, created_at,"
+            " last_active_at) VALUES ($1, now(), now())",
+            known,
+        )
+    done = usagepipe("registry", "export-owner", str(known), env=env)
+    assert (done.returncode, done.stderr) == (
+        2,
+        f"usagepipe registry export-owner: no usage table {settings.postgres.table!r} in this"
+        " database: is USAGEPIPE_POSTGRES__TABLE right? (`usagepipe db migrate` creates it)\n",
     )
 
 
