@@ -29,6 +29,7 @@ from ingest.settings import PostgresSettings, Settings
 from ingest.store import UsageStore
 from tests import tokens
 from tests.devices.test_api import SignedIn, _borrowed, create_owner, registration
+from tests.http_contract import served
 from tests.ingest.test_erasure import add_letter
 from tests.ingest.test_store import row
 
@@ -254,3 +255,28 @@ async def test_after_the_erasure_the_proof_finds_nothing_the_export_showed(
     # Bob's row stays, with his key.
     theirs = (await client.get(f"/owners/{bob.owner_id}/export", headers=bob.auth)).json()
     assert theirs["counts"]["usage_rows"] == 1
+
+
+async def test_served_by_uvicorn_the_export_is_streamed_in_chunks(
+    registry: Registry, store: UsageStore, settings: Settings
+) -> None:
+    """Over a real HTTP connection the export goes out chunked (no Content-Length: it
+    is never assembled whole), in more than one piece, and reads back complete."""
+    usage = UsageLink(store.table, lambda owner: keys_for(settings.enrich, owner))
+    app = create_app(lambda: _borrowed(registry), verifier=tokens.verifier(), usage=usage)
+    async with served(app) as url, httpx.AsyncClient(base_url=url) as c:
+        ada, _, _ = await owners_with_usage(c, store, settings)
+        for fmt in ("json", "csv"):
+            path = f"/owners/{ada.owner_id}/export?format={fmt}"
+            async with c.stream("GET", path, headers=ada.auth) as response:
+                assert response.status_code == 200
+                assert response.headers["transfer-encoding"] == "chunked"
+                assert "content-length" not in response.headers
+                pieces = [piece async for piece in response.aiter_raw()]
+            body = b"".join(pieces)
+            assert len(pieces) > 1, fmt
+            if fmt == "json":
+                assert json.loads(body)["counts"]["usage_rows"] == ROWS
+            else:
+                manifest = zipfile.ZipFile(io.BytesIO(body)).read("manifest.csv").decode()
+                assert f"usage_rows,usage_rows.csv,{ROWS}," in manifest
