@@ -211,8 +211,8 @@ CATALOGUE: tuple[Holding, ...] = (
         "owner_id",
         "the record that the owner's erasure was applied to the usage tables",
         kept="true",
-        why_kept="the record that the erasure was applied and verified; a random id that"
-        " names nobody any more",
+        why_kept="the record that the erasure was applied (verified once a later pass found"
+        " nothing); a random id that names nobody any more",
         order="owner_id",
     ),
 )
