@@ -137,6 +137,12 @@ async def test_a_key_put_back_after_the_first_pass_is_removed_by_the_next(
         await conn.execute(f"UPDATE {rollup} SET owner_key = 'k1' WHERE ctid = "
                            f"(SELECT max(ctid) FROM {rollup})")  # fmt: skip
     assert await erasures_pending(store, schema) == [owner]
+    # The proof sees both: the late row and the stale device-day.
+    proof = await proved(store, schema, owner, "k1")
+    assert {c.holding.name: c.left for c in proof.checked if c.left} == {
+        "usage_rows": 1,
+        "device_daily": 1,
+    }
     assert await unlink_owners(store, [(owner, "k1")]) == 1  # the late row
     assert await erasures_pending(store, schema) == [owner]  # that pass found some
     assert await unlink_owners(store, [(owner, "k1")]) == 0
@@ -147,6 +153,15 @@ async def test_a_key_put_back_after_the_first_pass_is_removed_by_the_next(
         for source in (t, f"{t}_device_daily"):
             assert await conn.fetchval(f"SELECT count(*) FROM {source} WHERE owner_key = 'k1'") == 0
         assert await device_days(conn, t, *span) == await direct_device_days(conn, t, *span)
+    assert (await proved(store, schema, owner, "k1")).proven
+
+
+async def proved(store: UsageStore, schema: str, owner: uuid.UUID, key: str) -> Proof:
+    """`prove_erasure` of `owner`, whose rows carry `key`."""
+    async with store.pool.acquire() as conn:
+        return await prove_erasure(
+            conn, owner, keys=[key], registry_schema=schema, usage_table=store.table
+        )
 
 
 @pytest.mark.timescale
