@@ -39,6 +39,9 @@ Every route but `/health`, `/ready` and `/metrics` needs `Authorization: Bearer
   is recorded without it), so clients written before versions keep working.
 - Reactivating a dormant owner needs a token whose `auth_time` is at most
   `auth.reauth_max_age_s` old (403 `reauthentication_required` otherwise).
+- Owners download everything held about them (`GET /owners/{owner_id}/export`, JSON or
+  a zip of CSV files, streamed: `devices.export`) when the app is given the usage
+  tables (`usage`).
 - Owners revoke and reissue their own devices' secrets and erase themselves. The same
   for anyone's device or account, on a request support received, is an operator's:
   `/operator/...`, with the scope `auth.operator_scope` (403 `insufficient_scope`
@@ -65,8 +68,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, FastAPI, Path, Request, status
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, status
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry
 from pydantic import (
     AfterValidator,
@@ -86,6 +89,14 @@ from devices.errors import (
     Rejected,
     RejectReason,
     TooManyAttempts,
+)
+from devices.export import (
+    Format,
+    UsageLink,
+    export_owner,
+    file_name,
+    media_type,
+    usage_tables_exist,
 )
 from devices.limits import Caller
 from devices.records import (
@@ -530,10 +541,12 @@ def create_app(
     verifier: auth.Verifier,
     docs: bool = False,
     metrics_registry: CollectorRegistry | None = None,
+    usage: UsageLink | None = None,
 ) -> FastAPI:
     """The API over the registry that `registry_factory()` opens for the app's lifetime,
     for callers whose tokens `verifier` accepts (`/docs` too where `docs`); its request
-    metrics go to `metrics_registry` (a fresh one when not given)."""
+    metrics go to `metrics_registry` (a fresh one when not given). `usage`: the usage
+    tables owners' exports read (without it, an export answers 503 `unavailable`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -548,6 +561,7 @@ def create_app(
         docs_url="/docs" if docs else None,
         redoc_url="/redoc" if docs else None,
     )
+    app.state.usage = usage
     metrics = metrics_registry if metrics_registry is not None else CollectorRegistry()
 
     async def postgresql() -> None:
@@ -742,6 +756,80 @@ async def erase(owner_id: ThisOwner, registry: RegistryDep) -> ErasureOut:
     """Erase the caller's own personal data and links now; the sign-in's link goes too."""
     released = await registry.erase_owner(owner_id)
     return ErasureOut(owner_id=owner_id, released_devices=released)
+
+
+_EXPORT_ANSWERS = _errors()
+_EXPORT_ANSWERS[200] = {
+    "description": "Everything held about the owner, streamed: JSON (`format=json`) or a zip"
+    " of one CSV per table and `manifest.csv` (`format=csv`); see the README, Privacy.",
+    "headers": {
+        "Content-Disposition": {
+            "description": "attachment; filename=usagepipe-owner-<owner_id>.json or .zip",
+            "schema": {"type": "string"},
+        }
+    },
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["format", "version", "owner_id", "exported_at", "tables", "counts"],
+                "properties": {
+                    "format": {"type": "string", "const": "usagepipe-owner-export"},
+                    "version": {"type": "integer"},
+                    "owner_id": {"type": "string", "format": "uuid"},
+                    "exported_at": {"type": "string", "format": "date-time"},
+                    "tables": {
+                        "type": "object",
+                        "additionalProperties": {"type": "array", "items": {"type": "object"}},
+                    },
+                    "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+                },
+            }
+        },
+        "application/zip": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+
+
+@owner_routes.get(
+    "/owners/{owner_id}/export",
+    response_class=StreamingResponse,
+    responses=dict(sorted(_EXPORT_ANSWERS.items(), key=lambda item: str(item[0]))),
+)
+async def export(
+    request: Request,
+    owner_id: ThisOwner,
+    registry: RegistryDep,
+    fmt: Annotated[Format, Query(alias="format")] = "json",
+) -> Response:
+    """Everything the maker holds about the caller: account, contacts, consent history,
+    devices, ownership periods, and the usage rows, rollups and dead letters carrying
+    their key, from the live data in one snapshot; streamed as JSON or a zip of CSVs."""
+    usage: UsageLink | None = request.app.state.usage
+    if usage is None:
+        return unavailable(
+            "exports are not set up on this registry (it has no usage tables to read)"
+        )
+    await registry.get_owner(owner_id)  # a database that does not answer: 503, before any byte
+    async with registry.snapshot() as conn:
+        if not await usage_tables_exist(conn, usage):
+            return unavailable(
+                f"the usage tables ({usage.table}) do not exist yet: exports wait until"
+                " they are migrated"
+            )
+    chunks = export_owner(
+        registry.snapshot,
+        owner_id,
+        fmt,
+        registry_schema=registry.settings.db_schema,
+        usage=usage,
+        now=datetime.now(UTC),
+    )
+    return StreamingResponse(
+        chunks,
+        media_type=media_type(fmt),
+        headers={"Content-Disposition": f'attachment; filename="{file_name(owner_id, fmt)}"'},
+    )
 
 
 # -- registrations and devices ------------------------------------------------------

@@ -15,6 +15,9 @@
         --text-file policy.md [--reask marketing]  publish a policy version (the privacy
                                                  office); --reask: consent purposes whose
                                                  text changed materially (asked again)
+    usagepipe registry export-owner ID [--format json|csv] [--out FILE]
+                                                 everything held about an owner (as the
+                                                 owner's GET /owners/{id}/export)
     usagepipe registry serve [--host H] [--port P]   the HTTP API
 
 Each handler takes the parsed arguments and the root `ingest.settings.Settings` (built
@@ -36,7 +39,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager, nullcontext
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -350,12 +353,90 @@ def _flush_events(args: argparse.Namespace, settings: Settings) -> int:
     return _run(run())
 
 
+def _export_owner(args: argparse.Namespace, settings: Settings) -> int:
+    """The owner's export, for the privacy office answering a request that did not come
+    through the owner's own sign-in: the same document `GET /owners/{id}/export`
+    streams, into `--out` (default `usagepipe-owner-<id>.json|zip` here; `-`: stdout)."""
+    from devices.export import UsageLink, export_owner, file_name, usage_tables_exist
+    from ingest.owner_keys import keys_for, with_local_owner_key
+    from ingest.sql_names import quote_schema
+
+    settings = with_local_owner_key(settings)
+    owner_id: UUID = args.owner_id
+    out = Path(args.out or file_name(owner_id, args.format))
+    schema = settings.registry.db_schema
+    usage = UsageLink(settings.postgres.table, lambda o: keys_for(settings.enrich, o))
+
+    async def run() -> int:
+        conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
+        try:
+            owners = f"{quote_schema(schema)}.owners"
+            known = await conn.fetchval("SELECT to_regclass($1)", owners) is not None
+            if known:
+                known = await conn.fetchval(
+                    f"SELECT EXISTS (SELECT 1 FROM {owners} WHERE owner_id = $1)", owner_id
+                )
+            if not known:
+                print(
+                    f"usagepipe registry export-owner: no owner {owner_id} in the registry"
+                    f" schema {schema!r}",
+                    file=sys.stderr,
+                )
+                return 2
+            if not await usage_tables_exist(conn, usage):
+                print(
+                    f"usagepipe registry export-owner: no usage table {usage.table!r} in this"
+                    " database: is USAGEPIPE_POSTGRES__TABLE right? (`usagepipe db migrate`"
+                    " creates it)",
+                    file=sys.stderr,
+                )
+                return 2
+
+            @asynccontextmanager
+            async def snapshot() -> AsyncIterator[asyncpg.Connection]:
+                async with conn.transaction(isolation="repeatable_read", readonly=True):
+                    yield conn
+
+            chunks = export_owner(
+                snapshot,
+                owner_id,
+                args.format,
+                registry_schema=schema,
+                usage=usage,
+                now=datetime.now(UTC),
+            )
+            size = 0
+            if args.out == "-":
+                async for chunk in chunks:
+                    sys.stdout.buffer.write(chunk)
+                return 0
+            # Written beside, then renamed: a failure half-way leaves no export that
+            # looks whole.
+            partial = out.with_name(out.name + ".part")
+            try:
+                with partial.open("wb") as sink:
+                    async for chunk in chunks:
+                        sink.write(chunk)
+                        size += len(chunk)
+                partial.replace(out)
+            finally:
+                partial.unlink(missing_ok=True)
+        finally:
+            await conn.close()
+        print(f"wrote {out} ({size} bytes, {args.format})")
+        return 0
+
+    return _run(run())
+
+
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
     from prometheus_client import CollectorRegistry
 
     from devices.api import create_app
+    from devices.export import UsageLink
     from ingest.auth import build_verifier
+    from ingest.owner_keys import keys_for, with_local_owner_key
     from ingest.ports import listen
     from ingest.setting_errors import variable
 
@@ -371,6 +452,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     )
 
     verifier, signer = build_verifier(settings.auth, settings.services.run_dir)
+    # Owners' exports find their usage rows by key (`keys_for`), in the usage tables of
+    # the same database (`postgres.dsn`, `postgres.table`).
+    settings = with_local_owner_key(settings)
+    usage = UsageLink(settings.postgres.table, lambda o: keys_for(settings.enrich, o))
 
     async def run() -> int:
         # The broker and the registry are opened here rather than in the app's lifespan,
@@ -385,6 +470,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
                     verifier=verifier,
                     docs=settings.auth.docs_enabled,
                     metrics_registry=CollectorRegistry(),
+                    usage=usage,
                 ),
                 host=host,
                 port=port,
@@ -531,6 +617,19 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
         metavar="PURPOSE",
         help="a consent purpose whose text changed materially: consent given under an"
         " earlier version lapses when this one takes effect (repeat for several)",
+    )
+
+    p = command(
+        "export-owner",
+        _export_owner,
+        "everything held about an owner, as JSON or a zip of CSVs (as GET /owners/{id}/export)",
+    )
+    p.add_argument("owner_id", type=UUID, metavar="OWNER_ID")
+    p.add_argument("--format", choices=["json", "csv"], default="json")
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="where to write it (default usagepipe-owner-<id>.json or .zip here; - for stdout)",
     )
 
     p = command("serve", _serve, "run the registry's HTTP API")

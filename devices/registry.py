@@ -210,6 +210,23 @@ class Registry:
         except _UNAVAILABLE as exc:
             raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
 
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[Connection]:
+        """A connection in a read-only REPEATABLE READ transaction with the DSN's own
+        `search_path` (the usage tables'), for reads across the registry and the usage
+        tables that must agree with each other (the owner's export, `devices.export`):
+        the registry's tables must be named with their schema there."""
+        if self._pool is None:
+            raise RuntimeError("Registry is not open (use `async with`)")
+        try:
+            async with (
+                self._pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                yield conn
+        except _UNAVAILABLE as exc:
+            raise RegistryUnavailable(f"registry unavailable: {exc}") from exc
+
     async def flush_events(self) -> int:
         """Publish every pending outbox event; return how many were sent.
 

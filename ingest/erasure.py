@@ -7,7 +7,8 @@ notification channel; the consumer (`ingest.enrich.Enricher.apply_erasures`) the
 erased owners it has not applied, or not verified, yet. `<table>_erasures` records each
 owner applied, and whether a later pass found nothing left. The dead letters linked to
 the owner (those whose device the owner had, with the link, when they failed) are
-deleted in the same pass.
+deleted in the same pass. `ingest.erasure_proof` (`usagepipe erasure prove`) checks
+afterwards that nothing linked to the owner is left in any table that could hold it.
 """
 
 from __future__ import annotations

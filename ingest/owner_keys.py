@@ -3,6 +3,9 @@ and the local development secret it is keyed with when none is configured.
 
 owner_key = HMAC-SHA256(enrich.owner_key_secret, owner id), hex, first 32 digits. The
 enricher puts it on rows whose owner may be attributed, and erasure finds rows by it.
+
+`keys_for` is the one answer to "under which keys may this owner's data be stored": the
+owner's export and the erasure proof look for every key it gives.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from uuid import UUID
 
 from pydantic import SecretStr
 
-from ingest.settings import Settings
+from ingest.errors import ConfigurationError
+from ingest.settings import EnrichSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,19 @@ def owner_key(secret: bytes, owner_id: UUID) -> str:
     """The owner's pseudonymous key: HMAC-SHA256 of the canonical UUID text."""
     digest = hmac.new(secret, str(owner_id).encode(), hashlib.sha256).hexdigest()
     return digest[:OWNER_KEY_HEX_DIGITS]
+
+
+def keys_for(enrich: EnrichSettings, owner_id: UUID) -> list[str]:
+    """Every key the owner's usage data may be stored under, in `enrich`'s secrets: the
+    key of `enrich.owner_key_secret` (one secret, so one key). Whatever finds an
+    owner's data by key (the owner's export, `usagepipe erasure prove`) looks for each
+    of these, so a secret with versions adds one key per version still stored here."""
+    if enrich.owner_key_secret is None:
+        raise ConfigurationError(
+            "enrich.owner_key_secret is not set (USAGEPIPE_ENRICH__OWNER_KEY_SECRET): an"
+            " owner's usage rows cannot be found without the key they are stored under"
+        )
+    return [owner_key(enrich.owner_key_secret.get_secret_value().encode(), owner_id)]
 
 
 def create_once(path: Path, make: Callable[[], bytes]) -> bool:

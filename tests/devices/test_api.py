@@ -253,6 +253,7 @@ async def test_openapi_is_published(client: httpx.AsyncClient) -> None:
         "/owners/{owner_id}/consents/history",
         "/owners/{owner_id}/reactivation",
         "/owners/{owner_id}/erasure",
+        "/owners/{owner_id}/export",
         "/operator/devices/{device_id}/credentials/revoke",
         "/operator/devices/{device_id}/credentials",
         "/operator/owners/{owner_id}/erasure",

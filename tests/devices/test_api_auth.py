@@ -91,6 +91,8 @@ async def test_the_hijack_from_the_issue_is_refused(
         ("PUT", f"/owners/{victim_id}/consents", {"marketing": False}, (403, "forbidden")),
         ("POST", f"/owners/{victim_id}/reactivation", consents, (403, "forbidden")),
         ("POST", f"/owners/{victim_id}/erasure", None, (403, "forbidden")),
+        ("GET", f"/owners/{victim_id}/export", None, (403, "forbidden")),
+        ("GET", f"/owners/{victim_id}/export?format=csv", None, (403, "forbidden")),
         ("POST", f"/operator/devices/{device}/credentials/revoke", reason,
          (403, "insufficient_scope")),
         ("POST", f"/operator/devices/{device}/credentials", reason, (403, "insufficient_scope")),

@@ -120,6 +120,7 @@ OWNER_ROUTES = {
     ("PUT", "/consents"): {"analytics": True},
     ("POST", "/reactivation"): {"analytics_consent": True, "marketing_consent": True},
     ("POST", "/erasure"): None,
+    ("GET", "/export"): None,
 }
 SEGMENTS = ["%00", "a%00b", "%ED%A0%80", "a%ED%A0%80b", "%FF", "%ED%A0%80%00"]
 

@@ -17,6 +17,8 @@ from devices.records import (
     PurchaseChannel,
 )
 from devices.registry import Registry
+from ingest.erasure_proof import prove_erasure
+from ingest.personal_data import holdings
 from tests.devices.catalog import T0, new_owner
 from tests.devices.fakes import RecordingBroker, RecordingPublisher
 
@@ -142,11 +144,31 @@ async def test_erasure_leaves_no_personal_data(
     handover = T0 + timedelta(days=10)
     await registry.transfer(sold.device_id, ada, bob, SHOP, at=handover)
     erased_at = T0 + timedelta(days=20)
+    schema = registry.settings.db_schema
+    # The proof (`usagepipe erasure prove`, here on the registry's tables alone) finds
+    # Ada's data before her erasure, and nothing after it but what stays by design.
+    before = await prove_erasure(pg, ada, keys=[], registry_schema=schema, usage_table=None)
+    assert (before.status, before.proven) == ("active", False)
+    assert {c.holding.name: (c.linked, c.kept) for c in before.checked if c.linked} == {
+        "owners": (1, 0),
+        "owner_contacts": (1, 0),
+        "consent_events": (2, 0),
+        "ownership_periods": (2, 0),
+        "devices": (2, 0),
+        "registration_attempts": (3, 0),
+        "event_outbox": (3, 0),
+    }
 
     assert await registry.erase_owner(ada, at=erased_at) == [kept.device_id]
     assert await registry.erase_owner(ada, at=erased_at) == []
 
-    schema = registry.settings.db_schema
+    after = await prove_erasure(pg, ada, keys=[], registry_schema=schema, usage_table=None)
+    assert (after.status, after.proven, after.left) == ("erased", True, 0)
+    assert {c.holding.name: (c.linked, c.kept) for c in after.checked if c.linked} == {
+        "owners": (1, 1),
+        "event_outbox": (1, 1),  # owner.erased
+    }
+    assert [c.holding.name for c in after.checked] == [h.name for h in holdings("registry")]
     assert (
         await pg.fetchval(f"SELECT count(*) FROM {schema}.owner_contacts WHERE owner_id = $1", ada)
         == 0

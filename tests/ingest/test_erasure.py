@@ -13,9 +13,12 @@ from prometheus_client import CollectorRegistry
 
 from ingest.enrich import Enricher
 from ingest.erasure import erasure_backlog, erasures_pending, unlink_owners
+from ingest.erasure_proof import Proof, prove_erasure
 from ingest.errors import StoreUnavailable
 from ingest.metrics import ConsumerMetrics
-from ingest.rollups import materialised_rows
+from ingest.owner_keys import keys_for
+from ingest.personal_data import CATALOGUE
+from ingest.rollups import Rollup, materialised_rows
 from ingest.settings import Settings
 from ingest.store import UsageStore
 from tests.conftest import connection, require_timescaledb
@@ -134,6 +137,12 @@ async def test_a_key_put_back_after_the_first_pass_is_removed_by_the_next(
         await conn.execute(f"UPDATE {rollup} SET owner_key = 'k1' WHERE ctid = "
                            f"(SELECT max(ctid) FROM {rollup})")  # fmt: skip
     assert await erasures_pending(store, schema) == [owner]
+    # The proof sees both: the late row and the stale device-day.
+    proof = await proved(store, schema, owner, "k1")
+    assert {c.holding.name: c.left for c in proof.checked if c.left} == {
+        "usage_rows": 1,
+        "device_daily": 1,
+    }
     assert await unlink_owners(store, [(owner, "k1")]) == 1  # the late row
     assert await erasures_pending(store, schema) == [owner]  # that pass found some
     assert await unlink_owners(store, [(owner, "k1")]) == 0
@@ -144,6 +153,15 @@ async def test_a_key_put_back_after_the_first_pass_is_removed_by_the_next(
         for source in (t, f"{t}_device_daily"):
             assert await conn.fetchval(f"SELECT count(*) FROM {source} WHERE owner_key = 'k1'") == 0
         assert await device_days(conn, t, *span) == await direct_device_days(conn, t, *span)
+    assert (await proved(store, schema, owner, "k1")).proven
+
+
+async def proved(store: UsageStore, schema: str, owner: uuid.UUID, key: str) -> Proof:
+    """`prove_erasure` of `owner`, whose rows carry `key`."""
+    async with store.pool.acquire() as conn:
+        return await prove_erasure(
+            conn, owner, keys=[key], registry_schema=schema, usage_table=store.table
+        )
 
 
 @pytest.mark.timescale
@@ -222,3 +240,102 @@ async def test_an_erasure_beside_a_concurrent_timescaledb_refresh_ends_with_no_k
                 assert await conn.fetchval(count) == 0, source
             assert await conn.fetchval(f"SELECT count(*) FROM {t}_rollup_invalidations") == 0
             assert await device_days(conn, t, *span) == await direct_device_days(conn, t, *span)
+
+
+async def add_letter(store: UsageStore, key: str | None, offset: int, at: datetime) -> None:
+    """A dead letter of a device whose owner had `key` when it failed."""
+    await store.pool.execute(
+        f"INSERT INTO {store.table}_dead_letters (letter_key, reason, message, device_id,"
+        " original, source_kind, source_topic, source_partition, source_offset, failed_at,"
+        " owner_key) VALUES ($1, 'schema_violation', 'bad', 'd1', $2, 'kafka', 'raw', 0, $3,"
+        " $4, $5)",
+        f"letter-{offset}".encode(),
+        b'{"bad": true}',
+        offset,
+        at,
+        key,
+    )
+
+
+async def proof_of(store: UsageStore, settings: Settings, owner: uuid.UUID) -> Proof:
+    async with store.pool.acquire() as conn:
+        return await prove_erasure(
+            conn,
+            owner,
+            keys=keys_for(settings.enrich, owner),
+            registry_schema=settings.registry.db_schema,
+            usage_table=store.table,
+        )
+
+
+def counts(proof: Proof) -> dict[str, tuple[int, int]]:
+    """Linked and kept rows per table the proof found any in."""
+    return {c.holding.name: (c.linked, c.kept) for c in proof.checked if c.linked}
+
+
+async def test_the_proof_finds_the_owners_data_until_the_erasure_is_applied(
+    settings: Settings, either: UsageStore
+) -> None:
+    """`prove_erasure` (`usagepipe erasure prove`) before the registry erases the
+    owner, after it but before the consumer has applied it, and after: it counts the
+    owner's rows, rollup rows and dead letters by the owner's key (`keys_for`) and the
+    registry's rows by id, and proves the erasure only at the end."""
+    store, t, schema = either, either.table, settings.registry.db_schema
+    at = datetime(2026, 2, 1, 8, tzinfo=UTC)
+    owner, other = uuid.uuid4(), uuid.uuid4()
+    [key] = keys_for(settings.enrich, owner)
+    [other_key] = keys_for(settings.enrich, other)
+    await add_owner(store, schema, owner, at, erased=False)
+    await add_owner(store, schema, other, at, erased=False)
+    mine = [dataclasses.replace(row("d1", s, at + s * HOUR), owner_key=key) for s in range(3)]
+    await store.write([*mine, dataclasses.replace(row("d2", 1, at), owner_key=other_key)])
+    await store.refresh_rollups(wait=True)
+    await add_letter(store, key, 1, at)
+    await add_letter(store, other_key, 2, at)
+
+    before = await proof_of(store, settings, owner)
+    assert (before.status, before.layout, before.keys) == ("active", store.layout.kind, 1)
+    assert counts(before) == {
+        "owners": (1, 0),
+        "usage_rows": (3, 0),
+        "device_daily": (1, 0),
+        "dead_letters": (1, 0),
+    }
+    assert not before.proven
+    assert before.lines()[-1] == "not erased: the owner is active; 6 row(s) linked to them"
+
+    await store.pool.execute(
+        f"UPDATE {schema}.owners SET status = 'erased', erased_at = $2 WHERE owner_id = $1",
+        owner,
+        at + DAY,
+    )
+    pending = await proof_of(store, settings, owner)
+    assert counts(pending) == {
+        "owners": (1, 1),
+        "usage_rows": (3, 0),
+        "device_daily": (1, 0),
+        "dead_letters": (1, 0),
+    }
+    assert pending.left == 5
+    assert pending.lines()[-1] == (
+        f"NOT PROVEN: 5 row(s) still linked, in {t},"
+        f" {await materialised(store, 'device_daily')}, {t}_dead_letters"
+    )
+
+    assert await unlink_owners(store, [(owner, key)]) == 3
+    after = await proof_of(store, settings, owner)
+    assert counts(after) == {"owners": (1, 1), "erasures": (1, 1)}
+    assert after.proven
+    report = after.lines()
+    assert report[0] == (
+        f"owner {owner}: erased; usage layout {store.layout.kind}; 1 owner key(s) looked for"
+    )
+    assert report[-1] == f"erasure proven: {len(after.checked)} tables checked, nothing left"
+    assert [c.holding.name for c in after.checked] == [h.name for h in CATALOGUE]
+    # The other owner's data is untouched, and found.
+    assert counts(await proof_of(store, settings, other))["usage_rows"] == (1, 0)
+
+
+async def materialised(store: UsageStore, rollup: Rollup) -> str:
+    async with store.pool.acquire() as conn:
+        return (await materialised_rows(conn, store.table, rollup)).replace('"', "")

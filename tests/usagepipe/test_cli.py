@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from uuid import UUID
 
 import asyncpg
 import pytest
@@ -604,6 +605,11 @@ def test_a_stopped_database_is_one_line(settings: Settings) -> None:
             f"usagepipe insights serve: PostgreSQL unreachable: {refused}",
         ),
         ("registry", "migrate"): (2, f"usagepipe registry: {refused}"),
+        ("registry", "export-owner", str(UUID(int=1))): (2, f"usagepipe registry: {refused}"),
+        ("erasure", "prove", str(UUID(int=1))): (
+            1,
+            f"usagepipe erasure prove: PostgreSQL unreachable: {refused}",
+        ),
         ("registry", "serve", "--port", "0"): (
             2,
             f"usagepipe registry: cannot connect to PostgreSQL: {refused}",
