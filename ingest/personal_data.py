@@ -110,7 +110,7 @@ CATALOGUE: tuple[Holding, ...] = (
         "consent_events",
         "owner_id",
         "owner_id",
-        "every consent given or withdrawn: purpose, granted, when, from where",
+        "every consent given or withdrawn: purpose, granted, the policy version, when, from where",
         order="changed_at, consent_event_id",
     ),
     Holding(
