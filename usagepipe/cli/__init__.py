@@ -16,13 +16,15 @@
     usagepipe insights serve              planners' read-only HTTP API and web page
     usagepipe auth token --subject S ...  a bearer token from the local dev signer
     usagepipe dlq list|show|replay        the dead letters (their table, or telemetry.dlq)
+    usagepipe owner-keys versions|rotate  owner-key versions stored; a new secret version
 
 Each command's parser sets its handler (`usagepipe.cli.arguments.Handler`); `main`
 parses, configures logging, builds the settings, runs the handler and turns what it
 raises into one line. The handlers live beside their command's parser:
 `usagepipe.cli.operations` (services, settings, asyncapi, dlq), `usagepipe.cli.pipeline`
-(db, bridge, consume), `usagepipe.cli.fleet` (simulate, verify, demo), and, below this
-composition root, `devices.cli` (registry) and `insights.cli` (report, insights).
+(db, bridge, consume), `usagepipe.cli.keys` (owner-keys), `usagepipe.cli.fleet`
+(simulate, verify, demo), and, below this composition root, `devices.cli` (registry)
+and `insights.cli` (report, insights).
 
 Only this module reads the environment (`Settings()`) and, through
 `usagepipe.cli.logs`, configures logging.
@@ -51,6 +53,7 @@ from insights.cli import register_commands as add_insights
 from schemas.errors import UsagepipeError
 from usagepipe.cli.arguments import Commands, Handler, OneLineParser
 from usagepipe.cli.fleet import add_demo, add_simulate, add_verify
+from usagepipe.cli.keys import add_owner_keys
 from usagepipe.cli.logs import configure
 from usagepipe.cli.operations import (
     add_asyncapi,
@@ -79,6 +82,7 @@ COMMANDS: tuple[Callable[[Commands], None], ...] = (
     add_insights,  # report, insights
     add_auth,
     add_dlq,
+    add_owner_keys,
     add_demo,
 )
 """Every command, in the order `usagepipe --help` lists them."""

@@ -1,0 +1,90 @@
+"""Which owner-key versions the usage store still holds, and how much of each: what
+`usagepipe owner-keys versions` prints, and when an old version's secret may go.
+
+A rotation keys only new rows (`ingest.owner_keys`, README Privacy): a version stays
+stored until retention drops the last row, device-day and dead letter carrying it, and
+erasure can find an owner's rows under it only while its secret is configured. So a
+version is retired (its secret removed from `enrich.owner_key_secrets_file`) once it is
+stored nowhere; a version stored but no longer configured is what `unconfigured` names,
+the case an operator must fix (put the secret back) before any erasure is trusted.
+
+Each count reads the whole of its table's owner-key index (an index-only scan where the
+visibility map allows): a command for an operator, not for the data path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from ingest.errors import StoreUnavailable
+from ingest.owner_keys import KEY_VERSION_SQL
+from ingest.postgres import translated
+from ingest.rollups import materialised_rows
+from ingest.store import UsageStore
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVersion:
+    """One owner-key version as the store holds it."""
+
+    version: int
+    rows: int
+    """Raw usage rows carrying a key of this version."""
+    device_days: int
+    """Materialised device-daily rollup rows carrying one."""
+    dead_letters: int
+    """Dead letters linked to an owner by one."""
+    oldest: datetime | None
+    """The earliest event time (of a row) or day (of a device-day) carrying one: what
+    `postgres.retention_days` drops by (None: only dead letters carry it)."""
+    newest: datetime | None
+
+
+async def stored_versions(store: UsageStore) -> list[StoredVersion]:
+    """Every owner-key version some row, device-day or dead letter of `store`'s table
+    carries, by version."""
+    t = store.table
+    version = KEY_VERSION_SQL.format(column="owner_key")
+    counts = (
+        f"SELECT {version} AS version, count(*) AS n, min({{at}}) AS oldest,"
+        f" max({{at}}) AS newest FROM {{relation}} WHERE owner_key IS NOT NULL GROUP BY 1"
+    )
+    with translated(StoreUnavailable, "counting stored owner-key versions failed"):
+        async with store.pool.acquire() as conn:
+            rollup = await materialised_rows(conn, t, "device_daily")
+            rows = await conn.fetch(counts.format(at="event_time", relation=t))
+            days = await conn.fetch(counts.format(at="bucket", relation=rollup))
+            letters = await conn.fetch(counts.format(at="failed_at", relation=f"{t}_dead_letters"))
+    found: dict[int, StoredVersion] = {}
+    for kind, records in (("rows", rows), ("device_days", days), ("dead_letters", letters)):
+        for r in records:
+            v = int(r["version"])
+            seen = found.get(v) or StoredVersion(v, 0, 0, 0, None, None)
+            found[v] = StoredVersion(
+                v,
+                seen.rows + (r["n"] if kind == "rows" else 0),
+                seen.device_days + (r["n"] if kind == "device_days" else 0),
+                seen.dead_letters + (r["n"] if kind == "dead_letters" else 0),
+                # A letter's time is when it failed, not the data's: retention of
+                # rows and device-days is what the dates are for.
+                seen.oldest if kind == "dead_letters" else _earliest(seen.oldest, r["oldest"]),
+                seen.newest if kind == "dead_letters" else _latest(seen.newest, r["newest"]),
+            )
+    return [found[v] for v in sorted(found)]
+
+
+def unconfigured(stored: Iterable[StoredVersion], configured: Iterable[int]) -> list[int]:
+    """The stored versions whose secret is not configured: erasure cannot find an owner's
+    rows under them."""
+    known = set(configured)
+    return [s.version for s in stored if s.version not in known]
+
+
+def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _latest(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None else a if b is None else max(a, b)

@@ -1,0 +1,325 @@
+"""Owner-key versions and rotation: the secrets file and its errors, keys that carry
+their version, a rotation that keys only new rows, and erasure that finds an owner under
+every version still stored, on the real servers (`usagepipe owner-keys` as a user runs
+it, in a subprocess).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from devices.records import Purchase, PurchaseChannel
+from ingest.errors import ConfigurationError
+from ingest.key_versions import StoredVersion, stored_versions
+from ingest.owner_keys import (
+    OwnerKeySecrets,
+    add_version,
+    key_version,
+    keys_for,
+    load_secrets,
+    owner_key,
+    read_secrets,
+)
+from ingest.settings import EnrichSettings, Settings
+from ingest.store import UsageStore
+from tests.conftest import TEST_OWNER_KEY
+from tests.ingest.test_enrich import (
+    NOW,
+    consume,
+    enriching,
+    fleet,
+    message,
+    produce,
+    rows_of,
+    running,
+)
+from tests.usagepipe.test_cli import environment, one_line, usagepipe
+
+OWNER = uuid.UUID("6f1c2a4e-1b7d-4c8e-9a3f-0d2b5e7c9a11")
+SECOND = "second-version-secret-0123456789abcdef-xyz"
+
+
+def secrets_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "owner_key_secrets"
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+def with_file(path: Path, version: int) -> EnrichSettings:
+    return EnrichSettings(owner_key_secrets_file=path, owner_key_version=version)
+
+
+# -- keys and their versions -------------------------------------------------------------
+
+
+def test_keys_carry_their_version_and_version_1_keys_are_as_before() -> None:
+    bare = owner_key(TEST_OWNER_KEY.encode(), OWNER)
+    assert len(bare) == 32 and key_version(bare) == 1
+    assert owner_key(TEST_OWNER_KEY.encode(), OWNER, 1) == bare
+    v2 = owner_key(SECOND.encode(), OWNER, 2)
+    assert v2.startswith("2:") and len(v2) == 34 and key_version(v2) == 2
+    # The same secret under another version is another key: the version is part of it.
+    assert owner_key(TEST_OWNER_KEY.encode(), OWNER, 3) == f"3:{bare}"
+    secrets = OwnerKeySecrets({1: TEST_OWNER_KEY.encode(), 2: SECOND.encode()}, 2, "test")
+    assert secrets.key(OWNER) == v2
+    assert keys_for(secrets, OWNER) == [bare, v2]
+
+
+def test_the_env_secret_is_version_1(tmp_path: Path) -> None:
+    secrets = load_secrets(EnrichSettings(owner_key_secret=SecretStr(TEST_OWNER_KEY)))
+    assert (secrets.versions, secrets.current) == ((1,), 1)
+    assert secrets.key(OWNER) == owner_key(TEST_OWNER_KEY.encode(), OWNER)
+
+
+def test_a_secrets_file_and_a_directory_give_every_version(tmp_path: Path) -> None:
+    path = secrets_file(tmp_path, f"# rotated 2026-12\n\n1 {TEST_OWNER_KEY}\n  2 {SECOND}  \n")
+    secrets = load_secrets(with_file(path, 2))
+    assert (secrets.versions, secrets.current, secrets.source) == ((1, 2), 2, str(path))
+    assert keys_for(secrets, OWNER) == [
+        owner_key(TEST_OWNER_KEY.encode(), OWNER),
+        owner_key(SECOND.encode(), OWNER, 2),
+    ]
+    # A directory as a Kubernetes secret volume mounts it: a file per version, and the
+    # volume's own hidden entries.
+    directory = tmp_path / "mounted"
+    directory.mkdir()
+    (directory / "1").write_text(TEST_OWNER_KEY + "\n")
+    (directory / "2").write_text(SECOND)
+    (directory / "..data").mkdir()
+    assert read_secrets(directory) == {1: TEST_OWNER_KEY.encode(), 2: SECOND.encode()}
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("", ": holds no secret (lines `VERSION SECRET`)"),
+        (
+            f"one {TEST_OWNER_KEY}\n",
+            ", line 1: the version must be a whole number from 1 to"
+            " 9999, then a space and the secret",
+        ),
+        (f"1 {TEST_OWNER_KEY}\n1 {SECOND}\n", ", line 2: version 1 is given twice"),
+        (
+            f"1 {TEST_OWNER_KEY}\n2 short\n",
+            ", line 2: the secret of version 2 is missing or shorter than 32 characters",
+        ),
+        ("1\n", ", line 1: the secret of version 1 is missing or shorter than 32 characters"),
+    ],
+)
+def test_a_malformed_secrets_file_is_refused_by_line(tmp_path: Path, text: str, error: str) -> None:
+    path = secrets_file(tmp_path, text)
+    with pytest.raises(ConfigurationError) as refused:
+        load_secrets(with_file(path, 1))
+    assert str(refused.value) == f"enrich.owner_key_secrets_file {path}{error}"
+    assert "short" not in str(refused.value).replace("shorter", "")  # no secret repeated
+
+
+def test_a_missing_file_or_version_is_refused(tmp_path: Path) -> None:
+    missing = tmp_path / "absent"
+    with pytest.raises(ConfigurationError) as refused:
+        load_secrets(with_file(missing, 1))
+    assert (
+        str(refused.value) == f"enrich.owner_key_secrets_file {missing}: No such file or directory"
+    )
+    path = secrets_file(tmp_path, f"1 {TEST_OWNER_KEY}\n")
+    with pytest.raises(ConfigurationError) as refused:
+        load_secrets(with_file(path, 2))
+    assert str(refused.value) == (
+        f"{path} holds no owner-key secret of version 2 (USAGEPIPE_ENRICH__OWNER_KEY_VERSION);"
+        " it holds 1"
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        ({"owner_key_secrets_file": "f"}, "enrich.owner_key_version must be set with"),
+        (
+            {"owner_key_secrets_file": "f", "owner_key_version": 1, "owner_key_secret": "x" * 32},
+            "set enrich.owner_key_secrets_file or enrich.owner_key_secret, not both",
+        ),
+        ({"owner_key_version": 2}, "enrich.owner_key_version other than 1 needs"),
+    ],
+)
+def test_the_settings_name_one_source_and_the_current_version(
+    fields: dict[str, object], error: str
+) -> None:
+    with pytest.raises(ValidationError, match=error):
+        EnrichSettings.model_validate(fields)
+
+
+def test_rotation_adds_a_version_and_keeps_the_file_private(tmp_path: Path) -> None:
+    path = secrets_file(tmp_path, f"1 {TEST_OWNER_KEY}")  # no newline at the end
+    assert add_version(path) == 2
+    assert add_version(path) == 3
+    found = read_secrets(path)
+    assert sorted(found) == [1, 2, 3] and found[1] == TEST_OWNER_KEY.encode()
+    assert len({found[1], found[2], found[3]}) == 3
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # nothing staged left
+
+
+def test_the_commands_say_what_is_wrong_with_the_secrets_file_in_one_line(
+    tmp_path: Path,
+) -> None:
+    path = secrets_file(tmp_path, f"1 {TEST_OWNER_KEY}\n2 nope\n")
+    env = environment(
+        USAGEPIPE_ENRICH__OWNER_KEY_SECRETS_FILE=str(path), USAGEPIPE_ENRICH__OWNER_KEY_VERSION="1"
+    )
+    env.pop("USAGEPIPE_ENRICH__OWNER_KEY_SECRET", None)
+    for args in (["owner-keys", "versions"], ["owner-keys", "rotate"], ["consume"]):
+        done = usagepipe(*args, env=env)
+        assert done.returncode == 2
+        assert one_line(done) == (
+            f"usagepipe {' '.join(args)}: enrich.owner_key_secrets_file {path}, line 2: the"
+            " secret of version 2 is missing or shorter than 32 characters"
+        )
+    env.pop("USAGEPIPE_ENRICH__OWNER_KEY_VERSION")
+    done = usagepipe("owner-keys", "versions", env=env)
+    assert done.returncode == 2
+    assert "USAGEPIPE_ENRICH__OWNER_KEY_VERSION" in one_line(done) or "owner_key_version" in (
+        done.stderr
+    )
+    plain = environment()
+    plain["USAGEPIPE_ENRICH__OWNER_KEY_SECRET"] = TEST_OWNER_KEY
+    done = usagepipe("owner-keys", "rotate", env=plain)
+    assert done.returncode == 2
+    assert one_line(done).startswith(
+        "usagepipe owner-keys rotate: rotation needs enrich.owner_key_secrets_file"
+    )
+
+
+# -- rotation and erasure on the real servers ----------------------------------------------
+
+
+async def test_erasure_finds_an_owner_under_every_version_after_a_rotation(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Rows and dead letters written under version 1, the secret rotated, more written
+    under version 2, the rollups refreshed: the stored rows keep the version they were
+    written with, `owner-keys versions` counts both, and erasing the owner leaves
+    nothing under either, while another owner keeps both versions' keys."""
+    path = secrets_file(tmp_path, f"1 {TEST_OWNER_KEY}\n")
+    file_only = {"owner_key_secret": None, "owner_key_secrets_file": path}
+    v1 = enriching(settings, **file_only, owner_key_version=1)
+    v2 = enriching(settings, **file_only, owner_key_version=2)
+    before, after = NOW - timedelta(days=3), NOW - timedelta(days=1)
+    async with fleet(settings) as f:
+        erased = await f.owner("erased", at=before - timedelta(days=1))
+        kept = await f.owner("kept", at=before - timedelta(days=1))
+        shop = Purchase(PurchaseChannel.OWN_ONLINE_SHOP)
+        d_erased, _ = await f.register(erased, "SN-W1", shop, at=before - timedelta(days=1))
+        d_kept, _ = await f.register(kept, "SN-W2", shop, at=before - timedelta(days=1))
+
+        await produce(v1, [(d, message(d, s, before)) for d in (d_erased, d_kept) for s in (0, 1)])
+        await produce(v1, [(d_erased, b'{"not": "a message"}')])
+        await consume(v1, 5)
+        assert add_version(path) == 2  # rotation, step 1: every consumer knows version 2
+        await produce(v2, [(d, message(d, 2, after)) for d in (d_erased, d_kept)])
+        await produce(v2, [(d_erased, b'{"not": "a message either"}')])
+        await consume(v2, 3)  # step 2: new rows get version 2 keys
+
+        secrets = load_secrets(v2.enrich)
+        k1, k2 = keys_for(secrets, erased)
+        assert (key_version(k1), key_version(k2)) == (1, 2)
+        stored = await rows_of(
+            settings, "SELECT device_id, seq, owner_key FROM {table} ORDER BY 1, 2"
+        )
+        kept1, kept2 = keys_for(secrets, kept)
+        assert sorted(map(tuple, stored)) == sorted(
+            [
+                *[(d_erased, 0, k1), (d_erased, 1, k1), (d_erased, 2, k2)],
+                *[(d_kept, 0, kept1), (d_kept, 1, kept1), (d_kept, 2, kept2)],
+            ]
+        )
+        letters = await rows_of(settings, "SELECT owner_key FROM {table}_dead_letters")
+        assert sorted(r["owner_key"] for r in letters) == sorted([k1, k2])
+
+        async with UsageStore(settings.postgres) as store:
+            await store.migrate()
+            await store.refresh_rollups(wait=True)
+            versions = await stored_versions(store)
+        assert versions == [
+            StoredVersion(1, 4, 2, 1, versions[0].oldest, versions[0].newest),
+            StoredVersion(2, 2, 2, 1, versions[1].oldest, versions[1].newest),
+        ]
+        assert versions[0].newest is not None and versions[0].newest.date() == before.date()
+        assert versions[1].oldest is not None and versions[1].oldest.date() == after.date()
+        env = command_env(v2, path)
+        done = usagepipe("owner-keys", "versions", env=env)
+        assert done.returncode == 0, done.stderr
+        b, a = before.date(), after.date()
+        assert done.stdout.splitlines()[1:] == [
+            "version  secret      rows  device-days  dead letters  oldest      newest",
+            f"1        configured  4     2            1             {b}  {b}",
+            f"2        current     2     2            1             {a}  {a}",
+        ]
+
+        await f.registry.erase_owner(erased, at=NOW)
+        async with running(v2):
+            await wait_for_erasure(settings, [k1, k2])
+
+    for query in (
+        "SELECT owner_key FROM {table} WHERE owner_key IS NOT NULL",
+        "SELECT owner_key FROM {table}_device_daily WHERE owner_key IS NOT NULL",
+        "SELECT owner_key FROM {table}_dead_letters",
+    ):
+        found = sorted(r["owner_key"] for r in await rows_of(settings, query))
+        assert not {k1, k2} & set(found), query
+    stored = await rows_of(settings, "SELECT owner_key FROM {table} WHERE owner_key IS NOT NULL")
+    assert sorted(r["owner_key"] for r in stored) == sorted([kept1, kept1, kept2])
+    erasures = await rows_of(settings, "SELECT owner_id, unlinked FROM {table}_erasures")
+    assert [tuple(r) for r in erasures] == [(erased, 3)]
+
+    # Version 1's secret taken out while rows still carry it: erasure could not find
+    # them, and the command says so.
+    path.write_text("\n".join(line for line in path.read_text().splitlines() if line[0] != "1"))
+    done = usagepipe("owner-keys", "versions", env=command_env(v2, path))
+    assert done.returncode == 1
+    assert one_line(done) == (
+        f"usagepipe owner-keys versions: version 1 is stored but its secret is not configured"
+        f" ({path}): erasure cannot find owners' rows under it; put the secret back"
+    )
+    assert done.stdout.splitlines()[1:] == [
+        "version  secret   rows  device-days  dead letters  oldest      newest",
+        f"1        MISSING  2     1            0             {b}  {b}",
+        f"2        current  1     1            0             {a}  {a}",
+    ]
+
+
+def command_env(s: Settings, path: Path) -> dict[str, str]:
+    env = environment(
+        s,
+        USAGEPIPE_ENRICH__OWNER_KEY_SECRETS_FILE=str(path),
+        USAGEPIPE_ENRICH__OWNER_KEY_VERSION=str(s.enrich.owner_key_version),
+    )
+    env.pop("USAGEPIPE_ENRICH__OWNER_KEY_SECRET")
+    env["USAGEPIPE_POSTGRES__DSN"] = s.postgres.dsn.get_secret_value()
+    return env
+
+
+async def wait_for_erasure(settings: Settings, keys: list[str]) -> None:
+    """Until no raw row or dead letter carries any of `keys`."""
+    t = settings.postgres.table
+    conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
+    try:
+        for _ in range(400):  # 20 s
+            left = await conn.fetchval(
+                f"SELECT (SELECT count(*) FROM {t} WHERE owner_key = ANY($1::text[]))"
+                f" + (SELECT count(*) FROM {t}_dead_letters WHERE owner_key = ANY($1::text[]))",
+                keys,
+            )
+            if left == 0:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{left} rows and letters still carry the erased owner's keys")
+    finally:
+        await conn.close()
