@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from ingest.errors import StoreUnavailable
+from ingest.errors import ConfigurationError, StoreUnavailable
 from ingest.owner_keys import KEY_VERSION_SQL
 from ingest.postgres import translated
 from ingest.rollups import materialised_rows
@@ -44,7 +44,7 @@ class StoredVersion:
 
 async def stored_versions(store: UsageStore) -> list[StoredVersion]:
     """Every owner-key version some row, device-day or dead letter of `store`'s table
-    carries, by version."""
+    carries, by version; `ConfigurationError` if the table does not exist."""
     t = store.table
     version = KEY_VERSION_SQL.format(column="owner_key")
     counts = (
@@ -53,6 +53,11 @@ async def stored_versions(store: UsageStore) -> list[StoredVersion]:
     )
     with translated(StoreUnavailable, "counting stored owner-key versions failed"):
         async with store.pool.acquire() as conn:
+            if await conn.fetchval("SELECT to_regclass($1)", f"{t}_layout") is None:
+                raise ConfigurationError(
+                    f"there is no usage table {t!r} (USAGEPIPE_POSTGRES__TABLE);"
+                    " `usagepipe db migrate` creates it"
+                )
             rollup = await materialised_rows(conn, t, "device_daily")
             rows = await conn.fetch(counts.format(at="event_time", relation=t))
             days = await conn.fetch(counts.format(at="bucket", relation=rollup))

@@ -24,6 +24,7 @@ local runs only, the generated `<run_dir>/enrich/owner_key_secret` (`with_local_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -31,7 +32,8 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
@@ -73,6 +75,23 @@ KEY_VERSION_SQL = (
     " ELSE split_part({column}, ':', 1)::integer END"
 )
 """`key_version` in SQL, of `{column}` (format it in): for counts by version."""
+
+
+def owners_at_least(keys: Iterable[str]) -> int:
+    """How many owners the distinct `keys` are at least: the most of them under one
+    version. Keys of one version are one owner each; an owner active both sides of a
+    rotation has a key under each, so counting every key would count them twice and
+    let a group too small pass k-anonymity. Never more than there are owners: errs on
+    suppressing (README, Privacy)."""
+    by_version = Counter(key_version(k) for k in set(keys))
+    return max(by_version.values(), default=0)
+
+
+OWNERS_AT_LEAST_SQL = (
+    "coalesce((SELECT max(n) FROM (SELECT count(DISTINCT k) AS n FROM unnest({keys}) AS k"
+    f" GROUP BY {KEY_VERSION_SQL.format(column='k')}) AS by_version), 0)"
+)
+"""`owners_at_least` in SQL, of the text array `{keys}` (format it in)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +162,6 @@ def read_secrets(path: Path) -> dict[int, bytes]:
             found = _read_directory(path, where)
         else:
             found = _read_lines(path.read_text(encoding="utf-8"), where)
-            _warn_if_shared(path)
     except OSError as exc:
         raise ConfigurationError(f"{where}: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
@@ -190,19 +208,12 @@ def _add(found: dict[int, bytes], version: str, secret: str, where: str) -> None
     found[int(version)] = secret.encode()
 
 
-def _warn_if_shared(path: Path) -> None:
-    if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning(
-            "enrich.owner_key_secrets_file %s is readable by others than its owner: chmod 600 it",
-            path,
-        )
-
-
 def add_version(path: Path) -> int:
     """Rotation's first step: add a new version, one past the newest, with a secret
     generated here, to the secrets file `path` (not a directory: the key manager adds
-    those); returns the new version. The file is replaced whole (written beside it, mode
-    0600, then renamed), so a reader sees either the old file or the new one."""
+    those); returns the new version. The file is replaced whole (written beside it with
+    the old file's mode and, where allowed, owner, then renamed), so a reader sees either
+    the old file or the new one, and the processes that read the old one read the new."""
     if path.is_dir():
         raise ConfigurationError(
             f"enrich.owner_key_secrets_file {path} is a directory: add the new version's"
@@ -216,10 +227,14 @@ def add_version(path: Path) -> int:
     if text and not text.endswith("\n"):
         text += "\n"
     text += f"{version} {secrets.token_urlsafe(48)}\n"
+    old = path.stat()
     staged = path.with_name(f".{path.name}.{os.getpid()}.new")
     try:
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), stat.S_IMODE(old.st_mode))
+            with contextlib.suppress(PermissionError):  # not root: the file is ours
+                os.fchown(f.fileno(), old.st_uid, old.st_gid)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -240,7 +240,7 @@ class EnrichSettings(Section):
     holding the owner-key secrets by version, from the secret store or key manager, never
     the repository; instead of `owner_key_secret`. Erasure looks owners up under every
     version it holds (`usagepipe owner-keys rotate` adds one)."""
-    owner_key_version: Annotated[int, Field(ge=1, le=9999)] | None = None
+    owner_key_version: int | None = Field(default=None, ge=1, le=9999)
     """The version of `owner_key_secrets_file` new owner keys are made with; required
     with it (chosen explicitly, never the newest by default). With `owner_key_secret`
     only 1 (or unset)."""
@@ -268,18 +268,18 @@ class EnrichSettings(Section):
         if self.owner_key_secrets_file is not None:
             if self.owner_key_secret is not None:
                 raise ValueError(
-                    "set enrich.owner_key_secrets_file or enrich.owner_key_secret, not both"
+                    "set owner_key_secrets_file or owner_key_secret, not both"
                     " (put the secret in the file as version 1)"
                 )
             if self.owner_key_version is None:
                 raise ValueError(
-                    "enrich.owner_key_version must be set with enrich.owner_key_secrets_file:"
+                    "owner_key_version must be set with owner_key_secrets_file:"
                     " the version of the file new owner keys are made with"
                 )
         elif self.owner_key_version not in (None, 1):
             raise ValueError(
-                "enrich.owner_key_version other than 1 needs enrich.owner_key_secrets_file"
-                " (enrich.owner_key_secret is version 1)"
+                "owner_key_version other than 1 needs owner_key_secrets_file"
+                " (owner_key_secret is version 1)"
             )
         return self
 

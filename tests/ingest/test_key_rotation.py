@@ -19,12 +19,14 @@ from devices.records import Purchase, PurchaseChannel
 from ingest.errors import ConfigurationError
 from ingest.key_versions import StoredVersion, stored_versions
 from ingest.owner_keys import (
+    OWNERS_AT_LEAST_SQL,
     OwnerKeySecrets,
     add_version,
     key_version,
     keys_for,
     load_secrets,
     owner_key,
+    owners_at_least,
     read_secrets,
 )
 from ingest.settings import EnrichSettings, Settings
@@ -141,12 +143,12 @@ def test_a_missing_file_or_version_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("fields", "error"),
     [
-        ({"owner_key_secrets_file": "f"}, "enrich.owner_key_version must be set with"),
+        ({"owner_key_secrets_file": "f"}, "owner_key_version must be set with"),
         (
             {"owner_key_secrets_file": "f", "owner_key_version": 1, "owner_key_secret": "x" * 32},
-            "set enrich.owner_key_secrets_file or enrich.owner_key_secret, not both",
+            "set owner_key_secrets_file or owner_key_secret, not both",
         ),
-        ({"owner_key_version": 2}, "enrich.owner_key_version other than 1 needs"),
+        ({"owner_key_version": 2}, "owner_key_version other than 1 needs"),
     ],
 )
 def test_the_settings_name_one_source_and_the_current_version(
@@ -156,7 +158,7 @@ def test_the_settings_name_one_source_and_the_current_version(
         EnrichSettings.model_validate(fields)
 
 
-def test_rotation_adds_a_version_and_keeps_the_file_private(tmp_path: Path) -> None:
+def test_rotation_adds_a_version_and_keeps_the_files_mode(tmp_path: Path) -> None:
     path = secrets_file(tmp_path, f"1 {TEST_OWNER_KEY}")  # no newline at the end
     assert add_version(path) == 2
     assert add_version(path) == 3
@@ -165,6 +167,10 @@ def test_rotation_adds_a_version_and_keeps_the_file_private(tmp_path: Path) -> N
     assert len({found[1], found[2], found[3]}) == 3
     assert path.stat().st_mode & 0o777 == 0o600
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # nothing staged left
+    # A file the containers' users read (Compose mounts it as it is) stays readable.
+    path.chmod(0o644)
+    assert add_version(path) == 4
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_the_commands_say_what_is_wrong_with_the_secrets_file_in_one_line(
@@ -185,8 +191,10 @@ def test_the_commands_say_what_is_wrong_with_the_secrets_file_in_one_line(
     env.pop("USAGEPIPE_ENRICH__OWNER_KEY_VERSION")
     done = usagepipe("owner-keys", "versions", env=env)
     assert done.returncode == 2
-    assert "USAGEPIPE_ENRICH__OWNER_KEY_VERSION" in one_line(done) or "owner_key_version" in (
-        done.stderr
+    assert one_line(done) == (
+        "usagepipe: USAGEPIPE_ENRICH__OWNER_KEY_VERSION must be set with"
+        " USAGEPIPE_ENRICH__OWNER_KEY_SECRETS_FILE: the version of the file new owner keys"
+        " are made with"
     )
     plain = environment()
     plain["USAGEPIPE_ENRICH__OWNER_KEY_SECRET"] = TEST_OWNER_KEY
@@ -323,3 +331,30 @@ async def wait_for_erasure(settings: Settings, keys: list[str]) -> None:
         raise AssertionError(f"{left} rows and letters still carry the erased owner's keys")
     finally:
         await conn.close()
+
+
+# -- counting owners across a rotation -----------------------------------------------------
+
+
+async def test_owners_across_a_rotation_are_counted_once_at_most(settings: Settings) -> None:
+    """k-anonymity's count: an owner keyed under versions 1 and 2 (a report's range
+    across a rotation) is not two owners; in Python (merging segments) and in SQL (the
+    reports' `owners`) alike."""
+    one, two = TEST_OWNER_KEY.encode(), SECOND.encode()
+    people = [uuid.UUID(int=n) for n in range(1, 6)]
+    # Three owners active both sides, one only before, one only after.
+    keys = [owner_key(one, p) for p in people[:4]] + [owner_key(two, p, 2) for p in people[:3]]
+    keys.append(owner_key(two, people[4], 2))
+    assert len(set(keys)) == 8
+    assert owners_at_least(keys) == 4
+    assert owners_at_least([]) == 0
+    assert owners_at_least(keys[:4]) == 4  # one version: every key is an owner
+    conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
+    try:
+        counted = await conn.fetchval(
+            f"SELECT {OWNERS_AT_LEAST_SQL.format(keys='$1::text[]')}", [*keys, keys[0]]
+        )
+        empty = await conn.fetchval(f"SELECT {OWNERS_AT_LEAST_SQL.format(keys='$1::text[]')}", [])
+    finally:
+        await conn.close()
+    assert (counted, empty) == (4, 0)

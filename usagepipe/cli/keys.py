@@ -42,10 +42,11 @@ def add_owner_keys(commands: Commands) -> None:
 def _owner_keys(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.owner_keys import with_local_owner_key
 
+    local = settings.enrich.owner_key_secret is None and not settings.enrich.owner_key_secrets_file
     settings = with_local_owner_key(settings)  # unset: the local run dir's, with a warning
     if args.action == "rotate":
         return _rotate(settings)
-    return _versions(settings)
+    return _versions(settings, "the local development key" if local else None)
 
 
 def _rotate(settings: Settings) -> int:
@@ -77,7 +78,7 @@ def _rotate(settings: Settings) -> int:
     return 0
 
 
-def _versions(settings: Settings) -> int:
+def _versions(settings: Settings, source: str | None) -> int:
     from ingest.key_versions import StoredVersion, stored_versions, unconfigured
     from ingest.owner_keys import load_secrets
     from ingest.store import UsageStore
@@ -107,7 +108,8 @@ def _versions(settings: Settings) -> int:
     for v in idle:
         rows.append((str(v), _state(v, secrets.current, secrets.versions), "0", "0", "0", "", ""))
     print(
-        f"owner-key versions in {settings.postgres.table!r}; secrets from {secrets.source},"
+        f"owner-key versions in {settings.postgres.table!r}; secrets from"
+        f" {source or secrets.source},"
         f" new keys use version {secrets.current}"
     )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
