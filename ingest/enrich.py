@@ -110,7 +110,9 @@ class Enricher:
     connection. The registry's schema (its tables, notification triggers and firmware
     history) is the registry's to create (`devices.schema.migrate_registry`, run by
     `usagepipe consume` and `usagepipe registry migrate`); without it, entering refuses
-    with a `ConfigurationError` saying so.
+    with a `ConfigurationError` saying so. The owner-key secrets are read when it is
+    made (`ingest.owner_keys.load_secrets`): none configured, or a secrets file missing
+    or malformed, is a `ConfigurationError` naming the setting, file or line.
     """
 
     def __init__(

@@ -65,27 +65,33 @@ async def unlink_owners(store: UsageStore, erased: Sequence[tuple[UUID, Sequence
 async def _unlink(conn: Connection, table: str, rollup: str, owner: UUID, keys: list[str]) -> int:
     """`unlink_owners` for one owner, in the caller's transaction: the raw rows
     changed."""
-    unlinked: int = await conn.fetchval(
-        f"""WITH changed AS (
-                UPDATE {table} SET owner_key = NULL, membership_tier = NULL
-                WHERE owner_key = ANY($1::text[]) RETURNING event_time
-            ), noted AS (
-                INSERT INTO {table}_rollup_invalidations (bucket)
-                SELECT DISTINCT date_bin('1 day', event_time, {EPOCH}) FROM changed
-                RETURNING 1
-            )
-            SELECT count(*) FROM changed""",
-        keys,
-    )
-    status = await conn.execute(
-        f"UPDATE {rollup} SET owner_key = NULL, membership_tier = NULL"
-        " WHERE owner_key = ANY($1::text[])",
-        keys,
-    )
+    # One statement a key, each `owner_key = $1`: the form TimescaleDB's bloom filter on
+    # owner_key prunes compressed batches by (ingest/sql/timescaledb/006_compression.sql),
+    # which `= ANY(...)` is not promised to be. An owner has a key a version, a few.
+    unlinked = 0
+    rolled = 0
+    for key in keys:
+        unlinked += await conn.fetchval(
+            f"""WITH changed AS (
+                    UPDATE {table} SET owner_key = NULL, membership_tier = NULL
+                    WHERE owner_key = $1 RETURNING event_time
+                ), noted AS (
+                    INSERT INTO {table}_rollup_invalidations (bucket)
+                    SELECT DISTINCT date_bin('1 day', event_time, {EPOCH}) FROM changed
+                    RETURNING 1
+                )
+                SELECT count(*) FROM changed""",
+            key,
+        )
+        status = await conn.execute(
+            f"UPDATE {rollup} SET owner_key = NULL, membership_tier = NULL WHERE owner_key = $1",
+            key,
+        )
+        rolled += int(status.split()[-1])
     # A dead letter holds a message as the device sent it, which may be anything:
     # the letters linked to the owner go whole (`ingest.dead_letter_table`).
     letters = await erase_letters(conn, table, keys)
-    found = unlinked + int(status.split()[-1]) + letters
+    found = unlinked + rolled + letters
     # A pass that found nothing verifies an erasure an earlier pass recorded.
     await conn.execute(
         f"INSERT INTO {table}_erasures (owner_id, unlinked) VALUES ($1, $2)"

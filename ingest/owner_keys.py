@@ -205,6 +205,12 @@ def _add(found: dict[int, bytes], version: str, secret: str, where: str) -> None
             f"{where}: the secret of version {version} is missing or shorter than"
             f" {MIN_SECRET_CHARS} characters"
         )
+    again = [v for v, known in found.items() if known == secret.encode()]
+    if again:
+        raise ConfigurationError(
+            f"{where}: the secret of version {version} is version {again[0]}'s again;"
+            " a new version needs a new secret"
+        )
     found[int(version)] = secret.encode()
 
 

@@ -114,6 +114,11 @@ def test_a_secrets_file_and_a_directory_give_every_version(tmp_path: Path) -> No
             ", line 2: the secret of version 2 is missing or shorter than 32 characters",
         ),
         ("1\n", ", line 1: the secret of version 1 is missing or shorter than 32 characters"),
+        (
+            f"1 {TEST_OWNER_KEY}\n2 {TEST_OWNER_KEY}\n",
+            ", line 2: the secret of version 2 is version 1's again; a new version needs a new"
+            " secret",
+        ),
     ],
 )
 def test_a_malformed_secrets_file_is_refused_by_line(tmp_path: Path, text: str, error: str) -> None:
@@ -121,7 +126,9 @@ def test_a_malformed_secrets_file_is_refused_by_line(tmp_path: Path, text: str, 
     with pytest.raises(ConfigurationError) as refused:
         load_secrets(with_file(path, 1))
     assert str(refused.value) == f"enrich.owner_key_secrets_file {path}{error}"
-    assert "short" not in str(refused.value).replace("shorter", "")  # no secret repeated
+    # No secret is repeated.
+    assert TEST_OWNER_KEY not in str(refused.value) and SECOND not in str(refused.value)
+    assert "short" not in str(refused.value).replace("shorter", "")
 
 
 def test_a_missing_file_or_version_is_refused(tmp_path: Path) -> None:
