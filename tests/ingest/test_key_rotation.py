@@ -7,6 +7,7 @@ it, in a subprocess).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -17,7 +18,7 @@ from pydantic import SecretStr, ValidationError
 
 from devices.records import Purchase, PurchaseChannel
 from ingest.errors import ConfigurationError
-from ingest.key_versions import StoredVersion, stored_versions
+from ingest.key_versions import Retired, StoredVersion, retire_version, stored_versions
 from ingest.owner_keys import (
     OWNERS_AT_LEAST_SQL,
     OwnerKeySecrets,
@@ -29,6 +30,7 @@ from ingest.owner_keys import (
     owners_at_least,
     read_secrets,
 )
+from ingest.rollups import materialised_rows
 from ingest.settings import EnrichSettings, Settings
 from ingest.store import UsageStore
 from tests.conftest import TEST_OWNER_KEY
@@ -42,6 +44,7 @@ from tests.ingest.test_enrich import (
     rows_of,
     running,
 )
+from tests.ingest.test_store import row
 from tests.usagepipe.test_cli import environment, one_line, usagepipe
 
 OWNER = uuid.UUID("6f1c2a4e-1b7d-4c8e-9a3f-0d2b5e7c9a11")
@@ -308,6 +311,62 @@ async def test_erasure_finds_an_owner_under_every_version_after_a_rotation(
         f"1        MISSING  2     1            0             {b}  {b}",
         f"2        current  1     1            0             {a}  {a}",
     ]
+
+    # The remedy when the secret is lost: retire the version, unlinking all its keys.
+    t = settings.postgres.table
+    env = command_env(v2, path)
+    done = usagepipe("owner-keys", "retire", "--version", "2", env=env)
+    assert (done.returncode, one_line(done)) == (
+        2,
+        "usagepipe owner-keys retire: version 2 is the current one"
+        " (USAGEPIPE_ENRICH__OWNER_KEY_VERSION): new rows carry it; rotate first",
+    )
+    done = usagepipe("owner-keys", "retire", "--version", "1", env=env)
+    assert done.returncode == 0, done.stderr
+    said = "1 of its keys unlinked from 2 rows and 1 device-days, 0 dead letters deleted"
+    assert done.stdout.splitlines() == [
+        f"version 1: {said} so far",
+        f"owner-key version 1 retired from {t!r}: {said}",
+    ]
+    done = usagepipe("owner-keys", "retire", "--version", "1", env=env)
+    assert done.stdout == f"nothing in {t!r} carries owner-key version 1\n"
+    done = usagepipe("owner-keys", "versions", env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[2:] == [
+        f"2        current  1     1            0             {a}  {a}"
+    ]
+    stored = await rows_of(settings, "SELECT owner_key FROM {table} WHERE owner_key IS NOT NULL")
+    assert [r["owner_key"] for r in stored] == [kept2]
+
+
+async def test_retiring_a_version_goes_in_batches_and_leaves_the_others(
+    either: UsageStore,
+) -> None:
+    """Keys of version 1 in the raw rows, in the device-daily rollup only (their rows
+    dropped) and on dead letters only, two keys a batch; version 2's stay."""
+    store = either
+    t = store.table
+    at = NOW.replace(minute=0, second=0, microsecond=0) - timedelta(days=2)
+    v1 = [c * 32 for c in "abc"]
+    v2 = "2:" + "d" * 32
+    rows = [dataclasses.replace(row(f"d{i}", 1, at), owner_key=k) for i, k in enumerate(v1)]
+    await store.write([*rows, dataclasses.replace(row("d9", 1, at), owner_key=v2)])
+    await store.refresh_rollups()
+    async with store.pool.acquire() as conn:
+        # A device-day whose raw rows retention dropped: the key only in the rollup.
+        rollup = await materialised_rows(conn, t, "device_daily")
+        await conn.execute(f"UPDATE {rollup} SET owner_key = $1 WHERE device_id = 'd0'", "e" * 32)
+    seen: list[Retired] = []
+    done = await retire_version(store, 1, batch_keys=2, progress=seen.append)
+    assert seen == [Retired(2, 2, 1, 0), Retired(3, 3, 2, 0), Retired(4, 3, 3, 0)]
+    assert done == seen[-1]
+    left = await store.fetch("SELECT owner_key FROM {table} WHERE owner_key IS NOT NULL")
+    assert [r[0] for r in left] == [v2]
+    async with store.pool.acquire() as conn:
+        days = await conn.fetch(f"SELECT owner_key FROM {rollup} WHERE owner_key IS NOT NULL")
+    assert [r[0] for r in days] == [v2]
+    assert [s.version for s in await stored_versions(store)] == [2]
+    assert await retire_version(store, 1) == Retired(0, 0, 0, 0)
 
 
 def command_env(s: Settings, path: Path) -> dict[str, str]:

@@ -16,7 +16,8 @@
     usagepipe insights serve              planners' read-only HTTP API and web page
     usagepipe auth token --subject S ...  a bearer token from the local dev signer
     usagepipe dlq list|show|replay        the dead letters (their table, or telemetry.dlq)
-    usagepipe owner-keys versions|rotate  owner-key versions stored; a new secret version
+    usagepipe owner-keys versions|rotate|retire   owner-key versions stored; a new
+                                          secret version; an old version's keys unlinked
 
 Each command's parser sets its handler (`usagepipe.cli.arguments.Handler`); `main`
 parses, configures logging, builds the settings, runs the handler and turns what it

@@ -3,12 +3,14 @@
     usagepipe owner-keys versions   the owner-key versions stored (rows, device-days, dead
                                     letters, dates each) against those configured
     usagepipe owner-keys rotate     add a new version's secret to the secrets file
+    usagepipe owner-keys retire --version N   unlink every stored key of an old version
 
 A rotation keys only new rows (`ingest.owner_keys`, README Privacy), in two steps so
 that no consumer ever stores a key another cannot erase: `rotate` adds the version to
 `enrich.owner_key_secrets_file` (every consumer given the file looks owners up under it
 from its next start), then the operator sets `enrich.owner_key_version` to it and
-restarts the consumers. `versions` says when an old version's secret may go.
+restarts the consumers. `versions` says when an old version's secret may go; `retire`
+unlinks an old version's keys before retention drops them (or when its secret is lost).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import asyncio
 import sys
 
 from ingest.settings import Settings
-from usagepipe.cli.arguments import Commands, command
+from usagepipe.cli.arguments import Commands, command, count
 
 
 def add_owner_keys(commands: Commands) -> None:
@@ -30,12 +32,23 @@ def add_owner_keys(commands: Commands) -> None:
     )
     keys.add_argument(
         "action",
-        choices=["versions", "rotate"],
+        choices=["versions", "rotate", "retire"],
         help="versions: each owner-key version the usage tables still hold, with its rows,"
         " device-days and dead letters, and whether its secret is configured (exit 1 if a"
         " stored one is not: erasure cannot find owners under it); rotate: add a new"
         " version, with a generated secret, to enrich.owner_key_secrets_file (new rows"
-        " use it once enrich.owner_key_version names it)",
+        " use it once enrich.owner_key_version names it); retire: unlink every stored key"
+        " of --version (rows and device-days lose key and tier, linked dead letters go,"
+        " as erasure does), in batches, resumable",
+    )
+    keys.add_argument(
+        "--version", type=int, default=None, help="retire only: the old version to unlink"
+    )
+    keys.add_argument(
+        "--batch-keys",
+        type=count,
+        default=1000,
+        help="retire only: keys a transaction unlinks (default 1000)",
     )
 
 
@@ -44,9 +57,57 @@ def _owner_keys(args: argparse.Namespace, settings: Settings) -> int:
 
     local = settings.enrich.owner_key_secret is None and not settings.enrich.owner_key_secrets_file
     settings = with_local_owner_key(settings)  # unset: the local run dir's, with a warning
+    if args.version is not None and args.action != "retire":
+        print(f"usagepipe owner-keys {args.action}: --version goes with retire", file=sys.stderr)
+        return 2
     if args.action == "rotate":
         return _rotate(settings)
+    if args.action == "retire":
+        return _retire(settings, args.version, args.batch_keys)
     return _versions(settings, "the local development key" if local else None)
+
+
+def _retire(settings: Settings, version: int | None, batch_keys: int) -> int:
+    from ingest.key_versions import Retired, retire_version
+    from ingest.owner_keys import load_secrets
+    from ingest.store import UsageStore
+
+    prog = "usagepipe owner-keys retire"
+    secrets = load_secrets(settings.enrich)
+    if version is None or batch_keys < 1:
+        print(f"{prog}: give --version N (and --batch-keys of 1 or more)", file=sys.stderr)
+        return 2
+    if version == secrets.current:
+        print(
+            f"{prog}: version {version} is the current one (USAGEPIPE_ENRICH__OWNER_KEY_VERSION):"
+            " new rows carry it; rotate first",
+            file=sys.stderr,
+        )
+        return 2
+
+    def said(done: Retired) -> str:
+        return (
+            f"{done.keys:,} of its keys unlinked from {done.rows:,} rows and"
+            f" {done.device_days:,} device-days, {done.dead_letters:,} dead letters deleted"
+        )
+
+    async def retire() -> Retired:
+        async with UsageStore(settings.postgres) as store:
+            return await retire_version(
+                store,
+                version,
+                batch_keys=batch_keys,
+                progress=lambda done: print(f"version {version}: {said(done)} so far", flush=True),
+            )
+
+    done = asyncio.run(retire())
+    if done.keys == 0:
+        print(f"nothing in {settings.postgres.table!r} carries owner-key version {version}")
+    else:
+        print(f"owner-key version {version} retired from {settings.postgres.table!r}: {said(done)}")
+    if version in secrets.versions:
+        print(f"its secret may now be removed from {secrets.source}")
+    return 0
 
 
 def _rotate(settings: Settings) -> int:
