@@ -163,7 +163,11 @@ def read_secrets(path: Path) -> dict[int, bytes]:
         else:
             found = _read_lines(path.read_text(encoding="utf-8"), where)
     except OSError as exc:
-        raise ConfigurationError(f"{where}: {exc.strerror or exc}") from exc
+        # The file, or in a directory the entry, that could not be read.
+        failed = exc.filename or path
+        raise ConfigurationError(
+            f"enrich.owner_key_secrets_file {failed}: {exc.strerror or exc}"
+        ) from exc
     except UnicodeDecodeError as exc:
         raise ConfigurationError(f"{where}: not UTF-8 text") from exc
     if not found:

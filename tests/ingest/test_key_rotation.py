@@ -134,13 +134,24 @@ def test_a_malformed_secrets_file_is_refused_by_line(tmp_path: Path, text: str, 
     assert "short" not in str(refused.value).replace("shorter", "")
 
 
-def test_a_missing_file_or_version_is_refused(tmp_path: Path) -> None:
+def test_a_missing_unreadable_or_binary_file_or_version_is_refused(tmp_path: Path) -> None:
     missing = tmp_path / "absent"
     with pytest.raises(ConfigurationError) as refused:
         load_secrets(with_file(missing, 1))
     assert (
         str(refused.value) == f"enrich.owner_key_secrets_file {missing}: No such file or directory"
     )
+    # Unreadable (as root, which any mode lets read: an entry that is no file) and not text.
+    mounted = tmp_path / "mounted"
+    (mounted / "1").mkdir(parents=True)
+    with pytest.raises(ConfigurationError) as refused:
+        load_secrets(with_file(mounted, 1))
+    assert str(refused.value) == f"enrich.owner_key_secrets_file {mounted / '1'}: Is a directory"
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"1 \xff\xfe" + b"x" * 40)
+    with pytest.raises(ConfigurationError) as refused:
+        load_secrets(with_file(binary, 1))
+    assert str(refused.value) == f"enrich.owner_key_secrets_file {binary}: not UTF-8 text"
     path = secrets_file(tmp_path, f"1 {TEST_OWNER_KEY}\n")
     with pytest.raises(ConfigurationError) as refused:
         load_secrets(with_file(path, 2))
