@@ -194,6 +194,37 @@ def test_rotation_adds_a_version_and_keeps_the_files_mode(tmp_path: Path) -> Non
     assert path.stat().st_mode & 0o777 == 0o644
 
 
+def test_the_rotate_command_adds_a_version_and_says_what_comes_next(tmp_path: Path) -> None:
+    path = secrets_file(tmp_path, f"1 {TEST_OWNER_KEY}\n")
+    env = environment(
+        USAGEPIPE_ENRICH__OWNER_KEY_SECRETS_FILE=str(path), USAGEPIPE_ENRICH__OWNER_KEY_VERSION="1"
+    )
+    env.pop("USAGEPIPE_ENRICH__OWNER_KEY_SECRET", None)
+    done = usagepipe("owner-keys", "rotate", env=env)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.splitlines() == [
+        f"added owner-key version 2 to {path} (it holds 1, 2; new rows use 1).",
+        "Next: 1. give every consumer this file and restart them, so each finds owners under"
+        " version 2 before any row carries it;",
+        "      2. set USAGEPIPE_ENRICH__OWNER_KEY_VERSION=2 and restart them: new rows get"
+        " version 2 keys, stored rows keep theirs.",
+        "Keep every older version in the file until `usagepipe owner-keys versions` shows no"
+        " stored row carrying it.",
+    ]
+    assert sorted(read_secrets(path)) == [1, 2]
+    # A directory is the key manager's to add to.
+    directory = tmp_path / "mounted"
+    directory.mkdir()
+    (directory / "1").write_text(TEST_OWNER_KEY)
+    env["USAGEPIPE_ENRICH__OWNER_KEY_SECRETS_FILE"] = str(directory)
+    done = usagepipe("owner-keys", "rotate", env=env)
+    assert (done.returncode, one_line(done)) == (
+        2,
+        f"usagepipe owner-keys rotate: enrich.owner_key_secrets_file {directory} is a directory:"
+        " add the new version's file through the key manager that writes it",
+    )
+
+
 def test_the_commands_say_what_is_wrong_with_the_secrets_file_in_one_line(
     tmp_path: Path,
 ) -> None:
