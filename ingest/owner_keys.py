@@ -181,8 +181,8 @@ def _read_lines(text: str, where: str) -> dict[int, bytes]:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        version, _, secret = line.partition(" ")
-        _add(found, version, secret.strip(), f"{where}, line {number}")
+        version, *secret = line.split(maxsplit=1)  # a space or a tab between
+        _add(found, version, "".join(secret), f"{where}, line {number}")
     return found
 
 
@@ -222,8 +222,9 @@ def add_version(path: Path) -> int:
     """Rotation's first step: add a new version, one past the newest, with a secret
     generated here, to the secrets file `path` (not a directory: the key manager adds
     those); returns the new version. The file is replaced whole (written beside it with
-    the old file's mode and, where allowed, owner, then renamed), so a reader sees either
-    the old file or the new one, and the processes that read the old one read the new."""
+    the old file's mode and, where allowed, owner, then renamed), so a process starting
+    meanwhile reads either the old file or the new one, and the readers the old one had
+    (a container's user) can read the new."""
     if path.is_dir():
         raise ConfigurationError(
             f"enrich.owner_key_secrets_file {path} is a directory: add the new version's"

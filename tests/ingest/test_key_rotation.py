@@ -85,7 +85,7 @@ def test_the_env_secret_is_version_1(tmp_path: Path) -> None:
 
 
 def test_a_secrets_file_and_a_directory_give_every_version(tmp_path: Path) -> None:
-    path = secrets_file(tmp_path, f"# rotated 2026-12\n\n1 {TEST_OWNER_KEY}\n  2 {SECOND}  \n")
+    path = secrets_file(tmp_path, f"# rotated 2026-12\n\n1 {TEST_OWNER_KEY}\n  2\t{SECOND}  \n")
     secrets = load_secrets(with_file(path, 2))
     assert (secrets.versions, secrets.current, secrets.source) == ((1, 2), 2, str(path))
     assert keys_for(secrets, OWNER) == [
