@@ -358,14 +358,15 @@ def _export_owner(args: argparse.Namespace, settings: Settings) -> int:
     through the owner's own sign-in: the same document `GET /owners/{id}/export`
     streams, into `--out` (default `usagepipe-owner-<id>.json|zip` here; `-`: stdout)."""
     from devices.export import UsageLink, export_owner, file_name, usage_tables_exist
-    from ingest.owner_keys import keys_for, with_local_owner_key
+    from ingest.owner_keys import keys_for, load_secrets, with_local_owner_key
     from ingest.sql_names import quote_schema
 
     settings = with_local_owner_key(settings)
     owner_id: UUID = args.owner_id
     out = Path(args.out or file_name(owner_id, args.format))
     schema = settings.registry.db_schema
-    usage = UsageLink(settings.postgres.table, lambda o: keys_for(settings.enrich, o))
+    secrets = load_secrets(settings.enrich)  # a bad secrets file: one line, before serving
+    usage = UsageLink(settings.postgres.table, lambda o: keys_for(secrets, o))
 
     async def run() -> int:
         conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
@@ -436,7 +437,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from devices.api import create_app
     from devices.export import UsageLink
     from ingest.auth import build_verifier
-    from ingest.owner_keys import keys_for, with_local_owner_key
+    from ingest.owner_keys import keys_for, load_secrets, with_local_owner_key
     from ingest.ports import listen
     from ingest.setting_errors import variable
 
@@ -455,7 +456,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     # Owners' exports find their usage rows by key (`keys_for`), in the usage tables of
     # the same database (`postgres.dsn`, `postgres.table`).
     settings = with_local_owner_key(settings)
-    usage = UsageLink(settings.postgres.table, lambda o: keys_for(settings.enrich, o))
+    secrets = load_secrets(settings.enrich)  # a bad secrets file: one line, before serving
+    usage = UsageLink(settings.postgres.table, lambda o: keys_for(secrets, o))
 
     async def run() -> int:
         # The broker and the registry are opened here rather than in the app's lifespan,

@@ -21,7 +21,7 @@ In the order a message travels:
                     and the device facts they return), `facts_cache` (those facts
                     cached per device, bounded), `registry_changes` (the LISTEN
                     connection whose notifications evict that cache), `owner_keys`
-                    (the owners' pseudonymous keys)
+                    (the owners' pseudonymous keys and their versioned secrets)
     store.py        the usage table's writes: rows, their message ids and offsets in one
                     transaction
     tables.py       the usage table's lifecycle: migrations, layout (TimescaleDB
@@ -29,6 +29,7 @@ In the order a message travels:
                     missing), partitions, TimescaleDB policies, retention
     rollups.py      the daily rollups the planners read, kept up to date
     erasure.py      erased owners' keys removed from stored rows and rollups
+    key_versions.py the owner-key versions still stored, and how much of each
     dead_letter.py  what the consumer refuses, moved aside with its reason
 
 And the plumbing they share: `settings` (the one settings model), `errors` (the

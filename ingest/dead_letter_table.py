@@ -176,9 +176,12 @@ async def expire_letters(conn: Connection, table: str, cutoff: datetime) -> int:
     return int(status.split()[-1])
 
 
-async def erase_letters(conn: Connection, table: str, owner_key: str) -> int:
-    """Delete the letters linked to the owner with `owner_key`; returns how many."""
-    status = await conn.execute(f"DELETE FROM {table}_dead_letters WHERE owner_key = $1", owner_key)
+async def erase_letters(conn: Connection, table: str, owner_keys: Sequence[str]) -> int:
+    """Delete the letters linked to the owner with any of `owner_keys` (the owner's keys
+    under each version, `ingest.owner_keys.keys_for`); returns how many."""
+    status = await conn.execute(
+        f"DELETE FROM {table}_dead_letters WHERE owner_key = ANY($1::text[])", list(owner_keys)
+    )
     return int(status.split()[-1])
 
 

@@ -19,8 +19,9 @@ For a batch of rows, `Enricher.enrich` resolves per (device_id, event_time):
                         not lapsed by a newer policy version), which the lookup joins
     region, membership_tier, owner_key
                         only when that owner may be attributed; else None.
-                        owner_key = HMAC-SHA256(enrich.owner_key_secret, owner id), hex,
-                        first 32 digits. The key is never stored, nor logged.
+                        owner_key = HMAC-SHA256(the current version's secret, owner
+                        id), hex, first 32 digits, with the version (`ingest.owner_keys`).
+                        The secret is never stored, nor logged.
 
 Consent is read as of processing, not as of event time: consent is to what is done
 with the data now, so a withdrawal stops linking at once, late events from before it
@@ -63,10 +64,9 @@ from uuid import UUID
 from ingest import erasure
 from ingest.dead_letter import DeadLetter, letter_device
 from ingest.dead_letter_table import LetterRow
-from ingest.errors import ConfigurationError
 from ingest.facts_cache import FactsCache
 from ingest.metrics import ConsumerMetrics
-from ingest.owner_keys import owner_key
+from ingest.owner_keys import keys_for, load_secrets
 from ingest.registry_changes import ChangeListener
 from ingest.registry_lookup import DeviceFacts, Install, RegistryLookup
 from ingest.rows import UsageRow
@@ -111,7 +111,9 @@ class Enricher:
     connection. The registry's schema (its tables, notification triggers and firmware
     history) is the registry's to create (`devices.schema.migrate_registry`, run by
     `usagepipe consume` and `usagepipe registry migrate`); without it, entering refuses
-    with a `ConfigurationError` saying so.
+    with a `ConfigurationError` saying so. The owner-key secrets are read when it is
+    made (`ingest.owner_keys.load_secrets`): none configured, or a secrets file missing
+    or malformed, is a `ConfigurationError` naming the setting, file or line.
     """
 
     def __init__(
@@ -122,17 +124,14 @@ class Enricher:
         dsn: str,
         metrics: ConsumerMetrics,
     ) -> None:
-        if settings.owner_key_secret is None:
-            raise ConfigurationError(
-                "enrich.owner_key_secret is not set (USAGEPIPE_ENRICH__OWNER_KEY_SECRET); "
-                "the consumer will not store owner keys without it"
-            )
         self._settings = settings
-        self._secret = settings.owner_key_secret.get_secret_value().encode()
+        # Every version's secret, not only the current one's: erasure looks owners up
+        # under each (`ingest.owner_keys.keys_for`).
+        self._secrets = load_secrets(settings)
         self._schema = registry_schema
         self._metrics = metrics
         self._registry = RegistryLookup(
-            settings, registry_schema=registry_schema, dsn=dsn, secret=self._secret
+            settings, registry_schema=registry_schema, dsn=dsn, secrets=self._secrets
         )
         self._cache = FactsCache(settings.cache_max_devices)
         self._changes = ChangeListener(
@@ -292,7 +291,7 @@ class Enricher:
         if owners:
             ordered = sorted(owners)
             changed = await erasure.unlink_owners(
-                store, [(o, owner_key(self._secret, o)) for o in ordered]
+                store, [(o, keys_for(self._secrets, o)) for o in ordered]
             )
             self._changes.erased.difference_update(owners)
             self._metrics.owner_links_removed.inc(changed)

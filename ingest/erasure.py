@@ -26,13 +26,15 @@ from ingest.sql_names import quote_schema
 from ingest.store import UsageStore
 
 
-async def unlink_owners(store: UsageStore, erased: Sequence[tuple[UUID, str]]) -> int:
+async def unlink_owners(store: UsageStore, erased: Sequence[tuple[UUID, Sequence[str]]]) -> int:
     """Remove erased owners' keys, and the membership tier stored with them, from
     every row and from the device-daily rollup, and delete the dead letters linked to
     them; record each owner in
     `<table>_erasures`. Returns the raw rows changed.
 
-    `erased` pairs each owner id with its key (`ingest.owner_keys.owner_key`). The
+    `erased` pairs each owner id with its keys under every version of the owner-key
+    secret still configured (`ingest.owner_keys.keys_for`): a rotation keys only new
+    rows, so an owner's older rows carry an older version's key. The
     region stays: it is a rollup key, and without the key a row no longer leads to
     a person (see README, Privacy). Idempotent.
 
@@ -48,6 +50,8 @@ async def unlink_owners(store: UsageStore, erased: Sequence[tuple[UUID, str]]) -
     this pass (a batch enriched before the erasure, a refresh someone else ran from
     an older snapshot) is undone by the next.
     """
+    if any(isinstance(keys, str) for _, keys in erased):  # a str is a Sequence[str] too
+        raise TypeError("unlink_owners takes each owner's keys as a list, not one str")
     if not erased:
         return 0
     t = store.table
@@ -56,34 +60,41 @@ async def unlink_owners(store: UsageStore, erased: Sequence[tuple[UUID, str]]) -
         async with store.pool.acquire() as conn, conn.transaction():
             await lock_rollups(conn, t, wait=True)
             rollup = await materialised_rows(conn, t, "device_daily")
-            for owner, key in erased:
-                changed += await _unlink(conn, t, rollup, owner, key)
+            for owner, keys in erased:
+                changed += await _unlink(conn, t, rollup, owner, list(keys))
     return changed
 
 
-async def _unlink(conn: Connection, table: str, rollup: str, owner: UUID, key: str) -> int:
+async def _unlink(conn: Connection, table: str, rollup: str, owner: UUID, keys: list[str]) -> int:
     """`unlink_owners` for one owner, in the caller's transaction: the raw rows
     changed."""
-    unlinked: int = await conn.fetchval(
-        f"""WITH changed AS (
-                UPDATE {table} SET owner_key = NULL, membership_tier = NULL
-                WHERE owner_key = $1 RETURNING event_time
-            ), noted AS (
-                INSERT INTO {table}_rollup_invalidations (bucket)
-                SELECT DISTINCT date_bin('1 day', event_time, {EPOCH}) FROM changed
-                RETURNING 1
-            )
-            SELECT count(*) FROM changed""",
-        key,
-    )
-    status = await conn.execute(
-        f"UPDATE {rollup} SET owner_key = NULL, membership_tier = NULL WHERE owner_key = $1",
-        key,
-    )
+    # One statement a key, each `owner_key = $1`: the form TimescaleDB's bloom filter on
+    # owner_key prunes compressed batches by (ingest/sql/timescaledb/006_compression.sql),
+    # which `= ANY(...)` is not promised to be. An owner has a key a version, a few.
+    unlinked = 0
+    rolled = 0
+    for key in keys:
+        unlinked += await conn.fetchval(
+            f"""WITH changed AS (
+                    UPDATE {table} SET owner_key = NULL, membership_tier = NULL
+                    WHERE owner_key = $1 RETURNING event_time
+                ), noted AS (
+                    INSERT INTO {table}_rollup_invalidations (bucket)
+                    SELECT DISTINCT date_bin('1 day', event_time, {EPOCH}) FROM changed
+                    RETURNING 1
+                )
+                SELECT count(*) FROM changed""",
+            key,
+        )
+        status = await conn.execute(
+            f"UPDATE {rollup} SET owner_key = NULL, membership_tier = NULL WHERE owner_key = $1",
+            key,
+        )
+        rolled += int(status.split()[-1])
     # A dead letter holds a message as the device sent it, which may be anything:
     # the letters linked to the owner go whole (`ingest.dead_letter_table`).
-    letters = await erase_letters(conn, table, key)
-    found = unlinked + int(status.split()[-1]) + letters
+    letters = await erase_letters(conn, table, keys)
+    found = unlinked + rolled + letters
     # A pass that found nothing verifies an erasure an earlier pass recorded.
     await conn.execute(
         f"INSERT INTO {table}_erasures (owner_id, unlinked) VALUES ($1, $2)"

@@ -24,7 +24,7 @@ from uuid import UUID
 import asyncpg
 
 from ingest.errors import ConfigurationError, RegistryLookupFailed
-from ingest.owner_keys import owner_key
+from ingest.owner_keys import OwnerKeySecrets
 from ingest.postgres import DB_ERRORS, translated
 from ingest.settings import EnrichSettings
 from ingest.sql_names import quote_schema
@@ -112,10 +112,15 @@ class RegistryLookup:
     """
 
     def __init__(
-        self, settings: EnrichSettings, *, registry_schema: str, dsn: str, secret: bytes
+        self,
+        settings: EnrichSettings,
+        *,
+        registry_schema: str,
+        dsn: str,
+        secrets: OwnerKeySecrets,
     ) -> None:
         self._settings = settings
-        self._secret = secret
+        self._secrets = secrets
         self._schema = registry_schema
         self._quoted = quote_schema(registry_schema)
         self._newest = f"{self._quoted}.{NEWEST_REGISTRY_OBJECT}"
@@ -252,7 +257,7 @@ class RegistryLookup:
                     linked,
                     rec["region"] if linked else None,
                     rec["membership_tier"] if linked else None,
-                    owner_key(self._secret, owner) if linked and owner is not None else None,
+                    self._secrets.key(owner) if linked and owner is not None else None,
                 )
             )
         return DeviceFacts(

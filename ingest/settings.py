@@ -230,10 +230,20 @@ class EnrichSettings(Section):
     """Enrichment in the consumer: registry facts and the owner's pseudonymous key."""
 
     owner_key_secret: SecretStr | None = None
-    """HMAC-SHA256 key of the owner keys stored with usage (`owner_key`); never stored
-    with the data nor logged. Required: unset, `usagepipe consume` uses a key generated
-    into `<run_dir>/enrich/owner_key_secret` for local runs, with a warning. Keep it
-    stable: another key gives every owner another key, and erasure finds rows by it."""
+    """HMAC-SHA256 key of the owner keys stored with usage (`owner_key`), as key version
+    1; never stored with the data nor logged. This or `owner_key_secrets_file` is
+    required: neither set, `usagepipe consume` uses a key generated into
+    `<run_dir>/enrich/owner_key_secret` for local runs, with a warning. Never change it in
+    place: rotate with a secrets file (README, Privacy), or erasure misses stored keys."""
+    owner_key_secrets_file: Path | None = None
+    """A file (lines `VERSION SECRET`) or directory (a file per version, named by it)
+    holding the owner-key secrets by version, from the secret store or key manager, never
+    the repository; instead of `owner_key_secret`. Erasure looks owners up under every
+    version it holds (`usagepipe owner-keys rotate` adds one)."""
+    owner_key_version: int | None = Field(default=None, ge=1, le=9999)
+    """The version of `owner_key_secrets_file` new owner keys are made with; required
+    with it (chosen explicitly, never the newest by default). With `owner_key_secret`
+    only 1 (or unset)."""
     cache_ttl_s: Annotated[int, Field(ge=1, le=3600)] = 60
     """Longest a cached registry answer is used; the backstop behind the registry's
     change notifications (LISTEN/NOTIFY), which normally evict it at once."""
@@ -252,6 +262,26 @@ class EnrichSettings(Section):
         if value is not None and len(value.get_secret_value()) < 32:
             raise ValueError("owner_key_secret must be at least 32 characters")
         return value
+
+    @model_validator(mode="after")
+    def _one_secret_source(self) -> EnrichSettings:
+        if self.owner_key_secrets_file is not None:
+            if self.owner_key_secret is not None:
+                raise ValueError(
+                    "set owner_key_secrets_file or owner_key_secret, not both"
+                    " (put the secret in the file as version 1)"
+                )
+            if self.owner_key_version is None:
+                raise ValueError(
+                    "owner_key_version must be set with owner_key_secrets_file:"
+                    " the version of the file new owner keys are made with"
+                )
+        elif self.owner_key_version not in (None, 1):
+            raise ValueError(
+                "owner_key_version other than 1 needs owner_key_secrets_file"
+                " (owner_key_secret is version 1)"
+            )
+        return self
 
 
 class PostgresSettings(Section):

@@ -45,6 +45,8 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any
 
+from ingest.owner_keys import owners_at_least
+
 Scalar = str | int | float | None
 
 OWNERS = "_owners"
@@ -161,7 +163,7 @@ def generalise(
         small = []
         for parent, members in groups.items():
             members.sort(key=lambda m: _order(m.key))
-            if len(members) < 2 or len(union(members, OWNERS)) < k:
+            if len(members) < 2 or owners_at_least(union(members, OWNERS)) < k:
                 small.extend(members)
                 continue
             whole = len(members) == siblings[parent]

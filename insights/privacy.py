@@ -9,8 +9,11 @@ other small segments along its report's hierarchy until the group has k owners
 (`insights.generalise`), and only what no group can bring to k is *suppressed*:
 kept as one row, its numbers withheld, with the reason. Nothing below k owners is ever
 shown. Owners who withheld analytics consent (or were erased) carry no key and so cannot
-be told apart: they count for no one, which errs on the side of suppressing. The owner
-count itself is never shown.
+be told apart: they count for no one, which errs on the side of suppressing. A range
+across a rotation of the owner-key secret holds an owner active on both sides under two
+keys: a segment's owners are the most keys of any one version
+(`ingest.owner_keys.owners_at_least`), never the keys of all versions added up, which
+errs the same way. The owner count itself is never shown.
 
 **Marketing-usable reports** (`ReportSpec.marketing`: cohorts by purchase channel or
 membership tier, app-feature adoption, regional hot spots) describe customers by the

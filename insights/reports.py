@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from ingest.owner_keys import OWNERS_AT_LEAST_SQL
 from ingest.rollups import usage_rollup
 from insights.filters import FilterError
 from insights.generalise import Scalar, Segment
@@ -66,7 +67,10 @@ APP_TRIGGERS = ["app_remote", "schedule"]
 
 _KEYS = "array_agg(DISTINCT owner_key) FILTER (WHERE owner_key IS NOT NULL) AS keys"
 """A segment's distinct owner keys: counted (`_OWNERS`), and returned where below k."""
-_OWNERS = "coalesce(cardinality(keys), 0) AS owners"
+_OWNERS = f"{OWNERS_AT_LEAST_SQL.format(keys='keys')} AS owners"
+"""A segment's owners for k-anonymity: at least as many as the most keys of one version
+(`ingest.owner_keys.owners_at_least`), so a range across a rotation never counts an
+owner twice."""
 
 
 def _small(expression: str, name: str) -> str:

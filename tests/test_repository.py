@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIME = re.compile(
     r"(\.log|\.db|\.sqlite3?|\.lock|\.pid|\.pem|\.key|\.jsonl)$"
-    r"|(^|/)(credentials[^/]*\.json|dynamic-security\.json|owner_key_secret)$"
+    r"|(^|/)(credentials[^/]*\.json|dynamic-security\.json|owner_key_secrets?)$"
     r"|(^|/)\.run/"
 )
 

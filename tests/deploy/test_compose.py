@@ -41,7 +41,7 @@ SECRET_FILES = {
     "postgres_dsn": "postgresql://usagepipe:pw-0123456789@timescaledb:5432/usagepipe",
     "mqtt_admin_password": "admin-0123456789",
     "mqtt_bridge_password": "bridge-0123456789",
-    "owner_key_secret": "throwaway-owner-key-secret-0123456789abcdef",
+    "owner_key_secrets": "1 throwaway-owner-key-secret-0123456789abcdef",
     "auth_keys.pem": "-----BEGIN PUBLIC KEY-----\n-----END PUBLIC KEY-----\n",
     "device_ca.crt": "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n",
     "device_ca.key": "-----BEGIN PRIVATE KEY-----\n-----END PRIVATE KEY-----\n",
@@ -177,6 +177,10 @@ def test_every_setting_is_real_and_validates(
         assert s.auth.issuer is not None and not s.auth.dev_signer, name
         # A file setting under /run/secrets names a secret this service mounts.
         mounted = {m.get("target", m["source"]) for m in service.get("secrets", [])}
+        if name.startswith(("consumer", "registry", "init")):
+            path = s.enrich.owner_key_secrets_file
+            assert path == Path("/run/secrets/owner_key_secrets"), (name, path)
+            assert path.name in mounted and s.enrich.owner_key_version == 1, name
         if name in {"registry", "insights"}:
             for path in (s.auth.keys_file, s.registry.ca_cert_file, s.registry.ca_key_file):
                 if name == "insights" and path != s.auth.keys_file:

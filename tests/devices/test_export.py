@@ -23,7 +23,7 @@ from devices.export import BATCH_ROWS, UsageLink
 from devices.registry import Registry
 from ingest.erasure import unlink_owners
 from ingest.erasure_proof import Proof, prove_erasure
-from ingest.owner_keys import keys_for
+from ingest.owner_keys import keys_for, load_secrets
 from ingest.personal_data import CATALOGUE
 from ingest.settings import PostgresSettings, Settings
 from ingest.store import UsageStore
@@ -51,7 +51,7 @@ async def store(settings: Settings) -> AsyncIterator[UsageStore]:
 async def client(
     registry: Registry, store: UsageStore, settings: Settings
 ) -> AsyncIterator[httpx.AsyncClient]:
-    usage = UsageLink(store.table, lambda owner: keys_for(settings.enrich, owner))
+    usage = UsageLink(store.table, lambda owner: keys_for(load_secrets(settings.enrich), owner))
     app: FastAPI = create_app(lambda: _borrowed(registry), verifier=tokens.verifier(), usage=usage)
     async with (
         app.router.lifespan_context(app),
@@ -70,8 +70,8 @@ async def owners_with_usage(
     response = await client.post("/registrations", json=registration(), headers=ada.auth)
     assert response.status_code == 201, response.text
     device = response.json()["device_id"]
-    [ada_key] = keys_for(settings.enrich, UUID(ada.owner_id))
-    [bob_key] = keys_for(settings.enrich, UUID(bob.owner_id))
+    [ada_key] = keys_for(load_secrets(settings.enrich), UUID(ada.owner_id))
+    [bob_key] = keys_for(load_secrets(settings.enrich), UUID(bob.owner_id))
     rows = [
         dataclasses.replace(row(device, s, AT + s * timedelta(minutes=1)), owner_key=ada_key)
         for s in range(ROWS)
@@ -87,7 +87,7 @@ async def test_the_json_export_holds_everything_of_the_caller_and_nothing_else(
     client: httpx.AsyncClient, store: UsageStore, settings: Settings
 ) -> None:
     ada, bob, device = await owners_with_usage(client, store, settings)
-    [ada_key] = keys_for(settings.enrich, UUID(ada.owner_id))
+    [ada_key] = keys_for(load_secrets(settings.enrich), UUID(ada.owner_id))
 
     response = await client.get(f"/owners/{ada.owner_id}/export", headers=ada.auth)
     assert response.status_code == 200, response.text
@@ -223,7 +223,7 @@ async def test_after_the_erasure_the_proof_finds_nothing_the_export_showed(
     nothing but what stays by design after."""
     ada, bob, _ = await owners_with_usage(client, store, settings)
     owner = UUID(ada.owner_id)
-    keys = keys_for(settings.enrich, owner)
+    keys = keys_for(load_secrets(settings.enrich), owner)
     shown = (await client.get(f"/owners/{ada.owner_id}/export", headers=ada.auth)).json()
 
     async def proof() -> Proof:
@@ -244,7 +244,7 @@ async def test_after_the_erasure_the_proof_finds_nothing_the_export_showed(
         "device_daily": 2,
         "dead_letters": 1,
     }
-    await unlink_owners(store, [(owner, key) for key in keys])
+    await unlink_owners(store, [(owner, keys)])
     after = await proof()
     assert after.proven
     assert {c.holding.name: (c.linked, c.kept) for c in after.checked if c.linked} == {
@@ -262,7 +262,7 @@ async def test_served_by_uvicorn_the_export_is_streamed_in_chunks(
 ) -> None:
     """Over a real HTTP connection the export goes out chunked (no Content-Length: it
     is never assembled whole), in more than one piece, and reads back complete."""
-    usage = UsageLink(store.table, lambda owner: keys_for(settings.enrich, owner))
+    usage = UsageLink(store.table, lambda owner: keys_for(load_secrets(settings.enrich), owner))
     app = create_app(lambda: _borrowed(registry), verifier=tokens.verifier(), usage=usage)
     async with served(app) as url, httpx.AsyncClient(base_url=url) as c:
         ada, _, _ = await owners_with_usage(c, store, settings)

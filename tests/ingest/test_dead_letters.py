@@ -400,12 +400,12 @@ async def test_letters_commit_with_their_batch_once_expire_and_are_erased(
         "unstorable",
     ]
     # Erasure: the owner's letter goes with the owner's keys; a later pass verifies it.
-    assert await unlink_owners(store, [(uuid.UUID(int=7), "k-owner")]) == 0
+    assert await unlink_owners(store, [(uuid.UUID(int=7), ["k-owner"])]) == 0
     left = await store.fetch("SELECT reason FROM {table}_dead_letters ORDER BY letter_id")
     assert [r[0] for r in left] == ["invalid_json", "device_id_mismatch", "unstorable"]
     verified = await store.fetch(f"SELECT verified FROM {t}_erasures")
     assert [r[0] for r in verified] == [False]
-    await unlink_owners(store, [(uuid.UUID(int=7), "k-owner")])
+    await unlink_owners(store, [(uuid.UUID(int=7), ["k-owner"])])
     verified = await store.fetch(f"SELECT verified FROM {t}_erasures")
     assert [r[0] for r in verified] == [True]
 

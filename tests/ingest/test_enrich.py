@@ -337,7 +337,7 @@ def test_local_runs_get_a_generated_private_owner_key_secret(
     assert len(first.get_secret_value()) >= 32
     path = tmp_path / "enrich" / "owner_key_secret"
     assert path.stat().st_mode & 0o777 == 0o600
-    assert "OWNER_KEY_SECRET is not set" in caplog.text
+    assert "OWNER_KEY_SECRETS_FILE (or _SECRET) is not set" in caplog.text
     assert first.get_secret_value() not in caplog.text
     # A configured secret is left alone.
     assert with_local_owner_key(settings) is settings

@@ -16,7 +16,7 @@ from ingest.erasure import erasure_backlog, erasures_pending, unlink_owners
 from ingest.erasure_proof import Proof, prove_erasure
 from ingest.errors import StoreUnavailable
 from ingest.metrics import ConsumerMetrics
-from ingest.owner_keys import keys_for
+from ingest.owner_keys import keys_for, load_secrets
 from ingest.personal_data import CATALOGUE
 from ingest.rollups import Rollup, materialised_rows
 from ingest.settings import Settings
@@ -51,7 +51,7 @@ async def test_erasure_removes_owner_keys_from_the_device_daily_rollup(either: U
     other = [dataclasses.replace(row("d2", 1, at), owner_key="stays")]
     await store.write(keyed + other)
     await store.refresh_rollups()
-    assert await unlink_owners(store, [(uuid.uuid4(), "gone")]) == 30
+    assert await unlink_owners(store, [(uuid.uuid4(), ["gone"])]) == 30
     span = (at - DAY, at + 3 * DAY)
     async with store.pool.acquire() as conn:
         keys = await conn.fetch(f"SELECT DISTINCT owner_key FROM {t}_device_daily")
@@ -75,10 +75,10 @@ async def test_pending_erasures_are_the_registrys_erased_owners_not_verified_yet
     await add_owner(store, schema, active, at, erased=False)
     await store.write([dataclasses.replace(row("d1", 1, at), owner_key="k-erased")])
     assert await erasures_pending(store, schema) == [erased]
-    assert await unlink_owners(store, [(erased, "k-erased")]) == 1
+    assert await unlink_owners(store, [(erased, ["k-erased"])]) == 1
     assert await erasures_pending(store, schema) == [erased]  # applied, not verified
     # Applying it again is harmless, changes nothing more, and verifies it.
-    assert await unlink_owners(store, [(erased, "k-erased")]) == 0
+    assert await unlink_owners(store, [(erased, ["k-erased"])]) == 0
     assert await erasures_pending(store, schema) == []
     recorded = await store.fetch("SELECT owner_id, unlinked, verified FROM {table}_erasures")
     assert [tuple(r) for r in recorded] == [(erased, 1, True)]
@@ -124,7 +124,7 @@ async def test_a_key_put_back_after_the_first_pass_is_removed_by_the_next(
     keyed = [dataclasses.replace(row("d1", s, at + s * HOUR), owner_key="k1") for s in range(5)]
     await store.write(keyed)
     await store.refresh_rollups(wait=True)
-    assert await unlink_owners(store, [(owner, "k1")]) == 5
+    assert await unlink_owners(store, [(owner, ["k1"])]) == 5
     # Late: a batch enriched before the erasure; stale: a device-day with the key
     # written into the rollup as a refresh from an older snapshot would.
     await store.write([dataclasses.replace(row("d1", 9, at + DAY), owner_key="k1")])
@@ -143,9 +143,9 @@ async def test_a_key_put_back_after_the_first_pass_is_removed_by_the_next(
         "usage_rows": 1,
         "device_daily": 1,
     }
-    assert await unlink_owners(store, [(owner, "k1")]) == 1  # the late row
+    assert await unlink_owners(store, [(owner, ["k1"])]) == 1  # the late row
     assert await erasures_pending(store, schema) == [owner]  # that pass found some
-    assert await unlink_owners(store, [(owner, "k1")]) == 0
+    assert await unlink_owners(store, [(owner, ["k1"])]) == 0
     assert await erasures_pending(store, schema) == []
     await store.refresh_rollups(wait=True)
     span = (at - DAY, at + 3 * DAY)
@@ -218,7 +218,7 @@ async def test_an_erasure_beside_a_concurrent_timescaledb_refresh_ends_with_no_k
                 await store.refresh_rollups(wait=True)
             async with store.pool.acquire() as conn:
                 assert await conn.fetchval(f"SELECT count(*) FROM {t}_rollup_invalidations") == 1
-            erasing = asyncio.create_task(unlink_owners(store, [(owner, "k1")]))
+            erasing = asyncio.create_task(unlink_owners(store, [(owner, ["k1"])]))
             await waiting_for(holder, mat, 2)
             await lock.commit()
             await concurrent
@@ -232,7 +232,7 @@ async def test_an_erasure_beside_a_concurrent_timescaledb_refresh_ends_with_no_k
             assert passes < 3
             done = await store.refresh_rollups(wait=True)
             assert done is not None
-            await unlink_owners(store, [(owner, "k1")])
+            await unlink_owners(store, [(owner, ["k1"])])
             passes += 1
         async with store.pool.acquire() as conn:
             for source in (t, f"{t}_device_daily", mat):
@@ -262,7 +262,7 @@ async def proof_of(store: UsageStore, settings: Settings, owner: uuid.UUID) -> P
         return await prove_erasure(
             conn,
             owner,
-            keys=keys_for(settings.enrich, owner),
+            keys=keys_for(load_secrets(settings.enrich), owner),
             registry_schema=settings.registry.db_schema,
             usage_table=store.table,
         )
@@ -283,8 +283,8 @@ async def test_the_proof_finds_the_owners_data_until_the_erasure_is_applied(
     store, t, schema = either, either.table, settings.registry.db_schema
     at = datetime(2026, 2, 1, 8, tzinfo=UTC)
     owner, other = uuid.uuid4(), uuid.uuid4()
-    [key] = keys_for(settings.enrich, owner)
-    [other_key] = keys_for(settings.enrich, other)
+    [key] = keys_for(load_secrets(settings.enrich), owner)
+    [other_key] = keys_for(load_secrets(settings.enrich), other)
     await add_owner(store, schema, owner, at, erased=False)
     await add_owner(store, schema, other, at, erased=False)
     mine = [dataclasses.replace(row("d1", s, at + s * HOUR), owner_key=key) for s in range(3)]
@@ -322,7 +322,7 @@ async def test_the_proof_finds_the_owners_data_until_the_erasure_is_applied(
         f" {await materialised(store, 'device_daily')}, {t}_dead_letters"
     )
 
-    assert await unlink_owners(store, [(owner, key)]) == 3
+    assert await unlink_owners(store, [(owner, [key])]) == 3
     after = await proof_of(store, settings, owner)
     assert counts(after) == {"owners": (1, 1), "erasures": (1, 1)}
     assert after.proven

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ingest.erasure import unlink_owners
-from ingest.owner_keys import keys_for
+from ingest.owner_keys import keys_for, load_secrets
 from ingest.personal_data import CATALOGUE
 from ingest.settings import PostgresSettings, Settings
 from ingest.store import UsageStore
@@ -40,7 +40,7 @@ async def test_erasure_prove_says_what_is_left_and_exits_by_it(
     env = environment(settings)
     schema = settings.registry.db_schema
     owner = uuid.uuid4()
-    [key] = keys_for(settings.enrich, owner)
+    [key] = keys_for(load_secrets(settings.enrich), owner)
     await add_owner(store, schema, owner, AT, erased=False)
     await store.write(
         [
@@ -82,7 +82,7 @@ async def test_erasure_prove_says_what_is_left_and_exits_by_it(
     assert done.stdout.splitlines()[-1] == (
         f"NOT PROVEN: 3 row(s) still linked, in {store.table}, {store.table}_dead_letters"
     )
-    assert await unlink_owners(store, [(owner, key)]) == 2
+    assert await unlink_owners(store, [(owner, [key])]) == 2
     done = usagepipe("erasure", "prove", str(owner), env=env)
     assert (done.returncode, done.stderr) == (0, "")
     assert done.stdout.splitlines()[-1] == (

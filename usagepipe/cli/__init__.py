@@ -17,13 +17,15 @@
     usagepipe auth token --subject S ...  a bearer token from the local dev signer
     usagepipe dlq list|show|replay        the dead letters (their table, or telemetry.dlq)
     usagepipe erasure prove OWNER_ID      nothing of an erased owner left in any table?
+    usagepipe owner-keys versions|rotate|retire   owner-key versions stored; a new
+                                          secret version; an old version's keys unlinked
 
 Each command's parser sets its handler (`usagepipe.cli.arguments.Handler`); `main`
 parses, configures logging, builds the settings, runs the handler and turns what it
 raises into one line. The handlers live beside their command's parser:
 `usagepipe.cli.operations` (services, settings, asyncapi, dlq), `usagepipe.cli.pipeline`
-(db, bridge, consume), `usagepipe.cli.fleet` (simulate, verify, demo),
-`usagepipe.cli.privacy` (erasure), and, below this
+(db, bridge, consume), `usagepipe.cli.keys` (owner-keys), `usagepipe.cli.fleet`
+(simulate, verify, demo), `usagepipe.cli.privacy` (erasure), and, below this
 composition root, `devices.cli` (registry) and `insights.cli` (report, insights).
 
 Only this module reads the environment (`Settings()`) and, through
@@ -98,6 +100,10 @@ COMMANDS: dict[str, Command] = {
     "dlq": Command(
         f"{_OPS}:add_dlq",
         "list, show and replay dead letters (the usage database's record, or telemetry.dlq)",
+    ),
+    "owner-keys": Command(
+        "usagepipe.cli.keys:add_owner_keys",
+        "the owners' pseudonymous keys: versions stored, rotation of the secret",
     ),
     "erasure": Command(
         "usagepipe.cli.privacy:add_erasure", "prove that an erased owner's data is gone"

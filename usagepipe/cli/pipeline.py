@@ -178,9 +178,10 @@ def _consume(args: argparse.Namespace, settings: Settings) -> int:
     from devices.schema import migrate_registry_at
     from ingest.consumer import Consumer
     from ingest.metrics import ConsumerMetrics
-    from ingest.owner_keys import with_local_owner_key
+    from ingest.owner_keys import load_secrets, with_local_owner_key
 
     settings = with_local_owner_key(settings)  # unset: the local run dir's, with a warning
+    load_secrets(settings.enrich)  # a secrets file missing or malformed: one line, before all
     # The registry owns its schema; the consumer enriches from it and refuses to start
     # without it, so a fresh database gets it here, as `registry migrate` would; a
     # PostgreSQL not up yet is waited for, as the consumer itself waits.

@@ -19,7 +19,7 @@ import asyncpg
 
 from ingest.erasure_proof import prove_erasure
 from ingest.errors import ConfigurationError, StoreUnavailable
-from ingest.owner_keys import keys_for, with_local_owner_key
+from ingest.owner_keys import keys_for, load_secrets, with_local_owner_key
 from ingest.postgres import translated
 from ingest.settings import Settings
 from usagepipe.cli.arguments import Commands, command
@@ -62,7 +62,7 @@ async def _prove(owner_id: UUID, settings: Settings) -> int:
         proof = await prove_erasure(
             conn,
             owner_id,
-            keys=keys_for(settings.enrich, owner_id),
+            keys=keys_for(load_secrets(settings.enrich), owner_id),
             registry_schema=schema,
             usage_table=table,
         )
