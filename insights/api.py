@@ -13,6 +13,9 @@
                                    values); options `by` (cohorts), `tz` (heatmap);
                                    `format=json|csv|parquet`
 
+    GET /api/dp/reports/{name}     a report's differentially private release, and
+    GET /api/dp/budget             the caller's privacy budget (`insights.dp_api`)
+
     GET /health                    200 while the process serves (liveness)
     GET /ready                     200 while PostgreSQL answers and the usage table exists
     GET /metrics                   Prometheus text: requests and latency by route
@@ -74,7 +77,12 @@ class InsightsProblem(httpapi.Problem):
     parameter at fault."""
 
     reason: Annotated[
-        str, Field(json_schema_extra=httpapi.reason_enum(["unknown_report", *auth.AUTH_REASONS]))
+        str,
+        Field(
+            json_schema_extra=httpapi.reason_enum(
+                ["unknown_report", "privacy_budget_exceeded", *auth.AUTH_REASONS]
+            )
+        ),
     ]
 
 
@@ -266,6 +274,10 @@ def create_app(
     app.include_router(_catalogue())
     app.include_router(_report(postgres, insights, privacy, state))
     app.include_router(_dashboard(postgres, insights, state))
+    # Imported here: the private releases' routes take this module's parameter types.
+    from insights.dp_api import private_router
+
+    app.include_router(private_router(postgres, insights, privacy, state))
     return app
 
 
