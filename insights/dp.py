@@ -126,8 +126,8 @@ DP_REPORTS: dict[str, DpSpec] = {
         DpSpec(
             "programs",
             ("model", "firmware", "schema", "feature"),
-            {"events": 40, "devices": 2},
-            8,
+            {"events": 8, "devices": 1},
+            4,
             """contrib AS (
                 SELECT owner_key, model, firmware, schema, detail AS feature,
                        sum(events) AS events, count(DISTINCT device_id) AS devices
@@ -155,7 +155,7 @@ DP_REPORTS: dict[str, DpSpec] = {
         DpSpec(
             "cycles",
             ("category", "cycles"),
-            {"device_weeks": 3},
+            {"device_weeks": 2},
             4,
             f"""device_weeks AS (
                 SELECT owner_key, category, device_id,
@@ -176,8 +176,8 @@ DP_REPORTS: dict[str, DpSpec] = {
         DpSpec(
             "errors",
             ("model", "firmware", "code"),
-            {"errors": 10, "devices": 2},
-            4,
+            {"errors": 5, "devices": 1},
+            2,
             """contrib AS (
                 SELECT owner_key, model, firmware, detail AS code, sum(events) AS errors,
                        count(DISTINCT device_id) AS devices
@@ -191,7 +191,7 @@ DP_REPORTS: dict[str, DpSpec] = {
             "adoption",
             ("week",),
             {"active_devices": 2, "remote_start_devices": 2, "schedule_devices": 2},
-            6,
+            5,
             f"""contrib AS (
                 SELECT owner_key,
                        (date_bin('7 days', bucket, {_MONDAY}) AT TIME ZONE 'UTC')::date AS week,
