@@ -1,4 +1,5 @@
-"""The planners' HTTP API: read-only, with the OpenAPI document at `/openapi.json`.
+"""The planners' HTTP API: read-only but for the private releases' ledger
+(`insights.dp_ledger`), with the OpenAPI document at `/openapi.json`.
 
     GET /                          the web page (static/index.html): the main views drawn
                                    in the browser from the JSON below; no CDN, no build

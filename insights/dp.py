@@ -91,7 +91,7 @@ class DpSpec:
 
     def bound(self) -> str:
         """The bound in words: what one owner can add to a release at most."""
-        caps = ", ".join(f"{cap} {m}" for m, cap in self.caps.items())
+        caps = ", ".join(f"{cap} {_noun(m, cap)}" for m, cap in self.caps.items())
         cells = "1 segment" if self.cells_per_owner == 1 else f"{self.cells_per_owner} segments"
         return f"each owner counts in at most {cells}, with at most {caps} in each"
 
@@ -111,6 +111,12 @@ class DpSpec:
         -- here only because every parameter of a statement must have a type.
         SELECT {dims}, count(*) AS owners, {sums}, $7::int AS _k
         FROM ranked WHERE nth <= {self.cells_per_owner} GROUP BY {dims}"""
+
+
+def _noun(measure: str, count: int) -> str:
+    """A measure's name as a noun for `count` of it: "1 device", "2 device weeks"."""
+    words = measure.replace("_", " ")
+    return words.removesuffix("s") if count == 1 else words
 
 
 def _ratio(top: str, bottom: str, digits: int) -> Callable[[Mapping[str, int]], float | None]:
@@ -140,7 +146,7 @@ DP_REPORTS: dict[str, DpSpec] = {
         DpSpec(
             "regions",
             ("region",),
-            {"events": 300, "cycles": 120, "devices": 3},
+            {"events": 200, "cycles": 60, "devices": 3},
             1,
             """contrib AS (
                 SELECT owner_key, region, sum(events) AS events,

@@ -16,6 +16,7 @@ import getpass
 import io
 import json
 import sys
+from datetime import datetime
 
 from ingest.postgres import DB_ERRORS
 from ingest.settings import Settings
@@ -116,14 +117,15 @@ def table(release: Release) -> str:
     console = Console(file=buffer, width=160, markup=False, highlight=False)
     f = body["filters"]
     console.print(f"{body['title']} (differentially private)")
-    console.print(f"{f['start']} to {f['end']} UTC")
+    span = (datetime.fromisoformat(f[end]) for end in ("start", "end"))
+    console.print("{:%Y-%m-%d %H:%M} to {:%Y-%m-%d %H:%M} UTC".format(*span))
     console.print(out)
     b = release.budget
     cost = "replayed: charged nothing" if release.replayed else f"charged {release.charged:g}"
     console.print(
         f"epsilon = {p['epsilon']:g}, delta = {p['delta']:g}; {p['bound']}; a segment is "
-        f"shown only if its noisy owner count reaches {p['threshold']}; noise scale "
-        + ", ".join(f"{m} {s:.3g}" for m, s in p["noise_scale"].items())
+        f"shown only if its noisy owner count reaches {p['threshold']}; noise scale: "
+        + ", ".join(f"{m.replace('_', ' ')} {s:.3g}" for m, s in p["noise_scale"].items())
     )
     console.print(
         f"{cost}; {b.planner} has epsilon {b.left:g} left of {b.total:g}; released "

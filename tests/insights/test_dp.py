@@ -109,7 +109,7 @@ async def test_a_release_is_replayed_unchanged_and_charged_once(seeded: Seeded, 
         assert doc.privacy.epsilon == EPSILON and doc.privacy.delta == DELTA
         assert doc.privacy.loss[0] <= EPSILON * (1 + 1e-12) and doc.privacy.loss[1] <= DELTA
         assert doc.privacy.cells_per_owner == 1
-        assert doc.privacy.caps == {"events": 300, "cycles": 120, "devices": 3}
+        assert doc.privacy.caps == {"events": 200, "cycles": 60, "devices": 3}
         assert doc.privacy.threshold == K  # epsilon 20: the noise needs no more than k
         assert doc.measures == ["events", "cycles", "devices", "events_per_device"]
         assert [r["region"] for r in doc.rows] == ["KR-11", "KR-26", "KR-41"]
@@ -217,7 +217,7 @@ async def test_differencing_two_overlapping_releases_learns_nothing_beyond_epsil
         assert privacy_map(laplace, c * cap) <= share
         less = dp.m.make_laplace(*laplace.input_space, scale=plan.scales[m] * 0.99)
         assert privacy_map(less, c * cap) > share
-    assert plan.scales["events"] == pytest.approx(300 / share)
+    assert plan.scales["events"] == pytest.approx(200 / share)
     assert [r["region"] for r in a["rows"]] == [r["region"] for r in b["rows"]] == [
         "KR-11", "KR-26", "KR-41"
     ]  # fmt: skip
