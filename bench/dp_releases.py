@@ -41,18 +41,18 @@ REPORTS = ("programs", "cycles", "errors")
 def owned(rows: list, devices: list[str]) -> list:  # type: ignore[type-arg]
     """`rows` with an owner each, as enrichment stores them: model and category, and a
     key where the owner consents to analytics (5 in 6); every fourth owner has two."""
-    owner = {d: f"owner-{i - (i % 4 == 1)}" for i, d in enumerate(devices)}
+    owner = {d: i - (i % 4 == 1) for i, d in enumerate(devices)}
     out = []
     for r in rows:
         o = owner[r.device_id]
-        consents = hash(o) % 6 != 5
+        consents = o % 6 != 5
         out.append(
             dataclasses.replace(
                 r,
                 model=r.device_id.rsplit("-", 1)[0],
                 category=r.schema.split(".", 1)[0],
                 firmware="1.0",
-                owner_key=o if consents else None,
+                owner_key=f"owner-{o}" if consents else None,
                 analytics_consent=consents,
             )
         )
