@@ -72,6 +72,11 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     serve.set_defaults(handler=_serve)
     serve.add_argument("--host", help="listen address (insights.http_host)")
     serve.add_argument("--port", type=port_number, help="port (insights.http_port)")
+    budget = actions.add_parser(
+        "budget", help="every planner's privacy budget: private releases made, epsilon spent"
+    )
+    budget.set_defaults(handler=_budget)
+    budget.add_argument("--planner", help="only this planner (a token subject, cli:<user>)")
 
 
 def _report(args: argparse.Namespace, settings: Settings) -> int:
@@ -222,6 +227,12 @@ def _cell(value: object) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return "" if value is None else str(value)
+
+
+def _budget(args: argparse.Namespace, settings: Settings) -> int:
+    from insights.dp_cli import budgets
+
+    return budgets(args, settings)
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:

@@ -1,4 +1,5 @@
-"""`usagepipe report NAME --dp [--planner WHO]`: a report's private release.
+"""`usagepipe report NAME --dp [--planner WHO]`: a report's private release; and
+`usagepipe insights budget [--planner WHO]`: what each planner has spent.
 
     usagepipe report regions --dp --start 2026-11-01 --end 2026-11-29 --format csv
 
@@ -98,6 +99,48 @@ async def _run(args: argparse.Namespace, settings: Settings) -> Release:
         )
     finally:
         await conn.close()
+
+
+def budgets(args: argparse.Namespace, settings: Settings) -> int:
+    """`usagepipe insights budget [--planner P]`: per planner, the private releases
+    charged to them, the epsilon spent and left of `insights.dp_budget`."""
+    from ingest.errors import StoreUnavailable
+
+    try:
+        rows = asyncio.run(_spend(settings, args.planner))
+    except (*DB_ERRORS, StoreUnavailable) as exc:
+        print(f"usagepipe insights budget: {exc}", file=sys.stderr)
+        return 1
+    total = settings.insights.dp_budget
+    if args.planner is not None and not rows:
+        rows = [(args.planner, 0, 0.0)]
+    if not rows:
+        print(f"no private release made yet; each planner has a budget of epsilon {total:g}")
+        return 0
+    print(f"{'planner':<32} {'releases':>8} {'spent':>8} {'left':>8}  (budget: epsilon {total:g})")
+    for planner, releases, spent in rows:
+        print(f"{planner:<32} {releases:>8} {spent:>8g} {max(total - spent, 0):>8g}")
+    return 0
+
+
+async def _spend(settings: Settings, planner: str | None) -> list[tuple[str, int, float]]:
+    import asyncpg
+
+    from ingest.errors import StoreUnavailable
+
+    conn = await asyncpg.connect(settings.postgres.dsn.get_secret_value())
+    try:
+        found = await conn.fetch(
+            f"SELECT planner, count(*) AS releases, sum(epsilon) AS spent"
+            f" FROM {settings.postgres.table}_dp_spend"
+            " WHERE $1::text IS NULL OR planner = $1 GROUP BY 1 ORDER BY 1",
+            planner,
+        )
+    except asyncpg.UndefinedTableError as exc:
+        raise StoreUnavailable(f"{exc}: run `usagepipe db migrate` first") from exc
+    finally:
+        await conn.close()
+    return [(r["planner"], int(r["releases"]), float(r["spent"])) for r in found]
 
 
 def table(release: Release) -> str:

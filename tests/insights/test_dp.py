@@ -356,3 +356,12 @@ async def test_cli_release_is_the_same_release(
     assert "--format parquet not with --dp" in capsys.readouterr().err
     assert await asyncio.to_thread(main, [*argv[:3], "heatmap", "--dp"]) == 2
     assert "'heatmap' has no private release" in capsys.readouterr().err
+
+    assert await asyncio.to_thread(main, ["--log-level", "WARNING", "insights", "budget"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "planner                          releases    spent     left  (budget: epsilon 50)",
+        "cli:kim                                 1       20       30",
+    ]
+    argv = ["--log-level", "WARNING", "insights", "budget", "--planner", "pat"]
+    assert await asyncio.to_thread(main, argv) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["pat", "0", "0", "50"]
