@@ -119,9 +119,17 @@ def _noun(measure: str, count: int) -> str:
     return words.removesuffix("s") if count == 1 else words
 
 
-def _ratio(top: str, bottom: str, digits: int) -> Callable[[Mapping[str, int]], float | None]:
+def _ratio(
+    top: str, bottom: str, digits: int, share: bool = False
+) -> Callable[[Mapping[str, int]], float | None]:
+    """`top / bottom` of the noisy numbers (None where `bottom` is 0); a `share` is at
+    most 1 (the noise can make a part larger than its whole)."""
+
     def ratio(row: Mapping[str, int]) -> float | None:
-        return round(row[top] / row[bottom], digits) if row[bottom] > 0 else None
+        if row[bottom] <= 0:
+            return None
+        value = row[top] / row[bottom]
+        return round(min(value, 1.0) if share else value, digits)
 
     return ratio
 
@@ -211,8 +219,8 @@ DP_REPORTS: dict[str, DpSpec] = {
             )""",
             (TRIGGERED_SCHEMAS,),
             {
-                "remote_start_share": _ratio("remote_start_devices", "active_devices", 4),
-                "schedule_share": _ratio("schedule_devices", "active_devices", 4),
+                "remote_start_share": _ratio("remote_start_devices", "active_devices", 4, True),
+                "schedule_share": _ratio("schedule_devices", "active_devices", 4, True),
             },
         ),
     )
