@@ -367,6 +367,17 @@ class InsightsSettings(Section):
     with `auth.planner_scope`)."""
     http_port: Port = 8050
     """The port of `usagepipe insights serve`."""
+    dp_budget: Annotated[float, Field(gt=0, le=1000)] = 10.0
+    """Each planner's privacy budget (total epsilon) for differentially private releases
+    (`/api/dp/reports/...`, `usagepipe report --dp`): each new release is charged its
+    epsilon, a replay of one already made costs nothing, and a release beyond what is
+    left is refused, naming what is left."""
+    dp_delta: Annotated[float, Field(gt=0, le=1e-3)] = 1e-6
+    """Each private release's delta: the chance a segment of too few owners passes its
+    noisy threshold (the threshold is chosen so the chance is at most this)."""
+    dp_epsilon: dict[str, Annotated[float, Field(gt=0, le=100)]] = {}
+    """Epsilon per report of its private release, as JSON (`{"regions": 2.0}`); a report
+    not named keeps its default (`insights.dp.DP_REPORTS`, 1.0 each)."""
 
 
 class AuthSettings(Section):

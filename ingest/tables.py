@@ -364,6 +364,8 @@ async def drop_usage_tables(conn: Connection, t: str) -> None:
         "erasures",
         "dead_letters",
         "ids",
+        "dp_spend",
+        "dp_releases",
     )
     tables = ", ".join([t, *(f"{t}_{suffix}" for suffix in derived)])
     for attempt in range(1, _DROP_ATTEMPTS + 1):

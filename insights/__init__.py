@@ -17,7 +17,14 @@
     charts.py       a report as a PNG or SVG chart (matplotlib, Agg)
     api.py          the read-only HTTP API and the web page (`static/index.html`)
     cli.py          `usagepipe report ...` and `usagepipe insights serve`
+    dp.py           differentially private releases: each owner bounded, OpenDP's
+                    noise and threshold, the epsilon each release states
+    dp_ledger.py    a private release made once and replayed, each planner's budget
+    dp_api.py       `GET /api/dp/reports/{name}`, `GET /api/dp/budget`
+    dp_cli.py       `usagepipe report NAME --dp`
 
-Nothing here writes to the database, and no result carries a device id, an owner key,
-or anything from the registry's owners beyond the population rule.
+Nothing here writes to the database but the private releases' ledger
+(`<table>_dp_releases`, `<table>_dp_spend`, by `dp_ledger.py` alone), and no result
+carries a device id, an owner key, or anything from the registry's owners beyond the
+population rule.
 """

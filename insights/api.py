@@ -1,4 +1,5 @@
-"""The planners' HTTP API: read-only, with the OpenAPI document at `/openapi.json`.
+"""The planners' HTTP API: read-only but for the private releases' ledger
+(`insights.dp_ledger`), with the OpenAPI document at `/openapi.json`.
 
     GET /                          the web page (static/index.html): the main views drawn
                                    in the browser from the JSON below; no CDN, no build
@@ -12,6 +13,9 @@
                                    `region`, `firmware` (repeat a parameter for several
                                    values); options `by` (cohorts), `tz` (heatmap);
                                    `format=json|csv|parquet`
+
+    GET /api/dp/reports/{name}     a report's differentially private release, and
+    GET /api/dp/budget             the caller's privacy budget (`insights.dp_api`)
 
     GET /health                    200 while the process serves (liveness)
     GET /ready                     200 while PostgreSQL answers and the usage table exists
@@ -74,7 +78,12 @@ class InsightsProblem(httpapi.Problem):
     parameter at fault."""
 
     reason: Annotated[
-        str, Field(json_schema_extra=httpapi.reason_enum(["unknown_report", *auth.AUTH_REASONS]))
+        str,
+        Field(
+            json_schema_extra=httpapi.reason_enum(
+                ["unknown_report", "privacy_budget_exceeded", *auth.AUTH_REASONS]
+            )
+        ),
     ]
 
 
@@ -269,6 +278,10 @@ def create_app(
     app.include_router(_catalogue())
     app.include_router(_report(postgres, insights, privacy, state))
     app.include_router(_dashboard(postgres, insights, state))
+    # Imported here: the private releases' routes take this module's parameter types.
+    from insights.dp_api import private_router
+
+    app.include_router(private_router(postgres, insights, privacy, state))
     return app
 
 

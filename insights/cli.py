@@ -58,6 +58,13 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     report.add_argument("--format", choices=OUTPUT_FORMATS, default="table")
     report.add_argument("--out", type=Path, help="write the export here (required for parquet)")
     report.add_argument("--chart", type=Path, help="also draw the report into F.png or F.svg")
+    report.add_argument(
+        "--dp",
+        action="store_true",
+        help="the differentially private release (programs, regions, cycles, errors, "
+        "adoption), charged to --planner's privacy budget; table, csv or json",
+    )
+    report.add_argument("--planner", help="with --dp: who is charged (default cli:<your user>)")
 
     insights = subparsers.add_parser("insights", help="the planners' HTTP API and web page")
     actions = insights.add_subparsers(dest="insights_command", required=True, metavar="COMMAND")
@@ -65,12 +72,24 @@ def register_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     serve.set_defaults(handler=_serve)
     serve.add_argument("--host", help="listen address (insights.http_host)")
     serve.add_argument("--port", type=port_number, help="port (insights.http_port)")
+    budget = actions.add_parser(
+        "budget", help="every planner's privacy budget: private releases made, epsilon spent"
+    )
+    budget.set_defaults(handler=_budget)
+    budget.add_argument("--planner", help="only this planner (a token subject, cli:<user>)")
 
 
 def _report(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.errors import StoreUnavailable
 
     prog = f"usagepipe report {args.name}"
+    if args.dp:
+        from insights.dp_cli import private
+
+        return private(args, settings)
+    if args.planner is not None:
+        print(f"{prog}: --planner goes with --dp", file=sys.stderr)
+        return 2
     if args.format == "parquet" and args.out is None:
         print(f"{prog}: --format parquet needs --out FILE", file=sys.stderr)
         return 2
@@ -208,6 +227,12 @@ def _cell(value: object) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return "" if value is None else str(value)
+
+
+def _budget(args: argparse.Namespace, settings: Settings) -> int:
+    from insights.dp_cli import budgets
+
+    return budgets(args, settings)
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:

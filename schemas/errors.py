@@ -50,6 +50,8 @@ module and `retriable`:
      |                                   accounts tried to (a bug)
      +-- FilterError              False  insights.filters: a filter value is not acceptable
      |                                   (also a ValueError)
+     +-- BudgetExceeded           False  insights.dp_ledger: a private release would cost
+     |                                   more of the planner's privacy budget than is left
      +-- ChartError               False  insights.charts: a chart cannot be written (also a
      |                                   ValueError)
      +-- HistoryError             False  simulators.history: the plan starts before its

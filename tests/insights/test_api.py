@@ -100,7 +100,9 @@ async def test_reports_over_http_equal_the_direct_computation(seeded: Seeded, ap
         schemas = openapi["components"]["schemas"]
         assert "HTTPValidationError" not in schemas
         reasons = schemas["InsightsProblem"]["properties"]["reason"]["enum"]
-        assert set(reasons) == {"unknown_report", *GENERIC_REASONS, *AUTH_REASONS}
+        assert set(reasons) == {
+            "unknown_report", "privacy_budget_exceeded", *GENERIC_REASONS, *AUTH_REASONS
+        }  # fmt: skip
         # Read-only: nothing but GET.
         for path, item in openapi["paths"].items():
             assert set(item) == {"get"}, path
