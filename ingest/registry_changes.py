@@ -63,6 +63,9 @@ class ChangeListener:
         self._listen_wait = _LISTEN_RETRY_S[0]
         self.erased: set[UUID] = set()
         """Owners named by `erased` notifications, for the enricher to apply."""
+        self.consents_changed = False
+        """Whether an owner or a policy changed since the enricher last looked: a
+        consent may have ended (`ingest.withdrawal`)."""
 
     @property
     def listening(self) -> bool:
@@ -125,5 +128,8 @@ class ChangeListener:
             self._cache.owner_changed(owner)
             if kind == "erased":
                 self.erased.add(owner)
-        else:  # a product model, or anything newer than this code: start afresh
+            else:
+                self.consents_changed = True
+        else:  # a product model, a policy, or anything newer than this code: start afresh
             self._cache.clear()
+            self.consents_changed = True
