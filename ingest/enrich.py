@@ -296,7 +296,6 @@ class Enricher:
         """
         owners: set[UUID] = set(self._changes.erased)
         reconcile = time.monotonic() >= self._reconcile_at
-        consents = reconcile or self._changes.consents_changed
         if reconcile:
             owners.update(await erasure.erasures_pending(store, self._schema))
             self._reconcile_at = time.monotonic() + self._settings.cache_ttl_s
@@ -311,9 +310,7 @@ class Enricher:
             log.info(
                 "removed the owner key of %d erased owner(s) from %d rows", len(ordered), changed
             )
-        if consents:
-            self._changes.consents_changed = False
-            changed += await self._apply_ended_consents(store)
+        changed += await self._apply_ended_consents(store, everyone=reconcile)
         if reconcile:
             # What is left after this pass: for the erasures-pending alert.
             pending, oldest = await erasure.erasure_backlog(store, self._schema)
@@ -321,13 +318,27 @@ class Enricher:
             self._metrics.erasure_oldest_pending.set(0 if oldest is None else oldest.timestamp())
         return changed
 
-    async def _apply_ended_consents(self, store: UsageStore) -> int:
-        ends = await withdrawal.ends_pending(store, self._schema)
+    async def _apply_ended_consents(self, store: UsageStore, *, everyone: bool) -> int:
+        """Unlink what was stored under ended consents: of every owner on the
+        schedule or after a policy notification, else of the owners notifications
+        named since the last call (none: nothing to ask)."""
+        changes = self._changes
+        everyone = everyone or changes.policies_changed
+        named = set(changes.owners_changed)
+        if not everyone and not named:
+            return 0
+        changes.policies_changed = False
+        try:
+            ends = await withdrawal.ends_pending(store, self._schema, None if everyone else named)
+            changed = await withdrawal.unlink_ended(
+                store, [(end, self.owner_keys(end.owner_id)) for end in ends]
+            )
+        except BaseException:
+            changes.policies_changed |= everyone  # asked again on the next call
+            raise
+        changes.owners_changed.difference_update(named)
         if not ends:
             return 0
-        changed = await withdrawal.unlink_ended(
-            store, [(end, self.owner_keys(end.owner_id)) for end in ends]
-        )
         self._metrics.consent_links_removed.inc(changed)
         log.info(
             "removed the owner key from %d rows stored under %d ended analytics consent(s)",

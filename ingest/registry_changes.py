@@ -63,9 +63,12 @@ class ChangeListener:
         self._listen_wait = _LISTEN_RETRY_S[0]
         self.erased: set[UUID] = set()
         """Owners named by `erased` notifications, for the enricher to apply."""
-        self.consents_changed = False
-        """Whether an owner or a policy changed since the enricher last looked: a
-        consent may have ended (`ingest.withdrawal`)."""
+        self.owners_changed: set[UUID] = set()
+        """Owners named by `owner` notifications: a consent of theirs may have ended
+        (`ingest.withdrawal`), for the enricher to look."""
+        self.policies_changed = False
+        """Whether a notification the listener does not know by kind (a policy
+        version published, devices/sql/008) arrived: any consent may have ended."""
 
     @property
     def listening(self) -> bool:
@@ -129,7 +132,7 @@ class ChangeListener:
             if kind == "erased":
                 self.erased.add(owner)
             else:
-                self.consents_changed = True
+                self.owners_changed.add(owner)
         else:  # a product model, a policy, or anything newer than this code: start afresh
             self._cache.clear()
-            self.consents_changed = True
+            self.policies_changed = True

@@ -25,7 +25,7 @@ never in those unlinked.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from uuid import UUID
@@ -56,10 +56,14 @@ class ConsentEnd:
 
 
 async def ends_pending(
-    store: UsageStore, registry_schema: str, limit: int = 10_000
+    store: UsageStore,
+    registry_schema: str,
+    among: Collection[UUID] | None = None,
+    limit: int = 10_000,
 ) -> list[ConsentEnd]:
     """The ends of analytics consent in the registry in `registry_schema` that this
-    table has not applied and verified yet, oldest first.
+    table has not applied and verified yet, oldest first; of the owners `among` only
+    (what an owner notification names), else of every owner.
 
     The registry is asked for the ends since the earliest one recorded here but not
     verified, or else since `SINCE_MARGIN` before the latest one recorded (the whole
@@ -75,7 +79,7 @@ async def ends_pending(
                         '-infinity') AS since
                 )
                 SELECT c.owner_id, c.event, c.ended_at, c.resumed_at
-                FROM marker, {schema}.analytics_consent_ends(marker.since) c
+                FROM marker, {schema}.analytics_consent_ends(marker.since, $3::uuid[]) c
                 WHERE NOT EXISTS (SELECT 1 FROM {t}_consent_unlinks u
                                   WHERE u.owner_id = c.owner_id AND u.event = c.event
                                     AND u.verified)
@@ -83,6 +87,7 @@ async def ends_pending(
                 LIMIT $1""",
             limit,
             SINCE_MARGIN,
+            None if among is None else sorted(among),
         )
     return [ConsentEnd(r["owner_id"], r["event"], r["ended_at"], r["resumed_at"]) for r in rows]
 

@@ -13,23 +13,36 @@
 CREATE INDEX consent_events_analytics_withdrawals ON consent_events (changed_at)
     WHERE purpose = 'analytics' AND NOT granted;
 
--- The ends at or after `since` that have happened by now: `event` names the end
--- ('withdrawn <consent_event_id>', 'lapsed <policy version>'), unique per owner.
--- Cheap for a recent `since`: withdrawals through the index above; lapses only for the
--- re-asking versions that took effect since then (each reads the owners' latest
--- analytics decisions once, by `consent_events_latest`).
-CREATE FUNCTION analytics_consent_ends(since timestamptz)
+-- The ends at or after `since` that have happened by now, of the owners in `among`
+-- (NULL: every owner): `event` names the end ('withdrawn <consent_event_id>',
+-- 'lapsed <policy version>'), unique per owner. Cheap for a recent `since` or a few
+-- owners: withdrawals through the index above or the owner's; lapses only for the
+-- re-asking versions that took effect since then, each reading the latest analytics
+-- decision of every owner (or of those in `among`) once, by `consent_events_latest`.
+-- Each list is two branches, one for all and one for `among`, so that each has a plan
+-- of its own (a parameter-only condition turns the other off).
+CREATE FUNCTION analytics_consent_ends(since timestamptz, among uuid[] DEFAULT NULL)
     RETURNS TABLE (owner_id uuid, event text, ended_at timestamptz, resumed_at timestamptz)
     LANGUAGE sql STABLE
     SET search_path FROM CURRENT
 AS $$
-    WITH ends AS (
+    WITH withdrawals AS (
+        SELECT w.owner_id, w.consent_event_id, w.changed_at FROM consent_events w
+        WHERE among IS NULL AND w.purpose = 'analytics' AND NOT w.granted
+          AND w.changed_at >= since AND w.changed_at <= now()
+        UNION ALL
+        SELECT w.owner_id, w.consent_event_id, w.changed_at FROM consent_events w
+        WHERE w.owner_id = ANY(among) AND w.purpose = 'analytics' AND NOT w.granted
+          AND w.changed_at >= since AND w.changed_at <= now()
+    ), people AS (
+        SELECT o.owner_id FROM owners o WHERE among IS NULL AND o.status <> 'erased'
+        UNION ALL
+        SELECT o.owner_id FROM owners o WHERE o.owner_id = ANY(among) AND o.status <> 'erased'
+    ), ends AS (
         SELECT w.owner_id, 'withdrawn ' || w.consent_event_id AS event,
                w.changed_at AS ended_at, w.consent_event_id AS after_id
-        FROM consent_events w
-        WHERE w.purpose = 'analytics' AND NOT w.granted
-          AND w.changed_at >= since AND w.changed_at <= now()
-          AND (SELECT p.granted FROM consent_events p
+        FROM withdrawals w
+        WHERE (SELECT p.granted FROM consent_events p
                WHERE p.owner_id = w.owner_id AND p.purpose = 'analytics'
                  AND (p.changed_at, p.consent_event_id) < (w.changed_at, w.consent_event_id)
                ORDER BY p.changed_at DESC, p.consent_event_id DESC LIMIT 1)
@@ -37,7 +50,7 @@ AS $$
         SELECT o.owner_id, 'lapsed ' || r.version, n.effective_at, NULL::bigint
         FROM policy_reasks r
         JOIN policy_versions n ON n.version = r.version
-        CROSS JOIN owners o
+        CROSS JOIN people o
         CROSS JOIN LATERAL (
             SELECT e.granted, v.effective_at
             FROM consent_events e JOIN policy_versions v ON v.version = e.policy_version
@@ -47,7 +60,6 @@ AS $$
         ) latest
         WHERE r.purpose = 'analytics'
           AND n.effective_at >= since AND n.effective_at <= now()
-          AND o.status <> 'erased'
           AND latest.granted AND latest.effective_at < n.effective_at
     )
     SELECT ends.owner_id, ends.event, ends.ended_at, (

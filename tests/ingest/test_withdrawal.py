@@ -91,6 +91,8 @@ async def test_a_withdrawal_unlinks_the_stored_rows_rollup_and_letters_once(
     event = await decide(store, schema, ada, False, withdrawn_at)
     end = ConsentEnd(ada, f"withdrawn {event}", withdrawn_at, None)
     assert await ends_pending(store, schema) == [end]
+    assert await ends_pending(store, schema, {ada}) == [end]  # an owner notification's
+    assert await ends_pending(store, schema, {bob}) == []
     assert await unlink_ended(store, [(end, ["k-ada"])]) == 30
 
     stored = await linked(store)
