@@ -305,6 +305,7 @@ class Enricher:
             changed = await erasure.unlink_owners(
                 store, [(o, owner_key(self._secret, o)) for o in ordered]
             )
+            await withdrawal.forget(store, ordered)
             self._changes.erased.difference_update(owners)
             self._metrics.owner_links_removed.inc(changed)
             log.info(

@@ -166,3 +166,17 @@ async def _unlink(
     )
     letters = await unlink_letters(conn, table, key, resumed_at)
     return unlinked, int(status.split()[-1]) + letters
+
+
+async def forget(store: UsageStore, erased: Collection[UUID]) -> int:
+    """Delete the records of erased owners from `<table>_consent_unlinks` (their
+    erasure unlinks everything, and the registry keeps no consent of theirs to end);
+    returns how many. Idempotent."""
+    if not erased:
+        return 0
+    with translated(StoreUnavailable, "forgetting erased owners' ended consents failed"):
+        status = await store.pool.execute(
+            f"DELETE FROM {store.table}_consent_unlinks WHERE owner_id = ANY($1::uuid[])",
+            sorted(erased),
+        )
+    return int(status.split()[-1])

@@ -624,7 +624,8 @@ async def test_a_withdrawal_made_while_no_consumer_ran_unlinks_at_start_one_way(
 ) -> None:
     """An owner withdraws analytics consent and grants it again while no consumer runs:
     the next consumer unlinks, at its start, the row stored under the first grant, and
-    links the row it stores under the new one; another owner's row keeps its key."""
+    links the row it stores under the new one; another owner's row keeps its key. Once
+    the owner is erased, the record of the end goes with the erasure."""
     settings = enriching(settings)
     t0 = NOW - timedelta(days=1)
     at = NOW - timedelta(hours=1)
@@ -652,6 +653,14 @@ async def test_a_withdrawal_made_while_no_consumer_ran_unlinks_at_start_one_way(
     assert [(r["owner_id"], r["event"].split()[0], r["unlinked"]) for r in ended] == [
         (ada, "withdrawn", 1)
     ]
+
+    async with fleet(settings) as f:
+        await f.registry.erase_owner(ada, at=datetime.now(UTC))
+    await produce(settings, [(other, message(other, 1, at))])
+    await consume(settings, 1)
+    assert await rows_of(settings, "SELECT * FROM {table}_consent_unlinks") == []
+    erased = await rows_of(settings, "SELECT owner_id, unlinked FROM {table}_erasures")
+    assert [tuple(r) for r in erased] == [(ada, 1)]
 
 
 async def wait_until_unlinked(settings: Settings, device: str, timeout_s: float) -> None:

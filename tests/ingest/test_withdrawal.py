@@ -13,7 +13,7 @@ from ingest.dead_letter_table import LetterRow
 from ingest.rows import UsageRow
 from ingest.settings import Settings
 from ingest.store import UsageStore
-from ingest.withdrawal import ConsentEnd, ends_pending, unlink_ended
+from ingest.withdrawal import ConsentEnd, ends_pending, forget, unlink_ended
 from schemas.errors import Reason
 from tests.ingest.test_dead_letters import made_letter
 from tests.ingest.test_erasure import add_owner
@@ -113,6 +113,10 @@ async def test_a_withdrawal_unlinks_the_stored_rows_rollup_and_letters_once(
     )
     assert [tuple(r) for r in recorded] == [(ada, end.event, withdrawn_at, 30, True)]
     assert await linked(store) == stored
+    # Once erased, the owner's records go (erasure has unlinked everything).
+    assert await forget(store, {bob}) == 0
+    assert await forget(store, {ada}) == 1
+    assert await store.fetch("SELECT * FROM {table}_consent_unlinks") == []
 
 
 async def test_a_lapse_by_a_reasking_policy_unlinks_the_grants_made_before_it(

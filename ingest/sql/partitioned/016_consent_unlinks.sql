@@ -7,7 +7,8 @@
 -- until then the consumers apply it again every cache TTL. `ended_at` is the end's
 -- time in the registry: the consumer asks the registry only for ends since the
 -- earliest unverified one, or since shortly before the latest recorded. Holds the
--- owner's random id, which names nobody outside the registry.
+-- owner's random id, which names nobody outside the registry; an owner's records are
+-- deleted when the consumer applies their erasure.
 CREATE TABLE IF NOT EXISTS {table}_consent_unlinks (
     owner_id   uuid        NOT NULL,
     event      text        NOT NULL,
