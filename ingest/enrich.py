@@ -147,6 +147,7 @@ class Enricher:
             own_pids=self._registry.own_pids,
         )
         self._reconcile_at = 0.0
+        self._swept = False  # ended consents: the first look reads the whole history
 
     async def __aenter__(self) -> Self:
         await self._registry.open()
@@ -330,7 +331,13 @@ class Enricher:
             return 0
         changes.policies_changed = False
         try:
-            ends = await withdrawal.ends_pending(store, self._schema, None if everyone else named)
+            ends = await withdrawal.ends_pending(
+                store,
+                self._schema,
+                None if everyone else named,
+                whole_history=everyone and not self._swept,
+            )
+            self._swept = self._swept or everyone
             changed = await withdrawal.unlink_ended(
                 store, [(end, self.owner_keys(end.owner_id)) for end in ends]
             )

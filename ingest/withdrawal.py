@@ -60,6 +60,8 @@ async def ends_pending(
     registry_schema: str,
     among: Collection[UUID] | None = None,
     limit: int = 10_000,
+    *,
+    whole_history: bool = False,
 ) -> list[ConsentEnd]:
     """The ends of analytics consent in the registry in `registry_schema` that this
     table has not applied and verified yet, oldest first; of the owners `among` only
@@ -67,13 +69,16 @@ async def ends_pending(
 
     The registry is asked for the ends since the earliest one recorded here but not
     verified, or else since `SINCE_MARGIN` before the latest one recorded (the whole
-    history for a table that has recorded none)."""
+    history for a table that has recorded none, or with `whole_history`: the
+    consumer's first pass, which also finds a decision recorded with a time long
+    past)."""
     schema = quote_schema(registry_schema)
     t = store.table
     with translated(StoreUnavailable, "reading ended consents failed"):
         rows = await store.pool.fetch(
             f"""WITH marker AS (
                     SELECT coalesce(
+                        CASE WHEN $4 THEN '-infinity'::timestamptz END,
                         (SELECT min(ended_at) FROM {t}_consent_unlinks WHERE NOT verified),
                         (SELECT max(ended_at) FROM {t}_consent_unlinks) - $2::interval,
                         '-infinity') AS since
@@ -88,6 +93,7 @@ async def ends_pending(
             limit,
             SINCE_MARGIN,
             None if among is None else sorted(among),
+            whole_history,
         )
     return [ConsentEnd(r["owner_id"], r["event"], r["ended_at"], r["resumed_at"]) for r in rows]
 

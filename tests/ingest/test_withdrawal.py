@@ -194,3 +194,28 @@ async def test_a_new_grant_attributes_only_the_rows_stored_after_it(
         (AT.replace(hour=0), None),
         (AT.replace(hour=0) + DAY, "k-ada"),
     ]
+
+
+async def test_the_registry_is_asked_since_the_latest_end_less_an_hour_or_from_the_start(
+    settings: Settings, either: UsageStore
+) -> None:
+    """After an end is verified, the registry is asked only for ends from an hour before
+    it: a withdrawal recorded with a time two hours earlier is found by the consumer's
+    first pass (`whole_history`), which reads the whole history, or by an unverified
+    end older than it keeping the window open."""
+    store, schema = either, settings.registry.db_schema
+    ada, bob = uuid.uuid4(), uuid.uuid4()
+    for owner in (ada, bob):
+        await add_owner(store, schema, owner, AT - DAY, erased=False)
+        await decide(store, schema, owner, True, AT - DAY)
+    now = await db_now(store)
+    late = await decide(store, schema, ada, False, now)
+    ada_end = ConsentEnd(ada, f"withdrawn {late}", now, None)
+    for _ in range(2):  # applied, then verified
+        await unlink_ended(store, [(ada_end, ["k-ada"])])
+    early = await decide(store, schema, bob, False, now - 2 * HOUR)
+    bob_end = ConsentEnd(bob, f"withdrawn {early}", now - 2 * HOUR, None)
+    assert await ends_pending(store, schema) == []
+    assert await ends_pending(store, schema, whole_history=True) == [bob_end]
+    await unlink_ended(store, [(bob_end, ["k-bob"])])  # applied, not verified
+    assert await ends_pending(store, schema) == [bob_end]
