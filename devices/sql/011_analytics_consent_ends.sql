@@ -20,11 +20,15 @@ CREATE INDEX consent_events_analytics_withdrawals ON consent_events (changed_at)
 -- re-asking versions that took effect since then, each reading the latest analytics
 -- decision of every owner (or of those in `among`) once, by `consent_events_latest`.
 -- Each list is two branches, one for all and one for `among`, so that each has a plan
--- of its own (a parameter-only condition turns the other off).
+-- of its own (a parameter-only condition turns the other off). Without JIT: the plan,
+-- made without knowing the arguments, costs the every-owner branches high enough for
+-- PostgreSQL to compile it, which took a second where the answer takes a millisecond
+-- (bench/consent_ends.py).
 CREATE FUNCTION analytics_consent_ends(since timestamptz, among uuid[] DEFAULT NULL)
     RETURNS TABLE (owner_id uuid, event text, ended_at timestamptz, resumed_at timestamptz)
     LANGUAGE sql STABLE
     SET search_path FROM CURRENT
+    SET jit = off
 AS $$
     WITH withdrawals AS (
         SELECT w.owner_id, w.consent_event_id, w.changed_at FROM consent_events w
