@@ -337,7 +337,6 @@ class Enricher:
                 None if everyone else named,
                 whole_history=everyone and not self._swept,
             )
-            self._swept = self._swept or everyone
             changed = await withdrawal.unlink_ended(
                 store, [(end, self.owner_keys(end.owner_id)) for end in ends]
             )
@@ -345,6 +344,7 @@ class Enricher:
             changes.policies_changed |= everyone  # asked again on the next call
             raise
         changes.owners_changed.difference_update(named)
+        self._swept = self._swept or everyone
         if not ends:
             return 0
         self._metrics.consent_links_removed.inc(changed)

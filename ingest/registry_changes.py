@@ -67,8 +67,9 @@ class ChangeListener:
         """Owners named by `owner` notifications: a consent of theirs may have ended
         (`ingest.withdrawal`), for the enricher to look."""
         self.policies_changed = False
-        """Whether a notification the listener does not know by kind (a policy
-        version published, devices/sql/008) arrived: any consent may have ended."""
+        """Whether a notification that empties the cache (a policy version published,
+        devices/sql/008; a product model; a kind newer than this code) arrived: any
+        consent may have ended."""
 
     @property
     def listening(self) -> bool:
