@@ -14,8 +14,9 @@ whether a later pass found nothing left.
 
 What goes, for an end: the key and the tier of every raw row stored (`ingested_at`)
 before the owner granted again (all of them while they have not), the same in the
-device-daily rollup's materialised rows (the days whose raw rows changed are noted
-and recomputed; a day whose raw rows retention dropped is updated in place), and the
+device-daily rollup's materialised rows (in place, and the days whose raw rows changed
+are noted and recomputed, which keeps the key of a day's rows stored after the new
+grant), and the
 key of the owner's dead letters that failed before the new grant (a letter is kept
 for replay: the service needs it, and it names no one without the key). The region
 stays, as after erasure: without a key it no longer leads to a person. The unlinking
@@ -158,13 +159,15 @@ async def _unlink(
         resumed_at,
     )
     # Not granted again: every device-day of the key goes, as after erasure. Granted
-    # again: the days noted above are recomputed from the raw rows; only those whose
-    # raw rows are gone (retention), from before the new grant, are updated here.
+    # again: a device-day from before the new grant goes where none of the device's raw
+    # rows of that day still carries the key (so it was all stored before the grant, or
+    # retention dropped it); one that does is noted above and recomputed from them.
     status = await conn.execute(
         f"""UPDATE {rollup} d SET owner_key = NULL, membership_tier = NULL
             WHERE d.owner_key = $1 AND ($2::timestamptz IS NULL
                 OR (d.bucket < $2 AND NOT EXISTS (
-                    SELECT 1 FROM {table} r WHERE r.device_id = d.device_id
+                    SELECT 1 FROM {table} r
+                    WHERE r.owner_key = $1 AND r.device_id = d.device_id
                     AND r.event_time >= d.bucket
                     AND r.event_time < d.bucket + interval '1 day')))""",
         key,

@@ -180,6 +180,9 @@ async def test_a_new_grant_attributes_only_the_rows_stored_after_it(
     end = ConsentEnd(ada, f"withdrawn {event}", withdrawn_at, granted_at)
     assert await ends_pending(store, schema) == [end]
     assert await unlink_ended(store, [(end, ["k-ada"])]) == 3
+    # In place too: the day stored before the new grant (the next one is noted only).
+    materialised = await store.fetch("SELECT bucket, owner_key FROM {table}_device_daily")
+    assert [tuple(r) for r in materialised] == [(AT.replace(hour=0), None)]
     assert await unlink_ended(store, [(end, ["k-ada"])]) == 0
     assert await ends_pending(store, schema) == []
     stored = await linked(store)
