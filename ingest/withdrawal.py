@@ -4,24 +4,24 @@ effect, the rows stored under it lose the owner's pseudonymous key and membershi
 tier, as erasure does (`ingest.erasure`), so the planners' reports stop counting that
 owner's history.
 
-The registry lists the ends (its function `analytics_consent_ends(since)`,
+The registry lists the ends (its function `analytics_consent_ends(since, among)`,
 devices/sql/011), each with the time the consent ended and, if the owner granted it
 again since, `resumed_at`, the first grant after the end. The consumer
 (`ingest.enrich.Enricher.apply_erasures`) asks for the ends not verified yet on an
-owner or policy notification, at start-up and every cache TTL, and calls
-`unlink_ended` here. `<table>_consent_unlinks` records each (owner, end) applied, and
-whether a later pass found nothing left.
+owner notification (that owner's), a policy notification, at start-up and every cache
+TTL (everyone's), and calls `unlink_ended` here. `<table>_consent_unlinks` records
+each (owner, end) applied, and whether a later pass found nothing left; `forget`
+deletes an owner's records once their erasure is applied.
 
 What goes, for an end: the key and the tier of every raw row stored (`ingested_at`)
-before the owner granted again (all of them while they have not), the same in the
-device-daily rollup's materialised rows (in place, and the days whose raw rows changed
-are noted and recomputed, which keeps the key of a day's rows stored after the new
-grant), and the
-key of the owner's dead letters that failed before the new grant (a letter is kept
-for replay: the service needs it, and it names no one without the key). The region
-stays, as after erasure: without a key it no longer leads to a person. The unlinking
-is one-way: an owner who grants again is attributed in the rows stored from then on,
-never in those unlinked.
+before the owner granted again (all of them while they have not); the same in the
+device-daily rollup's materialised rows (in place; the days whose raw rows changed are
+noted and recomputed, which keeps the key of a day's rows stored after the new
+grant); and the key of the owner's dead letters that failed before the new grant (a
+letter is kept for replay: the service needs it, and it names no one without the
+key). The region stays, as after erasure: without a key it no longer leads to a
+person. The unlinking is one-way: an owner who grants again is attributed in the rows
+stored from then on, never in those unlinked.
 """
 
 from __future__ import annotations
@@ -123,7 +123,9 @@ async def unlink_ended(store: UsageStore, ends: Sequence[tuple[ConsentEnd, Seque
                     rows, other = await _unlink(conn, t, rollup, key, end.resumed_at)
                     unlinked += rows
                     found += rows + other
-                # A pass that found nothing verifies an end an earlier pass recorded.
+                # A pass that found nothing verifies an end an earlier pass recorded;
+                # the first never does, even when it found nothing: a batch enriched
+                # before the end may commit after it.
                 await conn.execute(
                     f"INSERT INTO {t}_consent_unlinks (owner_id, event, ended_at, unlinked)"
                     " VALUES ($1, $2, $3, $4) ON CONFLICT (owner_id, event) DO UPDATE SET"
