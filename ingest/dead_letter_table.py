@@ -185,6 +185,20 @@ async def erase_letters(conn: Connection, table: str, owner_keys: Sequence[str])
     return int(status.split()[-1])
 
 
+async def unlink_letters(
+    conn: Connection, table: str, owner_key: str, failed_before: datetime | None
+) -> int:
+    """Remove `owner_key` from the letters linked to it that failed before
+    `failed_before` (all: None); the letters stay, for replay. Returns how many."""
+    status = await conn.execute(
+        f"UPDATE {table}_dead_letters SET owner_key = NULL"
+        " WHERE owner_key = $1 AND ($2::timestamptz IS NULL OR failed_at < $2)",
+        owner_key,
+        failed_before,
+    )
+    return int(status.split()[-1])
+
+
 # -- reading -----------------------------------------------------------------------------
 
 

@@ -46,6 +46,9 @@ Erasure. An `erased` notification, and a check at start-up and every `cache_ttl_
 erased owners `<table>_erasures` does not list yet, make `apply_erasures` remove those
 owners' keys from stored rows (`ingest.erasure.unlink_owners`). The consumer calls it after
 each batch commit, so rows of a batch enriched before the erasure lose their key too.
+The same call unlinks the rows stored under an analytics consent that has ended since
+(withdrawn, or lapsed by a re-asking policy version: `ingest.withdrawal`), looked for
+on an owner or policy notification and on the same schedule.
 
 A lookup is bounded by `lookup_timeout_s`; a failure raises `RegistryLookupFailed`,
 and the consumer retries the batch with backoff: nothing is stored unenriched.
@@ -61,7 +64,7 @@ from types import TracebackType
 from typing import Self
 from uuid import UUID
 
-from ingest import erasure
+from ingest import erasure, withdrawal
 from ingest.dead_letter import DeadLetter, letter_device
 from ingest.dead_letter_table import LetterRow
 from ingest.facts_cache import FactsCache
@@ -143,6 +146,7 @@ class Enricher:
             own_pids=self._registry.own_pids,
         )
         self._reconcile_at = 0.0
+        self._swept = False  # ended consents: the first look reads the whole history
 
     async def __aenter__(self) -> Self:
         await self._registry.open()
@@ -275,12 +279,20 @@ class Enricher:
 
     # -- erasure --------------------------------------------------------------------
 
+    def owner_keys(self, owner: UUID) -> tuple[str, ...]:
+        """Every key `owner`'s rows may be stored under (erasure and ended consents
+        unlink each)."""
+        return tuple(keys_for(self._secrets, owner))
+
     async def apply_erasures(self, store: UsageStore) -> int:
-        """Remove erased owners' keys from stored rows; returns the rows changed.
+        """Remove erased owners' keys from stored rows, and the keys of owners whose
+        analytics consent ended from the rows stored under it; returns the rows changed.
 
         Owners come from `erased` notifications and, at start-up, after a reconnect
         and every `cache_ttl_s`, from the registry's erased owners that
-        `<table>_erasures` does not list. Call it after a batch has committed.
+        `<table>_erasures` does not list. Ended consents (`ingest.withdrawal`) are
+        looked for on an owner or policy notification and on the same schedule. Call
+        it after a batch has committed.
         """
         owners: set[UUID] = set(self._changes.erased)
         reconcile = time.monotonic() >= self._reconcile_at
@@ -290,17 +302,52 @@ class Enricher:
         changed = 0
         if owners:
             ordered = sorted(owners)
-            changed = await erasure.unlink_owners(
-                store, [(o, keys_for(self._secrets, o)) for o in ordered]
-            )
+            changed = await erasure.unlink_owners(store, [(o, self.owner_keys(o)) for o in ordered])
+            await withdrawal.forget(store, ordered)
             self._changes.erased.difference_update(owners)
             self._metrics.owner_links_removed.inc(changed)
             log.info(
                 "removed the owner key of %d erased owner(s) from %d rows", len(ordered), changed
             )
+        changed += await self._apply_ended_consents(store, everyone=reconcile)
         if reconcile:
             # What is left after this pass: for the erasures-pending alert.
             pending, oldest = await erasure.erasure_backlog(store, self._schema)
             self._metrics.erasures_pending.set(pending)
             self._metrics.erasure_oldest_pending.set(0 if oldest is None else oldest.timestamp())
+        return changed
+
+    async def _apply_ended_consents(self, store: UsageStore, *, everyone: bool) -> int:
+        """Unlink what was stored under ended consents: of every owner on the
+        schedule or after a policy notification, else of the owners notifications
+        named since the last call (none: nothing to ask)."""
+        changes = self._changes
+        everyone = everyone or changes.policies_changed
+        named = set(changes.owners_changed)
+        if not everyone and not named:
+            return 0
+        changes.policies_changed = False
+        try:
+            ends = await withdrawal.ends_pending(
+                store,
+                self._schema,
+                None if everyone else named,
+                whole_history=everyone and not self._swept,
+            )
+            changed = await withdrawal.unlink_ended(
+                store, [(end, self.owner_keys(end.owner_id)) for end in ends]
+            )
+        except BaseException:
+            changes.policies_changed |= everyone  # asked again on the next call
+            raise
+        changes.owners_changed.difference_update(named)
+        self._swept = self._swept or everyone
+        if not ends:
+            return 0
+        self._metrics.consent_links_removed.inc(changed)
+        log.info(
+            "removed the owner key from %d rows stored under %d ended analytics consent(s)",
+            changed,
+            len(ends),
+        )
         return changed

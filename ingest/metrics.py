@@ -249,6 +249,12 @@ class ConsumerMetrics:
             "Stored rows whose owner key was removed because the owner was erased.",
             registry=registry,
         )
+        self.consent_links_removed = Counter(
+            "usagepipe_consumer_consent_links_removed_total",
+            "Stored rows whose owner key was removed because the owner's analytics "
+            "consent ended (withdrawn, or lapsed by a re-asking policy version).",
+            registry=registry,
+        )
         self.registry_lookup_seconds = Histogram(
             "usagepipe_consumer_registry_lookup_seconds",
             "Time of each registry query for the devices of a batch the cache did not "

@@ -205,6 +205,16 @@ CATALOGUE: tuple[Holding, ...] = (
         order="letter_id",
     ),
     Holding(
+        "consent_unlinks",
+        "usage",
+        "{table}_consent_unlinks",
+        "owner_id",
+        "owner_id",
+        "each end of the owner's analytics consent (withdrawal, lapse) applied to the"
+        " stored rows: when, how many rows lost the key, verified",
+        order="ended_at, event",
+    ),
+    Holding(
         "erasures",
         "usage",
         "{table}_erasures",

@@ -63,6 +63,13 @@ class ChangeListener:
         self._listen_wait = _LISTEN_RETRY_S[0]
         self.erased: set[UUID] = set()
         """Owners named by `erased` notifications, for the enricher to apply."""
+        self.owners_changed: set[UUID] = set()
+        """Owners named by `owner` notifications: a consent of theirs may have ended
+        (`ingest.withdrawal`), for the enricher to look."""
+        self.policies_changed = False
+        """Whether a notification that empties the cache (a policy version published,
+        devices/sql/008; a product model; a kind newer than this code) arrived: any
+        consent may have ended."""
 
     @property
     def listening(self) -> bool:
@@ -125,5 +132,8 @@ class ChangeListener:
             self._cache.owner_changed(owner)
             if kind == "erased":
                 self.erased.add(owner)
-        else:  # a product model, or anything newer than this code: start afresh
+            else:
+                self.owners_changed.add(owner)
+        else:  # a product model, a policy, or anything newer than this code: start afresh
             self._cache.clear()
+            self.policies_changed = True

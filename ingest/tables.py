@@ -362,6 +362,7 @@ async def drop_usage_tables(conn: Connection, t: str) -> None:
         "device_daily",
         "rollup_invalidations",
         "erasures",
+        "consent_unlinks",
         "dead_letters",
         "ids",
         "dp_spend",

@@ -76,7 +76,7 @@ def test_commands(
     assert capsys.readouterr().out.endswith(
         ": applied 001_registry, 002_notify, 003_firmware, 004_consumer_interface,"
         " 005_subjects_audit, 006_registration_limits, 007_device_certificates,"
-        " 008_purposes_policies\n"
+        " 008_purposes_policies, 011_analytics_consent_ends\n"
     )
     assert run(cli_settings, "migrate") == 0
     assert capsys.readouterr().out.endswith(": applied nothing\n")

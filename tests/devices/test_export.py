@@ -115,6 +115,7 @@ async def test_the_json_export_holds_everything_of_the_caller_and_nothing_else(
         "usage_rows": ROWS,
         "device_daily": 2,  # two days of the washer
         "dead_letters": 1,
+        "consent_unlinks": 0,
         "erasures": 0,
     }
     assert {k: len(v) for k, v in doc["tables"].items()} == doc["counts"]

@@ -253,7 +253,10 @@ async def test_consents_recorded_before_versions_migrate_without_loss(
     owners = f"SELECT * FROM {reg_schema}.owners ORDER BY owner_id"
     owners_before = [dict(r) for r in await pg.fetch(owners)]
 
-    assert await migrate_registry(pg, reg_schema) == ["008_purposes_policies"]
+    assert await migrate_registry(pg, reg_schema) == [
+        "008_purposes_policies",
+        "011_analytics_consent_ends",
+    ]
 
     after = [dict(r) for r in await pg.fetch(history)]
     assert after == [{**r, "policy_version": "initial"} for r in before]

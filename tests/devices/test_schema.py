@@ -21,6 +21,7 @@ RECORDED = [
     ("registry", 6, "006_registration_limits"),
     ("registry", 7, "007_device_certificates"),
     ("registry", 8, "008_purposes_policies"),
+    ("registry", 11, "011_analytics_consent_ends"),
 ]
 TRIGGERS = [
     ("devices", "enrichment_notify"),
@@ -79,6 +80,7 @@ async def test_a_schema_the_consumer_completed_applies_nothing_again(
         "006_registration_limits",
         "007_device_certificates",
         "008_purposes_policies",
+        "011_analytics_consent_ends",
     ]
     assert await recorded(pg, reg_schema) == RECORDED
     assert await triggers(pg, reg_schema) == TRIGGERS
@@ -100,5 +102,6 @@ async def test_a_schema_the_consumer_never_saw_gets_the_rest(
         "006_registration_limits",
         "007_device_certificates",
         "008_purposes_policies",
+        "011_analytics_consent_ends",
     ]
     assert await recorded(pg, reg_schema) == RECORDED

@@ -619,6 +619,50 @@ async def test_erased_owners_rows_lose_their_key_while_running_and_after_a_resta
     )
 
 
+async def test_a_withdrawal_made_while_no_consumer_ran_unlinks_at_start_one_way(
+    settings: Settings,
+) -> None:
+    """An owner withdraws analytics consent and grants it again while no consumer runs:
+    the next consumer unlinks, at its start, the row stored under the first grant, and
+    links the row it stores under the new one; another owner's row keeps its key. Once
+    the owner is erased, the record of the end goes with the erasure."""
+    settings = enriching(settings)
+    t0 = NOW - timedelta(days=1)
+    at = NOW - timedelta(hours=1)
+    async with fleet(settings) as f:
+        ada, kept = [await f.owner(name, at=t0) for name in ("ada", "kept")]
+        shop = Purchase(PurchaseChannel.OWN_ONLINE_SHOP)
+        device, _ = await f.register(ada, "SN-W1", shop, at=t0)
+        other, _ = await f.register(kept, "SN-W2", shop, at=t0)
+        await produce(settings, [(d, message(d, 0, at)) for d in (device, other)])
+        await consume(settings, 2)
+        await f.registry.set_consent(ada, analytics=False, source="test")
+        await f.registry.decide(
+            ada, ["analytics"], granted=True, source="app", policy_version="initial"
+        )
+        await produce(settings, [(device, message(device, 1, at))])
+        _, metrics = await consume(settings, 1)
+
+    stored = await rows(settings)
+    assert [stored[(device, seq)]["owner_key"] for seq in range(2)] == [None, owner_key(KEY, ada)]
+    assert [stored[(device, seq)]["membership_tier"] for seq in range(2)] == [None, "gold"]
+    assert [stored[(device, seq)]["region"] for seq in range(2)] == ["JP-13", "JP-13"]
+    assert stored[(other, 0)]["owner_key"] == owner_key(KEY, kept)
+    assert sample(metrics, "usagepipe_consumer_consent_links_removed_total") == 1
+    ended = await rows_of(settings, "SELECT owner_id, event, unlinked FROM {table}_consent_unlinks")
+    assert [(r["owner_id"], r["event"].split()[0], r["unlinked"]) for r in ended] == [
+        (ada, "withdrawn", 1)
+    ]
+
+    async with fleet(settings) as f:
+        await f.registry.erase_owner(ada, at=datetime.now(UTC))
+    await produce(settings, [(other, message(other, 1, at))])
+    await consume(settings, 1)
+    assert await rows_of(settings, "SELECT * FROM {table}_consent_unlinks") == []
+    erased = await rows_of(settings, "SELECT owner_id, unlinked FROM {table}_erasures")
+    assert [tuple(r) for r in erased] == [(ada, 1)]
+
+
 async def wait_until_unlinked(settings: Settings, device: str, timeout_s: float) -> None:
     async with asyncio.timeout(timeout_s):
         while True:
@@ -691,7 +735,8 @@ async def test_changes_made_while_running_apply_to_later_events_without_waiting_
     settings: Settings,
 ) -> None:
     """With a TTL of an hour, only the registry's notifications can make the running
-    consumer see a consent withdrawal and a transfer."""
+    consumer see a consent withdrawal and a transfer. The withdrawal also unlinks the
+    rows stored before it; the seller's rows keep the seller's key."""
     settings = enriching(settings, cache_ttl_s=3600)
     t0 = NOW - timedelta(days=1)
     async with fleet(settings) as f:
@@ -733,6 +778,7 @@ async def test_changes_made_while_running_apply_to_later_events_without_waiting_
                 settings, [(sold, message(sold, 2, later)), (other, message(other, 2, later))]
             )
             await wait_for(lambda: consumer.report.stored == 6, "6 rows", 20)
+            await wait_until_unlinked(settings, other, timeout_s=10)
 
     stored = await rows(settings)
     assert [stored[(sold, seq)]["owner_key"] for seq in range(3)] == [
@@ -742,11 +788,9 @@ async def test_changes_made_while_running_apply_to_later_events_without_waiting_
     ]
     assert stored[(sold, 2)]["purchase_channel"] == "gift"
     assert stored[(sold, 2)]["region"] == "JP-40"
-    assert [stored[(other, seq)]["owner_key"] for seq in range(3)] == [
-        owner_key(KEY, withdrawing),
-        owner_key(KEY, withdrawing),
-        None,
-    ]
+    assert [stored[(other, seq)]["owner_key"] for seq in range(3)] == [None, None, None]
+    assert [stored[(other, seq)]["membership_tier"] for seq in range(3)] == [None, None, None]
+    assert [stored[(other, seq)]["region"] for seq in range(3)] == ["JP-13", "JP-13", None]
     assert stored[(other, 2)]["analytics_consent"] is False
 
 
@@ -871,9 +915,10 @@ async def test_a_policy_that_asks_again_stops_the_link_until_the_owner_grants_ag
 ) -> None:
     """Publishing a policy version that re-asks analytics, effective at once, lapses the
     grants made under the earlier one: the running consumer's cache is emptied (with a
-    TTL of an hour, only the notification can do it) and later events carry no owner
-    link; the owner's new grant under the new version brings it back. Marketing is not
-    re-asked: it plays no part in attribution."""
+    TTL of an hour, only the notification can do it), later events carry no owner
+    link, and the row stored under the lapsed grant loses its link too; the owner's new
+    grant under the new version links the rows stored after it, not the one before.
+    Marketing is not re-asked: it plays no part in attribution."""
     settings = enriching(settings, cache_ttl_s=3600)
     t0 = NOW - timedelta(days=1)
     async with fleet(settings) as f:
@@ -901,6 +946,7 @@ async def test_a_policy_that_asks_again_stops_the_link_until_the_owner_grants_ag
             await wait_for(lambda: invalidations("other") >= 1, "the policy notification", 10)
             await produce(settings, [(device, message(device, 1, first))])
             await wait_for(lambda: consumer.report.stored == 2, "2 rows", 20)
+            await wait_until_unlinked(settings, device, timeout_s=10)
 
             await f.registry.decide(
                 ada, ["analytics"], granted=True, source="app", policy_version="2026-12"
@@ -911,9 +957,11 @@ async def test_a_policy_that_asks_again_stops_the_link_until_the_owner_grants_ag
 
     stored = await rows(settings)
     assert [stored[(device, seq)]["owner_key"] for seq in range(3)] == [
-        owner_key(KEY, ada),
+        None,
         None,
         owner_key(KEY, ada),
     ]
     assert [stored[(device, seq)]["analytics_consent"] for seq in range(3)] == [True, False, True]
     assert [stored[(device, seq)]["region"] for seq in range(3)] == ["JP-13", None, "JP-13"]
+    ended = await rows_of(settings, "SELECT owner_id, event, unlinked FROM {table}_consent_unlinks")
+    assert [tuple(r) for r in ended] == [(ada, "lapsed 2026-12", 1)]

@@ -560,6 +560,7 @@ def test_consume_on_a_fresh_database_migrates_the_registry_first(settings: Setti
             ("registry", 6, "006_registration_limits"),
             ("registry", 7, "007_device_certificates"),
             ("registry", 8, "008_purposes_policies"),
+            ("registry", 11, "011_analytics_consent_ends"),
         ]
     finally:
         asyncio.run(_drop_schema(dsn, fresh))
