@@ -27,7 +27,8 @@ from ingest.store import UsageStore
 
 async def unlink_owners(store: UsageStore, erased: Sequence[tuple[UUID, str]]) -> int:
     """Remove erased owners' keys, and the membership tier stored with them, from
-    every row and from the device-daily rollup, and delete the dead letters linked to
+    every row and from the rollups that keep them (device-daily; the heat map's owners
+    per hour, which has the key only), and delete the dead letters linked to
     them; record each owner in
     `<table>_erasures`. Returns the raw rows changed.
 
@@ -54,13 +55,17 @@ async def unlink_owners(store: UsageStore, erased: Sequence[tuple[UUID, str]]) -
         changed = 0
         async with store.pool.acquire() as conn, conn.transaction():
             await lock_rollups(conn, t, wait=True)
-            rollup = await materialised_rows(conn, t, "device_daily")
+            rollups = [
+                await materialised_rows(conn, t, r) for r in ("device_daily", "hourly_owners")
+            ]
             for owner, key in erased:
-                changed += await _unlink(conn, t, rollup, owner, key)
+                changed += await _unlink(conn, t, rollups, owner, key)
     return changed
 
 
-async def _unlink(conn: Connection, table: str, rollup: str, owner: UUID, key: str) -> int:
+async def _unlink(
+    conn: Connection, table: str, rollups: Sequence[str], owner: UUID, key: str
+) -> int:
     """`unlink_owners` for one owner, in the caller's transaction: the raw rows
     changed."""
     unlinked: int = await conn.fetchval(
@@ -75,14 +80,16 @@ async def _unlink(conn: Connection, table: str, rollup: str, owner: UUID, key: s
             SELECT count(*) FROM changed""",
         key,
     )
-    status = await conn.execute(
-        f"UPDATE {rollup} SET owner_key = NULL, membership_tier = NULL WHERE owner_key = $1",
-        key,
-    )
+    in_rollups = 0
+    for rollup, tier in zip(rollups, (", membership_tier = NULL", ""), strict=True):
+        status = await conn.execute(
+            f"UPDATE {rollup} SET owner_key = NULL{tier} WHERE owner_key = $1", key
+        )
+        in_rollups += int(status.split()[-1])
     # A dead letter holds a message as the device sent it, which may be anything:
     # the letters linked to the owner go whole (`ingest.dead_letter_table`).
     letters = await erase_letters(conn, table, key)
-    found = unlinked + int(status.split()[-1]) + letters
+    found = unlinked + in_rollups + letters
     # A pass that found nothing verifies an erasure an earlier pass recorded.
     await conn.execute(
         f"INSERT INTO {table}_erasures (owner_id, unlinked) VALUES ($1, $2)"

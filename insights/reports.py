@@ -127,23 +127,24 @@ async def _heatmap(q: Query) -> list[Segment]:
         (s.key["day_of_week"], s.key["hour"]): s
         for s in await q.segments(
             f"""cells AS (
-                SELECT extract(isodow FROM event_time AT TIME ZONE $8)::int AS day_of_week,
-                       extract(hour FROM event_time AT TIME ZONE $8)::int AS hour, owner_key
-                FROM base
+                -- A UTC hour lies in one local hour: the zone is whole hours from UTC.
+                SELECT extract(isodow FROM bucket AT TIME ZONE $9)::int AS day_of_week,
+                       extract(hour FROM bucket AT TIME ZONE $9)::int AS hour, owner_key
+                FROM hours
             ),
             found AS (SELECT day_of_week, hour, {_KEYS} FROM cells GROUP BY 1, 2),
             counted AS (SELECT *, {_OWNERS} FROM found)
             SELECT day_of_week, hour, owners, {_small("keys", "_owners")} FROM counted""",
             ("day_of_week", "hour"),
             tz,
-            source="raw",
+            source="hours",
         )
     }
     out = []
     for (dow, hour), n in events.items():
         found = owners.get((dow, hour))
         key: dict[str, Scalar] = {"day_of_week": dow, "hour": hour}
-        if found is None:  # no raw row behind the rollup's: no one to count
+        if found is None:  # no owners' row behind the hourly rollup's: no one to count
             out.append(Segment(key, {"events": n}, 0))
         else:
             out.append(Segment(key, {"events": n}, found.owners, found.parts))
