@@ -140,6 +140,9 @@ class Recorder:
         self.queries.append((sql, args))
         return await self.conn.fetchrow(sql, *args)
 
+    async def execute(self, sql: str, *args: Any) -> str:
+        return await self.conn.execute(sql, *args)
+
     def transaction(self, **kwargs: Any) -> Any:
         return self.conn.transaction(**kwargs)
 
@@ -165,11 +168,12 @@ class Explained:
 
 
 async def explain(
-    conn: asyncpg.Connection, queries: list[tuple[str, tuple[Any, ...]]]
+    conn: asyncpg.Connection, queries: list[tuple[str, tuple[Any, ...]]], work_mem_mb: int
 ) -> Explained:
     out = Explained()
     worst = 0
     async with conn.transaction(readonly=True):
+        await conn.execute(f"SET LOCAL work_mem = '{work_mem_mb}MB'")
         for sql, args in queries:
             plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", *args)
             top = (json.loads(plan) if isinstance(plan, str) else plan)[0]
@@ -356,8 +360,11 @@ async def main() -> int:
                         await run_report(
                             cast(Connection, recorder), name, filters, table=table,
                             privacy=privacy, options={}, timezone=tz,
+                            work_mem_mb=settings.insights.report_work_mem_mb,
                         )  # fmt: skip
-                        plan_ = await explain(conn, recorder.queries)
+                        plan_ = await explain(
+                            conn, recorder.queries, settings.insights.report_work_mem_mb
+                        )
                         params: dict[str, Any] = {"start": since, "end": until, **extra}
                         web = []
                         for _ in range(args.requests):

@@ -32,13 +32,15 @@ async def run_report(
     privacy: Privacy,
     options: Mapping[str, str | None] | None = None,
     timezone: str = "Asia/Seoul",
+    work_mem_mb: int = 64,
 ) -> Report:
     """Compute report `name` over `table`; segments below `privacy.k` owners are merged
     along the report's hierarchy until they reach it, or else suppressed
     (`insights.generalise`).
 
     Raises `FilterError` for an unknown report or a bad option, `StoreUnavailable` when
-    the database fails or lacks a table. Read-only: it runs in a read-only transaction.
+    the database fails or lacks a table. Read-only: it runs in a read-only transaction,
+    with `work_mem` set to `work_mem_mb` for it (`insights.report_work_mem_mb`).
     """
     spec = REPORTS.get(name)
     if spec is None:
@@ -46,6 +48,7 @@ async def run_report(
     chosen = _options(spec, options or {}, {"tz": timezone})
     try:
         async with conn.transaction(readonly=True):
+            await conn.execute(f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'")
             query = Query(conn, table, filters, privacy, chosen, spec.marketing)
             found = await spec.compute(query)
     except asyncpg.UndefinedTableError as exc:
