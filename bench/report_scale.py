@@ -173,7 +173,7 @@ async def explain(
     out = Explained()
     worst = 0
     async with conn.transaction(readonly=True):
-        await conn.execute(f"SET LOCAL work_mem = '{work_mem_mb}MB'")
+        await conn.execute(f"SET LOCAL work_mem = '{work_mem_mb}MB'; SET LOCAL jit = off")
         for sql, args in queries:
             plan = await conn.fetchval(f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {sql}", *args)
             top = (json.loads(plan) if isinstance(plan, str) else plan)[0]
@@ -271,7 +271,7 @@ async def main() -> int:
         devices=devices,
         messages_per_device=0,
         seed=3,
-        fleet=n[:8],
+        fleet="rscale",
         window=days * DAY,
         sim_start=end - days * DAY,
         clock=end,

@@ -111,17 +111,24 @@ async def _heatmap(q: Query) -> list[Segment]:
     tz = _zone(q)
     f = q.filters
     found = await q.segments(
-        f"""local AS (
-            -- Each UTC hour of the range once: its local day of week and hour. A UTC
-            -- hour lies in one local hour: the zone is whole hours from UTC (below).
+        f"""local AS MATERIALIZED (
+            -- Each UTC hour of the range once: its local day of week and hour (one
+            -- time zone conversion an hour, not one a row). A UTC hour lies in one
+            -- local hour: the zone is whole hours from UTC (checked below).
             SELECT h AS bucket, extract(isodow FROM h AT TIME ZONE $9)::int AS day_of_week,
                    extract(hour FROM h AT TIME ZONE $9)::int AS hour
             FROM generate_series($1::timestamptz, $2::timestamptz - interval '1 hour',
                                  interval '1 hour') AS h
         ),
+        cell_owners AS (
+            -- Each owner once a cell (hashed): the cell's keys below are then distinct.
+            SELECT l.day_of_week, l.hour, o.owner_key, sum(o.events) AS events
+            FROM hours o JOIN local l USING (bucket) GROUP BY 1, 2, 3
+        ),
         found AS (
-            SELECT l.day_of_week, l.hour, sum(o.events) AS events, {_KEYS}
-            FROM hours o JOIN local l USING (bucket) GROUP BY 1, 2
+            SELECT day_of_week, hour, sum(events) AS events,
+                   array_agg(owner_key) FILTER (WHERE owner_key IS NOT NULL) AS keys
+            FROM cell_owners GROUP BY 1, 2
         ),
         counted AS (SELECT *, {_OWNERS} FROM found)
         SELECT day_of_week, hour, events, owners, {_small("keys", "_owners")} FROM counted""",

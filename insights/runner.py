@@ -40,7 +40,8 @@ async def run_report(
 
     Raises `FilterError` for an unknown report or a bad option, `StoreUnavailable` when
     the database fails or lacks a table. Read-only: it runs in a read-only transaction,
-    with `work_mem` set to `work_mem_mb` for it (`insights.report_work_mem_mb`).
+    with `work_mem` set to `work_mem_mb` for it (`insights.report_work_mem_mb`) and
+    PostgreSQL's JIT compilation off.
     """
     spec = REPORTS.get(name)
     if spec is None:
@@ -48,7 +49,9 @@ async def run_report(
     chosen = _options(spec, options or {}, {"tz": timezone})
     try:
         async with conn.transaction(readonly=True):
-            await conn.execute(f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'")
+            # JIT compiles each report's expressions anew: 70-80 ms a query, more than
+            # it saves on these (bench/report_scale.py, EXPLAIN).
+            await conn.execute(f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'; SET LOCAL jit = off")
             query = Query(conn, table, filters, privacy, chosen, spec.marketing)
             found = await spec.compute(query)
     except asyncpg.UndefinedTableError as exc:
