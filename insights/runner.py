@@ -40,8 +40,8 @@ async def run_report(
 
     Raises `FilterError` for an unknown report or a bad option, `StoreUnavailable` when
     the database fails or lacks a table. Read-only: it runs in a read-only transaction,
-    with `work_mem` set to `work_mem_mb` for it (`insights.report_work_mem_mb`) and
-    PostgreSQL's JIT compilation off.
+    with `work_mem` set to `work_mem_mb` for it (`insights.report_work_mem_mb`),
+    PostgreSQL's JIT compilation off and every statement planned for its parameters.
     """
     spec = REPORTS.get(name)
     if spec is None:
@@ -50,8 +50,15 @@ async def run_report(
     try:
         async with conn.transaction(readonly=True):
             # JIT compiles each report's expressions anew: 70-80 ms a query, more than
-            # it saves on these (bench/report_scale.py, EXPLAIN).
-            await conn.execute(f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'; SET LOCAL jit = off")
+            # it saves on these (bench/report_scale.py, EXPLAIN). A custom plan every
+            # time: asyncpg prepares each statement, and after five runs on one pooled
+            # connection PostgreSQL may keep a generic plan, blind to the range and
+            # filters; the API's marketing-usable reports took 3-35 s a request so,
+            # against 0.1-0.3 s planned for their parameters.
+            await conn.execute(
+                f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'; SET LOCAL jit = off;"
+                " SET LOCAL plan_cache_mode = force_custom_plan"
+            )
             query = Query(conn, table, filters, privacy, chosen, spec.marketing)
             found = await spec.compute(query)
     except asyncpg.UndefinedTableError as exc:
