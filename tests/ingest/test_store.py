@@ -106,6 +106,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         "008_dead_letters",
         "009_dead_letter_traces",
         "010_ids_by_trigger",
+        "015_hourly_owners",
     ]
     assert second.applied == []
     t = settings.postgres.table
@@ -140,6 +141,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         (8, "008_dead_letters"),
         (9, "009_dead_letter_traces"),
         (10, "010_ids_by_trigger"),
+        (15, "015_hourly_owners"),
     ]
 
 
@@ -158,7 +160,7 @@ def test_db_migrate_command_prints_the_layout(
         "001_usage, 002_enrichment, 003_rollup_refresh, 004_device_daily,"
         " 005_settled_refresh, 006_erasure_checks, 007_message_ids, 008_dead_letters,"
         " 009_dead_letter_traces,"
-        " 010_ids_by_trigger"
+        " 010_ids_by_trigger, 015_hourly_owners"
     )
     assert out[:2] == [
         f"usage table '{t}' is up to date ({applied}); {layout}",
