@@ -32,7 +32,8 @@ What it does, in order:
 
 The range is the default one, the days up to the current hour, so the first and last
 days are partial and read live, as a planner's default view is. Table, registry schema
-and events topic are named after `--name` and dropped after. Prints `uptime` before
+and events topic are named after `--name` and dropped after (`--keep` keeps the table
+and registry). Prints `uptime` before
 and after: on a shared machine the timings move with the load, the rows and buffers do
 not. A benchmark, not a test: it prints figures and asserts nothing.
 """
@@ -63,7 +64,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from ingest.enrich import Enricher
-from ingest.kafka import ensure_topics
+from ingest.kafka import admin_client, ensure_topics
 from ingest.metrics import ConsumerMetrics
 from ingest.migrations import Connection
 from ingest.rows import UsageRow
@@ -403,6 +404,8 @@ async def main() -> int:
                 await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
             finally:
                 await conn.close()
+            async with admin_client(settings.kafka) as admin:
+                await admin.delete_topics([settings.registry.events_topic])
         print(f"load after: {uptime()}")
     return 0
 
