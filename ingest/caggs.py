@@ -1,6 +1,7 @@
 """The TimescaleDB layout's rollups: continuous aggregates refreshed from the notes.
 
-`<table>_hourly`, `<table>_daily` and `<table>_device_daily` are continuous aggregates
+`<table>_hourly`, `<table>_daily`, `<table>_device_daily` and `<table>_hourly_owners`
+(the heat map's owners per UTC hour, refreshed with `_hourly`'s hours) are continuous aggregates
 (ingest/sql/timescaledb) with real-time aggregation. The store notes the hours every
 batch wrote (`<table>_rollup_invalidations`), as on plain PostgreSQL, and a read takes
 the noted buckets from the raw rows (`ingest.rollups.usage_rollup`,
@@ -41,7 +42,12 @@ from ingest.rollups import (
     spans,
 )
 
-STEPS: dict[Rollup, timedelta] = {"hourly": HOUR, "daily": DAY, "device_daily": DAY}
+STEPS: dict[Rollup, timedelta] = {
+    "hourly": HOUR,
+    "daily": DAY,
+    "device_daily": DAY,
+    "hourly_owners": HOUR,
+}
 
 
 async def watermark(conn: Connection, table: str, rollup: Rollup) -> datetime | None:
@@ -69,6 +75,12 @@ async def refresh_window(
         f"CALL refresh_continuous_aggregate('{table}_{rollup}',"
         f" timestamptz '{start.isoformat()}', timestamptz '{end.isoformat()}')"
     )
+
+
+def _earliest(*marks: datetime | None) -> datetime | None:
+    """The watermark that every one of `marks`' aggregates has passed (None: one of
+    them has nothing materialised)."""
+    return None if any(m is None for m in marks) else min(m for m in marks if m is not None)
 
 
 async def refresh_aggregates(
@@ -117,13 +129,14 @@ async def refresh_aggregates(
             "hourly": due.hours,
             "daily": due.days,
             "device_daily": due.days,
+            "hourly_owners": due.hours,
         }
         for rollup in ROLLUPS:
             for lo, hi in spans(work[rollup], STEPS[rollup]):
                 await refresh_window(conn, table, rollup, lo, hi)
         marks = {r: await watermark(conn, table, r) for r in ROLLUPS}
-        hourly_mark, daily, device_daily = marks["hourly"], marks["daily"], marks["device_daily"]
-        day_mark = None if daily is None or device_daily is None else min(daily, device_daily)
+        hourly_mark = _earliest(marks["hourly"], marks["hourly_owners"])
+        day_mark = _earliest(marks["daily"], marks["device_daily"])
 
         def passed(mark: datetime | None, bucket_end: datetime) -> bool:
             return mark is not None and bucket_end <= mark

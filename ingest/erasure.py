@@ -28,7 +28,8 @@ from ingest.store import UsageStore
 
 async def unlink_owners(store: UsageStore, erased: Sequence[tuple[UUID, Sequence[str]]]) -> int:
     """Remove erased owners' keys, and the membership tier stored with them, from
-    every row and from the device-daily rollup, and delete the dead letters linked to
+    every row and from the rollups that keep them (device-daily; the heat map's owners
+    per hour, which has the key only), and delete the dead letters linked to
     them; record each owner in
     `<table>_erasures`. Returns the raw rows changed.
 
@@ -59,20 +60,24 @@ async def unlink_owners(store: UsageStore, erased: Sequence[tuple[UUID, Sequence
         changed = 0
         async with store.pool.acquire() as conn, conn.transaction():
             await lock_rollups(conn, t, wait=True)
-            rollup = await materialised_rows(conn, t, "device_daily")
+            rollups = [
+                await materialised_rows(conn, t, r) for r in ("device_daily", "hourly_owners")
+            ]
             for owner, keys in erased:
-                changed += await _unlink(conn, t, rollup, owner, list(keys))
+                changed += await _unlink(conn, t, rollups, owner, list(keys))
     return changed
 
 
-async def _unlink(conn: Connection, table: str, rollup: str, owner: UUID, keys: list[str]) -> int:
+async def _unlink(
+    conn: Connection, table: str, rollups: Sequence[str], owner: UUID, keys: list[str]
+) -> int:
     """`unlink_owners` for one owner, in the caller's transaction: the raw rows
     changed."""
     # One statement a key, each `owner_key = $1`: the form TimescaleDB's bloom filter on
     # owner_key prunes compressed batches by (ingest/sql/timescaledb/006_compression.sql),
     # which `= ANY(...)` is not promised to be. An owner has a key a version, a few.
     unlinked = 0
-    rolled = 0
+    in_rollups = 0
     for key in keys:
         unlinked += await conn.fetchval(
             f"""WITH changed AS (
@@ -86,15 +91,17 @@ async def _unlink(conn: Connection, table: str, rollup: str, owner: UUID, keys: 
                 SELECT count(*) FROM changed""",
             key,
         )
-        status = await conn.execute(
-            f"UPDATE {rollup} SET owner_key = NULL, membership_tier = NULL WHERE owner_key = $1",
-            key,
-        )
-        rolled += int(status.split()[-1])
+        # The device-daily rollup keeps the tier beside the key; the owners per hour,
+        # the key only.
+        for rollup, tier in zip(rollups, (", membership_tier = NULL", ""), strict=True):
+            status = await conn.execute(
+                f"UPDATE {rollup} SET owner_key = NULL{tier} WHERE owner_key = $1", key
+            )
+            in_rollups += int(status.split()[-1])
     # A dead letter holds a message as the device sent it, which may be anything:
     # the letters linked to the owner go whole (`ingest.dead_letter_table`).
     letters = await erase_letters(conn, table, keys)
-    found = unlinked + rolled + letters
+    found = unlinked + in_rollups + letters
     # A pass that found nothing verifies an erasure an earlier pass recorded.
     await conn.execute(
         f"INSERT INTO {table}_erasures (owner_id, unlinked) VALUES ($1, $2)"

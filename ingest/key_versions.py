@@ -2,7 +2,8 @@
 `usagepipe owner-keys versions` prints, and when an old version's secret may go.
 
 A rotation keys only new rows (`ingest.owner_keys`, README Privacy): a version stays
-stored until retention drops the last row, device-day and dead letter carrying it, and
+stored while a row, device-day, owner-hour or dead letter carries it (retention drops
+rows, but the rollups keep their history: `retire_version` unlinks those), and
 erasure can find an owner's rows under it only while its secret is configured. So a
 version is retired (its secret removed from `enrich.owner_key_secrets_file`) once it is
 stored nowhere; a version stored but no longer configured is what `unconfigured` names,
@@ -48,6 +49,8 @@ class StoredVersion:
     """The earliest event time (of a row) or day (of a device-day) carrying one: what
     `postgres.retention_days` drops by (None: only dead letters carry it)."""
     newest: datetime | None
+    owner_hours: int = 0
+    """Materialised rows of the heat map's owners per hour carrying one."""
 
 
 async def stored_versions(store: UsageStore) -> list[StoredVersion]:
@@ -62,11 +65,19 @@ async def stored_versions(store: UsageStore) -> list[StoredVersion]:
     with translated(StoreUnavailable, "counting stored owner-key versions failed"):
         async with store.pool.acquire() as conn:
             rollup = await _rollup_of(conn, t)
+            hours_rollup = await materialised_rows(conn, t, "hourly_owners")
             rows = await conn.fetch(counts.format(at="event_time", relation=t))
             days = await conn.fetch(counts.format(at="bucket", relation=rollup))
+            hours = await conn.fetch(counts.format(at="bucket", relation=hours_rollup))
             letters = await conn.fetch(counts.format(at="failed_at", relation=f"{t}_dead_letters"))
     found: dict[int, StoredVersion] = {}
-    for kind, records in (("rows", rows), ("device_days", days), ("dead_letters", letters)):
+    kinds = (
+        ("rows", rows),
+        ("device_days", days),
+        ("owner_hours", hours),
+        ("dead_letters", letters),
+    )
+    for kind, records in kinds:
         for r in records:
             v = int(r["version"])
             seen = found.get(v) or StoredVersion(v, 0, 0, 0, None, None)
@@ -79,6 +90,7 @@ async def stored_versions(store: UsageStore) -> list[StoredVersion]:
                 # rows and device-days is what the dates are for.
                 seen.oldest if kind == "dead_letters" else _earliest(seen.oldest, r["oldest"]),
                 seen.newest if kind == "dead_letters" else _latest(seen.newest, r["newest"]),
+                seen.owner_hours + (r["n"] if kind == "owner_hours" else 0),
             )
     return [found[v] for v in sorted(found)]
 
@@ -126,22 +138,23 @@ async def retire_version(
     batch_keys: int = 1000,
     progress: Callable[[Retired], None] | None = None,
 ) -> Retired:
-    """Unlink every owner key of `version` from `store`'s rows and device-daily rollup
-    (key and membership tier to NULL, the days noted for the next refresh, as erasure
-    does) and delete the dead letters linked by one; `progress` after each batch of
-    `batch_keys` keys. The caller refuses the current version (new rows would carry it
-    again). Idempotent, and resumable: a batch is one transaction under the rollup lock,
-    and a later run finds only what is left."""
+    """Unlink every owner key of `version` from `store`'s rows, device-daily rollup
+    (key and membership tier to NULL) and owners-per-hour rollup (key to NULL), the
+    days noted for the next refresh as erasure does, and delete the dead letters linked
+    by one; `progress` after each batch of `batch_keys` keys. The caller refuses the
+    current version (new rows would carry it again). Idempotent, and resumable: a batch
+    is one transaction under the rollup lock, and a later run finds only what is left."""
     t = store.table
     version_of = KEY_VERSION_SQL.format(column="owner_key")
     done = Retired(0, 0, 0, 0)
     with translated(StoreUnavailable, f"retiring owner-key version {version} failed", detail=str):
         async with store.pool.acquire() as conn:
             rollup = await _rollup_of(conn, t)
+            hours_rollup = await materialised_rows(conn, t, "hourly_owners")
         # Keys are found in each relation in turn: a device-day or a letter may outlive
         # the rows its key was on. The cursor walks the owner-key index past the keys
         # of other versions, which stay.
-        for relation in (t, rollup, f"{t}_dead_letters"):
+        for relation in (t, rollup, hours_rollup, f"{t}_dead_letters"):
             after = ""
             while True:
                 async with store.pool.acquire() as conn, conn.transaction():
@@ -173,6 +186,11 @@ async def retire_version(
                     )
                     status = await conn.execute(
                         f"UPDATE {rollup} SET owner_key = NULL, membership_tier = NULL"
+                        " WHERE owner_key = ANY($1::text[])",
+                        keys,
+                    )
+                    await conn.execute(
+                        f"UPDATE {hours_rollup} SET owner_key = NULL"
                         " WHERE owner_key = ANY($1::text[])",
                         keys,
                     )

@@ -196,6 +196,16 @@ CATALOGUE: tuple[Holding, ...] = (
         rollup="device_daily",
     ),
     Holding(
+        "hourly_owners",
+        "usage",
+        "{table}_hourly_owners",
+        "owner_key",
+        "owner_key",
+        "the heat map's rollup of events per UTC hour and owner, rows with the owner's key",
+        order="bucket, category, model, firmware, region",
+        rollup="hourly_owners",
+    ),
+    Holding(
         "dead_letters",
         "usage",
         "{table}_dead_letters",

@@ -80,7 +80,7 @@ from typing import Any, Literal
 from ingest.migrations import Connection
 
 Granularity = Literal["hourly", "daily"]
-Rollup = Literal["hourly", "daily", "device_daily"]
+Rollup = Literal["hourly", "daily", "device_daily", "hourly_owners"]
 
 GROUP = ("bucket", "category", "schema", "model", "firmware", "region")
 SUMMED = ("energy_wh", "duration_s")
@@ -199,6 +199,26 @@ def device_daily_query(table: str, where: str = _RANGE) -> str:
     """
 
 
+HOURLY_OWNERS_GROUP = ("bucket", "category", "model", "firmware", "region", "owner_key")
+HOURLY_OWNERS_COLUMNS = (*HOURLY_OWNERS_GROUP, "events")
+_HOURLY_OWNERS_COLUMNS = ", ".join(HOURLY_OWNERS_COLUMNS)
+
+
+def hourly_owners_query(table: str, where: str = _RANGE) -> str:
+    """The owners of each UTC hour computed straight from the raw rows chosen by
+    `where` (by default `$1 <= event_time < $2`): what `<table>_hourly_owners` holds,
+    what the plain layout materialises and the TimescaleDB continuous aggregate's
+    definition. Rows without a key are grouped under a NULL key."""
+    return f"""
+        SELECT date_bin('1 hour', event_time, {EPOCH}) AS bucket,
+               split_part(schema, '.', 1) AS category, model, firmware, region, owner_key,
+               count(*) AS events
+        FROM {table}
+        WHERE {where}
+        GROUP BY 1, 2, 3, 4, 5, 6
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class RefreshReport:
     """What one `refresh_rollups` recomputed."""
@@ -234,7 +254,7 @@ def _day(t: datetime) -> datetime:
     return bucket_start(t, DAY)
 
 
-ROLLUPS: tuple[Rollup, ...] = ("hourly", "daily", "device_daily")
+ROLLUPS: tuple[Rollup, ...] = ("hourly", "daily", "device_daily", "hourly_owners")
 
 
 def rollup_lock_key(table: str) -> str:
@@ -344,6 +364,7 @@ async def refresh_rollups(
             ("hourly", fresh, HOUR, _COLUMNS, aggregate_query(table, "hourly")),
             ("daily", fresh_days, DAY, _COLUMNS, aggregate_query(table, "daily")),
             ("device_daily", fresh_days, DAY, _DEVICE_DAILY_COLUMNS, device_daily_query(table)),
+            ("hourly_owners", fresh, HOUR, _HOURLY_OWNERS_COLUMNS, hourly_owners_query(table)),
         )
         for rollup, buckets, step, columns, aggregate in work:
             target = f"{table}_{rollup}"
@@ -467,7 +488,10 @@ async def device_daily_source(
     live_days = sorted({_day(d) for d in live})
     p = f"${days_parameter}::timestamptz[]"
     columns = _DEVICE_DAILY_COLUMNS
-    live_where = f"{_RANGE} AND date_bin('1 day', event_time, {EPOCH}) = ANY({p})"
+    live_where = (
+        f"{_RANGE} AND {_within(spans(live_days, DAY))}"
+        f" AND date_bin('1 day', event_time, {EPOCH}) = ANY({p})"
+    )
     materialised = await materialised_rows(conn, table, "device_daily")
     sql = f"""(
         SELECT {columns} FROM {materialised}
@@ -476,6 +500,59 @@ async def device_daily_source(
         SELECT {columns} FROM ({device_daily_query(table, live_where)}) live
     )"""
     return DeviceDailySource(sql, live_days)
+
+
+def _within(runs: list[tuple[datetime, datetime]]) -> str:
+    """A condition on `event_time` holding exactly inside `runs`, as literals: the raw
+    rows' BRIN index then reads those runs' blocks only. With the days or hours to read
+    live as an array parameter alone (`date_bin(...) = ANY($n)`), the planner can bound
+    the scan by nothing but the report's range, and a month's report read every raw row
+    of the month for the one day it had to take live (bench/report_scale.py, EXPLAIN).
+    Literals made here from datetimes, never from a user's text."""
+    if not runs:
+        return "false"
+    return (
+        "("
+        + " OR ".join(
+            f"(event_time >= timestamptz '{lo.isoformat()}'"
+            f" AND event_time < timestamptz '{hi.isoformat()}')"
+            for lo, hi in runs
+        )
+        + ")"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HourlyOwnersSource:
+    """Where the heat map reads its owners per hour from: `sql` is a parenthesised
+    SELECT of `HOURLY_OWNERS_COLUMNS` (for `FROM ... AS h`) over `[$1, $2)`, taking the
+    hours in `live_hours` (bind them as `$hours_parameter`) from the raw rows and every
+    other hour from `<table>_hourly_owners`."""
+
+    sql: str
+    live_hours: list[datetime]
+
+
+async def hourly_owners_source(
+    conn: Connection, table: str, start: datetime, end: datetime, *, hours_parameter: int
+) -> HourlyOwnersSource:
+    """The owners-per-hour rollup for `start <= event_time < end` ($1 and $2 of the
+    caller's statement, whole hours), exact at any moment on either layout: the hours
+    still noted for a refresh from the raw rows (as `usage_rollup` reads `_hourly`),
+    every other hour from the rollup's materialised rows."""
+    noted = await _noted(conn, table, "hourly")
+    live_hours = sorted(h for h in noted if start <= h < end)
+    p = f"${hours_parameter}::timestamptz[]"
+    columns = _HOURLY_OWNERS_COLUMNS
+    live_where = f"{_RANGE} AND {_within(spans(live_hours, HOUR))}"
+    materialised = await materialised_rows(conn, table, "hourly_owners")
+    sql = f"""(
+        SELECT {columns} FROM {materialised}
+        WHERE bucket >= $1 AND bucket < $2 AND bucket <> ALL({p})
+        UNION ALL
+        SELECT {columns} FROM ({hourly_owners_query(table, live_where)}) live
+    )"""
+    return HourlyOwnersSource(sql, live_hours)
 
 
 def _sort_key(r: RollupRow) -> tuple[Any, ...]:

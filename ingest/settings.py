@@ -362,6 +362,11 @@ class InsightsSettings(Section):
     is whole hours: the rollups are hourly)."""
     max_range_days: Annotated[int, Field(ge=1, le=3660)] = 400
     """Longest time range one report may cover."""
+    report_work_mem_mb: Annotated[int, Field(ge=4, le=4096)] = 64
+    """PostgreSQL's `work_mem` for one report's transaction (`SET LOCAL`): its sorts and
+    hashes (distinct owners and devices per segment, each boot's sequence in order)
+    stay in memory up to this much each, instead of spilling to disk at the server's
+    default 4 MB (bench/report_scale.py). A report may use a few times this at once."""
     http_host: str = "127.0.0.1"
     """Where `usagepipe insights serve` listens (its `/api/...` routes need a bearer token
     with `auth.planner_scope`)."""

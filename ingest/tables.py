@@ -360,6 +360,7 @@ async def drop_usage_tables(conn: Connection, t: str) -> None:
         "hourly",
         "daily",
         "device_daily",
+        "hourly_owners",
         "rollup_invalidations",
         "erasures",
         "consent_unlinks",

@@ -117,10 +117,13 @@ async def unlink_ended(store: UsageStore, ends: Sequence[tuple[ConsentEnd, Seque
         async with store.pool.acquire() as conn, conn.transaction():
             await lock_rollups(conn, t, wait=True)
             rollup = await materialised_rows(conn, t, "device_daily")
+            hours_rollup = await materialised_rows(conn, t, "hourly_owners")
             for end, keys in ends:
                 unlinked = found = 0
                 for key in keys:
-                    rows, other = await _unlink(conn, t, rollup, key, end.resumed_at)
+                    rows, other = await _unlink(
+                        conn, t, (rollup, hours_rollup), key, end.resumed_at
+                    )
                     unlinked += rows
                     found += rows + other
                 # A pass that found nothing verifies an end an earlier pass recorded;
@@ -142,7 +145,11 @@ async def unlink_ended(store: UsageStore, ends: Sequence[tuple[ConsentEnd, Seque
 
 
 async def _unlink(
-    conn: Connection, table: str, rollup: str, key: str, resumed_at: datetime | None
+    conn: Connection,
+    table: str,
+    rollups: tuple[str, str],
+    key: str,
+    resumed_at: datetime | None,
 ) -> tuple[int, int]:
     """One key's rows stored before `resumed_at` (all: None) unlinked, in the caller's
     transaction: (raw rows changed, rollup rows and letters changed)."""
@@ -164,6 +171,7 @@ async def _unlink(
     # again: a device-day from before the new grant goes where none of the device's raw
     # rows of that day still carries the key (so it was all stored before the grant, or
     # retention dropped it); one that does is noted above and recomputed from them.
+    rollup, hours_rollup = rollups
     status = await conn.execute(
         f"""UPDATE {rollup} d SET owner_key = NULL, membership_tier = NULL
             WHERE d.owner_key = $1 AND ($2::timestamptz IS NULL
@@ -175,8 +183,21 @@ async def _unlink(
         key,
         resumed_at,
     )
+    # The owners per hour the same way, an hour for a day (and with no device: any of
+    # the key's raw rows in the hour keeps it, to be recomputed from them).
+    hours = await conn.execute(
+        f"""UPDATE {hours_rollup} h SET owner_key = NULL
+            WHERE h.owner_key = $1 AND ($2::timestamptz IS NULL
+                OR (h.bucket < $2 AND NOT EXISTS (
+                    SELECT 1 FROM {table} r
+                    WHERE r.owner_key = $1
+                    AND r.event_time >= h.bucket
+                    AND r.event_time < h.bucket + interval '1 hour')))""",
+        key,
+        resumed_at,
+    )
     letters = await unlink_letters(conn, table, key, resumed_at)
-    return unlinked, int(status.split()[-1]) + letters
+    return unlinked, int(status.split()[-1]) + int(hours.split()[-1]) + letters
 
 
 async def forget(store: UsageStore, erased: Collection[UUID]) -> int:

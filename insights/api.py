@@ -392,6 +392,7 @@ def _report(
                     privacy=privacy,
                     options={"by": by, "tz": tz},
                     timezone=insights.timezone,
+                    work_mem_mb=insights.report_work_mem_mb,
                 )
         except (*DB_ERRORS, StoreUnavailable) as exc:
             log.warning("report %s failed: %s", name, exc)

@@ -133,6 +133,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> Report:
             privacy=Privacy(settings.insights.k_anonymity, settings.registry.db_schema),
             options={"by": args.by, "tz": args.tz},
             timezone=settings.insights.timezone,
+            work_mem_mb=settings.insights.report_work_mem_mb,
         )
     finally:
         await conn.close()

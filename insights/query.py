@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from ingest.migrations import Connection
-from ingest.rollups import device_daily_source
+from ingest.rollups import device_daily_source, hourly_owners_source
 from insights.filters import Filters
 from insights.generalise import Scalar, Segment
 from insights.privacy import Privacy
@@ -70,22 +70,43 @@ class Query:
               {population}
         )"""
 
+    def hours(self, source: str) -> str:
+        """The `hours AS (...)` CTE: the owners-per-hour rollup rows of the filters
+        ($1..$6, the time range inside `source`). Product reports only, as `base`."""
+        if self.marketing:
+            raise ValueError(f"{self.table}: a marketing-usable report must read device-days")
+        return f"""hours AS (
+            SELECT h.* FROM {source} h
+            WHERE ($3::text[] IS NULL OR h.model = ANY($3::text[]))
+              AND ($4::text[] IS NULL OR h.category = ANY($4::text[]))
+              AND ($5::text[] IS NULL OR h.region = ANY($5::text[]))
+              AND ($6::text[] IS NULL OR h.firmware = ANY($6::text[]))
+        )"""
+
     async def segments(
         self,
         sql: str,
         dimensions: tuple[str, ...],
         *extra: Any,
-        source: Literal["days", "raw"] = "days",
+        source: Literal["days", "hours", "raw"] = "days",
     ) -> list[Segment]:
-        """Run `sql` after `WITH days` ($7 k, $8 the days read live, `extra` from $9) or,
-        for `source="raw"`, after `WITH base` ($7 k, `extra` from $8), and split each
-        record into segment key, values, the `owners` column and the hidden columns
-        (`_...`: `Segment.parts`, what merging a segment below k needs)."""
+        """Run `sql` after `WITH days` ($7 k, $8 the days read live, `extra` from $9),
+        for `source="hours"` after `WITH hours` (the owners-per-hour rollup: $7 k, $8
+        the hours read live, `extra` from $9) or, for `source="raw"`, after `WITH base`
+        ($7 k, `extra` from $8), and split each record into segment key, values, the
+        `owners` column and the hidden columns (`_...`: `Segment.parts`, what merging a
+        segment below k needs)."""
         k = self.privacy.k
+        f = self.filters
         if source == "raw":
-            cte, parameters = self.base(), [*self.filters.parameters(), k, *extra]
+            cte, parameters = self.base(), [*f.parameters(), k, *extra]
+        elif source == "hours":
+            hourly = await hourly_owners_source(
+                self.conn, self.table, f.start, f.end, hours_parameter=8
+            )
+            cte = self.hours(hourly.sql)
+            parameters = [*f.parameters(), k, hourly.live_hours, *extra]
         else:
-            f = self.filters
             daily = await device_daily_source(
                 self.conn, self.table, f.start, f.end, days_parameter=8
             )

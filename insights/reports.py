@@ -9,7 +9,7 @@ merge needs, and `insights.generalise` merges them along the report's hierarchy
 | report | segments | source |
 |---|---|---|
 | programs | model, firmware, schema, program/mode | device-daily rollup (`detail`) |
-| heatmap | local day of week x hour | events: the hourly rollup; owners: raw rows |
+| heatmap | local day of week x hour | owners-per-hour rollup (events and owners) |
 | regions | region | device-daily rollup |
 | cycles | category, cycles in a week | device-daily rollup: one count per device and week |
 | errors | model, firmware, error code | device-daily rollup (`detail`: codes raised) |
@@ -22,8 +22,11 @@ here) keeps the device and the owner key per UTC day and group, so distinct owne
 devices, device-days and device-weeks over any range are exact; it is read through
 `device_daily_source`, which takes the days still awaiting a refresh, and a day the
 range only partly covers, from the raw rows: the same numbers before and after a
-refresh, and as the raw rows would give. Only the heat map's owners per local hour
-still need the raw rows (a local hour is not within one UTC day's row). Completeness
+refresh, and as the raw rows would give. The heat map's owners per local hour cannot
+come from it (a local hour is not within one UTC day's row): it reads the owners-per-hour
+rollup (`<table>_hourly_owners`, through `hourly_owners_source`: events and owner keys
+per UTC hour and group, the hours still noted from the raw rows), each UTC hour mapped
+once to its local day and hour. Completeness
 counts a boot's gap on the day of the message after it, found from each boot-day's
 lowest and highest sequence number: exact where a boot's sequence numbers rise with
 its event time, as a device sends them. Every query is plain PostgreSQL (`date_bin`
@@ -38,9 +41,8 @@ from __future__ import annotations
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ingest.owner_keys import OWNERS_AT_LEAST_SQL
-from ingest.rollups import usage_rollup
 from insights.filters import FilterError
-from insights.generalise import Scalar, Segment
+from insights.generalise import Segment
 from insights.query import Query
 from insights.specs import Chart, Option, ReportSpec
 from schemas.catalog import models
@@ -111,47 +113,43 @@ def _zone(q: Query) -> str:
 
 async def _heatmap(q: Query) -> list[Segment]:
     tz = _zone(q)
-    zone = ZoneInfo(tz)
     f = q.filters
-    events: dict[tuple[int, int], int] = {}
-    for r in await usage_rollup(q.conn, q.table, "hourly", f.start, f.end):
-        if (
-            (f.model and r.model not in f.model)
-            or (f.category and r.category not in f.category)
-            or (f.region and r.region not in f.region)
-            or (f.firmware and r.firmware not in f.firmware)
-        ):
-            continue
-        local = r.bucket.astimezone(zone)
-        if local.minute or local.second:
-            raise FilterError("tz", f"{tz!r} is not a whole number of hours from UTC")
-        cell = (local.isoweekday(), local.hour)
-        events[cell] = events.get(cell, 0) + r.events
-    owners = {
-        (s.key["day_of_week"], s.key["hour"]): s
-        for s in await q.segments(
-            f"""cells AS (
-                SELECT extract(isodow FROM event_time AT TIME ZONE $8)::int AS day_of_week,
-                       extract(hour FROM event_time AT TIME ZONE $8)::int AS hour, owner_key
-                FROM base
-            ),
-            found AS (SELECT day_of_week, hour, {_KEYS} FROM cells GROUP BY 1, 2),
-            counted AS (SELECT *, {_OWNERS} FROM found)
-            SELECT day_of_week, hour, owners, {_small("keys", "_owners")} FROM counted""",
-            ("day_of_week", "hour"),
-            tz,
-            source="raw",
-        )
-    }
-    out = []
-    for (dow, hour), n in events.items():
-        found = owners.get((dow, hour))
-        key: dict[str, Scalar] = {"day_of_week": dow, "hour": hour}
-        if found is None:  # no raw row behind the rollup's: no one to count
-            out.append(Segment(key, {"events": n}, 0))
-        else:
-            out.append(Segment(key, {"events": n}, found.owners, found.parts))
-    return out
+    found = await q.segments(
+        f"""local AS MATERIALIZED (
+            -- Each UTC hour of the range once: its local day of week and hour (one
+            -- time zone conversion an hour, not one a row). A UTC hour lies in one
+            -- local hour: the zone is whole hours from UTC (checked below).
+            SELECT h AS bucket, extract(isodow FROM h AT TIME ZONE $9)::int AS day_of_week,
+                   extract(hour FROM h AT TIME ZONE $9)::int AS hour
+            FROM generate_series($1::timestamptz, $2::timestamptz - interval '1 hour',
+                                 interval '1 hour') AS h
+        ),
+        cell_owners AS (
+            -- Each owner once a cell (hashed): the cell's keys below are then distinct.
+            SELECT l.day_of_week, l.hour, o.owner_key, sum(o.events) AS events
+            FROM hours o JOIN local l USING (bucket) GROUP BY 1, 2, 3
+        ),
+        found AS (
+            SELECT day_of_week, hour, sum(events) AS events,
+                   array_agg(owner_key) FILTER (WHERE owner_key IS NOT NULL) AS keys
+            FROM cell_owners GROUP BY 1, 2
+        ),
+        counted AS (SELECT *, {_OWNERS} FROM found)
+        SELECT day_of_week, hour, events, owners, {_small("keys", "_owners")} FROM counted""",
+        ("day_of_week", "hour"),
+        tz,
+        source="hours",
+    )
+    if found and await q.conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM generate_series($1::timestamptz,"
+        " $2::timestamptz - interval '1 hour', interval '1 hour') AS h"
+        " WHERE to_char(h AT TIME ZONE $3, 'MI:SS') <> '00:00')",
+        f.start,
+        f.end,
+        tz,
+    ):
+        raise FilterError("tz", f"{tz!r} is not a whole number of hours from UTC")
+    return found
 
 
 async def _regions(q: Query) -> list[Segment]:
@@ -365,7 +363,7 @@ REPORTS: dict[str, ReportSpec] = {
             "Events per local hour of the week (1 = Monday), summed over the range.",
             ("day_of_week", "hour"),
             {"events": "int"},
-            "hourly rollup (events); raw rows (owners, for suppression)",
+            "owners-per-hour rollup (events; owners, for suppression)",
             False,
             Chart("heatmap", "events", x="hour", y="day_of_week"),
             _heatmap,

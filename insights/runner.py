@@ -32,13 +32,16 @@ async def run_report(
     privacy: Privacy,
     options: Mapping[str, str | None] | None = None,
     timezone: str = "Asia/Seoul",
+    work_mem_mb: int = 64,
 ) -> Report:
     """Compute report `name` over `table`; segments below `privacy.k` owners are merged
     along the report's hierarchy until they reach it, or else suppressed
     (`insights.generalise`).
 
     Raises `FilterError` for an unknown report or a bad option, `StoreUnavailable` when
-    the database fails or lacks a table. Read-only: it runs in a read-only transaction.
+    the database fails or lacks a table. Read-only: it runs in a read-only transaction,
+    with `work_mem` set to `work_mem_mb` for it (`insights.report_work_mem_mb`),
+    PostgreSQL's JIT compilation off and every statement planned for its parameters.
     """
     spec = REPORTS.get(name)
     if spec is None:
@@ -46,6 +49,16 @@ async def run_report(
     chosen = _options(spec, options or {}, {"tz": timezone})
     try:
         async with conn.transaction(readonly=True):
+            # JIT compiles each report's expressions anew: 70-80 ms a query, more than
+            # it saves on these (bench/report_scale.py, EXPLAIN). A custom plan every
+            # time: asyncpg prepares each statement, and after five runs on one pooled
+            # connection PostgreSQL may keep a generic plan, blind to the range and
+            # filters; the API's marketing-usable reports took 3-35 s a request so,
+            # against 0.1-0.3 s planned for their parameters.
+            await conn.execute(
+                f"SET LOCAL work_mem = '{int(work_mem_mb)}MB'; SET LOCAL jit = off;"
+                " SET LOCAL plan_cache_mode = force_custom_plan"
+            )
             query = Query(conn, table, filters, privacy, chosen, spec.marketing)
             found = await spec.compute(query)
     except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError) as exc:

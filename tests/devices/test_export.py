@@ -114,6 +114,7 @@ async def test_the_json_export_holds_everything_of_the_caller_and_nothing_else(
         "event_outbox": 1,
         "usage_rows": ROWS,
         "device_daily": 2,  # two days of the washer
+        "hourly_owners": 34,  # the hours of her rows
         "dead_letters": 1,
         "consent_unlinks": 0,
         "erasures": 0,
@@ -243,6 +244,7 @@ async def test_after_the_erasure_the_proof_finds_nothing_the_export_showed(
     assert {c.holding.name: c.left for c in pending.checked if c.left} == {
         "usage_rows": ROWS,
         "device_daily": 2,
+        "hourly_owners": 34,
         "dead_letters": 1,
     }
     await unlink_owners(store, [(owner, keys)])

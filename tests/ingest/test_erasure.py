@@ -299,10 +299,11 @@ async def test_the_proof_finds_the_owners_data_until_the_erasure_is_applied(
         "owners": (1, 0),
         "usage_rows": (3, 0),
         "device_daily": (1, 0),
+        "hourly_owners": (3, 0),
         "dead_letters": (1, 0),
     }
     assert not before.proven
-    assert before.lines()[-1] == "not erased: the owner is active; 6 row(s) linked to them"
+    assert before.lines()[-1] == "not erased: the owner is active; 9 row(s) linked to them"
 
     await store.pool.execute(
         f"UPDATE {schema}.owners SET status = 'erased', erased_at = $2 WHERE owner_id = $1",
@@ -314,12 +315,14 @@ async def test_the_proof_finds_the_owners_data_until_the_erasure_is_applied(
         "owners": (1, 1),
         "usage_rows": (3, 0),
         "device_daily": (1, 0),
+        "hourly_owners": (3, 0),
         "dead_letters": (1, 0),
     }
-    assert pending.left == 5
+    assert pending.left == 8
     assert pending.lines()[-1] == (
-        f"NOT PROVEN: 5 row(s) still linked, in {t},"
-        f" {await materialised(store, 'device_daily')}, {t}_dead_letters"
+        f"NOT PROVEN: 8 row(s) still linked, in {t},"
+        f" {await materialised(store, 'device_daily')},"
+        f" {await materialised(store, 'hourly_owners')}, {t}_dead_letters"
     )
 
     assert await unlink_owners(store, [(owner, [key])]) == 3

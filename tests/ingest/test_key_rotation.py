@@ -308,8 +308,8 @@ async def test_erasure_finds_an_owner_under_every_version_after_a_rotation(
             await store.refresh_rollups(wait=True)
             versions = await stored_versions(store)
         assert versions == [
-            StoredVersion(1, 4, 2, 1, versions[0].oldest, versions[0].newest),
-            StoredVersion(2, 2, 2, 1, versions[1].oldest, versions[1].newest),
+            StoredVersion(1, 4, 2, 1, versions[0].oldest, versions[0].newest, owner_hours=2),
+            StoredVersion(2, 2, 2, 1, versions[1].oldest, versions[1].newest, owner_hours=2),
         ]
         assert versions[0].newest is not None and versions[0].newest.date() == before.date()
         assert versions[1].oldest is not None and versions[1].oldest.date() == after.date()
@@ -318,9 +318,9 @@ async def test_erasure_finds_an_owner_under_every_version_after_a_rotation(
         assert done.returncode == 0, done.stderr
         b, a = before.date(), after.date()
         assert done.stdout.splitlines()[1:] == [
-            "version  secret      rows  device-days  dead letters  oldest      newest",
-            f"1        configured  4     2            1             {b}  {b}",
-            f"2        current     2     2            1             {a}  {a}",
+            "version  secret      rows  device-days  owner-hours  dead letters  oldest      newest",
+            f"1        configured  4     2            2            1             {b}  {b}",
+            f"2        current     2     2            2            1             {a}  {a}",
         ]
 
         await f.registry.erase_owner(erased, at=NOW)
@@ -349,9 +349,9 @@ async def test_erasure_finds_an_owner_under_every_version_after_a_rotation(
         f" ({path}): erasure cannot find owners' rows under it; put the secret back"
     )
     assert done.stdout.splitlines()[1:] == [
-        "version  secret   rows  device-days  dead letters  oldest      newest",
-        f"1        MISSING  2     1            0             {b}  {b}",
-        f"2        current  1     1            0             {a}  {a}",
+        "version  secret   rows  device-days  owner-hours  dead letters  oldest      newest",
+        f"1        MISSING  2     1            1            0             {b}  {b}",
+        f"2        current  1     1            1            0             {a}  {a}",
     ]
 
     # The remedy when the secret is lost: retire the version, unlinking all its keys.
@@ -375,7 +375,7 @@ async def test_erasure_finds_an_owner_under_every_version_after_a_rotation(
     done = usagepipe("owner-keys", "versions", env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[2:] == [
-        f"2        current  1     1            0             {a}  {a}"
+        f"2        current  1     1            1            0             {a}  {a}"
     ]
     stored = await rows_of(settings, "SELECT owner_key FROM {table} WHERE owner_key IS NOT NULL")
     assert [r["owner_key"] for r in stored] == [kept2]

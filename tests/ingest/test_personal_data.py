@@ -109,6 +109,7 @@ async def test_every_usage_column_linking_an_owner_is_catalogued(either: UsageSt
         assert found == {
             (t, "owner_key"),
             (f"{t}_device_daily", "owner_key"),
+            (f"{t}_hourly_owners", "owner_key"),
             (f"{t}_dead_letters", "owner_key"),
             (f"{t}_consent_unlinks", "owner_id"),
             (f"{t}_erasures", "owner_id"),

@@ -166,7 +166,7 @@ def test_a_changed_setting_is_kept_with_a_warning_until_db_migrate_update_polici
     migrated = (
         "001_usage, 002_enrichment, 003_device_daily, 004_rollup_notes, 005_erasure_checks,"
         " 006_compression, 007_message_ids, 008_dead_letters,"
-        " 009_dead_letter_traces, 011_dp_releases, 015_consent_unlinks"
+        " 009_dead_letter_traces, 011_dp_releases, 014_hourly_owners, 015_consent_unlinks"
     )
     assert out == [
         f"{head} ({migrated}); {layout}",
@@ -353,7 +353,7 @@ def test_plain_postgresql_has_no_policies_whatever_the_command_says(
         "001_usage, 002_enrichment, 003_rollup_refresh, 004_device_daily,"
         " 005_settled_refresh, 006_erasure_checks, 007_message_ids, 008_dead_letters,"
         " 009_dead_letter_traces,"
-        " 010_ids_by_trigger, 012_dp_releases, 016_consent_unlinks"
+        " 010_ids_by_trigger, 012_dp_releases, 015_hourly_owners, 016_consent_unlinks"
     )
     assert captured.out.splitlines() == [
         f"usage table '{t}' is up to date ({applied}); layout: partitioned, partitions of 24 h"

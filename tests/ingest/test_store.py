@@ -107,6 +107,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         "009_dead_letter_traces",
         "010_ids_by_trigger",
         "012_dp_releases",
+        "015_hourly_owners",
         "016_consent_unlinks",
     ]
     assert second.applied == []
@@ -143,6 +144,7 @@ async def test_migrate_is_versioned_idempotent_and_reports_the_layout(
         (9, "009_dead_letter_traces"),
         (10, "010_ids_by_trigger"),
         (12, "012_dp_releases"),
+        (15, "015_hourly_owners"),
         (16, "016_consent_unlinks"),
     ]
 
@@ -162,7 +164,7 @@ def test_db_migrate_command_prints_the_layout(
         "001_usage, 002_enrichment, 003_rollup_refresh, 004_device_daily,"
         " 005_settled_refresh, 006_erasure_checks, 007_message_ids, 008_dead_letters,"
         " 009_dead_letter_traces,"
-        " 010_ids_by_trigger, 012_dp_releases, 016_consent_unlinks"
+        " 010_ids_by_trigger, 012_dp_releases, 015_hourly_owners, 016_consent_unlinks"
     )
     assert out[:2] == [
         f"usage table '{t}' is up to date ({applied}); {layout}",

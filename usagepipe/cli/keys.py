@@ -152,7 +152,18 @@ def _versions(settings: Settings, source: str | None) -> int:
 
     stored = asyncio.run(read())
     held = {s.version for s in stored}
-    rows = [("version", "secret", "rows", "device-days", "dead letters", "oldest", "newest")]
+    rows = [
+        (
+            "version",
+            "secret",
+            "rows",
+            "device-days",
+            "owner-hours",
+            "dead letters",
+            "oldest",
+            "newest",
+        )
+    ]
     for s in stored:
         rows.append(
             (
@@ -160,6 +171,7 @@ def _versions(settings: Settings, source: str | None) -> int:
                 _state(s.version, secrets.current, secrets.versions),
                 f"{s.rows:,}",
                 f"{s.device_days:,}",
+                f"{s.owner_hours:,}",
                 f"{s.dead_letters:,}",
                 "" if s.oldest is None else s.oldest.date().isoformat(),
                 "" if s.newest is None else s.newest.date().isoformat(),
@@ -167,7 +179,8 @@ def _versions(settings: Settings, source: str | None) -> int:
         )
     idle = [v for v in secrets.versions if v not in held]
     for v in idle:
-        rows.append((str(v), _state(v, secrets.current, secrets.versions), "0", "0", "0", "", ""))
+        state = _state(v, secrets.current, secrets.versions)
+        rows.append((str(v), state, "0", "0", "0", "0", "", ""))
     print(
         f"owner-key versions in {settings.postgres.table!r}; secrets from"
         f" {source or secrets.source},"
