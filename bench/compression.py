@@ -53,7 +53,7 @@ from ingest.registry_lookup import DeviceFacts, Install, Period
 from ingest.rows import UsageRow
 from ingest.settings import ConsumerSettings, PostgresSettings, Settings
 from ingest.store import UsageStore
-from ingest.tables import drop_usage_tables
+from ingest.tables import drop_usage_tables, timescaledb_choice
 from schemas.errors import InvalidTelemetry
 from schemas.parse import parse_telemetry
 from simulators.cli import demo_plan, span
@@ -158,28 +158,46 @@ def days_text(interval: timedelta) -> str:
     return f"{days:g} day" if days == 1 else f"{days:g} days"
 
 
-async def timescaledb_version(dsn: str) -> str:
-    """TimescaleDB's version on the server; SystemExit with the server's answer if the
-    server cannot be reached or has no TimescaleDB."""
+async def probe(dsn: str, where: str) -> tuple[str, str | None, str]:
+    """The server's PostgreSQL version, its TimescaleDB version if a hypertable can be
+    made there (None if not), and why not, as the store decides (`ingest.tables`);
+    SystemExit naming `where` the DSN came from if the server cannot be reached."""
     try:
         conn = await asyncpg.connect(dsn)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise SystemExit(f"bench/compression.py: cannot connect to PostgreSQL: {exc}") from None
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise SystemExit(f"{sys.argv[0]}: cannot connect to {where}: {exc}") from None
     try:
-        async with conn.transaction():
-            await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-        version: str = await conn.fetchval(
+        version: str = await conn.fetchval("SHOW server_version")
+        available = await conn.fetchval(
+            "SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'"
+        )
+        preload = await conn.fetchval("SELECT current_setting('shared_preload_libraries')")
+        kind, why = timescaledb_choice(available, preload)
+        if kind == "partitioned":  # asked first: CREATE EXTENSION would fail FATAL
+            return version, None, why
+        try:
+            async with conn.transaction():
+                await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        except asyncpg.PostgresError as exc:
+            return version, None, f"CREATE EXTENSION timescaledb failed: {exc}"
+        timescale: str = await conn.fetchval(
             "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"
         )
-        return version
-    except asyncpg.PostgresError as exc:
-        raise SystemExit(
-            "bench/compression.py measures TimescaleDB's compression, and this server has no"
-            f" TimescaleDB ({str(exc).splitlines()[0]}); point USAGEPIPE_POSTGRES__DSN at one"
-            " that has"
-        ) from None
+        return version, timescale, why
     finally:
         await conn.close()
+
+
+async def timescaledb_version(dsn: str) -> str:
+    """TimescaleDB's version on the server; SystemExit with the server's answer if the
+    server cannot be reached or cannot have a hypertable."""
+    _, version, why = await probe(dsn, "PostgreSQL (USAGEPIPE_POSTGRES__DSN)")
+    if version is None:
+        raise SystemExit(
+            f"bench/compression.py measures TimescaleDB's compression, and this server has"
+            f" none ({why}); point USAGEPIPE_POSTGRES__DSN at one that has"
+        )
+    return version
 
 
 async def policy_job(conn: Connection, table: str) -> int:

@@ -49,8 +49,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-import asyncpg
-from compression import days_text, demo_rows, figures, policy_job, run_policy
+from compression import days_text, demo_rows, figures, policy_job, probe, run_policy
 from refresh import run as run_refreshes
 from store import run_raw, run_store
 
@@ -59,7 +58,6 @@ from ingest.rows import UsageRow
 from ingest.settings import PostgresSettings, Settings
 from ingest.sql import Kind
 from ingest.store import UsageStore
-from ingest.tables import timescaledb_choice
 from simulators.cli import span
 
 COMMAND = "python bench/layouts.py " + " ".join(sys.argv[1:])
@@ -80,36 +78,6 @@ class Layout:
 
 def on(base: PostgresSettings, dsn: str) -> PostgresSettings:
     return PostgresSettings(**{**base.model_dump(), "dsn": dsn})
-
-
-async def probe(dsn: str, where: str) -> tuple[str, str | None, str]:
-    """The server's PostgreSQL version, its TimescaleDB version if a hypertable can be
-    made there (None if not), and why not, as the store decides (`ingest.tables`);
-    SystemExit naming `where` the DSN came from if the server cannot be reached."""
-    try:
-        conn = await asyncpg.connect(dsn)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise SystemExit(f"bench/layouts.py: cannot connect to {where}: {exc}") from None
-    try:
-        version: str = await conn.fetchval("SHOW server_version")
-        available = await conn.fetchval(
-            "SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'"
-        )
-        preload = await conn.fetchval("SELECT current_setting('shared_preload_libraries')")
-        kind, why = timescaledb_choice(available, preload)
-        if kind == "partitioned":  # asked first: CREATE EXTENSION would fail FATAL
-            return version, None, why
-        try:
-            async with conn.transaction():
-                await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-        except asyncpg.PostgresError as exc:
-            return version, None, f"CREATE EXTENSION timescaledb failed: {exc}"
-        timescale: str = await conn.fetchval(
-            "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"
-        )
-        return version, timescale, why
-    finally:
-        await conn.close()
 
 
 async def layouts(base: PostgresSettings, timescaledb_dsn: str | None) -> list[Layout]:

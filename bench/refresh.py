@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+from compression import probe
 
 from ingest.rollups import RefreshReport, bucket_start
 from ingest.rows import UsageRow
@@ -142,18 +143,7 @@ async def main() -> None:
     base = Settings().postgres
     end = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
     rows = fleet_rows(args.devices, args.days, end)
-    conn = await asyncpg.connect(base.dsn.get_secret_value())
-    try:
-        version = await conn.fetchval("SHOW server_version")
-        try:
-            await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-            timescale = await conn.fetchval(
-                "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"
-            )
-        except asyncpg.PostgresError:
-            timescale = None
-    finally:
-        await conn.close()
+    version, timescale, _ = await probe(base.dsn.get_secret_value(), "USAGEPIPE_POSTGRES__DSN")
     layouts: list[Kind] = ["partitioned"]
     if timescale:
         layouts.append("timescaledb")
