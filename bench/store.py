@@ -20,7 +20,9 @@ them, in event-time order as a live stream arrives), then writes them in batches
               store's fast path did before migration 010 (the client writing the
               ids), without its checks
 
-Each run gets fresh tables (`usage_bench_store`, `usage_bench_raw`, dropped after). The
+On plain PostgreSQL (the layout asked for here); `bench/layouts.py` runs the store and
+keyed raw COPY runs on a TimescaleDB hypertable too, beside these (`kind`). Each run
+gets fresh tables (`usage_bench_store`, `usage_bench_raw`, dropped after). The
 best of `--repeat` runs is printed for each, with the ratio store / raw. This is a
 benchmark, not a test: it prints figures and asserts nothing.
 
