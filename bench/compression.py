@@ -53,7 +53,7 @@ from ingest.registry_lookup import DeviceFacts, Install, Period
 from ingest.rows import UsageRow
 from ingest.settings import ConsumerSettings, PostgresSettings, Settings
 from ingest.store import UsageStore
-from ingest.tables import drop_usage_tables
+from ingest.tables import drop_usage_tables, timescaledb_choice
 from schemas.errors import InvalidTelemetry
 from schemas.parse import parse_telemetry
 from simulators.cli import demo_plan, span
@@ -144,36 +144,85 @@ def arrival_order(per_device: list[list[UsageRow]]) -> Iterator[UsageRow]:
                 offsets[r.kafka_partition] += 1
 
 
+def demo_rows(devices: int, window: timedelta, seed: int) -> list[UsageRow]:
+    """The demo's traffic for `devices` over `window` up to now, enriched, in arrival
+    order (duplicates included)."""
+    plan = demo_plan(devices=devices, window=window, seed=seed, run_id="bench")
+    units = enumerate(fleet_units(plan))
+    per_device = [device_rows(plan, i, unit_history(plan, i, u)) for i, u in units]
+    return list(arrival_order(per_device))
+
+
 def days_text(interval: timedelta) -> str:
     days = interval / timedelta(days=1)
     return f"{days:g} day" if days == 1 else f"{days:g} days"
 
 
-async def timescaledb_version(dsn: str) -> str:
-    """TimescaleDB's version on the server; SystemExit with the server's answer if the
-    server cannot be reached or has no TimescaleDB."""
+async def probe(dsn: str, where: str) -> tuple[str, str | None, str]:
+    """The server's PostgreSQL version, its TimescaleDB version if a hypertable can be
+    made there (None if not), and why not, as the store decides (`ingest.tables`);
+    SystemExit naming `where` the DSN came from if the server cannot be reached."""
     try:
         conn = await asyncpg.connect(dsn)
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise SystemExit(f"bench/compression.py: cannot connect to PostgreSQL: {exc}") from None
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise SystemExit(f"{sys.argv[0]}: cannot connect to {where}: {exc}") from None
     try:
-        async with conn.transaction():
-            await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-        version: str = await conn.fetchval(
+        version: str = await conn.fetchval("SHOW server_version")
+        available = await conn.fetchval(
+            "SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'"
+        )
+        preload = await conn.fetchval("SELECT current_setting('shared_preload_libraries')")
+        kind, why = timescaledb_choice(available, preload)
+        if kind == "partitioned":  # asked first: CREATE EXTENSION would fail FATAL
+            return version, None, why
+        try:
+            async with conn.transaction():
+                await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        except asyncpg.PostgresError as exc:
+            return version, None, f"CREATE EXTENSION timescaledb failed: {exc}"
+        timescale: str = await conn.fetchval(
             "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"
         )
-        return version
-    except asyncpg.PostgresError as exc:
-        raise SystemExit(
-            "bench/compression.py measures TimescaleDB's compression, and this server has no"
-            f" TimescaleDB ({str(exc).splitlines()[0]}); point USAGEPIPE_POSTGRES__DSN at one"
-            " that has"
-        ) from None
+        return version, timescale, why
     finally:
         await conn.close()
 
 
-async def figures(conn: asyncpg.Connection, table: str) -> dict[str, int]:
+async def timescaledb_version(dsn: str) -> str:
+    """TimescaleDB's version on the server; SystemExit with the server's answer if the
+    server cannot be reached or cannot have a hypertable."""
+    _, version, why = await probe(dsn, "PostgreSQL (USAGEPIPE_POSTGRES__DSN)")
+    if version is None:
+        raise SystemExit(
+            f"bench/compression.py measures TimescaleDB's compression, and this server has"
+            f" none ({why}); point USAGEPIPE_POSTGRES__DSN at one that has"
+        )
+    return version
+
+
+async def policy_job(conn: Connection, table: str) -> int:
+    """The compression policy's job of `table`, unscheduled: only the benchmark runs it
+    (`run_policy`), once every row is in. SystemExit if the table has none."""
+    job: int | None = await conn.fetchval(
+        "SELECT job_id FROM timescaledb_information.jobs"
+        " WHERE hypertable_name = $1 AND proc_name = 'policy_compression'",
+        table,
+    )
+    if job is None:
+        raise SystemExit(f"{table} has no compression policy after migrating")
+    await conn.execute("SELECT alter_job($1, scheduled => false)", job)
+    return job
+
+
+async def run_policy(conn: Connection, job: int) -> float:
+    """Run the compression policy's job now, in this session (`CALL run_job`), at a
+    moment the benchmark chose; returns its seconds."""
+    started = time.perf_counter()
+    await conn.execute(f"CALL run_job({job})")
+    return time.perf_counter() - started
+
+
+async def figures(conn: Connection, table: str) -> dict[str, int]:
     """The compressed chunks' rows, batches and segments, and their bytes."""
     stats = await conn.fetchrow(  # an aggregate: always a row
         "SELECT count(*) AS chunks, coalesce(sum(before_compression_total_bytes), 0) AS before,"
@@ -289,11 +338,8 @@ async def _erasure(conn: Connection) -> str:
 async def run(args: argparse.Namespace, base: PostgresSettings) -> None:
     dsn = base.dsn.get_secret_value()
     version = await timescaledb_version(dsn)
-    plan = demo_plan(devices=args.devices, window=args.window, seed=args.seed, run_id="bench")
     started = time.perf_counter()
-    units = enumerate(fleet_units(plan))
-    per_device = [device_rows(plan, i, unit_history(plan, i, u)) for i, u in units]
-    rows = list(arrival_order(per_device))
+    rows = demo_rows(args.devices, args.window, args.seed)
     built_s = time.perf_counter() - started
     unique = len({r.key for r in rows})
     days = args.window / timedelta(days=1)
@@ -312,15 +358,7 @@ async def run(args: argparse.Namespace, base: PostgresSettings) -> None:
         await drop_usage_tables(conn, TABLE)
         async with UsageStore(settings) as store:
             await store.migrate()
-            job = await conn.fetchval(
-                "SELECT job_id FROM timescaledb_information.jobs"
-                " WHERE hypertable_name = $1 AND proc_name = 'policy_compression'",
-                TABLE,
-            )
-            if job is None:
-                raise SystemExit(f"{TABLE} has no compression policy after migrating")
-            # Only this script compresses, and only once every row is in.
-            await conn.execute("SELECT alter_job($1, scheduled => false)", job)
+            job = await policy_job(conn, TABLE)
             if args.segmentby is not None or args.orderby is not None:
                 options = []
                 if args.segmentby is not None:
@@ -339,9 +377,7 @@ async def run(args: argparse.Namespace, base: PostgresSettings) -> None:
             chunks = await conn.fetchval(f"SELECT count(*) FROM show_chunks('{TABLE}')")
             size = f"SELECT total_bytes FROM hypertable_detailed_size('{TABLE}')"
             before = await conn.fetchval(size)
-            started = time.perf_counter()
-            await conn.execute(f"CALL run_job({job})")
-            compress_s = time.perf_counter() - started
+            compress_s = await run_policy(conn, job)
             after = await conn.fetchval(size)
             f = await figures(conn, TABLE)
             segmentby, orderby = await conn.fetchrow(

@@ -38,6 +38,10 @@ bridges alone (no consumer), ours and PyPI's mq-bridge (its own venv), in turn:
 
 Prints one table and writes it as JSON to bench/results/<UTC time>.json. A figure
 that the load, not the system under test, limited is marked so.
+
+The usage table and the registry live on the settings' PostgreSQL; pointed at a server
+with TimescaleDB preloaded (USAGEPIPE_POSTGRES__DSN=...), every phase runs on a
+hypertable instead of native partitions (the raw COPY line names the layout).
 """
 
 from __future__ import annotations
@@ -608,7 +612,8 @@ class Bench:
             self.results["raw_kafka_produce"] = await raw_produce(self)
             say(f"raw kafka produce: {self.results['raw_kafka_produce']['msg_s']:,.0f} msg/s")
             self.results["raw_pg_copy"] = await raw_copy(self)
-            say(f"raw pg COPY: {self.results['raw_pg_copy']['msg_s']:,.0f} rows/s")
+            copied = self.results["raw_pg_copy"]
+            say(f"raw pg COPY ({copied['layout']}): {copied['msg_s']:,.0f} rows/s")
             await self.pipeline()
             await bridges_alone(self)
         finally:

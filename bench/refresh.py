@@ -26,9 +26,11 @@ import asyncio
 import dataclasses
 import platform
 import sys
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+from compression import probe
 
 from ingest.rollups import RefreshReport, bucket_start
 from ingest.rows import UsageRow
@@ -89,8 +91,15 @@ async def timed(store: UsageStore, now: datetime) -> RefreshReport:
 
 
 async def run(
-    base: PostgresSettings, kind: Kind, rows: list[UsageRow], end: datetime
+    base: PostgresSettings,
+    kind: Kind,
+    rows: list[UsageRow],
+    end: datetime,
+    after_history: Callable[[UsageStore], Awaitable[None]] | None = None,
 ) -> dict[str, RefreshReport]:
+    """The four refreshes on a fresh table of layout `kind`. `after_history` is called
+    once the history's rows are in, before its refresh (`bench/layouts.py` runs the
+    compression policy there)."""
     table = f"usage_bench_refresh_{kind}"
     dsn = base.dsn.get_secret_value()
     await drop(dsn, table)
@@ -107,6 +116,8 @@ async def run(
             history = [r for r in rows if r.event_time < last_hour]
             for i in range(0, len(history), 5000):
                 await store.write(history[i : i + 5000])
+            if after_history is not None:
+                await after_history(store)
             out["history"] = await timed(store, last_hour)
             # Every tick after that finds one ended hour (the day's still open).
             await store.write([r for r in rows if r.event_time >= last_hour])
@@ -132,18 +143,7 @@ async def main() -> None:
     base = Settings().postgres
     end = datetime.now(UTC).replace(minute=30, second=0, microsecond=0)
     rows = fleet_rows(args.devices, args.days, end)
-    conn = await asyncpg.connect(base.dsn.get_secret_value())
-    try:
-        version = await conn.fetchval("SHOW server_version")
-        try:
-            await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-            timescale = await conn.fetchval(
-                "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"
-            )
-        except asyncpg.PostgresError:
-            timescale = None
-    finally:
-        await conn.close()
+    version, timescale, _ = await probe(base.dsn.get_secret_value(), "USAGEPIPE_POSTGRES__DSN")
     layouts: list[Kind] = ["partitioned"]
     if timescale:
         layouts.append("timescaledb")

@@ -20,7 +20,9 @@ them, in event-time order as a live stream arrives), then writes them in batches
               store's fast path did before migration 010 (the client writing the
               ids), without its checks
 
-Each run gets fresh tables (`usage_bench_store`, `usage_bench_raw`, dropped after). The
+On plain PostgreSQL (the layout asked for here); `bench/layouts.py` runs the store and
+keyed raw COPY runs on a TimescaleDB hypertable too, beside these (`kind`). Each run
+gets fresh tables (`usage_bench_store`, `usage_bench_raw`, dropped after). The
 best of `--repeat` runs is printed for each, with the ratio store / raw. This is a
 benchmark, not a test: it prints figures and asserts nothing.
 
@@ -41,6 +43,7 @@ import asyncpg
 from ingest.rollups import RefreshReport
 from ingest.rows import COLUMNS, ID_COLUMNS, SourceOffset, UsageRow, content_digest
 from ingest.settings import PostgresSettings
+from ingest.sql import Kind
 from ingest.store import UsageStore
 from ingest.tables import drop_usage_tables
 from schemas.parse import parse_telemetry
@@ -77,21 +80,36 @@ async def drop(dsn: str, table: str) -> None:
         await conn.close()
 
 
-def settings(base: PostgresSettings, table: str) -> PostgresSettings:
+def settings(base: PostgresSettings, table: str, kind: Kind = "partitioned") -> PostgresSettings:
     return PostgresSettings(
-        **{**base.model_dump(), "table": table, "use_timescaledb": False, "pool_size": 1}
+        **{
+            **base.model_dump(),
+            "table": table,
+            "use_timescaledb": kind == "timescaledb",
+            "pool_size": 1,
+        }
     )
+
+
+async def migrate(store: UsageStore, kind: Kind) -> None:
+    """Make the store's table; SystemExit if the server gave it another layout than
+    `kind` (TimescaleDB asked for where the server cannot have it)."""
+    await store.migrate()
+    if store.layout.kind != kind:
+        raise SystemExit(f"bench/store.py: {store.table} came out {store.layout.kind}, not {kind}")
 
 
 REFRESHES: list[RefreshReport] = []
 
 
-async def run_store(base: PostgresSettings, batches: list[list[UsageRow]]) -> float:
+async def run_store(
+    base: PostgresSettings, batches: list[list[UsageRow]], kind: Kind = "partitioned"
+) -> float:
     table = "usage_bench_store"
     await drop(base.dsn.get_secret_value(), table)
     try:
-        async with UsageStore(settings(base, table)) as store:
-            await store.migrate()
+        async with UsageStore(settings(base, table, kind)) as store:
+            await migrate(store, kind)
             started = time.perf_counter()
             for n, batch in enumerate(batches):
                 offsets = [SourceOffset("bench", p, (n + 1) * len(batch), n) for p in range(6)]
@@ -106,18 +124,31 @@ async def run_store(base: PostgresSettings, batches: list[list[UsageRow]]) -> fl
 
 
 async def run_raw(
-    base: PostgresSettings, batches: list[list[UsageRow]], *, keyed: bool, ids: bool = False
+    base: PostgresSettings,
+    batches: list[list[UsageRow]],
+    *,
+    keyed: bool,
+    ids: bool = False,
+    kind: Kind = "partitioned",
 ) -> float:
+    """Raw COPY of `batches` into a table made as the store's: on plain PostgreSQL its
+    partitions without the ids trigger, keyed by (device_id, boot_id, seq, event_time)
+    if `keyed`; on TimescaleDB the hypertable as migrated, which has that key already
+    (`keyed` must be true) and no trigger."""
     table = "usage_bench_raw"
     await drop(base.dsn.get_secret_value(), table)
     try:
-        async with UsageStore(settings(base, table)) as store:
-            await store.migrate()  # the same table and partitions
-            await store.ensure_partitions(r.event_time for b in batches for r in b)
+        async with UsageStore(settings(base, table, kind)) as store:
+            await migrate(store, kind)  # the same table and partitions (or chunks)
+            if kind == "partitioned":  # TimescaleDB makes a chunk as a row needs it
+                await store.ensure_partitions(r.event_time for b in batches for r in b)
             async with store.pool.acquire() as conn:
-                # Without the trigger that writes the ids (migration 010): raw is the rows.
-                await conn.execute(f"DROP TRIGGER {table}_write_ids ON {table}")
-                if keyed:
+                if kind == "timescaledb":
+                    assert keyed, "the hypertable keeps its key (its migration 007)"
+                else:
+                    # Without the trigger that writes the ids (migration 010): the rows.
+                    await conn.execute(f"DROP TRIGGER {table}_write_ids ON {table}")
+                if keyed and kind == "partitioned":
                     await conn.execute(
                         f"ALTER TABLE {table} ADD PRIMARY KEY (device_id, boot_id, seq, event_time)"
                     )
