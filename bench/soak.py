@@ -12,13 +12,16 @@ over `--duration` of wall time, through one `usagepipe bridge` and one `usagepip
 consume` as their own processes, on the local Kafka and PostgreSQL (topics, table and
 registry schema of its own, dropped after).
 
-Every `--sample-every` seconds: CPU seconds (utime + stime, all threads) and RSS of the
-bridge, the consumer, the fleet (this process), the soak's Mosquitto and every
-PostgreSQL process together; the consumer's rows stored and its rollup refreshes (count
-and seconds, from its `/metrics`). Every 200th message the fleet publishes (a stored
-one) is followed until its row is queryable (`RowPoller`): p50/p99/max of publish ->
-queryable row for each minute of wall time. At the end `simulators.verify` checks the
-ledger against the table and the dead letters.
+Every `--sample-every` seconds, in a thread of its own: CPU seconds (utime + stime,
+all threads) and RSS of the bridge, the consumer, the fleet (this process) and the
+soak's Mosquitto; the CPU of every PostgreSQL process of the machine (each one's growth
+between samples: backends come and go); the consumer's rows stored and its rollup
+refreshes (count and seconds, from its `/metrics`). Every 200th message the fleet
+publishes (a stored one) is followed until its row is queryable (`RowPoller`): p50/p99/
+max of publish -> queryable row for each minute of wall time. The poller runs in the
+fleet's event loop: when the fleet's process is starved its polls come late, so the
+figures are upper bounds that include the stall. At the end `simulators.verify` checks
+the ledger against the table and the dead letters.
 
 Prints per minute: messages, p50/p99/max latency, each process's CPU share and RSS,
 refresh seconds; then each process's RSS growth after `--warm-up` (least-squares slope,
@@ -40,6 +43,7 @@ import secrets
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from datetime import UTC, datetime, timedelta
@@ -118,30 +122,50 @@ def scrape(port: int) -> dict[str, float]:
 
 
 class Sampler:
-    """Every `every_s`: each process's CPU and RSS, the consumer's figures."""
+    """Every `every_s`, in a thread of its own (so a busy event loop in the fleet does not
+    delay it): each process's CPU and RSS, the consumer's figures."""
 
     def __init__(self, pids: dict[str, int], consumer_port: int, every_s: float) -> None:
         self.pids, self.port, self.every_s = pids, consumer_port, every_s
         self.samples: list[dict[str, Any]] = []
         self.started = time.time()
+        self._pg: dict[int, float] = {}
+        self._pg_total = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="soak-sampler", daemon=True)
+
+    def postgres_cpu_s(self) -> float:
+        """CPU seconds PostgreSQL's processes used so far: each process's growth since the
+        last sample (backends come and go, so their sum is not monotonic; a new one counts
+        from its start)."""
+        now = {p: pid_cpu_s(p) for p in postgres_pids()}
+        self._pg_total += sum(max(0.0, cpu - self._pg.get(p, 0.0)) for p, cpu in now.items())
+        self._pg = now
+        return self._pg_total
 
     def take(self) -> None:
         sample: dict[str, Any] = {"t": time.time() - self.started}
         for name, pid in self.pids.items():
             sample[f"{name}_cpu_s"] = pid_cpu_s(pid)
             sample[f"{name}_rss_mb"] = rss_mb(pid)
-        pg = postgres_pids()
-        sample["postgres_cpu_s"] = sum(pid_cpu_s(p) for p in pg)  # RSS: shared, not summed
+        sample["postgres_cpu_s"] = self.postgres_cpu_s()  # RSS: shared memory, not summed
         with contextlib.suppress(OSError):
             sample.update(scrape(self.port))
         self.samples.append(sample)
 
-    async def run(self, done: asyncio.Event) -> None:
-        while not done.is_set():
-            await asyncio.to_thread(self.take)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), self.every_s)
-        await asyncio.to_thread(self.take)
+    def _run(self) -> None:
+        self.postgres_cpu_s()  # the baseline: PostgreSQL's work before the soak is not its
+        while not self._stop.is_set():
+            self.take()
+            self._stop.wait(self.every_s)
+        self.take()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def slope_mb_per_10min(points: list[tuple[float, float]]) -> float:
@@ -276,12 +300,12 @@ async def soak(args: argparse.Namespace) -> int:
             samples,  # type: ignore[arg-type]  # a queue.Queue: get_nowait is all it takes
             interval_s=0.05,
         )
-        published, sampled = asyncio.Event(), asyncio.Event()
+        published = asyncio.Event()
         say(
             f"soak: {args.devices:,} devices, {args.window} in {args.duration}"
             f" ({plan.speed:,.0f}x); load average {os.getloadavg()[0]:.2f}"
         )
-        sampling = asyncio.create_task(sampler.run(sampled))
+        sampler.start()
         polling = asyncio.create_task(poller.run(published, timeout_after_done_s=120))
         try:
             await asyncio.sleep(5)  # the consumer joins its group
@@ -305,8 +329,7 @@ async def soak(args: argparse.Namespace) -> int:
             say(f"verify: {'OK' if result.ok else f'{len(result.discrepancies)} discrepancies'}")
         finally:
             published.set()
-            sampled.set()
-            await sampling
+            sampler.stop()
             for service in services.values():
                 service.stop()
     minutes = per_minute(sampler.samples, poller.timeline, sampler.started)
