@@ -30,6 +30,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -75,19 +77,27 @@ def cpu_s() -> float:
     return t.user + t.system
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--devices", type=int, default=10000)
-    parser.add_argument("--window", type=span, default=timedelta(days=1))
-    parser.add_argument("--duration", type=span, default=timedelta(seconds=120))
-    parser.add_argument("--faults", default="dup=0.01,reorder=0.01")
-    parser.add_argument("--idle", type=float, default=10.0, help="seconds to idle connected")
-    parser.add_argument("--name", default="benchfleet", help="schema, topics, table prefix")
-    parser.add_argument("--ledger", type=Path, default=Path("/tmp/usagepipe-bench-fleet.jsonl"))
-    args = parser.parse_args()
-    raise_fd_limit(args.devices)
+@dataclass
+class FleetBench:
+    """A provisioned fleet with a broker of its own, and the environment that points a
+    `usagepipe bridge` or `consume` at it (topics, table, registry schema of `name`)."""
+
+    settings: Settings
+    env: dict[str, str]
+    plan: FleetPlan
+    credentials: dict[str, str]
+    broker: MosquittoBroker
+    usagepipe: str
+
+
+@contextlib.asynccontextmanager
+async def provisioned_fleet(
+    name: str, plan: FleetPlan, extra_env: dict[str, str] | None = None
+) -> AsyncIterator[FleetBench]:
+    """Provision `plan`'s devices into a registry schema and a broker of `name`'s own,
+    migrate its usage table; on the way out, stop the broker and drop what it made."""
+    raise_fd_limit(plan.devices)
     base = with_broker_logins(Settings())
-    name = args.name
     run_dir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     broker = MosquittoBroker(free_port(), run_dir)
     broker.start()  # first start: writes the plugin's file and the service logins
@@ -124,65 +134,81 @@ async def main() -> None:
         "USAGEPIPE_CONSUMER__METRICS_PORT": "0",
         # A load test sends each device far above the per-device ceiling: off.
         "USAGEPIPE_CONSUMER__DEVICE_RATE_PER_S": "0",
+        **(extra_env or {}),
     }
+    print(f"{os.cpu_count()} CPUs; {plan.devices:,} devices; fd limit "
+          f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]:,}", flush=True)  # fmt: skip
+    try:
+        await ensure_topics(settings.kafka, settings.registry.events_topic)
+        collected = CollectedAccounts()
+        async with open_registry(settings, broker=collected) as registry:
+            fleet = await provision(registry, plan)
+        started = time.monotonic()
+        write_broker_accounts(broker.dir, collected.secrets, settings.mqtt.topic_prefix)
+        broker.start()
+        accounts_s = time.monotonic() - started
+        total_s = fleet.elapsed_s + accounts_s
+        print(
+            f"provisioned in {total_s:.1f}s = {plan.devices / total_s:,.0f} devices/s"
+            f" (registry {fleet.elapsed_s:.1f}s, {fleet.registered:,} registered; broker"
+            f" accounts written and broker started in {accounts_s:.1f}s)",
+            flush=True,
+        )
+        usagepipe = str(Path(sys.executable).with_name("usagepipe"))
+        migrate = await asyncio.create_subprocess_exec(
+            usagepipe, "db", "migrate", env=env, stdout=subprocess.DEVNULL
+        )
+        if await migrate.wait() != 0:
+            raise SystemExit(f"usagepipe db migrate failed for {settings.postgres.table}")
+        yield FleetBench(settings, env, plan, fleet.credentials, broker, usagepipe)
+    finally:
+        broker.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        await drop(settings)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=10000)
+    parser.add_argument("--window", type=span, default=timedelta(days=1))
+    parser.add_argument("--duration", type=span, default=timedelta(seconds=120))
+    parser.add_argument("--faults", default="dup=0.01,reorder=0.01")
+    parser.add_argument("--idle", type=float, default=10.0, help="seconds to idle connected")
+    parser.add_argument("--name", default="benchfleet", help="schema, topics, table prefix")
+    parser.add_argument("--ledger", type=Path, default=Path("/tmp/usagepipe-bench-fleet.jsonl"))
+    args = parser.parse_args()
     plan = FleetPlan(
         devices=args.devices,
         messages_per_device=0,
         seed=1,
         run_id=secrets.token_hex(4),
-        fleet=name.replace("_", ""),
+        fleet=args.name.replace("_", ""),
         window=args.window,
         speed=args.window / args.duration,
         faults=parse_faults(args.faults),
     )
-    print(f"{os.cpu_count()} CPUs; {args.devices:,} devices; fd limit "
-          f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]:,}", flush=True)  # fmt: skip
-
-    await ensure_topics(settings.kafka, settings.registry.events_topic)
-    collected = CollectedAccounts()
-    async with open_registry(settings, broker=collected) as registry:
-        fleet = await provision(registry, plan)
-    started = time.monotonic()
-    write_broker_accounts(broker.dir, collected.secrets, settings.mqtt.topic_prefix)
-    broker.start()
-    accounts_s = time.monotonic() - started
-    total_s = fleet.elapsed_s + accounts_s
-    print(
-        f"provisioned in {total_s:.1f}s = {args.devices / total_s:,.0f} devices/s"
-        f" (registry {fleet.elapsed_s:.1f}s, {fleet.registered:,} registered; broker"
-        f" accounts written and broker started in {accounts_s:.1f}s)",
-        flush=True,
-    )
-    usagepipe = str(Path(sys.executable).with_name("usagepipe"))
-    migrate = await asyncio.create_subprocess_exec(
-        usagepipe, "db", "migrate", env=env, stdout=subprocess.DEVNULL
-    )
-    if await migrate.wait() != 0:
-        raise SystemExit(f"usagepipe db migrate failed for {settings.postgres.table}")
-    services = [
-        await asyncio.create_subprocess_exec(
-            usagepipe,
-            "--log-level",
-            "WARNING",
-            command,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for command in ("bridge", "consume")
-    ]
-    try:
-        await run(args, settings, plan, fleet.credentials)
-    finally:
-        for service in services:
-            if service.returncode is None:
-                with contextlib.suppress(ProcessLookupError):  # it ended by itself
-                    service.send_signal(signal.SIGTERM)
-        for service in services:
-            await service.wait()
-        broker.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
-        await drop(settings)
+    async with provisioned_fleet(args.name, plan) as bench:
+        services = [
+            await asyncio.create_subprocess_exec(
+                bench.usagepipe,
+                "--log-level",
+                "WARNING",
+                command,
+                env=bench.env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for command in ("bridge", "consume")
+        ]
+        try:
+            await run(args, bench.settings, plan, bench.credentials)
+        finally:
+            for service in services:
+                if service.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):  # it ended by itself
+                        service.send_signal(signal.SIGTERM)
+            for service in services:
+                await service.wait()
 
 
 async def run(
