@@ -68,6 +68,30 @@ async def unlink_owners(store: UsageStore, erased: Sequence[tuple[UUID, Sequence
     return changed
 
 
+async def unlink_rows(
+    conn: Connection, table: str, key: str, stored_before: datetime | None = None
+) -> int:
+    """The raw rows carrying `key` (stored before `stored_before`: all if None) lose it
+    and the membership tier, in the caller's transaction, their days noted for the next
+    refresh; how many. Erasure's and ended consents' (`ingest.withdrawal`) one step on
+    the raw rows."""
+    changed: int = await conn.fetchval(
+        f"""WITH changed AS (
+                UPDATE {table} SET owner_key = NULL, membership_tier = NULL
+                WHERE owner_key = $1 AND ($2::timestamptz IS NULL OR ingested_at < $2)
+                RETURNING event_time
+            ), noted AS (
+                INSERT INTO {table}_rollup_invalidations (bucket)
+                SELECT DISTINCT date_bin('1 day', event_time, {EPOCH}) FROM changed
+                RETURNING 1
+            )
+            SELECT count(*) FROM changed""",
+        key,
+        stored_before,
+    )
+    return changed
+
+
 async def _unlink(
     conn: Connection, table: str, rollups: Sequence[str], owner: UUID, keys: list[str]
 ) -> int:
@@ -79,18 +103,7 @@ async def _unlink(
     unlinked = 0
     in_rollups = 0
     for key in keys:
-        unlinked += await conn.fetchval(
-            f"""WITH changed AS (
-                    UPDATE {table} SET owner_key = NULL, membership_tier = NULL
-                    WHERE owner_key = $1 RETURNING event_time
-                ), noted AS (
-                    INSERT INTO {table}_rollup_invalidations (bucket)
-                    SELECT DISTINCT date_bin('1 day', event_time, {EPOCH}) FROM changed
-                    RETURNING 1
-                )
-                SELECT count(*) FROM changed""",
-            key,
-        )
+        unlinked += await unlink_rows(conn, table, key)
         # The device-daily rollup keeps the tier beside the key; the owners per hour,
         # the key only.
         for rollup, tier in zip(rollups, (", membership_tier = NULL", ""), strict=True):

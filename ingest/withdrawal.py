@@ -32,10 +32,11 @@ from datetime import datetime, timedelta
 from uuid import UUID
 
 from ingest.dead_letter_table import unlink_letters
+from ingest.erasure import unlink_rows
 from ingest.errors import StoreUnavailable
 from ingest.migrations import Connection
 from ingest.postgres import translated
-from ingest.rollups import EPOCH, lock_rollups, materialised_rows
+from ingest.rollups import lock_rollups, materialised_rows
 from ingest.sql_names import quote_schema
 from ingest.store import UsageStore
 
@@ -153,20 +154,7 @@ async def _unlink(
 ) -> tuple[int, int]:
     """One key's rows stored before `resumed_at` (all: None) unlinked, in the caller's
     transaction: (raw rows changed, rollup rows and letters changed)."""
-    unlinked: int = await conn.fetchval(
-        f"""WITH changed AS (
-                UPDATE {table} SET owner_key = NULL, membership_tier = NULL
-                WHERE owner_key = $1 AND ($2::timestamptz IS NULL OR ingested_at < $2)
-                RETURNING event_time
-            ), noted AS (
-                INSERT INTO {table}_rollup_invalidations (bucket)
-                SELECT DISTINCT date_bin('1 day', event_time, {EPOCH}) FROM changed
-                RETURNING 1
-            )
-            SELECT count(*) FROM changed""",
-        key,
-        resumed_at,
-    )
+    unlinked = await unlink_rows(conn, table, key, resumed_at)
     # Not granted again: every device-day of the key goes, as after erasure. Granted
     # again: a device-day from before the new grant goes where none of the device's raw
     # rows of that day still carries the key (so it was all stored before the grant, or

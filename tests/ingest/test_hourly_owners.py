@@ -99,7 +99,7 @@ async def test_owners_per_hour_equal_a_direct_aggregate_after_duplicates_and_lat
                 )  # fmt: skip
                 assert await store.write(more) == len(more)
             elif step.startswith("refreshed"):
-                done = await store.refresh_rollups()
+                done = await store.refresh_rollups(wait=True)
                 assert done is not None and done.hours > 0
                 assert await materialised(conn, t) == await direct(conn, t, *span), step
             for start, end in (span, cut):
@@ -118,7 +118,7 @@ async def test_erasure_removes_owner_keys_from_the_owners_per_hour(either: Usage
     keyed = [dataclasses.replace(row("d1", s, at + s * HOUR), owner_key="gone") for s in range(30)]
     other = [dataclasses.replace(row("d2", 1, at), owner_key="stays")]
     await store.write(keyed + other)
-    await store.refresh_rollups()
+    await store.refresh_rollups(wait=True)
     span = (at - DAY, at + 3 * DAY)
     async with store.pool.acquire() as conn:
         before = await materialised(conn, t)
@@ -130,7 +130,7 @@ async def test_erasure_removes_owner_keys_from_the_owners_per_hour(either: Usage
         # Still what the raw rows say, read live (the erased days are noted) and
         # after the refresh that recomputes them.
         assert await read(conn, t, *span) == await direct(conn, t, *span)
-        await store.refresh_rollups()
+        await store.refresh_rollups(wait=True)
         assert await read(conn, t, *span) == await direct(conn, t, *span)
         assert (
             await conn.fetchval(f"SELECT count(*) FROM {t}_hourly_owners WHERE owner_key = 'gone'")
