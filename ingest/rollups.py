@@ -493,13 +493,19 @@ async def device_daily_source(
         f" AND date_bin('1 day', event_time, {EPOCH}) = ANY({p})"
     )
     materialised = await materialised_rows(conn, table, "device_daily")
-    sql = f"""(
-        SELECT {columns} FROM {materialised}
-        WHERE bucket >= $1 AND bucket < $2 AND bucket <> ALL({p})
-        UNION ALL
-        SELECT {columns} FROM ({device_daily_query(table, live_where)}) live
-    )"""
+    sql = _materialised_or_live(columns, materialised, p, device_daily_query(table, live_where))
     return DeviceDailySource(sql, live_days)
+
+
+def _materialised_or_live(columns: str, materialised: str, live: str, query: str) -> str:
+    """A parenthesised SELECT of `columns` over `[$1, $2)`: the buckets not in the array
+    `live` from the `materialised` rows, those in it from the raw rows' `query`."""
+    return f"""(
+        SELECT {columns} FROM {materialised}
+        WHERE bucket >= $1 AND bucket < $2 AND bucket <> ALL({live})
+        UNION ALL
+        SELECT {columns} FROM ({query}) live
+    )"""
 
 
 def _within(runs: list[tuple[datetime, datetime]]) -> str:
@@ -546,12 +552,7 @@ async def hourly_owners_source(
     columns = _HOURLY_OWNERS_COLUMNS
     live_where = f"{_RANGE} AND {_within(spans(live_hours, HOUR))}"
     materialised = await materialised_rows(conn, table, "hourly_owners")
-    sql = f"""(
-        SELECT {columns} FROM {materialised}
-        WHERE bucket >= $1 AND bucket < $2 AND bucket <> ALL({p})
-        UNION ALL
-        SELECT {columns} FROM ({hourly_owners_query(table, live_where)}) live
-    )"""
+    sql = _materialised_or_live(columns, materialised, p, hourly_owners_query(table, live_where))
     return HourlyOwnersSource(sql, live_hours)
 
 
