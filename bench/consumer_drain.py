@@ -393,10 +393,13 @@ async def main(args: argparse.Namespace) -> int:
             f"consumer drain, from process start:     {n / d['from_start_s']:>10,.0f} msg/s"
             f" ({d['from_start_s']:.2f} s)"
         )
-        print(
-            f"consumer drain, first to last batch:    {n / d['first_to_last_s']:>10,.0f} msg/s"
-            f" ({d['first_to_last_s']:.2f} s)"
-        )
+        if d["first_to_last_s"] > 0:
+            print(
+                f"consumer drain, first to last batch:    {n / d['first_to_last_s']:>10,.0f}"
+                f" msg/s ({d['first_to_last_s']:.2f} s)"
+            )
+        else:  # the whole backlog stored in the first batch the poller saw: no interval
+            print("consumer drain, first to last batch:    one batch (no interval to time)")
         print(
             f"consumer CPU: {d['cpu_s']:.2f} s, start-up {startup_cpu:.2f} s, net"
             f" {net / n * 1e6:.1f} CPU-ms per 1,000 messages; peak RSS {d['rss_mb']:.0f} MB"
